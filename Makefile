@@ -1,0 +1,42 @@
+# lazyoci — the README's two commands: `make demo` and `make test`.
+# Both are idempotent: system packages and the virtualenv are installed once.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := docker-registry skopeo umoci runc flatbuffers-compiler pigz zstd \
+	fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv apache2-utils \
+	mmdebstrap iproute2 util-linux
+
+.PHONY: deps venv test test-fast demo bench clean
+
+# System packages: apt-get update first (a fresh machine has no lists).
+.stamp-apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@modprobe fuse 2>/dev/null || true
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml .stamp-apt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+deps: $(VENV)/.installed
+
+test: deps
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: deps
+	$(PY) demo/demo.py
+
+bench: deps
+	$(PY) bench/run_bench.py
+
+clean:
+	rm -rf $(VENV) .stamp-apt build src/*.egg-info

@@ -1,0 +1,78 @@
+"""The `lazyoci` command: global options, command registration, and the error edge.
+
+Commands live in one module per area (images, containers, soci, service) and
+are thin: they parse flags, call the library, and print.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from lazyoci import __version__
+from lazyoci.cli.context import AppContext
+from lazyoci.config import default_config_path, default_root, load_config
+from lazyoci.errors import LazyociError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lazyoci")
+@click.option("--root", type=click.Path(path_type=Path), default=None,
+              help="Data root (env LAZYOCI_ROOT; default /var/lib/lazyoci for root).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="Config file (env LAZYOCI_CONFIG; default ~/.lazyoci/config.yaml).")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--insecure-registry", multiple=True,
+              help="Allow plain HTTP or unverified TLS for this registry host (repeatable).")
+@click.pass_context
+def cli(ctx: click.Context, root: Path | None, config_path: Path | None, debug: bool,
+        insecure_registry: tuple[str, ...]) -> None:
+    """lazyoci: containers that start before their images finish downloading."""
+    config = load_config(config_path or default_config_path())
+    ctx.obj = AppContext(
+        root=(root or default_root()).absolute(),
+        config=config,
+        debug=debug,
+        insecure_registries=tuple(insecure_registry) + config.insecure_registries,
+    )
+
+
+def _register() -> None:
+    """Import the command modules; each adds its commands to `cli`."""
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"lazyoci.cli.{name}")
+
+
+# One module per area; each defines its commands with @cli.command / @cli.group.
+_COMMAND_MODULES: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one clear line on stderr and a nonzero exit for every LazyociError."""
+    _register()
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="lazyoci", standalone_mode=False)
+    except LazyociError as e:
+        if debug:
+            raise
+        click.echo(f"lazyoci: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("lazyoci: interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("lazyoci: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(141)
+    sys.exit(0)

@@ -1,0 +1,86 @@
+"""The one exception tree of lazyoci.
+
+Every failure a user can cause or meet (bad input, registry faults, corrupt
+data) is a `LazyociError`. The CLI turns it into one line on stderr and a
+nonzero exit; the FUSE layer turns it into EIO. Anything else escaping is a bug.
+
+    LazyociError
+    ├── ReferenceError_        malformed image reference
+    ├── ConfigError            bad config file or flag value
+    ├── RegistryError          the registry refused or failed (HTTP status kept)
+    │   ├── AuthError          401 / 403
+    │   ├── NotFoundError      404 (manifest, blob, repository)
+    │   └── RangeNotSupportedError   server ignored a Range request
+    ├── FormatError            malformed manifest, zTOC, gzip, tar ...
+    │   └── UnsafeLayerError   a layer entry would escape its directory
+    ├── IntegrityError         bytes do not match their digest
+    ├── StoreError             local store problems
+    │   └── ImageNotFoundError no such image locally
+    └── ContainerError         runtime (runc) and container state errors
+"""
+
+from __future__ import annotations
+
+
+class LazyociError(Exception):
+    """Base of every error lazyoci reports to a user."""
+
+    exit_code: int = 1
+
+
+class ReferenceError_(LazyociError):
+    """An image reference that cannot be parsed (named to not shadow builtins.ReferenceError)."""
+
+
+class ConfigError(LazyociError):
+    """A config file or option value that is not valid."""
+
+
+class RegistryError(LazyociError):
+    """A registry answered with an error or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class AuthError(RegistryError):
+    """Authentication or authorisation failed (401/403)."""
+
+
+class NotFoundError(RegistryError):
+    """The registry does not have the manifest, blob or repository."""
+
+
+class RangeNotSupportedError(RegistryError):
+    """The registry answered a Range request with the whole blob (200)."""
+
+
+class FormatError(LazyociError):
+    """Data that does not follow its format (manifest, zTOC, gzip, tar, config)."""
+
+
+class UnsafeLayerError(FormatError):
+    """A layer entry would create or change something outside its layer directory."""
+
+
+class IntegrityError(LazyociError):
+    """Bytes whose digest is not the one they were asked for."""
+
+    def __init__(self, message: str, expected: str | None = None, actual: str | None = None):
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+
+
+class StoreError(LazyociError):
+    """The local store cannot do what was asked."""
+
+
+class ImageNotFoundError(StoreError):
+    """No image of that name or ID exists locally."""
+
+
+class ContainerError(LazyociError):
+    """The OCI runtime failed, or a container is not in a state for the request."""

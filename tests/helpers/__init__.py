@@ -1,0 +1,1 @@
+"""Test helpers: real components started on free loopback ports."""
