@@ -1,0 +1,384 @@
+"""Apply one layer tar to an empty directory, safely, while its bytes stream in.
+
+The result is an overlayfs lower directory: OCI whiteouts become what the kernel
+expects (`.wh.NAME` -> a 0:0 character device NAME, `.wh..wh..opq` -> the
+`trusted.overlay.opaque=y` xattr on the directory).
+
+Safety: every path is resolved component by component from an open fd of the
+layer directory with O_NOFOLLOW, and every create/link/chown uses `dir_fd`, so
+no entry can reach outside the directory — not by `..`, not by an absolute
+path, not through a symlink an earlier entry planted, not by a hardlink. Such
+an entry raises UnsafeLayerError naming it; the caller removes the partial
+directory. Nothing is ever resolved through a path string the layer controls.
+
+The diff ID (sha256 of the uncompressed tar) is computed on the way and returned.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from lazyoci.errors import FormatError, UnsafeLayerError
+from lazyoci.oci.mediatypes import layer_compression
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+_CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _ChunkReader(io.RawIOBase):
+    """A readable file over an iterator of byte chunks (the download stream)."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._it = iter(chunks)
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        while not self._buf:
+            try:
+                self._buf = memoryview(next(self._it))
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+class _HashingReader(io.RawIOBase):
+    """Passes the uncompressed tar through and hashes it: the diff ID."""
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self._raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.sha.update(data)
+        self.count += n
+        return n
+
+
+def _decompressor(raw: BinaryIO, compression: str) -> BinaryIO:
+    if compression == "none":
+        return raw
+    if compression == "gzip":
+        from isal import igzip  # ISA-L inflate; reads multi-member (pigz) streams
+
+        return igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+    raise FormatError(f"unsupported layer compression {compression!r}")
+
+
+def _split(name: str, what: str) -> list[str]:
+    """Path components of a tar name; UnsafeLayerError for absolute paths and `..`."""
+    if name.startswith("/"):
+        raise UnsafeLayerError(f"layer entry {what!r} has an absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeLayerError(f"layer entry {what!r} contains '..'")
+    return parts
+
+
+class _Applier:
+    """Applies tar members below one root fd; see the module docstring for the rules."""
+
+    def __init__(self, dest: Path):
+        self.root_fd = os.open(dest, _DIR_FLAGS)
+        self._cache: dict[tuple[str, ...], int] = {}   # parent path -> open dir fd
+        self._dir_times: list[tuple[tuple[str, ...], int]] = []
+
+    def close(self) -> None:
+        self._drop_cache()
+        os.close(self.root_fd)
+
+    def _drop_cache(self) -> None:
+        for fd in self._cache.values():
+            os.close(fd)
+        self._cache.clear()
+
+    def parent_fd(self, parts: list[str], entry: str, create: bool = True) -> int:
+        """A cached fd of the directory holding parts[-1] (valid until the next call)."""
+        key = tuple(parts[:-1])
+        fd = self._cache.get(key)
+        if fd is not None:
+            return fd
+        if len(self._cache) > 256:
+            self._drop_cache()
+        fd = self.walk(key, entry, create)
+        if fd != self.root_fd:
+            self._cache[key] = fd
+        return fd
+
+    def walk(self, key: tuple[str, ...], entry: str, create: bool) -> int:
+        """Open the directory `key` component by component with O_NOFOLLOW (never through a symlink).
+
+        Returns a new fd the caller owns, or root_fd for the empty path."""
+        fd = self.root_fd
+        opened: list[int] = []
+        try:
+            for comp in key:
+                try:
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise FormatError(f"layer entry {entry!r}: {'/'.join(key)} does not exist") from None
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    st = os.lstat(comp, dir_fd=fd)
+                    if stat.S_ISLNK(st.st_mode):
+                        raise UnsafeLayerError(
+                            f"layer entry {entry!r} goes through the symlink {comp!r}") from None
+                    raise FormatError(f"layer entry {entry!r}: {comp!r} is not a directory") from None
+                opened.append(nfd)
+                fd = nfd
+        except BaseException:
+            for o in opened:
+                os.close(o)
+            raise
+        for o in opened[:-1]:
+            os.close(o)
+        return fd
+
+    def _clear(self, pfd: int, parts: list[str], keep_dir: bool) -> bool:
+        """Remove what exists at name (tar: the later entry wins). True if a dir was kept."""
+        name = parts[-1]
+        try:
+            st = os.lstat(name, dir_fd=pfd)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if keep_dir:
+                return True
+            gone = tuple(parts)
+            for key in [k for k in self._cache if k[:len(gone)] == gone]:
+                os.close(self._cache.pop(key))  # fds of directories being removed
+            shutil.rmtree(name, dir_fd=pfd)
+        else:
+            os.unlink(name, dir_fd=pfd)
+        return False
+
+    def apply(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        parts = _split(m.name, m.name)
+        if not parts:  # the layer root itself ("./")
+            if m.isdir():
+                self._meta_fd(self.root_fd, m)
+                self._dir_times.append(((), _ns(m.mtime)))
+            return
+        base = parts[-1]
+        if base == OPAQUE_MARKER:
+            pfd = self.parent_fd(parts, m.name)
+            os.setxattr(pfd, OPAQUE_XATTR, b"y")
+            return
+        pfd = self.parent_fd(parts, m.name)
+        if base.startswith(WHITEOUT_PREFIX):
+            target = base[len(WHITEOUT_PREFIX):]
+            if not target or target in (".", ".."):
+                raise UnsafeLayerError(f"layer entry {m.name!r} is a malformed whiteout")
+            self._clear(pfd, parts[:-1] + [target], keep_dir=False)
+            os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
+            os.chown(target, 0, 0, dir_fd=pfd, follow_symlinks=False)
+            return
+        if m.isdir():
+            if not self._clear(pfd, parts, keep_dir=True):
+                os.mkdir(base, 0o700, dir_fd=pfd)
+            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+            try:
+                self._meta_fd(fd, m)
+            finally:
+                os.close(fd)
+            self._dir_times.append((tuple(parts), _ns(m.mtime)))
+        elif m.isreg():
+            self._clear(pfd, parts, keep_dir=False)
+            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=pfd)
+            try:
+                src = tf.extractfile(m)
+                if src is not None:
+                    _copy(src, fd)
+                self._meta_fd(fd, m)
+                os.utime(fd, ns=(_ns(m.mtime), _ns(m.mtime)))
+            finally:
+                os.close(fd)
+        elif m.issym():
+            self._clear(pfd, parts, keep_dir=False)
+            os.symlink(m.linkname, base, dir_fd=pfd)
+            os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            self._xattrs_path(f"/proc/self/fd/{pfd}/{base}", m)
+            os.utime(base, ns=(_ns(m.mtime), _ns(m.mtime)), dir_fd=pfd, follow_symlinks=False)
+        elif m.islnk():
+            tparts = _split(m.linkname, m.name)
+            if not tparts:
+                raise UnsafeLayerError(f"layer entry {m.name!r} links to the layer root")
+            if tparts == parts:
+                return
+            self._clear(pfd, parts, keep_dir=False)
+            # Own fds for both ends: cached ones may be evicted between the two walks.
+            tpfd = self.walk(tuple(tparts[:-1]), m.name, create=False)
+            dpfd = self.walk(tuple(parts[:-1]), m.name, create=True)
+            try:
+                try:
+                    tst = os.lstat(tparts[-1], dir_fd=tpfd)
+                except FileNotFoundError:
+                    raise FormatError(f"layer entry {m.name!r}: link target {m.linkname!r} missing") from None
+                if stat.S_ISDIR(tst.st_mode):
+                    raise FormatError(f"layer entry {m.name!r}: hardlink to a directory")
+                os.link(tparts[-1], base, src_dir_fd=tpfd, dst_dir_fd=dpfd, follow_symlinks=False)
+            finally:
+                for fd in (tpfd, dpfd):
+                    if fd != self.root_fd:
+                        os.close(fd)
+        elif m.ischr() or m.isblk() or m.isfifo():
+            self._clear(pfd, parts, keep_dir=False)
+            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
+            dev = os.makedev(m.devmajor, m.devminor) if not m.isfifo() else 0
+            os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
+            # Opened with O_PATH so that nothing (a fifo's open, a device) is triggered.
+            fd = os.open(base, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                path = f"/proc/self/fd/{fd}"
+                os.chown(path, m.uid, m.gid)
+                os.chmod(path, _mode(m))
+                self._xattrs_path(path, m)
+                os.utime(path, ns=(_ns(m.mtime), _ns(m.mtime)))
+            finally:
+                os.close(fd)
+        else:
+            raise FormatError(f"layer entry {m.name!r} has an unsupported type {m.type!r}")
+
+    def _meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
+        # chown first: it clears setuid/setgid bits and security.capability.
+        os.chown(fd, m.uid, m.gid)
+        os.chmod(fd, _mode(m))
+        for key, value in _xattrs(m):
+            os.setxattr(fd, key, value)
+
+    def _xattrs_path(self, path: str, m: tarfile.TarInfo) -> None:
+        for key, value in _xattrs(m):
+            try:
+                os.setxattr(path, key, value, follow_symlinks=False)
+            except OSError as e:
+                # user.* xattrs are not allowed on symlinks and device nodes (EPERM).
+                if not (e.errno == errno.EPERM and key.startswith("user.")):
+                    raise
+
+    def finish(self) -> None:
+        """Set directory times last (deepest first): creating entries changed them."""
+        self._drop_cache()
+        for parts, ns in reversed(self._dir_times):
+            if not parts:
+                os.utime(self.root_fd, ns=(ns, ns))
+                continue
+            try:
+                fd = self.walk(parts, "/".join(parts), create=False)
+            except (FormatError, FileNotFoundError):
+                continue  # replaced or removed by a later entry
+            try:
+                os.utime(fd, ns=(ns, ns))
+            finally:
+                os.close(fd)
+        self._drop_cache()
+
+
+def _ns(mtime: float) -> int:
+    return int(round(mtime * 1_000_000_000))
+
+
+def _mode(m: tarfile.TarInfo) -> int:
+    return m.mode & 0o7777
+
+
+def _xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    out = []
+    for key, value in m.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            name = key[len("SCHILY.xattr."):]
+            if name.startswith("trusted.overlay."):
+                continue  # a layer must not forge overlay whiteouts/opaque markers
+            out.append((name, value.encode("utf-8", "surrogateescape")))
+    return out
+
+
+def _copy(src: BinaryIO, fd: int) -> None:
+    """Stream a member's data to fd: memory stays at one chunk whatever the size."""
+    while True:
+        chunk = src.read(_CHUNK)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+
+def apply_layer_stream(source: Iterable[bytes] | BinaryIO, media_type: str, dest: Path) -> str:
+    """Unpack a layer (compressed as its media type says) into the empty directory dest.
+
+    Returns the diff ID. Raises FormatError for an unknown media type or a bad
+    tar, UnsafeLayerError for an escaping entry; dest is then left partial and the
+    caller removes it (nothing outside dest was touched).
+    """
+    compression = layer_compression(media_type)
+    raw: BinaryIO = source if hasattr(source, "read") else _ChunkReader(source)  # type: ignore[assignment]
+    try:
+        stream = _decompressor(raw, compression)
+    except Exception as e:  # zstandard / isal raise their own types on bad headers
+        raise FormatError(f"cannot decompress layer: {e}") from None
+    hashing = _HashingReader(stream)
+    applier = _Applier(dest)
+    try:
+        try:
+            tf = tarfile.open(fileobj=hashing, mode="r|", bufsize=_CHUNK)  # type: ignore[call-overload]
+            for member in tf:
+                applier.apply(tf, member)
+                tf.members.clear()  # stream mode keeps every TarInfo otherwise
+            while hashing.read(_CHUNK):  # the end-of-archive blocks are part of the diff ID
+                pass
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            if isinstance(e, OSError) and e.errno not in (None, 0) and not _is_decode_error(e):
+                raise
+            raise FormatError(f"invalid layer tar: {e}") from None
+        except Exception as e:
+            if _is_decode_error(e):
+                raise FormatError(f"cannot decompress layer: {e}") from None
+            raise
+        applier.finish()
+    finally:
+        applier.close()
+    return "sha256:" + hashing.sha.hexdigest()
+
+
+def _is_decode_error(e: BaseException) -> bool:
+    name = type(e).__name__
+    return name in ("BadGzipFile", "ZstdError", "IsalError", "error") or "gzip" in str(e).lower()
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a (partial) layer directory; tolerate it being gone."""
+    shutil.rmtree(path, ignore_errors=True)
