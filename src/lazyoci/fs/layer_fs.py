@@ -1,0 +1,291 @@
+"""The lazy layer filesystem: ONE FUSE mount, each lazy layer a top-level directory.
+
+pyfuse3 allows one FUSE session per process, so the service mounts a single
+filesystem at <root>/service/mnt and shows every lazy layer as the directory
+named by its layer digest's hex; overlay lowerdirs point at those directories.
+
+Inode numbers: the mount root is 1; node n of the layer in slot s is
+(s << 32) | (n + 1), with hardlinks answering their target's number. Content is
+immutable, so entries and attributes get long timeouts and reads keep the
+kernel page cache. Reads run the span manager in worker threads
+(`trio.to_thread.run_sync`) so many reads proceed at once; every lazyoci error
+(a digest mismatch above all) becomes EIO and is logged.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from lazyoci.errors import LazyociError
+from lazyoci.fs import tree as T
+from lazyoci.fs.span_fetcher import SpanFetcher
+from lazyoci.fs.tree import LayerTree
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 24 * 3600.0            # immutable content: cache entries and attributes for long
+_SLOT_SHIFT = 32
+_TYPE_BITS = {T.DIR: stat.S_IFDIR, T.REG: stat.S_IFREG, T.SYMLINK: stat.S_IFLNK,
+              T.CHAR: stat.S_IFCHR, T.BLOCK: stat.S_IFBLK, T.FIFO: stat.S_IFIFO,
+              T.WHITEOUT: stat.S_IFCHR}
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+
+
+@dataclass
+class LazyLayer:
+    """One mounted layer: its tree and the span manager that reads its bytes."""
+
+    digest: str
+    tree: LayerTree
+    fetcher: SpanFetcher
+    mounted_at: float
+
+    @property
+    def name(self) -> bytes:
+        return self.digest.split(":", 1)[-1].encode()
+
+
+class LayerFS(pyfuse3.Operations):
+    """pyfuse3 operations over all mounted lazy layers (read-only)."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._slots: dict[int, LazyLayer] = {}
+        self._by_name: dict[bytes, int] = {}
+        self._next_slot = 1
+        self._mounted_at = time.time_ns()
+
+    # -- layer management (called from the control server) ---------------------
+
+    def add_layer(self, layer: LazyLayer) -> None:
+        with self._lock:
+            if layer.name in self._by_name:
+                return
+            slot = self._next_slot
+            self._next_slot += 1
+            self._slots[slot] = layer
+            self._by_name[layer.name] = slot
+
+    def remove_layer(self, digest: str) -> LazyLayer | None:
+        name = digest.split(":", 1)[-1].encode()
+        with self._lock:
+            slot = self._by_name.pop(name, None)
+            return self._slots.pop(slot, None) if slot is not None else None
+
+    def layers(self) -> list[LazyLayer]:
+        with self._lock:
+            return list(self._slots.values())
+
+    def has_layer(self, digest: str) -> bool:
+        return digest.split(":", 1)[-1].encode() in self._by_name
+
+    # -- inode helpers -----------------------------------------------------------
+
+    def _resolve(self, inode: int) -> tuple[LazyLayer, int]:
+        slot, n = inode >> _SLOT_SHIFT, (inode & ((1 << _SLOT_SHIFT) - 1)) - 1
+        layer = self._slots.get(slot)
+        if layer is None or not 0 <= n < len(layer.tree):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return layer, n
+
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_blksize = 4096
+        if inode == pyfuse3.ROOT_INODE:
+            a.st_ino = inode
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2 + len(self._slots)
+            a.st_size = 4096
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._mounted_at
+            a.entry_timeout = a.attr_timeout = 0.0     # layers come and go at the root
+            return a
+        layer, n = self._resolve(inode)
+        t = layer.tree
+        n = t.target[n]
+        kind = t.kind[n]
+        a.st_ino = self._ino(layer, n)
+        a.st_nlink = t.nlink[n]
+        e_idx = t.entry[n]
+        if e_idx < 0:                       # implied directory (or a root without "./" entry)
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_size = 4096
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = 0
+            return a
+        e = layer.tree.ztoc.entry(e_idx)
+        perms = 0 if kind == T.WHITEOUT else (e.mode & 0o7777)
+        a.st_mode = _TYPE_BITS[kind] | perms
+        a.st_uid = e.uid
+        a.st_gid = e.gid
+        if kind == T.REG:
+            a.st_size = e.size
+        elif kind == T.SYMLINK:
+            a.st_size = len(os.fsencode(e.linkname))
+        elif kind == T.DIR:
+            a.st_size = 4096
+        if kind in (T.CHAR, T.BLOCK):
+            a.st_rdev = os.makedev(e.devmajor, e.devminor)
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+        return a
+
+    def _ino(self, layer: LazyLayer, n: int) -> int:
+        slot = self._by_name.get(layer.name, 0)
+        return (slot << _SLOT_SHIFT) | (n + 1)
+
+    # -- lookups and attributes ------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+        if parent_inode == pyfuse3.ROOT_INODE:
+            if name in (b".", b".."):
+                return self._attrs(pyfuse3.ROOT_INODE)
+            slot = self._by_name.get(name)
+            if slot is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            a = self._attrs((slot << _SLOT_SHIFT) | 1)
+            a.entry_timeout = 0.0            # unmount_layer must be visible at once
+            return a
+        layer, d = self._resolve(parent_inode)
+        t = layer.tree
+        if name == b".":
+            return self._attrs(parent_inode)
+        if name == b"..":
+            return self._attrs(pyfuse3.ROOT_INODE if d == 0 else self._ino(layer, t.parent[d]))
+        n = t.lookup(d, name)
+        if n is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(self._ino(layer, t.target[n]))
+
+    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode)
+
+    async def readlink(self, inode: int, ctx=None) -> bytes:
+        layer, n = self._resolve(inode)
+        if layer.tree.kind[n] != T.SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(layer.tree.ztoc.entry(layer.tree.entry[n]).linkname)
+
+    async def statfs(self, ctx=None) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        total = sum(l.fetcher.cache.total_bytes for l in self.layers())
+        s.f_blocks = (total + 4095) // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = sum(len(l.tree) for l in self.layers()) + 1
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- xattrs ----------------------------------------------------------------------
+
+    def _xattrs(self, inode: int) -> dict[bytes, bytes]:
+        if inode == pyfuse3.ROOT_INODE:
+            return {}
+        layer, n = self._resolve(inode)
+        t = layer.tree
+        n = t.target[n]
+        out: dict[bytes, bytes] = {}
+        if t.entry[n] >= 0 and t.kind[n] != T.WHITEOUT:
+            for k, v in (t.ztoc.entry(t.entry[n]).xattrs or {}).items():
+                key = k.encode() if isinstance(k, str) else bytes(k)
+                out[key] = v.encode("utf-8", "surrogateescape") if isinstance(v, str) else bytes(v)
+        if n in t.opaque:
+            out[OPAQUE_XATTR] = b"y"
+        return out
+
+    async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
+        value = self._xattrs(inode).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
+        return list(self._xattrs(inode))
+
+    async def setxattr(self, inode, name, value, ctx=None):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, inode, name, ctx=None):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    # -- directories -----------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx=None) -> int:
+        if inode != pyfuse3.ROOT_INODE:
+            layer, n = self._resolve(inode)
+            if layer.tree.kind[layer.tree.target[n]] != T.DIR:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token) -> None:
+        if fh == pyfuse3.ROOT_INODE:
+            with self._lock:
+                slots = sorted(self._slots.items())
+            for pos, (slot, layer) in enumerate(slots):
+                if pos < start_id:
+                    continue
+                attrs = self._attrs((slot << _SLOT_SHIFT) | 1)
+                if not pyfuse3.readdir_reply(token, layer.name, attrs, pos + 1):
+                    return
+            return
+        layer, d = self._resolve(fh)
+        t = layer.tree
+        for pos, c in t.list(d, start_id):
+            attrs = self._attrs(self._ino(layer, t.target[c]))
+            if not pyfuse3.readdir_reply(token, t.name(c), attrs, pos + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    # -- files -----------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        layer, n = self._resolve(inode)
+        if layer.tree.kind[layer.tree.target[n]] != T.REG:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        layer, n = self._resolve(fh)
+        t = layer.tree
+        e = t.ztoc.entry(t.entry[t.target[n]])
+        if off >= e.size or size <= 0:
+            return b""
+        start = e.offset + off
+        end = e.offset + min(e.size, off + size)
+        try:
+            return await trio.to_thread.run_sync(layer.fetcher.read, start, end)
+        except LazyociError as exc:
+            log.error("read of %s in layer %s failed: %s", t.name(n).decode(errors="replace"),
+                      layer.digest, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("read in layer %s failed", layer.digest)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    async def forget(self, inode_list) -> None:
+        return None      # inode numbers are computed, nothing to free
+
+    async def access(self, inode: int, mode: int, ctx=None) -> bool:
+        return not (mode & os.W_OK)

@@ -1,0 +1,215 @@
+"""Verified spans of lazy layers, cached on disk and shared by every mount of the layer.
+
+One directory per layer under the cache root, named by the layer digest's hex:
+
+    data      a sparse file: the layer's UNCOMPRESSED tar bytes at their own offsets
+    present   one byte per span (1 = that span's bytes in `data` were verified)
+    meta      the zTOC digest and span count the bitmap belongs to
+
+Crash safety: a span's bytes are written and fdatasync'ed BEFORE its byte in
+`present` is set, and eviction clears the byte BEFORE punching the hole, so a
+crash can lose a cached span but never mark unwritten (zero) bytes as present.
+Because the bytes were verified against the zTOC before they were written and
+the cache is root-only, a present span is served without re-hashing.
+
+The size limit (`soci.cache_max_bytes`, 0 = none) is enforced by evicting spans
+of the least recently used layers (then the far end of the current layer).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Give the disk blocks of [offset, offset+length) back (reads then see zeros)."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        log.warning("cannot punch hole in span cache: %s", os.strerror(err))
+
+
+class LayerCache:
+    """The cached spans of one layer. Thread-safe; callers pass span boundaries from the zTOC."""
+
+    def __init__(self, directory: Path, ztoc_digest: str, spans: list[tuple[int, int]],
+                 owner: "SpanCache | None" = None) -> None:
+        self.directory = directory
+        self.spans = spans                    # uncompressed [start, end) of every span
+        self.total_bytes = spans[-1][1] if spans else 0
+        self._owner = owner
+        self._lock = threading.Lock()
+        self.last_used = time.monotonic()
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        meta = f"{ztoc_digest} {len(spans)} {self.total_bytes}\n"
+        meta_path = directory / "meta"
+        if not meta_path.exists() or meta_path.read_text() != meta:
+            # Unknown or different span layout: the old bitmap means nothing now.
+            for name in ("present", "data"):
+                (directory / name).unlink(missing_ok=True)
+            tmp = directory / "meta.tmp"
+            tmp.write_text(meta)
+            os.replace(tmp, meta_path)
+        self._data_fd = os.open(directory / "data", os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(self._data_fd).st_size != self.total_bytes:
+            os.ftruncate(self._data_fd, self.total_bytes)
+        self._present_fd = os.open(directory / "present", os.O_RDWR | os.O_CREAT, 0o600)
+        present = os.pread(self._present_fd, len(spans), 0)
+        self._present = bytearray(present.ljust(len(spans), b"\0"))
+        self.cached_bytes = sum(e - s for (s, e), p in zip(spans, self._present) if p)
+
+    # -- queries -------------------------------------------------------------
+
+    def has(self, span: int) -> bool:
+        return self._present[span] == 1
+
+    def missing(self) -> list[int]:
+        return [i for i, p in enumerate(self._present) if not p]
+
+    def read_span_range(self, span: int, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) (uncompressed offsets inside `span`), or None if not cached."""
+        with self._lock:
+            if not self._present[span]:
+                return None
+            self.last_used = time.monotonic()
+            data = os.pread(self._data_fd, end - start, start)
+        if len(data) != end - start:
+            return None
+        return data
+
+    # -- updates -------------------------------------------------------------
+
+    def put(self, span: int, data: bytes) -> None:
+        """Store a VERIFIED span: data first and synced, then its present byte."""
+        start, end = self.spans[span]
+        if len(data) != end - start:
+            raise ValueError(f"span {span}: {len(data)} bytes for a {end - start} byte span")
+        if self._owner is not None:
+            self._owner.make_room(end - start, keep=self)
+        with self._lock:
+            if self._present[span]:
+                return
+            view = memoryview(data)
+            off = 0
+            while off < len(view):
+                off += os.pwrite(self._data_fd, view[off:], start + off)
+            os.fdatasync(self._data_fd)
+            os.pwrite(self._present_fd, b"\1", span)
+            self._present[span] = 1
+            self.cached_bytes += end - start
+            self.last_used = time.monotonic()
+        if self._owner is not None:
+            self._owner.grew(end - start)
+
+    def evict(self, want: int, from_end: bool = True) -> int:
+        """Drop cached spans until `want` bytes are freed; returns what was freed."""
+        freed = 0
+        with self._lock:
+            order = range(len(self.spans) - 1, -1, -1) if from_end else range(len(self.spans))
+            for i in order:
+                if freed >= want:
+                    break
+                if not self._present[i]:
+                    continue
+                start, end = self.spans[i]
+                os.pwrite(self._present_fd, b"\0", i)      # clear first: crash-safe order
+                os.fsync(self._present_fd)
+                self._present[i] = 0
+                _punch_hole(self._data_fd, start, end - start)
+                self.cached_bytes -= end - start
+                freed += end - start
+        return freed
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in (self._data_fd, self._present_fd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._data_fd = self._present_fd = -1
+
+
+class SpanCache:
+    """All layer caches under one directory, with a shared size limit (0 = unlimited)."""
+
+    def __init__(self, directory: Path, max_bytes: int = 0) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._layers: dict[str, LayerCache] = {}
+        self._lock = threading.Lock()
+        self._total = 0
+
+    def layer(self, layer_digest: str, ztoc_digest: str, spans: list[tuple[int, int]]) -> LayerCache:
+        """The cache of a layer (opened once, shared by every mount of it)."""
+        with self._lock:
+            cache = self._layers.get(layer_digest)
+            if cache is None:
+                cache = LayerCache(self.directory / layer_digest.split(":", 1)[-1],
+                                   ztoc_digest, spans, owner=self)
+                self._layers[layer_digest] = cache
+                self._total += cache.cached_bytes
+            return cache
+
+    def forget(self, layer_digest: str) -> None:
+        """Close a layer's cache (its bytes stay on disk for the next mount)."""
+        with self._lock:
+            cache = self._layers.pop(layer_digest, None)
+            if cache is not None:
+                self._total -= cache.cached_bytes
+        if cache is not None:
+            cache.close()
+
+    def purge(self, layer_digest: str) -> None:
+        """Delete a layer's cached bytes from disk."""
+        self.forget(layer_digest)
+        shutil.rmtree(self.directory / layer_digest.split(":", 1)[-1], ignore_errors=True)
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total
+
+    def grew(self, n: int) -> None:
+        with self._lock:
+            self._total += n
+
+    def make_room(self, n: int, keep: LayerCache) -> None:
+        """Evict least recently used spans so that `n` more bytes fit under the limit."""
+        if not self.max_bytes:
+            return
+        with self._lock:
+            excess = self._total + n - self.max_bytes
+            if excess <= 0:
+                return
+            others = sorted((c for c in self._layers.values() if c is not keep),
+                            key=lambda c: c.last_used)
+            victims = others + [keep]
+        for cache in victims:
+            if excess <= 0:
+                break
+            freed = cache.evict(excess)
+            with self._lock:
+                self._total -= freed
+            excess -= freed
+
+    def close(self) -> None:
+        with self._lock:
+            layers = list(self._layers.values())
+            self._layers.clear()
+            self._total = 0
+        for cache in layers:
+            cache.close()
