@@ -1,0 +1,1 @@
+"""Image operations over the store and the registry: pull, push, tag, rmi, save, load, import."""

@@ -1,0 +1,211 @@
+"""Content-addressed blobs: ``<root>/blobs/sha256/<hex>``, never visible unless verified.
+
+A write goes to a temporary file under ``<root>/tmp`` (same filesystem), is
+fsync'd, checked against its size and digest, and only then renamed into place.
+A crash or Ctrl-C leaves at most a temporary file, which carries an flock while
+its writer lives; `clean_tmp` removes the ones whose writer is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from lazyoci.errors import IntegrityError, StoreError
+from lazyoci.oci.digest import Digest, DigestVerifier, verify_bytes
+from lazyoci.store.layout import DataRoot
+
+_BUFFER = 1 << 20
+
+
+def _os_error(e: OSError, what: str) -> StoreError:
+    if e.errno == errno.ENOSPC:
+        return StoreError(f"disk full while writing {what}")
+    return StoreError(f"cannot write {what}: {e.strerror or e}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobWriter:
+    """Receives a blob's bytes; `commit` verifies and publishes it, `abort` throws it away.
+
+    With `expected` None the digest is computed (for content whose digest is not
+    known in advance, e.g. a layer being built).
+    """
+
+    def __init__(self, store: "BlobStore", expected: str | None, size: int | None) -> None:
+        self._store = store
+        self.expected = str(Digest.parse(expected)) if expected else None
+        self.size = size
+        # Without an expected digest we only hash and count; `commit` names the result.
+        self._verifier = DigestVerifier(self.expected, size) if self.expected else None
+        self._hash = None if self.expected else hashlib.sha256()
+        self._count = 0
+        self.digest: str | None = None
+        label = Digest.parse(expected).hex[:16] if expected else "new"
+        try:
+            fd, name = tempfile.mkstemp(dir=store.root.tmp, prefix=f"{label}.", suffix=".part")
+        except OSError as e:
+            raise _os_error(e, "a temporary blob") from None
+        # The lock tells `clean_tmp` in other processes that this file is alive.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.tmp_path = Path(name)
+        self._file = os.fdopen(fd, "wb", buffering=_BUFFER)
+        self._closed = False
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def write(self, chunk: bytes) -> None:
+        if self._verifier is not None:
+            self._verifier.update(chunk)     # raises on more bytes than expected
+        else:
+            self._hash.update(chunk)
+        self._count += len(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as e:
+            raise _os_error(e, f"blob {self.expected or ''}".strip()) from None
+
+    def commit(self) -> str:
+        """Verify and atomically publish; return the digest. Aborts (and raises) on mismatch."""
+        try:
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as e:
+                raise _os_error(e, f"blob {self.expected or ''}".strip()) from None
+            if self._verifier is not None:
+                self._verifier.finish()
+                digest = self.expected
+            else:
+                if self.size is not None and self._count != self.size:
+                    raise IntegrityError(f"blob: got {self._count} bytes, expected {self.size}")
+                digest = "sha256:" + self._hash.hexdigest()
+            final = self._store.path(digest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # Same content, same name: replacing a blob another process just wrote is harmless.
+            os.replace(self.tmp_path, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self._close()
+        self.digest = digest
+        return digest
+
+    def abort(self) -> None:
+        """Remove the temporary file (idempotent)."""
+        self._close()
+        try:
+            self.tmp_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._file.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "BlobWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            if self.digest is None:
+                self.commit()
+        else:
+            self.abort()
+
+
+class BlobStore:
+    def __init__(self, root: DataRoot) -> None:
+        self.root = root.ensure()
+
+    def path(self, digest: str) -> Path:
+        d = Digest.parse(digest)
+        return self.root.blobs / d.algorithm / d.hex
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def size(self, digest: str) -> int | None:
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def open(self, digest: str) -> BinaryIO:
+        try:
+            return open(self.path(digest), "rb")
+        except FileNotFoundError:
+            raise StoreError(f"blob {digest} is not in the local store") from None
+
+    def read(self, digest: str) -> bytes:
+        """The whole blob, re-verified (used for manifests and configs, which are small)."""
+        with self.open(digest) as f:
+            data = f.read()
+        try:
+            verify_bytes(data, digest, "stored blob")
+        except IntegrityError as e:
+            raise IntegrityError(f"local store is corrupt: {e}", e.expected, e.actual) from None
+        return data
+
+    def writer(self, digest: str | None, size: int | None = None) -> BlobWriter:
+        return BlobWriter(self, digest, size)
+
+    def put_bytes(self, data: bytes, expected: str | None = None) -> str:
+        """Store `data` (verified against `expected` when given); return its digest."""
+        with self.writer(expected, len(data) if expected else None) as w:
+            w.write(data)
+            return w.commit()
+
+    def delete(self, digest: str) -> None:
+        try:
+            self.path(digest).unlink()
+        except FileNotFoundError:
+            pass
+
+    def digests(self) -> Iterator[str]:
+        """Every blob on disk."""
+        for algo_dir in self.root.blobs.iterdir() if self.root.blobs.is_dir() else ():
+            for f in algo_dir.iterdir():
+                yield f"{algo_dir.name}:{f.name}"
+
+    def clean_tmp(self, min_age: float = 2.0) -> int:
+        """Remove temporary files whose writer has died (no flock held); return how many."""
+        removed = 0
+        now = time.time()
+        for f in self.root.tmp.iterdir():
+            try:
+                if now - f.stat().st_mtime < min_age:
+                    continue        # created a moment ago: its writer may not hold the lock yet
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                f.unlink()
+                removed += 1
+            except (BlockingIOError, FileNotFoundError):
+                pass                # a live writer, or another cleaner was first
+            finally:
+                os.close(fd)
+        return removed

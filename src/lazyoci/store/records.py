@@ -1,0 +1,271 @@
+"""Image records: names → top-level digests, what each image holds, and blob garbage collection.
+
+Blob ownership is one generic table, ``blob_refs(owner, digest)``: an image owns
+its blobs as ``image:<top digest>``; other areas add their own owners (a SOCI
+index as ``soci:<digest>``, a container as ``container:<id>`` on an image's top
+digest, which makes plain `rmi` refuse). A blob on disk that no owner names is
+garbage. An operation in flight holds a *lease* (``lease:<id>``) on every blob
+before it checks or writes it, so a concurrent `gc` in another process never
+deletes a blob that is about to be used; leases of dead processes are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from lazyoci.oci.platform import Platform
+from lazyoci.store.blobs import BlobStore
+from lazyoci.store.db import Database
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS image_names (
+    name TEXT PRIMARY KEY,            -- normalised reference: registry/repo:tag or registry/repo@digest
+    digest TEXT NOT NULL,             -- top-level digest (index or manifest)
+    created REAL NOT NULL             -- when the name was last pointed at `digest`
+);
+CREATE INDEX IF NOT EXISTS image_names_digest ON image_names(digest);
+CREATE TABLE IF NOT EXISTS image_contents (
+    digest TEXT PRIMARY KEY,          -- top-level digest
+    media_type TEXT NOT NULL,
+    snapshotter TEXT NOT NULL,        -- overlayfs | soci: how its layers are prepared
+    created REAL NOT NULL             -- when it was first stored here
+);
+CREATE TABLE IF NOT EXISTS image_platforms (
+    top TEXT NOT NULL REFERENCES image_contents(digest) ON DELETE CASCADE,
+    manifest TEXT NOT NULL,           -- a platform manifest available locally
+    platform TEXT NOT NULL,           -- os/arch[/variant]
+    config TEXT NOT NULL,
+    PRIMARY KEY (top, manifest)
+);
+CREATE TABLE IF NOT EXISTS blob_refs (
+    owner TEXT NOT NULL,              -- image:<top> | lease:<id> | soci:<digest> | container:<id> ...
+    digest TEXT NOT NULL,
+    PRIMARY KEY (owner, digest)
+);
+CREATE INDEX IF NOT EXISTS blob_refs_digest ON blob_refs(digest);
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blob_sources (   -- where a blob came from, for cross-repository mounts
+    digest TEXT NOT NULL,
+    registry TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    PRIMARY KEY (digest, registry, repository)
+);
+CREATE TABLE IF NOT EXISTS layer_sizes (    -- uncompressed size of a layer blob, for SIZE
+    digest TEXT PRIMARY KEY,
+    uncompressed INTEGER NOT NULL
+);
+"""
+
+# A lease older than this is dropped even if its pid is alive (pid reuse).
+LEASE_MAX_AGE = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class NameRecord:
+    name: str
+    digest: str
+    created: float
+
+
+@dataclass(frozen=True)
+class ContentRecord:
+    digest: str
+    media_type: str
+    snapshotter: str
+    created: float
+    platforms: tuple[tuple[str, str, str], ...]   # (manifest digest, platform, config digest)
+
+
+@dataclass(frozen=True)
+class GcResult:
+    blobs_removed: int
+    bytes_freed: int
+
+
+class Lease:
+    """Protects blobs from `gc` while an operation runs; `release` once the records are written."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.id = uuid.uuid4().hex
+        self.owner = f"lease:{self.id}"
+        with db.transaction() as c:
+            c.execute("INSERT INTO leases VALUES (?, ?, ?)", (self.id, os.getpid(), time.time()))
+
+    def add(self, digests: Iterable[str]) -> None:
+        with self.db.transaction() as c:
+            c.executemany("INSERT OR IGNORE INTO blob_refs VALUES (?, ?)",
+                          [(self.owner, d) for d in digests])
+
+    def release(self) -> None:
+        with self.db.transaction() as c:
+            c.execute("DELETE FROM blob_refs WHERE owner=?", (self.owner,))
+            c.execute("DELETE FROM leases WHERE id=?", (self.id,))
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ImageRecords:
+    def __init__(self, db: Database, blobs: BlobStore) -> None:
+        self.db = db
+        self.blobs = blobs
+        db.ensure_schema("images", SCHEMA)
+
+    def lease(self) -> Lease:
+        return Lease(self.db)
+
+    # --- writing -------------------------------------------------------------------------
+
+    def record_content(self, c: sqlite3.Connection, top: str, media_type: str, snapshotter: str,
+                       platforms: Iterable[tuple[str, Platform, str]], blobs: Iterable[str]) -> None:
+        """Inside a transaction: the image `top` is stored, with these platform manifests and blobs."""
+        c.execute("INSERT INTO image_contents VALUES (?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE "
+                  "SET snapshotter=excluded.snapshotter", (top, media_type, snapshotter, time.time()))
+        c.executemany("INSERT OR REPLACE INTO image_platforms VALUES (?, ?, ?, ?)",
+                      [(top, m, str(p), cfg) for m, p, cfg in platforms])
+        c.executemany("INSERT OR IGNORE INTO blob_refs VALUES (?, ?)",
+                      [(f"image:{top}", d) for d in set(blobs) | {top}])
+
+    def set_name(self, c: sqlite3.Connection, name: str, top: str) -> str | None:
+        """Point `name` at `top`; return the digest it pointed at before (to be released)."""
+        row = c.execute("SELECT digest FROM image_names WHERE name=?", (name,)).fetchone()
+        c.execute("INSERT OR REPLACE INTO image_names VALUES (?, ?, ?)", (name, top, time.time()))
+        return row[0] if row and row[0] != top else None
+
+    def record_sources(self, c: sqlite3.Connection, registry: str, repository: str,
+                       digests: Iterable[str]) -> None:
+        c.executemany("INSERT OR IGNORE INTO blob_sources VALUES (?, ?, ?)",
+                      [(d, registry, repository) for d in digests])
+
+    def record_layer_size(self, digest: str, uncompressed: int) -> None:
+        with self.db.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO layer_sizes VALUES (?, ?)", (digest, uncompressed))
+
+    def drop_name(self, c: sqlite3.Connection, name: str) -> str | None:
+        row = c.execute("SELECT digest FROM image_names WHERE name=?", (name,)).fetchone()
+        if row is None:
+            return None
+        c.execute("DELETE FROM image_names WHERE name=?", (name,))
+        return row[0]
+
+    def other_holders(self, c: sqlite3.Connection, top: str) -> list[str]:
+        """Owners other than images and leases that hold the image's top digest (e.g. containers)."""
+        rows = c.execute("SELECT owner FROM blob_refs WHERE digest=? AND owner NOT LIKE 'image:%' "
+                         "AND owner NOT LIKE 'lease:%'", (top,)).fetchall()
+        return [r[0] for r in rows]
+
+    def release_if_unnamed(self, c: sqlite3.Connection, top: str) -> bool:
+        """Forget the content of `top` if no name points at it and nothing else holds it."""
+        if c.execute("SELECT 1 FROM image_names WHERE digest=? LIMIT 1", (top,)).fetchone():
+            return False
+        if self.other_holders(c, top):
+            return False
+        c.execute("DELETE FROM image_contents WHERE digest=?", (top,))
+        c.execute("DELETE FROM blob_refs WHERE owner=?", (f"image:{top}",))
+        return True
+
+    # --- reading -------------------------------------------------------------------------
+
+    def names(self) -> list[NameRecord]:
+        with self.db.reading() as c:
+            return [NameRecord(r[0], r[1], r[2])
+                    for r in c.execute("SELECT name, digest, created FROM image_names ORDER BY name")]
+
+    def lookup_name(self, name: str) -> str | None:
+        with self.db.reading() as c:
+            row = c.execute("SELECT digest FROM image_names WHERE name=?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def names_of(self, top: str) -> list[str]:
+        with self.db.reading() as c:
+            return [r[0] for r in c.execute("SELECT name FROM image_names WHERE digest=? ORDER BY name",
+                                            (top,))]
+
+    def contents(self) -> list[ContentRecord]:
+        with self.db.reading() as c:
+            tops = c.execute("SELECT digest, media_type, snapshotter, created FROM image_contents "
+                             "ORDER BY created").fetchall()
+            out = []
+            for t in tops:
+                plats = c.execute("SELECT manifest, platform, config FROM image_platforms WHERE top=? "
+                                  "ORDER BY platform", (t[0],)).fetchall()
+                out.append(ContentRecord(t[0], t[1], t[2], t[3], tuple(tuple(p) for p in plats)))
+            return out
+
+    def content(self, top: str) -> ContentRecord | None:
+        for rec in self.contents():
+            if rec.digest == top:
+                return rec
+        return None
+
+    def find_by_prefix(self, prefix: str) -> list[str]:
+        """Top-level digests starting with `prefix` (an IMAGE ID, with or without ``sha256:``)."""
+        if not prefix.startswith("sha256:"):
+            prefix = "sha256:" + prefix
+        with self.db.reading() as c:
+            return [r[0] for r in c.execute(
+                "SELECT digest FROM image_contents WHERE substr(digest, 1, ?) = ?",
+                (len(prefix), prefix))]
+
+    def sources(self, digest: str) -> list[tuple[str, str]]:
+        with self.db.reading() as c:
+            return [(r[0], r[1]) for r in c.execute(
+                "SELECT registry, repository FROM blob_sources WHERE digest=?", (digest,))]
+
+    def layer_sizes(self, digests: Iterable[str]) -> dict[str, int]:
+        ds = list(digests)
+        with self.db.reading() as c:
+            return {r[0]: r[1] for r in c.execute(
+                f"SELECT digest, uncompressed FROM layer_sizes WHERE digest IN ({','.join('?' * len(ds))})",
+                ds)} if ds else {}
+
+    # --- garbage collection --------------------------------------------------------------
+
+    def gc(self) -> GcResult:
+        """Delete every blob no owner references (dropping leases of dead processes first).
+
+        Runs inside one write transaction, so no other process can take a lease
+        between reading the references and deleting the files.
+        """
+        removed = freed = 0
+        with self.db.transaction() as c:
+            now = time.time()
+            for lid, pid, created in c.execute("SELECT id, pid, created FROM leases").fetchall():
+                if not _pid_alive(pid) or now - created > LEASE_MAX_AGE:
+                    c.execute("DELETE FROM blob_refs WHERE owner=?", (f"lease:{lid}",))
+                    c.execute("DELETE FROM leases WHERE id=?", (lid,))
+            referenced = {r[0] for r in c.execute("SELECT DISTINCT digest FROM blob_refs")}
+            for d in list(self.blobs.digests()):
+                if d in referenced:
+                    continue
+                size = self.blobs.size(d) or 0
+                self.blobs.delete(d)
+                removed += 1
+                freed += size
+            c.execute("DELETE FROM blob_sources WHERE digest NOT IN (SELECT digest FROM blob_refs)")
+            c.execute("DELETE FROM layer_sizes WHERE digest NOT IN (SELECT digest FROM blob_refs)")
+        self.blobs.clean_tmp()
+        return GcResult(removed, freed)
