@@ -1,0 +1,71 @@
+"""`lazyoci service start|stop|status` and the Finch-style aliases `lazyoci vm start|stop|status`."""
+
+from __future__ import annotations
+
+import click
+
+from lazyoci.cli.context import app
+from lazyoci.cli.main import cli
+from lazyoci.service.client import ServiceClient
+from lazyoci.store.layout import DataRoot
+
+
+def _client() -> ServiceClient:
+    ctx = app()
+    return ServiceClient(DataRoot(ctx.root), ctx.config.path)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _start() -> None:
+    info = _client().start()
+    click.echo(f"lazyoci service is running (pid {info['pid']}), lazy layers at {info['mountpoint']}")
+
+
+def _stop() -> None:
+    if _client().stop():
+        click.echo("lazyoci service stopped")
+    else:
+        click.echo("lazyoci service is not running")
+
+
+def _status() -> None:
+    client = _client()
+    if not client.is_running():
+        click.echo("lazyoci service is not running")
+        return
+    st = client.status()
+    click.echo(f"lazyoci service is running (pid {st['pid']}, RSS {_human(st['rss_bytes'])}), "
+               f"lazy layers at {st['mountpoint']}")
+    limit = _human(st["cache_max_bytes"]) if st["cache_max_bytes"] else "no limit"
+    click.echo(f"span cache: {_human(st['cache_bytes'])} ({limit}); "
+               f"background fetch: {'on' if st['background_fetch'] else 'off'}")
+    if not st["layers"]:
+        click.echo("no lazy layers mounted")
+        return
+    click.echo(f"{'LAYER':<20}{'FILES':>9}{'FETCHED':>12}{'TOTAL':>12}{'%':>7}  REF")
+    for l in st["layers"]:
+        click.echo(f"{l['layer_digest'][:19]:<20}{l['files']:>9}{_human(l['fetched_bytes']):>12}"
+                   f"{_human(l['total_bytes']):>12}{l['percent']:>6.1f}%  {l['ref']}")
+
+
+@cli.group("service")
+def service_group() -> None:
+    """Manage the lazyoci service that serves lazily loaded layers (FUSE)."""
+
+
+@cli.group("vm")
+def vm_group() -> None:
+    """Alias of `service` for Finch users (there is no VM: the service plays its part)."""
+
+
+for group in (service_group, vm_group):
+    group.command("start", help="Start the service (a changed config file takes effect now).")(_start)
+    group.command("stop", help="Unmount the lazy layers and stop the service.")(_stop)
+    group.command("status", help="Show the service and its lazy layers (fetched/total bytes).")(_status)

@@ -1,0 +1,167 @@
+"""ServiceClient: what the CLI and the soci snapshotter use to talk to the lazyoci service."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lazyoci import errors
+from lazyoci.errors import LazyociError
+from lazyoci.service.paths import ServicePaths, connect
+from lazyoci.store.layout import DataRoot
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+
+
+class ServiceError(LazyociError):
+    """The lazyoci service is not running, did not start, or broke the protocol."""
+
+
+class ServiceClient:
+    """JSON requests over <root>/service/lazyoci.sock; starts the daemon on demand."""
+
+    def __init__(self, root: DataRoot, config_path: Path | None = None, timeout: float = 600.0) -> None:
+        self.root = root
+        self.paths = ServicePaths(root)
+        self.config_path = config_path
+        self.timeout = timeout
+
+    # -- protocol --------------------------------------------------------------
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request; raise the service's error as the same LazyociError subclass."""
+        try:
+            sock = connect(self.paths.socket, self.timeout)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ServiceError(f"the lazyoci service is not running (start it with `lazyoci service start`)") from None
+        except OSError as e:
+            raise ServiceError(f"cannot reach the lazyoci service at {self.paths.socket}: {e.strerror or e}") from None
+        with sock:
+            try:
+                sock.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+            except socket.timeout:
+                raise ServiceError(f"the lazyoci service did not answer {op!r} within {self.timeout:.0f}s") from None
+            except OSError as e:
+                raise ServiceError(f"lost the lazyoci service during {op!r}: {e.strerror or e}") from None
+        try:
+            reply = json.loads(buf)
+        except ValueError:
+            raise ServiceError(f"the lazyoci service sent a malformed reply to {op!r}") from None
+        if not reply.get("ok"):
+            cls = getattr(errors, str(reply.get("type")), None)
+            if not (isinstance(cls, type) and issubclass(cls, LazyociError)):
+                cls = ServiceError
+            try:
+                exc = cls(reply.get("error", "unknown error"))
+            except TypeError:
+                exc = ServiceError(reply.get("error", "unknown error"))
+            raise exc
+        return reply
+
+    def ping(self) -> dict[str, Any] | None:
+        """The service's pid and mountpoint, or None if it is not running."""
+        try:
+            return self.request("ping")
+        except ServiceError:
+            return None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def is_running(self) -> bool:
+        return self.ping() is not None
+
+    def start(self) -> dict[str, Any]:
+        """Start the daemon (if not running) and wait until it answers."""
+        info = self.ping()
+        if info is not None:
+            return info
+        self.paths.ensure()
+        cmd = [sys.executable, "-m", "lazyoci.service.daemon", "--root", os.fspath(self.root.path)]
+        if self.config_path is not None:
+            cmd += ["--config", os.fspath(self.config_path)]
+        log_start = self.paths.log_file.stat().st_size if self.paths.log_file.exists() else 0
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ServiceError(f"the lazyoci service did not start: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            info = self.ping()
+            if info is not None:
+                return info
+            pid = self._pid()
+            if pid is not None and not _alive(pid) and time.monotonic() > deadline - START_TIMEOUT + 2:
+                break
+            time.sleep(0.05)
+        raise ServiceError(f"the lazyoci service did not start; its log says: {self._log_tail(log_start)}")
+
+    def ensure_running(self) -> dict[str, Any]:
+        return self.start()
+
+    def stop(self) -> bool:
+        """Ask the service to unmount and exit; wait for it. False if it was not running."""
+        pid = self._pid()
+        try:
+            self.request("shutdown")
+        except ServiceError:
+            if pid is None or not _alive(pid):
+                return False
+        if pid is None:
+            return True
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the lazyoci service (pid {pid}) did not stop within {STOP_TIMEOUT:.0f}s")
+            time.sleep(0.05)
+        return True
+
+    # -- requests -------------------------------------------------------------------
+
+    def mount_layer(self, ref: str, layer_digest: str, ztoc_digest: str) -> Path:
+        """Serve a lazy layer; returns its directory in the FUSE mount."""
+        reply = self.request("mount_layer", ref=ref, layer_digest=layer_digest, ztoc_digest=ztoc_digest)
+        return Path(reply["path"])
+
+    def unmount_layer(self, layer_digest: str) -> bool:
+        return bool(self.request("unmount_layer", layer_digest=layer_digest).get("unmounted"))
+
+    def status(self) -> dict[str, Any]:
+        return self.request("status")
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _pid(self) -> int | None:
+        try:
+            return int(self.paths.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _log_tail(self, since: int) -> str:
+        try:
+            with open(self.paths.log_file, "rb") as f:
+                f.seek(since)
+                lines = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-3:]) if lines else "(nothing)"
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,239 @@
+"""The lazyoci service: a daemon hosting the FUSE mount of lazy layers and a control socket.
+
+Run as `python -m lazyoci.service.daemon --root R [--config C]`; it detaches
+(double fork + setsid, so neither the CLI nor a test runner ever has to reap it),
+writes its pid file and logs under <root>/service/, mounts the one FUSE
+filesystem, mounts again the layers recorded by its previous run, and only
+then listens on the control socket — so a client that can connect can use it.
+
+Control protocol: one JSON object per line in, one JSON object per line out.
+    {"op": "ping"}                                   -> {"ok": true, "pid": N, "mountpoint": ...}
+    {"op": "mount_layer", "ref", "layer_digest", "ztoc_digest"} -> {"ok": true, "path": ...}
+    {"op": "unmount_layer", "layer_digest"}          -> {"ok": true, "unmounted": bool}
+    {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N, ...}
+    {"op": "shutdown"}                               -> {"ok": true}; then unmounts and exits
+Errors: {"ok": false, "error": message, "type": LazyociError subclass name}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from lazyoci.config import Config, load_config
+from lazyoci.errors import LazyociError
+from lazyoci.fs.layer_fs import LayerFS
+from lazyoci.service.layers import LayerManager
+from lazyoci.service.paths import ServicePaths, socket_address
+from lazyoci.store.layout import DataRoot
+
+log = logging.getLogger("lazyoci.service")
+MAX_REQUEST = 1 << 20
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _unmount_stale(mnt: Path) -> None:
+    """A previous daemon that died leaves a dead FUSE mount ("not connected"): detach it."""
+    target = os.fspath(mnt)
+    with open("/proc/self/mountinfo") as f:
+        mounted = any(line.split()[4] == target for line in f)
+    if mounted:
+        log.warning("detaching a stale mount at %s", target)
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
+
+class Service:
+    """One daemon: the FUSE session, the layers, the control server."""
+
+    def __init__(self, root: DataRoot, config: Config) -> None:
+        self.root = root
+        self.paths = ServicePaths(root)
+        self.config = config
+        self.fs = LayerFS()
+        self.layers: LayerManager | None = None
+        self._cancel = trio.CancelScope()
+
+    def run(self) -> None:
+        self.paths.ensure()
+        _unmount_stale(self.paths.mountpoint)
+        self.layers = LayerManager(self.root, self.config, self.fs)
+        options = set(pyfuse3.default_options)
+        options |= {"fsname=lazyoci", "subtype=lazyoci", "ro", "allow_other"}
+        pyfuse3.init(self.fs, os.fspath(self.paths.mountpoint), options)
+        try:
+            trio.run(self._main)
+        finally:
+            pyfuse3.close(unmount=True)
+            self.layers.close()
+            log.info("service stopped")
+
+    async def _main(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._fuse_main)
+            await trio.to_thread.run_sync(self.layers.remount_known)
+            self.layers.start_background()
+            with self._cancel:
+                await self._serve()
+
+    async def _fuse_main(self) -> None:
+        await pyfuse3.main()
+
+    async def _serve(self) -> None:
+        sock_path = self.paths.socket
+        sock_path.unlink(missing_ok=True)
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        addr, dfd = socket_address(sock_path)
+        old = os.umask(0o177)
+        try:
+            await listener.bind(addr)
+        finally:
+            os.umask(old)
+            if dfd is not None:
+                os.close(dfd)
+        os.chmod(sock_path, 0o600)
+        listener.listen(64)
+        log.info("service ready (pid %d), mount %s, socket %s", os.getpid(), self.paths.mountpoint, sock_path)
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await listener.accept()
+                    nursery.start_soon(self._handle, conn)
+        finally:
+            listener.close()
+            sock_path.unlink(missing_ok=True)
+
+    async def _handle(self, conn: trio.socket.SocketType) -> None:
+        with conn:
+            buf = b""
+            while b"\n" not in buf and len(buf) < MAX_REQUEST:
+                chunk = await conn.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            try:
+                request = json.loads(buf.split(b"\n", 1)[0] or b"{}")
+                reply = await self._dispatch(request)
+            except LazyociError as e:
+                reply = {"ok": False, "error": str(e), "type": type(e).__name__}
+            except (ValueError, KeyError, TypeError) as e:
+                reply = {"ok": False, "error": f"bad request: {e}", "type": "LazyociError"}
+            except Exception as e:   # a bug: keep serving, but say so
+                log.exception("control request failed")
+                reply = {"ok": False, "error": f"internal error: {e}", "type": "LazyociError"}
+            try:
+                await conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass
+            if request_is_shutdown(buf):
+                await self._shutdown()
+
+    async def _dispatch(self, req: dict) -> dict:
+        op = req.get("op")
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid(), "mountpoint": os.fspath(self.paths.mountpoint)}
+        if op == "mount_layer":
+            await trio.to_thread.run_sync(self.layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
+            return {"ok": True, "path": os.fspath(self.paths.layer_dir(req["layer_digest"]))}
+        if op == "unmount_layer":
+            name = req["layer_digest"].split(":", 1)[-1].encode()
+            done = await trio.to_thread.run_sync(self.layers.unmount, req["layer_digest"])
+            if done:
+                try:
+                    pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
+                except Exception:   # the kernel may never have seen the name
+                    pass
+            return {"ok": True, "unmounted": done}
+        if op == "status":
+            return {"ok": True, "pid": os.getpid(), "rss_bytes": _rss_bytes(),
+                    "mountpoint": os.fspath(self.paths.mountpoint),
+                    "cache_bytes": self.layers.cache.total_bytes,
+                    "cache_max_bytes": self.layers.cache.max_bytes,
+                    "background_fetch": self.layers.background is not None,
+                    "layers": [s.to_json() for s in self.layers.status()]}
+        if op == "shutdown":
+            return {"ok": True}
+        raise LazyociError(f"unknown request {op!r}")
+
+    async def _shutdown(self) -> None:
+        log.info("shutdown requested")
+        pyfuse3.terminate()
+        self._cancel.cancel()
+
+
+def request_is_shutdown(buf: bytes) -> bool:
+    try:
+        return json.loads(buf.split(b"\n", 1)[0]).get("op") == "shutdown"
+    except (ValueError, AttributeError):
+        return False
+
+
+def _daemonize(log_file: Path) -> None:
+    """Double fork: the grandchild runs the service, re-parented to init, in its own session."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)     # the intermediate child exits at once
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    fd = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(fd)
+    os.close(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lazyoci-service")
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--foreground", action="store_true")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    root = DataRoot(args.root.absolute()).ensure()
+    paths = ServicePaths(root)
+    paths.ensure()
+    config = load_config(args.config) if args.config else Config()
+    if not args.foreground:
+        _daemonize(paths.log_file)
+    logging.basicConfig(
+        filename=None if args.foreground else os.fspath(paths.log_file),
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    paths.pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        Service(root, config).run()
+    except LazyociError as e:
+        log.error("service failed: %s", e)
+        sys.exit(1)
+    except Exception:
+        log.exception("service crashed")
+        sys.exit(1)
+    finally:
+        try:
+            if paths.pid_file.read_text().strip() == str(os.getpid()):
+                paths.pid_file.unlink()
+        except OSError:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Where the service keeps its files, and unix sockets with long paths.
+
+    <root>/service/lazyoci.sock   control socket (0600, directory 0700: root only)
+    <root>/service/lazyoci.pid    pid of the running daemon
+    <root>/service/lazyoci.log    the daemon's log
+    <root>/service/mnt            the one FUSE mount (a directory per lazy layer)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyoci.store.layout import DataRoot
+
+_SUN_PATH_MAX = 100     # sun_path is 108 bytes; keep a margin
+
+
+@dataclass(frozen=True)
+class ServicePaths:
+    root: DataRoot
+
+    @property
+    def dir(self) -> Path:
+        return self.root.service
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "lazyoci.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "lazyoci.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "lazyoci.log"
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.dir / "mnt"
+
+    def layer_dir(self, layer_digest: str) -> Path:
+        """The FUSE directory of a lazy layer (what overlay lowerdirs point at)."""
+        return self.mountpoint / layer_digest.split(":", 1)[-1]
+
+    def ensure(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        self.mountpoint.mkdir(exist_ok=True)
+
+
+def socket_address(path: Path) -> tuple[str, int | None]:
+    """An AF_UNIX address for `path` even when it is longer than sun_path allows.
+
+    Long data roots (pytest's tmp dirs) go through /proc/self/fd/<dirfd>/<name>;
+    the caller must close the returned directory fd after bind/connect.
+    """
+    text = os.fspath(path)
+    if len(text.encode()) <= _SUN_PATH_MAX:
+        return text, None
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    return f"/proc/self/fd/{dfd}/{path.name}", dfd
+
+
+def connect(path: Path, timeout: float) -> socket.socket:
+    """A connected blocking client socket to the control socket at `path`."""
+    addr, dfd = socket_address(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(addr)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+    return sock
