@@ -337,7 +337,7 @@ def _copy(src: BinaryIO, fd: int) -> None:
             view = view[n:]
 
 
-def apply_layer_stream(source: Iterable[bytes] | BinaryIO, media_type: str, dest: Path) -> str:
+def apply_layer_stream(source: Iterable[bytes] | BinaryIO | bytes, media_type: str, dest: Path) -> str:
     """Unpack a layer (compressed as its media type says) into the empty directory dest.
 
     Returns the diff ID. Raises FormatError for an unknown media type or a bad
@@ -345,6 +345,8 @@ def apply_layer_stream(source: Iterable[bytes] | BinaryIO, media_type: str, dest
     caller removes it (nothing outside dest was touched).
     """
     compression = layer_compression(media_type)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
     raw: BinaryIO = source if hasattr(source, "read") else _ChunkReader(source)  # type: ignore[assignment]
     try:
         stream = _decompressor(raw, compression)

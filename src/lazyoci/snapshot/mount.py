@@ -1,0 +1,93 @@
+"""Perform and undo snapshot mounts with mount(2) (through libc; no helper process).
+
+Overlay options are limited to one page, so many-layer stacks use lowerdir paths
+relative to a common directory: the mount is then done by `mount(8)` run in that
+directory (a process of its own, so our cwd never changes under other threads).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+from lazyoci.errors import ContainerError
+from lazyoci.snapshot.base import Mount
+
+MS_RDONLY = 1
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MNT_DETACH = 2
+_PAGE = 4000
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    rc = _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                     ctypes.c_ulong(flags), data.encode() if data else None)
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise ContainerError(f"mount {fstype or 'bind'} on {target} failed: {os.strerror(e)}")
+
+
+def mount_all(mounts: list[Mount], target: Path) -> None:
+    """Mount `mounts` (in order) on target."""
+    for m in mounts:
+        if m.type == "bind":
+            flags = MS_BIND | (MS_REC if "rbind" in m.options else 0)
+            _mount(m.source, str(target), None, flags, None)
+            if "ro" in m.options:
+                _mount("none", str(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+        elif m.type == "overlay":
+            data = ",".join(m.options)
+            if len(data) < _PAGE:
+                _mount(m.source, str(target), "overlay", 0, data)
+            else:
+                _mount_relative(m, target)
+        else:
+            raise ContainerError(f"unsupported mount type {m.type!r}")
+
+
+def _mount_relative(m: Mount, target: Path) -> None:
+    """Shorten lowerdir paths to be relative to their common parent and mount from there."""
+    opts = list(m.options)
+    lower_i = next(i for i, o in enumerate(opts) if o.startswith("lowerdir="))
+    lowers = opts[lower_i][len("lowerdir="):].split(":")
+    base = os.path.commonpath(lowers)
+    opts[lower_i] = "lowerdir=" + ":".join(os.path.relpath(p, base) for p in lowers)
+    data = ",".join(opts)
+    if len(data) >= _PAGE:
+        raise ContainerError(f"too many layers to mount ({len(lowers)})")
+    r = subprocess.run(["mount", "-t", "overlay", m.source, "-o", data, str(target)],
+                       cwd=base, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ContainerError(f"mount overlay on {target} failed: {r.stderr.strip()}")
+
+
+def unmount(target: Path, lazy_fallback: bool = True) -> None:
+    """Unmount target; EINVAL (not mounted) is fine. Busy mounts are detached if allowed."""
+    rc = _libc.umount2(str(target).encode(), 0)
+    if rc == 0:
+        return
+    e = ctypes.get_errno()
+    if e in (errno.EINVAL, errno.ENOENT):
+        return
+    if e == errno.EBUSY and lazy_fallback:
+        if _libc.umount2(str(target).encode(), MNT_DETACH) == 0:
+            return
+        e = ctypes.get_errno()
+    raise ContainerError(f"cannot unmount {target}: {os.strerror(e)}")
+
+
+def is_mountpoint(path: Path) -> bool:
+    p = str(Path(path).absolute())
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == p for line in f)
+    except OSError:
+        return False

@@ -1,0 +1,23 @@
+"""Snapshotters by name: what `--snapshotter` and the config's `snapshotters` select."""
+
+from __future__ import annotations
+
+from lazyoci.config import SNAPSHOTTERS, Config
+from lazyoci.errors import ConfigError
+from lazyoci.snapshot.base import Snapshotter
+from lazyoci.store.layout import DataRoot
+
+
+def get_snapshotter(name: str, root: DataRoot, config: Config) -> Snapshotter:
+    """The snapshotter called `name` for this data root."""
+    if name == "overlayfs":
+        from lazyoci.snapshot.overlay import OverlaySnapshotter
+
+        return OverlaySnapshotter(root)
+    if name == "soci":
+        try:
+            from lazyoci.snapshot.soci import SociSnapshotter  # written by the lazy-loading area
+        except ImportError:
+            raise ConfigError("the soci snapshotter is not available in this build") from None
+        return SociSnapshotter(root, config)  # type: ignore[return-value]
+    raise ConfigError(f"unknown snapshotter {name!r} (supported: {', '.join(SNAPSHOTTERS)})")
