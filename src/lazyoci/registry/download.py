@@ -1,0 +1,138 @@
+"""Blob downloads: verified streams that resume after resets, and Range reads for lazy loading."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import httpx
+
+from lazyoci.errors import IntegrityError, RangeNotSupportedError, RegistryError
+from lazyoci.oci.digest import Digest, DigestVerifier
+from lazyoci.oci.reference import Reference
+from lazyoci.registry.auth import pull_scope
+from lazyoci.registry.transport import Transport, backoff, describe, raise_for_status
+
+CHUNK_SIZE = 256 * 1024
+# Blobs are sent as stored; asking for identity keeps byte offsets (Range) meaningful.
+_IDENTITY = {"Accept-Encoding": "identity"}
+
+
+def blob_path(ref: Reference, digest: str) -> str:
+    Digest.parse(digest)
+    return f"/v2/{ref.repository}/blobs/{digest}"
+
+
+def iter_blob(transport: Transport, ref: Reference, digest: str, size: int | None = None) -> Iterator[bytes]:
+    """Stream a blob, resuming with `Range: bytes=N-` after a connection drops mid-body.
+
+    Every byte yielded is hashed; size and digest are checked after the last chunk, so a
+    consumer must not commit anything before the iterator is exhausted without error."""
+    verifier = DigestVerifier(digest, size, what=f"blob {digest}")
+    path = blob_path(ref, digest)
+    scopes = (pull_scope(ref.repository),)
+    offset = 0
+    failures = 0   # consecutive attempts that ended in a reset without any new byte
+    while True:
+        headers = dict(_IDENTITY)
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        _, resp = transport.send(ref.registry, "GET", path, scopes=scopes, headers=headers,
+                                 stream=True, mirrors=True)
+        start_offset = offset
+        try:
+            raise_for_status(resp, f"blob {digest} of {ref.name}")
+            skip = 0
+            if offset and resp.status_code == 206:
+                _check_content_range(resp, offset, digest)
+            elif offset:
+                skip = offset   # the server ignored Range on resume: drop what we already have
+            try:
+                for chunk in resp.iter_raw(CHUNK_SIZE):
+                    if skip:
+                        if len(chunk) <= skip:
+                            skip -= len(chunk)
+                            continue
+                        chunk, skip = chunk[skip:], 0
+                    verifier.update(chunk)
+                    offset += len(chunk)
+                    yield chunk
+            except httpx.TransportError as e:
+                failures = failures + 1 if offset == start_offset else 1
+                if failures > max(transport.options.max_retries, 1):
+                    raise RegistryError(f"blob {digest} of {ref.name}: connection lost at byte {offset} "
+                                        f"{failures} times in a row: {describe(e)}") from None
+                time.sleep(backoff(failures - 1))
+                continue
+        finally:
+            resp.close()
+        break
+    verifier.finish()
+
+
+def _check_content_range(resp: httpx.Response, start: int, digest: str) -> tuple[int, int, int | None]:
+    """Parse `Content-Range: bytes S-E/TOTAL`; RegistryError unless it starts where we asked."""
+    value = resp.headers.get("content-range", "")
+    try:
+        unit, _, rest = value.partition(" ")
+        span, _, total = rest.partition("/")
+        s, _, e = span.partition("-")
+        got = (int(s), int(e), None if total in ("*", "") else int(total))
+    except ValueError:
+        raise RegistryError(f"blob {digest}: invalid Content-Range {value!r} in a 206 answer") from None
+    if unit != "bytes" or got[0] != start:
+        raise RegistryError(f"blob {digest}: asked for bytes from {start}, the registry sent {value!r}")
+    return got
+
+
+def fetch_range(transport: Transport, ref: Reference, digest: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a blob. Not digest-verified here (a range cannot be): callers verify
+    what they assemble (zTOC span digests). RangeNotSupportedError if the server sends it all."""
+    if start < 0 or end <= start:
+        raise ValueError(f"invalid byte range [{start}, {end})")
+    path = blob_path(ref, digest)
+    scopes = (pull_scope(ref.repository),)
+    headers = {**_IDENTITY, "Range": f"bytes={start}-{end - 1}"}
+    attempt = 0
+    use_mirrors = True
+    while True:
+        ep, resp = transport.send(ref.registry, "GET", path, scopes=scopes, headers=headers,
+                                  stream=True, mirrors=use_mirrors)
+        try:
+            raise_for_status(resp, f"blob {digest} of {ref.name} bytes {start}-{end - 1}")
+            if resp.status_code != 206:
+                if ep.mirror:
+                    use_mirrors = False   # a mirror without Range support: ask the upstream
+                    continue
+                raise RangeNotSupportedError(
+                    f"registry {ep.host} ignored the Range request for blob {digest} of {ref.name} "
+                    f"(answered {resp.status_code} with the whole blob); lazy loading needs a registry "
+                    "that supports HTTP Range requests", status=resp.status_code)
+            _, last, total = _check_content_range(resp, start, digest)
+            if last != end - 1:
+                raise RegistryError(f"blob {digest}: asked for bytes {start}-{end - 1}, got {start}-{last}"
+                                    + (f" (the blob has {total} bytes)" if total is not None else ""))
+            data = b"".join(resp.iter_raw(CHUNK_SIZE))
+        except httpx.TransportError as e:
+            if attempt >= transport.options.max_retries:
+                raise RegistryError(f"blob {digest} of {ref.name}: range read failed: {describe(e)}") from None
+            time.sleep(backoff(attempt))
+            attempt += 1
+            continue
+        finally:
+            resp.close()
+        if len(data) != end - start:
+            raise IntegrityError(f"blob {digest}: range {start}-{end - 1} returned {len(data)} bytes, "
+                                 f"expected {end - start}", expected=digest)
+        return data
+
+
+def blob_exists(transport: Transport, ref: Reference, digest: str, scopes: tuple[str, ...]) -> bool:
+    """HEAD the blob in the upstream registry (never a mirror: this decides what to push)."""
+    _, resp = transport.send(ref.registry, "HEAD", blob_path(ref, digest), scopes=scopes)
+    if resp.status_code == 200:
+        return True
+    if resp.status_code == 404:
+        return False
+    raise_for_status(resp, f"blob {digest} of {ref.name}")
+    return False

@@ -1,0 +1,282 @@
+"""HTTP to registries: endpoint choice, authentication, retries, redirects, error mapping.
+
+- Endpoints: loopback registries speak plain HTTP with no flag (as nerdctl);
+  hosts in `insecure_registries` try HTTPS without certificate checks, then
+  HTTP; every other host is HTTPS with verification. Pulls try the configured
+  mirrors first (containerd hosts.toml style) and fall back to the upstream.
+- Retries with exponential backoff on connection errors, 429 and 5xx
+  (honouring Retry-After); 401 triggers one authentication round.
+- Redirects are followed by hand so that the registry's Authorization header
+  never reaches another host (blob storage behind pre-signed URLs).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import httpx
+
+from lazyoci import __version__
+from lazyoci.errors import AuthError, NotFoundError, RegistryError
+from lazyoci.oci.reference import DEFAULT_REGISTRY, DOCKER_HUB_HOST, is_loopback_registry
+from lazyoci.registry.auth import Authenticator
+from lazyoci.registry.credentials import Credentials
+from lazyoci.registry.options import RegistryOptions
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 10
+_MAX_RETRY_AFTER = 10.0
+_BASE_BACKOFF = 0.2
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One place that serves a registry's /v2/ API."""
+
+    base: str            # scheme://host[:port][/prefix], no trailing slash; requests go to base + "/v2/..."
+    host: str            # host[:port]: the key for challenges and tokens
+    cred_key: str        # whose credentials to use (the registry name, or the mirror host)
+    verify_tls: bool
+    mirror: bool = False
+    namespace: str | None = None   # for mirrors: the upstream registry, sent as ?ns= (containerd does)
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+
+def upstream_endpoints(registry: str, options: RegistryOptions) -> list[Endpoint]:
+    host = DOCKER_HUB_HOST if registry == DEFAULT_REGISTRY else registry
+    if is_loopback_registry(host):
+        return [Endpoint(f"http://{host}", host, registry, True)]
+    if host in options.insecure_registries or registry in options.insecure_registries:
+        return [Endpoint(f"https://{host}", host, registry, False), Endpoint(f"http://{host}", host, registry, False)]
+    return [Endpoint(f"https://{host}", host, registry, True)]
+
+
+def mirror_endpoints(registry: str, options: RegistryOptions) -> list[Endpoint]:
+    urls = options.mirrors.get(registry) or ()
+    if not urls and registry == DEFAULT_REGISTRY:
+        urls = options.mirrors.get(DOCKER_HUB_HOST) or options.mirrors.get("index.docker.io") or ()
+    out = []
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise RegistryError(f"registry mirror {url!r} of {registry} is not an http(s) URL")
+        path = parts.path.rstrip("/").removesuffix("/v2")
+        host = parts.netloc
+        verify = not (host in options.insecure_registries or is_loopback_registry(host))
+        out.append(Endpoint(f"{parts.scheme}://{host}{path}", host, host, verify, True, registry))
+    return out
+
+
+def _origin(url: httpx.URL | str) -> tuple[str, str, int | None]:
+    u = httpx.URL(str(url))
+    return (u.scheme, u.host, u.port)
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+class Transport:
+    """Sends requests to registry endpoints; thread-safe (httpx clients and a locked auth cache)."""
+
+    def __init__(self, options: RegistryOptions, credentials: Callable[[str], Credentials | None]) -> None:
+        self.options = options
+        timeout = httpx.Timeout(options.timeout, connect=min(options.timeout, 15.0))
+        common: dict[str, Any] = dict(
+            timeout=timeout, follow_redirects=False,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            headers={"User-Agent": f"lazyoci/{__version__}"},
+        )
+        self._verified = httpx.Client(**common)
+        self._unverified = httpx.Client(verify=False, **common)
+        self.auth = Authenticator(credentials, self._send_token_request)
+        self._lock = threading.Lock()
+        self._working: dict[str, Endpoint] = {}   # registry -> upstream endpoint that answered
+
+    def close(self) -> None:
+        self._verified.close()
+        self._unverified.close()
+
+    def _client_for(self, url: httpx.URL) -> httpx.Client:
+        host = url.netloc.decode()
+        if host in self.options.insecure_registries or url.host in self.options.insecure_registries:
+            return self._unverified
+        return self._verified
+
+    def _send_token_request(self, request: httpx.Request) -> httpx.Response:
+        return self._client_for(request.url).send(request)
+
+    # -- choosing endpoints -------------------------------------------------
+
+    def upstream(self, registry: str) -> list[Endpoint]:
+        eps = upstream_endpoints(registry, self.options)
+        with self._lock:
+            good = self._working.get(registry)
+        if good in eps:
+            eps.remove(good)
+            eps.insert(0, good)
+        return eps
+
+    def send(self, registry: str, method: str, path: str, *, scopes: tuple[str, ...],
+             headers: dict[str, str] | None = None, content: bytes | None = None,
+             params: dict[str, str] | None = None, stream: bool = False,
+             mirrors: bool = False, authenticate: bool = True) -> tuple[Endpoint, httpx.Response]:
+        """Send to the mirrors (pulls, when `mirrors`) and then the upstream, returning the first
+        usable answer and the endpoint that gave it. A mirror that fails or errors is skipped;
+        the upstream's answer is returned whatever its status (see `raise_for_status`)."""
+        candidates = (mirror_endpoints(registry, self.options) if mirrors else []) + self.upstream(registry)
+        last_exc: RegistryError | None = None
+        for i, ep in enumerate(candidates):
+            final = i == len(candidates) - 1
+            # An insecure host's HTTPS attempt is not retried: HTTP is the next candidate.
+            retries = None if (final or ep.mirror) else 0
+            try:
+                resp = self.request(ep, method, path, scopes=scopes, headers=headers, content=content,
+                                    params=params, stream=stream, retries=retries,
+                                    authenticate=authenticate)
+            except RegistryError as e:
+                last_exc = e
+                if final:
+                    raise
+                continue
+            if ep.mirror and resp.status_code >= 400 and not final:
+                resp.close()
+                continue
+            if not ep.mirror:
+                with self._lock:
+                    self._working[registry] = ep
+            return ep, resp
+        assert last_exc is not None
+        raise last_exc
+
+    # -- one endpoint ------------------------------------------------------
+
+    def request(self, ep: Endpoint, method: str, target: str, *, scopes: tuple[str, ...],
+                headers: dict[str, str] | None = None, content: bytes | None = None,
+                params: dict[str, str] | None = None, stream: bool = False,
+                retries: int | None = None, authenticate: bool = True) -> httpx.Response:
+        """One logical request to `ep` (path "/v2/..." or an absolute URL from a Location header).
+
+        Returns the final response of any status; raises RegistryError only when the
+        endpoint cannot be reached after the retries."""
+        retries = self.options.max_retries if retries is None else retries
+        url = httpx.URL(target if "://" in target else ep.url(target))
+        if ep.mirror and ep.namespace:
+            params = {**(params or {}), "ns": ep.namespace}
+        if params:
+            url = url.copy_merge_params(params)
+        auth = self.auth.authorization(ep.host, ep.cred_key, scopes) if authenticate else None
+        reauthed = not authenticate
+        attempt = 0
+        while True:
+            try:
+                resp = self._follow(ep, method, url, dict(headers or {}), content, stream, auth)
+            except httpx.TransportError as e:
+                if attempt >= retries:
+                    raise RegistryError(f"cannot reach registry {ep.host}: {describe(e)}") from None
+                time.sleep(backoff(attempt))
+                attempt += 1
+                continue
+            if resp.status_code == 401 and not reauthed and _origin(resp.url) == _origin(url):
+                reauthed = True
+                fresh = self.auth.on_unauthorized(ep.host, ep.cred_key, scopes, resp)
+                if fresh is not None and fresh != auth:
+                    resp.close()
+                    auth = fresh
+                    continue
+                return resp
+            if resp.status_code in RETRY_STATUSES and attempt < retries:
+                delay = retry_after(resp, attempt)
+                resp.close()
+                time.sleep(delay)
+                attempt += 1
+                continue
+            return resp
+
+    def _follow(self, ep: Endpoint, method: str, url: httpx.URL, headers: dict[str, str],
+                content: bytes | None, stream: bool, auth: str | None) -> httpx.Response:
+        origin = _origin(url)
+        explicit = headers.pop("Authorization", None)
+        auth = auth or explicit
+        for _ in range(_MAX_REDIRECTS + 1):
+            sent = dict(headers)
+            # The registry's credentials are for the registry only: a redirect to blob storage
+            # on another host must not carry them (pre-signed URLs carry their own).
+            if auth and _origin(url) == origin:
+                sent["Authorization"] = auth
+            client = self._unverified if (not ep.verify_tls and url.host == httpx.URL(ep.base).host) \
+                else self._client_for(url)
+            request = client.build_request(method, url, headers=sent, content=content)
+            resp = client.send(request, stream=stream)
+            location = resp.headers.get("location")
+            if resp.status_code not in _REDIRECTS or not location:
+                return resp
+            resp.close()
+            url = resp.url.join(location)
+            if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
+                method, content = ("GET" if method != "HEAD" else "HEAD"), None
+        raise RegistryError(f"{ep.host}: too many redirects for {method} {url}")
+
+
+def backoff(attempt: int) -> float:
+    return _BASE_BACKOFF * (2 ** attempt) * (0.75 + random.random() / 2)
+
+
+def retry_after(resp: httpx.Response, attempt: int) -> float:
+    value = resp.headers.get("retry-after", "")
+    if value.isdigit():
+        return min(float(value), _MAX_RETRY_AFTER)
+    return backoff(attempt)
+
+
+def error_detail(resp: httpx.Response) -> tuple[str, str | None]:
+    """(message, code) from the registry's `{"errors": [{"code", "message"}]}` body, else the HTTP reason."""
+    try:
+        resp.read()   # a streamed error answer is small; a non-streamed one returns its content
+        doc = resp.json()
+        errors = doc.get("errors") if isinstance(doc, dict) else None
+    except (ValueError, httpx.HTTPError, UnicodeDecodeError):
+        errors = None
+    if isinstance(errors, list) and errors:
+        messages = []
+        for err in errors:
+            if isinstance(err, dict):
+                msg = str(err.get("message") or err.get("code") or "").strip()
+                if msg and msg not in messages:
+                    messages.append(msg)
+        code = errors[0].get("code") if isinstance(errors[0], dict) else None
+        if messages:
+            return "; ".join(messages), code
+    text = ""
+    try:
+        text = resp.text.strip()
+    except (httpx.HTTPError, UnicodeDecodeError):
+        pass
+    if text and len(text) < 200 and "<" not in text:
+        return text, None
+    return resp.reason_phrase or f"HTTP {resp.status_code}", None
+
+
+def raise_for_status(resp: httpx.Response, what: str) -> None:
+    """Turn an error answer into RegistryError / AuthError / NotFoundError with the registry's message."""
+    status = resp.status_code
+    if status < 400:
+        return
+    message, code = error_detail(resp)
+    resp.close()
+    suffix = f"HTTP {status}" + (f" {code}" if code else "")
+    if status in (401, 403):
+        hint = "; check `lazyoci login`" if status == 401 else ""
+        raise AuthError(f"{what}: {message} ({suffix}{hint})", status=status, code=code)
+    if status == 404:
+        raise NotFoundError(f"{what}: {message} ({suffix})", status=status, code=code)
+    raise RegistryError(f"{what}: {message} ({suffix})", status=status, code=code)
