@@ -1,1 +1,17 @@
-"""soci"""
+"""SOCI indexes: build zTOCs and indexes (v1 with subject, v2 by conversion), push them,
+and find them at run time. Formats follow ../shared/spec/SOCI-FORMAT.md (the reference's)."""
+
+from lazyoci.soci.api import build_index_for_reference, build_ztoc, parse_ztoc
+from lazyoci.soci.build import LayerZtoc, SociBuildOptions, SociIndexResult, build_index
+from lazyoci.soci.convert import ConvertResult, convert
+from lazyoci.soci.discovery import DiscoveredIndex, discover_index, fetch_artifacts
+from lazyoci.soci.index import SociIndex, make_index, ztoc_descriptor
+from lazyoci.soci.push import PushResult, push_index
+from lazyoci.soci.remote import create_remote
+
+__all__ = [
+    "ConvertResult", "DiscoveredIndex", "LayerZtoc", "PushResult", "SociBuildOptions", "SociIndex",
+    "SociIndexResult", "build_index", "build_index_for_reference", "build_ztoc", "convert",
+    "create_remote", "discover_index", "fetch_artifacts", "make_index", "parse_ztoc", "push_index",
+    "ztoc_descriptor",
+]

@@ -1,0 +1,243 @@
+"""Build a SOCI index for a local image: one zTOC per large enough layer, then the index.
+
+Layers below the minimum size get no zTOC (fetching them whole is cheaper than
+lazily); zstd layers are skipped as the reference skips them. A zTOC already
+built for the same layer digest and span size is reused unless `force`. zTOCs
+are built in parallel (the inflate loop runs in libz, outside the GIL).
+The lines given to `log` are the reference's, so `push --snapshotter soci` prints
+what the seed shows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO
+
+from lazyoci.errors import FormatError, IntegrityError, StoreError
+from lazyoci.oci import mediatypes as mt
+from lazyoci.oci.digest import sha256_digest
+from lazyoci.oci.manifest import Descriptor, Manifest
+from lazyoci.oci.platform import Platform
+from lazyoci.soci.index import EMPTY_CONFIG, EMPTY_CONFIG_DIGEST, SociIndex, make_index, ztoc_descriptor
+from lazyoci.soci.records import SociRecords, ZtocRecord
+from lazyoci.soci.streams import VerifyingReader, buffered
+
+if TYPE_CHECKING:
+    from lazyoci.images.service import ImageService, LocalImage
+    from lazyoci.store.blobs import BlobStore
+    from lazyoci.store.records import Lease
+
+Log = Callable[[str], None]
+
+DEFAULT_SPAN_SIZE = 1 << 22
+DEFAULT_MIN_LAYER_SIZE = 10 << 20
+
+
+@dataclass(frozen=True)
+class SociBuildOptions:
+    span_size: int = DEFAULT_SPAN_SIZE
+    min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
+    force: bool = False                 # rebuild zTOCs even when one exists for the layer
+    version: str = "v1"                 # "v1" (subject, referrers) or "v2" (convert)
+    build_tool: str | None = None       # None: lazyoci's own (lazyoci.ztoc.BUILD_TOOL)
+    workers: int = 2                    # zTOCs built at once
+
+    def __post_init__(self) -> None:
+        from lazyoci.errors import ConfigError
+        if self.span_size <= 0:
+            raise ConfigError(f"span size must be positive, not {self.span_size}")
+        if self.min_layer_size < 0:
+            raise ConfigError(f"min layer size must be >= 0, not {self.min_layer_size}")
+        if self.version not in ("v1", "v2"):
+            raise ConfigError(f"SOCI index version must be v1 or v2, not {self.version!r}")
+        if self.workers < 1:
+            raise ConfigError("workers must be >= 1")
+
+    @property
+    def tool(self) -> str:
+        if self.build_tool is not None:
+            return self.build_tool
+        from lazyoci.ztoc import BUILD_TOOL
+        return BUILD_TOOL
+
+
+@dataclass(frozen=True)
+class LayerZtoc:
+    layer: Descriptor
+    ztoc: Descriptor        # the index entry (media type application/octet-stream, annotations)
+    reused: bool
+
+
+@dataclass(frozen=True)
+class SociIndexResult:
+    index: SociIndex
+    manifest: Descriptor            # the image manifest indexed (the v1 subject)
+    platform: Platform
+    ztocs: tuple[LayerZtoc, ...]
+    skipped: tuple[Descriptor, ...]
+
+    @property
+    def digest(self) -> str:
+        return self.index.digest
+
+
+def layer_compression_or_skip(layer: Descriptor, options: SociBuildOptions, log: Log) -> str | None:
+    """The compression to index `layer` with, or None (and the reference's skip line)."""
+    if layer.media_type == mt.SOCI_PREFETCH:
+        return None
+    if not mt.is_layer(layer.media_type):
+        raise FormatError(f"image layer {layer.digest} has a media type that is not a layer: {layer.media_type!r}")
+    if layer.size < options.min_layer_size:
+        log(f"ztoc skipped - layer {layer.digest} ({layer.media_type}) size {layer.size} "
+            f"is less than min-layer-size {options.min_layer_size}")
+        return None
+    compression = mt.layer_compression(layer.media_type)
+    if compression not in ("gzip", "none"):
+        log(f"ztoc skipped - layer {layer.digest} ({layer.media_type}) is compressed in an unsupported "
+            f'format. expect: [tar, gzip, unknown] but got "{compression}"')
+        return None
+    return compression
+
+
+def existing_ztoc(blobs: "BlobStore", records: SociRecords, layer: Descriptor,
+                  options: SociBuildOptions, lease: "Lease | None" = None) -> Descriptor | None:
+    """The recorded zTOC for this layer and span size, if its blob is still present and sound."""
+    if options.force:
+        return None
+    rec = records.find_ztoc(layer.digest, options.span_size)
+    if rec is None:
+        return None
+    if lease is not None:
+        lease.add([rec.ztoc_digest])        # before looking: gc must not take it from under us
+    if not blobs.has(rec.ztoc_digest):
+        return None
+    from lazyoci.ztoc import Ztoc
+    try:
+        Ztoc.parse(blobs.read(rec.ztoc_digest))     # read() re-verifies the digest
+    except (FormatError, IntegrityError):
+        return None                                  # rebuild rather than index with a bad zTOC
+    return ztoc_descriptor(rec.ztoc_digest, rec.ztoc_size, layer, options.span_size)
+
+
+def build_layer_ztoc(source: BinaryIO | object, layer: Descriptor, compression: str,
+                     options: SociBuildOptions, blobs: "BlobStore", records: SociRecords,
+                     lease: "Lease | None" = None) -> Descriptor:
+    """Build one zTOC from the layer's bytes (a file or an iterator of chunks), verifying the
+    layer digest, then store and record it (under `lease`, so gc leaves it). Returns the index entry."""
+    from lazyoci.ztoc import Ztoc, build_ztoc
+
+    reader = VerifyingReader(source, layer.digest, layer.size)   # type: ignore[arg-type]
+    data = build_ztoc(buffered(reader), compression, options.span_size, options.tool)
+    reader.finish()
+    z = Ztoc.parse(data)
+    if z.compressed_size != layer.size:
+        raise FormatError(f"zTOC of layer {layer.digest} covers {z.compressed_size} bytes, "
+                          f"the layer has {layer.size}")
+    digest = sha256_digest(data)
+    if lease is not None:
+        lease.add([digest])
+    blobs.put_bytes(data, digest)
+    records.put_ztoc(ZtocRecord(layer.digest, options.span_size, digest, len(data),
+                                layer.media_type, layer.size, time.time()))
+    return ztoc_descriptor(digest, len(data), layer, options.span_size)
+
+
+OpenLayer = Callable[[Descriptor], "BinaryIO | object"]
+
+
+def build_ztocs(manifest: Manifest, open_layer: OpenLayer, options: SociBuildOptions,
+                blobs: "BlobStore", records: SociRecords, log: Log,
+                lease: "Lease | None" = None) -> tuple[list[LayerZtoc], list[Descriptor]]:
+    """zTOCs for the layers of `manifest`, in layer order; lines logged in layer order."""
+    plans: list[tuple[Descriptor, str | None, Descriptor | None]] = []
+    for layer in manifest.layers:
+        compression = layer_compression_or_skip(layer, options, log)
+        reused = existing_ztoc(blobs, records, layer, options, lease) if compression else None
+        plans.append((layer, compression, reused))
+    built: list[LayerZtoc] = []
+    skipped: list[Descriptor] = []
+
+    def job(layer: Descriptor, compression: str) -> Descriptor:
+        source = open_layer(layer)
+        try:
+            return build_layer_ztoc(source, layer, compression, options, blobs, records, lease)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    with ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="ztoc") as pool:
+        futures = {}
+        for layer, compression, reused in plans:
+            if compression and reused is None:
+                futures[layer.digest] = pool.submit(job, layer, compression)
+        try:
+            for layer, compression, reused in plans:
+                if not compression:
+                    skipped.append(layer)
+                elif reused is not None:
+                    log(f"layer {layer.digest} -> ztoc {reused.digest} (already exists)")
+                    built.append(LayerZtoc(layer, reused, True))
+                else:
+                    desc = futures[layer.digest].result()
+                    log(f"layer {layer.digest} -> ztoc {desc.digest}")
+                    built.append(LayerZtoc(layer, desc, False))
+        except BaseException:
+            for f in futures.values():
+                f.cancel()
+            raise
+    return built, skipped
+
+
+def store_index(blobs: "BlobStore", records: SociRecords, index: SociIndex, manifest: Descriptor,
+                image_digest: str, image_name: str | None, platform: Platform, origin: str,
+                lease: "Lease | None" = None) -> None:
+    """The index, its empty config, and the records that tie it to the image manifest and
+    make it own its blobs."""
+    if lease is not None:
+        lease.add([EMPTY_CONFIG_DIGEST, index.digest])
+    blobs.put_bytes(EMPTY_CONFIG, EMPTY_CONFIG_DIGEST)
+    blobs.put_bytes(index.raw, index.digest)
+    records.own(index.digest, {EMPTY_CONFIG_DIGEST, *(d.digest for d in index.ztocs + index.prefetch)})
+    records.put_index(index.digest, manifest.digest, image_digest, image_name, str(platform),
+                      index.version, index.size, origin)
+
+
+def _open_local_layer(blobs: "BlobStore") -> OpenLayer:
+    def open_layer(layer: Descriptor) -> BinaryIO:
+        if not blobs.has(layer.digest):
+            raise StoreError(f"layer {layer.digest} is not in the local store (was the image pulled "
+                             "lazily?); build from the registry with `lazyoci soci create --remote`")
+        return blobs.open(layer.digest)
+    return open_layer
+
+
+def build_index(images: "ImageService", image: "LocalImage", options: SociBuildOptions | None = None,
+                log: Log = lambda line: None, open_layer: OpenLayer | None = None,
+                lease: "Lease | None" = None) -> SociIndexResult:
+    """Build (or reuse) the zTOCs of a local image and make its SOCI index; store both as blobs.
+
+    FormatError when no layer gets a zTOC (an empty index would make nothing lazy).
+    """
+    options = options or SociBuildOptions()
+    if lease is None:
+        with images.lease() as own_lease:
+            return build_index(images, image, options, log, open_layer, own_lease)
+    records = SociRecords(images.db)
+    manifest = image.manifest
+    built, skipped = build_ztocs(manifest, open_layer or _open_local_layer(images.blobs), options,
+                                 images.blobs, records, log, lease)
+    mdesc = manifest.descriptor()
+    if not built:
+        raise FormatError(
+            f"no zTOCs created for {image.name or image.digest}: all {len(manifest.layers)} layers are "
+            f"smaller than min-layer-size {options.min_layer_size} or compressed with an unsupported "
+            "format; lower --min-layer-size to index smaller layers")
+    index = make_index(options.version, [b.ztoc for b in built],
+                       mdesc if options.version == "v1" else None, options.tool)
+    platform = image.config.platform
+    store_index(images.blobs, records, index, mdesc, image.digest, image.name, platform, "built", lease)
+    return SociIndexResult(index, mdesc, platform, tuple(built), tuple(skipped))
