@@ -48,7 +48,7 @@ def _register() -> None:
 
 
 # One module per area; each defines its commands with @cli.command / @cli.group.
-_COMMAND_MODULES: list[str] = ["service"]
+_COMMAND_MODULES: list[str] = ["service", "soci"]
 
 
 def main(argv: list[str] | None = None) -> None:
