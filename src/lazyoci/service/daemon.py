@@ -135,8 +135,10 @@ class Service:
             except Exception as e:   # a bug: keep serving, but say so
                 log.exception("control request failed")
                 reply = {"ok": False, "error": f"internal error: {e}", "type": "LazyociError"}
+            out = memoryview(json.dumps(reply).encode() + b"\n")
             try:
-                await conn.sendall(json.dumps(reply).encode() + b"\n")
+                while out:
+                    out = out[await conn.send(out):]
             except OSError:
                 pass
             if request_is_shutdown(buf):
