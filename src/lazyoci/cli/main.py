@@ -48,7 +48,7 @@ def _register() -> None:
 
 
 # One module per area; each defines its commands with @cli.command / @cli.group.
-_COMMAND_MODULES: list[str] = ["service", "soci"]
+_COMMAND_MODULES: list[str] = ["service", "soci", "images"]
 
 
 def main(argv: list[str] | None = None) -> None:

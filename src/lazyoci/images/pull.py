@@ -187,12 +187,11 @@ class Puller:
         if self._cancel.is_set():
             raise PullCancelled("pull cancelled")
         key = row_key("layer", desc.digest)
-        consumer = hooks.layer_consumer(desc) if hooks.layer_consumer else None
         if self.blobs.has(desc.digest):
-            if consumer is not None:
-                self._feed_from_store(desc, consumer)
+            # No bytes arrive, so no consumer: the snapshotter unpacks stored blobs itself if needed.
             self.progress(ProgressEvent(key, "layer", "exists", desc.size, desc.size))
             return
+        consumer = hooks.layer_consumer(desc) if hooks.layer_consumer else None
         sizer = UncompressedSize(mt.layer_compression(desc.media_type))
         writer = self.blobs.writer(desc.digest, desc.size)
         reported = 0
@@ -220,15 +219,3 @@ class Puller:
         if size is not None:
             self.records.record_layer_size(desc.digest, size)
         self.progress(ProgressEvent(key, "layer", "done", desc.size, desc.size))
-
-    def _feed_from_store(self, desc: Descriptor, consumer) -> None:
-        try:
-            with self.blobs.open(desc.digest) as f:
-                while chunk := f.read(1 << 20):
-                    if self._cancel.is_set():
-                        raise PullCancelled("pull cancelled")
-                    consumer.write(chunk)
-        except BaseException as e:
-            consumer.abort(e)
-            raise
-        consumer.finish()

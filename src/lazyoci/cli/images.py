@@ -1,0 +1,326 @@
+"""Image commands: pull, push, tag, images / image ls, image inspect, rmi, save, load, import, login, logout."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from lazyoci.cli.context import AppContext, app
+from lazyoci.cli.main import cli
+from lazyoci.cli.progress import ProgressDisplay, human_bytes
+from lazyoci.config import SNAPSHOTTERS
+from lazyoci.errors import LazyociError
+from lazyoci.images.service import ImageService, LocalImage
+from lazyoci.oci.manifest import ImageConfig, chain_ids
+from lazyoci.oci.platform import Platform
+from lazyoci.oci.reference import Reference
+from lazyoci.registry.options import RegistryOptions
+from lazyoci.store.layout import DataRoot
+
+
+def registry_options(ctx: AppContext) -> RegistryOptions:
+    """The registry settings of this invocation: --insecure-registry flags and the config file."""
+    return RegistryOptions(insecure_registries=ctx.insecure_registries,
+                           mirrors=dict(ctx.config.registry_mirrors))
+
+
+def image_service(ctx: AppContext | None = None) -> ImageService:
+    ctx = ctx or app()
+    return ImageService(DataRoot(ctx.root), registry_options(ctx))
+
+
+def _platform(text: str | None) -> Platform | None:
+    return Platform.parse(text) if text else None
+
+
+def pull_image(svc: ImageService, ref: str, platform: Platform | None, snapshotter: str,
+               stream, quiet: bool = False, all_platforms: bool = False) -> LocalImage:
+    """Pull with Finch's progress rows on `stream` and prepare the layers for `snapshotter`.
+
+    `run` calls this with stream=sys.stderr. overlayfs unpacks layers while they download;
+    other snapshotters get a full pull here (their lazy hooks plug into ImageService.pull).
+    """
+    consumer = None
+    overlay = None
+    if snapshotter == "overlayfs":
+        from lazyoci.snapshot.overlay import OverlaySnapshotter
+        overlay = OverlaySnapshotter(svc.root)
+        consumer = overlay.layer_consumer
+    display = None if quiet else ProgressDisplay(stream)
+    if display is None:
+        image = svc.pull(ref, platform, None, consumer, None, snapshotter, all_platforms)
+    else:
+        with display:
+            image = svc.pull(ref, platform, display, consumer, None, snapshotter, all_platforms)
+    if overlay is not None:
+        overlay.unpack_image(svc, image)
+    return image
+
+
+@cli.command("pull")
+@click.option("--platform", help="os/arch[/variant] (default: this host).")
+@click.option("--all-platforms", is_flag=True, help="Pull every platform of a multi-platform image.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image digest.")
+@click.option("--snapshotter", type=click.Choice(SNAPSHOTTERS), default=None,
+              help="How layers are prepared (default: the config's first snapshotter).")
+@click.argument("ref")
+def pull_cmd(platform: str | None, all_platforms: bool, quiet: bool, snapshotter: str | None, ref: str) -> None:
+    """Download an image from a registry."""
+    ctx = app()
+    svc = image_service(ctx)
+    try:
+        image = pull_image(svc, ref, _platform(platform), snapshotter or ctx.config.default_snapshotter,
+                           sys.stdout, quiet, all_platforms)
+    finally:
+        svc.close()
+    if quiet:
+        click.echo(image.digest)
+
+
+@cli.command("push")
+@click.option("--platform", help="Push only this platform's manifest.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the pushed digest.")
+@click.argument("ref")
+def push_cmd(platform: str | None, quiet: bool, ref: str) -> None:
+    """Upload a local image to the registry its name points at."""
+    svc = image_service()
+    try:
+        if quiet:
+            digest = svc.push(ref, _platform(platform))
+        else:
+            with ProgressDisplay(sys.stdout) as display:
+                digest = svc.push(ref, _platform(platform), display)
+    finally:
+        svc.close()
+    click.echo(digest)
+
+
+@cli.command("tag")
+@click.argument("src")
+@click.argument("dst")
+def tag_cmd(src: str, dst: str) -> None:
+    """Give a local image another name."""
+    image_service().tag(src, dst)
+
+
+def _created(text: str | None) -> str:
+    if not text:
+        return "N/A"
+    try:
+        when = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return text
+    seconds = (_dt.datetime.now(_dt.timezone.utc) - when).total_seconds()
+    for unit, n in (("years", 365 * 86400), ("months", 30 * 86400), ("weeks", 7 * 86400),
+                    ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * n:
+            return f"{int(seconds // n)} {unit} ago"
+    return "About a minute ago" if seconds >= 60 else "Less than a second ago" if seconds < 1 else \
+        f"{int(seconds)} seconds ago"
+
+
+def _list(quiet: bool, digests: bool, fmt: str | None) -> None:
+    rows = image_service().list()
+    if quiet:
+        seen: list[str] = []
+        for r in rows:
+            short = r.digest.split(":", 1)[1][:12]
+            if short not in seen:
+                seen.append(short)
+                click.echo(short)
+        return
+    if fmt is not None:
+        if fmt != "json":
+            raise click.BadParameter("only 'json' is supported", param_hint="--format")
+        for r in rows:
+            click.echo(json.dumps({
+                "Repository": r.repository, "Tag": r.tag, "ID": r.digest.split(":", 1)[1][:12],
+                "Digest": r.digest, "CreatedAt": r.created, "Platform": r.platform,
+                "Size": r.size, "BlobSize": r.blob_size, "Snapshotter": r.snapshotter, "Name": r.name,
+            }))
+        return
+    header = ["REPOSITORY", "TAG"] + (["DIGEST"] if digests else []) + \
+        ["IMAGE ID", "CREATED", "PLATFORM", "SIZE", "BLOB SIZE"]
+    table = [header]
+    for r in rows:
+        table.append([r.repository, r.tag] + ([r.digest] if digests else []) +
+                     [r.digest.split(":", 1)[1][:12], _created(r.created), r.platform,
+                      human_bytes(r.size), human_bytes(r.blob_size)])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("    ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+_list_options = [
+    click.option("-q", "--quiet", is_flag=True, help="Only image IDs."),
+    click.option("--digests", is_flag=True, help="Show digests."),
+    click.option("--format", "fmt", help="'json': one JSON object per line."),
+]
+
+
+def _with_list_options(f):
+    for opt in reversed(_list_options):
+        f = opt(f)
+    return f
+
+
+@cli.command("images")
+@_with_list_options
+def images_cmd(quiet: bool, digests: bool, fmt: str | None) -> None:
+    """List local images."""
+    _list(quiet, digests, fmt)
+
+
+@cli.group("image")
+def image_group() -> None:
+    """Manage images."""
+
+
+@image_group.command("ls")
+@_with_list_options
+def image_ls(quiet: bool, digests: bool, fmt: str | None) -> None:
+    """List local images."""
+    _list(quiet, digests, fmt)
+
+
+@image_group.command("inspect")
+@click.argument("refs", nargs=-1, required=True)
+def image_inspect(refs: tuple[str, ...]) -> None:
+    """Show the stored index/manifest/config of images as JSON."""
+    svc = image_service()
+    click.echo(json.dumps([svc.inspect(r) for r in refs], indent=2))
+
+
+def _remove(refs: tuple[str, ...], force: bool) -> None:
+    ctx = app()
+    svc = image_service(ctx)
+    failed = 0
+    for ref in refs:
+        try:
+            result = svc.remove(ref, force)
+        except LazyociError as e:
+            click.echo(f"lazyoci: error: {e}", err=True)
+            failed += 1
+            continue
+        for name in result.untagged:
+            click.echo(f"Untagged: {Reference.parse(name).familiar()}")
+        for digest in result.deleted:
+            click.echo(f"Deleted: {digest}")
+    _release_snapshots(svc)
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+def _release_snapshots(svc: ImageService) -> None:
+    """Unpacked layers of images that are gone go too, so disk space really comes back."""
+    from lazyoci.snapshot.overlay import OverlaySnapshotter
+
+    keep: set[str] = set()
+    for rec in svc.records.contents():
+        for _manifest, _plat, config in rec.platforms:
+            try:
+                keep.update(chain_ids(ImageConfig.parse(svc.blobs.read(config)).diff_ids))
+            except LazyociError:
+                continue
+    OverlaySnapshotter(svc.root).release_unused(keep)
+
+
+@cli.command("rmi")
+@click.option("-f", "--force", is_flag=True, help="Remove even if several names or containers use it.")
+@click.argument("refs", nargs=-1, required=True)
+def rmi_cmd(force: bool, refs: tuple[str, ...]) -> None:
+    """Remove local images; blobs nothing else uses are deleted."""
+    _remove(refs, force)
+
+
+@image_group.command("rm")
+@click.option("-f", "--force", is_flag=True)
+@click.argument("refs", nargs=-1, required=True)
+def image_rm(force: bool, refs: tuple[str, ...]) -> None:
+    """Remove local images (= rmi)."""
+    _remove(refs, force)
+
+
+@image_group.command("prune")
+def image_prune() -> None:
+    """Remove unnamed images and every blob nothing references."""
+    svc = image_service()
+    removed = 0
+    for rec in svc.records.contents():
+        if not svc.records.names_of(rec.digest):
+            with svc.db.transaction() as c:
+                if svc.records.release_if_unnamed(c, rec.digest):
+                    click.echo(f"Deleted: {rec.digest}")
+                    removed += 1
+    result = svc.gc()
+    _release_snapshots(svc)
+    click.echo(f"Total reclaimed space: {human_bytes(result.bytes_freed)}")
+
+
+@cli.command("save")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Archive to write.")
+@click.option("--platform", help="Save only this platform.")
+@click.argument("refs", nargs=-1, required=True)
+def save_cmd(output: Path, platform: str | None, refs: tuple[str, ...]) -> None:
+    """Write images to an OCI archive (with docker's manifest.json, so docker/podman/skopeo load it)."""
+    image_service().save(output, list(refs), _platform(platform))
+
+
+@cli.command("load")
+@click.option("-i", "--input", "input_", type=click.Path(path_type=Path), required=True,
+              help="OCI archive or docker-archive tarball.")
+@click.option("-q", "--quiet", is_flag=True)
+def load_cmd(input_: Path, quiet: bool) -> None:
+    """Load images from an OCI archive or a docker-archive tarball."""
+    image_service().load(input_, None if quiet else click.echo)
+
+
+@cli.command("import")
+@click.option("-c", "--change", "changes", multiple=True,
+              help="Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, LABEL, EXPOSE, VOLUME, STOPSIGNAL.")
+@click.option("--platform", help="os/arch[/variant] of the image (default: this host).")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("ref")
+def import_cmd(changes: tuple[str, ...], platform: str | None, source: Path, ref: str) -> None:
+    """Create an image from a root filesystem tarball or directory."""
+    image = image_service().import_rootfs(source, ref, changes, _platform(platform))
+    click.echo(image.digest)
+
+
+@cli.command("login")
+@click.option("-u", "--username")
+@click.option("-p", "--password", help="Prefer --password-stdin.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.argument("registry", required=False, default="docker.io")
+def login_cmd(username: str | None, password: str | None, password_stdin: bool, registry: str) -> None:
+    """Log in to a registry (credentials go to the docker config)."""
+    if password_stdin:
+        if password:
+            raise click.UsageError("--password and --password-stdin are exclusive")
+        password = sys.stdin.read().rstrip("\r\n")
+    if not username:
+        username = click.prompt("Username")
+    if not password:
+        password = click.prompt("Password", hide_input=True)
+    svc = image_service()
+    try:
+        svc.client.login(registry, username, password)
+    finally:
+        svc.close()
+    click.echo("Login Succeeded")
+
+
+@cli.command("logout")
+@click.argument("registry", required=False, default="docker.io")
+def logout_cmd(registry: str) -> None:
+    """Forget the stored credentials of a registry."""
+    svc = image_service()
+    try:
+        svc.client.logout(registry)
+    finally:
+        svc.close()
+    click.echo(f"Removing login credentials for {registry}")
