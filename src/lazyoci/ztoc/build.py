@@ -1,0 +1,69 @@
+"""build_ztoc: one pass over a layer blob -> zTOC bytes, memory independent of the layer's size.
+
+The compressed bytes are read in 1 MiB chunks; each chunk is hashed into its
+span's digest, inflated with checkpoints (zinfo.GzipIndexer), and the
+uncompressed output is handed straight to the tar header parser. Nothing of
+the layer is kept beyond one chunk and the 32 KiB windows of the checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import BinaryIO
+
+from lazyoci.errors import FormatError
+from lazyoci.ztoc.codec import GZIP, UNCOMPRESSED, encode_tar_zinfo, encode_ztoc
+from lazyoci.ztoc.toc import TocBuilder
+from lazyoci.ztoc.zinfo import GzipIndexer, encode_checkpoints
+
+BUILD_TOOL = "lazyoci v0.1.0"
+DEFAULT_SPAN_SIZE = 1 << 22
+_READ = 1 << 20
+
+
+class UnsupportedCompressionError(FormatError):
+    """A layer compression zTOCs cannot index (zstd): the layer is skipped, as the reference does."""
+
+
+def build_ztoc(fileobj: BinaryIO, compression: str, span_size: int = DEFAULT_SPAN_SIZE,
+               build_tool: str = BUILD_TOOL) -> bytes:
+    """The zTOC of the layer blob read from `fileobj` ("gzip" or "none")."""
+    if compression == "zstd":
+        raise UnsupportedCompressionError("zstd layers cannot have a zTOC (SOCI indexes gzip and uncompressed tar layers)")
+    if compression not in ("gzip", "none"):
+        raise UnsupportedCompressionError(f"unknown layer compression {compression!r} (want gzip or none)")
+    if span_size <= 0:
+        raise FormatError(f"span size must be positive, not {span_size}")
+    toc = TocBuilder()
+    if compression == "gzip":
+        idx = GzipIndexer(span_size, toc.feed)
+        while chunk := fileobj.read(_READ):
+            idx.feed(chunk)
+        idx.finish()
+        entries = toc.finish()
+        return encode_ztoc(build_tool=build_tool, compressed_size=idx.totin, uncompressed_size=idx.totout,
+                           entries=entries, algorithm=GZIP, span_digests=idx.digests,
+                           checkpoints=encode_checkpoints(span_size, idx.points))
+    digests: list[str] = []
+    h = hashlib.sha256()
+    in_span = size = 0
+    while chunk := fileobj.read(_READ):
+        toc.feed(chunk)
+        size += len(chunk)
+        view = memoryview(chunk)
+        while view:
+            take = min(len(view), span_size - in_span)
+            h.update(view[:take])
+            in_span += take
+            view = view[take:]
+            if in_span == span_size:
+                digests.append("sha256:" + h.hexdigest())
+                h, in_span = hashlib.sha256(), 0
+    if in_span:
+        digests.append("sha256:" + h.hexdigest())
+    if size == 0:
+        raise FormatError("layer blob is empty, not a tar archive")
+    entries = toc.finish()
+    return encode_ztoc(build_tool=build_tool, compressed_size=size, uncompressed_size=size,
+                       entries=entries, algorithm=UNCOMPRESSED, span_digests=digests,
+                       checkpoints=encode_tar_zinfo(span_size, size))

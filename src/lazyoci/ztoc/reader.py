@@ -1,0 +1,248 @@
+"""Ztoc: a validated, zero-copy view over zTOC bytes (written by lazyoci or by the reference).
+
+The lazy-loading service keeps zTOCs of 100,000+ files in memory, so a Ztoc
+holds only the bytes plus a few compact arrays (span offsets); entries are
+decoded when asked for. `parse` checks everything a hostile zTOC could use to
+make a reader misbehave: FlatBuffer bounds, entry offsets beyond the archive,
+overlapping entries, span counts that disagree with the checkpoints, and a
+checkpoint blob that is neither zinfo v1 nor v2.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+
+from lazyoci.errors import FormatError
+from lazyoci.ztoc import codec as C
+from lazyoci.ztoc.toc import BLOCK, parse_rfc3339_nano
+from lazyoci.ztoc.zinfo import GzipCheckpoints
+
+ENTRY_TYPES = frozenset({"hardlink", "symlink", "dir", "reg", "char", "block", "fifo"})
+SUPPORTED_VERSIONS = frozenset({"0.9"})
+XATTR_PREFIX = "SCHILY.xattr."
+_DIGEST = re.compile(rb"sha256:[0-9a-f]{64}")
+
+
+def _text(raw: bytes) -> str:
+    """Names are bytes in tar; surrogateescape keeps non-UTF-8 names round-trippable (os.fsencode)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True)
+class TocEntry:
+    """One file of the layer, decoded on demand from the zTOC."""
+
+    name: str
+    type: str
+    offset: int          # data start in the uncompressed tar stream
+    size: int
+    linkname: str
+    mode: int
+    uid: int
+    gid: int
+    uname: str
+    gname: str
+    mod_time: str        # RFC 3339 with nanoseconds, as stored
+    mtime_ns: int
+    devmajor: int
+    devminor: int
+    pax: dict[str, str]          # every PAX record of the entry
+    xattrs: dict[str, bytes]     # PAX SCHILY.xattr.* records, prefix stripped, raw values
+
+
+class Ztoc:
+    """Parse with `Ztoc.parse(data)`; see the module docstring."""
+
+    version: str
+    build_tool: str
+    compressed_size: int
+    uncompressed_size: int
+    compression: str
+    span_size: int
+    num_spans: int
+
+    @classmethod
+    def parse(cls, data: bytes) -> "Ztoc":
+        self = cls.__new__(cls)
+        self._data = bytes(data)
+        self._r = r = C.FlatReader(self._data, "zTOC")
+        try:
+            self._parse(r)
+        except (struct.error, IndexError, OverflowError) as exc:   # a read ran off the buffer
+            raise r.bad(str(exc)) from None
+        return self
+
+    def _parse(self, r: C.FlatReader) -> None:
+        root = r.root()
+        self.version = _text(r.bytes_field(root, C.ZTOC_VERSION_F))
+        if self.version not in SUPPORTED_VERSIONS:
+            raise FormatError(f"zTOC version {self.version!r} is not supported (want 0.9)")
+        self.build_tool = _text(r.bytes_field(root, C.ZTOC_TOOL))
+        self.compressed_size = r.int_field(root, C.ZTOC_CSIZE)
+        self.uncompressed_size = r.int_field(root, C.ZTOC_USIZE)
+        if self.compressed_size <= 0 or self.uncompressed_size < 0:
+            raise FormatError(f"zTOC archive sizes {self.compressed_size}/{self.uncompressed_size} are not valid")
+        toc_pos = r.field(root, C.ZTOC_TOC, 4)
+        cinfo_pos = r.field(root, C.ZTOC_CINFO, 4)
+        if not toc_pos or not cinfo_pos:
+            raise FormatError("zTOC lacks its TOC or its compression info")
+        self._spans(r, r.table(r.deref(cinfo_pos)))
+        self._entries_start, self._count = r.vector_field(r.table(r.deref(toc_pos)), 0, 4)
+        self._validate_entries(r)
+
+    def _spans(self, r: C.FlatReader, ci: int) -> None:
+        algo = r.int_field(ci, C.CI_ALGO, "b", C.GZIP)
+        max_span_id = r.int_field(ci, C.CI_MAXSPAN, "i")
+        start, n = r.vector_field(ci, C.CI_CHECKPOINTS, 1)
+        blob = memoryview(self._data)[start:start + n]
+        self._points: GzipCheckpoints | None = None
+        if algo == C.GZIP:
+            self.compression = "gzip"
+            self._points = GzipCheckpoints(blob, self.compressed_size)
+            self.span_size = self._points.span_size
+            self.num_spans = self._points.count
+        elif algo == C.UNCOMPRESSED:
+            self.compression = "none"
+            self.span_size, size = C.decode_tar_zinfo(blob)
+            if size != self.compressed_size:
+                raise FormatError(f"TarZinfo size {size} differs from the layer size {self.compressed_size}")
+            self.num_spans = -(-size // self.span_size)
+        else:
+            raise FormatError(f"zTOC compression algorithm {algo} is not supported")
+        if max_span_id != self.num_spans - 1:
+            raise FormatError(f"zTOC max_span_id {max_span_id} does not match its {self.num_spans} spans")
+        self._digests_start, ndigests = r.vector_field(ci, C.CI_DIGESTS, 4)
+        if ndigests != self.num_spans:
+            raise FormatError(f"zTOC has {ndigests} span digests for {self.num_spans} spans")
+        for i in range(ndigests):
+            if not _DIGEST.fullmatch(self._digest_bytes(i)):
+                raise FormatError(f"zTOC span digest {i} is not a sha256 digest")
+
+    def _digest_bytes(self, i: int) -> bytes:
+        r = self._r
+        s, n = r.vector(r.deref(self._digests_start + 4 * i), 1)
+        return self._data[s:s + n]
+
+    def _validate_entries(self, r: C.FlatReader) -> None:
+        """Every entry is well-formed and they tile the archive without overlapping."""
+        prev_end, ordered = 0, True
+        for i in range(self._count):
+            t = r.table(r.deref(self._entries_start + 4 * i))
+            for slot in (C.FM_NAME, C.FM_LINKNAME, C.FM_UNAME, C.FM_GNAME):
+                r.bytes_field(t, slot)
+            typ = r.bytes_field(t, C.FM_TYPE).decode(errors="replace")
+            if typ not in ENTRY_TYPES:
+                raise FormatError(f"zTOC entry {i} has type {typ!r} (want one of {', '.join(sorted(ENTRY_TYPES))})")
+            off, size = r.int_field(t, C.FM_OFFSET), r.int_field(t, C.FM_SIZE)
+            data_len = size if typ == "reg" else 0   # other types carry no data in the tar
+            if off < BLOCK or size < 0 or off + data_len > self.uncompressed_size:
+                raise FormatError(f"zTOC entry {i} (offset {off}, size {size}) lies outside the "
+                                  f"{self.uncompressed_size}-byte archive")
+            parse_rfc3339_nano(_text(r.bytes_field(t, C.FM_MODTIME)) or "1970-01-01T00:00:00Z")
+            xs, xn = r.vector_field(t, C.FM_XATTRS, 4)
+            for k in range(xn):
+                x = r.table(r.deref(xs + 4 * k))
+                r.bytes_field(x, 0), r.bytes_field(x, 1)
+            # the next header starts at this entry's data end rounded up to a block
+            end = off + -(-data_len // BLOCK) * BLOCK
+            if off < prev_end + BLOCK:
+                ordered = False
+            prev_end = end
+        if not ordered:   # entries out of stream order: sort, then check
+            self._check_overlaps(r)
+
+    def _check_overlaps(self, r: C.FlatReader) -> None:
+        spans = []
+        for i in range(self._count):
+            e = self.entry(i)
+            data_len = e.size if e.type == "reg" else 0
+            spans.append((e.offset, e.offset + -(-data_len // BLOCK) * BLOCK, i))
+        spans.sort()
+        prev_end, prev_i = 0, -1
+        for off, end, i in spans:
+            if off < prev_end + BLOCK:
+                raise FormatError(f"zTOC entries {prev_i} and {i} overlap (entry {i} at offset {off} "
+                                  f"leaves no room for its header after offset {prev_end})")
+            prev_end, prev_i = end, i
+
+    # -- the contract ------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._count
+
+    def entry(self, i: int) -> TocEntry:
+        if not 0 <= i < self._count:
+            raise IndexError(f"zTOC entry {i} out of range (0..{self._count - 1})")
+        r = self._r
+        t = r.deref(self._entries_start + 4 * i)
+        pax: dict[str, str] = {}
+        xattrs: dict[str, bytes] = {}
+        xs, xn = r.vector_field(t, C.FM_XATTRS, 4)
+        for k in range(xn):
+            x = r.deref(xs + 4 * k)
+            key, value = _text(r.bytes_field(x, 0)), r.bytes_field(x, 1)
+            pax[key] = _text(value)
+            if key.startswith(XATTR_PREFIX):
+                xattrs[key[len(XATTR_PREFIX):]] = value
+        mod_time = _text(r.bytes_field(t, C.FM_MODTIME))
+        return TocEntry(
+            name=_text(r.bytes_field(t, C.FM_NAME)), type=_text(r.bytes_field(t, C.FM_TYPE)),
+            offset=r.int_field(t, C.FM_OFFSET), size=r.int_field(t, C.FM_SIZE),
+            linkname=_text(r.bytes_field(t, C.FM_LINKNAME)), mode=r.int_field(t, C.FM_MODE),
+            uid=r.int_field(t, C.FM_UID, "I"), gid=r.int_field(t, C.FM_GID, "I"),
+            uname=_text(r.bytes_field(t, C.FM_UNAME)), gname=_text(r.bytes_field(t, C.FM_GNAME)),
+            mod_time=mod_time, mtime_ns=parse_rfc3339_nano(mod_time) if mod_time else 0,
+            devmajor=r.int_field(t, C.FM_DEVMAJOR), devminor=r.int_field(t, C.FM_DEVMINOR),
+            pax=pax, xattrs=xattrs)
+
+    def span_digest(self, i: int) -> str:
+        self._check_span(i)
+        return self._digest_bytes(i).decode()
+
+    def span_compressed_range(self, i: int) -> tuple[int, int]:
+        self._check_span(i)
+        if self._points is None:
+            return self._fixed_range(i)
+        p = self._points
+        start = p.ins[i] - (1 if p.bits[i] else 0)
+        end = p.ins[i + 1] if i + 1 < self.num_spans else self.compressed_size
+        return start, end
+
+    def span_uncompressed_range(self, i: int) -> tuple[int, int]:
+        self._check_span(i)
+        if self._points is None:
+            return self._fixed_range(i)
+        outs, usize = self._points.outs, self.uncompressed_size
+        end = outs[i + 1] if i + 1 < self.num_spans else usize
+        return min(outs[i], usize), min(end, usize)
+
+    def spans_for(self, start: int, end: int) -> range:
+        """The spans holding uncompressed bytes [start, end)."""
+        start, end = max(start, 0), min(end, self.uncompressed_size)
+        if end <= start:
+            return range(0)
+        if self._points is None:
+            return range(start // self.span_size, (end - 1) // self.span_size + 1)
+        outs = self._points.outs
+        first = max(bisect_right(outs, start) - 1, 0)
+        last = max(bisect_left(outs, end) - 1, first)
+        return range(first, last + 1)
+
+    def _fixed_range(self, i: int) -> tuple[int, int]:
+        return i * self.span_size, min((i + 1) * self.span_size, self.compressed_size)
+
+    def _check_span(self, i: int) -> None:
+        if not 0 <= i < self.num_spans:
+            raise FormatError(f"span id {i} out of range: the zTOC has {self.num_spans} spans")
+
+    @property
+    def checkpoints(self) -> GzipCheckpoints | None:
+        """The gzip checkpoints (None for an uncompressed layer)."""
+        return self._points
+
+    def __repr__(self) -> str:
+        return (f"<Ztoc {self.compression} {len(self)} entries, {self.num_spans} spans of "
+                f"{self.span_size}, {self.compressed_size}->{self.uncompressed_size} bytes>")

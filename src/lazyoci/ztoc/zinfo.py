@@ -1,0 +1,236 @@
+"""Gzip checkpoints ("zinfo"): building them in one pass, reading v1/v2 blobs, inflating a span.
+
+The algorithm is zlib's examples/zran.c as SOCI uses it: inflate with Z_BLOCK,
+and at the first deflate block end more than `span_size` uncompressed bytes
+after the previous checkpoint, save (compressed offset, uncompressed offset,
+unused bits, the 32 KiB window). The blob layout (SOCI-FORMAT.md §2) is packed
+little-endian: int32 N, int64 span_size, then N times int64 in, int64 out,
+uint8 bits, 32768 bytes window. v1 blobs lack checkpoint 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import struct
+from array import array
+from collections.abc import Callable
+
+from lazyoci.errors import FormatError
+from lazyoci.ztoc import libz
+from lazyoci.ztoc.libz import WINDOW_SIZE
+
+HEADER = struct.Struct("<iq")
+POINT = struct.Struct("<qqB")
+CHECKPOINT_SIZE = POINT.size + WINDOW_SIZE          # 32785
+_ZERO_WINDOW = bytes(WINDOW_SIZE)
+_OUT_CAP = 4 << 20     # inflate output per call: large, so ctypes overhead stays negligible
+_IN_CAP = 1 << 20
+
+
+def encode_checkpoints(span_size: int, points: list[tuple[int, int, int, bytes]]) -> bytes:
+    """The zinfo v2 blob of (in, out, bits, window) checkpoints."""
+    parts = [HEADER.pack(len(points), span_size)]
+    for cin, cout, bits, window in points:
+        parts.append(POINT.pack(cin, cout, bits))
+        parts.append(window)
+    return b"".join(parts)
+
+
+class GzipCheckpoints:
+    """A validated view over a zinfo v1 or v2 blob (no copy of the windows)."""
+
+    def __init__(self, blob: bytes | memoryview, compressed_size: int) -> None:
+        blob = memoryview(blob)
+        if len(blob) < HEADER.size:
+            raise FormatError(f"zTOC checkpoint blob of {len(blob)} bytes is too short for a zinfo header")
+        n, self.span_size = HEADER.unpack_from(blob, 0)
+        v2_len = HEADER.size + n * CHECKPOINT_SIZE
+        if n < 1 or len(blob) not in (v2_len, v2_len - CHECKPOINT_SIZE):
+            raise FormatError(
+                f"zTOC checkpoint blob of {len(blob)} bytes fits neither zinfo v2 "
+                f"({v2_len} bytes) nor v1 ({v2_len - CHECKPOINT_SIZE} bytes) for {n} checkpoints")
+        if self.span_size <= 0:
+            raise FormatError(f"zTOC checkpoint blob has span size {self.span_size}")
+        self.version = 2 if len(blob) == v2_len else 1
+        self._blob = blob
+        self.count = n
+        self.ins, self.outs, self.bits = array("q"), array("q"), array("B")
+        if self.version == 1:   # checkpoint 0 was not written: right after a 10-byte gzip header
+            self.ins.append(10), self.outs.append(0), self.bits.append(0)
+        for k in range(n - len(self.ins)):
+            cin, cout, bits = POINT.unpack_from(blob, HEADER.size + k * CHECKPOINT_SIZE)
+            self.ins.append(cin), self.outs.append(cout), self.bits.append(bits)
+        for i in range(n):
+            cin, cout, bits = self.ins[i], self.outs[i], self.bits[i]
+            if bits > 7 or cin < (1 if bits else 0) or cin > compressed_size:
+                raise FormatError(f"zTOC checkpoint {i} (in={cin}, bits={bits}) lies outside the "
+                                  f"{compressed_size}-byte layer")
+            if i == 0 and cout != 0 or i and (cout <= self.outs[i - 1] or cin < self.ins[i - 1]):
+                raise FormatError(f"zTOC checkpoint {i} (in={cin}, out={cout}) is out of order")
+
+    def window(self, i: int) -> bytes | memoryview:
+        if self.version == 1:
+            if i == 0:
+                return _ZERO_WINDOW
+            i -= 1
+        start = HEADER.size + i * CHECKPOINT_SIZE + POINT.size
+        return self._blob[start:start + WINDOW_SIZE]
+
+
+class GzipIndexer:
+    """Inflates a gzip blob fed in chunks, recording checkpoints and span digests.
+
+    Uncompressed output goes to `on_output` (a memoryview valid only during the
+    call). Span i's digest covers the compressed bytes [start_i, in_{i+1}),
+    start_i = in_i - 1 when the span starts mid-byte (SOCI's convention).
+    """
+
+    def __init__(self, span_size: int, on_output: Callable[[memoryview], None]) -> None:
+        self.span_size = span_size
+        self.on_output = on_output
+        self._inf = libz.Inflater(libz.GZIP_OR_ZLIB)
+        self._out = (ctypes.c_ubyte * (WINDOW_SIZE + _OUT_CAP))()   # 32 KiB history, then output
+        self._outaddr = ctypes.addressof(self._out)
+        self._outmv = memoryview(self._out).cast("B")
+        self._opos = WINDOW_SIZE
+        self._in = (ctypes.c_ubyte * _IN_CAP)()
+        self._inaddr = ctypes.addressof(self._in)
+        self._inmv = memoryview(self._in).cast("B")
+        self.totin = self.totout = 0
+        self._last = 0
+        self.points: list[tuple[int, int, int, bytes]] = []
+        self.digests: list[str] = []
+        self._hash: "hashlib._Hash | None" = None
+        self._hashed = 0          # compressed offset up to which the current span is hashed
+        self._last_byte = b""     # the byte before the current input buffer (mid-byte span starts)
+        self._member_end = False
+        self.members = 0
+
+    def feed(self, chunk: bytes) -> None:
+        view = memoryview(chunk).cast("B")
+        for k in range(0, len(view), _IN_CAP):
+            piece = view[k:k + _IN_CAP]
+            n = len(piece)
+            self._inmv[:n] = piece
+            self._run(n)
+
+    def _run(self, n: int) -> None:
+        s = self._inf.s
+        base = self.totin
+        s.next_in = self._inaddr
+        s.avail_in = n
+        span = self.span_size
+        cap = WINDOW_SIZE + _OUT_CAP
+        while s.avail_in:
+            if self._member_end:   # another gzip member follows (pigz, mgzip)
+                self._inf.reset(libz.GZIP_OR_ZLIB)
+                self._member_end = False
+            if self._opos == cap:   # keep the last 32 KiB as the next checkpoint's window
+                ctypes.memmove(self._outaddr, self._outaddr + cap - WINDOW_SIZE, WINDOW_SIZE)
+                self._opos = WINDOW_SIZE
+            s.next_out = self._outaddr + self._opos
+            s.avail_out = out_room = cap - self._opos
+            in_before = s.avail_in
+            rc = self._inf.inflate(libz.Z_BLOCK)
+            used = in_before - s.avail_in
+            made = out_room - s.avail_out
+            self.totin += used
+            if made:
+                self.on_output(self._outmv[self._opos:self._opos + made])
+                self._opos += made
+                self.totout += made
+            if rc == libz.Z_STREAM_END:
+                self._member_end = True
+                self.members += 1
+                continue
+            if not used and not made:
+                raise FormatError(f"gzip stream stalled at compressed offset {self.totin}")
+            dt = s.data_type
+            if dt & 128 and not dt & 64 and (self.totout == 0 or self.totout - self._last > span):
+                self._checkpoint(base, dt & 7)
+        if self._hash is not None:
+            self._hash.update(self._inmv[self._hashed - base:n])
+            self._hashed = base + n
+        self._last_byte = bytes(self._inmv[n - 1:n])
+
+    def _checkpoint(self, base: int, bits: int) -> None:
+        cin = self.totin
+        if self._hash is not None:
+            self._hash.update(self._inmv[self._hashed - base:cin - base])
+            self.digests.append("sha256:" + self._hash.hexdigest())
+        self._hash = hashlib.sha256()
+        start = cin - 1 if bits else cin
+        if start < base:
+            self._hash.update(self._last_byte)
+            start = base
+        elif bits:
+            self._hash.update(self._inmv[start - base:cin - base])
+            start = cin
+        self._hashed = start
+        window = bytes(self._outmv[self._opos - WINDOW_SIZE:self._opos])
+        self.points.append((cin, self.totout, bits, window))
+        self._last = self.totout
+
+    def finish(self) -> None:
+        """Checks the stream ended cleanly and closes the last span."""
+        if self.totin == 0:
+            raise FormatError("layer blob is empty, not gzip")
+        if not self._member_end:
+            raise FormatError(f"gzip stream truncated: it ends inside a member after {self.totin} bytes")
+        if self._hash is None:
+            raise FormatError("gzip stream holds no deflate data")
+        self.digests.append("sha256:" + self._hash.hexdigest())
+        self._inf.close()
+
+
+def _address(data: bytes) -> int:
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+
+
+def inflate_span(points: GzipCheckpoints, i: int, compressed: bytes, length: int) -> bytes:
+    """`length` uncompressed bytes from checkpoint i; `compressed` starts at its compressed start.
+
+    Crosses gzip member ends (skipping the trailer, then parsing the next header)."""
+    if length <= 0:
+        return b""
+    data = bytes(compressed)
+    bits = points.bits[i]
+    inf = libz.Inflater(libz.RAW)
+    try:
+        s = inf.s
+        pos = 0
+        if bits:
+            if not data:
+                raise FormatError(f"span {i}: no compressed bytes")
+            inf.prime(bits, data[0] >> (8 - bits))
+            pos = 1
+        inf.set_dictionary(bytes(points.window(i)))
+        out = ctypes.create_string_buffer(length)
+        base = _address(data)
+        s.next_in = base + pos
+        s.avail_in = len(data) - pos
+        s.next_out = ctypes.addressof(out)
+        s.avail_out = length
+        raw = True
+        while s.avail_out:
+            before_in, before_out = s.avail_in, s.avail_out
+            rc = inf.inflate(libz.Z_NO_FLUSH)
+            if rc == libz.Z_STREAM_END:
+                if raw:   # a raw inflater leaves the 8-byte gzip trailer unread
+                    if s.avail_in < 8:
+                        break
+                    s.next_in += 8
+                    s.avail_in -= 8
+                    raw = False
+                if not s.avail_in:
+                    break
+                inf.reset(libz.GZIP_ONLY)
+                continue
+            if s.avail_in == before_in and s.avail_out == before_out:
+                break
+        if s.avail_out:
+            raise FormatError(f"span {i}: compressed bytes end {s.avail_out} bytes before the span does")
+        return out.raw
+    finally:
+        inf.close()
