@@ -1,0 +1,289 @@
+"""SOCI indexes against a real docker-registry 2.8: build, push (v1 + tag schema), reuse,
+convert (v2), discovery order, remote create, and reading files through a zTOC.
+
+Images are made with tarfile and pushed with skopeo (tests/helpers/images.py); what the
+registry holds is read back with skopeo and plain HTTP, not with lazyoci.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from helpers.images import Entry, image_config, make_layer, push_image
+from lazyoci.errors import FormatError
+from lazyoci.images.service import ImageService
+from lazyoci.oci import mediatypes as mt
+from lazyoci.oci.manifest import Manifest
+from lazyoci.oci.reference import Reference
+from lazyoci.registry.options import RegistryOptions
+from lazyoci.soci import SociBuildOptions, build_index, convert, create_remote, discover_index, push_index
+from lazyoci.soci.index import (
+    ANN_BUILD_TOOL, ANN_IMAGE_MANIFEST_DIGEST, ANN_INDEX_DIGEST, ANN_LAYER_DIGEST, ANN_LAYER_MEDIA_TYPE,
+    ANN_SPAN_SIZE, EMPTY_CONFIG_DIGEST, SociIndex,
+)
+from lazyoci.store.layout import DataRoot
+
+LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
+SMALL = SociBuildOptions(min_layer_size=1024, span_size=1 << 16)
+
+
+def _rand(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _text(n: int, seed: int) -> bytes:
+    """Text that compresses about 2:1, so deflate blocks (span boundaries) come often."""
+    rng = random.Random(seed)
+    return bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz   \n") for _ in range(n))
+
+
+SMALL_LAYER = make_layer([Entry("etc", "dir"), Entry("etc/motd", data=b"hello\n")])
+# Medium layer: ~300 KiB of text in several files, many 64 KiB spans.
+MEDIUM_FILES = {f"app/file{i}.txt": _text(60_000 + i * 1000, i) for i in range(5)}
+MEDIUM_LAYER = make_layer([Entry("app", "dir")] + [Entry(k, data=v) for k, v in MEDIUM_FILES.items()])
+
+
+def skopeo_raw(ref: str) -> bytes:
+    return subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://{ref}"],
+                          check=True, capture_output=True).stdout
+
+
+def http_blob(registry, repo: str, digest: str) -> bytes:
+    with urllib.request.urlopen(f"{registry.url}/v2/{repo}/blobs/{digest}") as r:
+        return r.read()
+
+
+def service(root: Path) -> ImageService:
+    return ImageService(DataRoot(root), RegistryOptions())
+
+
+@pytest.fixture(scope="module")
+def big_image(registry, tmp_path_factory):
+    """A seed-like image: a tiny layer (skipped) and one above the 10 MiB default (indexed)."""
+    big = make_layer([Entry("data", "dir"), Entry("data/big.bin", data=_rand(11 << 20, 7)),
+                      Entry("data/readme.txt", data=b"the big layer\n")])
+    layers = [SMALL_LAYER, big]
+    digest = push_image(registry.host, "soci/big", layers, image_config(layers, cmd=["/bin/sh"]),
+                        tmp_path_factory.mktemp("big"))
+    return f"{registry.host}/soci/big:latest", digest, layers
+
+
+@pytest.fixture(scope="module")
+def medium_image(registry, tmp_path_factory):
+    layers = [SMALL_LAYER, MEDIUM_LAYER]
+    digest = push_image(registry.host, "soci/medium", layers, image_config(layers, cmd=["/bin/sh"]),
+                        tmp_path_factory.mktemp("medium"))
+    return f"{registry.host}/soci/medium:latest", digest, layers
+
+
+def test_push_v1_found_through_tag_schema_and_reused(registry, big_image, data_root):
+    ref, manifest_digest, (small, big) = big_image
+    images = service(data_root)
+    image = images.pull(ref)
+    lines: list[str] = []
+    result = build_index(images, image, SociBuildOptions(), lines.append)
+    ztoc = result.ztocs[0].ztoc
+    assert lines == [
+        f"ztoc skipped - layer {small.digest} ({mt.OCI_LAYER_GZIP}) size {len(small.blob)} "
+        f"is less than min-layer-size 10485760",
+        f"layer {big.digest} -> ztoc {ztoc.digest}",
+    ]
+    pushed: list[str] = []
+    push_index(images.client, Reference.parse(ref), images.blobs, result.index, pushed.append)
+    idx = result.index.digest
+    assert pushed[:2] == ["checking if a soci index already exists in remote repository...",
+                          f"pushing soci index with digest: {idx}"]
+    for d in (ztoc.digest, EMPTY_CONFIG_DIGEST):
+        assert f"pushing artifact with digest: {d}" in pushed
+        assert f"successfully pushed artifact with digest: {d}" in pushed
+    assert f"skipped artifact with digest: {manifest_digest}" in pushed   # the image manifest
+    assert pushed[-2:] == [f"pushing artifact with digest: {idx}",
+                           f"successfully pushed artifact with digest: {idx}"]
+
+    # docker-registry 2.8 has no referrers API: the index is listed under the sha256-<hex> tag.
+    tag_index = json.loads(skopeo_raw(f"{registry.host}/soci/big:sha256-{manifest_digest.split(':')[1]}"))
+    assert tag_index["mediaType"] == mt.OCI_INDEX
+    [entry] = tag_index["manifests"]
+    assert entry["digest"] == idx and entry["artifactType"] == mt.SOCI_INDEX_V1
+    assert entry["mediaType"] == mt.OCI_MANIFEST and entry["size"] == result.index.size
+
+    raw = skopeo_raw(f"{registry.host}/soci/big@{idx}")
+    assert raw == result.index.raw and "sha256:" + hashlib.sha256(raw).hexdigest() == idx
+    obj = json.loads(raw)
+    assert obj["config"] == {"mediaType": mt.SOCI_INDEX_V1, "digest": EMPTY_CONFIG_DIGEST, "size": 2}
+    assert http_blob(registry, "soci/big", EMPTY_CONFIG_DIGEST) == b"{}"
+    assert obj["subject"]["digest"] == manifest_digest
+    assert obj["annotations"][ANN_BUILD_TOOL].startswith("lazyoci")
+    [layer] = obj["layers"]
+    assert layer["mediaType"] == "application/octet-stream"
+    assert layer["annotations"] == {ANN_LAYER_DIGEST: big.digest, ANN_LAYER_MEDIA_TYPE: mt.OCI_LAYER_GZIP,
+                                    ANN_SPAN_SIZE: str(1 << 22)}
+    assert http_blob(registry, "soci/big", ztoc.digest) == images.blobs.read(ztoc.digest)
+
+    # Second time: the zTOC is reused, the index is the same, the registry already has it.
+    again: list[str] = []
+    result2 = build_index(images, image, SociBuildOptions(), again.append)
+    assert result2.index.digest == idx
+    assert again[1] == f"layer {big.digest} -> ztoc {ztoc.digest} (already exists)"
+    pushed2: list[str] = []
+    push_index(images.client, Reference.parse(ref), images.blobs, result2.index, pushed2.append)
+    assert f"[WARN] soci index found in remote repository with digest: {idx}: pushing index anyway" in pushed2
+    assert pushed2[-1] == f"skipped artifact with digest: {idx}"
+    assert not any(l.startswith("pushing artifact") for l in pushed2)
+    assert len(json.loads(skopeo_raw(f"{registry.host}/soci/big:sha256-{manifest_digest.split(':')[1]}"))
+               ["manifests"]) == 1
+    # --force rebuilds the zTOC (same bytes: the builder is deterministic).
+    forced: list[str] = []
+    build_index(images, image, SociBuildOptions(force=True), forced.append)
+    assert forced[1] == f"layer {big.digest} -> ztoc {ztoc.digest}"
+    images.close()
+
+
+def test_all_layers_below_min_size_is_a_clear_error(registry, tmp_path, data_root):
+    layers = [SMALL_LAYER]
+    push_image(registry.host, "soci/tiny", layers, image_config(layers), tmp_path)
+    images = service(data_root)
+    image = images.pull(f"{registry.host}/soci/tiny:latest")
+    with pytest.raises(FormatError, match="no zTOCs created.*min-layer-size 10485760"):
+        build_index(images, image, SociBuildOptions())
+    images.close()
+
+
+def test_zstd_layer_skipped_with_a_clear_line(registry, tmp_path, data_root):
+    layers = [make_layer([Entry("z.bin", data=_rand(5000, 3))], "zstd"), MEDIUM_LAYER]
+    push_image(registry.host, "soci/zstd", layers, image_config(layers), tmp_path)
+    images = service(data_root)
+    lines: list[str] = []
+    result = build_index(images, images.pull(f"{registry.host}/soci/zstd:latest"), SMALL, lines.append)
+    assert lines[0] == (f"ztoc skipped - layer {layers[0].digest} ({mt.OCI_LAYER_ZSTD}) is compressed in an "
+                        'unsupported format. expect: [tar, gzip, unknown] but got "zstd"')
+    assert [z.layer.digest for z in result.ztocs] == [MEDIUM_LAYER.digest]
+    images.close()
+
+
+def test_convert_v2_shape_push_and_discovery(registry, medium_image, data_root):
+    ref, old_manifest, _ = medium_image
+    images = service(data_root)
+    images.pull(ref)
+    dst = f"{registry.host}/soci/medium-converted:v2"
+    result = convert(images, ref, dst, SMALL)
+    [built] = result.indexes
+    assert built.index.version == "v2" and built.index.subject is None
+    new_manifest = result.manifests[old_manifest]
+    assert new_manifest != old_manifest
+    images.push(dst)
+
+    top = json.loads(skopeo_raw(dst.replace(":v2", f"@{result.digest}")))
+    assert top["mediaType"] == mt.OCI_INDEX
+    img, sidx = top["manifests"]
+    assert img["digest"] == new_manifest and img["mediaType"] == mt.OCI_MANIFEST
+    assert img["platform"] == {"architecture": "amd64", "os": "linux"}
+    assert img["annotations"] == {ANN_INDEX_DIGEST: built.digest}
+    assert sidx == {"mediaType": mt.OCI_MANIFEST, "digest": built.digest, "size": built.index.size,
+                    "annotations": {ANN_IMAGE_MANIFEST_DIGEST: new_manifest},
+                    "platform": {"architecture": "amd64", "os": "linux"},
+                    "artifactType": mt.SOCI_INDEX_V2}
+    m = json.loads(skopeo_raw(f"{registry.host}/soci/medium-converted@{new_manifest}"))
+    assert m["annotations"][ANN_INDEX_DIGEST] == built.digest
+    assert m["config"]["mediaType"] == mt.OCI_CONFIG
+    old = json.loads(skopeo_raw(f"{registry.host}/soci/medium@{old_manifest}"))
+    assert m["layers"] == old["layers"]          # layers untouched
+    soci_raw = skopeo_raw(f"{registry.host}/soci/medium-converted@{built.digest}")
+    assert json.loads(soci_raw)["config"]["mediaType"] == mt.SOCI_INDEX_V2
+
+    # Discovery on the converted image: through the manifest annotation.
+    fresh = service(data_root.parent / "fresh")
+    manifest = Manifest.parse(skopeo_raw(f"{registry.host}/soci/medium-converted@{new_manifest}"))
+    r = Reference.parse(dst)
+    found = discover_index(fresh.client, r, manifest, new_manifest, blobs=fresh.blobs)
+    assert found is not None and found.how == "annotation" and found.digest == built.digest
+    assert set(found.ztocs) == {MEDIUM_LAYER.digest}
+    assert fresh.blobs.has(found.ztocs[MEDIUM_LAYER.digest].digest) and fresh.blobs.has(built.digest)
+    images.close()
+    fresh.close()
+
+
+def test_discovery_order(registry, medium_image, tmp_path, data_root):
+    ref, manifest_digest, _ = medium_image
+    images = service(data_root)
+    image = images.pull(ref)
+    r = Reference.parse(ref)
+    manifest = image.manifest
+    v1 = build_index(images, image, SMALL)
+    push_index(images.client, r, images.blobs, v1.index)
+    found = discover_index(images.client, r, manifest, manifest_digest)
+    assert found.how == "referrers" and found.digest == v1.digest
+
+    # An explicit digest wins over the referrers (here: a v2 index pushed on its own).
+    from lazyoci.soci.push import push_manifest_graph
+    v2 = build_index(images, image, SociBuildOptions(min_layer_size=1024, span_size=1 << 17, version="v2"))
+    push_manifest_graph(images.client, r, images.blobs, v2.index.raw, mt.OCI_MANIFEST)
+    found = discover_index(images.client, r, manifest, manifest_digest, explicit_digest=v2.digest)
+    assert found.how == "explicit" and found.digest == v2.digest
+
+    # An image without any index: None (every layer is then fetched whole).
+    layers = [MEDIUM_LAYER]
+    plain = push_image(registry.host, "soci/plain", layers, image_config(layers), tmp_path)
+    plain_manifest = Manifest.parse(skopeo_raw(f"{registry.host}/soci/plain@{plain}"))
+    assert discover_index(images.client, Reference.parse(f"{registry.host}/soci/plain:latest"),
+                          plain_manifest, plain) is None
+    images.close()
+
+
+def _cli(*args: str, root: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([LAZYOCI, "--root", str(root), *args], capture_output=True, check=check)
+
+
+def test_remote_create_streams_layers_and_get_file(registry, tmp_path):
+    layers = [SMALL_LAYER, MEDIUM_LAYER]
+    manifest_digest = push_image(registry.host, "soci/remote", layers, image_config(layers), tmp_path)
+    ref = f"{registry.host}/soci/remote:latest"
+    root = tmp_path / "remote-root"
+    images = service(root)
+    lines: list[str] = []
+    result, pushed = create_remote(images, ref, SMALL, push=True, log=lines.append)
+    assert pushed is not None and not pushed.index_skipped
+    assert not images.blobs.has(MEDIUM_LAYER.digest) and not images.blobs.has(SMALL_LAYER.digest)
+    ztoc_digest = result.ztocs[0].ztoc.digest
+    # The same zTOC as one built from a local copy of the layer.
+    local_root = tmp_path / "local-root"
+    local = service(local_root)
+    local_result = build_index(local, local.pull(ref), SMALL)
+    assert local_result.ztocs[0].ztoc.digest == ztoc_digest
+    found = discover_index(images.client, Reference.parse(ref), local_result_manifest(local, ref),
+                           manifest_digest)
+    assert found is not None and found.digest == result.digest
+    images.close()
+    local.close()
+
+    name, data = next(iter(MEDIUM_FILES.items()))
+    # Layer stored locally: spans come from the blob store.
+    out = _cli("soci", "ztoc", "get-file", ztoc_digest, name, root=local_root)
+    assert out.stdout == data
+    # Layer never downloaded: spans come from the registry with Range requests.
+    out = _cli("soci", "ztoc", "get-file", "--ref", ref, ztoc_digest, "/" + name, root=root)
+    assert out.stdout == data
+    bad = _cli("soci", "ztoc", "get-file", ztoc_digest, "app/nope", root=root, check=False)
+    assert bad.returncode != 0 and b"no file" in bad.stderr
+
+    info = json.loads(_cli("soci", "ztoc", "info", ztoc_digest, root=root).stdout)
+    assert info["span_size"] == 1 << 16 and info["build_tool"].startswith("lazyoci")
+    assert info["num_spans"] >= 3 and info["compressed_archive_size"] == len(MEDIUM_LAYER.blob)
+    f = next(x for x in info["files"] if x["filename"].endswith(name))
+    assert f["size"] == len(data) and f["type"] == "reg" and f["start_span"] <= f["end_span"]
+    listed = _cli("soci", "ztoc", "list", root=root).stdout.decode()
+    assert ztoc_digest in listed and MEDIUM_LAYER.digest in listed
+    idx_list = _cli("soci", "index", "list", "-q", root=root).stdout.decode().split()
+    assert result.digest in idx_list
+
+
+def local_result_manifest(images: ImageService, ref: str) -> Manifest:
+    return images.get(ref).manifest
