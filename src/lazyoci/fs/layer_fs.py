@@ -128,7 +128,12 @@ class LayerFS(pyfuse3.Operations):
             a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = 0
             return a
         e = layer.tree.ztoc.entry(e_idx)
-        perms = 0 if kind == T.WHITEOUT else (e.mode & 0o7777)
+        if kind == T.WHITEOUT:
+            perms = 0
+        elif kind == T.SYMLINK:
+            perms = 0o777               # Linux symlinks are always 0777, whatever the tar says
+        else:
+            perms = e.mode & 0o7777
         a.st_mode = _TYPE_BITS[kind] | perms
         a.st_uid = e.uid
         a.st_gid = e.gid

@@ -1,0 +1,88 @@
+"""The lazy layer filesystem through the real service: FUSE tree == unpacked tree, overlay == umoci."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers.lazy import overlay, running_service, store_ztoc, write_config, ztoc_for
+from helpers.tree import diff_trees, walk_tree
+from helpers.tricky_image import push_tricky_image
+from lazyoci.snapshot.unpack import apply_layer_stream
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE and overlay mounts need root")
+
+
+@pytest.fixture
+def tricky(registry, tmp_path):
+    return push_tricky_image(registry.host, "lazy/tricky", tmp_path)
+
+
+def _mount_all(client, root: Path, ref: str, layers) -> list[Path]:
+    dirs = []
+    for layer in layers:
+        zdigest = store_ztoc(root, ztoc_for(layer, span_size=64 << 10))
+        dirs.append(client.mount_layer(ref, layer.digest, zdigest))
+    return dirs
+
+
+def test_each_lazy_layer_equals_its_unpacked_tree(registry, tricky, data_root, tmp_path):
+    """Every entry kind, attribute, xattr, hardlink group, whiteout and opaque dir of each layer."""
+    ref = f"{registry.host}/lazy/tricky:latest"
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        dirs = _mount_all(client, data_root, ref, tricky.layers)
+        for i, (layer, lazy_dir) in enumerate(zip(tricky.layers, dirs)):
+            unpacked = tmp_path / f"unpacked{i}"
+            unpacked.mkdir()
+            apply_layer_stream([layer.blob], layer.media_type, unpacked)
+            problems = diff_trees(_tree(unpacked), _tree(lazy_dir))
+            assert not problems, f"layer {i + 1}:\n" + "\n".join(problems)
+            # overlay's own markers (walk_tree ignores trusted.overlay.*): compare them too
+            for dirpath, dirnames, _ in os.walk(unpacked):
+                for d in dirnames:
+                    rel = os.path.relpath(os.path.join(dirpath, d), unpacked)
+                    want = _opaque(unpacked / rel)
+                    assert _opaque(lazy_dir / rel) == want, f"layer {i + 1}: opaque marker of {rel}"
+        whiteouts = [p for p in _walk(dirs[1]) if stat.S_ISCHR(os.lstat(p).st_mode)]
+        assert whiteouts and all(os.lstat(p).st_rdev == 0 for p in whiteouts)
+        status = client.status()
+        assert {l["layer_digest"] for l in status["layers"]} == {l.digest for l in tricky.layers}
+
+
+def test_overlay_of_lazy_layers_equals_umoci_unpack(registry, tricky, data_root, tmp_path):
+    """The lazily mounted image, stacked by the kernel, is what umoci unpacks (every byte)."""
+    bundle = tmp_path / "umoci-bundle"
+    subprocess.run(["umoci", "unpack", "--image", f"{tricky.layout}:latest", str(bundle)],
+                   check=True, capture_output=True)
+    ref = f"{registry.host}/lazy/tricky:latest"
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        dirs = _mount_all(client, data_root, ref, tricky.layers)
+        with overlay(list(reversed(dirs)), tmp_path / "merged") as merged:
+            problems = diff_trees(walk_tree(bundle / "rootfs", mtimes=True), walk_tree(merged, mtimes=True))
+        assert not problems, "\n".join(problems)
+
+
+def _tree(root: Path) -> dict:
+    """walk_tree with mtimes, except of whiteouts (an unpacker creates them "now")."""
+    tree = walk_tree(root, mtimes=True)
+    for rec in tree.values():
+        if rec["type"] == "char" and rec.get("rdev") == (0, 0):
+            rec.pop("mtime", None)
+    return tree
+
+
+def _opaque(path: Path) -> bool:
+    try:
+        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _walk(root: Path):
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            yield os.path.join(dirpath, n)
