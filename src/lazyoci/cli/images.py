@@ -119,8 +119,11 @@ def _created(text: str | None) -> str:
                     ("days", 86400), ("hours", 3600), ("minutes", 60)):
         if seconds >= 2 * n:
             return f"{int(seconds // n)} {unit} ago"
-    return "About a minute ago" if seconds >= 60 else "Less than a second ago" if seconds < 1 else \
-        f"{int(seconds)} seconds ago"
+    if seconds >= 60:
+        return "About a minute ago"
+    if seconds < 1:
+        return "Less than a second ago"
+    return f"{int(seconds)} second{'s' if int(seconds) != 1 else ''} ago"
 
 
 def _list(quiet: bool, digests: bool, fmt: str | None) -> None:

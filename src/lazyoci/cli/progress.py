@@ -18,6 +18,7 @@ from lazyoci.images.progress import FINAL_STATUSES, ProgressEvent
 
 BAR_WIDTH = 40           # including the two '|'
 REFRESH_SECONDS = 0.1
+_DIGEST_KEY = len("manifest-sha256:") + 64
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
@@ -118,7 +119,8 @@ class ProgressDisplay:
                 self._draw()
 
     def _width(self) -> int:
-        return max((len(k) for k in self._rows), default=0) + 2
+        # Digest rows all have the same length; starting from it keeps rows printed early aligned.
+        return max([len(k) for k in self._rows] + [_DIGEST_KEY]) + 2
 
     def _format(self, row: _Row, width: int) -> str:
         line = f"{(row.key + ':').ljust(width)}{row.status.ljust(15)}{bar(row.current, row.total, row.final)}"
@@ -151,5 +153,4 @@ class ProgressDisplay:
         total = self.transferred()
         rate = total / elapsed if elapsed > 0 else 0
         left = f"elapsed: {elapsed:.1f}s"
-        width = max(self._width() + 15 + BAR_WIDTH - len(left) - 28, 2)
-        return f"{left}{' ' * width}total: {short_bytes(total):>6} ({human_bytes(rate)}/s)"
+        return f"{left.ljust(self._width())}total: {short_bytes(total):>6} ({human_bytes(rate)}/s)"

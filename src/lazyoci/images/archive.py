@@ -181,7 +181,7 @@ class _ArchiveReader:
             digest = f"{blob.group(1)}:{blob.group(2)}"
             self._ingest(f, digest, m.size, name)
             self.files[name] = (digest, m.size)
-        elif m.size <= _SMALL and (name.endswith(".json") or "/" not in name):
+        elif m.size <= _SMALL and (name.endswith(".json") or name in ("oci-layout", "repositories")):
             self.small[name] = f.read()
         else:
             digest = self._ingest(f, None, m.size, name)

@@ -218,7 +218,8 @@ class ImageService:
         repo, tag = "<none>", "<none>"
         if name:
             r = Reference.parse(name)
-            repo, tag = r.name, r.tag or "<none>"
+            repo = Reference(r.registry, r.repository).familiar()   # docker's short form: ubuntu
+            tag = r.tag or "<none>"
         out = []
         top_size = self.blobs.size(rec.digest) or 0 if rec.media_type in mt.IMAGE_INDEXES else 0
         for manifest_digest, plat, config_digest in rec.platforms:
