@@ -51,6 +51,10 @@ CREATE TABLE IF NOT EXISTS overlay_snapshots (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS overlay_snapshots_parent ON overlay_snapshots(parent);
+CREATE TABLE IF NOT EXISTS overlay_layer_digests (   -- compressed layer digest -> diff ID it unpacked to
+    digest TEXT PRIMARY KEY,
+    diff_id TEXT NOT NULL
+);
 """
 
 
@@ -186,10 +190,13 @@ class OverlaySnapshotter:
         (staging / "fs").mkdir(mode=0o755)
         return staging
 
-    def adopt_layer(self, staging: Path, diff_id: str) -> None:
+    def adopt_layer(self, staging: Path, diff_id: str, layer_digest: str | None = None) -> None:
         """Publish an unpacked layer under its diff ID; if another unpack won the race, drop ours."""
         try:
             with self.db.transaction() as conn:
+                if layer_digest:
+                    conn.execute("INSERT OR REPLACE INTO overlay_layer_digests VALUES (?, ?)",
+                                 (layer_digest, diff_id))
                 if conn.execute("SELECT 1 FROM overlay_dirs WHERE diff_id=?", (diff_id,)).fetchone():
                     remove_tree(staging)
                     return
@@ -208,13 +215,17 @@ class OverlaySnapshotter:
         except BaseException:
             remove_tree(staging)
             raise
-        self.adopt_layer(staging, diff_id)
+        self.adopt_layer(staging, diff_id, desc.digest)
         return diff_id
 
-    def layer_consumer(self, desc: Descriptor) -> "UnpackingConsumer":
+    def layer_consumer(self, desc: Descriptor) -> "UnpackingConsumer | None":
+        """The pull hook: unpack this layer while it downloads (None if it is unpacked already)."""
         from lazyoci.snapshot.streaming import UnpackingConsumer
 
-        return UnpackingConsumer(self, desc)
+        with self.db.reading() as conn:
+            row = conn.execute("SELECT 1 FROM overlay_layer_digests l JOIN overlay_dirs d "
+                               "ON d.diff_id = l.diff_id WHERE l.digest=?", (desc.digest,)).fetchone()
+        return None if row else UnpackingConsumer(self, desc)
 
     def unpack_image(self, images: "ImageService", image: "LocalImage") -> str | None:
         """Make the committed snapshots of the image's layers exist; return the top chain ID."""

@@ -90,7 +90,7 @@ class UnpackingConsumer:
             remove_tree(self._staging)
             self._raise_error()
             raise LazyociError(f"unpacking layer {self.desc.digest} did not complete")
-        self._snap.adopt_layer(self._staging, self.diff_id)
+        self._snap.adopt_layer(self._staging, self.diff_id, self.desc.digest)
 
     def abort(self, exc: BaseException | None = None) -> None:
         self._aborted.set()

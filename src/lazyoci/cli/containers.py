@@ -1,0 +1,190 @@
+"""Container commands: run, ps, logs, stop, rm, and image mount / unmount."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from lazyoci.cli.context import app
+from lazyoci.cli.images import image_group, image_service
+from lazyoci.cli.main import cli
+from lazyoci.cli.progress import ProgressDisplay
+from lazyoci.config import RUNTIMES, SNAPSHOTTERS
+from lazyoci.oci.platform import Platform
+from lazyoci.runtime.bundle import ProcessOptions, parse_env_file
+from lazyoci.runtime.containers import ContainerRecord
+from lazyoci.runtime.run import PULL_POLICIES, ContainerManager, RunOptions
+from lazyoci.store.layout import DataRoot
+
+
+def _manager() -> ContainerManager:
+    ctx = app()
+    return ContainerManager(DataRoot(ctx.root), ctx.config, image_service(ctx))
+
+
+@cli.command("run", context_settings={"allow_interspersed_args": False})
+@click.option("--snapshotter", type=click.Choice(SNAPSHOTTERS), default=None,
+              help="How to prepare the image's layers (default: the config's first snapshotter).")
+@click.option("--rm", "auto_remove", is_flag=True, help="Remove the container when it exits.")
+@click.option("-d", "--detach", is_flag=True, help="Run in the background and print the container ID.")
+@click.option("-i", "--interactive", is_flag=True, help="Pass stdin to the container.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a terminal.")
+@click.option("--name", help="Container name (default: a random one).")
+@click.option("-e", "--env", multiple=True, help="Set KEY=VALUE (or KEY: take it from this environment).")
+@click.option("--env-file", type=click.Path(path_type=Path), multiple=True, help="Read KEY=VALUE lines.")
+@click.option("--entrypoint", default=None, help="Replace the image's Entrypoint (clears its Cmd).")
+@click.option("-w", "--workdir", default=None, help="Working directory inside the container.")
+@click.option("-u", "--user", default=None, help="USER[:GROUP], by name or number.")
+@click.option("--platform", default=None, help="os/arch[/variant] of the image (default: this host).")
+@click.option("--pull", "pull_policy", type=click.Choice(PULL_POLICIES), default="missing",
+              help="Pull the image: when missing (default), always, or never.")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help="OCI runtime (default: config).")
+@click.argument("ref")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run_cmd(snapshotter, auto_remove, detach, interactive, tty, name, env, env_file, entrypoint, workdir,
+            user, platform, pull_policy, runtime, ref, command) -> None:
+    """Run a command in a new container (pull progress goes to stderr, the output to stdout)."""
+    ctx = app()
+    env_items: tuple[str, ...] = ()
+    for f in env_file:
+        env_items += parse_env_file(f)
+    env_items += tuple(env)
+    opts = RunOptions(
+        image=ref,
+        process=ProcessOptions(args=tuple(command), entrypoint=entrypoint, env=env_items, workdir=workdir,
+                               user=user, tty=tty),
+        name=name, detach=detach, interactive=interactive, auto_remove=auto_remove,
+        snapshotter=snapshotter or ctx.config.default_snapshotter,
+        runtime=runtime or ctx.config.runtime, pull=pull_policy,
+        platform=Platform.parse(platform) if platform else None)
+    mgr = _manager()
+    progress = _LazyProgress()
+    try:
+        rec, rt = mgr.create(opts, progress=progress)
+    finally:
+        progress.close()
+    code = mgr.start(rec, rt, opts)
+    if detach:
+        click.echo(rec.id)
+        return
+    sys.stdout.flush()
+    # SystemExit, not click's Exit: it must pass through main() unchanged.
+    sys.exit(code or 0)
+
+
+class _LazyProgress:
+    """Pull progress rows on stderr, drawn only if a pull actually happens."""
+
+    def __init__(self) -> None:
+        self._display: ProgressDisplay | None = None
+
+    def __call__(self, event) -> None:
+        if self._display is None:
+            self._display = ProgressDisplay(sys.stderr).__enter__()
+        self._display(event)
+
+    def close(self) -> None:
+        if self._display is not None:
+            self._display.close()
+
+
+def _ago(ts: float) -> str:
+    secs = max(0, time.time() - ts)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if secs >= size:
+            n = int(secs // size)
+            return f"{n} {unit}{'s' if n != 1 else ''} ago"
+    return f"{int(secs)} seconds ago"
+
+
+def _status(rec: ContainerRecord) -> str:
+    if rec.status == "running":
+        return f"Up {_ago(rec.created).removesuffix(' ago')}"
+    if rec.status == "exited":
+        code = "unknown" if rec.exit_code is None else rec.exit_code
+        return f"Exited ({code}) {_ago(rec.finished or rec.created)}"
+    return "Created"
+
+
+def _command(rec: ContainerRecord) -> str:
+    text = " ".join(rec.command)
+    return json.dumps(text if len(text) <= 20 else text[:19] + "…", ensure_ascii=False)
+
+
+@cli.command("ps")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show every container (default: running).")
+@click.option("-q", "--quiet", is_flag=True, help="Only IDs.")
+def ps_cmd(show_all: bool, quiet: bool) -> None:
+    """List containers."""
+    mgr = _manager()
+    recs = [r for r in mgr.store.list() if show_all or r.status == "running"]
+    if quiet:
+        for r in recs:
+            click.echo(r.short_id)
+        return
+    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
+    rows += [(r.short_id, r.image, _command(r), _ago(r.created), _status(r), r.name) for r in recs]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        click.echo("   ".join(c.ljust(w) for c, w in zip(row, widths)) + "   " + row[5])
+
+
+@cli.command("logs")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing output until the container exits.")
+@click.argument("container")
+def logs_cmd(follow: bool, container: str) -> None:
+    """Print the output of a detached container."""
+    _manager().logs(container, sys.stdout.buffer, follow)
+
+
+@cli.command("stop")
+@click.option("-t", "--time", "timeout", type=float, default=10.0, show_default=True,
+              help="Seconds to wait after the stop signal before killing.")
+@click.argument("containers", nargs=-1, required=True)
+def stop_cmd(timeout: float, containers: tuple[str, ...]) -> None:
+    """Stop running containers (the image's stop signal, then SIGKILL)."""
+    mgr = _manager()
+    for c in containers:
+        mgr.stop(c, timeout)
+        click.echo(c)
+
+
+@cli.command("rm")
+@click.option("-f", "--force", is_flag=True, help="Kill a running container first.")
+@click.argument("containers", nargs=-1, required=True)
+def rm_cmd(force: bool, containers: tuple[str, ...]) -> None:
+    """Remove containers (their writable layer and records)."""
+    mgr = _manager()
+    for c in containers:
+        mgr.remove(c, force)
+        click.echo(c)
+
+
+@image_group.command("mount")
+@click.option("--snapshotter", type=click.Choice(SNAPSHOTTERS), default=None)
+@click.option("--platform", default=None)
+@click.argument("ref")
+@click.argument("directory", type=click.Path(path_type=Path))
+def image_mount_cmd(snapshotter: str | None, platform: str | None, ref: str, directory: Path) -> None:
+    """Mount an image's root filesystem read-only at DIRECTORY."""
+    from lazyoci.runtime.mounts import mount_image
+
+    ctx = app()
+    mount_image(DataRoot(ctx.root), ctx.config, image_service(ctx), ref,
+                snapshotter or ctx.config.default_snapshotter, directory.absolute(),
+                Platform.parse(platform) if platform else None)
+
+
+@image_group.command("unmount")
+@click.argument("directory", type=click.Path(path_type=Path))
+def image_unmount_cmd(directory: Path) -> None:
+    """Unmount what `image mount` mounted at DIRECTORY."""
+    from lazyoci.runtime.mounts import unmount_image
+
+    ctx = app()
+    unmount_image(DataRoot(ctx.root), ctx.config, directory.absolute())

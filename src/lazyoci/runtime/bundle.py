@@ -1,0 +1,225 @@
+"""OCI runtime bundles: config.json from an image config and `run`'s flags.
+
+Docker's rules: `--entrypoint` replaces the image's Entrypoint and clears its Cmd;
+arguments after the image replace Cmd; `-e` and `--env-file` override the image's
+Env; `-w` overrides WorkingDir; `-u` overrides User, which is resolved through the
+image's own /etc/passwd and /etc/group (names, numbers, supplementary groups).
+The container shares the host's network namespace (so it sees the host's network
+exactly); /etc/hosts, /etc/resolv.conf and /etc/hostname are generated files
+bind-mounted read-only. The rest follows runc's default spec, with docker's default
+capability set so images behave as they do under docker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyoci.errors import ConfigError, ContainerError
+from lazyoci.oci.manifest import ImageConfig
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CAPABILITIES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+                "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+                "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    """What `run` may override in the image's process settings."""
+
+    args: tuple[str, ...] = ()          # CMD ARG... after the image reference
+    entrypoint: str | None = None       # --entrypoint ("" clears the image's)
+    env: tuple[str, ...] = ()           # -e K=V / K (taken from our environment), --env-file lines
+    workdir: str | None = None          # -w
+    user: str | None = None             # -u USER[:GROUP]
+    tty: bool = False                   # -t
+
+
+@dataclass(frozen=True)
+class ResolvedUser:
+    uid: int
+    gid: int
+    additional_gids: tuple[int, ...]
+    home: str
+
+
+def parse_env_file(path: Path) -> tuple[str, ...]:
+    """docker's --env-file: KEY=VALUE lines, `#` comments, bare KEY takes our environment's value."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read env file {path}: {e.strerror}") from None
+    return tuple(l.strip() for l in lines if l.strip() and not l.lstrip().startswith("#"))
+
+
+def process_args(config: ImageConfig, opts: ProcessOptions) -> list[str]:
+    if opts.entrypoint is not None:
+        entry = [opts.entrypoint] if opts.entrypoint else []
+        cmd = list(opts.args)
+    else:
+        entry = list(config.entrypoint)
+        cmd = list(opts.args) if opts.args else list(config.cmd)
+    argv = entry + cmd
+    if not argv:
+        raise ContainerError("no command specified: the image has no Entrypoint or Cmd, give one after the image")
+    return argv
+
+
+def merge_env(image_env: tuple[str, ...], overrides: tuple[str, ...]) -> list[str]:
+    env: dict[str, str] = {}
+    for item in image_env:
+        k, _, v = item.partition("=")
+        env[k] = v
+    for item in overrides:
+        k, sep, v = item.partition("=")
+        if not k:
+            raise ConfigError(f"invalid environment variable {item!r}")
+        if sep:
+            env[k] = v
+        elif k in os.environ:
+            env[k] = os.environ[k]
+        else:
+            env.pop(k, None)
+    env.setdefault("PATH", DEFAULT_PATH.split("=", 1)[1])
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def _read_image_file(rootfs: Path, rel: str) -> list[list[str]]:
+    """Colon-separated records of a file inside the rootfs, never following a symlink out of it."""
+    path = rootfs / rel
+    try:
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(rootfs.resolve()):
+            return []
+        st = os.stat(real)
+        if not stat.S_ISREG(st.st_mode):
+            return []
+        text = real.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def resolve_user(rootfs: Path, spec: str) -> ResolvedUser:
+    """USER[:GROUP] by name or number, as docker resolves it against the image's files."""
+    user, _, group = (spec or "0").partition(":")
+    passwd = [r for r in _read_image_file(rootfs, "etc/passwd") if len(r) >= 7]
+    groups = [r for r in _read_image_file(rootfs, "etc/group") if len(r) >= 4]
+    entry = None
+    if user.isdigit():
+        uid = int(user)
+        entry = next((r for r in passwd if r[2] == user), None)
+    else:
+        entry = next((r for r in passwd if r[0] == user), None)
+        if entry is None:
+            raise ContainerError(f"unable to find user {user}: no matching entries in passwd file")
+        uid = int(entry[2])
+    gid = int(entry[3]) if entry is not None and entry[3].isdigit() else 0
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            g = next((r for r in groups if r[0] == group), None)
+            if g is None:
+                raise ContainerError(f"unable to find group {group}: no matching entries in group file")
+            gid = int(g[2])
+    name = entry[0] if entry is not None else None
+    extra = tuple(sorted({int(r[2]) for r in groups
+                          if name and name in r[3].split(",") and r[2].isdigit() and int(r[2]) != gid}))
+    home = entry[5] if entry is not None and entry[5] else "/"
+    return ResolvedUser(uid, gid, extra, home)
+
+
+def write_etc_files(dest: Path) -> dict[str, Path]:
+    """The generated /etc files of a container (host network: the host's resolver and name)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    hostname = socket.gethostname()
+    files = {
+        "/etc/hostname": hostname + "\n",
+        "/etc/hosts": ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                       f"127.0.1.1\t{hostname}\n"),
+    }
+    try:
+        files["/etc/resolv.conf"] = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        files["/etc/resolv.conf"] = "nameserver 127.0.0.1\n"
+    out = {}
+    for target, text in files.items():
+        p = dest / target.rsplit("/", 1)[1]
+        p.write_text(text)
+        out[target] = p
+    return out
+
+
+def build_spec(config: ImageConfig, rootfs: Path, etc_dir: Path, opts: ProcessOptions) -> dict:
+    """The runtime spec (config.json) for a container whose rootfs is mounted at `rootfs`."""
+    user = resolve_user(rootfs, opts.user if opts.user is not None else config.user)
+    env = merge_env(config.env, opts.env)
+    if not any(e.startswith("HOME=") for e in env):
+        env.append(f"HOME={user.home}")
+    if opts.tty and not any(e.startswith("TERM=") for e in env):
+        env.append("TERM=xterm")
+    cwd = opts.workdir or config.working_dir or "/"
+    if not cwd.startswith("/"):
+        raise ConfigError(f"the working directory must be absolute, not {cwd!r}")
+    caps = list(CAPABILITIES)
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+    ]
+    for target, src in write_etc_files(etc_dir).items():
+        mounts.append({"destination": target, "type": "bind", "source": str(src),
+                       "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": opts.tty,
+            "user": {"uid": user.uid, "gid": user.gid, "additionalGids": list(user.additional_gids)},
+            "args": process_args(config, opts),
+            "env": env,
+            "cwd": cwd,
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": [_nofile()],
+            "noNewPrivileges": False,
+        },
+        "root": {"path": str(rootfs), "readonly": False},
+        "hostname": socket.gethostname(),
+        "mounts": mounts,
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            # No network namespace: the host's network, as `--network host`.
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
+            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+                            "/proc/scsi"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+        },
+    }
+
+
+def _nofile() -> dict:
+    """The open-files limit: ours (a container cannot be given more than we have)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = hard if hard != resource.RLIM_INFINITY else 1048576
+    return {"type": "RLIMIT_NOFILE", "hard": limit, "soft": limit}
+
+
+def write_bundle(bundle: Path, spec: dict) -> None:
+    tmp = bundle / "config.json.tmp"
+    tmp.write_text(json.dumps(spec, indent=1))
+    os.replace(tmp, bundle / "config.json")

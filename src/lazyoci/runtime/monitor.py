@@ -1,0 +1,102 @@
+"""The per-container monitor: a forked process that runs the runtime and records the exit status.
+
+`runc run` (foreground mode) waits for the container and exits with its status
+(128+N for a signal). The monitor is its parent: it records that status in
+`exit.json` and the database, and for a detached `--rm` container cleans up.
+A detached monitor double-forks into its own session, so it outlives the
+`lazyoci run -d` that started it; the container's output goes to its log file.
+Forking (instead of starting a new interpreter) keeps container start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyoci.runtime.containers import ContainerStore, process_start, write_exit_file
+from lazyoci.runtime.runc import Runtime
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    container_id: str
+    bundle: Path
+    runtime: Runtime
+    detach: bool
+    interactive: bool
+    tty: bool
+    log_path: Path
+    pid_file: Path
+    exit_file: Path
+
+
+def spawn_monitor(spec: MonitorSpec, store: ContainerStore, on_exit) -> tuple[int, int | None]:
+    """Fork the monitor. Returns (monitor pid, pid to wait for: the direct child, or None if detached).
+
+    `on_exit(code)` runs in the monitor after the status is recorded (detached --rm cleanup)."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked process
+        code = 0
+        try:
+            os.close(r)
+            _become_monitor(spec, w)
+            code = _run_runtime(spec, store)
+            on_exit(code)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 64):
+        data += chunk
+    os.close(r)
+    if spec.detach:
+        os.waitpid(child, 0)  # the intermediate process exits at once
+    pid = int(data.decode() or 0)
+    return pid, None if spec.detach else child
+
+
+def _become_monitor(spec: MonitorSpec, report_fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is handled by `lazyoci run` (it stops the container)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if spec.detach:
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        log = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(devnull)
+        os.close(log)
+        os.chdir("/")
+    else:
+        if not spec.interactive and not spec.tty:
+            os.setpgid(0, 0)   # out of the terminal's process group: Ctrl-C reaches only lazyoci
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
+    os.write(report_fd, str(os.getpid()).encode())
+    os.close(report_fd)
+
+
+def _run_runtime(spec: MonitorSpec, store: ContainerStore) -> int:
+    me = os.getpid()
+    store.set_running(spec.container_id, me, process_start(me))
+    try:
+        proc = subprocess.Popen(spec.runtime.run_cmd(spec.container_id, spec.bundle, spec.pid_file),
+                                close_fds=True)
+        code = proc.wait()
+    except OSError:
+        code = 127
+    if code < 0:
+        code = 128 - code
+    write_exit_file(spec.exit_file, code)
+    store.set_exited(spec.container_id, code)
+    return code

@@ -1,0 +1,233 @@
+"""`run`, `stop`, `rm`, `logs`: containers from images, through a snapshotter and runc.
+
+run = ensure the image (pull policy) -> the snapshotter's committed layers ->
+an active snapshot mounted at <container>/rootfs -> config.json -> the monitor
+runs `runc run`. Foreground: wait, Ctrl-C stops the container (TERM, then KILL
+after the stop timeout or a second Ctrl-C), return its exit code. Detached: wait
+until the runtime has started the process, return.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from lazyoci.config import Config
+from lazyoci.errors import ConfigError, ContainerError, ImageNotFoundError, LazyociError, StoreError
+from lazyoci.images.progress import ProgressSink
+from lazyoci.images.service import ImageService, LocalImage
+from lazyoci.oci.platform import Platform
+from lazyoci.runtime.bundle import ProcessOptions, build_spec, process_args, write_bundle
+from lazyoci.runtime.containers import ContainerRecord, ContainerStore, process_start
+from lazyoci.runtime.monitor import MonitorSpec, spawn_monitor
+from lazyoci.runtime.runc import Runtime
+from lazyoci.snapshot.mount import mount_all, unmount
+from lazyoci.snapshot.registry import get_snapshotter
+from lazyoci.store.layout import DataRoot
+
+PULL_POLICIES = ("missing", "always", "never")
+STOP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    image: str
+    process: ProcessOptions = ProcessOptions()
+    name: str | None = None
+    detach: bool = False
+    interactive: bool = False
+    auto_remove: bool = False
+    snapshotter: str = "overlayfs"
+    runtime: str = "runc"
+    pull: str = "missing"
+    platform: Platform | None = None
+
+
+class ContainerManager:
+    def __init__(self, root: DataRoot, config: Config, images: ImageService) -> None:
+        self.root = root
+        self.config = config
+        self.images = images
+        self.store = ContainerStore(root, images.db)
+
+    # ---- images and rootfs ------------------------------------------------
+    def ensure_image(self, ref: str, snapshotter_name: str, policy: str, platform: Platform | None,
+                     progress: ProgressSink | None) -> LocalImage:
+        if policy not in PULL_POLICIES:
+            raise ConfigError(f"--pull must be one of {', '.join(PULL_POLICIES)}, not {policy!r}")
+        snap = get_snapshotter(snapshotter_name, self.root, self.config)
+        image = None
+        if policy != "always":
+            try:
+                image = self.images.get(ref, platform)
+            except ImageNotFoundError:
+                if policy == "never":
+                    raise
+        if image is None:
+            image = self.images.pull(ref, platform, progress=progress, layer_consumer=snap.layer_consumer,
+                                     skip_layers=getattr(snap, "skip_layers", None), snapshotter=snap.name)
+        return image
+
+    # ---- run ----------------------------------------------------------------
+    def create(self, opts: RunOptions, progress: ProgressSink | None = None) -> tuple[ContainerRecord, Runtime]:
+        runtime = Runtime.find(opts.runtime, self.root.path)
+        image = self.ensure_image(opts.image, opts.snapshotter, opts.pull, opts.platform, progress)
+        snap = get_snapshotter(opts.snapshotter, self.root, self.config)
+        argv = process_args(image.config, opts.process)    # fail before anything is created
+        cid, name = self.store.new_id_and_name(opts.name)
+        top = snap.unpack_image(self.images, image)
+        cdir = self.store.dir(cid)
+        (cdir / "rootfs").mkdir(parents=True)
+        key = f"container-{cid}"
+        rec = ContainerRecord(id=cid, name=name, image=image.name or opts.image, image_digest=image.digest,
+                              command=tuple(argv), created=time.time(), status="created", exit_code=None,
+                              finished=None, snapshotter=snap.name, snapshot_key=key, runtime=runtime.name,
+                              auto_remove=opts.auto_remove, detached=opts.detach, monitor_pid=None)
+        self.store.create(rec)
+        try:
+            mounts = snap.prepare(key, top, {"lazyoci/container": cid})
+            mount_all(mounts, cdir / "rootfs")
+            spec = build_spec(image.config, cdir / "rootfs", cdir / "etc", opts.process)
+            write_bundle(cdir, spec)
+        except BaseException:
+            self.cleanup(rec)
+            raise
+        return rec, runtime
+
+    def start(self, rec: ContainerRecord, runtime: Runtime, opts: RunOptions,
+              on_started: Callable[[], None] | None = None) -> int | None:
+        cdir = self.store.dir(rec.id)
+        spec = MonitorSpec(rec.id, cdir, runtime, opts.detach, opts.interactive, opts.process.tty,
+                           cdir / "container.log", cdir / "pid", cdir / "exit.json")
+        on_exit = (lambda code: self.cleanup(rec)) if (opts.detach and opts.auto_remove) else (lambda code: None)
+        monitor_pid, child = spawn_monitor(spec, self.store, on_exit)
+        if opts.detach:
+            self._wait_started(rec, spec, monitor_pid)
+            return None
+        return self._wait_foreground(rec, runtime, child, spec)
+
+    def _wait_started(self, rec: ContainerRecord, spec: MonitorSpec, monitor_pid: int) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if spec.pid_file.exists() or spec.exit_file.exists():
+                break
+            if process_start(monitor_pid) is None and not spec.exit_file.exists():
+                break
+            time.sleep(0.01)
+        if not spec.pid_file.exists():
+            tail = ""
+            if spec.log_path.exists():
+                tail = spec.log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                tail = f": {tail[0]}" if tail else ""
+            raise ContainerError(f"container {rec.short_id} failed to start{tail}")
+
+    def _wait_foreground(self, rec: ContainerRecord, runtime: Runtime, child: int, spec: MonitorSpec) -> int:
+        interrupts = []
+
+        def on_sigint(signum, frame) -> None:
+            interrupts.append(time.monotonic())
+            if len(interrupts) == 1:
+                runtime.kill(rec.id, "TERM")
+                t = threading.Timer(STOP_TIMEOUT, lambda: runtime.kill(rec.id, "KILL"))
+                t.daemon = True
+                t.start()
+            else:
+                runtime.kill(rec.id, "KILL")
+
+        previous = None
+        if threading.current_thread() is threading.main_thread() and not spec.tty:
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            os.waitpid(child, 0)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        code = self.store.read_exit_file(rec.id)
+        if code is None:
+            code = 125
+        if rec.auto_remove:
+            self.cleanup(rec)
+        return code
+
+    # ---- stop / rm / logs ---------------------------------------------------
+    def _wait_exit(self, rec: ContainerRecord, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.store.get(rec.id).status != "running":
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self, name_or_id: str, timeout: float = STOP_TIMEOUT) -> ContainerRecord:
+        rec = self.store.get(name_or_id)
+        if rec.status != "running":
+            return rec
+        runtime = Runtime.find(rec.runtime, self.root.path)
+        image = self._image_stop_signal(rec)
+        runtime.kill(rec.id, image)
+        if not self._wait_exit(rec, timeout):
+            runtime.kill(rec.id, "KILL")
+            if not self._wait_exit(rec, 30):
+                raise ContainerError(f"container {rec.name} did not stop")
+        return self.store.get(rec.id)
+
+    def _image_stop_signal(self, rec: ContainerRecord) -> str:
+        try:
+            sig = self.images.get(rec.image_digest).config.stop_signal
+        except LazyociError:
+            sig = None
+        return (sig or "SIGTERM").upper().removeprefix("SIG")
+
+    def remove(self, name_or_id: str, force: bool = False) -> ContainerRecord:
+        rec = self.store.get(name_or_id)
+        if rec.status == "running":
+            if not force:
+                raise ContainerError(f"container {rec.name} is running: stop it first or use rm -f")
+            Runtime.find(rec.runtime, self.root.path).kill(rec.id, "KILL")
+            if not self._wait_exit(rec, 30):
+                raise ContainerError(f"container {rec.name} could not be killed")
+        self.cleanup(rec)
+        return rec
+
+    def cleanup(self, rec: ContainerRecord) -> None:
+        """Undo everything `create` did (also after a crash or reboot left stale state)."""
+        cdir = self.store.dir(rec.id)
+        try:
+            Runtime.find(rec.runtime, self.root.path).delete(rec.id)
+        except LazyociError:
+            pass
+        unmount(cdir / "rootfs")
+        snap = get_snapshotter(rec.snapshotter, self.root, self.config)
+        try:
+            snap.remove(rec.snapshot_key)
+        except StoreError:
+            pass   # never prepared, or already removed
+        shutil.rmtree(cdir, ignore_errors=True)
+        self.store.delete(rec.id)
+
+    def logs(self, name_or_id: str, out: IO[bytes], follow: bool = False) -> None:
+        rec = self.store.get(name_or_id)
+        path = self.store.dir(rec.id) / "container.log"
+        if not path.exists():
+            return
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 16)
+                if chunk:
+                    out.write(chunk)
+                    out.flush()
+                    continue
+                if not follow or self.store.get(rec.id).status != "running":
+                    rest = f.read()
+                    if rest:
+                        out.write(rest)
+                        out.flush()
+                    return
+                time.sleep(0.1)
