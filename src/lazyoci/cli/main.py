@@ -48,7 +48,7 @@ def _register() -> None:
 
 
 # One module per area; each defines its commands with @cli.command / @cli.group.
-_COMMAND_MODULES: list[str] = ["service", "soci", "images"]
+_COMMAND_MODULES: list[str] = ["service", "soci", "images", "containers"]
 
 
 def main(argv: list[str] | None = None) -> None:
