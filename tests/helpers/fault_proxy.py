@@ -17,7 +17,9 @@ Fault kinds (a fault applies to the next `times` matching requests; times=None: 
 - "corrupt":      forward, then flip one byte of the body (at `at`, default the middle)
 - "truncate":     forward, but send only `at` bytes (default half) with a matching Content-Length
 - "reset":        forward, send the full Content-Length header and `at` bytes (default half),
-                  then reset the TCP connection (RST)
+                  then reset the TCP connection (RST, after a 0.1 s pause so the bytes arrive first:
+                  a RST makes the receiver drop unread data)
+- "close":        like "reset" but a clean close (FIN) mid-body
 - "ignore_range": forward without the Range header, so the registry answers 200 with the whole blob
 - "redirect":     answer 307 with `location` (a URL) instead of contacting the registry
 - "delay":        sleep `seconds` before forwarding (slow registries, timeouts)
@@ -222,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             conn.close()
         cut = None
-        if fault and fault.kind in ("corrupt", "truncate", "reset") and data:
+        if fault and fault.kind in ("corrupt", "truncate", "reset", "close") and data:
             at = fault.at if fault.at is not None else len(data) // 2
             at = max(0, min(at, len(data) - 1))
             if fault.kind == "corrupt":
@@ -246,8 +248,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
             sent = len(payload)
         self.owner.record(RequestRecord(method, path, status, self.headers.get("Range"), sent, kind))
-        if cut is not None:
+        if cut is not None and fault.kind == "reset":
             self._reset_connection()
+        elif cut is not None:
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _answer_error(self, fault: Fault) -> None:
         code = _ERROR_CODES.get(fault.status, "UNKNOWN")
@@ -268,5 +274,6 @@ class _Handler(BaseHTTPRequestHandler):
         """Abort the TCP connection with RST (SO_LINGER 0), as a crashed server or proxy would."""
         self.wfile.flush()
         self.close_connection = True
+        time.sleep(0.1)
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         os.close(self.connection.detach())

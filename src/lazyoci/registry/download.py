@@ -48,7 +48,8 @@ def iter_blob(transport: Transport, ref: Reference, digest: str, size: int | Non
             elif offset:
                 skip = offset   # the server ignored Range on resume: drop what we already have
             try:
-                for chunk in resp.iter_raw(CHUNK_SIZE):
+                # Unbuffered: every byte received is yielded before a reset can lose it.
+                for chunk in resp.iter_raw():
                     if skip:
                         if len(chunk) <= skip:
                             skip -= len(chunk)
