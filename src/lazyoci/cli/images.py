@@ -84,8 +84,14 @@ def pull_cmd(platform: str | None, all_platforms: bool, quiet: bool, snapshotter
 @cli.command("push")
 @click.option("--platform", help="Push only this platform's manifest.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the pushed digest.")
+@click.option("--snapshotter", type=click.Choice(SNAPSHOTTERS), default=None,
+              help="soci: also build (or reuse) the image's SOCI index and push it (owned by cli/soci.py).")
+@click.option("--soci-span-size", type=int, default=None, help="With --snapshotter soci: span size.")
+@click.option("--soci-min-layer-size", type=int, default=None,
+              help="With --snapshotter soci: layers smaller than this get no zTOC.")
 @click.argument("ref")
-def push_cmd(platform: str | None, quiet: bool, ref: str) -> None:
+def push_cmd(platform: str | None, quiet: bool, snapshotter: str | None, soci_span_size: int | None,
+             soci_min_layer_size: int | None, ref: str) -> None:
     """Upload a local image to the registry its name points at."""
     svc = image_service()
     try:
@@ -96,6 +102,9 @@ def push_cmd(platform: str | None, quiet: bool, ref: str) -> None:
                 digest = svc.push(ref, _platform(platform), display)
     finally:
         svc.close()
+    if snapshotter == "soci":
+        from lazyoci.cli.soci import soci_push_after_image
+        soci_push_after_image(ref, soci_span_size, soci_min_layer_size, _platform(platform))
     click.echo(digest)
 
 
