@@ -240,7 +240,7 @@ def load_archive(svc: "ImageService", path: Path, log: Callable[[str], None] | N
                     if previous:
                         svc.records.release_if_unnamed(c, previous)
                 loaded.extend(names or [top])
-            # Files of the archive that no image uses (e.g. a docker `repositories` blob) go again.
+            # Files of the archive that no image uses (e.g. a docker layer's `json`) go again.
             for d in reader.new_blobs:
                 if not c.execute("SELECT 1 FROM blob_refs WHERE digest=? AND owner!=?",
                                  (d, lease.owner)).fetchone():

@@ -94,14 +94,18 @@ class GcResult:
 class Lease:
     """Protects blobs from `gc` while an operation runs; `release` once the records are written."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, blobs: BlobStore | None = None) -> None:
         self.db = db
+        self.blobs = blobs
+        self._digests: set[str] = set()
         self.id = uuid.uuid4().hex
         self.owner = f"lease:{self.id}"
         with db.transaction() as c:
             c.execute("INSERT INTO leases VALUES (?, ?, ?)", (self.id, os.getpid(), time.time()))
 
     def add(self, digests: Iterable[str]) -> None:
+        digests = list(digests)
+        self._digests.update(digests)
         with self.db.transaction() as c:
             c.executemany("INSERT OR IGNORE INTO blob_refs VALUES (?, ?)",
                           [(self.owner, d) for d in digests])
@@ -111,11 +115,25 @@ class Lease:
             c.execute("DELETE FROM blob_refs WHERE owner=?", (self.owner,))
             c.execute("DELETE FROM leases WHERE id=?", (self.id,))
 
+    def discard(self) -> None:
+        """After a failure: delete the blobs this lease covered that nothing else owns (no orphans)."""
+        if self.blobs is None:
+            return
+        with self.db.transaction() as c:
+            for d in self._digests:
+                if not c.execute("SELECT 1 FROM blob_refs WHERE digest=? AND owner!=? LIMIT 1",
+                                 (d, self.owner)).fetchone():
+                    self.blobs.delete(d)
+
     def __enter__(self) -> "Lease":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None:
+                self.discard()
+        finally:
+            self.release()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -135,7 +153,7 @@ class ImageRecords:
         db.ensure_schema("images", SCHEMA)
 
     def lease(self) -> Lease:
-        return Lease(self.db)
+        return Lease(self.db, self.blobs)
 
     # --- writing -------------------------------------------------------------------------
 
