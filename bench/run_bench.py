@@ -1,0 +1,415 @@
+#!/usr/bin/env python3
+"""`make bench`: full pull vs SOCI lazy loading on realistic images behind a throttled registry.
+
+    .venv/bin/python bench/run_bench.py [--images python-ml,big-file,many-files]
+        [--profiles 100MBps-20ms,20MBps-50ms] [--modes overlayfs,soci,soci-bg] [--runs 3]
+
+For each image, profile and mode, on a fresh data root every run:
+  1. `lazyoci pull --snapshotter S REF`                 -> pull time
+  2. (soci-bg only) wait until the service's background fetcher has every span
+  3. `lazyoci run --rm --snapshotter S REF`             -> time from its start to the `ready` line
+Measured at the same time: bytes and requests the registry served (counted by the proxy),
+the lazyoci service's peak RSS (VmHWM from /proc), medians over the runs. The floor is the
+bytes the workload really reads divided by the bandwidth. Results: bench/results/RESULTS.md,
+results.json and chart.png. The images are built once (bench/images/build.py) and cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "images"))
+
+import localreg  # noqa: E402
+from build import BUILDERS, ensure, image_dir  # noqa: E402
+
+LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
+PROFILES = {"100MBps-20ms": (100.0, 20.0), "20MBps-50ms": (20.0, 50.0)}
+MODES = ("overlayfs", "soci", "soci-bg")
+MODE_LABEL = {"overlayfs": "overlayfs (full pull)", "soci": "soci lazy",
+              "soci-bg": "soci, background fetch finished"}
+WORK = HERE / "work"
+RESULTS = HERE / "results"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def config_text(mode: str) -> str:
+    """Finch-style config per mode. Lazy mode turns the background fetcher off so the bytes
+    counted are the ones the workload pulls in; soci-bg lets it run at once and flat out."""
+    if mode == "overlayfs":
+        return "snapshotters:\n  - overlayfs\n"
+    if mode == "soci":
+        return "snapshotters:\n  - soci\nsoci:\n  background_fetch: false\n"
+    return ("snapshotters:\n  - soci\nsoci:\n  background_fetch: true\n"
+            "  background_quiet_seconds: 0\n  background_interval_ms: 0\n")
+
+
+def lazyoci(root: Path, cfg: Path, *args: str, timeout: float = 1800, check: bool = True,
+            log_file: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = [LAZYOCI, "--root", str(root), "--config", str(cfg), *args]
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    try:
+        p = subprocess.run(cmd, stdout=out, stderr=out, timeout=timeout)
+    finally:
+        if log_file:
+            out.close()
+    if check and p.returncode != 0:
+        tail = log_file.read_text(errors="replace")[-800:] if log_file else ""
+        raise RuntimeError(f"{' '.join(cmd[5:])} exited {p.returncode}: {tail}")
+    return p
+
+
+def service_pid(root: Path) -> int | None:
+    pid_file = root / "service/lazyoci.pid"
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_kib(pid: int, field: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS of the service: VmHWM (the kernel's high-water mark) read every 100 ms,
+    so a service started mid-run is caught too."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.peak_kib = 0
+        self.stop_evt = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_evt.is_set():
+            self.sample()
+            self.stop_evt.wait(0.1)
+
+    def sample(self) -> None:
+        pid = service_pid(self.root)
+        if pid:
+            kib = proc_kib(pid, "VmHWM") or proc_kib(pid, "VmRSS") or 0
+            self.peak_kib = max(self.peak_kib, kib)
+
+    def finish(self) -> int:
+        self.sample()
+        self.stop_evt.set()
+        self.join(2)
+        return self.peak_kib
+
+
+def wait_background(root: Path, cfg: Path, timeout: float) -> float:
+    """Seconds until every lazy layer reports 100% fetched (the library's service client)."""
+    from lazyoci.service.client import ServiceClient
+    from lazyoci.store.layout import DataRoot
+
+    client = ServiceClient(DataRoot(root), cfg)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        st = client.status()
+        layers = st.get("layers") or []
+        if layers and all(l["fetched_bytes"] >= l["total_bytes"] for l in layers):
+            return time.monotonic() - t0
+        time.sleep(0.25)
+    raise RuntimeError(f"background fetch not finished after {timeout:.0f}s")
+
+
+def leftover_mounts(root: Path) -> list[str]:
+    prefix = str(root.resolve())
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1].replace("\\040", " ") for line in f]
+    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
+
+
+def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path) -> dict:
+    """One measured pull + run on a fresh data root; always cleans up."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    root = run_dir / "root"
+    root.mkdir(parents=True)
+    cfg = run_dir / "config.yaml"
+    cfg.write_text(config_text(mode))
+    cli_log = run_dir / "cli.log"
+    snap = "overlayfs" if mode == "overlayfs" else "soci"
+    rss = RssSampler(root)
+    rss.start()
+    result: dict = {"mode": mode}
+    try:
+        proxy.reset()
+        t0 = time.monotonic()
+        lazyoci(root, cfg, "pull", "-q", "--snapshotter", snap, ref, log_file=cli_log)
+        result["pull_s"] = time.monotonic() - t0
+        s = proxy.stats()
+        result["pull_bytes"], result["pull_requests"] = s["bytes"], s["requests"]
+        if mode == "soci-bg":
+            result["background_s"] = wait_background(root, cfg, timeout=3600)
+        before = proxy.stats()
+        t1 = time.monotonic()
+        p = subprocess.Popen([LAZYOCI, "--root", str(root), "--config", str(cfg), "run", "--rm",
+                              "--snapshotter", snap, ref],
+                             stdout=subprocess.PIPE, stderr=open(cli_log, "ab"))
+        ready = None
+        output = []
+        assert p.stdout is not None
+        for line in p.stdout:
+            output.append(line)
+            if line.strip() == b"ready" and ready is None:
+                ready = time.monotonic() - t1
+        rc = p.wait(timeout=900)
+        if rc != 0 or ready is None:
+            raise RuntimeError(f"run exited {rc}, ready={'yes' if ready else 'no'}; output "
+                               f"{b''.join(output)[-300:]!r}; log {cli_log.read_text(errors='replace')[-600:]}")
+        result["ready_s"] = ready
+        result["total_s"] = result["pull_s"] + ready
+        after = proxy.stats()
+        result["run_bytes"] = after["bytes"] - before["bytes"]
+        result["run_requests"] = after["requests"] - before["requests"]
+        result["bytes"], result["requests"] = after["bytes"], after["requests"]
+        result["range_requests"] = after["range_requests"]
+    finally:
+        peak = rss.finish()
+        result["service_peak_rss_mib"] = round(peak / 1024, 1) if peak else None
+        lazyoci(root, cfg, "service", "stop", check=False, timeout=120, log_file=cli_log)
+        left = leftover_mounts(root)
+        for m in sorted(left, key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], check=False)
+        if left:
+            result["leftover_mounts"] = left
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def prepare_image(name: str, reg: localreg.Registry, setup: Path) -> tuple[str, dict]:
+    """Build (or reuse) the image, push it with skopeo, then give it a SOCI index with
+    `lazyoci push --snapshotter soci`. Returns the repository path and the image facts."""
+    meta = ensure(name)
+    repo = f"bench/{name}:latest"
+    t0 = time.monotonic()
+    localreg.skopeo_push_layout(image_dir(name), f"{reg.host}/{repo}")
+    root = setup / name / "root"
+    shutil.rmtree(setup / name, ignore_errors=True)
+    root.mkdir(parents=True)
+    cfg = setup / name / "config.yaml"
+    cfg.write_text("snapshotters:\n  - overlayfs\n")
+    log_file = setup / name / "setup.log"
+    lazyoci(root, cfg, "pull", "-q", f"{reg.host}/{repo}", log_file=log_file)
+    lazyoci(root, cfg, "push", "--snapshotter", "soci", f"{reg.host}/{repo}", log_file=log_file)
+    ztocs = sum(1 for line in log_file.read_text().splitlines() if "-> ztoc" in line)
+    manifest_digest = json.loads((image_dir(name) / "index.json").read_text())["manifests"][0]["digest"]
+    manifest = json.loads((image_dir(name) / "blobs/sha256" / manifest_digest.split(":")[1]).read_text())
+    facts = {**meta, "layers": len(manifest["layers"]),
+             "compressed_bytes": sum(l["size"] for l in manifest["layers"]),
+             "ztocs": ztocs, "setup_s": round(time.monotonic() - t0, 1)}
+    log(f"{name}: pushed with a SOCI index ({ztocs} zTOCs) in {facts['setup_s']}s")
+    shutil.rmtree(setup / name, ignore_errors=True)
+    return repo, facts
+
+
+def machine() -> dict:
+    mem = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.machine())
+    return {"nproc": os.cpu_count(), "memory_gib": round(int(mem.split()[1]) / 2**20, 1),
+            "kernel": platform.release(), "cpu": cpu}
+
+
+def median(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["image"], r["profile"], r["mode"]), []).append(r)
+    rows = []
+    for (image, profile, mode), rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        row = {"image": image, "profile": profile, "mode": mode, "runs": len(ok), "failed": len(rs) - len(ok)}
+        for k in ("pull_s", "ready_s", "total_s", "background_s", "bytes", "requests",
+                  "run_bytes", "service_peak_rss_mib"):
+            row[k] = median([r.get(k) for r in ok])
+        if len(ok) < len(rs):
+            row["error"] = next(r["error"] for r in rs if "error" in r)
+        rows.append(row)
+    return rows
+
+
+def fmt(v, spec: str = ".2f", unit: str = "") -> str:
+    return "—" if v is None else f"{v:{spec}}{unit}"
+
+
+def write_report(command: str, mach: dict, facts: dict, rows: list[dict], started: float) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    out = ["# lazyoci benchmark results", "",
+           f"Command: `{command}`  ",
+           f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['memory_gib']} GiB memory, "
+           f"Linux {mach['kernel']}  ",
+           f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; the whole run took "
+           f"{(time.monotonic() - started) / 60:.1f} min", "",
+           "Registry: docker-registry on loopback behind bench/throttle_proxy.py (one shared token "
+           "bucket; latency added to every request). Every run starts from an empty data root. "
+           "Times are medians; *pull+ready* is `lazyoci pull` plus `lazyoci run` up to the `ready` "
+           "line. *soci-bg* waits for the background fetcher to finish before `run` (that wait is "
+           "not in pull+ready). MB = 10^6 bytes.", "",
+           "## Images", "",
+           "| image | layers | compressed | zTOCs | workload needs | build time |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for name, f in facts.items():
+        out.append(f"| {name} | {f['layers']} | {f['compressed_bytes'] / 1e6:.0f} MB | {f['ztocs']} | "
+                   f"{f['needed_bytes'] / 1e6:.2f} MB in {f['needed_files']} files | "
+                   f"{f.get('build_seconds', 0) / 60:.1f} min |")
+    out += ["", "## Measurements", "",
+            "| image | profile | mode | runs | pull s | run→ready s | pull+ready s | bg fetch s | "
+            "registry MB | requests | service peak RSS MiB |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["image"], r["profile"], MODES.index(r["mode"]))):
+        out.append(f"| {r['image']} | {r['profile']} | {r['mode']} | {r['runs']}"
+                   f"{' (' + str(r['failed']) + ' failed)' if r['failed'] else ''} | "
+                   f"{fmt(r['pull_s'])} | {fmt(r['ready_s'])} | {fmt(r['total_s'])} | "
+                   f"{fmt(r['background_s'])} | {fmt(r['bytes'] and r['bytes'] / 1e6, '.1f')} | "
+                   f"{fmt(r['requests'], '.0f')} | {fmt(r['service_peak_rss_mib'], '.0f')} |")
+    out += ["", "## Lazy vs full", "",
+            "| image | profile | full pull+ready s | lazy pull+ready s | lazy/full | floor s | "
+            "lazy MB / full MB |", "|---|---|---:|---:|---:|---:|---:|"]
+    by = {(r["image"], r["profile"], r["mode"]): r for r in rows}
+    for (image, profile, mode), r in sorted(by.items()):
+        if mode != "overlayfs":
+            continue
+        lazy = by.get((image, profile, "soci"))
+        if not lazy:
+            continue
+        rate = PROFILES[profile][0] * 1e6
+        floor = facts[image]["needed_bytes"] / rate
+        ratio = (lazy["total_s"] / r["total_s"]) if lazy["total_s"] and r["total_s"] else None
+        bratio = (lazy["bytes"] / r["bytes"]) if lazy["bytes"] and r["bytes"] else None
+        out.append(f"| {image} | {profile} | {fmt(r['total_s'])} | {fmt(lazy['total_s'])} | "
+                   f"{fmt(ratio, '.3f')} | {floor:.3f} | {fmt(bratio, '.3f')} |")
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        out += ["", "## Failures", ""]
+        out += [f"- {r['image']} {r['profile']} {r['mode']}: {r['error'][:400]}" for r in errors]
+    out += ["", "The floor is the bytes the workload reads (uncompressed, see bench/images/*.py) "
+            "divided by the bandwidth: no loader can be faster over that link.", ""]
+    (RESULTS / "RESULTS.md").write_text("\n".join(out))
+
+
+def write_chart(rows: list[dict], facts: dict, profiles: list[str]) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing (pip install -e '.[bench]'): no chart")
+        return None
+    by = {(r["image"], r["profile"], r["mode"]): r for r in rows}
+    images = list(facts)
+    fig, axes = plt.subplots(1, len(profiles), figsize=(6 * len(profiles), 4.5), squeeze=False)
+    width = 0.25
+    for ax, profile in zip(axes[0], profiles):
+        for j, mode in enumerate(MODES):
+            vals = [(by.get((im, profile, mode)) or {}).get("total_s") or 0 for im in images]
+            ax.bar([i + (j - 1) * width for i in range(len(images))], vals, width, label=MODE_LABEL[mode])
+        for i, im in enumerate(images):
+            floor = facts[im]["needed_bytes"] / (PROFILES[profile][0] * 1e6)
+            ax.hlines(floor, i - 1.5 * width, i + 1.5 * width, colors="black", linestyles="dashed",
+                      label="floor" if i == 0 else None)
+        ax.set_xticks(range(len(images)), images)
+        ax.set_ylabel("pull + run to ready (s)")
+        ax.set_title(profile)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = RESULTS / "chart.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", default=",".join(BUILDERS))
+    ap.add_argument("--profiles", default=",".join(PROFILES))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    images = [i for i in args.images.split(",") if i]
+    profiles = [p for p in args.profiles.split(",") if p]
+    modes = [m for m in args.modes.split(",") if m]
+    for what, got, known in (("image", images, BUILDERS), ("profile", profiles, PROFILES), ("mode", modes, MODES)):
+        bad = [g for g in got if g not in known]
+        if bad:
+            ap.error(f"unknown {what} {bad[0]!r} (choose from {', '.join(known)})")
+    if os.geteuid() != 0:
+        sys.exit("run_bench.py needs root (overlayfs, FUSE, runc, mmdebstrap)")
+    command = "python bench/run_bench.py " + " ".join(sys.argv[1:])
+    started = time.monotonic()
+    WORK.mkdir(exist_ok=True)
+    mach = machine()
+    reg = localreg.start_registry(WORK / "registry")
+    proxies: list[localreg.Proxy] = []
+    runs: list[dict] = []
+    facts: dict = {}
+    try:
+        for name in images:
+            log(f"{name}: building (cached after the first time) and pushing")
+            _, facts[name] = prepare_image(name, reg, WORK / "setup")
+        for profile in profiles:
+            rate, latency = PROFILES[profile]
+            proxy = localreg.start_proxy(reg.host, rate, latency, WORK)
+            proxies.append(proxy)
+            for name in images:
+                ref = f"{proxy.host}/bench/{name}:latest"
+                for i in range(args.runs):
+                    for mode in modes:       # interleaved, so drift hits every mode alike
+                        rec = {"image": name, "profile": profile, "mode": mode, "run": i + 1}
+                        try:
+                            rec.update(one_run(ref, mode, proxy, WORK / "run"))
+                            log(f"{name} {profile} {mode} #{i + 1}: pull {rec['pull_s']:.2f}s, "
+                                f"ready {rec['ready_s']:.2f}s, {rec['bytes'] / 1e6:.1f} MB in "
+                                f"{rec['requests']} requests, service RSS {rec['service_peak_rss_mib']} MiB")
+                        except Exception as e:  # noqa: BLE001 - record and go on: a table with a hole beats none
+                            rec["error"] = f"{type(e).__name__}: {e}"
+                            log(f"{name} {profile} {mode} #{i + 1}: FAILED {rec['error'][:300]}")
+                        runs.append(rec)
+                        (RESULTS).mkdir(exist_ok=True)
+                        (RESULTS / "results.json").write_text(json.dumps(
+                            {"command": command, "machine": mach, "images": facts, "runs": runs}, indent=1))
+                        write_report(command, mach, facts, summarize(runs), started)
+            proxy.stop()
+    finally:
+        for p in proxies:
+            p.stop()
+        reg.stop()
+    rows = summarize(runs)
+    write_report(command, mach, facts, rows, started)
+    chart = write_chart(rows, facts, profiles)
+    log(f"wrote {RESULTS / 'RESULTS.md'}" + (f" and {chart}" if chart else ""))
+    print((RESULTS / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
