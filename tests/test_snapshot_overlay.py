@@ -1,0 +1,165 @@
+"""The overlayfs snapshotter: the tricky image's tree equals umoci's, layers are shared and released."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.images import Entry, image_config, make_layer, push_image
+from helpers.tree import diff_trees, walk_tree
+from helpers.tricky_image import build_tricky_image, push_tricky_image, tricky_layers
+from lazyoci.config import Config
+from lazyoci.errors import IntegrityError, StoreError
+from lazyoci.images.service import ImageService
+from lazyoci.snapshot.base import KIND_ACTIVE, KIND_COMMITTED
+from lazyoci.snapshot.mount import is_mountpoint, mount_all, unmount
+from lazyoci.snapshot.overlay import OverlaySnapshotter
+from lazyoci.snapshot.registry import get_snapshotter
+from lazyoci.store.layout import DataRoot
+
+LAZYOCI = [str(Path(sys.executable).parent / "lazyoci")]
+
+
+def lz(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(LAZYOCI + ["--root", str(root), *args], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"lazyoci {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+    return r
+
+
+def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [l.split()[4] for l in f if l.split()[4].startswith(str(path))]
+
+
+@pytest.fixture
+def no_mounts_left(data_root):
+    yield data_root
+    left = _mounts_under(data_root.parent)
+    for m in reversed(left):
+        unmount(Path(m))
+    assert not left, f"mounts left behind: {left}"
+
+
+def test_image_mount_of_the_tricky_image_equals_umoci_unpack(registry, tmp_path, no_mounts_left):
+    root = no_mounts_left
+    img = push_tricky_image(registry.host, "snap/tricky", tmp_path)
+    subprocess.run(["umoci", "unpack", "--image", f"{img.layout}:latest", str(tmp_path / "bundle")],
+                   check=True, capture_output=True)
+    ref = f"{registry.host}/snap/tricky:latest"
+    lz(root, "pull", ref)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    lz(root, "image", "mount", ref, str(mnt))
+    try:
+        assert is_mountpoint(mnt)
+        expected = walk_tree(tmp_path / "bundle" / "rootfs", mtimes=True)
+        actual = walk_tree(mnt, mtimes=True)
+        problems = diff_trees(expected, actual)
+        assert not problems, "\n".join(problems)
+        assert len(actual) > 80
+        # read-only
+        with pytest.raises(OSError):
+            (mnt / "newfile").write_text("x")
+    finally:
+        lz(root, "image", "unmount", str(mnt))
+    assert not is_mountpoint(mnt)
+    snap = OverlaySnapshotter(DataRoot(root))
+    assert [s.kind for s in snap.walk()] == [KIND_COMMITTED] * 3
+
+
+def test_layers_unpack_during_pull_and_are_shared_and_released(registry, tmp_path, no_mounts_left):
+    root = DataRoot(no_mounts_left)
+    base = make_layer([Entry("bin", "dir"), Entry("bin/base", data=b"base" * 1000)])
+    top_a = make_layer([Entry("a", data=b"image a")], "zstd")
+    top_b = make_layer([Entry("b", data=b"image b")], "none")
+    push_image(registry.host, "snap/a", [base, top_a], image_config([base, top_a], cmd=["/x"]), tmp_path)
+    push_image(registry.host, "snap/b", [base, top_b], image_config([base, top_b], cmd=["/x"]), tmp_path)
+    images = ImageService(root)
+    snap = OverlaySnapshotter(root)
+    a = images.pull(f"{registry.host}/snap/a:latest", layer_consumer=snap.layer_consumer)
+    # Unpacked while downloading: the layer dirs exist before unpack_image, so it needs no blobs.
+    assert snap.layer_dir(base.diff_id) is not None and snap.layer_dir(top_a.diff_id) is not None
+    for layer in (base, top_a):
+        images.blobs.delete(layer.digest)
+    top = snap.unpack_image(images, a)
+    b = images.pull(f"{registry.host}/snap/b:latest", layer_consumer=snap.layer_consumer)
+    snap.unpack_image(images, b)
+    dirs = sorted(p.name for p in (root.snapshots / "overlayfs").iterdir() if p.name.isdigit())
+    assert len(dirs) == 3     # base once, two tops
+    committed = {s.key: s for s in snap.walk()}
+    assert top in committed and len(committed) == 3   # chains: base (shared), base+a, base+b
+    # A container-like active snapshot keeps its chain alive.
+    mounts = snap.prepare("c1", top)
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    mount_all(mounts, target)
+    try:
+        assert (target / "a").read_bytes() == b"image a"
+        assert (target / "bin/base").read_bytes() == b"base" * 1000
+        (target / "written").write_text("upper")
+    finally:
+        unmount(target)
+    with pytest.raises(StoreError):
+        snap.remove(top)                      # has a child (the active snapshot)
+    removed = snap.release_unused(keep=set())
+    assert top not in removed and len(removed) == 1   # only base+b could go
+    snap.remove("c1")
+    removed = snap.release_unused(keep=set())
+    assert top in removed
+    assert [p.name for p in (root.snapshots / "overlayfs").iterdir() if p.name.isdigit()] == []
+
+
+def test_rmi_releases_unpacked_layers(registry, tmp_path, no_mounts_left):
+    root = no_mounts_left
+    layer = make_layer([Entry("only", data=b"x")])
+    push_image(registry.host, "snap/rmi", [layer], image_config([layer], cmd=["/x"]), tmp_path)
+    ref = f"{registry.host}/snap/rmi:latest"
+    lz(root, "pull", ref)
+    snapdir = root / "snapshots" / "overlayfs"
+    assert [p for p in snapdir.iterdir() if p.name.isdigit()]
+    lz(root, "rmi", ref)
+    assert [p for p in snapdir.iterdir() if p.name.isdigit()] == []
+
+
+def test_wrong_diff_id_in_config_is_an_integrity_error(registry, tmp_path, no_mounts_left):
+    root = DataRoot(no_mounts_left)
+    layer = make_layer([Entry("f", data=b"real")])
+    other = make_layer([Entry("f", data=b"claimed")])
+    push_image(registry.host, "snap/lie", [layer], image_config([other], cmd=["/x"]), tmp_path)
+    images = ImageService(root)
+    snap = get_snapshotter("overlayfs", root, Config())
+    image = images.pull(f"{registry.host}/snap/lie:latest", layer_consumer=snap.layer_consumer)
+    with pytest.raises(IntegrityError, match="diff ID"):
+        snap.unpack_image(images, image)
+    assert list(snap.walk()) == []
+
+
+def test_commit_an_active_snapshot_as_a_layer(tmp_path, no_mounts_left):
+    root = DataRoot(no_mounts_left)
+    snap = OverlaySnapshotter(root)
+    target = tmp_path / "m"
+    target.mkdir()
+    mount_all(snap.prepare("work", None), target)
+    try:
+        (target / "hello").write_text("world")
+    finally:
+        unmount(target)
+    assert snap.stat("work").kind == KIND_ACTIVE
+    snap.commit("layer1", "work")
+    assert snap.stat("layer1").kind == KIND_COMMITTED
+    with pytest.raises(StoreError):
+        snap.stat("work")
+    mount_all(snap.view("v", "layer1"), target)
+    try:
+        assert (target / "hello").read_text() == "world"
+    finally:
+        unmount(target)
+    snap.remove("v")
+    snap.remove("layer1")
+    assert list(snap.walk()) == []
