@@ -74,10 +74,11 @@ class LayerTree:
         def node(path: str, base: str, kind: int, entry: int) -> int:
             n = paths.get(path)
             if n is None:
+                parent = dir_of(path.rpartition("/")[0])   # may add implied parents first
                 n = len(self.entry)
                 paths[path] = n
                 self.entry.append(entry)
-                self.parent.append(dir_of(path.rpartition("/")[0]))
+                self.parent.append(parent)
                 self.kind.append(kind)
                 self.target.append(n)
                 self.nlink.append(2 if kind == DIR else 1)

@@ -1,0 +1,178 @@
+"""Span fetching through the real service, a real registry and a counting/faulting proxy."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.fault_proxy import Fault, FaultProxy
+from helpers.images import Entry, Layer, LAYER_GZIP, image_config, make_layer, push_image, sha, tar_bytes
+from helpers.lazy import running_service, store_ztoc, write_config, ztoc_for
+from lazyoci.ztoc import Ztoc
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts need root")
+
+BIG_FILE = 190 << 20
+
+
+def _pigz_layer(entries: list[Entry]) -> Layer:
+    """A gzip layer compressed by pigz (fast on big random data; an independent compressor)."""
+    raw = tar_bytes(entries)
+    blob = subprocess.run(["pigz", "-1", "-n", "-c"], input=raw, capture_output=True, check=True).stdout
+    return Layer(blob, sha(raw), LAYER_GZIP)
+
+
+@pytest.fixture(scope="module")
+def big(registry, tmp_path_factory):
+    """A 200 MiB indexed layer: small files, a 190 MiB random file, and a needle at the end."""
+    work = tmp_path_factory.mktemp("big")
+    entries = [Entry("etc/", kind="dir")]
+    entries += [Entry(f"etc/small{i}.conf", data=f"small file {i}\n".encode() * 20) for i in range(50)]
+    entries.append(Entry("data/big.bin", data=os.urandom(BIG_FILE)))
+    entries.append(Entry("data/needle.txt", data=b"the needle\n"))
+    layer = _pigz_layer(entries)
+    push_image(registry.host, "lazy/big", [layer], image_config([layer]), work)
+    ztoc = ztoc_for(layer)
+    return layer, ztoc
+
+
+def _blob_gets(proxy: FaultProxy, layer: Layer) -> list:
+    return [r for r in proxy.log if r.method == "GET" and layer.digest in r.path]
+
+
+def _spans_of(ztoc: Ztoc, records) -> list[int]:
+    """The spans each Range request covered (a request = a run of adjacent spans)."""
+    out = []
+    for r in records:
+        m = re.match(r"bytes=(\d+)-(\d+)", r.range or "")
+        assert m, f"a blob GET without Range: {r}"
+        lo, hi = int(m.group(1)), int(m.group(2)) + 1
+        out += [i for i in range(ztoc.num_spans)
+                if ztoc.span_compressed_range(i)[0] >= lo and ztoc.span_compressed_range(i)[1] <= hi]
+    return out
+
+
+def test_small_read_fetches_little_concurrent_readers_share_spans_and_restart_reuses_cache(
+        registry, big, data_root, tmp_path):
+    layer, ztoc_bytes = big
+    ztoc = Ztoc.parse(ztoc_bytes)
+    zdigest = store_ztoc(data_root, ztoc_bytes)
+    config = write_config(tmp_path / "c.yaml")
+    with FaultProxy(registry.host) as proxy:
+        ref = f"{proxy.host}/lazy/big:latest"
+        with running_service(data_root, config) as client:
+            d = client.mount_layer(ref, layer.digest, zdigest)
+            assert (d / "data/needle.txt").read_bytes() == b"the needle\n"
+            served = proxy.bytes_served
+            assert served < len(layer.blob) * 0.10, f"{served} of {len(layer.blob)} bytes served"
+            assert len(_blob_gets(proxy, layer)) >= 1
+
+            # two readers of the same 24 MiB at once: every span fetched exactly once
+            proxy.reset_counters()
+            results: list[bytes] = []
+
+            def reader() -> None:
+                with open(d / "data/big.bin", "rb") as f:
+                    f.seek(64 << 20)
+                    results.append(f.read(24 << 20))
+
+            threads = [threading.Thread(target=reader) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(results) == 2 and results[0] == results[1] and len(results[0]) == 24 << 20
+            spans = _spans_of(ztoc, _blob_gets(proxy, layer))
+            assert spans and len(spans) == len(set(spans)), f"spans fetched twice: {sorted(spans)}"
+            st = client.status()["layers"][0]
+            assert 0 < st["fetched_bytes"] < st["total_bytes"]
+
+        # a restarted service mounts the layer again and serves cached spans without the registry
+        proxy.reset_counters()
+        with running_service(data_root, config) as client:
+            d = client.paths.layer_dir(layer.digest)
+            assert (d / "data/needle.txt").read_bytes() == b"the needle\n"
+            with open(d / "data/big.bin", "rb") as f:
+                f.seek(64 << 20)
+                assert f.read(24 << 20) == results[0]
+            assert _blob_gets(proxy, layer) == []
+
+
+def _small_image(registry, tmp_path, repo: str) -> tuple[Layer, bytes]:
+    entries = [Entry(f"f{i}.bin", data=os.urandom(200 << 10)) for i in range(6)]
+    layer = make_layer(entries, "gzip")
+    push_image(registry.host, repo, [layer], image_config([layer]), tmp_path)
+    return layer, ztoc_for(layer, span_size=64 << 10)
+
+
+def test_corrupt_blob_in_registry_gives_eio_never_wrong_data(fresh_registry, data_root, tmp_path):
+    layer, ztoc_bytes = _small_image(fresh_registry, tmp_path, "lazy/corrupt")
+    ztoc = Ztoc.parse(ztoc_bytes)
+    zdigest = store_ztoc(data_root, ztoc_bytes)
+    # flip one byte inside the span that holds the middle of f4.bin
+    target = next(ztoc.entry(i) for i in range(len(ztoc)) if ztoc.entry(i).name.endswith("f4.bin"))
+    span = ztoc.spans_for(target.offset + 100_000, target.offset + 100_001)[0]
+    lo, hi = ztoc.span_compressed_range(span)
+    blob_path = fresh_registry.blob_path(layer.digest)
+    data = bytearray(blob_path.read_bytes())
+    data[(lo + hi) // 2] ^= 0xFF
+    blob_path.write_bytes(bytes(data))
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        d = client.mount_layer(f"{fresh_registry.host}/lazy/corrupt:latest", layer.digest, zdigest)
+        with pytest.raises(OSError) as exc:
+            (d / "f4.bin").read_bytes()
+        assert exc.value.errno == errno.EIO
+        # spans that are intact still read fine
+        assert len((d / "f0.bin").read_bytes()) == 200 << 10
+        log = client.paths.log_file.read_text()
+        assert "does not match its digest" in log
+    # a full pull of the same image fails on the digest too
+    from lazyoci.errors import IntegrityError
+    from lazyoci.images.service import ImageService
+    from lazyoci.store.layout import DataRoot
+
+    images = ImageService(DataRoot(tmp_path / "other-root"))
+    try:
+        with pytest.raises(IntegrityError):
+            images.pull(f"{fresh_registry.host}/lazy/corrupt:latest")
+    finally:
+        images.close()
+
+
+def test_reset_mid_span_is_retried_and_200_to_range_is_a_clear_error(registry, data_root, tmp_path):
+    layer, ztoc_bytes = _small_image(registry, tmp_path, "lazy/faults")
+    zdigest = store_ztoc(data_root, ztoc_bytes)
+    with FaultProxy(registry.host) as proxy, \
+            running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        d = client.mount_layer(f"{proxy.host}/lazy/faults:latest", layer.digest, zdigest)
+        reset = proxy.add(Fault("reset", match=layer.digest, method="GET", times=1))
+        assert len((d / "f1.bin").read_bytes()) == 200 << 10
+        assert reset.applied == 1
+        proxy.add(Fault("ignore_range", match=layer.digest, times=None))
+        with pytest.raises(OSError) as exc:
+            (d / "f5.bin").read_bytes()
+        assert exc.value.errno == errno.EIO
+        assert "Range" in client.paths.log_file.read_text()
+
+
+def test_background_fetcher_completes_a_layer_without_reads(registry, data_root, tmp_path):
+    layer, ztoc_bytes = _small_image(registry, tmp_path, "lazy/background")
+    zdigest = store_ztoc(data_root, ztoc_bytes)
+    config = write_config(tmp_path / "c.yaml", background=True, quiet=0.2, interval_ms=5)
+    with running_service(data_root, config) as client:
+        client.mount_layer(f"{registry.host}/lazy/background:latest", layer.digest, zdigest)
+        deadline = time.monotonic() + 30
+        while True:
+            st = client.status()["layers"][0]
+            if st["fetched_bytes"] == st["total_bytes"]:
+                break
+            assert time.monotonic() < deadline, f"background fetch stalled: {st}"
+            time.sleep(0.1)
+        assert st["percent"] == 100.0
