@@ -8,6 +8,7 @@ registry says it stored.
 from __future__ import annotations
 
 import threading
+import time
 from typing import BinaryIO, Callable, Iterator
 
 import httpx
@@ -25,6 +26,7 @@ from lazyoci.registry.transport import Transport, raise_for_status
 
 # Manifests are small; a bigger answer is refused rather than read into memory.
 MAX_MANIFEST_SIZE = 8 * 1024 * 1024
+CREDENTIALS_TTL = 30.0
 
 
 def _media_type_header(resp: httpx.Response) -> str | None:
@@ -38,9 +40,27 @@ class RegistryClient:
     def __init__(self, options: RegistryOptions = RegistryOptions()) -> None:
         self.options = options
         self.docker_config = DockerConfig(options.docker_config)
-        self.transport = Transport(options, self.docker_config.get)
+        self.transport = Transport(options, self._credentials)
         self._lock = threading.Lock()
+        self._creds: dict[str, tuple[Credentials | None, float]] = {}
         self._acknowledged: set[tuple[str, str, str]] = set()   # (registry, repository, manifest digest)
+
+    def _credentials(self, registry: str) -> Credentials | None:
+        """Stored credentials, cached briefly: a credential helper is a process per call, and a
+        long-lived client (the lazy-loading service) still sees a later `lazyoci login`."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._creds.get(registry)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        creds = self.docker_config.get(registry)
+        with self._lock:
+            self._creds[registry] = (creds, now + CREDENTIALS_TTL)
+        return creds
+
+    def _forget_credentials(self) -> None:
+        with self._lock:
+            self._creds.clear()
 
     def close(self) -> None:
         self.transport.close()
@@ -191,11 +211,13 @@ class RegistryClient:
         else:
             raise_for_status(resp, f"login to {host}")
         self.docker_config.store(host, username, password)
+        self._forget_credentials()
         self.transport.auth.forget(ep.host)
 
     def logout(self, registry: str) -> None:
         """Forget the stored credentials of `registry` (nothing happens if there were none)."""
         host = registry_host(registry)
         self.docker_config.erase(host)
+        self._forget_credentials()
         for ep in self.transport.upstream(host):
             self.transport.auth.forget(ep.host)

@@ -159,9 +159,11 @@ class DockerConfig:
 def _decode_entry(entry: dict[str, Any], path: Path, key: str) -> Credentials | None:
     if entry.get("auth"):
         try:
-            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            user, colon, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
-            raise ConfigError(f"{path}: auths[{key!r}].auth is not base64 'user:password'") from None
+            colon = ""
+        if not colon:
+            raise ConfigError(f"{path}: auths[{key!r}].auth is not base64 'user:password'")
         return Credentials(user, password)
     if entry.get("username") and entry.get("password"):
         return Credentials(str(entry["username"]), str(entry["password"]))
