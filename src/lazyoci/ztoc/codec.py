@@ -34,75 +34,129 @@ _u8 = struct.Struct("<B").unpack_from
 _i8 = struct.Struct("<b").unpack_from
 
 
-def _offset_vector(b: flatbuffers.Builder, offsets: Sequence[int]) -> int:
-    b.StartVector(4, len(offsets), 4)
-    for off in reversed(offsets):
-        b.PrependUOffsetTRelative(off)
-    return b.EndVector()
+# Our own fixed table layouts (any layout is valid FlatBuffers; readers follow the vtables).
+# One vtable is shared by every FileMetadata table, strings that repeat are written once.
+_ZTOC = struct.Struct("<iIIIIiqq")          # soffset, version, tool, toc, cinfo, pad, csize, usize
+_ZTOC_VT = (4, 8, 24, 32, 12, 16)
+_CINFO = struct.Struct("<ib3xiII")          # soffset, algorithm, pad, max_span_id, digests, checkpoints
+_CINFO_VT = (4, 8, 12, 16)
+_TOC = struct.Struct("<iI")
+_FM = struct.Struct("<iIIIqqqqqIIIIII")     # see _FM_VT for the field order
+_FM_VT = (4, 8, 16, 24, 12, 32, 56, 60, 64, 68, 72, 40, 48, 76)
+_XATTR = struct.Struct("<iII")
+_U32 = struct.Struct("<I")
 
 
-def _entry(b: flatbuffers.Builder, e: TarEntry) -> int:
-    name = b.CreateString(e.name)
-    typ = b.CreateString(e.type)
-    linkname = b.CreateString(e.linkname)
-    uname = b.CreateString(e.uname)
-    gname = b.CreateString(e.gname)
-    mod_time = b.CreateString(format_rfc3339_nano(e.mtime_ns))
-    xattrs = []
-    for key, value in e.pax:
-        k, v = b.CreateString(key), b.CreateString(value)
-        b.StartObject(2)
-        b.PrependUOffsetTRelativeSlot(0, k, 0)
-        b.PrependUOffsetTRelativeSlot(1, v, 0)
-        xattrs.append(b.EndObject())
-    xvec = _offset_vector(b, xattrs) if xattrs else 0
-    b.StartObject(14)
-    b.PrependUOffsetTRelativeSlot(FM_NAME, name, 0)
-    b.PrependUOffsetTRelativeSlot(FM_TYPE, typ, 0)
-    b.PrependInt64Slot(FM_OFFSET, e.offset, 0)
-    b.PrependInt64Slot(FM_SIZE, e.size, 0)
-    b.PrependUOffsetTRelativeSlot(FM_LINKNAME, linkname, 0)
-    b.PrependInt64Slot(FM_MODE, e.mode, 0)
-    b.PrependUint32Slot(FM_UID, e.uid & 0xFFFFFFFF, 0)
-    b.PrependUint32Slot(FM_GID, e.gid & 0xFFFFFFFF, 0)
-    b.PrependUOffsetTRelativeSlot(FM_UNAME, uname, 0)
-    b.PrependUOffsetTRelativeSlot(FM_GNAME, gname, 0)
-    b.PrependUOffsetTRelativeSlot(FM_MODTIME, mod_time, 0)
-    b.PrependInt64Slot(FM_DEVMAJOR, e.devmajor, 0)
-    b.PrependInt64Slot(FM_DEVMINOR, e.devminor, 0)
-    if xvec:
-        b.PrependUOffsetTRelativeSlot(FM_XATTRS, xvec, 0)
-    return b.EndObject()
+class _Writer:
+    """Appends FlatBuffers objects front to back; references always point forward."""
+
+    def __init__(self) -> None:
+        self.out = bytearray(8)     # the root offset goes at 0
+        self._cache: dict[bytes, int] = {}
+
+    def align(self, n: int) -> None:
+        self.out += bytes(-len(self.out) % n)
+
+    def vtable(self, objlen: int, offsets: Sequence[int]) -> int:
+        self.align(2)
+        pos = len(self.out)
+        self.out += struct.pack(f"<{2 + len(offsets)}H", 4 + 2 * len(offsets), objlen, *offsets)
+        return pos
+
+    def reserve(self, size: int, align: int = 8) -> int:
+        self.align(align)
+        pos = len(self.out)
+        self.out += bytes(size)
+        return pos
+
+    def string(self, data: bytes | str, cache: bool = False) -> int:
+        if isinstance(data, str):
+            data = data.encode()
+        if cache:
+            pos = self._cache.get(data)
+            if pos is not None:
+                return pos
+        self.align(4)
+        pos = len(self.out)
+        self.out += _U32.pack(len(data))
+        self.out += data
+        self.out += b"\0"
+        if cache:
+            self._cache[data] = pos
+        return pos
+
+    def ref(self, field_pos: int, target: int) -> None:
+        _U32.pack_into(self.out, field_pos, target - field_pos)
+
+    def ref_vector(self, n: int) -> int:
+        """A vector of n references (filled with `ref` later); returns the first slot's position."""
+        self.align(4)
+        self.out += _U32.pack(n)
+        pos = len(self.out)
+        self.out += bytes(4 * n)
+        return pos
+
+
+def _pax_vector(w: _Writer, pax: Sequence[tuple[bytes, bytes]]) -> int:
+    vec = w.ref_vector(len(pax))
+    vt = w.vtable(12, (4, 8))
+    tables = []
+    for k in range(len(pax)):
+        pos = w.reserve(12, 4)
+        _XATTR.pack_into(w.out, pos, pos - vt, 0, 0)
+        tables.append(pos)
+        w.ref(vec + 4 * k, pos)
+    for pos, (key, value) in zip(tables, pax):
+        w.ref(pos + 4, w.string(key))
+        w.ref(pos + 8, w.string(value))
+    return vec - 4
 
 
 def encode_ztoc(*, build_tool: str, compressed_size: int, uncompressed_size: int,
                 entries: Sequence[TarEntry], algorithm: int, span_digests: Sequence[str],
                 checkpoints: bytes) -> bytes:
-    """The zTOC FlatBuffer (version 0.9)."""
-    b = flatbuffers.Builder(1024 + len(checkpoints) + 256 * len(entries))
-    blob = b.CreateByteVector(checkpoints)
-    digests = _offset_vector(b, [b.CreateString(d) for d in span_digests])
-    b.StartObject(4)
-    b.PrependInt8Slot(CI_ALGO, algorithm, GZIP)
-    b.PrependInt32Slot(CI_MAXSPAN, len(span_digests) - 1, 0)
-    b.PrependUOffsetTRelativeSlot(CI_DIGESTS, digests, 0)
-    b.PrependUOffsetTRelativeSlot(CI_CHECKPOINTS, blob, 0)
-    cinfo = b.EndObject()
-    metadata = _offset_vector(b, [_entry(b, e) for e in entries])
-    b.StartObject(1)
-    b.PrependUOffsetTRelativeSlot(0, metadata, 0)
-    toc = b.EndObject()
-    version = b.CreateString(ZTOC_VERSION)
-    tool = b.CreateString(build_tool)
-    b.StartObject(6)
-    b.PrependUOffsetTRelativeSlot(ZTOC_VERSION_F, version, 0)
-    b.PrependUOffsetTRelativeSlot(ZTOC_TOOL, tool, 0)
-    b.PrependInt64Slot(ZTOC_CSIZE, compressed_size, 0)
-    b.PrependInt64Slot(ZTOC_USIZE, uncompressed_size, 0)
-    b.PrependUOffsetTRelativeSlot(ZTOC_TOC, toc, 0)
-    b.PrependUOffsetTRelativeSlot(ZTOC_CINFO, cinfo, 0)
-    b.Finish(b.EndObject())
-    return bytes(b.Output())
+    """The zTOC FlatBuffer (version 0.9). Written by hand rather than with flatbuffers.Builder,
+    which costs ~150 us per entry: 15 s for a 100,000-file layer."""
+    w = _Writer()
+    vt_ztoc = w.vtable(_ZTOC.size, _ZTOC_VT)
+    vt_cinfo = w.vtable(_CINFO.size, _CINFO_VT)
+    vt_toc = w.vtable(_TOC.size, (4,))
+    vt_fm = w.vtable(_FM.size, _FM_VT)
+    vt_fm_nox = w.vtable(_FM.size, _FM_VT[:-1] + (0,))
+    ztoc = w.reserve(_ZTOC.size)
+    cinfo = w.reserve(_CINFO.size)
+    toc = w.reserve(_TOC.size)
+    _U32.pack_into(w.out, 0, ztoc)
+    metadata = w.ref_vector(len(entries))
+    _TOC.pack_into(w.out, toc, toc - vt_toc, metadata - 4 - (toc + 4))
+    first = w.reserve(_FM.size * len(entries))
+    out = w.out
+    for i, e in enumerate(entries):
+        t = first + i * _FM.size
+        _U32.pack_into(out, metadata + 4 * i, t - (metadata + 4 * i))
+        strings = (w.string(e.name), w.string(e.type, True), w.string(e.linkname, True),
+                   w.string(e.uname, True), w.string(e.gname, True),
+                   w.string(format_rfc3339_nano(e.mtime_ns), True))
+        xvec = _pax_vector(w, e.pax) if e.pax else 0
+        name, typ, linkname, uname, gname, mod_time = (s - t for s in strings)
+        _FM.pack_into(out, t, t - (vt_fm if xvec else vt_fm_nox), name - 4, typ - 8, linkname - 12,
+                      e.offset, e.size, e.mode, e.devmajor, e.devminor,
+                      e.uid & 0xFFFFFFFF, e.gid & 0xFFFFFFFF,
+                      uname - 64, gname - 68, mod_time - 72, (xvec - t - 76) if xvec else 0)
+    digests = w.ref_vector(len(span_digests))
+    for k, d in enumerate(span_digests):
+        w.ref(digests + 4 * k, w.string(d))
+    w.align(4)
+    blob = len(w.out)
+    w.out += _U32.pack(len(checkpoints))
+    w.out += checkpoints
+    version, tool = w.string(ZTOC_VERSION), w.string(build_tool)
+    _CINFO.pack_into(w.out, cinfo, cinfo - vt_cinfo, algorithm, len(span_digests) - 1,
+                     digests - 4 - (cinfo + 12), blob - (cinfo + 16))
+    _ZTOC.pack_into(w.out, ztoc, ztoc - vt_ztoc, version - (ztoc + 4), tool - (ztoc + 8),
+                    toc - (ztoc + 12), cinfo - (ztoc + 16), 0, compressed_size, uncompressed_size)
+    w.align(8)
+    return bytes(w.out)
 
 
 def encode_tar_zinfo(span_size: int, size: int) -> bytes:

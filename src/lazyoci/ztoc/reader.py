@@ -24,6 +24,13 @@ ENTRY_TYPES = frozenset({"hardlink", "symlink", "dir", "reg", "char", "block", "
 SUPPORTED_VERSIONS = frozenset({"0.9"})
 XATTR_PREFIX = "SCHILY.xattr."
 _DIGEST = re.compile(rb"sha256:[0-9a-f]{64}")
+_TYPE_BYTES = frozenset(t.encode() for t in ENTRY_TYPES)
+_STRING_SLOTS = (C.FM_NAME, C.FM_TYPE, C.FM_LINKNAME, C.FM_UNAME, C.FM_GNAME, C.FM_MODTIME)
+_FIELD_SIZE = (4, 4, 8, 8, 4, 8, 4, 4, 4, 4, 4, 8, 8, 4)   # bytes of each FileMetadata slot
+_U16 = struct.Struct("<H").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+_I32 = struct.Struct("<i").unpack_from
+_I64 = struct.Struct("<q").unpack_from
 
 
 def _text(raw: bytes) -> str:
@@ -126,31 +133,68 @@ class Ztoc:
         s, n = r.vector(r.deref(self._digests_start + 4 * i), 1)
         return self._data[s:s + n]
 
+    def _layout(self, vt: int) -> tuple[int, tuple[int, ...]]:
+        """(object length, field offsets by slot) of a FileMetadata vtable, checked once and cached."""
+        lay = self._vtables.get(vt)
+        if lay is None:
+            buf, n = self._data, len(self._data)
+            if not 0 <= vt <= n - 4:
+                raise self._r.bad(f"vtable offset {vt} outside the buffer")
+            vtlen, objlen = _U16(buf, vt)[0], _U16(buf, vt + 2)[0]
+            if vtlen < 4 or vtlen & 1 or vt + vtlen > n:
+                raise self._r.bad(f"malformed vtable at {vt}")
+            offs = [_U16(buf, vt + 4 + 2 * k)[0] if 4 + 2 * k < vtlen else 0 for k in range(14)]
+            for slot, off in enumerate(offs):
+                if off and off + _FIELD_SIZE[slot] > objlen:
+                    raise self._r.bad(f"field {slot} of vtable {vt} lies outside its table")
+            lay = self._vtables[vt] = (objlen, tuple(offs))
+        return lay
+
     def _validate_entries(self, r: C.FlatReader) -> None:
         """Every entry is well-formed and they tile the archive without overlapping."""
+        buf, n, usize = self._data, len(self._data), self.uncompressed_size
+        self._vtables: dict[int, tuple[int, tuple[int, ...]]] = {}
         prev_end, ordered = 0, True
         for i in range(self._count):
-            t = r.table(r.deref(self._entries_start + 4 * i))
-            for slot in (C.FM_NAME, C.FM_LINKNAME, C.FM_UNAME, C.FM_GNAME):
-                r.bytes_field(t, slot)
-            typ = r.bytes_field(t, C.FM_TYPE).decode(errors="replace")
-            if typ not in ENTRY_TYPES:
-                raise FormatError(f"zTOC entry {i} has type {typ!r} (want one of {', '.join(sorted(ENTRY_TYPES))})")
-            off, size = r.int_field(t, C.FM_OFFSET), r.int_field(t, C.FM_SIZE)
-            data_len = size if typ == "reg" else 0   # other types carry no data in the tar
-            if off < BLOCK or size < 0 or off + data_len > self.uncompressed_size:
+            ep = self._entries_start + 4 * i
+            t = ep + _U32(buf, ep)[0]
+            if t > n - 4:
+                raise r.bad(f"entry {i} points outside the buffer")
+            objlen, offs = self._layout(t - _I32(buf, t)[0])
+            if t + objlen > n:
+                raise r.bad(f"entry {i} runs past the end of the buffer")
+            for slot in _STRING_SLOTS:
+                o = offs[slot]
+                if o:
+                    p = t + o
+                    p += _U32(buf, p)[0]
+                    if p > n - 4 or p + 4 + _U32(buf, p)[0] > n:
+                        raise r.bad(f"string field {slot} of entry {i} runs past the end of the buffer")
+            o = offs[C.FM_TYPE]
+            typ = b""
+            if o:
+                p = t + o
+                p += _U32(buf, p)[0]
+                typ = buf[p + 4:p + 4 + _U32(buf, p)[0]]
+            if typ not in _TYPE_BYTES:
+                raise FormatError(f"zTOC entry {i} has type {typ.decode(errors='replace')!r} "
+                                  f"(want one of {', '.join(sorted(ENTRY_TYPES))})")
+            off = _I64(buf, t + offs[C.FM_OFFSET])[0] if offs[C.FM_OFFSET] else 0
+            size = _I64(buf, t + offs[C.FM_SIZE])[0] if offs[C.FM_SIZE] else 0
+            data_len = size if typ == b"reg" else 0   # other types carry no data in the tar
+            if off < BLOCK or size < 0 or off + data_len > usize:
                 raise FormatError(f"zTOC entry {i} (offset {off}, size {size}) lies outside the "
-                                  f"{self.uncompressed_size}-byte archive")
-            parse_rfc3339_nano(_text(r.bytes_field(t, C.FM_MODTIME)) or "1970-01-01T00:00:00Z")
-            xs, xn = r.vector_field(t, C.FM_XATTRS, 4)
-            for k in range(xn):
-                x = r.table(r.deref(xs + 4 * k))
-                r.bytes_field(x, 0), r.bytes_field(x, 1)
-            # the next header starts at this entry's data end rounded up to a block
-            end = off + -(-data_len // BLOCK) * BLOCK
+                                  f"{usize}-byte archive")
+            if offs[C.FM_XATTRS]:
+                p = t + offs[C.FM_XATTRS]
+                xs, xn = r.vector(r.deref(p), 4)
+                for k in range(xn):
+                    x = r.table(r.deref(xs + 4 * k))
+                    r.bytes_field(x, 0), r.bytes_field(x, 1)
             if off < prev_end + BLOCK:
                 ordered = False
-            prev_end = end
+            # the next header starts at this entry's data end rounded up to a block
+            prev_end = off + -(-data_len // BLOCK) * BLOCK
         if not ordered:   # entries out of stream order: sort, then check
             self._check_overlaps(r)
 
@@ -176,27 +220,41 @@ class Ztoc:
     def entry(self, i: int) -> TocEntry:
         if not 0 <= i < self._count:
             raise IndexError(f"zTOC entry {i} out of range (0..{self._count - 1})")
-        r = self._r
-        t = r.deref(self._entries_start + 4 * i)
+        buf = self._data
+        ep = self._entries_start + 4 * i
+        t = ep + _U32(buf, ep)[0]
+        offs = self._vtables[t - _I32(buf, t)[0]][1]   # validated by parse
+
+        def text(slot: int) -> str:
+            o = offs[slot]
+            if not o:
+                return ""
+            p = t + o
+            p += _U32(buf, p)[0]
+            return buf[p + 4:p + 4 + _U32(buf, p)[0]].decode("utf-8", "surrogateescape")
+
+        def num(slot: int, unpack=_I64) -> int:
+            o = offs[slot]
+            return unpack(buf, t + o)[0] if o else 0
+
         pax: dict[str, str] = {}
         xattrs: dict[str, bytes] = {}
-        xs, xn = r.vector_field(t, C.FM_XATTRS, 4)
-        for k in range(xn):
-            x = r.deref(xs + 4 * k)
-            key, value = _text(r.bytes_field(x, 0)), r.bytes_field(x, 1)
-            pax[key] = _text(value)
-            if key.startswith(XATTR_PREFIX):
-                xattrs[key[len(XATTR_PREFIX):]] = value
-        mod_time = _text(r.bytes_field(t, C.FM_MODTIME))
+        if offs[C.FM_XATTRS]:
+            r = self._r
+            xs, xn = r.vector(r.deref(t + offs[C.FM_XATTRS]), 4)
+            for k in range(xn):
+                x = r.deref(xs + 4 * k)
+                key, value = _text(r.bytes_field(x, 0)), r.bytes_field(x, 1)
+                pax[key] = _text(value)
+                if key.startswith(XATTR_PREFIX):
+                    xattrs[key[len(XATTR_PREFIX):]] = value
+        mod_time = text(C.FM_MODTIME)
         return TocEntry(
-            name=_text(r.bytes_field(t, C.FM_NAME)), type=_text(r.bytes_field(t, C.FM_TYPE)),
-            offset=r.int_field(t, C.FM_OFFSET), size=r.int_field(t, C.FM_SIZE),
-            linkname=_text(r.bytes_field(t, C.FM_LINKNAME)), mode=r.int_field(t, C.FM_MODE),
-            uid=r.int_field(t, C.FM_UID, "I"), gid=r.int_field(t, C.FM_GID, "I"),
-            uname=_text(r.bytes_field(t, C.FM_UNAME)), gname=_text(r.bytes_field(t, C.FM_GNAME)),
+            name=text(C.FM_NAME), type=text(C.FM_TYPE), offset=num(C.FM_OFFSET), size=num(C.FM_SIZE),
+            linkname=text(C.FM_LINKNAME), mode=num(C.FM_MODE), uid=num(C.FM_UID, _U32),
+            gid=num(C.FM_GID, _U32), uname=text(C.FM_UNAME), gname=text(C.FM_GNAME),
             mod_time=mod_time, mtime_ns=parse_rfc3339_nano(mod_time) if mod_time else 0,
-            devmajor=r.int_field(t, C.FM_DEVMAJOR), devminor=r.int_field(t, C.FM_DEVMINOR),
-            pax=pax, xattrs=xattrs)
+            devmajor=num(C.FM_DEVMAJOR), devminor=num(C.FM_DEVMINOR), pax=pax, xattrs=xattrs)
 
     def span_digest(self, i: int) -> str:
         self._check_span(i)
