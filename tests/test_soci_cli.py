@@ -108,3 +108,5 @@ def test_soci_create_and_push_commands(registry, tmp_path, data_root):
                         f"skipping pushing artifacts for image manifest: {manifest}")
     assert run(data_root, "soci", "index", "rm", idx).stdout.strip() == idx
     assert idx not in run(data_root, "soci", "index", "list", "-q").stdout
+    # Its zTOC went with it (gc), and the records say so.
+    assert run(data_root, "soci", "ztoc", "list", "-q").stdout.strip() == ""

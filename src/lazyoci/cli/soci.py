@@ -217,6 +217,7 @@ def index_rm(digests) -> None:
             raise StoreError(f"no SOCI index {d}")
         click.echo(d)
     images.gc()
+    records.prune(images.blobs.has)
 
 
 @soci_group.group("ztoc")

@@ -9,6 +9,7 @@ themselves live in the blob store; a record whose blob went missing is ignored.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lazyoci.store.db import Database
@@ -140,6 +141,15 @@ class SociRecords:
     def remove_ztoc(self, ztoc_digest: str) -> int:
         with self.db.transaction() as c:
             return c.execute("DELETE FROM soci_ztocs WHERE ztoc_digest=?", (ztoc_digest,)).rowcount
+
+    def prune(self, has_blob: Callable[[str], bool]) -> int:
+        """Drop records whose blob is gone (after gc took an index's zTOCs away)."""
+        gone_z = [r.ztoc_digest for r in self.ztocs() if not has_blob(r.ztoc_digest)]
+        gone_i = [r.index_digest for r in self.indexes() if not has_blob(r.index_digest)]
+        with self.db.transaction() as c:
+            c.executemany("DELETE FROM soci_ztocs WHERE ztoc_digest=?", [(d,) for d in gone_z])
+            c.executemany("DELETE FROM soci_indexes WHERE index_digest=?", [(d,) for d in gone_i])
+        return len(gone_z) + len(gone_i)
 
     def referenced_blobs(self) -> set[str]:
         """Every zTOC and index digest recorded (what a garbage collector must keep)."""
