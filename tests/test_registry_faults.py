@@ -169,7 +169,7 @@ def test_mirror_tried_first_then_upstream(registry, seeded, tmp_path, fresh_regi
     """An empty mirror (404) and a dead one fall back to the upstream; a mirror with content serves it."""
     ref = Reference.parse(f"{registry.host}/faults/app:v1")
     with FaultProxy(fresh_registry.host) as empty_mirror:
-        opts = RegistryOptions(docker_config=tmp_path / "c.json", max_retries=0, mirrors={
+        opts = RegistryOptions(docker_config=tmp_path / "c.json", mirrors={
             registry.host: ("http://127.0.0.1:9/dead", f"{empty_mirror.url}/v2")})
         with RegistryClient(opts) as c:
             raw, _, _ = c.get_manifest(ref)

@@ -19,6 +19,8 @@ from lazyoci.oci.reference import Reference
 from lazyoci.registry.auth import pull_scope
 from lazyoci.registry.transport import raise_for_status
 
+_MAX_PAGES = 100
+
 if TYPE_CHECKING:
     from lazyoci.registry.client import RegistryClient
 
@@ -40,19 +42,28 @@ def api_referrers(client: "RegistryClient", ref: Reference, subject_digest: str,
     """The referrers API's answer, or None when the registry does not implement it (404)."""
     Digest.parse(subject_digest)
     params = {"artifactType": artifact_type} if artifact_type else None
-    _, resp = client.transport.send(
+    scopes = (pull_scope(ref.repository),)
+    what = f"referrers of {subject_digest} in {ref.name}"
+    ep, resp = client.transport.send(
         ref.registry, "GET", f"/v2/{ref.repository}/referrers/{subject_digest}",
-        scopes=(pull_scope(ref.repository),), headers={"Accept": mt.OCI_INDEX}, params=params,
-        mirrors=True)
+        scopes=scopes, headers={"Accept": mt.OCI_INDEX}, params=params, mirrors=True)
     if resp.status_code == 404:
         resp.close()
         return None
-    raise_for_status(resp, f"referrers of {subject_digest} in {ref.name}")
-    index = Index.parse(resp.content, mt.OCI_INDEX)
-    # The registry may ignore the filter; it says so by leaving out OCI-Filters-Applied.
-    applied = resp.headers.get("oci-filters-applied", "")
-    descs = list(index.manifests)
-    return descs if "artifactType" in applied else _filter(descs, artifact_type)
+    descs: list[Descriptor] = []
+    for _ in range(_MAX_PAGES):
+        raise_for_status(resp, what)
+        index = Index.parse(resp.content, mt.OCI_INDEX)
+        # The registry may ignore the filter; it says so by leaving out OCI-Filters-Applied.
+        applied = resp.headers.get("oci-filters-applied", "")
+        page = list(index.manifests)
+        descs += page if "artifactType" in applied else _filter(page, artifact_type)
+        following = resp.links.get("next", {}).get("url")
+        if not following:
+            return descs
+        resp = client.transport.request(ep, "GET", str(resp.url.join(following)), scopes=scopes,
+                                        headers={"Accept": mt.OCI_INDEX})
+    raise FormatError(f"{what}: more than {_MAX_PAGES} pages")
 
 
 def tag_schema_referrers(client: "RegistryClient", ref: Reference, subject_digest: str,

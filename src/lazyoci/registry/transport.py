@@ -33,6 +33,7 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 10
 _MAX_RETRY_AFTER = 10.0
 _BASE_BACKOFF = 0.2
+_MIRROR_RETRY_AFTER = 30.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Transport:
         self.auth = Authenticator(credentials, self._send_token_request)
         self._lock = threading.Lock()
         self._working: dict[str, Endpoint] = {}   # registry -> upstream endpoint that answered
+        self._dead_mirrors: dict[str, float] = {}  # mirror base -> monotonic time to try it again
 
     def close(self) -> None:
         self._verified.close()
@@ -133,12 +135,17 @@ class Transport:
         """Send to the mirrors (pulls, when `mirrors`) and then the upstream, returning the first
         usable answer and the endpoint that gave it. A mirror that fails or errors is skipped;
         the upstream's answer is returned whatever its status (see `raise_for_status`)."""
-        candidates = (mirror_endpoints(registry, self.options) if mirrors else []) + self.upstream(registry)
+        now = time.monotonic()
+        with self._lock:
+            live = [m for m in (mirror_endpoints(registry, self.options) if mirrors else [])
+                    if self._dead_mirrors.get(m.base, 0.0) <= now]
+        candidates = live + self.upstream(registry)
         last_exc: RegistryError | None = None
         for i, ep in enumerate(candidates):
             final = i == len(candidates) - 1
-            # An insecure host's HTTPS attempt is not retried: HTTP is the next candidate.
-            retries = None if (final or ep.mirror) else 0
+            # Not retried when another candidate follows: a mirror falls back to the upstream at
+            # once, and an insecure host's HTTPS attempt is followed by plain HTTP.
+            retries = None if final else 0
             try:
                 resp = self.request(ep, method, path, scopes=scopes, headers=headers, content=content,
                                     params=params, stream=stream, retries=retries,
@@ -147,6 +154,9 @@ class Transport:
                 last_exc = e
                 if final:
                     raise
+                if ep.mirror:   # unreachable: skip it for a while instead of paying a timeout per request
+                    with self._lock:
+                        self._dead_mirrors[ep.base] = time.monotonic() + _MIRROR_RETRY_AFTER
                 continue
             if ep.mirror and resp.status_code >= 400 and not final:
                 resp.close()
