@@ -1,0 +1,141 @@
+"""zTOC building: TOC entries against Python's tarfile, checkpoints against the real tar stream."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import tarfile
+
+import pytest
+
+from lazyoci.ztoc import Ztoc, build_ztoc, decompress_span, verify_span
+from test_ztoc_common import SMALL_SPAN, TYPES, all_types_tar, gzip_members, members, pigz, text
+
+
+def check_toc(z: Ztoc, raw: bytes) -> None:
+    """Every TOC entry agrees with tarfile on the same stream (offset_data, size and metadata)."""
+    ms = members(raw)
+    assert len(z) == len(ms)
+    for i, m in enumerate(ms):
+        e = z.entry(i)
+        assert e.name.rstrip("/") == m.name, i
+        assert (e.offset, e.size) == (m.offset_data, m.size), m.name
+        assert e.type == TYPES[m.type], m.name
+        assert (e.mode, e.uid, e.gid, e.uname, e.gname) == (m.mode, m.uid, m.gid, m.uname, m.gname), m.name
+        assert e.linkname == m.linkname, m.name
+        assert (e.devmajor, e.devminor) == (m.devmajor, m.devminor), m.name
+        assert abs(e.mtime_ns / 1e9 - m.mtime) < 1e-6, m.name
+        assert e.pax == m.pax_headers, m.name
+        if e.type == "reg":
+            assert raw[e.offset:e.offset + e.size] == tarfile.open(fileobj=io.BytesIO(raw)).extractfile(m).read()
+
+
+def check_spans(z: Ztoc, blob: bytes, raw: bytes) -> None:
+    """Each span inflates to exactly its bytes of the tar stream; digests match; no gaps anywhere."""
+    assert z.compressed_size == len(blob) and z.uncompressed_size == len(raw)
+    prev_c_end = prev_u_end = None
+    for i in range(z.num_spans):
+        cs, ce = z.span_compressed_range(i)
+        us, ue = z.span_uncompressed_range(i)
+        piece = blob[cs:ce]
+        assert z.span_digest(i) == "sha256:" + hashlib.sha256(piece).hexdigest()
+        verify_span(z, i, piece)
+        assert decompress_span(z, i, piece) == raw[us:ue], f"span {i}"
+        if i == 0:
+            assert us == 0
+        else:
+            assert us == prev_u_end
+            # a span that starts mid-byte shares that byte with the one before it
+            assert cs in (prev_c_end, prev_c_end - 1)
+        prev_c_end, prev_u_end = ce, ue
+    assert prev_c_end == len(blob) and prev_u_end == len(raw)
+
+
+def build(blob: bytes, compression: str = "gzip", span: int = SMALL_SPAN) -> Ztoc:
+    return Ztoc.parse(build_ztoc(io.BytesIO(blob), compression, span))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_toc_matches_tarfile_for_every_entry_type(fmt: int) -> None:
+    if fmt == tarfile.USTAR_FORMAT:   # ustar cannot hold the long names and PAX records
+        from helpers.images import Entry, tar_bytes
+        raw = tar_bytes([Entry("a", "dir"), Entry("a/b", data=text(5000, 9)), Entry("a/l", "symlink", linkname="b"),
+                         Entry(("p" * 90) + "/" + ("n" * 90), data=b"prefix field")], format=fmt)
+    else:
+        raw = all_types_tar(fmt)
+    blob = gzip.compress(raw, 6, mtime=0)
+    z = build(blob)
+    check_toc(z, raw)
+    check_spans(z, blob, raw)
+    assert z.compression == "gzip" and z.span_size == SMALL_SPAN and z.version == "0.9"
+    if fmt == tarfile.USTAR_FORMAT:
+        return
+    assert z.num_spans > 10
+    assert any(z.checkpoints.bits[i] for i in range(z.num_spans)), "no mid-byte checkpoint exercised"
+
+
+def test_pax_records_xattrs_and_nanosecond_mtime() -> None:
+    z = build(gzip.compress(all_types_tar(), mtime=0))
+    by_name = {z.entry(i).name: z.entry(i) for i in range(len(z))}
+    x = by_name["xattr-file"]
+    assert x.xattrs == {"user.comment": b"hello", "security.capability": b"cap"}
+    assert x.pax["LAZYOCI.custom"] == "value"
+    f = by_name["fractional-mtime"]
+    assert f.mod_time == "2023-11-14T22:13:20.123456789Z"
+    assert f.mtime_ns == 1_700_000_000_123_456_789
+    assert by_name["etc/hostname"].mod_time == "2023-11-14T22:13:20Z"
+    assert by_name["dev/null"].type == "char" and by_name["dev/null"].devminor == 3
+    long_file = [e for e in by_name.values() if e.name.endswith("f" * 150)]
+    assert len(long_file) == 1 and len(long_file[0].name) > 250
+
+
+def test_global_pax_header_applies_to_following_entries() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"comment": "global", "LAZYOCI.g": "1"}) as tf:
+        for name, local in (("one", {}), ("two", {"LAZYOCI.g": "2"})):
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.pax_headers = 3, local
+            tf.addfile(ti, io.BytesIO(b"abc"))
+    raw = buf.getvalue()
+    z = build(gzip.compress(raw, mtime=0))
+    ms = members(raw)
+    assert [(z.entry(i).offset, z.entry(i).size) for i in range(len(z))] == [(m.offset_data, m.size) for m in ms]
+    assert z.entry(0).pax == {"comment": "global", "LAZYOCI.g": "1"}
+    assert z.entry(1).pax == {"comment": "global", "LAZYOCI.g": "2"}
+
+
+@pytest.mark.parametrize("maker", ["pigz", "pigz-independent", "members"])
+def test_multi_member_and_pigz_layers(maker: str) -> None:
+    raw = all_types_tar()
+    if maker == "members":   # checkpoints land inside and at the start of later members
+        blob = gzip_members(raw, [1000, 200_000, 200_512, 900_000])
+    else:
+        blob = pigz(raw, *(["-i"] if maker == "pigz-independent" else []))
+    assert gzip.decompress(blob) == raw
+    z = build(blob, span=32 << 10)
+    check_toc(z, raw)
+    check_spans(z, blob, raw)
+
+
+def test_uncompressed_tar_layer() -> None:
+    raw = all_types_tar()
+    z = build(raw, "none")
+    assert z.compression == "none" and z.num_spans == -(-len(raw) // SMALL_SPAN)
+    check_toc(z, raw)
+    check_spans(z, raw, raw)
+    # max_span_id when the size is an exact multiple of the span size
+    exact = build(raw, "none", span=len(raw) // 4) if len(raw) % 4 == 0 else None
+    if exact is not None:
+        assert exact.num_spans == 4
+
+
+def test_default_span_size_and_checkpoint_zero() -> None:
+    raw = all_types_tar()
+    blob = gzip.compress(raw, mtime=0)
+    z = build(blob, span=1 << 22)
+    assert z.span_size == 1 << 22 and z.num_spans == 1
+    assert (z.checkpoints.ins[0], z.checkpoints.outs[0], z.checkpoints.bits[0]) == (10, 0, 0)
+    assert z.span_compressed_range(0) == (10, len(blob))
+    check_spans(z, blob, raw)
