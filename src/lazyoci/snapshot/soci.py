@@ -241,7 +241,8 @@ class SociSnapshotter:
         (staging / "fs").mkdir(mode=0o755)
         return staging
 
-    def adopt_layer(self, staging: Path, diff_id: str) -> None:
+    def adopt_layer(self, staging: Path, diff_id: str, layer_digest: str | None = None) -> None:
+        """Publish an unpacked layer under its diff ID (B's streaming consumer calls this)."""
         try:
             with self.db.transaction() as conn:
                 if conn.execute("SELECT 1 FROM lazy_dirs WHERE diff_id=?", (diff_id,)).fetchone():

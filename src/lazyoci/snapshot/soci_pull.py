@@ -37,11 +37,14 @@ def _resolve_manifest(client, ref: Reference, platform: Platform | None) -> tupl
 
 
 def _store_blob(images: "ImageService", client, ref: Reference, digest: str, size: int | None,
-                owner: str) -> None:
-    """Download a small blob (index manifest, zTOC) into the store, owned by `owner`."""
+                owner: str, raw: bytes | None = None) -> None:
+    """Store a small blob (index manifest `raw`, or a zTOC downloaded here), owned by `owner`."""
     with images.lease() as lease:
         lease.add([digest])
-        if not images.blobs.has(digest):
+        if raw is not None:
+            if not images.blobs.has(digest):
+                images.blobs.put_bytes(raw, digest)
+        elif not images.blobs.has(digest):
             writer = images.blobs.writer(digest, size)
             try:
                 for chunk in client.iter_blob(ref, digest, size):
@@ -69,6 +72,8 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
     try:
         found = discover_index(client, reference, manifest, manifest_digest, explicit_digest=index_digest)
     except LazyociError as e:
+        if index_digest:          # asked for explicitly: an error, not a silent fallback
+            raise
         found, reason = None, f"the SOCI index cannot be read ({e})"
     if found is None and reason is None:
         reason = "no SOCI index was found"
@@ -76,7 +81,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
         source = f"{reference.name}@{manifest_digest}"
         owner = f"soci:{found.digest}"
         try:
-            _store_blob(images, client, reference, found.digest, None, owner)
+            _store_blob(images, client, reference, found.digest, None, owner, raw=found.manifest.raw)
             for layer in manifest.layers:
                 zdesc = found.ztocs.get(layer.digest)
                 if zdesc is None:

@@ -1,0 +1,97 @@
+"""The soci snapshotter end to end: lazy pull with an index from the registry, run with runc
+through FUSE lowers, `service status`; and the fallback for an image without an index."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.images import Entry, image_config, make_layer, push_image
+from helpers.lazy import write_config
+from helpers.tricky_image import PASSWD, push_tricky_image
+from lazyoci.config import load_config
+from lazyoci.images.service import ImageService
+from lazyoci.oci.reference import Reference
+from lazyoci.service.client import ServiceClient
+from lazyoci.snapshot.soci import SociSnapshotter
+from lazyoci.soci import SociBuildOptions, build_index, push_index
+from lazyoci.store.layout import DataRoot
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE, overlay and runc need root")
+LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
+
+
+def _lz(root: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LAZYOCI, "--root", str(root), "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def soci_config(tmp_path) -> Path:
+    return write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - soci\n")
+
+
+def _push_index(registry_host: str, repo: str, work: Path) -> str:
+    """Index the image with lazyoci's SOCI builder in a separate data root and push the index."""
+    images = ImageService(DataRoot(work / "builder-root"))
+    try:
+        ref = f"{registry_host}/{repo}:latest"
+        image = images.pull(ref)
+        result = build_index(images, image, SociBuildOptions(span_size=64 << 10, min_layer_size=0))
+        push_index(images.client, Reference.parse(ref), images.blobs, result.index)
+        return result.digest
+    finally:
+        images.close()
+
+
+def test_lazy_pull_run_and_status(registry, data_root, tmp_path, soci_config):
+    push_tricky_image(registry.host, "lazy/pull", tmp_path)
+    index_digest = _push_index(registry.host, "lazy/pull", tmp_path)
+    ref = f"{registry.host}/lazy/pull:latest"
+    root = DataRoot(data_root)
+    images = ImageService(root)
+    snap = SociSnapshotter(root, load_config(soci_config))
+    lines: list[str] = []
+    try:
+        image = snap.pull(images, ref, log=lines.append)
+        assert image.snapshotter == "soci"
+        assert not any(l.startswith("INFO") for l in lines), lines
+        # indexed layers were NOT downloaded; their zTOCs and the index were
+        assert not any(images.blobs.has(l.digest) for l in image.manifest.layers)
+        assert images.blobs.has(index_digest)
+        assert all(snap.lazy_layer(l.digest) for l in image.manifest.layers)
+
+        # `run` uses the config's first snapshotter (soci) and reads through the FUSE lowers
+        r = _lz(data_root, soci_config, "run", "--rm", ref, "cat", "/etc/passwd")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.encode() == PASSWD
+        st = _lz(data_root, soci_config, "service", "status")
+        assert st.returncode == 0 and "lazy/pull" in st.stdout, st.stdout
+        assert not any(images.blobs.has(l.digest) for l in image.manifest.layers)
+    finally:
+        images.close()
+        ServiceClient(root, soci_config).stop()
+
+
+def test_image_without_index_falls_back_with_one_info_line(registry, data_root, tmp_path, soci_config):
+    layer = make_layer([Entry("hello.txt", data=b"hello from a full pull\n")])
+    push_image(registry.host, "lazy/noindex", [layer], image_config([layer]), tmp_path)
+    root = DataRoot(data_root)
+    images = ImageService(root)
+    snap = SociSnapshotter(root, load_config(soci_config))
+    lines: list[str] = []
+    try:
+        image = snap.pull(images, f"{registry.host}/lazy/noindex:latest", log=lines.append)
+        info = [l for l in lines if l.startswith("INFO")]
+        assert len(info) == 1 and "no SOCI index" in info[0], lines
+        assert image.snapshotter == "overlayfs"          # never reported as lazy
+        assert images.blobs.has(layer.digest)
+        top = snap.unpack_image(images, image)
+        assert not snap.is_lazy(top)
+        assert not ServiceClient(root, soci_config).is_running()   # nothing lazy: no service needed
+    finally:
+        images.close()
