@@ -215,7 +215,9 @@ def _remove(refs: tuple[str, ...], force: bool) -> None:
         try:
             result = svc.remove(ref, force)
         except LazyociError as e:
-            click.echo(f"lazyoci: error: {e}", err=True)
+            if len(refs) == 1:
+                raise
+            click.echo(f"lazyoci: error: {e}", err=True)   # like docker: go on with the others
             failed += 1
             continue
         for name in result.untagged:
@@ -224,7 +226,8 @@ def _remove(refs: tuple[str, ...], force: bool) -> None:
             click.echo(f"Deleted: {digest}")
     _release_snapshots(svc)
     if failed:
-        raise click.exceptions.Exit(1)
+        # (click.exceptions.Exit would be swallowed: main() runs click with standalone_mode=False)
+        sys.exit(1)
 
 
 def _release_snapshots(svc: ImageService) -> None:

@@ -222,6 +222,7 @@ class _ArchiveReader:
 def load_archive(svc: "ImageService", path: Path, log: Callable[[str], None] | None = None) -> list[str]:
     """Load every image of an OCI archive or docker archive; return the names (or IDs) loaded."""
     log = log or (lambda _line: None)
+    svc.records.recover()
     with svc.lease() as lease:
         reader = _ArchiveReader(svc, lease)
         reader.read(Path(path))

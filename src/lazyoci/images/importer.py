@@ -213,6 +213,7 @@ def import_rootfs(svc: "ImageService", source: Path, ref: str, changes: tuple[st
     source = Path(source)
     if not source.exists():
         raise StoreError(f"no such file or directory: {source}")
+    svc.records.recover()
     with svc.lease() as lease:
         writer = svc.blobs.writer(None)
         sink = _LayerSink(writer)

@@ -66,7 +66,7 @@ class Puller:
 
     def pull(self, ref: Reference, platform: Platform | None, all_platforms: bool,
              hooks: PullHooks, snapshotter: str) -> PullResult:
-        self.blobs.clean_tmp()
+        self.records.recover()
         key = str(ref)
         self.progress(ProgressEvent(key, "resolve", "resolving"))
         raw, media_type, top = self.client.get_manifest(ref)

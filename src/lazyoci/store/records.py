@@ -260,7 +260,32 @@ class ImageRecords:
                 f"SELECT digest, uncompressed FROM layer_sizes WHERE digest IN ({','.join('?' * len(ds))})",
                 ds)} if ds else {}
 
-    # --- garbage collection --------------------------------------------------------------
+    # --- crash recovery and garbage collection --------------------------------------------
+
+    def _drop_dead_leases(self, c: sqlite3.Connection) -> list[str]:
+        """Forget leases of processes that died; return the digests they alone covered."""
+        alone: list[str] = []
+        now = time.time()
+        for lid, pid, created in c.execute("SELECT id, pid, created FROM leases").fetchall():
+            if _pid_alive(pid) and now - created <= LEASE_MAX_AGE:
+                continue
+            owner = f"lease:{lid}"
+            alone += [r[0] for r in c.execute(
+                "SELECT digest FROM blob_refs r WHERE owner=? AND NOT EXISTS "
+                "(SELECT 1 FROM blob_refs o WHERE o.digest = r.digest AND o.owner != ?)", (owner, owner))]
+            c.execute("DELETE FROM blob_refs WHERE owner=?", (owner,))
+            c.execute("DELETE FROM leases WHERE id=?", (lid,))
+        return alone
+
+    def recover(self) -> None:
+        """Undo what a killed process left: its leases, the blobs only they covered, its temp files.
+
+        Cheap enough to run at the start of every pull, load and import.
+        """
+        with self.db.transaction() as c:
+            for d in self._drop_dead_leases(c):
+                self.blobs.delete(d)
+        self.blobs.clean_tmp()
 
     def gc(self) -> GcResult:
         """Delete every blob no owner references (dropping leases of dead processes first).
@@ -270,11 +295,7 @@ class ImageRecords:
         """
         removed = freed = 0
         with self.db.transaction() as c:
-            now = time.time()
-            for lid, pid, created in c.execute("SELECT id, pid, created FROM leases").fetchall():
-                if not _pid_alive(pid) or now - created > LEASE_MAX_AGE:
-                    c.execute("DELETE FROM blob_refs WHERE owner=?", (f"lease:{lid}",))
-                    c.execute("DELETE FROM leases WHERE id=?", (lid,))
+            self._drop_dead_leases(c)
             referenced = {r[0] for r in c.execute("SELECT DISTINCT digest FROM blob_refs")}
             for d in list(self.blobs.digests()):
                 if d in referenced:

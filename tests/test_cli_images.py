@@ -1,0 +1,200 @@
+"""The image commands through the real `lazyoci` executable: output shapes, one-line errors, disk space."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.images import Entry, image_config, make_layer, push_image
+from helpers.registry import start_registry
+from helpers.store_check import assert_store_consistent
+
+LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
+
+
+def run(root: Path, *args: str, input: str | None = None, env: dict | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([LAZYOCI, "--root", str(root), *args], capture_output=True, text=True,
+                       input=input, env={**os.environ, **(env or {})}, timeout=120)
+    if check:
+        assert p.returncode == 0, f"lazyoci {' '.join(args)} failed: {p.stderr}"
+    return p
+
+
+def one_line_error(p: subprocess.CompletedProcess, pattern: str) -> None:
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("lazyoci: error:") and "Traceback" not in p.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+@pytest.fixture
+def image(registry, tmp_path) -> tuple[str, list]:
+    layers = [make_layer([Entry("big", data=os.urandom(2_000_000))]), make_layer([Entry("etc/x", data=b"x")])]
+    repo = f"cli/app{tmp_path.name[-8:].replace('_', '')}"
+    push_image(registry.host, repo, layers, image_config(layers, cmd=["/big"]), tmp_path)
+    return f"{registry.host}/{repo}:latest", layers
+
+
+def test_errors_are_one_line(tmp_path):
+    root = tmp_path / "root"
+    one_line_error(run(root, "pull", "Bad/Ref:!", check=False), "invalid reference format")
+    one_line_error(run(root, "rmi", "nothere", check=False), "no such image: nothere")
+    one_line_error(run(root, "image", "inspect", "nothere", check=False), "no such image")
+    one_line_error(run(root, "pull", "127.0.0.1:1/nobody/home:latest", check=False), "127.0.0.1:1")
+    one_line_error(run(root, "pull", "--platform", "linux", "x", check=False), "invalid platform")
+    one_line_error(run(root, "load", "-i", str(tmp_path / "missing.tar"), check=False), "no such file")
+    one_line_error(run(root, "import", "--change", "FROB x", str(tmp_path), "x", check=False),
+                   "unsupported instruction FROB")
+
+
+def test_pull_images_tag_rmi_gives_disk_space_back(tmp_path, image):
+    ref, layers = image
+    root = tmp_path / "root"
+    p = run(root, "pull", ref)
+    assert "\x1b" not in p.stdout                           # not a terminal: no escape codes
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith(f"{ref}:") and "resolved" in lines[0]
+    assert any(l.startswith("manifest-sha256:") and " done " in l for l in lines)
+    assert any(l.startswith("config-sha256:") and " done " in l for l in lines)
+    for layer in layers:
+        assert sum(l.startswith(f"layer-{layer.digest}:") for l in lines) == 1   # each row once
+    assert "|" + "+" * 38 + "|" in lines[1]
+    assert lines[-1].startswith("elapsed: ") and "total:" in lines[-1] and "/s)" in lines[-1]
+
+    q = run(root, "pull", "-q", ref)
+    digest = q.stdout.strip()
+    assert digest.startswith("sha256:") and len(q.stdout.splitlines()) == 1
+
+    run(root, "tag", ref, "local/copy:v2")
+    table = run(root, "images").stdout.splitlines()
+    assert table[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "CREATED", "PLATFORM", "SIZE", "BLOB", "SIZE"]
+    assert len(table) == 3 and any(l.startswith("local/copy ") for l in table)
+    assert run(root, "images", "-q").stdout.split() == [digest[7:19]]
+    assert digest in run(root, "images", "--digests").stdout
+    rows = [json.loads(l) for l in run(root, "image", "ls", "--format", "json").stdout.splitlines()]
+    assert {r["Tag"] for r in rows} == {"latest", "v2"} and all(r["Digest"] == digest for r in rows)
+    assert rows[0]["Size"] > 2_000_000 and rows[0]["BlobSize"] > 2_000_000
+    inspect = json.loads(run(root, "image", "inspect", "local/copy:v2").stdout)
+    assert inspect[0]["Id"] == digest
+
+    used = du(root / "blobs") + du(root / "snapshots")
+    assert used > 4_000_000                   # blobs + unpacked layers
+    rm = run(root, "rmi", ref)
+    assert rm.stdout.strip() == f"Untagged: {ref}"             # still named local/copy:v2
+    assert du(root / "blobs") > 2_000_000
+    rm = run(root, "rmi", "local/copy:v2")
+    assert f"Deleted: {digest}" in rm.stdout
+    assert du(root / "blobs") == 0 and du(root / "snapshots") < 100_000
+    assert run(root, "images", "-q").stdout == ""
+    assert_store_consistent(root)
+
+
+def test_rmi_by_id_with_several_names_needs_force(tmp_path, image):
+    ref, _ = image
+    root = tmp_path / "root"
+    digest = run(root, "pull", "-q", ref).stdout.strip()
+    run(root, "tag", ref, "other:1")
+    one_line_error(run(root, "rmi", digest[7:19], check=False), "referenced by 2 names")
+    out = run(root, "rmi", "-f", digest[7:19]).stdout
+    assert out.count("Untagged:") == 2 and "Deleted:" in out
+    assert_store_consistent(root)
+
+
+def test_push_save_load_import_cli(tmp_path, registry):
+    root = tmp_path / "root"
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "motd").write_text("hi\n")
+    ref = f"{registry.host}/cli/imported:1"
+    digest = run(root, "import", "--change", "CMD /bin/sh", str(rootfs), ref).stdout.strip()
+    pushed = run(root, "push", ref)
+    assert pushed.stdout.splitlines()[-1] == digest
+    assert any(l.startswith("layer-sha256:") and " done " in l for l in pushed.stdout.splitlines())
+    again = run(root, "push", ref)
+    assert any(" exists " in l for l in again.stdout.splitlines() if l.startswith("layer-"))
+    assert run(root, "push", "-q", ref).stdout.strip() == digest
+    archive = tmp_path / "img.tar"
+    run(root, "save", "-o", str(archive), ref)
+    other = tmp_path / "other"
+    assert run(other, "load", "-i", str(archive)).stdout.strip() == f"Loaded image: {ref}"
+    assert json.loads(run(other, "image", "inspect", ref).stdout)[0]["Id"] == digest
+
+
+def test_concurrent_pulls_into_one_root(tmp_path, image):
+    ref, layers = image
+    root = tmp_path / "root"
+    procs = [subprocess.Popen([LAZYOCI, "--root", str(root), "pull", "-q", "--snapshotter", "overlayfs", ref],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert len({o[0] for o in outs}) == 1
+    assert_store_consistent(root)
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_interrupted_pull_leaves_nothing_half_written(tmp_path, registry, how):
+    from helpers.fault_proxy import Fault, FaultProxy
+    layers = [make_layer([Entry("big", data=os.urandom(1_000_000))])]
+    push_image(registry.host, f"cli/interrupt-{how}", layers, image_config(layers), tmp_path)
+    root = tmp_path / "root"
+    with FaultProxy(registry.host) as proxy:
+        ref = f"{proxy.host}/cli/interrupt-{how}:latest"
+        proxy.add(Fault("delay", seconds=2.0, match=f"/blobs/{layers[0].digest}", method="GET"))
+        p = subprocess.Popen([LAZYOCI, "--root", str(root), "pull", ref],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while not (root / "tmp").is_dir() or not list((root / "tmp").iterdir()):
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT if how == "sigint" else signal.SIGKILL)
+        out, err = p.communicate(timeout=30)
+        blob = root / "blobs/sha256" / layers[0].digest.split(":")[1]
+        assert not blob.exists()
+        if how == "sigint":
+            assert p.returncode == 130 and err.strip() == "lazyoci: interrupted"
+            assert list((root / "tmp").iterdir()) == []
+        else:
+            leftovers = list((root / "tmp").iterdir())
+            assert leftovers                      # a killed process cannot clean up ...
+            for f in leftovers:
+                os.utime(f, (time.time() - 60, time.time() - 60))
+        proxy.clear()
+        run(root, "pull", "-q", ref)              # ... the next pull does, and completes
+    assert blob.read_bytes() == layers[0].blob
+    assert_store_consistent(root)
+
+
+def test_login_logout(tmp_path):
+    htpasswd = tmp_path / "htpasswd"
+    subprocess.run(["htpasswd", "-Bbc", str(htpasswd), "alice", "s3cret"], check=True, capture_output=True)
+    reg = start_registry(tmp_path / "authreg", htpasswd=htpasswd)
+    try:
+        env = {"DOCKER_CONFIG": str(tmp_path / "docker")}
+        root = tmp_path / "root"
+        bad = run(root, "login", "-u", "alice", "--password-stdin", reg.host, input="wrong\n", env=env, check=False)
+        one_line_error(bad, reg.host)
+        ok = run(root, "login", "-u", "alice", "--password-stdin", reg.host, input="s3cret\n", env=env)
+        assert ok.stdout.strip() == "Login Succeeded"
+        assert reg.host in json.loads((tmp_path / "docker" / "config.json").read_text())["auths"]
+        rootfs = tmp_path / "rootfs"
+        rootfs.mkdir()
+        (rootfs / "f").write_text("x")
+        run(root, "import", str(rootfs), f"{reg.host}/private/app:1", env=env)
+        run(root, "push", "-q", f"{reg.host}/private/app:1", env=env)
+        run(root, "logout", reg.host, env=env)
+        one_line_error(run(root, "push", f"{reg.host}/private/app:1", env=env, check=False), "401")
+    finally:
+        reg.stop()
