@@ -106,7 +106,17 @@ def test_soci_create_and_push_commands(registry, tmp_path, data_root):
     skip = run(data_root, "soci", "push", "--existing-index", "skip", ref).stdout.splitlines()
     assert skip[-1] == (f"soci index found in remote repository with digest: {idx}: "
                         f"skipping pushing artifacts for image manifest: {manifest}")
+    conv = run(data_root, "soci", "convert", "--min-layer-size", "1000", ref,
+               f"{registry.host}/seed/cmds:soci").stdout
+    top = re.search(r"converted image index: (sha256:[0-9a-f]{64})", conv).group(1)
+    v2 = re.search(r"soci index: (sha256:[0-9a-f]{64})", conv).group(1)
+    inspected = json.loads(run(data_root, "image", "inspect", f"{registry.host}/seed/cmds:soci").stdout)
+    assert (inspected[0] if isinstance(inspected, list) else inspected)["Id"] == top
+
     assert run(data_root, "soci", "index", "rm", idx).stdout.strip() == idx
     assert idx not in run(data_root, "soci", "index", "list", "-q").stdout
-    # Its zTOC went with it (gc), and the records say so.
+    [ztoc] = run(data_root, "soci", "ztoc", "list", "-q").stdout.split()   # still used by the v2 index
+    run(data_root, "rmi", f"{registry.host}/seed/cmds:soci")
+    run(data_root, "soci", "index", "rm", v2)
+    # Nothing holds the zTOC any more: gc took it, and the records say so.
     assert run(data_root, "soci", "ztoc", "list", "-q").stdout.strip() == ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import subprocess
 import sys
 import urllib.request
@@ -287,3 +288,65 @@ def test_remote_create_streams_layers_and_get_file(registry, tmp_path):
 
 def local_result_manifest(images: ImageService, ref: str) -> Manifest:
     return images.get(ref).manifest
+
+
+def _push_two_platform_image(registry, repo: str, workdir: Path) -> str:
+    """An OCI index with linux/amd64 and linux/arm64 manifests (distinct layers), pushed with skopeo."""
+    from helpers.images import OCI_INDEX, OCI_MANIFEST, sha
+    layout = workdir / "layout-multi"
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> str:
+        (blobs / sha(data).split(":")[1]).write_bytes(data)
+        return sha(data)
+
+    entries = []
+    for arch, seed in (("amd64", 21), ("arm64", 22)):
+        layer = make_layer([Entry(f"{arch}.txt", data=_text(200_000, seed))])
+        cfg = json.loads(image_config([layer]))
+        cfg["architecture"] = arch
+        cfg_raw = json.dumps(cfg).encode()
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": mt.OCI_CONFIG, "digest": put(cfg_raw), "size": len(cfg_raw)},
+            "layers": [{"mediaType": layer.media_type, "digest": put(layer.blob), "size": len(layer.blob)}],
+        }).encode()
+        entries.append({"mediaType": OCI_MANIFEST, "digest": put(manifest), "size": len(manifest),
+                        "platform": {"architecture": arch, "os": "linux"}})
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_INDEX, "digest": put(index), "size": len(index),
+         "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}))
+    subprocess.run(["skopeo", "copy", "--quiet", "--all", "--preserve-digests", "--dest-tls-verify=false",
+                    f"oci:{layout}:latest", f"docker://{registry.host}/{repo}:latest"],
+                   check=True, capture_output=True)
+    return f"{registry.host}/{repo}:latest"
+
+
+def test_all_platforms_create_and_convert(registry, tmp_path, data_root):
+    from lazyoci.oci.platform import Platform
+    ref = _push_two_platform_image(registry, "soci/multi", tmp_path)
+    images = service(data_root)
+    images.pull(ref, all_platforms=True)
+    out = _cli("soci", "create", "--all-platforms", "--min-layer-size", "1000", ref, root=data_root)
+    made = re.findall(r"soci index: (sha256:[0-9a-f]{64}) \((linux/\w+)\)", out.stdout.decode())
+    assert sorted(p for _, p in made) == ["linux/amd64", "linux/arm64"]
+
+    dst = f"{registry.host}/soci/multi-converted:latest"
+    result = convert(images, ref, dst, SMALL, all_platforms=True)
+    assert sorted(str(r.platform) for r in result.indexes) == ["linux/amd64", "linux/arm64"]
+    images.push(dst)
+    top = json.loads(skopeo_raw(dst))
+    kinds = [(m.get("artifactType"), m["platform"]["architecture"]) for m in top["manifests"]]
+    assert kinds == [(None, "amd64"), (None, "arm64"),
+                     (mt.SOCI_INDEX_V2, "amd64"), (mt.SOCI_INDEX_V2, "arm64")]
+    for img, soci in zip(top["manifests"][:2], top["manifests"][2:]):
+        assert img["annotations"][ANN_INDEX_DIGEST] == soci["digest"]
+        assert soci["annotations"][ANN_IMAGE_MANIFEST_DIGEST] == img["digest"]
+    # Converting only one platform of it: the other keeps no index.
+    one = convert(images, ref, f"{registry.host}/soci/multi-one:latest", SMALL,
+                  platforms=[Platform("linux", "arm64")])
+    assert [str(r.platform) for r in one.indexes] == ["linux/arm64"]
+    images.close()
