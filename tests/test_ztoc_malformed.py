@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import io
 import random
@@ -147,31 +146,31 @@ def test_every_truncation_and_many_bit_flips_fail_cleanly(parts) -> None:
 def test_offsets_beyond_the_archive(parts) -> None:
     raw, blob, entries = parts[:3]
     last = len(entries) - 1
-    moved = entries[:last] + [dataclasses.replace(entries[last], offset=len(raw) + 512, size=1)]
+    moved = entries[:last] + [entries[last]._replace(offset=len(raw) + 512, size=1)]
     with pytest.raises(FormatError, match="lies outside the .*archive"):
         Ztoc.parse(assemble(parts, entries=moved))
-    big = [dataclasses.replace(e, size=len(raw)) if e.type == "reg" else e for e in entries]
+    big = [e._replace(size=len(raw)) if e.type == "reg" else e for e in entries]
     with pytest.raises(FormatError, match="lies outside"):
         Ztoc.parse(assemble(parts, entries=big))
     with pytest.raises(FormatError, match="lies outside"):
-        Ztoc.parse(assemble(parts, entries=[dataclasses.replace(entries[0], offset=-5)]))
+        Ztoc.parse(assemble(parts, entries=[entries[0]._replace(offset=-5)]))
 
 
 def test_overlapping_entries(parts) -> None:
     entries = parts[2]
     regs = [i for i, e in enumerate(entries) if e.type == "reg" and e.size > 1000]
     a = entries[regs[0]]
-    overlapping = list(entries) + [dataclasses.replace(a, name=b"evil", offset=a.offset + 512, size=10)]
+    overlapping = list(entries) + [a._replace(name=b"evil", offset=a.offset + 512, size=10)]
     with pytest.raises(FormatError, match="overlap"):
         Ztoc.parse(assemble(parts, entries=overlapping))
-    same = list(entries) + [dataclasses.replace(entries[1], name=b"twin")]
+    same = list(entries) + [entries[1]._replace(name=b"twin")]
     with pytest.raises(FormatError, match="overlap"):
         Ztoc.parse(assemble(parts, entries=same))
 
 
 def test_bad_entry_type(parts) -> None:
     entries = list(parts[2])
-    entries[0] = dataclasses.replace(entries[0], type="socket")
+    entries[0] = entries[0]._replace(type="socket")
     with pytest.raises(FormatError, match="type 'socket'"):
         Ztoc.parse(assemble(parts, entries=entries))
 

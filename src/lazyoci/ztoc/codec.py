@@ -45,6 +45,7 @@ _FM = struct.Struct("<iIIIqqqqqIIIIII")     # see _FM_VT for the field order
 _FM_VT = (4, 8, 16, 24, 12, 32, 56, 60, 64, 68, 72, 40, 48, 76)
 _XATTR = struct.Struct("<iII")
 _U32 = struct.Struct("<I")
+_PAD = (b"\0\0\0\0", b"\0\0\0", b"\0\0", b"\0")   # NUL terminator + padding to 4, by len % 4
 
 
 class _Writer:
@@ -70,17 +71,18 @@ class _Writer:
         return pos
 
     def string(self, data: bytes | str, cache: bool = False) -> int:
-        if isinstance(data, str):
-            data = data.encode()
+        """A NUL-terminated, length-prefixed string; cached ones are written once and shared."""
         if cache:
             pos = self._cache.get(data)
             if pos is not None:
                 return pos
-        self.align(4)
-        pos = len(self.out)
-        self.out += _U32.pack(len(data))
-        self.out += data
-        self.out += b"\0"
+        raw = data.encode() if isinstance(data, str) else data
+        out = self.out
+        if len(out) & 3:
+            out += bytes(-len(out) % 4)
+        pos = len(out)
+        n = len(raw)
+        out += _U32.pack(n) + raw + _PAD[n & 3]
         if cache:
             self._cache[data] = pos
         return pos
@@ -97,9 +99,8 @@ class _Writer:
         return pos
 
 
-def _pax_vector(w: _Writer, pax: Sequence[tuple[bytes, bytes]]) -> int:
+def _pax_vector(w: _Writer, vt: int, pax: Sequence[tuple[bytes, bytes]]) -> int:
     vec = w.ref_vector(len(pax))
-    vt = w.vtable(12, (4, 8))
     tables = []
     for k in range(len(pax)):
         pos = w.reserve(12, 4)
@@ -123,6 +124,7 @@ def encode_ztoc(*, build_tool: str, compressed_size: int, uncompressed_size: int
     vt_toc = w.vtable(_TOC.size, (4,))
     vt_fm = w.vtable(_FM.size, _FM_VT)
     vt_fm_nox = w.vtable(_FM.size, _FM_VT[:-1] + (0,))
+    vt_xattr = w.vtable(_XATTR.size, (4, 8))
     ztoc = w.reserve(_ZTOC.size)
     cinfo = w.reserve(_CINFO.size)
     toc = w.reserve(_TOC.size)
@@ -130,14 +132,17 @@ def encode_ztoc(*, build_tool: str, compressed_size: int, uncompressed_size: int
     metadata = w.ref_vector(len(entries))
     _TOC.pack_into(w.out, toc, toc - vt_toc, metadata - 4 - (toc + 4))
     first = w.reserve(_FM.size * len(entries))
-    out = w.out
+    out, string = w.out, w.string
+    times: dict[int, str] = {}
     for i, e in enumerate(entries):
         t = first + i * _FM.size
         _U32.pack_into(out, metadata + 4 * i, t - (metadata + 4 * i))
-        strings = (w.string(e.name), w.string(e.type, True), w.string(e.linkname, True),
-                   w.string(e.uname, True), w.string(e.gname, True),
-                   w.string(format_rfc3339_nano(e.mtime_ns), True))
-        xvec = _pax_vector(w, e.pax) if e.pax else 0
+        mod_time = times.get(e.mtime_ns)
+        if mod_time is None:
+            mod_time = times[e.mtime_ns] = format_rfc3339_nano(e.mtime_ns)
+        strings = (string(e.name), string(e.type, True), string(e.linkname, True),
+                   string(e.uname, True), string(e.gname, True), string(mod_time, True))
+        xvec = _pax_vector(w, vt_xattr, e.pax) if e.pax else 0
         name, typ, linkname, uname, gname, mod_time = (s - t for s in strings)
         _FM.pack_into(out, t, t - (vt_fm if xvec else vt_fm_nox), name - 4, typ - 8, linkname - 12,
                       e.offset, e.size, e.mode, e.devmajor, e.devminor,

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-from dataclasses import dataclass
+import struct
+from typing import NamedTuple
 
 from lazyoci.errors import FormatError
 
@@ -27,8 +28,7 @@ _MAX_META = 16 << 20   # a PAX or long-name record larger than this is hostile, 
 _ZERO_BLOCK = bytes(BLOCK)
 
 
-@dataclass(frozen=True, slots=True)
-class TarEntry:
+class TarEntry(NamedTuple):
     """One TOC entry as the builder records it (raw bytes, as in the tar)."""
 
     name: bytes
@@ -74,11 +74,24 @@ def _checksum_ok(block: bytes) -> bool:
         want = int(stored, 8)
     except ValueError:
         return False
-    unsigned = sum(block[:148]) + 256 + sum(block[156:])   # 8 spaces in the checksum field
+    unsigned = sum(block) - sum(block[148:156]) + 256   # the checksum field counts as 8 spaces
     if want == unsigned:
         return True
     signed = unsigned - 2 * sum(b for b in block[:148] + block[156:] if b > 127)
     return want == signed
+
+
+def _oct(field: bytes, what: str, at: int) -> int:
+    """The common case of _num (NUL-terminated octal) at C speed; the rest goes to _num."""
+    try:
+        return int(field.partition(b"\0")[0] or b"0", 8)
+    except ValueError:
+        return _num(field, what, at)
+
+
+# name, mode, uid, gid, size, mtime, chksum, typeflag, linkname, magic+version, uname, gname,
+# devmajor, devminor, prefix
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
 
 
 def parse_pax(data: bytes, at: int) -> list[tuple[bytes, bytes]]:
@@ -212,7 +225,7 @@ class TocBuilder:
         if not _checksum_ok(data):
             raise FormatError(f"not a tar archive: bad header checksum at offset {at}")
         flag = data[156:157]
-        size = _num(data[124:136], "size", at)
+        size = _oct(data[124:136], "size", at)
         if size < 0:
             raise FormatError(f"negative size in tar header at offset {at}")
         if flag in _META:
@@ -241,54 +254,56 @@ class TocBuilder:
                 target[k] = v
 
     def _entry(self, h: bytes, flag: bytes, size: int, at: int, end: int) -> None:
-        if flag == b"S":
-            raise FormatError(f"sparse files are not supported (GNU sparse entry at offset {at})")
         kind = TYPE_NAMES.get(flag)
         if kind is None:
+            if flag == b"S":
+                raise FormatError(f"sparse files are not supported (GNU sparse entry at offset {at})")
             raise FormatError(f"unsupported tar entry type {flag.decode(errors='replace')!r} at offset {at}")
-        magic = h[257:265]
-        name = _cstr(h[0:100])
+        (name, mode, uid, gid, _, mtime, _, _, linkname, magic, uname, gname,
+         devmajor, devminor, prefix) = _HEADER.unpack(h)
+        name = name.partition(b"\0")[0]
         if magic[:6] == b"ustar\0":
-            prefix = _cstr(h[345:500])
+            prefix = prefix.partition(b"\0")[0]
             if prefix:
                 name = prefix + b"/" + name
         if flag == b"\0" and name.endswith(b"/"):
             kind = "dir"   # old v7 archives mark directories only by the slash
-        linkname = _cstr(h[157:257])
-        uname, gname = _cstr(h[265:297]), _cstr(h[297:329])
-        mode = _num(h[100:108], "mode", at)
-        uid, gid = _num(h[108:116], "uid", at), _num(h[116:124], "gid", at)
-        mtime_ns = _num(h[136:148], "mtime", at) * 1_000_000_000
-        devmajor = devminor = 0
+        linkname = linkname.partition(b"\0")[0]
+        uname, gname = uname.partition(b"\0")[0], gname.partition(b"\0")[0]
+        mode = _oct(mode, "mode", at)
+        uid, gid = _oct(uid, "uid", at), _oct(gid, "gid", at)
+        mtime_ns = _oct(mtime, "mtime", at) * 1_000_000_000
         if magic[:5] == b"ustar":
-            devmajor, devminor = _num(h[329:337], "devmajor", at), _num(h[337:345], "devminor", at)
+            devmajor, devminor = _oct(devmajor, "devmajor", at), _oct(devminor, "devminor", at)
+        else:
+            devmajor = devminor = 0
         if self._longname is not None:
             name, self._longname = self._longname, None
         if self._longlink is not None:
             linkname, self._longlink = self._longlink, None
-        pax = dict(self._global)
-        pax.update(self._local)
-        self._local = {}
-        if pax:
-            name = pax.get(b"path", name)
-            linkname = pax.get(b"linkpath", linkname)
-            uname = pax.get(b"uname", uname)
-            gname = pax.get(b"gname", gname)
+        pax: tuple[tuple[bytes, bytes], ...] = ()
+        if self._global or self._local:
+            records = dict(self._global)
+            records.update(self._local)
+            self._local = {}
+            name = records.get(b"path", name)
+            linkname = records.get(b"linkpath", linkname)
+            uname = records.get(b"uname", uname)
+            gname = records.get(b"gname", gname)
             try:
-                if b"size" in pax:
-                    size = int(pax[b"size"])
-                if b"uid" in pax:
-                    uid = int(pax[b"uid"])
-                if b"gid" in pax:
-                    gid = int(pax[b"gid"])
+                if b"size" in records:
+                    size = int(records[b"size"])
+                if b"uid" in records:
+                    uid = int(records[b"uid"])
+                if b"gid" in records:
+                    gid = int(records[b"gid"])
             except ValueError:
                 raise FormatError(f"bad numeric PAX record for the entry at offset {at}") from None
-            if b"mtime" in pax:
-                mtime_ns = parse_pax_time(pax[b"mtime"], at)
-        self.entries.append(TarEntry(
-            name=name, type=kind, offset=end, size=size, linkname=linkname, mode=mode,
-            uid=uid, gid=gid, uname=uname, gname=gname, mtime_ns=mtime_ns,
-            devmajor=devmajor, devminor=devminor, pax=tuple(sorted(pax.items()))))
+            if b"mtime" in records:
+                mtime_ns = parse_pax_time(records[b"mtime"], at)
+            pax = tuple(sorted(records.items()))
+        self.entries.append(TarEntry(name, kind, end, size, linkname, mode, uid, gid, uname, gname,
+                                     mtime_ns, devmajor, devminor, pax))
         if kind == "reg":   # every other type is header-only, whatever its size field says
             self._skip = -(-size // BLOCK) * BLOCK
 
