@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -34,6 +34,28 @@ _MAX_REDIRECTS = 10
 _MAX_RETRY_AFTER = 10.0
 _BASE_BACKOFF = 0.2
 _MIRROR_RETRY_AFTER = 30.0
+
+
+class Body:
+    """A request body that can be sent again (retries, redirects, a 401) and then released.
+
+    httpx responses sit in a reference cycle with their stream, so a plain `bytes` body
+    stays alive until the cyclic GC runs: 8 MiB upload chunks would pile up. The uploader
+    calls `release()` once a chunk is acknowledged, which keeps memory flat."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data: bytes | None = data
+
+    def __len__(self) -> int:
+        return len(self.data or b"")
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.data is None:
+            raise RuntimeError("request body already released")
+        yield self.data
+
+    def release(self) -> None:
+        self.data = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +151,7 @@ class Transport:
         return eps
 
     def send(self, registry: str, method: str, path: str, *, scopes: tuple[str, ...],
-             headers: dict[str, str] | None = None, content: bytes | None = None,
+             headers: dict[str, str] | None = None, content: "bytes | Body | None" = None,
              params: dict[str, str] | None = None, stream: bool = False,
              mirrors: bool = False, authenticate: bool = True) -> tuple[Endpoint, httpx.Response]:
         """Send to the mirrors (pulls, when `mirrors`) and then the upstream, returning the first
@@ -171,7 +193,7 @@ class Transport:
     # -- one endpoint ------------------------------------------------------
 
     def request(self, ep: Endpoint, method: str, target: str, *, scopes: tuple[str, ...],
-                headers: dict[str, str] | None = None, content: bytes | None = None,
+                headers: dict[str, str] | None = None, content: "bytes | Body | None" = None,
                 params: dict[str, str] | None = None, stream: bool = False,
                 retries: int | None = None, authenticate: bool = True) -> httpx.Response:
         """One logical request to `ep` (path "/v2/..." or an absolute URL from a Location header).
@@ -213,7 +235,7 @@ class Transport:
             return resp
 
     def _follow(self, ep: Endpoint, method: str, url: httpx.URL, headers: dict[str, str],
-                content: bytes | None, stream: bool, auth: str | None) -> httpx.Response:
+                content: "bytes | Body | None", stream: bool, auth: str | None) -> httpx.Response:
         origin = _origin(url)
         explicit = headers.pop("Authorization", None)
         auth = auth or explicit
@@ -225,6 +247,8 @@ class Transport:
                 sent["Authorization"] = auth
             client = self._unverified if (not ep.verify_tls and url.host == httpx.URL(ep.base).host) \
                 else self._client_for(url)
+            if isinstance(content, Body):
+                sent["Content-Length"] = str(len(content))   # a known length, not chunked encoding
             request = client.build_request(method, url, headers=sent, content=content)
             resp = client.send(request, stream=stream)
             location = resp.headers.get("location")

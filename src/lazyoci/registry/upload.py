@@ -16,7 +16,7 @@ from lazyoci.errors import IntegrityError, RegistryError
 from lazyoci.oci.reference import Reference
 from lazyoci.registry.auth import pull_scope, push_scope
 from lazyoci.registry.download import blob_exists
-from lazyoci.registry.transport import Endpoint, Transport, backoff, describe, raise_for_status
+from lazyoci.registry.transport import Body, Endpoint, Transport, backoff, describe, raise_for_status
 
 MONOLITHIC_MAX = 16 * 1024 * 1024
 CHUNK_SIZE = 8 * 1024 * 1024
@@ -51,8 +51,11 @@ def push_blob(transport: Transport, ref: Reference, digest: str, size: int,
             if len(data) != size:
                 raise IntegrityError(f"{what}: the local blob has {len(data)} bytes, expected {size}",
                                      expected=digest)
+            body = Body(data)
+            del data
             resp = transport.request(ep, "PUT", location, scopes=scopes, headers=_OCTETS,
-                                     content=data, params={"digest": digest})
+                                     content=body, params={"digest": digest})
+            body.release()
         else:
             location = _patch_chunks(transport, ep, location, scopes, f, size, digest, progress, what)
             resp = transport.request(ep, "PUT", location, scopes=scopes, headers=_OCTETS,
@@ -90,14 +93,17 @@ def _patch_chunks(transport: Transport, ep: Endpoint, location: str, scopes: tup
             raise IntegrityError(f"{what}: the local blob ended at {offset} bytes, expected {size}",
                                  expected=digest)
         headers = {**_OCTETS, "Content-Range": f"{offset}-{offset + len(chunk) - 1}"}
+        body = Body(chunk)
+        del chunk
         try:
             # Not retried blindly: the registry may have kept part of the chunk.
             resp = transport.request(ep, "PATCH", location, scopes=scopes, headers=headers,
-                                     content=chunk, retries=0)
+                                     content=body, retries=0)
             if resp.status_code == 202:
                 location = _location(resp, what)
                 resp.close()
-                offset += len(chunk)
+                offset += len(body)
+                body.release()
                 failures = 0
                 _report(progress, offset)
                 continue
@@ -111,6 +117,7 @@ def _patch_chunks(transport: Transport, ep: Endpoint, location: str, scopes: tup
             if e.status is not None:
                 raise
             reason = describe(e)
+        body.release()
         failures += 1
         if failures > transport.options.max_retries:
             raise RegistryError(f"{what}: chunk at byte {offset} failed {failures} times: {reason}")
