@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from array import array
 from typing import Iterator
 
@@ -31,8 +32,67 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 
 
+_U32 = struct.Struct("<I").unpack_from
+_I32 = struct.Struct("<i").unpack_from
+_U16 = struct.Struct("<H").unpack_from
+# slots (field indices) of the zTOC schema, see docs of lazyoci.ztoc / SOCI-FORMAT.md §1
+_ZTOC_TOC, _TOC_METADATA, _FM_NAME, _FM_TYPE, _FM_LINKNAME = 4, 0, 0, 1, 4
+
+
+class TocNames:
+    """Just the name, type and linkname of zTOC entries, read straight from the FlatBuffer.
+
+    The tree needs these three strings for every entry while it is built and the
+    name on every lookup; decoding a whole entry for that costs ~10x more.
+    The buffer was validated by `Ztoc.parse`, so offsets are trusted here.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.buf = data
+        root = _U32(data, 0)[0]
+        toc = self._ref(root, _ZTOC_TOC)
+        vec = self._ref(toc, _TOC_METADATA)
+        self.count = _U32(data, vec)[0]
+        self.start = vec + 4
+
+    def _field(self, table: int, slot: int) -> int:
+        buf = self.buf
+        vt = table - _I32(buf, table)[0]
+        at = 4 + 2 * slot
+        if at >= _U16(buf, vt)[0]:
+            return 0
+        return _U16(buf, vt + at)[0]
+
+    def _ref(self, table: int, slot: int) -> int:
+        o = self._field(table, slot)
+        p = table + o
+        return p + _U32(self.buf, p)[0]
+
+    def _table(self, i: int) -> int:
+        e = self.start + 4 * i
+        return e + _U32(self.buf, e)[0]
+
+    def text(self, i: int, slot: int) -> bytes:
+        t = self._table(i)
+        o = self._field(t, slot)
+        if not o:
+            return b""
+        buf = self.buf
+        p = t + o
+        p += _U32(buf, p)[0]
+        return buf[p + 4:p + 4 + _U32(buf, p)[0]]
+
+    def name(self, i: int) -> bytes:
+        return self.text(i, _FM_NAME)
+
+
 def normalise(name: str) -> str | None:
     """A tar member name as a relative path without '.', or None if it escapes (`..`)."""
+    if name.startswith("./"):
+        name = name[2:]
+    name = name.strip("/")
+    if "//" not in name and "/./" not in name and ".." not in name and name not in (".", ""):
+        return name            # the common case, without splitting
     parts = []
     for p in name.split("/"):
         if p in ("", "."):
@@ -46,8 +106,9 @@ def normalise(name: str) -> str | None:
 class LayerTree:
     """The nodes of one layer; see the module docstring."""
 
-    def __init__(self, ztoc: object) -> None:
+    def __init__(self, ztoc: object, data: bytes) -> None:
         self.ztoc = ztoc
+        self.names = TocNames(data)
         self.entry = array("i", [-1])        # zTOC entry index, -1 = implied directory
         self.parent = array("i", [0])
         self.kind = bytearray([DIR])
@@ -98,15 +159,18 @@ class LayerTree:
             self.implied_names[n] = os.fsencode(base)
             return n
 
-        for i in range(len(ztoc)):
-            e = ztoc.entry(i)
-            path = normalise(e.name)
+        toc = self.names
+        if toc.count != len(ztoc):
+            raise ValueError("zTOC bytes and parsed zTOC differ")
+        for i in range(toc.count):
+            raw_name = toc.text(i, _FM_NAME).decode("utf-8", "surrogateescape")
+            path = normalise(raw_name)
             if path is None:
-                log.warning("zTOC entry %r escapes the layer; ignored", e.name)
+                log.warning("zTOC entry %r escapes the layer; ignored", raw_name)
                 continue
-            kind = _KINDS.get(e.type)
+            kind = _KINDS.get(toc.text(i, _FM_TYPE).decode())
             if kind is None:
-                log.warning("zTOC entry %r has unknown type %r; ignored", e.name, e.type)
+                log.warning("zTOC entry %r has an unknown type; ignored", raw_name)
                 continue
             if path == "":
                 if kind == DIR:
@@ -123,7 +187,7 @@ class LayerTree:
             n = node(path, base, kind, i)
             self.implied_names.pop(n, None)
             if kind == HARDLINK:
-                hardlinks.append((n, e.linkname))
+                hardlinks.append((n, toc.text(i, _FM_LINKNAME).decode("utf-8", "surrogateescape")))
 
         for n, linkname in hardlinks:
             dest = normalise(linkname)
@@ -161,11 +225,14 @@ class LayerTree:
         implied = self.implied_names.get(n)
         if implied is not None or n == 0:
             return implied or b""
-        path = normalise(self.ztoc.entry(self.entry[n]).name) or ""
-        base = path.rpartition("/")[2]
+        raw = self.names.name(self.entry[n]).rstrip(b"/")
+        base = raw.rpartition(b"/")[2]
+        if base in (b".", b".."):     # odd spellings ("a/b/."): take the normalised path
+            path = normalise(raw.decode("utf-8", "surrogateescape")) or ""
+            base = os.fsencode(path.rpartition("/")[2])
         if self.kind[n] == WHITEOUT:
             base = base[len(WHITEOUT_PREFIX):]
-        return os.fsencode(base)
+        return base
 
     def lookup(self, d: int, name: bytes) -> int | None:
         """The child of directory d called `name`, by binary search."""

@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         filename=None if args.foreground else os.fspath(paths.log_file),
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)  # one line per Range request otherwise
     paths.pid_file.write_text(f"{os.getpid()}\n")
     try:
         Service(root, config).run()

@@ -8,6 +8,8 @@ docker credentials, so `lazyoci service start` after a config change picks it up
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -27,6 +29,16 @@ from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
 log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def _release_freed_memory() -> None:
+    """Give memory freed by a tree build back to the OS (glibc keeps it otherwise)."""
+    try:
+        _libc.malloc_trim(0)
+    except AttributeError:   # not glibc
+        pass
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS service_layers (
@@ -102,7 +114,8 @@ class LayerManager:
         verify_bytes(data, ztoc_digest, f"zTOC of layer {layer_digest}")
         started = time.monotonic()
         ztoc = Ztoc.parse(data)
-        tree = LayerTree(ztoc)
+        tree = LayerTree(ztoc, data)
+        _release_freed_memory()     # the build's temporary path table is garbage now
         spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
         if spans and spans[-1][1] != ztoc.uncompressed_size:
             raise FormatError(f"zTOC {ztoc_digest}: spans end at {spans[-1][1]}, "
