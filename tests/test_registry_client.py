@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from helpers.fault_proxy import FaultProxy
+from helpers.fault_proxy import Fault, FaultProxy
 from helpers.images import Entry, image_config, make_layer, push_image
 from lazyoci.errors import FormatError, IntegrityError, NotFoundError
 from lazyoci.oci import mediatypes as mt
@@ -152,8 +152,9 @@ def test_cross_repository_mount(registry, client):
     assert push_bytes(client, dst, other, mount_from=Reference.parse(f"{registry.host}/rc/empty:v1")) == "pushed"
 
 
-def test_chunked_upload_of_large_blob(registry, tmp_path):
+def test_chunked_upload_of_large_blob(registry, tmp_path, monkeypatch):
     """A blob over 16 MiB goes up in 8 MiB PATCH chunks and reads back identical."""
+    monkeypatch.setattr("lazyoci.registry.transport._BASE_BACKOFF", 0.02)
     data = os.urandom(17 * 1024 * 1024 + 123)
     path = tmp_path / "big"
     path.write_bytes(data)
@@ -164,6 +165,18 @@ def test_chunked_upload_of_large_blob(registry, tmp_path):
         assert client.push_blob(ref, sha(data), len(data), lambda: open(path, "rb"), seen.append) == "pushed"
         assert proxy.count("PATCH") == 3
         assert seen[0] == 8 * 1024 * 1024 and seen[-1] == len(data)
+        # A chunk that fails (the first, then the second) is resumed from the upload status.
+        for n in (1, 2):
+            other = ref.with_tag(f"again{n}")
+            moved = bytes([n]) + data[1:]
+            proxy.reset_counters()
+            if n == 2:   # the first PATCH passes (a zero delay is the first matching fault)
+                proxy.add(Fault("delay", method="PATCH", match="/blobs/uploads/", times=1))
+            proxy.add(Fault("status", status=500 + n, method="PATCH", match="/blobs/uploads/", times=1))
+            assert client.push_blob(other, sha(moved), len(moved), lambda: io.BytesIO(moved)) == "pushed"
+            assert proxy.count("PATCH", status=202) == 3
+            assert proxy.count("GET", "/blobs/uploads/") == 1
+            assert client.fetch_range(other, sha(moved), 0, 2) == moved[:2]
         h = hashlib.sha256()
         for chunk in client.iter_blob(ref, sha(data), len(data)):
             h.update(chunk)

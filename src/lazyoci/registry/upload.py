@@ -122,7 +122,10 @@ def _patch_chunks(transport: Transport, ep: Endpoint, location: str, scopes: tup
         if failures > transport.options.max_retries:
             raise RegistryError(f"{what}: chunk at byte {offset} failed {failures} times: {reason}")
         time.sleep(backoff(failures - 1))
-        offset, location = _upload_status(transport, ep, location, scopes, what)
+        held, location = _upload_status(transport, ep, location, scopes, what)
+        # distribution reports an empty upload as "0-0", the same as one byte: our chunks are
+        # never one byte long, so "0-0" before any acknowledged chunk means nothing is held.
+        offset = 0 if (held == 1 and offset == 0) else held
         f.seek(offset)
     return location
 
