@@ -139,3 +139,47 @@ def test_default_span_size_and_checkpoint_zero() -> None:
     assert (z.checkpoints.ins[0], z.checkpoints.outs[0], z.checkpoints.bits[0]) == (10, 0, 0)
     assert z.span_compressed_range(0) == (10, len(blob))
     check_spans(z, blob, raw)
+
+
+def test_gnu_base256_numbers_and_v7_headers() -> None:
+    from helpers.images import Entry, tar_bytes
+    big = tar_bytes([Entry("big-ids", data=b"x" * 700, uid=3_000_000_000, gid=2_500_000_000,
+                           mtime=-1_000_000_000)], format=tarfile.GNU_FORMAT)
+    z = build(gzip.compress(big, mtime=0))
+    check_toc(z, big)
+    e = z.entry(0)
+    assert (e.uid, e.gid, e.mtime_ns) == (3_000_000_000, 2_500_000_000, -1_000_000_000_000_000_000)
+    assert e.mod_time == "1938-04-24T22:13:20Z"
+    # v7: no magic, a directory marked only by its trailing slash
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, kind, data in (("olddir/", tarfile.AREGTYPE, b""), ("olddir/f", tarfile.AREGTYPE, b"v7 data")):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.size = kind, len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    raw = bytearray(buf.getvalue())
+    for hdr in (0, 512):
+        raw[hdr + 257:hdr + 265] = bytes(8)
+        raw[hdr + 148:hdr + 156] = b"        "
+        raw[hdr + 148:hdr + 156] = b"%06o\0 " % sum(raw[hdr:hdr + 512])
+    z = build(bytes(raw), "none")
+    assert [(z.entry(i).name, z.entry(i).type) for i in range(len(z))] == [("olddir/", "dir"), ("olddir/f", "reg")]
+    assert z.entry(1).offset == 1024 and z.entry(1).size == 7
+
+
+def test_chunking_does_not_matter() -> None:
+    """The builder gives identical bytes whatever sizes the reads come in."""
+    class Dribble(io.BytesIO):
+        def __init__(self, data: bytes, sizes: list[int]) -> None:
+            super().__init__(data)
+            self.sizes = sizes
+
+        def read(self, n: int = -1) -> bytes:
+            return super().read(self.sizes[self.tell() % len(self.sizes)])
+
+    raw = all_types_tar()
+    blob = gzip.compress(raw, mtime=0)
+    want = build_ztoc(io.BytesIO(blob), "gzip", SMALL_SPAN)
+    assert build_ztoc(Dribble(blob, [1, 7, 512, 3000, 1 << 20, 13]), "gzip", SMALL_SPAN) == want
+    want_tar = build_ztoc(io.BytesIO(raw), "none", SMALL_SPAN)
+    assert build_ztoc(Dribble(raw, [511, 1, 1024, 99999]), "none", SMALL_SPAN) == want_tar
