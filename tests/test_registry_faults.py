@@ -202,3 +202,16 @@ def test_endpoint_choice():
     assert mirror_endpoints("quay.io", opts) == []
     with pytest.raises(RegistryError):
         mirror_endpoints("docker.io", RegistryOptions(mirrors={"docker.io": ("cache.lan",)}))
+
+
+def test_insecure_registry_falls_back_to_http(registry, seeded, tmp_path):
+    """A non-loopback name (0.0.0.0 reaches the loopback listener) needs --insecure-registry for HTTP."""
+    port = registry.host.rsplit(":", 1)[1]
+    ref = Reference.parse(f"0.0.0.0:{port}/faults/app:v1")
+    with RegistryClient(RegistryOptions(docker_config=tmp_path / "c.json", max_retries=0)) as strict:
+        with pytest.raises(RegistryError, match="cannot reach registry"):
+            strict.get_manifest(ref)
+    opts = RegistryOptions(docker_config=tmp_path / "c.json", insecure_registries=(f"0.0.0.0:{port}",))
+    with RegistryClient(opts) as c:
+        assert c.get_manifest(ref)[0] == seeded          # HTTPS failed, plain HTTP answered
+        assert c.transport.upstream(ref.registry)[0].base == f"http://0.0.0.0:{port}"   # remembered
