@@ -45,7 +45,7 @@ def basic_registry(tmp_path_factory):
 @pytest.fixture(scope="module")
 def token_registry(tmp_path_factory):
     work = tmp_path_factory.mktemp("token-registry")
-    with TokenServer(work / "token", users={USER: PASSWORD}) as ts:
+    with TokenServer(work / "token", users={USER: PASSWORD}, refresh_tokens={"rt-alice-123": USER}) as ts:
         reg = start_registry(work / "reg", token_auth=ts.registry_auth)
         yield reg, ts
         reg.stop()
@@ -274,3 +274,19 @@ def test_token_auth_anonymous_pull(tmp_path, token_registry):
                 push_small_image(anon, Reference.parse(f"{reg.host}/auth/public:v2"))
     finally:
         ts.anonymous_pull = False
+
+
+def test_token_auth_with_identity_token(tmp_path, token_registry):
+    """A docker config `identitytoken` is exchanged through the OAuth2 POST flow."""
+    reg, ts = token_registry
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"auths": {reg.host: {"identitytoken": "rt-alice-123"}}}))
+    ref = Reference.parse(f"{reg.host}/auth/identity:v1")
+    with RegistryClient(RegistryOptions(docker_config=cfg)) as c:
+        raw = push_small_image(c, ref)
+        assert c.get_manifest(ref)[0] == raw
+        assert ts.issued[-1][0] == USER
+    cfg.write_text(json.dumps({"auths": {reg.host: {"identitytoken": "revoked"}}}))
+    with RegistryClient(RegistryOptions(docker_config=cfg)) as c:
+        with pytest.raises(AuthError, match="refused the credentials"):
+            c.get_manifest(ref)

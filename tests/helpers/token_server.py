@@ -10,7 +10,8 @@ certificate's public key. Keys and signatures are made with the `openssl` comman
         ...
         ts.issued   # [(account or None, [scope, ...] granted)]
 
-Authenticated users get every action they ask for; anonymous callers get `pull`
+`refresh_tokens` maps OAuth2 refresh tokens (docker config `identitytoken`) to users,
+for the POST flow (grant_type=refresh_token). Authenticated users get every action they ask for; anonymous callers get `pull`
 only when `anonymous_pull` is set, otherwise an empty grant (the registry then
 answers 401 insufficient_scope). Wrong credentials get 401.
 """
@@ -41,11 +42,13 @@ def libtrust_key_id(public_der: bytes) -> str:
 
 class TokenServer:
     def __init__(self, workdir: Path, users: dict[str, str] | None = None, anonymous_pull: bool = False,
+                 refresh_tokens: dict[str, str] | None = None,
                  service: str = "lazyoci-test-registry", issuer: str = "lazyoci-test-issuer",
                  expires_in: int = 300) -> None:
         self.workdir = workdir
         self.users = dict(users or {})
         self.anonymous_pull = anonymous_pull
+        self.refresh_tokens = dict(refresh_tokens or {})
         self.service = service
         self.issuer = issuer
         self.expires_in = expires_in
@@ -177,4 +180,21 @@ class _TokenHandler(BaseHTTPRequestHandler):
                                                     "message": "invalid username or password"}]})
             account = user
         scopes = [s for value in query.get("scope", []) for s in value.split(" ") if s]
+        self._send(200, owner.token_for(account, scopes))
+
+    def do_POST(self) -> None:
+        """The OAuth2 flow docker uses with identity tokens: a form with grant_type=refresh_token."""
+        owner = self.server_owner
+        length = int(self.headers.get("Content-Length") or 0)
+        form = parse_qs(self.rfile.read(length).decode())
+        if urlsplit(self.path).path != "/token" or form.get("service", [""])[0] != owner.service:
+            return self._send(400, {"error": "invalid_request"})
+        account = None
+        if form.get("grant_type", [""])[0] == "refresh_token":
+            account = owner.refresh_tokens.get(form.get("refresh_token", [""])[0])
+        if account is None:
+            with owner._lock:
+                owner.refused += 1
+            return self._send(401, {"error": "invalid_grant"})
+        scopes = [s for value in form.get("scope", []) for s in value.split(" ") if s]
         self._send(200, owner.token_for(account, scopes))
