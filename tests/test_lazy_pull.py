@@ -11,14 +11,12 @@ from pathlib import Path
 import pytest
 
 from helpers.images import Entry, image_config, make_layer, push_image
-from helpers.lazy import write_config
+from helpers.lazy import push_soci_index, write_config
 from helpers.tricky_image import PASSWD, push_tricky_image
 from lazyoci.config import load_config
 from lazyoci.images.service import ImageService
-from lazyoci.oci.reference import Reference
 from lazyoci.service.client import ServiceClient
 from lazyoci.snapshot.soci import SociSnapshotter
-from lazyoci.soci import SociBuildOptions, build_index, push_index
 from lazyoci.store.layout import DataRoot
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE, overlay and runc need root")
@@ -35,22 +33,9 @@ def soci_config(tmp_path) -> Path:
     return write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - soci\n")
 
 
-def _push_index(registry_host: str, repo: str, work: Path) -> str:
-    """Index the image with lazyoci's SOCI builder in a separate data root and push the index."""
-    images = ImageService(DataRoot(work / "builder-root"))
-    try:
-        ref = f"{registry_host}/{repo}:latest"
-        image = images.pull(ref)
-        result = build_index(images, image, SociBuildOptions(span_size=64 << 10, min_layer_size=0))
-        push_index(images.client, Reference.parse(ref), images.blobs, result.index)
-        return result.digest
-    finally:
-        images.close()
-
-
 def test_lazy_pull_run_and_status(registry, data_root, tmp_path, soci_config):
     push_tricky_image(registry.host, "lazy/pull", tmp_path)
-    index_digest = _push_index(registry.host, "lazy/pull", tmp_path)
+    index_digest = push_soci_index(registry.host, "lazy/pull", tmp_path)
     ref = f"{registry.host}/lazy/pull:latest"
     root = DataRoot(data_root)
     images = ImageService(root)

@@ -16,6 +16,25 @@ from lazyoci.ztoc import build_ztoc
 from helpers.images import LAYER_TAR, Layer
 
 
+def push_soci_index(registry_host: str, repo: str, work: Path, span_size: int = 64 << 10,
+                    min_layer_size: int = 0) -> str:
+    """Index an image already in the registry with lazyoci's SOCI builder (in a data root of its
+    own, so the test's root stays empty) and push the v1 index; returns its digest."""
+    from lazyoci.images.service import ImageService
+    from lazyoci.oci.reference import Reference
+    from lazyoci.soci import SociBuildOptions, build_index, push_index
+
+    images = ImageService(DataRoot(work / f"builder-{repo.replace('/', '_')}"))
+    try:
+        ref = f"{registry_host}/{repo}:latest"
+        image = images.pull(ref)
+        result = build_index(images, image, SociBuildOptions(span_size=span_size, min_layer_size=min_layer_size))
+        push_index(images.client, Reference.parse(ref), images.blobs, result.index)
+        return result.digest
+    finally:
+        images.close()
+
+
 def ztoc_for(layer: Layer, span_size: int = 1 << 22) -> bytes:
     """The zTOC of a test layer, built by lazyoci.ztoc (C's builder)."""
     compression = "none" if layer.media_type == LAYER_TAR else "gzip"

@@ -1,0 +1,74 @@
+"""The lazy-loading commands as a user runs them: pull/image mount --snapshotter soci,
+service and vm start/stop/status, the fallback's INFO line, and the config's snapshotters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.images import Entry, image_config, make_layer, push_image
+from helpers.lazy import push_soci_index, write_config
+from helpers.tricky_image import PASSWD, push_tricky_image
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE and overlay need root")
+LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
+
+
+def _lz(root: Path, config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([LAZYOCI, "--root", str(root), "--config", str(config), *args],
+                       capture_output=True, text=True, timeout=120)
+    if check and r.returncode != 0:
+        raise AssertionError(f"lazyoci {' '.join(args)} exited {r.returncode}: {r.stderr}")
+    return r
+
+
+def test_pull_soci_mount_and_service_commands(registry, data_root, tmp_path):
+    push_tricky_image(registry.host, "lazycli/tricky", tmp_path)
+    push_soci_index(registry.host, "lazycli/tricky", tmp_path)
+    ref = f"{registry.host}/lazycli/tricky:latest"
+    config = write_config(tmp_path / "config.yaml")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = _lz(data_root, config, "pull", "--snapshotter", "soci", ref)
+        assert "manifest-sha256:" in r.stdout and "config-sha256:" in r.stdout
+        assert "layer-sha256:" not in r.stdout, r.stdout          # lazy layers: no rows
+        assert "INFO" not in r.stderr
+        st = _lz(data_root, config, "vm", "status").stdout
+        assert "running" in st and st.count("lazycli/tricky") == 3, st
+
+        _lz(data_root, config, "image", "mount", "--snapshotter", "soci", ref, str(mnt))
+        assert (mnt / "etc/passwd").read_bytes() == PASSWD
+        _lz(data_root, config, "image", "unmount", str(mnt))
+
+        # the service stops (unmounting FUSE) and is started again on demand by `image mount`
+        assert "stopped" in _lz(data_root, config, "service", "stop").stdout
+        assert "not running" in _lz(data_root, config, "service", "status").stdout
+        _lz(data_root, config, "image", "mount", "--snapshotter", "soci", ref, str(mnt))
+        assert (mnt / "etc/passwd").read_bytes() == PASSWD
+        _lz(data_root, config, "image", "unmount", str(mnt))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        _lz(data_root, config, "service", "stop", check=False)
+
+
+def test_pull_soci_without_index_downloads_with_rows_and_says_why(registry, data_root, tmp_path):
+    layer = make_layer([Entry("hello.txt", data=b"full pull\n")])
+    push_image(registry.host, "lazycli/plain", [layer], image_config([layer]), tmp_path)
+    config = write_config(tmp_path / "config.yaml")
+    r = _lz(data_root, config, "pull", "--snapshotter", "soci", f"{registry.host}/lazycli/plain:latest")
+    assert f"layer-{layer.digest}" in r.stdout, r.stdout
+    info = [l for l in r.stderr.splitlines() if "INFO" in l]
+    assert len(info) == 1 and "no SOCI index" in info[0], r.stderr
+
+
+def test_config_snapshotters_bad_value_is_a_clear_error(data_root, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("snapshotters:\n  - lazy\n")
+    r = _lz(data_root, config, "service", "status", check=False)
+    assert r.returncode != 0
+    assert f"{config}:2" in r.stderr and "lazy" in r.stderr
