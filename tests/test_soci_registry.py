@@ -350,3 +350,23 @@ def test_all_platforms_create_and_convert(registry, tmp_path, data_root):
                   platforms=[Platform("linux", "arm64")])
     assert [str(r.platform) for r in one.indexes] == ["linux/arm64"]
     images.close()
+
+
+def test_corrupt_local_layer_is_refused(registry, tmp_path, data_root):
+    """A zTOC is only built over bytes that match the layer digest (a valid tar with one
+    changed byte of file data builds fine, so only the digest check can catch it)."""
+    from lazyoci.errors import IntegrityError
+    from lazyoci.soci.records import SociRecords
+    layer = make_layer([Entry("a.txt", data=_text(50_000, 9))], "none")
+    push_image(registry.host, "soci/corrupt", [layer], image_config([layer]), tmp_path)
+    images = service(data_root)
+    image = images.pull(f"{registry.host}/soci/corrupt:latest")
+    path = images.blobs.path(layer.digest)
+    data = bytearray(path.read_bytes())
+    data[600] ^= 0x01                        # file content of a.txt
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        build_index(images, image, SMALL)
+    assert SociRecords(images.db).find_ztoc(layer.digest, SMALL.span_size) is None
+    images.close()
