@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -290,3 +291,23 @@ def test_token_auth_with_identity_token(tmp_path, token_registry):
     with RegistryClient(RegistryOptions(docker_config=cfg)) as c:
         with pytest.raises(AuthError, match="refused the credentials"):
             c.get_manifest(ref)
+
+
+def test_token_refreshed_when_it_expires(tmp_path, token_registry):
+    reg, ts = token_registry
+    cfg = tmp_path / "config.json"
+    write_auths(cfg, reg.host, USER, PASSWORD)
+    ref = Reference.parse(f"{reg.host}/auth/expiry:v1")
+    ts.expires_in = 11          # cached for 1 s: tokens are renewed 10 s before they expire
+    try:
+        with RegistryClient(RegistryOptions(docker_config=cfg)) as c:
+            push_small_image(c, ref)
+            c.resolve(ref)
+            before = len(ts.issued)
+            c.resolve(ref)
+            assert len(ts.issued) == before
+            time.sleep(1.1)
+            c.resolve(ref)
+            assert len(ts.issued) == before + 1
+    finally:
+        ts.expires_in = 300
