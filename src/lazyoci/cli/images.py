@@ -46,6 +46,11 @@ def pull_image(svc: ImageService, ref: str, platform: Platform | None, snapshott
     """
     consumer = None
     overlay = None
+    if snapshotter == "soci":
+        lazy = _soci_pull(svc, ref, platform, stream, quiet)
+        if lazy is not None:
+            return lazy
+        snapshotter = "soci"          # no lazy support in this build: a full pull, recorded as asked
     if snapshotter == "overlayfs":
         from lazyoci.snapshot.overlay import OverlaySnapshotter
         overlay = OverlaySnapshotter(svc.root)
@@ -59,6 +64,21 @@ def pull_image(svc: ImageService, ref: str, platform: Platform | None, snapshott
     if overlay is not None:
         overlay.unpack_image(svc, image)
     return image
+
+
+def _soci_pull(svc: ImageService, ref: str, platform: Platform | None, stream, quiet: bool) -> LocalImage | None:
+    """A lazy pull through the soci snapshotter, or None when this build has no lazy loading."""
+    try:
+        from lazyoci.snapshot.soci_pull import lazy_pull
+        from lazyoci.snapshot.registry import get_snapshotter
+    except ImportError:
+        return None
+    snap = get_snapshotter("soci", svc.root, app().config)
+    log = lambda line: click.echo(line, err=True)
+    if quiet:
+        return lazy_pull(snap, svc, ref, platform, None, log)
+    with ProgressDisplay(stream) as display:
+        return lazy_pull(snap, svc, ref, platform, display, log)
 
 
 @cli.command("pull")

@@ -193,7 +193,8 @@ class Puller:
             return
         consumer = hooks.layer_consumer(desc) if hooks.layer_consumer else None
         sizer = UncompressedSize(mt.layer_compression(desc.media_type))
-        writer = self.blobs.writer(desc.digest, desc.size)
+        # iter_blob verifies size and digest and raises before it ends; commit comes after.
+        writer = self.blobs.writer(desc.digest, desc.size, verified_upstream=True)
         reported = 0
         try:
             self.progress(ProgressEvent(key, "layer", "downloading", 0, desc.size))

@@ -46,12 +46,16 @@ class BlobWriter:
     known in advance, e.g. a layer being built).
     """
 
-    def __init__(self, store: "BlobStore", expected: str | None, size: int | None) -> None:
+    def __init__(self, store: "BlobStore", expected: str | None, size: int | None,
+                 verified_upstream: bool = False) -> None:
         self._store = store
         self.expected = str(Digest.parse(expected)) if expected else None
         self.size = size
         # Without an expected digest we only hash and count; `commit` names the result.
-        self._verifier = DigestVerifier(self.expected, size) if self.expected else None
+        # `verified_upstream`: the bytes come from an iterator that checks this very digest and
+        # raises before it ends (RegistryClient.iter_blob), so hashing twice would only halve
+        # the speed; the caller commits only after that iterator finished.
+        self._verifier = DigestVerifier(self.expected, size) if self.expected and not verified_upstream else None
         self._hash = None if self.expected else hashlib.sha256()
         self._count = 0
         self.digest: str | None = None
@@ -73,9 +77,12 @@ class BlobWriter:
     def write(self, chunk: bytes) -> None:
         if self._verifier is not None:
             self._verifier.update(chunk)     # raises on more bytes than expected
-        else:
+        elif self._hash is not None:
             self._hash.update(chunk)
         self._count += len(chunk)
+        if self.size is not None and self._count > self.size:
+            raise IntegrityError(f"blob {self.expected}: more than the expected {self.size} bytes",
+                                 expected=self.expected)
         try:
             self._file.write(chunk)
         except OSError as e:
@@ -91,6 +98,11 @@ class BlobWriter:
                 raise _os_error(e, f"blob {self.expected or ''}".strip()) from None
             if self._verifier is not None:
                 self._verifier.finish()
+                digest = self.expected
+            elif self.expected is not None:        # verified upstream: still check the size
+                if self.size is not None and self._count != self.size:
+                    raise IntegrityError(f"blob {self.expected}: got {self._count} bytes, expected {self.size}",
+                                         expected=self.expected)
                 digest = self.expected
             else:
                 if self.size is not None and self._count != self.size:
@@ -168,8 +180,8 @@ class BlobStore:
             raise IntegrityError(f"local store is corrupt: {e}", e.expected, e.actual) from None
         return data
 
-    def writer(self, digest: str | None, size: int | None = None) -> BlobWriter:
-        return BlobWriter(self, digest, size)
+    def writer(self, digest: str | None, size: int | None = None, verified_upstream: bool = False) -> BlobWriter:
+        return BlobWriter(self, digest, size, verified_upstream)
 
     def put_bytes(self, data: bytes, expected: str | None = None) -> str:
         """Store `data` (verified against `expected` when given); return its digest."""
