@@ -1,0 +1,58 @@
+"""The on-disk span cache: persistence across reopen, layout changes, the size limit."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lazyoci.fs.span_cache import LayerCache, SpanCache
+
+SPANS = [(0, 100), (100, 200), (200, 250)]
+
+
+def _data(i: int) -> bytes:
+    s, e = SPANS[i]
+    return bytes([65 + i]) * (e - s)
+
+
+def test_spans_survive_reopen_and_a_new_layout_starts_empty(tmp_path):
+    c = LayerCache(tmp_path / "l", "sha256:" + "1" * 64, SPANS)
+    c.put(1, _data(1))
+    assert c.has(1) and not c.has(0)
+    assert c.read_span_range(1, 120, 130) == b"B" * 10
+    assert c.read_span_range(0, 0, 10) is None
+    c.close()
+    again = LayerCache(tmp_path / "l", "sha256:" + "1" * 64, SPANS)
+    assert again.has(1) and again.missing() == [0, 2] and again.cached_bytes == 100
+    again.close()
+    other = LayerCache(tmp_path / "l", "sha256:" + "2" * 64, SPANS)   # another zTOC: bitmap means nothing
+    assert other.missing() == [0, 1, 2] and other.cached_bytes == 0
+    other.close()
+
+
+def test_wrong_span_length_is_refused(tmp_path):
+    c = LayerCache(tmp_path / "l", "sha256:" + "1" * 64, SPANS)
+    with pytest.raises(ValueError):
+        c.put(0, b"short")
+    assert not c.has(0)
+    c.close()
+
+
+def test_size_limit_evicts_least_recently_used_layer_first(tmp_path):
+    cache = SpanCache(tmp_path / "cache", max_bytes=250)
+    a = cache.layer("sha256:" + "a" * 64, "sha256:" + "1" * 64, SPANS)
+    b = cache.layer("sha256:" + "b" * 64, "sha256:" + "1" * 64, SPANS)
+    a.put(0, _data(0))
+    a.put(1, _data(1))
+    b.put(0, _data(0))                       # 300 > 250: a (older) loses a span
+    assert cache.total_bytes <= 250
+    assert b.has(0) and len(a.missing()) == 2
+    evicted = 1 if not a.has(1) else 0
+    assert a.read_span_range(evicted, *SPANS[evicted]) is None
+    # the evicted bytes are really given back (a hole), and the bitmap on disk agrees
+    present = (tmp_path / "cache" / ("a" * 64) / "present").read_bytes()
+    assert present[evicted] == 0
+    st = os.stat(tmp_path / "cache" / ("a" * 64) / "data")
+    assert st.st_blocks * 512 < 4096 * 2 + 250
+    cache.close()
