@@ -248,3 +248,19 @@ def test_faults_through_proxy(svc, registry, tmp_path, data_root):
         with pytest.raises(LazyociError, match="go away, robot"):
             svc.pull(ref)
     assert_store_consistent(data_root)
+
+
+def test_disk_full_is_a_clear_error(registry, tmp_path):
+    _, layers = _simple_image(registry, tmp_path, "diskfull/app", size=3_000_000)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        svc = ImageService(DataRoot(mnt / "root"))
+        with pytest.raises(LazyociError, match="disk full|database or disk is full"):
+            svc.pull(f"{registry.host}/diskfull/app:latest")
+        svc.close()
+        assert not svc.blobs.has(layers[0].digest)
+        assert_store_consistent(mnt / "root")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

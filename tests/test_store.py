@@ -160,3 +160,14 @@ def test_gc_drops_leases_of_dead_processes(tmp_path):
     assert records.gc().blobs_removed == 1
     with records.db.reading() as c:
         assert c.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
+
+
+def test_writer_verified_upstream_still_checks_size(store):
+    data = b"x" * 1000
+    with pytest.raises(IntegrityError, match="more than"):
+        with store.writer(sha(data), 10, verified_upstream=True) as w:
+            w.write(data)
+    with pytest.raises(IntegrityError, match="got 5 bytes"):
+        with store.writer(sha(data), 1000, verified_upstream=True) as w:
+            w.write(data[:5])
+    assert list(store.digests()) == [] and list(store.root.tmp.iterdir()) == []
