@@ -370,3 +370,15 @@ def test_corrupt_local_layer_is_refused(registry, tmp_path, data_root):
         build_index(images, image, SMALL)
     assert SociRecords(images.db).find_ztoc(layer.digest, SMALL.span_size) is None
     images.close()
+
+
+def test_lazily_pulled_image_indexes_from_the_registry(registry, medium_image, data_root):
+    """Layers left in the registry by a lazy pull are streamed once, not stored."""
+    ref, _, _ = medium_image
+    images = service(data_root)
+    image = images.pull(ref, skip_layers=lambda d: True)
+    assert not images.blobs.has(MEDIUM_LAYER.digest)
+    result = build_index(images, image, SMALL)
+    assert [z.layer.digest for z in result.ztocs] == [MEDIUM_LAYER.digest]
+    assert not images.blobs.has(MEDIUM_LAYER.digest)
+    images.close()

@@ -206,12 +206,17 @@ def store_index(blobs: "BlobStore", records: SociRecords, index: SociIndex, mani
                       index.version, index.size, origin)
 
 
-def _open_local_layer(blobs: "BlobStore") -> OpenLayer:
-    def open_layer(layer: Descriptor) -> BinaryIO:
-        if not blobs.has(layer.digest):
-            raise StoreError(f"layer {layer.digest} is not in the local store (was the image pulled "
-                             "lazily?); build from the registry with `lazyoci soci create --remote`")
-        return blobs.open(layer.digest)
+def _open_layer(images: "ImageService", image: "LocalImage") -> OpenLayer:
+    """Layers from the blob store; a layer left in the registry (lazily pulled image) is
+    streamed from the registry the image came from, once, without being stored."""
+    def open_layer(layer: Descriptor):
+        if images.blobs.has(layer.digest):
+            return images.blobs.open(layer.digest)
+        if image.name is None:
+            raise StoreError(f"layer {layer.digest} is not in the local store and the image has no "
+                             "name to fetch it from; pull it again or use `lazyoci soci create --remote`")
+        from lazyoci.oci.reference import Reference
+        return images.client.iter_blob(Reference.parse(image.name), layer.digest, layer.size)
     return open_layer
 
 
@@ -228,7 +233,7 @@ def build_index(images: "ImageService", image: "LocalImage", options: SociBuildO
             return build_index(images, image, options, log, open_layer, own_lease)
     records = SociRecords(images.db)
     manifest = image.manifest
-    built, skipped = build_ztocs(manifest, open_layer or _open_local_layer(images.blobs), options,
+    built, skipped = build_ztocs(manifest, open_layer or _open_layer(images, image), options,
                                  images.blobs, records, log, lease)
     mdesc = manifest.descriptor()
     if not built:
