@@ -176,7 +176,8 @@ class Transport:
                 last_exc = e
                 if final:
                     raise
-                if ep.mirror:   # unreachable: skip it for a while instead of paying a timeout per request
+                if ep.mirror and e.status is None and not isinstance(e, AuthError):
+                    # Unreachable: skip it for a while instead of paying a timeout per request.
                     with self._lock:
                         self._dead_mirrors[ep.base] = time.monotonic() + _MIRROR_RETRY_AFTER
                 continue
