@@ -43,6 +43,8 @@ def test_pull_soci_mount_and_service_commands(registry, data_root, tmp_path):
 
         _lz(data_root, config, "image", "mount", "--snapshotter", "soci", ref, str(mnt))
         assert (mnt / "etc/passwd").read_bytes() == PASSWD
+        refused = _lz(data_root, config, "service", "stop", check=False)   # would pull the rug
+        assert refused.returncode != 0 and "still use lazy layers" in refused.stderr
         _lz(data_root, config, "image", "unmount", str(mnt))
 
         # the service stops (unmounting FUSE) and is started again on demand by `image mount`

@@ -28,8 +28,8 @@ def _start() -> None:
     click.echo(f"lazyoci service is running (pid {info['pid']}), lazy layers at {info['mountpoint']}")
 
 
-def _stop() -> None:
-    if _client().stop():
+def _stop(force: bool) -> None:
+    if _client().stop(force=force):
         click.echo("lazyoci service stopped")
     else:
         click.echo("lazyoci service is not running")
@@ -65,7 +65,10 @@ def vm_group() -> None:
     """Alias of `service` for Finch users (there is no VM: the service plays its part)."""
 
 
+_FORCE = click.option("--force", is_flag=True,
+                      help="Stop even while containers or image mounts use lazy layers.")
+
 for group in (service_group, vm_group):
     group.command("start", help="Start the service (a changed config file takes effect now).")(_start)
-    group.command("stop", help="Unmount the lazy layers and stop the service.")(_stop)
+    group.command("stop", help="Unmount the lazy layers and stop the service.")(_FORCE(_stop))
     group.command("status", help="Show the service and its lazy layers (fetched/total bytes).")(_status)

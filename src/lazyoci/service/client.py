@@ -110,8 +110,29 @@ class ServiceClient:
     def ensure_running(self) -> dict[str, Any]:
         return self.start()
 
-    def stop(self) -> bool:
-        """Ask the service to unmount and exit; wait for it. False if it was not running."""
+    def users(self) -> list[str]:
+        """Mount points of overlays stacked on the service's layers (running containers, image mounts)."""
+        mnt = os.fspath(self.paths.mountpoint) + "/"
+        out = []
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[sep + 1] == "overlay" and mnt in fields[-1]:
+                    out.append(fields[4])
+        return out
+
+    def stop(self, force: bool = False) -> bool:
+        """Ask the service to unmount and exit; wait for it. False if it was not running.
+
+        Overlays on its layers would lose their lower directories, so unless `force`
+        the service is left running while any exist.
+        """
+        users = self.users()
+        if users and not force:
+            raise ServiceError(f"{len(users)} mount(s) still use lazy layers ({', '.join(users[:3])}"
+                               f"{', ...' if len(users) > 3 else ''}); stop those containers and image "
+                               f"mounts first, or use --force")
         pid = self._pid()
         try:
             self.request("shutdown")
