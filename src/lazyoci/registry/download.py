@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterator
 
@@ -12,6 +13,8 @@ from lazyoci.oci.digest import Digest, DigestVerifier
 from lazyoci.oci.reference import Reference
 from lazyoci.registry.auth import pull_scope
 from lazyoci.registry.transport import Transport, backoff, describe, raise_for_status
+
+log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 256 * 1024
 # Blobs are sent as stored; asking for identity keeps byte offsets (Range) meaningful.
@@ -63,6 +66,7 @@ def iter_blob(transport: Transport, ref: Reference, digest: str, size: int | Non
                 if failures > max(transport.options.max_retries, 1):
                     raise RegistryError(f"blob {digest} of {ref.name}: connection lost at byte {offset} "
                                         f"{failures} times in a row: {describe(e)}") from None
+                log.debug("blob %s: %s at byte %d; resuming", digest, describe(e), offset)
                 time.sleep(backoff(failures - 1))
                 continue
         finally:

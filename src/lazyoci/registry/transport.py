@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -27,6 +28,8 @@ from lazyoci.oci.reference import DEFAULT_REGISTRY, DOCKER_HUB_HOST, is_loopback
 from lazyoci.registry.auth import Authenticator
 from lazyoci.registry.credentials import Credentials
 from lazyoci.registry.options import RegistryOptions
+
+log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -176,12 +179,14 @@ class Transport:
                 last_exc = e
                 if final:
                     raise
+                log.debug("%s %s: %s; trying the next endpoint", method, ep.base, e)
                 if ep.mirror and e.status is None and not isinstance(e, AuthError):
                     # Unreachable: skip it for a while instead of paying a timeout per request.
                     with self._lock:
                         self._dead_mirrors[ep.base] = time.monotonic() + _MIRROR_RETRY_AFTER
                 continue
             if ep.mirror and resp.status_code >= 400 and not final:
+                log.debug("mirror %s answered %s to %s %s; falling back", ep.base, resp.status_code, method, path)
                 resp.close()
                 continue
             if not ep.mirror:
@@ -216,6 +221,7 @@ class Transport:
             except httpx.TransportError as e:
                 if attempt >= retries:
                     raise RegistryError(f"cannot reach registry {ep.host}: {describe(e)}") from None
+                log.debug("%s %s: %s; retry %d", method, url, describe(e), attempt + 1)
                 time.sleep(backoff(attempt))
                 attempt += 1
                 continue
@@ -229,6 +235,7 @@ class Transport:
                 return resp
             if resp.status_code in RETRY_STATUSES and attempt < retries:
                 delay = retry_after(resp, attempt)
+                log.debug("%s %s: HTTP %d; retry %d in %.1fs", method, url, resp.status_code, attempt + 1, delay)
                 resp.close()
                 time.sleep(delay)
                 attempt += 1
