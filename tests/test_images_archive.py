@@ -192,3 +192,15 @@ def test_load_bad_archives(tmp_path, rootfs):
         svc.load(trunc)
     assert svc.list() == []
     assert_store_consistent(tmp_path / "root")
+
+
+def test_moving_a_name_releases_the_old_image(tmp_path, rootfs):
+    root = tmp_path / "root"
+    svc = service(root)
+    first = svc.import_rootfs(rootfs, "moving/name", [])
+    (rootfs / "etc" / "hostname").write_text("changed\n")
+    second = svc.import_rootfs(rootfs, "moving/name", [])
+    assert first.digest != second.digest
+    assert not svc.blobs.has(first.manifest.layers[0].digest)      # no orphan left behind
+    assert len(list(svc.blobs.digests())) == 3
+    assert_store_consistent(root)

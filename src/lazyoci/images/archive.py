@@ -233,13 +233,12 @@ def load_archive(svc: "ImageService", path: Path, log: Callable[[str], None] | N
         else:
             raise FormatError(f"{path}: neither an OCI archive (index.json) nor a docker archive (manifest.json)")
         loaded: list[str] = []
+        released = False
         with svc.db.transaction() as c:
             for top, media_type, platforms, blobs, names in images:
                 svc.records.record_content(c, top, media_type, "overlayfs", platforms, blobs)
                 for n in names:
-                    previous = svc.records.set_name(c, n, top)
-                    if previous:
-                        svc.records.release_if_unnamed(c, previous)
+                    released |= svc.records.point_name(c, n, top)
                 loaded.extend(names or [top])
             # Files of the archive that no image uses (e.g. a docker layer's `json`) go again.
             for d in reader.new_blobs:
@@ -248,6 +247,8 @@ def load_archive(svc: "ImageService", path: Path, log: Callable[[str], None] | N
                     svc.blobs.delete(d)
         for line in loaded:
             log(f"Loaded image: {line}")
+    if released:
+        svc.gc()
     return loaded
 
 

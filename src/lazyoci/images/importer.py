@@ -253,7 +253,7 @@ def import_rootfs(svc: "ImageService", source: Path, ref: str, changes: tuple[st
         with svc.db.transaction() as c:
             svc.records.record_content(c, top, mt.OCI_MANIFEST, "overlayfs", [(top, plat, config_digest)],
                                        {top, config_digest, layer_digest})
-            previous = svc.records.set_name(c, name, top)
-            if previous:
-                svc.records.release_if_unnamed(c, previous)
+            released = svc.records.point_name(c, name, top)
+    if released:
+        svc.gc()
     return svc.get(name, plat)

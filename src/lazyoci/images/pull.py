@@ -91,9 +91,9 @@ class Puller:
                     [(p.manifest.digest, p.platform, p.manifest.config.digest) for p in pulled],
                     all_blobs)
                 self.records.record_sources(c, ref.registry, ref.repository, all_blobs)
-                previous = self.records.set_name(c, str(ref), top)
-                if previous:
-                    self.records.release_if_unnamed(c, previous)
+                released = self.records.point_name(c, str(ref), top)
+        if released:
+            self.records.gc()
         return PullResult(ref, top, top_obj.media_type, tuple(pulled))
 
     # --- index, manifests, config ----------------------------------------------------------

@@ -242,9 +242,9 @@ class ImageService:
         top = self._resolve_top(src)
         name = str(Reference.parse(dst))
         with self.db.transaction() as c:
-            previous = self.records.set_name(c, name, top)
-            if previous:
-                self.records.release_if_unnamed(c, previous)
+            released = self.records.point_name(c, name, top)
+        if released:
+            self.gc()
 
     def remove(self, ref: str, force: bool = False) -> RemoveResult:
         """Untag `ref` (a name) or every name of an image ID; delete what nothing references."""

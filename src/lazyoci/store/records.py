@@ -173,6 +173,15 @@ class ImageRecords:
         c.execute("INSERT OR REPLACE INTO image_names VALUES (?, ?, ?)", (name, top, time.time()))
         return row[0] if row and row[0] != top else None
 
+    def point_name(self, c: sqlite3.Connection, name: str, top: str) -> bool:
+        """Point `name` at `top`, releasing what it named before if nothing else names it.
+
+        Returns True when content was released: the caller runs `gc()` after its transaction
+        so that the old image's blobs do not stay behind as orphans.
+        """
+        previous = self.set_name(c, name, top)
+        return bool(previous) and self.release_if_unnamed(c, previous)
+
     def record_sources(self, c: sqlite3.Connection, registry: str, repository: str,
                        digests: Iterable[str]) -> None:
         c.executemany("INSERT OR IGNORE INTO blob_sources VALUES (?, ?, ?)",
