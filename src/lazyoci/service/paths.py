@@ -49,7 +49,10 @@ class ServicePaths:
     def ensure(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
-        self.mountpoint.mkdir(exist_ok=True)
+        try:
+            os.mkdir(self.mountpoint)
+        except FileExistsError:
+            pass     # also a dead FUSE mount of a killed service, which the daemon detaches
 
 
 def socket_address(path: Path) -> tuple[str, int | None]:

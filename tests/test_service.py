@@ -1,0 +1,40 @@
+"""The service's life cycle: a killed service leaves a dead FUSE mount that the next start detaches."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from helpers.lazy import write_config
+from lazyoci.service.client import ServiceClient
+from lazyoci.store.layout import DataRoot
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts need root")
+
+
+def _mounted(path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+def test_start_after_a_killed_service_and_socket_permissions(data_root, tmp_path):
+    client = ServiceClient(DataRoot(data_root), write_config(tmp_path / "c.yaml"))
+    try:
+        first = client.start()
+        assert oct(client.paths.socket.stat().st_mode & 0o777) == "0o600"
+        assert oct(client.paths.dir.stat().st_mode & 0o777) == "0o700"
+        os.kill(first["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while client.is_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _mounted(client.paths.mountpoint)          # dead, "transport endpoint is not connected"
+        second = client.start()
+        assert second["pid"] != first["pid"]
+        assert os.listdir(client.paths.mountpoint) == []
+    finally:
+        client.stop(force=True)
+    assert not _mounted(client.paths.mountpoint)
+    assert not client.stop()                                 # stopping twice: "not running"
