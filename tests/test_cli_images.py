@@ -198,3 +198,16 @@ def test_login_logout(tmp_path):
         one_line_error(run(root, "push", f"{reg.host}/private/app:1", env=env, check=False), "401")
     finally:
         reg.stop()
+
+
+def test_pull_through_configured_mirror(tmp_path, registry):
+    """config.registry_mirrors reaches the registry client: docker.io images come from the mirror."""
+    layers = [make_layer([Entry("m", data=b"from the mirror")])]
+    push_image(registry.host, "library/mirrored", layers, image_config(layers), tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"registry_mirrors:\n  docker.io: [\"http://{registry.host}\"]\n")
+    root = tmp_path / "root"
+    p = run(root, "--config", str(config), "pull", "-q", "--snapshotter", "overlayfs", "mirrored")
+    assert p.stdout.strip().startswith("sha256:")
+    rows = [json.loads(l) for l in run(root, "images", "--format", "json").stdout.splitlines()]
+    assert rows[0]["Repository"] == "mirrored" and rows[0]["Name"] == "docker.io/library/mirrored:latest"

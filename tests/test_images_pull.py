@@ -264,3 +264,46 @@ def test_disk_full_is_a_clear_error(registry, tmp_path):
         assert_store_consistent(mnt / "root")
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_push_one_platform_of_a_partial_index(svc, registry, tmp_path, data_root):
+    layout, digests = _multiplatform_layout(tmp_path)
+    subprocess.run(["skopeo", "copy", "--all", "--preserve-digests", "--dest-tls-verify=false",
+                    f"oci:{layout}:latest", f"docker://{registry.host}/multi/partial:latest"],
+                   check=True, capture_output=True)
+    svc.pull(f"{registry.host}/multi/partial:latest", platform=Platform.parse("linux/arm64"))
+    svc.tag(f"{registry.host}/multi/partial:latest", f"{registry.host}/multi/partial-copy:1")
+    # only arm64 is here: the registry would refuse the index, so the arm64 manifest is pushed
+    assert svc.push(f"{registry.host}/multi/partial-copy:1", platform=Platform.parse("linux/arm64")) \
+        == digests["arm64"]
+    assert skopeo_raw(f"{registry.host}/multi/partial-copy:1") == svc.blobs.read(digests["arm64"])
+    with pytest.raises(ImageNotFoundError, match="no linux/amd64 platform locally"):
+        svc.push(f"{registry.host}/multi/partial-copy:1", platform=Platform.parse("linux/amd64"))
+    assert_store_consistent(data_root)
+
+
+def test_lazy_layers_are_skipped_and_recorded(svc, registry, tmp_path, data_root):
+    _, layers = _simple_image(registry, tmp_path, "lazy/app")
+    consumed: list[str] = []
+
+    class Consumer:
+        def __init__(self, digest: str) -> None:
+            self.digest, self.n = digest, 0
+        def write(self, chunk: bytes) -> None:
+            self.n += len(chunk)
+        def finish(self) -> None:
+            consumed.append(self.digest)
+        def abort(self, exc: BaseException) -> None:
+            raise AssertionError(exc)
+
+    image = svc.pull(f"{registry.host}/lazy/app:latest", snapshotter="soci",
+                     skip_layers=lambda d: d.digest == layers[0].digest,
+                     layer_consumer=lambda d: Consumer(d.digest))
+    assert image.snapshotter == "soci"
+    assert not svc.blobs.has(layers[0].digest) and svc.blobs.has(layers[1].digest)
+    assert consumed == [layers[1].digest]
+    with pytest.raises(LazyociError, match="not stored locally"):
+        svc.push(f"{registry.host}/lazy/app:latest")
+    row = next(r for r in svc.list() if r.repository.endswith("lazy/app"))
+    assert row.snapshotter == "soci" and row.blob_size < len(layers[0].blob)
+    assert_store_consistent(data_root)
