@@ -129,6 +129,8 @@ def main() -> None:
         lazyoci("service", "status")
 
         banner("5. The same image without an index: lazyoci falls back to a full download")
+        lazyoci("rmi", lazy_run)     # nothing of it stays local: the fallback starts from zero
+        lazyoci("images")
         proxy.reset()
         full_s, full_out = lazyoci("run", "--rm", "--snapshotter", "soci", full_run, capture=True)
         full_stats = proxy.stats()

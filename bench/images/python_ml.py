@@ -45,33 +45,69 @@ def _apt(root: Path, packages: str) -> None:
                      "apt-get clean; rm -rf /var/lib/apt/lists/*")
 
 
-def needed_bytes(root: Path) -> tuple[int, int]:
-    """(bytes, files) of the regular files the workload opens, measured with strace in a
-    chroot: an upper bound on what a lazy loader must fetch (whole files)."""
+def _opened_files(root: Path) -> list[Path]:
+    """The regular files the workload opens or executes (strace in the chroot)."""
     log = root.parent / "strace.log"
-    shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
-    try:
-        subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-             'mount -t proc proc "$0/proc" && mount --rbind /dev "$0/dev" && '
-             'exec strace -f -qq -e trace=open,openat,execve -o "$1" chroot "$0" "$2" "$3" "$4"',
-             str(root), str(log), *CMD],
-            check=True, stdout=subprocess.DEVNULL)
-    finally:
-        (root / "etc/resolv.conf").unlink(missing_ok=True)
+    subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t proc proc "$0/proc" && mount --rbind /dev "$0/dev" && '
+         'exec strace -f -qq -e trace=open,openat,execve -o "$1" chroot "$0" "$2" "$3" "$4"',
+         str(root), str(log), *CMD],
+        check=True, stdout=subprocess.DEVNULL)
     seen: set[str] = set()
     pat = re.compile(r'(?:openat\([^,]+, |open\(|execve\()"([^"]+)".*\) = (\d+)')
     for line in log.read_text().splitlines():
         m = pat.search(line)
         if m:
             seen.add(m.group(1))
-    total = files = 0
-    for p in seen:
+    log.unlink()
+    files = []
+    for p in sorted(seen):
         host = root / p.lstrip("/")
-        if host.is_file() and not p.startswith(("/proc", "/dev", "/sys")):
-            total += host.stat().st_size
-            files += 1
-    return total, files
+        if not p.startswith(("/proc", "/dev", "/sys")) and host.is_file():
+            files.append(host.resolve())
+    return sorted(set(files))
+
+
+def needed_bytes(root: Path) -> dict:
+    """What the workload really reads: run it once under strace to list the files it opens,
+    drop those files from the page cache, run it again and count their resident pages
+    (fincore). That counts mmap'd pages too (libtorch is mostly mmap'd, and only partly
+    touched), plus the kernel's readahead, which a FUSE-backed loader sees as well."""
+    files = _opened_files(root)
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t proc proc "$0/proc" && mount --rbind /dev "$0/dev" && '
+         'exec chroot "$0" "$1" "$2" "$3"', str(root), *CMD],
+        capture_output=True, text=True)
+    if out.returncode != 0 or out.stdout.strip() != "ready":
+        raise SystemExit(f"python-ml workload printed {out.stdout!r}, not 'ready': {out.stderr[-1500:]}")
+    res = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES",
+                          *map(str, files)], check=True, capture_output=True, text=True).stdout
+    return {"needed_bytes": sum(int(x) for x in res.split()), "needed_files": len(files),
+            "opened_bytes": sum(f.stat().st_size for f in files),
+            "needed_how": "page-cache pages of the opened files after one run from a cold cache "
+                          "(strace for the list, fincore for the pages); opened_bytes = their whole sizes"}
+
+
+def remeasure(layout: Path, work: Path) -> dict:
+    """needed_bytes() for an image already built: unpack it with umoci first."""
+    bundle = work / "bundle"
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    work.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)], check=True,
+                   stdout=subprocess.DEVNULL)
+    try:
+        return needed_bytes(bundle / "rootfs")
+    finally:
+        shutil.rmtree(bundle, ignore_errors=True)
 
 
 def build(out: Path, work: Path) -> dict:
@@ -114,13 +150,5 @@ def build(out: Path, work: Path) -> dict:
     layout.add_layer(tar_changes(root, prev, snap), "COPY app/ /app/")
     digest = layout.finish(CMD, workdir="/app")
 
-    print("python-ml: checking the workload in a chroot (strace)", flush=True)
-    need, files = needed_bytes(root)
-    out_check = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         'mount -t proc proc "$0/proc" && exec chroot "$0" "$1" "$2" "$3"', str(root), *CMD],
-        check=True, capture_output=True, text=True).stdout
-    if out_check.strip() != "ready":
-        raise SystemExit(f"python-ml workload printed {out_check!r}, not 'ready'")
-    return {"manifest_digest": digest, "needed_bytes": need, "needed_files": files,
-            "needed_how": "sum of sizes of regular files opened by the workload (strace, whole files)"}
+    print("python-ml: measuring what the workload reads (strace + fincore)", flush=True)
+    return {"manifest_digest": digest, **needed_bytes(root)}
