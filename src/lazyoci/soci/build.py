@@ -3,7 +3,8 @@
 Layers below the minimum size get no zTOC (fetching them whole is cheaper than
 lazily); zstd layers are skipped as the reference skips them. A zTOC already
 built for the same layer digest and span size is reused unless `force`. zTOCs
-are built in parallel (the inflate loop runs in libz, outside the GIL).
+of different layers are built in parallel threads (libz calls through ctypes release
+the GIL; the tar parsing in Python does not, so the gain depends on the layer).
 The lines given to `log` are the reference's, so `push --snapshotter soci` prints
 what the seed shows.
 """
