@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 import struct
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import NamedTuple
 
 from lazyoci.errors import FormatError
 from lazyoci.ztoc import codec as C
@@ -25,8 +26,17 @@ SUPPORTED_VERSIONS = frozenset({"0.9"})
 XATTR_PREFIX = "SCHILY.xattr."
 _DIGEST = re.compile(rb"sha256:[0-9a-f]{64}")
 _TYPE_BYTES = frozenset(t.encode() for t in ENTRY_TYPES)
-_STRING_SLOTS = (C.FM_NAME, C.FM_TYPE, C.FM_LINKNAME, C.FM_UNAME, C.FM_GNAME, C.FM_MODTIME)
 _FIELD_SIZE = (4, 4, 8, 8, 4, 8, 4, 4, 4, 4, 4, 8, 8, 4)   # bytes of each FileMetadata slot
+_FIELD_FMT = ("I", "I", "q", "q", "I", "q", "I", "I", "I", "I", "I", "q", "q", "I")
+_REF_SLOTS = frozenset((C.FM_NAME, C.FM_TYPE, C.FM_LINKNAME, C.FM_UNAME, C.FM_GNAME, C.FM_MODTIME, C.FM_XATTRS))
+_DEFAULTS = (b"", b"", 0, 0, b"", 0, 0, 0, b"", b"", b"", 0, 0, 0)
+
+
+class _Plan(NamedTuple):
+    objlen: int
+    unpack: Callable[..., tuple]
+    slots: tuple[int, ...]
+    offs: tuple[int, ...]
 _U16 = struct.Struct("<H").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 _I32 = struct.Struct("<i").unpack_from
@@ -38,8 +48,7 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-@dataclass(frozen=True)
-class TocEntry:
+class TocEntry(NamedTuple):
     """One file of the layer, decoded on demand from the zTOC."""
 
     name: str
@@ -75,6 +84,7 @@ class Ztoc:
     def parse(cls, data: bytes) -> "Ztoc":
         self = cls.__new__(cls)
         self._data = bytes(data)
+        self._times: dict[str, int] = {}   # mod_time text -> ns; layers repeat a few times a lot
         self._r = r = C.FlatReader(self._data, "zTOC")
         try:
             self._parse(r)
@@ -133,10 +143,11 @@ class Ztoc:
         s, n = r.vector(r.deref(self._digests_start + 4 * i), 1)
         return self._data[s:s + n]
 
-    def _layout(self, vt: int) -> tuple[int, tuple[int, ...]]:
-        """(object length, field offsets by slot) of a FileMetadata vtable, checked once and cached."""
-        lay = self._vtables.get(vt)
-        if lay is None:
+    def _plan(self, vt: int) -> _Plan:
+        """How to read the FileMetadata tables of one vtable with a single unpack (checked, cached).
+        Writers share vtables, so a zTOC has a handful of these however many files it lists."""
+        plan = self._plans.get(vt)
+        if plan is None:
             buf, n = self._data, len(self._data)
             if not 0 <= vt <= n - 4:
                 raise self._r.bad(f"vtable offset {vt} outside the buffer")
@@ -144,59 +155,71 @@ class Ztoc:
             if vtlen < 4 or vtlen & 1 or vt + vtlen > n:
                 raise self._r.bad(f"malformed vtable at {vt}")
             offs = [_U16(buf, vt + 4 + 2 * k)[0] if 4 + 2 * k < vtlen else 0 for k in range(14)]
-            for slot, off in enumerate(offs):
-                if off and off + _FIELD_SIZE[slot] > objlen:
-                    raise self._r.bad(f"field {slot} of vtable {vt} lies outside its table")
-            lay = self._vtables[vt] = (objlen, tuple(offs))
-        return lay
+            fmt, slots, at = "<4x", [], 4   # the table starts with its vtable offset
+            for off, slot in sorted((off, slot) for slot, off in enumerate(offs) if off):
+                size = _FIELD_SIZE[slot]
+                if off < at or off + size > objlen:
+                    raise self._r.bad(f"field {slot} of vtable {vt} overlaps another or lies outside its table")
+                fmt += f"{off - at}x" * (off > at) + _FIELD_FMT[slot]
+                slots.append(slot)
+                at = off + size
+            plan = self._plans[vt] = _Plan(objlen, struct.Struct(fmt).unpack_from, tuple(slots), tuple(offs))
+        return plan
+
+    def _fields(self, i: int) -> list:
+        """The 14 FileMetadata values of entry i (strings as raw bytes), bounds-checked."""
+        buf, n = self._data, len(self._data)
+        ep = self._entries_start + 4 * i
+        t = ep + _U32(buf, ep)[0]
+        if t > n - 4:
+            raise self._r.bad(f"entry {i} points outside the buffer")
+        plan = self._plan(t - _I32(buf, t)[0])
+        if t + plan.objlen > n:
+            raise self._r.bad(f"entry {i} runs past the end of the buffer")
+        vals = list(_DEFAULTS)
+        offs = plan.offs
+        for slot, v in zip(plan.slots, plan.unpack(buf, t)):
+            if slot in _REF_SLOTS:   # a reference: resolve strings now, keep the vector position
+                v += t + offs[slot]
+                if v > n - 4 or v + 4 + _U32(buf, v)[0] > n:
+                    raise self._r.bad(f"field {slot} of entry {i} runs past the end of the buffer")
+                if slot != C.FM_XATTRS:
+                    v = buf[v + 4:v + 4 + _U32(buf, v)[0]]
+            vals[slot] = v
+        return vals
 
     def _validate_entries(self, r: C.FlatReader) -> None:
         """Every entry is well-formed and they tile the archive without overlapping."""
-        buf, n, usize = self._data, len(self._data), self.uncompressed_size
-        self._vtables: dict[int, tuple[int, tuple[int, ...]]] = {}
+        usize = self.uncompressed_size
+        self._plans: dict[int, _Plan] = {}
         prev_end, ordered = 0, True
         for i in range(self._count):
-            ep = self._entries_start + 4 * i
-            t = ep + _U32(buf, ep)[0]
-            if t > n - 4:
-                raise r.bad(f"entry {i} points outside the buffer")
-            objlen, offs = self._layout(t - _I32(buf, t)[0])
-            if t + objlen > n:
-                raise r.bad(f"entry {i} runs past the end of the buffer")
-            for slot in _STRING_SLOTS:
-                o = offs[slot]
-                if o:
-                    p = t + o
-                    p += _U32(buf, p)[0]
-                    if p > n - 4 or p + 4 + _U32(buf, p)[0] > n:
-                        raise r.bad(f"string field {slot} of entry {i} runs past the end of the buffer")
-            o = offs[C.FM_TYPE]
-            typ = b""
-            if o:
-                p = t + o
-                p += _U32(buf, p)[0]
-                typ = buf[p + 4:p + 4 + _U32(buf, p)[0]]
+            f = self._fields(i)
+            typ, off, size = f[C.FM_TYPE], f[C.FM_OFFSET], f[C.FM_SIZE]
             if typ not in _TYPE_BYTES:
                 raise FormatError(f"zTOC entry {i} has type {typ.decode(errors='replace')!r} "
                                   f"(want one of {', '.join(sorted(ENTRY_TYPES))})")
-            off = _I64(buf, t + offs[C.FM_OFFSET])[0] if offs[C.FM_OFFSET] else 0
-            size = _I64(buf, t + offs[C.FM_SIZE])[0] if offs[C.FM_SIZE] else 0
             data_len = size if typ == b"reg" else 0   # other types carry no data in the tar
             if off < BLOCK or size < 0 or off + data_len > usize:
                 raise FormatError(f"zTOC entry {i} (offset {off}, size {size}) lies outside the "
                                   f"{usize}-byte archive")
-            if offs[C.FM_XATTRS]:
-                p = t + offs[C.FM_XATTRS]
-                xs, xn = r.vector(r.deref(p), 4)
-                for k in range(xn):
-                    x = r.table(r.deref(xs + 4 * k))
-                    r.bytes_field(x, 0), r.bytes_field(x, 1)
+            if f[C.FM_XATTRS]:
+                self._pax(f[C.FM_XATTRS])
             if off < prev_end + BLOCK:
                 ordered = False
             # the next header starts at this entry's data end rounded up to a block
             prev_end = off + -(-data_len // BLOCK) * BLOCK
         if not ordered:   # entries out of stream order: sort, then check
             self._check_overlaps(r)
+
+    def _pax(self, vec: int) -> list[tuple[bytes, bytes]]:
+        r = self._r
+        xs, xn = r.vector(vec, 4)
+        out = []
+        for k in range(xn):
+            x = r.table(r.deref(xs + 4 * k))
+            out.append((r.bytes_field(x, 0), r.bytes_field(x, 1)))
+        return out
 
     def _check_overlaps(self, r: C.FlatReader) -> None:
         spans = []
@@ -220,41 +243,24 @@ class Ztoc:
     def entry(self, i: int) -> TocEntry:
         if not 0 <= i < self._count:
             raise IndexError(f"zTOC entry {i} out of range (0..{self._count - 1})")
-        buf = self._data
-        ep = self._entries_start + 4 * i
-        t = ep + _U32(buf, ep)[0]
-        offs = self._vtables[t - _I32(buf, t)[0]][1]   # validated by parse
-
-        def text(slot: int) -> str:
-            o = offs[slot]
-            if not o:
-                return ""
-            p = t + o
-            p += _U32(buf, p)[0]
-            return buf[p + 4:p + 4 + _U32(buf, p)[0]].decode("utf-8", "surrogateescape")
-
-        def num(slot: int, unpack=_I64) -> int:
-            o = offs[slot]
-            return unpack(buf, t + o)[0] if o else 0
-
+        (name, typ, off, size, linkname, mode, uid, gid, uname, gname, mod_time,
+         devmajor, devminor, xvec) = self._fields(i)
         pax: dict[str, str] = {}
         xattrs: dict[str, bytes] = {}
-        if offs[C.FM_XATTRS]:
-            r = self._r
-            xs, xn = r.vector(r.deref(t + offs[C.FM_XATTRS]), 4)
-            for k in range(xn):
-                x = r.deref(xs + 4 * k)
-                key, value = _text(r.bytes_field(x, 0)), r.bytes_field(x, 1)
-                pax[key] = _text(value)
-                if key.startswith(XATTR_PREFIX):
-                    xattrs[key[len(XATTR_PREFIX):]] = value
-        mod_time = text(C.FM_MODTIME)
-        return TocEntry(
-            name=text(C.FM_NAME), type=text(C.FM_TYPE), offset=num(C.FM_OFFSET), size=num(C.FM_SIZE),
-            linkname=text(C.FM_LINKNAME), mode=num(C.FM_MODE), uid=num(C.FM_UID, _U32),
-            gid=num(C.FM_GID, _U32), uname=text(C.FM_UNAME), gname=text(C.FM_GNAME),
-            mod_time=mod_time, mtime_ns=parse_rfc3339_nano(mod_time) if mod_time else 0,
-            devmajor=num(C.FM_DEVMAJOR), devminor=num(C.FM_DEVMINOR), pax=pax, xattrs=xattrs)
+        if xvec:
+            for key, value in self._pax(xvec):
+                k = _text(key)
+                pax[k] = _text(value)
+                if k.startswith(XATTR_PREFIX):
+                    xattrs[k[len(XATTR_PREFIX):]] = value
+        mod_time = _text(mod_time)
+        mtime_ns = self._times.get(mod_time)
+        if mtime_ns is None:
+            mtime_ns = parse_rfc3339_nano(mod_time) if mod_time else 0
+            if len(self._times) < 65536:
+                self._times[mod_time] = mtime_ns
+        return TocEntry(_text(name), typ.decode(), off, size, _text(linkname), mode, uid, gid, _text(uname),
+                        _text(gname), mod_time, mtime_ns, devmajor, devminor, pax, xattrs)
 
     def span_digest(self, i: int) -> str:
         self._check_span(i)
