@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 
 from helpers.fault_proxy import Fault, FaultProxy
 from helpers.images import Entry, Layer, LAYER_GZIP, image_config, make_layer, push_image, sha, tar_bytes
-from helpers.lazy import running_service, store_ztoc, write_config, ztoc_for
+from helpers.lazy import push_soci_index, running_service, store_ztoc, write_config, ztoc_for
+from helpers.tricky_image import layer1_entries
 from lazyoci.ztoc import Ztoc
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts need root")
@@ -31,16 +33,19 @@ def _pigz_layer(entries: list[Entry]) -> Layer:
 
 @pytest.fixture(scope="module")
 def big(registry, tmp_path_factory):
-    """A 200 MiB indexed layer: small files, a 190 MiB random file, and a needle at the end."""
+    """A runnable image: a busybox base layer (below min size: no zTOC) and a 200 MiB indexed
+    layer (small files, a 190 MiB random file, a needle at the end); its SOCI index is pushed."""
     work = tmp_path_factory.mktemp("big")
     entries = [Entry("etc/", kind="dir")]
     entries += [Entry(f"etc/small{i}.conf", data=f"small file {i}\n".encode() * 20) for i in range(50)]
     entries.append(Entry("data/big.bin", data=os.urandom(BIG_FILE)))
     entries.append(Entry("data/needle.txt", data=b"the needle\n"))
     layer = _pigz_layer(entries)
-    push_image(registry.host, "lazy/big", [layer], image_config([layer]), work)
+    base = make_layer(layer1_entries(), "gzip")
+    push_image(registry.host, "lazy/big", [base, layer], image_config([base, layer]), work)
+    push_soci_index(registry.host, "lazy/big", work, span_size=1 << 22, min_layer_size=10 << 20)
     ztoc = ztoc_for(layer)
-    return layer, ztoc
+    return layer, ztoc, base
 
 
 def _blob_gets(proxy: FaultProxy, layer: Layer) -> list:
@@ -61,7 +66,7 @@ def _spans_of(ztoc: Ztoc, records) -> list[int]:
 
 def test_small_read_fetches_little_concurrent_readers_share_spans_and_restart_reuses_cache(
         registry, big, data_root, tmp_path):
-    layer, ztoc_bytes = big
+    layer, ztoc_bytes, _base = big
     ztoc = Ztoc.parse(ztoc_bytes)
     zdigest = store_ztoc(data_root, ztoc_bytes)
     config = write_config(tmp_path / "c.yaml")
@@ -103,6 +108,35 @@ def test_small_read_fetches_little_concurrent_readers_share_spans_and_restart_re
                 f.seek(64 << 20)
                 assert f.read(24 << 20) == results[0]
             assert _blob_gets(proxy, layer) == []
+
+
+def test_container_reading_one_small_file_pulls_under_ten_percent(registry, big, data_root, tmp_path):
+    """The headline: `run --snapshotter soci` of an indexed 200 MiB image reads one small file."""
+    layer, _ztoc, base = big
+    from lazyoci.config import load_config
+    from lazyoci.images.service import ImageService
+    from lazyoci.service.client import ServiceClient
+    from lazyoci.snapshot.soci import SociSnapshotter
+    from lazyoci.store.layout import DataRoot
+
+    config = write_config(tmp_path / "c.yaml")
+    root = DataRoot(data_root)
+    with FaultProxy(registry.host) as proxy:
+        ref = f"{proxy.host}/lazy/big:latest"
+        images = ImageService(root)
+        try:
+            SociSnapshotter(root, load_config(config)).pull(images, ref)
+        finally:
+            images.close()
+        r = subprocess.run([str(Path(sys.executable).parent / "lazyoci"), "--root", str(data_root),
+                            "--config", str(config), "run", "--rm", "--snapshotter", "soci", ref,
+                            "cat", "/data/needle.txt"], capture_output=True, text=True, timeout=120)
+        ServiceClient(root, config).stop()
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "the needle\n"
+        total = len(layer.blob) + len(base.blob)
+        served = proxy.bytes_served
+        assert served < total * 0.10, f"the registry served {served} of the image's {total} bytes"
 
 
 def _small_image(registry, tmp_path, repo: str) -> tuple[Layer, bytes]:
