@@ -211,3 +211,18 @@ def test_pull_through_configured_mirror(tmp_path, registry):
     assert p.stdout.strip().startswith("sha256:")
     rows = [json.loads(l) for l in run(root, "images", "--format", "json").stdout.splitlines()]
     assert rows[0]["Repository"] == "mirrored" and rows[0]["Name"] == "docker.io/library/mirrored:latest"
+
+
+def test_save_to_stdout_piped_into_load_from_stdin(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    (rootfs / "f").write_bytes(os.urandom(50_000))
+    a, b = tmp_path / "a", tmp_path / "b"
+    digest = run(a, "import", str(rootfs), "piped/app:1").stdout.strip()
+    save = subprocess.Popen([LAZYOCI, "--root", str(a), "save", "piped/app:1"], stdout=subprocess.PIPE)
+    load = subprocess.run([LAZYOCI, "--root", str(b), "load"], stdin=save.stdout, capture_output=True,
+                          text=True, timeout=60)
+    save.stdout.close()
+    assert save.wait(30) == 0 and load.returncode == 0, load.stderr
+    assert load.stdout.strip() == "Loaded image: docker.io/piped/app:1"
+    assert run(b, "images", "-q").stdout.strip() == digest[7:19]

@@ -297,21 +297,29 @@ def image_prune() -> None:
 
 
 @cli.command("save")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Archive to write.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Archive to write (default: stdout, which must not be a terminal).")
 @click.option("--platform", help="Save only this platform.")
 @click.argument("refs", nargs=-1, required=True)
-def save_cmd(output: Path, platform: str | None, refs: tuple[str, ...]) -> None:
+def save_cmd(output: Path | None, platform: str | None, refs: tuple[str, ...]) -> None:
     """Write images to an OCI archive (with docker's manifest.json, so docker/podman/skopeo load it)."""
+    if output is None or str(output) == "-":
+        if sys.stdout.isatty():
+            raise click.UsageError("refusing to write an archive to a terminal: use -o FILE or a pipe")
+        image_service().save(sys.stdout.buffer, list(refs), _platform(platform))
+        sys.stdout.buffer.flush()
+        return
     image_service().save(output, list(refs), _platform(platform))
 
 
 @cli.command("load")
-@click.option("-i", "--input", "input_", type=click.Path(path_type=Path), required=True,
-              help="OCI archive or docker-archive tarball.")
+@click.option("-i", "--input", "input_", type=click.Path(path_type=Path), default=None,
+              help="OCI archive or docker-archive tarball (default: stdin).")
 @click.option("-q", "--quiet", is_flag=True)
-def load_cmd(input_: Path, quiet: bool) -> None:
+def load_cmd(input_: Path | None, quiet: bool) -> None:
     """Load images from an OCI archive or a docker-archive tarball."""
-    image_service().load(input_, None if quiet else click.echo)
+    source = sys.stdin.buffer if input_ is None or str(input_) == "-" else input_
+    image_service().load(source, None if quiet else click.echo)
 
 
 @cli.command("import")

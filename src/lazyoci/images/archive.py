@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from lazyoci.errors import FormatError, IntegrityError, LazyociError, ReferenceError_, StoreError
 from lazyoci.images.layersize import UncompressedSize
@@ -35,6 +35,7 @@ IMAGE_NAME_ANNOTATION = "io.containerd.image.name"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 _BLOB_RE = re.compile(r"^blobs/(sha256)/([0-9a-f]{64})$")
 _SMALL = 16 << 20          # metadata files (json) kept in memory while reading an archive
+_SMALL_TOTAL = 256 << 20   # ... and at most this much of them in all
 
 
 def _blob_path(digest: str) -> str:
@@ -44,7 +45,7 @@ def _blob_path(digest: str) -> str:
 
 # --- save --------------------------------------------------------------------------------
 
-def save_archive(svc: "ImageService", path: Path, refs: list[str], platform: Platform | None) -> None:
+def save_archive(svc: "ImageService", path: "Path | BinaryIO", refs: list[str], platform: Platform | None) -> None:
     index_entries: list[dict] = []
     docker_entries: list[dict] = []
     blobs: dict[str, None] = {}     # ordered set
@@ -107,35 +108,51 @@ def _index_complete(svc: "ImageService", top: str) -> bool:
     return True
 
 
-def _write_tar(svc: "ImageService", path: Path, blobs: list[str], files: list[tuple[str, bytes]]) -> None:
-    """Write to a temporary file beside `path` and rename: a failed save leaves no partial archive."""
-    path = Path(path).absolute()
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise StoreError(f"cannot write {path}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
-            for d in ("blobs", "blobs/sha256"):
-                ti = tarfile.TarInfo(d)
-                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
-                tf.addfile(ti)
-            for digest in blobs:
-                ti = tarfile.TarInfo(_blob_path(digest))
-                ti.size, ti.mode = svc.blobs.size(digest) or 0, 0o644
-                with svc.blobs.open(digest) as f:
-                    tf.addfile(ti, f)
-            for name, data in files:
-                ti = tarfile.TarInfo(name)
-                ti.size, ti.mode = len(data), 0o644
-                tf.addfile(ti, io.BytesIO(data))
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_tar(svc: "ImageService", path: "Path | BinaryIO", blobs: list[str],
+               files: list[tuple[str, bytes]]) -> None:
+    """Write the archive; to a path through a temporary file and rename, so a failed save
+    leaves no partial archive. A lease keeps a concurrent `rmi` from deleting blobs meanwhile."""
+    with svc.lease() as lease:
+        lease.add(blobs)
+        if not isinstance(path, (str, Path)):
+            try:
+                _tar_to(path, svc, blobs, files)
+            except OSError as e:
+                raise StoreError(f"cannot write the archive: {e.strerror or e}") from None
+            return
+        path = Path(path).absolute()
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise StoreError(f"cannot write {path}: {e.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _tar_to(out, svc, blobs, files)
+            os.replace(tmp, path)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _tar_to(out: BinaryIO, svc: "ImageService", blobs: list[str], files: list[tuple[str, bytes]]) -> None:
+    # Stream mode ("w|"): no seeking, so stdout and pipes work too.
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+        for d in ("blobs", "blobs/sha256"):
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(ti)
+        for digest in blobs:
+            ti = tarfile.TarInfo(_blob_path(digest))
+            ti.size, ti.mode = svc.blobs.size(digest) or 0, 0o644
+            with svc.blobs.open(digest) as f:
+                tf.addfile(ti, f)
+        for name, data in files:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode = len(data), 0o644
+            tf.addfile(ti, io.BytesIO(data))
 
 
 # --- load --------------------------------------------------------------------------------
@@ -150,10 +167,15 @@ class _ArchiveReader:
         self.files: dict[str, tuple[str, int]] = {}     # archive path -> (digest, size)
         self.links: dict[str, str] = {}
         self.new_blobs: set[str] = set()
+        self._small_total = 0
 
-    def read(self, path: Path) -> None:
+    def read(self, path: "Path | BinaryIO") -> None:
         try:
-            tf = tarfile.open(path, mode="r|*")
+            if isinstance(path, (str, Path)):
+                tf = tarfile.open(path, mode="r|*")
+            else:
+                tf = tarfile.open(fileobj=path, mode="r|*")
+                path = "the archive"
         except FileNotFoundError:
             raise StoreError(f"no such file: {path}") from None
         except (tarfile.TarError, OSError) as e:
@@ -182,6 +204,9 @@ class _ArchiveReader:
             self._ingest(f, digest, m.size, name)
             self.files[name] = (digest, m.size)
         elif m.size <= _SMALL and (name.endswith(".json") or name in ("oci-layout", "repositories")):
+            self._small_total += m.size
+            if self._small_total > _SMALL_TOTAL:
+                raise FormatError(f"archive has more than {_SMALL_TOTAL >> 20} MiB of metadata files")
             self.small[name] = f.read()
         else:
             digest = self._ingest(f, None, m.size, name)
@@ -219,19 +244,19 @@ class _ArchiveReader:
         raise FormatError(f"archive lacks {name}")
 
 
-def load_archive(svc: "ImageService", path: Path, log: Callable[[str], None] | None = None) -> list[str]:
+def load_archive(svc: "ImageService", path: "Path | BinaryIO", log: Callable[[str], None] | None = None) -> list[str]:
     """Load every image of an OCI archive or docker archive; return the names (or IDs) loaded."""
     log = log or (lambda _line: None)
     svc.records.recover()
     with svc.lease() as lease:
         reader = _ArchiveReader(svc, lease)
-        reader.read(Path(path))
+        reader.read(path)
         if "index.json" in reader.small:
             images = _oci_images(svc, reader)
         elif "manifest.json" in reader.small:
             images = _docker_images(svc, reader)
         else:
-            raise FormatError(f"{path}: neither an OCI archive (index.json) nor a docker archive (manifest.json)")
+            raise FormatError(f"{path if isinstance(path, (str, Path)) else 'the archive'}: neither an OCI archive (index.json) nor a docker archive (manifest.json)")
         loaded: list[str] = []
         released = False
         with svc.db.transaction() as c:

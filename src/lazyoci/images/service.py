@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from lazyoci.errors import ImageNotFoundError, LazyociError, ReferenceError_, StoreError
 from lazyoci.images.progress import ProgressSink
@@ -276,11 +276,11 @@ class ImageService:
 
     # --- archives -------------------------------------------------------------------------
 
-    def save(self, path: Path, refs: list[str], platform: Platform | None = None) -> None:
+    def save(self, path: "Path | BinaryIO", refs: list[str], platform: Platform | None = None) -> None:
         from lazyoci.images.archive import save_archive
         save_archive(self, path, refs, platform)
 
-    def load(self, path: Path, progress: Callable[[str], None] | None = None) -> list[str]:
+    def load(self, path: "Path | BinaryIO", progress: Callable[[str], None] | None = None) -> list[str]:
         from lazyoci.images.archive import load_archive
         return load_archive(self, path, progress)
 
