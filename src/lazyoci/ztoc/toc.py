@@ -69,24 +69,33 @@ def _num(field: bytes, what: str, at: int) -> int:
 
 
 def _checksum_ok(block: bytes) -> bool:
-    stored = block[148:156].split(b"\0", 1)[0].strip(b" ")
+    field = block[148:156]
     try:
-        want = int(stored, 8)
+        want = int(field.partition(b"\0")[0], 8)
     except ValueError:
         return False
-    unsigned = sum(block) - sum(block[148:156]) + 256   # the checksum field counts as 8 spaces
+    unsigned = sum(block) - sum(field) + 256   # the checksum field counts as 8 spaces
     if want == unsigned:
         return True
     signed = unsigned - 2 * sum(b for b in block[:148] + block[156:] if b > 127)
     return want == signed
 
 
+_OCT_CACHE: dict[bytes, int] = {}   # mode/uid/mtime fields repeat across a layer's entries
+
+
 def _oct(field: bytes, what: str, at: int) -> int:
-    """The common case of _num (NUL-terminated octal) at C speed; the rest goes to _num."""
+    """The common case of _num (NUL-terminated octal) at C speed, memoised; the rest goes to _num."""
+    v = _OCT_CACHE.get(field)
+    if v is not None:
+        return v
     try:
-        return int(field.partition(b"\0")[0] or b"0", 8)
+        v = int(field.partition(b"\0")[0] or b"0", 8)
     except ValueError:
         return _num(field, what, at)
+    if len(_OCT_CACHE) < 8192:
+        _OCT_CACHE[field] = v
+    return v
 
 
 # name, mode, uid, gid, size, mtime, chksum, typeflag, linkname, magic+version, uname, gname,
