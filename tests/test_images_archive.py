@@ -204,3 +204,24 @@ def test_moving_a_name_releases_the_old_image(tmp_path, rootfs):
     assert not svc.blobs.has(first.manifest.layers[0].digest)      # no orphan left behind
     assert len(list(svc.blobs.digests())) == 3
     assert_store_consistent(root)
+
+
+def test_rmi_refuses_an_image_a_container_holds(tmp_path, rootfs):
+    root = tmp_path / "root"
+    svc = service(root)
+    image = svc.import_rootfs(rootfs, "held/app", [])
+    with svc.db.transaction() as c:       # what the container store records for a container
+        c.execute("INSERT INTO blob_refs VALUES ('container:c1', ?)", (image.digest,))
+    with pytest.raises(StoreError, match="in use by container:c1"):
+        svc.remove("held/app")
+    result = svc.remove("held/app", force=True)
+    assert result.untagged == ("docker.io/held/app:latest",) and result.deleted == ()
+    assert svc.blobs.has(image.manifest.layers[0].digest)      # the container still needs it
+    assert [r.tag for r in svc.list()] == ["<none>"]
+    with svc.db.transaction() as c:
+        c.execute("DELETE FROM blob_refs WHERE owner='container:c1'")
+    with svc.db.transaction() as c:
+        assert svc.records.release_if_unnamed(c, image.digest)
+    svc.gc()
+    assert list(svc.blobs.digests()) == []
+    assert_store_consistent(root)

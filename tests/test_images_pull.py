@@ -307,3 +307,21 @@ def test_lazy_layers_are_skipped_and_recorded(svc, registry, tmp_path, data_root
     row = next(r for r in svc.list() if r.repository.endswith("lazy/app"))
     assert row.snapshotter == "soci" and row.blob_size < len(layers[0].blob)
     assert_store_consistent(data_root)
+
+
+def test_docker_schema2_image(svc, registry, tmp_path, data_root):
+    layers = [make_layer([Entry("d", data=os.urandom(20_000))])]
+    layout = tmp_path / "v2s2"
+    from helpers.images import write_oci_layout
+    write_oci_layout(layout, layers, image_config(layers, cmd=["/d"]))
+    ref = f"{registry.host}/docker/v2s2:latest"
+    subprocess.run(["skopeo", "copy", "--format", "v2s2", "--dest-tls-verify=false", f"oci:{layout}:latest",
+                    f"docker://{ref}"], check=True, capture_output=True)
+    raw = skopeo_raw(ref)
+    image = svc.pull(ref)
+    assert image.manifest.media_type == "application/vnd.docker.distribution.manifest.v2+json"
+    assert image.manifest.raw == raw and image.digest == sha(raw)
+    svc.tag(ref, f"{registry.host}/docker/v2s2-copy:latest")
+    svc.push(f"{registry.host}/docker/v2s2-copy:latest")
+    assert skopeo_raw(f"{registry.host}/docker/v2s2-copy:latest") == raw
+    assert_store_consistent(data_root)
