@@ -37,9 +37,12 @@ def build_ztoc(fileobj: BinaryIO, compression: str, span_size: int = DEFAULT_SPA
     toc = TocBuilder()
     if compression == "gzip":
         idx = GzipIndexer(span_size, toc.feed)
-        while chunk := fileobj.read(_READ):
-            idx.feed(chunk)
-        idx.finish()
+        try:
+            while chunk := fileobj.read(_READ):
+                idx.feed(chunk)
+            idx.finish()
+        finally:
+            idx.close()
         entries = toc.finish()
         return encode_ztoc(build_tool=build_tool, compressed_size=idx.totin, uncompressed_size=idx.totout,
                            entries=entries, algorithm=GZIP, span_digests=idx.digests,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import queue
 import struct
+import threading
 from array import array
 from collections.abc import Callable
 
@@ -25,7 +27,7 @@ POINT = struct.Struct("<qqB")
 CHECKPOINT_SIZE = POINT.size + WINDOW_SIZE          # 32785
 _ZERO_WINDOW = bytes(WINDOW_SIZE)
 _OUT_CAP = 4 << 20     # inflate output per call: large, so ctypes overhead stays negligible
-_IN_CAP = 1 << 20
+_IN_CAP = 16 << 20   # avail_in is 32-bit: feed big chunks in pieces
 
 
 def encode_checkpoints(span_size: int, points: list[tuple[int, int, int, bytes]]) -> bytes:
@@ -78,12 +80,52 @@ class GzipCheckpoints:
         return self._blob[start:start + WINDOW_SIZE]
 
 
+class SpanHasher:
+    """sha256 of consecutive spans, computed in a worker thread in submission order.
+
+    hashlib releases the GIL on large buffers and ctypes releases it around
+    inflate, so hashing the compressed bytes overlaps with inflating them.
+    Submitted buffers must be immutable (slices of `bytes`)."""
+
+    _STOP = object()
+
+    def __init__(self) -> None:
+        self.digests: list[str] = []
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="ztoc-span-hash", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        h = hashlib.sha256()
+        while (item := self._q.get()) is not self._STOP:
+            if item is None:
+                self.digests.append("sha256:" + h.hexdigest())
+                h = hashlib.sha256()
+            else:
+                h.update(item)
+
+    def update(self, data: memoryview | bytes) -> None:
+        if len(data):
+            self._q.put(data)
+
+    def cut(self) -> None:
+        """Ends the current span (its digest is appended in order)."""
+        self._q.put(None)
+
+    def close(self) -> list[str]:
+        if self._thread.is_alive():
+            self._q.put(self._STOP)
+            self._thread.join()
+        return self.digests
+
+
 class GzipIndexer:
     """Inflates a gzip blob fed in chunks, recording checkpoints and span digests.
 
     Uncompressed output goes to `on_output` (a memoryview valid only during the
     call). Span i's digest covers the compressed bytes [start_i, in_{i+1}),
     start_i = in_i - 1 when the span starts mid-byte (SOCI's convention).
+    Call `close` (or `finish`) to stop the hashing thread.
     """
 
     def __init__(self, span_size: int, on_output: Callable[[memoryview], None]) -> None:
@@ -94,31 +136,30 @@ class GzipIndexer:
         self._outaddr = ctypes.addressof(self._out)
         self._outmv = memoryview(self._out).cast("B")
         self._opos = WINDOW_SIZE
-        self._in = (ctypes.c_ubyte * _IN_CAP)()
-        self._inaddr = ctypes.addressof(self._in)
-        self._inmv = memoryview(self._in).cast("B")
         self.totin = self.totout = 0
         self._last = 0
         self.points: list[tuple[int, int, int, bytes]] = []
         self.digests: list[str] = []
-        self._hash: "hashlib._Hash | None" = None
-        self._hashed = 0          # compressed offset up to which the current span is hashed
-        self._last_byte = b""     # the byte before the current input buffer (mid-byte span starts)
+        self._hasher = SpanHasher()
+        self._hashing = False     # true from checkpoint 0 on (the gzip header is in no span)
+        self._hashed = 0          # compressed offset up to which the current span is submitted
+        self._last_byte = b""     # the byte before the current input piece (mid-byte span starts)
         self._member_end = False
         self.members = 0
 
     def feed(self, chunk: bytes) -> None:
-        view = memoryview(chunk).cast("B")
-        for k in range(0, len(view), _IN_CAP):
-            piece = view[k:k + _IN_CAP]
-            n = len(piece)
-            self._inmv[:n] = piece
-            self._run(n)
+        if not isinstance(chunk, bytes):
+            chunk = bytes(chunk)   # inflate and the hasher read it in place: it must not change
+        view = memoryview(chunk)
+        addr = _address(chunk)
+        for k in range(0, len(chunk), _IN_CAP):
+            self._run(view[k:k + _IN_CAP], addr + k)
 
-    def _run(self, n: int) -> None:
+    def _run(self, piece: memoryview, addr: int) -> None:
         s = self._inf.s
         base = self.totin
-        s.next_in = self._inaddr
+        n = len(piece)
+        s.next_in = addr
         s.avail_in = n
         span = self.span_size
         cap = WINDOW_SIZE + _OUT_CAP
@@ -148,40 +189,46 @@ class GzipIndexer:
                 raise FormatError(f"gzip stream stalled at compressed offset {self.totin}")
             dt = s.data_type
             if dt & 128 and not dt & 64 and (self.totout == 0 or self.totout - self._last > span):
-                self._checkpoint(base, dt & 7)
-        if self._hash is not None:
-            self._hash.update(self._inmv[self._hashed - base:n])
+                self._checkpoint(piece, base, dt & 7)
+        if self._hashing:
+            self._hasher.update(piece[self._hashed - base:])
             self._hashed = base + n
-        self._last_byte = bytes(self._inmv[n - 1:n])
+        self._last_byte = bytes(piece[n - 1:])
 
-    def _checkpoint(self, base: int, bits: int) -> None:
+    def _checkpoint(self, piece: memoryview, base: int, bits: int) -> None:
         cin = self.totin
-        if self._hash is not None:
-            self._hash.update(self._inmv[self._hashed - base:cin - base])
-            self.digests.append("sha256:" + self._hash.hexdigest())
-        self._hash = hashlib.sha256()
+        hasher = self._hasher
+        if self._hashing:
+            hasher.update(piece[self._hashed - base:cin - base])
+            hasher.cut()
+        self._hashing = True
         start = cin - 1 if bits else cin
-        if start < base:
-            self._hash.update(self._last_byte)
+        if start < base:   # the shared byte is the last of the previous piece
+            hasher.update(self._last_byte)
             start = base
-        elif bits:
-            self._hash.update(self._inmv[start - base:cin - base])
-            start = cin
         self._hashed = start
         window = bytes(self._outmv[self._opos - WINDOW_SIZE:self._opos])
         self.points.append((cin, self.totout, bits, window))
         self._last = self.totout
 
-    def finish(self) -> None:
-        """Checks the stream ended cleanly and closes the last span."""
-        if self.totin == 0:
-            raise FormatError("layer blob is empty, not gzip")
-        if not self._member_end:
-            raise FormatError(f"gzip stream truncated: it ends inside a member after {self.totin} bytes")
-        if self._hash is None:
-            raise FormatError("gzip stream holds no deflate data")
-        self.digests.append("sha256:" + self._hash.hexdigest())
+    def close(self) -> None:
+        """Stops the hashing thread and frees the inflater (safe to call twice)."""
+        self._hasher.close()
         self._inf.close()
+
+    def finish(self) -> None:
+        """Checks the stream ended cleanly, closes the last span and fills `digests`."""
+        try:
+            if self.totin == 0:
+                raise FormatError("layer blob is empty, not gzip")
+            if not self._member_end:
+                raise FormatError(f"gzip stream truncated: it ends inside a member after {self.totin} bytes")
+            if not self._hashing:
+                raise FormatError("gzip stream holds no deflate data")
+            self._hasher.cut()
+        finally:
+            self.digests = self._hasher.close()
+            self._inf.close()
 
 
 def _address(data: bytes) -> int:
