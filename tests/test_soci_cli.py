@@ -17,7 +17,11 @@ LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 INFO = re.compile(r"^INFO\[\d{4}\] soci: (.*)$")
 
 
-def run(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run(root: Path, *args: str, check: bool = True, merged: bool = False) -> subprocess.CompletedProcess:
+    """Run lazyoci; with `merged`, stderr (where the INFO lines go) is folded into stdout, in order."""
+    if merged:
+        return subprocess.run([LAZYOCI, "--root", str(root), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, check=check)
     return subprocess.run([LAZYOCI, "--root", str(root), *args], capture_output=True, text=True, check=check)
 
 
@@ -39,11 +43,13 @@ def test_push_snapshotter_soci_walkthrough(registry, tmp_path, data_root):
     run(data_root, "pull", "-q", src)
     run(data_root, "tag", src, dst)
 
-    out = run(data_root, "push", "--snapshotter", "soci", "--soci-min-layer-size", "100000",
-              "--soci-span-size", "65536", dst).stdout.splitlines()
+    done = run(data_root, "push", "--snapshotter", "soci", "--soci-min-layer-size", "100000",
+               "--soci-span-size", "65536", dst)
+    assert all(INFO.match(l) for l in done.stderr.splitlines())   # logrus writes to stderr
+    assert not any(INFO.match(l) for l in done.stdout.splitlines())
+    out = done.stdout.splitlines() + done.stderr.splitlines()
     soci = [INFO.match(l).group(1) for l in out if INFO.match(l)]
-    first_info = next(i for i, l in enumerate(out) if INFO.match(l))
-    assert any(l.startswith("manifest-sha256:") for l in out[:first_info])   # push rows come first
+    assert any(l.startswith("manifest-sha256:") for l in done.stdout.splitlines())   # the push rows
     assert soci[0] == (f"ztoc skipped - layer {small.digest} ({mt.OCI_LAYER_GZIP}) size {len(small.blob)} "
                        "is less than min-layer-size 100000")
     m = re.match(rf"^layer {big.digest} -> ztoc (sha256:[0-9a-f]{{64}})$", soci[1])
@@ -65,8 +71,10 @@ def test_push_snapshotter_soci_walkthrough(registry, tmp_path, data_root):
 
     # Pushing again reuses everything.
     again = run(data_root, "push", "--snapshotter", "soci", "--soci-min-layer-size", "100000",
-                "--soci-span-size", "65536", dst).stdout.splitlines()
+                "--soci-span-size", "65536", dst, merged=True).stdout.splitlines()
     soci2 = [INFO.match(l).group(1) for l in again if INFO.match(l)]
+    first_info = next(i for i, l in enumerate(again) if INFO.match(l))
+    assert any(l.startswith("manifest-sha256:") for l in again[:first_info])   # push rows come first
     assert f"layer {big.digest} -> ztoc {ztoc} (already exists)" in soci2
     assert soci2[-1] == f"skipped artifact with digest: {idx}"
     assert not any(l.startswith("pushing artifact") for l in soci2)
@@ -87,7 +95,8 @@ def test_push_snapshotter_soci_small_image_fails_clearly(registry, tmp_path, dat
     r = run(data_root, "push", "--snapshotter", "soci", ref, check=False)
     assert r.returncode != 0
     assert "no zTOCs created" in r.stderr and "min-layer-size 10485760" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1          # one clear line, no traceback
+    errors = [l for l in r.stderr.splitlines() if not INFO.match(l)]
+    assert len(errors) == 1 and errors[0].startswith("lazyoci: error: ")   # one clear line, no traceback
 
 
 def test_soci_create_and_push_commands(registry, tmp_path, data_root):

@@ -23,8 +23,9 @@ _START = time.monotonic()
 
 
 def logrus_info(line: str) -> None:
-    """One logrus-style INFO line, as nerdctl prints what the soci tool says."""
-    click.echo(f"INFO[{int(time.monotonic() - _START):04d}] soci: {line}")
+    """One logrus-style INFO line, as nerdctl prints what the soci tool says (on stderr, where
+    logrus writes, so that stdout keeps only the push rows and the digest)."""
+    click.echo(f"INFO[{int(time.monotonic() - _START):04d}] soci: {line}", err=True)
 
 
 def _images():
