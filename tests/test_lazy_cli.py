@@ -74,3 +74,37 @@ def test_config_snapshotters_bad_value_is_a_clear_error(data_root, tmp_path):
     r = _lz(data_root, config, "service", "status", check=False)
     assert r.returncode != 0
     assert f"{config}:2" in r.stderr and "lazy" in r.stderr
+
+
+def _run_uses_lazy_pull() -> bool:
+    import inspect
+
+    import lazyoci.runtime.run as run
+    source = inspect.getsource(run)
+    return "snap.pull(" in source or "lazy_pull" in source
+
+
+@pytest.mark.skipif(not _run_uses_lazy_pull(),
+                    reason="PARTIAL: runtime/run.py (B) pulls with ImageService.pull, not the soci lazy pull; "
+                           "integration patch: /tmp/e_integration.patch (see helper E's report)")
+def test_run_soci_of_an_image_not_pulled_yet_is_lazy_and_ps_says_so(registry, data_root, tmp_path):
+    """The seed's walkthrough: push with an index, nothing local, `run --snapshotter soci` starts
+    the container without downloading the indexed layers; `ps`/`images` show soci."""
+    push_tricky_image(registry.host, "lazycli/run", tmp_path)
+    push_soci_index(registry.host, "lazycli/run", tmp_path)
+    ref = f"{registry.host}/lazycli/run:latest"
+    config = write_config(tmp_path / "config.yaml")
+    try:
+        r = _lz(data_root, config, "run", "-d", "--snapshotter", "soci", ref, "sleep", "30")
+        cid = r.stdout.strip()
+        assert "layer-sha256:" not in r.stderr, r.stderr          # no layer rows: nothing downloaded
+        ps = _lz(data_root, config, "ps").stdout
+        assert "soci" in ps and "not lazy" not in ps, ps
+        assert "soci" in _lz(data_root, config, "images").stdout
+        st = _lz(data_root, config, "service", "status").stdout
+        assert st.count("lazycli/run") == 3, st
+        _lz(data_root, config, "rm", "-f", cid)
+    finally:
+        for c in _lz(data_root, config, "ps", "-a", "-q", check=False).stdout.split():
+            _lz(data_root, config, "rm", "-f", c, check=False)
+        _lz(data_root, config, "service", "stop", check=False)
