@@ -226,3 +226,24 @@ def test_save_to_stdout_piped_into_load_from_stdin(tmp_path):
     assert save.wait(30) == 0 and load.returncode == 0, load.stderr
     assert load.stdout.strip() == "Loaded image: docker.io/piped/app:1"
     assert run(b, "images", "-q").stdout.strip() == digest[7:19]
+
+
+def test_unnamed_image_from_skopeo_archive_and_prune(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    (rootfs / "f").write_bytes(os.urandom(300_000))
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(a, "import", str(rootfs), "named/app:1")
+    run(a, "save", "-o", str(tmp_path / "a.tar"), "named/app:1")
+    # skopeo's oci-archive names the image only by its tag ("v1"): it loads as <none>
+    subprocess.run(["skopeo", "copy", f"oci-archive:{tmp_path / 'a.tar'}:1", f"oci-archive:{tmp_path / 's.tar'}:v1"],
+                   check=True, capture_output=True)
+    loaded = run(b, "load", "-i", str(tmp_path / "s.tar")).stdout.strip()
+    assert loaded.startswith("Loaded image: sha256:")
+    table = run(b, "images").stdout.splitlines()
+    assert table[1].split()[:2] == ["<none>", "<none>"]
+    assert du(b / "blobs") > 300_000
+    out = run(b, "image", "prune").stdout
+    assert "Deleted: sha256:" in out and "Total reclaimed space:" in out
+    assert du(b / "blobs") == 0
+    assert_store_consistent(b)
