@@ -8,6 +8,8 @@ the container's stdout stays clean.
 
 from __future__ import annotations
 
+import re
+import shutil
 import sys
 import threading
 import time
@@ -51,6 +53,13 @@ def bar(current: int, total: int | None, final: bool) -> str:
     return "|" + "+" * filled + "-" * (inner - filled) + "|"
 
 
+_HEX64 = re.compile(r"(sha256:[0-9a-f]{12})[0-9a-f]{52}")
+
+
+def _shorten(key: str) -> str:
+    return _HEX64.sub(r"\1", key)
+
+
 @dataclass
 class _Row:
     key: str
@@ -75,6 +84,7 @@ class ProgressDisplay:
         self._lock = threading.Lock()
         self._start = time.monotonic()
         self._drawn_lines = 0
+        self._last_width: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -110,7 +120,9 @@ class ProgressDisplay:
         with self._lock:
             if self.tty:
                 self._draw()
-            self.stream.write(self.footer() + "\n")
+                self.stream.write(self.footer(self._last_width) + "\x1b[K\n")
+            else:
+                self.stream.write(self.footer() + "\n")
             self.stream.flush()
 
     def _loop(self) -> None:
@@ -118,24 +130,29 @@ class ProgressDisplay:
             with self._lock:
                 self._draw()
 
-    def _width(self) -> int:
+    def _width(self, short: bool = False) -> int:
         # Digest rows all have the same length; starting from it keeps rows printed early aligned.
-        return max([len(k) for k in self._rows] + [_DIGEST_KEY]) + 2
+        return max([len(_shorten(k) if short else k) for k in self._rows] + [0 if short else _DIGEST_KEY]) + 2
 
-    def _format(self, row: _Row, width: int) -> str:
-        line = f"{(row.key + ':').ljust(width)}{row.status.ljust(15)}{bar(row.current, row.total, row.final)}"
+    def _format(self, row: _Row, width: int, short: bool = False) -> str:
+        key = _shorten(row.key) if short else row.key
+        line = f"{(key + ':').ljust(width)}{row.status.ljust(15)}{bar(row.current, row.total, row.final)}"
         if row.status in ("downloading", "uploading") and row.total:
             line += f" {human_bytes(row.current)}/{human_bytes(row.total)}"
         return line
 
     def _draw(self) -> None:
-        width = self._width()
+        # A line that wraps would break the cursor arithmetic: on a narrow terminal digests are
+        # shortened to 12 hex digits, and what still does not fit is cut.
+        cols = shutil.get_terminal_size((1000, 24)).columns - 1
+        short = self._width() + 15 + BAR_WIDTH + 22 > cols
+        width = self._last_width = self._width(short)
         out = []
         if self._drawn_lines:
             out.append(f"\x1b[{self._drawn_lines}F")      # back to the first row
         for row in self._rows.values():
-            out.append(self._format(row, width) + "\x1b[K\n")
-        out.append(self.footer() + "\x1b[K\n")
+            out.append(self._format(row, width, short)[:cols] + "\x1b[K\n")
+        out.append(self.footer(width)[:cols] + "\x1b[K\n")
         self._drawn_lines = len(self._rows) + 1
         self.stream.write("".join(out))
         self.stream.flush()
@@ -148,9 +165,9 @@ class ProgressDisplay:
                    if r.kind in ("layer", "config", "manifest", "index")
                    and r.status in ("downloading", "uploading", "done"))
 
-    def footer(self) -> str:
+    def footer(self, width: int | None = None) -> str:
         elapsed = time.monotonic() - self._start
         total = self.transferred()
         rate = total / elapsed if elapsed > 0 else 0
         left = f"elapsed: {elapsed:.1f}s"
-        return f"{left.ljust(self._width())}total: {short_bytes(total):>6} ({human_bytes(rate)}/s)"
+        return f"{left.ljust(width or self._width())}total: {short_bytes(total):>6} ({human_bytes(rate)}/s)"
