@@ -163,3 +163,25 @@ def test_commit_an_active_snapshot_as_a_layer(tmp_path, no_mounts_left):
     snap.remove("v")
     snap.remove("layer1")
     assert list(snap.walk()) == []
+
+
+def test_pulling_a_hostile_image_fails_and_writes_nothing_outside(registry, tmp_path, no_mounts_left):
+    root = no_mounts_left
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "file").write_text("original")
+    bad = make_layer([Entry("etc", "dir"), Entry("etc/esc", "symlink", linkname=str(victim)),
+                      Entry("etc/esc/file", data=b"pwned"), Entry("etc/esc/new", data=b"pwned")])
+    push_image(registry.host, "snap/hostile", [bad], image_config([bad], cmd=["/x"]), tmp_path)
+    ref = f"{registry.host}/snap/hostile:latest"
+    r = lz(root, "pull", ref, check=False)
+    assert r.returncode != 0
+    assert "etc/esc/file" in r.stderr and "symlink" in r.stderr
+    r = lz(root, "run", "--rm", ref, check=False)
+    assert r.returncode != 0 and "etc/esc/file" in r.stderr
+    assert sorted(p.name for p in victim.iterdir()) == ["file"]
+    assert (victim / "file").read_text() == "original"
+    snapdir = root / "snapshots" / "overlayfs"
+    assert list((snapdir / "tmp").iterdir()) == []              # the partial layer is gone
+    assert [p for p in snapdir.iterdir() if p.name.isdigit()] == []
+    assert not (root / "containers").exists() or list((root / "containers").iterdir()) == []

@@ -68,6 +68,14 @@ class OverlaySnapshotter:
         self.db.ensure_schema("snapshot_overlayfs", _DDL)
         for d in (self.dir / "tmp", self.dir / "empty"):
             d.mkdir(parents=True, exist_ok=True)
+        self._remove_abandoned_staging()
+
+    def _remove_abandoned_staging(self) -> None:
+        """Partial unpacks of processes that died (crash, kill -9) are named <pid>.<x>: remove them."""
+        for p in (self.dir / "tmp").iterdir():
+            pid = p.name.split(".", 1)[0]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                remove_tree(p)
 
     # ---- paths and rows -------------------------------------------------
     def _fs(self, dir_id: int) -> Path:
@@ -186,7 +194,7 @@ class OverlaySnapshotter:
 
     def new_staging_dir(self) -> Path:
         """A fresh directory to unpack one layer into (moved into place by `adopt_layer`)."""
-        staging = Path(tempfile.mkdtemp(dir=self.dir / "tmp"))
+        staging = Path(tempfile.mkdtemp(dir=self.dir / "tmp", prefix=f"{os.getpid()}."))
         (staging / "fs").mkdir(mode=0o755)
         return staging
 

@@ -40,6 +40,7 @@ class UnpackingConsumer:
         self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_CHUNKS)
         self._aborted = threading.Event()
         self._error: BaseException | None = None
+        self._ended = False          # the worker has taken _END off the queue
         self.diff_id: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"unpack-{desc.digest[7:19]}", daemon=True)
         self._thread.start()
@@ -48,6 +49,7 @@ class UnpackingConsumer:
         while True:
             item = self._queue.get()
             if item is _END:
+                self._ended = True
                 return
             if self._aborted.is_set():
                 raise _Aborted()
@@ -62,7 +64,7 @@ class UnpackingConsumer:
 
     def _drain(self) -> None:
         """Keep taking chunks after a failure so that `write` never blocks forever."""
-        while True:
+        while not self._ended:
             try:
                 item = self._queue.get(timeout=0.5)
             except queue.Empty:
