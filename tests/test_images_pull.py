@@ -325,3 +325,28 @@ def test_docker_schema2_image(svc, registry, tmp_path, data_root):
     svc.push(f"{registry.host}/docker/v2s2-copy:latest")
     assert skopeo_raw(f"{registry.host}/docker/v2s2-copy:latest") == raw
     assert_store_consistent(data_root)
+
+
+def test_an_artifact_is_not_pulled_as_an_image(svc, registry, tmp_path, data_root):
+    layout = tmp_path / "artifact"
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    empty, payload = b"{}", b"not a layer"
+    for data in (empty, payload):
+        (blobs / sha(data)[7:]).write_bytes(data)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.example.thing",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha(empty), "size": 2},
+        "layers": [{"mediaType": "application/vnd.example.payload", "digest": sha(payload),
+                    "size": len(payload)}]}).encode()
+    (blobs / sha(manifest)[7:]).write_bytes(manifest)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha(manifest),
+         "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}))
+    skopeo_push_layout(layout, f"{registry.host}/artifact/thing:latest")
+    with pytest.raises(LazyociError, match="not a container image.*application/vnd.example.thing"):
+        svc.pull(f"{registry.host}/artifact/thing:latest")
+    assert list(svc.blobs.digests()) == []
+    assert_store_consistent(data_root)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from lazyoci.errors import FormatError, IntegrityError, LazyociError, ReferenceError_, StoreError
-from lazyoci.images.layersize import UncompressedSize
 from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.digest import sha256_digest
 from lazyoci.oci.manifest import Descriptor, ImageConfig, Index, Manifest, canonical_json, parse_any

@@ -130,6 +130,9 @@ class Puller:
     def _fetch_config(self, lease: Lease, ref: Reference, manifest: Manifest,
                       index_platform: Platform | None, wanted: Platform | None) -> PulledPlatform:
         desc = manifest.config
+        if desc.media_type not in (mt.OCI_CONFIG, mt.DOCKER_CONFIG):
+            what = manifest.artifact_type or desc.media_type
+            raise FormatError(f"{ref} is not a container image (it is a {what} artifact)")
         lease.add([desc.digest])
         key = row_key("config", desc.digest)
         if not self.blobs.has(desc.digest):

@@ -13,7 +13,7 @@ from lazyoci.errors import ImageNotFoundError, LazyociError, ReferenceError_, St
 from lazyoci.images.progress import ProgressSink
 from lazyoci.images.pull import PullHooks, Puller
 from lazyoci.oci import mediatypes as mt
-from lazyoci.oci.manifest import Descriptor, ImageConfig, Index, Manifest
+from lazyoci.oci.manifest import Descriptor, ImageConfig, Manifest
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
 from lazyoci.registry.options import RegistryOptions
