@@ -175,3 +175,20 @@ def test_convert_multi_platform_keeps_missing_platforms_and_replaces_old_index()
 def test_convert_without_any_index_is_an_error():
     with pytest.raises(FormatError, match="no SOCI index"):
         convert_shape(_docker_manifest(), mt.DOCKER_MANIFEST, Platform("linux", "amd64"), {}, [])
+
+
+def test_public_api_builds_and_parses_a_ztoc_from_a_file_object():
+    import gzip
+    import io
+    import random
+
+    import lazyoci.soci as soci
+    from helpers.images import Entry, tar_bytes
+
+    data = random.Random(3).randbytes(50_000)
+    blob = gzip.compress(tar_bytes([Entry("d.bin", data=data)]), mtime=0)
+    z = soci.parse_ztoc(soci.build_ztoc(io.BytesIO(blob), "gzip", span_size=1 << 16))
+    assert z.compressed_size == len(blob) and len(z) == 1
+    assert z.entry(0).name.endswith("d.bin") and z.entry(0).size == len(data)
+    with pytest.raises(FormatError):
+        soci.parse_ztoc(b"not a ztoc")
