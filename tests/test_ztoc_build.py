@@ -183,3 +183,17 @@ def test_chunking_does_not_matter() -> None:
     assert build_ztoc(Dribble(blob, [1, 7, 512, 3000, 1 << 20, 13]), "gzip", SMALL_SPAN) == want
     want_tar = build_ztoc(io.BytesIO(raw), "none", SMALL_SPAN)
     assert build_ztoc(Dribble(raw, [511, 1, 1024, 99999]), "none", SMALL_SPAN) == want_tar
+
+
+@pytest.mark.parametrize("maker", ["gzip", "members"])
+def test_inflate_backends_agree(monkeypatch, maker: str) -> None:
+    """zlib-ng (default) and the system zlib stop at the same block ends: identical zTOCs."""
+    from lazyoci.ztoc import libz
+    raw = all_types_tar()
+    blob = gzip.compress(raw, mtime=0) if maker == "gzip" else gzip_members(raw, [4096, 500_000])
+    built = {}
+    for name in ("zlib", "zlib-ng"):
+        monkeypatch.setattr(libz, "BACKEND", libz.load_backend(name))
+        built[name] = build_ztoc(io.BytesIO(blob), "gzip", SMALL_SPAN)
+        check_spans(Ztoc.parse(built[name]), blob, raw)
+    assert built["zlib"] == built["zlib-ng"]
