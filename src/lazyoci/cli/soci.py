@@ -157,8 +157,11 @@ def push_cmd(platform, existing_index, ref) -> None:
     images = _images()
     try:
         image = images.get(ref, Platform.parse(platform) if platform else None)
-        recs = [r for r in SociRecords(images.db).indexes(manifest_digest=image.manifest.digest)
-                if r.version == "v1"]
+        all_recs = SociRecords(images.db).indexes(manifest_digest=image.manifest.digest)
+        recs = [r for r in all_recs if r.version == "v1"]
+        if not recs and all_recs:
+            raise StoreError(f"{ref} only has SOCI v2 indexes: they travel inside the converted image, "
+                             "push it with `lazyoci push`")
         if not recs:
             raise StoreError(f"no v1 SOCI index for {ref} ({image.config.platform}): "
                              "run `lazyoci soci create` first")
