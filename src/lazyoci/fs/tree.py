@@ -200,13 +200,13 @@ class LayerTree:
                 continue
             self.target[n] = t
             self.nlink[t] += 1
-        del paths
+        paths = None          # the closures share this cell: rebinding frees the dict now, not at GC
 
         # children of every directory, sorted by name bytes (for binary search)
         count = len(self.entry)
         order = sorted((n for n in range(1, count) if self.parent[n] >= 0),
                        key=lambda n: (self.parent[n], names[n]))
-        del names
+        names = None
         self.child_start = array("i", [0]) * count
         self.child_count = array("i", [0]) * count
         self.children = array("i", order)

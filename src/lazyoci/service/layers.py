@@ -9,6 +9,7 @@ docker credentials, so `lazyoci service start` after a config change picks it up
 from __future__ import annotations
 
 import ctypes
+import gc
 import ctypes.util
 import logging
 import threading
@@ -35,6 +36,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 def _release_freed_memory() -> None:
     """Give memory freed by a tree build back to the OS (glibc keeps it otherwise)."""
+    gc.collect()     # the build's helper closures form a cycle; collect it before trimming
     try:
         _libc.malloc_trim(0)
     except AttributeError:   # not glibc
