@@ -83,6 +83,8 @@ def test_pull_images_tag_rmi_gives_disk_space_back(tmp_path, image):
     assert table[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "CREATED", "PLATFORM", "SIZE", "BLOB", "SIZE"]
     assert len(table) == 3 and any(l.startswith("local/copy ") for l in table)
     assert run(root, "images", "-q").stdout.split() == [digest[7:19]]
+    assert len(run(root, "images", "local/copy").stdout.splitlines()) == 2          # header + 1 row
+    assert len(run(root, "images", "local/copy:v3").stdout.splitlines()) == 1
     assert digest in run(root, "images", "--digests").stdout
     rows = [json.loads(l) for l in run(root, "image", "ls", "--format", "json").stdout.splitlines()]
     assert {r["Tag"] for r in rows} == {"latest", "v2"} and all(r["Digest"] == digest for r in rows)

@@ -155,8 +155,18 @@ def _created(text: str | None) -> str:
     return f"{int(seconds)} second{'s' if int(seconds) != 1 else ''} ago"
 
 
-def _list(quiet: bool, digests: bool, fmt: str | None) -> None:
-    rows = image_service().list()
+def _matches(row, wanted: str | None) -> bool:
+    """`images ubuntu` / `images ubuntu:22.04`: docker's REPOSITORY[:TAG] filter."""
+    if not wanted or row.name is None:
+        return not wanted
+    ref = Reference.parse(row.name)
+    name, _, tag = wanted.rpartition(":") if ":" in wanted.rsplit("/", 1)[-1] else (wanted, "", "")
+    full = Reference.parse(name + ":x")
+    return full.name == ref.name and (not tag or tag == ref.tag)
+
+
+def _list(quiet: bool, digests: bool, fmt: str | None, wanted: str | None = None) -> None:
+    rows = [r for r in image_service().list() if _matches(r, wanted)]
     if quiet:
         seen: list[str] = []
         for r in rows:
@@ -202,9 +212,10 @@ def _with_list_options(f):
 
 @cli.command("images")
 @_with_list_options
-def images_cmd(quiet: bool, digests: bool, fmt: str | None) -> None:
-    """List local images."""
-    _list(quiet, digests, fmt)
+@click.argument("repository", required=False)
+def images_cmd(quiet: bool, digests: bool, fmt: str | None, repository: str | None) -> None:
+    """List local images (optionally only REPOSITORY[:TAG])."""
+    _list(quiet, digests, fmt, repository)
 
 
 @cli.group("image")
@@ -214,9 +225,10 @@ def image_group() -> None:
 
 @image_group.command("ls")
 @_with_list_options
-def image_ls(quiet: bool, digests: bool, fmt: str | None) -> None:
-    """List local images."""
-    _list(quiet, digests, fmt)
+@click.argument("repository", required=False)
+def image_ls(quiet: bool, digests: bool, fmt: str | None, repository: str | None) -> None:
+    """List local images (optionally only REPOSITORY[:TAG])."""
+    _list(quiet, digests, fmt, repository)
 
 
 @image_group.command("inspect")
