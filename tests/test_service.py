@@ -38,3 +38,22 @@ def test_start_after_a_killed_service_and_socket_permissions(data_root, tmp_path
         client.stop(force=True)
     assert not _mounted(client.paths.mountpoint)
     assert not client.stop()                                 # stopping twice: "not running"
+
+
+def test_a_changed_config_takes_effect_after_stop_and_start(data_root, tmp_path):
+    config = write_config(tmp_path / "c.yaml", background=False,
+                          extra="  cache_dir: span-cache\n  cache_max_bytes: 1048576\n")
+    client = ServiceClient(DataRoot(data_root), config)
+    try:
+        st = client.start() and client.status()
+        assert st["background_fetch"] is False and st["cache_max_bytes"] == 1 << 20
+        assert (tmp_path / "span-cache").is_dir()          # relative to the config file
+        write_config(config, background=True)
+        client.start()                                     # already running: nothing changes
+        assert client.status()["background_fetch"] is False
+        client.stop()
+        client.start()
+        st = client.status()
+        assert st["background_fetch"] is True and st["cache_max_bytes"] == 0
+    finally:
+        client.stop(force=True)

@@ -83,7 +83,10 @@ class LayerManager:
         self.fs = fs
         self.db = Database(root.db_path)
         self.db.ensure_schema("service", _DDL)
-        self.cache = SpanCache(config.soci.cache_dir or root.soci / "cache", config.soci.cache_max_bytes)
+        cache_dir = config.soci.cache_dir or root.soci / "cache"
+        if not cache_dir.is_absolute():     # relative to the config file, not to the daemon's cwd (/)
+            cache_dir = (config.path.parent if config.path else root.path) / cache_dir
+        self.cache = SpanCache(cache_dir, config.soci.cache_max_bytes)
         self.client = RegistryClient(RegistryOptions(
             insecure_registries=config.insecure_registries, mirrors=dict(config.registry_mirrors)))
         self._meta: dict[str, tuple[str, str, float]] = {}   # digest -> (ref, ztoc digest, monotonic mount time)
