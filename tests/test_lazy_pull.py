@@ -12,7 +12,7 @@ import pytest
 
 from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.lazy import push_soci_index, write_config
-from helpers.tricky_image import PASSWD, push_tricky_image
+from helpers.tricky_image import GROUP, PASSWD, push_tricky_image
 from lazyoci.config import load_config
 from lazyoci.images.service import ImageService
 from lazyoci.service.client import ServiceClient
@@ -54,6 +54,9 @@ def test_lazy_pull_run_and_status(registry, data_root, tmp_path, soci_config):
         r = _lz(data_root, soci_config, "run", "--rm", ref, "cat", "/etc/passwd")
         assert r.returncode == 0, r.stderr
         assert r.stdout.encode() == PASSWD
+        # a non-root user reads through the FUSE lowers too (allow_other; overlay uses the mounter's creds)
+        r = _lz(data_root, soci_config, "run", "--rm", "-u", "1000:1000", ref, "cat", "/etc/group")
+        assert r.returncode == 0 and r.stdout.encode() == GROUP, r.stderr
         st = _lz(data_root, soci_config, "service", "status")
         assert st.returncode == 0 and "lazy/pull" in st.stdout, st.stdout
         assert not any(images.blobs.has(l.digest) for l in image.manifest.layers)
