@@ -60,6 +60,14 @@ def test_lazy_pull_run_and_status(registry, data_root, tmp_path, soci_config):
         st = _lz(data_root, soci_config, "service", "status")
         assert st.returncode == 0 and "lazy/pull" in st.stdout, st.stdout
         assert not any(images.blobs.has(l.digest) for l in image.manifest.layers)
+
+        # the image's snapshots released (as `rmi` does): the service stops serving its layers
+        client = ServiceClient(root, soci_config)
+        assert len(client.status()["layers"]) == 3
+        removed = snap.release_unused(set())
+        assert len(removed) == 3 and list(snap.walk()) == []
+        assert client.status()["layers"] == []
+        assert not any(client.paths.layer_dir(l.digest).exists() for l in image.manifest.layers)
     finally:
         images.close()
         ServiceClient(root, soci_config).stop()

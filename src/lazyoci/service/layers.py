@@ -26,6 +26,7 @@ from lazyoci.fs.span_fetcher import SpanFetcher
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
+from lazyoci.service.records import SCHEMA, SCHEMA_NAME
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
@@ -42,14 +43,6 @@ def _release_freed_memory() -> None:
     except AttributeError:   # not glibc
         pass
 
-_DDL = """
-CREATE TABLE IF NOT EXISTS service_layers (
-    layer_digest TEXT PRIMARY KEY,   -- the lazy layer (its FUSE directory is the hex)
-    ref          TEXT NOT NULL,      -- repository the spans are fetched from
-    ztoc_digest  TEXT NOT NULL,      -- zTOC blob in <root>/blobs
-    mounted_at   REAL NOT NULL
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -82,7 +75,7 @@ class LayerManager:
         self.config = config
         self.fs = fs
         self.db = Database(root.db_path)
-        self.db.ensure_schema("service", _DDL)
+        self.db.ensure_schema(SCHEMA_NAME, SCHEMA)
         cache_dir = config.soci.cache_dir or root.soci / "cache"
         if not cache_dir.is_absolute():     # relative to the config file, not to the daemon's cwd (/)
             cache_dir = (config.path.parent if config.path else root.path) / cache_dir

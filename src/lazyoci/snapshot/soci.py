@@ -338,9 +338,13 @@ class SociSnapshotter:
                 "(SELECT 1 FROM lazy_snapshots s WHERE s.lazy_layer = l.layer_digest)").fetchall()]
         for d in dirs:
             shutil.rmtree(self.dir / str(d), ignore_errors=True)
-        if unused and self.service.is_running():
-            for digest in unused:
-                self.service.unmount_layer(digest)
+        if unused:
+            if self.service.is_running():
+                for digest in unused:
+                    self.service.unmount_layer(digest)
+            else:
+                from lazyoci.service.records import forget_layers
+                forget_layers(self.db, unused)
         return removed
 
     # ---- the lazy pull -------------------------------------------------------------
