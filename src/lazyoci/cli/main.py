@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     _register()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="lazyoci", standalone_mode=False)
+        # standalone_mode=False returns a command's exit code instead of exiting.
+        rc = cli.main(args=argv, prog_name="lazyoci", standalone_mode=False)
     except LazyociError as e:
         if debug:
             raise
@@ -75,4 +76,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(141)
-    sys.exit(0)
+    sys.exit(rc if isinstance(rc, int) else 0)
