@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 import struct
+import zlib
 from typing import NamedTuple
 
 from lazyoci.errors import FormatError
@@ -69,15 +70,20 @@ def _num(field: bytes, what: str, at: int) -> int:
 
 
 def _checksum_ok(block: bytes) -> bool:
+    """The header checksum: the byte sum with the checksum field read as 8 spaces.
+
+    adler32's low half is 1 + that sum mod 65521, computed in C; a sum off by a
+    multiple of 65521 cannot be told apart, which is harmless for telling tar
+    headers from other data. Old writers summed signed bytes: checked the slow way."""
     field = block[148:156]
     try:
         want = int(field.partition(b"\0")[0], 8)
     except ValueError:
         return False
-    unsigned = sum(block) - sum(field) + 256   # the checksum field counts as 8 spaces
-    if want == unsigned:
+    unsigned = (zlib.adler32(block) & 0xFFFF) - 1 - sum(field) + 256
+    if (want - unsigned) % 65521 == 0:
         return True
-    signed = unsigned - 2 * sum(b for b in block[:148] + block[156:] if b > 127)
+    signed = sum(block) - sum(field) + 256 - 2 * sum(b for b in block[:148] + block[156:] if b > 127)
     return want == signed
 
 
@@ -279,11 +285,14 @@ class TocBuilder:
             kind = "dir"   # old v7 archives mark directories only by the slash
         linkname = linkname.partition(b"\0")[0]
         uname, gname = uname.partition(b"\0")[0], gname.partition(b"\0")[0]
-        mode = _oct(mode, "mode", at)
-        uid, gid = _oct(uid, "uid", at), _oct(gid, "gid", at)
-        mtime_ns = _oct(mtime, "mtime", at) * 1_000_000_000
+        get = _OCT_CACHE.get   # inlined _oct: most of these fields repeat from entry to entry
+        mode = get(mode) if mode in _OCT_CACHE else _oct(mode, "mode", at)
+        uid = get(uid) if uid in _OCT_CACHE else _oct(uid, "uid", at)
+        gid = get(gid) if gid in _OCT_CACHE else _oct(gid, "gid", at)
+        mtime_ns = (get(mtime) if mtime in _OCT_CACHE else _oct(mtime, "mtime", at)) * 1_000_000_000
         if magic[:5] == b"ustar":
-            devmajor, devminor = _oct(devmajor, "devmajor", at), _oct(devminor, "devminor", at)
+            devmajor = get(devmajor) if devmajor in _OCT_CACHE else _oct(devmajor, "devmajor", at)
+            devminor = get(devminor) if devminor in _OCT_CACHE else _oct(devminor, "devminor", at)
         else:
             devmajor = devminor = 0
         if self._longname is not None:
