@@ -1,9 +1,12 @@
 """FlatBuffers encoding of the zTOC (schema.fbs) and TarZinfo (zinfo.fbs), and bounds-checked reads.
 
-Writing uses the `flatbuffers` Builder. Reading is done here with offset
-arithmetic over the bytes, because the Python runtime trusts its input (a
-hostile offset raises IndexError deep inside, or reads garbage): every read
-below checks its bounds and reports FormatError.
+The zTOC is written by hand, front to back with fixed table layouts (any
+layout that follows the vtables is valid FlatBuffers; flatc and the tests
+read it): the `flatbuffers` Builder costs ~150 us per file. The tiny TarZinfo
+uses the Builder. Reading is offset arithmetic over the bytes, because the
+Python runtime trusts its input (a hostile offset raises IndexError deep
+inside, or reads garbage): every read here checks its bounds and reports
+FormatError.
 """
 
 from __future__ import annotations
