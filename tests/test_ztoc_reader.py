@@ -175,3 +175,21 @@ def test_ztoc_written_by_another_flatbuffers_writer(layer, tmp_path: Path) -> No
         cs, ce = b.span_compressed_range(i)
         us, ue = b.span_uncompressed_range(i)
         assert decompress_span(b, i, blob[cs:ce]) == raw[us:ue]
+
+
+def test_packed_tar_zinfo_of_older_reference_releases() -> None:
+    """Some reference releases packed TarZinfo as int32 version, int64 span, int64 size."""
+    import struct
+    from lazyoci.ztoc.codec import UNCOMPRESSED
+    raw = all_types_tar()
+    toc = TocBuilder()
+    toc.feed(raw)
+    import hashlib
+    digests = ["sha256:" + hashlib.sha256(raw[i:i + SMALL_SPAN]).hexdigest() for i in range(0, len(raw), SMALL_SPAN)]
+    data = encode_ztoc(build_tool="AWS SOCI CLI v0.2", compressed_size=len(raw), uncompressed_size=len(raw),
+                       entries=toc.finish(), algorithm=UNCOMPRESSED, span_digests=digests,
+                       checkpoints=struct.pack("<iqq", 2, SMALL_SPAN, len(raw)))
+    z = Ztoc.parse(data)
+    assert z.compression == "none" and z.span_size == SMALL_SPAN and z.num_spans == len(digests)
+    e = next(z.entry(i) for i in range(len(z)) if z.entry(i).name == "bin/big-text")
+    assert read_range(z, lambda a, b: raw[a:b], e.offset, e.offset + e.size) == raw[e.offset:e.offset + e.size]

@@ -253,12 +253,21 @@ class FlatReader:
         return self.vector(self.deref(pos), elem)
 
 
+_RAW_TAR_ZINFO = struct.Struct("<iqq")
+
+
 def decode_tar_zinfo(blob: bytes | memoryview) -> tuple[int, int]:
-    """(span_size, size) of a TarZinfo buffer; FormatError when malformed."""
-    r = FlatReader(blob, "TarZinfo checkpoint data")
-    t = r.root()
-    version = r.int_field(t, 0, "i")
-    span_size, size = r.int_field(t, 1), r.int_field(t, 2)
+    """(span_size, size) of a TarZinfo; FormatError when malformed.
+
+    The spec's form is a FlatBuffers table; some reference releases wrote the
+    same three fields packed (20 bytes), which no FlatBuffer of it can be."""
+    if len(blob) == _RAW_TAR_ZINFO.size:
+        version, span_size, size = _RAW_TAR_ZINFO.unpack_from(blob)
+    else:
+        r = FlatReader(blob, "TarZinfo checkpoint data")
+        t = r.root()
+        version = r.int_field(t, 0, "i")
+        span_size, size = r.int_field(t, 1), r.int_field(t, 2)
     if version != TAR_ZINFO_VERSION:
         raise FormatError(f"TarZinfo version {version} is not supported (want {TAR_ZINFO_VERSION})")
     if span_size <= 0 or size < 0:
