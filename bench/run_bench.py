@@ -234,7 +234,8 @@ def machine() -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.machine())
     return {"nproc": os.cpu_count(), "memory_gib": round(int(mem.split()[1]) / 2**20, 1),
-            "kernel": platform.release(), "cpu": cpu}
+            "kernel": platform.release(), "cpu": cpu,
+            "loadavg_at_start": round(os.getloadavg()[0], 2)}
 
 
 def median(values: list[float | None]) -> float | None:
@@ -268,7 +269,7 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
     out = ["# lazyoci benchmark results", "",
            f"Command: `{command}`  ",
            f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['memory_gib']} GiB memory, "
-           f"Linux {mach['kernel']}  ",
+           f"Linux {mach['kernel']}; load average at start {mach['loadavg_at_start']}  ",
            f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; the whole run took "
            f"{(time.monotonic() - started) / 60:.1f} min", "",
            "Registry: docker-registry on loopback behind bench/throttle_proxy.py (one shared token "
@@ -287,7 +288,8 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
             "| image | profile | mode | runs | pull s | run→ready s | pull+ready s | bg fetch s | "
             "registry MB | requests | service peak RSS MiB |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["image"], r["profile"], MODES.index(r["mode"]))):
+    for r in sorted((r for r in rows if r["mode"] in MODES),
+                    key=lambda r: (r["image"], r["profile"], MODES.index(r["mode"]))):
         out.append(f"| {r['image']} | {r['profile']} | {r['mode']} | {r['runs']}"
                    f"{' (' + str(r['failed']) + ' failed)' if r['failed'] else ''} | "
                    f"{fmt(r['pull_s'])} | {fmt(r['ready_s'])} | {fmt(r['total_s'])} | "
@@ -374,9 +376,15 @@ def main() -> None:
     runs: list[dict] = []
     facts: dict = {}
     try:
-        for name in images:
+        for name in list(images):
             log(f"{name}: building (cached after the first time) and pushing")
-            _, facts[name] = prepare_image(name, reg, WORK / "setup")
+            try:
+                _, facts[name] = prepare_image(name, reg, WORK / "setup")
+            except Exception as e:  # noqa: BLE001 - the other images can still be measured
+                log(f"{name}: setup FAILED, skipped: {type(e).__name__}: {e}")
+                runs.append({"image": name, "profile": "-", "mode": "setup",
+                             "error": f"setup: {type(e).__name__}: {e}"})
+                images.remove(name)
         for profile in profiles:
             rate, latency = PROFILES[profile]
             proxy = localreg.start_proxy(reg.host, rate, latency, WORK)
