@@ -335,7 +335,9 @@ def write_chart(rows: list[dict], facts: dict, profiles: list[str]) -> Path | No
     for ax, profile in zip(axes[0], profiles):
         for j, mode in enumerate(MODES):
             vals = [(by.get((im, profile, mode)) or {}).get("total_s") or 0 for im in images]
-            ax.bar([i + (j - 1) * width for i in range(len(images))], vals, width, label=MODE_LABEL[mode])
+            bars = ax.bar([i + (j - 1) * width for i in range(len(images))], vals, width,
+                          label=MODE_LABEL[mode])
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
         for i, im in enumerate(images):
             floor = facts[im]["needed_bytes"] / (PROFILES[profile][0] * 1e6)
             ax.hlines(floor, i - 1.5 * width, i + 1.5 * width, colors="black", linestyles="dashed",
