@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from lazyoci.ztoc import Ztoc, build_ztoc  # noqa: E402
+from lazyoci.ztoc import Ztoc, build_ztoc, libz  # noqa: E402
 
 CACHE = HERE / "cache"
 
@@ -94,7 +94,8 @@ def time_command(argv: list[str], path: Path) -> tuple[float, float]:
     return time.perf_counter() - t0, _cpu_children() - c0
 
 
-def time_build(path: Path) -> tuple[float, float, bytes]:
+def time_build(path: Path, backend: str) -> tuple[float, float, bytes]:
+    libz.BACKEND = libz.load_backend(backend)
     c0, t0 = time.process_time(), time.perf_counter()
     with open(path, "rb") as f:
         data = build_ztoc(f, "gzip")
@@ -116,11 +117,16 @@ def main() -> None:
         if not path.exists():
             print(f"generating {path} ...", file=sys.stderr)
             make(path)
-        results: dict[str, list[tuple[float, float]]] = {"build_ztoc": [], "gzip -dc": [], "pigz -dc": []}
+        results: dict[str, list[tuple[float, float]]] = {"zlib-ng": [], "zlib": [], "gzip -dc": [], "pigz -dc": []}
         info = None
         for _ in range(args.repeat):
-            wall, cpu, data = time_build(path)
-            results["build_ztoc"].append((wall, cpu))
+            built = []
+            for backend in ("zlib-ng", "zlib"):
+                wall, cpu, data = time_build(path, backend)
+                results[backend].append((wall, cpu))
+                built.append(data)
+            if built[0] != built[1]:
+                raise SystemExit("the two inflate backends built different zTOCs")
             info = Ztoc.parse(data), len(data)
             results["gzip -dc"].append(time_command(["gzip", "-dc"], path))
             results["pigz -dc"].append(time_command(["pigz", "-dc"], path))
@@ -128,15 +134,18 @@ def main() -> None:
         best = {k: min(v) for k, v in results.items()}
         rows.append((kind, path.stat().st_size, z.uncompressed_size, len(z), z.num_spans, ztoc_len, best))
     cmd = "bench/ztoc_build.py " + " ".join(sys.argv[1:])
-    print(f"command: .venv/bin/python {cmd.strip()}   (best of {args.repeat}; load average before: "
-          f"{os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs)")
+    print(f"command: .venv/bin/python {cmd.strip()}   (best of {args.repeat}; load average at the end: "
+          f"{os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs; zlib-ng {libz.load_backend('zlib-ng').version}, "
+          f"zlib {libz.load_backend('zlib').version})")
     print()
-    print("| layer | gzip MiB | tar MiB | files | spans | zTOC KiB | build_ztoc s (cpu) | gzip -dc s (cpu) | pigz -dc s (cpu) | build / gzip -dc |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| layer | gzip MiB | tar MiB | files | spans | zTOC KiB | build_ztoc zlib-ng s (cpu) "
+          "| build_ztoc zlib s (cpu) | gzip -dc s (cpu) | pigz -dc s (cpu) | build (zlib-ng) / gzip -dc |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind, csize, usize, files, spans, zlen, best in rows:
-        b, g, p = best["build_ztoc"], best["gzip -dc"], best["pigz -dc"]
+        n, z, g, p = best["zlib-ng"], best["zlib"], best["gzip -dc"], best["pigz -dc"]
         print(f"| {kind} | {csize / 2**20:.0f} | {usize / 2**20:.0f} | {files} | {spans} | {zlen / 1024:.0f} | "
-              f"{b[0]:.2f} ({b[1]:.2f}) | {g[0]:.2f} ({g[1]:.2f}) | {p[0]:.2f} ({p[1]:.2f}) | {b[0] / g[0]:.2f} |")
+              f"{n[0]:.2f} ({n[1]:.2f}) | {z[0]:.2f} ({z[1]:.2f}) | {g[0]:.2f} ({g[1]:.2f}) | "
+              f"{p[0]:.2f} ({p[1]:.2f}) | {n[0] / g[0]:.2f} |")
 
 
 if __name__ == "__main__":
