@@ -57,3 +57,26 @@ def test_a_changed_config_takes_effect_after_stop_and_start(data_root, tmp_path)
         assert st["background_fetch"] is True and st["cache_max_bytes"] == 0
     finally:
         client.stop(force=True)
+
+
+def test_concurrent_starts_make_one_service(data_root, tmp_path):
+    import threading
+
+    config = write_config(tmp_path / "c.yaml")
+    pids: list[int] = []
+
+    def start() -> None:
+        pids.append(ServiceClient(DataRoot(data_root), config).start()["pid"])
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    client = ServiceClient(DataRoot(data_root), config)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(pids) == 4 and len(set(pids)) == 1, pids
+        with open("/proc/self/mountinfo") as f:
+            assert sum(line.split()[4] == str(client.paths.mountpoint) for line in f) == 1
+    finally:
+        client.stop(force=True)

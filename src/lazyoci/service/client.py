@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -83,29 +84,46 @@ class ServiceClient:
     def is_running(self) -> bool:
         return self.ping() is not None
 
+    def spawn(self) -> None:
+        """Launch the daemon if it is not running, without waiting for it (start() waits).
+
+        Lets a lazy pull start the service while it fetches the image's metadata."""
+        if self.ping() is None:
+            self._launch()
+
     def start(self) -> dict[str, Any]:
         """Start the daemon (if not running) and wait until it answers."""
         info = self.ping()
         if info is not None:
             return info
-        self.paths.ensure()
-        cmd = [sys.executable, "-m", "lazyoci.service.daemon", "--root", os.fspath(self.root.path)]
-        if self.config_path is not None:
-            cmd += ["--config", os.fspath(self.config_path)]
         log_start = self.paths.log_file.stat().st_size if self.paths.log_file.exists() else 0
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ServiceError(f"the lazyoci service did not start: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+        launches = 0
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             info = self.ping()
             if info is not None:
                 return info
-            pid = self._pid()
-            if pid is not None and not _alive(pid) and time.monotonic() > deadline - START_TIMEOUT + 2:
-                break
-            time.sleep(0.05)
+            if not self._daemon_alive():
+                if launches == 3:
+                    break    # it died while starting: its log says why
+                # (a daemon that is still dying, e.g. killed, holds the lock a little longer,
+                # and a launcher that met its lock left: try again)
+                self._launch()
+                launches += 1
+                continue
+            time.sleep(0.02)
         raise ServiceError(f"the lazyoci service did not start; its log says: {self._log_tail(log_start)}")
+
+    def _launch(self) -> None:
+        """Run the daemon (it detaches; a second one for the same root exits by itself)."""
+        self.paths.ensure()
+        cmd = [sys.executable, "-m", "lazyoci.service.daemon", "--root", os.fspath(self.root.path)]
+        if self.config_path is not None:
+            cmd += ["--config", os.fspath(self.config_path)]
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+            raise ServiceError(f"the lazyoci service did not start: {last[0]}")
 
     def ensure_running(self) -> dict[str, Any]:
         return self.start()
@@ -137,12 +155,10 @@ class ServiceClient:
         try:
             self.request("shutdown")
         except ServiceError:
-            if pid is None or not _alive(pid):
+            if not self._daemon_alive():
                 return False
-        if pid is None:
-            return True
         deadline = time.monotonic() + STOP_TIMEOUT
-        while _alive(pid):
+        while self._daemon_alive():   # its lock goes with the process, after FUSE is unmounted
             if time.monotonic() > deadline:
                 raise ServiceError(f"the lazyoci service (pid {pid}) did not stop within {STOP_TIMEOUT:.0f}s")
             time.sleep(0.05)
@@ -162,6 +178,20 @@ class ServiceClient:
         return self.request("status")
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _daemon_alive(self) -> bool:
+        """True while a daemon holds the pid file's lock (a pid alone may have been reused)."""
+        try:
+            fd = os.open(self.paths.pid_file, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def _pid(self) -> int | None:
         try:

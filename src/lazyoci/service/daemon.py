@@ -18,6 +18,7 @@ Errors: {"ok": false, "error": message, "type": LazyociError subclass name}.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -214,6 +215,14 @@ def main(argv: list[str] | None = None) -> None:
     paths = ServicePaths(root)
     paths.ensure()
     config = load_config(args.config) if args.config else Config()
+    # One service per data root: the pid file is locked BEFORE detaching (the lock belongs to the
+    # open file, which the daemon inherits), so when the launcher returns a daemon holds it; a
+    # second launcher (two commands starting the service at once) leaves without touching anything.
+    pid_fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(pid_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
     if not args.foreground:
         _daemonize(paths.log_file)
     logging.basicConfig(
@@ -221,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)  # one line per Range request otherwise
-    paths.pid_file.write_text(f"{os.getpid()}\n")
+    os.ftruncate(pid_fd, 0)
+    os.write(pid_fd, f"{os.getpid()}\n".encode())
     try:
         Service(root, config).run()
     except LazyociError as e:

@@ -78,6 +78,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
     if found is None and reason is None:
         reason = "no SOCI index was found"
     if found is not None:
+        snap.service.spawn()        # the daemon starts while the zTOCs and the image download
         source = f"{reference.name}@{manifest_digest}"
         owner = f"soci:{found.digest}"
         try:
