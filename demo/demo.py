@@ -145,9 +145,15 @@ def main() -> None:
         print(f"{'bytes from the registry':<{width}}{lazy_stats['bytes'] / 1e6:>16.1f} MB"
               f"{full_stats['bytes'] / 1e6:>19.1f} MB")
         print(f"{'registry requests':<{width}}{lazy_stats['requests']:>18}{full_stats['requests']:>22}")
-        if lazy_s > 0:
-            print(f"\nlazy loading started the container {full_s / lazy_s:.1f}x sooner "
-                  f"({RATE_MBS:.0f} MB/s, {LATENCY_MS:.0f} ms per request).")
+        link = f"{RATE_MBS:.0f} MB/s, {LATENCY_MS:.0f} ms per request"
+        if lazy_stats["bytes"] >= 0.9 * full_stats["bytes"]:
+            print(f"\nThe run with an index downloaded as much as the fallback: it was NOT lazy ({link}).")
+        elif lazy_s < full_s:
+            print(f"\nLazy loading started the container {full_s / lazy_s:.1f}x sooner, reading "
+                  f"{lazy_stats['bytes'] / max(full_stats['bytes'], 1):.0%} of the bytes ({link}).")
+        else:
+            print(f"\nLazy loading read {lazy_stats['bytes'] / max(full_stats['bytes'], 1):.0%} of the "
+                  f"bytes but was not faster on this link ({link}).")
     finally:
         banner("Clean up")
         try:
