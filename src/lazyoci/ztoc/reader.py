@@ -257,7 +257,7 @@ class Ztoc:
         mtime_ns = self._times.get(mod_time)
         if mtime_ns is None:
             mtime_ns = parse_rfc3339_nano(mod_time) if mod_time else 0
-            if len(self._times) < 65536:
+            if len(self._times) < 4096:   # bounded: a Ztoc must stay ~ the size of its bytes
                 self._times[mod_time] = mtime_ns
         return TocEntry(_text(name), typ.decode(), off, size, _text(linkname), mode, uid, gid, _text(uname),
                         _text(gname), mod_time, mtime_ns, devmajor, devminor, pax, xattrs)
