@@ -91,7 +91,9 @@ class SpanHasher:
 
     def __init__(self) -> None:
         self.digests: list[str] = []
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        # bounded, so a hasher that falls behind (a busy machine) holds back the reader
+        # instead of letting read chunks pile up in memory
+        self._q: queue.Queue = queue.Queue(maxsize=32)
         self._thread = threading.Thread(target=self._work, name="ztoc-span-hash", daemon=True)
         self._thread.start()
 
