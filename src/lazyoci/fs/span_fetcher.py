@@ -174,7 +174,10 @@ class SpanFetcher:
             except LazyociError as e:   # verified but does not inflate: the zTOC itself is wrong
                 self._fail(group, e)
                 raise
-            self.cache.put(i, data)
+            try:
+                self.cache.put(i, data)
+            except OSError as e:    # disk full or the like: the verified bytes still serve this read
+                log.warning("layer %s: cannot cache span %d: %s", self.layer_digest, i, e)
             with self._lock:
                 self.stats.spans += 1
             out[i] = data
