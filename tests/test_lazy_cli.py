@@ -93,9 +93,9 @@ def test_run_soci_of_an_image_not_pulled_yet_is_lazy_and_ps_says_so(registry, da
     push_tricky_image(registry.host, "lazycli/run", tmp_path)
     push_soci_index(registry.host, "lazycli/run", tmp_path)
     ref = f"{registry.host}/lazycli/run:latest"
-    config = write_config(tmp_path / "config.yaml")
+    config = write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - soci\n")
     try:
-        r = _lz(data_root, config, "run", "-d", "--snapshotter", "soci", ref, "sleep", "30")
+        r = _lz(data_root, config, "run", "-d", ref, "sleep", "30")     # soci: the config's default
         cid = r.stdout.strip()
         assert "layer-sha256:" not in r.stderr, r.stderr          # no layer rows: nothing downloaded
         ps = _lz(data_root, config, "ps").stdout
