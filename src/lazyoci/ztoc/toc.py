@@ -222,7 +222,10 @@ class TocBuilder:
         self.pos += n
 
     def _handle(self, data: bytes, end: int) -> None:
-        """A complete header block, or a complete metadata payload, ending at stream offset `end`."""
+        """A complete header block, or a complete metadata payload, ending at stream offset `end`.
+
+        This runs once per tar entry, so it is written for speed: one unpack of the
+        header, memoised octal fields, no helper calls on the common path."""
         if self._meta is not None:
             flag, at, size = self._meta
             self._meta = None
@@ -237,45 +240,29 @@ class TocBuilder:
             return
         if self._zero_blocks:
             raise FormatError(f"not a tar archive: data after an end-of-archive block at offset {at}")
+        (name, mode, uid, gid, size, mtime, chksum, flag, linkname, magic, uname, gname,
+         devmajor, devminor, prefix) = _HEADER.unpack(data)
         if not _checksum_ok(data):
             raise FormatError(f"not a tar archive: bad header checksum at offset {at}")
-        flag = data[156:157]
-        size = _oct(data[124:136], "size", at)
+        cache = _OCT_CACHE
+        size = cache[size] if size in cache else _oct(size, "size", at)
         if size < 0:
             raise FormatError(f"negative size in tar header at offset {at}")
-        if flag in _META:
-            if size > _MAX_META:
-                raise FormatError(f"tar metadata record of {size} bytes at offset {at} is too large")
-            padded = -(-size // BLOCK) * BLOCK
-            if padded:
-                self._meta = (flag, at, size)
-                self._want = padded
-            else:
-                self._apply_meta(flag, b"", at)
-            return
-        self._entry(data, flag, size, at, end)
-
-    def _apply_meta(self, flag: bytes, payload: bytes, at: int) -> None:
-        if flag == b"L":
-            self._longname = _cstr(payload)
-        elif flag == b"K":
-            self._longlink = _cstr(payload)
-        else:
-            records = parse_pax(payload, at)
-            target = self._global if flag == b"g" else self._local
-            for k, v in records:
-                if k.startswith(b"GNU.sparse."):
-                    raise FormatError(f"sparse files are not supported (PAX {k.decode(errors='replace')} at offset {at})")
-                target[k] = v
-
-    def _entry(self, h: bytes, flag: bytes, size: int, at: int, end: int) -> None:
         kind = TYPE_NAMES.get(flag)
         if kind is None:
+            if flag in _META:
+                if size > _MAX_META:
+                    raise FormatError(f"tar metadata record of {size} bytes at offset {at} is too large")
+                padded = -(-size // BLOCK) * BLOCK
+                if padded:
+                    self._meta = (flag, at, size)
+                    self._want = padded
+                else:
+                    self._apply_meta(flag, b"", at)
+                return
             if flag == b"S":
                 raise FormatError(f"sparse files are not supported (GNU sparse entry at offset {at})")
             raise FormatError(f"unsupported tar entry type {flag.decode(errors='replace')!r} at offset {at}")
-        (name, mode, uid, gid, _, mtime, _, _, linkname, magic, uname, gname,
-         devmajor, devminor, prefix) = _HEADER.unpack(h)
         name = name.partition(b"\0")[0]
         if magic[:6] == b"ustar\0":
             prefix = prefix.partition(b"\0")[0]
@@ -283,18 +270,17 @@ class TocBuilder:
                 name = prefix + b"/" + name
         if flag == b"\0" and name.endswith(b"/"):
             kind = "dir"   # old v7 archives mark directories only by the slash
-        linkname = linkname.partition(b"\0")[0]
-        uname, gname = uname.partition(b"\0")[0], gname.partition(b"\0")[0]
-        get = _OCT_CACHE.get   # inlined _oct: most of these fields repeat from entry to entry
-        mode = get(mode) if mode in _OCT_CACHE else _oct(mode, "mode", at)
-        uid = get(uid) if uid in _OCT_CACHE else _oct(uid, "uid", at)
-        gid = get(gid) if gid in _OCT_CACHE else _oct(gid, "gid", at)
-        mtime_ns = (get(mtime) if mtime in _OCT_CACHE else _oct(mtime, "mtime", at)) * 1_000_000_000
+        mode = cache[mode] if mode in cache else _oct(mode, "mode", at)
+        uid = cache[uid] if uid in cache else _oct(uid, "uid", at)
+        gid = cache[gid] if gid in cache else _oct(gid, "gid", at)
+        mtime_ns = (cache[mtime] if mtime in cache else _oct(mtime, "mtime", at)) * 1_000_000_000
         if magic[:5] == b"ustar":
-            devmajor = get(devmajor) if devmajor in _OCT_CACHE else _oct(devmajor, "devmajor", at)
-            devminor = get(devminor) if devminor in _OCT_CACHE else _oct(devminor, "devminor", at)
+            devmajor = cache[devmajor] if devmajor in cache else _oct(devmajor, "devmajor", at)
+            devminor = cache[devminor] if devminor in cache else _oct(devminor, "devminor", at)
         else:
             devmajor = devminor = 0
+        linkname = linkname.partition(b"\0")[0]
+        uname, gname = uname.partition(b"\0")[0], gname.partition(b"\0")[0]
         if self._longname is not None:
             name, self._longname = self._longname, None
         if self._longlink is not None:
@@ -324,6 +310,19 @@ class TocBuilder:
                                      mtime_ns, devmajor, devminor, pax))
         if kind == "reg":   # every other type is header-only, whatever its size field says
             self._skip = -(-size // BLOCK) * BLOCK
+
+    def _apply_meta(self, flag: bytes, payload: bytes, at: int) -> None:
+        if flag == b"L":
+            self._longname = _cstr(payload)
+        elif flag == b"K":
+            self._longlink = _cstr(payload)
+        else:
+            records = parse_pax(payload, at)
+            target = self._global if flag == b"g" else self._local
+            for k, v in records:
+                if k.startswith(b"GNU.sparse."):
+                    raise FormatError(f"sparse files are not supported (PAX {k.decode(errors='replace')} at offset {at})")
+                target[k] = v
 
     def finish(self) -> list[TarEntry]:
         """The entries; FormatError if the stream stopped inside an entry."""
