@@ -218,6 +218,10 @@ class GzipIndexer:
         self._hasher.close()
         self._inf.close()
 
+    def __del__(self) -> None:   # an abandoned indexer must not leave its thread waiting
+        if hasattr(self, "_hasher"):
+            self.close()
+
     def finish(self) -> None:
         """Checks the stream ended cleanly, closes the last span and fills `digests`."""
         try:
