@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import random
 import subprocess
 import tarfile
@@ -74,13 +73,9 @@ def members(raw: bytes) -> list[tarfile.TarInfo]:
     return tarfile.open(fileobj=io.BytesIO(raw)).getmembers()
 
 
-def tar_name(m: tarfile.TarInfo) -> str:
-    return m.name
-
-
 TYPES = {tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink",
          tarfile.LNKTYPE: "hardlink", tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block",
          tarfile.FIFOTYPE: "fifo"}
 
 __all__ = ["SMALL_SPAN", "noise", "text", "all_types_entries", "all_types_tar", "gzip_members", "pigz",
-           "members", "TYPES", "os"]
+           "members", "TYPES"]

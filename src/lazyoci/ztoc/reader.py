@@ -32,15 +32,19 @@ _REF_SLOTS = frozenset((C.FM_NAME, C.FM_TYPE, C.FM_LINKNAME, C.FM_UNAME, C.FM_GN
 _DEFAULTS = (b"", b"", 0, 0, b"", 0, 0, 0, b"", b"", b"", 0, 0, 0)
 
 
-class _Plan(NamedTuple):
-    objlen: int
-    unpack: Callable[..., tuple]
-    slots: tuple[int, ...]
-    offs: tuple[int, ...]
 _U16 = struct.Struct("<H").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 _I32 = struct.Struct("<i").unpack_from
 _I64 = struct.Struct("<q").unpack_from
+
+
+class _Plan(NamedTuple):
+    """How to read every FileMetadata table that uses one vtable."""
+
+    objlen: int
+    unpack: Callable[..., tuple]   # one struct unpack_from of all present fields, in offset order
+    slots: tuple[int, ...]         # the slot of each unpacked value
+    offs: tuple[int, ...]          # field offset by slot (0 = absent)
 
 
 def _text(raw: bytes) -> str:
