@@ -193,3 +193,14 @@ def test_packed_tar_zinfo_of_older_reference_releases() -> None:
     assert z.compression == "none" and z.span_size == SMALL_SPAN and z.num_spans == len(digests)
     e = next(z.entry(i) for i in range(len(z)) if z.entry(i).name == "bin/big-text")
     assert read_range(z, lambda a, b: raw[a:b], e.offset, e.offset + e.size) == raw[e.offset:e.offset + e.size]
+
+
+def test_spans_for_boundaries(layer) -> None:
+    z = Ztoc.parse(layer[2])
+    n, usize = z.num_spans, z.uncompressed_size
+    assert z.spans_for(0, usize) == range(n)
+    assert not z.spans_for(5, 5) and not z.spans_for(usize, usize + 10) and not z.spans_for(10, 3)
+    for i in range(n):
+        us, ue = z.span_uncompressed_range(i)
+        assert z.spans_for(us, ue) == range(i, i + 1)
+        assert z.spans_for(ue - 1, ue + 1) == (range(i, i + 2) if i + 1 < n else range(i, i + 1))
