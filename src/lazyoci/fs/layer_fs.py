@@ -276,8 +276,12 @@ class LayerFS(pyfuse3.Operations):
             return b""
         start = e.offset + off
         end = e.offset + min(e.size, off + size)
+        fetcher = layer.fetcher
+        last = fetcher.ztoc.spans_for(end - 1, end)
+        if last and e.offset + e.size > fetcher.ztoc.span_uncompressed_range(last[0])[1]:
+            fetcher.prefetch(last[0] + 1)     # the file goes on in the next span: read ahead
         try:
-            return await trio.to_thread.run_sync(layer.fetcher.read, start, end)
+            return await trio.to_thread.run_sync(fetcher.read, start, end)
         except LazyociError as exc:
             log.error("read of %s in layer %s failed: %s", t.name(n).decode(errors="replace"),
                       layer.digest, exc)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 FetchRange = Callable[[int, int], bytes]     # compressed blob bytes [start, end)
 MAX_SPANS_PER_REQUEST = 16                   # bounds memory per request (16 x 4 MiB spans)
 ATTEMPTS = 3
+_READ_AHEAD = threading.BoundedSemaphore(4)   # read-aheads at once; more are skipped, not queued
 
 
 @dataclass
@@ -86,6 +87,25 @@ class SpanFetcher:
             if ok:
                 return bytes(out)
         raise LazyociError(f"layer {self.layer_digest}: span cache too small to serve a read")
+
+    def prefetch(self, span: int) -> None:
+        """Fetch `span` in the background (read-ahead for a file that goes on past a read)."""
+        if not 0 <= span < self.ztoc.num_spans or self.cache.has(span) or span in self._inflight:
+            return
+
+        if not _READ_AHEAD.acquire(blocking=False):
+            return
+
+        def job() -> None:
+            try:
+                self.ensure([span])
+            except Exception as e:   # only a read-ahead: the read that needs it will report it
+                log.warning("layer %s: read-ahead of span %d failed: %s", self.layer_digest, span, e)
+            finally:
+                _READ_AHEAD.release()
+
+        # a daemon thread: a read-ahead never holds up the service's exit
+        threading.Thread(target=job, name="lazyoci-readahead", daemon=True).start()
 
     def ensure(self, spans: range | list[int], background: bool = False) -> dict[int, bytes]:
         """Make `spans` cached; returns the bytes of those this call (or a waited-on fetch) produced."""
