@@ -14,6 +14,7 @@ import re
 import struct
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
+from operator import itemgetter
 from typing import NamedTuple
 
 from lazyoci.errors import FormatError
@@ -43,8 +44,8 @@ class _Plan(NamedTuple):
 
     objlen: int
     unpack: Callable[..., tuple]   # one struct unpack_from of all present fields, in offset order
-    slots: tuple[int, ...]         # the slot of each unpacked value
-    offs: tuple[int, ...]          # field offset by slot (0 = absent)
+    arrange: Callable[..., tuple]  # (unpacked + _DEFAULTS) -> the 14 values in slot order
+    refs: tuple[tuple[int, int], ...]   # (slot, field offset) of the references present
 
 
 def _text(raw: bytes) -> str:
@@ -159,15 +160,18 @@ class Ztoc:
             if vtlen < 4 or vtlen & 1 or vt + vtlen > n:
                 raise self._r.bad(f"malformed vtable at {vt}")
             offs = [_U16(buf, vt + 4 + 2 * k)[0] if 4 + 2 * k < vtlen else 0 for k in range(14)]
-            fmt, slots, at = "<4x", [], 4   # the table starts with its vtable offset
+            fmt, order, at = "<4x", [], 4   # the table starts with its vtable offset
             for off, slot in sorted((off, slot) for slot, off in enumerate(offs) if off):
                 size = _FIELD_SIZE[slot]
                 if off < at or off + size > objlen:
                     raise self._r.bad(f"field {slot} of vtable {vt} overlaps another or lies outside its table")
                 fmt += f"{off - at}x" * (off > at) + _FIELD_FMT[slot]
-                slots.append(slot)
+                order.append(slot)
                 at = off + size
-            plan = self._plans[vt] = _Plan(objlen, struct.Struct(fmt).unpack_from, tuple(slots), tuple(offs))
+            # unpacked values + the defaults, picked into slot order by one itemgetter call
+            picks = [order.index(slot) if offs[slot] else len(order) + slot for slot in range(14)]
+            refs = tuple((slot, offs[slot]) for slot in sorted(_REF_SLOTS) if offs[slot])
+            plan = self._plans[vt] = _Plan(objlen, struct.Struct(fmt).unpack_from, itemgetter(*picks), refs)
         return plan
 
     def _fields(self, i: int) -> list:
@@ -180,16 +184,12 @@ class Ztoc:
         plan = self._plan(t - _I32(buf, t)[0])
         if t + plan.objlen > n:
             raise self._r.bad(f"entry {i} runs past the end of the buffer")
-        vals = list(_DEFAULTS)
-        offs = plan.offs
-        for slot, v in zip(plan.slots, plan.unpack(buf, t)):
-            if slot in _REF_SLOTS:   # a reference: resolve strings now, keep the vector position
-                v += t + offs[slot]
-                if v > n - 4 or v + 4 + _U32(buf, v)[0] > n:
-                    raise self._r.bad(f"field {slot} of entry {i} runs past the end of the buffer")
-                if slot != C.FM_XATTRS:
-                    v = buf[v + 4:v + 4 + _U32(buf, v)[0]]
-            vals[slot] = v
+        vals = list(plan.arrange(plan.unpack(buf, t) + _DEFAULTS))
+        for slot, off in plan.refs:   # references: resolve strings now, keep the vector position
+            v = vals[slot] + t + off
+            if v > n - 4 or v + 4 + _U32(buf, v)[0] > n:
+                raise self._r.bad(f"field {slot} of entry {i} runs past the end of the buffer")
+            vals[slot] = v if slot == C.FM_XATTRS else buf[v + 4:v + 4 + _U32(buf, v)[0]]
         return vals
 
     def _validate_entries(self, r: C.FlatReader) -> None:
