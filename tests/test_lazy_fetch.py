@@ -210,3 +210,43 @@ def test_background_fetcher_completes_a_layer_without_reads(registry, data_root,
             assert time.monotonic() < deadline, f"background fetch stalled: {st}"
             time.sleep(0.1)
         assert st["percent"] == 100.0
+
+
+def test_spans_from_an_authenticated_registry_use_docker_credentials(data_root, tmp_path, monkeypatch):
+    """The service makes its own registry client: Basic auth from the docker config it inherits."""
+    import base64
+    import json
+
+    from helpers.images import write_oci_layout
+    from helpers.registry import start_registry
+
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_bytes(subprocess.run(["htpasswd", "-Bbn", "alice", "s3cret"], check=True,
+                                        capture_output=True).stdout)
+    reg = start_registry(tmp_path / "authreg", htpasswd=htpasswd)
+    try:
+        layer = make_layer([Entry("secret.txt", data=b"behind a login\n")])
+        layout = tmp_path / "layout"
+        write_oci_layout(layout, [layer], image_config([layer]))
+        subprocess.run(["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
+                        "--dest-creds", "alice:s3cret", f"oci:{layout}:latest",
+                        f"docker://{reg.host}/lazy/auth:latest"], check=True, capture_output=True)
+        zdigest = store_ztoc(data_root, ztoc_for(layer, span_size=64 << 10))
+        docker = tmp_path / "docker"
+        docker.mkdir()
+        monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+        (docker / "config.json").write_text(json.dumps(
+            {"auths": {reg.host: {"auth": base64.b64encode(b"alice:wrong").decode()}}}))
+        with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+            d = client.mount_layer(f"{reg.host}/lazy/auth:latest", layer.digest, zdigest)
+            with pytest.raises(OSError) as exc:        # wrong password: EIO, the registry's refusal logged
+                (d / "secret.txt").read_bytes()
+            assert exc.value.errno == errno.EIO
+            assert "authentication required" in client.paths.log_file.read_text()
+        (docker / "config.json").write_text(json.dumps(
+            {"auths": {reg.host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}}))
+        with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:  # credentials read at start
+            d = client.paths.layer_dir(layer.digest)
+            assert (d / "secret.txt").read_bytes() == b"behind a login\n"
+    finally:
+        reg.stop()
