@@ -59,24 +59,134 @@ class _ChunkReader(io.RawIOBase):
         return n
 
 
-class _HashingReader(io.RawIOBase):
-    """Passes the uncompressed tar through and hashes it: the diff ID."""
+class _PrefetchReader(io.RawIOBase):
+    """Decompresses and hashes in a thread of its own, ahead of the tar parser.
 
-    def __init__(self, raw: BinaryIO):
-        self._raw = raw
+    Inflate and sha256 release the GIL, so on two cores they overlap with the
+    (Python) work of creating files. A bounded queue keeps memory at a few MiB.
+    """
+
+    def __init__(self, stream: BinaryIO, depth: int = 8) -> None:
+        import queue
+        import threading
+
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stream = stream
         self.sha = hashlib.sha256()
-        self.count = 0
+        self._error: BaseException | None = None
+        self._stop = False
+        self._buf = memoryview(b"")
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name="layer-inflate", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                chunk = self._stream.read(_CHUNK)
+                if not chunk:
+                    break
+                self.sha.update(chunk)
+                self._q.put(chunk)
+        except BaseException as e:  # handed to the reading thread
+            self._error = e
+        self._q.put(None)
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:  # type: ignore[override]
-        data = self._raw.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.sha.update(data)
-        self.count += n
-        return n
+    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+        if not self._buf:
+            if self._eof:
+                return b""
+            item = self._q.get()
+            if item is None:
+                self._eof = True
+                self._thread.join()
+                if self._error is not None:
+                    raise self._error
+                return b""
+            self._buf = memoryview(item)
+        n = len(self._buf) if n is None or n < 0 else n
+        out = bytes(self._buf[:n])
+        self._buf = self._buf[n:]
+        return out
+
+    def close(self) -> None:
+        """Stop the thread (after an error in the tar): drain so that it can finish."""
+        self._stop = True
+        while not self._eof:
+            if self._q.get() is None:
+                self._eof = True
+        self._thread.join()
+        super().close()
+
+
+class _ForwardFile:
+    """A read-only file over a stream that can `seek` forward (and back within the last block).
+
+    tarfile's random-access mode ("r:") wants seek/tell but only ever moves forward
+    (plus one byte back at the end of an archive); its stream mode ("r|") copies its
+    whole buffer on every small read, which made unpacking twice as slow.
+    """
+
+    _KEEP = 512
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._buf = b""
+        self._off = 0           # read position inside _buf
+        self._base = 0          # absolute position of _buf[0]
+
+    def tell(self) -> int:
+        return self._base + self._off
+
+    def _fill(self) -> bool:
+        chunk = self._raw.read(_CHUNK)
+        if not chunk:
+            return False
+        keep = self._buf[max(0, len(self._buf) - self._KEEP):]
+        self._base += len(self._buf) - len(keep)
+        self._buf = keep + chunk
+        self._off = len(keep)
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            parts = [self._buf[self._off:]]
+            self._off = len(self._buf)
+            while self._fill():
+                parts.append(self._buf[self._off:])
+                self._off = len(self._buf)
+            return b"".join(parts)
+        end = self._off + n
+        if end <= len(self._buf):
+            out = self._buf[self._off:end]
+            self._off = end
+            return out
+        parts = [self._buf[self._off:]]
+        need = n - len(parts[0])
+        self._off = len(self._buf)
+        while need > 0 and self._fill():
+            piece = self._buf[self._off:self._off + need]
+            self._off += len(piece)
+            need -= len(piece)
+            parts.append(piece)
+        return b"".join(parts)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self.tell()
+        elif whence != 0:
+            raise OSError("cannot seek from the end of a stream")
+        if pos < self._base:
+            raise OSError("cannot seek backwards in a stream")
+        while pos > self._base + len(self._buf):
+            self._off = len(self._buf)
+            if not self._fill():
+                break
+        self._off = min(pos - self._base, len(self._buf))
+        return self.tell()
 
 
 def _decompressor(raw: BinaryIO, compression: str) -> BinaryIO:
@@ -215,13 +325,19 @@ class _Applier:
                 os.close(fd)
             self._dir_times.append((tuple(parts), _ns(m.mtime)))
         elif m.isreg():
-            self._clear(pfd, parts, keep_dir=False)
-            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=pfd)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
-                src = tf.extractfile(m)
-                if src is not None:
-                    _copy(src, fd)
+                fd = os.open(base, flags, 0o600, dir_fd=pfd)
+            except FileExistsError:  # a later entry wins: replace (never write through) what is there
+                self._clear(pfd, parts, keep_dir=False)
+                fd = os.open(base, flags, 0o600, dir_fd=pfd)
+            try:
+                if m.sparse is None and isinstance(tf.fileobj, _ForwardFile):
+                    _copy_range(tf.fileobj, m.offset_data, m.size, fd)
+                else:
+                    src = tf.extractfile(m)
+                    if src is not None:
+                        _copy(src, fd)
                 self._meta_fd(fd, m)
                 os.utime(fd, ns=(_ns(m.mtime), _ns(m.mtime)))
             finally:
@@ -325,6 +441,20 @@ def _xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
     return out
 
 
+def _copy_range(f: "_ForwardFile", offset: int, size: int, fd: int) -> None:
+    """Member data straight from the stream to fd (no tarfile file object per member)."""
+    f.seek(offset)
+    while size > 0:
+        chunk = f.read(min(size, _CHUNK))
+        if not chunk:
+            raise tarfile.ReadError("unexpected end of data")
+        size -= len(chunk)
+        view = memoryview(chunk)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+
 def _copy(src: BinaryIO, fd: int) -> None:
     """Stream a member's data to fd: memory stays at one chunk whatever the size."""
     while True:
@@ -352,16 +482,16 @@ def apply_layer_stream(source: Iterable[bytes] | BinaryIO | bytes, media_type: s
         stream = _decompressor(raw, compression)
     except Exception as e:  # zstandard / isal raise their own types on bad headers
         raise FormatError(f"cannot decompress layer: {e}") from None
-    hashing = _HashingReader(stream)
+    hashing = _PrefetchReader(stream)
     applier = _Applier(dest)
     try:
         try:
-            tf = tarfile.open(fileobj=hashing, mode="r|", bufsize=_CHUNK)  # type: ignore[call-overload]
-            for member in tf:
+            forward = _ForwardFile(hashing)  # type: ignore[arg-type]
+            tf = tarfile.open(fileobj=forward, mode="r:")  # type: ignore[call-overload]
+            while (member := tf.next()) is not None:
                 applier.apply(tf, member)
-                tf.members.clear()  # stream mode keeps every TarInfo otherwise
-            while hashing.read(_CHUNK):  # the end-of-archive blocks are part of the diff ID
-                pass
+                tf.members.clear()  # tarfile keeps every TarInfo otherwise
+            forward.read()  # the end-of-archive blocks and padding are part of the diff ID
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             if isinstance(e, OSError) and e.errno not in (None, 0) and not _is_decode_error(e):
                 raise
@@ -373,6 +503,7 @@ def apply_layer_stream(source: Iterable[bytes] | BinaryIO | bytes, media_type: s
         applier.finish()
     finally:
         applier.close()
+        hashing.close()
     return "sha256:" + hashing.sha.hexdigest()
 
 
