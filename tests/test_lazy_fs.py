@@ -47,6 +47,9 @@ def test_each_lazy_layer_equals_its_unpacked_tree(registry, tricky, data_root, t
                     rel = os.path.relpath(os.path.join(dirpath, d), unpacked)
                     want = _opaque(unpacked / rel)
                     assert _opaque(lazy_dir / rel) == want, f"layer {i + 1}: opaque marker of {rel}"
+        listing = subprocess.run(["ls", "-a", str(dirs[0] / "etc")], capture_output=True, text=True,
+                                 check=True).stdout.split()
+        assert listing[:2] == [".", ".."] and "passwd" in listing
         whiteouts = [p for p in _walk(dirs[1]) if stat.S_ISCHR(os.lstat(p).st_mode)]
         assert whiteouts and all(os.lstat(p).st_rdev == 0 for p in whiteouts)
         status = client.status()

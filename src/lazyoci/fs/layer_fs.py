@@ -238,21 +238,32 @@ class LayerFS(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token) -> None:
+        """Entries "." and ".." first (what `ls -a` and overlay's plain lower dirs show), then children.
+
+        Offsets: 1 after ".", 2 after "..", 3 + i after the i-th child."""
+        if fh == pyfuse3.ROOT_INODE:
+            parent = pyfuse3.ROOT_INODE
+        else:
+            layer, d = self._resolve(fh)
+            parent = pyfuse3.ROOT_INODE if d == 0 else self._ino(layer, layer.tree.parent[d])
+        for pos, (name, ino) in enumerate(((b".", fh), (b"..", parent))):
+            if start_id <= pos and not pyfuse3.readdir_reply(token, name, self._attrs(ino), pos + 1):
+                return
+        first = max(start_id - 2, 0)
         if fh == pyfuse3.ROOT_INODE:
             with self._lock:
                 slots = sorted(self._slots.items())
-            for pos, (slot, layer) in enumerate(slots):
-                if pos < start_id:
+            for i, (slot, layer) in enumerate(slots):
+                if i < first:
                     continue
                 attrs = self._attrs((slot << _SLOT_SHIFT) | 1)
-                if not pyfuse3.readdir_reply(token, layer.name, attrs, pos + 1):
+                if not pyfuse3.readdir_reply(token, layer.name, attrs, i + 3):
                     return
             return
-        layer, d = self._resolve(fh)
         t = layer.tree
-        for pos, c in t.list(d, start_id):
+        for i, c in t.list(d, first):
             attrs = self._attrs(self._ino(layer, t.target[c]))
-            if not pyfuse3.readdir_reply(token, t.name(c), attrs, pos + 1):
+            if not pyfuse3.readdir_reply(token, t.name(c), attrs, i + 3):
                 return
 
     async def releasedir(self, fh: int) -> None:
