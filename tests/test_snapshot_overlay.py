@@ -185,3 +185,51 @@ def test_pulling_a_hostile_image_fails_and_writes_nothing_outside(registry, tmp_
     assert list((snapdir / "tmp").iterdir()) == []              # the partial layer is gone
     assert [p for p in snapdir.iterdir() if p.name.isdigit()] == []
     assert not (root / "containers").exists() or list((root / "containers").iterdir()) == []
+
+
+def _desc(layer) -> "Descriptor":
+    from lazyoci.oci.manifest import Descriptor
+    return Descriptor(layer.media_type, layer.digest, len(layer.blob))
+
+
+def test_layer_consumers_unpack_concurrently_abort_and_fail_cleanly(tmp_path, no_mounts_left):
+    import threading
+
+    from lazyoci.errors import UnsafeLayerError
+
+    root = DataRoot(no_mounts_left)
+    snap = OverlaySnapshotter(root)
+    layers = [make_layer([Entry(f"f{i}", data=os.urandom(300_000))], c)
+              for i, c in enumerate(("gzip", "zstd", "none"))]
+    consumers = [snap.layer_consumer(_desc(l)) for l in layers]
+
+    def feed(consumer, blob):
+        for i in range(0, len(blob), 8192):
+            consumer.write(blob[i:i + 8192])
+        consumer.finish()
+
+    threads = [threading.Thread(target=feed, args=(c, l.blob)) for c, l in zip(consumers, layers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    for i, l in enumerate(layers):
+        assert (snap.layer_dir(l.diff_id) / f"f{i}").stat().st_size == 300_000
+        assert snap.layer_consumer(_desc(l)) is None      # already unpacked: nothing to do next time
+
+    big = make_layer([Entry("big", data=os.urandom(2_000_000))], "none")
+    c = snap.layer_consumer(_desc(big))
+    c.write(big.blob[:500_000])
+    c.abort(RuntimeError("download failed"))
+    assert snap.layer_dir(big.diff_id) is None
+
+    evil = make_layer([Entry("esc", "symlink", linkname="/"), Entry("esc/pwned", data=b"x")], "none")
+    c = snap.layer_consumer(_desc(evil))
+    with pytest.raises(UnsafeLayerError, match="esc/pwned"):
+        for i in range(0, len(evil.blob), 512):
+            c.write(evil.blob[i:i + 512])
+        c.finish()
+    c.abort(RuntimeError("pull failed"))
+    assert not Path("/pwned").exists()
+    assert list((root.snapshots / "overlayfs" / "tmp").iterdir()) == []
