@@ -71,8 +71,8 @@ class ContainerManager:
                 if policy == "never":
                     raise
         if image is None:
-            image = self.images.pull(ref, platform, progress=progress, layer_consumer=snap.layer_consumer,
-                                     skip_layers=getattr(snap, "skip_layers", None), snapshotter=snap.name)
+            # Each snapshotter pulls its own way (overlayfs: unpack while downloading; soci: lazily).
+            image = snap.pull(self.images, ref, platform, progress=progress)
         return image
 
     # ---- run ----------------------------------------------------------------

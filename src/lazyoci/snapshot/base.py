@@ -4,10 +4,12 @@ active (writable) and view (read-only) snapshots on top of them, and mounts.
 Kinds: "committed" (an immutable layer stack named by its chain ID), "active"
 (a writable upper layer: a container's rootfs) and "view" (read-only, e.g. `image mount`).
 
-Besides containerd's calls, a lazyoci snapshotter offers `unpack_image` (make
-the committed snapshots of an image's layers exist; returns the top chain ID)
-and `layer_consumer` (the ImageService.pull hook that unpacks while bytes arrive),
-so that `run` and `image mount` can ask any snapshotter by name.
+Besides containerd's calls, a lazyoci snapshotter offers `pull` (fetch an image
+its own way: overlayfs unpacks while downloading, soci fetches lazily),
+`unpack_image` (make the committed snapshots of an image's layers exist; returns
+the top chain ID), `layer_consumer` (the ImageService.pull hook that unpacks while
+bytes arrive) and `release_unused`, so that `run` and `image mount` can use any
+snapshotter by name.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from lazyoci.images.progress import ProgressSink
     from lazyoci.images.service import ImageService, LayerConsumer, LocalImage
+    from lazyoci.oci.platform import Platform
     from lazyoci.oci.manifest import Descriptor
 
 KIND_COMMITTED = "committed"
@@ -58,6 +62,8 @@ class Snapshotter(Protocol):
     def walk(self) -> Iterator[SnapshotInfo]: ...
 
     # lazyoci extensions, used by `run` and `image mount`:
+    def pull(self, images: "ImageService", ref: str, platform: "Platform | None" = None,
+             progress: "ProgressSink | None" = None) -> "LocalImage": ...
     def unpack_image(self, images: "ImageService", image: "LocalImage") -> str | None: ...
     def layer_consumer(self, desc: "Descriptor") -> "LayerConsumer | None": ...
     def release_unused(self, keep: set[str]) -> list[str]: ...

@@ -235,6 +235,13 @@ class OverlaySnapshotter:
                                "ON d.diff_id = l.diff_id WHERE l.digest=?", (desc.digest,)).fetchone()
         return None if row else UnpackingConsumer(self, desc)
 
+    def pull(self, images: "ImageService", ref: str, platform=None, progress=None) -> "LocalImage":
+        """Pull `ref`, unpacking every layer while it downloads, and commit its snapshots."""
+        image = images.pull(ref, platform, progress=progress, layer_consumer=self.layer_consumer,
+                            snapshotter=self.name)
+        self.unpack_image(images, image)
+        return image
+
     def unpack_image(self, images: "ImageService", image: "LocalImage") -> str | None:
         """Make the committed snapshots of the image's layers exist; return the top chain ID."""
         diff_ids = image.config.diff_ids
