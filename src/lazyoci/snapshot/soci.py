@@ -350,7 +350,7 @@ class SociSnapshotter:
     # ---- the lazy pull -------------------------------------------------------------
     def pull(self, images: "ImageService", ref: str, platform=None, progress=None, log=None,
              index_digest: str | None = None) -> "LocalImage":
-        """`pull --snapshotter soci`: see lazyoci.snapshot.soci_pull."""
+        """`pull --snapshotter soci`: see lazyoci.snapshot.soci_pull (`log` None: INFO lines go to stderr)."""
         from lazyoci.snapshot.soci_pull import lazy_pull
 
         return lazy_pull(self, images, ref, platform, progress, log, index_digest)

@@ -14,6 +14,7 @@ every layer is downloaded (with rows), the image is recorded as `overlayfs`
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Callable
 
 from lazyoci.errors import LazyociError
@@ -63,7 +64,8 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
     from lazyoci.snapshot.soci import LazyLayerRecord
     from lazyoci.soci import discover_index      # D's discovery
 
-    say = log or (lambda _msg: None)
+    # The INFO line of a fallback must reach the user even when the caller gave no log.
+    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     reference = Reference.parse(ref)
     client = images.client
     manifest, manifest_digest = _resolve_manifest(client, reference, platform)
