@@ -222,3 +222,40 @@ def test_wrong_span_bytes(parts) -> None:
         decompress_span(z, 2, blob[cs:ce - 1])
     with pytest.raises(FormatError):   # garbage of the right length never yields silent bytes
         decompress_span(z, 2, noise(ce - cs, 5))
+
+
+def test_mutated_tar_streams_fail_cleanly() -> None:
+    """Random damage to tar headers either still parses or raises FormatError, never anything else."""
+    raw = tar_bytes([Entry("d", "dir"), Entry("d/f", data=text(3000, 1), pax={"LAZYOCI.k": "v"}),
+                     Entry("d/" + "l" * 150, "symlink", linkname="f"), Entry("d/g", data=b"x" * 700)])
+    headers = [m.offset for m in tarfile.open(fileobj=io.BytesIO(raw)).getmembers()]
+    rnd = random.Random(3)
+    for _ in range(400):
+        bad = bytearray(raw)
+        at = rnd.choice(headers + [0, 512, 1024])
+        for _ in range(rnd.randint(1, 4)):
+            pos = at + rnd.randrange(512)
+            bad[pos] = rnd.choice([0, 0x80, 0xFF, ord("7"), ord(" "), rnd.randrange(256)])
+        if rnd.random() < 0.5:   # keep the checksum right so the damage reaches the field parsers
+            h = at
+            bad[h + 148:h + 156] = b"        "
+            bad[h + 148:h + 156] = b"%06o\0 " % sum(bad[h:h + 512])
+        try:
+            Ztoc.parse(build(bytes(bad), "none"))
+        except FormatError:
+            pass
+
+
+def test_huge_numeric_fields_are_rejected() -> None:
+    for field, value in ((slice(100, 108), b"\x80" + b"\xff" * 7),        # base-256 mode of ~2^56: fits
+                         (slice(108, 116), b"\x80" + b"\x7f" * 7),        # uid beyond uint32
+                         (slice(124, 136), b"\x80" + b"\xff" * 11)):      # size of ~2^88
+        raw = bytearray(tar_bytes([Entry("big", data=b"x")], format=tarfile.GNU_FORMAT))
+        raw[field] = value
+        raw[148:156] = b"        "
+        raw[148:156] = b"%06o\0 " % sum(raw[:512])
+        if field.start == 100:
+            assert Ztoc.parse(build(bytes(raw), "none")).entry(0).mode == int.from_bytes(b"\x00" + b"\xff" * 7, "big")
+            continue
+        with pytest.raises(FormatError, match="out of range"):
+            build(bytes(raw), "none")

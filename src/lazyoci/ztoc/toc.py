@@ -27,6 +27,7 @@ TYPE_NAMES = {b"0": "reg", b"\0": "reg", b"1": "hardlink", b"2": "symlink", b"3"
 _META = {b"x", b"g", b"L", b"K"}
 _MAX_META = 16 << 20   # a PAX or long-name record larger than this is hostile, not a path
 _ZERO_BLOCK = bytes(BLOCK)
+_I64, _U32 = 1 << 63, (1 << 32) - 1   # what the zTOC's long and uint32 fields can hold
 
 
 class TarEntry(NamedTuple):
@@ -306,6 +307,10 @@ class TocBuilder:
             if b"mtime" in records:
                 mtime_ns = parse_pax_time(records[b"mtime"], at)
             pax = tuple(sorted(records.items()))
+        if not (0 <= size < _I64 and -_I64 <= mode < _I64 and 0 <= uid <= _U32 and 0 <= gid <= _U32
+                and -_I64 <= devmajor < _I64 and -_I64 <= devminor < _I64):
+            raise FormatError(f"tar header at offset {at} has a size, mode, uid, gid or device number "
+                              f"out of range")
         self.entries.append(TarEntry(name, kind, end, size, linkname, mode, uid, gid, uname, gname,
                                      mtime_ns, devmajor, devminor, pax))
         if kind == "reg":   # every other type is header-only, whatever its size field says
