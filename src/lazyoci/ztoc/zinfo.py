@@ -175,7 +175,10 @@ class GzipIndexer:
             s.next_out = self._outaddr + self._opos
             s.avail_out = out_room = cap - self._opos
             in_before = s.avail_in
-            rc = self._inf.inflate(libz.Z_BLOCK)
+            try:
+                rc = self._inf.inflate(libz.Z_BLOCK)
+            except FormatError as exc:
+                raise FormatError(f"gzip layer is corrupt near compressed offset {self.totin}: {exc}") from None
             used = in_before - s.avail_in
             made = out_room - s.avail_out
             self.totin += used
