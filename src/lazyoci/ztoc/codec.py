@@ -135,7 +135,7 @@ def encode_ztoc(*, build_tool: str, compressed_size: int, uncompressed_size: int
     metadata = w.ref_vector(len(entries))
     _TOC.pack_into(w.out, toc, toc - vt_toc, metadata - 4 - (toc + 4))
     first = w.reserve(_FM.size * len(entries))
-    out, string = w.out, w.string
+    out, string, cached = w.out, w.string, w._cache.get
     times: dict[int, str] = {}
     for i, e in enumerate(entries):
         t = first + i * _FM.size
@@ -143,10 +143,15 @@ def encode_ztoc(*, build_tool: str, compressed_size: int, uncompressed_size: int
         mod_time = times.get(e.mtime_ns)
         if mod_time is None:
             mod_time = times[e.mtime_ns] = format_rfc3339_nano(e.mtime_ns)
-        strings = (string(e.name), string(e.type, True), string(e.linkname, True),
-                   string(e.uname, True), string(e.gname, True), string(mod_time, True))
+        # strings that repeat (type, owner names, times, empty link names) are shared;
+        # the cache lookups are inlined because this loop runs once per file
+        name = string(e.name) - t
+        typ = (cached(e.type) or string(e.type, True)) - t
+        linkname = (cached(e.linkname) or string(e.linkname, True)) - t
+        uname = (cached(e.uname) or string(e.uname, True)) - t
+        gname = (cached(e.gname) or string(e.gname, True)) - t
+        mod_time = (cached(mod_time) or string(mod_time, True)) - t
         xvec = _pax_vector(w, vt_xattr, e.pax) if e.pax else 0
-        name, typ, linkname, uname, gname, mod_time = (s - t for s in strings)
         _FM.pack_into(out, t, t - (vt_fm if xvec else vt_fm_nox), name - 4, typ - 8, linkname - 12,
                       e.offset, e.size, e.mode, e.devmajor, e.devminor,
                       e.uid & 0xFFFFFFFF, e.gid & 0xFFFFFFFF,
