@@ -171,13 +171,17 @@ def rm_cmd(force: bool, containers: tuple[str, ...]) -> None:
 @click.argument("ref")
 @click.argument("directory", type=click.Path(path_type=Path))
 def image_mount_cmd(snapshotter: str | None, platform: str | None, ref: str, directory: Path) -> None:
-    """Mount an image's root filesystem read-only at DIRECTORY."""
+    """Mount an image's root filesystem read-only at DIRECTORY (pulling it if needed)."""
     from lazyoci.runtime.mounts import mount_image
 
     ctx = app()
-    mount_image(DataRoot(ctx.root), ctx.config, image_service(ctx), ref,
-                snapshotter or ctx.config.default_snapshotter, directory.absolute(),
-                Platform.parse(platform) if platform else None)
+    progress = _LazyProgress()
+    try:
+        mount_image(DataRoot(ctx.root), ctx.config, image_service(ctx), ref,
+                    snapshotter or ctx.config.default_snapshotter, directory.absolute(),
+                    Platform.parse(platform) if platform else None, progress)
+    finally:
+        progress.close()
 
 
 @image_group.command("unmount")

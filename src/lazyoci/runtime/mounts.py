@@ -8,11 +8,10 @@ can remove it.
 from __future__ import annotations
 
 import hashlib
-
 from pathlib import Path
 
 from lazyoci.config import Config
-from lazyoci.errors import ContainerError, StoreError
+from lazyoci.errors import ContainerError, ImageNotFoundError, StoreError
 from lazyoci.images.service import ImageService
 from lazyoci.oci.platform import Platform
 from lazyoci.snapshot.mount import is_mountpoint, mount_all, unmount
@@ -37,14 +36,17 @@ def _db(root: DataRoot) -> Database:
 
 
 def mount_image(root: DataRoot, config: Config, images: ImageService, ref: str, snapshotter: str,
-                directory: Path, platform: Platform | None = None) -> None:
-    """Mount the (local) image `ref` read-only at directory, preparing its layers if needed."""
+                directory: Path, platform: Platform | None = None, progress=None) -> None:
+    """Mount the image `ref` read-only at directory (pulled first if it is not local)."""
     if not directory.is_dir():
         raise ContainerError(f"mount point {directory} is not a directory")
     if is_mountpoint(directory):
         raise ContainerError(f"{directory} is already a mount point")
-    image = images.get(ref, platform)
     snap = get_snapshotter(snapshotter, root, config)
+    try:
+        image = images.get(ref, platform)
+    except ImageNotFoundError:
+        image = snap.pull(images, ref, platform, progress=progress)
     top = snap.unpack_image(images, image)
     key = "mount-" + hashlib.sha256(str(directory).encode()).hexdigest()[:32]
     db = _db(root)
