@@ -251,3 +251,16 @@ def test_ctrl_c_stops_a_foreground_container(env, lz):
     assert proc.returncode == 42, err
     assert "got TERM" in out
     lz("rm", "fg")
+
+
+def test_an_exited_container_keeps_its_layer_but_not_its_mount(env, lz):
+    cid = lz("run", "-d", env["tricky"], "sh", "-c", "echo kept > /kept").stdout.strip()
+    deadline = time.monotonic() + 15
+    while "Exited (0)" not in lz("ps", "-a").stdout and time.monotonic() < deadline:
+        time.sleep(0.1)
+    rootfs = env["root"] / "containers" / cid / "rootfs"
+    with open("/proc/self/mountinfo") as f:
+        assert str(rootfs) not in f.read()
+    assert any(p.read_text() == "kept\n" for p in (env["root"] / "snapshots" / "overlayfs").glob("*/fs/kept"))
+    lz("rm", cid)
+    assert not list((env["root"] / "snapshots" / "overlayfs").glob("*/fs/kept"))

@@ -16,8 +16,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from lazyoci.errors import LazyociError
 from lazyoci.runtime.containers import ContainerStore, process_start, write_exit_file
 from lazyoci.runtime.runc import Runtime
+from lazyoci.snapshot.mount import unmount
 
 
 @dataclass(frozen=True)
@@ -99,4 +101,9 @@ def _run_runtime(spec: MonitorSpec, store: ContainerStore) -> int:
         code = 128 - code
     write_exit_file(spec.exit_file, code)
     store.set_exited(spec.container_id, code)
+    # An exited container keeps its writable layer (for `rm`), not its mount.
+    try:
+        unmount(spec.bundle / "rootfs")
+    except LazyociError:
+        pass
     return code
