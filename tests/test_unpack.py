@@ -225,3 +225,44 @@ def test_entries_replacing_a_planted_symlink_do_not_write_through_it(tmp_path):
     assert (tmp_path / "l/d").is_dir() and not os.path.islink(tmp_path / "l/d")
     assert (tmp_path / "l/inside").read_bytes() == b"inside"    # the hardlink was replaced, not written through
     assert (tmp_path / "l/h").read_bytes() == b"rewritten"
+
+
+def test_file_over_8_gib_is_streamed(tmp_path):
+    """A member larger than the 8 GiB ustar limit (PAX size record), generated on the fly:
+    nothing holds it in memory, and its zero runs become holes so the test needs no disk."""
+    size = (8 << 30) + 12345
+    header = tarfile.TarInfo("huge.img")
+    header.size = size
+    head = header.tobuf(format=tarfile.PAX_FORMAT)
+    assert b"size=" in head                       # the size does not fit the ustar field
+    zeros = bytes(1 << 20)
+    tail = b"tail" + bytes(12345 - 4)
+    end = b"\0" * ((512 - size % 512) % 512) + b"\0" * 1024
+
+    def stream():
+        yield head
+        for _ in range(8 << 10):
+            yield zeros
+        yield tail
+        yield end
+
+    import hashlib
+    import threading
+
+    h = hashlib.sha256()
+
+    def expected() -> None:  # hashed beside the unpack (hashlib releases the GIL)
+        for part in stream():
+            h.update(part)
+
+    t = threading.Thread(target=expected)
+    t.start()
+    got = apply_layer_stream(stream(), "application/vnd.oci.image.layer.v1.tar", tmp_path)
+    t.join()
+    assert got == "sha256:" + h.hexdigest()
+    st = (tmp_path / "huge.img").stat()
+    assert st.st_size == size
+    assert st.st_blocks * 512 < 64 << 20            # sparse: the zeros were not written
+    with open(tmp_path / "huge.img", "rb") as f:
+        f.seek(8 << 30)
+        assert f.read(4) == b"tail"

@@ -441,18 +441,36 @@ def _xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
     return out
 
 
+_ZEROS = bytes(_CHUNK)
+
+
+def _write_all(fd: int, chunk: bytes) -> None:
+    view = memoryview(chunk)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
 def _copy_range(f: "_ForwardFile", offset: int, size: int, fd: int) -> None:
-    """Member data straight from the stream to fd (no tarfile file object per member)."""
+    """Member data straight from the stream to fd (no tarfile file object per member).
+
+    Runs of zero chunks become holes (lseek instead of write): same content, and
+    huge zero-filled files (disk images, preallocated data) cost no disk."""
     f.seek(offset)
+    total = size
+    hole = False
     while size > 0:
         chunk = f.read(min(size, _CHUNK))
         if not chunk:
             raise tarfile.ReadError("unexpected end of data")
         size -= len(chunk)
-        view = memoryview(chunk)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        if len(chunk) == _CHUNK and chunk == _ZEROS:
+            os.lseek(fd, len(chunk), os.SEEK_CUR)
+            hole = True
+        else:
+            _write_all(fd, chunk)
+    if hole:
+        os.ftruncate(fd, total)
 
 
 def _copy(src: BinaryIO, fd: int) -> None:
