@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 
 from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.tree import diff_trees, walk_tree
-from helpers.tricky_image import build_tricky_image, push_tricky_image, tricky_layers
+from helpers.tricky_image import push_tricky_image
 from lazyoci.config import Config
 from lazyoci.errors import IntegrityError, StoreError
 from lazyoci.images.service import ImageService
@@ -187,7 +186,7 @@ def test_pulling_a_hostile_image_fails_and_writes_nothing_outside(registry, tmp_
     assert not (root / "containers").exists() or list((root / "containers").iterdir()) == []
 
 
-def _desc(layer) -> "Descriptor":
+def _desc(layer):
     from lazyoci.oci.manifest import Descriptor
     return Descriptor(layer.media_type, layer.digest, len(layer.blob))
 
