@@ -197,3 +197,21 @@ def test_inflate_backends_agree(monkeypatch, maker: str) -> None:
         built[name] = build_ztoc(io.BytesIO(blob), "gzip", SMALL_SPAN)
         check_spans(Ztoc.parse(built[name]), blob, raw)
     assert built["zlib"] == built["zlib-ng"]
+
+
+@pytest.mark.parametrize("maker", ["gzip", "members", "pigz-independent"])
+def test_skipping_block_ends_changes_nothing(monkeypatch, maker: str) -> None:
+    """Inflating without Z_BLOCK until a checkpoint is due gives the checkpoints of Z_BLOCK everywhere."""
+    from lazyoci.ztoc import zinfo
+    raw = all_types_tar()
+    blob = {"gzip": lambda: gzip.compress(raw, mtime=0),
+            "members": lambda: gzip_members(raw, [700, 65536, 300_001]),
+            "pigz-independent": lambda: pigz(raw, "-i")}[maker]()
+    built = {}
+    for skip in (True, False):
+        monkeypatch.setattr(zinfo, "SKIP_UNNEEDED_BLOCK_ENDS", skip)
+        for span in (SMALL_SPAN, 20_000, 512):
+            built[skip, span] = build_ztoc(io.BytesIO(blob), "gzip", span)
+    for span in (SMALL_SPAN, 20_000, 512):
+        assert built[True, span] == built[False, span], span
+    check_spans(Ztoc.parse(built[True, 20_000]), blob, raw)

@@ -28,6 +28,7 @@ CHECKPOINT_SIZE = POINT.size + WINDOW_SIZE          # 32785
 _ZERO_WINDOW = bytes(WINDOW_SIZE)
 _OUT_CAP = 4 << 20     # inflate output per call: large, so ctypes overhead stays negligible
 _IN_CAP = 16 << 20   # avail_in is 32-bit: feed big chunks in pieces
+SKIP_UNNEEDED_BLOCK_ENDS = True   # tests turn it off to check it changes nothing
 
 
 def encode_checkpoints(span_size: int, points: list[tuple[int, int, int, bytes]]) -> bytes:
@@ -173,10 +174,20 @@ class GzipIndexer:
                 ctypes.memmove(self._outaddr, self._outaddr + cap - WINDOW_SIZE, WINDOW_SIZE)
                 self._opos = WINDOW_SIZE
             s.next_out = self._outaddr + self._opos
-            s.avail_out = out_room = cap - self._opos
+            out_room = cap - self._opos
+            flush = libz.Z_BLOCK
+            # Until the output passes last + span, no block end can take a checkpoint:
+            # inflate straight through them (one call per buffer instead of one per block).
+            # Stopping at exactly last + span keeps the positions those of Z_BLOCK everywhere.
+            if SKIP_UNNEEDED_BLOCK_ENDS and self.points:
+                before_limit = self._last + span - self.totout
+                if before_limit > 0:
+                    out_room = min(out_room, before_limit)
+                    flush = libz.Z_NO_FLUSH
+            s.avail_out = out_room
             in_before = s.avail_in
             try:
-                rc = self._inf.inflate(libz.Z_BLOCK)
+                rc = self._inf.inflate(flush)
             except FormatError as exc:
                 raise FormatError(f"gzip layer is corrupt near compressed offset {self.totin}: {exc}") from None
             used = in_before - s.avail_in
