@@ -216,6 +216,9 @@ def test_layer_consumers_unpack_concurrently_abort_and_fail_cleanly(tmp_path, no
     for i, l in enumerate(layers):
         assert (snap.layer_dir(l.diff_id) / f"f{i}").stat().st_size == 300_000
         assert snap.layer_consumer(_desc(l)) is None      # already unpacked: nothing to do next time
+    # Unpacked but not committed yet (a pull in flight): `rmi` elsewhere must not remove them.
+    snap.release_unused(keep=set())
+    assert all(snap.layer_dir(l.diff_id) is not None for l in layers)
 
     big = make_layer([Entry("big", data=os.urandom(2_000_000))], "none")
     c = snap.layer_consumer(_desc(big))

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from lazyoci.images.service import ImageService, LocalImage
     from lazyoci.snapshot.streaming import UnpackingConsumer
 
+ORPHAN_GRACE_SECONDS = 3600   # unpacked layers no snapshot has used yet: a pull may be running
+
 _DDL = """
 CREATE TABLE IF NOT EXISTS overlay_dirs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -275,8 +277,12 @@ class OverlaySnapshotter:
 
     def release_unused(self, keep: set[str]) -> list[str]:
         """Remove committed snapshots that no kept key, child or active/view snapshot needs,
-        then layer dirs no snapshot uses. `keep`: the top chain IDs of the images that remain."""
+        then layer dirs no snapshot uses. `keep`: the top chain IDs of the images that remain.
+
+        A layer dir that was never part of a snapshot belongs to a pull still running
+        (unpacked, not yet committed) or to one that crashed: it goes only when old."""
         removed: list[str] = []
+        released: set[int] = set()
         dirs: list[int] = []
         with self.db.transaction() as conn:
             while True:
@@ -289,10 +295,13 @@ class OverlaySnapshotter:
                 for r in victims:
                     conn.execute("DELETE FROM overlay_snapshots WHERE key=?", (r["key"],))
                     removed.append(r["key"])
-            for r in conn.execute("SELECT id FROM overlay_dirs d WHERE NOT EXISTS "
+                    released.add(r["dir_id"])
+            old = time.time() - ORPHAN_GRACE_SECONDS
+            for r in conn.execute("SELECT id, created FROM overlay_dirs d WHERE NOT EXISTS "
                                   "(SELECT 1 FROM overlay_snapshots s WHERE s.dir_id = d.id)").fetchall():
-                conn.execute("DELETE FROM overlay_dirs WHERE id=?", (r["id"],))
-                dirs.append(r["id"])
+                if r["id"] in released or r["created"] < old:
+                    conn.execute("DELETE FROM overlay_dirs WHERE id=?", (r["id"],))
+                    dirs.append(r["id"])
         for d in dirs:
             shutil.rmtree(self.dir / str(d), ignore_errors=True)
         return removed
