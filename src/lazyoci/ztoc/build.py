@@ -1,9 +1,11 @@
 """build_ztoc: one pass over a layer blob -> zTOC bytes, memory independent of the layer's size.
 
-The compressed bytes are read in 1 MiB chunks; each chunk is hashed into its
-span's digest, inflated with checkpoints (zinfo.GzipIndexer), and the
-uncompressed output is handed straight to the tar header parser. Nothing of
-the layer is kept beyond one chunk and the 32 KiB windows of the checkpoints.
+The compressed bytes are read in 1 MiB chunks; each chunk is inflated in place
+with checkpoints (zinfo.GzipIndexer: zlib-ng or zlib through ctypes), handed
+to a worker thread that hashes it into its span's digest, and the
+uncompressed output goes straight to the tar header parser. Nothing of the
+layer is kept beyond a few chunks and the 32 KiB windows of the checkpoints
+(a 628 MiB layer peaks at ~80 MiB RSS, ~45 MiB above the interpreter).
 """
 
 from __future__ import annotations
