@@ -156,9 +156,9 @@ def test_detach_ps_logs_stop_rm(env, lz):
     cid = lz("run", "-d", "--name", "web", env["tricky"], "sh", "-c", "echo started; sleep 60").stdout.strip()
     assert len(cid) == 64 and all(c in "0123456789abcdef" for c in cid)
     ps = lz("ps").stdout.splitlines()
-    assert ps[0].split() == ["CONTAINER", "ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"]
+    assert ps[0].split() == ["CONTAINER", "ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "SNAPSHOTTER", "NAMES"]
     row = next(l for l in ps if l.startswith(cid[:12]))
-    assert "Up" in row and row.endswith("web") and env["tricky"] in row
+    assert "Up" in row and row.endswith("web") and env["tricky"] in row and "overlayfs" in row
     deadline = time.monotonic() + 10
     while "started" not in lz("logs", "web").stdout and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -14,6 +14,7 @@ from lazyoci.cli.images import image_group, image_service
 from lazyoci.cli.main import cli
 from lazyoci.cli.progress import ProgressDisplay
 from lazyoci.config import RUNTIMES, SNAPSHOTTERS
+from lazyoci.errors import LazyociError
 from lazyoci.oci.platform import Platform
 from lazyoci.runtime.bundle import ProcessOptions, parse_env_file
 from lazyoci.runtime.containers import ContainerRecord
@@ -126,11 +127,25 @@ def ps_cmd(show_all: bool, quiet: bool) -> None:
         for r in recs:
             click.echo(r.short_id)
         return
-    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
-    rows += [(r.short_id, r.image, _command(r), _ago(r.created), _status(r), r.name) for r in recs]
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "SNAPSHOTTER", "NAMES")]
+    rows += [(r.short_id, r.image, _command(r), _ago(r.created), _status(r), _snapshotter(r), r.name)
+             for r in recs]
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
     for row in rows:
-        click.echo("   ".join(c.ljust(w) for c, w in zip(row, widths)) + "   " + row[5])
+        click.echo("   ".join(c.ljust(w) for c, w in zip(row, widths)) + "   " + row[6])
+
+
+def _snapshotter(rec: ContainerRecord) -> str:
+    """"soci" only when a layer of the container really is lazy: a fallback is never shown as lazy."""
+    if rec.snapshotter != "soci":
+        return rec.snapshotter
+    try:
+        from lazyoci.snapshot.soci import SociSnapshotter
+
+        lazy = SociSnapshotter(DataRoot(app().root), app().config).is_lazy(rec.snapshot_key)
+    except (LazyociError, ImportError):
+        return "soci"
+    return "soci" if lazy else "soci (not lazy)"
 
 
 @cli.command("logs")
