@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import subprocess
 import tarfile
@@ -266,3 +267,38 @@ def test_file_over_8_gib_is_streamed(tmp_path):
     with open(tmp_path / "huge.img", "rb") as f:
         f.seek(8 << 30)
         assert f.read(4) == b"tail"
+
+
+def test_header_variants_ustar_prefix_base256_global_pax(tmp_path):
+    """Header encodings tarfile writes: ustar name prefix, GNU base-256 numbers, PAX global headers."""
+    deep = "p" * 90 + "/" + "q" * 90 + "/file"          # > 100 bytes: ustar splits it into prefix + name
+    ustar = tar_bytes([Entry("p" * 90, "dir"), Entry("p" * 90 + "/" + "q" * 90, "dir"),
+                       Entry(deep, data=b"prefixed")], format=tarfile.USTAR_FORMAT)
+    _apply(make_layer(ustar, "none"), tmp_path / "ustar")
+    assert (tmp_path / "ustar" / deep).read_bytes() == b"prefixed"
+    gnu = tar_bytes([Entry("big-ids", data=b"b", uid=3_000_000, gid=4_000_000)], format=tarfile.GNU_FORMAT)
+    _apply(make_layer(gnu, "none"), tmp_path / "gnu")
+    st = os.lstat(tmp_path / "gnu/big-ids")
+    assert (st.st_uid, st.st_gid) == (3_000_000, 4_000_000)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"SCHILY.xattr.user.global": "everyone"}) as tf:
+        for name in ("g1", "g2"):
+            ti = tarfile.TarInfo(name)
+            ti.size = 1
+            tf.addfile(ti, io.BytesIO(b"g"))
+    _apply(make_layer(buf.getvalue(), "none"), tmp_path / "global")
+    for name in ("g1", "g2"):
+        assert os.getxattr(tmp_path / "global" / name, "user.global") == b"everyone"
+
+
+def test_bad_checksum_and_sparse_members_are_format_errors(tmp_path):
+    raw = bytearray(tar_bytes([Entry("f", data=b"x")]))
+    raw[0] ^= 1                                         # name byte changed: checksum no longer matches
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FormatError, match="checksum"):
+        apply_layer_stream(bytes(raw), "application/vnd.oci.image.layer.v1.tar", tmp_path / "a")
+    sparse = tar_bytes([Entry("s", data=b"x", pax={"GNU.sparse.major": "1", "GNU.sparse.minor": "0"})])
+    (tmp_path / "b").mkdir()
+    with pytest.raises(FormatError, match="sparse"):
+        apply_layer_stream(sparse, "application/vnd.oci.image.layer.v1.tar", tmp_path / "b")

@@ -21,7 +21,6 @@ import io
 import os
 import shutil
 import stat
-import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -29,6 +28,7 @@ from typing import BinaryIO
 from lazyoci.errors import FormatError, UnsafeLayerError
 from lazyoci.oci.mediatypes import layer_compression
 from lazyoci.snapshot.layerstream import ChunkReader, ForwardFile, PrefetchReader, decompressor
+from lazyoci.snapshot.tarstream import Member, iter_members
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -128,7 +128,7 @@ class _Applier:
             os.unlink(name, dir_fd=pfd)
         return False
 
-    def apply(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    def apply(self, f: ForwardFile, m: Member) -> None:
         parts = _split(m.name, m.name)
         if not parts:  # the layer root itself ("./")
             if m.isdir():
@@ -166,12 +166,7 @@ class _Applier:
                 self._clear(pfd, parts, keep_dir=False)
                 fd = os.open(base, flags, 0o600, dir_fd=pfd)
             try:
-                if m.sparse is None and isinstance(tf.fileobj, ForwardFile):
-                    _copy_range(tf.fileobj, m.offset_data, m.size, fd)
-                else:
-                    src = tf.extractfile(m)
-                    if src is not None:
-                        _copy(src, fd)
+                _copy_range(f, m.offset_data, m.size, fd)
                 self._meta_fd(fd, m)
                 os.utime(fd, ns=(_ns(m.mtime), _ns(m.mtime)))
             finally:
@@ -222,14 +217,14 @@ class _Applier:
         else:
             raise FormatError(f"layer entry {m.name!r} has an unsupported type {m.type!r}")
 
-    def _meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
+    def _meta_fd(self, fd: int, m: Member) -> None:
         # chown first: it clears setuid/setgid bits and security.capability.
         os.chown(fd, m.uid, m.gid)
         os.chmod(fd, _mode(m))
         for key, value in _xattrs(m):
             os.setxattr(fd, key, value)
 
-    def _xattrs_path(self, path: str, m: tarfile.TarInfo) -> None:
+    def _xattrs_path(self, path: str, m: Member) -> None:
         for key, value in _xattrs(m):
             try:
                 os.setxattr(path, key, value, follow_symlinks=False)
@@ -260,11 +255,11 @@ def _ns(mtime: float) -> int:
     return int(round(mtime * 1_000_000_000))
 
 
-def _mode(m: tarfile.TarInfo) -> int:
+def _mode(m: Member) -> int:
     return m.mode & 0o7777
 
 
-def _xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+def _xattrs(m: Member) -> list[tuple[str, bytes]]:
     out = []
     for key, value in m.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
@@ -286,7 +281,7 @@ def _write_all(fd: int, chunk: bytes) -> None:
 
 
 def _copy_range(f: "ForwardFile", offset: int, size: int, fd: int) -> None:
-    """Member data straight from the stream to fd (no tarfile file object per member).
+    """Member data straight from the stream to fd.
 
     Runs of zero chunks become holes (lseek instead of write): same content, and
     huge zero-filled files (disk images, preallocated data) cost no disk."""
@@ -296,7 +291,7 @@ def _copy_range(f: "ForwardFile", offset: int, size: int, fd: int) -> None:
     while size > 0:
         chunk = f.read(min(size, _CHUNK))
         if not chunk:
-            raise tarfile.ReadError("unexpected end of data")
+            raise FormatError("invalid layer tar: truncated file data")
         size -= len(chunk)
         if len(chunk) == _CHUNK and chunk == _ZEROS:
             os.lseek(fd, len(chunk), os.SEEK_CUR)
@@ -305,12 +300,6 @@ def _copy_range(f: "ForwardFile", offset: int, size: int, fd: int) -> None:
             _write_all(fd, chunk)
     if hole:
         os.ftruncate(fd, total)
-
-
-def _copy(src: BinaryIO, fd: int) -> None:
-    """Stream a member's data to fd: memory stays at one chunk whatever the size."""
-    while chunk := src.read(_CHUNK):
-        _write_all(fd, chunk)
 
 
 def apply_layer_stream(source: Iterable[bytes] | BinaryIO | bytes, media_type: str, dest: Path) -> str:
@@ -333,12 +322,10 @@ def apply_layer_stream(source: Iterable[bytes] | BinaryIO | bytes, media_type: s
     try:
         try:
             forward = ForwardFile(hashing)  # type: ignore[arg-type]
-            tf = tarfile.open(fileobj=forward, mode="r:")  # type: ignore[call-overload]
-            while (member := tf.next()) is not None:
-                applier.apply(tf, member)
-                tf.members.clear()  # tarfile keeps every TarInfo otherwise
+            for member in iter_members(forward):
+                applier.apply(forward, member)
             forward.drain()  # the end-of-archive blocks and padding are part of the diff ID
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        except (EOFError, OSError, ValueError) as e:
             if isinstance(e, OSError) and e.errno not in (None, 0) and not _is_decode_error(e):
                 raise
             raise FormatError(f"invalid layer tar: {e}") from None
