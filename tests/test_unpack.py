@@ -302,3 +302,4 @@ def test_bad_checksum_and_sparse_members_are_format_errors(tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(FormatError, match="sparse"):
         apply_layer_stream(sparse, "application/vnd.oci.image.layer.v1.tar", tmp_path / "b")
+

@@ -90,17 +90,43 @@ def merge_env(image_env: tuple[str, ...], overrides: tuple[str, ...]) -> list[st
     return [f"{k}={v}" for k, v in env.items()]
 
 
+def resolve_in_root(root: Path, rel: str) -> Path | None:
+    """The path of `rel` inside root, following symlinks as the container would see them
+    (absolute targets start at root, `..` stops at root). None if it cannot be resolved."""
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    current: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if current:
+                current.pop()
+            continue
+        candidate = root.joinpath(*current, part)
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                current = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        current.append(part)
+    return root.joinpath(*current)
+
+
 def _read_image_file(rootfs: Path, rel: str) -> list[list[str]]:
-    """Colon-separated records of a file inside the rootfs, never following a symlink out of it."""
-    path = rootfs / rel
+    """Colon-separated records of a file of the image (symlinks resolved inside the image)."""
+    path = resolve_in_root(rootfs, rel)
     try:
-        real = Path(os.path.realpath(path))
-        if not real.is_relative_to(rootfs.resolve()):
+        if path is None or not stat.S_ISREG(os.lstat(path).st_mode):
             return []
-        st = os.stat(real)
-        if not stat.S_ISREG(st.st_mode):
-            return []
-        text = real.read_text(errors="replace")
+        text = path.read_text(errors="replace")
     except OSError:
         return []
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]

@@ -1,0 +1,72 @@
+"""Runtime bundles without running anything: docker's override rules, user and file resolution."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lazyoci.errors import ConfigError, ContainerError
+from lazyoci.oci.manifest import ImageConfig
+from lazyoci.runtime.bundle import ProcessOptions, build_spec, merge_env, process_args
+
+
+def _config(**cfg) -> ImageConfig:
+    return ImageConfig.parse(json.dumps({"os": "linux", "architecture": "amd64", "config": cfg,
+                                         "rootfs": {"type": "layers", "diff_ids": []}}).encode())
+
+
+def test_docker_override_rules_for_the_command():
+    cfg = _config(Entrypoint=["/ep", "x"], Cmd=["c1", "c2"])
+    assert process_args(cfg, ProcessOptions()) == ["/ep", "x", "c1", "c2"]
+    assert process_args(cfg, ProcessOptions(args=("a",))) == ["/ep", "x", "a"]
+    assert process_args(cfg, ProcessOptions(entrypoint="/other")) == ["/other"]          # clears Cmd
+    assert process_args(cfg, ProcessOptions(entrypoint="/other", args=("a",))) == ["/other", "a"]
+    assert process_args(cfg, ProcessOptions(entrypoint="", args=("/bin/x",))) == ["/bin/x"]
+    with pytest.raises(ContainerError, match="no command"):
+        process_args(_config(), ProcessOptions())
+
+
+def test_env_merge(monkeypatch):
+    monkeypatch.setenv("FROM_HOST", "h")
+    monkeypatch.delenv("NOT_SET", raising=False)
+    env = merge_env(("A=1", "B=2", "NOT_SET=image"), ("B=3", "FROM_HOST", "NOT_SET", "C=x=y"))
+    assert env == ["A=1", "B=3", "FROM_HOST=h", "C=x=y",
+                   "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+    with pytest.raises(ConfigError):
+        merge_env((), ("=bad",))
+
+
+def test_spec_shares_the_host_network_and_mounts_etc_files(tmp_path):
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    spec = build_spec(_config(Cmd=["/bin/sh"], WorkingDir="/w"), root, tmp_path / "etc", ProcessOptions(tty=True))
+    assert "network" not in [n["type"] for n in spec["linux"]["namespaces"]]
+    dests = {m["destination"]: m for m in spec["mounts"]}
+    for f in ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/proc", "/dev", "/sys"):
+        assert f in dests
+    assert "localhost" in (tmp_path / "etc/hosts").read_text()
+    assert spec["process"]["terminal"] is True and spec["process"]["cwd"] == "/w"
+    assert "HOME=/root" in spec["process"]["env"] and "TERM=xterm" in spec["process"]["env"]
+    with pytest.raises(ConfigError):
+        build_spec(_config(Cmd=["/bin/sh"]), root, tmp_path / "etc2", ProcessOptions(workdir="relative"))
+
+
+def test_image_files_are_resolved_inside_the_image(tmp_path):
+    """/etc/passwd as an absolute symlink must be read from the image, never from the host."""
+    from lazyoci.runtime.bundle import resolve_in_root, resolve_user
+
+    root = tmp_path / "rootfs"
+    (root / "usr/lib").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "usr/lib/passwd").write_text("app:x:4242:4343::/home/app:/bin/sh\n")
+    (root / "etc/passwd").symlink_to("/usr/lib/passwd")
+    (root / "etc/grp").write_text("extra:x:77:app\n")
+    (root / "etc/group").symlink_to("../../../../../../etc/grp")   # climbs above root: stays inside
+    assert resolve_in_root(root, "etc/passwd") == root / "usr/lib/passwd"
+    assert resolve_in_root(root, "etc/group") == root / "etc/grp"
+    (root / "loop").symlink_to("loop")
+    assert resolve_in_root(root, "loop") is None
+    user = resolve_user(root, "app")
+    assert (user.uid, user.gid, user.home, user.additional_gids) == (4242, 4343, "/home/app", (77,))
