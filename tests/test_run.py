@@ -264,3 +264,22 @@ def test_an_exited_container_keeps_its_layer_but_not_its_mount(env, lz):
     assert any(p.read_text() == "kept\n" for p in (env["root"] / "snapshots" / "overlayfs").glob("*/fs/kept"))
     lz("rm", cid)
     assert not list((env["root"] / "snapshots" / "overlayfs").glob("*/fs/kept"))
+
+
+def test_foreground_output_is_exact_and_also_logged(env, lz):
+    busybox = Path("/bin/busybox").read_bytes()
+    base = [LAZYOCI, "--root", str(env["root"]), "run"]
+    r = subprocess.run(base + ["--name", "fglog", env["tricky"], "sh", "-c", "cat /bin/busybox; echo to-stderr >&2"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0
+    assert r.stdout == busybox                                   # byte for byte, nothing else on stdout
+    assert r.stderr.endswith(b"to-stderr\n")
+    logs = subprocess.run([LAZYOCI, "--root", str(env["root"]), "logs", "fglog"], capture_output=True).stdout
+    # Both streams are in the log; how they interleave depends on when each pipe was read.
+    assert b"to-stderr\n" in logs and logs.replace(b"to-stderr\n", b"", 1) == busybox
+    lz("rm", "fglog")
+    # A closed reader ends an endless writer (as a direct pipe would).
+    p = subprocess.Popen(f"{LAZYOCI} --root {env['root']} run --rm {env['tricky']} sh -c 'while :; do echo y; done'"
+                         " | head -n 3", shell=True, stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=60)
+    assert out == "y\ny\ny\n"

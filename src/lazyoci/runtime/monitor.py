@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,13 +89,66 @@ def _become_monitor(spec: MonitorSpec, report_fd: int) -> None:
     os.close(report_fd)
 
 
+def _run_teed(cmd: list[str], spec: MonitorSpec) -> int:
+    """Foreground: the output goes where ours goes, and to the log (so `logs` works too)."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = subprocess.Popen(cmd, stdout=out_w, stderr=err_w, close_fds=True)
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    lock = threading.Lock()
+    with open(spec.log_path, "ab", buffering=0) as log:
+        # When our stdout reader goes away (`| head`), end the container as SIGPIPE would end a
+        # process in a pipeline: its init (PID 1 of its namespace) is immune to SIGPIPE itself.
+        def reader_gone() -> None:
+            spec.runtime.kill(spec.container_id, "KILL")
+
+        threads = [threading.Thread(target=_tee, args=(r, fd, log, lock, gone), daemon=True)
+                   for r, fd, gone in ((out_r, 1, reader_gone), (err_r, 2, None))]
+        for t in threads:
+            t.start()
+        code = proc.wait()
+        for t in threads:
+            t.join()
+    return code
+
+
+def _tee(src: int, dst: int, log, lock: threading.Lock, on_broken) -> None:
+    """Copy a foreground container's stream to our terminal/pipe and to its log.
+
+    If our side is closed (`| head`), the container's pipe is closed too (EPIPE for it)
+    and `on_broken` runs."""
+    while True:
+        try:
+            data = os.read(src, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        with lock:
+            log.write(data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst, view):]
+        except OSError:
+            if on_broken is not None:
+                on_broken()
+            break
+    os.close(src)
+
+
 def _run_runtime(spec: MonitorSpec, store: ContainerStore) -> int:
     me = os.getpid()
     store.set_running(spec.container_id, me, process_start(me))
+    cmd = spec.runtime.run_cmd(spec.container_id, spec.bundle, spec.pid_file)
     try:
-        proc = subprocess.Popen(spec.runtime.run_cmd(spec.container_id, spec.bundle, spec.pid_file),
-                                close_fds=True)
-        code = proc.wait()
+        if spec.detach or spec.tty:   # detached: fds 1 and 2 are the log already; tty: the runtime's pty
+            code = subprocess.Popen(cmd, close_fds=True).wait()
+        else:
+            code = _run_teed(cmd, spec)
     except OSError:
         code = 127
     if code < 0:

@@ -14,7 +14,6 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
@@ -100,8 +99,8 @@ class ContainerManager:
             raise
         return rec, runtime
 
-    def start(self, rec: ContainerRecord, runtime: Runtime, opts: RunOptions,
-              on_started: Callable[[], None] | None = None) -> int | None:
+    def start(self, rec: ContainerRecord, runtime: Runtime, opts: RunOptions) -> int | None:
+        """Run the created container: its exit code (foreground), or None once it runs (detached)."""
         cdir = self.store.dir(rec.id)
         spec = MonitorSpec(rec.id, cdir, runtime, opts.detach, opts.interactive, opts.process.tty,
                            cdir / "container.log", cdir / "pid", cdir / "exit.json")
