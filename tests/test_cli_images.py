@@ -80,7 +80,7 @@ def test_pull_images_tag_rmi_gives_disk_space_back(tmp_path, image):
 
     run(root, "tag", ref, "local/copy:v2")
     table = run(root, "images").stdout.splitlines()
-    assert table[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "CREATED", "PLATFORM", "SIZE", "BLOB", "SIZE"]
+    assert table[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "CREATED", "PLATFORM", "SIZE", "BLOB", "SIZE", "SNAPSHOTTER"]
     assert len(table) == 3 and any(l.startswith("local/copy ") for l in table)
     assert run(root, "images", "-q").stdout.split() == [digest[7:19]]
     assert len(run(root, "images", "local/copy").stdout.splitlines()) == 2          # header + 1 row

@@ -186,12 +186,12 @@ def _list(quiet: bool, digests: bool, fmt: str | None, wanted: str | None = None
             }))
         return
     header = ["REPOSITORY", "TAG"] + (["DIGEST"] if digests else []) + \
-        ["IMAGE ID", "CREATED", "PLATFORM", "SIZE", "BLOB SIZE"]
+        ["IMAGE ID", "CREATED", "PLATFORM", "SIZE", "BLOB SIZE", "SNAPSHOTTER"]
     table = [header]
     for r in rows:
         table.append([r.repository, r.tag] + ([r.digest] if digests else []) +
                      [r.digest.split(":", 1)[1][:12], _created(r.created), r.platform,
-                      human_bytes(r.size), human_bytes(r.blob_size)])
+                      human_bytes(r.size), human_bytes(r.blob_size), r.snapshotter])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("    ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -274,6 +274,8 @@ def _release_snapshots(svc: ImageService) -> None:
             except LazyociError:
                 continue
     OverlaySnapshotter(svc.root).release_unused(keep)
+    from lazyoci.snapshot.soci import SociSnapshotter
+    SociSnapshotter(svc.root, app().config).release_unused(keep)   # also unmounts unused lazy layers
 
 
 @cli.command("rmi")
