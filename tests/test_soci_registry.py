@@ -28,7 +28,7 @@ from lazyoci.registry.options import RegistryOptions
 from lazyoci.soci import SociBuildOptions, build_index, convert, create_remote, discover_index, push_index
 from lazyoci.soci.index import (
     ANN_BUILD_TOOL, ANN_IMAGE_MANIFEST_DIGEST, ANN_INDEX_DIGEST, ANN_LAYER_DIGEST, ANN_LAYER_MEDIA_TYPE,
-    ANN_SPAN_SIZE, EMPTY_CONFIG_DIGEST, SociIndex,
+    ANN_SPAN_SIZE, EMPTY_CONFIG_DIGEST,
 )
 from lazyoci.store.layout import DataRoot
 

@@ -12,8 +12,10 @@ from lazyoci.errors import (
     LazyociError,
     ReferenceError_,
     RegistryError,
+    ServiceError,
     StoreError,
     UnsafeLayerError,
+    UnsupportedCompressionError,
 )
 
 __version__ = "0.1.0"
@@ -27,7 +29,9 @@ __all__ = [
     "LazyociError",
     "ReferenceError_",
     "RegistryError",
+    "ServiceError",
     "StoreError",
     "UnsafeLayerError",
+    "UnsupportedCompressionError",
     "__version__",
 ]

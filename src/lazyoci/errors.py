@@ -11,8 +11,10 @@ nonzero exit; the FUSE layer turns it into EIO. Anything else escaping is a bug.
     │   ├── AuthError          401 / 403
     │   ├── NotFoundError      404 (manifest, blob, repository)
     │   └── RangeNotSupportedError   server ignored a Range request
+    ├── ServiceError           the lazyoci service is not running or broke the protocol
     ├── FormatError            malformed manifest, zTOC, gzip, tar ...
-    │   └── UnsafeLayerError   a layer entry would escape its directory
+    │   ├── UnsafeLayerError   a layer entry would escape its directory
+    │   └── UnsupportedCompressionError   a layer zTOCs cannot index (zstd)
     ├── IntegrityError         bytes do not match their digest
     ├── StoreError             local store problems
     │   └── ImageNotFoundError no such image locally
@@ -63,6 +65,14 @@ class FormatError(LazyociError):
 
 class UnsafeLayerError(FormatError):
     """A layer entry would create or change something outside its layer directory."""
+
+
+class UnsupportedCompressionError(FormatError):
+    """A layer compression zTOCs cannot index (zstd): the layer is skipped, as the reference does."""
+
+
+class ServiceError(LazyociError):
+    """The lazyoci service is not running, did not start, or broke the protocol."""
 
 
 class IntegrityError(LazyociError):

@@ -63,7 +63,8 @@ class Descriptor:
         return out
 
 
-def _load_json(raw: bytes, what: str) -> dict[str, Any]:
+def load_json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """Parse JSON bytes that must be an object; FormatError naming `what` otherwise."""
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -75,7 +76,7 @@ def _load_json(raw: bytes, what: str) -> dict[str, Any]:
 
 def detect_media_type(raw: bytes, header_type: str | None = None) -> str:
     """The media type of a manifest: its own mediaType field, else the HTTP header, else by shape."""
-    obj = _load_json(raw, "manifest")
+    obj = load_json_object(raw, "manifest")
     mtype = obj.get("mediaType") or header_type
     if mtype in mt.ALL_MANIFESTS:
         return mtype
@@ -104,7 +105,7 @@ class Manifest:
 
     @classmethod
     def parse(cls, raw: bytes, media_type: str | None = None) -> "Manifest":
-        obj = _load_json(raw, "manifest")
+        obj = load_json_object(raw, "manifest")
         mtype = media_type or detect_media_type(raw)
         if mtype not in mt.IMAGE_MANIFESTS:
             raise FormatError(f"not an image manifest: {mtype}")
@@ -142,7 +143,7 @@ class Index:
 
     @classmethod
     def parse(cls, raw: bytes, media_type: str | None = None) -> "Index":
-        obj = _load_json(raw, "index")
+        obj = load_json_object(raw, "index")
         mtype = media_type or detect_media_type(raw)
         if mtype not in mt.IMAGE_INDEXES:
             raise FormatError(f"not an image index: {mtype}")
@@ -204,7 +205,7 @@ class ImageConfig:
 
     @classmethod
     def parse(cls, raw: bytes) -> "ImageConfig":
-        obj = _load_json(raw, "image config")
+        obj = load_json_object(raw, "image config")
         rootfs = obj.get("rootfs") or {}
         diff_ids = rootfs.get("diff_ids") or []
         for d in diff_ids:

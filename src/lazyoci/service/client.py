@@ -13,16 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from lazyoci import errors
-from lazyoci.errors import LazyociError
+from lazyoci.errors import LazyociError, ServiceError
 from lazyoci.service.paths import ServicePaths, connect
 from lazyoci.store.layout import DataRoot
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-
-
-class ServiceError(LazyociError):
-    """The lazyoci service is not running, did not start, or broke the protocol."""
 
 
 class ServiceClient:
@@ -41,7 +37,7 @@ class ServiceClient:
         try:
             sock = connect(self.paths.socket, self.timeout)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise ServiceError(f"the lazyoci service is not running (start it with `lazyoci service start`)") from None
+            raise ServiceError("the lazyoci service is not running (start it with `lazyoci service start`)") from None
         except OSError as e:
             raise ServiceError(f"cannot reach the lazyoci service at {self.paths.socket}: {e.strerror or e}") from None
         with sock:

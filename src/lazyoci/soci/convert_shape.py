@@ -12,13 +12,13 @@ unknown fields are dropped, as it does.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from lazyoci.errors import FormatError
 from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.digest import sha256_digest
+from lazyoci.oci.manifest import load_json_object
 from lazyoci.oci.platform import Platform
 from lazyoci.soci.index import ANN_IMAGE_MANIFEST_DIGEST, ANN_INDEX_DIGEST, SociIndex, go_json
 
@@ -99,16 +99,6 @@ class ConvertedShape:
         return sha256_digest(self.index_raw)
 
 
-def _load(raw: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{what} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{what} is not a JSON object")
-    return obj
-
-
 def convert_shape(top_raw: bytes, top_media_type: str, top_platform: Platform | None,
                   manifests: dict[str, bytes], soci: list[PlatformIndex]) -> ConvertedShape:
     """Rewrite an image for SOCI v2.
@@ -121,7 +111,7 @@ def convert_shape(top_raw: bytes, top_media_type: str, top_platform: Platform | 
     if not soci:
         raise FormatError("nothing to convert: no SOCI index was built for any platform")
     if top_media_type in mt.IMAGE_INDEXES:
-        oci_index = _load(top_raw, "image index")
+        oci_index = load_json_object(top_raw, "image index")
         if not isinstance(oci_index.get("manifests"), list):
             raise FormatError("image index lacks manifests")
     elif top_media_type in mt.IMAGE_MANIFESTS:
@@ -144,7 +134,7 @@ def convert_shape(top_raw: bytes, top_media_type: str, top_platform: Platform | 
         old = entry.get("digest")
         if entry.get("artifactType") or entry.get("mediaType") not in mt.IMAGE_MANIFESTS or old not in manifests:
             continue
-        m = _load(manifests[old], f"image manifest {old}")
+        m = load_json_object(manifests[old], f"image manifest {old}")
         if sha256_digest(manifests[old]) != old:
             raise FormatError(f"image manifest bytes do not match {old}")
         m["mediaType"] = mt.OCI_MANIFEST

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import BinaryIO
 
-from lazyoci.errors import FormatError
+from lazyoci.errors import FormatError, UnsupportedCompressionError
 from lazyoci.ztoc.codec import GZIP, UNCOMPRESSED, encode_tar_zinfo, encode_ztoc
 from lazyoci.ztoc.toc import TocBuilder
 from lazyoci.ztoc.zinfo import GzipIndexer, encode_checkpoints
@@ -21,10 +21,6 @@ from lazyoci.ztoc.zinfo import GzipIndexer, encode_checkpoints
 BUILD_TOOL = "lazyoci v0.1.0"
 DEFAULT_SPAN_SIZE = 1 << 22
 _READ = 1 << 20
-
-
-class UnsupportedCompressionError(FormatError):
-    """A layer compression zTOCs cannot index (zstd): the layer is skipped, as the reference does."""
 
 
 def build_ztoc(fileobj: BinaryIO, compression: str, span_size: int = DEFAULT_SPAN_SIZE,
