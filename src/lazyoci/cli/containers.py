@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from lazyoci.cli.context import app
+from lazyoci.cli.durations import human_duration
 from lazyoci.cli.images import image_group, image_service
 from lazyoci.cli.main import cli
 from lazyoci.cli.progress import ProgressDisplay
@@ -94,17 +95,12 @@ class _LazyProgress:
 
 
 def _ago(ts: float) -> str:
-    secs = max(0, time.time() - ts)
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if secs >= size:
-            n = int(secs // size)
-            return f"{n} {unit}{'s' if n != 1 else ''} ago"
-    return f"{int(secs)} seconds ago"
+    return human_duration(max(0.0, time.time() - ts)) + " ago"
 
 
 def _status(rec: ContainerRecord) -> str:
     if rec.status == "running":
-        return f"Up {_ago(rec.created).removesuffix(' ago')}"
+        return f"Up {human_duration(max(0.0, time.time() - rec.created))}"
     if rec.status == "exited":
         code = "unknown" if rec.exit_code is None else rec.exit_code
         return f"Exited ({code}) {_ago(rec.finished or rec.created)}"

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from lazyoci.cli.context import AppContext, app
+from lazyoci.cli.durations import human_duration
 from lazyoci.cli.main import cli
 from lazyoci.cli.progress import ProgressDisplay, human_bytes
 from lazyoci.config import SNAPSHOTTERS
@@ -143,16 +144,7 @@ def _created(text: str | None) -> str:
         when = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return text
-    seconds = (_dt.datetime.now(_dt.timezone.utc) - when).total_seconds()
-    for unit, n in (("years", 365 * 86400), ("months", 30 * 86400), ("weeks", 7 * 86400),
-                    ("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if seconds >= 2 * n:
-            return f"{int(seconds // n)} {unit} ago"
-    if seconds >= 60:
-        return "About a minute ago"
-    if seconds < 1:
-        return "Less than a second ago"
-    return f"{int(seconds)} second{'s' if int(seconds) != 1 else ''} ago"
+    return human_duration((_dt.datetime.now(_dt.timezone.utc) - when).total_seconds()) + " ago"
 
 
 def _matches(row, wanted: str | None) -> bool:
