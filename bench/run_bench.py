@@ -41,7 +41,7 @@ MODES = ("overlayfs", "soci", "soci-bg")
 MODE_LABEL = {"overlayfs": "overlayfs (full pull)", "soci": "soci lazy",
               "soci-bg": "soci, background fetch finished"}
 WORK = HERE / "work"
-RESULTS = HERE / "results"
+RESULTS = HERE / "results"      # --out changes it
 
 
 def log(msg: str) -> None:
@@ -233,7 +233,9 @@ def machine() -> dict:
     mem = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.machine())
-    return {"nproc": os.cpu_count(), "memory_gib": round(int(mem.split()[1]) / 2**20, 1),
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    return {"commit": commit or "unknown", "nproc": os.cpu_count(), "memory_gib": round(int(mem.split()[1]) / 2**20, 1),
             "kernel": platform.release(), "cpu": cpu,
             "loadavg_at_start": round(os.getloadavg()[0], 2)}
 
@@ -264,10 +266,18 @@ def fmt(v, spec: str = ".2f", unit: str = "") -> str:
     return "—" if v is None else f"{v:{spec}}{unit}"
 
 
+_RUNS_SEEN: list[dict] = []
+
+
+def _load_range() -> str:
+    loads = [r["loadavg"] for r in _RUNS_SEEN if "loadavg" in r]
+    return f"{min(loads):.1f}–{max(loads):.1f} (median {statistics.median(loads):.1f})" if loads else "n/a"
+
+
 def write_report(command: str, mach: dict, facts: dict, rows: list[dict], started: float) -> None:
     RESULTS.mkdir(exist_ok=True)
     out = ["# lazyoci benchmark results", "",
-           f"Command: `{command}`  ",
+           f"Command: `{command}` at commit {mach['commit']}  ",
            f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['memory_gib']} GiB memory, "
            f"Linux {mach['kernel']}; load average at start {mach['loadavg_at_start']}  ",
            f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; the whole run took "
@@ -276,7 +286,9 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
            "bucket; latency added to every request). Every run starts from an empty data root. "
            "Times are medians; *pull+ready* is `lazyoci pull` plus `lazyoci run` up to the `ready` "
            "line. *soci-bg* waits for the background fetcher to finish before `run` (that wait is "
-           "not in pull+ready). MB = 10^6 bytes.", "",
+           "not in pull+ready). MB = 10^6 bytes. Load average (1 min) at the start of the runs: "
+           f"{_load_range()} — the machine may be shared, which mostly slows the CPU-bound "
+           "unpacking of full pulls.", "",
            "## Images", "",
            "| image | layers | compressed | zTOCs | workload needs | build time |",
            "|---|---:|---:|---:|---:|---:|"]
@@ -354,12 +366,15 @@ def write_chart(rows: list[dict], facts: dict, profiles: list[str]) -> Path | No
 
 
 def main() -> None:
+    global RESULTS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", default=",".join(BUILDERS))
     ap.add_argument("--profiles", default=",".join(PROFILES))
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
     args = ap.parse_args()
+    RESULTS = args.out.resolve()
     images = [i for i in args.images.split(",") if i]
     profiles = [p for p in args.profiles.split(",") if p]
     modes = [m for m in args.modes.split(",") if m]
@@ -395,7 +410,8 @@ def main() -> None:
                 ref = f"{proxy.host}/bench/{name}:latest"
                 for i in range(args.runs):
                     for mode in modes:       # interleaved, so drift hits every mode alike
-                        rec = {"image": name, "profile": profile, "mode": mode, "run": i + 1}
+                        rec = {"image": name, "profile": profile, "mode": mode, "run": i + 1,
+                               "loadavg": round(os.getloadavg()[0], 2)}
                         try:
                             rec.update(one_run(ref, mode, proxy, WORK / "run"))
                             log(f"{name} {profile} {mode} #{i + 1}: pull {rec['pull_s']:.2f}s, "
@@ -405,6 +421,7 @@ def main() -> None:
                             rec["error"] = f"{type(e).__name__}: {e}"
                             log(f"{name} {profile} {mode} #{i + 1}: FAILED {rec['error'][:300]}")
                         runs.append(rec)
+                        _RUNS_SEEN.append(rec)
                         (RESULTS).mkdir(exist_ok=True)
                         (RESULTS / "results.json").write_text(json.dumps(
                             {"command": command, "machine": mach, "images": facts, "runs": runs}, indent=1))
