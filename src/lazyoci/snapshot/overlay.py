@@ -1,241 +1,28 @@
 """The `overlayfs` snapshotter: every layer unpacked once, stacked by the kernel.
 
-Layout (<root>/snapshots/overlayfs/):
-    <n>/fs          a layer's unpacked tree (committed) or a container's upper dir (active)
-    <n>/work        overlay's work dir (active only)
-    empty/          an empty lower, so that one-layer stacks are overlays too (whiteouts stay hidden)
-    tmp/            layers being unpacked (renamed to <n> when complete)
-
-Database: `overlay_dirs` (one row per <n>, committed layers carry their diff ID,
-unique: a layer is unpacked once and shared by every image and chain that has it),
-`overlay_snapshots` (key -> kind, parent key, dir). Committed snapshots are keyed by
-chain ID, so two images sharing a base share its snapshots too.
+All of its mechanism (snapshot records, unpacking, overlay mounts, release) is the
+shared one in lazyoci.snapshot.layered; this class names its directory
+(<root>/snapshots/overlayfs/) and tables (`overlay_dirs`, `overlay_snapshots`,
+`overlay_layer_digests`) and pulls by unpacking every layer while it downloads.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import sqlite3
-import tempfile
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lazyoci.errors import IntegrityError, StoreError
-from lazyoci.oci.manifest import Descriptor, chain_ids
-from lazyoci.snapshot.base import (KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, LABEL_DIFF_ID,
-                                   LABEL_LAYER_DIGEST, Mount, SnapshotInfo)
-from lazyoci.snapshot.unpack import apply_layer_stream, remove_tree
-from lazyoci.store.db import Database
-from lazyoci.store.layout import DataRoot
+from lazyoci.snapshot.layered import ORPHAN_GRACE_SECONDS, LayeredSnapshotter
 
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService, LocalImage
-    from lazyoci.snapshot.streaming import UnpackingConsumer
 
-ORPHAN_GRACE_SECONDS = 3600   # unpacked layers no snapshot has used yet: a pull may be running
-
-_DDL = """
-CREATE TABLE IF NOT EXISTS overlay_dirs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    diff_id TEXT UNIQUE,            -- set for unpacked layers; NULL for upper dirs
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS overlay_snapshots (
-    key TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,             -- committed | active | view
-    parent TEXT REFERENCES overlay_snapshots(key),
-    dir_id INTEGER REFERENCES overlay_dirs(id),   -- NULL for views (nothing of their own)
-    labels TEXT NOT NULL DEFAULT '{}',
-    created REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS overlay_snapshots_parent ON overlay_snapshots(parent);
-CREATE TABLE IF NOT EXISTS overlay_layer_digests (   -- compressed layer digest -> diff ID it unpacked to
-    digest TEXT PRIMARY KEY,
-    diff_id TEXT NOT NULL
-);
-"""
+__all__ = ["ORPHAN_GRACE_SECONDS", "OverlaySnapshotter"]
 
 
-class OverlaySnapshotter:
+class OverlaySnapshotter(LayeredSnapshotter):
     name = "overlayfs"
-
-    def __init__(self, root: DataRoot, db: Database | None = None) -> None:
-        self.root = root
-        self.dir = root.snapshots / "overlayfs"
-        self.db = db or Database(root.db_path)
-        self.db.ensure_schema("snapshot_overlayfs", _DDL)
-        for d in (self.dir / "tmp", self.dir / "empty"):
-            d.mkdir(parents=True, exist_ok=True)
-        self._remove_abandoned_staging()
-
-    def _remove_abandoned_staging(self) -> None:
-        """Partial unpacks of processes that died (crash, kill -9) are named <pid>.<x>: remove them."""
-        for p in (self.dir / "tmp").iterdir():
-            pid = p.name.split(".", 1)[0]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                remove_tree(p)
-
-    # ---- paths and rows -------------------------------------------------
-    def _fs(self, dir_id: int) -> Path:
-        return self.dir / str(dir_id) / "fs"
-
-    def _row(self, conn: sqlite3.Connection, key: str) -> sqlite3.Row:
-        row = conn.execute("SELECT * FROM overlay_snapshots WHERE key=?", (key,)).fetchone()
-        if row is None:
-            raise StoreError(f"snapshot {key!r} does not exist")
-        return row
-
-    def _lowers(self, conn: sqlite3.Connection, key: str | None) -> list[str]:
-        """The layer dirs of a committed chain, top first."""
-        out: list[str] = []
-        while key is not None:
-            row = self._row(conn, key)
-            if row["kind"] != KIND_COMMITTED:
-                raise StoreError(f"snapshot {key!r} is not committed and cannot be a parent")
-            out.append(str(self._fs(row["dir_id"])))
-            key = row["parent"]
-        return out
-
-    def _new_dir(self, conn: sqlite3.Connection, diff_id: str | None = None) -> int:
-        return conn.execute("INSERT INTO overlay_dirs (diff_id, created) VALUES (?, ?)",
-                            (diff_id, time.time())).lastrowid
-
-    # ---- containerd's calls --------------------------------------------
-    def prepare(self, key: str, parent: str | None, labels: dict[str, str] | None = None) -> list[Mount]:
-        with self.db.transaction() as conn:
-            self._insert(conn, key, KIND_ACTIVE, parent, labels, own_dir=True)
-        return self.mounts(key)
-
-    def view(self, key: str, parent: str | None, labels: dict[str, str] | None = None) -> list[Mount]:
-        with self.db.transaction() as conn:
-            self._insert(conn, key, KIND_VIEW, parent, labels, own_dir=False)
-        return self.mounts(key)
-
-    def _insert(self, conn: sqlite3.Connection, key: str, kind: str, parent: str | None,
-                labels: dict[str, str] | None, own_dir: bool) -> None:
-        if conn.execute("SELECT 1 FROM overlay_snapshots WHERE key=?", (key,)).fetchone():
-            raise StoreError(f"snapshot {key!r} already exists")
-        self._lowers(conn, parent)  # the parent must exist and be committed
-        dir_id = None
-        if own_dir:
-            dir_id = self._new_dir(conn)
-            (self.dir / str(dir_id) / "fs").mkdir(parents=True, mode=0o755)
-            (self.dir / str(dir_id) / "work").mkdir(mode=0o700)
-        conn.execute("INSERT INTO overlay_snapshots VALUES (?, ?, ?, ?, ?, ?)",
-                     (key, kind, parent, dir_id, json.dumps(labels or {}), time.time()))
-
-    def mounts(self, key: str) -> list[Mount]:
-        with self.db.reading() as conn:
-            row = self._row(conn, key)
-            lowers = self._lowers(conn, row["parent"])
-        empty = str(self.dir / "empty")
-        if row["kind"] == KIND_COMMITTED:
-            lowers = [str(self._fs(row["dir_id"]))] + lowers
-        if row["kind"] == KIND_ACTIVE:
-            n = self.dir / str(row["dir_id"])
-            return [Mount("overlay", "overlay", (
-                f"lowerdir={':'.join(lowers or [empty])}", f"upperdir={n / 'fs'}", f"workdir={n / 'work'}"))]
-        # Read-only: an overlay needs two lowers without an upper; the empty dir pads.
-        if len(lowers) < 2:
-            lowers = lowers + [empty] * (2 - len(lowers))
-        return [Mount("overlay", "overlay", (f"lowerdir={':'.join(lowers)}",))]
-
-    def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> None:
-        """Turn an active snapshot into the committed snapshot `name` (its upper dir becomes the layer)."""
-        with self.db.transaction() as conn:
-            row = self._row(conn, key)
-            if row["kind"] != KIND_ACTIVE:
-                raise StoreError(f"snapshot {key!r} is not active")
-            if conn.execute("SELECT 1 FROM overlay_snapshots WHERE key=?", (name,)).fetchone():
-                raise StoreError(f"snapshot {name!r} already exists")
-            merged = {**json.loads(row["labels"]), **(labels or {})}
-            conn.execute("UPDATE overlay_dirs SET diff_id=? WHERE id=?", (merged.get(LABEL_DIFF_ID), row["dir_id"]))
-            conn.execute("INSERT INTO overlay_snapshots VALUES (?, ?, ?, ?, ?, ?)",
-                         (name, KIND_COMMITTED, row["parent"], row["dir_id"], json.dumps(merged), time.time()))
-            conn.execute("DELETE FROM overlay_snapshots WHERE key=?", (key,))
-        shutil.rmtree(self.dir / str(row["dir_id"]) / "work", ignore_errors=True)
-
-    def remove(self, key: str) -> None:
-        """Remove a snapshot (the caller has unmounted it); a layer dir goes when no snapshot uses it."""
-        with self.db.transaction() as conn:
-            row = self._row(conn, key)
-            if conn.execute("SELECT 1 FROM overlay_snapshots WHERE parent=?", (key,)).fetchone():
-                raise StoreError(f"snapshot {key!r} has children")
-            conn.execute("DELETE FROM overlay_snapshots WHERE key=?", (key,))
-            gone = self._drop_dir_if_unused(conn, row["dir_id"])
-        if gone is not None:
-            shutil.rmtree(self.dir / str(gone), ignore_errors=True)
-
-    def _drop_dir_if_unused(self, conn: sqlite3.Connection, dir_id: int | None) -> int | None:
-        if dir_id is None:
-            return None
-        if conn.execute("SELECT 1 FROM overlay_snapshots WHERE dir_id=?", (dir_id,)).fetchone():
-            return None
-        conn.execute("DELETE FROM overlay_dirs WHERE id=?", (dir_id,))
-        return dir_id
-
-    def stat(self, key: str) -> SnapshotInfo:
-        with self.db.reading() as conn:
-            return _info(self._row(conn, key))
-
-    def walk(self) -> Iterator[SnapshotInfo]:
-        with self.db.reading() as conn:
-            rows = conn.execute("SELECT * FROM overlay_snapshots ORDER BY created").fetchall()
-        for r in rows:
-            yield _info(r)
-
-    # ---- lazyoci's extensions -------------------------------------------
-    def layer_dir(self, diff_id: str) -> Path | None:
-        with self.db.reading() as conn:
-            row = conn.execute("SELECT id FROM overlay_dirs WHERE diff_id=?", (diff_id,)).fetchone()
-        return self._fs(row["id"]) if row else None
-
-    def new_staging_dir(self) -> Path:
-        """A fresh directory to unpack one layer into (moved into place by `adopt_layer`)."""
-        staging = Path(tempfile.mkdtemp(dir=self.dir / "tmp", prefix=f"{os.getpid()}."))
-        (staging / "fs").mkdir(mode=0o755)
-        return staging
-
-    def adopt_layer(self, staging: Path, diff_id: str, layer_digest: str | None = None) -> None:
-        """Publish an unpacked layer under its diff ID; if another unpack won the race, drop ours."""
-        try:
-            with self.db.transaction() as conn:
-                if layer_digest:
-                    conn.execute("INSERT OR REPLACE INTO overlay_layer_digests VALUES (?, ?)",
-                                 (layer_digest, diff_id))
-                if conn.execute("SELECT 1 FROM overlay_dirs WHERE diff_id=?", (diff_id,)).fetchone():
-                    remove_tree(staging)
-                    return
-                dir_id = self._new_dir(conn, diff_id)
-                os.rename(staging, self.dir / str(dir_id))
-        except BaseException:
-            remove_tree(staging)
-            raise
-
-    def unpack_blob(self, images: "ImageService", desc: Descriptor) -> str:
-        """Unpack a layer from the blob store (when it was not unpacked during the pull)."""
-        staging = self.new_staging_dir()
-        try:
-            with images.blobs.open(desc.digest) as f:
-                diff_id = apply_layer_stream(f, desc.media_type, staging / "fs")
-        except BaseException:
-            remove_tree(staging)
-            raise
-        self.adopt_layer(staging, diff_id, desc.digest)
-        return diff_id
-
-    def layer_consumer(self, desc: Descriptor) -> "UnpackingConsumer | None":
-        """The pull hook: unpack this layer while it downloads (None if it is unpacked already)."""
-        from lazyoci.snapshot.streaming import UnpackingConsumer
-
-        with self.db.reading() as conn:
-            row = conn.execute("SELECT 1 FROM overlay_layer_digests l JOIN overlay_dirs d "
-                               "ON d.diff_id = l.diff_id WHERE l.digest=?", (desc.digest,)).fetchone()
-        return None if row else UnpackingConsumer(self, desc)
+    dir_name = "overlayfs"
+    table_prefix = "overlay"
+    schema_name = "snapshot_overlayfs"
 
     def pull(self, images: "ImageService", ref: str, platform=None, progress=None) -> "LocalImage":
         """Pull `ref`, unpacking every layer while it downloads, and commit its snapshots."""
@@ -243,69 +30,3 @@ class OverlaySnapshotter:
                             snapshotter=self.name)
         self.unpack_image(images, image)
         return image
-
-    def unpack_image(self, images: "ImageService", image: "LocalImage") -> str | None:
-        """Make the committed snapshots of the image's layers exist; return the top chain ID."""
-        diff_ids = image.config.diff_ids
-        if len(diff_ids) != len(image.manifest.layers):
-            raise IntegrityError(f"image config lists {len(diff_ids)} diff IDs for "
-                                 f"{len(image.manifest.layers)} layers")
-        parent: str | None = None
-        for desc, diff_id, chain in zip(image.manifest.layers, diff_ids, chain_ids(diff_ids)):
-            with self.db.reading() as conn:
-                have = conn.execute("SELECT 1 FROM overlay_snapshots WHERE key=?", (chain,)).fetchone()
-            if not have:
-                if self.layer_dir(diff_id) is None:
-                    got = self.unpack_blob(images, desc)
-                    if got != diff_id:
-                        raise IntegrityError(f"layer {desc.digest} unpacks to diff ID {got}, "
-                                             f"the image config says {diff_id}", expected=diff_id, actual=got)
-                self._commit_layer(chain, parent, diff_id, desc)
-            parent = chain
-        return parent
-
-    def _commit_layer(self, chain: str, parent: str | None, diff_id: str, desc: Descriptor) -> None:
-        labels = {LABEL_LAYER_DIGEST: desc.digest, LABEL_DIFF_ID: diff_id}
-        with self.db.transaction() as conn:
-            if conn.execute("SELECT 1 FROM overlay_snapshots WHERE key=?", (chain,)).fetchone():
-                return  # another process committed it meanwhile
-            row = conn.execute("SELECT id FROM overlay_dirs WHERE diff_id=?", (diff_id,)).fetchone()
-            if row is None:
-                raise StoreError(f"layer {diff_id} vanished while being committed")
-            conn.execute("INSERT INTO overlay_snapshots VALUES (?, ?, ?, ?, ?, ?)",
-                         (chain, KIND_COMMITTED, parent, row["id"], json.dumps(labels), time.time()))
-
-    def release_unused(self, keep: set[str]) -> list[str]:
-        """Remove committed snapshots that no kept key, child or active/view snapshot needs,
-        then layer dirs no snapshot uses. `keep`: the top chain IDs of the images that remain.
-
-        A layer dir that was never part of a snapshot belongs to a pull still running
-        (unpacked, not yet committed) or to one that crashed: it goes only when old."""
-        removed: list[str] = []
-        released: set[int] = set()
-        dirs: list[int] = []
-        with self.db.transaction() as conn:
-            while True:
-                rows = conn.execute(
-                    "SELECT key, dir_id FROM overlay_snapshots s WHERE kind=? AND NOT EXISTS "
-                    "(SELECT 1 FROM overlay_snapshots c WHERE c.parent = s.key)", (KIND_COMMITTED,)).fetchall()
-                victims = [r for r in rows if r["key"] not in keep]
-                if not victims:
-                    break
-                for r in victims:
-                    conn.execute("DELETE FROM overlay_snapshots WHERE key=?", (r["key"],))
-                    removed.append(r["key"])
-                    released.add(r["dir_id"])
-            old = time.time() - ORPHAN_GRACE_SECONDS
-            for r in conn.execute("SELECT id, created FROM overlay_dirs d WHERE NOT EXISTS "
-                                  "(SELECT 1 FROM overlay_snapshots s WHERE s.dir_id = d.id)").fetchall():
-                if r["id"] in released or r["created"] < old:
-                    conn.execute("DELETE FROM overlay_dirs WHERE id=?", (r["id"],))
-                    dirs.append(r["id"])
-        for d in dirs:
-            shutil.rmtree(self.dir / str(d), ignore_errors=True)
-        return removed
-
-
-def _info(row: sqlite3.Row) -> SnapshotInfo:
-    return SnapshotInfo(row["key"], row["kind"], row["parent"], json.loads(row["labels"]), row["created"])

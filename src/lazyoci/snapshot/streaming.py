@@ -1,4 +1,5 @@
-"""Unpack a layer while it downloads: the pull's LayerConsumer hook for the overlayfs snapshotter.
+"""Unpack a layer while it downloads: the pull's LayerConsumer hook of the snapshotters
+that unpack (overlayfs; soci for layers without a zTOC).
 
 The download thread calls `write(chunk)`; a worker thread of this consumer reads
 the chunks from a bounded queue (so a slow disk slows the download instead of
@@ -20,7 +21,7 @@ from lazyoci.oci.manifest import Descriptor
 from lazyoci.snapshot.unpack import apply_layer_stream, remove_tree
 
 if TYPE_CHECKING:
-    from lazyoci.snapshot.overlay import OverlaySnapshotter
+    from lazyoci.snapshot.layered import LayeredSnapshotter
 
 _QUEUE_CHUNKS = 64           # at most this many chunks wait in memory per layer
 _END = object()
@@ -31,9 +32,9 @@ class _Aborted(Exception):
 
 
 class UnpackingConsumer:
-    """A LayerConsumer (see lazyoci.images.service) that unpacks into the overlayfs snapshotter."""
+    """A LayerConsumer (see lazyoci.images.service) that unpacks into a LayeredSnapshotter."""
 
-    def __init__(self, snapshotter: "OverlaySnapshotter", desc: Descriptor) -> None:
+    def __init__(self, snapshotter: "LayeredSnapshotter", desc: Descriptor) -> None:
         self._snap = snapshotter
         self.desc = desc
         self._staging = snapshotter.new_staging_dir()
