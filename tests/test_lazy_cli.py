@@ -100,3 +100,23 @@ def test_run_soci_of_an_image_not_pulled_yet_is_lazy_and_ps_says_so(registry, da
         for c in _lz(data_root, config, "ps", "-a", "-q", check=False).stdout.split():
             _lz(data_root, config, "rm", "-f", c, check=False)
         _lz(data_root, config, "service", "stop", check=False)
+
+
+def test_explicit_soci_index_digest(registry, data_root, tmp_path):
+    """--soci-index-digest picks the index; a wrong one is an error, never a silent full pull."""
+    push_tricky_image(registry.host, "lazycli/explicit", tmp_path)
+    digest = push_soci_index(registry.host, "lazycli/explicit", tmp_path)
+    ref = f"{registry.host}/lazycli/explicit:latest"
+    config = write_config(tmp_path / "config.yaml")
+    try:
+        wrong = "sha256:" + "0" * 64
+        r = _lz(data_root, config, "pull", "--snapshotter", "soci", "--soci-index-digest", wrong, ref, check=False)
+        assert r.returncode != 0 and "layer-sha256:" not in r.stdout
+        assert len(r.stderr.strip().splitlines()) == 1 and wrong in r.stderr, r.stderr
+        r = _lz(data_root, config, "pull", "--soci-index-digest", digest, ref, check=False)
+        assert r.returncode != 0 and "--snapshotter soci" in r.stderr, r.stderr
+        r = _lz(data_root, config, "pull", "--snapshotter", "soci", "--soci-index-digest", digest, ref)
+        assert "layer-sha256:" not in r.stdout and "INFO" not in r.stderr, (r.stdout, r.stderr)
+        assert _lz(data_root, config, "service", "status").stdout.count("lazycli/explicit") == 3
+    finally:
+        _lz(data_root, config, "service", "stop", check=False)

@@ -45,10 +45,11 @@ def _manager() -> ContainerManager:
 @click.option("--pull", "pull_policy", type=click.Choice(PULL_POLICIES), default="missing",
               help="Pull the image: when missing (default), always, or never.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help="OCI runtime (default: config).")
+@click.option("--soci-index-digest", default=None, help="Use this SOCI index instead of discovering one.")
 @click.argument("ref")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_cmd(snapshotter, auto_remove, detach, interactive, tty, name, env, env_file, entrypoint, workdir,
-            user, platform, pull_policy, runtime, ref, command) -> None:
+            user, platform, pull_policy, runtime, soci_index_digest, ref, command) -> None:
     """Run a command in a new container (pull progress goes to stderr, the output to stdout)."""
     ctx = app()
     env_items: tuple[str, ...] = ()
@@ -62,7 +63,8 @@ def run_cmd(snapshotter, auto_remove, detach, interactive, tty, name, env, env_f
         name=name, detach=detach, interactive=interactive, auto_remove=auto_remove,
         snapshotter=snapshotter or ctx.config.default_snapshotter,
         runtime=runtime or ctx.config.runtime, pull=pull_policy,
-        platform=Platform.parse(platform) if platform else None)
+        platform=Platform.parse(platform) if platform else None,
+        soci_index_digest=soci_index_digest)
     mgr = _manager()
     progress = _LazyProgress()
     try:
@@ -178,9 +180,11 @@ def rm_cmd(force: bool, containers: tuple[str, ...]) -> None:
 @image_group.command("mount")
 @click.option("--snapshotter", type=click.Choice(SNAPSHOTTERS), default=None)
 @click.option("--platform", default=None)
+@click.option("--soci-index-digest", default=None, help="Use this SOCI index instead of discovering one.")
 @click.argument("ref")
 @click.argument("directory", type=click.Path(path_type=Path))
-def image_mount_cmd(snapshotter: str | None, platform: str | None, ref: str, directory: Path) -> None:
+def image_mount_cmd(snapshotter: str | None, platform: str | None, soci_index_digest: str | None,
+                    ref: str, directory: Path) -> None:
     """Mount an image's root filesystem read-only at DIRECTORY (pulling it if needed)."""
     from lazyoci.runtime.mounts import mount_image
 
@@ -189,7 +193,7 @@ def image_mount_cmd(snapshotter: str | None, platform: str | None, ref: str, dir
     try:
         mount_image(DataRoot(ctx.root), ctx.config, image_service(ctx), ref,
                     snapshotter or ctx.config.default_snapshotter, directory.absolute(),
-                    Platform.parse(platform) if platform else None, progress)
+                    Platform.parse(platform) if platform else None, progress, soci_index_digest)
     finally:
         progress.close()
 

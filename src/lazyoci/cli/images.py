@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import sys
@@ -14,7 +15,7 @@ from lazyoci.cli.durations import human_duration
 from lazyoci.cli.main import cli
 from lazyoci.cli.progress import ProgressDisplay, human_bytes
 from lazyoci.config import SNAPSHOTTERS
-from lazyoci.errors import LazyociError
+from lazyoci.errors import ConfigError, LazyociError
 from lazyoci.images.service import ImageService, LocalImage
 from lazyoci.oci.manifest import ImageConfig, chain_ids
 from lazyoci.oci.platform import Platform
@@ -39,47 +40,25 @@ def _platform(text: str | None) -> Platform | None:
 
 
 def pull_image(svc: ImageService, ref: str, platform: Platform | None, snapshotter: str,
-               stream, quiet: bool = False, all_platforms: bool = False) -> LocalImage:
+               stream, quiet: bool = False, all_platforms: bool = False,
+               index_digest: str | None = None) -> LocalImage:
     """Pull with Finch's progress rows on `stream` and prepare the layers for `snapshotter`.
 
-    `run` calls this with stream=sys.stderr. overlayfs unpacks layers while they download;
-    other snapshotters get a full pull here (their lazy hooks plug into ImageService.pull).
+    Each snapshotter pulls its own way: overlayfs unpacks layers while they download,
+    soci mounts indexed layers lazily and downloads the rest (or all, without an index).
     """
-    consumer = None
-    overlay = None
-    if snapshotter == "soci":
-        lazy = _soci_pull(svc, ref, platform, stream, quiet)
-        if lazy is not None:
-            return lazy
-        snapshotter = "soci"          # no lazy support in this build: a full pull, recorded as asked
-    if snapshotter == "overlayfs":
-        from lazyoci.snapshot.overlay import OverlaySnapshotter
-        overlay = OverlaySnapshotter(svc.root)
-        consumer = overlay.layer_consumer
+    from lazyoci.snapshot.registry import get_snapshotter
+
+    snap = get_snapshotter(snapshotter, svc.root, app().config)
     display = None if quiet else ProgressDisplay(stream)
-    if display is None:
-        image = svc.pull(ref, platform, None, consumer, None, snapshotter, all_platforms)
-    else:
-        with display:
-            image = svc.pull(ref, platform, display, consumer, None, snapshotter, all_platforms)
-    if overlay is not None:
-        overlay.unpack_image(svc, image)
+    with display or contextlib.nullcontext():
+        if not all_platforms:
+            return snap.pull(svc, ref, platform, progress=display, index_digest=index_digest)
+        if snapshotter != "overlayfs" or index_digest:
+            raise ConfigError("--all-platforms stores every platform's content; use it with --snapshotter overlayfs")
+        image = svc.pull(ref, platform, display, snap.layer_consumer, None, snapshotter, True)
+    snap.unpack_image(svc, image)
     return image
-
-
-def _soci_pull(svc: ImageService, ref: str, platform: Platform | None, stream, quiet: bool) -> LocalImage | None:
-    """A lazy pull through the soci snapshotter, or None when this build has no lazy loading."""
-    try:
-        from lazyoci.snapshot.soci_pull import lazy_pull
-        from lazyoci.snapshot.registry import get_snapshotter
-    except ImportError:
-        return None
-    snap = get_snapshotter("soci", svc.root, app().config)
-    log = lambda line: click.echo(line, err=True)
-    if quiet:
-        return lazy_pull(snap, svc, ref, platform, None, log)
-    with ProgressDisplay(stream) as display:
-        return lazy_pull(snap, svc, ref, platform, display, log)
 
 
 @cli.command("pull")
@@ -88,14 +67,16 @@ def _soci_pull(svc: ImageService, ref: str, platform: Platform | None, stream, q
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image digest.")
 @click.option("--snapshotter", type=click.Choice(SNAPSHOTTERS), default=None,
               help="How layers are prepared (default: the config's first snapshotter).")
+@click.option("--soci-index-digest", default=None, help="Use this SOCI index instead of discovering one.")
 @click.argument("ref")
-def pull_cmd(platform: str | None, all_platforms: bool, quiet: bool, snapshotter: str | None, ref: str) -> None:
+def pull_cmd(platform: str | None, all_platforms: bool, quiet: bool, snapshotter: str | None,
+             soci_index_digest: str | None, ref: str) -> None:
     """Download an image from a registry."""
     ctx = app()
     svc = image_service(ctx)
     try:
         image = pull_image(svc, ref, _platform(platform), snapshotter or ctx.config.default_snapshotter,
-                           sys.stdout, quiet, all_platforms)
+                           sys.stdout, quiet, all_platforms, soci_index_digest)
     finally:
         svc.close()
     if quiet:

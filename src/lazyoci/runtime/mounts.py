@@ -36,7 +36,8 @@ def _db(root: DataRoot) -> Database:
 
 
 def mount_image(root: DataRoot, config: Config, images: ImageService, ref: str, snapshotter: str,
-                directory: Path, platform: Platform | None = None, progress=None) -> None:
+                directory: Path, platform: Platform | None = None, progress=None,
+                index_digest: str | None = None) -> None:
     """Mount the image `ref` read-only at directory (pulled first if it is not local)."""
     if not directory.is_dir():
         raise ContainerError(f"mount point {directory} is not a directory")
@@ -46,7 +47,7 @@ def mount_image(root: DataRoot, config: Config, images: ImageService, ref: str, 
     try:
         image = images.get(ref, platform)
     except ImageNotFoundError:
-        image = snap.pull(images, ref, platform, progress=progress)
+        image = snap.pull(images, ref, platform, progress=progress, index_digest=index_digest)
     top = snap.unpack_image(images, image)
     key = "mount-" + hashlib.sha256(str(directory).encode()).hexdigest()[:32]
     db = _db(root)

@@ -46,6 +46,7 @@ class RunOptions:
     runtime: str = "runc"
     pull: str = "missing"
     platform: Platform | None = None
+    soci_index_digest: str | None = None     # skip discovery: use this SOCI index (soci only)
 
 
 class ContainerManager:
@@ -57,7 +58,7 @@ class ContainerManager:
 
     # ---- images and rootfs ------------------------------------------------
     def ensure_image(self, ref: str, snapshotter_name: str, policy: str, platform: Platform | None,
-                     progress: ProgressSink | None) -> LocalImage:
+                     progress: ProgressSink | None, index_digest: str | None = None) -> LocalImage:
         if policy not in PULL_POLICIES:
             raise ConfigError(f"--pull must be one of {', '.join(PULL_POLICIES)}, not {policy!r}")
         snap = get_snapshotter(snapshotter_name, self.root, self.config)
@@ -70,13 +71,14 @@ class ContainerManager:
                     raise
         if image is None:
             # Each snapshotter pulls its own way (overlayfs: unpack while downloading; soci: lazily).
-            image = snap.pull(self.images, ref, platform, progress=progress)
+            image = snap.pull(self.images, ref, platform, progress=progress, index_digest=index_digest)
         return image
 
     # ---- run ----------------------------------------------------------------
     def create(self, opts: RunOptions, progress: ProgressSink | None = None) -> tuple[ContainerRecord, Runtime]:
         runtime = Runtime.find(opts.runtime, self.root.path)
-        image = self.ensure_image(opts.image, opts.snapshotter, opts.pull, opts.platform, progress)
+        image = self.ensure_image(opts.image, opts.snapshotter, opts.pull, opts.platform, progress,
+                                  opts.soci_index_digest)
         snap = get_snapshotter(opts.snapshotter, self.root, self.config)
         argv = process_args(image.config, opts.process)    # fail before anything is created
         cid, name = self.store.new_id_and_name(opts.name)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lazyoci.errors import ConfigError
+
 from lazyoci.snapshot.layered import ORPHAN_GRACE_SECONDS, LayeredSnapshotter
 
 if TYPE_CHECKING:
@@ -24,8 +26,11 @@ class OverlaySnapshotter(LayeredSnapshotter):
     table_prefix = "overlay"
     schema_name = "snapshot_overlayfs"
 
-    def pull(self, images: "ImageService", ref: str, platform=None, progress=None) -> "LocalImage":
+    def pull(self, images: "ImageService", ref: str, platform=None, progress=None,
+             index_digest: str | None = None) -> "LocalImage":
         """Pull `ref`, unpacking every layer while it downloads, and commit its snapshots."""
+        if index_digest:
+            raise ConfigError("--soci-index-digest needs --snapshotter soci")
         image = images.pull(ref, platform, progress=progress, layer_consumer=self.layer_consumer,
                             snapshotter=self.name)
         self.unpack_image(images, image)

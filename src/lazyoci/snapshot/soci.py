@@ -137,8 +137,8 @@ class SociSnapshotter(LayeredSnapshotter):
         return removed
 
     # ---- the lazy pull -------------------------------------------------------------
-    def pull(self, images: "ImageService", ref: str, platform=None, progress=None, log=None,
-             index_digest: str | None = None) -> "LocalImage":
+    def pull(self, images: "ImageService", ref: str, platform=None, progress=None,
+             index_digest: str | None = None, log=None) -> "LocalImage":
         """`pull --snapshotter soci`: see lazyoci.snapshot.soci_pull (`log` None: INFO lines go to stderr)."""
         from lazyoci.snapshot.soci_pull import lazy_pull
 
