@@ -9,10 +9,11 @@ APT_PACKAGES := docker-registry skopeo umoci runc flatbuffers-compiler pigz zstd
 	fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv apache2-utils \
 	mmdebstrap iproute2 util-linux busybox-static strace
 
-.PHONY: deps venv test test-fast demo bench clean
+.PHONY: deps test demo bench clean
 
 # System packages: apt-get update first (a fresh machine has no lists).
-.stamp-apt:
+# Depends on the Makefile so that a package added to APT_PACKAGES gets installed.
+.stamp-apt: Makefile
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
@@ -36,6 +37,7 @@ demo: deps
 	$(PY) demo/demo.py
 
 bench: deps
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run_bench.py
 
 clean:
