@@ -12,11 +12,24 @@ IntegrityError (EIO at the FUSE edge). Unverified bytes are never returned.
 Everything here is synchronous and thread-safe: FUSE handlers call it through
 `trio.to_thread.run_sync`, so reads of different spans proceed in parallel
 (zlib and hashlib release the GIL).
+
+Read-ahead: a read that misses the cache also plans the next spans of the layer
+(up to READ_AHEAD_SPANS and READ_AHEAD_BYTES compressed); they are requested by a
+small pool of daemon threads as soon as the missed span's own bytes have arrived,
+so they never share the link with it, and travel while it is inflated and the
+reader moves on. The first read of a span that read-ahead brought in moves the
+window on: a sequential reader keeps a pipeline full, a random one stops after
+one window.
+
+Write-behind: a span is handed to the reader (and to every waiter) as soon as it
+is verified and inflated; one writer thread stores it in the disk cache. Until the
+cache has it, its resolved Future stays in `_inflight`, so no read fetches it again.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -31,7 +44,84 @@ log = logging.getLogger(__name__)
 FetchRange = Callable[[int, int], bytes]     # compressed blob bytes [start, end)
 MAX_SPANS_PER_REQUEST = 16                   # bounds memory per request (16 x 4 MiB spans)
 ATTEMPTS = 3
-_READ_AHEAD = threading.BoundedSemaphore(4)   # read-aheads at once; more are skipped, not queued
+READ_AHEAD_SPANS = 4                         # spans queued past a missed read
+READ_AHEAD_BYTES = 8 << 20                   # ... and at most this many compressed bytes
+READ_AHEAD_WORKERS = 2                       # Range requests in flight for read-ahead
+READ_AHEAD_RUN = 2                           # spans per read-ahead request
+READ_AHEAD_QUEUE = 64                        # queued read-aheads; more are skipped, not queued
+WRITE_BEHIND_QUEUE = 16                      # verified spans waiting for the disk (x 4 MiB)
+
+
+class _ReadAheadPool:
+    """Daemon threads fetching queued spans (a read-ahead never holds up the service's exit)."""
+
+    def __init__(self, workers: int, depth: int) -> None:
+        self._jobs: queue.Queue = queue.Queue(depth)
+        self._workers = workers
+        self._started = False
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        with self._lock:
+            if not self._started:
+                for n in range(self._workers):
+                    threading.Thread(target=self._run, name=f"lazyoci-readahead-{n}", daemon=True).start()
+                self._started = True
+        try:
+            self._jobs.put_nowait(job)
+            return True
+        except queue.Full:
+            return False
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception:       # a job logs its own errors; never let the worker die
+                log.exception("read-ahead job failed")
+
+
+_POOL = _ReadAheadPool(READ_AHEAD_WORKERS, READ_AHEAD_QUEUE)
+
+
+class _WriteBehind:
+    """One daemon thread storing verified spans in the disk cache, in the order they came."""
+
+    def __init__(self, depth: int) -> None:
+        self._jobs: queue.Queue = queue.Queue(depth)   # full: the fetching thread waits (backpressure)
+        self._lock = threading.Lock()
+        self._started = False
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._started:
+                threading.Thread(target=self._run, name="lazyoci-cache-writer", daemon=True).start()
+                self._started = True
+        self._jobs.put(job)
+
+    def flush(self) -> None:
+        """Wait until every span handed over so far is stored (before a cache is closed)."""
+        if self._started:
+            self._jobs.join()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception:
+                log.exception("cache write failed")
+            finally:
+                self._jobs.task_done()
+
+
+_WRITER = _WriteBehind(WRITE_BEHIND_QUEUE)
+
+
+def flush_cache_writes() -> None:
+    """Store every verified span still waiting for the disk (call before closing span caches)."""
+    _WRITER.flush()
 
 
 @dataclass
@@ -61,6 +151,7 @@ class SpanFetcher:
         self.stats = FetchStats()
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
+        self._ahead: set[int] = set()             # spans queued or brought in by read-ahead, not read yet
         self.last_demand = 0.0                    # monotonic time of the last on-demand fetch
 
     # -- public --------------------------------------------------------------
@@ -69,8 +160,12 @@ class SpanFetcher:
         """Verified uncompressed bytes [start, end) of the layer's tar stream."""
         if end <= start:
             return b""
+        ahead = [] if background else self._plan_read_ahead(self.ztoc.spans_for(start, end))
+        start_ahead = (lambda: self._submit_read_ahead(ahead)) if ahead else None
         for _ in range(4):   # a span evicted between fetch and read is simply fetched again
-            fresh = self.ensure(self.ztoc.spans_for(start, end), background=background)
+            fresh = self.ensure(self.ztoc.spans_for(start, end), background=background,
+                                on_transfer=start_ahead)
+            start_ahead = None
             out = bytearray()
             ok = True
             for i in self.ztoc.spans_for(start, end):
@@ -90,26 +185,63 @@ class SpanFetcher:
 
     def prefetch(self, span: int) -> None:
         """Fetch `span` in the background (read-ahead for a file that goes on past a read)."""
-        if not 0 <= span < self.ztoc.num_spans or self.cache.has(span) or span in self._inflight:
-            return
+        if 0 <= span < self.ztoc.num_spans and not self.cache.has(span):
+            self._submit_read_ahead(self._claim_ahead([span]))
 
-        if not _READ_AHEAD.acquire(blocking=False):
-            return
+    def _claim_ahead(self, spans: list[int]) -> list[int]:
+        """Mark the spans that are neither cached nor on their way as read-ahead; returns them."""
+        out = []
+        with self._lock:
+            for j in spans:
+                if j not in self._inflight and j not in self._ahead and not self.cache.has(j):
+                    self._ahead.add(j)
+                    out.append(j)
+        return out
 
-        def job() -> None:
-            try:
-                self.ensure([span])
-            except Exception as e:   # only a read-ahead: the read that needs it will report it
-                log.warning("layer %s: read-ahead of span %d failed: %s", self.layer_digest, span, e)
-            finally:
-                _READ_AHEAD.release()
+    def _plan_read_ahead(self, spans: range | list[int]) -> list[int]:
+        """The spans to read ahead of a read that misses the cache or first touches a read-ahead span."""
+        if not spans:
+            return []
+        touched = False
+        if self._ahead:
+            with self._lock:
+                for i in spans:
+                    if i in self._ahead and i not in self._inflight:
+                        self._ahead.discard(i)
+                        touched = True
+        if not touched and all(self.cache.has(i) for i in spans):
+            return []
+        budget = READ_AHEAD_BYTES
+        want = []
+        for j in range(spans[-1] + 1, min(spans[-1] + 1 + READ_AHEAD_SPANS, self.ztoc.num_spans)):
+            c0, c1 = self.ztoc.span_compressed_range(j)
+            budget -= c1 - c0
+            if budget < 0 and want:
+                break
+            want.append(j)
+        return self._claim_ahead(want)
 
-        # a daemon thread: a read-ahead never holds up the service's exit
-        threading.Thread(target=job, name="lazyoci-readahead", daemon=True).start()
+    def _submit_read_ahead(self, spans: list[int]) -> None:
+        """Queue claimed read-ahead spans, READ_AHEAD_RUN adjacent ones per request."""
+        for run in _runs(spans, READ_AHEAD_RUN):
+            def job(run: list[int] = run) -> None:
+                try:
+                    self.ensure(run, background=True)
+                except Exception as e:   # only a read-ahead: the read that needs it will report it
+                    log.warning("layer %s: read-ahead of spans %s failed: %s", self.layer_digest, run, e)
+                    with self._lock:
+                        self._ahead.difference_update(run)
 
-    def ensure(self, spans: range | list[int], background: bool = False) -> dict[int, bytes]:
-        """Make `spans` cached; returns the bytes of those this call (or a waited-on fetch) produced."""
-        claimed: list[int] = []
+            if not _POOL.submit(job):
+                with self._lock:
+                    self._ahead.difference_update(run)
+
+    def ensure(self, spans: range | list[int], background: bool = False,
+               on_transfer: Callable[[], None] | None = None) -> dict[int, bytes]:
+        """Make `spans` cached; returns the bytes of those this call (or a waited-on fetch) produced.
+
+        `on_transfer` runs once the bytes this call fetches have arrived (at once if it fetches none)."""
+        claimed: dict[int, Future] = {}
         waiting: dict[int, Future] = {}
         with self._lock:
             for i in spans:
@@ -121,34 +253,40 @@ class SpanFetcher:
                 else:
                     fut = Future()
                     self._inflight[i] = fut
-                    claimed.append(i)
+                    claimed[i] = fut
         if not background and claimed:
             self.last_demand = time.monotonic()
+        if on_transfer is not None and not claimed:
+            on_transfer()
+            on_transfer = None
         results: dict[int, bytes] = {}
         try:
-            for run in _runs(claimed):
-                results.update(self._fetch_run(run))
+            for run in _runs(claimed, MAX_SPANS_PER_REQUEST):
+                results.update(self._fetch_run(run, on_transfer))
+                on_transfer = None
         finally:
-            # Whatever happened, release every claim so waiters never hang.
+            # Whatever happened, release every claim so waiters never hang. A resolved claim stays
+            # until the writer has stored it (_stored); a failed one goes now.
             with self._lock:
-                for i in claimed:
-                    fut = self._inflight.pop(i)
+                for i, fut in claimed.items():
                     if not fut.done():
                         fut.set_exception(LazyociError(f"span {i} of {self.layer_digest} was not fetched"))
+                    if fut.exception() is not None and self._inflight.get(i) is fut:
+                        del self._inflight[i]
         for i, fut in waiting.items():
             results[i] = fut.result()      # re-raises the fetcher's IntegrityError/RegistryError
         return results
 
     # -- internals -----------------------------------------------------------
 
-    def _fetch_run(self, run: list[int]) -> dict[int, bytes]:
+    def _fetch_run(self, run: list[int], on_transfer: Callable[[], None] | None = None) -> dict[int, bytes]:
         """Fetch consecutive spans in one Range request, verify, decompress, cache.
 
         Spans that fail verification are fetched again on their own, up to
         ATTEMPTS requests each, then the read fails with IntegrityError.
         """
         out: dict[int, bytes] = {}
-        bad = self._fetch_group(run, 1, out)
+        bad = self._fetch_group(run, 1, out, on_transfer)
         for i in bad:
             for attempt in range(2, ATTEMPTS + 1):
                 if not self._fetch_group([i], attempt, out):
@@ -162,7 +300,8 @@ class SpanFetcher:
                 raise err
         return out
 
-    def _fetch_group(self, group: list[int], attempt: int, out: dict[int, bytes]) -> list[int]:
+    def _fetch_group(self, group: list[int], attempt: int, out: dict[int, bytes],
+                     on_transfer: Callable[[], None] | None = None) -> list[int]:
         """One Range request for `group`; returns the spans that failed verification."""
         lo = self.ztoc.span_compressed_range(group[0])[0]
         hi = self.ztoc.span_compressed_range(group[-1])[1]
@@ -172,6 +311,8 @@ class SpanFetcher:
             log.error("layer %s: fetching spans %d-%d failed: %s", self.layer_digest, group[0], group[-1], e)
             self._fail(group, e)
             raise
+        if on_transfer is not None:
+            on_transfer()
         with self._lock:
             self.stats.requests += 1
             self.stats.bytes += len(blob)
@@ -194,15 +335,23 @@ class SpanFetcher:
             except LazyociError as e:   # verified but does not inflate: the zTOC itself is wrong
                 self._fail(group, e)
                 raise
-            try:
-                self.cache.put(i, data)
-            except OSError as e:    # disk full or the like: the verified bytes still serve this read
-                log.warning("layer %s: cannot cache span %d: %s", self.layer_digest, i, e)
             with self._lock:
                 self.stats.spans += 1
             out[i] = data
             self._resolve(i, data)
+            _WRITER.submit(lambda i=i, data=data: self._store(i, data))
         return bad
+
+    def _store(self, i: int, data: bytes) -> None:
+        """The writer's job: put a verified span in the disk cache, then drop its claim."""
+        try:
+            self.cache.put(i, data)
+        except OSError as e:    # disk full or the like: the verified bytes still served the reads
+            log.warning("layer %s: cannot cache span %d: %s", self.layer_digest, i, e)
+        with self._lock:
+            fut = self._inflight.get(i)
+            if fut is not None and fut.done() and fut.exception() is None:
+                del self._inflight[i]
 
     def _resolve(self, i: int, data: bytes) -> None:
         with self._lock:
@@ -218,11 +367,11 @@ class SpanFetcher:
                 fut.set_exception(exc)
 
 
-def _runs(spans: list[int]) -> list[list[int]]:
-    """Group sorted span indices into runs of consecutive ones (bounded length)."""
+def _runs(spans: list[int], longest: int) -> list[list[int]]:
+    """Group sorted span indices into runs of consecutive ones (at most `longest` each)."""
     runs: list[list[int]] = []
     for i in sorted(spans):
-        if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < MAX_SPANS_PER_REQUEST:
+        if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < longest:
             runs[-1].append(i)
         else:
             runs.append([i])

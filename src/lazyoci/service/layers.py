@@ -22,7 +22,7 @@ from lazyoci.errors import FormatError, LazyociError, StoreError
 from lazyoci.fs.background import BackgroundFetcher
 from lazyoci.fs.layer_fs import LayerFS, LazyLayer
 from lazyoci.fs.span_cache import SpanCache
-from lazyoci.fs.span_fetcher import SpanFetcher
+from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
@@ -141,6 +141,7 @@ class LayerManager:
         layer = self.fs.remove_layer(layer_digest)
         with self._lock:
             self._meta.pop(layer_digest, None)
+        flush_cache_writes()      # spans still on their way to the disk belong in the cache
         self.cache.forget(layer_digest)
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM service_layers WHERE layer_digest=?", (layer_digest,))
@@ -179,6 +180,7 @@ class LayerManager:
     def close(self) -> None:
         if self.background is not None:
             self.background.stop()
+        flush_cache_writes()
         self.cache.close()
         try:
             self.client.close()
