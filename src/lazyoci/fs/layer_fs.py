@@ -7,9 +7,11 @@ named by its layer digest's hex; overlay lowerdirs point at those directories.
 Inode numbers: the mount root is 1; node n of the layer in slot s is
 (s << 32) | (n + 1), with hardlinks answering their target's number. Content is
 immutable, so entries and attributes get long timeouts and reads keep the
-kernel page cache. Reads run the span manager in worker threads
-(`trio.to_thread.run_sync`) so many reads proceed at once; every lazyoci error
-(a digest mismatch above all) becomes EIO and is logged.
+kernel page cache. Reads whose spans are all in the disk cache are served on the
+event loop (a pread; a thread hop would cost more than the read); the others run
+the span manager in worker threads (`trio.to_thread.run_sync`) so many reads
+proceed at once; every lazyoci error (a digest mismatch above all) becomes EIO
+and is logged.
 """
 
 from __future__ import annotations
@@ -292,6 +294,9 @@ class LayerFS(pyfuse3.Operations):
         if last and e.offset + e.size > fetcher.ztoc.span_uncompressed_range(last[0])[1]:
             fetcher.prefetch(last[0] + 1)     # the file goes on in the next span: read ahead
         try:
+            data = fetcher.read_cached(start, end)
+            if data is not None:
+                return data
             return await trio.to_thread.run_sync(fetcher.read, start, end)
         except LazyociError as exc:
             log.error("read of %s in layer %s failed: %s", t.name(n).decode(errors="replace"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import shutil
@@ -51,7 +52,8 @@ class LayerCache:
         self.spans = spans                    # uncompressed [start, end) of every span
         self.total_bytes = spans[-1][1] if spans else 0
         self._owner = owner
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()            # the present map and reads
+        self._write_lock = threading.Lock()      # writers; taken before _lock, never after it
         self.last_used = time.monotonic()
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         meta = f"{ztoc_digest} {len(spans)} {self.total_bytes}\n"
@@ -99,18 +101,23 @@ class LayerCache:
             raise ValueError(f"span {span}: {len(data)} bytes for a {end - start} byte span")
         if self._owner is not None:
             self._owner.make_room(end - start, keep=self)
-        with self._lock:
+        # Writing and syncing hold only the write lock (nobody reads a span that is not present
+        # yet), so cache hits, which take the read lock, never wait for the disk.
+        with self._write_lock:
             if self._present[span]:
                 return
+            if self._data_fd < 0:
+                raise OSError(errno.EBADF, "span cache closed")
             view = memoryview(data)
             off = 0
             while off < len(view):
                 off += os.pwrite(self._data_fd, view[off:], start + off)
             os.fdatasync(self._data_fd)
-            os.pwrite(self._present_fd, b"\1", span)
-            self._present[span] = 1
-            self.cached_bytes += end - start
-            self.last_used = time.monotonic()
+            with self._lock:
+                os.pwrite(self._present_fd, b"\1", span)
+                self._present[span] = 1
+                self.cached_bytes += end - start
+                self.last_used = time.monotonic()
         if self._owner is not None:
             self._owner.grew(end - start)
 
@@ -134,7 +141,7 @@ class LayerCache:
         return freed
 
     def close(self) -> None:
-        with self._lock:
+        with self._write_lock, self._lock:
             for fd in (self._data_fd, self._present_fd):
                 try:
                     os.close(fd)

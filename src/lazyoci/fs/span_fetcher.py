@@ -183,6 +183,24 @@ class SpanFetcher:
                 return bytes(out)
         raise LazyociError(f"layer {self.layer_digest}: span cache too small to serve a read")
 
+    def read_cached(self, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) if every span of them is in the disk cache, else None; never waits
+        for the network, so the FUSE loop serves cache hits itself without a thread hop."""
+        spans = self.ztoc.spans_for(start, end)
+        if not spans or not all(self.cache.has(i) for i in spans):
+            return None
+        ahead = self._plan_read_ahead(spans)     # a first touch of read-ahead moves the window on
+        if ahead:
+            self._submit_read_ahead(ahead)
+        parts = []
+        for i in spans:
+            s0, s1 = self.ztoc.span_uncompressed_range(i)
+            piece = self.cache.read_span_range(i, max(start, s0), min(end, s1))
+            if piece is None:
+                return None
+            parts.append(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def prefetch(self, span: int) -> None:
         """Fetch `span` in the background (read-ahead for a file that goes on past a read)."""
         if 0 <= span < self.ztoc.num_spans and not self.cache.has(span):
