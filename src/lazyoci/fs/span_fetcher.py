@@ -29,7 +29,6 @@ cache has it, its resolved Future stays in `_inflight`, so no read fetches it ag
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -38,6 +37,7 @@ from typing import Callable
 
 from lazyoci.errors import IntegrityError, LazyociError
 from lazyoci.fs.span_cache import LayerCache
+from lazyoci.fs.workers import ReadAheadPool, WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -51,72 +51,8 @@ READ_AHEAD_RUN = 2                           # spans per read-ahead request
 READ_AHEAD_QUEUE = 64                        # queued read-aheads; more are skipped, not queued
 WRITE_BEHIND_QUEUE = 16                      # verified spans waiting for the disk (x 4 MiB)
 
-
-class _ReadAheadPool:
-    """Daemon threads fetching queued spans (a read-ahead never holds up the service's exit)."""
-
-    def __init__(self, workers: int, depth: int) -> None:
-        self._jobs: queue.Queue = queue.Queue(depth)
-        self._workers = workers
-        self._started = False
-        self._lock = threading.Lock()
-
-    def submit(self, job: Callable[[], None]) -> bool:
-        with self._lock:
-            if not self._started:
-                for n in range(self._workers):
-                    threading.Thread(target=self._run, name=f"lazyoci-readahead-{n}", daemon=True).start()
-                self._started = True
-        try:
-            self._jobs.put_nowait(job)
-            return True
-        except queue.Full:
-            return False
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                job()
-            except Exception:       # a job logs its own errors; never let the worker die
-                log.exception("read-ahead job failed")
-
-
-_POOL = _ReadAheadPool(READ_AHEAD_WORKERS, READ_AHEAD_QUEUE)
-
-
-class _WriteBehind:
-    """One daemon thread storing verified spans in the disk cache, in the order they came."""
-
-    def __init__(self, depth: int) -> None:
-        self._jobs: queue.Queue = queue.Queue(depth)   # full: the fetching thread waits (backpressure)
-        self._lock = threading.Lock()
-        self._started = False
-
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            if not self._started:
-                threading.Thread(target=self._run, name="lazyoci-cache-writer", daemon=True).start()
-                self._started = True
-        self._jobs.put(job)
-
-    def flush(self) -> None:
-        """Wait until every span handed over so far is stored (before a cache is closed)."""
-        if self._started:
-            self._jobs.join()
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                job()
-            except Exception:
-                log.exception("cache write failed")
-            finally:
-                self._jobs.task_done()
-
-
-_WRITER = _WriteBehind(WRITE_BEHIND_QUEUE)
+_POOL = ReadAheadPool(READ_AHEAD_WORKERS, READ_AHEAD_QUEUE)
+_WRITER = WriteBehind(WRITE_BEHIND_QUEUE)
 
 
 def flush_cache_writes() -> None:
@@ -366,10 +302,11 @@ class SpanFetcher:
             self.cache.put(i, data)
         except OSError as e:    # disk full or the like: the verified bytes still served the reads
             log.warning("layer %s: cannot cache span %d: %s", self.layer_digest, i, e)
-        with self._lock:
-            fut = self._inflight.get(i)
-            if fut is not None and fut.done() and fut.exception() is None:
-                del self._inflight[i]
+        finally:                # stored or not, the claim goes (a later read fetches it again)
+            with self._lock:
+                fut = self._inflight.get(i)
+                if fut is not None and fut.done() and fut.exception() is None:
+                    del self._inflight[i]
 
     def _resolve(self, i: int, data: bytes) -> None:
         with self._lock:
