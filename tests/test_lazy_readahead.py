@@ -1,0 +1,109 @@
+"""Read-ahead and write-behind of the span manager, on a real gzip layer and its real zTOC.
+
+The fetch function serves byte ranges of the real blob (what the registry would send) and
+records every request, so the tests see exactly which spans went over the "network".
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import time
+import threading
+from pathlib import Path
+
+import pytest
+
+from helpers.images import Entry, make_layer
+from helpers.lazy import ztoc_for
+from lazyoci.errors import IntegrityError
+from lazyoci.fs.span_cache import SpanCache
+from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
+from lazyoci.ztoc import Ztoc
+
+SPAN = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def layer():
+    # incompressible data: every span is about SPAN compressed bytes
+    entries = [Entry(f"f{i}.bin", data=os.urandom(300 << 10)) for i in range(6)]
+    layer = make_layer(entries, "gzip")
+    ztoc = Ztoc.parse(ztoc_for(layer, span_size=SPAN))
+    assert ztoc.num_spans >= 20
+    return layer, ztoc
+
+
+class Ranges:
+    """The blob's bytes by range, every request recorded (optionally corrupting some spans)."""
+
+    def __init__(self, blob: bytes, ztoc: Ztoc, corrupt: set[int] = frozenset()) -> None:
+        self.blob, self.ztoc, self.corrupt = blob, ztoc, corrupt
+        self.requests: list[tuple[int, int]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, start: int, end: int) -> bytes:
+        with self.lock:
+            self.requests.append((start, end))
+        data = bytearray(self.blob[start:end])
+        for i in self.corrupt:
+            c0, c1 = self.ztoc.span_compressed_range(i)
+            if start <= c0 < end:
+                data[c0 - start] ^= 0xFF
+        return bytes(data)
+
+    def spans(self) -> list[int]:
+        out = []
+        for start, end in self.requests:
+            out += [i for i in range(self.ztoc.num_spans)
+                    if start <= self.ztoc.span_compressed_range(i)[0] < end]
+        return out
+
+
+def _fetcher(tmp_path: Path, layer, ztoc: Ztoc, fetch: Ranges) -> SpanFetcher:
+    spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
+    cache = SpanCache(tmp_path / "cache").layer(layer.digest, "sha256:" + "1" * 64, spans)
+    return SpanFetcher(ztoc, fetch, cache, layer.digest)
+
+
+def _wait_idle(fetcher: SpanFetcher, fetch: Ranges) -> None:
+    """Until read-ahead requests stop coming and the writer has stored everything."""
+    seen = -1
+    while seen != len(fetch.requests):
+        seen = len(fetch.requests)
+        time.sleep(0.3)
+        flush_cache_writes()
+
+
+def test_a_miss_reads_ahead_a_sequential_reader_keeps_going_and_no_span_is_fetched_twice(tmp_path, layer):
+    lay, ztoc = layer
+    tar = gzip.decompress(lay.blob)
+    fetch = Ranges(lay.blob, ztoc)
+    f = _fetcher(tmp_path, lay, ztoc, fetch)
+    assert f.read(10, 4096 + 10) == tar[10:4106]
+    _wait_idle(f, fetch)
+    first = sorted(fetch.spans())
+    assert first[0] == 0 and len(first) > 1, "a miss fetches the spans after it too"
+    assert all(f.cache.has(i) for i in first), "fetched spans are stored by the writer"
+    # read on sequentially: the window moves on, every byte is right, nothing fetched twice
+    for off in range(0, 12 * SPAN, 32 << 10):
+        assert f.read(off, off + (32 << 10)) == tar[off:off + (32 << 10)]
+    _wait_idle(f, fetch)
+    spans = fetch.spans()
+    assert len(spans) == len(set(spans)), f"spans fetched twice: {sorted(spans)}"
+    assert max(spans) > 12, "read-ahead runs in front of a sequential reader"
+    assert len(spans) < ztoc.num_spans, "read-ahead stops: the whole layer is not fetched"
+
+
+def test_read_ahead_of_a_corrupt_span_is_never_served_or_cached(tmp_path, layer):
+    lay, ztoc = layer
+    tar = gzip.decompress(lay.blob)
+    fetch = Ranges(lay.blob, ztoc, corrupt={1})
+    f = _fetcher(tmp_path, lay, ztoc, fetch)
+    assert f.read(0, 100) == tar[:100]
+    _wait_idle(f, fetch)
+    assert not f.cache.has(1)
+    s0, s1 = ztoc.span_uncompressed_range(1)
+    with pytest.raises(IntegrityError):
+        f.read(s0, s0 + 100)
+    assert not f.cache.has(1)
