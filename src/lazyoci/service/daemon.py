@@ -18,6 +18,8 @@ Errors: {"ok": false, "error": message, "type": LazyociError subclass name}.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import fcntl
 import json
 import logging
@@ -46,6 +48,26 @@ def _rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MALLOC_KEEP = 64 << 20
+
+
+def _tune_malloc() -> None:
+    """Keep span-sized buffers in the heap instead of a fresh mmap each time.
+
+    Every fetched span allocates several 4 MiB buffers (inflate output, bytes copies); above
+    glibc's mmap threshold each is a new mapping whose pages fault in and are zeroed, then
+    unmapped again. Measured on python-ml's `import torch` (100 MB/s + 20 ms): service CPU
+    8.1-8.8 s -> 6.6-6.8 s, run->ready 10.1/11.9 s -> 9.2/9.1 s, peak RSS +10-15 MiB."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _MALLOC_KEEP)
+        libc.mallopt(_M_TRIM_THRESHOLD, _MALLOC_KEEP)
+    except (OSError, AttributeError):   # not glibc: its allocator's defaults then
+        pass
 
 
 def _unmount_stale(mnt: Path) -> None:
@@ -230,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)  # one line per Range request otherwise
+    _tune_malloc()
     os.ftruncate(pid_fd, 0)
     os.write(pid_fd, f"{os.getpid()}\n".encode())
     try:
