@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from helpers.loopback_server import serve_in_thread, stop_server
+
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                "trailers", "transfer-encoding", "upgrade", "content-length"}
 _ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NOT_FOUND", 429: "TOOMANYREQUESTS"}
@@ -82,6 +84,8 @@ class FaultProxy:
         self.faults: list[Fault] = []
         self.log: list[RequestRecord] = []
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -92,18 +96,12 @@ class FaultProxy:
         class Handler(_Handler):
             owner = proxy
 
-        self._server = _QuietServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        kwargs={"poll_interval": 0.05})
-        self._thread.start()
+        self._server, self._thread = serve_in_thread(Handler, _QuietServer)
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(5)
+            stop_server(self._server, self._thread)
             self._server = None
 
     def __enter__(self) -> "FaultProxy":
@@ -149,20 +147,34 @@ class FaultProxy:
         with self._lock:
             self.log.append(rec)
 
+    def begin_request(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def end_request(self) -> None:
+        with self._lock:
+            self._active -= 1
+            self._idle.notify_all()
+
+    def _settled(self) -> list[RequestRecord]:
+        """The log once requests in flight are recorded (waits up to 2 s; call with the lock held)."""
+        self._idle.wait_for(lambda: self._active == 0, timeout=2)
+        return list(self.log)
+
     @property
     def requests(self) -> int:
         with self._lock:
-            return len(self.log)
+            return len(self._settled())
 
     @property
     def bytes_served(self) -> int:
         with self._lock:
-            return sum(r.bytes_sent for r in self.log)
+            return sum(r.bytes_sent for r in self._settled())
 
     def count(self, method: str | None = None, match: str = "", status: int | None = None) -> int:
         """Requests seen with that method, path substring and answer status."""
         with self._lock:
-            return sum(1 for r in self.log if (method is None or r.method == method)
+            return sum(1 for r in self._settled() if (method is None or r.method == method)
                        and match in r.path and (status is None or r.status == status))
 
 
@@ -203,6 +215,15 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _handle(self) -> None:
+        # Counted from request to record, so that counts read after a client saw its
+        # answer include that request (the record is written after the answer is sent).
+        self.owner.begin_request()
+        try:
+            self._serve()
+        finally:
+            self.owner.end_request()
+
+    def _serve(self) -> None:
         method, path = self.command, self.path
         body = self._read_body()
         fault = self.owner.take_fault(method, path)
