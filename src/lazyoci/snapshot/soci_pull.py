@@ -14,7 +14,9 @@ every layer is downloaded (with rows), the image is recorded as `overlayfs`
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Callable
 
 from lazyoci.errors import LazyociError
@@ -58,6 +60,74 @@ def _store_blob(images: "ImageService", client, ref: Reference, digest: str, siz
             c.execute("INSERT OR IGNORE INTO blob_refs (owner, digest) VALUES (?, ?)", (owner, digest))
 
 
+class _EarlyMounter:
+    """Mounts lazy layers in a worker thread while the pull goes on.
+
+    The service parses each zTOC (CPU, in its own process) while this process downloads
+    the next zTOC and the unindexed layers, instead of after them. Mounts run one at a
+    time, in order; the first error stops the rest and is raised by finish(). rollback()
+    unmounts what this pull mounted (not layers that were already served), so a failed
+    or fallen-back pull leaves nothing mounted.
+    """
+
+    def __init__(self, snap: "SociSnapshotter") -> None:
+        self._snap = snap
+        self._todo: list = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._mounted: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="lazy-mount", daemon=True)
+        self._thread.start()
+
+    def submit(self, rec) -> None:
+        with self._cond:
+            self._todo.append(rec)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        service = self._snap.service
+        while True:
+            with self._cond:
+                while not self._todo and not self._closed:
+                    self._cond.wait()
+                if not self._todo:
+                    return
+                rec = self._todo.pop(0)
+            if self._error is not None:
+                continue                 # drain: the first error stops the remaining mounts
+            try:
+                served = os.path.isdir(self._snap.paths.layer_dir(rec.layer_digest))
+                service.ensure_running()
+                service.mount_layer(rec.ref, rec.layer_digest, rec.ztoc_digest)
+                if not served:
+                    self._mounted.append(rec.layer_digest)
+            except BaseException as e:   # re-raised in the caller's thread by finish()
+                self._error = e
+
+    def _join(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def finish(self) -> None:
+        """Wait for every mount; raise the first mount error."""
+        self._join()
+        if self._error is not None:
+            raise self._error
+
+    def rollback(self) -> None:
+        """Wait, then unmount the layers this pull mounted (best effort: the pull already failed)."""
+        self._join()
+        for digest in reversed(self._mounted):
+            try:
+                self._snap.service.unmount_layer(digest)
+            except LazyociError:
+                pass
+        self._mounted.clear()
+
+
 def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platform: Platform | None = None,
               progress=None, log: Callable[[str], None] | None = None,
               index_digest: str | None = None) -> "LocalImage":
@@ -83,6 +153,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
         snap.service.spawn()        # the daemon starts while the zTOCs and the image download
         source = f"{reference.name}@{manifest_digest}"
         owner = f"soci:{found.digest}"
+        mounter = _EarlyMounter(snap)
         try:
             _store_blob(images, client, reference, found.digest, None, owner, raw=found.manifest.raw)
             for layer in manifest.layers:
@@ -90,23 +161,33 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
                 if zdesc is None:
                     continue
                 _store_blob(images, client, reference, zdesc.digest, zdesc.size, owner)
-                snap.record_lazy_layer(LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest))
+                rec = LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest)
+                snap.record_lazy_layer(rec)
+                mounter.submit(rec)
                 lazy[layer.digest] = zdesc.digest
         except LazyociError as e:
+            mounter.rollback()
             lazy, reason = {}, f"the SOCI index {found.digest} cannot be read ({e})"
+        except BaseException:
+            mounter.rollback()
+            raise
+        if not lazy:
+            mounter.rollback()      # nothing was submitted, or the fallback already rolled back: stop the worker
         if not lazy and reason is None:
             reason = f"the SOCI index {found.digest} has no zTOC for any layer of the image"
     if reason is not None:
         say(f"INFO: {reason} for {reference}: downloading every layer before the container starts "
             f"(no lazy loading)")
-    image = images.pull(ref, platform, progress,
-                        layer_consumer=snap.layer_consumer,
-                        skip_layers=(lambda d: d.digest in lazy) if lazy else None,
-                        snapshotter="soci" if lazy else "overlayfs")
-    snap.unpack_image(images, image)
+    try:
+        image = images.pull(ref, platform, progress,
+                            layer_consumer=snap.layer_consumer,
+                            skip_layers=(lambda d: d.digest in lazy) if lazy else None,
+                            snapshotter="soci" if lazy else "overlayfs")
+        snap.unpack_image(images, image)
+    except BaseException:
+        if lazy:
+            mounter.rollback()
+        raise
     if lazy:
-        snap.service.ensure_running()
-        for layer_digest in lazy:
-            rec = snap.lazy_layer(layer_digest)
-            snap.service.mount_layer(rec.ref, rec.layer_digest, rec.ztoc_digest)
+        mounter.finish()        # the image is recorded, as before: a mount error is raised after it
     return image
