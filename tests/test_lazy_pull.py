@@ -91,3 +91,35 @@ def test_image_without_index_falls_back_with_one_info_line(registry, data_root, 
         assert not ServiceClient(root, soci_config).is_running()   # nothing lazy: no service needed
     finally:
         images.close()
+
+
+def test_failed_lazy_pull_leaves_no_layer_mounted(registry, data_root, tmp_path, soci_config):
+    """Lazy layers are mounted while the image downloads; if the download then fails, the pull
+    unmounts them again: nothing is left served (or recorded by the service) for an unpulled image."""
+    import json
+    import urllib.request
+
+    from helpers.fault_proxy import Fault, FaultProxy
+    from lazyoci.errors import LazyociError
+
+    push_tricky_image(registry.host, "lazy/fail", tmp_path)
+    push_soci_index(registry.host, "lazy/fail", tmp_path)
+    req = urllib.request.Request(f"http://{registry.host}/v2/lazy/fail/manifests/latest",
+                                 headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        manifest = json.loads(r.read())
+    root = DataRoot(data_root)
+    images = ImageService(root)
+    snap = SociSnapshotter(root, load_config(soci_config))
+    client = ServiceClient(root, soci_config)
+    try:
+        with FaultProxy(registry.host) as proxy:
+            # the image config is fetched after every zTOC was stored (and its layer mount sent)
+            proxy.add(Fault("status", status=404, match=f"/blobs/{manifest['config']['digest']}", times=None))
+            with pytest.raises(LazyociError):
+                snap.pull(images, f"{proxy.host}/lazy/fail:latest")
+        assert client.status()["layers"] == []
+        assert not any(client.paths.layer_dir(l["digest"]).exists() for l in manifest["layers"])
+    finally:
+        images.close()
+        client.stop()
