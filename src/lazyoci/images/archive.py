@@ -59,7 +59,7 @@ def save_archive(svc: "ImageService", path: "Path | BinaryIO", refs: list[str], 
             name = None
         names = [name] if name else svc.records.names_of(top)
         image = svc.get(top, platform)
-        if rec.media_type in mt.IMAGE_INDEXES and platform is None and _index_complete(svc, top):
+        if rec.media_type in mt.IMAGE_INDEXES and platform is None and svc.blobs.has_index_content(Index.parse(svc.blobs.read(top))):
             desc = Descriptor(rec.media_type, top, svc.blobs.size(top) or 0)
             index = Index.parse(svc.blobs.read(top), rec.media_type)
             blobs[top] = None
@@ -93,18 +93,6 @@ def save_archive(svc: "ImageService", path: "Path | BinaryIO", refs: list[str], 
     files = [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", index_json),
              ("manifest.json", json.dumps(docker_entries).encode())]
     _write_tar(svc, path, list(blobs), files)
-
-
-def _index_complete(svc: "ImageService", top: str) -> bool:
-    index = Index.parse(svc.blobs.read(top))
-    for d in index.manifests:
-        if not svc.blobs.has(d.digest):
-            return False
-        if d.media_type in mt.IMAGE_MANIFESTS:
-            m = Manifest.parse(svc.blobs.read(d.digest), d.media_type)
-            if not all(svc.blobs.has(b.digest) for b in (m.config, *m.layers)):
-                return False
-    return True
 
 
 def _write_tar(svc: "ImageService", path: "Path | BinaryIO", blobs: list[str],

@@ -36,7 +36,7 @@ class Pusher:
         self.progress(ProgressEvent(str(target), "resolve", "resolved"))
         if rec.media_type in mt.IMAGE_INDEXES:
             index = Index.parse(self.blobs.read(rec.digest), rec.media_type)
-            if platform is None and self._complete(index):
+            if platform is None and self.blobs.has_index_content(index):
                 manifests = [(d, self._read_manifest(d)) for d in index.manifests]
                 for d, m in manifests:
                     self._push_manifest_tree(target, d, m, by_digest=True)
@@ -53,16 +53,6 @@ class Pusher:
         self._push_manifest_tree(target, manifest.descriptor(), manifest, by_digest=False)
         self._remember(target, rec.digest)
         return digest
-
-    def _complete(self, index: Index) -> bool:
-        for d in index.manifests:
-            if not self.blobs.has(d.digest):
-                return False
-            if d.media_type in mt.IMAGE_MANIFESTS:
-                m = Manifest.parse(self.blobs.read(d.digest), d.media_type)
-                if not all(self.blobs.has(b.digest) for b in (m.config, *m.layers)):
-                    return False
-        return True
 
     def _read_manifest(self, d: Descriptor) -> Manifest | None:
         return Manifest.parse(self.blobs.read(d.digest), d.media_type) if d.media_type in mt.IMAGE_MANIFESTS else None

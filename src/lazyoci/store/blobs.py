@@ -16,11 +16,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from lazyoci.errors import IntegrityError, StoreError
 from lazyoci.oci.digest import Digest, DigestVerifier, verify_bytes
 from lazyoci.store.layout import DataRoot
+
+if TYPE_CHECKING:
+    from lazyoci.oci.manifest import Index
 
 _BUFFER = 1 << 20
 
@@ -157,6 +160,23 @@ class BlobStore:
 
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
+
+    def has_index_content(self, index: "Index") -> bool:
+        """Is every manifest of `index`, and each one's config and layers, stored here?
+
+        Save and push hand on the whole index only then; otherwise just the pulled platform.
+        """
+        from lazyoci.oci import mediatypes as mt
+        from lazyoci.oci.manifest import Manifest
+
+        for d in index.manifests:
+            if not self.has(d.digest):
+                return False
+            if d.media_type in mt.IMAGE_MANIFESTS:
+                m = Manifest.parse(self.read(d.digest), d.media_type)
+                if not all(self.has(b.digest) for b in (m.config, *m.layers)):
+                    return False
+        return True
 
     def size(self, digest: str) -> int | None:
         try:
