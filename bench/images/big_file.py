@@ -8,10 +8,9 @@ fetched whole, as a real base layer would be).
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
-from ocibuild import Layout, busybox_tree, tar_tree
+from ocibuild import Layout, busybox_tree, fresh_dir, tar_tree
 
 TARGET = "/data/m-pick/config-100k.bin"
 TARGET_SIZE = 100 * 1024
@@ -42,12 +41,8 @@ def _write(path: Path, size: int, kind: str) -> None:
 
 
 def build(out: Path, work: Path) -> dict:
-    tree = work / "big"
-    if tree.exists():
-        shutil.rmtree(tree)
-    base = work / "busybox"
-    if base.exists():
-        shutil.rmtree(base)
+    tree = fresh_dir(work / "big")
+    base = fresh_dir(work / "busybox")
     busybox_tree(base)
     MiB = 1 << 20
     # names sort so that the 100 KiB target sits between the big files in tar order

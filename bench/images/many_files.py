@@ -8,10 +8,9 @@ with a fixed seed; their paths are listed in /app/needed.txt.
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 
-from ocibuild import Layout, busybox_tree, tar_tree
+from ocibuild import Layout, busybox_tree, fresh_dir, tar_tree
 
 N_FILES = 100_000
 CMD = ["/bin/sh", "-c", "xargs cat < /app/needed.txt > /dev/null && echo ready"]
@@ -29,12 +28,8 @@ def _source(rng: random.Random, size: int) -> bytes:
 
 
 def build(out: Path, work: Path) -> dict:
-    tree = work / "many"
-    if tree.exists():
-        shutil.rmtree(tree)
-    base = work / "busybox"
-    if base.exists():
-        shutil.rmtree(base)
+    tree = fresh_dir(work / "many")
+    base = fresh_dir(work / "busybox")
     busybox_tree(base)
     rng = random.Random(6)
     nm = tree / "app/node_modules"

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -189,6 +190,12 @@ def tar_tree(root: Path):
             tf.add(root / p, arcname=p, recursive=False)
 
     return write
+
+
+def fresh_dir(path: Path) -> Path:
+    """`path`, emptied of what an earlier (maybe interrupted) build left there."""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 def busybox_tree(dest: Path, applets: tuple[str, ...] = ("sh", "cat", "xargs", "echo", "head", "ls",
