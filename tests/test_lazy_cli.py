@@ -120,3 +120,40 @@ def test_explicit_soci_index_digest(registry, data_root, tmp_path):
         assert _lz(data_root, config, "service", "status").stdout.count("lazycli/explicit") == 3
     finally:
         _lz(data_root, config, "service", "stop", check=False)
+
+
+def test_explicit_soci_index_digest_is_checked_even_when_the_image_is_local(registry, data_root, tmp_path):
+    """run/image mount with --soci-index-digest of a local image: a malformed digest, or another
+    image's index, is a one-line error, never silently ignored; the image's own index runs."""
+    push_tricky_image(registry.host, "lazycli/local", tmp_path)
+    digest = push_soci_index(registry.host, "lazycli/local", tmp_path)
+    other = make_layer([Entry("other.bin", data=os.urandom(300_000))])
+    push_image(registry.host, "lazycli/other", [other], image_config([other]), tmp_path)
+    other_digest = push_soci_index(registry.host, "lazycli/other", tmp_path)
+    ref = f"{registry.host}/lazycli/local:latest"
+    config = write_config(tmp_path / "config.yaml")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    def one_line(r: subprocess.CompletedProcess, words: str) -> None:
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert lines[-1].startswith("lazyoci: error:") and words in lines[-1], r.stderr
+
+    try:
+        _lz(data_root, config, "pull", "--snapshotter", "soci", ref)
+        for args in (("run", "--rm", "--snapshotter", "soci"), ("image", "mount", "--snapshotter", "soci")):
+            tail = ("true",) if args[0] == "run" else (str(mnt),)
+            one_line(_lz(data_root, config, *args, "--soci-index-digest", "sha256:bad", ref, *tail, check=False),
+                     "invalid digest 'sha256:bad'")
+            one_line(_lz(data_root, config, *args, "--soci-index-digest", other_digest, ref, *tail, check=False),
+                     other_digest)            # not in this repository: the registry says so
+        one_line(_lz(data_root, config, "run", "--rm", "--pull", "never", "--snapshotter", "soci",
+                     "--soci-index-digest", digest, ref, "true", check=False), "not with --pull never")
+        assert _lz(data_root, config, "run", "--rm", "--snapshotter", "soci", "--soci-index-digest", digest,
+                   ref, "cat", "/etc/passwd").stdout == PASSWD.decode()
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        for c in _lz(data_root, config, "ps", "-a", "-q", check=False).stdout.split():
+            _lz(data_root, config, "rm", "-f", c, check=False)
+        _lz(data_root, config, "service", "stop", check=False)
