@@ -233,6 +233,19 @@ def test_a_killed_pull_leaves_no_part_file_past_the_next_prune_or_pull(tmp_path,
     assert_store_consistent(root)
 
 
+def test_pull_of_a_layer_with_an_invalid_capability_xattr_is_one_line(tmp_path, registry):
+    """The unpack fails (as docker's does) naming the file and the xattr; nothing half-unpacked stays."""
+    layers = [make_layer([Entry("bin", "dir"), Entry("bin/ping", data=b"x", mode=0o755,
+                                                     pax={"SCHILY.xattr.security.capability": "\x01\x02"})])]
+    push_image(registry.host, "cli/badcap", layers, image_config(layers), tmp_path)
+    root = tmp_path / "root"
+    p = run(root, "pull", "--snapshotter", "overlayfs", f"{registry.host}/cli/badcap:latest", check=False)
+    one_line_error(p, "'bin/ping'")
+    assert "security.capability" in p.stderr and "Errno" not in p.stderr
+    assert_store_consistent(root)
+    assert not [d for d in (root / "snapshots").rglob("fs") if d.is_dir()]
+
+
 def test_login_logout(tmp_path):
     htpasswd = tmp_path / "htpasswd"
     subprocess.run(["htpasswd", "-Bbc", str(htpasswd), "alice", "s3cret"], check=True, capture_output=True)
