@@ -120,3 +120,17 @@ def test_a_string_where_the_image_config_wants_a_list_is_an_error(key):
         _config(**{key: ["ok", 3]})
     with pytest.raises(FormatError, match="config.User must be a string"):
         _config(User=0)
+
+
+def test_an_env_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    from lazyoci.runtime.bundle import parse_env_file
+
+    good = tmp_path / "good.env"
+    good.write_text("# comment\nA=1\n\nB\n")
+    assert parse_env_file(good) == ("A=1", "B")
+    bad = tmp_path / "bad.env"
+    bad.write_bytes(b"A=caf\xe9\n")
+    with pytest.raises(ConfigError, match="bad.env is not UTF-8 text"):
+        parse_env_file(bad)
+    with pytest.raises(ConfigError, match="cannot read env file"):
+        parse_env_file(tmp_path)

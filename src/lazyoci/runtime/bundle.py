@@ -52,7 +52,10 @@ class ResolvedUser:
 def parse_env_file(path: Path) -> tuple[str, ...]:
     """docker's --env-file: KEY=VALUE lines, `#` comments, bare KEY takes our environment's value."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"env file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                          f"at offset {e.start})") from None
     except OSError as e:
         raise ConfigError(f"cannot read env file {path}: {e.strerror}") from None
     return tuple(l.strip() for l in lines if l.strip() and not l.lstrip().startswith("#"))
