@@ -63,6 +63,18 @@ def test_yaml_syntax_errors_are_one_line_with_the_file_and_line(tmp_path):
     one_line_error(with_config(tmp_path, "runtime: runc\n\nsnapshotters: a: b\n"), "config.yaml:3:")
 
 
+@pytest.mark.parametrize("text, line, words", [
+    ("[a]: 1\n", 1, "a key must be a plain value"),
+    ("registry_mirrors: {[a]: [b]}\n", 1, "a key must be a plain value"),
+    ("soci:\n  {x: 1}: 2\n", 2, "a key must be a plain value"),
+    ("runtime: runc\nruntime: crun\n", 2, "duplicate key 'runtime'"),
+    ("soci:\n  background_fetch: true\n  background_fetch: false\n", 3, "duplicate key 'background_fetch'"),
+])
+def test_keys_that_are_not_plain_or_repeated_are_one_line(tmp_path, text, line, words):
+    """Unhashable keys crashed the loader (TypeError); a repeated key silently kept the last value."""
+    one_line_error(with_config(tmp_path, text), f"config.yaml:{line}:", words)
+
+
 def test_an_explicit_config_file_must_exist(tmp_path):
     missing = tmp_path / "missing.yaml"
     one_line_error(lazyoci("--root", str(tmp_path / "root"), "--config", str(missing), "images"),

@@ -83,6 +83,10 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
     lines = {}
     for k_node, v_node in node.value:
         key = loader.construct_object(k_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)) or key is None:
+            raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value", k_node.start_mark)
+        if key in out:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", k_node.start_mark)
         out[key] = loader.construct_object(v_node, deep=True)
         lines[key] = k_node.start_mark.line + 1
         if isinstance(v_node, yaml.SequenceNode):
