@@ -157,3 +157,36 @@ def test_explicit_soci_index_digest_is_checked_even_when_the_image_is_local(regi
         for c in _lz(data_root, config, "ps", "-a", "-q", check=False).stdout.split():
             _lz(data_root, config, "rm", "-f", c, check=False)
         _lz(data_root, config, "service", "stop", check=False)
+
+
+def test_status_after_the_service_is_killed_under_a_lazy_container(registry, data_root, tmp_path):
+    """kill -9 of the service while a lazy container runs: status names the stale mount, how to clear
+    it, and the container's overlay stacked on the lost layers; removing the container and starting
+    the service again leaves everything clean."""
+    import signal
+    import time
+
+    push_tricky_image(registry.host, "lazycli/killed", tmp_path)
+    push_soci_index(registry.host, "lazycli/killed", tmp_path)
+    ref = f"{registry.host}/lazycli/killed:latest"
+    config = write_config(tmp_path / "config.yaml")
+    mnt = data_root / "service" / "mnt"
+    try:
+        cid = _lz(data_root, config, "run", "-d", "--snapshotter", "soci", ref, "sleep", "60").stdout.strip()
+        pid = int((data_root / "service" / "lazyoci.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = _lz(data_root, config, "service", "status").stdout
+        assert f"stale FUSE mount remains at {mnt}" in st and f"umount -l {mnt}" in st, st
+        assert "1 mount(s) still stack on its lost layers" in st and cid in st, st
+        _lz(data_root, config, "rm", "-f", cid)
+        assert "lazyoci service start" in _lz(data_root, config, "service", "status").stdout
+        assert "running" in _lz(data_root, config, "service", "start").stdout
+        assert "stale" not in _lz(data_root, config, "service", "status").stdout
+    finally:
+        for c in _lz(data_root, config, "ps", "-a", "-q", check=False).stdout.split():
+            _lz(data_root, config, "rm", "-f", c, check=False)
+        _lz(data_root, config, "service", "stop", "--force", check=False)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
