@@ -119,11 +119,11 @@ def test_load_config_raises_config_error(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("root, words", [
-    ("/etc/passwd", "is not a directory"),
-    ("/proc/nope", "cannot be created"),
-    ("/etc/passwd/sub", "cannot be created"),
+@pytest.mark.parametrize("root, message", [
+    ("/etc/passwd", "data root /etc/passwd is not a directory"),
+    ("/proc/nope", "cannot create data root /proc/nope"),
+    ("/etc/passwd/sub", "cannot create data root /etc/passwd/sub"),
 ])
-def test_a_data_root_that_cannot_be_a_directory_is_one_line(root, words):
-    one_line_error(lazyoci("--root", root, "images"), f"data root {root}", words)
-    one_line_error(lazyoci("images", env={"LAZYOCI_ROOT": root}), f"data root {root}", words)
+def test_a_data_root_that_cannot_be_a_directory_is_one_line(root, message):
+    one_line_error(lazyoci("--root", root, "images"), message)
+    one_line_error(lazyoci("images", env={"LAZYOCI_ROOT": root}), message)

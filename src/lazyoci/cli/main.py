@@ -15,6 +15,7 @@ from lazyoci import __version__
 from lazyoci.cli.context import AppContext
 from lazyoci.config import default_root, load_config
 from lazyoci.errors import ConfigError, LazyociError
+from lazyoci.store.layout import DataRoot
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,15 +41,15 @@ def cli(ctx: click.Context, root: Path | None, config_path: Path | None, debug: 
 
 
 def _data_root(path: Path) -> Path:
-    """The data root, absolute and created (owner-only) if missing; one clear error if it cannot be."""
-    path = path.absolute()
+    """The data root, absolute and created; one clear error if it cannot be a directory."""
+    root = DataRoot(path.absolute())
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        root.ensure()
     except FileExistsError:
-        raise ConfigError(f"data root {path} is not a directory") from None
+        raise ConfigError(f"data root {root.path} is not a directory") from None
     except OSError as e:
-        raise ConfigError(f"data root {path} cannot be created: {e.strerror or e}") from None
-    return path
+        raise ConfigError(f"cannot create data root {root.path}: {e.strerror or e}") from None
+    return root.path
 
 
 def _register() -> None:
