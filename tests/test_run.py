@@ -158,7 +158,7 @@ def test_bad_users_and_a_string_cmd_are_one_line_errors(env, lz, registry):
     one_line(lz("run", "--rm", "-u", "\u0663", env["configured"], check=False), "unable to find user \u0663")
     one_line(lz("run", "--rm", "-u", "0:\u0663", env["configured"], check=False), "unable to find group")
     one_line(lz("run", "--rm", f"{registry.host}/run/stringcmd:latest", check=False),
-             "config.Cmd must be a list of strings")
+             "image config Cmd is not a list of strings")
     assert lz("run", "--rm", "-u", "3", bad_passwd).stdout.startswith("uid=3")
 
 

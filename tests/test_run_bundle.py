@@ -114,11 +114,11 @@ def test_a_string_where_the_image_config_wants_a_list_is_an_error(key):
     """Iterating a string would run each character as an argument; docker's schema wants a list."""
     from lazyoci.errors import FormatError
 
-    with pytest.raises(FormatError, match=f"config.{key} must be a list of strings"):
+    with pytest.raises(FormatError, match=f"image config {key} is not a list of strings"):
         _config(**{key: "echo hello"})
-    with pytest.raises(FormatError, match=f"config.{key} must be a list of strings"):
+    with pytest.raises(FormatError, match=f"image config {key} is not a list of strings"):
         _config(**{key: ["ok", 3]})
-    with pytest.raises(FormatError, match="config.User must be a string"):
+    with pytest.raises(FormatError, match="image config User is not a string"):
         _config(User=0)
 
 

@@ -212,7 +212,7 @@ class ImageConfig:
             Digest.parse(d)
         cfg = obj.get("config") or {}
         if not isinstance(cfg, dict):
-            raise FormatError("image config: config is not a JSON object")
+            raise FormatError("image config config is not a JSON object")
         return cls(
             raw=raw,
             os=obj.get("os", ""),
@@ -237,7 +237,7 @@ def _string_list(cfg: dict[str, Any], key: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise FormatError(f"image config: config.{key} must be a list of strings, not {json.dumps(value)[:60]}")
+        raise FormatError(f"image config {key} is not a list of strings: {json.dumps(value)[:60]}")
     return tuple(value)
 
 
@@ -246,7 +246,7 @@ def _string(cfg: dict[str, Any], key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise FormatError(f"image config: config.{key} must be a string, not {json.dumps(value)[:60]}")
+        raise FormatError(f"image config {key} is not a string: {json.dumps(value)[:60]}")
     return value
 
 
