@@ -14,10 +14,7 @@
       background_interval_ms: 500
       verify: true
 
-Values are checked when read: an unknown key, a value of the wrong type, bytes
-that are not UTF-8 or YAML that does not parse is a ConfigError of one line
-naming the file and line. A config file named explicitly (`--config`,
-LAZYOCI_CONFIG) must exist; only the default one may be missing.
+Values are checked when read: a bad value is a ConfigError naming the file and line.
 """
 
 from __future__ import annotations
@@ -107,7 +104,11 @@ def _strip(obj: Any) -> Any:
 
 
 def load_config(path: Path | None = None) -> Config:
-    """Read the config file; a missing default file gives the defaults."""
+    """Read the config file; a missing default file gives the defaults.
+
+    An unknown or repeated key, a value of the wrong type, bytes that are not UTF-8
+    or YAML that does not parse is one ConfigError naming the file and line. A file
+    named explicitly (`--config`, LAZYOCI_CONFIG) must exist."""
     explicit = path is not None or bool(os.environ.get("LAZYOCI_CONFIG"))
     path = path or default_config_path()
     if not path.exists():
