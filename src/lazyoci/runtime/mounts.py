@@ -13,8 +13,8 @@ from pathlib import Path
 from lazyoci.config import Config
 from lazyoci.errors import ContainerError, ImageNotFoundError, StoreError
 from lazyoci.images.service import ImageService
+from lazyoci.oci.digest import Digest
 from lazyoci.oci.platform import Platform
-from lazyoci.runtime.run import check_index_digest
 from lazyoci.snapshot.mount import is_mountpoint, mount_all, unmount
 from lazyoci.snapshot.registry import get_snapshotter
 from lazyoci.store.db import Database
@@ -46,7 +46,7 @@ def mount_image(root: DataRoot, config: Config, images: ImageService, ref: str, 
         raise ContainerError(f"{directory} is already a mount point")
     snap = get_snapshotter(snapshotter, root, config)
     if index_digest is not None:        # an explicit index is checked by a pull, even of a local image
-        check_index_digest(index_digest)
+        Digest.parse(index_digest)      # malformed: one error before anything
         image = snap.pull(images, ref, platform, progress=progress, index_digest=index_digest)
     else:
         try:
