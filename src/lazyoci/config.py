@@ -80,7 +80,7 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
     lines = {}
     for k_node, v_node in node.value:
         key = loader.construct_object(k_node, deep=True)
-        if not isinstance(key, (str, int, float, bool)) or key is None:
+        if not isinstance(key, (str, int, float, bool)):
             raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value", k_node.start_mark)
         if key in out:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", k_node.start_mark)
