@@ -179,6 +179,73 @@ def test_interrupted_pull_leaves_nothing_half_written(tmp_path, registry, how):
     assert_store_consistent(root)
 
 
+def _layer_parts(root: Path, layer: str, before: set[Path], p: subprocess.Popen) -> set[Path]:
+    """Wait for a new temporary file of the layer `layer` under <root>/tmp; the new ones."""
+    tmp = root / "tmp"
+    label = layer.split(":")[1][:16]
+    deadline = time.monotonic() + 30
+    while True:
+        new = {f for f in tmp.iterdir() if f.name.startswith(label)} - before if tmp.is_dir() else set()
+        if new:
+            return new
+        assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.02)
+
+
+def _killed_pull(root: Path, ref: str, layer: str) -> set[Path]:
+    """kill -9 of `pull ref` while it downloads `layer` (held up by the proxy); its .part files."""
+    p = subprocess.Popen([LAZYOCI, "--root", str(root), "pull", ref],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parts = _layer_parts(root, layer, set(), p)
+    p.kill()
+    p.wait(30)
+    return parts
+
+
+def test_a_killed_pull_leaves_no_part_file_past_the_next_prune_or_pull(tmp_path, registry):
+    """kill -9 of `pull` mid-download: the very next `image prune` or pull (of anything) removes its
+    .part file, never a live pull's, and the store stays consistent."""
+    from helpers.fault_proxy import Fault, FaultProxy
+    big = [make_layer([Entry("big", data=os.urandom(1_000_000))])]
+    small = [make_layer([Entry("small", data=b"small")])]
+    push_image(registry.host, "cli/killed-big", big, image_config(big), tmp_path)
+    push_image(registry.host, "cli/killed-small", small, image_config(small), tmp_path)
+    root = tmp_path / "root"
+    with FaultProxy(registry.host) as proxy:
+        big_ref, small_ref = f"{proxy.host}/cli/killed-big:latest", f"{proxy.host}/cli/killed-small:latest"
+        proxy.add(Fault("delay", seconds=5.0, match=f"/blobs/{big[0].digest}", method="GET", times=None))
+        dead = _killed_pull(root, big_ref, big[0].digest)
+        assert all(f.exists() and f.name.endswith(".part") for f in dead)
+        run(root, "image", "prune")                           # right away: no waiting for files to age
+        assert not any(f.exists() for f in dead)
+        live = subprocess.Popen([LAZYOCI, "--root", str(root), "pull", "-q", big_ref],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        live_parts = _layer_parts(root, big[0].digest, set(), live)
+        run(root, "image", "prune")
+        assert all(f.exists() for f in live_parts)            # a concurrent pull's file is never removed
+        out, err = live.communicate(timeout=60)
+        assert live.returncode == 0, err
+        run(root, "rmi", big_ref)
+        dead = _killed_pull(root, big_ref, big[0].digest)
+        proxy.clear()
+        run(root, "pull", "-q", small_ref)                    # a pull of another image cleans up too
+        assert not any(f.exists() for f in dead)
+    assert_store_consistent(root)
+
+
+def test_pull_of_a_layer_with_an_invalid_capability_xattr_is_one_line(tmp_path, registry):
+    """The unpack fails (as docker's does) naming the file and the xattr; nothing half-unpacked stays."""
+    layers = [make_layer([Entry("bin", "dir"), Entry("bin/ping", data=b"x", mode=0o755,
+                                                     pax={"SCHILY.xattr.security.capability": "\x01\x02"})])]
+    push_image(registry.host, "cli/badcap", layers, image_config(layers), tmp_path)
+    root = tmp_path / "root"
+    p = run(root, "pull", "--snapshotter", "overlayfs", f"{registry.host}/cli/badcap:latest", check=False)
+    one_line_error(p, "'bin/ping'")
+    assert "security.capability" in p.stderr and "Errno" not in p.stderr
+    assert_store_consistent(root)
+    assert not [d for d in (root / "snapshots").rglob("fs") if d.is_dir()]
+
+
 def test_login_logout(tmp_path):
     htpasswd = tmp_path / "htpasswd"
     subprocess.run(["htpasswd", "-Bbc", str(htpasswd), "alice", "s3cret"], check=True, capture_output=True)

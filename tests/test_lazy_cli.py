@@ -120,3 +120,73 @@ def test_explicit_soci_index_digest(registry, data_root, tmp_path):
         assert _lz(data_root, config, "service", "status").stdout.count("lazycli/explicit") == 3
     finally:
         _lz(data_root, config, "service", "stop", check=False)
+
+
+def test_explicit_soci_index_digest_is_checked_even_when_the_image_is_local(registry, data_root, tmp_path):
+    """run/image mount with --soci-index-digest of a local image: a malformed digest, or another
+    image's index, is a one-line error, never silently ignored; the image's own index runs."""
+    push_tricky_image(registry.host, "lazycli/local", tmp_path)
+    digest = push_soci_index(registry.host, "lazycli/local", tmp_path)
+    other = make_layer([Entry("other.bin", data=os.urandom(300_000))])
+    push_image(registry.host, "lazycli/other", [other], image_config([other]), tmp_path)
+    other_digest = push_soci_index(registry.host, "lazycli/other", tmp_path)
+    ref = f"{registry.host}/lazycli/local:latest"
+    config = write_config(tmp_path / "config.yaml")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    def one_line(r: subprocess.CompletedProcess, words: str) -> None:
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert lines[-1].startswith("lazyoci: error:") and words in lines[-1], r.stderr
+
+    try:
+        _lz(data_root, config, "pull", "--snapshotter", "soci", ref)
+        for args in (("run", "--rm", "--snapshotter", "soci"), ("image", "mount", "--snapshotter", "soci")):
+            tail = ("true",) if args[0] == "run" else (str(mnt),)
+            one_line(_lz(data_root, config, *args, "--soci-index-digest", "sha256:bad", ref, *tail, check=False),
+                     "invalid digest 'sha256:bad'")
+            one_line(_lz(data_root, config, *args, "--soci-index-digest", other_digest, ref, *tail, check=False),
+                     other_digest)            # not in this repository: the registry says so
+        one_line(_lz(data_root, config, "run", "--rm", "--pull", "never", "--snapshotter", "soci",
+                     "--soci-index-digest", digest, ref, "true", check=False), "not with --pull never")
+        assert _lz(data_root, config, "run", "--rm", "--snapshotter", "soci", "--soci-index-digest", digest,
+                   ref, "cat", "/etc/passwd").stdout == PASSWD.decode()
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        for c in _lz(data_root, config, "ps", "-a", "-q", check=False).stdout.split():
+            _lz(data_root, config, "rm", "-f", c, check=False)
+        _lz(data_root, config, "service", "stop", check=False)
+
+
+def test_status_after_the_service_is_killed_under_a_lazy_container(registry, data_root, tmp_path):
+    """kill -9 of the service while a lazy container runs: status names the stale mount, how to clear
+    it, and the container's overlay stacked on the lost layers; removing the container and starting
+    the service again leaves everything clean."""
+    import signal
+    import time
+
+    push_tricky_image(registry.host, "lazycli/killed", tmp_path)
+    push_soci_index(registry.host, "lazycli/killed", tmp_path)
+    ref = f"{registry.host}/lazycli/killed:latest"
+    config = write_config(tmp_path / "config.yaml")
+    mnt = data_root / "service" / "mnt"
+    try:
+        cid = _lz(data_root, config, "run", "-d", "--snapshotter", "soci", ref, "sleep", "60").stdout.strip()
+        pid = int((data_root / "service" / "lazyoci.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = _lz(data_root, config, "service", "status").stdout
+        assert f"stale FUSE mount remains at {mnt}" in st and f"umount -l {mnt}" in st, st
+        assert "1 mount(s) still stack on its lost layers" in st and cid in st, st
+        _lz(data_root, config, "rm", "-f", cid)
+        assert "lazyoci service start" in _lz(data_root, config, "service", "status").stdout
+        assert "running" in _lz(data_root, config, "service", "start").stdout
+        assert "stale" not in _lz(data_root, config, "service", "status").stdout
+    finally:
+        for c in _lz(data_root, config, "ps", "-a", "-q", check=False).stdout.split():
+            _lz(data_root, config, "rm", "-f", c, check=False)
+        _lz(data_root, config, "service", "stop", "--force", check=False)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

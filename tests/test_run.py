@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.images import image_config, push_image
+from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.tricky_image import PASSWD, push_tricky_image, tricky_layers
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
@@ -136,6 +136,30 @@ def test_config_env_workdir_user_and_entrypoint(env, lz):
     assert r.returncode != 0 and "nosuchuser" in r.stderr
     r = lz("run", "--rm", "--entrypoint", "", env["configured"], check=False)
     assert r.returncode != 0 and "no command" in r.stderr
+
+
+def test_bad_users_and_a_string_cmd_are_one_line_errors(env, lz, registry):
+    """Non-numeric ids in the image's passwd, non-ASCII digits in -u, a string Cmd: one line, nothing runs."""
+    layers = tricky_layers() + [make_layer([Entry("etc/passwd", data=PASSWD + b"bad:x:abc:1::/:/bin/sh\n")])]
+    push_image(registry.host, "run/badpasswd", layers, image_config(layers, cmd=["/bin/id"]), env["work"])
+    bad_passwd = f"{registry.host}/run/badpasswd:latest"
+    cfg = json.loads(image_config(layers))
+    cfg["config"]["Cmd"] = "echo hello"
+    push_image(registry.host, "run/stringcmd", layers, json.dumps(cfg).encode(), env["work"])
+
+    def one_line(r: subprocess.CompletedProcess, words: str) -> None:
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and r.stdout == "", r.stdout
+        assert lines[-1].startswith("lazyoci: error:") and words in lines[-1], r.stderr
+        assert "Traceback" not in r.stderr
+
+    lz("pull", "-q", bad_passwd)
+    one_line(lz("run", "--rm", "-u", "bad", bad_passwd, check=False), "its uid 'abc' is not a number")
+    one_line(lz("run", "--rm", "-u", "\u0663", env["configured"], check=False), "unable to find user \u0663")
+    one_line(lz("run", "--rm", "-u", "0:\u0663", env["configured"], check=False), "unable to find group")
+    one_line(lz("run", "--rm", f"{registry.host}/run/stringcmd:latest", check=False),
+             "image config Cmd is not a list of strings")
+    assert lz("run", "--rm", "-u", "3", bad_passwd).stdout.startswith("uid=3")
 
 
 def test_host_network_and_generated_etc_files(env, lz):

@@ -80,3 +80,45 @@ def test_concurrent_starts_make_one_service(data_root, tmp_path):
             assert sum(line.split()[4] == str(client.paths.mountpoint) for line in f) == 1
     finally:
         client.stop(force=True)
+
+
+def test_status_after_kill_9_names_the_stale_mount_and_start_takes_it_over(data_root, tmp_path):
+    """`service status` after a kill -9 says a stale FUSE mount remains and how to clear it;
+    `service start` detaches it and serves again; `service stop` then leaves no mount."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lazyoci = str(Path(sys.executable).parent / "lazyoci")
+    config = write_config(tmp_path / "c.yaml")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([lazyoci, "--root", str(data_root), "--config", str(config), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    client = ServiceClient(DataRoot(data_root), config)
+    mnt = client.paths.mountpoint
+    try:
+        first = client.start()
+        os.kill(first["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while client._daemon_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _mounted(mnt)
+        for args in (("service", "status"), ("vm", "status"), ("service", "stop")):
+            r = cli(*args)
+            assert r.returncode == 0, r.stderr
+            assert "not running" in r.stdout and f"stale FUSE mount remains at {mnt}" in r.stdout, r.stdout
+            assert "lazyoci service start" in r.stdout and f"umount -l {mnt}" in r.stdout, r.stdout
+        r = cli("service", "start")
+        assert r.returncode == 0 and "running" in r.stdout, r.stderr
+        assert os.listdir(mnt) == []                  # a live mount again, not "not connected"
+        assert "stale" not in cli("service", "status").stdout
+        assert cli("service", "stop").returncode == 0
+        r = cli("service", "status")
+        assert r.stdout.strip() == "lazyoci service is not running", r.stdout
+    finally:
+        client.stop(force=True)
+        if _mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert not _mounted(mnt)

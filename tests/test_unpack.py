@@ -303,3 +303,17 @@ def test_bad_checksum_and_sparse_members_are_format_errors(tmp_path):
     with pytest.raises(FormatError, match="sparse"):
         apply_layer_stream(sparse, "application/vnd.oci.image.layer.v1.tar", tmp_path / "b")
 
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "symlink", "fifo"])
+def test_an_invalid_security_capability_xattr_fails_naming_the_entry_and_the_xattr(tmp_path, kind):
+    """The kernel refuses a malformed security.capability (EINVAL); the unpack fails, as docker's does,
+    with the entry and the xattr named (not "[Errno 22] Invalid argument: 4")."""
+    entry = Entry("usr/bin/ping", kind, linkname="busybox" if kind == "symlink" else "",
+                  pax={"SCHILY.xattr.security.capability": "\x01\x02\x03\x04"})
+    layer = make_layer([Entry("usr", "dir"), Entry("usr/bin", "dir"), entry])
+    with pytest.raises(FormatError) as info:
+        _apply(layer, tmp_path / "l")
+    message = str(info.value)
+    assert "'usr/bin/ping'" in message and "security.capability" in message, message
+    assert "Invalid argument" in message and "Errno" not in message, message

@@ -30,6 +30,7 @@ from lazyoci.errors import ConfigError
 
 SNAPSHOTTERS = ("overlayfs", "soci")
 RUNTIMES = ("runc", "crun")
+TOP_LEVEL_KEYS = ("snapshotters", "runtime", "insecure_registries", "registry_mirrors", "soci")
 
 
 def default_root() -> Path:
@@ -79,6 +80,10 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
     lines = {}
     for k_node, v_node in node.value:
         key = loader.construct_object(k_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)):
+            raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value", k_node.start_mark)
+        if key in out:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", k_node.start_mark)
         out[key] = loader.construct_object(v_node, deep=True)
         lines[key] = k_node.start_mark.line + 1
         if isinstance(v_node, yaml.SequenceNode):
@@ -99,14 +104,24 @@ def _strip(obj: Any) -> Any:
 
 
 def load_config(path: Path | None = None) -> Config:
-    """Read the config file; a missing file gives the defaults."""
+    """Read the config file; a missing default file gives the defaults.
+
+    An unknown or repeated key, a value of the wrong type, bytes that are not UTF-8
+    or YAML that does not parse is one ConfigError naming the file and line. A file
+    named explicitly (`--config`, LAZYOCI_CONFIG) must exist."""
+    explicit = path is not None or bool(os.environ.get("LAZYOCI_CONFIG"))
     path = path or default_config_path()
     if not path.exists():
+        if explicit:
+            raise ConfigError(f"{path}: no such config file")
         return Config(path=None)
     try:
-        doc = yaml.load(path.read_text(), Loader=_LineLoader)
+        text = path.read_bytes().decode("utf-8")
+        doc = yaml.load(text, Loader=_LineLoader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}:{_yaml_error_line(e)}: invalid YAML: {_yaml_problem(e)}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     if doc is None:
@@ -118,9 +133,11 @@ def load_config(path: Path | None = None) -> Config:
     def where(key: str) -> str:
         return f"{path}:{lines.get(key, '?')}"
 
-    snaps = doc.get("snapshotters") or []
-    if isinstance(snaps, str):
-        snaps = [snaps]
+    for key in doc:
+        if key != "__lines__" and key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"{where(key)}: unknown setting {key!r} "
+                              f"(known: {', '.join(TOP_LEVEL_KEYS)})")
+    snaps = _default_if_unset(doc, "snapshotters", [])
     if not isinstance(snaps, list):
         raise ConfigError(f"{where('snapshotters')}: snapshotters must be a list")
     item_lines = lines.get(("snapshotters", "items"), [])
@@ -130,23 +147,22 @@ def load_config(path: Path | None = None) -> Config:
             raise ConfigError(
                 f"{path}:{line}: unknown snapshotter {s!r} (supported: {', '.join(SNAPSHOTTERS)})"
             )
-    runtime = doc.get("runtime", "runc")
+    runtime = _default_if_unset(doc, "runtime", "runc")
     if runtime not in RUNTIMES:
         raise ConfigError(f"{where('runtime')}: unknown runtime {runtime!r} (supported: runc, crun)")
-    insecure = doc.get("insecure_registries") or []
+    insecure = _default_if_unset(doc, "insecure_registries", [])
     if not isinstance(insecure, list) or not all(isinstance(x, str) for x in insecure):
         raise ConfigError(f"{where('insecure_registries')}: insecure_registries must be a list of hosts")
-    mirrors_raw = _strip(doc.get("registry_mirrors") or {})
-    if not isinstance(mirrors_raw, dict):
+    mirrors_doc = _default_if_unset(doc, "registry_mirrors", {})
+    if not isinstance(mirrors_doc, dict):
         raise ConfigError(f"{where('registry_mirrors')}: registry_mirrors must map a registry to a list of URLs")
+    host_lines = mirrors_doc.get("__lines__", {})
     mirrors: dict[str, tuple[str, ...]] = {}
-    for host, urls in mirrors_raw.items():
-        if isinstance(urls, str):
-            urls = [urls]
+    for host, urls in _strip(mirrors_doc).items():
         if not isinstance(urls, list) or not all(isinstance(u, str) and "://" in u for u in urls):
-            raise ConfigError(f"{where('registry_mirrors')}: mirrors of {host!r} must be a list of URLs")
+            raise ConfigError(f"{path}:{host_lines.get(host, '?')}: mirrors of {host!r} must be a list of URLs")
         mirrors[str(host)] = tuple(urls)
-    soci_doc = doc.get("soci") or {}
+    soci_doc = _default_if_unset(doc, "soci", {})
     if not isinstance(soci_doc, dict):
         raise ConfigError(f"{where('soci')}: soci must be a mapping")
     soci = _parse_soci(soci_doc, path)
@@ -158,6 +174,26 @@ def load_config(path: Path | None = None) -> Config:
         registry_mirrors=mirrors,
         soci=soci,
     )
+
+
+def _default_if_unset(doc: dict, key: str, default: Any) -> Any:
+    """The value of `key`; an absent key or an empty YAML value (`key:`) means the default."""
+    value = doc.get(key)
+    return default if value is None else value
+
+
+def _yaml_error_line(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return str(mark.line + 1) if mark is not None else "?"
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's message without its multi-line excerpt of the file."""
+    problem = getattr(e, "problem", None)
+    context = getattr(e, "context", None)
+    if problem:
+        return f"{context}, {problem}" if context else problem
+    return str(e).splitlines()[0]
 
 
 def _parse_soci(doc: dict, path: Path) -> SociConfig:
@@ -173,7 +209,7 @@ def _parse_soci(doc: dict, path: Path) -> SociConfig:
         if key not in known:
             raise ConfigError(f"{path}:{lines.get(key, '?')}: unknown soci setting {key!r}")
         want = known[key]
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
             raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.{key} has the wrong type")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.{key} must not be negative")

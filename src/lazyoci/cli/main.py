@@ -13,8 +13,9 @@ import click
 
 from lazyoci import __version__
 from lazyoci.cli.context import AppContext
-from lazyoci.config import default_config_path, default_root, load_config
-from lazyoci.errors import LazyociError
+from lazyoci.config import default_root, load_config
+from lazyoci.errors import ConfigError, LazyociError
+from lazyoci.store.layout import DataRoot
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,13 +31,25 @@ from lazyoci.errors import LazyociError
 def cli(ctx: click.Context, root: Path | None, config_path: Path | None, debug: bool,
         insecure_registry: tuple[str, ...]) -> None:
     """lazyoci: containers that start before their images finish downloading."""
-    config = load_config(config_path or default_config_path())
+    config = load_config(config_path)
     ctx.obj = AppContext(
-        root=(root or default_root()).absolute(),
+        root=_data_root(root or default_root()),
         config=config,
         debug=debug,
         insecure_registries=tuple(insecure_registry) + config.insecure_registries,
     )
+
+
+def _data_root(path: Path) -> Path:
+    """The data root, absolute and created; one clear error if it cannot be a directory."""
+    root = DataRoot(path.absolute())
+    try:
+        root.ensure()
+    except FileExistsError:
+        raise ConfigError(f"data root {root.path} is not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"cannot create data root {root.path}: {e.strerror or e}") from None
+    return root.path
 
 
 def _register() -> None:

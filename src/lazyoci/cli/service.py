@@ -29,16 +29,31 @@ def _start() -> None:
 
 
 def _stop(force: bool) -> None:
-    if _client().stop(force=force):
+    client = _client()
+    if client.stop(force=force):
         click.echo("lazyoci service stopped")
     else:
+        _not_running(client)
+
+
+def _not_running(client: ServiceClient) -> None:
+    """Say the service is not running, and what a killed one left behind."""
+    stale = client.stale_mount()
+    if stale is None:
         click.echo("lazyoci service is not running")
+        return
+    click.echo(f"lazyoci service is not running, but a stale FUSE mount remains at {stale} (the service "
+               f"was killed): run `lazyoci service start` to take it over, or `umount -l {stale}`")
+    users = client.users()
+    if users:
+        click.echo(f"{len(users)} mount(s) still stack on its lost layers ({', '.join(users[:3])}"
+                   f"{', ...' if len(users) > 3 else ''}): remove those containers and image mounts")
 
 
 def _status() -> None:
     client = _client()
     if not client.is_running():
-        click.echo("lazyoci service is not running")
+        _not_running(client)
         return
     st = client.status()
     click.echo(f"lazyoci service is running (pid {st['pid']}, RSS {_human(st['rss_bytes'])}), "

@@ -211,21 +211,43 @@ class ImageConfig:
         for d in diff_ids:
             Digest.parse(d)
         cfg = obj.get("config") or {}
+        if not isinstance(cfg, dict):
+            raise FormatError("image config config is not a JSON object")
         return cls(
             raw=raw,
             os=obj.get("os", ""),
             architecture=obj.get("architecture", ""),
             variant=obj.get("variant"),
             diff_ids=tuple(diff_ids),
-            env=tuple(cfg.get("Env") or ()),
-            entrypoint=tuple(cfg.get("Entrypoint") or ()),
-            cmd=tuple(cfg.get("Cmd") or ()),
-            working_dir=cfg.get("WorkingDir") or "",
-            user=cfg.get("User") or "",
+            env=_string_list(cfg, "Env"),
+            entrypoint=_string_list(cfg, "Entrypoint"),
+            cmd=_string_list(cfg, "Cmd"),
+            working_dir=_string(cfg, "WorkingDir"),
+            user=_string(cfg, "User"),
             created=obj.get("created"),
             labels=dict(cfg.get("Labels") or {}),
             stop_signal=cfg.get("StopSignal"),
         )
+
+
+def _string_list(cfg: dict[str, Any], key: str) -> tuple[str, ...]:
+    """An image config list such as Cmd: a string is refused, as the OCI schema and containerd do
+    (iterating it would run each character as an argument)."""
+    value = cfg.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FormatError(f"image config {key} is not a list of strings: {json.dumps(value)[:60]}")
+    return tuple(value)
+
+
+def _string(cfg: dict[str, Any], key: str) -> str:
+    value = cfg.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise FormatError(f"image config {key} is not a string: {json.dumps(value)[:60]}")
+    return value
 
 
 def parse_any(raw: bytes, media_type: str | None = None) -> Manifest | Index:

@@ -52,7 +52,10 @@ class ResolvedUser:
 def parse_env_file(path: Path) -> tuple[str, ...]:
     """docker's --env-file: KEY=VALUE lines, `#` comments, bare KEY takes our environment's value."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"env file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                          f"at offset {e.start})") from None
     except OSError as e:
         raise ConfigError(f"cannot read env file {path}: {e.strerror}") from None
     return tuple(l.strip() for l in lines if l.strip() and not l.lstrip().startswith("#"))
@@ -132,32 +135,54 @@ def _read_image_file(rootfs: Path, rel: str) -> list[list[str]]:
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 
 
+MAX_ID = 0xFFFFFFFE    # (uid_t)-1 means "no change" to the kernel, so it is not an id
+
+
+def parse_id(text: str) -> int | None:
+    """A uid or gid written in ASCII digits, else None.
+
+    `int()` and `str.isdigit` also accept other scripts' digits ("٣" is 3), which
+    no passwd file, runc or docker means as a number."""
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
+
+
+def _entry_id(record: list[str], field: int, file: str, what: str) -> int:
+    """The uid/gid field of a passwd/group record the container will use; a clear error if it is not a number."""
+    value = parse_id(record[field])
+    if value is None:
+        raise ContainerError(f"invalid {file} entry {record[0]!r} in the image: "
+                             f"its {what} {record[field]!r} is not a number")
+    return value
+
+
 def resolve_user(rootfs: Path, spec: str) -> ResolvedUser:
     """USER[:GROUP] by name or number, as docker resolves it against the image's files."""
     user, _, group = (spec or "0").partition(":")
     passwd = [r for r in _read_image_file(rootfs, "etc/passwd") if len(r) >= 7]
     groups = [r for r in _read_image_file(rootfs, "etc/group") if len(r) >= 4]
     entry = None
-    if user.isdigit():
-        uid = int(user)
-        entry = next((r for r in passwd if r[2] == user), None)
+    uid = parse_id(user)
+    if uid is not None:
+        entry = next((r for r in passwd if parse_id(r[2]) == uid), None)
     else:
         entry = next((r for r in passwd if r[0] == user), None)
         if entry is None:
             raise ContainerError(f"unable to find user {user}: no matching entries in passwd file")
-        uid = int(entry[2])
-    gid = int(entry[3]) if entry is not None and entry[3].isdigit() else 0
+        uid = _entry_id(entry, 2, "/etc/passwd", "uid")
+    gid = _entry_id(entry, 3, "/etc/passwd", "gid") if entry is not None else 0
     if group:
-        if group.isdigit():
-            gid = int(group)
-        else:
+        gid = parse_id(group)
+        if gid is None:
             g = next((r for r in groups if r[0] == group), None)
             if g is None:
                 raise ContainerError(f"unable to find group {group}: no matching entries in group file")
-            gid = int(g[2])
+            gid = _entry_id(g, 2, "/etc/group", "gid")
     name = entry[0] if entry is not None else None
-    extra = tuple(sorted({int(r[2]) for r in groups
-                          if name and name in r[3].split(",") and r[2].isdigit() and int(r[2]) != gid}))
+    extra = tuple(sorted({n for r in groups if name and name in r[3].split(",")
+                          for n in [parse_id(r[2])] if n is not None and n != gid}))
     home = entry[5] if entry is not None and entry[5] else "/"
     return ResolvedUser(uid, gid, extra, home)
 

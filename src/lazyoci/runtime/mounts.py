@@ -13,6 +13,7 @@ from pathlib import Path
 from lazyoci.config import Config
 from lazyoci.errors import ContainerError, ImageNotFoundError, StoreError
 from lazyoci.images.service import ImageService
+from lazyoci.oci.digest import Digest
 from lazyoci.oci.platform import Platform
 from lazyoci.snapshot.mount import is_mountpoint, mount_all, unmount
 from lazyoci.snapshot.registry import get_snapshotter
@@ -44,10 +45,14 @@ def mount_image(root: DataRoot, config: Config, images: ImageService, ref: str, 
     if is_mountpoint(directory):
         raise ContainerError(f"{directory} is already a mount point")
     snap = get_snapshotter(snapshotter, root, config)
-    try:
-        image = images.get(ref, platform)
-    except ImageNotFoundError:
+    if index_digest is not None:        # an explicit index is checked by a pull, even of a local image
+        Digest.parse(index_digest)      # malformed: one error before anything
         image = snap.pull(images, ref, platform, progress=progress, index_digest=index_digest)
+    else:
+        try:
+            image = images.get(ref, platform)
+        except ImageNotFoundError:
+            image = snap.pull(images, ref, platform, progress=progress)
     top = snap.unpack_image(images, image)
     key = "mount-" + hashlib.sha256(str(directory).encode()).hexdigest()[:32]
     db = _db(root)

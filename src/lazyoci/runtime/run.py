@@ -21,6 +21,7 @@ from lazyoci.config import Config
 from lazyoci.errors import ConfigError, ContainerError, ImageNotFoundError, LazyociError, StoreError
 from lazyoci.images.progress import ProgressSink
 from lazyoci.images.service import ImageService, LocalImage
+from lazyoci.oci.digest import Digest
 from lazyoci.oci.platform import Platform
 from lazyoci.runtime.bundle import ProcessOptions, build_spec, process_args, write_bundle
 from lazyoci.runtime.containers import ContainerRecord, ContainerStore, process_start
@@ -63,7 +64,14 @@ class ContainerManager:
             raise ConfigError(f"--pull must be one of {', '.join(PULL_POLICIES)}, not {policy!r}")
         snap = get_snapshotter(snapshotter_name, self.root, self.config)
         image = None
-        if policy != "always":
+        if index_digest is not None:
+            # Malformed: one error now. Whether it is an index of the image is for the pull to
+            # check against the registry, so a local image is pulled again (its manifests and
+            # zTOCs only) rather than run with an index nobody checked.
+            Digest.parse(index_digest)
+            if policy == "never":
+                raise ConfigError("--soci-index-digest is checked against the registry: not with --pull never")
+        elif policy != "always":
             try:
                 image = self.images.get(ref, platform)
             except ImageNotFoundError:

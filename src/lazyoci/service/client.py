@@ -136,6 +136,21 @@ class ServiceClient:
                     out.append(fields[4])
         return out
 
+    def stale_mount(self) -> Path | None:
+        """The service's FUSE mountpoint if it is still mounted while no daemon lives (it was killed).
+
+        Such a mount answers "transport endpoint is not connected"; `start` detaches it."""
+        if self._daemon_alive():
+            return None
+        target = os.fspath(self.paths.mountpoint)
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[4] == target and fields[sep + 1].startswith("fuse"):
+                    return self.paths.mountpoint
+        return None
+
     def stop(self, force: bool = False) -> bool:
         """Ask the service to unmount and exit; wait for it. False if it was not running.
 

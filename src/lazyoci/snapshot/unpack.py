@@ -222,7 +222,10 @@ class _Applier:
         os.chown(fd, m.uid, m.gid)
         os.chmod(fd, _mode(m))
         for key, value in _xattrs(m):
-            os.setxattr(fd, key, value)
+            try:
+                os.setxattr(fd, key, value)
+            except OSError as e:
+                raise _xattr_error(m, key, value, e) from None
 
     def _xattrs_path(self, path: str, m: Member) -> None:
         for key, value in _xattrs(m):
@@ -231,7 +234,7 @@ class _Applier:
             except OSError as e:
                 # user.* xattrs are not allowed on symlinks and device nodes (EPERM).
                 if not (e.errno == errno.EPERM and key.startswith("user.")):
-                    raise
+                    raise _xattr_error(m, key, value, e) from None
 
     def finish(self) -> None:
         """Set directory times last (deepest first): creating entries changed them."""
@@ -257,6 +260,16 @@ def _ns(mtime: float) -> int:
 
 def _mode(m: Member) -> int:
     return m.mode & 0o7777
+
+
+def _xattr_error(m: Member, key: str, value: bytes, e: OSError) -> OSError | FormatError:
+    """An xattr the kernel refuses fails the unpack, as docker's does: the layer directory would
+    otherwise differ from its tar (a binary without its capabilities behaves differently).
+    A full disk stays an OSError for the caller's disk-space handling."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return e
+    return FormatError(f"layer entry {m.name!r}: cannot set its xattr {key} ({len(value)} bytes): "
+                       f"{e.strerror or e}")
 
 
 def _xattrs(m: Member) -> list[tuple[str, bytes]]:

@@ -3,7 +3,9 @@
 A write goes to a temporary file under ``<root>/tmp`` (same filesystem), is
 fsync'd, checked against its size and digest, and only then renamed into place.
 A crash or Ctrl-C leaves at most a temporary file, which carries an flock while
-its writer lives; `clean_tmp` removes the ones whose writer is gone.
+its writer lives and its writer's pid in its name (``<hex16>.<pid>.<random>.part``);
+`clean_tmp` removes the ones whose writer is gone: unlocked, and either their
+writer has exited or they are older than the moment between create and lock.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class BlobWriter:
         self.digest: str | None = None
         label = Digest.parse(expected).hex[:16] if expected else "new"
         try:
-            fd, name = tempfile.mkstemp(dir=store.root.tmp, prefix=f"{label}.", suffix=".part")
+            fd, name = tempfile.mkstemp(dir=store.root.tmp, prefix=f"{label}.{os.getpid()}.", suffix=".part")
         except OSError as e:
             raise _os_error(e, "a temporary blob") from None
         # The lock tells `clean_tmp` in other processes that this file is alive.
@@ -222,13 +224,17 @@ class BlobStore:
                 yield f"{algo_dir.name}:{f.name}"
 
     def clean_tmp(self, min_age: float = 2.0) -> int:
-        """Remove temporary files whose writer has died (no flock held); return how many."""
+        """Remove temporary files whose writer has died (no flock held); return how many.
+
+        A file is only unlocked without a dead writer for the moment between its
+        creation and its lock, so an unlocked file is stale if the pid in its name
+        has exited, or else once it is `min_age` old."""
         removed = 0
         now = time.time()
         for f in self.root.tmp.iterdir():
             try:
-                if now - f.stat().st_mtime < min_age:
-                    continue        # created a moment ago: its writer may not hold the lock yet
+                if not _writer_exited(f.name) and now - f.stat().st_mtime < min_age:
+                    continue        # its writer may not hold the lock yet
                 fd = os.open(f, os.O_RDONLY)
             except OSError:
                 continue
@@ -241,3 +247,17 @@ class BlobStore:
             finally:
                 os.close(fd)
         return removed
+
+
+def _writer_exited(name: str) -> bool:
+    """Has the process named in a temporary file's name (``<hex16>.<pid>.<random>.part``) exited?
+
+    False when the name carries no pid. A zombie has exited: its locks are gone."""
+    parts = name.split(".")
+    if len(parts) != 4 or not parts[1].isascii() or not parts[1].isdigit():
+        return False
+    try:
+        with open(f"/proc/{int(parts[1])}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
