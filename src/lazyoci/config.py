@@ -19,17 +19,20 @@ Values are checked when read: a bad value is a ConfigError naming the file and l
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from lazyoci.errors import ConfigError
 
+if TYPE_CHECKING:
+    import yaml
+
 SNAPSHOTTERS = ("overlayfs", "soci")
 RUNTIMES = ("runc", "crun")
+PULL_POLICIES = ("missing", "always", "never")   # `run --pull`
 
 
 def default_root() -> Path:
@@ -70,11 +73,9 @@ class Config:
         return self.snapshotters[0] if self.snapshotters else "overlayfs"
 
 
-class _LineLoader(yaml.SafeLoader):
-    """A YAML loader that remembers each mapping key's line, for error messages."""
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    import yaml
 
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
     out = {}
     lines = {}
     for k_node, v_node in node.value:
@@ -87,7 +88,19 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
     return out
 
 
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+@functools.cache
+def _line_loader() -> type:
+    """A YAML loader that remembers each mapping key's line, for error messages.
+
+    Made on first use: PyYAML is imported only when there is a config file to read.
+    """
+    import yaml
+
+    class _LineLoader(yaml.SafeLoader):
+        pass
+
+    _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    return _LineLoader
 
 
 def _strip(obj: Any) -> Any:
@@ -103,8 +116,10 @@ def load_config(path: Path | None = None) -> Config:
     path = path or default_config_path()
     if not path.exists():
         return Config(path=None)
+    import yaml
+
     try:
-        doc = yaml.load(path.read_text(), Loader=_LineLoader)
+        doc = yaml.load(path.read_text(), Loader=_line_loader())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     except OSError as e:
