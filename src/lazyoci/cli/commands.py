@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import click
-from click.utils import make_default_short_help
 
 
 @dataclass(frozen=True)
@@ -26,6 +25,10 @@ class LazyCommand:
     def load(self) -> click.Command:
         module, _, attribute = self.target.partition(":")
         return getattr(importlib.import_module(module), attribute)
+
+    def short_help_str(self, limit: int) -> str:
+        """The short help shortened to `limit` characters, the way click shortens a command's help."""
+        return click.Command(None, help=self.short_help).get_short_help_str(limit)
 
 
 class LazyGroup(click.Group):
@@ -57,7 +60,7 @@ class LazyGroup(click.Group):
                     continue
                 rows.append((name, cmd.get_short_help_str(limit)))
             else:
-                rows.append((name, make_default_short_help(self.lazy_commands[name].short_help, limit)))
+                rows.append((name, self.lazy_commands[name].short_help_str(limit)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
