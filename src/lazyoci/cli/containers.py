@@ -12,15 +12,14 @@ import click
 
 from lazyoci.cli.context import app
 from lazyoci.cli.durations import human_duration
-from lazyoci.cli.progress import ProgressDisplay
 from lazyoci.cli.shared import image_service
 from lazyoci.config import PULL_POLICIES, RUNTIMES, SNAPSHOTTERS
 from lazyoci.errors import LazyociError
-from lazyoci.oci.platform import Platform
 from lazyoci.runtime.containers import ContainerRecord, ContainerStore
 from lazyoci.store.layout import DataRoot
 
 if TYPE_CHECKING:
+    from lazyoci.cli.progress import ProgressDisplay
     from lazyoci.runtime.run import ContainerManager
 
 
@@ -54,6 +53,7 @@ def _manager() -> ContainerManager:
 def run_cmd(snapshotter, auto_remove, detach, interactive, tty, name, env, env_file, entrypoint, workdir,
             user, platform, pull_policy, runtime, soci_index_digest, ref, command) -> None:
     """Run a command in a new container (pull progress goes to stderr, the output to stdout)."""
+    from lazyoci.oci.platform import Platform
     from lazyoci.runtime.bundle import ProcessOptions, parse_env_file
     from lazyoci.runtime.run import RunOptions
 
@@ -94,6 +94,8 @@ class _LazyProgress:
 
     def __call__(self, event) -> None:
         if self._display is None:
+            from lazyoci.cli.progress import ProgressDisplay
+
             self._display = ProgressDisplay(sys.stderr).__enter__()
         self._display(event)
 
@@ -192,6 +194,7 @@ def rm_cmd(force: bool, containers: tuple[str, ...]) -> None:
 def image_mount_cmd(snapshotter: str | None, platform: str | None, soci_index_digest: str | None,
                     ref: str, directory: Path) -> None:
     """Mount an image's root filesystem read-only at DIRECTORY (pulling it if needed)."""
+    from lazyoci.oci.platform import Platform
     from lazyoci.runtime.mounts import mount_image
 
     ctx = app()
