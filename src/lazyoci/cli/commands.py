@@ -20,7 +20,7 @@ class LazyCommand:
     """A command known by name before its module is imported."""
 
     target: str        # "module:attribute" of the click command or group
-    short_help: str    # its help's first sentence, shown by the group's --help
+    short_help: str    # the first line of its help, shown by the group's --help
 
     def load(self) -> click.Command:
         module, _, attribute = self.target.partition(":")
