@@ -31,9 +31,9 @@ EVERY_COMMAND = {"pull", "push", "tag", "images", "image", "rmi", "save", "load"
                  "run", "ps", "logs", "stop", "rm", "soci", "service", "vm"}
 
 
-def imported_modules(root: Path, *args: str) -> tuple[set[str], str]:
-    """The modules `lazyoci ARGS` imports (no config file), and its stdout."""
-    env = {**os.environ, "LAZYOCI_ROOT": str(root), "LAZYOCI_CONFIG": str(root / "no-config.yaml")}
+def imported_modules(root: Path, *args: str, config: Path | None = None) -> tuple[set[str], str]:
+    """The modules `lazyoci ARGS` imports (by default without a config file), and its stdout."""
+    env = {**os.environ, "LAZYOCI_ROOT": str(root), "LAZYOCI_CONFIG": str(config or root / "no-config.yaml")}
     p = subprocess.run([sys.executable, "-X", "importtime", LAZYOCI, *args], capture_output=True,
                        text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -117,3 +117,20 @@ def test_cli_modules_do_not_import_each_other():
         assert not others, f"{name} imports the command modules {sorted(others)}"
         if name in COMMAND_MODULES:
             assert "lazyoci.cli.main" not in _cli_imports(path), f"{name} imports lazyoci.cli.main"
+
+
+def test_yaml_is_loaded_only_for_a_config_file(tmp_path):
+    """Without a config file PyYAML stays out; with one, errors still name the file and line."""
+    modules, _ = imported_modules(tmp_path, "ps")
+    assert "yaml" not in modules
+
+    config = tmp_path / "config.yaml"
+    config.write_text("snapshotters:\n  - soci\n  - bogus\n")
+    p = subprocess.run([LAZYOCI, "--root", str(tmp_path / "root"), "--config", str(config), "ps"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == f"lazyoci: error: {config}:3: unknown snapshotter 'bogus' (supported: overlayfs, soci)"
+
+    config.write_text("snapshotters:\n  - soci\n")
+    modules, out = imported_modules(tmp_path, "ps", config=config)
+    assert "yaml" in modules and out.startswith("CONTAINER ID")
