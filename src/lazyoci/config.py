@@ -19,18 +19,21 @@ Values are checked when read: a bad value is a ConfigError naming the file and l
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from lazyoci.errors import ConfigError
+
+if TYPE_CHECKING:
+    import yaml
 
 SNAPSHOTTERS = ("overlayfs", "soci")
 RUNTIMES = ("runc", "crun")
 TOP_LEVEL_KEYS = ("snapshotters", "runtime", "insecure_registries", "registry_mirrors", "soci")
+PULL_POLICIES = ("missing", "always", "never")   # `run --pull`
 
 
 def default_root() -> Path:
@@ -71,11 +74,9 @@ class Config:
         return self.snapshotters[0] if self.snapshotters else "overlayfs"
 
 
-class _LineLoader(yaml.SafeLoader):
-    """A YAML loader that remembers each mapping key's line, for error messages."""
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    import yaml
 
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
     out = {}
     lines = {}
     for k_node, v_node in node.value:
@@ -92,7 +93,19 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
     return out
 
 
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+@functools.cache
+def _line_loader() -> type:
+    """A YAML loader that remembers each mapping key's line, for error messages.
+
+    Made on first use: PyYAML is imported only when there is a config file to read.
+    """
+    import yaml
+
+    class _LineLoader(yaml.SafeLoader):
+        pass
+
+    _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    return _LineLoader
 
 
 def _strip(obj: Any) -> Any:
@@ -115,9 +128,11 @@ def load_config(path: Path | None = None) -> Config:
         if explicit:
             raise ConfigError(f"{path}: no such config file")
         return Config(path=None)
+    import yaml
+
     try:
         text = path.read_bytes().decode("utf-8")
-        doc = yaml.load(text, Loader=_LineLoader)
+        doc = yaml.load(text, Loader=_line_loader())
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except yaml.YAMLError as e:

@@ -6,29 +6,31 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from lazyoci.cli.context import app
 from lazyoci.cli.durations import human_duration
-from lazyoci.cli.images import image_group, image_service
-from lazyoci.cli.main import cli
-from lazyoci.cli.progress import ProgressDisplay
-from lazyoci.config import RUNTIMES, SNAPSHOTTERS
+from lazyoci.cli.shared import image_service
+from lazyoci.config import PULL_POLICIES, RUNTIMES, SNAPSHOTTERS
 from lazyoci.errors import LazyociError
-from lazyoci.oci.platform import Platform
-from lazyoci.runtime.bundle import ProcessOptions, parse_env_file
-from lazyoci.runtime.containers import ContainerRecord
-from lazyoci.runtime.run import PULL_POLICIES, ContainerManager, RunOptions
+from lazyoci.runtime.containers import ContainerRecord, ContainerStore
 from lazyoci.store.layout import DataRoot
+
+if TYPE_CHECKING:
+    from lazyoci.cli.progress import ProgressDisplay
+    from lazyoci.runtime.run import ContainerManager
 
 
 def _manager() -> ContainerManager:
+    from lazyoci.runtime.run import ContainerManager
+
     ctx = app()
     return ContainerManager(DataRoot(ctx.root), ctx.config, image_service(ctx))
 
 
-@cli.command("run", context_settings={"allow_interspersed_args": False})
+@click.command("run", context_settings={"allow_interspersed_args": False})
 @click.option("--snapshotter", type=click.Choice(SNAPSHOTTERS), default=None,
               help="How to prepare the image's layers (default: the config's first snapshotter).")
 @click.option("--rm", "auto_remove", is_flag=True, help="Remove the container when it exits.")
@@ -51,6 +53,10 @@ def _manager() -> ContainerManager:
 def run_cmd(snapshotter, auto_remove, detach, interactive, tty, name, env, env_file, entrypoint, workdir,
             user, platform, pull_policy, runtime, soci_index_digest, ref, command) -> None:
     """Run a command in a new container (pull progress goes to stderr, the output to stdout)."""
+    from lazyoci.oci.platform import Platform
+    from lazyoci.runtime.bundle import ProcessOptions, parse_env_file
+    from lazyoci.runtime.run import RunOptions
+
     ctx = app()
     env_items: tuple[str, ...] = ()
     for f in env_file:
@@ -88,6 +94,8 @@ class _LazyProgress:
 
     def __call__(self, event) -> None:
         if self._display is None:
+            from lazyoci.cli.progress import ProgressDisplay
+
             self._display = ProgressDisplay(sys.stderr).__enter__()
         self._display(event)
 
@@ -114,13 +122,13 @@ def _command(rec: ContainerRecord) -> str:
     return json.dumps(text if len(text) <= 20 else text[:19] + "…", ensure_ascii=False)
 
 
-@cli.command("ps")
+@click.command("ps")
 @click.option("-a", "--all", "show_all", is_flag=True, help="Show every container (default: running).")
 @click.option("-q", "--quiet", is_flag=True, help="Only IDs.")
 def ps_cmd(show_all: bool, quiet: bool) -> None:
     """List containers."""
-    mgr = _manager()
-    recs = [r for r in mgr.store.list() if show_all or r.status == "running"]
+    store = ContainerStore(DataRoot(app().root).ensure())   # the records only: no image service
+    recs = [r for r in store.list() if show_all or r.status == "running"]
     if quiet:
         for r in recs:
             click.echo(r.short_id)
@@ -146,7 +154,7 @@ def _snapshotter(rec: ContainerRecord) -> str:
     return "soci" if lazy else "soci (not lazy)"
 
 
-@cli.command("logs")
+@click.command("logs")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing output until the container exits.")
 @click.argument("container")
 def logs_cmd(follow: bool, container: str) -> None:
@@ -154,7 +162,7 @@ def logs_cmd(follow: bool, container: str) -> None:
     _manager().logs(container, sys.stdout.buffer, follow)
 
 
-@cli.command("stop")
+@click.command("stop")
 @click.option("-t", "--time", "timeout", type=float, default=10.0, show_default=True,
               help="Seconds to wait after the stop signal before killing.")
 @click.argument("containers", nargs=-1, required=True)
@@ -166,7 +174,7 @@ def stop_cmd(timeout: float, containers: tuple[str, ...]) -> None:
         click.echo(c)
 
 
-@cli.command("rm")
+@click.command("rm")
 @click.option("-f", "--force", is_flag=True, help="Kill a running container first.")
 @click.argument("containers", nargs=-1, required=True)
 def rm_cmd(force: bool, containers: tuple[str, ...]) -> None:
@@ -177,7 +185,7 @@ def rm_cmd(force: bool, containers: tuple[str, ...]) -> None:
         click.echo(c)
 
 
-@image_group.command("mount")
+@click.command("mount")
 @click.option("--snapshotter", type=click.Choice(SNAPSHOTTERS), default=None)
 @click.option("--platform", default=None)
 @click.option("--soci-index-digest", default=None, help="Use this SOCI index instead of discovering one.")
@@ -186,6 +194,7 @@ def rm_cmd(force: bool, containers: tuple[str, ...]) -> None:
 def image_mount_cmd(snapshotter: str | None, platform: str | None, soci_index_digest: str | None,
                     ref: str, directory: Path) -> None:
     """Mount an image's root filesystem read-only at DIRECTORY (pulling it if needed)."""
+    from lazyoci.oci.platform import Platform
     from lazyoci.runtime.mounts import mount_image
 
     ctx = app()
@@ -198,7 +207,7 @@ def image_mount_cmd(snapshotter: str | None, platform: str | None, soci_index_di
         progress.close()
 
 
-@image_group.command("unmount")
+@click.command("unmount")
 @click.argument("directory", type=click.Path(path_type=Path))
 def image_unmount_cmd(directory: Path) -> None:
     """Unmount what `image mount` mounted at DIRECTORY."""

@@ -7,32 +7,22 @@ import datetime as _dt
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from lazyoci.cli.context import AppContext, app
+from lazyoci.cli.context import app
 from lazyoci.cli.durations import human_duration
-from lazyoci.cli.main import cli
 from lazyoci.cli.progress import ProgressDisplay, human_bytes
+from lazyoci.cli.shared import image_service, soci_push_after_image
 from lazyoci.config import SNAPSHOTTERS
 from lazyoci.errors import ConfigError, LazyociError
-from lazyoci.images.service import ImageService, LocalImage
 from lazyoci.oci.manifest import ImageConfig, chain_ids
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
-from lazyoci.registry.options import RegistryOptions
-from lazyoci.store.layout import DataRoot
 
-
-def registry_options(ctx: AppContext) -> RegistryOptions:
-    """The registry settings of this invocation: --insecure-registry flags and the config file."""
-    return RegistryOptions(insecure_registries=ctx.insecure_registries,
-                           mirrors=dict(ctx.config.registry_mirrors))
-
-
-def image_service(ctx: AppContext | None = None) -> ImageService:
-    ctx = ctx or app()
-    return ImageService(DataRoot(ctx.root), registry_options(ctx))
+if TYPE_CHECKING:
+    from lazyoci.images.service import ImageService, LocalImage
 
 
 def _platform(text: str | None) -> Platform | None:
@@ -61,7 +51,7 @@ def pull_image(svc: ImageService, ref: str, platform: Platform | None, snapshott
     return image
 
 
-@cli.command("pull")
+@click.command("pull")
 @click.option("--platform", help="os/arch[/variant] (default: this host).")
 @click.option("--all-platforms", is_flag=True, help="Pull every platform of a multi-platform image.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image digest.")
@@ -83,11 +73,11 @@ def pull_cmd(platform: str | None, all_platforms: bool, quiet: bool, snapshotter
         click.echo(image.digest)
 
 
-@cli.command("push")
+@click.command("push")
 @click.option("--platform", help="Push only this platform's manifest.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the pushed digest.")
 @click.option("--snapshotter", type=click.Choice(SNAPSHOTTERS), default=None,
-              help="soci: also build (or reuse) the image's SOCI index and push it (owned by cli/soci.py).")
+              help="soci: also build (or reuse) the image's SOCI index and push it.")
 @click.option("--soci-span-size", type=int, default=None, help="With --snapshotter soci: span size.")
 @click.option("--soci-min-layer-size", type=int, default=None,
               help="With --snapshotter soci: layers smaller than this get no zTOC.")
@@ -105,12 +95,11 @@ def push_cmd(platform: str | None, quiet: bool, snapshotter: str | None, soci_sp
     finally:
         svc.close()
     if snapshotter == "soci":
-        from lazyoci.cli.soci import soci_push_after_image
         soci_push_after_image(ref, soci_span_size, soci_min_layer_size, _platform(platform))
     click.echo(digest)
 
 
-@cli.command("tag")
+@click.command("tag")
 @click.argument("src")
 @click.argument("dst")
 def tag_cmd(src: str, dst: str) -> None:
@@ -183,7 +172,7 @@ def _with_list_options(f):
     return f
 
 
-@cli.command("images")
+@click.command("images")
 @_with_list_options
 @click.argument("repository", required=False)
 def images_cmd(quiet: bool, digests: bool, fmt: str | None, repository: str | None) -> None:
@@ -191,12 +180,7 @@ def images_cmd(quiet: bool, digests: bool, fmt: str | None, repository: str | No
     _list(quiet, digests, fmt, repository)
 
 
-@cli.group("image")
-def image_group() -> None:
-    """Manage images."""
-
-
-@image_group.command("ls")
+@click.command("ls")
 @_with_list_options
 @click.argument("repository", required=False)
 def image_ls(quiet: bool, digests: bool, fmt: str | None, repository: str | None) -> None:
@@ -204,7 +188,7 @@ def image_ls(quiet: bool, digests: bool, fmt: str | None, repository: str | None
     _list(quiet, digests, fmt, repository)
 
 
-@image_group.command("inspect")
+@click.command("inspect")
 @click.argument("refs", nargs=-1, required=True)
 def image_inspect(refs: tuple[str, ...]) -> None:
     """Show the stored index/manifest/config of images as JSON."""
@@ -251,7 +235,7 @@ def _release_snapshots(svc: ImageService) -> None:
     SociSnapshotter(svc.root, app().config).release_unused(keep)   # also unmounts unused lazy layers
 
 
-@cli.command("rmi")
+@click.command("rmi")
 @click.option("-f", "--force", is_flag=True, help="Remove even if several names or containers use it.")
 @click.argument("refs", nargs=-1, required=True)
 def rmi_cmd(force: bool, refs: tuple[str, ...]) -> None:
@@ -259,7 +243,7 @@ def rmi_cmd(force: bool, refs: tuple[str, ...]) -> None:
     _remove(refs, force)
 
 
-@image_group.command("rm")
+@click.command("rm")
 @click.option("-f", "--force", is_flag=True)
 @click.argument("refs", nargs=-1, required=True)
 def image_rm(force: bool, refs: tuple[str, ...]) -> None:
@@ -267,7 +251,7 @@ def image_rm(force: bool, refs: tuple[str, ...]) -> None:
     _remove(refs, force)
 
 
-@image_group.command("prune")
+@click.command("prune")
 def image_prune() -> None:
     """Remove unnamed images and every blob nothing references."""
     svc = image_service()
@@ -283,7 +267,7 @@ def image_prune() -> None:
     click.echo(f"Total reclaimed space: {human_bytes(result.bytes_freed)}")
 
 
-@cli.command("save")
+@click.command("save")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Archive to write (default: stdout, which must not be a terminal).")
 @click.option("--platform", help="Save only this platform.")
@@ -299,7 +283,7 @@ def save_cmd(output: Path | None, platform: str | None, refs: tuple[str, ...]) -
     image_service().save(output, list(refs), _platform(platform))
 
 
-@cli.command("load")
+@click.command("load")
 @click.option("-i", "--input", "input_", type=click.Path(path_type=Path), default=None,
               help="OCI archive or docker-archive tarball (default: stdin).")
 @click.option("-q", "--quiet", is_flag=True)
@@ -309,7 +293,7 @@ def load_cmd(input_: Path | None, quiet: bool) -> None:
     image_service().load(source, None if quiet else click.echo)
 
 
-@cli.command("import")
+@click.command("import")
 @click.option("-c", "--change", "changes", multiple=True,
               help="Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, LABEL, EXPOSE, VOLUME, STOPSIGNAL.")
 @click.option("--platform", help="os/arch[/variant] of the image (default: this host).")
@@ -321,7 +305,7 @@ def import_cmd(changes: tuple[str, ...], platform: str | None, source: Path, ref
     click.echo(image.digest)
 
 
-@cli.command("login")
+@click.command("login")
 @click.option("-u", "--username")
 @click.option("-p", "--password", help="Prefer --password-stdin.")
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
@@ -344,7 +328,7 @@ def login_cmd(username: str | None, password: str | None, password_stdin: bool, 
     click.echo("Login Succeeded")
 
 
-@cli.command("logout")
+@click.command("logout")
 @click.argument("registry", required=False, default="docker.io")
 def logout_cmd(registry: str) -> None:
     """Forget the stored credentials of a registry."""

@@ -12,13 +12,14 @@ from pathlib import Path
 import click
 
 from lazyoci import __version__
+from lazyoci.cli.commands import COMMANDS, LazyGroup
 from lazyoci.cli.context import AppContext
 from lazyoci.config import default_root, load_config
 from lazyoci.errors import ConfigError, LazyociError
 from lazyoci.store.layout import DataRoot
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lazyoci")
 @click.option("--root", type=click.Path(path_type=Path), default=None,
               help="Data root (env LAZYOCI_ROOT; default /var/lib/lazyoci for root).")
@@ -52,21 +53,8 @@ def _data_root(path: Path) -> Path:
     return root.path
 
 
-def _register() -> None:
-    """Import the command modules; each adds its commands to `cli`."""
-    import importlib
-
-    for name in _COMMAND_MODULES:
-        importlib.import_module(f"lazyoci.cli.{name}")
-
-
-# One module per area; each defines its commands with @cli.command / @cli.group.
-_COMMAND_MODULES: list[str] = ["service", "soci", "images", "containers"]
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one clear line on stderr and a nonzero exit for every LazyociError."""
-    _register()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         # standalone_mode=False returns a command's exit code instead of exiting.

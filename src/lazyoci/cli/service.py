@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from lazyoci.cli.context import app
-from lazyoci.cli.main import cli
 from lazyoci.service.client import ServiceClient
 from lazyoci.store.layout import DataRoot
 
@@ -70,12 +69,12 @@ def _status() -> None:
                    f"{_human(l['total_bytes']):>12}{l['percent']:>6.1f}%  {l['ref']}")
 
 
-@cli.group("service")
+@click.group("service")
 def service_group() -> None:
     """Manage the lazyoci service that serves lazily loaded layers (FUSE)."""
 
 
-@cli.group("vm")
+@click.group("vm")
 def vm_group() -> None:
     """Alias of `service` for Finch users (there is no VM: the service plays its part)."""
 

@@ -1,9 +1,4 @@
-"""`lazyoci soci ...`: create, convert, push, and inspect SOCI indexes and zTOCs.
-
-Also `soci_push_after_image` for `lazyoci push --snapshotter soci`, which prints the
-SOCI lines the way nerdctl/Finch relay them: `INFO[SSSS] soci: <line>` (logrus,
-seconds since the command started).
-"""
+"""`lazyoci soci ...`: create, convert, push, and inspect SOCI indexes and zTOCs."""
 
 from __future__ import annotations
 
@@ -14,62 +9,16 @@ from pathlib import Path
 
 import click
 
-from lazyoci.cli.context import app
-from lazyoci.cli.main import cli
+from lazyoci.cli.shared import image_service, soci_build_options
 from lazyoci.errors import ConfigError, LazyociError, StoreError
 from lazyoci.oci.platform import Platform
-
-_START = time.monotonic()
-
-
-def logrus_info(line: str) -> None:
-    """One logrus-style INFO line, as nerdctl prints what the soci tool says (on stderr, where
-    logrus writes, so that stdout keeps only the push rows and the digest)."""
-    click.echo(f"INFO[{int(time.monotonic() - _START):04d}] soci: {line}", err=True)
-
-
-def _images():
-    from lazyoci.images.service import ImageService
-    from lazyoci.registry.options import RegistryOptions
-    from lazyoci.store.layout import DataRoot
-
-    a = app()
-    return ImageService(DataRoot(a.root), RegistryOptions(
-        insecure_registries=a.insecure_registries, mirrors=a.config.registry_mirrors))
-
-
-def _options(span_size: int | None, min_layer_size: int | None, force: bool = False, version: str = "v1"):
-    from lazyoci.soci.build import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE, SociBuildOptions
-    return SociBuildOptions(span_size=DEFAULT_SPAN_SIZE if span_size is None else span_size,
-                            min_layer_size=DEFAULT_MIN_LAYER_SIZE if min_layer_size is None else min_layer_size,
-                            force=force, version=version)
 
 
 def _platforms(platform: tuple[str, ...]) -> list[Platform]:
     return [Platform.parse(p) for p in platform]
 
 
-def soci_push_after_image(ref: str, span_size: int | None = None, min_layer_size: int | None = None,
-                          platform: Platform | None = None, existing: str = "warn") -> str:
-    """Build (or reuse) the v1 SOCI index of local image `ref` and push it next to the image.
-
-    Called by `lazyoci push --snapshotter soci` once the image itself is pushed. Returns the index digest.
-    """
-    from lazyoci.oci.reference import Reference
-    from lazyoci.soci.build import build_index
-    from lazyoci.soci.push import push_index
-
-    images = _images()
-    try:
-        image = images.get(ref, platform)
-        result = build_index(images, image, _options(span_size, min_layer_size), logrus_info)
-        push_index(images.client, Reference.parse(ref), images.blobs, result.index, logrus_info, existing)
-        return result.digest
-    finally:
-        images.close()
-
-
-@cli.group("soci")
+@click.group("soci")
 def soci_group() -> None:
     """SOCI indexes: make images lazy-loadable without changing them."""
 
@@ -90,8 +39,8 @@ def create_cmd(span_size, min_layer_size, platform, all_platforms, force, remote
         raise ConfigError("--platform and --all-platforms are exclusive")
     if push_after and not remote:
         raise ConfigError("--push goes with --remote (for a local image use `lazyoci soci push`)")
-    options = _options(span_size, min_layer_size, force)
-    images = _images()
+    options = soci_build_options(span_size, min_layer_size, force)
+    images = image_service()
     try:
         if remote:
             from lazyoci.soci.remote import create_remote
@@ -131,9 +80,9 @@ def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, src, 
     from lazyoci.soci.convert import convert
     if platform and all_platforms:
         raise ConfigError("--platform and --all-platforms are exclusive")
-    images = _images()
+    images = image_service()
     try:
-        result = convert(images, src, dst, _options(span_size, min_layer_size, force, "v2"),
+        result = convert(images, src, dst, soci_build_options(span_size, min_layer_size, force, "v2"),
                          _platforms(platform) or None, all_platforms, click.echo)
     finally:
         images.close()
@@ -154,7 +103,7 @@ def push_cmd(platform, existing_index, ref) -> None:
     from lazyoci.soci.push import push_index
     from lazyoci.soci.records import SociRecords
 
-    images = _images()
+    images = image_service()
     try:
         image = images.get(ref, Platform.parse(platform) if platform else None)
         all_recs = SociRecords(images.db).indexes(manifest_digest=image.manifest.digest)
@@ -181,7 +130,7 @@ def index_group() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def index_list(ref, quiet) -> None:
     from lazyoci.soci.records import SociRecords
-    images = _images()
+    images = image_service()
     recs = SociRecords(images.db).indexes()
     if ref:
         image = images.get(ref)
@@ -204,7 +153,7 @@ def index_list(ref, quiet) -> None:
 @click.argument("digest")
 def index_info(digest) -> None:
     """Print the index manifest (pretty JSON)."""
-    images = _images()
+    images = image_service()
     click.echo(json.dumps(json.loads(images.blobs.read(_full_digest(digest))), indent=2))
 
 
@@ -213,7 +162,7 @@ def index_info(digest) -> None:
 def index_rm(digests) -> None:
     """Forget indexes; their zTOCs are deleted by gc when nothing else uses them."""
     from lazyoci.soci.records import SociRecords
-    images = _images()
+    images = image_service()
     records = SociRecords(images.db)
     for d in digests:
         d = _full_digest(d)
@@ -234,7 +183,7 @@ def ztoc_group() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def ztoc_list(ztoc_digest, quiet) -> None:
     from lazyoci.soci.records import SociRecords
-    images = _images()
+    images = image_service()
     recs = SociRecords(images.db).ztocs(_full_digest(ztoc_digest) if ztoc_digest else None)
     if quiet:
         for r in recs:
@@ -249,7 +198,7 @@ def ztoc_list(ztoc_digest, quiet) -> None:
 def ztoc_info(digest) -> None:
     """Print a zTOC as JSON: version, build tool, sizes, spans, and every file with its spans."""
     from lazyoci.soci.inspect import ztoc_info as info
-    images = _images()
+    images = image_service()
     d = _full_digest(digest)
     click.echo(json.dumps(info(images.blobs.read(d)), indent=2))
 
@@ -264,7 +213,7 @@ def ztoc_info(digest) -> None:
 def ztoc_get_file(output, ref, digest, path) -> None:
     """Extract one file of a layer, decompressing only the spans that hold it."""
     from lazyoci.soci.inspect import get_file
-    images = _images()
+    images = image_service()
     try:
         data = get_file(images, _full_digest(digest), path, ref)
     finally:

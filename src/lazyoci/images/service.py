@@ -11,7 +11,6 @@ from typing import BinaryIO, Protocol
 
 from lazyoci.errors import ImageNotFoundError, LazyociError, ReferenceError_, StoreError
 from lazyoci.images.progress import ProgressSink
-from lazyoci.images.pull import PullHooks, Puller
 from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Descriptor, ImageConfig, Manifest
 from lazyoci.oci.platform import Platform
@@ -108,6 +107,8 @@ class ImageService:
              skip_layers: Callable[[Descriptor], bool] | None = None,
              snapshotter: str = "overlayfs", all_platforms: bool = False) -> LocalImage:
         """Fetch an image into the store (skipping `skip_layers`), name it `ref`, return it."""
+        from lazyoci.images.pull import PullHooks, Puller
+
         r = Reference.parse(ref)
         result = Puller(self.client, self.records, progress).pull(
             r, platform, all_platforms, PullHooks(layer_consumer, skip_layers), snapshotter)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import IO
 
-from lazyoci.config import Config
+from lazyoci.config import PULL_POLICIES, Config
 from lazyoci.errors import ConfigError, ContainerError, ImageNotFoundError, LazyociError, StoreError
 from lazyoci.images.progress import ProgressSink
 from lazyoci.images.service import ImageService, LocalImage
@@ -31,7 +31,6 @@ from lazyoci.snapshot.mount import mount_all, unmount
 from lazyoci.snapshot.registry import get_snapshotter
 from lazyoci.store.layout import DataRoot
 
-PULL_POLICIES = ("missing", "always", "never")
 STOP_TIMEOUT = 10.0
 
 

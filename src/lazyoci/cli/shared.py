@@ -1,0 +1,77 @@
+"""What more than one command module needs, so that command modules never import each other.
+
+The library is imported inside the functions: this module is loaded by commands that
+may not need the registry client at all.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import click
+
+from lazyoci.cli.context import AppContext, app
+
+if TYPE_CHECKING:
+    from lazyoci.images.service import ImageService
+    from lazyoci.oci.platform import Platform
+    from lazyoci.registry.options import RegistryOptions
+    from lazyoci.soci.build import SociBuildOptions
+
+_START = time.monotonic()
+
+
+def registry_options(ctx: AppContext) -> RegistryOptions:
+    """The registry settings of this invocation: --insecure-registry flags and the config file."""
+    from lazyoci.registry.options import RegistryOptions
+
+    return RegistryOptions(insecure_registries=ctx.insecure_registries,
+                           mirrors=dict(ctx.config.registry_mirrors))
+
+
+def image_service(ctx: AppContext | None = None) -> ImageService:
+    """The image service over this invocation's data root (its registry client is made on first use)."""
+    from lazyoci.images.service import ImageService
+    from lazyoci.store.layout import DataRoot
+
+    ctx = ctx or app()
+    return ImageService(DataRoot(ctx.root), registry_options(ctx))
+
+
+def soci_build_options(span_size: int | None, min_layer_size: int | None, force: bool = False,
+                       version: str = "v1") -> SociBuildOptions:
+    """SOCI build options from flags; a flag not given keeps the library's default."""
+    from lazyoci.soci.build import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE, SociBuildOptions
+
+    return SociBuildOptions(span_size=DEFAULT_SPAN_SIZE if span_size is None else span_size,
+                            min_layer_size=DEFAULT_MIN_LAYER_SIZE if min_layer_size is None else min_layer_size,
+                            force=force, version=version)
+
+
+def logrus_info(line: str) -> None:
+    """One logrus-style INFO line, as nerdctl prints what the soci tool says (on stderr, where
+    logrus writes, so that stdout keeps only the push rows and the digest)."""
+    click.echo(f"INFO[{int(time.monotonic() - _START):04d}] soci: {line}", err=True)
+
+
+def soci_push_after_image(ref: str, span_size: int | None = None, min_layer_size: int | None = None,
+                          platform: Platform | None = None, existing: str = "warn") -> str:
+    """Build (or reuse) the v1 SOCI index of local image `ref` and push it next to the image.
+
+    Called by `lazyoci push --snapshotter soci` once the image itself is pushed; the SOCI lines
+    are printed the way nerdctl/Finch relay them: `INFO[SSSS] soci: <line>` (logrus, seconds
+    since the command started). Returns the index digest.
+    """
+    from lazyoci.oci.reference import Reference
+    from lazyoci.soci.build import build_index
+    from lazyoci.soci.push import push_index
+
+    images = image_service()
+    try:
+        image = images.get(ref, platform)
+        result = build_index(images, image, soci_build_options(span_size, min_layer_size), logrus_info)
+        push_index(images.client, Reference.parse(ref), images.blobs, result.index, logrus_info, existing)
+        return result.digest
+    finally:
+        images.close()

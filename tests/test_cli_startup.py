@@ -1,0 +1,136 @@
+"""CLI start-up: each command imports only what it needs, and CLI modules do not import each other.
+
+The real `lazyoci` executable runs under `python -X importtime`, which names every module a
+process imports; no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+import lazyoci.cli
+
+from helpers.images import Entry, image_config, make_layer, push_image
+
+LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
+
+# What a command that reads local records never needs: the registry client, the config
+# parser (without a config file), the FUSE service's libraries, the zTOC codec.
+HEAVY = ("httpx", "httpcore", "yaml", "pyfuse3", "trio", "flatbuffers", "zlib_ng")
+
+COMMAND_MODULES = ("lazyoci.cli.images", "lazyoci.cli.containers", "lazyoci.cli.soci", "lazyoci.cli.service")
+
+EVERY_COMMAND = {"pull", "push", "tag", "images", "image", "rmi", "save", "load", "import", "login", "logout",
+                 "run", "ps", "logs", "stop", "rm", "soci", "service", "vm"}
+
+
+def imported_modules(root: Path, *args: str, config: Path | None = None) -> tuple[set[str], str]:
+    """The modules `lazyoci ARGS` imports (by default without a config file), and its stdout."""
+    env = {**os.environ, "LAZYOCI_ROOT": str(root), "LAZYOCI_CONFIG": str(config or root / "no-config.yaml")}
+    p = subprocess.run([sys.executable, "-X", "importtime", LAZYOCI, *args], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    modules = {line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines()
+               if line.startswith("import time:") and "|" in line}
+    return modules, p.stdout
+
+
+def heavy_in(modules: set[str]) -> set[str]:
+    """The heavy top-level packages among `modules`."""
+    return {m.split(".")[0] for m in modules} & set(HEAVY)
+
+
+@pytest.fixture
+def root_with_image(registry, tmp_path) -> Path:
+    """A data root holding one pulled image, so `images` has a row to read."""
+    layers = [make_layer([Entry("hello", data=b"hello\n")])]
+    repo = f"startup/app{tmp_path.name[-8:].replace('_', '')}"
+    push_image(registry.host, repo, layers, image_config(layers, cmd=["/hello"]), tmp_path)
+    root = tmp_path / "root"
+    env = {**os.environ, "LAZYOCI_CONFIG": str(tmp_path / "no-config.yaml")}
+    p = subprocess.run([LAZYOCI, "--root", str(root), "pull", "-q", f"{registry.host}/{repo}:latest"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return root
+
+
+@pytest.mark.parametrize("args", [["--version"], ["ps", "-a"], ["images"], ["image", "ls"]])
+def test_local_commands_import_no_heavy_library(root_with_image, args):
+    modules, out = imported_modules(root_with_image, *args)
+    assert "lazyoci.cli.main" in modules                  # the importtime parse saw the CLI
+    assert out                                            # and the command printed its answer
+    assert heavy_in(modules) == set(), f"lazyoci {' '.join(args)} imported {sorted(heavy_in(modules))}"
+
+
+def test_help_lists_every_command_without_importing_them(tmp_path):
+    modules, out = imported_modules(tmp_path, "--help")
+    listed = out.split("Commands:\n", 1)[1].split()
+    assert EVERY_COMMAND <= set(listed)
+    assert "Download an image from a registry." in out
+    assert not modules & set(COMMAND_MODULES), sorted(modules & set(COMMAND_MODULES))
+    assert heavy_in(modules) == set()
+
+    modules, out = imported_modules(tmp_path, "image", "--help")
+    for name in ("ls", "inspect", "rm", "prune", "mount", "unmount"):
+        assert f"\n  {name} " in out, out
+    assert not modules & set(COMMAND_MODULES)
+
+
+def test_the_table_matches_the_commands():
+    """The short help `--help` shows without importing a command is the command's own."""
+    from lazyoci.cli.commands import COMMANDS, IMAGE_COMMANDS
+
+    for table in (COMMANDS, IMAGE_COMMANDS):
+        for name, entry in table.items():
+            cmd = entry.load()
+            assert isinstance(cmd, click.Command) and cmd.name == name
+            assert cmd.get_short_help_str(1000) == entry.short_help_str(1000)
+    modules = {entry.target.partition(":")[0] for t in (COMMANDS, IMAGE_COMMANDS) for entry in t.values()}
+    assert set(COMMAND_MODULES) <= modules
+
+
+def _cli_imports(path: Path) -> set[str]:
+    """Every `lazyoci.cli.X` module a file imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "lazyoci.cli":
+                found.update(f"lazyoci.cli.{a.name}" for a in node.names)
+    return {m for m in found if m.startswith("lazyoci.cli.")}
+
+
+def test_cli_modules_do_not_import_each_other():
+    cli_dir = Path(lazyoci.cli.__file__).parent
+    for path in sorted(cli_dir.glob("*.py")):
+        name = f"lazyoci.cli.{path.stem}"
+        others = _cli_imports(path) & (set(COMMAND_MODULES) - {name})
+        assert not others, f"{name} imports the command modules {sorted(others)}"
+        if name in COMMAND_MODULES:
+            assert "lazyoci.cli.main" not in _cli_imports(path), f"{name} imports lazyoci.cli.main"
+
+
+def test_yaml_is_loaded_only_for_a_config_file(tmp_path):
+    """Without a config file PyYAML stays out; with one, errors still name the file and line."""
+    modules, _ = imported_modules(tmp_path, "ps")
+    assert "yaml" not in modules
+
+    config = tmp_path / "config.yaml"
+    config.write_text("snapshotters:\n  - soci\n  - bogus\n")
+    p = subprocess.run([LAZYOCI, "--root", str(tmp_path / "root"), "--config", str(config), "ps"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == f"lazyoci: error: {config}:3: unknown snapshotter 'bogus' (supported: overlayfs, soci)"
+
+    config.write_text("snapshotters:\n  - soci\n")
+    modules, out = imported_modules(tmp_path, "ps", config=config)
+    assert "yaml" in modules and out.startswith("CONTAINER ID")
