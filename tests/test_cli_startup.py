@@ -31,9 +31,18 @@ EVERY_COMMAND = {"pull", "push", "tag", "images", "image", "rmi", "save", "load"
                  "run", "ps", "logs", "stop", "rm", "soci", "service", "vm"}
 
 
+def without_config(home: Path) -> dict[str, str]:
+    """The environment with no config file: no LAZYOCI_CONFIG, and a HOME without ~/.lazyoci."""
+    env = {k: v for k, v in os.environ.items() if k != "LAZYOCI_CONFIG"}
+    env["HOME"] = str(home)
+    return env
+
+
 def imported_modules(root: Path, *args: str, config: Path | None = None) -> tuple[set[str], str]:
     """The modules `lazyoci ARGS` imports (by default without a config file), and its stdout."""
-    env = {**os.environ, "LAZYOCI_ROOT": str(root), "LAZYOCI_CONFIG": str(config or root / "no-config.yaml")}
+    env = {**without_config(root.parent), "LAZYOCI_ROOT": str(root)}
+    if config is not None:
+        env["LAZYOCI_CONFIG"] = str(config)
     p = subprocess.run([sys.executable, "-X", "importtime", LAZYOCI, *args], capture_output=True,
                        text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -54,7 +63,7 @@ def root_with_image(registry, tmp_path) -> Path:
     repo = f"startup/app{tmp_path.name[-8:].replace('_', '')}"
     push_image(registry.host, repo, layers, image_config(layers, cmd=["/hello"]), tmp_path)
     root = tmp_path / "root"
-    env = {**os.environ, "LAZYOCI_CONFIG": str(tmp_path / "no-config.yaml")}
+    env = without_config(tmp_path)
     p = subprocess.run([LAZYOCI, "--root", str(root), "pull", "-q", f"{registry.host}/{repo}:latest"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
