@@ -74,6 +74,16 @@ def test_a_span_over_the_cap_whatever_the_declared_size_and_one_at_the_cap(zeros
     assert limits.MAX_SPAN_SIZE.value <= biggest <= limits.MAX_SPAN_BYTES.value
 
 
+def test_span_count_over_the_cap():
+    raw = tar_bytes([Entry("a", data=os.urandom(200_000))])
+    toc = TocBuilder()
+    toc.feed(raw)
+    tiny_spans = encode_ztoc(build_tool="t", compressed_size=len(raw), uncompressed_size=len(raw),
+                             entries=toc.finish(), algorithm=UNCOMPRESSED, span_digests=["sha256:" + "0" * 64],
+                             checkpoints=encode_tar_zinfo(1, len(raw)))      # 201,216 spans of one byte
+    _refused(tiny_spans, limits.MAX_SPANS)
+
+
 def test_entry_count_over_the_cap(small):
     _refused(claiming_entries(small.encode(), limits.MAX_ENTRIES.value + 1), limits.MAX_ENTRIES)
 

@@ -9,9 +9,10 @@ past these caps when a zTOC is parsed (`Ztoc.parse`) or an index is read
 in lazyoci builds an index these caps would refuse (`soci create --span-size`
 stops at MAX_SPAN_SIZE).
 
-With the caps, one read holds at most two spans' worth of bytes (compressed and
-inflated) of at most MAX_SPAN_BYTES each, whatever the index says; the span
-manager's queues are bounded in bytes on top of that (fs/span_fetcher.py).
+With the caps, fetching one span holds at most MAX_SPAN_BYTES compressed plus
+MAX_SPAN_BYTES inflated, whatever the index says; the span manager bounds its
+requests, read-ahead and write-behind queue in bytes on top of that
+(fs/span_fetcher.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ MAX_SPAN_BYTES = Limit("MAX_SPAN_BYTES", MAX_SPAN_SIZE.value + 16 * MiB, "bytes"
                        "the bytes one span may cover, compressed or not: the largest span size "
                        "plus the deflate block that ends it")
 
+# The service keeps a few dozen bytes per span (its ranges, the cache's map). 100,000 spans are
+# 390 GiB of layer at the default span size; only a tiny span size on an uncompressed layer
+# (whose spans cost the zTOC ~80 bytes each, not a 32 KiB gzip window) comes near.
+MAX_SPANS = Limit("MAX_SPANS", 100_000, "spans", "spans in one zTOC, each with state in the service")
+
 # A zTOC is downloaded and held whole by the service. Its size grows with the layer: 32 KiB of
 # gzip window per checkpoint (a 30 GiB layer at 4 MiB spans: 240 MiB) plus ~150 bytes per file.
 MAX_ZTOC_BYTES = Limit("MAX_ZTOC_BYTES", 256 * MiB, "bytes",
@@ -74,7 +80,7 @@ MAX_XATTR_NAME_BYTES = Limit("MAX_XATTR_NAME_BYTES", 255, "bytes", "an xattr nam
 MAX_XATTR_VALUE_BYTES = Limit("MAX_XATTR_VALUE_BYTES", 64 * 1024, "bytes",
                               "an xattr value, as Linux's XATTR_SIZE_MAX")
 
-ALL = (MAX_SPAN_SIZE, MAX_SPAN_BYTES, MAX_ZTOC_BYTES, MAX_ENTRIES, MAX_NAME_BYTES, MAX_COMPONENT_BYTES,
+ALL = (MAX_SPAN_SIZE, MAX_SPAN_BYTES, MAX_SPANS, MAX_ZTOC_BYTES, MAX_ENTRIES, MAX_NAME_BYTES, MAX_COMPONENT_BYTES,
        MAX_LINK_BYTES, MAX_XATTR_NAME_BYTES, MAX_XATTR_VALUE_BYTES)
 
 

@@ -138,6 +138,7 @@ class Ztoc:
             self.num_spans = -(-size // self.span_size)
         else:
             raise FormatError(f"zTOC compression algorithm {algo} is not supported")
+        limits.MAX_SPANS.check(self.num_spans, "the zTOC's span count")
         if max_span_id != self.num_spans - 1:
             raise FormatError(f"zTOC max_span_id {max_span_id} does not match its {self.num_spans} spans")
         self._check_span_sizes()
