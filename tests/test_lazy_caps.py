@@ -5,7 +5,7 @@ image's real layers and pushed to the real registry as a referrer, as an attacke
 
 from __future__ import annotations
 
-import gzip
+import hashlib
 import io
 import os
 import subprocess
@@ -64,8 +64,8 @@ def test_a_refused_ztoc_makes_its_layer_downloaded_and_the_container_runs(
     base, data = layers
     repo = f"caps/{kind}"
     push_image(registry.host, repo, [base, data], image_config([base, data]), tmp_path)
-    honest = build_ztoc(io.BytesIO(base.blob), "gzip", SPAN)
-    push_index_with(registry.host, repo, [base, data], {base.digest: honest, data.digest: _hostile(kind, data)})
+    honest, hostile = build_ztoc(io.BytesIO(base.blob), "gzip", SPAN), _hostile(kind, data)
+    push_index_with(registry.host, repo, [base, data], {base.digest: honest, data.digest: hostile})
     ref = f"{registry.host}/{repo}:latest"
     config = write_config(tmp_path / "config.yaml")
     blobs = BlobStore(DataRoot(data_root).ensure())
@@ -74,6 +74,7 @@ def test_a_refused_ztoc_makes_its_layer_downloaded_and_the_container_runs(
         assert r.returncode == 0, r.stderr
         info = [l for l in r.stderr.splitlines() if l.startswith("INFO")]
         assert len(info) == 1 and named in info[0] and data.digest in info[0], r.stderr
+        assert "zTOC sha256:" + hashlib.sha256(hostile).hexdigest() in info[0], info
         assert "Traceback" not in r.stderr
         assert blobs.has(data.digest) and not blobs.has(base.digest)   # only the refused layer came whole
         images = _lz(data_root, config, "images")
@@ -98,7 +99,6 @@ def test_a_ztoc_descriptor_over_the_size_cap_is_refused_before_it_is_downloaded(
                     claimed_sizes={data.digest: limits.MAX_ZTOC_BYTES.value + 1})
     config = write_config(tmp_path / "config.yaml")
     blobs = BlobStore(DataRoot(data_root).ensure())
-    import hashlib
     ztoc_digest = "sha256:" + hashlib.sha256(ztoc).hexdigest()
     try:
         with FaultProxy(registry.host) as proxy:

@@ -108,7 +108,7 @@ class _EarlyMounter:
                 if not served:
                     self._mounted.append(rec.layer_digest)
             except FormatError as e:     # the zTOC cannot be served: the pull downloads the layer
-                self.refused[rec.layer_digest] = str(e)
+                self.refused[rec.layer_digest] = f"zTOC {rec.ztoc_digest}: {e}"
             except BaseException as e:   # re-raised in the caller's thread by finish()
                 self._error = e
 
