@@ -11,8 +11,8 @@ No index, an unreadable one, or one without any zTOC for the image's layers:
 every layer is downloaded (with rows), the image is recorded as `overlayfs`
 (it is NOT lazy, and is never reported so) and one INFO line says why. A zTOC
 the service refuses to mount (malformed, or over a cap of ztoc/limits.py) makes
-its layer downloaded whole after the others, with one INFO line per layer; the
-image stays lazy only if some layer still is.
+its layer downloaded whole after the others, with one INFO line naming the
+layers and why; the image stays lazy only if some layer still is.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ class _EarlyMounter:
     The service parses each zTOC (CPU, in its own process) while this process downloads
     the next zTOC and the unindexed layers, instead of after them. Mounts run one at a
     time, in order; a zTOC the service refuses (FormatError) is kept in `refused` for the
-    pull to download that layer instead; any other error stops the rest and is raised by finish(). rollback()
-    unmounts what this pull mounted (not layers that were already served), so a failed
+    pull to download that layer instead; any other error stops the rest and is raised by
+    finish(). rollback() unmounts what this pull mounted (not layers that were already served), so a failed
     or fallen-back pull leaves nothing mounted.
     """
 
