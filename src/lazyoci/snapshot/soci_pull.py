@@ -70,8 +70,8 @@ class _EarlyMounter:
     the next zTOC and the unindexed layers, instead of after them. Mounts run one at a
     time, in order; a zTOC the service refuses (FormatError) is kept in `refused` for the
     pull to download that layer instead; any other error stops the rest and is raised by
-    finish(). rollback() unmounts what this pull mounted (not layers that were already served), so a failed
-    or fallen-back pull leaves nothing mounted.
+    finish(). rollback() unmounts what this pull mounted (not layers that were already
+    served), so a failed or fallen-back pull leaves nothing mounted.
     """
 
     def __init__(self, snap: "SociSnapshotter") -> None:
