@@ -14,7 +14,8 @@ Everything here is synchronous and thread-safe: FUSE handlers call it through
 (zlib and hashlib release the GIL).
 
 Read-ahead: a read that misses the cache also plans the next spans of the layer
-(up to READ_AHEAD_SPANS and READ_AHEAD_BYTES compressed); they are requested by a
+(up to READ_AHEAD_SPANS, READ_AHEAD_BYTES compressed and READ_AHEAD_INFLATED
+inflated; a span larger than that alone is never read ahead); they are requested by a
 small pool of daemon threads as soon as the missed span's own bytes have arrived,
 so they never share the link with it, and travel while it is inflated and the
 reader moves on. The first read of a span that read-ahead brought in moves the
@@ -24,6 +25,11 @@ one window.
 Write-behind: a span is handed to the reader (and to every waiter) as soon as it
 is verified and inflated; one writer thread stores it in the disk cache. Until the
 cache has it, its resolved Future stays in `_inflight`, so no read fetches it again.
+
+Memory: every bound is in bytes, so it holds whatever span size an index declares
+(ztoc/limits.py caps a span at MAX_SPAN_BYTES): one request holds at most
+MAX_REQUEST_BYTES of compressed and inflated spans (or one span alone), the
+writer's queue at most WRITE_BEHIND_BYTES (or one span alone).
 """
 
 from __future__ import annotations
@@ -42,17 +48,19 @@ from lazyoci.fs.workers import ReadAheadPool, WriteBehind
 log = logging.getLogger(__name__)
 
 FetchRange = Callable[[int, int], bytes]     # compressed blob bytes [start, end)
-MAX_SPANS_PER_REQUEST = 16                   # bounds memory per request (16 x 4 MiB spans)
+MAX_SPANS_PER_REQUEST = 16                   # spans per Range request ...
+MAX_REQUEST_BYTES = 128 << 20                # ... and their compressed + inflated bytes (16 x 2 x 4 MiB)
 ATTEMPTS = 3
 READ_AHEAD_SPANS = 4                         # spans queued past a missed read
 READ_AHEAD_BYTES = 8 << 20                   # ... and at most this many compressed bytes
+READ_AHEAD_INFLATED = 32 << 20               # ... and inflated bytes (a larger span: no read-ahead)
 READ_AHEAD_WORKERS = 2                       # Range requests in flight for read-ahead
 READ_AHEAD_RUN = 2                           # spans per read-ahead request
 READ_AHEAD_QUEUE = 64                        # queued read-aheads; more are skipped, not queued
-WRITE_BEHIND_QUEUE = 16                      # verified spans waiting for the disk (x 4 MiB)
+WRITE_BEHIND_BYTES = 64 << 20                # verified spans waiting for the disk (16 x 4 MiB)
 
 _POOL = ReadAheadPool(READ_AHEAD_WORKERS, READ_AHEAD_QUEUE)
-_WRITER = WriteBehind(WRITE_BEHIND_QUEUE)
+_WRITER = WriteBehind(WRITE_BEHIND_BYTES)
 
 
 def flush_cache_writes() -> None:
@@ -139,7 +147,8 @@ class SpanFetcher:
 
     def prefetch(self, span: int) -> None:
         """Fetch `span` in the background (read-ahead for a file that goes on past a read)."""
-        if 0 <= span < self.ztoc.num_spans and not self.cache.has(span):
+        if 0 <= span < self.ztoc.num_spans and not self.cache.has(span) and \
+                self._inflated(span) <= READ_AHEAD_INFLATED:
             self._submit_read_ahead(self._claim_ahead([span]))
 
     def _claim_ahead(self, spans: list[int]) -> list[int]:
@@ -165,12 +174,13 @@ class SpanFetcher:
                         touched = True
         if not touched and all(self.cache.has(i) for i in spans):
             return []
-        budget = READ_AHEAD_BYTES
+        budget, inflated = READ_AHEAD_BYTES, READ_AHEAD_INFLATED
         want = []
         for j in range(spans[-1] + 1, min(spans[-1] + 1 + READ_AHEAD_SPANS, self.ztoc.num_spans)):
             c0, c1 = self.ztoc.span_compressed_range(j)
             budget -= c1 - c0
-            if budget < 0 and want:
+            inflated -= self._inflated(j)
+            if inflated < 0 or budget < 0 and want:
                 break
             want.append(j)
         return self._claim_ahead(want)
@@ -215,7 +225,7 @@ class SpanFetcher:
             on_transfer = None
         results: dict[int, bytes] = {}
         try:
-            for run in _runs(claimed, MAX_SPANS_PER_REQUEST):
+            for run in _runs(claimed, MAX_SPANS_PER_REQUEST, self._held, MAX_REQUEST_BYTES):
                 results.update(self._fetch_run(run, on_transfer))
                 on_transfer = None
         finally:
@@ -232,6 +242,15 @@ class SpanFetcher:
         return results
 
     # -- internals -----------------------------------------------------------
+
+    def _inflated(self, i: int) -> int:
+        u0, u1 = self.ztoc.span_uncompressed_range(i)
+        return u1 - u0
+
+    def _held(self, i: int) -> int:
+        """The bytes fetching span i holds until it is handed over: compressed and inflated."""
+        c0, c1 = self.ztoc.span_compressed_range(i)
+        return c1 - c0 + self._inflated(i)
 
     def _fetch_run(self, run: list[int], on_transfer: Callable[[], None] | None = None) -> dict[int, bytes]:
         """Fetch consecutive spans in one Range request, verify, decompress, cache.
@@ -293,7 +312,7 @@ class SpanFetcher:
                 self.stats.spans += 1
             out[i] = data
             self._resolve(i, data)
-            _WRITER.submit(lambda i=i, data=data: self._store(i, data))
+            _WRITER.submit(lambda i=i, data=data: self._store(i, data), len(data))
         return bad
 
     def _store(self, i: int, data: bytes) -> None:
@@ -322,12 +341,19 @@ class SpanFetcher:
                 fut.set_exception(exc)
 
 
-def _runs(spans: list[int], longest: int) -> list[list[int]]:
-    """Group sorted span indices into runs of consecutive ones (at most `longest` each)."""
+def _runs(spans: list[int], longest: int, size: Callable[[int], int] | None = None,
+          most_bytes: int = 0) -> list[list[int]]:
+    """Group sorted span indices into runs of consecutive ones: at most `longest` each and, with
+    `size`, at most `most_bytes` of size(i) each (a larger span makes a run alone)."""
     runs: list[list[int]] = []
+    held = 0
     for i in sorted(spans):
-        if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < longest:
+        n = size(i) if size is not None else 0
+        if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < longest and \
+                (size is None or held + n <= most_bytes):
             runs[-1].append(i)
+            held += n
         else:
             runs.append([i])
+            held = n
     return runs

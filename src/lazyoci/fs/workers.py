@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from typing import Callable
 
 log = logging.getLogger(__name__)
@@ -45,31 +46,56 @@ class ReadAheadPool:
 
 
 class WriteBehind:
-    """One daemon thread storing verified spans in the disk cache, in the order they came."""
+    """One daemon thread storing verified spans in the disk cache, in the order they came.
 
-    def __init__(self, depth: int) -> None:
-        self._jobs: queue.Queue = queue.Queue(depth)   # full: the fetching thread waits (backpressure)
-        self._lock = threading.Lock()
+    The spans waiting for it are bounded in bytes, not in count: a full queue makes the fetching
+    thread wait (backpressure), so memory stays bounded whatever span size an index declares.
+    A span larger than the whole bound still goes through, alone."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._jobs: deque[tuple[Callable[[], None], int]] = deque()
+        self._queued = 0               # bytes of the spans in _jobs and the one being stored
+        self._busy = 0                 # jobs handed over and not finished
+        self._cond = threading.Condition()
         self._started = False
 
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._lock:
+    def submit(self, job: Callable[[], None], nbytes: int) -> None:
+        """Queue `job` (which stores `nbytes` of verified span); waits while the queue is full."""
+        with self._cond:
             if not self._started:
                 threading.Thread(target=self._run, name="lazyoci-cache-writer", daemon=True).start()
                 self._started = True
-        self._jobs.put(job)
+            while self._queued and self._queued + nbytes > self.max_bytes:
+                self._cond.wait()
+            self._jobs.append((job, nbytes))
+            self._queued += nbytes
+            self._busy += 1
+            self._cond.notify_all()
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of spans handed over and not stored yet."""
+        return self._queued
 
     def flush(self) -> None:
         """Wait until every span handed over so far is stored (before a cache is closed)."""
-        if self._started:
-            self._jobs.join()
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                job, nbytes = self._jobs.popleft()
             try:
                 job()
             except Exception:
                 log.exception("cache write failed")
             finally:
-                self._jobs.task_done()
+                with self._cond:
+                    self._queued -= nbytes
+                    self._busy -= 1
+                    self._cond.notify_all()

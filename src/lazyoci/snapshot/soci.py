@@ -101,6 +101,11 @@ class SociSnapshotter(LayeredSnapshotter):
             row = conn.execute("SELECT * FROM lazy_layers WHERE layer_digest=?", (layer_digest,)).fetchone()
         return LazyLayerRecord(row["layer_digest"], row["ztoc_digest"], row["ref"], row["index_digest"]) if row else None
 
+    def forget_lazy_layer(self, layer_digest: str) -> None:
+        """The layer is no longer lazy (its zTOC was refused): it is committed from its blob."""
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM lazy_layers WHERE layer_digest=?", (layer_digest,))
+
     def is_lazy(self, key: str) -> bool:
         """True if any layer below `key` is served lazily (what `ps` may call "soci")."""
         with self.db.reading() as conn:

@@ -9,7 +9,10 @@ Finally the layer snapshots are committed and the service mounts the lazy layers
 
 No index, an unreadable one, or one without any zTOC for the image's layers:
 every layer is downloaded (with rows), the image is recorded as `overlayfs`
-(it is NOT lazy, and is never reported so) and one INFO line says why.
+(it is NOT lazy, and is never reported so) and one INFO line says why. A zTOC
+the service refuses to mount (malformed, or over a cap of ztoc/limits.py) makes
+its layer downloaded whole after the others, with one INFO line naming the
+layers and why; the image stays lazy only if some layer still is.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Callable
 
-from lazyoci.errors import LazyociError
+from lazyoci.errors import FormatError, LazyociError
 from lazyoci.oci.manifest import Index, Manifest, parse_any
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
@@ -65,9 +68,10 @@ class _EarlyMounter:
 
     The service parses each zTOC (CPU, in its own process) while this process downloads
     the next zTOC and the unindexed layers, instead of after them. Mounts run one at a
-    time, in order; the first error stops the rest and is raised by finish(). rollback()
-    unmounts what this pull mounted (not layers that were already served), so a failed
-    or fallen-back pull leaves nothing mounted.
+    time, in order; a zTOC the service refuses (FormatError) is kept in `refused` for the
+    pull to download that layer instead; any other error stops the rest and is raised by
+    finish(). rollback() unmounts what this pull mounted (not layers that were already
+    served), so a failed or fallen-back pull leaves nothing mounted.
     """
 
     def __init__(self, snap: "SociSnapshotter") -> None:
@@ -77,6 +81,7 @@ class _EarlyMounter:
         self._closed = False
         self._error: BaseException | None = None
         self._mounted: list[str] = []
+        self.refused: dict[str, str] = {}        # layer digest -> why the service refused its zTOC
         self._thread = threading.Thread(target=self._run, name="lazy-mount", daemon=True)
         self._thread.start()
 
@@ -102,6 +107,8 @@ class _EarlyMounter:
                 service.mount_layer(rec.ref, rec.layer_digest, rec.ztoc_digest)
                 if not served:
                     self._mounted.append(rec.layer_digest)
+            except FormatError as e:     # the zTOC cannot be served: the pull downloads the layer
+                self.refused[rec.layer_digest] = f"zTOC {rec.ztoc_digest}: {e}"
             except BaseException as e:   # re-raised in the caller's thread by finish()
                 self._error = e
 
@@ -110,6 +117,11 @@ class _EarlyMounter:
             self._closed = True
             self._cond.notify()
         self._thread.join()
+
+    def wait(self) -> dict[str, str]:
+        """Wait for every mount; returns the refused layers (digest -> why)."""
+        self._join()
+        return self.refused
 
     def finish(self) -> None:
         """Wait for every mount; raise the first mount error."""
@@ -183,6 +195,19 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
                             layer_consumer=snap.layer_consumer,
                             skip_layers=(lambda d: d.digest in lazy) if lazy else None,
                             snapshotter="soci" if lazy else "overlayfs")
+        refused = mounter.wait() if lazy else {}
+        if refused:
+            for digest in refused:
+                del lazy[digest]
+                snap.forget_lazy_layer(digest)
+            whys = "; ".join(f"layer {digest}: {why}" for digest, why in refused.items())
+            say(f"INFO: {'a zTOC' if len(refused) == 1 else f'{len(refused)} zTOCs'} of the SOCI index "
+                f"cannot be served ({whys}) for {reference}: downloading "
+                + ("that layer" if len(refused) == 1 else "those layers") + " before the container starts"
+                + ("" if lazy else " (no lazy loading)"))
+            image = images.pull(ref, platform, progress, layer_consumer=snap.layer_consumer,
+                                skip_layers=(lambda d: d.digest in lazy) if lazy else None,
+                                snapshotter="soci" if lazy else "overlayfs")
         snap.unpack_image(images, image)
     except BaseException:
         if lazy:

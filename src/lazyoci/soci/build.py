@@ -48,8 +48,12 @@ class SociBuildOptions:
 
     def __post_init__(self) -> None:
         from lazyoci.errors import ConfigError
+        from lazyoci.ztoc.limits import MAX_SPAN_SIZE
         if self.span_size <= 0:
             raise ConfigError(f"span size must be positive, not {self.span_size}")
+        if self.span_size > MAX_SPAN_SIZE.value:   # readers (lazyoci's service among them) would refuse it
+            raise ConfigError(f"span size {self.span_size} is over lazyoci's limit of {MAX_SPAN_SIZE.value} "
+                              f"bytes ({MAX_SPAN_SIZE.name}: {MAX_SPAN_SIZE.why})")
         if self.min_layer_size < 0:
             raise ConfigError(f"min layer size must be >= 0, not {self.min_layer_size}")
         if self.version not in ("v1", "v2"):

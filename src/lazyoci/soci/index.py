@@ -18,6 +18,7 @@ from lazyoci.errors import FormatError
 from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.digest import Digest, sha256_digest
 from lazyoci.oci.manifest import Descriptor, Manifest
+from lazyoci.ztoc.limits import MAX_SPAN_SIZE, MAX_ZTOC_BYTES
 
 ARTIFACT_TYPES = {"v1": mt.SOCI_INDEX_V1, "v2": mt.SOCI_INDEX_V2}
 VERSIONS = {v: k for k, v in ARTIFACT_TYPES.items()}
@@ -160,6 +161,10 @@ class SociIndex:
             span = d.annotations.get(ANN_SPAN_SIZE)
             if span is not None and not (span.isdigit() and int(span) > 0):
                 raise FormatError(f"SOCI index entry {d.digest} has an invalid span size {span!r}")
+            # refused here, before anything is downloaded: a reader would refuse the zTOC anyway
+            if span is not None:
+                MAX_SPAN_SIZE.check(int(span), f"the span size of SOCI index entry {d.digest}")
+            MAX_ZTOC_BYTES.check(d.size, f"the zTOC {d.digest} of layer {layer} in the SOCI index")
             ztocs.append(d)
         if version == "v1" and m.subject is None:
             raise FormatError("a v1 SOCI index must have a subject")

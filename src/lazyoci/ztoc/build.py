@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 from lazyoci.errors import FormatError, UnsupportedCompressionError
 from lazyoci.ztoc.codec import GZIP, UNCOMPRESSED, encode_tar_zinfo, encode_ztoc
+from lazyoci.ztoc.limits import MAX_SPAN_SIZE
 from lazyoci.ztoc.toc import TocBuilder
 from lazyoci.ztoc.zinfo import GzipIndexer, encode_checkpoints
 
@@ -32,6 +33,7 @@ def build_ztoc(fileobj: BinaryIO, compression: str, span_size: int = DEFAULT_SPA
         raise UnsupportedCompressionError(f"unknown layer compression {compression!r} (want gzip or none)")
     if span_size <= 0:
         raise FormatError(f"span size must be positive, not {span_size}")
+    MAX_SPAN_SIZE.check(span_size, "the span size")     # readers would refuse the zTOC
     toc = TocBuilder()
     if compression == "gzip":
         idx = GzipIndexer(span_size, toc.feed)

@@ -5,7 +5,8 @@ holds only the bytes plus a few compact arrays (span offsets); entries are
 decoded when asked for. `parse` checks everything a hostile zTOC could use to
 make a reader misbehave: FlatBuffer bounds, entry offsets beyond the archive,
 overlapping entries, span counts that disagree with the checkpoints, and a
-checkpoint blob that is neither zinfo v1 nor v2.
+checkpoint blob that is neither zinfo v1 nor v2; and the caps of ztoc/limits.py
+(span sizes, zTOC size, entry count, names the kernel could not create).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import NamedTuple
 
 from lazyoci.errors import FormatError
 from lazyoci.ztoc import codec as C
+from lazyoci.ztoc import limits
 from lazyoci.ztoc.toc import BLOCK, parse_rfc3339_nano
 from lazyoci.ztoc.zinfo import GzipCheckpoints
 
@@ -31,6 +33,7 @@ _FIELD_SIZE = (4, 4, 8, 8, 4, 8, 4, 4, 4, 4, 4, 8, 8, 4)   # bytes of each FileM
 _FIELD_FMT = ("I", "I", "q", "q", "I", "q", "I", "I", "I", "I", "I", "q", "q", "I")
 _REF_SLOTS = frozenset((C.FM_NAME, C.FM_TYPE, C.FM_LINKNAME, C.FM_UNAME, C.FM_GNAME, C.FM_MODTIME, C.FM_XATTRS))
 _DEFAULTS = (b"", b"", 0, 0, b"", 0, 0, 0, b"", b"", b"", 0, 0, 0)
+_NAME_BATCH = 4096     # names checked at once (and held meanwhile) by _validate_entries
 
 
 _U16 = struct.Struct("<H").unpack_from
@@ -87,6 +90,7 @@ class Ztoc:
 
     @classmethod
     def parse(cls, data: bytes) -> "Ztoc":
+        limits.MAX_ZTOC_BYTES.check(len(data), "the zTOC")
         self = cls.__new__(cls)
         self._data = bytes(data)
         self._times: dict[str, int] = {}   # mod_time text -> ns; layers repeat a few times a lot
@@ -134,14 +138,32 @@ class Ztoc:
             self.num_spans = -(-size // self.span_size)
         else:
             raise FormatError(f"zTOC compression algorithm {algo} is not supported")
+        limits.MAX_SPANS.check(self.num_spans, "the zTOC's span count")
         if max_span_id != self.num_spans - 1:
             raise FormatError(f"zTOC max_span_id {max_span_id} does not match its {self.num_spans} spans")
+        self._check_span_sizes()
         self._digests_start, ndigests = r.vector_field(ci, C.CI_DIGESTS, 4)
         if ndigests != self.num_spans:
             raise FormatError(f"zTOC has {ndigests} span digests for {self.num_spans} spans")
         for i in range(ndigests):
             if not _DIGEST.fullmatch(self._digest_bytes(i)):
                 raise FormatError(f"zTOC span digest {i} is not a sha256 digest")
+
+    def _check_span_sizes(self) -> None:
+        """Every span, compressed and inflated, within the caps: a read fetches and inflates whole
+        spans, so a span's size is the memory and the download one read can cost."""
+        limits.MAX_SPAN_SIZE.check(self.span_size, "the zTOC's span size")
+        if self._points is None:    # fixed slices of span_size: no span is larger
+            return
+        usize, csize = self.uncompressed_size, self.compressed_size
+        outs, ins, bits = self._points.outs, self._points.ins, self._points.bits
+        cap, last = limits.MAX_SPAN_BYTES.value, self.num_spans - 1
+        for i in range(self.num_spans):
+            u = min(outs[i + 1] if i < last else usize, usize) - min(outs[i], usize)
+            c = (ins[i + 1] if i < last else csize) - (ins[i] - (1 if bits[i] else 0))
+            if u > cap or c > cap:
+                limits.MAX_SPAN_BYTES.check(max(u, c), f"zTOC span {i} ({u:,} bytes inflated, "
+                                                        f"{c:,} compressed)")
 
     def _digest_bytes(self, i: int) -> bytes:
         r = self._r
@@ -195,26 +217,55 @@ class Ztoc:
     def _validate_entries(self, r: C.FlatReader) -> None:
         """Every entry is well-formed and they tile the archive without overlapping."""
         usize = self.uncompressed_size
+        limits.MAX_ENTRIES.check(self._count, "the zTOC's entry count")
         self._plans: dict[int, _Plan] = {}
         prev_end, ordered = 0, True
+        names: list[bytes] = []    # names and link targets since entry `first`, checked in batches
+        first = 0
         for i in range(self._count):
             f = self._fields(i)
             typ, off, size = f[C.FM_TYPE], f[C.FM_OFFSET], f[C.FM_SIZE]
             if typ not in _TYPE_BYTES:
                 raise FormatError(f"zTOC entry {i} has type {typ.decode(errors='replace')!r} "
                                   f"(want one of {', '.join(sorted(ENTRY_TYPES))})")
+            names.append(f[0])          # FM_NAME, then FM_LINKNAME: this loop runs once per file
+            if f[4]:
+                names.append(f[4])
+            if len(names) >= _NAME_BATCH:
+                self._check_names(first, i + 1, names)
+                first = i + 1
             data_len = size if typ == b"reg" else 0   # other types carry no data in the tar
             if off < BLOCK or size < 0 or off + data_len > usize:
                 raise FormatError(f"zTOC entry {i} (offset {off}, size {size}) lies outside the "
                                   f"{usize}-byte archive")
             if f[C.FM_XATTRS]:
-                self._pax(f[C.FM_XATTRS])
+                self._check_xattrs(i, self._pax(f[C.FM_XATTRS]))
             if off < prev_end + BLOCK:
                 ordered = False
             # the next header starts at this entry's data end rounded up to a block
             prev_end = off + -(-data_len // BLOCK) * BLOCK
+        self._check_names(first, self._count, names)
         if not ordered:   # entries out of stream order: sort, then check
             self._check_overlaps(r)
+
+    def _check_names(self, first: int, end: int, names: list[bytes]) -> None:
+        """Entries [first, end) have names the kernel could create (ztoc/limits.py); `names` are
+        theirs. Short names without NUL pass every check, so a batch is looked at one entry at a
+        time only when one of them is not (two C-speed passes instead of a test per entry)."""
+        if b"\0" in b"/".join(names) or max(map(len, names), default=0) > limits.MAX_COMPONENT_BYTES.value:
+            for i in range(first, end):
+                f = self._fields(i)
+                limits.check_name(f[C.FM_NAME], f"zTOC entry {i} name")
+                limits.check_name(f[C.FM_LINKNAME], f"zTOC entry {i} link target", link=True)
+        names.clear()
+
+    def _check_xattrs(self, i: int, pax: list[tuple[bytes, bytes]]) -> None:
+        """xattrs the kernel could set: a larger one is not in a full unpack of the layer."""
+        prefix = XATTR_PREFIX.encode()
+        for key, value in pax:
+            if key.startswith(prefix):
+                limits.MAX_XATTR_NAME_BYTES.check(len(key) - len(prefix), f"zTOC entry {i} xattr name")
+                limits.MAX_XATTR_VALUE_BYTES.check(len(value), f"zTOC entry {i} xattr {key[len(prefix):][:64]!r}")
 
     def _pax(self, vec: int) -> list[tuple[bytes, bytes]]:
         r = self._r
