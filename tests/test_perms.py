@@ -46,6 +46,9 @@ def attempt(kind, path):
                 f.read(1)
         elif kind == "exec":
             subprocess.run([path, "true"], check=True, capture_output=True)
+        elif kind == "stat-in-fd":       # "<fd>/<name>": a name in a directory we were handed open
+            fd, name = path.split("/", 1)
+            os.stat(name, dir_fd=int(fd), follow_symlinks=False)
         return "ok"
     except OSError as e:
         return errno.errorcode.get(e.errno, str(e.errno))
@@ -53,10 +56,10 @@ print(json.dumps({name: attempt(kind, path) for name, (kind, path) in json.loads
 """
 
 
-def as_nobody(ops: dict[str, tuple[str, Path]]) -> dict[str, str]:
+def as_nobody(ops: dict[str, tuple[str, Path | str]], pass_fds: tuple[int, ...] = ()) -> dict[str, str]:
     r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                         "/usr/bin/python3", "-I", "-c", _PROBE, json.dumps({k: [kind, str(p)] for k, (kind, p) in ops.items()})],
-                       capture_output=True, text=True, timeout=60, cwd="/")
+                       capture_output=True, text=True, timeout=60, cwd="/", pass_fds=pass_fds)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -251,3 +254,23 @@ def test_image_mount_is_nosuid_and_nodev_and_still_browsable(image, base, snapsh
         assert "euid=0" not in r.stdout and "setresgid: Operation not permitted" in r.stderr, (r.stdout, r.stderr)
     finally:
         lz(root, "image", "unmount", str(mnt), check=False)
+
+
+def test_the_lazy_mount_admits_root_alone(image, base):
+    """Not only is its directory closed: a non-root process handed an open directory of the FUSE
+    mount (an fd, no path to walk) still cannot look anything up in it (no allow_other)."""
+    d, lz = base
+    root = d / "root"
+    lz(root, "pull", "--snapshotter", "soci", image)
+    mnt = root / "service/mnt"
+    layers = sorted(os.listdir(mnt))
+    assert len(layers) == 4, layers
+    fds = [os.open(mnt / layer, os.O_RDONLY | os.O_DIRECTORY) for layer in layers]
+    try:
+        ops = {f"lookup in {layer[:12]}": ("stat-in-fd", f"{fd}/{sorted(os.listdir(mnt / layer))[0]}")
+               for layer, fd in zip(layers, fds)}
+        got = as_nobody(ops, pass_fds=tuple(fds))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert got == {k: "EACCES" for k in got}, got
