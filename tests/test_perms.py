@@ -274,3 +274,25 @@ def test_the_lazy_mount_admits_root_alone(image, base):
         for fd in fds:
             os.close(fd)
     assert got == {k: "EACCES" for k in got}, got
+
+
+@pytest.mark.parametrize("planted", ["dir-of-another-user", "symlink"])
+def test_an_entry_planted_in_a_shared_root_is_refused(base, planted):
+    """`--root` in a directory others may write to: an entry someone else made first (a directory
+    of theirs, or a symlink to one) would hand them what lazyoci keeps there. One clear line."""
+    d, lz = base
+    root = d / "root"
+    root.mkdir(mode=0o1777)
+    os.chmod(root, 0o1777)
+    theirs = d / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    if planted == "symlink":
+        (root / "containers").symlink_to(theirs)
+    else:
+        (root / "containers").mkdir()
+        os.chown(root / "containers", NOBODY, NOBODY)
+    r = lz(root, "images", check=False)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"cannot secure {root / 'containers'}" in r.stderr, r.stderr
+    assert os.listdir(theirs) == []
