@@ -1,7 +1,8 @@
 """Local users stay out: a non-root user has no path into a container's root filesystem (and its
 setuid binaries), its config (`-e PASSWORD=...`), its log, the database, the span cache or the
-lazy mount, for both snapshotters; a data root an older lazyoci left open is closed on the next
-command; no mode depends on the umask; `image mount` (meant to be browsed) is nosuid,nodev.
+lazy mount, for both snapshotters; the FUSE mount admits root alone; a data root an older lazyoci
+left open is closed on the next command; an entry someone else planted in a shared root is refused;
+no mode depends on the umask; `image mount` (meant to be browsed) is nosuid,nodev.
 
 Real runc, overlayfs and FUSE. The probes run as nobody (setpriv) against data roots placed in a
 directory nobody can walk through (pytest's own tmp dirs are 0700 and would hide everything), so
@@ -57,8 +58,9 @@ print(json.dumps({name: attempt(kind, path) for name, (kind, path) in json.loads
 
 
 def as_nobody(ops: dict[str, tuple[str, Path | str]], pass_fds: tuple[int, ...] = ()) -> dict[str, str]:
+    spec = json.dumps({name: [kind, str(path)] for name, (kind, path) in ops.items()})
     r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                        "/usr/bin/python3", "-I", "-c", _PROBE, json.dumps({k: [kind, str(p)] for k, (kind, p) in ops.items()})],
+                        "/usr/bin/python3", "-I", "-c", _PROBE, spec],
                        capture_output=True, text=True, timeout=60, cwd="/", pass_fds=pass_fds)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
@@ -200,8 +202,8 @@ def test_an_open_data_root_of_an_older_lazyoci_is_closed_on_the_next_command(ima
     root = d / "root"
     cdir = _run_detached(lz, root, image, "overlayfs")
     lz(root, "stop", "-t", "1", cdir.name)
-    # what lazyoci did before: everything 0755, files 0644 (the umask's modes)
-    for p in [root, *(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())]:
+    # what lazyoci made before: its directories 0755, its files 0644 (the umask's modes)
+    for p in [root, *(p for p in root.iterdir() if p.is_dir()), root / "blobs/sha256", cdir]:
         os.chmod(p, 0o755)
     for p in [root / "lazyoci.db", cdir / "config.json", cdir / "container.log"]:
         os.chmod(p, 0o644)
