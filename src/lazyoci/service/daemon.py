@@ -96,7 +96,7 @@ class Service:
         _unmount_stale(self.paths.mountpoint)
         self.layers = LayerManager(self.root, self.config, self.fs)
         options = set(pyfuse3.default_options)
-        options |= {"fsname=lazyoci", "subtype=lazyoci", "ro", "allow_other"}
+        options |= {"fsname=lazyoci", "subtype=lazyoci", "ro"}    # no allow_other: root alone (service/paths.py)
         pyfuse3.init(self.fs, os.fspath(self.paths.mountpoint), options)
         try:
             trio.run(self._main)
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     # One service per data root: the pid file is locked BEFORE detaching (the lock belongs to the
     # open file, which the daemon inherits), so when the launcher returns a daemon holds it; a
     # second launcher (two commands starting the service at once) leaves without touching anything.
-    pid_fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT, 0o644)
+    pid_fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(pid_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -1,9 +1,13 @@
 """Where the service keeps its files, and unix sockets with long paths.
 
     <root>/service/lazyoci.sock   control socket (0600, directory 0700: root only)
-    <root>/service/lazyoci.pid    pid of the running daemon
-    <root>/service/lazyoci.log    the daemon's log
+    <root>/service/lazyoci.pid    pid of the running daemon (0600)
+    <root>/service/lazyoci.log    the daemon's log (0600)
     <root>/service/mnt            the one FUSE mount (a directory per lazy layer)
+
+Only root reaches the FUSE mount: the directory above it is closed, and the mount
+itself admits its owner alone (no allow_other; the overlays over it read their
+lower layers with the credentials of root, who mounted them).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazyoci.store.layout import DataRoot
+from lazyoci.store.modes import PRIVATE_DIR_MODE, private_dir
 
 _SUN_PATH_MAX = 100     # sun_path is 108 bytes; keep a margin
 
@@ -47,10 +52,10 @@ class ServicePaths:
         return self.mountpoint / layer_digest.split(":", 1)[-1]
 
     def ensure(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        self.root.ensure()
+        private_dir(self.dir)
         try:
-            os.mkdir(self.mountpoint)
+            os.mkdir(self.mountpoint, PRIVATE_DIR_MODE)
         except FileExistsError:
             pass     # also a dead FUSE mount of a killed service, which the daemon detaches
 
