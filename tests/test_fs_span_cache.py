@@ -51,8 +51,8 @@ def test_size_limit_evicts_least_recently_used_layer_first(tmp_path):
     evicted = 1 if not a.has(1) else 0
     assert a.read_span_range(evicted, *SPANS[evicted]) is None
     # the evicted bytes are really given back (a hole), and the bitmap on disk agrees
-    present = (tmp_path / "cache" / ("a" * 64) / "present").read_bytes()
+    present = (tmp_path / "cache" / ("a" * 64 + "-" + "1" * 16) / "present").read_bytes()
     assert present[evicted] == 0
-    st = os.stat(tmp_path / "cache" / ("a" * 64) / "data")
+    st = os.stat(tmp_path / "cache" / ("a" * 64 + "-" + "1" * 16) / "data")
     assert st.st_blocks * 512 < 4096 * 2 + 250
     cache.close()

@@ -1,6 +1,7 @@
 """Verified spans of lazy layers, cached on disk and shared by every mount of the layer.
 
-One directory per layer under the cache root, named by the layer digest's hex:
+One directory per layer and zTOC under the cache root, named as the layer's FUSE
+view (`<layer hex>-<16 hex of the zTOC digest>`), so two indexes never share spans:
 
     data      a sparse file: the layer's UNCOMPRESSED tar bytes at their own offsets
     present   one byte per span (1 = that span's bytes in `data` were verified)
@@ -27,6 +28,8 @@ import shutil
 import threading
 import time
 from pathlib import Path
+
+from lazyoci.service.paths import layer_view_name as _key
 
 log = logging.getLogger(__name__)
 
@@ -162,29 +165,30 @@ class SpanCache:
         self._total = 0
 
     def layer(self, layer_digest: str, ztoc_digest: str, spans: list[tuple[int, int]]) -> LayerCache:
-        """The cache of a layer (opened once, shared by every mount of it)."""
+        """The cache of a layer seen through one zTOC (opened once, shared by every mount of that
+        pair; another zTOC of the layer has its own, since its spans differ)."""
+        key = _key(layer_digest, ztoc_digest)
         with self._lock:
-            cache = self._layers.get(layer_digest)
+            cache = self._layers.get(key)
             if cache is None:
-                cache = LayerCache(self.directory / layer_digest.split(":", 1)[-1],
-                                   ztoc_digest, spans, owner=self)
-                self._layers[layer_digest] = cache
+                cache = LayerCache(self.directory / key, ztoc_digest, spans, owner=self)
+                self._layers[key] = cache
                 self._total += cache.cached_bytes
             return cache
 
-    def forget(self, layer_digest: str) -> None:
+    def forget(self, layer_digest: str, ztoc_digest: str) -> None:
         """Close a layer's cache (its bytes stay on disk for the next mount)."""
         with self._lock:
-            cache = self._layers.pop(layer_digest, None)
+            cache = self._layers.pop(_key(layer_digest, ztoc_digest), None)
             if cache is not None:
                 self._total -= cache.cached_bytes
         if cache is not None:
             cache.close()
 
-    def purge(self, layer_digest: str) -> None:
+    def purge(self, layer_digest: str, ztoc_digest: str) -> None:
         """Delete a layer's cached bytes from disk."""
-        self.forget(layer_digest)
-        shutil.rmtree(self.directory / layer_digest.split(":", 1)[-1], ignore_errors=True)
+        self.forget(layer_digest, ztoc_digest)
+        shutil.rmtree(self.directory / _key(layer_digest, ztoc_digest), ignore_errors=True)
 
     @property
     def total_bytes(self) -> int:

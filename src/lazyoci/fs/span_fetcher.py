@@ -74,7 +74,7 @@ class SpanFetcher:
     """Serves uncompressed byte ranges of one lazy layer."""
 
     def __init__(self, ztoc: object, fetch_range: FetchRange, cache: LayerCache,
-                 layer_digest: str, verify: bool = True) -> None:
+                 layer_digest: str) -> None:
         from lazyoci import ztoc as ztoc_mod      # C's module; imported here so fs/ loads without it
 
         self._decompress = ztoc_mod.decompress_span
@@ -83,7 +83,6 @@ class SpanFetcher:
         self.fetch_range = fetch_range
         self.cache = cache
         self.layer_digest = layer_digest
-        self.verify = verify
         self.stats = FetchStats()
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
@@ -278,8 +277,7 @@ class SpanFetcher:
             try:
                 if len(compressed) != c1 - c0:
                     raise IntegrityError(f"short read ({len(compressed)} of {c1 - c0} bytes)")
-                if self.verify:
-                    self._verify(self.ztoc, i, compressed)
+                self._verify(self.ztoc, i, compressed)   # always: unverified bytes are never served
                 data = self._decompress(self.ztoc, i, compressed)
             except IntegrityError as e:
                 bad.append(i)

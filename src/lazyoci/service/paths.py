@@ -3,7 +3,7 @@
     <root>/service/lazyoci.sock   control socket (0600, directory 0700: root only)
     <root>/service/lazyoci.pid    pid of the running daemon
     <root>/service/lazyoci.log    the daemon's log
-    <root>/service/mnt            the one FUSE mount (a directory per lazy layer)
+    <root>/service/mnt            the one FUSE mount (a directory per lazy layer and zTOC)
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ from pathlib import Path
 from lazyoci.store.layout import DataRoot
 
 _SUN_PATH_MAX = 100     # sun_path is 108 bytes; keep a margin
+
+
+def layer_view_name(layer_digest: str, ztoc_digest: str) -> str:
+    """The FUSE directory of a layer served through one zTOC: `<layer hex>-<16 hex of the zTOC>`,
+    so two indexes of one layer never share a view."""
+    return f"{layer_digest.split(':', 1)[-1]}-{ztoc_digest.split(':', 1)[-1][:16]}"
 
 
 @dataclass(frozen=True)
@@ -42,9 +48,9 @@ class ServicePaths:
     def mountpoint(self) -> Path:
         return self.dir / "mnt"
 
-    def layer_dir(self, layer_digest: str) -> Path:
-        """The FUSE directory of a lazy layer (what overlay lowerdirs point at)."""
-        return self.mountpoint / layer_digest.split(":", 1)[-1]
+    def layer_dir(self, layer_digest: str, ztoc_digest: str) -> Path:
+        """The FUSE directory of a lazy layer seen through a zTOC (what overlay lowerdirs point at)."""
+        return self.mountpoint / layer_view_name(layer_digest, ztoc_digest)
 
     def ensure(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

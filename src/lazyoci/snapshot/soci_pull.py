@@ -76,7 +76,7 @@ class _EarlyMounter:
         self._cond = threading.Condition()
         self._closed = False
         self._error: BaseException | None = None
-        self._mounted: list[str] = []
+        self._mounted: list[tuple[str, str]] = []   # (layer, zTOC) views
         self._thread = threading.Thread(target=self._run, name="lazy-mount", daemon=True)
         self._thread.start()
 
@@ -97,11 +97,11 @@ class _EarlyMounter:
             if self._error is not None:
                 continue                 # drain: the first error stops the remaining mounts
             try:
-                served = os.path.isdir(self._snap.paths.layer_dir(rec.layer_digest))
+                served = os.path.isdir(self._snap.paths.layer_dir(rec.layer_digest, rec.ztoc_digest))
                 service.ensure_running()
                 service.mount_layer(rec.ref, rec.layer_digest, rec.ztoc_digest)
                 if not served:
-                    self._mounted.append(rec.layer_digest)
+                    self._mounted.append((rec.layer_digest, rec.ztoc_digest))
             except BaseException as e:   # re-raised in the caller's thread by finish()
                 self._error = e
 
@@ -120,9 +120,9 @@ class _EarlyMounter:
     def rollback(self) -> None:
         """Wait, then unmount the layers this pull mounted (best effort: the pull already failed)."""
         self._join()
-        for digest in reversed(self._mounted):
+        for digest, ztoc_digest in reversed(self._mounted):
             try:
-                self._snap.service.unmount_layer(digest)
+                self._snap.service.unmount_layer(digest, ztoc_digest)
             except LazyociError:
                 pass
         self._mounted.clear()
