@@ -205,6 +205,5 @@ def test_after_a_restart_a_layer_fetches_through_the_current_reference(registry,
     snap = SociSnapshotter(DataRoot(data_root), load_config(config))
     snap.record_lazy_layer(LazyLayerRecord(layer.digest, zdigest, f"{registry.host}/verify/app:latest",
                                            "sha256:" + "0" * 64))
-    with running_service(data_root, config) as client:
-        d = client.paths.layer_dir(layer.digest, zdigest)
+    with running_service(data_root, config) as client:     # mounts the recorded view again, same path
         assert (d / "etc/passwd").read_bytes() == b"root:x:0:0:root:/root:/bin/sh\n"
