@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import stat
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from lazyoci.ztoc.zinfo import GzipIndexer, encode_checkpoints
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts need root")
 
 SPAN = 64 << 10
+BIG = random.Random(9).randbytes(2 << 20)      # incompressible
 Edit = Callable[[list[TarEntry]], list[TarEntry]]
 
 
@@ -40,7 +42,9 @@ def _entries() -> list[Entry]:
         Entry("etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\n"),
         Entry(".wh.old"),
         Entry("etc/owned", data=b"mine\n", uid=1000, gid=1000),
+        Entry("data/big1", data=BIG[:1 << 20]),          # many spans: a read fetches only a few
         Entry("etc/after", data=b"after the whiteout\n"),
+        Entry("data/big2", data=BIG[1 << 20:]),
         Entry(".wh.last"),
     ]
 
@@ -136,7 +140,8 @@ def test_a_whiteout_dropped_at_the_end_breaks_the_layer_once_it_is_cached(regist
     """Nothing follows the last entry, so only the whole-layer check sees that `.wh.last` was hidden."""
     with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
         d = _mount(client, registry, data_root, layer, _drop(b".wh.last"))
-        assert (d / "etc/after").read_bytes() == b"after the whiteout\n"   # fetches the whole (small) layer
+        assert (d / "etc/after").read_bytes() == b"after the whiteout\n"
+        assert (d / "data/big1").read_bytes() + (d / "data/big2").read_bytes() == BIG   # now every span is cached
         deadline = time.monotonic() + 60      # the check runs in a thread: wait for it, not for a time
         while "is broken" not in client.paths.log_file.read_text():
             assert time.monotonic() < deadline, "the whole-layer check did not run"
@@ -154,6 +159,7 @@ def test_the_honest_ztoc_serves_every_entry(registry, layer, data_root, tmp_path
         assert os.lstat(d / "etc/owned").st_uid == 1000
         assert stat.S_IMODE(os.lstat(d / "bin/tool").st_mode) == 0o755
         assert stat.S_ISCHR(os.lstat(d / "old").st_mode) and stat.S_ISCHR(os.lstat(d / "last").st_mode)
+        assert (d / "data/big1").read_bytes() + (d / "data/big2").read_bytes() == BIG
         deadline = time.monotonic() + 60      # every span is cached now: the whole-layer check passes
         while "every tar header matches its zTOC" not in client.paths.log_file.read_text():
             assert time.monotonic() < deadline, "the whole-layer check did not run"

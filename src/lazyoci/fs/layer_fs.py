@@ -119,7 +119,6 @@ class LayerFS(pyfuse3.Operations):
             todo = v.unchecked(layer.tree.entries_behind(n))
             if todo and not v.check_cached(todo):
                 await trio.to_thread.run_sync(v.check, todo)
-            v.check_layer_once(_complete(layer))
         except LazyociError:
             raise pyfuse3.FUSEError(errno.EIO) from None     # logged by the verifier, once
         except Exception:
@@ -354,10 +353,9 @@ class LayerFS(pyfuse3.Operations):
             fetcher.prefetch(last[0] + 1)     # the file goes on in the next span: read ahead
         try:
             data = fetcher.read_cached(start, end)
-            if data is None:
-                data = await trio.to_thread.run_sync(fetcher.read, start, end)
-            layer.verifier.check_layer_once(_complete(layer))
-            return data
+            if data is not None:
+                return data
+            return await trio.to_thread.run_sync(fetcher.read, start, end)
         except LazyociError as exc:
             log.error("read of %s in layer %s failed: %s", t.name(n).decode(errors="replace"),
                       layer.digest, exc)
@@ -374,9 +372,3 @@ class LayerFS(pyfuse3.Operations):
 
     async def access(self, inode: int, mode: int, ctx=None) -> bool:
         return not (mode & os.W_OK)
-
-
-def _complete(layer: LazyLayer) -> bool:
-    """True when every span of the layer is in the disk cache (time for the whole-layer check)."""
-    cache = layer.fetcher.cache
-    return cache.cached_bytes >= cache.total_bytes

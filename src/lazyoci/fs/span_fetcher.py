@@ -83,6 +83,7 @@ class SpanFetcher:
         self.fetch_range = fetch_range
         self.cache = cache
         self.layer_digest = layer_digest
+        self.on_stored: Callable[[], None] | None = None   # runs after each span reaches the disk cache
         self.stats = FetchStats()
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
@@ -298,6 +299,8 @@ class SpanFetcher:
         """The writer's job: put a verified span in the disk cache, then drop its claim."""
         try:
             self.cache.put(i, data)
+            if self.on_stored is not None:
+                self.on_stored()
         except OSError as e:    # disk full or the like: the verified bytes still served the reads
             log.warning("layer %s: cannot cache span %d: %s", self.layer_digest, i, e)
         finally:                # stored or not, the claim goes (a later read fetches it again)
