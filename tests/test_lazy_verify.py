@@ -213,3 +213,20 @@ def test_after_a_restart_a_layer_fetches_through_the_current_reference(registry,
                                            "sha256:" + "0" * 64))
     with running_service(data_root, config) as client:     # mounts the recorded view again, same path
         assert (d / "etc/passwd").read_bytes() == b"root:x:0:0:root:/root:/bin/sh\n"
+
+
+def test_a_ztoc_listing_entries_out_of_stream_order_still_checks_every_entry(layer):
+    """Writers list entries in stream order; another order is valid and must not be refused."""
+    import gzip
+
+    from lazyoci.fs.header_check import GOOD, LayerVerifier
+    from lazyoci.ztoc import Ztoc
+
+    ztoc = Ztoc.parse(_ztoc(layer.blob, lambda entries: entries[::-1]))
+    raw = gzip.decompress(layer.blob)
+    read = lambda start, end: raw[start:end]
+    v = LayerVerifier(ztoc, read, read, layer.digest)
+    v.check(list(range(len(ztoc))))
+    assert all(s == GOOD for s in v.state)
+    v.check_layer()
+    assert v.broken is None
