@@ -125,6 +125,19 @@ class LayerFS(pyfuse3.Operations):
             log.exception("header check in layer %s failed", layer.digest)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    def _check_children_cached(self, layer: LazyLayer, d: int, first: int) -> None:
+        """Check the children of d whose headers are in the disk cache (no network), so that a
+        listing hands the kernel checked attributes and `ls -l`/`find` need no LOOKUP each."""
+        t, v = layer.tree, layer.verifier
+        entries = []
+        for _, c in t.list(d, first):
+            entries.extend(x for x in (t.entry[c], t.entry[t.target[c]]) if x >= 0)
+            entries.extend(t.opaque.get(c, ()))
+        try:
+            v.check_cached(sorted(set(v.unchecked(entries))))
+        except LazyociError:
+            pass       # a bad child stays unchecked in the listing; its lookup is EIO
+
     def _checked(self, layer: LazyLayer, n: int) -> bool:
         """True if node n was checked already (no I/O)."""
         try:
@@ -319,6 +332,7 @@ class LayerFS(pyfuse3.Operations):
                     return
             return
         t = layer.tree
+        self._check_children_cached(layer, d, first)
         for i, c in t.list(d, first):
             attrs = self._attrs(self._ino(layer, t.target[c]))
             if not self._checked(layer, c):      # the kernel must ask again before using them

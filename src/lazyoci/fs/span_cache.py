@@ -6,6 +6,7 @@ view (`<layer hex>-<16 hex of the zTOC digest>`), so two indexes never share spa
     data      a sparse file: the layer's UNCOMPRESSED tar bytes at their own offsets
     present   one byte per span (1 = that span's bytes in `data` were verified)
     meta      the zTOC digest and span count the bitmap belongs to
+    headers-checked   present once the whole-layer check of the tar against the zTOC passed
 
 Crash safety: a span's bytes are written and fdatasync'ed BEFORE its byte in
 `present` is set, and eviction clears the byte BEFORE punching the hole, so a
@@ -46,6 +47,9 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
         log.warning("cannot punch hole in span cache: %s", os.strerror(err))
 
 
+HEADERS_CHECKED = "headers-checked"    # marker: every tar header matched the zTOC (fs/header_check.py)
+
+
 class LayerCache:
     """The cached spans of one layer. Thread-safe; callers pass span boundaries from the zTOC."""
 
@@ -63,7 +67,7 @@ class LayerCache:
         meta_path = directory / "meta"
         if not meta_path.exists() or meta_path.read_text() != meta:
             # Unknown or different span layout: the old bitmap means nothing now.
-            for name in ("present", "data"):
+            for name in ("present", "data", HEADERS_CHECKED):
                 (directory / name).unlink(missing_ok=True)
             tmp = directory / "meta.tmp"
             tmp.write_text(meta)
@@ -77,6 +81,15 @@ class LayerCache:
         self.cached_bytes = sum(e - s for (s, e), p in zip(spans, self._present) if p)
 
     # -- queries -------------------------------------------------------------
+
+    @property
+    def headers_checked(self) -> bool:
+        """True once the whole-layer check passed for this layer and zTOC (it holds across restarts:
+        the tar is fixed by the span digests, whatever spans are cached later)."""
+        return (self.directory / HEADERS_CHECKED).exists()
+
+    def mark_headers_checked(self) -> None:
+        (self.directory / HEADERS_CHECKED).touch(mode=0o600)
 
     def has(self, span: int) -> bool:
         return self._present[span] == 1

@@ -187,8 +187,11 @@ class LayerManager:
         self._prefer(view, refs)
         fetcher = SpanFetcher(ztoc, self._fetcher(view), cache, layer_digest)
         verifier = LayerVerifier(ztoc, fetcher.read, fetcher.read_cached, layer_digest)
-        # the whole layer cached (by reads or the background fetcher): check its tiling once
-        fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
+        if cache.headers_checked:
+            verifier.passed_before()
+        else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
+            verifier.on_layer_ok = cache.mark_headers_checked
+            fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
         self.fs.add_layer(LazyLayer(layer_digest, ztoc_digest, tree, fetcher, time.time(), verifier))
