@@ -184,10 +184,22 @@ class SpanCache:
         with self._lock:
             cache = self._layers.get(key)
             if cache is None:
+                self._adopt_unkeyed(layer_digest, ztoc_digest)
                 cache = LayerCache(self.directory / key, ztoc_digest, spans, owner=self)
                 self._layers[key] = cache
                 self._total += cache.cached_bytes
             return cache
+
+    def _adopt_unkeyed(self, layer_digest: str, ztoc_digest: str) -> None:
+        """Earlier versions named a layer's directory by the layer digest alone: keep its spans
+        under the (layer, zTOC) name when its meta says they belong to this zTOC."""
+        old = self.directory / layer_digest.split(":", 1)[-1]
+        new = self.directory / _key(layer_digest, ztoc_digest)
+        try:
+            if not new.exists() and (old / "meta").read_text().split(" ", 1)[0] == ztoc_digest:
+                os.rename(old, new)
+        except OSError:
+            pass        # nothing to adopt (or it cannot be): the spans are fetched again
 
     def forget(self, layer_digest: str, ztoc_digest: str) -> None:
         """Close a layer's cache (its bytes stay on disk for the next mount)."""
