@@ -230,3 +230,37 @@ def test_a_ztoc_listing_entries_out_of_stream_order_still_checks_every_entry(lay
     assert all(s == GOOD for s in v.state)
     v.check_layer()
     assert v.broken is None
+
+
+def test_releasing_snapshots_unmounts_a_view_through_another_index(registry, data_root, tmp_path):
+    """A layer served through the index its snapshots use stays; its view through another
+    index (an image removed since) goes."""
+    from helpers.lazy import push_soci_index
+    from lazyoci.images.service import ImageService
+    from lazyoci.oci.manifest import chain_ids
+    from lazyoci.config import load_config
+    from lazyoci.service.client import ServiceClient
+    from lazyoci.snapshot.soci import SociSnapshotter
+    from lazyoci.store.layout import DataRoot
+
+    lay = make_layer(_entries())
+    push_image(registry.host, "verify/release", [lay], image_config([lay]), tmp_path)
+    push_soci_index(registry.host, "verify/release", tmp_path)
+    config = write_config(tmp_path / "c.yaml", extra="snapshotters:\n  - soci\n")
+    root = DataRoot(data_root)
+    images = ImageService(root)
+    snap = SociSnapshotter(root, load_config(config))
+    client = ServiceClient(root, config)
+    try:
+        image = snap.pull(images, f"{registry.host}/verify/release:latest")
+        top = snap.unpack_image(images, image)
+        used = snap.lazy_layer(lay.digest).ztoc_digest
+        other = store_ztoc(data_root, _ztoc(lay.blob, _swap_offsets))
+        client.mount_layer(f"{registry.host}/verify/release:latest", lay.digest, other)
+        assert len(client.status()["layers"]) == 2
+        snap.release_unused({top})
+        assert [(l["layer_digest"], l["ztoc_digest"]) for l in client.status()["layers"]] == [(lay.digest, used)]
+        assert chain_ids(image.config.diff_ids)[-1] == top
+    finally:
+        images.close()
+        client.stop()

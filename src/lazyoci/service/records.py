@@ -35,3 +35,10 @@ def forget_layers(db: Database, views: list[tuple[str, str]]) -> None:
     db.ensure_schema(SCHEMA_NAME, SCHEMA)
     with db.transaction() as conn:
         conn.executemany("DELETE FROM service_views WHERE layer_digest=? AND ztoc_digest=?", views)
+
+
+def recorded_views(db: Database) -> list[tuple[str, str]]:
+    """The (layer digest, zTOC digest) views the service serves, or mounts when it starts."""
+    db.ensure_schema(SCHEMA_NAME, SCHEMA)
+    with db.reading() as conn:
+        return [(r[0], r[1]) for r in conn.execute("SELECT layer_digest, ztoc_digest FROM service_views").fetchall()]

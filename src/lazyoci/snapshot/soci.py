@@ -131,12 +131,17 @@ class SociSnapshotter(LayeredSnapshotter):
         super()._commit_image_layer(images, desc, diff_id, chain, parent)
 
     def release_unused(self, keep: set[str]) -> list[str]:
-        """Release as the shared mechanism does; then unmount lazy layers no snapshot uses."""
+        """Release as the shared mechanism does; then unmount the (layer, zTOC) views of lazy
+        layers that no snapshot uses (also a layer's view through another index than the one
+        its snapshots use)."""
+        from lazyoci.service.records import recorded_views
+
         removed = super().release_unused(keep)
         with self.db.reading() as conn:
-            unused = [(r["layer_digest"], r["ztoc_digest"]) for r in conn.execute(
-                "SELECT layer_digest, ztoc_digest FROM lazy_layers l WHERE NOT EXISTS "
-                "(SELECT 1 FROM lazy_snapshots s WHERE s.lazy_layer = l.layer_digest)").fetchall()]
+            used = {(r["lazy_layer"], json.loads(r["labels"] or "{}").get(LABEL_ZTOC)) for r in conn.execute(
+                "SELECT lazy_layer, labels FROM lazy_snapshots WHERE lazy_layer IS NOT NULL").fetchall()}
+            ours = {r[0] for r in conn.execute("SELECT layer_digest FROM lazy_layers").fetchall()}
+        unused = [v for v in recorded_views(self.db) if v[0] in ours and v not in used]
         if unused:
             if self.service.is_running():
                 for digest, ztoc_digest in unused:
