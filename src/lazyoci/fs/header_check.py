@@ -19,9 +19,16 @@ whole-layer check, once every span is cached: the complete tar, header by
 header, must be exactly the zTOC's entries in offset order, then the
 end-of-archive. A layer that fails it is broken: every request fails from then on.
 
-Limits (fail closed): a header region over MAX_HEADER_REGION bytes is not
+Limits. Fail closed: a header region over MAX_HEADER_REGION bytes is not
 parsed, and attributes that come from a global PAX header (`g`) in an earlier
 region do not match the entry's own region, so such entries are refused.
+Not closed until the whole-layer check: an entry's region starts where the
+zTOC says its predecessor's data ends, and that predecessor is not checked
+first (that would need every header before it, i.e. most of the layer). So a
+zTOC that hides a file whose content is itself a tar archive, and lists
+entries inside that content, gets those entries past the per-entry check
+(the first of them fails, the ones after it pass); their bytes are real bytes
+of the layer, in the wrong place. The whole-layer check finds it.
 """
 
 from __future__ import annotations
