@@ -264,3 +264,20 @@ def test_releasing_snapshots_unmounts_a_view_through_another_index(registry, dat
     finally:
         images.close()
         client.stop()
+
+
+def test_a_listing_hands_the_kernel_no_unchecked_attributes(registry, layer, data_root, tmp_path):
+    """READDIRPLUS gives the kernel attributes with each name: those of a tampered entry must not
+    stick, whether its header is cached (checked in the listing, failed) or not (zero timeouts)."""
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        d = _mount(client, registry, data_root, layer, _set(b"bin/tool", mode=0o4777))
+        assert sorted(os.listdir(d / "bin")) == ["tool"]          # names and types: the zTOC's
+        _eio(d / "bin/tool")
+        assert (d / "etc/passwd").read_bytes().startswith(b"root:")  # its span holds bin/tool's header too
+        assert sorted(os.listdir(d / "bin")) == ["tool"]
+        _eio(d / "bin/tool")
+        with pytest.raises(OSError) as exc:
+            os.stat(d / "bin/tool")
+        assert exc.value.errno == errno.EIO
+        for name in os.listdir(d / "etc"):                       # checked in the listing: served
+            assert os.lstat(d / "etc" / name).st_uid in (0, 1000)
