@@ -35,6 +35,7 @@ Edit = Callable[[list[TarEntry]], list[TarEntry]]
 def _entries() -> list[Entry]:
     return [
         Entry("bin", "dir"), Entry("data", "dir"), Entry("etc", "dir"),
+        Entry("forged", "dir", pax={"SCHILY.xattr.trusted.overlay.opaque": "y"}),   # not overlay's to say
         Entry("bin/tool", data=b"#!/bin/sh\necho tool\n", mode=0o755),
         Entry("data/f1.bin", data=b"A" * 5000),
         Entry("data/f2.bin", data=b"B" * 5000),
@@ -160,6 +161,8 @@ def test_the_honest_ztoc_serves_every_entry(registry, layer, data_root, tmp_path
         assert stat.S_IMODE(os.lstat(d / "bin/tool").st_mode) == 0o755
         assert stat.S_ISCHR(os.lstat(d / "old").st_mode) and stat.S_ISCHR(os.lstat(d / "last").st_mode)
         assert (d / "data/big1").read_bytes() + (d / "data/big2").read_bytes() == BIG
+        with pytest.raises(OSError):     # the unpacker never sets overlay's own xattrs from a layer
+            os.getxattr(d / "forged", "trusted.overlay.opaque", follow_symlinks=False)
         deadline = time.monotonic() + 60      # every span is cached now: the whole-layer check passes
         while "every tar header matches its zTOC" not in client.paths.log_file.read_text():
             assert time.monotonic() < deadline, "the whole-layer check did not run"
