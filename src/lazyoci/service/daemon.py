@@ -9,7 +9,7 @@ then listens on the control socket — so a client that can connect can use it.
 Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "ping"}                                   -> {"ok": true, "pid": N, "mountpoint": ...}
     {"op": "mount_layer", "ref", "layer_digest", "ztoc_digest"} -> {"ok": true, "path": ...}
-    {"op": "unmount_layer", "layer_digest"}          -> {"ok": true, "unmounted": bool}
+    {"op": "unmount_layer", "layer_digest", "ztoc_digest"} -> {"ok": true, "unmounted": bool}
     {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N, ...}
     {"op": "shutdown"}                               -> {"ok": true}; then unmounts and exits
 Errors: {"ok": false, "error": message, "type": LazyociError subclass name}.
@@ -173,10 +173,10 @@ class Service:
             return {"ok": True, "pid": os.getpid(), "mountpoint": os.fspath(self.paths.mountpoint)}
         if op == "mount_layer":
             await trio.to_thread.run_sync(self.layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
-            return {"ok": True, "path": os.fspath(self.paths.layer_dir(req["layer_digest"]))}
+            return {"ok": True, "path": os.fspath(self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]))}
         if op == "unmount_layer":
-            name = req["layer_digest"].split(":", 1)[-1].encode()
-            done = await trio.to_thread.run_sync(self.layers.unmount, req["layer_digest"])
+            name = self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]).name.encode()
+            done = await trio.to_thread.run_sync(self.layers.unmount, req["layer_digest"], req["ztoc_digest"])
             if done:
                 try:
                     pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
