@@ -23,6 +23,12 @@ Fault kinds (a fault applies to the next `times` matching requests; times=None: 
 - "ignore_range": forward without the Range header, so the registry answers 200 with the whole blob
 - "redirect":     answer 307 with `location` (a URL) instead of contacting the registry
 - "delay":        sleep `seconds` before forwarding (slow registries, timeouts)
+- "drip":         forward, send the headers, then the body one byte every `seconds` (a stalling
+                  registry: each socket read succeeds, the whole answer never arrives in time);
+                  the proxy stops dripping when the client goes away or the proxy stops
+- "wrong_bytes":  forward, then answer with other bytes of the same length (a registry or cache
+                  serving another blob's content under this digest, with a plausible status)
+- "status" with status=429 and headers={"Retry-After": "1"}: rate limiting
 Faults are checked in the order added; the first match wins. The list may be changed at
 any time from the test thread (`add`, `clear`, or assigning `faults`).
 """
@@ -86,6 +92,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0
+        self.stopping = threading.Event()   # set by stop(): drips end so the server can shut down
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -96,10 +103,12 @@ class FaultProxy:
         class Handler(_Handler):
             owner = proxy
 
+        self.stopping.clear()
         self._server, self._thread = serve_in_thread(Handler, _QuietServer)
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         if self._server is not None:
             stop_server(self._server, self._thread)
             self._server = None
@@ -253,6 +262,8 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             conn.close()
         cut = None
+        if fault and fault.kind == "wrong_bytes" and data:
+            data = bytes(b ^ 0x5A for b in data)
         if fault and fault.kind in ("corrupt", "truncate", "reset", "close") and data:
             at = fault.at if fault.at is not None else len(data) // 2
             at = max(0, min(at, len(data) - 1))
@@ -272,6 +283,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         sent = 0
+        if fault and fault.kind == "drip" and method != "HEAD":
+            return self._drip(data, fault, method, path, status)
         if method != "HEAD":
             payload = data if cut is None else data[:cut]
             self.wfile.write(payload)
@@ -283,6 +296,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _drip(self, data: bytes, fault: Fault, method: str, path: str, status: int) -> None:
+        """One byte every `fault.seconds` until the body is sent, the client left or the proxy stops."""
+        sent = 0
+        try:
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                sent += 1
+                if self.owner.stopping.wait(fault.seconds):
+                    break
+        except OSError:
+            pass          # the client gave up: what a deadline should make it do
+        finally:
+            self.close_connection = True
+            self.owner.record(RequestRecord(method, path, status, self.headers.get("Range"), sent, "drip"))
 
     def _answer_error(self, fault: Fault) -> None:
         code = _ERROR_CODES.get(fault.status, "UNKNOWN")
