@@ -52,9 +52,14 @@ FINDINGS = {
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": _D, "size": 1,
                        "platform": {"os": 1, "architecture": []}}]}).encode()),
     "config-file-not-utf8": ("config_file", b"soci:\n  \x91\x9c: 1\n"),
+    "config-file-key-a-mapping": ("config_file", b"{{}}"),
 }
 # Findings in files of another part of issue 9: they fail here until that branch is merged.
-OPEN_ELSEWHERE = {"config-file-not-utf8": "a config file that is not UTF-8 is issue 9 part 5 (smallfix)"}
+OPEN_ELSEWHERE = {
+    "config-file-not-utf8": "a config file that is not UTF-8 is issue 9 part 5 (smallfix)",
+    "config-file-key-a-mapping": "a YAML key that is a mapping crashes the config loader (smallfix: config.py)",
+    "config-cmd-a-string": "Cmd given as a string is issue 9 part 5 (smallfix: image config lists)",
+}
 
 
 @pytest.mark.parametrize("finding", [

@@ -244,25 +244,26 @@ class ImageConfig:
     @classmethod
     def parse(cls, raw: bytes) -> "ImageConfig":
         obj = load_json_object(raw, "image config")
-        rootfs = _object(obj.get("rootfs"), "image config rootfs")
-        diff_ids = _texts(rootfs.get("diff_ids"), "image config diff_ids")
+        _check_config_fields(obj)
+        rootfs = obj.get("rootfs") or {}
+        diff_ids = rootfs.get("diff_ids") or []
         for d in diff_ids:
             Digest.parse(d)
-        cfg = _object(obj.get("config"), "image config config")
+        cfg = obj.get("config") or {}
         return cls(
             raw=raw,
-            os=_text(obj.get("os"), "image config os", ""),
-            architecture=_text(obj.get("architecture"), "image config architecture", ""),
-            variant=_text(obj.get("variant"), "image config variant"),
-            diff_ids=diff_ids,
-            env=_texts(cfg.get("Env"), "image config Env"),
-            entrypoint=_texts(cfg.get("Entrypoint"), "image config Entrypoint"),
-            cmd=_texts(cfg.get("Cmd"), "image config Cmd"),
-            working_dir=_text(cfg.get("WorkingDir"), "image config WorkingDir", ""),
-            user=_text(cfg.get("User"), "image config User", ""),
-            created=_text(obj.get("created"), "image config created"),
-            labels=_text_map(cfg.get("Labels"), "image config Labels"),
-            stop_signal=_text(cfg.get("StopSignal"), "image config StopSignal"),
+            os=obj.get("os", ""),
+            architecture=obj.get("architecture", ""),
+            variant=obj.get("variant"),
+            diff_ids=tuple(diff_ids),
+            env=tuple(cfg.get("Env") or ()),
+            entrypoint=tuple(cfg.get("Entrypoint") or ()),
+            cmd=tuple(cfg.get("Cmd") or ()),
+            working_dir=cfg.get("WorkingDir") or "",
+            user=cfg.get("User") or "",
+            created=obj.get("created"),
+            labels=dict(cfg.get("Labels") or {}),
+            stop_signal=cfg.get("StopSignal"),
         )
 
 
@@ -285,3 +286,15 @@ def chain_ids(diff_ids: list[str] | tuple[str, ...]) -> list[str]:
     for d in diff_ids:
         out.append(d if not out else sha256_digest(f"{out[-1]} {d}".encode()))
     return out
+
+
+def _check_config_fields(obj: dict[str, Any]) -> None:
+    """The JSON types of an image config's top-level fields, rootfs and labels, so that a
+    malformed config is one FormatError rather than whatever a later use of the value raises."""
+    rootfs = _object(obj.get("rootfs"), "image config rootfs")
+    _texts(rootfs.get("diff_ids"), "image config diff_ids")
+    for key in ("os", "architecture", "variant", "created"):
+        _text(obj.get(key), f"image config {key}")
+    cfg = _object(obj.get("config"), "image config config")
+    _text_map(cfg.get("Labels"), "image config Labels")
+    _text(cfg.get("StopSignal"), "image config StopSignal")
