@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from helpers.lazy import running_service, store_ztoc, write_config, ztoc_for
 from helpers.store_check import assert_store_consistent
 from lazyoci.errors import IntegrityError, RegistryError
 from lazyoci.images.service import ImageService
+from lazyoci.service.client import ServiceClient
 from lazyoci.store.layout import DataRoot
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
@@ -92,10 +94,9 @@ def test_full_pull_from_a_dripping_registry_ends(registry, image, tmp_path):
     minimum rate) and resumes from a healthy one, or ends in one clear error, within the bound."""
     root = tmp_path / "root"
     with FaultProxy(registry.host) as proxy:
-        proxy.add(Fault("drip", match=f"/blobs/{image.digest}", method="GET", seconds=1.0, times=1))
+        proxy.add(Fault("drip", match=f"/blobs/{image.digest}", method="GET", rate=1.0, times=1))
         cmd = [LAZYOCI, "--root", str(root), "pull", f"{proxy.host}/hardening/faults:latest"]
-        finished = _run_bounded(cmd, 2 * STALL_BOUND)
-        proxy.stopping.set()
+        finished = _run_bounded(cmd, 2 * STALL_BOUND)     # killed at the bound: the drip ends with it
     assert finished is not None, f"the pull from a dripping registry still ran after {2 * STALL_BOUND:.0f}s"
     if finished.returncode == 0:
         blob = root / "blobs/sha256" / image.digest.split(":")[1]
@@ -170,20 +171,38 @@ def test_lazy_read_through_fault(registry, image, image_ztoc, data_root, tmp_pat
 def test_lazy_read_from_a_dripping_registry_ends_in_eio(registry, image, image_ztoc, data_root, tmp_path):
     zdigest = store_ztoc(data_root, image_ztoc)
     config = write_config(tmp_path / "c.yaml")
+    client = ServiceClient(DataRoot(data_root), config)
     with FaultProxy(registry.host) as proxy:
+        client.start()
+        pid = int(client.paths.pid_file.read_text())
         try:
-            with running_service(data_root, config) as client:
-                d = client.mount_layer(f"{proxy.host}/hardening/faults:latest", image.digest, zdigest)
-                proxy.add(Fault("drip", match=f"/blobs/{image.digest}", method="GET", seconds=1.0,
-                                times=None))
-                started = time.monotonic()
-                read = _run_bounded([sys.executable, "-c", f"open({str(d / 'data/f3.bin')!r}, 'rb').read()"],
-                                    STALL_BOUND)
-                assert read is not None, f"a read from a dripping registry still blocked after {STALL_BOUND:.0f}s"
-                assert read.returncode != 0 and "Input/output error" in read.stderr, read.stderr
-                assert time.monotonic() - started < STALL_BOUND
-                stop_started = time.monotonic()
-                client.stop()              # with a drip still going: stops within seconds
-                assert time.monotonic() - stop_started < 15
+            d = client.mount_layer(f"{proxy.host}/hardening/faults:latest", image.digest, zdigest)
+            proxy.add(Fault("drip", match=f"/blobs/{image.digest}", method="GET", rate=1.0, times=None))
+            started = time.monotonic()
+            read = _run_bounded([sys.executable, "-c", f"open({str(d / 'data/f3.bin')!r}, 'rb').read()"],
+                                STALL_BOUND)
+            assert read is not None, f"a read from a dripping registry still blocked after {STALL_BOUND:.0f}s"
+            assert read.returncode != 0 and "Input/output error" in read.stderr, read.stderr
+            assert time.monotonic() - started < STALL_BOUND
+            # another read is stalled when the service is told to stop: it stops within seconds
+            blocked = subprocess.Popen([sys.executable, "-c", f"open({str(d / 'data/f0.bin')!r}, 'rb').read()"],
+                                       stderr=subprocess.DEVNULL)
+            time.sleep(1)
+            stop = _run_bounded([LAZYOCI, "--root", str(data_root), "--config", str(config), "service", "stop"], 15)
+            assert stop is not None and stop.returncode == 0, stop and stop.stderr
+            assert blocked.wait(15) != 0
         finally:
-            proxy.stopping.set()          # end the drips, so that a service stuck on them can stop
+            _kill_and_unmount(pid, client.paths.mountpoint)
+
+
+def _kill_and_unmount(pid: int, mountpoint: Path) -> None:
+    """Leave nothing behind even when the service hung: kill the pid this test started, detach its mount."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if f" {mountpoint} " in Path("/proc/self/mountinfo").read_text():
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
