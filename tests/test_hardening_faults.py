@@ -28,7 +28,8 @@ from lazyoci.store.layout import DataRoot
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 FILES = {f"data/f{i}.bin": os.urandom(150 << 10) for i in range(4)}
-STALL_BOUND = 60.0      # a stalled read or pull must have ended by then (the issue saw 180 s and more)
+PULL_STALL_BOUND = 120.0    # a stalled pull has moved on by then (a full pull's minimum rate is
+                            # measured over 60 s windows; the issue saw reads blocked past 180 s)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +97,8 @@ def test_full_pull_from_a_dripping_registry_ends(registry, image, tmp_path):
     with FaultProxy(registry.host) as proxy:
         proxy.add(Fault("drip", match=f"/blobs/{image.digest}", method="GET", rate=1.0, times=1))
         cmd = [LAZYOCI, "--root", str(root), "pull", f"{proxy.host}/hardening/faults:latest"]
-        finished = _run_bounded(cmd, 2 * STALL_BOUND)     # killed at the bound: the drip ends with it
-    assert finished is not None, f"the pull from a dripping registry still ran after {2 * STALL_BOUND:.0f}s"
+        finished = _run_bounded(cmd, PULL_STALL_BOUND)     # killed at the bound: the drip ends with it
+    assert finished is not None, f"the pull from a dripping registry still ran after {PULL_STALL_BOUND:.0f}s"
     if finished.returncode == 0:
         blob = root / "blobs/sha256" / image.digest.split(":")[1]
         assert blob.read_bytes() == image.blob
@@ -165,12 +166,19 @@ def test_lazy_read_through_fault(registry, image, image_ztoc, data_root, tmp_pat
         assert (d / "data/f2.bin").read_bytes() == FILES["data/f2.bin"]
 
 
+# Short span fetch limits (the stalls part's `soci.fetch_*` settings), so the case runs in seconds.
+# A read may take about twice the deadline: the kernel retries a failed read-ahead with a read of its own.
+FETCH_LIMITS = "  fetch_timeout_seconds: 5\n  fetch_rate_window_seconds: 1\n"
+LAZY_STALL_BOUND = 30.0
+
+
 @needs_root
 @pytest.mark.xfail(strict=True, reason="a Range answer dripping one byte a second blocks the read "
-                   "(and `service stop`) forever: the span fetch deadline is issue 9 part 3 (stalls)")
+                   "(and `service stop`) forever: the span fetch deadline and its soci.fetch_* "
+                   "settings are issue 9 part 3 (stalls)")
 def test_lazy_read_from_a_dripping_registry_ends_in_eio(registry, image, image_ztoc, data_root, tmp_path):
     zdigest = store_ztoc(data_root, image_ztoc)
-    config = write_config(tmp_path / "c.yaml")
+    config = write_config(tmp_path / "c.yaml", extra=FETCH_LIMITS)
     client = ServiceClient(DataRoot(data_root), config)
     with FaultProxy(registry.host) as proxy:
         client.start()
@@ -180,10 +188,10 @@ def test_lazy_read_from_a_dripping_registry_ends_in_eio(registry, image, image_z
             proxy.add(Fault("drip", match=f"/blobs/{image.digest}", method="GET", rate=1.0, times=None))
             started = time.monotonic()
             read = _run_bounded([sys.executable, "-c", f"open({str(d / 'data/f3.bin')!r}, 'rb').read()"],
-                                STALL_BOUND)
-            assert read is not None, f"a read from a dripping registry still blocked after {STALL_BOUND:.0f}s"
+                                LAZY_STALL_BOUND)
+            assert read is not None, f"a read from a dripping registry still blocked after {LAZY_STALL_BOUND:.0f}s"
             assert read.returncode != 0 and "Input/output error" in read.stderr, read.stderr
-            assert time.monotonic() - started < STALL_BOUND
+            assert time.monotonic() - started < LAZY_STALL_BOUND
             # another read is stalled when the service is told to stop: it stops within seconds
             blocked = subprocess.Popen([sys.executable, "-c", f"open({str(d / 'data/f0.bin')!r}, 'rb').read()"],
                                        stderr=subprocess.DEVNULL)

@@ -10,7 +10,6 @@ checkpoints, descriptors) so that lazily decoded fields are exercised too.
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
