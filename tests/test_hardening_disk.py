@@ -100,6 +100,6 @@ def test_span_cache_on_a_full_disk_serves_verified_bytes_or_eio(registry, image,
                 "the span cache never met the full disk: the case was not exercised"
             filler.unlink()
             assert all((d / n).read_bytes() == data for n, data in FILES.items())
-        with running_service(root, config) as client:     # the cache kept on disk holds nothing wrong
-            d = client.paths.layer_dir(image.digest)
+        with running_service(root, config):     # the cache kept on disk holds nothing wrong; the
+            # restarted service mounts the layer again at the same directory
             assert all((d / n).read_bytes() == data for n, data in FILES.items())
