@@ -28,7 +28,7 @@ from lazyoci.store.layout import DataRoot
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 FILES = {f"data/f{i}.bin": os.urandom(150 << 10) for i in range(4)}
-PULL_STALL_BOUND = 120.0    # a stalled pull has moved on by then (a full pull's minimum rate is
+PULL_STALL_BOUND = 90.0     # a stalled pull has moved on by then (a full pull's minimum rate is
                             # measured over 60 s windows; the issue saw reads blocked past 180 s)
 
 

@@ -67,10 +67,12 @@ OPEN_ELSEWHERE = {
 @pytest.mark.parametrize("finding", [
     pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=OPEN_ELSEWHERE[name]))
     if name in OPEN_ELSEWHERE else name for name in FINDINGS])
-def test_fuzz_finding_is_refused_with_a_lazyoci_error(finding):
+def test_fuzz_finding_is_refused_with_a_lazyoci_error(finding, tmp_path, monkeypatch):
     """Parsed strictly: the wrong JSON type (or bytes) is a LazyociError, never another exception
     and never a silently reinterpreted value."""
     from lazyoci.errors import LazyociError
+
+    monkeypatch.chdir(tmp_path)          # where the config target writes its file
 
     target, data = FINDINGS[finding]
     with pytest.raises(LazyociError):
@@ -91,7 +93,8 @@ def _still_open(target: str) -> str | None:
 
 @needs_atheris
 @pytest.mark.parametrize("target", TARGETS)
-def test_parser_survives_fuzzing(target, tmp_path):
+def test_parser_survives_fuzzing(target, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     open_finding = _still_open(target)
     if open_finding:   # the fuzzer would find it again within a second; turns on once it is fixed
         pytest.xfail(f"known finding still open: {open_finding}")

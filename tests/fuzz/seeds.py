@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 from pathlib import Path
 
 from helpers.images import Entry, image_config, make_layer, tar_bytes
@@ -49,10 +50,11 @@ def seeds(target: str) -> list[bytes]:
     """Seed inputs of one target (names as in targets.TARGETS)."""
     raw = _layer_tar()
     gz = make_layer(raw, "gzip")
-    if target in ("tar_stream", "toc_builder"):
-        gnu = tar_bytes(_entries()[:4], format=__import__("tarfile").GNU_FORMAT)
-        return [raw, gnu, raw[:1024], b"\x00" * 1024] if target == "tar_stream" else \
-            [b"\x05" + raw, b"\x00" + gnu]
+    gnu = tar_bytes(_entries()[:4], format=tarfile.GNU_FORMAT)
+    if target == "tar_stream":
+        return [raw, gnu, raw[:1024], bytes(1024)]
+    if target == "toc_builder":           # the first byte picks where the stream is cut in two
+        return [b"\x05" + raw, b"\x00" + gnu]
     if target == "ztoc":
         return [build_ztoc(io.BytesIO(gz.blob), "gzip", span_size=1024),
                 build_ztoc(io.BytesIO(raw), "none", span_size=2048)]

@@ -10,7 +10,6 @@ checkpoints, descriptors) so that lazily decoded fields are exercised too.
 from __future__ import annotations
 
 import io
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,12 +105,10 @@ def reference(data: bytes) -> None:
     str(ref), ref.name, ref.api_host, ref.object, ref.familiar()
 
 
-_CONFIG_DIR = Path(tempfile.mkdtemp(prefix="lazyoci-fuzz-config-"))
-
-
 def config_file(data: bytes) -> None:
-    """config.py: the YAML config file, from its bytes on disk."""
-    path = _CONFIG_DIR / "config.yaml"
+    """config.py: the YAML config file, from its bytes on disk (in the working directory, which
+    the test makes a temporary one)."""
+    path = Path.cwd() / "fuzz-config.yaml"
     path.write_bytes(data)
     load_config(path)
 
