@@ -65,6 +65,11 @@ class RegistryClient:
     def close(self) -> None:
         self.transport.close()
 
+    def cancel(self) -> None:
+        """End every blob transfer in flight with a RegistryError and refuse new ones; for a
+        process that is stopping while threads wait on a stalled registry."""
+        self.transport.cancel()
+
     def __enter__(self) -> "RegistryClient":
         return self
 
