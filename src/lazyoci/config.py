@@ -12,6 +12,9 @@
       background_fetch: true
       background_quiet_seconds: 30
       background_interval_ms: 500
+      fetch_timeout_seconds: 30     # a span fetch fails (EIO) after this, retries included; 0 = never
+      fetch_min_bytes_per_second: 16384   # slower over a whole window: retried; 0 = no minimum
+      fetch_rate_window_seconds: 5  # that window (also the longest wait for a first byte)
       verify: true
 
 Values are checked when read: a bad value is a ConfigError naming the file and line.
@@ -27,6 +30,7 @@ from typing import Any
 import yaml
 
 from lazyoci.errors import ConfigError
+from lazyoci.registry.options import RANGE_LIMITS, TransferLimits
 
 SNAPSHOTTERS = ("overlayfs", "soci")
 RUNTIMES = ("runc", "crun")
@@ -54,6 +58,15 @@ class SociConfig:
     background_quiet_seconds: float = 30.0
     background_interval_ms: int = 500
     verify: bool = True
+    fetch_timeout_seconds: float = RANGE_LIMITS.deadline or 0.0
+    fetch_min_bytes_per_second: int = int(RANGE_LIMITS.min_bytes_per_second)
+    fetch_rate_window_seconds: float = RANGE_LIMITS.rate_window
+
+    def range_limits(self) -> TransferLimits:
+        """The limits of the service's span fetches."""
+        return TransferLimits(deadline=self.fetch_timeout_seconds or None,
+                              min_bytes_per_second=self.fetch_min_bytes_per_second,
+                              rate_window=self.fetch_rate_window_seconds)
 
 
 @dataclass(frozen=True)
@@ -165,6 +178,8 @@ def _parse_soci(doc: dict, path: Path) -> SociConfig:
     known = {
         "cache_dir": str, "cache_max_bytes": int, "background_fetch": bool,
         "background_quiet_seconds": (int, float), "background_interval_ms": int, "verify": bool,
+        "fetch_timeout_seconds": (int, float), "fetch_min_bytes_per_second": int,
+        "fetch_rate_window_seconds": (int, float),
     }
     values: dict[str, Any] = {}
     for key, value in doc.items():
@@ -177,5 +192,7 @@ def _parse_soci(doc: dict, path: Path) -> SociConfig:
             raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.{key} has the wrong type")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.{key} must not be negative")
+        if key == "fetch_rate_window_seconds" and value == 0:
+            raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.{key} must be more than 0")
         values[key] = Path(value) if key == "cache_dir" else value
     return SociConfig(**values)

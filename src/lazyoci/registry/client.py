@@ -70,6 +70,11 @@ class RegistryClient:
         process that is stopping while threads wait on a stalled registry."""
         self.transport.cancel()
 
+    @property
+    def last_refusal(self) -> float:
+        """Monotonic time of the last transfer cancelled or refused since `cancel()` (0: none)."""
+        return self.transport.cancellation.last_refusal
+
     def __enter__(self) -> "RegistryClient":
         return self
 

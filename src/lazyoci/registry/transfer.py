@@ -28,10 +28,34 @@ class TransferStalled(httpx.ReadTimeout):
     """The registry sent less than the minimum rate for a whole window: handled as a read timeout."""
 
 
+class Cancellation:
+    """A client's "stop now", set once for good; remembers when it last turned a transfer away,
+    so that a stopping process can tell when its readers have given up."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.last_refusal = 0.0          # monotonic time; 0: none yet
+
+    def set(self) -> None:
+        self.last_refusal = time.monotonic()
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep `seconds`, or less if cancelled meanwhile (then True)."""
+        return self._event.wait(seconds)
+
+    def refuse(self, what: str) -> RegistryError:
+        self.last_refusal = time.monotonic()
+        return RegistryError(f"{what}: cancelled (the registry client is closing)")
+
+
 class TransferGuard:
     """Deadline, rate floor and cancellation of one transfer; used by one thread."""
 
-    def __init__(self, limits: TransferLimits, cancelled: threading.Event, what: str) -> None:
+    def __init__(self, limits: TransferLimits, cancelled: Cancellation, what: str) -> None:
         self.limits = limits
         self.what = what
         self._cancelled = cancelled
@@ -48,7 +72,7 @@ class TransferGuard:
     def check(self) -> None:
         """RegistryError if the client was cancelled or the deadline has passed."""
         if self._cancelled.is_set():
-            raise RegistryError(f"{self.what}: cancelled (the registry client is closing)")
+            raise self._cancelled.refuse(self.what)
         left = self.remaining()
         if left is not None and left <= 0:
             reason = f" ({self.last_failure})" if self.last_failure else ""

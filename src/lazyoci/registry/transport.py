@@ -32,7 +32,7 @@ from lazyoci.oci.reference import DEFAULT_REGISTRY, DOCKER_HUB_HOST, is_loopback
 from lazyoci.registry.auth import Authenticator
 from lazyoci.registry.credentials import Credentials
 from lazyoci.registry.options import RegistryOptions, TransferLimits
-from lazyoci.registry.transfer import TransferGuard
+from lazyoci.registry.transfer import Cancellation, TransferGuard
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Transport:
         self._lock = threading.Lock()
         self._working: dict[str, Endpoint] = {}   # registry -> upstream endpoint that answered
         self._dead_mirrors: dict[str, float] = {}  # mirror base -> monotonic time to try it again
-        self._cancelled = threading.Event()
+        self.cancellation = Cancellation()
         self._receiving: set[httpx.Response] = set()   # bodies being read, for cancel()
 
     def close(self) -> None:
@@ -146,7 +146,7 @@ class Transport:
 
         A thread blocked reading a body is woken by shutting its socket down; one waiting for
         an answer's headers wakes within its read timeout (one rate window at most)."""
-        self._cancelled.set()
+        self.cancellation.set()
         with self._lock:
             receiving = list(self._receiving)
         for resp in receiving:
@@ -154,7 +154,7 @@ class Transport:
 
     def guard(self, limits: TransferLimits, what: str) -> TransferGuard:
         """A new transfer's deadline and rate floor, ended early by `cancel()`."""
-        return TransferGuard(limits, self._cancelled, what)
+        return TransferGuard(limits, self.cancellation, what)
 
     @contextmanager
     def receiving(self, resp: httpx.Response) -> Iterator[httpx.Response]:
@@ -162,7 +162,7 @@ class Transport:
         with self._lock:
             self._receiving.add(resp)
         try:
-            if self._cancelled.is_set():
+            if self.cancellation.is_set():
                 _shutdown(resp)
             yield resp
         finally:
@@ -172,8 +172,8 @@ class Transport:
     def _pause(self, seconds: float, guard: TransferGuard | None, failure: str) -> None:
         if guard is not None:
             guard.pause(seconds, failure)
-        elif self._cancelled.wait(seconds):
-            raise RegistryError(f"{failure}; cancelled (the registry client is closing)")
+        elif self.cancellation.wait(seconds):
+            raise self.cancellation.refuse(failure)
 
     def _client_for(self, url: httpx.URL) -> httpx.Client:
         host = url.netloc.decode()

@@ -81,7 +81,8 @@ class LayerManager:
             cache_dir = (config.path.parent if config.path else root.path) / cache_dir
         self.cache = SpanCache(cache_dir, config.soci.cache_max_bytes)
         self.client = RegistryClient(RegistryOptions(
-            insecure_registries=config.insecure_registries, mirrors=dict(config.registry_mirrors)))
+            insecure_registries=config.insecure_registries, mirrors=dict(config.registry_mirrors),
+            range_limits=config.soci.range_limits()))
         self._meta: dict[str, tuple[str, str, float]] = {}   # digest -> (ref, ztoc digest, monotonic mount time)
         self._lock = threading.Lock()
         self.background: BackgroundFetcher | None = None
