@@ -72,11 +72,12 @@ def iter_blob(transport: Transport, ref: Reference, digest: str, size: int | Non
                 # A trickle is no progress: a registry that stalls every attempt ends the pull.
                 stalled = isinstance(e, httpx.TimeoutException)
                 failures = failures + 1 if (offset == start_offset or stalled) else 1
+                why = guard.explain(e) or describe(e)
                 if failures > max(transport.options.max_retries, 1):
                     raise RegistryError(f"blob {digest} of {ref.name}: connection lost at byte {offset} "
-                                        f"{failures} times in a row: {describe(e)}") from None
-                log.debug("blob %s: %s at byte %d; resuming", digest, describe(e), offset)
-                guard.pause(backoff(failures - 1), describe(e))
+                                        f"{failures} times in a row: {why}") from None
+                log.debug("blob %s: %s at byte %d; resuming", digest, why, offset)
+                guard.pause(backoff(failures - 1), why)
                 continue
         finally:
             resp.close()
@@ -132,10 +133,11 @@ def fetch_range(transport: Transport, ref: Reference, digest: str, start: int, e
                                     + (f" (the blob has {total} bytes)" if total is not None else ""))
             data = b"".join(_guarded(transport, resp, guard, resp.iter_raw(CHUNK_SIZE)))
         except httpx.TransportError as e:
+            why = guard.explain(e) or describe(e)
             if attempt >= transport.options.max_retries:
-                raise RegistryError(f"{what}: range read failed: {describe(e)}") from None
-            log.debug("%s: %s; retry %d", what, describe(e), attempt + 1)
-            guard.pause(backoff(attempt), describe(e))
+                raise RegistryError(f"{what}: range read failed {attempt + 1} times: {why}") from None
+            log.debug("%s: %s; retry %d", what, why, attempt + 1)
+            guard.pause(backoff(attempt), why)
             attempt += 1
             continue
         finally:

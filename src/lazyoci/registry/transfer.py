@@ -63,6 +63,7 @@ class TransferGuard:
         self._deadline_at = now + limits.deadline if limits.deadline else None
         self._window_start = now
         self._window_bytes = 0
+        self._read_timeout = 0.0
         self.last_failure = ""          # why the previous attempt ended, for the final message
 
     def remaining(self) -> float | None:
@@ -88,7 +89,16 @@ class TransferGuard:
         if left is not None:
             read = min(read, max(left, 0.0) + _SLACK)
             connect_timeout = min(connect_timeout, max(left, 0.0) + _SLACK)
+        self._read_timeout = read
         return httpx.Timeout(read, connect=connect_timeout)
+
+    def explain(self, exc: Exception) -> str | None:
+        """Why an attempt ended, when it is one of our timeouts (httpx says only "timed out")."""
+        if isinstance(exc, TransferStalled):
+            return str(exc)
+        if isinstance(exc, httpx.ReadTimeout) and self._read_timeout:
+            return f"the registry sent nothing for {self._read_timeout:.1f}s"
+        return None
 
     def start_attempt(self) -> None:
         """A new request begins: its rate is measured from now."""
