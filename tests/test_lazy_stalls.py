@@ -155,3 +155,21 @@ def _file(layer, name: str) -> bytes:
 
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(layer.blob))) as tar:
         return tar.extractfile(name).read()
+
+
+def test_service_stop_while_the_background_fetcher_is_stalled(registry, small, data_root, tmp_path):
+    """No reader at all: the background fetcher's request hangs on the registry, and the service
+    still stops within seconds (the fetcher's thread must not hold it)."""
+    layer, ztoc = small
+    zdigest = store_ztoc(data_root, ztoc)
+    config = write_config(tmp_path / "c.yaml", background=True, quiet=0.2, interval_ms=5)
+    with FaultProxy(registry.host) as proxy, running_service(data_root, config) as client:
+        slow = proxy.add(Fault("drip", match=layer.digest, method="GET", rate=STALL, times=None))
+        client.mount_layer(f"{proxy.host}/lazy/stalls:latest", layer.digest, zdigest)
+        wait_applied(slow)
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert client.stop()
+        took = time.monotonic() - started
+        assert took < 15, f"service stop took {took:.1f}s"
+        assert not client.is_running()
