@@ -46,7 +46,6 @@ def iter_blob(transport: Transport, ref: Reference, digest: str, size: int | Non
         headers = dict(_IDENTITY)
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        guard.start_attempt()
         _, resp = transport.send(ref.registry, "GET", path, scopes=scopes, headers=headers,
                                  stream=True, mirrors=True, guard=guard)
         start_offset = offset
@@ -114,7 +113,6 @@ def fetch_range(transport: Transport, ref: Reference, digest: str, start: int, e
     attempt = 0
     use_mirrors = True
     while True:
-        guard.start_attempt()
         ep, resp = transport.send(ref.registry, "GET", path, scopes=scopes, headers=headers,
                                   stream=True, mirrors=use_mirrors, guard=guard)
         try:
@@ -152,6 +150,7 @@ def _guarded(transport: Transport, resp: httpx.Response, guard: TransferGuard,
              chunks: Iterator[bytes]) -> Iterator[bytes]:
     """The body's chunks, each counted by the guard; `Transport.cancel()` can interrupt the reads."""
     with transport.receiving(resp):
+        guard.start_body()
         for chunk in chunks:
             guard.received(len(chunk))
             yield chunk

@@ -100,8 +100,9 @@ class TransferGuard:
             return f"the registry sent nothing for {self._read_timeout:.1f}s"
         return None
 
-    def start_attempt(self) -> None:
-        """A new request begins: its rate is measured from now."""
+    def start_body(self) -> None:
+        """An answer's body begins: its rate is measured from now (the wait for its headers,
+        retries and pauses before it are bounded by the read timeout and the deadline)."""
         self.check()
         self._window_start = time.monotonic()
         self._window_bytes = 0
