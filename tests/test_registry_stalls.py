@@ -147,3 +147,28 @@ def test_a_full_download_resumes_after_a_stall_and_takes_a_slow_link(proxy, tmp_
         result, _ = run_bounded(lambda: b"".join(client.iter_blob(ref_via(proxy), DIGEST, len(BLOB))))
     assert result == BLOB
     assert stall.applied == 1 and slow.applied == 1
+
+
+def test_a_range_read_moving_too_slowly_for_its_deadline_ends_at_the_deadline(proxy, tmp_path):
+    """Above the minimum rate, but 256 KiB at 32 KiB/s needs 8 s: the 3 s deadline ends it."""
+    limits = TransferLimits(deadline=3.0, min_bytes_per_second=4096, rate_window=1.0)
+    proxy.add(Fault("drip", match="/blobs/", method="GET", rate=32 * 1024, times=None))
+    with client_with(tmp_path, range_limits=limits) as client:
+        result, took = run_bounded(lambda: client.fetch_range(ref_via(proxy), DIGEST, 0, len(BLOB)))
+    assert isinstance(result, RegistryError) and "within 3s" in str(result), result
+    assert took < 2 * limits.deadline, f"the deadline was passed by {took - limits.deadline:.1f}s"
+
+
+def test_fetch_limits_come_from_the_soci_section_of_the_config(tmp_path):
+    from lazyoci.config import load_config
+    from lazyoci.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("soci:\n  fetch_timeout_seconds: 12\n  fetch_min_bytes_per_second: 1000\n"
+                    "  fetch_rate_window_seconds: 2.5\n")
+    assert load_config(path).soci.range_limits() == TransferLimits(12, 1000, 2.5)
+    path.write_text("soci:\n  fetch_timeout_seconds: 0\n")
+    assert load_config(path).soci.range_limits().deadline is None       # 0: no deadline
+    path.write_text("soci:\n  background_fetch: true\n  fetch_rate_window_seconds: 0\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: soci\.fetch_rate_window_seconds must be more than 0"):
+        load_config(path)
