@@ -160,15 +160,19 @@ def test_a_range_read_moving_too_slowly_for_its_deadline_ends_at_the_deadline(pr
 
 
 def test_fetch_limits_come_from_the_soci_section_of_the_config(tmp_path):
-    from lazyoci.config import load_config
+    from lazyoci.config import SociConfig, load_config
     from lazyoci.errors import ConfigError
+    from lazyoci.registry.options import RANGE_LIMITS
 
+    default = SociConfig()       # one set of defaults, documented twice
+    assert (default.fetch_timeout_seconds, default.fetch_min_bytes_per_second, default.fetch_rate_window_seconds) \
+        == (RANGE_LIMITS.deadline, RANGE_LIMITS.min_bytes_per_second, RANGE_LIMITS.rate_window)
     path = tmp_path / "c.yaml"
     path.write_text("soci:\n  fetch_timeout_seconds: 12\n  fetch_min_bytes_per_second: 1000\n"
                     "  fetch_rate_window_seconds: 2.5\n")
-    assert load_config(path).soci.range_limits() == TransferLimits(12, 1000, 2.5)
-    path.write_text("soci:\n  fetch_timeout_seconds: 0\n")
-    assert load_config(path).soci.range_limits().deadline is None       # 0: no deadline
+    soci = load_config(path).soci
+    assert (soci.fetch_timeout_seconds, soci.fetch_min_bytes_per_second, soci.fetch_rate_window_seconds) \
+        == (12, 1000, 2.5)
     path.write_text("soci:\n  background_fetch: true\n  fetch_rate_window_seconds: 0\n")
     with pytest.raises(ConfigError, match=r"c\.yaml:3: soci\.fetch_rate_window_seconds must be more than 0"):
         load_config(path)

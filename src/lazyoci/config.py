@@ -30,7 +30,6 @@ from typing import Any
 import yaml
 
 from lazyoci.errors import ConfigError
-from lazyoci.registry.options import RANGE_LIMITS, TransferLimits
 
 SNAPSHOTTERS = ("overlayfs", "soci")
 RUNTIMES = ("runc", "crun")
@@ -58,15 +57,9 @@ class SociConfig:
     background_quiet_seconds: float = 30.0
     background_interval_ms: int = 500
     verify: bool = True
-    fetch_timeout_seconds: float = RANGE_LIMITS.deadline or 0.0
-    fetch_min_bytes_per_second: int = int(RANGE_LIMITS.min_bytes_per_second)
-    fetch_rate_window_seconds: float = RANGE_LIMITS.rate_window
-
-    def range_limits(self) -> TransferLimits:
-        """The limits of the service's span fetches."""
-        return TransferLimits(deadline=self.fetch_timeout_seconds or None,
-                              min_bytes_per_second=self.fetch_min_bytes_per_second,
-                              rate_window=self.fetch_rate_window_seconds)
+    fetch_timeout_seconds: float = 30.0     # = registry.options.RANGE_LIMITS; 0: no deadline
+    fetch_min_bytes_per_second: int = 16384
+    fetch_rate_window_seconds: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ class LayerManager:
 
     def __init__(self, root: DataRoot, config: Config, fs: LayerFS) -> None:
         from lazyoci.registry import RegistryClient, RegistryOptions   # A1's client
+        from lazyoci.registry.options import TransferLimits
 
         self.root = root
         self.config = config
@@ -82,7 +83,9 @@ class LayerManager:
         self.cache = SpanCache(cache_dir, config.soci.cache_max_bytes)
         self.client = RegistryClient(RegistryOptions(
             insecure_registries=config.insecure_registries, mirrors=dict(config.registry_mirrors),
-            range_limits=config.soci.range_limits()))
+            range_limits=TransferLimits(deadline=config.soci.fetch_timeout_seconds or None,
+                                        min_bytes_per_second=config.soci.fetch_min_bytes_per_second,
+                                        rate_window=config.soci.fetch_rate_window_seconds)))
         self._meta: dict[str, tuple[str, str, float]] = {}   # digest -> (ref, ztoc digest, monotonic mount time)
         self._lock = threading.Lock()
         self.background: BackgroundFetcher | None = None
