@@ -9,12 +9,12 @@
     soci:
       cache_dir: /var/lib/lazyoci/soci/cache
       cache_max_bytes: 0            # 0 = no limit
-      background_fetch: true
-      background_quiet_seconds: 30
-      background_interval_ms: 500
       fetch_timeout_seconds: 30     # a span fetch fails (EIO) after this, retries included; 0 = never
       fetch_min_bytes_per_second: 16384   # slower over a whole window: retried; 0 = no minimum
       fetch_rate_window_seconds: 5  # that window (also the longest wait for a first byte)
+      background_fetch: true
+      background_quiet_seconds: 30
+      background_interval_ms: 500
       verify: true
 
 Values are checked when read: a bad value is a ConfigError naming the file and line.
@@ -53,13 +53,13 @@ def default_config_path() -> Path:
 class SociConfig:
     cache_dir: Path | None = None          # None: <root>/soci/cache
     cache_max_bytes: int = 0
+    fetch_timeout_seconds: float = 30.0     # = registry.options.RANGE_LIMITS; 0: no deadline
+    fetch_min_bytes_per_second: int = 16384
+    fetch_rate_window_seconds: float = 5.0
     background_fetch: bool = True
     background_quiet_seconds: float = 30.0
     background_interval_ms: int = 500
     verify: bool = True
-    fetch_timeout_seconds: float = 30.0     # = registry.options.RANGE_LIMITS; 0: no deadline
-    fetch_min_bytes_per_second: int = 16384
-    fetch_rate_window_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -169,10 +169,10 @@ def load_config(path: Path | None = None) -> Config:
 def _parse_soci(doc: dict, path: Path) -> SociConfig:
     lines = doc.get("__lines__", {})
     known = {
-        "cache_dir": str, "cache_max_bytes": int, "background_fetch": bool,
-        "background_quiet_seconds": (int, float), "background_interval_ms": int, "verify": bool,
         "fetch_timeout_seconds": (int, float), "fetch_min_bytes_per_second": int,
         "fetch_rate_window_seconds": (int, float),
+        "cache_dir": str, "cache_max_bytes": int, "background_fetch": bool,
+        "background_quiet_seconds": (int, float), "background_interval_ms": int, "verify": bool,
     }
     values: dict[str, Any] = {}
     for key, value in doc.items():

@@ -44,16 +44,16 @@ log = logging.getLogger(__name__)
 FetchRange = Callable[[int, int], bytes]     # compressed blob bytes [start, end)
 MAX_SPANS_PER_REQUEST = 16                   # bounds memory per request (16 x 4 MiB spans)
 ATTEMPTS = 3
+# A span whose fetch just failed (a stalled registry, after its retries) fails again at once for
+# this long: the kernel asks again for the page of a failed read-ahead straight away, and that
+# request should not wait for the registry's deadline a second time.
+RECENT_FAILURE_SECONDS = 2.0
 READ_AHEAD_SPANS = 4                         # spans queued past a missed read
 READ_AHEAD_BYTES = 8 << 20                   # ... and at most this many compressed bytes
 READ_AHEAD_WORKERS = 2                       # Range requests in flight for read-ahead
 READ_AHEAD_RUN = 2                           # spans per read-ahead request
 READ_AHEAD_QUEUE = 64                        # queued read-aheads; more are skipped, not queued
 WRITE_BEHIND_QUEUE = 16                      # verified spans waiting for the disk (x 4 MiB)
-# A span whose fetch just failed (a stalled registry, after its retries) fails again at once for
-# this long: the kernel asks again for the page of a failed read-ahead straight away, and that
-# request should not wait for the registry's deadline a second time.
-RECENT_FAILURE_SECONDS = 2.0
 
 _POOL = ReadAheadPool(READ_AHEAD_WORKERS, READ_AHEAD_QUEUE)
 _WRITER = WriteBehind(WRITE_BEHIND_QUEUE)

@@ -82,10 +82,10 @@ class LayerManager:
             cache_dir = (config.path.parent if config.path else root.path) / cache_dir
         self.cache = SpanCache(cache_dir, config.soci.cache_max_bytes)
         self.client = RegistryClient(RegistryOptions(
-            insecure_registries=config.insecure_registries, mirrors=dict(config.registry_mirrors),
             range_limits=TransferLimits(deadline=config.soci.fetch_timeout_seconds or None,
                                         min_bytes_per_second=config.soci.fetch_min_bytes_per_second,
-                                        rate_window=config.soci.fetch_rate_window_seconds)))
+                                        rate_window=config.soci.fetch_rate_window_seconds),
+            insecure_registries=config.insecure_registries, mirrors=dict(config.registry_mirrors)))
         self._meta: dict[str, tuple[str, str, float]] = {}   # digest -> (ref, ztoc digest, monotonic mount time)
         self._lock = threading.Lock()
         self.background: BackgroundFetcher | None = None
