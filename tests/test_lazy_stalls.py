@@ -173,3 +173,24 @@ def test_service_stop_while_the_background_fetcher_is_stalled(registry, small, d
         took = time.monotonic() - started
         assert took < 15, f"service stop took {took:.1f}s"
         assert not client.is_running()
+
+
+def test_service_stop_while_the_registry_never_answers(registry, small, data_root, tmp_path):
+    """The registry takes the Range request and never sends headers: the fetch waits at most one
+    rate window for them, the read gets EIO, the service stops within seconds."""
+    layer, ztoc = small
+    zdigest = store_ztoc(data_root, ztoc)
+    config = fetch_config(tmp_path / "c.yaml", timeout=300, window=2.0)
+    with FaultProxy(registry.host) as proxy, running_service(data_root, config) as client:
+        d = client.mount_layer(f"{proxy.host}/lazy/stalls:latest", layer.digest, zdigest)
+        silent = proxy.add(Fault("delay", match=layer.digest, method="GET", seconds=120, times=None))
+        reader = start_read(d / "f0.bin")
+        try:
+            wait_applied(silent)
+            started = time.monotonic()
+            assert client.stop()
+            took = time.monotonic() - started
+        finally:
+            status, out, err = finish_read(reader, 60)
+        assert took < 15, f"service stop took {took:.1f}s"
+        assert status != 0 and out == b"" and "Input/output error" in err, err

@@ -75,6 +75,11 @@ class RegistryClient:
         """Monotonic time of the last transfer cancelled or refused since `cancel()` (0: none)."""
         return self.transport.cancellation.last_refusal
 
+    @property
+    def transfers_in_flight(self) -> int:
+        """Blob downloads and Range reads under way (after `cancel()`: still ending)."""
+        return self.transport.transfers_in_flight
+
     def __enter__(self) -> "RegistryClient":
         return self
 

@@ -136,6 +136,7 @@ class Transport:
         self._dead_mirrors: dict[str, float] = {}  # mirror base -> monotonic time to try it again
         self.cancellation = Cancellation()
         self._receiving: set[httpx.Response] = set()   # bodies being read, for cancel()
+        self.transfers_in_flight = 0
 
     def close(self) -> None:
         self._verified.close()
@@ -152,9 +153,17 @@ class Transport:
         for resp in receiving:
             _shutdown(resp)
 
-    def guard(self, limits: TransferLimits, what: str) -> TransferGuard:
-        """A new transfer's deadline and rate floor, ended early by `cancel()`."""
-        return TransferGuard(limits, self.cancellation, what)
+    @contextmanager
+    def transfer(self, limits: TransferLimits, what: str) -> Iterator[TransferGuard]:
+        """A blob transfer from start to end: its guard (deadline and rate floor, ended early
+        by `cancel()`), and a count of transfers in flight for a process that is stopping."""
+        with self._lock:
+            self.transfers_in_flight += 1
+        try:
+            yield TransferGuard(limits, self.cancellation, what)
+        finally:
+            with self._lock:
+                self.transfers_in_flight -= 1
 
     @contextmanager
     def receiving(self, resp: httpx.Response) -> Iterator[httpx.Response]:
