@@ -177,10 +177,10 @@ def test_service_stop_while_the_background_fetcher_is_stalled(registry, small, d
 
 def test_service_stop_while_the_registry_never_answers(registry, small, data_root, tmp_path):
     """The registry takes the Range request and never sends headers: the fetch waits at most one
-    rate window for them, the read gets EIO, the service stops within seconds."""
+    rate window for them (5 s by default), the read gets EIO, the service stops within seconds."""
     layer, ztoc = small
     zdigest = store_ztoc(data_root, ztoc)
-    config = fetch_config(tmp_path / "c.yaml", timeout=300, window=2.0)
+    config = write_config(tmp_path / "c.yaml")          # the default fetch limits
     with FaultProxy(registry.host) as proxy, running_service(data_root, config) as client:
         d = client.mount_layer(f"{proxy.host}/lazy/stalls:latest", layer.digest, zdigest)
         silent = proxy.add(Fault("delay", match=layer.digest, method="GET", seconds=120, times=None))
