@@ -56,17 +56,9 @@ FINDINGS = {
     "config-file-not-utf8": ("config_file", b"soci:\n  \x91\x9c: 1\n"),
     "config-file-key-a-mapping": ("config_file", b"{{}}"),
 }
-# Findings in files of another part of issue 9: they fail here until that branch is merged.
-OPEN_ELSEWHERE = {
-    "config-file-not-utf8": "a config file that is not UTF-8 is issue 9 part 5 (smallfix)",
-    "config-file-key-a-mapping": "a YAML key that is a mapping crashes the config loader (smallfix: config.py)",
-    "config-cmd-a-string": "Cmd given as a string is issue 9 part 5 (smallfix: image config lists)",
-}
 
 
-@pytest.mark.parametrize("finding", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=OPEN_ELSEWHERE[name]))
-    if name in OPEN_ELSEWHERE else name for name in FINDINGS])
+@pytest.mark.parametrize("finding", list(FINDINGS))
 def test_fuzz_finding_is_refused_with_a_lazyoci_error(finding, tmp_path, monkeypatch):
     """Parsed strictly: the wrong JSON type (or bytes) is a LazyociError, never another exception
     and never a silently reinterpreted value."""
@@ -79,25 +71,11 @@ def test_fuzz_finding_is_refused_with_a_lazyoci_error(finding, tmp_path, monkeyp
         targets.TARGETS[target](data)
 
 
-def _still_open(target: str) -> str | None:
-    """The reason of a finding of this target that another branch fixes and that still reproduces."""
-    for name, reason in OPEN_ELSEWHERE.items():
-        t, data = FINDINGS[name]
-        if t == target:
-            try:
-                targets.run_one(targets.TARGETS[t], data)
-            except Exception:
-                return reason
-    return None
-
 
 @needs_atheris
 @pytest.mark.parametrize("target", TARGETS)
 def test_parser_survives_fuzzing(target, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    open_finding = _still_open(target)
-    if open_finding:   # the fuzzer would find it again within a second; turns on once it is fixed
-        pytest.xfail(f"known finding still open: {open_finding}")
     keep = os.environ.get("LAZYOCI_FUZZ_CORPUS")
     corpus = write_corpus(target, Path(keep) / target if keep else tmp_path / "corpus")
     artifacts = tmp_path / "artifacts"

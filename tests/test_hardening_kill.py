@@ -71,8 +71,6 @@ def test_kill_9_of_pull_at_a_random_point_then_pull_again(registry, image, tmp_p
     assert_store_consistent(root, allow_partial_files=True)
 
 
-@pytest.mark.xfail(strict=True, reason="a pull killed mid-download leaves tmp/*.part; removing "
-                   "stale partial files is issue 9 part 5 (the smallfix branch)")
 def test_kill_9_of_pull_mid_blob_leaves_no_partial_file_after_the_next_pull(registry, image, tmp_path):
     root = tmp_path / "root"
     big = image[1]
