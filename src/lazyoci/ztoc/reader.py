@@ -325,37 +325,40 @@ class Ztoc:
     def __len__(self) -> int:
         return self._count
 
-    def _string_at(self, t: int, at: int) -> bytes:
-        """The string referenced by the field at offset `at` of the table at `t` (b"" if absent).
-        Offsets were checked by `parse`, so this reads without checks (the tree calls it a lot)."""
+    def entry_name(self, i: int) -> bytes:
+        """Entry i's name as stored, without decoding the rest of the entry (for lookups).
+        Offsets were checked by `parse`, so this reads without further checks."""
+        if not 0 <= i < self._count:
+            raise IndexError(f"zTOC entry {i} out of range (0..{self._count - 1})")
+        buf = self._data
+        ep = self._entries_start + 4 * i
+        t = ep + _U32(buf, ep)[0]
+        at = self._plans[t - _I32(buf, t)[0]].name_at
         if not at:
             return b""
-        buf = self._data
         p = t + at
         p += _U32(buf, p)[0]
         return buf[p + 4:p + 4 + _U32(buf, p)[0]]
 
-    def _table(self, i: int) -> tuple[int, _Plan]:
-        buf = self._data
-        ep = self._entries_start + 4 * i
-        t = ep + _U32(buf, ep)[0]
-        return t, self._plans[t - _I32(buf, t)[0]]
-
-    def entry_name(self, i: int) -> bytes:
-        """Entry i's name as stored, without decoding the rest of the entry (for lookups)."""
-        if not 0 <= i < self._count:
-            raise IndexError(f"zTOC entry {i} out of range (0..{self._count - 1})")
-        t, plan = self._table(i)
-        return self._string_at(t, plan.name_at)
-
     def tree_entries(self) -> Iterator[tuple[bytes, str, bytes]]:
         """(name, type, link target) of every entry in order, the target only for hardlinks:
         what building a directory tree needs, ~10x faster than decoding whole entries."""
-        table, string_at, types = self._table, self._string_at, _TYPE_NAMES
-        for i in range(self._count):
-            t, plan = table(i)
-            typ = types[string_at(t, plan.type_at)]
-            yield string_at(t, plan.name_at), typ, string_at(t, plan.link_at) if typ == "hardlink" else b""
+        buf, plans, types = self._data, self._plans, _TYPE_NAMES
+
+        def string(t: int, at: int) -> bytes:
+            if not at:
+                return b""
+            p = t + at
+            p += _U32(buf, p)[0]
+            return buf[p + 4:p + 4 + _U32(buf, p)[0]]
+
+        ep = self._entries_start
+        for _ in range(self._count):
+            t = ep + _U32(buf, ep)[0]
+            ep += 4
+            plan = plans[t - _I32(buf, t)[0]]
+            typ = types[string(t, plan.type_at)]
+            yield string(t, plan.name_at), typ, string(t, plan.link_at) if typ == "hardlink" else b""
 
     def entry(self, i: int) -> TocEntry:
         if not 0 <= i < self._count:
