@@ -172,3 +172,44 @@ def test_honest_image_first_then_hostile_index(images_ab, data_root, tmp_path):
         assert _served_ztocs(data_root, config) == {honest}
     finally:
         _cleanup(data_root, config)
+
+
+def test_an_older_data_roots_lazy_layer_records_are_rekeyed(data_root, tmp_path):
+    """An older lazyoci kept one `lazy_layers` row per layer: it is rekeyed by (layer, zTOC), so
+    a second index's zTOC of the layer is recorded next to it, and its image keeps its zTOC."""
+    from lazyoci.config import load_config
+    from lazyoci.snapshot.lazy_records import image_ztocs
+    from lazyoci.snapshot.soci import LazyLayerRecord, SociSnapshotter
+    from lazyoci.store.db import Database
+    from lazyoci.store.layout import DataRoot
+
+    root = DataRoot(data_root).ensure()
+    layer, z1, z2, index, manifest = ("sha256:" + c * 64 for c in "12345")
+    with Database(root.db_path).transaction() as c:
+        c.execute("CREATE TABLE lazy_layers (layer_digest TEXT PRIMARY KEY, ztoc_digest TEXT NOT NULL, "
+                  "ref TEXT NOT NULL, index_digest TEXT NOT NULL, created REAL NOT NULL)")
+        c.execute("INSERT INTO lazy_layers VALUES (?, ?, ?, ?, 1.0)", (layer, z1, f"reg/app@{manifest}", index))
+    snap = SociSnapshotter(root, load_config(write_config(tmp_path / "c.yaml")))
+    snap.record_lazy_layer(LazyLayerRecord(layer, z2, "reg/other@sha256:" + "6" * 64, index))
+    assert snap.lazy_layer(layer, z1).ref == f"reg/app@{manifest}"
+    assert snap.lazy_layer(layer, z2).ref.startswith("reg/other@")
+    assert image_ztocs(snap.db, "reg/app:latest", manifest) == ({layer: z1}, False)
+    SociSnapshotter(root, load_config(tmp_path / "c.yaml"))      # a second time: nothing to do
+    assert snap.lazy_layer(layer, z1) is not None and snap.lazy_layer(layer, z2) is not None
+
+
+def test_snapshot_keys_name_the_ztocs_of_lazy_layers_only():
+    """Unpacked layers keep their chain IDs (shared by every image); from the first lazy layer up,
+    a key also names the zTOCs below, so two indexes of a layer never share a snapshot."""
+    from lazyoci.oci.manifest import chain_ids
+    from lazyoci.snapshot.soci import snapshot_keys
+
+    diff_ids = ["sha256:" + c * 64 for c in "abc"]
+    chains = chain_ids(diff_ids)
+    assert snapshot_keys(diff_ids, [None, None, None]) == chains
+    one = snapshot_keys(diff_ids, [None, "sha256:" + "1" * 64, None])
+    other = snapshot_keys(diff_ids, [None, "sha256:" + "2" * 64, None])
+    assert one[0] == other[0] == chains[0]
+    assert [k.split("+ztocs:")[0] for k in one] == chains
+    assert one[1] != other[1] and one[2] != other[2]
+    assert one[2] != snapshot_keys(diff_ids, [None, None, "sha256:" + "1" * 64])[2]   # position counts
