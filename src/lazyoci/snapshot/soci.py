@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from lazyoci.config import Config
 from lazyoci.errors import StoreError
-from lazyoci.oci.manifest import Descriptor, chain_ids
+from lazyoci.oci.manifest import chain_ids
 from lazyoci.service.client import ServiceClient
 from lazyoci.service.paths import ServicePaths
 from lazyoci.snapshot import lazy_records
