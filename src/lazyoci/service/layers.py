@@ -238,10 +238,12 @@ class LayerManager:
                 log.error("cannot mount recorded layer %s again: %s", digest, e)
 
     def _pulled_refs(self, layer_digest: str) -> list[str]:
-        """The references the lazy pulls recorded for the layer (snapshot/soci.py `lazy_layers`)."""
+        """The references the lazy pulls recorded for the layer, the latest first (any index's:
+        a layer is content-addressed, and spans are checked against the view's own zTOC)."""
         try:
             with self.db.reading() as conn:
-                rows = conn.execute("SELECT ref FROM lazy_layers WHERE layer_digest=?", (layer_digest,)).fetchall()
+                rows = conn.execute("SELECT ref FROM lazy_layers WHERE layer_digest=? ORDER BY created DESC",
+                                    (layer_digest,)).fetchall()
         except (sqlite3.Error, StoreError):    # no lazy pull yet in this data root
             return []
         return [r[0] for r in rows]
