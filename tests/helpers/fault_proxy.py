@@ -89,7 +89,7 @@ class FaultProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.faults: list[Fault] = []
-        self.log: list[RequestRecord] = []
+        self._log: list[RequestRecord] = []
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0
@@ -138,7 +138,7 @@ class FaultProxy:
 
     def reset_counters(self) -> None:
         with self._lock:
-            self.log = []
+            self._log = []
 
     def take_fault(self, method: str, path: str) -> Fault | None:
         with self._lock:
@@ -152,7 +152,7 @@ class FaultProxy:
 
     def record(self, rec: RequestRecord) -> None:
         with self._lock:
-            self.log.append(rec)
+            self._log.append(rec)
 
     def begin_request(self) -> None:
         with self._lock:
@@ -164,9 +164,15 @@ class FaultProxy:
             self._idle.notify_all()
 
     def _settled(self) -> list[RequestRecord]:
-        """The log once requests in flight are recorded (waits up to 2 s; call with the lock held)."""
-        self._idle.wait_for(lambda: self._active == 0, timeout=2)
-        return list(self.log)
+        """The log once requests in flight are recorded (waits up to 10 s; call with the lock held)."""
+        self._idle.wait_for(lambda: self._active == 0, timeout=10)
+        return list(self._log)
+
+    @property
+    def log(self) -> list[RequestRecord]:
+        """Every request answered so far, those in flight included once they end."""
+        with self._lock:
+            return self._settled()
 
     @property
     def requests(self) -> int:
