@@ -1,0 +1,197 @@
+"""build: an image from a Dockerfile, built by buildah and stored as an OCI image in lazyoci's store.
+
+buildah does the building; lazyoci gives it what it knows about registries (credentials,
+mirrors, insecure and loopback registries, docker's short names) so that `FROM` resolves as
+`lazyoci pull` would, then takes the result as an OCI archive into the store. buildah keeps
+its own storage under the data root (`build/`): the base images and step layers it caches
+between builds, which `system prune` removes. A failed build stores nothing in lazyoci.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lazyoci.errors import BuildError, ConfigError
+from lazyoci.oci.platform import Platform
+from lazyoci.oci.reference import Reference
+from lazyoci.registry.credentials import default_config_path
+from lazyoci.registry.options import RegistryOptions
+
+if TYPE_CHECKING:
+    from lazyoci.images.service import ImageService, LocalImage
+    from lazyoci.store.layout import DataRoot
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1")
+_BUILD_ARG_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(=.*)?$", re.S)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What `lazyoci build` was asked for (docker's flags)."""
+
+    context: Path
+    tags: tuple[str, ...] = ()
+    dockerfile: Path | None = None        # default: Dockerfile (or Containerfile) in the context
+    build_args: tuple[str, ...] = ()      # "KEY=VALUE", or "KEY" to take it from the environment
+    target: str | None = None
+    platform: Platform | None = None
+    no_cache: bool = False
+
+
+def build_dir(root: DataRoot) -> Path:
+    """buildah's storage and settings for this data root (kept apart from lazyoci's own store)."""
+    return root.path / "build"
+
+
+def registries_conf(options: RegistryOptions) -> str:
+    """A containers-registries.conf(5) saying what lazyoci's registry client does.
+
+    Short names resolve on docker.io, as docker's normalisation does; loopback registries and
+    `insecure_registries` may use plain HTTP; mirrors are tried before their registry.
+    """
+    insecure = {host: True for host in (*LOOPBACK_HOSTS, *options.insecure_registries)}
+    lines = ['unqualified-search-registries = ["docker.io"]', 'short-name-mode = "permissive"', ""]
+    for host in sorted(set(insecure) | set(options.mirrors)):
+        lines += ["[[registry]]", f"prefix = {_toml(host)}", f"location = {_toml(host)}"]
+        if insecure.get(host):
+            lines.append("insecure = true")
+        for base in options.mirrors.get(host, ()):
+            scheme, sep, rest = base.partition("://")
+            location = (rest if sep else scheme).rstrip("/")
+            lines += ["[[registry.mirror]]", f"location = {_toml(location)}"]
+            if (sep and scheme == "http") or location.split("/")[0] in options.insecure_registries:
+                lines.append("insecure = true")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml(text: str) -> str:
+    if any(c in text for c in '"\\\n'):
+        raise ConfigError(f"registry name {text!r} cannot be given to buildah")
+    return f'"{text}"'
+
+
+def _dockerfile(options: BuildOptions) -> Path:
+    if options.dockerfile is not None:
+        if not options.dockerfile.is_file():
+            raise ConfigError(f"Dockerfile {options.dockerfile} does not exist")
+        return options.dockerfile
+    for name in ("Dockerfile", "Containerfile"):
+        if (options.context / name).is_file():
+            return options.context / name
+    raise ConfigError(f"no Dockerfile in {options.context} (use -f to name one)")
+
+
+def _check(options: BuildOptions) -> list[str]:
+    """The tags as full references; every flag checked before buildah starts."""
+    if not options.context.is_dir():
+        raise ConfigError(f"build context {options.context} is not a directory")
+    for arg in options.build_args:
+        if not _BUILD_ARG_RE.match(arg):
+            raise ConfigError(f"--build-arg {arg!r} is not KEY=VALUE")
+    if options.target is not None and not options.target.strip():
+        raise ConfigError("--target needs a stage name")
+    return [str(Reference.parse(t)) for t in options.tags]
+
+
+def buildah_command(root: DataRoot, *args: str) -> list[str]:
+    """buildah with this data root's storage (vfs: no mount is left behind, any filesystem works)."""
+    buildah = shutil.which("buildah")
+    if buildah is None:
+        raise BuildError("buildah is not installed (Debian package `buildah`; `make deps` installs it)")
+    base = build_dir(root)
+    return [buildah, "--root", str(base / "storage"), "--runroot", str(base / "run"),
+            "--storage-driver", "vfs", *args]
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Callable[[str], None]) -> None:
+    """Run buildah, passing each line of its output to `log`; its last error line if it fails."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, text=True, errors="replace", bufsize=1)
+    last_error = ""
+    assert proc.stdout is not None
+    with proc:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            log(line)
+            if line.startswith("Error: ") or line.startswith("error "):
+                last_error = line
+    if proc.returncode != 0:
+        message = last_error.removeprefix("Error: ") or f"buildah exited with status {proc.returncode}"
+        raise BuildError(f"build failed: {message}")
+
+
+def build_image(svc: ImageService, options: BuildOptions,
+                log: Callable[[str], None] = lambda _line: None) -> LocalImage:
+    """Build `options.context` with buildah, store the image, name it with every tag; return it.
+
+    buildah's output goes line by line to `log` (its steps, the pulls of FROM images).
+    """
+    from lazyoci.images.archive import load_archive
+
+    names = _check(options)
+    dockerfile = _dockerfile(options)
+    base = build_dir(svc.root)
+    base.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(base, 0o700)
+    conf = base / "registries.conf"
+    conf.write_text(registries_conf(svc.registry_options))
+    env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)}
+    authfile = svc.registry_options.docker_config or default_config_path()
+    with tempfile.TemporaryDirectory(dir=base, prefix="out-") as out:
+        iidfile, archive = Path(out) / "iid", Path(out) / "image.tar"
+        cmd = ["build", "--layers", "--force-rm", "--isolation", "chroot", "--network", "host",
+               "--format", "oci", "--iidfile", str(iidfile), "-f", str(dockerfile)]
+        if authfile.is_file():
+            cmd += ["--authfile", str(authfile)]
+        for arg in options.build_args:
+            cmd += ["--build-arg", arg]
+        if options.target:
+            cmd += ["--target", options.target]
+        if options.platform:
+            cmd += ["--platform", str(options.platform)]
+        if options.no_cache:
+            cmd.append("--no-cache")
+        _run(buildah_command(svc.root, *cmd, str(options.context)), env, log)
+        image_id = iidfile.read_text().strip()
+        _run(buildah_command(svc.root, "push", "--quiet", "--format", "oci", "--compression-format", "gzip",
+                             image_id, f"oci-archive:{archive}"), env, log)
+        top = load_archive(svc, archive)[0]
+    for name in names:
+        svc.tag(top, name)
+    return svc.get(names[0] if names else top, options.platform)
+
+
+def prune_build_cache(root: DataRoot) -> int:
+    """Remove every image and working container buildah keeps for this data root; return bytes freed."""
+    base = build_dir(root)
+    if not (base / "storage").exists():
+        return 0
+    before = directory_bytes(base)
+    env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(base / "registries.conf")}
+    for args in (("rm", "--all"), ("rmi", "--all", "--force")):
+        r = subprocess.run(buildah_command(root, *args), stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, errors="replace", env=env)
+        if r.returncode != 0 and "no such image" not in r.stderr.lower():
+            raise BuildError(f"buildah {args[0]} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    return max(0, before - directory_bytes(base))
+
+
+def directory_bytes(path: Path) -> int:
+    """Bytes on disk under `path` (allocated blocks, so sparse span caches count what they hold)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except OSError:
+                continue
+    return total
