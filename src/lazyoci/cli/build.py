@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from lazyoci.cli.shared import image_service, soci_push_after_image
+from lazyoci.errors import ConfigError
 
 
 @click.command("build")
@@ -32,7 +33,7 @@ def build_cmd(tags: tuple[str, ...], dockerfile: Path | None, build_args: tuple[
     from lazyoci.oci.platform import Platform
 
     if soci and not tags:
-        raise click.UsageError("--soci pushes the image: name it with -t REGISTRY/REPOSITORY[:TAG]")
+        raise ConfigError("--soci pushes the image: name it with -t REGISTRY/REPOSITORY[:TAG]")
     options = BuildOptions(context=context, tags=tags, dockerfile=dockerfile, build_args=build_args,
                            target=target, platform=Platform.parse(platform) if platform else None,
                            no_cache=no_cache)
