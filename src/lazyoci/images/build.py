@@ -170,28 +170,14 @@ def build_image(svc: ImageService, options: BuildOptions,
     return svc.get(names[0] if names else top, options.platform)
 
 
-def prune_build_cache(root: DataRoot) -> int:
-    """Remove every image and working container buildah keeps for this data root; return bytes freed."""
+def prune_build_cache(root: DataRoot) -> None:
+    """Remove every image and working container buildah keeps for this data root."""
     base = build_dir(root)
     if not (base / "storage").exists():
-        return 0
-    before = directory_bytes(base)
+        return
     env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(base / "registries.conf")}
     for args in (("rm", "--all"), ("rmi", "--all", "--force")):
         r = subprocess.run(buildah_command(root, *args), stdin=subprocess.DEVNULL, capture_output=True,
                            text=True, errors="replace", env=env)
         if r.returncode != 0 and "no such image" not in r.stderr.lower():
             raise BuildError(f"buildah {args[0]} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-    return max(0, before - directory_bytes(base))
-
-
-def directory_bytes(path: Path) -> int:
-    """Bytes on disk under `path` (allocated blocks, so sparse span caches count what they hold)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except OSError:
-                continue
-    return total
