@@ -129,6 +129,7 @@ def test_a_failing_dockerfile_is_one_error_line_and_stores_nothing(base, data_ro
         (["build", "-t", "Bad:Name:x", str(ctx)], "Bad:Name:x"),
         (["build", "--platform", "linux", str(ctx)], "invalid platform"),
         (["build", "--soci", str(ctx)], "--soci"),
+        (["build", "--soci-min-layer-size", "0", "-t", "build/x", str(ctx)], "go with --soci"),
     ]
     for args, words in bad_flags:
         r = _lz(data_root, *args, check=False)

@@ -32,6 +32,8 @@ def build_cmd(tags: tuple[str, ...], dockerfile: Path | None, build_args: tuple[
     from lazyoci.images.build import BuildOptions, build_image
     from lazyoci.oci.platform import Platform
 
+    if not soci and (soci_span_size is not None or soci_min_layer_size is not None):
+        raise ConfigError("--soci-span-size and --soci-min-layer-size go with --soci")
     if soci and not tags:
         raise ConfigError("--soci pushes the image: name it with -t REGISTRY/REPOSITORY[:TAG]")
     options = BuildOptions(context=context, tags=tags, dockerfile=dockerfile, build_args=build_args,

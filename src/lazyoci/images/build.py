@@ -142,12 +142,12 @@ def build_image(svc: ImageService, options: BuildOptions,
     base = build_dir(svc.root)
     base.mkdir(mode=0o700, exist_ok=True)
     os.chmod(base, 0o700)
-    conf = base / "registries.conf"
-    conf.write_text(registries_conf(svc.registry_options))
-    env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)}
     authfile = svc.registry_options.docker_config or default_config_path()
     with tempfile.TemporaryDirectory(dir=base, prefix="out-") as out:
-        iidfile, archive = Path(out) / "iid", Path(out) / "image.tar"
+        # Each build has its own registries.conf: two builds may run with different flags.
+        conf, iidfile, archive = Path(out) / "registries.conf", Path(out) / "iid", Path(out) / "image.tar"
+        conf.write_text(registries_conf(svc.registry_options))
+        env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)}
         cmd = ["build", "--layers", "--force-rm", "--isolation", "chroot", "--network", "host",
                "--format", "oci", "--iidfile", str(iidfile), "-f", str(dockerfile)]
         if authfile.is_file():
@@ -175,9 +175,8 @@ def prune_build_cache(root: DataRoot) -> None:
     base = build_dir(root)
     if not (base / "storage").exists():
         return
-    env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(base / "registries.conf")}
     for args in (("rm", "--all"), ("rmi", "--all", "--force")):
         r = subprocess.run(buildah_command(root, *args), stdin=subprocess.DEVNULL, capture_output=True,
-                           text=True, errors="replace", env=env)
+                           text=True, errors="replace")
         if r.returncode != 0 and "no such image" not in r.stderr.lower():
             raise BuildError(f"buildah {args[0]} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
