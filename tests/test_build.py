@@ -80,6 +80,7 @@ def test_build_stores_an_image_that_runs_saves_and_pushes(base, registry, data_r
     r = _lz(data_root, "build", "-t", ref, "-t", "build/app:also", "--build-arg", "GREETING=hi",
             "--target", "final", str(ctx))
     assert "STEP" in r.stderr and "COPY note.txt" in r.stderr, r.stderr      # buildah's steps, on stderr
+    assert (data_root / "build").stat().st_mode & 0o777 == 0o700      # buildah's storage: root's alone
     digest = r.stdout.strip()
     assert digest.startswith("sha256:") and len(r.stdout.splitlines()) == 1, r.stdout
     images = _lz(data_root, "images").stdout

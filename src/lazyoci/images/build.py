@@ -24,6 +24,7 @@ from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
 from lazyoci.registry.credentials import default_config_path
 from lazyoci.registry.options import RegistryOptions
+from lazyoci.store.modes import private_dir
 
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService, LocalImage
@@ -139,9 +140,7 @@ def build_image(svc: ImageService, options: BuildOptions,
 
     names = _check(options)
     dockerfile = _dockerfile(options)
-    base = build_dir(svc.root)
-    base.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(base, 0o700)
+    base = private_dir(build_dir(svc.root))
     authfile = svc.registry_options.docker_config or default_config_path()
     with tempfile.TemporaryDirectory(dir=base, prefix="out-") as out:
         # Each build has its own registries.conf: two builds may run with different flags.

@@ -10,6 +10,7 @@ serves. Sizes are bytes allocated on disk, so sparse span caches count what they
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from lazyoci.runtime.run import ContainerManager
 
 KINDS = ("Images", "Containers", "Build Cache", "Span Cache")
+_CACHE_NAME = re.compile(r"^[0-9a-f]{64}(-[0-9a-f]{16})?$")
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class PruneResult:
     containers: tuple[str, ...]        # ids of the stopped containers removed
     untagged: tuple[str, ...]          # image names dropped
     images: tuple[str, ...]            # top-level digests of the images removed
-    span_caches: tuple[str, ...]       # layer digests whose span cache was removed
+    span_caches: tuple[str, ...]       # layer digests whose span caches were removed
     bytes_freed: int
 
 
@@ -107,21 +109,21 @@ def _unpacked(svc: ImageService, config: Config, diff_ids: Iterable[str]) -> int
     return total
 
 
-def _span_caches(svc: ImageService, config: Config) -> dict[str, Path]:
-    """Layer digest -> its span cache directory."""
+def _span_caches(svc: ImageService, config: Config) -> list[tuple[str, Path]]:
+    """(layer digest, directory) of every span cache: one per layer and zTOC, named
+    `<layer hex>-<16 hex of the zTOC>` (`<layer hex>` alone by earlier versions)."""
     base = span_cache_dir(config, svc.root.path)
     if not base.is_dir():
-        return {}
-    return {f"sha256:{p.name}": p for p in base.iterdir() if p.is_dir() and len(p.name) == 64}
+        return []
+    return [(f"sha256:{p.name[:64]}", p) for p in sorted(base.iterdir())
+            if p.is_dir() and _CACHE_NAME.match(p.name)]
 
 
 def _served_layers(svc: ImageService) -> set[str]:
-    """Lazy layers the service mounts (now, or when it starts again)."""
-    from lazyoci.service.records import SCHEMA, SCHEMA_NAME
+    """Lazy layers the service serves (now, or when it starts again), through any zTOC."""
+    from lazyoci.service.records import recorded_views
 
-    svc.db.ensure_schema(SCHEMA_NAME, SCHEMA)
-    with svc.db.reading() as c:
-        return {r[0] for r in c.execute("SELECT layer_digest FROM service_layers")}
+    return {layer for layer, _ztoc in recorded_views(svc.db)}
 
 
 def disk_usage(svc: ImageService, manager: ContainerManager, config: Config) -> list[UsageRow]:
@@ -146,11 +148,10 @@ def disk_usage(svc: ImageService, manager: ContainerManager, config: Config) -> 
     build = directory_bytes(build_dir(svc.root))
     rows.append(UsageRow("Build Cache", _build_images(svc), 0, build, build))
 
-    caches = _span_caches(svc, config)
+    caches = [(layer, directory_bytes(path)) for layer, path in _span_caches(svc, config)]
     used = set().union(*(i.layers for i in images)) | _served_layers(svc)
-    cache_sizes = {d: directory_bytes(p) for d, p in caches.items()}
-    rows.append(UsageRow("Span Cache", len(caches), sum(1 for d in caches if d in used), sum(cache_sizes.values()),
-                         sum(n for d, n in cache_sizes.items() if d not in used)))
+    rows.append(UsageRow("Span Cache", len(caches), sum(1 for layer, _ in caches if layer in used),
+                         sum(n for _, n in caches), sum(n for layer, n in caches if layer not in used)))
     return rows
 
 
@@ -211,14 +212,14 @@ def prune(svc: ImageService, manager: ContainerManager, config: Config, all_imag
     prune_build_cache(svc.root)
     freed += max(0, build_bytes - directory_bytes(build_dir(svc.root)))
 
-    caches: list[str] = []
+    caches: set[str] = set()
     used = set().union(*(i.layers for i in _images(svc))) | _served_layers(svc)
-    for digest, path in _span_caches(svc, config).items():
-        if digest not in used:
+    for layer, path in _span_caches(svc, config):
+        if layer not in used:
             freed += directory_bytes(path)
             shutil.rmtree(path, ignore_errors=True)
-            caches.append(digest)
-    return PruneResult(tuple(removed_containers), tuple(untagged), tuple(deleted), tuple(caches), freed)
+            caches.add(layer)
+    return PruneResult(tuple(removed_containers), tuple(untagged), tuple(deleted), tuple(sorted(caches)), freed)
 
 
 def release_unused_layers(svc: ImageService, config: Config) -> int:
