@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
@@ -10,8 +11,12 @@ from lazyoci.cli.context import app
 from lazyoci.cli.progress import human_bytes
 from lazyoci.cli.shared import image_service
 
+if TYPE_CHECKING:
+    from lazyoci.images.service import ImageService
+    from lazyoci.runtime.run import ContainerManager
 
-def _manager(svc):
+
+def _manager(svc: ImageService) -> ContainerManager:
     from lazyoci.runtime.run import ContainerManager
     from lazyoci.store.layout import DataRoot
 
@@ -50,7 +55,8 @@ def df_cmd(fmt: str | None) -> None:
 
 @system_group.command("prune")
 @click.option("-a", "--all", "all_images", is_flag=True, help="Remove every image no container uses, not only unnamed ones.")
-@click.option("--volumes", is_flag=True, help="Prune volumes too (there are none to prune before `volume` exists).")
+@click.option("--volumes", is_flag=True,
+              help="Prune unused volumes too (this lazyoci has no volumes yet: nothing to prune).")
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
 def prune_cmd(all_images: bool, volumes: bool, force: bool) -> None:
     """Remove stopped containers, unused images, the build cache and span caches no image uses."""
