@@ -145,11 +145,13 @@ def test_from_a_short_name_through_the_configured_mirror(registry, data_root, tm
     """`FROM lzbuild-mirrored` is docker.io/library/lzbuild-mirrored, as docker reads it; lazyoci's
     registry_mirrors for docker.io serve it (the test has no route to Docker Hub)."""
     _push_base(registry.host, "library/lzbuild-mirrored", tmp_path)
-    config = write_config(tmp_path / "config.yaml",
-                          extra=f"registry_mirrors:\n  docker.io: [\"http://{registry.host}\"]\n")
+    with_path = f"http://{registry.host}/api-root"     # lazyoci's (containerd's) meaning, not buildah's
+    config = write_config(tmp_path / "config.yaml", extra=(
+        f"registry_mirrors:\n  docker.io: [\"{with_path}\", \"http://{registry.host}\"]\n"))
     ctx = _context(tmp_path / "ctx", "FROM lzbuild-mirrored\nRUN echo mirrored > /m\nCMD [\"cat\", \"/m\"]\n")
     r = _lz(data_root, "build", "-t", "build/mirrored", str(ctx), config=config)
     assert "docker.io/library/lzbuild-mirrored" in r.stderr, r.stderr   # no such image on Docker Hub
+    assert f"cannot use registry mirror {with_path}" in r.stderr, r.stderr
     assert _lz(data_root, "run", "--rm", "build/mirrored", config=config).stdout == "mirrored\n"
 
 

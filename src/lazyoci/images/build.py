@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from lazyoci.errors import BuildError, ConfigError
 from lazyoci.oci.platform import Platform
-from lazyoci.oci.reference import Reference
+from lazyoci.oci.reference import Reference, is_loopback_registry
 from lazyoci.registry.credentials import default_config_path
 from lazyoci.registry.options import RegistryOptions
 from lazyoci.store.modes import private_dir
@@ -52,26 +53,46 @@ def build_dir(root: DataRoot) -> Path:
     return root.path / "build"
 
 
-def registries_conf(options: RegistryOptions) -> str:
+@dataclass(frozen=True)
+class RegistriesConf:
+    """The registries.conf given to buildah, and the mirrors it cannot express."""
+
+    text: str
+    unusable_mirrors: tuple[str, ...]    # mirror URLs with a path before /v2 (containerd's style)
+
+
+_HUB_KEYS = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+def registries_conf(options: RegistryOptions) -> RegistriesConf:
     """A containers-registries.conf(5) saying what lazyoci's registry client does.
 
     Short names resolve on docker.io, as docker's normalisation does; loopback registries and
-    `insecure_registries` may use plain HTTP; mirrors are tried before their registry.
+    `insecure_registries` may use plain HTTP or an unverified certificate; mirrors are tried
+    before their registry. A mirror URL with a path is the API root in lazyoci (containerd's
+    hosts.toml), a repository namespace in buildah: such a mirror is left out, not misread.
     """
-    insecure = {host: True for host in (*LOOPBACK_HOSTS, *options.insecure_registries)}
+    mirrors: dict[str, list[str]] = {}
+    for registry, urls in options.mirrors.items():
+        mirrors.setdefault("docker.io" if registry in _HUB_KEYS else registry, []).extend(urls)
+    insecure = {*LOOPBACK_HOSTS, *options.insecure_registries}
     lines = ['unqualified-search-registries = ["docker.io"]', 'short-name-mode = "permissive"', ""]
-    for host in sorted(set(insecure) | set(options.mirrors)):
+    unusable: list[str] = []
+    for host in sorted(insecure | set(mirrors)):
         lines += ["[[registry]]", f"prefix = {_toml(host)}", f"location = {_toml(host)}"]
-        if insecure.get(host):
+        if host in insecure:
             lines.append("insecure = true")
-        for base in options.mirrors.get(host, ()):
-            scheme, sep, rest = base.partition("://")
-            location = (rest if sep else scheme).rstrip("/")
-            lines += ["[[registry.mirror]]", f"location = {_toml(location)}"]
-            if (sep and scheme == "http") or location.split("/")[0] in options.insecure_registries:
+        for url in mirrors.get(host, ()):
+            parts = urlsplit(url)
+            if parts.path.rstrip("/").removesuffix("/v2") or parts.scheme not in ("http", "https"):
+                unusable.append(url)
+                continue
+            lines += ["[[registry.mirror]]", f"location = {_toml(parts.netloc)}"]
+            if (parts.scheme == "http" or parts.netloc in options.insecure_registries
+                    or is_loopback_registry(parts.netloc)):
                 lines.append("insecure = true")
         lines.append("")
-    return "\n".join(lines)
+    return RegistriesConf("\n".join(lines), tuple(unusable))
 
 
 def _toml(text: str) -> str:
@@ -145,7 +166,10 @@ def build_image(svc: ImageService, options: BuildOptions,
     with tempfile.TemporaryDirectory(dir=base, prefix="out-") as out:
         # Each build has its own registries.conf: two builds may run with different flags.
         conf, iidfile, archive = Path(out) / "registries.conf", Path(out) / "iid", Path(out) / "image.tar"
-        conf.write_text(registries_conf(svc.registry_options))
+        registries = registries_conf(svc.registry_options)
+        conf.write_text(registries.text)
+        for url in registries.unusable_mirrors:
+            log(f"lazyoci: buildah cannot use registry mirror {url} (a path before /v2): not used by this build")
         env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)}
         cmd = ["build", "--layers", "--force-rm", "--isolation", "chroot", "--network", "host",
                "--format", "oci", "--iidfile", str(iidfile), "-f", str(dockerfile)]
