@@ -4,6 +4,7 @@ failing Dockerfile is one error line and stores nothing; `build --soci` makes it
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -85,6 +86,8 @@ def test_build_stores_an_image_that_runs_saves_and_pushes(base, registry, data_r
     assert digest.startswith("sha256:") and len(r.stdout.splitlines()) == 1, r.stdout
     images = _lz(data_root, "images").stdout
     assert "build/app" in images and "also" in images and digest[7:19] in images, images
+    row = json.loads(_lz(data_root, "images", "--format", "json", "build/app:also").stdout)
+    assert row["Size"] > row["BlobSize"], row        # SIZE is unpacked: busybox compresses well
     out = _lz(data_root, "run", "--rm", ref).stdout
     assert out == "hi from the first stage\ncopied from the context\n", out
     assert _lz(data_root, "run", "--rm", "build/app:also").stdout == out
