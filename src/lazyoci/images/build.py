@@ -171,7 +171,7 @@ def build_image(svc: ImageService, options: BuildOptions,
         for url in registries.unusable_mirrors:
             log(f"lazyoci: buildah cannot use registry mirror {url} (a path before /v2): not used by this build")
         env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)}
-        cmd = ["build", "--layers", "--force-rm", "--isolation", "chroot", "--network", "host",
+        cmd = ["build", "--layers", "--force-rm", "--isolation", "oci", "--network", "host",
                "--format", "oci", "--iidfile", str(iidfile), "-f", str(dockerfile)]
         if authfile.is_file():
             cmd += ["--authfile", str(authfile)]
