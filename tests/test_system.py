@@ -92,6 +92,14 @@ def test_df_and_prune(registry, data_root, tmp_path):
         (ctx / "Dockerfile").write_text(f"FROM {tricky}\nRUN echo built > /built\n")
         _lz(data_root, config, "build", "-q", str(ctx))            # unnamed: pruned without -a
 
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        killed = data_root / "build" / f"out-{dead.pid}-x"     # what a build killed mid-way left
+        live = data_root / "build" / f"out-{os.getpid()}-x"    # a build still running
+        for d in (killed, live):
+            d.mkdir()
+            (d / "image.tar").write_bytes(b"x" * 100_000)
+
         df = _df(data_root, config)
         assert df["Containers"]["TotalCount"] == 2 and df["Containers"]["Active"] == 1, df
         assert 0 < df["Containers"]["Reclaimable"] < df["Containers"]["Size"], df
@@ -116,6 +124,7 @@ def test_df_and_prune(registry, data_root, tmp_path):
         assert f"Deleted Span Caches:\n{gone_layer}\n" in r.stdout, r.stdout
         assert "Total reclaimed space:" in r.stdout.splitlines()[-1]
         assert not _caches_of(cache, gone_layer)
+        assert not killed.exists() and live.exists()
         assert _caches_of(cache, kept_layer)                     # its image is still here
         df = _df(data_root, config)
         assert df["Containers"]["TotalCount"] == 1 and df["Span Cache"]["TotalCount"] == 1, df

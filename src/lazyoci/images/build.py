@@ -163,7 +163,7 @@ def build_image(svc: ImageService, options: BuildOptions,
     dockerfile = _dockerfile(options)
     base = private_dir(build_dir(svc.root))
     authfile = svc.registry_options.docker_config or default_config_path()
-    with tempfile.TemporaryDirectory(dir=base, prefix="out-") as out:
+    with tempfile.TemporaryDirectory(dir=base, prefix=f"out-{os.getpid()}-") as out:
         # Each build has its own registries.conf: two builds may run with different flags.
         conf, iidfile, archive = Path(out) / "registries.conf", Path(out) / "iid", Path(out) / "image.tar"
         registries = registries_conf(svc.registry_options)
@@ -213,8 +213,13 @@ def _record_layer_sizes(svc: ImageService, image: LocalImage) -> None:
 
 
 def prune_build_cache(root: DataRoot) -> None:
-    """Remove every image and working container buildah keeps for this data root."""
+    """Remove every image and working container buildah keeps for this data root, and what
+    builds that were killed left (their `out-<pid>-*` directories)."""
     base = build_dir(root)
+    for leftover in base.glob("out-*-*"):
+        pid = leftover.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(leftover, ignore_errors=True)
     if not (base / "storage").exists():
         return
     for args in (("rm", "--all"), ("rmi", "--all", "--force")):
