@@ -2,7 +2,9 @@
 """`make demo`: the Finch lazy-loading walkthrough, told with lazyoci against a local registry.
 
 1. A config file with `snapshotters: [soci]`, then `lazyoci service stop` / `start`.
-2. A sample image (static busybox + about 100 MiB of data in one layer) made with `lazyoci import`.
+2. The sample image built from demo/Dockerfile with `lazyoci build` (buildah): a busybox base,
+   about 100 MiB of data in one layer, a message. The base is a static busybox made with
+   `lazyoci import` and pushed to the local registry, so the demo needs no Docker Hub.
 3. `lazyoci push --snapshotter soci` (image + SOCI index); the same image pushed to a second
    repository without an index; both removed locally with `lazyoci rmi`.
 4. `lazyoci run` (soci, the config's default): the container starts before the layer is downloaded.
@@ -32,8 +34,9 @@ import localreg  # noqa: E402
 DEMO = REPO / "demo-root"
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 RATE_MBS, LATENCY_MS = 20.0, 50.0
-DATA_MIB = 96
-MESSAGE = "Hello from a lazily loaded container!"
+DATA_MIB = 96                     # what demo/Dockerfile writes
+MESSAGE = (REPO / "demo" / "message.txt").read_text().strip()
+APPLETS = ("sh", "cat", "echo", "ls", "mkdir", "head", "yes")
 
 
 def banner(text: str) -> None:
@@ -55,9 +58,8 @@ def lazyoci(*args: str, capture: bool = False) -> tuple[float, str]:
     return seconds, p.stdout or ""
 
 
-def make_rootfs(dest: Path) -> None:
-    """A static busybox, a message, and DATA_MIB of data the program never reads
-    (half random, half text): what a lazy loader can leave on the registry."""
+def make_base_rootfs(dest: Path) -> None:
+    """A static busybox with the applets demo/Dockerfile uses: the base image of the build."""
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "bin").mkdir(parents=True)
@@ -65,17 +67,11 @@ def make_rootfs(dest: Path) -> None:
     if not busybox.exists():
         raise SystemExit("demo: /bin/busybox is missing: run `make deps` (Debian busybox-static)")
     shutil.copy2(busybox, dest / "bin/busybox")
-    for applet in ("sh", "cat", "echo", "ls"):
+    for applet in APPLETS:
         (dest / "bin" / applet).symlink_to("busybox")
     for d in ("etc", "tmp", "proc", "sys", "dev", "root"):
         (dest / d).mkdir()
     (dest / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (dest / "app/data").mkdir(parents=True)
-    (dest / "app/message.txt").write_text(MESSAGE + "\n")
-    text = bytes.maketrans(bytes(range(256)), bytes(b"abcdefghijklmnop"[i % 16] for i in range(256)))
-    for i in range(DATA_MIB // 8):
-        chunk = os.urandom(8 << 20)
-        (dest / f"app/data/part-{i:02d}.bin").write_bytes(chunk if i % 2 == 0 else chunk.translate(text))
 
 
 def main() -> None:
@@ -107,11 +103,13 @@ def main() -> None:
         lazyoci("service", "stop")
         lazyoci("service", "start")
 
-        banner(f"2. Build the sample image: busybox + {DATA_MIB} MiB of data, one layer")
+        banner(f"2. Build the sample image from demo/Dockerfile: busybox + {DATA_MIB} MiB of data")
+        base_ref = f"{reg.host}/demo/busybox:latest"
+        make_base_rootfs(DEMO / "rootfs")
+        lazyoci("import", "--change", 'CMD ["sh"]', str(DEMO / "rootfs"), base_ref)
+        lazyoci("push", base_ref)
         t0 = time.monotonic()
-        make_rootfs(DEMO / "rootfs")
-        lazyoci("import", "--change", f'CMD ["/bin/sh", "-c", "cat /app/message.txt"]',
-                str(DEMO / "rootfs"), lazy_ref)
+        lazyoci("build", "-t", lazy_ref, "--build-arg", f"BASE={base_ref}", str(REPO / "demo"))
         print(f"(built in {time.monotonic() - t0:.1f}s)")
         lazyoci("images")
 
@@ -119,7 +117,7 @@ def main() -> None:
         lazyoci("push", "--snapshotter", "soci", lazy_ref)
         lazyoci("tag", lazy_ref, full_ref)
         lazyoci("push", full_ref)
-        lazyoci("rmi", lazy_ref, full_ref)
+        lazyoci("rmi", lazy_ref, full_ref, base_ref)
         lazyoci("images")
 
         banner("4. Run with the SOCI snapshotter: the container starts before the layer is downloaded")

@@ -12,6 +12,7 @@ nonzero exit; the FUSE layer turns it into EIO. Anything else escaping is a bug.
     │   ├── NotFoundError      404 (manifest, blob, repository)
     │   └── RangeNotSupportedError   server ignored a Range request
     ├── ServiceError           the lazyoci service is not running or broke the protocol
+    ├── BuildError             buildah failed to build a Dockerfile (its error kept)
     ├── FormatError            malformed manifest, zTOC, gzip, tar ...
     │   ├── UnsafeLayerError   a layer entry would escape its directory
     │   └── UnsupportedCompressionError   a layer zTOCs cannot index (zstd)
@@ -73,6 +74,10 @@ class UnsupportedCompressionError(FormatError):
 
 class ServiceError(LazyociError):
     """The lazyoci service is not running, did not start, or broke the protocol."""
+
+
+class BuildError(LazyociError):
+    """`build` failed: buildah is missing or stopped at a step; nothing was stored."""
 
 
 class IntegrityError(LazyociError):

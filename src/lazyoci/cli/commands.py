@@ -69,6 +69,8 @@ _IMAGES = "lazyoci.cli.images"
 _CONTAINERS = "lazyoci.cli.containers"
 _SOCI = "lazyoci.cli.soci"
 _SERVICE = "lazyoci.cli.service"
+_BUILD = "lazyoci.cli.build"
+_SYSTEM = "lazyoci.cli.system"
 
 IMAGE_COMMANDS: dict[str, LazyCommand] = {
     "ls": LazyCommand(f"{_IMAGES}:image_ls", "List local images (optionally only REPOSITORY[:TAG])."),
@@ -105,6 +107,8 @@ COMMANDS: dict[str, LazyCommand] = {
     "soci": LazyCommand(f"{_SOCI}:soci_group", "SOCI indexes: make images lazy-loadable without changing them."),
     "service": LazyCommand(f"{_SERVICE}:service_group",
                            "Manage the lazyoci service that serves lazily loaded layers (FUSE)."),
+    "build": LazyCommand(f"{_BUILD}:build_cmd", "Build an image from a Dockerfile (with buildah) into the local store."),
+    "system": LazyCommand(f"{_SYSTEM}:system_group", "Disk usage and clean-up: system df, system prune."),
     "vm": LazyCommand(f"{_SERVICE}:vm_group",
                       "Alias of `service` for Finch users (there is no VM: the service plays its part)."),
 }

@@ -127,8 +127,13 @@ def _matches(row, wanted: str | None) -> bool:
     return full.name == ref.name and (not tag or tag == ref.tag)
 
 
-def _list(quiet: bool, digests: bool, fmt: str | None, wanted: str | None = None) -> None:
-    rows = [r for r in image_service().list() if _matches(r, wanted)]
+def _list(quiet: bool, digests: bool, fmt: str | None, wanted: str | None = None,
+          filters: tuple[str, ...] = ()) -> None:
+    svc = image_service()
+    rows = [r for r in svc.list() if _matches(r, wanted)]
+    if filters:
+        from lazyoci.images.filters import filter_images
+        rows = filter_images(svc, rows, filters)
     if quiet:
         seen: list[str] = []
         for r in rows:
@@ -163,6 +168,8 @@ _list_options = [
     click.option("-q", "--quiet", is_flag=True, help="Only image IDs."),
     click.option("--digests", is_flag=True, help="Show digests."),
     click.option("--format", "fmt", help="'json': one JSON object per line."),
+    click.option("-f", "--filter", "filters", multiple=True,
+                 help="dangling=true|false, label=KEY[=VALUE], before=IMAGE, since=IMAGE, reference=PATTERN."),
 ]
 
 
@@ -175,17 +182,19 @@ def _with_list_options(f):
 @click.command("images")
 @_with_list_options
 @click.argument("repository", required=False)
-def images_cmd(quiet: bool, digests: bool, fmt: str | None, repository: str | None) -> None:
+def images_cmd(quiet: bool, digests: bool, fmt: str | None, filters: tuple[str, ...],
+               repository: str | None) -> None:
     """List local images (optionally only REPOSITORY[:TAG])."""
-    _list(quiet, digests, fmt, repository)
+    _list(quiet, digests, fmt, repository, filters)
 
 
 @click.command("ls")
 @_with_list_options
 @click.argument("repository", required=False)
-def image_ls(quiet: bool, digests: bool, fmt: str | None, repository: str | None) -> None:
+def image_ls(quiet: bool, digests: bool, fmt: str | None, filters: tuple[str, ...],
+             repository: str | None) -> None:
     """List local images (optionally only REPOSITORY[:TAG])."""
-    _list(quiet, digests, fmt, repository)
+    _list(quiet, digests, fmt, repository, filters)
 
 
 @click.command("inspect")

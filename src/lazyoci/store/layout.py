@@ -12,7 +12,7 @@ from lazyoci.store.modes import ROOT_DIR_MODE, private_dir, tighten_file
 
 DB_NAME = "lazyoci.db"
 DB_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal")
-PRIVATE_DIRS = ("blobs", "tmp", "snapshots", "containers", "runtime", "soci", "service")
+PRIVATE_DIRS = ("blobs", "tmp", "snapshots", "containers", "runtime", "soci", "service", "build")
 
 
 @dataclass(frozen=True)
