@@ -1,0 +1,169 @@
+"""Commands on existing containers: inspect, start, restart, kill, wait, top, cp."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from lazyoci.cli.context import app
+from lazyoci.cli.shared import image_service
+from lazyoci.errors import ConfigError, ContainerError, LazyociError
+from lazyoci.store.layout import DataRoot
+
+if TYPE_CHECKING:
+    from lazyoci.runtime.run import ContainerManager
+
+
+def _manager() -> ContainerManager:
+    from lazyoci.runtime.run import ContainerManager
+
+    ctx = app()
+    return ContainerManager(DataRoot(ctx.root), ctx.config, image_service(ctx))
+
+
+def _each(names: tuple[str, ...], action) -> None:
+    """Run `action` on every name, as docker does: an error is reported and the others go on."""
+    failed = 0
+    for name in names:
+        try:
+            action(name)
+        except LazyociError as e:
+            if len(names) == 1:
+                raise
+            click.echo(f"lazyoci: error: {e}", err=True)
+            failed += 1
+    if failed:
+        sys.exit(1)
+
+
+def _container_json(mgr: ContainerManager, name: str) -> dict:
+    from lazyoci.runtime.inspect import image_facts, inspect_container
+
+    rec = mgr.store.get(name)
+    entrypoint, stop_signal = image_facts(mgr.images, rec)
+    return inspect_container(mgr.store, rec.id, entrypoint, stop_signal)
+
+
+@click.command("inspect")
+@click.argument("containers", nargs=-1, required=True)
+def container_inspect_cmd(containers: tuple[str, ...]) -> None:
+    """Show containers as JSON, in docker's shape (State, Config, Mounts, GraphDriver, LogPath)."""
+    mgr = _manager()
+    click.echo(json.dumps([_container_json(mgr, c) for c in containers], indent=4))
+
+
+@click.command("inspect")
+@click.argument("names", nargs=-1, required=True)
+def inspect_cmd(names: tuple[str, ...]) -> None:
+    """Show containers or images as JSON (a container first, as docker looks)."""
+    mgr = _manager()
+    out = []
+    for name in names:
+        try:
+            out.append(_container_json(mgr, name))
+            continue
+        except ContainerError:
+            pass
+        try:
+            out.append(mgr.images.inspect(name))
+        except LazyociError:
+            raise ContainerError(f"no such object: {name}") from None
+    click.echo(json.dumps(out, indent=4))
+
+
+@click.command("start")
+@click.argument("containers", nargs=-1, required=True)
+def start_cmd(containers: tuple[str, ...]) -> None:
+    """Start stopped containers in the background."""
+    from lazyoci.runtime.lifecycle import start
+
+    mgr = _manager()
+    _each(containers, lambda c: (start(mgr, c), click.echo(c)))
+
+
+@click.command("restart")
+@click.option("-t", "--time", "timeout", type=float, default=10.0, show_default=True,
+              help="Seconds to wait after the stop signal before killing.")
+@click.argument("containers", nargs=-1, required=True)
+def restart_cmd(timeout: float, containers: tuple[str, ...]) -> None:
+    """Stop containers if they run, then start them in the background."""
+    from lazyoci.runtime.lifecycle import restart
+
+    mgr = _manager()
+    _each(containers, lambda c: (restart(mgr, c, timeout), click.echo(c)))
+
+
+@click.command("kill")
+@click.option("-s", "--signal", "signal_name", default="KILL", show_default=True,
+              help="Signal to send: a name (KILL, SIGHUP) or a number.")
+@click.argument("containers", nargs=-1, required=True)
+def kill_cmd(signal_name: str, containers: tuple[str, ...]) -> None:
+    """Send a signal to running containers (default SIGKILL)."""
+    from lazyoci.runtime.lifecycle import kill, parse_signal
+
+    parse_signal(signal_name)           # a bad signal is one error before any container
+    mgr = _manager()
+    _each(containers, lambda c: (kill(mgr, c, signal_name), click.echo(c)))
+
+
+@click.command("wait")
+@click.argument("containers", nargs=-1, required=True)
+def wait_cmd(containers: tuple[str, ...]) -> None:
+    """Block until containers stop, then print their exit codes."""
+    from lazyoci.runtime.lifecycle import wait
+
+    mgr = _manager()
+    _each(containers, lambda c: click.echo(wait(mgr, c)))
+
+
+@click.command("top", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
+@click.argument("container")
+@click.argument("ps_args", nargs=-1, type=click.UNPROCESSED)
+def top_cmd(container: str, ps_args: tuple[str, ...]) -> None:
+    """Show the processes of a running container ([ps OPTIONS], default -ef)."""
+    from lazyoci.runtime.lifecycle import top
+
+    table = top(_manager(), container, ps_args)
+    rows = [table.titles, *table.rows]
+    widths = [max(len(r[i]) for r in rows if len(r) > i) for i in range(len(table.titles))]
+    for r in rows:
+        click.echo("   ".join(c.ljust(w) for c, w in zip(r[:-1], widths)).rstrip() +
+                   ("   " if len(r) > 1 else "") + r[-1])
+
+
+def _split_copy_arg(arg: str) -> tuple[str | None, str]:
+    """docker's rule: CONTAINER:PATH when a colon comes before any slash; a host path otherwise."""
+    if arg.startswith(("/", ".")):
+        return None, arg
+    container, sep, path = arg.partition(":")
+    if not sep or "/" in container:
+        return None, arg
+    if not container:
+        raise ConfigError(f"no container name before ':' in {arg!r}")
+    return container, path or "/"
+
+
+@click.command("cp")
+@click.argument("src")
+@click.argument("dest")
+def cp_cmd(src: str, dest: str) -> None:
+    """Copy files between a container and the host: CONTAINER:SRC DEST or SRC CONTAINER:DEST."""
+    from lazyoci.runtime.copy import copy_in, copy_out
+    from lazyoci.runtime.lifecycle import container_rootfs
+
+    src_container, src_path = _split_copy_arg(src)
+    dest_container, dest_path = _split_copy_arg(dest)
+    if (src_container is None) == (dest_container is None):
+        raise ConfigError("cp copies between a container and the host: one of SRC and DEST must be "
+                          "CONTAINER:PATH, not both")
+    mgr = _manager()
+    if src_container is not None:
+        with container_rootfs(mgr, src_container) as rootfs:
+            copy_out(rootfs, src_path, Path(dest_path).absolute())
+    else:
+        with container_rootfs(mgr, dest_container) as rootfs:
+            copy_in(rootfs, Path(src_path).absolute(), dest_path)

@@ -1,0 +1,195 @@
+"""Commands on existing containers with real runc: inspect, start, restart, kill, wait, top, cp,
+and `logs`/`ps` options. Every test leaves no mount, runc container or process behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.tricky_image import PASSWD, push_tricky_image
+from test_run import LAZYOCI, leftovers
+
+
+@pytest.fixture(scope="module")
+def env(registry, tmp_path_factory):
+    work = tmp_path_factory.mktemp("lifecycle")
+    root = work / "root"
+    push_tricky_image(registry.host, "lifecycle/tricky", work)
+    yield {"root": root, "image": f"{registry.host}/lifecycle/tricky:latest", "work": work}
+    for c in _lz(root, "ps", "-a", "-q", check=False).stdout.split():
+        _lz(root, "rm", "-f", c, check=False)
+
+
+def _lz(root: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    r = subprocess.run([LAZYOCI, "--root", str(root), *args], capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"lazyoci {' '.join(args)} exited {r.returncode}: {r.stderr}")
+    return r
+
+
+@pytest.fixture
+def lz(env):
+    root = env["root"]
+
+    def run(*args: str, **kw) -> subprocess.CompletedProcess:
+        return _lz(root, *args, **kw)
+
+    yield run
+    for c in _lz(root, "ps", "-a", "-q", check=False).stdout.split():
+        _lz(root, "rm", "-f", c, check=False)
+    deadline = time.monotonic() + 10
+    while leftovers(root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not leftovers(root)
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode != 0
+    assert r.stderr.startswith("lazyoci: error: ") and r.stderr.count("\n") == 1, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+def _until(predicate, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _inspect(lz, name: str) -> dict:
+    [obj] = json.loads(lz("container", "inspect", name).stdout)
+    return obj
+
+
+def test_kill_wait_start_restart(env, lz):
+    lz("run", "-d", "--name", "cycle", env["image"], "sh", "-c", "echo run; sleep 60")
+    first_pid = _inspect(lz, "cycle")["State"]["Pid"]
+    assert first_pid > 0
+    assert lz("kill", "cycle").stdout == "cycle\n"                       # SIGKILL by default
+    assert lz("wait", "cycle", timeout=30).stdout == "137\n"
+    state = _inspect(lz, "cycle")["State"]
+    assert state["Status"] == "exited" and state["ExitCode"] == 137 and not state["Running"]
+    assert state["FinishedAt"] != "0001-01-01T00:00:00Z"
+
+    assert lz("start", "cycle").stdout == "cycle\n"
+    state = _inspect(lz, "cycle")["State"]
+    assert state["Running"] and state["Pid"] not in (0, first_pid)
+    _until(lambda: lz("logs", "cycle").stdout == "run\nrun\n", "the second run's output")   # the log goes on
+    assert lz("start", "cycle").returncode == 0                          # running: nothing to do
+
+    before = _inspect(lz, "cycle")["State"]["Pid"]
+    lz("restart", "-t", "1", "cycle", timeout=60)
+    after = _inspect(lz, "cycle")["State"]
+    assert after["Running"] and after["Pid"] != before
+
+    lz("kill", "-s", "sigterm", "cycle")       # sh as PID 1 ignores TERM: still running
+    lz("kill", "-s", "9", "cycle")
+    assert lz("wait", "cycle", timeout=30).stdout == "137\n"
+    lz("rm", "cycle")
+
+
+def test_lifecycle_errors_are_one_line(env, lz):
+    lz("run", "--name", "done", env["image"], "true")
+    _one_line_error(lz("kill", "done", check=False), "done", "not running")
+    _one_line_error(lz("kill", "-s", "NOPE", "done", check=False), "invalid signal: NOPE")
+    _one_line_error(lz("kill", "-s", "99", "done", check=False), "invalid signal: 99")
+    _one_line_error(lz("top", "done", check=False), "not running")
+    _one_line_error(lz("start", "no-such-container", check=False), "no such container: no-such-container")
+    _one_line_error(lz("wait", "no-such-container", check=False), "no-such-container")
+    _one_line_error(lz("inspect", "no-such-thing", check=False), "no such object: no-such-thing")
+    assert lz("wait", "done").stdout == "0\n"                # already exited: at once
+    lz("rm", "done")
+
+
+def test_inspect_shape(env, lz):
+    cid = lz("run", "-d", "--name", "insp", env["image"], "sleep", "60").stdout.strip()
+    obj = _inspect(lz, "insp")
+    assert obj["Id"] == cid and obj["Name"] == "/insp"
+    assert obj["Path"] == "sleep" and obj["Args"] == ["60"]
+    assert obj["Config"]["Cmd"] == ["sleep", "60"] and obj["Config"]["Image"] == env["image"]
+    assert obj["Config"]["WorkingDir"] == "/" and any(e.startswith("PATH=") for e in obj["Config"]["Env"])
+    assert obj["State"]["Status"] == "running" and obj["State"]["Running"] is True
+    assert obj["State"]["StartedAt"].endswith("Z") and obj["Created"].endswith("Z")
+    assert Path(obj["LogPath"]).is_file()
+    assert obj["GraphDriver"]["Name"] == "overlayfs" == obj["Snapshotter"]
+    data = obj["GraphDriver"]["Data"]
+    assert Path(data["UpperDir"]).is_dir() and data["MergedDir"].endswith("/rootfs") and data["LowerDir"]
+    assert obj["Mounts"] == []
+    assert obj["Image"].startswith("sha256:")
+    # `inspect` finds containers first, then images.
+    [same] = json.loads(lz("inspect", "insp").stdout)
+    assert same["Id"] == cid
+    [image] = json.loads(lz("inspect", env["image"]).stdout)
+    assert image != same and "Id" not in image or image["Id"] != cid
+    lz("rm", "-f", "insp")
+
+
+def test_top_lists_the_container_processes(env, lz):
+    cid = lz("run", "-d", "--name", "topped", env["image"], "sh", "-c", "sleep 61 & sleep 62").stdout.strip()
+    pid = (env["root"] / "containers" / cid / "pid").read_text().strip()
+    _until(lambda: "sleep 62" in lz("top", "topped").stdout, "both sleeps")
+    lines = lz("top", "topped").stdout.splitlines()
+    assert lines[0].split()[:3] == ["UID", "PID", "PPID"]
+    assert any(l.split()[1] == pid for l in lines[1:])
+    assert sum("sleep 6" in l for l in lines) == 2
+    assert not any("lazyoci" in l for l in lines[1:])        # only the container's processes
+    custom = lz("top", "topped", "-o", "pid,comm").stdout.splitlines()
+    assert custom[0].split() == ["PID", "COMMAND"] and len(custom) == len(lines)
+    lz("rm", "-f", "topped")
+
+
+def test_cp_in_and_out(env, lz, tmp_path):
+    lz("run", "-d", "--name", "cpy", env["image"], "sleep", "60")
+    out = tmp_path / "passwd"
+    lz("cp", "cpy:/etc/passwd", str(out))
+    assert out.read_bytes() == PASSWD
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "f.txt").write_text("hello\n")
+    (tmp_path / "tree" / "link").symlink_to("sub/f.txt")
+    lz("cp", str(tmp_path / "tree"), "cpy:/tmp")
+    lz("cp", "cpy:/tmp/tree", str(tmp_path / "back"))
+    assert (tmp_path / "back" / "sub" / "f.txt").read_text() == "hello\n"
+    assert (tmp_path / "back" / "link").is_symlink() and str((tmp_path / "back" / "link").readlink()) == "sub/f.txt"
+    upper = next((env["root"] / "snapshots" / "overlayfs").glob("*/fs/tmp/tree/sub/f.txt"))
+    assert upper.stat().st_uid == 0 and upper.read_text() == "hello\n"
+    lz("cp", str(tmp_path / "passwd"), "cpy:/renamed")                        # to a new name
+    assert next((env["root"] / "snapshots" / "overlayfs").glob("*/fs/renamed")).read_bytes() == PASSWD
+    _one_line_error(lz("cp", "cpy:/no/such", str(tmp_path / "x"), check=False), "/no/such")
+    _one_line_error(lz("cp", str(tmp_path / "passwd"), "cpy:/no/dir/x", check=False), "/no/dir")
+    _one_line_error(lz("cp", "a", "b", check=False), "CONTAINER:PATH")
+    _one_line_error(lz("cp", "nope:/x", str(tmp_path), check=False), "no such container: nope")
+    lz("stop", "-t", "0", "cpy")
+    # A stopped container: its rootfs is mounted for the copy, and unmounted after.
+    lz("cp", "cpy:/renamed", str(tmp_path / "again"))
+    assert (tmp_path / "again").read_bytes() == PASSWD
+    lz("rm", "cpy")
+
+
+def test_cp_stays_inside_the_rootfs(env, lz, tmp_path):
+    """Symlinks made by the container that point outside it resolve inside its rootfs."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("host secret\n")
+    up = "../" * 30
+    lz("run", "-d", "--name", "sly", env["image"], "sh", "-c",
+       f"mkdir -p {outside} && echo container > {outside}/secret && "
+       f"ln -s {up}{outside} /esc && ln -s {outside}/secret /abs && ln -s {up}{outside}/new /dangling; sleep 60")
+    _until(lambda: lz("cp", "sly:/esc/secret", str(tmp_path / "got"), check=False).returncode == 0, "the links")
+    assert (tmp_path / "got").read_text() == "container\n"             # the container's file, not the host's
+    lz("cp", "sly:/abs", str(tmp_path / "abs"))
+    assert (tmp_path / "abs").is_symlink()                             # a symlink is copied as a symlink
+    (tmp_path / "payload").write_text("payload\n")
+    lz("cp", str(tmp_path / "payload"), "sly:/esc/")
+    lz("cp", str(tmp_path / "payload"), "sly:/esc/secret")
+    lz("cp", str(tmp_path / "payload"), "sly:/dangling")               # replaces the link, not its target
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+    assert (outside / "secret").read_text() == "host secret\n"
+    upper = next((env["root"] / "snapshots" / "overlayfs").glob(f"*/fs{outside}"))
+    assert (upper / "payload").read_text() == "payload\n" and (upper / "secret").read_text() == "payload\n"
+    assert not (upper / "new").exists()
+    lz("rm", "-f", "sly")
