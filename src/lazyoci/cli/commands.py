@@ -97,7 +97,6 @@ CONTAINER_COMMANDS: dict[str, LazyCommand] = {
                                                 "default -ef)."),
     "cp": LazyCommand(f"{_LIFECYCLE}:cp_cmd", "Copy files between a container and the host: CONTAINER:SRC DEST "
                                               "or SRC CONTAINER:DEST."),
-    "ls": LazyCommand(f"{_CONTAINERS}:ps_cmd", "List containers."),
     "logs": LazyCommand(f"{_CONTAINERS}:logs_cmd", "Print the output of a detached container."),
     "stop": LazyCommand(f"{_CONTAINERS}:stop_cmd", "Stop running containers (the image's stop signal, then SIGKILL)."),
     "rm": LazyCommand(f"{_CONTAINERS}:rm_cmd", "Remove containers (their writable layer and records)."),
