@@ -193,3 +193,63 @@ def test_cp_stays_inside_the_rootfs(env, lz, tmp_path):
     assert (upper / "payload").read_text() == "payload\n" and (upper / "secret").read_text() == "payload\n"
     assert not (upper / "new").exists()
     lz("rm", "-f", "sly")
+
+
+def test_ps_format_and_filter(env, lz):
+    up = lz("run", "-d", "--name", "up-one", env["image"], "sleep", "60").stdout.strip()
+    lz("run", "--name", "gone-3", env["image"], "sh", "-c", "exit 3", check=False)
+    lz("run", "--name", "gone-0", env["image"], "true")
+    rows = [json.loads(l) for l in lz("ps", "-a", "--format", "{{json .}}").stdout.splitlines()]
+    assert [r["Names"] for r in rows] == ["gone-0", "gone-3", "up-one"]          # newest first
+    first = rows[2]
+    assert first["ID"] == up[:12] and first["Image"] == env["image"] and first["State"] == "running"
+    assert first["Status"].startswith("Up") and first["Command"] == '"sleep 60"' and first["Snapshotter"] == "overlayfs"
+    assert {"CreatedAt", "RunningFor", "Ports", "Labels", "Mounts", "Networks", "Size"} <= set(first)
+    assert lz("ps", "--format", "{{.Names}} {{.State}}").stdout == "up-one running\n"
+    table = lz("ps", "-a", "--format", "table {{.Names}}\\t{{.Status}}").stdout.splitlines()
+    assert table[0].split() == ["NAMES", "STATUS"] and len(table) == 4
+    assert table[1].index("Exited") == table[0].index("STATUS")                   # aligned columns
+
+    def names(*args: str) -> list[str]:
+        return lz("ps", *args, "--format", "{{.Names}}").stdout.split()
+
+    assert names("--filter", "status=exited") == ["gone-0", "gone-3"]            # a status filter implies -a
+    assert names("-a", "--filter", "exited=3") == ["gone-3"]
+    assert names("-a", "--filter", "name=gone", "--filter", "exited=0") == ["gone-0"]
+    assert names("-a", "-f", "name=^up", "-f", "name=-3$") == ["gone-3", "up-one"]   # one key: either
+    assert names("-a", "-f", f"id={up[:5]}") == ["up-one"]
+    assert names("-a", "-f", f"ancestor={env['image']}") == ["gone-0", "gone-3", "up-one"]
+    assert names("-a", "-f", "ancestor=other/image") == []
+    assert names("-a", "-f", "since=up-one") == ["gone-0", "gone-3"]
+    assert names("-a", "-f", "before=gone-3") == ["up-one"]
+    assert lz("ps", "-a", "-q", "-f", "status=running").stdout.split() == [up[:12]]
+    _one_line_error(lz("ps", "-f", "colour=red", check=False), "invalid filter 'colour'")
+    _one_line_error(lz("ps", "-f", "status=sleepy", check=False), "status=sleepy")
+    _one_line_error(lz("ps", "-f", "name", check=False), "name=value")
+    _one_line_error(lz("ps", "--format", "{{.Nope}}", check=False), "'Nope'")
+    _one_line_error(lz("ps", "--format", "{{if .Names}}x{{end}}", check=False), "unsupported")
+
+
+def test_logs_tail_timestamps_since(env, lz):
+    lz("run", "-d", "--name", "talker", env["image"], "sh", "-c",
+       "echo one; echo two; printf 'three\\nfour'; sleep 2; echo five")
+    assert lz("wait", "talker", timeout=30).stdout == "0\n"
+    assert lz("logs", "talker").stdout == "one\ntwo\nthree\nfourfive\n"
+    assert lz("logs", "--tail", "2", "talker").stdout == "three\nfourfive\n"
+    assert lz("logs", "-n", "0", "talker").stdout == ""
+    stamped = lz("logs", "--timestamps", "talker").stdout.splitlines()
+    assert [l.split(" ", 1)[1] for l in stamped] == ["one", "two", "three", "fourfive"]
+    times = [l.split(" ", 1)[0] for l in stamped]
+    assert all(len(t) == 30 and t.endswith("Z") and t[10] == "T" for t in times)
+    assert times == sorted(times)
+    # --since the second before "five" was written (its line started with "four", 2 s earlier).
+    import datetime as dt
+    last = dt.datetime.fromisoformat(times[-1][:26] + "+00:00")
+    since = (last + dt.timedelta(seconds=1)).isoformat()
+    assert lz("logs", "--since", since, "talker").stdout == ""
+    assert lz("logs", "--since", times[0][:19] + "Z", "talker").stdout == "one\ntwo\nthree\nfourfive\n"
+    assert lz("logs", "--since", "10m", "-t", "--tail", "1", "talker").stdout.endswith(" fourfive\n")
+    assert lz("logs", "--since", str(int(last.timestamp()) + 5), "talker").stdout == ""
+    _one_line_error(lz("logs", "--tail", "x", "talker", check=False), "--tail")
+    _one_line_error(lz("logs", "--since", "yesterday", "talker", check=False), "--since")
+    lz("rm", "talker")
