@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.lazy import push_soci_index, write_config
 from helpers.tricky_image import PASSWD, push_tricky_image
 from test_run import LAZYOCI, leftovers
 
@@ -253,3 +254,35 @@ def test_logs_tail_timestamps_since(env, lz):
     _one_line_error(lz("logs", "--tail", "x", "talker", check=False), "--tail")
     _one_line_error(lz("logs", "--since", "yesterday", "talker", check=False), "--since")
     lz("rm", "talker")
+
+
+def test_a_lazy_container_copies_stops_and_starts_again_after_the_service_stopped(registry, data_root, tmp_path):
+    """cp reads a soci container's files through its lazy layers; once stopped, the service may stop,
+    and `start` serves the layers again (the service started on demand) before the container runs."""
+    push_tricky_image(registry.host, "lifecycle/lazy", tmp_path)
+    push_soci_index(registry.host, "lifecycle/lazy", tmp_path)
+    ref = f"{registry.host}/lifecycle/lazy:latest"
+    config = write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - soci\n")
+
+    def lz(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return _lz(data_root, "--config", str(config), *args, check=check)
+
+    try:
+        lz("run", "-d", "--name", "lazy", ref, "sh", "-c", "echo up; sleep 60")
+        assert _inspect(lz, "lazy")["GraphDriver"]["Name"] == "soci"
+        lz("cp", "lazy:/bin/busybox", str(tmp_path / "busybox"))
+        assert (tmp_path / "busybox").read_bytes() == Path("/bin/busybox").read_bytes()
+        lz("stop", "-t", "0", "lazy")
+        lz("cp", "lazy:/etc/passwd", str(tmp_path / "passwd"))            # stopped: mounted for the copy
+        assert (tmp_path / "passwd").read_bytes() == PASSWD
+        assert "stopped" in lz("service", "stop").stdout                   # nothing uses the layers now
+        lz("start", "lazy")
+        assert "running" in lz("service", "status").stdout
+        assert _inspect(lz, "lazy")["State"]["Running"]
+        _until(lambda: lz("logs", "lazy").stdout == "up\nup\n", "the second start's output")
+        lz("rm", "-f", "lazy")
+    finally:
+        for c in lz("ps", "-a", "-q", check=False).stdout.split():
+            lz("rm", "-f", c, check=False)
+        lz("service", "stop", check=False)
+    _until(lambda: not leftovers(data_root), f"nothing left behind: {leftovers(data_root)}")

@@ -104,8 +104,8 @@ def _copy_entry_out(dir_fd: int, name: str, st: os.stat_result, target: Path) ->
                 target.unlink()
             with _fd(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)) as dst_fd:
                 _copy_bytes(src_fd, dst_fd)
+                os.fchown(dst_fd, st.st_uid, st.st_gid)     # before the mode: chown clears setuid
                 os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
-                os.fchown(dst_fd, st.st_uid, st.st_gid)
     elif stat.S_ISLNK(st.st_mode):
         if target.is_symlink() or target.exists():
             target.unlink()
@@ -125,8 +125,8 @@ def _copy_dir_out(dir_fd: int, target: Path, st: os.stat_result) -> None:
     for entry in os.scandir(dir_fd):
         child = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
         _copy_entry_out(dir_fd, entry.name, child, target / entry.name)
-    os.chmod(target, stat.S_IMODE(st.st_mode))
     os.chown(target, st.st_uid, st.st_gid)
+    os.chmod(target, stat.S_IMODE(st.st_mode))
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
@@ -172,8 +172,8 @@ def _copy_entry_in(src: Path, st: os.stat_result, dir_fd: int, name: str) -> Non
             os.mkdir(name, 0o700, dir_fd=dir_fd)
         with _fd(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)) as sub:
             _copy_tree_in(src, sub)
-            os.fchmod(sub, stat.S_IMODE(st.st_mode))
             os.fchown(sub, 0, 0)
+            os.fchmod(sub, stat.S_IMODE(st.st_mode))
         return
     if existing is not None:
         if stat.S_ISDIR(existing.st_mode):

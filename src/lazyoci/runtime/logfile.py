@@ -34,8 +34,8 @@ class LogWriter:
     """Appends output to the log and records when each of its lines started (thread-safe)."""
 
     def __init__(self, log: Path) -> None:
-        self._log = open(log, "ab", buffering=0)
-        self._times = open(times_path(log), "ab", buffering=0)
+        self._log = _append_only(log)
+        self._times = _append_only(times_path(log))
         self._offset = self._log.seek(0, os.SEEK_END)
         self._at_line_start = self._offset == 0 or _last_byte(log) == b"\n"
         self._lock = threading.Lock()
@@ -59,6 +59,11 @@ class LogWriter:
     def close(self) -> None:
         self._log.close()
         self._times.close()
+
+
+def _append_only(path: Path):
+    """A container's file, readable by root only (as the container's directory)."""
+    return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "ab", buffering=0)
 
 
 def _last_byte(path: Path) -> bytes:
