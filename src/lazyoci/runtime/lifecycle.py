@@ -24,6 +24,7 @@ from lazyoci.runtime.run import STOP_TIMEOUT, ContainerManager, RunOptions
 from lazyoci.runtime.runc import Runtime
 from lazyoci.snapshot.mount import is_mountpoint, mount_all, unmount
 from lazyoci.snapshot.registry import get_snapshotter
+from lazyoci.store.modes import PRIVATE_FILE_MODE
 
 _MAX_SIGNAL = 64   # SIGRTMAX on Linux
 
@@ -46,7 +47,7 @@ def parse_signal(text: str) -> int:
 @contextmanager
 def _rootfs_lock(cdir: Path) -> Iterator[None]:
     """Held while `start` or `cp` mounts an exited container's rootfs, so they take turns."""
-    fd = os.open(cdir / "rootfs.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(cdir / "rootfs.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazyoci.errors import ConfigError
+from lazyoci.store.modes import open_private_log
 
 _RECORD = struct.Struct("<QQ")          # offset of a line start, arrival time in ns since the epoch
 _GO_DURATION = re.compile(r"((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+")
@@ -62,8 +63,8 @@ class LogWriter:
 
 
 def _append_only(path: Path):
-    """A container's file, readable by root only (as the container's directory)."""
-    return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "ab", buffering=0)
+    """A container's file, readable by its owner only, like the container's directory."""
+    return os.fdopen(open_private_log(path), "ab", buffering=0)
 
 
 def _last_byte(path: Path) -> bytes:

@@ -23,6 +23,7 @@ from lazyoci.runtime.containers import ContainerStore, process_start, write_exit
 from lazyoci.runtime.logfile import LogWriter
 from lazyoci.runtime.runc import Runtime
 from lazyoci.snapshot.mount import unmount
+from lazyoci.store.modes import open_private_log
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def _become_monitor(spec: MonitorSpec, report_fd: int) -> None:
         if os.fork() != 0:
             os._exit(0)
         devnull = os.open(os.devnull, os.O_RDONLY)
-        log = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        log = open_private_log(spec.log_path)
         os.dup2(devnull, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)

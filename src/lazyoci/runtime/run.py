@@ -91,8 +91,8 @@ class ContainerManager:
         argv = process_args(image.config, opts.process)    # fail before anything is created
         cid, name = self.store.new_id_and_name(opts.name)
         top = snap.unpack_image(self.images, image)
-        cdir = self.store.dir(cid)
-        (cdir / "rootfs").mkdir(parents=True)
+        cdir = self.store.make_dir(cid)
+        (cdir / "rootfs").mkdir()
         key = f"container-{cid}"
         rec = ContainerRecord(id=cid, name=name, image=image.name or opts.image, image_digest=image.digest,
                               command=tuple(argv), created=time.time(), status="created", exit_code=None,
