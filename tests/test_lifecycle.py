@@ -286,3 +286,23 @@ def test_a_lazy_container_copies_stops_and_starts_again_after_the_service_stoppe
             lz("rm", "-f", c, check=False)
         lz("service", "stop", check=False)
     _until(lambda: not leftovers(data_root), f"nothing left behind: {leftovers(data_root)}")
+
+
+def test_since_and_tail_values_as_docker_reads_them():
+    from lazyoci.errors import ConfigError
+    from lazyoci.runtime.logfile import parse_since, parse_tail
+
+    now = 1_700_000_000 * 10**9
+    assert parse_since("10m", now) == now - 600 * 10**9
+    assert parse_since("1h30m", now) == now - 5400 * 10**9
+    assert parse_since("1.5s", now) == now - 1_500_000_000
+    assert parse_since("1700000000.25", now) == 1_700_000_000 * 10**9 + 250_000_000
+    assert parse_since("2023-11-14T22:13:20Z", now) == 1_700_000_000 * 10**9
+    assert parse_since("2023-11-14T23:13:20+01:00", now) == 1_700_000_000 * 10**9
+    assert parse_tail("all") is None and parse_tail("5") == 5
+    for bad in ("10 minutes", "", "-5m", "2023-13-01"):
+        with pytest.raises(ConfigError):
+            parse_since(bad, now)
+    for bad in ("-1", "five", "1.5"):
+        with pytest.raises(ConfigError):
+            parse_tail(bad)
