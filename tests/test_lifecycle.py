@@ -104,6 +104,8 @@ def test_lifecycle_errors_are_one_line(env, lz):
     _one_line_error(lz("wait", "no-such-container", check=False), "no-such-container")
     _one_line_error(lz("inspect", "no-such-thing", check=False), "no such object: no-such-thing")
     assert lz("wait", "done").stdout == "0\n"                # already exited: at once
+    r = lz("wait", "done", "no-such-container", check=False)  # as docker: the others go on, exit 1
+    assert r.stdout == "0\n" and r.returncode == 1 and r.stderr.count("\n") == 1 and "no-such-container" in r.stderr
     lz("rm", "done")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,12 +26,14 @@ def _manager() -> ContainerManager:
     return ContainerManager(DataRoot(ctx.root), ctx.config, image_service(ctx))
 
 
-def _each(names: tuple[str, ...], action) -> None:
-    """Run `action` on every name, as docker does: an error is reported and the others go on."""
+def _each(names: tuple[str, ...], action: Callable[[str], object], show_result: bool = False) -> None:
+    """Run `action` on every name and print the name (or what it returned), as docker does:
+    an error is reported and the others go on."""
     failed = 0
     for name in names:
         try:
-            action(name)
+            result = action(name)
+            click.echo(result if show_result else name)
         except LazyociError as e:
             if len(names) == 1:
                 raise
@@ -82,7 +85,7 @@ def start_cmd(containers: tuple[str, ...]) -> None:
     from lazyoci.runtime.lifecycle import start
 
     mgr = _manager()
-    _each(containers, lambda c: (start(mgr, c), click.echo(c)))
+    _each(containers, lambda c: start(mgr, c))
 
 
 @click.command("restart")
@@ -94,7 +97,7 @@ def restart_cmd(timeout: float, containers: tuple[str, ...]) -> None:
     from lazyoci.runtime.lifecycle import restart
 
     mgr = _manager()
-    _each(containers, lambda c: (restart(mgr, c, timeout), click.echo(c)))
+    _each(containers, lambda c: restart(mgr, c, timeout))
 
 
 @click.command("kill")
@@ -107,7 +110,7 @@ def kill_cmd(signal_name: str, containers: tuple[str, ...]) -> None:
 
     parse_signal(signal_name)           # a bad signal is one error before any container
     mgr = _manager()
-    _each(containers, lambda c: (kill(mgr, c, signal_name), click.echo(c)))
+    _each(containers, lambda c: kill(mgr, c, signal_name))
 
 
 @click.command("wait")
@@ -117,7 +120,7 @@ def wait_cmd(containers: tuple[str, ...]) -> None:
     from lazyoci.runtime.lifecycle import wait
 
     mgr = _manager()
-    _each(containers, lambda c: click.echo(wait(mgr, c)))
+    _each(containers, lambda c: wait(mgr, c), show_result=True)
 
 
 @click.command("top", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
