@@ -124,6 +124,9 @@ def test_inspect_shape(env, lz):
     assert Path(data["UpperDir"]).is_dir() and data["MergedDir"].endswith("/rootfs") and data["LowerDir"]
     assert obj["Mounts"] == []
     assert obj["Image"].startswith("sha256:")
+    r = lz("inspect", "-f", "{{.State.Status}} {{.State.Running}} {{.Name}} {{json .Config.Cmd}}", "insp")
+    assert r.stdout == 'running true /insp ["sleep", "60"]\n'
+    _one_line_error(lz("inspect", "-f", "{{.State.Nope}}", "insp", check=False), "State.Nope")
     # `inspect` finds containers first, then images.
     [same] = json.loads(lz("inspect", "insp").stdout)
     assert same["Id"] == cid

@@ -1,6 +1,7 @@
 """The part of docker's `--format` Go templates that listings need.
 
-Supported: literal text, `{{.Field}}`, `{{json .Field}}`, `{{json .}}`, the escapes
+Supported: literal text, `{{.Field}}` (also `{{.State.Status}}` in nested objects),
+`{{json .Field}}`, `{{json .}}`, the escapes
 `\\t` and `\\n` as docker unescapes them, and a leading `table ` (a header row of the
 fields' titles, columns aligned at tabs). Anything else in `{{ }}` is one error
 rather than output that silently differs from docker's.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from lazyoci.errors import ConfigError
 
 _ACTION = re.compile(r"{{\s*(.*?)\s*}}")
-_FIELD = re.compile(r"(json\s+)?\.([A-Za-z][A-Za-z0-9]*)?$")
+_FIELD = re.compile(r"(json\s+)?\.([A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z][A-Za-z0-9]*)*)?$")
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class Template:
     table: bool
 
     @classmethod
-    def parse(cls, text: str, fields: Sequence[str]) -> "Template":
+    def parse(cls, text: str, fields: Sequence[str] | None = None) -> "Template":
+        """Parse `text`; with `fields`, a name outside them is an error now rather than at render."""
         table = text.startswith("table")
         if table:
             text = text[len("table"):].lstrip(" ")
@@ -42,7 +44,7 @@ class Template:
                 raise ConfigError(f"unsupported --format action {m.group(0)!r}: use {{{{.Field}}}}, "
                                   f"{{{{json .Field}}}} or {{{{json .}}}}")
             name = action.group(2) or ""
-            if name and name not in fields:
+            if name and fields is not None and name.split(".")[0] not in fields:
                 raise ConfigError(f"--format: no field {name!r} (fields: {', '.join(fields)})")
             if not name and not action.group(1):
                 raise ConfigError("--format: {{.}} needs json: {{json .}}")
@@ -60,15 +62,38 @@ class Template:
             if kind == "text":
                 out.append(value)
             elif kind == "field":
-                out.append(str(row[value]))
+                out.append(_text(_lookup(row, value)))
             else:
-                out.append(json.dumps(dict(sorted(row.items())) if not value else row[value], ensure_ascii=False))
+                whole = dict(sorted(row.items())) if not value else _lookup(row, value)
+                out.append(json.dumps(whole, ensure_ascii=False))
         return "".join(out)
 
     def header(self, titles: Mapping[str, str]) -> str:
         """The row of titles a `table` template starts with."""
         names = {value for kind, value in self.parts if kind != "text" and value}
         return self.render({name: titles.get(name, name.upper()) for name in names})
+
+
+def _lookup(row: Mapping[str, object], path: str) -> object:
+    if path in row:
+        return row[path]
+    value: object = row
+    for name in path.split("."):
+        if not isinstance(value, Mapping) or name not in value:
+            raise ConfigError(f"--format: no field {path!r}")
+        value = value[name]
+    return value
+
+
+def _text(value: object) -> str:
+    """A value as Go's templates print scalars; lists and objects as JSON."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "<no value>"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
 
 
 def format_rows(template: Template, rows: Sequence[Mapping[str, object]], titles: Mapping[str, str]) -> list[str]:

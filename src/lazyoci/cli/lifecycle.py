@@ -51,17 +51,34 @@ def _container_json(mgr: ContainerManager, name: str) -> dict:
     return inspect_container(mgr.store, rec.id, entrypoint, stop_signal)
 
 
+def _print_objects(objects: list[dict], fmt: str | None) -> None:
+    """The JSON array docker prints, or one line per object with `--format`."""
+    if fmt is None:
+        click.echo(json.dumps(objects, indent=4))
+        return
+    from lazyoci.cli.gotemplate import Template
+
+    template = Template.parse(fmt)
+    for obj in objects:
+        click.echo(template.render(obj))
+
+
+_FORMAT_HELP = "A Go template of the fields, e.g. '{{.State.Status}}' or '{{json .Config}}'."
+
+
 @click.command("inspect")
+@click.option("-f", "--format", "fmt", default=None, help=_FORMAT_HELP)
 @click.argument("containers", nargs=-1, required=True)
-def container_inspect_cmd(containers: tuple[str, ...]) -> None:
+def container_inspect_cmd(fmt: str | None, containers: tuple[str, ...]) -> None:
     """Show containers as JSON, in docker's shape (State, Config, Mounts, GraphDriver, LogPath)."""
     mgr = _manager()
-    click.echo(json.dumps([_container_json(mgr, c) for c in containers], indent=4))
+    _print_objects([_container_json(mgr, c) for c in containers], fmt)
 
 
 @click.command("inspect")
+@click.option("-f", "--format", "fmt", default=None, help=_FORMAT_HELP)
 @click.argument("names", nargs=-1, required=True)
-def inspect_cmd(names: tuple[str, ...]) -> None:
+def inspect_cmd(fmt: str | None, names: tuple[str, ...]) -> None:
     """Show containers or images as JSON (a container first, as docker looks)."""
     mgr = _manager()
     out = []
@@ -75,7 +92,7 @@ def inspect_cmd(names: tuple[str, ...]) -> None:
             out.append(mgr.images.inspect(name))
         except LazyociError:
             raise ContainerError(f"no such object: {name}") from None
-    click.echo(json.dumps(out, indent=4))
+    _print_objects(out, fmt)
 
 
 @click.command("start")
