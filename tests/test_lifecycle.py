@@ -103,6 +103,9 @@ def test_lifecycle_errors_are_one_line(env, lz):
     _one_line_error(lz("start", "no-such-container", check=False), "no such container: no-such-container")
     _one_line_error(lz("wait", "no-such-container", check=False), "no-such-container")
     _one_line_error(lz("inspect", "no-such-thing", check=False), "no such object: no-such-thing")
+    lz("run", "-d", "--rm", "--name", "ephemeral", env["image"], "sleep", "60")
+    _one_line_error(lz("restart", "ephemeral", check=False), "ephemeral", "--rm")
+    assert _inspect(lz, "ephemeral")["State"]["Running"]    # refused before anything was stopped
     assert lz("wait", "done").stdout == "0\n"                # already exited: at once
     r = lz("wait", "done", "no-such-container", check=False)  # as docker: the others go on, exit 1
     assert r.stdout == "0\n" and r.returncode == 1 and r.stderr.count("\n") == 1 and "no-such-container" in r.stderr

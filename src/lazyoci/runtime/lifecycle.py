@@ -110,8 +110,14 @@ def start(mgr: ContainerManager, name_or_id: str) -> ContainerRecord:
 
 
 def restart(mgr: ContainerManager, name_or_id: str, timeout: float = STOP_TIMEOUT) -> ContainerRecord:
-    """Stop (the image's stop signal, then SIGKILL after `timeout`) and start again."""
-    rec = mgr.stop(name_or_id, timeout)
+    """Stop (the image's stop signal, then SIGKILL after `timeout`) and start again.
+
+    A `--rm` container is removed by its monitor when it stops, so it is refused, running."""
+    rec = mgr.store.get(name_or_id)
+    if rec.auto_remove and rec.status == "running":
+        raise ContainerError(f"container {rec.name} was run with --rm: stopping it would remove it, "
+                             "so it cannot be restarted")
+    rec = mgr.stop(rec.id, timeout)
     return start(mgr, rec.id)
 
 
