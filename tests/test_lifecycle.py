@@ -314,3 +314,17 @@ def test_since_and_tail_values_as_docker_reads_them():
     for bad in ("-1", "five", "1.5"):
         with pytest.raises(ConfigError):
             parse_tail(bad)
+
+
+def test_logs_longer_than_one_read(env, lz):
+    """Half a MiB of lines is read a stretch at a time: nothing lost or doubled at the seams."""
+    lz("run", "-d", "--name", "chatty", env["image"], "sh", "-c",
+       "i=0; while [ $i -lt 50000 ]; do echo line$i; i=$((i+1)); done; printf end")
+    assert lz("wait", "chatty", timeout=60).stdout == "0\n"
+    expected = "".join(f"line{i}\n" for i in range(50000)) + "end"
+    assert lz("logs", "chatty").stdout == expected
+    assert lz("logs", "--tail", "3", "chatty").stdout == "line49998\nline49999\nend"
+    stamped = lz("logs", "-t", "chatty").stdout.split("\n")
+    assert len(stamped) == 50001 and all(l.split(" ", 1)[1] == f"line{i}" for i, l in enumerate(stamped[:-1]))
+    assert stamped[-1].endswith(" end")
+    lz("rm", "chatty")

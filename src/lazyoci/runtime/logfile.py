@@ -15,7 +15,8 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from lazyoci.errors import ConfigError
 from lazyoci.store.modes import open_private_log
 
 _RECORD = struct.Struct("<QQ")          # offset of a line start, arrival time in ns since the epoch
+_RECORD_BATCH = 4096
+_STRETCH = 256 << 10                    # bytes of the log read at a time
 _GO_DURATION = re.compile(r"((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+")
 _UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
 
@@ -80,27 +83,31 @@ class LogLine:
 
 
 class LogReader:
-    """Reads the log line by line with each line's time; call `read` again to follow it."""
+    """Reads the log a stretch at a time, line by line with each line's time (memory bounded by
+    the stretch, whatever the log's size); call `read` again to follow it."""
 
     def __init__(self, log: Path) -> None:
         self._log = log
         self._offset = 0
         self._times_offset = 0
-        self._starts: dict[int, int] = {}
+        self._times: deque[tuple[int, int]] = deque()    # line starts not reached yet, in order
         self._last_time: int | None = None
         self._pending = b""
+        self.caught_up = False      # the last `read` reached the end of what was written
 
     def read(self, final: bool) -> list[LogLine]:
-        """The lines completed since the last call; with `final`, also a last line without newline."""
+        """The lines completed in the next stretch; with `final`, once at the end, also a last line
+        without newline. A line longer than a stretch comes in pieces, as docker splits long lines."""
         try:
             with open(self._log, "rb") as f:
                 f.seek(self._offset)
-                data = f.read()
+                data = f.read(_STRETCH)
         except FileNotFoundError:
             data = b""
-        self._load_times()
+        self.caught_up = len(data) < _STRETCH
         start = self._offset - len(self._pending)
         self._offset += len(data)
+        self._load_times(self._offset)
         data = self._pending + data
         lines = []
         at = 0
@@ -108,40 +115,44 @@ class LogReader:
             end = data.find(b"\n", at)
             if end == -1:
                 break
-            lines.append(self._line(start + at, data[at:end + 1]))
+            lines.append(LogLine(data[at:end + 1], self._time_at(start + at)))
             at = end + 1
         self._pending = data[at:]
-        if final and self._pending:
-            lines.append(self._line(start + at, self._pending))
+        if self._pending and ((final and self.caught_up) or len(self._pending) >= _STRETCH):
+            lines.append(LogLine(self._pending, self._time_at(start + at)))
             self._pending = b""
         return lines
 
-    def _line(self, offset: int, data: bytes) -> LogLine:
-        t = self._starts.pop(offset, None)
-        if t is not None:
-            self._last_time = t
-        return LogLine(data, t if t is not None else self._last_time)
+    def _time_at(self, offset: int) -> int | None:
+        """The time of the line starting at `offset`: its own record, else the last one before it."""
+        while self._times and self._times[0][0] <= offset:
+            self._last_time = self._times.popleft()[1]
+        return self._last_time
 
-    def _load_times(self) -> None:
+    def _load_times(self, upto: int) -> None:
+        """Queue the records of line starts before `upto` (and at most one batch more)."""
+        if self._times and self._times[-1][0] >= upto:
+            return
         try:
-            with open(times_path(self._log), "rb") as f:
-                f.seek(self._times_offset)
-                raw = f.read()
+            f = open(times_path(self._log), "rb")
         except FileNotFoundError:
             return
-        usable = len(raw) - len(raw) % _RECORD.size
-        self._times_offset += usable
-        for offset, t in _RECORD.iter_unpack(raw[:usable]):
-            self._starts[offset] = t
+        with f:
+            f.seek(self._times_offset)
+            while True:
+                raw = f.read(_RECORD.size * _RECORD_BATCH)
+                usable = len(raw) - len(raw) % _RECORD.size     # a record being written: next time
+                self._times_offset += usable
+                self._times.extend(_RECORD.iter_unpack(raw[:usable]))
+                if len(raw) < _RECORD.size * _RECORD_BATCH or self._times[-1][0] >= upto:
+                    return
 
 
-def select_lines(lines: list[LogLine], tail: int | None, since_ns: int | None) -> list[LogLine]:
-    """docker's order of options: lines from `since` on, then the last `tail` of them."""
-    if since_ns is not None:
-        lines = [l for l in lines if l.time_ns is not None and l.time_ns >= since_ns]
-    if tail is not None:
-        lines = lines[-tail:] if tail else []
-    return lines
+def lines_since(lines: list[LogLine], since_ns: int | None) -> list[LogLine]:
+    """The lines that arrived at `since_ns` or later (all of them if it is None)."""
+    if since_ns is None:
+        return lines
+    return [l for l in lines if l.time_ns is not None and l.time_ns >= since_ns]
 
 
 def rfc3339_nano(time_ns: int | None) -> str:
@@ -183,7 +194,7 @@ def parse_since(text: str, now_ns: int | None = None) -> int:
     return int(moment.timestamp()) * 10**9 + moment.microsecond * 1000
 
 
-def iter_chunks(lines: list[LogLine], timestamps: bool) -> Iterator[bytes]:
+def iter_chunks(lines: Iterable[LogLine], timestamps: bool) -> Iterator[bytes]:
     for line in lines:
         if timestamps:
             yield rfc3339_nano(line.time_ns).encode() + b" " + line.data

@@ -14,6 +14,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import IO
 
@@ -25,7 +26,7 @@ from lazyoci.oci.digest import Digest
 from lazyoci.oci.platform import Platform
 from lazyoci.runtime.bundle import ProcessOptions, build_spec, process_args, write_bundle
 from lazyoci.runtime.containers import ContainerRecord, ContainerStore, process_start
-from lazyoci.runtime.logfile import LogReader, iter_chunks, select_lines
+from lazyoci.runtime.logfile import LogReader, iter_chunks, lines_since
 from lazyoci.runtime.monitor import MonitorSpec, spawn_monitor
 from lazyoci.runtime.runc import Runtime
 from lazyoci.snapshot.mount import mount_all, unmount
@@ -227,13 +228,27 @@ class ContainerManager:
         rec = self.store.get(name_or_id)
         reader = LogReader(self.store.dir(rec.id) / "container.log")
         running = follow and rec.status == "running"
-        lines = select_lines(reader.read(final=not running), tail, since_ns)
-        while True:
+        last = deque(maxlen=tail) if tail is not None else None
+
+        def write(lines) -> None:
             for chunk in iter_chunks(lines, timestamps):
                 out.write(chunk)
-            out.flush()
-            if not running:
-                return
+
+        while True:     # what is there now
+            lines = lines_since(reader.read(final=not running), since_ns)
+            if last is None:
+                write(lines)
+            else:
+                last.extend(lines)
+            if reader.caught_up:
+                break
+        write(last or ())
+        out.flush()
+        while running:  # what comes next
             time.sleep(0.1)
             running = self.store.get(rec.id).status == "running"
-            lines = select_lines(reader.read(final=not running), None, since_ns)
+            while True:
+                write(lines_since(reader.read(final=not running), since_ns))
+                if reader.caught_up:
+                    break
+            out.flush()
