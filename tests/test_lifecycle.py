@@ -82,6 +82,11 @@ def test_kill_wait_start_restart(env, lz):
     assert state["Running"] and state["Pid"] not in (0, first_pid)
     _until(lambda: lz("logs", "cycle").stdout == "run\nrun\n", "the second run's output")   # the log goes on
     assert lz("start", "cycle").returncode == 0                          # running: nothing to do
+    lz("run", "--name", "again", env["image"], "sh", "-c", "echo ran; exit 4", check=False)
+    r = lz("start", "-a", "again", check=False)                            # this run's output and code
+    assert (r.stdout, r.returncode) == ("ran\n", 4)
+    _one_line_error(lz("start", "-a", "again", "cycle", check=False), "one container")
+    lz("rm", "again")
 
     before = _inspect(lz, "cycle")["State"]["Pid"]
     lz("restart", "-t", "1", "cycle", timeout=60)

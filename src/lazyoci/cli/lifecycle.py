@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,13 +97,23 @@ def inspect_cmd(fmt: str | None, names: tuple[str, ...]) -> None:
 
 
 @click.command("start")
+@click.option("-a", "--attach", is_flag=True, help="Print the container's output until it exits; exit with its code.")
 @click.argument("containers", nargs=-1, required=True)
-def start_cmd(containers: tuple[str, ...]) -> None:
+def start_cmd(attach: bool, containers: tuple[str, ...]) -> None:
     """Start stopped containers in the background."""
-    from lazyoci.runtime.lifecycle import start
+    from lazyoci.runtime.lifecycle import start, wait
 
     mgr = _manager()
-    _each(containers, lambda c: start(mgr, c))
+    if not attach:
+        _each(containers, lambda c: start(mgr, c))
+        return
+    if len(containers) > 1:
+        raise ConfigError("start -a attaches to one container, not several")
+    begun = time.time_ns()          # this run's output: what the log gets from now on
+    rec = start(mgr, containers[0])
+    mgr.logs(rec.id, sys.stdout.buffer, follow=True, since_ns=begun)
+    sys.stdout.flush()
+    sys.exit(wait(mgr, rec.id))
 
 
 @click.command("restart")
