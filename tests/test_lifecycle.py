@@ -176,6 +176,8 @@ def test_cp_in_and_out(env, lz, tmp_path):
     _one_line_error(lz("cp", "cpy:/no/such", str(tmp_path / "x"), check=False), "/no/such")
     _one_line_error(lz("cp", str(tmp_path / "passwd"), "cpy:/no/dir/x", check=False), "/no/dir")
     _one_line_error(lz("cp", "a", "b", check=False), "CONTAINER:PATH")
+    _one_line_error(lz("cp", "cpy:/etc/passwd", str(tmp_path / "no" / "dir"), check=False),
+                    f"no such directory on the host: {tmp_path / 'no'}")
     _one_line_error(lz("cp", "nope:/x", str(tmp_path), check=False), "no such container: nope")
     lz("stop", "-t", "0", "cpy")
     # A stopped container: its rootfs is mounted for the copy, and unmounted after.

@@ -72,6 +72,8 @@ def copy_out(rootfs: Path, src: str, dest: Path) -> None:
     """Copy `src` of the container (a file, directory, symlink ...) to `dest` on the host.
 
     As `cp -a`: into `dest` if it is an existing directory, else as `dest`."""
+    if not dest.is_dir() and not dest.parent.is_dir():
+        raise ContainerError(f"no such directory on the host: {dest.parent}")
     parent, name = _split(src)
     try:
         with _fd(os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY)) as root_fd:
