@@ -86,6 +86,13 @@ def test_kill_wait_start_restart(env, lz):
     r = lz("start", "-a", "again", check=False)                            # this run's output and code
     assert (r.stdout, r.returncode) == ("ran\n", 4)
     _one_line_error(lz("start", "-a", "again", "cycle", check=False), "one container")
+    # A container run with -t (here in a terminal `script` provides) is refused before anything starts.
+    subprocess.run(["script", "-qec", f"{LAZYOCI} --root {env['root']} run -t --name tty {env['image']} true",
+                    "/dev/null"], capture_output=True, timeout=60, check=True)
+    _one_line_error(lz("start", "tty", check=False), "tty", "-t")
+    _one_line_error(lz("restart", "tty", check=False), "tty", "-t")
+    assert lz("logs", "tty").stdout == ""
+    lz("rm", "tty")
     lz("rm", "again")
 
     before = _inspect(lz, "cycle")["State"]["Pid"]

@@ -9,6 +9,7 @@ in the background; the log goes on after the previous run's output.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import select
 import signal
@@ -85,8 +86,7 @@ def start(mgr: ContainerManager, name_or_id: str) -> ContainerRecord:
     if rec.status == "running":
         return rec
     cdir = mgr.store.dir(rec.id)
-    if not (cdir / "config.json").is_file():
-        raise ContainerError(f"container {rec.name} has no runtime bundle left: remove it and run the image again")
+    _check_startable(mgr, rec)
     runtime = Runtime.find(rec.runtime, mgr.root.path)
     with _rootfs_lock(cdir):
         if not mgr.store.set_restartable(rec.id):
@@ -109,6 +109,18 @@ def start(mgr: ContainerManager, name_or_id: str) -> ContainerRecord:
     return mgr.store.get(rec.id)
 
 
+def _check_startable(mgr: ContainerManager, rec: ContainerRecord) -> None:
+    """Refuse, before anything changes, a container that a background start cannot run."""
+    try:
+        spec = json.loads((mgr.store.dir(rec.id) / "config.json").read_text())
+    except (OSError, ValueError):
+        raise ContainerError(f"container {rec.name} has no runtime bundle left: remove it and run the image "
+                             "again") from None
+    if spec.get("process", {}).get("terminal"):
+        raise ContainerError(f"container {rec.name} was run with -t: a container started in the background "
+                             "gets no terminal here; run the image again")
+
+
 def restart(mgr: ContainerManager, name_or_id: str, timeout: float = STOP_TIMEOUT) -> ContainerRecord:
     """Stop (the image's stop signal, then SIGKILL after `timeout`) and start again.
 
@@ -117,6 +129,7 @@ def restart(mgr: ContainerManager, name_or_id: str, timeout: float = STOP_TIMEOU
     if rec.auto_remove and rec.status == "running":
         raise ContainerError(f"container {rec.name} was run with --rm: stopping it would remove it, "
                              "so it cannot be restarted")
+    _check_startable(mgr, rec)
     rec = mgr.stop(rec.id, timeout)
     return start(mgr, rec.id)
 
