@@ -173,8 +173,8 @@ class LayerManager:
             raise StoreError(f"zTOC {ztoc_digest} of layer {layer_digest} is not in the blob store") from None
         verify_bytes(data, ztoc_digest, f"zTOC of layer {layer_digest}")
         started = time.monotonic()
-        ztoc = Ztoc.parse(data)
-        tree = LayerTree(ztoc, data)
+        ztoc = Ztoc.parse(data, digest=ztoc_digest)
+        tree = LayerTree(ztoc)
         _release_freed_memory()     # the build's temporary path table is garbage now
         spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
         if spans and spans[-1][1] != ztoc.uncompressed_size:
@@ -198,7 +198,7 @@ class LayerManager:
             fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
-        self.fs.add_layer(LazyLayer(layer_digest, ztoc_digest, tree, fetcher, time.time(), verifier))
+        self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier))
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         log.info("mounted layer %s (%d entries, %d spans, %.1f%% cached) in %.2fs", layer_digest,
                  len(tree), len(spans), 100.0 * cache.cached_bytes / max(cache.total_bytes, 1),
@@ -238,10 +238,12 @@ class LayerManager:
                 log.error("cannot mount recorded layer %s again: %s", digest, e)
 
     def _pulled_refs(self, layer_digest: str) -> list[str]:
-        """The references the lazy pulls recorded for the layer (snapshot/soci.py `lazy_layers`)."""
+        """The references the lazy pulls recorded for the layer, the latest first (any index's:
+        a layer is content-addressed, and spans are checked against the view's own zTOC)."""
         try:
             with self.db.reading() as conn:
-                rows = conn.execute("SELECT ref FROM lazy_layers WHERE layer_digest=?", (layer_digest,)).fetchall()
+                rows = conn.execute("SELECT ref FROM lazy_layers WHERE layer_digest=? ORDER BY created DESC",
+                                    (layer_digest,)).fetchall()
         except (sqlite3.Error, StoreError):    # no lazy pull yet in this data root
             return []
         return [r[0] for r in rows]

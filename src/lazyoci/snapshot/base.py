@@ -7,7 +7,7 @@ Kinds: "committed" (an immutable layer stack named by its chain ID), "active"
 Besides containerd's calls, a lazyoci snapshotter offers `pull` (fetch an image
 its own way: overlayfs unpacks while downloading, soci fetches lazily),
 `unpack_image` (make the committed snapshots of an image's layers exist; returns
-the top chain ID), `layer_consumer` (the ImageService.pull hook that unpacks while
+the top key: the chain ID, which soci extends with the zTOCs of lazy layers), `layer_consumer` (the ImageService.pull hook that unpacks while
 bytes arrive) and `release_unused`, so that `run` and `image mount` can use any
 snapshotter by name.
 """

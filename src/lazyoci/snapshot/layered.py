@@ -282,10 +282,7 @@ class LayeredSnapshotter:
     # ---- images ----------------------------------------------------------
     def unpack_image(self, images: "ImageService", image: "LocalImage") -> str | None:
         """Make the committed snapshots of the image's layers exist; return the top chain ID."""
-        diff_ids = image.config.diff_ids
-        if len(diff_ids) != len(image.manifest.layers):
-            raise IntegrityError(f"image config lists {len(diff_ids)} diff IDs for "
-                                 f"{len(image.manifest.layers)} layers")
+        diff_ids = image_diff_ids(image)
         parent: str | None = None
         for desc, diff_id, chain in zip(image.manifest.layers, diff_ids, chain_ids(diff_ids)):
             with self.db.reading() as conn:
@@ -349,6 +346,15 @@ class LayeredSnapshotter:
         for d in dirs:
             shutil.rmtree(self.dir / str(d), ignore_errors=True)
         return removed
+
+
+def image_diff_ids(image: "LocalImage") -> list[str]:
+    """The image's diff IDs, one per layer of its manifest (else the image is inconsistent)."""
+    diff_ids = list(image.config.diff_ids)
+    if len(diff_ids) != len(image.manifest.layers):
+        raise IntegrityError(f"image config lists {len(diff_ids)} diff IDs for "
+                             f"{len(image.manifest.layers)} layers")
+    return diff_ids
 
 
 def _info(row: sqlite3.Row) -> SnapshotInfo:

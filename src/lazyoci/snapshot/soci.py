@@ -9,45 +9,62 @@ shared unpack path of lazyoci.snapshot.layered (safe unpack, streaming consumer)
 into this snapshotter's own directories, so the two snapshotters never free each
 other's data. Everything else (records, mounts, release) is that shared mechanism.
 
+Keys: a lazy view is only as true as its zTOC, so a committed snapshot with a lazy
+layer at or below it is keyed by its chain ID plus the zTOCs of those lazy layers
+(`snapshot_keys`): an image whose index gives a layer another zTOC (a hostile index
+of a popular base layer, say) gets snapshots of its own and never changes what
+another image sees. A snapshot of unpacked layers only is verified content: it keeps
+its chain ID and is shared by every image. Which zTOC serves a layer of an image is
+what the image's lazy pull recorded (snapshot/lazy_records.py).
+
 Layout: <root>/snapshots/soci/ (as in layered.py). Database: `lazy_dirs`,
 `lazy_snapshots` (plus `lazy_layer`: the digest of a committed lazy layer),
-`lazy_layer_digests`, and `lazy_layers` (layer digest -> zTOC digest, repository,
-SOCI index), the last filled by the lazy pull (snapshot/soci_pull.py).
+`lazy_layer_digests`, and the records of the lazy pulls (snapshot/lazy_records.py:
+`lazy_layers`, `lazy_image_layers`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
-import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lazyoci.config import Config
 from lazyoci.errors import StoreError
-from lazyoci.oci.manifest import Descriptor
+from lazyoci.oci.manifest import chain_ids
 from lazyoci.service.client import ServiceClient
 from lazyoci.service.paths import ServicePaths
+from lazyoci.snapshot import lazy_records
 from lazyoci.snapshot.base import KIND_COMMITTED, LABEL_DIFF_ID, LABEL_LAYER_DIGEST
-from lazyoci.snapshot.layered import LayeredSnapshotter
+from lazyoci.snapshot.layered import LayeredSnapshotter, image_diff_ids
+from lazyoci.snapshot.lazy_records import LazyLayerRecord
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService, LocalImage
 
-LABEL_ZTOC = "com.amazon.soci.ztoc-digest"
+__all__ = ["LABEL_ZTOC", "LazyLayerRecord", "SociSnapshotter", "snapshot_keys"]
 
-_LAZY_LAYERS_DDL = """
-CREATE TABLE IF NOT EXISTS lazy_layers (
-    layer_digest TEXT PRIMARY KEY,
-    ztoc_digest TEXT NOT NULL,
-    ref TEXT NOT NULL,               -- repository@manifest the spans are fetched from
-    index_digest TEXT NOT NULL,
-    created REAL NOT NULL
-);
-"""
+LABEL_ZTOC = "com.amazon.soci.ztoc-digest"
+_VIEWS_MARK = "+ztocs:"     # a key past it names the zTOCs of the lazy layers below
+
+
+def snapshot_keys(diff_ids: list[str], ztocs: list[str | None]) -> list[str]:
+    """The keys of an image's committed layer snapshots, bottom first (`ztocs`: each layer's
+    zTOC, None when unpacked): the chain ID up to the first lazy layer; from there on the
+    chain ID plus a digest of (position, zTOC) of every lazy layer at or below."""
+    views = hashlib.sha256()
+    lazy = False
+    keys = []
+    for i, (chain, ztoc) in enumerate(zip(chain_ids(diff_ids), ztocs)):
+        if ztoc is not None:
+            lazy = True
+            views.update(f"{i} {ztoc}\n".encode())
+        keys.append(f"{chain}{_VIEWS_MARK}{views.hexdigest()}" if lazy else chain)
+    return keys
 
 
 def _ztoc_of(row: sqlite3.Row) -> str:
@@ -58,27 +75,20 @@ def _ztoc_of(row: sqlite3.Row) -> str:
     return ztoc
 
 
-@dataclass(frozen=True)
-class LazyLayerRecord:
-    layer_digest: str
-    ztoc_digest: str
-    ref: str
-    index_digest: str
-
-
 class SociSnapshotter(LayeredSnapshotter):
     name = "soci"
     dir_name = "soci"
     table_prefix = "lazy"
     schema_name = "snapshot_soci"
     extra_snapshot_columns = "lazy_layer TEXT,   -- committed lazy layer: its digest (lower = FUSE dir)"
-    extra_ddl = _LAZY_LAYERS_DDL
+    extra_ddl = lazy_records.LAZY_RECORDS_DDL
 
     def __init__(self, root: DataRoot, config: Config, db: Database | None = None) -> None:
         self.config = config
         self.paths = ServicePaths(root)
         self.service = ServiceClient(root, config.path)
         super().__init__(root, db)
+        lazy_records.migrate_lazy_layers(self.db)
 
     # ---- where a lazy layer's lower comes from ---------------------------------
     def _lower(self, row: sqlite3.Row) -> str:
@@ -94,27 +104,27 @@ class SociSnapshotter(LayeredSnapshotter):
         for digest, ztoc_digest in views:
             if os.path.isdir(self.paths.layer_dir(digest, ztoc_digest)):
                 continue
-            rec = self.lazy_layer(digest)
+            rec = self.lazy_layer(digest, ztoc_digest)
             if rec is None:
-                raise StoreError(f"lazy layer {digest} has no zTOC record; pull the image again")
+                raise StoreError(f"lazy layer {digest} has no record of zTOC {ztoc_digest}; pull the image again")
             self.service.ensure_running()
             self.service.mount_layer(rec.ref, digest, ztoc_digest)
 
     # ---- lazy layers -----------------------------------------------------------
     def record_lazy_layer(self, rec: LazyLayerRecord) -> None:
-        with self.db.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO lazy_layers VALUES (?, ?, ?, ?, ?)",
-                         (rec.layer_digest, rec.ztoc_digest, rec.ref, rec.index_digest, time.time()))
+        lazy_records.record_layer(self.db, rec)
 
-    def lazy_layer(self, layer_digest: str) -> LazyLayerRecord | None:
-        with self.db.reading() as conn:
-            row = conn.execute("SELECT * FROM lazy_layers WHERE layer_digest=?", (layer_digest,)).fetchone()
-        return LazyLayerRecord(row["layer_digest"], row["ztoc_digest"], row["ref"], row["index_digest"]) if row else None
+    def lazy_layer(self, layer_digest: str, ztoc_digest: str | None = None) -> LazyLayerRecord | None:
+        """The record of the layer's view through `ztoc_digest` (None: the latest recorded)."""
+        return lazy_records.layer_record(self.db, layer_digest, ztoc_digest)
 
-    def forget_lazy_layer(self, layer_digest: str) -> None:
-        """The layer is no longer lazy (its zTOC was refused): it is committed from its blob."""
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM lazy_layers WHERE layer_digest=?", (layer_digest,))
+    def forget_lazy_layer(self, layer_digest: str, ztoc_digest: str) -> None:
+        """The layer is no longer lazy through this zTOC (it was refused): it is committed from its blob."""
+        lazy_records.forget_layer(self.db, layer_digest, ztoc_digest)
+
+    def record_image_ztocs(self, image: "LocalImage", ztocs: dict[str, str]) -> None:
+        """What this lazy pull gave the image's layers (layer digest -> zTOC; empty: nothing lazy)."""
+        lazy_records.record_image(self.db, image.name or "", image.manifest.digest, ztocs)
 
     def is_lazy(self, key: str) -> bool:
         """True if any layer below `key` is served lazily (what `ps` may call "soci")."""
@@ -123,25 +133,54 @@ class SociSnapshotter(LayeredSnapshotter):
             chain = self._chain(conn, row["parent"]) + ([row] if row["kind"] == KIND_COMMITTED else [])
         return any(r["lazy_layer"] for r in chain)
 
-    def _commit_image_layer(self, images: "ImageService", desc: Descriptor, diff_id: str,
-                            chain: str, parent: str | None) -> None:
-        """Lazy where a zTOC is recorded (and stored), else the shared unpack path."""
-        rec = self.lazy_layer(desc.digest)
-        if rec is not None and images.blobs.has(rec.ztoc_digest):
-            labels = {LABEL_LAYER_DIGEST: desc.digest, LABEL_DIFF_ID: diff_id, LABEL_ZTOC: rec.ztoc_digest}
-            self._commit_layer(chain, parent, None, labels, {"lazy_layer": desc.digest})
-            return
-        if self.layer_dir(diff_id) is None and not images.blobs.has(desc.digest):
-            raise StoreError(f"layer {desc.digest} was neither downloaded nor indexed; pull the image again")
-        super()._commit_image_layer(images, desc, diff_id, chain, parent)
+    def unpack_image(self, images: "ImageService", image: "LocalImage") -> str | None:
+        """Make the committed snapshots of the image's layers exist, lazy through the zTOCs the
+        image's lazy pull recorded; return the top key (see `snapshot_keys`)."""
+        diff_ids = image_diff_ids(image)
+        ztocs = self._layer_ztocs(images, image, diff_ids)
+        parent: str | None = None
+        for desc, diff_id, ztoc, key in zip(image.manifest.layers, diff_ids, ztocs, snapshot_keys(diff_ids, ztocs)):
+            with self.db.reading() as conn:
+                have = self._exists(conn, key)
+            if not have:
+                if ztoc is not None:
+                    labels = {LABEL_LAYER_DIGEST: desc.digest, LABEL_DIFF_ID: diff_id, LABEL_ZTOC: ztoc}
+                    self._commit_layer(key, parent, None, labels, {"lazy_layer": desc.digest})
+                else:
+                    if self.layer_dir(diff_id) is None and not images.blobs.has(desc.digest):
+                        raise StoreError(f"layer {desc.digest} was neither downloaded nor indexed; "
+                                         "pull the image again")
+                    self._commit_image_layer(images, desc, diff_id, key, parent)
+            parent = key
+        return parent
+
+    def _layer_ztocs(self, images: "ImageService", image: "LocalImage", diff_ids: list[str]) -> list[str | None]:
+        """The zTOC serving each layer of the image (None: unpacked), as its lazy pull recorded.
+
+        An image whose name was never pulled lazily (a `tag` of one that was) borrows the
+        zTOCs of its manifest's latest lazy pull, only for the layers it does not hold."""
+        recorded, own = lazy_records.image_ztocs(self.db, image.name, image.manifest.digest)
+        out: list[str | None] = []
+        for desc, diff_id in zip(image.manifest.layers, diff_ids):
+            ztoc = recorded.get(desc.digest)
+            if ztoc is not None and not own and (images.blobs.has(desc.digest) or self.layer_dir(diff_id)):
+                ztoc = None                      # verified content at hand: no one else's index
+            if ztoc is not None and not (images.blobs.has(ztoc) and self.lazy_layer(desc.digest, ztoc)):
+                ztoc = None
+            out.append(ztoc)
+        return out
 
     def release_unused(self, keep: set[str]) -> list[str]:
         """Release as the shared mechanism does; then unmount the (layer, zTOC) views of lazy
         layers that no snapshot uses (also a layer's view through another index than the one
-        its snapshots use)."""
+        its snapshots use).
+
+        `keep` holds chain IDs (of the images that remain) or keys. A snapshot with lazy
+        layers below is kept for a chain ID only while a remaining image's records still use
+        every view it stacks: the snapshots of an index whose images are gone go."""
         from lazyoci.service.records import recorded_views
 
-        removed = super().release_unused(keep)
+        removed = super().release_unused(self._keys_to_keep(keep))
         with self.db.reading() as conn:
             used = {(r["lazy_layer"], json.loads(r["labels"] or "{}").get(LABEL_ZTOC)) for r in conn.execute(
                 "SELECT lazy_layer, labels FROM lazy_snapshots WHERE lazy_layer IS NOT NULL").fetchall()}
@@ -155,6 +194,28 @@ class SociSnapshotter(LayeredSnapshotter):
                 from lazyoci.service.records import forget_layers
                 forget_layers(self.db, unused)
         return removed
+
+    def _keys_to_keep(self, keep: set[str]) -> set[str]:
+        """`keep` (chain IDs or keys) as the keys of committed snapshots (see release_unused)."""
+        live = lazy_records.live_views(self.db)
+        with self.db.reading() as conn:
+            rows = {r["key"]: r for r in conn.execute(
+                "SELECT key, parent, lazy_layer, labels FROM lazy_snapshots WHERE kind=?", (KIND_COMMITTED,)).fetchall()}
+        out: set[str] = set()
+        for key, row in rows.items():
+            views: set[tuple[str, str]] = set()
+            r: sqlite3.Row | None = row
+            while r is not None:
+                if r["lazy_layer"]:
+                    views.add((r["lazy_layer"], json.loads(r["labels"] or "{}").get(LABEL_ZTOC)))
+                r = rows.get(r["parent"]) if r["parent"] else None
+            chain, mark, _ = key.partition(_VIEWS_MARK)
+            if not views and key in keep:
+                out.add(key)               # unpacked layers only: verified, any image's
+            elif mark and (key in keep or (chain in keep and views <= live)):
+                out.add(key)               # (a lazy snapshot keyed by chain ID alone, of an older
+                                           # lazyoci, goes once nothing is mounted on it)
+        return out
 
     # ---- the lazy pull -------------------------------------------------------------
     def pull(self, images: "ImageService", ref: str, platform=None, progress=None,

@@ -5,7 +5,9 @@ Steps: resolve the image (and the platform's manifest), discover its SOCI index
 store the index manifest and the zTOCs as blobs owned by `soci:<index digest>`,
 record which layer each zTOC serves, then let ImageService.pull fetch the image
 while skipping the lazy layers (no progress rows for them, as the seed shows).
-Finally the layer snapshots are committed and the service mounts the lazy layers.
+Finally the zTOCs this index gave the image (under its name) are recorded, the
+layer snapshots committed (their keys name those zTOCs: another index of a
+shared layer never reuses them) and the service mounts the lazy layers.
 
 No index, an unreadable one, or one without any zTOC for the image's layers:
 every layer is downloaded (with rows), the image is recorded as `overlayfs`
@@ -198,8 +200,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
         refused = mounter.wait() if lazy else {}
         if refused:
             for digest in refused:
-                del lazy[digest]
-                snap.forget_lazy_layer(digest)
+                snap.forget_lazy_layer(digest, lazy.pop(digest))
             whys = "; ".join(f"layer {digest}: {why}" for digest, why in refused.items())
             say(f"INFO: {'a zTOC' if len(refused) == 1 else f'{len(refused)} zTOCs'} of the SOCI index "
                 f"cannot be served ({whys}) for {reference}: downloading "
@@ -208,6 +209,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
             image = images.pull(ref, platform, progress, layer_consumer=snap.layer_consumer,
                                 skip_layers=(lambda d: d.digest in lazy) if lazy else None,
                                 snapshotter="soci" if lazy else "overlayfs")
+        snap.record_image_ztocs(image, lazy)   # this name's layers: through this index's zTOCs only
         snap.unpack_image(images, image)
     except BaseException:
         if lazy:

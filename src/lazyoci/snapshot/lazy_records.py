@@ -1,0 +1,145 @@
+"""What the lazy pulls recorded: which zTOC serves a layer, and which zTOC each image uses.
+
+Two tables, so that two indexes of one layer never meet:
+  `lazy_layers` (layer digest, zTOC digest) -> the reference to fetch spans from and the
+      SOCI index it came with: one record per view, as the service keys its views;
+  `lazy_image_layers` (image name, manifest digest, layer digest) -> zTOC digest: the
+      zTOCs the latest lazy pull of that name gave the image's layers (an image whose
+      name was not pulled lazily, e.g. after `tag`, uses those of the latest lazy pull of
+      its manifest for the layers it does not hold).
+An image keeps its rows while its name still holds its manifest; `live_views` drops the
+others and says which (layer, zTOC) views the remaining images use.
+
+Data roots of an older lazyoci keyed `lazy_layers` by layer digest alone:
+`migrate_lazy_layers` rekeys it once and gives each manifest its recorded zTOCs
+(under the name "", as no image name was kept).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from lazyoci.store.db import Database
+
+_LAYERS_DDL = """
+CREATE TABLE IF NOT EXISTS lazy_layers (
+    layer_digest TEXT NOT NULL,
+    ztoc_digest TEXT NOT NULL,
+    ref TEXT NOT NULL,               -- repository@manifest the spans are fetched from
+    index_digest TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (layer_digest, ztoc_digest)
+)"""
+_IMAGES_DDL = """
+CREATE TABLE IF NOT EXISTS lazy_image_layers (
+    image TEXT NOT NULL,             -- the image name the lazy pull was for ("" after a migration)
+    manifest_digest TEXT NOT NULL,
+    layer_digest TEXT NOT NULL,
+    ztoc_digest TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (image, manifest_digest, layer_digest)
+);
+CREATE INDEX IF NOT EXISTS lazy_image_layers_manifest ON lazy_image_layers(manifest_digest);
+"""
+LAZY_RECORDS_DDL = _LAYERS_DDL + ";" + _IMAGES_DDL
+
+
+@dataclass(frozen=True)
+class LazyLayerRecord:
+    layer_digest: str
+    ztoc_digest: str
+    ref: str
+    index_digest: str
+
+
+def migrate_lazy_layers(db: Database) -> None:
+    """Rekey a `lazy_layers` table of an older lazyoci (layer digest alone) by (layer, zTOC)."""
+    with db.reading() as conn:
+        pk = [r["name"] for r in conn.execute("PRAGMA table_info(lazy_layers)").fetchall() if r["pk"]]
+    if pk != ["layer_digest"]:
+        return
+    with db.transaction() as conn:
+        pk = [r["name"] for r in conn.execute("PRAGMA table_info(lazy_layers)").fetchall() if r["pk"]]
+        if pk != ["layer_digest"]:
+            return                        # another process migrated it meanwhile
+        conn.execute("ALTER TABLE lazy_layers RENAME TO lazy_layers_by_layer")
+        conn.execute(_LAYERS_DDL)
+        conn.execute("INSERT INTO lazy_layers SELECT layer_digest, ztoc_digest, ref, index_digest, created "
+                     "FROM lazy_layers_by_layer")
+        conn.execute("INSERT OR IGNORE INTO lazy_image_layers SELECT '', substr(ref, instr(ref, '@') + 1), "
+                     "layer_digest, ztoc_digest, created FROM lazy_layers_by_layer WHERE instr(ref, '@') > 0")
+        conn.execute("DROP TABLE lazy_layers_by_layer")
+
+
+def record_layer(db: Database, rec: LazyLayerRecord) -> None:
+    with db.transaction() as conn:
+        conn.execute("INSERT OR REPLACE INTO lazy_layers VALUES (?, ?, ?, ?, ?)",
+                     (rec.layer_digest, rec.ztoc_digest, rec.ref, rec.index_digest, time.time()))
+
+
+def layer_record(db: Database, layer_digest: str, ztoc_digest: str | None = None) -> LazyLayerRecord | None:
+    """The record of the layer's view through `ztoc_digest` (None: the latest recorded for the layer)."""
+    with db.reading() as conn:
+        if ztoc_digest is None:
+            row = conn.execute("SELECT * FROM lazy_layers WHERE layer_digest=? ORDER BY created DESC LIMIT 1",
+                               (layer_digest,)).fetchone()
+        else:
+            row = conn.execute("SELECT * FROM lazy_layers WHERE layer_digest=? AND ztoc_digest=?",
+                               (layer_digest, ztoc_digest)).fetchone()
+    return LazyLayerRecord(row["layer_digest"], row["ztoc_digest"], row["ref"], row["index_digest"]) if row else None
+
+
+def forget_layer(db: Database, layer_digest: str, ztoc_digest: str) -> None:
+    with db.transaction() as conn:
+        conn.execute("DELETE FROM lazy_layers WHERE layer_digest=? AND ztoc_digest=?", (layer_digest, ztoc_digest))
+
+
+def record_image(db: Database, image: str, manifest_digest: str, ztocs: dict[str, str]) -> None:
+    """The zTOCs this lazy pull of `image` gave its layers (layer digest -> zTOC), replacing the last pull's."""
+    with db.transaction() as conn:
+        conn.execute("DELETE FROM lazy_image_layers WHERE image=? AND manifest_digest=?", (image, manifest_digest))
+        now = time.time()
+        conn.executemany("INSERT INTO lazy_image_layers VALUES (?, ?, ?, ?, ?)",
+                         [(image, manifest_digest, layer, ztoc, now) for layer, ztoc in ztocs.items()])
+
+
+def image_ztocs(db: Database, image: str | None, manifest_digest: str) -> tuple[dict[str, str], bool]:
+    """The zTOCs an image's layers are served through, and whether they are the image's own
+    (recorded by a lazy pull of that name) rather than those of another name's latest pull."""
+    with db.reading() as conn:
+        rows = conn.execute("SELECT layer_digest, ztoc_digest FROM lazy_image_layers "
+                            "WHERE image=? AND manifest_digest=?", (image or "", manifest_digest)).fetchall()
+        if rows:
+            return {r[0]: r[1] for r in rows}, True
+        latest = conn.execute("SELECT image FROM lazy_image_layers WHERE manifest_digest=? "
+                              "ORDER BY created DESC LIMIT 1", (manifest_digest,)).fetchone()
+        if latest is None:
+            return {}, False
+        rows = conn.execute("SELECT layer_digest, ztoc_digest FROM lazy_image_layers "
+                            "WHERE image=? AND manifest_digest=?", (latest[0], manifest_digest)).fetchall()
+    return {r[0]: r[1] for r in rows}, False
+
+
+def live_views(db: Database) -> set[tuple[str, str]]:
+    """Drop the rows of images gone (their name no longer holds their manifest); return the
+    (layer, zTOC) views of the rest. Rows without a live name stay while their manifest is
+    still an image's and no live name has rows for it (a `tag` of a lazily pulled image)."""
+    with db.transaction() as conn:
+        try:
+            held = {(r[0], r[1]) for r in conn.execute(
+                "SELECT n.name, p.manifest FROM image_names n JOIN image_platforms p ON p.top = n.digest").fetchall()}
+            present = {r[0] for r in conn.execute("SELECT manifest FROM image_platforms").fetchall()}
+        except sqlite3.OperationalError:      # no image was ever stored in this data root
+            held, present = set(), set()
+        rows = conn.execute("SELECT image, manifest_digest, layer_digest, ztoc_digest FROM lazy_image_layers").fetchall()
+        named = {r["manifest_digest"] for r in rows if (r["image"], r["manifest_digest"]) in held}
+        live: set[tuple[str, str]] = set()
+        for r in rows:
+            image, manifest = r["image"], r["manifest_digest"]
+            if (image, manifest) in held or (manifest in present and manifest not in named):
+                live.add((r["layer_digest"], r["ztoc_digest"]))
+            else:
+                conn.execute("DELETE FROM lazy_image_layers WHERE image=? AND manifest_digest=?", (image, manifest))
+    return live
