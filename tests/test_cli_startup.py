@@ -25,7 +25,8 @@ LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 # parser (without a config file), the FUSE service's libraries, the zTOC codec.
 HEAVY = ("httpx", "httpcore", "yaml", "pyfuse3", "trio", "flatbuffers", "zlib_ng")
 
-COMMAND_MODULES = ("lazyoci.cli.images", "lazyoci.cli.containers", "lazyoci.cli.soci", "lazyoci.cli.service")
+COMMAND_MODULES = ("lazyoci.cli.images", "lazyoci.cli.containers", "lazyoci.cli.soci", "lazyoci.cli.service",
+                   "lazyoci.cli.lifecycle")
 
 EVERY_COMMAND = {"pull", "push", "tag", "images", "image", "rmi", "save", "load", "import", "login", "logout",
                  "run", "ps", "logs", "stop", "rm", "soci", "service", "vm"}
@@ -94,9 +95,9 @@ def test_help_lists_every_command_without_importing_them(tmp_path):
 
 def test_the_table_matches_the_commands():
     """The short help `--help` shows without importing a command is the command's own."""
-    from lazyoci.cli.commands import COMMANDS, IMAGE_COMMANDS
+    from lazyoci.cli.commands import COMMANDS, CONTAINER_COMMANDS, IMAGE_COMMANDS
 
-    for table in (COMMANDS, IMAGE_COMMANDS):
+    for table in (COMMANDS, IMAGE_COMMANDS, CONTAINER_COMMANDS):
         for name, entry in table.items():
             cmd = entry.load()
             assert isinstance(cmd, click.Command) and cmd.name == name

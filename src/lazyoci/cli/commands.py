@@ -71,6 +71,7 @@ _SOCI = "lazyoci.cli.soci"
 _SERVICE = "lazyoci.cli.service"
 _BUILD = "lazyoci.cli.build"
 _SYSTEM = "lazyoci.cli.system"
+_LIFECYCLE = "lazyoci.cli.lifecycle"
 
 IMAGE_COMMANDS: dict[str, LazyCommand] = {
     "ls": LazyCommand(f"{_IMAGES}:image_ls", "List local images (optionally only REPOSITORY[:TAG])."),
@@ -84,6 +85,27 @@ IMAGE_COMMANDS: dict[str, LazyCommand] = {
 
 # `image` gathers commands of two modules (images, containers), so it is defined here.
 image_group = LazyGroup("image", help="Manage images.", lazy_commands=IMAGE_COMMANDS)
+
+CONTAINER_COMMANDS: dict[str, LazyCommand] = {
+    "inspect": LazyCommand(f"{_LIFECYCLE}:container_inspect_cmd",
+                           "Show containers as JSON, in docker's shape (State, Config, Mounts, GraphDriver, "
+                           "LogPath)."),
+    "start": LazyCommand(f"{_LIFECYCLE}:start_cmd", "Start stopped containers in the background."),
+    "restart": LazyCommand(f"{_LIFECYCLE}:restart_cmd", "Stop containers if they run, then start them in the "
+                                                        "background."),
+    "kill": LazyCommand(f"{_LIFECYCLE}:kill_cmd", "Send a signal to running containers (default SIGKILL)."),
+    "wait": LazyCommand(f"{_LIFECYCLE}:wait_cmd", "Block until containers stop, then print their exit codes."),
+    "top": LazyCommand(f"{_LIFECYCLE}:top_cmd", "Show the processes of a running container ([ps OPTIONS], "
+                                                "default -ef)."),
+    "cp": LazyCommand(f"{_LIFECYCLE}:cp_cmd", "Copy files between a container and the host: CONTAINER:SRC DEST "
+                                              "or SRC CONTAINER:DEST."),
+    "logs": LazyCommand(f"{_CONTAINERS}:logs_cmd", "Print the output of a detached container."),
+    "stop": LazyCommand(f"{_CONTAINERS}:stop_cmd", "Stop running containers (the image's stop signal, then SIGKILL)."),
+    "rm": LazyCommand(f"{_CONTAINERS}:rm_cmd", "Remove containers (their writable layer and records)."),
+}
+
+# `container` gathers commands of two modules (containers, lifecycle), so it is defined here.
+container_group = LazyGroup("container", help="Manage containers.", lazy_commands=CONTAINER_COMMANDS)
 
 COMMANDS: dict[str, LazyCommand] = {
     "pull": LazyCommand(f"{_IMAGES}:pull_cmd", "Download an image from a registry."),
@@ -104,6 +126,15 @@ COMMANDS: dict[str, LazyCommand] = {
     "logs": LazyCommand(f"{_CONTAINERS}:logs_cmd", "Print the output of a detached container."),
     "stop": LazyCommand(f"{_CONTAINERS}:stop_cmd", "Stop running containers (the image's stop signal, then SIGKILL)."),
     "rm": LazyCommand(f"{_CONTAINERS}:rm_cmd", "Remove containers (their writable layer and records)."),
+    "container": LazyCommand("lazyoci.cli.commands:container_group", "Manage containers."),
+    "inspect": LazyCommand(f"{_LIFECYCLE}:inspect_cmd", "Show containers or images as JSON (a container first, "
+                                                        "as docker looks)."),
+    "start": CONTAINER_COMMANDS["start"],
+    "restart": CONTAINER_COMMANDS["restart"],
+    "kill": CONTAINER_COMMANDS["kill"],
+    "wait": CONTAINER_COMMANDS["wait"],
+    "top": CONTAINER_COMMANDS["top"],
+    "cp": CONTAINER_COMMANDS["cp"],
     "soci": LazyCommand(f"{_SOCI}:soci_group", "SOCI indexes: make images lazy-loadable without changing them."),
     "service": LazyCommand(f"{_SERVICE}:service_group",
                            "Manage the lazyoci service that serves lazily loaded layers (FUSE)."),

@@ -125,13 +125,22 @@ def _command(rec: ContainerRecord) -> str:
 @click.command("ps")
 @click.option("-a", "--all", "show_all", is_flag=True, help="Show every container (default: running).")
 @click.option("-q", "--quiet", is_flag=True, help="Only IDs.")
-def ps_cmd(show_all: bool, quiet: bool) -> None:
+@click.option("-f", "--filter", "filters", multiple=True,
+              help="KEY=VALUE: id, name, status, exited, ancestor, before, since, snapshotter.")
+@click.option("--format", "fmt", default=None, help="'{{json .}}', or a Go template of the fields ('table ...').")
+def ps_cmd(show_all: bool, quiet: bool, filters: tuple[str, ...], fmt: str | None) -> None:
     """List containers."""
+    from lazyoci.runtime.filters import ContainerFilter
+
+    wanted = ContainerFilter.parse(filters)
     store = ContainerStore(DataRoot(app().root).ensure())   # the records only: no image service
-    recs = [r for r in store.list() if show_all or r.status == "running"]
+    recs = wanted.apply([r for r in store.list() if show_all or wanted.wants_all or r.status == "running"])
     if quiet:
         for r in recs:
             click.echo(r.short_id)
+        return
+    if fmt is not None:
+        _ps_formatted(recs, fmt)
         return
     rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "SNAPSHOTTER", "NAMES")]
     rows += [(r.short_id, r.image, _command(r), _ago(r.created), _status(r), _snapshotter(r), r.name)
@@ -139,6 +148,26 @@ def ps_cmd(show_all: bool, quiet: bool) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(6)]
     for row in rows:
         click.echo("   ".join(c.ljust(w) for c, w in zip(row, widths)) + "   " + row[6])
+
+
+_PS_TITLES = {"ID": "CONTAINER ID", "Image": "IMAGE", "Command": "COMMAND", "CreatedAt": "CREATED AT",
+              "RunningFor": "CREATED", "Ports": "PORTS", "State": "STATE", "Status": "STATUS", "Size": "SIZE",
+              "Names": "NAMES", "Labels": "LABELS", "Mounts": "MOUNTS", "Networks": "NETWORKS",
+              "LocalVolumes": "LOCAL VOLUMES", "Snapshotter": "SNAPSHOTTER"}
+
+
+def _ps_formatted(recs: list[ContainerRecord], fmt: str) -> None:
+    """docker's `ps --format`: the same fields, as strings, for each container."""
+    from lazyoci.cli.gotemplate import Template, format_rows
+
+    template = Template.parse(fmt, tuple(_PS_TITLES))
+    rows = [{"ID": r.short_id, "Image": r.image, "Command": _command(r),
+             "CreatedAt": time.strftime("%Y-%m-%d %H:%M:%S %z %Z", time.localtime(r.created)),
+             "RunningFor": _ago(r.created), "Ports": "", "State": r.status, "Status": _status(r), "Size": "",
+             "Names": r.name, "Labels": "", "Mounts": "", "Networks": "host", "LocalVolumes": "0",
+             "Snapshotter": _snapshotter(r)} for r in recs]
+    for line in format_rows(template, rows, _PS_TITLES):
+        click.echo(line)
 
 
 def _snapshotter(rec: ContainerRecord) -> str:
@@ -156,10 +185,17 @@ def _snapshotter(rec: ContainerRecord) -> str:
 
 @click.command("logs")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing output until the container exits.")
+@click.option("-n", "--tail", default="all", help="Only the last N lines (default: all).")
+@click.option("-t", "--timestamps", is_flag=True, help="Start each line with the time it arrived (RFC 3339).")
+@click.option("--since", default=None, help="Only lines since a time: 10m, 1h30m, a Unix time or RFC 3339.")
 @click.argument("container")
-def logs_cmd(follow: bool, container: str) -> None:
+def logs_cmd(follow: bool, tail: str, timestamps: bool, since: str | None, container: str) -> None:
     """Print the output of a detached container."""
-    _manager().logs(container, sys.stdout.buffer, follow)
+    from lazyoci.runtime.logfile import parse_since, parse_tail
+
+    lines = parse_tail(tail)
+    since_ns = parse_since(since) if since is not None else None
+    _manager().logs(container, sys.stdout.buffer, follow, lines, since_ns, timestamps)
 
 
 @click.command("stop")

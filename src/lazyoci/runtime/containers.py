@@ -152,6 +152,15 @@ class ContainerStore:
             c.execute("UPDATE containers SET status='running', monitor_pid=?, monitor_start=? "
                       "WHERE id=? AND status='created'", (monitor_pid, start, container_id))
 
+    def set_restartable(self, container_id: str) -> bool:
+        """Turn an exited container back into a created one, for `start`; False if it is not exited
+        (so two concurrent starts cannot both run it)."""
+        with self.db.transaction() as c:
+            cur = c.execute("UPDATE containers SET status='created', exit_code=NULL, finished=NULL, "
+                            "monitor_pid=NULL, monitor_start=NULL, detached=1 "
+                            "WHERE id=? AND status='exited'", (container_id,))
+            return cur.rowcount == 1
+
     def set_exited(self, container_id: str, code: int | None) -> None:
         with self.db.transaction() as c:
             c.execute("UPDATE containers SET status='exited', exit_code=?, finished=? WHERE id=?",

@@ -4,7 +4,8 @@
 (128+N for a signal). The monitor is its parent: it records that status in
 `exit.json` and the database, and for a detached `--rm` container cleans up.
 A detached monitor double-forks into its own session, so it outlives the
-`lazyoci run -d` that started it; the container's output goes to its log file.
+`lazyoci run -d` that started it; the container's output goes through it to the
+log file, which notes when each line arrived (runtime/logfile.py).
 Forking (instead of starting a new interpreter) keeps container start fast.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from lazyoci.errors import LazyociError
 from lazyoci.runtime.containers import ContainerStore, process_start, write_exit_file
+from lazyoci.runtime.logfile import LogWriter
 from lazyoci.runtime.runc import Runtime
 from lazyoci.snapshot.mount import unmount
 from lazyoci.store.modes import open_private_log
@@ -91,7 +93,8 @@ def _become_monitor(spec: MonitorSpec, report_fd: int) -> None:
 
 
 def _run_teed(cmd: list[str], spec: MonitorSpec) -> int:
-    """Foreground: the output goes where ours goes, and to the log (so `logs` works too)."""
+    """The container's output goes to its log (with the time of each line) and, in the
+    foreground, also where ours goes (so `logs` works for both)."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
@@ -99,25 +102,28 @@ def _run_teed(cmd: list[str], spec: MonitorSpec) -> int:
     finally:
         os.close(out_w)
         os.close(err_w)
-    lock = threading.Lock()
-    with os.fdopen(open_private_log(spec.log_path), "ab", buffering=0) as log:
+    log = LogWriter(spec.log_path)
+    try:
         # When our stdout reader goes away (`| head`), end the container as SIGPIPE would end a
         # process in a pipeline: its init (PID 1 of its namespace) is immune to SIGPIPE itself.
         def reader_gone() -> None:
             spec.runtime.kill(spec.container_id, "KILL")
 
-        threads = [threading.Thread(target=_tee, args=(r, fd, log, lock, gone), daemon=True)
-                   for r, fd, gone in ((out_r, 1, reader_gone), (err_r, 2, None))]
+        streams = ((out_r, 1, reader_gone), (err_r, 2, None))
+        threads = [threading.Thread(target=_tee, args=(r, None if spec.detach else fd, log, gone), daemon=True)
+                   for r, fd, gone in streams]
         for t in threads:
             t.start()
         code = proc.wait()
         for t in threads:
             t.join()
+    finally:
+        log.close()
     return code
 
 
-def _tee(src: int, dst: int, log, lock: threading.Lock, on_broken) -> None:
-    """Copy a foreground container's stream to our terminal/pipe and to its log.
+def _tee(src: int, dst: int | None, log: LogWriter, on_broken) -> None:
+    """Copy a container's stream to its log and, unless `dst` is None, to our terminal/pipe.
 
     If our side is closed (`| head`), the container's pipe is closed too (EPIPE for it)
     and `on_broken` runs."""
@@ -128,8 +134,9 @@ def _tee(src: int, dst: int, log, lock: threading.Lock, on_broken) -> None:
             break
         if not data:
             break
-        with lock:
-            log.write(data)
+        log.write(data)
+        if dst is None:
+            continue
         try:
             view = memoryview(data)
             while view:
@@ -146,7 +153,7 @@ def _run_runtime(spec: MonitorSpec, store: ContainerStore) -> int:
     store.set_running(spec.container_id, me, process_start(me))
     cmd = spec.runtime.run_cmd(spec.container_id, spec.bundle, spec.pid_file)
     try:
-        if spec.detach or spec.tty:   # detached: fds 1 and 2 are the log already; tty: the runtime's pty
+        if spec.tty:    # the runtime's pty: not logged
             code = subprocess.Popen(cmd, close_fds=True).wait()
         else:
             code = _run_teed(cmd, spec)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import IO
 
@@ -25,6 +26,7 @@ from lazyoci.oci.digest import Digest
 from lazyoci.oci.platform import Platform
 from lazyoci.runtime.bundle import ProcessOptions, build_spec, process_args, write_bundle
 from lazyoci.runtime.containers import ContainerRecord, ContainerStore, process_start
+from lazyoci.runtime.logfile import LogReader, iter_chunks, lines_since
 from lazyoci.runtime.monitor import MonitorSpec, spawn_monitor
 from lazyoci.runtime.runc import Runtime
 from lazyoci.snapshot.mount import mount_all, unmount
@@ -219,22 +221,34 @@ class ContainerManager:
         shutil.rmtree(cdir, ignore_errors=True)
         self.store.delete(rec.id)
 
-    def logs(self, name_or_id: str, out: IO[bytes], follow: bool = False) -> None:
+    def logs(self, name_or_id: str, out: IO[bytes], follow: bool = False, tail: int | None = None,
+             since_ns: int | None = None, timestamps: bool = False) -> None:
+        """Write the container's output: the last `tail` lines from `since_ns` on, each after the
+        time it arrived if `timestamps`; with `follow`, then what comes until it exits."""
         rec = self.store.get(name_or_id)
-        path = self.store.dir(rec.id) / "container.log"
-        if not path.exists():
-            return
-        with open(path, "rb") as f:
+        reader = LogReader(self.store.dir(rec.id) / "container.log")
+        running = follow and rec.status == "running"
+        last = deque(maxlen=tail) if tail is not None else None
+
+        def write(lines) -> None:
+            for chunk in iter_chunks(lines, timestamps):
+                out.write(chunk)
+
+        while True:     # what is there now
+            lines = lines_since(reader.read(final=not running), since_ns)
+            if last is None:
+                write(lines)
+            else:
+                last.extend(lines)
+            if reader.caught_up:
+                break
+        write(last or ())
+        out.flush()
+        while running:  # what comes next
+            time.sleep(0.1)
+            running = self.store.get(rec.id).status == "running"
             while True:
-                chunk = f.read(1 << 16)
-                if chunk:
-                    out.write(chunk)
-                    out.flush()
-                    continue
-                if not follow or self.store.get(rec.id).status != "running":
-                    rest = f.read()
-                    if rest:
-                        out.write(rest)
-                        out.flush()
-                    return
-                time.sleep(0.1)
+                write(lines_since(reader.read(final=not running), since_ns))
+                if reader.caught_up:
+                    break
+            out.flush()

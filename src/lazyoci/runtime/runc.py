@@ -50,6 +50,17 @@ class Runtime:
         r = subprocess.run(self.cmd("kill", container_id, signal), capture_output=True, text=True)
         return r.returncode == 0
 
+    def pids(self, container_id: str) -> set[int]:
+        """The host PIDs of every process in the container (its cgroup), as the runtime lists them."""
+        r = subprocess.run(self.cmd("ps", "--format", "json", container_id), capture_output=True, text=True)
+        try:
+            pids = json.loads(r.stdout) if r.returncode == 0 else None
+        except ValueError:
+            pids = None
+        if not isinstance(pids, list):
+            raise ContainerError(f"the runtime cannot list the processes of container {container_id[:12]}")
+        return {p for p in pids if isinstance(p, int)}
+
     def delete(self, container_id: str) -> None:
         """Forget the container (force: also a stale one left by a crash or reboot)."""
         subprocess.run(self.cmd("delete", "--force", container_id), capture_output=True, text=True)
