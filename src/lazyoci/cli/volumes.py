@@ -1,0 +1,76 @@
+"""`volume create/ls/rm/inspect`: named volumes under the data root, with docker's output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import click
+
+from lazyoci.cli.context import app
+from lazyoci.errors import ConfigError
+from lazyoci.runtime.volumes import Volume, VolumeStore
+from lazyoci.store.layout import DataRoot
+
+
+def _store() -> VolumeStore:
+    return VolumeStore(DataRoot(app().root))
+
+
+def _inspect(vol: Volume) -> dict:
+    """docker's `volume inspect` shape (the local driver, no options)."""
+    created = datetime.datetime.fromtimestamp(vol.created, datetime.timezone.utc).astimezone()
+    return {"CreatedAt": created.isoformat(timespec="seconds"), "Driver": "local", "Labels": vol.labels,
+            "Mountpoint": str(vol.mountpoint), "Name": vol.name, "Options": {}, "Scope": "local"}
+
+
+@click.group("volume")
+def volume_group() -> None:
+    """Manage volumes."""
+
+
+@volume_group.command("create")
+@click.option("-l", "--label", "labels", multiple=True, help="Set a KEY=VALUE label on the volume.")
+@click.argument("name", required=False)
+def volume_create(labels: tuple[str, ...], name: str | None) -> None:
+    """Create a volume (a random name if none is given) and print its name."""
+    parsed = {}
+    for item in labels:
+        key, _, value = item.partition("=")
+        if not key:
+            raise ConfigError(f"invalid --label {item!r}: use KEY=VALUE")
+        parsed[key] = value
+    click.echo(_store().create(name, parsed).name)
+
+
+@volume_group.command("ls")
+@click.option("-q", "--quiet", is_flag=True, help="Only volume names.")
+def volume_ls(quiet: bool) -> None:
+    """List volumes."""
+    vols = _store().list()
+    if quiet:
+        for v in vols:
+            click.echo(v.name)
+        return
+    click.echo(f"{'DRIVER':<10}VOLUME NAME")
+    for v in vols:
+        click.echo(f"{'local':<10}{v.name}")
+
+
+@volume_group.command("inspect")
+@click.argument("names", nargs=-1, required=True)
+def volume_inspect(names: tuple[str, ...]) -> None:
+    """Show volumes as JSON, as docker does."""
+    store = _store()
+    click.echo(json.dumps([_inspect(store.get(n)) for n in names], indent=4))
+
+
+@volume_group.command("rm")
+@click.option("-f", "--force", is_flag=True, help="Remove a volume even if a container uses it.")
+@click.argument("names", nargs=-1, required=True)
+def volume_rm(force: bool, names: tuple[str, ...]) -> None:
+    """Remove volumes (refused while a container uses one, unless -f)."""
+    store = _store()
+    for n in names:
+        store.remove(n, force)
+        click.echo(n)
