@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import socket
 import stat
@@ -97,6 +98,17 @@ def capability_set(host: "HostOptions") -> list[str]:
                 raise ConfigError(f"cannot add capability {c}: lazyoci itself does not hold it")
             caps.append(c)
     return caps
+
+
+_HOSTNAME = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*\Z")
+
+
+def check_host_options(host: "HostOptions") -> None:
+    """Every flag of `host` checked, as one error before anything is created."""
+    capability_set(host)
+    check_limits(host.memory, host.cpus)
+    if host.hostname is not None and (len(host.hostname) > 64 or not _HOSTNAME.match(host.hostname)):
+        raise ConfigError(f"invalid hostname {host.hostname!r}: letters, digits, '-' and '.', at most 64")
 
 
 def check_limits(memory: int | None, cpus: float | None) -> None:
@@ -303,8 +315,8 @@ def build_spec(config: ImageConfig, rootfs: Path, etc_dir: Path, opts: ProcessOp
     cwd = opts.workdir or config.working_dir or "/"
     if not cwd.startswith("/"):
         raise ConfigError(f"the working directory must be absolute, not {cwd!r}")
+    check_host_options(host)
     caps = capability_set(host)
-    check_limits(host.memory, host.cpus)
     hostname = host.hostname or socket.gethostname()
     mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc"},

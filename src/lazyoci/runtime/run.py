@@ -31,8 +31,8 @@ from lazyoci.images.progress import ProgressSink
 from lazyoci.images.service import ImageService, LocalImage
 from lazyoci.oci.digest import Digest
 from lazyoci.oci.platform import Platform
-from lazyoci.runtime.bundle import (GENERATED_FILES, HostOptions, ProcessOptions, build_spec, process_args,
-                                    write_bundle)
+from lazyoci.runtime.bundle import (GENERATED_FILES, HostOptions, ProcessOptions, build_spec, check_host_options,
+                                    process_args, write_bundle)
 from lazyoci.runtime.containers import ContainerRecord, ContainerStore, process_start
 from lazyoci.runtime.exec import check_command
 from lazyoci.runtime.monitor import STOPPED_MARK, MonitorSpec, spawn_monitor
@@ -76,6 +76,7 @@ class RunOptions:
     def check(self) -> None:
         """Flag combinations docker refuses, before anything is pulled or created."""
         check_unique_targets(list(self.mounts), GENERATED_FILES)
+        check_host_options(self.host)
         if parse_restart(self.restart) is not None:
             if self.auto_remove:
                 raise ConfigError("conflicting options: --restart and --rm")
