@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers.images import Entry, image_config, make_layer, push_image
-from helpers.tricky_image import tricky_layers
+from helpers.tricky_image import PASSWD, tricky_layers
 from test_run import env, lz  # noqa: F401  (fixtures shared with test_run)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runc and overlay need root")
@@ -82,6 +82,13 @@ def test_named_volumes_and_the_volume_commands(env, lz):
     assert _volumes(root) == []
     _one_error_line(lz("volume", "rm", "vol1", check=False), "no such volume: vol1")
     _one_error_line(lz("volume", "inspect", "../etc", check=False), "no such volume: ../etc")
+    # an empty volume takes the image's content at its target (docker's copy), unless nocopy
+    lz("run", "--rm", "-v", "seeded:/etc", env["tricky"], "true")
+    assert (root / "volumes/seeded/_data/passwd").read_bytes() == PASSWD
+    lz("run", "--rm", "-v", "bare:/etc:nocopy", env["tricky"], "true")
+    lz("run", "--rm", "--mount", "type=volume,src=bare2,dst=/etc,volume-nocopy", env["tricky"], "true")
+    assert not any((root / "volumes/bare/_data").iterdir()) and not any((root / "volumes/bare2/_data").iterdir())
+    lz("volume", "rm", "seeded", "bare", "bare2")
     # an anonymous volume lives as long as its --rm container
     lz("run", "--rm", "-v", "/anon", env["tricky"], "touch", "/anon/x")
     assert lz("volume", "ls", "-q").stdout == ""

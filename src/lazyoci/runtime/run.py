@@ -137,7 +137,7 @@ class ContainerManager:
         try:
             mounts = snap.prepare(key, top, {"lazyoci/container": cid})
             mount_all(mounts, cdir / "rootfs")
-            volume_mounts, anonymous = VolumeStore(self.root).spec_mounts(list(opts.mounts))
+            volume_mounts, anonymous = VolumeStore(self.root).spec_mounts(list(opts.mounts), cdir / "rootfs")
             (cdir / ANONYMOUS_VOLUMES).write_text(json.dumps(anonymous))
             host = dataclasses.replace(opts.host, mounts=tuple(volume_mounts))
             spec = build_spec(image.config, cdir / "rootfs", cdir / "etc", opts.process, host)
@@ -153,6 +153,7 @@ class ContainerManager:
     def start(self, rec: ContainerRecord, runtime: Runtime, opts: RunOptions) -> int | None:
         """Run the created container: its exit code (foreground), or None once it runs (detached)."""
         cdir = self.store.dir(rec.id)
+        (cdir / STOPPED_MARK).unlink(missing_ok=True)     # a stop before this start does not hold now
         spec = MonitorSpec(rec.id, cdir, runtime, opts.detach, opts.interactive, opts.process.tty,
                            cdir / "container.log", cdir / "pid", cdir / "exit.json",
                            restart_max=parse_restart(opts.restart))

@@ -8,7 +8,9 @@ one `ConfigError` before anything exists.
 
 The container side of a mount is kept inside the container's root filesystem by the
 runtime (runc resolves the destination's symlinks within the rootfs); a `..` in it is
-refused here, so the path written is the path meant.
+refused here, so the path written is the path meant. As in docker, an empty volume
+mounted over a directory of the image is first filled with that directory's content
+(`cp -a`, the path resolved inside the rootfs; `nocopy` skips it).
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazyoci.errors import ConfigError, ContainerError
+from lazyoci.runtime.bundle import resolve_in_root
 from lazyoci.store.layout import DataRoot
 
 MOUNT_TYPES = ("bind", "volume", "tmpfs")
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*\Z")
-_VOLUME_FLAG_OPTIONS = {"ro", "rw", "z", "Z"}      # z/Z (SELinux labels) mean nothing here: accepted
+_VOLUME_FLAG_OPTIONS = {"ro", "rw", "z", "Z", "nocopy"}      # z/Z (SELinux labels) mean nothing here: accepted
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class MountRequest:
     source: str = ""                # host path (bind), volume name (volume; "" = anonymous), unused (tmpfs)
     readonly: bool = False
     create_source: bool = False     # -v creates a missing host directory, --mount refuses it
+    copy_image_content: bool = True  # an empty volume gets the image's content at target (not: nocopy)
     tmpfs_options: tuple[str, ...] = ()
 
 
@@ -76,17 +81,18 @@ def parse_volume_flag(text: str) -> MountRequest:
         return MountRequest("volume", _target(fields[0], "-v"))
     if len(fields) > 3 or not fields[0]:
         raise ConfigError(f"invalid -v {text!r}: use HOST-PATH:CONTAINER-PATH[:ro] or NAME:CONTAINER-PATH[:ro]")
-    readonly = False
+    opts: list[str] = []
     if len(fields) == 3:
         opts = fields[2].split(",")
         unknown = [o for o in opts if o not in _VOLUME_FLAG_OPTIONS]
         if unknown:
-            raise ConfigError(f"invalid -v {text!r}: unknown option {unknown[0]!r} (known: ro, rw)")
-        readonly = "ro" in opts
+            raise ConfigError(f"invalid -v {text!r}: unknown option {unknown[0]!r} (known: ro, rw, nocopy)")
+    readonly = "ro" in opts
     source, target = fields[0], _target(fields[1], "-v")
     if source.startswith("/"):
         return MountRequest("bind", target, os.path.normpath(source), readonly, create_source=True)
-    return MountRequest("volume", target, _volume_name(source, "-v"), readonly)
+    return MountRequest("volume", target, _volume_name(source, "-v"), readonly,
+                        copy_image_content="nocopy" not in opts)
 
 
 def parse_mount_flag(text: str) -> MountRequest:
@@ -96,6 +102,9 @@ def parse_mount_flag(text: str) -> MountRequest:
     for item in text.split(","):
         key, sep, value = item.partition("=")
         key = key.strip()
+        if key == "volume-nocopy":
+            values[key] = value or "true"
+            continue
         if key in ("readonly", "ro"):
             if sep and value not in ("true", "false", "1", "0"):
                 raise ConfigError(f"invalid --mount {text!r}: readonly takes true or false, not {value!r}")
@@ -122,8 +131,11 @@ def parse_mount_flag(text: str) -> MountRequest:
         if not source.startswith("/"):
             raise ConfigError(f"invalid --mount {text!r}: a bind source must be an absolute host path")
         return MountRequest("bind", target, os.path.normpath(source), readonly)
+    if kind != "volume" and "volume-nocopy" in values:
+        raise ConfigError(f"invalid --mount {text!r}: volume-nocopy is only for type=volume")
     if kind == "volume":
-        return MountRequest("volume", target, _volume_name(source, "--mount") if source else "", readonly)
+        return MountRequest("volume", target, _volume_name(source, "--mount") if source else "", readonly,
+                            copy_image_content=values.get("volume-nocopy", "false") not in ("true", "1"))
     if source:
         raise ConfigError(f"invalid --mount {text!r}: a tmpfs has no source")
     opts = []
@@ -246,10 +258,11 @@ class VolumeStore:
             raise ContainerError(f"remove {name}: volume is in use - [{', '.join(u[:12] for u in users)}]")
         shutil.rmtree(self.dir / vol.name)
 
-    def spec_mounts(self, requests: list[MountRequest]) -> tuple[list[dict], list[str]]:
+    def spec_mounts(self, requests: list[MountRequest], rootfs: Path) -> tuple[list[dict], list[str]]:
         """The runtime spec's mounts for `requests`, and the anonymous volumes created for them.
 
-        Named volumes are created on first use; -v creates a missing host directory, --mount
+        Named volumes are created on first use, and an empty one takes the image's content at
+        its target from the mounted `rootfs`; -v creates a missing host directory, --mount
         refuses it (docker's rules)."""
         mounts, anonymous = [], []
         for r in requests:
@@ -264,6 +277,8 @@ class VolumeStore:
                 vol = self.create(r.source or None)
                 if not r.source:
                     anonymous.append(vol.name)
+                if r.copy_image_content:
+                    _copy_image_content(rootfs, r.target, vol.mountpoint)
                 source = str(vol.mountpoint)
             else:
                 source = r.source
@@ -279,3 +294,16 @@ class VolumeStore:
             mounts.append({"destination": r.target, "type": "bind", "source": source,
                            "options": ["rbind", "rprivate", "ro" if r.readonly else "rw"]})
         return mounts, anonymous
+
+
+def _copy_image_content(rootfs: Path, target: str, data: Path) -> None:
+    """Fill an empty volume with the image's directory at `target` (resolved inside the rootfs)."""
+    if any(data.iterdir()):
+        return
+    src = resolve_in_root(rootfs, target)
+    if src is None or not src.is_dir() or src.is_symlink():
+        return
+    r = subprocess.run(["cp", "-a", "--", f"{src}/.", f"{data}/"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ContainerError(f"cannot copy the image's {target} into its volume: "
+                             f"{(r.stderr.strip().splitlines() or ['cp failed'])[-1]}")
