@@ -175,6 +175,16 @@ def test_restart_on_failure_under_the_monitor(env, lz, tmp_path):
     assert "Exited (137)" in _wait_exited(lz, "stopped")
     assert (host / "s").read_text() == "s\n"
     lz("rm", "stopped")
+    # a stop while the monitor waits to restart ends the loop too
+    lz("run", "-d", "--name", "looping", "--restart", "on-failure", "-v", f"{host}:/runs", env["tricky"],
+       "sh", "-c", "echo l >> /runs/l; exit 1")
+    deadline = time.monotonic() + 30
+    while not (host / "l").exists() or len((host / "l").read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    lz("stop", "-t", "1", "looping")
+    assert "Exited (" in _wait_exited(lz, "looping")
+    lz("rm", "looping")
 
 
 def test_bad_mount_and_host_flags_are_one_line_errors_and_create_nothing(env, lz, tmp_path):

@@ -159,8 +159,7 @@ def _run_runtime(spec: MonitorSpec, store: ContainerStore) -> int:
         if not _restart_wanted(spec, code, restarts):
             break
         restarts += 1
-        time.sleep(RESTART_DELAY * 2 ** min(restarts - 1, 10))
-        if (spec.bundle / STOPPED_MARK).exists():
+        if not _wait_before_restart(spec, RESTART_DELAY * 2 ** min(restarts - 1, 9)):
             break
         spec.runtime.delete(spec.container_id)      # the exited container's runtime state
         spec.pid_file.unlink(missing_ok=True)
@@ -178,6 +177,18 @@ def _restart_wanted(spec: MonitorSpec, code: int, restarts: int) -> bool:
     if spec.restart_max is None or code == 0 or (spec.bundle / STOPPED_MARK).exists():
         return False
     return spec.restart_max == 0 or restarts < spec.restart_max
+
+
+def _wait_before_restart(spec: MonitorSpec, delay: float) -> bool:
+    """Sleep `delay` seconds; False as soon as `stop` or `rm -f` marks the container."""
+    deadline = time.monotonic() + delay
+    while True:
+        if (spec.bundle / STOPPED_MARK).exists():
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(left, 0.05))
 
 
 def _run_once(spec: MonitorSpec) -> int:
