@@ -51,8 +51,20 @@ def test_size_limit_evicts_least_recently_used_layer_first(tmp_path):
     evicted = 1 if not a.has(1) else 0
     assert a.read_span_range(evicted, *SPANS[evicted]) is None
     # the evicted bytes are really given back (a hole), and the bitmap on disk agrees
-    present = (tmp_path / "cache" / ("a" * 64) / "present").read_bytes()
+    present = (tmp_path / "cache" / ("a" * 64 + "-" + "1" * 16) / "present").read_bytes()
     assert present[evicted] == 0
-    st = os.stat(tmp_path / "cache" / ("a" * 64) / "data")
+    st = os.stat(tmp_path / "cache" / ("a" * 64 + "-" + "1" * 16) / "data")
     assert st.st_blocks * 512 < 4096 * 2 + 250
     cache.close()
+
+
+def test_a_cache_directory_of_an_earlier_version_is_kept_for_its_ztoc(tmp_path):
+    """Earlier versions keyed a layer's cache by the layer digest alone; its spans stay usable."""
+    layer, ztoc = "sha256:" + "a" * 64, "sha256:" + "1" * 64
+    old = SpanCache(tmp_path / "cache").layer(layer, ztoc, SPANS)
+    old.put(0, b"x" * (SPANS[0][1] - SPANS[0][0]))
+    old.close()
+    (tmp_path / "cache" / ("a" * 64 + "-" + "1" * 16)).rename(tmp_path / "cache" / ("a" * 64))
+    cache = SpanCache(tmp_path / "cache")
+    assert cache.layer(layer, ztoc, SPANS).has(0)
+    assert not cache.layer("sha256:" + "a" * 64, "sha256:" + "2" * 64, SPANS).has(0)   # another zTOC: its own

@@ -12,9 +12,10 @@
       background_fetch: true
       background_quiet_seconds: 30
       background_interval_ms: 500
-      verify: true
 
 Values are checked when read: a bad value is a ConfigError naming the file and line.
+Verification of lazily served bytes cannot be turned off: `soci.verify: false` is
+an error (`verify: true`, which older configs carry, says what always holds).
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ class SociConfig:
     background_fetch: bool = True
     background_quiet_seconds: float = 30.0
     background_interval_ms: int = 500
-    verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -215,11 +215,16 @@ def _parse_soci(doc: dict, path: Path) -> SociConfig:
     lines = doc.get("__lines__", {})
     known = {
         "cache_dir": str, "cache_max_bytes": int, "background_fetch": bool,
-        "background_quiet_seconds": (int, float), "background_interval_ms": int, "verify": bool,
+        "background_quiet_seconds": (int, float), "background_interval_ms": int,
     }
     values: dict[str, Any] = {}
     for key, value in doc.items():
         if key == "__lines__":
+            continue
+        if key == "verify":
+            if value is not True:
+                raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.verify: lazyoci always verifies what it "
+                                  f"serves lazily; verification cannot be turned off (remove the setting)")
             continue
         if key not in known:
             raise ConfigError(f"{path}:{lines.get(key, '?')}: unknown soci setting {key!r}")

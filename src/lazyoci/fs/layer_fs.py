@@ -2,7 +2,17 @@
 
 pyfuse3 allows one FUSE session per process, so the service mounts a single
 filesystem at <root>/service/mnt and shows every lazy layer as the directory
-named by its layer digest's hex; overlay lowerdirs point at those directories.
+`<layer digest hex>-<first 16 hex of its zTOC digest>`: two indexes of one layer
+never share a view. Overlay lowerdirs point at those directories.
+
+Nothing of the zTOC is served before it is checked against the tar header it
+describes (fs/header_check.py): the kernel reaches a node only through LOOKUP
+(or READDIRPLUS), so a lookup checks the node, its hardlink target, its opaque
+markers and every directory above it first; getattr, readlink, xattrs, open and
+read check too. A node that fails is EIO. READDIRPLUS hands the kernel the
+attributes of unchecked children with zero timeouts, so it asks again (LOOKUP,
+GETATTR) before anything uses them: a directory listing's names and types are
+the zTOC's, what a name then resolves to is checked.
 
 Inode numbers: the mount root is 1; node n of the layer in slot s is
 (s << 32) | (n + 1), with hardlinks answering their target's number. Content is
@@ -29,8 +39,10 @@ import trio
 
 from lazyoci.errors import LazyociError
 from lazyoci.fs import tree as T
+from lazyoci.fs.header_check import LayerVerifier
 from lazyoci.fs.span_fetcher import SpanFetcher
 from lazyoci.fs.tree import LayerTree
+from lazyoci.service.paths import layer_view_name as view_name
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +52,23 @@ _TYPE_BITS = {T.DIR: stat.S_IFDIR, T.REG: stat.S_IFREG, T.SYMLINK: stat.S_IFLNK,
               T.CHAR: stat.S_IFCHR, T.BLOCK: stat.S_IFBLK, T.FIFO: stat.S_IFIFO,
               T.WHITEOUT: stat.S_IFCHR}
 OPAQUE_XATTR = b"trusted.overlay.opaque"
+OVERLAY_XATTR_PREFIX = "trusted.overlay."     # overlayfs' own: a layer must not forge them (as in unpack)
 
 
 @dataclass
 class LazyLayer:
-    """One mounted layer: its tree and the span manager that reads its bytes."""
+    """One mounted layer seen through one zTOC: its tree, span manager and header checks."""
 
     digest: str
+    ztoc_digest: str
     tree: LayerTree
     fetcher: SpanFetcher
     mounted_at: float
+    verifier: LayerVerifier
 
     @property
     def name(self) -> bytes:
-        return self.digest.split(":", 1)[-1].encode()
+        return view_name(self.digest, self.ztoc_digest).encode()
 
 
 class LayerFS(pyfuse3.Operations):
@@ -82,8 +97,8 @@ class LayerFS(pyfuse3.Operations):
             self._slots[slot] = layer
             self._by_name[layer.name] = slot
 
-    def remove_layer(self, digest: str) -> LazyLayer | None:
-        name = digest.split(":", 1)[-1].encode()
+    def remove_layer(self, digest: str, ztoc_digest: str) -> LazyLayer | None:
+        name = view_name(digest, ztoc_digest).encode()
         with self._lock:
             slot = self._by_name.pop(name, None)
             return self._slots.pop(slot, None) if slot is not None else None
@@ -92,8 +107,48 @@ class LayerFS(pyfuse3.Operations):
         with self._lock:
             return list(self._slots.values())
 
-    def has_layer(self, digest: str) -> bool:
-        return digest.split(":", 1)[-1].encode() in self._by_name
+    def has_layer(self, digest: str, ztoc_digest: str) -> bool:
+        return view_name(digest, ztoc_digest).encode() in self._by_name
+
+    # -- header checks -------------------------------------------------------------
+
+    async def _check(self, layer: LazyLayer, n: int) -> None:
+        """EIO unless node n (and what decides how it shows) matches its tar headers."""
+        v = layer.verifier
+        try:
+            todo = v.unchecked(layer.tree.entries_behind(n))
+            if todo and not v.check_cached(todo):
+                await trio.to_thread.run_sync(v.check, todo)
+        except LazyociError:
+            raise pyfuse3.FUSEError(errno.EIO) from None     # logged by the verifier, once
+        except Exception:
+            log.exception("header check in layer %s failed", layer.digest)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _check_children_cached(self, layer: LazyLayer, d: int, first: int) -> None:
+        """Check the children of d whose headers are in the disk cache (no network), so that a
+        listing hands the kernel checked attributes and `ls -l`/`find` need no LOOKUP each."""
+        t, v = layer.tree, layer.verifier
+        entries = []
+        for _, c in t.list(d, first):
+            entries.extend(x for x in (t.entry[c], t.entry[t.target[c]]) if x >= 0)
+            entries.extend(t.opaque.get(c, ()))
+        try:
+            v.check_cached(sorted(set(v.unchecked(entries))))
+        except LazyociError:
+            pass       # a bad child stays unchecked in the listing; its lookup is EIO
+
+    def _checked(self, layer: LazyLayer, n: int) -> bool:
+        """True if node n was checked already (no I/O)."""
+        try:
+            return not layer.verifier.unchecked(layer.tree.entries_behind(n))
+        except LazyociError:
+            return False
+
+    async def _checked_node(self, inode: int) -> tuple[LazyLayer, int]:
+        layer, n = self._resolve(inode)
+        await self._check(layer, n)
+        return layer, n
 
     # -- inode helpers -----------------------------------------------------------
 
@@ -137,8 +192,9 @@ class LayerFS(pyfuse3.Operations):
         else:
             perms = e.mode & 0o7777
         a.st_mode = _TYPE_BITS[kind] | perms
-        a.st_uid = e.uid
-        a.st_gid = e.gid
+        if kind != T.WHITEOUT:          # whiteouts are 0:0 devices owned by root, as unpacked
+            a.st_uid = e.uid
+            a.st_gid = e.gid
         if kind == T.REG:
             a.st_size = e.size
         elif kind == T.SYMLINK:
@@ -164,6 +220,8 @@ class LayerFS(pyfuse3.Operations):
             slot = self._by_name.get(name)
             if slot is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
+            layer = self._slots[slot]
+            await self._check(layer, 0)
             a = self._attrs((slot << _SLOT_SHIFT) | 1)
             a.entry_timeout = 0.0            # unmount_layer must be visible at once
             return a
@@ -176,13 +234,16 @@ class LayerFS(pyfuse3.Operations):
         n = t.lookup(d, name)
         if n is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        await self._check(layer, n)
         return self._attrs(self._ino(layer, t.target[n]))
 
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+        if inode != pyfuse3.ROOT_INODE:
+            await self._checked_node(inode)
         return self._attrs(inode)
 
     async def readlink(self, inode: int, ctx=None) -> bytes:
-        layer, n = self._resolve(inode)
+        layer, n = await self._checked_node(inode)
         if layer.tree.kind[n] != T.SYMLINK:
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(layer.tree.ztoc.entry(layer.tree.entry[n]).linkname)
@@ -209,6 +270,8 @@ class LayerFS(pyfuse3.Operations):
         out: dict[bytes, bytes] = {}
         if t.entry[n] >= 0 and t.kind[n] != T.WHITEOUT:
             for k, v in (t.ztoc.entry(t.entry[n]).xattrs or {}).items():
+                if k.startswith(OVERLAY_XATTR_PREFIX):
+                    continue
                 key = k.encode() if isinstance(k, str) else bytes(k)
                 out[key] = v.encode("utf-8", "surrogateescape") if isinstance(v, str) else bytes(v)
         if n in t.opaque:
@@ -216,12 +279,16 @@ class LayerFS(pyfuse3.Operations):
         return out
 
     async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
+        if inode != pyfuse3.ROOT_INODE:
+            await self._checked_node(inode)
         value = self._xattrs(inode).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
+        if inode != pyfuse3.ROOT_INODE:
+            await self._checked_node(inode)
         return list(self._xattrs(inode))
 
     async def setxattr(self, inode, name, value, ctx=None):
@@ -234,7 +301,7 @@ class LayerFS(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx=None) -> int:
         if inode != pyfuse3.ROOT_INODE:
-            layer, n = self._resolve(inode)
+            layer, n = await self._checked_node(inode)
             if layer.tree.kind[layer.tree.target[n]] != T.DIR:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
@@ -259,12 +326,17 @@ class LayerFS(pyfuse3.Operations):
                 if i < first:
                     continue
                 attrs = self._attrs((slot << _SLOT_SHIFT) | 1)
+                if not self._checked(layer, 0):
+                    attrs.entry_timeout = attrs.attr_timeout = 0.0
                 if not pyfuse3.readdir_reply(token, layer.name, attrs, i + 3):
                     return
             return
         t = layer.tree
+        self._check_children_cached(layer, d, first)
         for i, c in t.list(d, first):
             attrs = self._attrs(self._ino(layer, t.target[c]))
+            if not self._checked(layer, c):      # the kernel must ask again before using them
+                attrs.entry_timeout = attrs.attr_timeout = 0.0
             if not pyfuse3.readdir_reply(token, t.name(c), attrs, i + 3):
                 return
 
@@ -276,13 +348,13 @@ class LayerFS(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        layer, n = self._resolve(inode)
+        layer, n = await self._checked_node(inode)
         if layer.tree.kind[layer.tree.target[n]] != T.REG:
             raise pyfuse3.FUSEError(errno.EINVAL)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        layer, n = self._resolve(fh)
+        layer, n = await self._checked_node(fh)
         t = layer.tree
         e = t.ztoc.entry(t.entry[t.target[n]])
         if off >= e.size or size <= 0:

@@ -1,10 +1,12 @@
 """Verified spans of lazy layers, cached on disk and shared by every mount of the layer.
 
-One directory per layer under the cache root, named by the layer digest's hex:
+One directory per layer and zTOC under the cache root, named as the layer's FUSE
+view (`<layer hex>-<16 hex of the zTOC digest>`), so two indexes never share spans:
 
     data      a sparse file: the layer's UNCOMPRESSED tar bytes at their own offsets
     present   one byte per span (1 = that span's bytes in `data` were verified)
     meta      the zTOC digest and span count the bitmap belongs to
+    headers-checked   present once the whole-layer check of the tar against the zTOC passed
 
 Crash safety: a span's bytes are written and fdatasync'ed BEFORE its byte in
 `present` is set, and eviction clears the byte BEFORE punching the hole, so a
@@ -28,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from lazyoci.service.paths import layer_view_name as _key
+
 log = logging.getLogger(__name__)
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -41,6 +45,9 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         err = ctypes.get_errno()
         log.warning("cannot punch hole in span cache: %s", os.strerror(err))
+
+
+HEADERS_CHECKED = "headers-checked"    # marker: every tar header matched the zTOC (fs/header_check.py)
 
 
 class LayerCache:
@@ -60,7 +67,7 @@ class LayerCache:
         meta_path = directory / "meta"
         if not meta_path.exists() or meta_path.read_text() != meta:
             # Unknown or different span layout: the old bitmap means nothing now.
-            for name in ("present", "data"):
+            for name in ("present", "data", HEADERS_CHECKED):
                 (directory / name).unlink(missing_ok=True)
             tmp = directory / "meta.tmp"
             tmp.write_text(meta)
@@ -74,6 +81,15 @@ class LayerCache:
         self.cached_bytes = sum(e - s for (s, e), p in zip(spans, self._present) if p)
 
     # -- queries -------------------------------------------------------------
+
+    @property
+    def headers_checked(self) -> bool:
+        """True once the whole-layer check passed for this layer and zTOC (it holds across restarts:
+        the tar is fixed by the span digests, whatever spans are cached later)."""
+        return (self.directory / HEADERS_CHECKED).exists()
+
+    def mark_headers_checked(self) -> None:
+        (self.directory / HEADERS_CHECKED).touch(mode=0o600)
 
     def has(self, span: int) -> bool:
         return self._present[span] == 1
@@ -162,29 +178,42 @@ class SpanCache:
         self._total = 0
 
     def layer(self, layer_digest: str, ztoc_digest: str, spans: list[tuple[int, int]]) -> LayerCache:
-        """The cache of a layer (opened once, shared by every mount of it)."""
+        """The cache of a layer seen through one zTOC (opened once, shared by every mount of that
+        pair; another zTOC of the layer has its own, since its spans differ)."""
+        key = _key(layer_digest, ztoc_digest)
         with self._lock:
-            cache = self._layers.get(layer_digest)
+            cache = self._layers.get(key)
             if cache is None:
-                cache = LayerCache(self.directory / layer_digest.split(":", 1)[-1],
-                                   ztoc_digest, spans, owner=self)
-                self._layers[layer_digest] = cache
+                self._adopt_unkeyed(layer_digest, ztoc_digest)
+                cache = LayerCache(self.directory / key, ztoc_digest, spans, owner=self)
+                self._layers[key] = cache
                 self._total += cache.cached_bytes
             return cache
 
-    def forget(self, layer_digest: str) -> None:
+    def _adopt_unkeyed(self, layer_digest: str, ztoc_digest: str) -> None:
+        """Earlier versions named a layer's directory by the layer digest alone: keep its spans
+        under the (layer, zTOC) name when its meta says they belong to this zTOC."""
+        old = self.directory / layer_digest.split(":", 1)[-1]
+        new = self.directory / _key(layer_digest, ztoc_digest)
+        try:
+            if not new.exists() and (old / "meta").read_text().split(" ", 1)[0] == ztoc_digest:
+                os.rename(old, new)
+        except OSError:
+            pass        # nothing to adopt (or it cannot be): the spans are fetched again
+
+    def forget(self, layer_digest: str, ztoc_digest: str) -> None:
         """Close a layer's cache (its bytes stay on disk for the next mount)."""
         with self._lock:
-            cache = self._layers.pop(layer_digest, None)
+            cache = self._layers.pop(_key(layer_digest, ztoc_digest), None)
             if cache is not None:
                 self._total -= cache.cached_bytes
         if cache is not None:
             cache.close()
 
-    def purge(self, layer_digest: str) -> None:
+    def purge(self, layer_digest: str, ztoc_digest: str) -> None:
         """Delete a layer's cached bytes from disk."""
-        self.forget(layer_digest)
-        shutil.rmtree(self.directory / layer_digest.split(":", 1)[-1], ignore_errors=True)
+        self.forget(layer_digest, ztoc_digest)
+        shutil.rmtree(self.directory / _key(layer_digest, ztoc_digest), ignore_errors=True)
 
     @property
     def total_bytes(self) -> int:

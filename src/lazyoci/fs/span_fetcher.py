@@ -82,7 +82,7 @@ class SpanFetcher:
     """Serves uncompressed byte ranges of one lazy layer."""
 
     def __init__(self, ztoc: object, fetch_range: FetchRange, cache: LayerCache,
-                 layer_digest: str, verify: bool = True) -> None:
+                 layer_digest: str) -> None:
         from lazyoci import ztoc as ztoc_mod      # C's module; imported here so fs/ loads without it
 
         self._decompress = ztoc_mod.decompress_span
@@ -91,7 +91,7 @@ class SpanFetcher:
         self.fetch_range = fetch_range
         self.cache = cache
         self.layer_digest = layer_digest
-        self.verify = verify
+        self.on_stored: Callable[[], None] | None = None   # runs after each span reaches the disk cache
         self.stats = FetchStats()
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
@@ -297,8 +297,7 @@ class SpanFetcher:
             try:
                 if len(compressed) != c1 - c0:
                     raise IntegrityError(f"short read ({len(compressed)} of {c1 - c0} bytes)")
-                if self.verify:
-                    self._verify(self.ztoc, i, compressed)
+                self._verify(self.ztoc, i, compressed)   # always: unverified bytes are never served
                 data = self._decompress(self.ztoc, i, compressed)
             except IntegrityError as e:
                 bad.append(i)
@@ -319,6 +318,8 @@ class SpanFetcher:
         """The writer's job: put a verified span in the disk cache, then drop its claim."""
         try:
             self.cache.put(i, data)
+            if self.on_stored is not None:
+                self.on_stored()
         except OSError as e:    # disk full or the like: the verified bytes still served the reads
             log.warning("layer %s: cannot cache span %d: %s", self.layer_digest, i, e)
         finally:                # stored or not, the claim goes (a later read fetches it again)

@@ -117,7 +117,7 @@ class LayerTree:
         self.child_start = array("i")
         self.child_count = array("i")
         self.children = array("i")
-        self.opaque: set[int] = set()
+        self.opaque: dict[int, list[int]] = {}   # opaque directory -> its `.wh..wh..opq` entries
         self.implied_names: dict[int, bytes] = {}
         self._build()
 
@@ -178,7 +178,7 @@ class LayerTree:
                 continue
             dirpath, _, base = path.rpartition("/")
             if base == OPAQUE_MARKER:
-                self.opaque.add(dir_of(dirpath))
+                self.opaque.setdefault(dir_of(dirpath), []).append(i)
                 continue
             if base.startswith(WHITEOUT_PREFIX):
                 base = base[len(WHITEOUT_PREFIX):]
@@ -257,6 +257,19 @@ class LayerTree:
         first = self.child_start[d]
         for pos in range(start, self.child_count[d]):
             yield pos, self.children[first + pos]
+
+    def entries_behind(self, n: int) -> list[int]:
+        """The zTOC entries whose tar headers decide what node n shows: its own, its hardlink
+        target's, its opaque markers', and those of every directory above it."""
+        out: list[int] = []
+        while True:
+            for m in (n, self.target[n]):
+                if self.entry[m] >= 0:
+                    out.append(self.entry[m])
+            out.extend(self.opaque.get(n, ()))
+            if n <= 0:      # the layer root (or a hidden hardlink, which has no parent)
+                return out
+            n = self.parent[n]
 
     def walk(self, d: int = 0, prefix: bytes = b"") -> Iterator[tuple[bytes, int]]:
         """(relative path, node) of every node below d, depth first (for tests and status)."""

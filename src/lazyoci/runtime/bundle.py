@@ -27,6 +27,7 @@ from pathlib import Path
 
 from lazyoci.errors import ConfigError, ContainerError
 from lazyoci.oci.manifest import ImageConfig
+from lazyoci.store.modes import SHARED_FILE_MODE, write_file
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CAPABILITIES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
@@ -283,7 +284,9 @@ GENERATED_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 
 
 def write_etc_files(dest: Path, hostname: str | None = None) -> dict[str, Path]:
-    """The generated /etc files of a container (host network: the host's resolver; its name by default)."""
+    """The generated /etc files of a container (host network: the host's resolver; its name by default).
+
+    They are 0644 whatever our umask: the container's own user, maybe not root, reads them."""
     dest.mkdir(parents=True, exist_ok=True)
     hostname = hostname or socket.gethostname()
     files = {
@@ -298,7 +301,7 @@ def write_etc_files(dest: Path, hostname: str | None = None) -> dict[str, Path]:
     out = {}
     for target, text in files.items():
         p = dest / target.rsplit("/", 1)[1]
-        p.write_text(text)
+        write_file(p, text.encode(), SHARED_FILE_MODE)
         out[target] = p
     return out
 
@@ -383,6 +386,5 @@ def _nofile() -> dict:
 
 
 def write_bundle(bundle: Path, spec: dict) -> None:
-    tmp = bundle / "config.json.tmp"
-    tmp.write_text(json.dumps(spec, indent=1))
-    os.replace(tmp, bundle / "config.json")
+    """config.json, 0600: it holds the container's environment (`-e PASSWORD=...`)."""
+    write_file(bundle / "config.json", json.dumps(spec, indent=1).encode())

@@ -11,7 +11,6 @@ monitor got to write it.
 from __future__ import annotations
 
 import json
-import os
 import random
 import secrets
 import sqlite3
@@ -22,6 +21,7 @@ from pathlib import Path
 from lazyoci.errors import ContainerError
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
+from lazyoci.store.modes import private_dir, write_file
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS containers (
@@ -106,6 +106,14 @@ class ContainerStore:
 
     def dir(self, container_id: str) -> Path:
         return self.root.containers / container_id
+
+    def make_dir(self, container_id: str) -> Path:
+        """A new container's directory: its bundle, logs and the mount point of its root filesystem.
+
+        Closed (0700, in the closed `containers/`): the mount keeps setuid binaries working for
+        the container, so no other local user may reach them, nor the config and its `-e` secrets."""
+        self.root.ensure()
+        return private_dir(self.dir(container_id))
 
     def new_id_and_name(self, name: str | None) -> tuple[str, str]:
         with self.db.reading() as c:
@@ -202,6 +210,4 @@ class ContainerStore:
 
 
 def write_exit_file(path: Path, code: int | None) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"code": code, "finished": time.time()}))
-    os.replace(tmp, path)
+    write_file(path, json.dumps({"code": code, "finished": time.time()}).encode())

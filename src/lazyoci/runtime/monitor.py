@@ -26,6 +26,7 @@ from lazyoci.errors import LazyociError
 from lazyoci.runtime.containers import ContainerStore, process_start, write_exit_file
 from lazyoci.runtime.runc import Runtime
 from lazyoci.snapshot.mount import unmount
+from lazyoci.store.modes import open_private_log
 
 STOPPED_MARK = "stopped"         # written by stop / rm -f: the container is not restarted
 RESTART_DELAY = 0.1              # seconds before the first restart, doubled for each one after
@@ -82,7 +83,7 @@ def _become_monitor(spec: MonitorSpec, report_fd: int) -> None:
         if os.fork() != 0:
             os._exit(0)
         devnull = os.open(os.devnull, os.O_RDONLY)
-        log = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        log = open_private_log(spec.log_path)
         os.dup2(devnull, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -109,7 +110,7 @@ def _run_teed(cmd: list[str], spec: MonitorSpec) -> int:
         os.close(out_w)
         os.close(err_w)
     lock = threading.Lock()
-    with open(spec.log_path, "ab", buffering=0) as log:
+    with os.fdopen(open_private_log(spec.log_path), "ab", buffering=0) as log:
         # When our stdout reader goes away (`| head`), end the container as SIGPIPE would end a
         # process in a pipeline: its init (PID 1 of its namespace) is immune to SIGPIPE itself.
         def reader_gone() -> None:

@@ -2,7 +2,9 @@
 
 The mount is a "view" snapshot of the chosen snapshotter; which view belongs to
 which directory is kept in the database so that `unmount` (another process)
-can remove it.
+can remove it. Unlike a container's root filesystem, which only its container
+sees, this directory is there for users to browse: it is mounted nosuid and
+nodev, so an image's setuid binaries and device nodes give no one anything.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from lazyoci.errors import ContainerError, ImageNotFoundError, StoreError
 from lazyoci.images.service import ImageService
 from lazyoci.oci.digest import Digest
 from lazyoci.oci.platform import Platform
+from lazyoci.snapshot.base import Mount
 from lazyoci.snapshot.mount import is_mountpoint, mount_all, unmount
 from lazyoci.snapshot.registry import get_snapshotter
 from lazyoci.store.db import Database
@@ -56,7 +59,8 @@ def mount_image(root: DataRoot, config: Config, images: ImageService, ref: str, 
     top = snap.unpack_image(images, image)
     key = "mount-" + hashlib.sha256(str(directory).encode()).hexdigest()[:32]
     db = _db(root)
-    mounts = snap.view(key, top, {"lazyoci/mount": str(directory)})
+    mounts = [Mount(m.type, m.source, m.options + ("nosuid", "nodev"))
+              for m in snap.view(key, top, {"lazyoci/mount": str(directory)})]
     try:
         mount_all(mounts, directory)
         with db.transaction() as c:

@@ -41,6 +41,7 @@ from lazyoci.runtime.volumes import MountRequest, VolumeStore, check_unique_targ
 from lazyoci.snapshot.mount import mount_all, unmount
 from lazyoci.snapshot.registry import get_snapshotter
 from lazyoci.store.layout import DataRoot
+from lazyoci.store.modes import write_file
 
 STOP_TIMEOUT = 10.0
 ANONYMOUS_VOLUMES = "anonymous-volumes.json"    # in the container directory: removed with it by --rm / rm -v
@@ -126,8 +127,8 @@ class ContainerManager:
         argv = process_args(image.config, opts.process)    # fail before anything is created
         cid, name = self.store.new_id_and_name(opts.name)
         top = snap.unpack_image(self.images, image)
-        cdir = self.store.dir(cid)
-        (cdir / "rootfs").mkdir(parents=True)
+        cdir = self.store.make_dir(cid)
+        (cdir / "rootfs").mkdir()
         key = f"container-{cid}"
         rec = ContainerRecord(id=cid, name=name, image=image.name or opts.image, image_digest=image.digest,
                               command=tuple(argv), created=time.time(), status="created", exit_code=None,
@@ -138,7 +139,7 @@ class ContainerManager:
             mounts = snap.prepare(key, top, {"lazyoci/container": cid})
             mount_all(mounts, cdir / "rootfs")
             volume_mounts, anonymous = VolumeStore(self.root).spec_mounts(list(opts.mounts), cdir / "rootfs")
-            (cdir / ANONYMOUS_VOLUMES).write_text(json.dumps(anonymous))
+            write_file(cdir / ANONYMOUS_VOLUMES, json.dumps(anonymous).encode())
             host = dataclasses.replace(opts.host, mounts=tuple(volume_mounts))
             spec = build_spec(image.config, cdir / "rootfs", cdir / "etc", opts.process, host)
             process = spec["process"]
@@ -222,7 +223,7 @@ class ContainerManager:
         if rec.status != "running":
             return rec
         runtime = Runtime.find(rec.runtime, self.root.path)
-        (self.store.dir(rec.id) / STOPPED_MARK).touch()     # no restart after this
+        self._mark_stopped(rec)
         image = self._image_stop_signal(rec)
         runtime.kill(rec.id, image)
         if not self._wait_exit(rec, timeout):
@@ -230,6 +231,13 @@ class ContainerManager:
             if not self._wait_exit(rec, 30):
                 raise ContainerError(f"container {rec.name} did not stop")
         return self.store.get(rec.id)
+
+    def _mark_stopped(self, rec: ContainerRecord) -> None:
+        """Tell the monitor not to restart the container (a missing directory has no monitor)."""
+        try:
+            write_file(self.store.dir(rec.id) / STOPPED_MARK, b"")
+        except StoreError:
+            pass
 
     def _image_stop_signal(self, rec: ContainerRecord) -> str:
         try:
@@ -244,7 +252,7 @@ class ContainerManager:
         if rec.status == "running":
             if not force:
                 raise ContainerError(f"container {rec.name} is running: stop it first or use rm -f")
-            (self.store.dir(rec.id) / STOPPED_MARK).touch()
+            self._mark_stopped(rec)
             Runtime.find(rec.runtime, self.root.path).kill(rec.id, "KILL")
             if not self._wait_exit(rec, 30):
                 raise ContainerError(f"container {rec.name} could not be killed")

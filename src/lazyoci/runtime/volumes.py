@@ -28,8 +28,10 @@ from pathlib import Path
 from lazyoci.errors import ConfigError, ContainerError
 from lazyoci.runtime.bundle import resolve_in_root
 from lazyoci.store.layout import DataRoot
+from lazyoci.store.modes import private_dir, write_file
 
 MOUNT_TYPES = ("bind", "volume", "tmpfs")
+DATA_DIR_MODE = 0o755           # a volume's _data, as docker makes it
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*\Z")
 _VOLUME_FLAG_OPTIONS = {"ro", "rw", "z", "Z", "nocopy"}      # z/Z (SELinux labels) mean nothing here: accepted
 
@@ -195,8 +197,7 @@ class VolumeStore:
         self.dir = root.path / "volumes"
 
     def _ensure_dir(self) -> None:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        private_dir(self.dir)
 
     def create(self, name: str | None = None, labels: dict[str, str] | None = None) -> Volume:
         """A new volume (an existing one of that name is returned as it is, as docker does)."""
@@ -207,10 +208,12 @@ class VolumeStore:
             return existing
         self._ensure_dir()
         vdir = self.dir / name
-        tmp = self.dir / f".{name}.{secrets.token_hex(4)}.new"
-        (tmp / "_data").mkdir(parents=True, mode=0o755)
+        tmp = private_dir(self.dir / f".{name}.{secrets.token_hex(4)}.new")
+        # The container's own user, maybe not root, uses _data: 0755 like docker's, reachable
+        # only through the 0700 directories above it.
+        private_dir(tmp / "_data", DATA_DIR_MODE)
         meta = {"created": time.time(), "labels": dict(labels or {}), "anonymous": anonymous}
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        write_file(tmp / "meta.json", json.dumps(meta).encode())
         try:
             os.rename(tmp, vdir)
         except OSError:            # created by someone else meanwhile

@@ -182,8 +182,10 @@ class ServiceClient:
         reply = self.request("mount_layer", ref=ref, layer_digest=layer_digest, ztoc_digest=ztoc_digest)
         return Path(reply["path"])
 
-    def unmount_layer(self, layer_digest: str) -> bool:
-        return bool(self.request("unmount_layer", layer_digest=layer_digest).get("unmounted"))
+    def unmount_layer(self, layer_digest: str, ztoc_digest: str) -> bool:
+        """Stop serving the layer's view through that zTOC (other zTOCs of the layer stay)."""
+        reply = self.request("unmount_layer", layer_digest=layer_digest, ztoc_digest=ztoc_digest)
+        return bool(reply.get("unmounted"))
 
     def status(self) -> dict[str, Any]:
         return self.request("status")

@@ -9,7 +9,7 @@ then listens on the control socket — so a client that can connect can use it.
 Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "ping"}                                   -> {"ok": true, "pid": N, "mountpoint": ...}
     {"op": "mount_layer", "ref", "layer_digest", "ztoc_digest"} -> {"ok": true, "path": ...}
-    {"op": "unmount_layer", "layer_digest"}          -> {"ok": true, "unmounted": bool}
+    {"op": "unmount_layer", "layer_digest", "ztoc_digest"} -> {"ok": true, "unmounted": bool}
     {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N, ...}
     {"op": "shutdown"}                               -> {"ok": true}; then unmounts and exits
 Errors: {"ok": false, "error": message, "type": LazyociError subclass name}.
@@ -96,7 +96,7 @@ class Service:
         _unmount_stale(self.paths.mountpoint)
         self.layers = LayerManager(self.root, self.config, self.fs)
         options = set(pyfuse3.default_options)
-        options |= {"fsname=lazyoci", "subtype=lazyoci", "ro", "allow_other"}
+        options |= {"fsname=lazyoci", "subtype=lazyoci", "ro"}    # no allow_other: root alone (service/paths.py)
         pyfuse3.init(self.fs, os.fspath(self.paths.mountpoint), options)
         try:
             trio.run(self._main)
@@ -173,10 +173,10 @@ class Service:
             return {"ok": True, "pid": os.getpid(), "mountpoint": os.fspath(self.paths.mountpoint)}
         if op == "mount_layer":
             await trio.to_thread.run_sync(self.layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
-            return {"ok": True, "path": os.fspath(self.paths.layer_dir(req["layer_digest"]))}
+            return {"ok": True, "path": os.fspath(self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]))}
         if op == "unmount_layer":
-            name = req["layer_digest"].split(":", 1)[-1].encode()
-            done = await trio.to_thread.run_sync(self.layers.unmount, req["layer_digest"])
+            name = self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]).name.encode()
+            done = await trio.to_thread.run_sync(self.layers.unmount, req["layer_digest"], req["ztoc_digest"])
             if done:
                 try:
                     pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     # One service per data root: the pid file is locked BEFORE detaching (the lock belongs to the
     # open file, which the daemon inherits), so when the launcher returns a daemon holds it; a
     # second launcher (two commands starting the service at once) leaves without touching anything.
-    pid_fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT, 0o644)
+    pid_fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(pid_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

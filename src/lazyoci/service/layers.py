@@ -1,9 +1,18 @@
 """The service's lazy layers: mount from a zTOC in the blob store, remember, report.
 
-Mounted layers are recorded in the data root's SQLite database so that a
+A layer is served through one zTOC as one view, keyed by (layer digest, zTOC
+digest): two indexes of one layer never share a tree, a span cache or a header
+check. Mounted views are recorded in the data root's SQLite database so that a
 restarted service mounts them again (overlay lowerdirs keep the same paths).
 The registry client is the service's own, built from the config file and the
 docker credentials, so `lazyoci service start` after a config change picks it up.
+
+Where spans come from: a layer is content-addressed, so any repository that
+holds it will do. A view fetches through the references it has been asked to
+mount with, the latest first, and after a restart through the references the
+lazy pulls recorded last (`lazy_layers`) before the one recorded at its first
+mount; each goes through the configured mirrors. A registry that is gone no
+longer leaves a layer unreadable.
 """
 
 from __future__ import annotations
@@ -12,14 +21,16 @@ import ctypes
 import gc
 import ctypes.util
 import logging
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from lazyoci.config import Config
-from lazyoci.errors import FormatError, LazyociError, StoreError
+from lazyoci.errors import FormatError, LazyociError, RegistryError, StoreError
 from lazyoci.fs.background import BackgroundFetcher
+from lazyoci.fs.header_check import LayerVerifier
 from lazyoci.fs.layer_fs import LayerFS, LazyLayer
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
@@ -27,6 +38,7 @@ from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
 from lazyoci.service.records import SCHEMA, SCHEMA_NAME
+from lazyoci.service.paths import layer_view_name
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
@@ -82,7 +94,8 @@ class LayerManager:
         self.cache = SpanCache(cache_dir, config.soci.cache_max_bytes)
         self.client = RegistryClient(RegistryOptions(
             insecure_registries=config.insecure_registries, mirrors=dict(config.registry_mirrors)))
-        self._meta: dict[str, tuple[str, str, float]] = {}   # digest -> (ref, ztoc digest, monotonic mount time)
+        self._meta: dict[tuple[str, str], tuple[str, float]] = {}   # view -> (ref, monotonic mount time)
+        self._refs: dict[tuple[str, str], list[Reference]] = {}      # view -> where to fetch, best first
         self._lock = threading.Lock()
         self.background: BackgroundFetcher | None = None
         if config.soci.background_fetch:
@@ -93,16 +106,61 @@ class LayerManager:
     def _background_layers(self) -> list[tuple[SpanFetcher, float]]:
         with self._lock:
             meta = dict(self._meta)
-        return [(l.fetcher, meta[l.digest][2]) for l in self.fs.layers() if l.digest in meta]
+        return [(l.fetcher, meta[(l.digest, l.ztoc_digest)][1]) for l in self.fs.layers()
+                if (l.digest, l.ztoc_digest) in meta]
 
-    def mount(self, ref: str, layer_digest: str, ztoc_digest: str, persist: bool = True) -> None:
-        """Make the layer's directory appear in the FUSE mount (idempotent)."""
+    def _prefer(self, view: tuple[str, str], refs: list[Reference]) -> list[Reference]:
+        """Put `refs` first among the view's references (kept once each); returns the list."""
+        with self._lock:
+            known = self._refs.setdefault(view, [])
+            for r in reversed(refs):
+                if r in known:
+                    known.remove(r)
+                known.insert(0, r)
+            return known
+
+    def _fetcher(self, view: tuple[str, str]):
+        """Fetch compressed bytes of the layer through its references in order; the first that
+        answers goes to the front. A layer is content-addressed (and every span is checked
+        against the zTOC), so which repository serves it does not matter."""
+        client, layer_digest = self.client, view[0]
+
+        def fetch(start: int, end: int) -> bytes:
+            with self._lock:
+                refs = list(self._refs.get(view, ()))
+            error: RegistryError | None = None
+            for r in refs:
+                try:
+                    data = client.fetch_range(r, layer_digest, start, end)
+                except RegistryError as e:
+                    log.warning("layer %s: fetching from %s failed: %s", layer_digest, r, e)
+                    error = e
+                    continue
+                if r is not refs[0]:
+                    self._prefer(view, [r])
+                return data
+            raise error or RegistryError(f"layer {layer_digest}: no repository to fetch it from")
+
+        return fetch
+
+    def mount(self, ref: str, layer_digest: str, ztoc_digest: str, persist: bool = True,
+              fallback_refs: list[str] = ()) -> None:
+        """Make the layer's view through this zTOC appear in the FUSE mount (idempotent).
+
+        Mounting a mounted view again with another reference makes that reference the
+        first to fetch from (the image was pulled again, maybe from elsewhere)."""
         from lazyoci.ztoc import Ztoc       # C's reader
 
         layer_digest = str(Digest.parse(layer_digest))
         ztoc_digest = str(Digest.parse(ztoc_digest))
         reference = Reference.parse(ref)
-        if self.fs.has_layer(layer_digest):
+        view = (layer_digest, ztoc_digest)
+        if self.fs.has_layer(layer_digest, ztoc_digest):
+            if persist:
+                self._prefer(view, [reference])
+                with self.db.transaction() as conn:
+                    conn.execute("UPDATE service_views SET ref=? WHERE layer_digest=? AND ztoc_digest=?",
+                                 (str(reference), layer_digest, ztoc_digest))
             return
         blob = self.root.blobs / "sha256" / Digest.parse(ztoc_digest).hex
         try:
@@ -119,55 +177,80 @@ class LayerManager:
             raise FormatError(f"zTOC {ztoc_digest}: spans end at {spans[-1][1]}, "
                               f"the layer is {ztoc.uncompressed_size} bytes")
         cache = self.cache.layer(layer_digest, ztoc_digest, spans)
-        client = self.client
-
-        def fetch(start: int, end: int) -> bytes:
-            return client.fetch_range(reference, layer_digest, start, end)
-
-        fetcher = SpanFetcher(ztoc, fetch, cache, layer_digest, verify=self.config.soci.verify)
+        refs = []
+        for r in fallback_refs:
+            try:
+                refs.append(Reference.parse(r))
+            except LazyociError:
+                continue
+        self._prefer(view, [reference])
+        self._prefer(view, refs)
+        fetcher = SpanFetcher(ztoc, self._fetcher(view), cache, layer_digest)
+        verifier = LayerVerifier(ztoc, fetcher.read, fetcher.read_cached, layer_digest)
+        if cache.headers_checked:
+            verifier.passed_before()
+        else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
+            verifier.on_layer_ok = cache.mark_headers_checked
+            fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
         with self._lock:
-            self._meta[layer_digest] = (str(reference), ztoc_digest, time.monotonic())
-        self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time()))
+            self._meta[view] = (str(reference), time.monotonic())
+        self.fs.add_layer(LazyLayer(layer_digest, ztoc_digest, tree, fetcher, time.time(), verifier))
+        verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         log.info("mounted layer %s (%d entries, %d spans, %.1f%% cached) in %.2fs", layer_digest,
                  len(tree), len(spans), 100.0 * cache.cached_bytes / max(cache.total_bytes, 1),
                  time.monotonic() - started)
         if persist:
             with self.db.transaction() as conn:
-                conn.execute("INSERT OR REPLACE INTO service_layers VALUES (?, ?, ?, ?)",
-                             (layer_digest, str(reference), ztoc_digest, time.time()))
+                conn.execute("INSERT OR REPLACE INTO service_views VALUES (?, ?, ?, ?)",
+                             (layer_digest, ztoc_digest, str(reference), time.time()))
 
-    def unmount(self, layer_digest: str) -> bool:
+    def unmount(self, layer_digest: str, ztoc_digest: str) -> bool:
         layer_digest = str(Digest.parse(layer_digest))
-        layer = self.fs.remove_layer(layer_digest)
+        ztoc_digest = str(Digest.parse(ztoc_digest))
+        view = (layer_digest, ztoc_digest)
+        layer = self.fs.remove_layer(layer_digest, ztoc_digest)
         with self._lock:
-            self._meta.pop(layer_digest, None)
+            self._meta.pop(view, None)
+            self._refs.pop(view, None)
         flush_cache_writes()      # spans still on their way to the disk belong in the cache
-        self.cache.forget(layer_digest)
+        self.cache.forget(layer_digest, ztoc_digest)
         with self.db.transaction() as conn:
-            conn.execute("DELETE FROM service_layers WHERE layer_digest=?", (layer_digest,))
+            conn.execute("DELETE FROM service_views WHERE layer_digest=? AND ztoc_digest=?", view)
         if layer is not None:
-            log.info("unmounted layer %s", layer_digest)
+            log.info("unmounted layer %s (%s)", layer_digest, layer_view_name(layer_digest, ztoc_digest))
         return layer is not None
 
     def remount_known(self) -> None:
-        """Mount the layers recorded by the previous run; a broken one is logged and skipped."""
+        """Mount the views recorded by the previous run; a broken one is logged and skipped.
+
+        Spans are fetched first through the references the latest lazy pulls recorded for
+        the layer, then through the one recorded at the first mount."""
         with self.db.reading() as conn:
-            rows = conn.execute("SELECT layer_digest, ref, ztoc_digest FROM service_layers").fetchall()
+            rows = conn.execute("SELECT layer_digest, ref, ztoc_digest FROM service_views").fetchall()
         for digest, ref, ztoc_digest in rows:
             try:
-                self.mount(ref, digest, ztoc_digest, persist=False)
+                self.mount(ref, digest, ztoc_digest, persist=False, fallback_refs=self._pulled_refs(digest))
             except LazyociError as e:
                 log.error("cannot mount recorded layer %s again: %s", digest, e)
+
+    def _pulled_refs(self, layer_digest: str) -> list[str]:
+        """The references the lazy pulls recorded for the layer (snapshot/soci.py `lazy_layers`)."""
+        try:
+            with self.db.reading() as conn:
+                rows = conn.execute("SELECT ref FROM lazy_layers WHERE layer_digest=?", (layer_digest,)).fetchall()
+        except (sqlite3.Error, StoreError):    # no lazy pull yet in this data root
+            return []
+        return [r[0] for r in rows]
 
     def status(self) -> list[LayerStatus]:
         with self._lock:
             meta = dict(self._meta)
         out = []
         for layer in self.fs.layers():
-            ref, ztoc_digest, _ = meta.get(layer.digest, ("", "", 0.0))
+            ref, _ = meta.get((layer.digest, layer.ztoc_digest), ("", 0.0))
             f = layer.fetcher
             out.append(LayerStatus(
-                layer_digest=layer.digest, ref=ref, ztoc_digest=ztoc_digest, files=len(layer.tree),
+                layer_digest=layer.digest, ref=ref, ztoc_digest=layer.ztoc_digest, files=len(layer.tree),
                 spans=len(f.cache.spans), spans_cached=len(f.cache.spans) - len(f.cache.missing()),
                 fetched_bytes=f.cache.cached_bytes, total_bytes=f.cache.total_bytes,
                 network_bytes=f.stats.bytes))

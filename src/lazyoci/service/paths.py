@@ -1,9 +1,13 @@
 """Where the service keeps its files, and unix sockets with long paths.
 
     <root>/service/lazyoci.sock   control socket (0600, directory 0700: root only)
-    <root>/service/lazyoci.pid    pid of the running daemon
-    <root>/service/lazyoci.log    the daemon's log
-    <root>/service/mnt            the one FUSE mount (a directory per lazy layer)
+    <root>/service/lazyoci.pid    pid of the running daemon (0600)
+    <root>/service/lazyoci.log    the daemon's log (0600)
+    <root>/service/mnt            the one FUSE mount (a directory per lazy layer and zTOC)
+
+Only root reaches the FUSE mount: the directory above it is closed, and the mount
+itself admits its owner alone (no allow_other; the overlays over it read their
+lower layers with the credentials of root, who mounted them).
 """
 
 from __future__ import annotations
@@ -14,8 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazyoci.store.layout import DataRoot
+from lazyoci.store.modes import PRIVATE_DIR_MODE, private_dir
 
 _SUN_PATH_MAX = 100     # sun_path is 108 bytes; keep a margin
+
+
+def layer_view_name(layer_digest: str, ztoc_digest: str) -> str:
+    """The FUSE directory of a layer served through one zTOC: `<layer hex>-<16 hex of the zTOC>`,
+    so two indexes of one layer never share a view."""
+    return f"{layer_digest.split(':', 1)[-1]}-{ztoc_digest.split(':', 1)[-1][:16]}"
 
 
 @dataclass(frozen=True)
@@ -42,15 +53,15 @@ class ServicePaths:
     def mountpoint(self) -> Path:
         return self.dir / "mnt"
 
-    def layer_dir(self, layer_digest: str) -> Path:
-        """The FUSE directory of a lazy layer (what overlay lowerdirs point at)."""
-        return self.mountpoint / layer_digest.split(":", 1)[-1]
+    def layer_dir(self, layer_digest: str, ztoc_digest: str) -> Path:
+        """The FUSE directory of a lazy layer seen through a zTOC (what overlay lowerdirs point at)."""
+        return self.mountpoint / layer_view_name(layer_digest, ztoc_digest)
 
     def ensure(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        self.root.ensure()
+        private_dir(self.dir)
         try:
-            os.mkdir(self.mountpoint)
+            os.mkdir(self.mountpoint, PRIVATE_DIR_MODE)
         except FileExistsError:
             pass     # also a dead FUSE mount of a killed service, which the daemon detaches
 

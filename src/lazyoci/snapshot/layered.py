@@ -164,6 +164,7 @@ class LayeredSnapshotter:
         if own_dir:
             dir_id = self._new_dir(conn)
             (self.dir / str(dir_id) / "fs").mkdir(parents=True, mode=0o755)
+            os.chmod(self.dir / str(dir_id) / "fs", 0o755)     # the container's "/": not our umask's
             (self.dir / str(dir_id) / "work").mkdir(mode=0o700)
         self._insert_row(conn, key, kind, parent, dir_id, labels)
 
@@ -239,6 +240,7 @@ class LayeredSnapshotter:
         """A fresh directory to unpack one layer into (moved into place by `adopt_layer`)."""
         staging = Path(tempfile.mkdtemp(dir=self.dir / "tmp", prefix=f"{os.getpid()}."))
         (staging / "fs").mkdir(mode=0o755)
+        os.chmod(staging / "fs", 0o755)     # a layer's "/" when its tar does not say: not our umask's
         return staging
 
     def adopt_layer(self, staging: Path, diff_id: str, layer_digest: str | None = None) -> None:

@@ -3,6 +3,7 @@
 Overlay options are limited to one page, so many-layer stacks use lowerdir paths
 relative to a common directory: the mount is then done by `mount(8)` run in that
 directory (a process of its own, so our cwd never changes under other threads).
+The options `nosuid`, `nodev` and `noexec` are mount flags, as for mount(8).
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ from lazyoci.errors import ContainerError
 from lazyoci.snapshot.base import Mount
 
 MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
 MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MNT_DETACH = 2
 _PAGE = 4000
+_FLAG_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -38,15 +43,18 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
 def mount_all(mounts: list[Mount], target: Path) -> None:
     """Mount `mounts` (in order) on target."""
     for m in mounts:
+        flags = 0
+        for o in m.options:
+            flags |= _FLAG_OPTIONS.get(o, 0)
         if m.type == "bind":
-            flags = MS_BIND | (MS_REC if "rbind" in m.options else 0)
-            _mount(m.source, str(target), None, flags, None)
-            if "ro" in m.options:
-                _mount("none", str(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+            _mount(m.source, str(target), None, MS_BIND | (MS_REC if "rbind" in m.options else 0), None)
+            if "ro" in m.options or flags:     # a bind mount takes its flags from a remount
+                flags |= MS_RDONLY if "ro" in m.options else 0
+                _mount("none", str(target), None, MS_REMOUNT | MS_BIND | flags, None)
         elif m.type == "overlay":
-            data = ",".join(m.options)
+            data = ",".join(o for o in m.options if o not in _FLAG_OPTIONS)
             if len(data) < _PAGE:
-                _mount(m.source, str(target), "overlay", 0, data)
+                _mount(m.source, str(target), "overlay", flags, data)
             else:
                 _mount_relative(m, target)
         else:

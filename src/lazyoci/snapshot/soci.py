@@ -1,7 +1,8 @@
 """The `soci` snapshotter: layers with a zTOC are served lazily by the lazyoci service.
 
 A committed snapshot of a lazy layer has no directory of its own: its lower is
-the layer's directory in the service's FUSE mount (<root>/service/mnt/<hex>),
+the layer's view through the snapshot's zTOC (label com.amazon.soci.ztoc-digest)
+in the service's FUSE mount (<root>/service/mnt/<layer hex>-<16 hex of the zTOC>),
 mounted on demand (`mounts()` starts the service and asks it to mount the layer
 if it is not there, e.g. after a reboot). Layers without a zTOC fall back to the
 shared unpack path of lazyoci.snapshot.layered (safe unpack, streaming consumer)
@@ -16,6 +17,7 @@ SOCI index), the last filled by the lazy pull (snapshot/soci_pull.py).
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -48,6 +50,14 @@ CREATE TABLE IF NOT EXISTS lazy_layers (
 """
 
 
+def _ztoc_of(row: sqlite3.Row) -> str:
+    """The zTOC a committed lazy snapshot was made with (its view in the FUSE mount)."""
+    ztoc = json.loads(row["labels"] or "{}").get(LABEL_ZTOC)
+    if not ztoc:
+        raise StoreError(f"lazy snapshot {row['key']} has no zTOC label; pull the image again")
+    return ztoc
+
+
 @dataclass(frozen=True)
 class LazyLayerRecord:
     layer_digest: str
@@ -73,22 +83,22 @@ class SociSnapshotter(LayeredSnapshotter):
     # ---- where a lazy layer's lower comes from ---------------------------------
     def _lower(self, row: sqlite3.Row) -> str:
         if row["lazy_layer"]:
-            return os.fspath(self.paths.layer_dir(row["lazy_layer"]))
+            return os.fspath(self.paths.layer_dir(row["lazy_layer"], _ztoc_of(row)))
         return super()._lower(row)
 
     def _make_available(self, chain: list[sqlite3.Row]) -> None:
-        self._ensure_served([r["lazy_layer"] for r in chain if r["lazy_layer"]])
+        self._ensure_served([(r["lazy_layer"], _ztoc_of(r)) for r in chain if r["lazy_layer"]])
 
-    def _ensure_served(self, layer_digests: list[str]) -> None:
-        """Start the service and mount lazy layers that it does not show (yet)."""
-        for digest in layer_digests:
-            if os.path.isdir(self.paths.layer_dir(digest)):
+    def _ensure_served(self, views: list[tuple[str, str]]) -> None:
+        """Start the service and mount the (layer, zTOC) views that it does not show (yet)."""
+        for digest, ztoc_digest in views:
+            if os.path.isdir(self.paths.layer_dir(digest, ztoc_digest)):
                 continue
             rec = self.lazy_layer(digest)
             if rec is None:
                 raise StoreError(f"lazy layer {digest} has no zTOC record; pull the image again")
             self.service.ensure_running()
-            self.service.mount_layer(rec.ref, rec.layer_digest, rec.ztoc_digest)
+            self.service.mount_layer(rec.ref, digest, ztoc_digest)
 
     # ---- lazy layers -----------------------------------------------------------
     def record_lazy_layer(self, rec: LazyLayerRecord) -> None:
@@ -126,16 +136,21 @@ class SociSnapshotter(LayeredSnapshotter):
         super()._commit_image_layer(images, desc, diff_id, chain, parent)
 
     def release_unused(self, keep: set[str]) -> list[str]:
-        """Release as the shared mechanism does; then unmount lazy layers no snapshot uses."""
+        """Release as the shared mechanism does; then unmount the (layer, zTOC) views of lazy
+        layers that no snapshot uses (also a layer's view through another index than the one
+        its snapshots use)."""
+        from lazyoci.service.records import recorded_views
+
         removed = super().release_unused(keep)
         with self.db.reading() as conn:
-            unused = [r["layer_digest"] for r in conn.execute(
-                "SELECT layer_digest FROM lazy_layers l WHERE NOT EXISTS "
-                "(SELECT 1 FROM lazy_snapshots s WHERE s.lazy_layer = l.layer_digest)").fetchall()]
+            used = {(r["lazy_layer"], json.loads(r["labels"] or "{}").get(LABEL_ZTOC)) for r in conn.execute(
+                "SELECT lazy_layer, labels FROM lazy_snapshots WHERE lazy_layer IS NOT NULL").fetchall()}
+            ours = {r[0] for r in conn.execute("SELECT layer_digest FROM lazy_layers").fetchall()}
+        unused = [v for v in recorded_views(self.db) if v[0] in ours and v not in used]
         if unused:
             if self.service.is_running():
-                for digest in unused:
-                    self.service.unmount_layer(digest)
+                for digest, ztoc_digest in unused:
+                    self.service.unmount_layer(digest, ztoc_digest)
             else:
                 from lazyoci.service.records import forget_layers
                 forget_layers(self.db, unused)

@@ -80,7 +80,7 @@ class _EarlyMounter:
         self._cond = threading.Condition()
         self._closed = False
         self._error: BaseException | None = None
-        self._mounted: list[str] = []
+        self._mounted: list[tuple[str, str]] = []   # (layer, zTOC) views
         self.refused: dict[str, str] = {}        # layer digest -> why the service refused its zTOC
         self._thread = threading.Thread(target=self._run, name="lazy-mount", daemon=True)
         self._thread.start()
@@ -102,11 +102,11 @@ class _EarlyMounter:
             if self._error is not None:
                 continue                 # drain: the first error stops the remaining mounts
             try:
-                served = os.path.isdir(self._snap.paths.layer_dir(rec.layer_digest))
+                served = os.path.isdir(self._snap.paths.layer_dir(rec.layer_digest, rec.ztoc_digest))
                 service.ensure_running()
                 service.mount_layer(rec.ref, rec.layer_digest, rec.ztoc_digest)
                 if not served:
-                    self._mounted.append(rec.layer_digest)
+                    self._mounted.append((rec.layer_digest, rec.ztoc_digest))
             except FormatError as e:     # the zTOC cannot be served: the pull downloads the layer
                 self.refused[rec.layer_digest] = f"zTOC {rec.ztoc_digest}: {e}"
             except BaseException as e:   # re-raised in the caller's thread by finish()
@@ -132,9 +132,9 @@ class _EarlyMounter:
     def rollback(self) -> None:
         """Wait, then unmount the layers this pull mounted (best effort: the pull already failed)."""
         self._join()
-        for digest in reversed(self._mounted):
+        for digest, ztoc_digest in reversed(self._mounted):
             try:
-                self._snap.service.unmount_layer(digest)
+                self._snap.service.unmount_layer(digest, ztoc_digest)
             except LazyociError:
                 pass
         self._mounted.clear()

@@ -92,6 +92,7 @@ class _Applier:
                         raise FormatError(f"layer entry {entry!r}: {'/'.join(key)} does not exist") from None
                     os.mkdir(comp, 0o755, dir_fd=fd)
                     nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                    os.fchmod(nfd, 0o755)     # an implied directory is 0755 whatever our umask
                 except OSError as e:
                     if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise

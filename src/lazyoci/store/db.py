@@ -4,18 +4,23 @@ WAL lets readers run beside one writer; write transactions start with
 BEGIN IMMEDIATE so that two processes never both hold a read lock and then
 deadlock upgrading it; the busy timeout makes a second writer wait instead of
 failing. Each area owns its tables and creates them with `ensure_schema`.
+
+The database holds every container's command and image; it is created 0600
+(SQLite gives its -wal and -shm files the database's own mode), whatever the umask.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from lazyoci.errors import StoreError
+from lazyoci.store.modes import PRIVATE_FILE_MODE
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -26,11 +31,24 @@ class Database:
         self._known: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._wal_done = False
+        self._created = False
+
+    def _create_private(self) -> None:
+        """Create the database file 0600 before SQLite does (SQLite would make it 0644), or close it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+        try:
+            if os.fstat(fd).st_mode & 0o7777 != PRIVATE_FILE_MODE:
+                os.fchmod(fd, PRIVATE_FILE_MODE)
+        finally:
+            os.close(fd)
+        self._created = True
 
     def connect(self) -> sqlite3.Connection:
         """A new connection (autocommit mode: use `transaction()` or explicit BEGIN for writes)."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._created:
+                self._create_private()
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
                                    isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -42,6 +60,8 @@ class Database:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.row_factory = sqlite3.Row
             return conn
+        except OSError as e:
+            raise StoreError(f"cannot open database {self.path}: {e.strerror or e}") from None
         except sqlite3.Error as e:
             raise StoreError(f"cannot open database {self.path}: {e}") from None
 

@@ -1,0 +1,306 @@
+"""Check zTOC entries against their own tar headers before the lazy filesystem serves them.
+
+Span digests prove the bytes of a layer, not its table of contents: a zTOC could
+give a file another file's data offset, a setuid mode, another type or owner.
+But every entry's tar header lies just before its data, inside spans the fetcher
+verifies anyway (SOCI-FORMAT.md §1). Sorted by data offset, entry k's header
+region is [data end of entry k-1 rounded up to 512, data offset of entry k), and
+it must hold exactly entry k's header records (PAX `x`/`g`, GNU `L`/`K`, then the
+main header, which ends at the data offset). The region is read through the span
+fetcher (verified bytes only), parsed by the unpacker's own tar reader, and
+compared with what the lazy filesystem serves: name as the unpacker normalises
+it, type, size, permission bits, uid, gid, link target, device numbers, mtime
+and the SCHILY.xattr.* records. An entry that differs is never served; the first
+failure of an entry is logged with the layer, the entry and the field.
+
+An entry omitted from the zTOC leaves its header and data inside the region of
+the next entry, which then fails. What follows the last entry is checked by the
+whole-layer check, once every span is cached: the complete tar, header by
+header, must be exactly the zTOC's entries in offset order, then the
+end-of-archive. A layer that fails it is broken: every request fails from then on.
+
+Limits. Fail closed: a header region over MAX_HEADER_REGION bytes is not
+parsed, and attributes that come from a global PAX header (`g`) in an earlier
+region do not match the entry's own region, so such entries are refused.
+Not closed until the whole-layer check: an entry's region starts where the
+zTOC says its predecessor's data ends, and that predecessor is not checked
+first (that would need every header before it, i.e. most of the layer). So a
+zTOC that hides a file whose content is itself a tar archive, and lists
+entries inside that content, gets those entries past the per-entry check
+(the first of them fails, the ones after it pass); their bytes are real bytes
+of the layer, in the wrong place. The whole-layer check finds it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from array import array
+from typing import Callable
+
+from lazyoci.errors import FormatError, IntegrityError
+from lazyoci.fs.tree import normalise
+from lazyoci.snapshot.layerstream import ForwardFile
+from lazyoci.snapshot.tarstream import Member, iter_members
+from lazyoci.ztoc.toc import parse_pax_time
+
+log = logging.getLogger(__name__)
+
+BLOCK = 512
+MAX_HEADER_REGION = 1 << 20      # PAX records and long names larger than this are not parsed
+UNCHECKED, GOOD, BAD = 0, 1, 2
+_XATTR = "SCHILY.xattr."
+_TAR_TYPES = {"reg": (b"0", b"\0", b"", b"7"), "hardlink": (b"1",), "symlink": (b"2",),
+              "char": (b"3",), "block": (b"4",), "dir": (b"5",), "fifo": (b"6",)}
+
+_NOT_CACHED = "(not cached)"
+ReadRange = Callable[[int, int], bytes]
+ReadCached = Callable[[int, int], "bytes | None"]
+
+
+def _data_end(entry: object) -> int:
+    """Where the next header may start: data end rounded up to a block (only `reg` carries data)."""
+    size = entry.size if entry.type == "reg" else 0   # type: ignore[attr-defined]
+    return entry.offset + -(-size // BLOCK) * BLOCK   # type: ignore[attr-defined]
+
+
+def _mtime_ns(m: Member) -> int:
+    value = m.pax_headers.get("mtime")
+    if value is not None:
+        return parse_pax_time(value.encode("utf-8", "surrogateescape"), m.offset_data)
+    return int(m.mtime) * 1_000_000_000
+
+
+def mismatch(entry: object, m: Member) -> str | None:
+    """The first field in which a zTOC entry differs from its tar header, or None."""
+    e = entry
+    if normalise(e.name) != normalise(m.name):   # type: ignore[attr-defined]
+        return "name"
+    if m.type not in _TAR_TYPES.get(e.type, ()):   # type: ignore[attr-defined]
+        return "type"
+    if e.size != m.size:   # type: ignore[attr-defined]
+        return "size"
+    if e.mode & 0o7777 != m.mode & 0o7777:   # type: ignore[attr-defined]
+        return "mode"
+    if e.uid != m.uid:   # type: ignore[attr-defined]
+        return "uid"
+    if e.gid != m.gid:   # type: ignore[attr-defined]
+        return "gid"
+    if e.linkname != m.linkname:   # type: ignore[attr-defined]
+        return "link target"
+    if e.type in ("char", "block") and (e.devmajor, e.devminor) != (m.devmajor, m.devminor):  # type: ignore[attr-defined]
+        return "device numbers"
+    try:
+        if e.mtime_ns != _mtime_ns(m):   # type: ignore[attr-defined]
+            return "mtime"
+    except FormatError:
+        return "mtime"
+    xattrs = {k[len(_XATTR):]: v.encode("utf-8", "surrogateescape")
+              for k, v in m.pax_headers.items() if k.startswith(_XATTR)}
+    if xattrs != e.xattrs:   # type: ignore[attr-defined]
+        return "xattrs"
+    return None
+
+
+def check_region(entry: object, region: bytes) -> str | None:
+    """Compare an entry with the header region in front of its data; the differing field or None."""
+    try:
+        member = next(iter_members(ForwardFile(io.BytesIO(region))), None)
+    except FormatError as e:
+        return f"tar header ({e})"
+    if member is None or member.offset_data != len(region):
+        return "tar header (not exactly one header before the data)"
+    return mismatch(entry, member)
+
+
+class LayerVerifier:
+    """Which entries of one layer were checked against their tar headers, and the checks themselves.
+
+    `read` returns verified bytes of the layer's tar stream (fetching spans as needed);
+    `read_cached` the same from the disk cache only, or None. Thread-safe: a race checks
+    an entry twice, never serves it unchecked.
+    """
+
+    def __init__(self, ztoc: object, read: ReadRange, read_cached: ReadCached, layer: str) -> None:
+        self.ztoc = ztoc
+        self.read = read
+        self.read_cached = read_cached
+        self.layer = layer
+        self.state = bytearray(len(ztoc))     # type: ignore[arg-type]
+        self.broken: str | None = None        # why the whole-layer check failed
+        self._layer_check_started = False
+        self.on_layer_ok: Callable[[], None] | None = None    # runs when the whole-layer check passes
+        self._last: tuple[int, object] | None = None          # the entry decoded last (checks go in order)
+        self._region_start: array | None = None
+        self._lock = threading.Lock()
+
+    def _quick_region(self, i: int, entry: object) -> int | None:
+        """Where entry i's header region starts, if the zTOC lists entries in stream order (as
+        writers do): after entry i-1. Were another entry between them, its header would sit in
+        the region and the check fail, never pass; a failed check is redone with `_starts`."""
+        if self._region_start is not None:
+            return self._region_start[i]
+        if i == 0:
+            return 0
+        last = self._last
+        prev = last[1] if last is not None and last[0] == i - 1 else self.ztoc.entry(i - 1)   # type: ignore[attr-defined]
+        return _data_end(prev) if prev.offset < entry.offset else None   # type: ignore[attr-defined]
+
+    def _starts(self) -> array:
+        """Region start of every entry, for zTOCs not in stream order (built once)."""
+        starts = self._region_start
+        if starts is None:
+            with self._lock:
+                starts = self._region_start
+                if starts is None:
+                    ztoc = self.ztoc
+                    n = len(ztoc)   # type: ignore[arg-type]
+                    ends = [(ztoc.entry(i).offset, i) for i in range(n)]   # type: ignore[attr-defined]
+                    ends.sort()
+                    starts = array("q", [0]) * n
+                    prev = 0
+                    for _, i in ends:
+                        starts[i] = prev
+                        prev = _data_end(ztoc.entry(i))   # type: ignore[attr-defined]
+                    self._region_start = starts
+        return starts
+
+    def unchecked(self, entries: list[int]) -> list[int]:
+        """The entries not yet known good; IntegrityError if one is known bad or the layer is broken."""
+        if self.broken is not None:
+            raise IntegrityError(f"layer {self.layer} is broken: {self.broken}")
+        state = self.state
+        todo = []
+        for i in entries:
+            s = state[i]
+            if s == BAD:
+                raise IntegrityError(f"layer {self.layer}: zTOC entry {i} does not match its tar header")
+            if s != GOOD:
+                todo.append(i)
+        return todo
+
+    def check_cached(self, entries: list[int]) -> bool:
+        """Check entries whose header regions are in the disk cache; False if some need the network."""
+        return self._check(entries, cached=True)
+
+    def check(self, entries: list[int]) -> None:
+        """Check entries, fetching their header regions if needed (call from a worker thread)."""
+        self._check(entries, cached=False)
+
+    def _check(self, entries: list[int], cached: bool) -> bool:
+        for i in self.unchecked(entries):
+            entry = self.ztoc.entry(i)   # type: ignore[attr-defined]
+            self._last = (i, entry)
+            exact = self._region_start is not None
+            start = self._quick_region(i, entry)
+            field = None if start is None else self._compare(entry, start, cached)
+            if field is _NOT_CACHED:
+                return False
+            if start is None or (field is not None and not exact):
+                field = self._compare(entry, self._starts()[i], cached)    # the exact predecessor
+                if field is _NOT_CACHED:
+                    return False
+            if field is not None:
+                self._bad(i, entry.name, field)
+            self.state[i] = GOOD
+        return True
+
+    def _compare(self, entry: object, start: int, cached: bool) -> str | None:
+        """check_region over [start, entry offset); _NOT_CACHED if `cached` and it is not."""
+        size = entry.offset - start   # type: ignore[attr-defined]
+        if size > MAX_HEADER_REGION:
+            return f"tar header region of {size} bytes is too large"
+        region = self.read_cached(start, entry.offset) if cached else self.read(start, entry.offset)  # type: ignore[attr-defined]
+        if region is None:
+            return _NOT_CACHED
+        return check_region(entry, region)
+
+    def _bad(self, i: int, name: str, field: str) -> None:
+        first = self.state[i] != BAD
+        self.state[i] = BAD
+        msg = f"layer {self.layer}: zTOC entry {name!r} does not match its tar header: {field}"
+        if first:
+            log.error("%s; the entry is not served", msg)
+        raise IntegrityError(msg)
+
+    def check_layer_once(self, complete: bool) -> None:
+        """Start the whole-layer check in a thread, once, when every span is cached (`complete`)."""
+        if not complete or self._layer_check_started:
+            return
+        with self._lock:
+            if self._layer_check_started:
+                return
+            self._layer_check_started = True
+
+        def run() -> None:
+            try:
+                self.check_layer()
+                log.info("layer %s: every tar header matches its zTOC", self.layer)
+                if self.on_layer_ok is not None:
+                    self.on_layer_ok()
+            except IntegrityError:
+                pass                       # logged by _broken
+            except Exception:              # a check that cannot run leaves per-entry checks in place
+                log.exception("layer %s: the whole-layer check failed to run", self.layer)
+
+        threading.Thread(target=run, name="layer-check", daemon=True).start()
+
+    def passed_before(self) -> None:
+        """The whole-layer check passed in an earlier run (recorded with the span cache): every
+        entry is good, nothing is checked again."""
+        self._layer_check_started = True
+        self.state[:] = bytes([GOOD]) * len(self.state)
+
+    def check_layer(self) -> None:
+        """The whole-layer check (every span cached): the tar is exactly the zTOC's entries, in offset
+        order, then the end-of-archive. A mismatch marks the layer broken (logged) and raises."""
+        ztoc = self.ztoc
+        order = sorted(range(len(ztoc)), key=lambda i: ztoc.entry(i).offset)   # type: ignore[arg-type,attr-defined]
+        try:
+            f = ForwardFile(_LayerStream(self.read, ztoc.uncompressed_size))   # type: ignore[attr-defined]
+            members = iter_members(f)
+            for i in order:
+                entry = ztoc.entry(i)   # type: ignore[attr-defined]
+                m = next(members, None)
+                if m is None or m.offset_data != entry.offset:
+                    self._broken(f"the tar has a header the zTOC lacks before entry {entry.name!r}"
+                                 if m is not None else f"the tar ends before entry {entry.name!r}")
+                field = mismatch(entry, m)
+                if field is not None:
+                    self._broken(f"zTOC entry {entry.name!r} does not match its tar header: {field}")
+                self.state[i] = GOOD
+            extra = next(members, None)
+            if extra is not None:
+                self._broken(f"the tar has an entry the zTOC lacks: {extra.name!r}")
+        except FormatError as e:
+            self._broken(f"the layer's tar cannot be read: {e}")
+
+    def _broken(self, why: str) -> None:
+        if self.broken is None:
+            self.broken = why
+            log.error("layer %s is broken: %s; nothing of it is served", self.layer, why)
+        raise IntegrityError(f"layer {self.layer} is broken: {why}")
+
+
+class _LayerStream(io.RawIOBase):
+    """The layer's verified tar stream as a file, read in 1 MiB pieces (for the whole-layer check)."""
+
+    def __init__(self, read: ReadRange, size: int) -> None:
+        self._read = read
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self._size - self._pos
+        end = min(self._pos + n, self._size)
+        if end <= self._pos:
+            return b""
+        data = self._read(self._pos, end)
+        self._pos = end
+        return data
+
