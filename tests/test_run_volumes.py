@@ -69,6 +69,8 @@ def test_named_volumes_and_the_volume_commands(env, lz):
     assert info[0]["Name"] == "vol1" and info[0]["Labels"] == {"team": "a"} and info[0]["Driver"] == "local"
     assert info[0]["Mountpoint"] == str(root / "volumes" / "vol1" / "_data")
     assert (root / "volumes").stat().st_mode & 0o777 == 0o700
+    assert (root / "volumes/vol1").stat().st_mode & 0o777 == 0o700
+    assert (root / "volumes/vol1/meta.json").stat().st_mode & 0o777 == 0o600
     lz("run", "--rm", "-v", "vol1:/data", env["tricky"], "sh", "-c", "echo kept > /data/f")
     assert lz("run", "--rm", "--mount", "type=volume,source=vol1,target=/v", env["tricky"], "cat", "/v/f").stdout \
         == "kept\n"
@@ -91,6 +93,17 @@ def test_named_volumes_and_the_volume_commands(env, lz):
     lz("volume", "rm", "seeded", "bare", "bare2")
     # an anonymous volume lives as long as its --rm container
     lz("run", "--rm", "-v", "/anon", env["tricky"], "touch", "/anon/x")
+    assert lz("volume", "ls", "-q").stdout == ""
+    # rm without -v leaves it; `volume prune` removes unused anonymous ones (-a: named ones too)
+    cid = lz("run", "-d", "-v", "/anon", "-v", "named:/n", env["tricky"], "sh", "-c", "echo data > /anon/x").stdout.strip()
+    anon = next(v for v in lz("volume", "ls", "-q").stdout.split() if v != "named")
+    _wait_exited(lz, lz("ps", "-a").stdout.splitlines()[1].split()[-1])
+    assert lz("volume", "prune", "-f").stdout == "Total reclaimed space: 0B\n"      # still used
+    lz("rm", cid)
+    out = lz("volume", "prune", "-f").stdout.splitlines()
+    assert out[:2] == ["Deleted Volumes:", anon] and out[-1].startswith("Total reclaimed space: ")
+    assert lz("volume", "ls", "-q").stdout.split() == ["named"]
+    assert lz("volume", "prune", "-a", "-f").stdout.splitlines()[:2] == ["Deleted Volumes:", "named"]
     assert lz("volume", "ls", "-q").stdout == ""
 
 

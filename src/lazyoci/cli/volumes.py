@@ -74,3 +74,30 @@ def volume_rm(force: bool, names: tuple[str, ...]) -> None:
     for n in names:
         store.remove(n, force)
         click.echo(n)
+
+
+@volume_group.command("prune")
+@click.option("-a", "--all", "include_named", is_flag=True, help="Also named volumes, not only anonymous ones.")
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+def volume_prune(include_named: bool, force: bool) -> None:
+    """Remove the volumes no container uses (anonymous ones; -a: named ones too)."""
+    what = "all volumes" if include_named else "all anonymous volumes"
+    if not force and not click.confirm(f"WARNING! This will remove {what} not used by at least one "
+                                       "container.\nAre you sure you want to continue?"):
+        return
+    removed = _store().prune(include_named)
+    if removed:
+        click.echo("Deleted Volumes:")
+        for name, _ in removed:
+            click.echo(name)
+        click.echo("")
+    click.echo(f"Total reclaimed space: {_human_size(sum(size for _, size in removed))}")
+
+
+def _human_size(n: int) -> str:
+    """docker's sizes: powers of 1000, three significant digits (0B, 12.3kB, 1.05MB)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n}{unit}" if unit == "B" else f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n}B"

@@ -261,6 +261,17 @@ class VolumeStore:
             raise ContainerError(f"remove {name}: volume is in use - [{', '.join(u[:12] for u in users)}]")
         shutil.rmtree(self.dir / vol.name)
 
+    def prune(self, include_named: bool = False) -> list[tuple[str, int]]:
+        """Remove the volumes no container uses: anonymous ones, and named ones too if asked
+        (docker's `volume prune [-a]`). Returns (name, bytes freed) of each removed volume."""
+        removed = []
+        for vol in self.list():
+            if (vol.anonymous or include_named) and not self.users(vol.name):
+                size = disk_usage(vol.mountpoint)
+                shutil.rmtree(self.dir / vol.name)
+                removed.append((vol.name, size))
+        return removed
+
     def spec_mounts(self, requests: list[MountRequest], rootfs: Path) -> tuple[list[dict], list[str]]:
         """The runtime spec's mounts for `requests`, and the anonymous volumes created for them.
 
@@ -310,3 +321,18 @@ def _copy_image_content(rootfs: Path, target: str, data: Path) -> None:
     if r.returncode != 0:
         raise ContainerError(f"cannot copy the image's {target} into its volume: "
                              f"{(r.stderr.strip().splitlines() or ['cp failed'])[-1]}")
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes of the files under `path` (each inode once; symlinks not followed)."""
+    total, seen = 0, set()
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in filenames + dirnames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
