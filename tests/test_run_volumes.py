@@ -222,6 +222,8 @@ def test_bad_mount_and_host_flags_are_one_line_errors_and_create_nothing(env, lz
         (["--memory", "1k"], "minimum memory limit allowed is 6MB"),
         (["--memory", "lots"], "invalid --memory 'lots'"),
         (["--cpus", "1000"], "range of CPUs is from 0.01"),
+        (["--cpus", "many"], "invalid --cpus 'many'"),
+        (["--cpus", "nan"], "invalid --cpus 'nan'"),
         (["--restart", "always"], "invalid restart policy 'always'"),
         (["--restart", "on-failure"], "add -d"),
         (["-d", "--rm", "--restart", "on-failure:1"], "conflicting options: --restart and --rm"),

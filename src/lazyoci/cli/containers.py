@@ -58,7 +58,7 @@ def _manager() -> ContainerManager:
 @click.option("--cap-drop", multiple=True, help="Drop a Linux capability (or ALL).")
 @click.option("--privileged", is_flag=True, help="Every capability, no masked /proc paths, every device.")
 @click.option("-m", "--memory", default=None, help="Memory limit (bytes, or with a b/k/m/g suffix).")
-@click.option("--cpus", type=float, default=None, help="Number of CPUs (a quota, e.g. 1.5).")
+@click.option("--cpus", default=None, help="Number of CPUs (a quota, e.g. 1.5).")
 @click.option("--hostname", default=None, help="The container's host name (default: this host's).")
 @click.option("-l", "--label", "labels", multiple=True, help="Set a KEY=VALUE label on the container.")
 @click.option("--restart", default="no", show_default=True,
@@ -70,7 +70,7 @@ def run_cmd(snapshotter, auto_remove, detach, interactive, tty, name, env, env_f
             cap_add, cap_drop, privileged, memory, cpus, hostname, labels, restart, ref, command) -> None:
     """Run a command in a new container (pull progress goes to stderr, the output to stdout)."""
     from lazyoci.oci.platform import Platform
-    from lazyoci.runtime.bundle import HostOptions, ProcessOptions, parse_env_file
+    from lazyoci.runtime.bundle import HostOptions, ProcessOptions, parse_cpus, parse_env_file
     from lazyoci.runtime.run import RunOptions
     from lazyoci.runtime.volumes import parse_bytes, parse_mount_flag, parse_tmpfs_flag, parse_volume_flag
 
@@ -90,7 +90,7 @@ def run_cmd(snapshotter, auto_remove, detach, interactive, tty, name, env, env_f
         soci_index_digest=soci_index_digest,
         host=HostOptions(read_only=read_only, cap_add=tuple(cap_add), cap_drop=tuple(cap_drop),
                          privileged=privileged, memory=parse_bytes(memory, "--memory") if memory else None,
-                         cpus=cpus, hostname=hostname, labels=_labels(labels)),
+                         cpus=parse_cpus(cpus) if cpus is not None else None, hostname=hostname, labels=_labels(labels)),
         mounts=(tuple(parse_volume_flag(v) for v in volumes) + tuple(parse_mount_flag(m) for m in mount_flags)
                 + tuple(parse_tmpfs_flag(t) for t in tmpfs)),
         restart=restart)

@@ -112,6 +112,17 @@ def check_host_options(host: "HostOptions") -> None:
         raise ConfigError(f"invalid hostname {host.hostname!r}: letters, digits, '-' and '.', at most 64")
 
 
+def parse_cpus(text: str) -> float:
+    """--cpus: a decimal number of CPUs."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or not re.fullmatch(r"\d+(\.\d+)?|\.\d+", text.strip()):
+        raise ConfigError(f"invalid --cpus {text!r}: use a number of CPUs such as 1.5")
+    return value
+
+
 def check_limits(memory: int | None, cpus: float | None) -> None:
     """docker's bounds for --memory and --cpus, as one error before anything is created."""
     if memory is not None and memory < MIN_MEMORY:

@@ -278,36 +278,45 @@ class VolumeStore:
         Named volumes are created on first use, and an empty one takes the image's content at
         its target from the mounted `rootfs`; -v creates a missing host directory, --mount
         refuses it (docker's rules)."""
-        mounts, anonymous = [], []
-        for r in requests:
-            if r.type == "tmpfs":
-                opts = ["nosuid", "nodev", "noexec", *r.tmpfs_options]
-                if "exec" in r.tmpfs_options:
-                    opts.remove("noexec")
-                opts.append("ro" if r.readonly else "rw")
-                mounts.append({"destination": r.target, "type": "tmpfs", "source": "tmpfs", "options": opts})
-                continue
-            if r.type == "volume":
-                vol = self.create(r.source or None)
-                if not r.source:
-                    anonymous.append(vol.name)
-                if r.copy_image_content:
-                    _copy_image_content(rootfs, r.target, vol.mountpoint)
-                source = str(vol.mountpoint)
-            else:
-                source = r.source
-                if not os.path.exists(source):
-                    if not r.create_source:
-                        raise ConfigError(f"invalid mount config for type \"bind\": bind source path does "
-                                          f"not exist: {source}")
-                    try:
-                        os.makedirs(source, exist_ok=True)
-                    except OSError as e:
-                        raise ConfigError(f"cannot create the host directory {source} for -v: "
-                                          f"{e.strerror}") from None
-            mounts.append({"destination": r.target, "type": "bind", "source": source,
-                           "options": ["rbind", "rprivate", "ro" if r.readonly else "rw"]})
+        mounts: list[dict] = []
+        anonymous: list[str] = []
+        try:
+            for r in requests:
+                mounts.append(self._spec_mount(r, rootfs, anonymous))
+        except BaseException:
+            for name in anonymous:         # nothing else knows of them yet
+                shutil.rmtree(self.dir / name, ignore_errors=True)
+            raise
         return mounts, anonymous
+
+    def _spec_mount(self, r: MountRequest, rootfs: Path, anonymous: list[str]) -> dict:
+        """The runtime spec's mount of one request (a new anonymous volume's name goes to `anonymous`)."""
+        if r.type == "tmpfs":
+            opts = ["nosuid", "nodev", "noexec", *r.tmpfs_options]
+            if "exec" in r.tmpfs_options:
+                opts.remove("noexec")
+            opts.append("ro" if r.readonly else "rw")
+            return {"destination": r.target, "type": "tmpfs", "source": "tmpfs", "options": opts}
+        if r.type == "volume":
+            vol = self.create(r.source or None)
+            if not r.source:
+                anonymous.append(vol.name)
+            if r.copy_image_content:
+                _copy_image_content(rootfs, r.target, vol.mountpoint)
+            source = str(vol.mountpoint)
+        else:
+            source = r.source
+            if not os.path.exists(source):
+                if not r.create_source:
+                    raise ConfigError(f"invalid mount config for type \"bind\": bind source path does "
+                                      f"not exist: {source}")
+                try:
+                    os.makedirs(source, exist_ok=True)
+                except OSError as e:
+                    raise ConfigError(f"cannot create the host directory {source} for -v: "
+                                      f"{e.strerror}") from None
+        return {"destination": r.target, "type": "bind", "source": source,
+                "options": ["rbind", "rprivate", "ro" if r.readonly else "rw"]}
 
 
 def _copy_image_content(rootfs: Path, target: str, data: Path) -> None:
