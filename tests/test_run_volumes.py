@@ -15,7 +15,7 @@ import pytest
 
 from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.tricky_image import PASSWD, tricky_layers
-from test_run import env, lz  # noqa: F401  (fixtures shared with test_run)
+from test_run import LAZYOCI, env, lz  # noqa: F401  (fixtures shared with test_run)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runc and overlay need root")
 
@@ -52,6 +52,9 @@ def test_bind_mounts_read_write_and_read_only(env, lz, tmp_path):
     assert r.returncode != 0 and not (host / "ro.txt").exists()
     r = lz("run", "--rm", "--mount", f"type=bind,source={host},target=/m,readonly", env["tricky"], "cat", "/m/in.txt")
     assert r.stdout == "from host\n"
+    r = subprocess.run([LAZYOCI, "--root", str(env["root"]), "run", "--rm", "-v", "./host:/rel", env["tricky"],
+                        "cat", "/rel/in.txt"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.stdout == "from host\n", r.stderr                        # relative to the current directory
     # -v creates a missing host directory (docker's rule); --mount refuses it.
     lz("run", "--rm", "-v", f"{tmp_path}/made:/made", env["tricky"], "touch", "/made/f")
     assert (tmp_path / "made" / "f").exists()

@@ -77,7 +77,10 @@ def _volume_name(name: str, what: str) -> str:
 
 
 def parse_volume_flag(text: str) -> MountRequest:
-    """docker's `-v HOST:CONTAINER[:ro]`, `-v NAME:CONTAINER[:ro]` or `-v CONTAINER` (anonymous volume)."""
+    """docker's `-v HOST:CONTAINER[:ro]`, `-v NAME:CONTAINER[:ro]` or `-v CONTAINER` (anonymous volume).
+
+    A host path is absolute, or starts with `.` (relative to the current directory, as docker's
+    CLI takes it); anything else is a volume name."""
     fields = text.split(":")
     if len(fields) == 1:
         return MountRequest("volume", _target(fields[0], "-v"))
@@ -91,8 +94,8 @@ def parse_volume_flag(text: str) -> MountRequest:
             raise ConfigError(f"invalid -v {text!r}: unknown option {unknown[0]!r} (known: ro, rw, nocopy)")
     readonly = "ro" in opts
     source, target = fields[0], _target(fields[1], "-v")
-    if source.startswith("/"):
-        return MountRequest("bind", target, os.path.normpath(source), readonly, create_source=True)
+    if source.startswith(("/", "./", "../")) or source in (".", ".."):
+        return MountRequest("bind", target, os.path.abspath(source), readonly, create_source=True)
     return MountRequest("volume", target, _volume_name(source, "-v"), readonly,
                         copy_image_content="nocopy" not in opts)
 
