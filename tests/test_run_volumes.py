@@ -134,6 +134,10 @@ def test_capabilities_privileged_hostname_and_labels(env, lz):
                         if l.startswith("CapBnd")).split()[1], 16)
     assert caps("--privileged") == bounding
     assert caps("--cap-add", "ALL") == bounding
+    # --privileged also brings the host's devices (here: the FUSE device, which no default container has)
+    probe = "test -c /dev/fuse && echo yes || echo no"
+    assert lz("run", "--rm", env["tricky"], "sh", "-c", probe).stdout == "no\n"
+    assert lz("run", "--rm", "--privileged", env["tricky"], "sh", "-c", probe).stdout == "yes\n"
     r = lz("run", "--rm", "--hostname", "box1", env["tricky"], "sh", "-c",
            "cat /proc/sys/kernel/hostname /etc/hostname; grep -c box1 /etc/hosts")
     assert r.stdout == "box1\nbox1\n1\n"

@@ -123,6 +123,30 @@ def parse_cpus(text: str) -> float:
     return value
 
 
+_NOT_HOST_DEVICES = {"/dev/pts", "/dev/shm", "/dev/mqueue", "/dev/fd", "/dev/console", "/dev/ptmx"}
+
+
+def host_devices(top: Path = Path("/dev")) -> list[dict]:
+    """The host's device nodes as runtime spec devices, for `--privileged` (the runtime makes
+    its own console, ptmx and pts)."""
+    devices = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(d for d in dirnames if os.path.join(dirpath, d) not in _NOT_HOST_DEVICES)
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if path in _NOT_HOST_DEVICES:
+                continue
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                devices.append({"path": path, "type": "c" if stat.S_ISCHR(st.st_mode) else "b",
+                                "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
+                                "fileMode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid})
+    return devices
+
+
 def check_limits(memory: int | None, cpus: float | None) -> None:
     """docker's bounds for --memory and --cpus, as one error before anything is created."""
     if memory is not None and memory < MIN_MEMORY:
@@ -379,9 +403,10 @@ def build_spec(config: ImageConfig, rootfs: Path, etc_dir: Path, opts: ProcessOp
         spec["annotations"] = dict(host.labels)
     linux = spec["linux"]
     if host.privileged:
-        # Every capability, the whole of /proc and /sys, every device the cgroup controls.
+        # Every capability, the whole of /proc and /sys, the host's devices.
         linux["maskedPaths"], linux["readonlyPaths"] = [], []
         linux["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
+        linux["devices"] = host_devices()
     if host.memory is not None:
         linux["resources"]["memory"] = {"limit": host.memory}
     if host.cpus is not None:
