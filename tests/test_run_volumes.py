@@ -219,7 +219,7 @@ def test_bad_mount_and_host_flags_are_one_line_errors_and_create_nothing(env, lz
         (["-v", f"{tmp_path}:/etc/hosts"], "cannot mount over /etc/hosts"),
         (["-v", f"{tmp_path}:/d:rx"], "unknown option 'rx'"),
         (["-v", "bad/name:/d"], "invalid volume name 'bad/name'"),
-        (["-v", "../up:/d"], "invalid volume name '../up'"),
+        (["-v", "x*y:/d"], "invalid volume name 'x*y'"),
         (["--mount", "type=bind,source=/tmp,target=/d,bogus=1"], "unknown key 'bogus'"),
         (["--mount", "type=nfs,target=/d"], "type must be one of"),
         (["--mount", "type=bind,source=rel,target=/d"], "absolute host path"),
