@@ -229,6 +229,8 @@ class VolumeStore:
             meta = json.loads((vdir / "meta.json").read_text())
         except (OSError, ValueError):
             return None
+        if not isinstance(meta, dict) or not isinstance(meta.get("labels", {}), dict):
+            return None
         return Volume(name, vdir / "_data", float(meta.get("created", 0)), dict(meta.get("labels", {})),
                       bool(meta.get("anonymous", False)))
 
