@@ -9,8 +9,9 @@ import subprocess
 import time
 import pytest
 
+from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.lazy import push_soci_index, write_config
-from helpers.tricky_image import PASSWD, push_tricky_image
+from helpers.tricky_image import PASSWD, push_tricky_image, tricky_layers
 from test_run import LAZYOCI, env, leftovers, lz  # noqa: F401  (fixtures shared with test_run)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runc and overlay need root")
@@ -34,6 +35,22 @@ def test_run_of_a_missing_command_is_127_and_of_a_file_that_cannot_run_126(env, 
     assert lz("ps", "-a", "-q").stdout == ""       # nothing created is left
     # A command through a symlink of the image (an applet) still runs.
     assert lz("run", "--rm", env["tricky"], "/bin/echo", "ok").stdout == "ok\n"
+
+
+def test_a_command_only_root_may_execute_is_126_for_another_user(env, lz, registry):
+    layers = tricky_layers() + [make_layer([Entry("bin/rootonly", data=b"#!/bin/sh\necho root\n", mode=0o700)])]
+    push_image(registry.host, "exec/rootonly", layers, image_config(layers, cmd=["/bin/true"]), env["work"])
+    ref = f"{registry.host}/exec/rootonly:latest"
+    lz("pull", "-q", ref)
+    assert lz("run", "--rm", ref, "rootonly").stdout == "root\n"
+    _one_error_line(lz("run", "--rm", "-u", "app", ref, "rootonly", check=False), 126,
+                    'exec: "rootonly": permission denied')
+    _one_error_line(lz("run", "--rm", "-u", "app", ref, "/bin/rootonly", check=False), 126,
+                    'exec: "/bin/rootonly": permission denied')
+    cid = lz("run", "-d", ref, "sleep", "60").stdout.strip()
+    assert lz("exec", cid, "rootonly").stdout == "root\n"
+    _one_error_line(lz("exec", "-u", "app", cid, "rootonly", check=False), 126, 'exec: "rootonly": permission denied')
+    lz("rm", "-f", cid)
 
 
 def test_exec_runs_in_the_container_with_its_exit_code_env_user_and_workdir(env, lz):

@@ -48,14 +48,31 @@ def _under_mount(path: str, mount_targets: tuple[str, ...]) -> bool:
     return any(path == t or path.startswith(t.rstrip("/") + "/") for t in mount_targets)
 
 
-def check_command(root: Path, argv0: str, env: list[str], cwd: str, mount_targets: tuple[str, ...] = ()) -> None:
-    """Raise docker's error if `argv0` cannot be executed in the filesystem at `root`.
+def _may_execute(st: os.stat_result, user: dict | None) -> bool:
+    """Whether the process's user may execute the file (root: any x bit, as the kernel rules)."""
+    uid = (user or {}).get("uid", 0)
+    if uid == 0:
+        return bool(st.st_mode & 0o111)
+    gids = {(user or {}).get("gid", 0), *(user or {}).get("additionalGids", [])}
+    if st.st_uid == uid:
+        return bool(st.st_mode & 0o100)
+    if st.st_gid in gids:
+        return bool(st.st_mode & 0o010)
+    return bool(st.st_mode & 0o001)
+
+
+def check_command(root: Path, process: dict, mount_targets: tuple[str, ...] = ()) -> None:
+    """Raise docker's error if the runtime spec `process` cannot start in the filesystem at `root`.
 
     `root` is the container's root as this process sees it; paths under `mount_targets`
-    (volumes, not visible there) are left to the runtime."""
+    (volumes, not visible there) are left to the runtime. The lookup is the runtime's: a
+    name without `/` is searched in the process's PATH for a file with an x bit; then the
+    process's user must be allowed to execute it."""
+    argv0, cwd = process["args"][0], process.get("cwd") or "/"
     if "/" in argv0:
         candidates = [argv0 if argv0.startswith("/") else os.path.join(cwd, argv0)]
     else:
+        env = process.get("env", [])
         path_var = next((e.split("=", 1)[1] for e in env if e.startswith("PATH=")), DEFAULT_PATH.split("=", 1)[1])
         candidates = [os.path.join(d or ".", argv0) for d in path_var.split(":")]
         candidates = [c if c.startswith("/") else os.path.join(cwd, c) for c in candidates]
@@ -68,6 +85,8 @@ def check_command(root: Path, argv0: str, env: list[str], cwd: str, mount_target
         except OSError:
             st = None
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+            if not _may_execute(st, process.get("user")):
+                raise CommandNotExecutableError(f'exec: "{argv0}": permission denied')
             return
         if "/" in argv0:
             if st is None:
@@ -113,7 +132,7 @@ def exec_in_container(root: DataRoot, store: ContainerStore, name_or_id: str, op
         raise ContainerError(f"cannot read the bundle of container {rec.name}: {e}") from None
     croot = Path(f"/proc/{state['pid']}/root")
     process = _exec_process(spec, croot, opts)
-    check_command(croot, opts.args[0], process["env"], process["cwd"])
+    check_command(croot, process)
     pfile = cdir / f"exec-{secrets.token_hex(8)}.json"
     fd = os.open(pfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -142,9 +142,7 @@ class ContainerManager:
             write_file(cdir / ANONYMOUS_VOLUMES, json.dumps(anonymous).encode())
             host = dataclasses.replace(opts.host, mounts=tuple(volume_mounts))
             spec = build_spec(image.config, cdir / "rootfs", cdir / "etc", opts.process, host)
-            process = spec["process"]
-            check_command(cdir / "rootfs", process["args"][0], process["env"], process["cwd"],
-                          tuple(m["destination"] for m in volume_mounts))
+            check_command(cdir / "rootfs", spec["process"], tuple(m["destination"] for m in volume_mounts))
             write_bundle(cdir, spec)
         except BaseException:
             self.cleanup(rec, remove_volumes=True)
