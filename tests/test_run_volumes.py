@@ -55,6 +55,8 @@ def test_bind_mounts_read_write_and_read_only(env, lz, tmp_path):
     r = subprocess.run([LAZYOCI, "--root", str(env["root"]), "run", "--rm", "-v", "./host:/rel", env["tricky"],
                         "cat", "/rel/in.txt"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.stdout == "from host\n", r.stderr                        # relative to the current directory
+    r = lz("run", "--rm", "-v", f"{host}/in.txt:/etc/motd:ro", env["tricky"], "cat", "/etc/motd")
+    assert r.stdout == "from host\n"                                 # a single file, over the image's
     # -v creates a missing host directory (docker's rule); --mount refuses it.
     lz("run", "--rm", "-v", f"{tmp_path}/made:/made", env["tricky"], "touch", "/made/f")
     assert (tmp_path / "made" / "f").exists()
