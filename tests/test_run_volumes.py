@@ -57,6 +57,11 @@ def test_bind_mounts_read_write_and_read_only(env, lz, tmp_path):
     assert r.stdout == "from host\n", r.stderr                        # relative to the current directory
     r = lz("run", "--rm", "-v", f"{host}/in.txt:/etc/motd:ro", env["tricky"], "cat", "/etc/motd")
     assert r.stdout == "from host\n"                                 # a single file, over the image's
+    _one_error_line(lz("run", "--rm", "-v", f"{host}:/etc/motd", env["tricky"], "true", check=False),
+                    f"cannot mount the directory {host} over /etc/motd: it is not a directory in the image")
+    _one_error_line(lz("run", "-d", "-v", f"{host}/in.txt:/etc", env["tricky"], "true", check=False),
+                    f"cannot mount the file {host}/in.txt over /etc: it is a directory in the image")
+    assert lz("ps", "-a", "-q").stdout == ""
     # -v creates a missing host directory (docker's rule); --mount refuses it.
     lz("run", "--rm", "-v", f"{tmp_path}/made:/made", env["tricky"], "touch", "/made/f")
     assert (tmp_path / "made" / "f").exists()

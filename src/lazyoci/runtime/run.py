@@ -37,7 +37,7 @@ from lazyoci.runtime.containers import ContainerRecord, ContainerStore, process_
 from lazyoci.runtime.exec import check_command
 from lazyoci.runtime.monitor import STOPPED_MARK, MonitorSpec, spawn_monitor
 from lazyoci.runtime.runc import Runtime
-from lazyoci.runtime.volumes import MountRequest, VolumeStore, check_unique_targets
+from lazyoci.runtime.volumes import MountRequest, VolumeStore, check_mount_kinds, check_unique_targets
 from lazyoci.snapshot.mount import mount_all, unmount
 from lazyoci.snapshot.registry import get_snapshotter
 from lazyoci.store.layout import DataRoot
@@ -140,6 +140,7 @@ class ContainerManager:
             mount_all(mounts, cdir / "rootfs")
             volume_mounts, anonymous = VolumeStore(self.root).spec_mounts(list(opts.mounts), cdir / "rootfs")
             write_file(cdir / ANONYMOUS_VOLUMES, json.dumps(anonymous).encode())
+            check_mount_kinds(cdir / "rootfs", volume_mounts)
             host = dataclasses.replace(opts.host, mounts=tuple(volume_mounts))
             spec = build_spec(image.config, cdir / "rootfs", cdir / "etc", opts.process, host)
             check_command(cdir / "rootfs", spec["process"], tuple(m["destination"] for m in volume_mounts))

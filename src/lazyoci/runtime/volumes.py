@@ -350,3 +350,21 @@ def disk_usage(path: Path) -> int:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_blocks * 512
     return total
+
+
+def check_mount_kinds(rootfs: Path, mounts: list[dict]) -> None:
+    """A directory cannot be mounted over a file of the image, nor a file over a directory:
+    one clear error instead of the runtime's (the target resolved inside the rootfs)."""
+    for m in mounts:
+        if m["type"] != "bind":
+            continue
+        target = resolve_in_root(rootfs, m["destination"])
+        if target is None or not os.path.lexists(target):
+            continue                   # the runtime creates it
+        source_is_dir, target_is_dir = os.path.isdir(m["source"]), target.is_dir()
+        if source_is_dir and not target_is_dir:
+            raise ConfigError(f"cannot mount the directory {m['source']} over {m['destination']}: "
+                              "it is not a directory in the image")
+        if target_is_dir and not source_is_dir:
+            raise ConfigError(f"cannot mount the file {m['source']} over {m['destination']}: "
+                              "it is a directory in the image")
