@@ -9,7 +9,7 @@ APT_PACKAGES := docker-registry skopeo umoci runc flatbuffers-compiler pigz zstd
 	fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv apache2-utils \
 	mmdebstrap iproute2 util-linux busybox-static strace
 
-.PHONY: deps test demo bench clean
+.PHONY: deps test demo bench fuzz clean
 
 # System packages: apt-get update first (a fresh machine has no lists).
 # Depends on the Makefile so that a package added to APT_PACKAGES gets installed.
@@ -32,6 +32,13 @@ deps: $(VENV)/.installed
 
 test: deps
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The parsers' fuzz targets for longer (FUZZ_SECONDS each, default 10 min), keeping the corpus
+# in .fuzz-corpus/ so that coverage grows from run to run; crashes fail the run with a reproducer.
+FUZZ_SECONDS ?= 600
+fuzz: deps
+	LAZYOCI_FUZZ_SECONDS=$(FUZZ_SECONDS) LAZYOCI_FUZZ_CORPUS=$(CURDIR)/.fuzz-corpus \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_hardening_fuzz.py -k survives $(PYTEST_ARGS)
 
 demo: deps
 	$(PY) demo/demo.py

@@ -9,6 +9,9 @@
     soci:
       cache_dir: /var/lib/lazyoci/soci/cache
       cache_max_bytes: 0            # 0 = no limit
+      fetch_timeout_seconds: 30     # a span fetch fails (EIO) after this, retries included; 0 = never
+      fetch_min_bytes_per_second: 16384   # slower over a whole window: retried; 0 = no minimum
+      fetch_rate_window_seconds: 5  # that window (also the longest wait for a first byte)
       background_fetch: true
       background_quiet_seconds: 30
       background_interval_ms: 500
@@ -55,6 +58,9 @@ def default_config_path() -> Path:
 class SociConfig:
     cache_dir: Path | None = None          # None: <root>/soci/cache
     cache_max_bytes: int = 0
+    fetch_timeout_seconds: float = 30.0     # = registry.options.RANGE_LIMITS; 0: no deadline
+    fetch_min_bytes_per_second: int = 16384
+    fetch_rate_window_seconds: float = 5.0
     background_fetch: bool = True
     background_quiet_seconds: float = 30.0
     background_interval_ms: int = 500
@@ -214,6 +220,8 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 def _parse_soci(doc: dict, path: Path) -> SociConfig:
     lines = doc.get("__lines__", {})
     known = {
+        "fetch_timeout_seconds": (int, float), "fetch_min_bytes_per_second": int,
+        "fetch_rate_window_seconds": (int, float),
         "cache_dir": str, "cache_max_bytes": int, "background_fetch": bool,
         "background_quiet_seconds": (int, float), "background_interval_ms": int,
     }
@@ -233,5 +241,7 @@ def _parse_soci(doc: dict, path: Path) -> SociConfig:
             raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.{key} has the wrong type")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.{key} must not be negative")
+        if key == "fetch_rate_window_seconds" and value == 0:
+            raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.{key} must be more than 0")
         values[key] = Path(value) if key == "cache_dir" else value
     return SociConfig(**values)

@@ -13,8 +13,11 @@ back at the proxy) unless a fault says otherwise. Usage:
 
 Fault kinds (a fault applies to the next `times` matching requests; times=None: always):
 - "status":       answer `status` (401, 403, 404, 429, 500 ...) with a registry-style JSON error
-                  body and `headers` (e.g. Retry-After), without contacting the registry
+                  body and `headers` (429 with headers={"Retry-After": "1"}: rate limiting),
+                  without contacting the registry
 - "corrupt":      forward, then flip one byte of the body (at `at`, default the middle)
+- "wrong_bytes":  forward, then answer other bytes of the same length and status (a registry or
+                  cache serving another blob's content under this digest)
 - "truncate":     forward, but send only `at` bytes (default half) with a matching Content-Length
 - "reset":        forward, send the full Content-Length header and `at` bytes (default half),
                   then reset the TCP connection (RST, after a 0.1 s pause so the bytes arrive first:
@@ -23,6 +26,8 @@ Fault kinds (a fault applies to the next `times` matching requests; times=None: 
 - "ignore_range": forward without the Range header, so the registry answers 200 with the whole blob
 - "redirect":     answer 307 with `location` (a URL) instead of contacting the registry
 - "delay":        sleep `seconds` before forwarding (slow registries, timeouts)
+- "drip":         forward, send the headers at once, then the body at `rate` bytes per second
+                  (a stalling registry: rate=0.05 is one byte every 20 s; a slow link: 1e6)
 Faults are checked in the order added; the first match wins. The list may be changed at
 any time from the test thread (`add`, `clear`, or assigning `faults`).
 """
@@ -32,6 +37,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import socket
 import struct
 import threading
@@ -56,6 +62,7 @@ class Fault:
     at: int | None = None           # byte offset for corrupt / truncate / reset
     location: str = ""              # for "redirect"
     seconds: float = 0.0            # for "delay"
+    rate: float = 0.0               # for "drip": bytes per second
     headers: dict[str, str] = field(default_factory=dict)
     message: str = ""               # for "status": the errors[].message (default: a standard text)
     applied: int = 0                # how many times it fired
@@ -253,6 +260,8 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             conn.close()
         cut = None
+        if fault and fault.kind == "wrong_bytes":
+            data = bytes(b ^ 0x5A for b in data)
         if fault and fault.kind in ("corrupt", "truncate", "reset", "close") and data:
             at = fault.at if fault.at is not None else len(data) // 2
             at = max(0, min(at, len(data) - 1))
@@ -274,8 +283,11 @@ class _Handler(BaseHTTPRequestHandler):
         sent = 0
         if method != "HEAD":
             payload = data if cut is None else data[:cut]
-            self.wfile.write(payload)
-            sent = len(payload)
+            if kind == "drip":
+                sent = self._drip(payload, fault.rate)
+            else:
+                self.wfile.write(payload)
+                sent = len(payload)
         self.owner.record(RequestRecord(method, path, status, self.headers.get("Range"), sent, kind))
         if cut is not None and fault.kind == "reset":
             self._reset_connection()
@@ -283,6 +295,36 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _drip(self, payload: bytes, rate: float) -> int:
+        """Send `payload` at `rate` bytes/s, ten writes a second (one byte at a time when slower);
+        stops early, quietly, when the client goes away. Returns the bytes sent."""
+        step = max(1, int(rate / 10))
+        sent = 0
+        try:
+            while sent < len(payload):
+                self.wfile.write(payload[sent:sent + step])
+                self.wfile.flush()
+                sent += len(payload[sent:sent + step])
+                if sent < len(payload) and self._client_left_within(step / rate):
+                    break
+        except OSError:
+            pass
+        self.close_connection = True
+        return sent
+
+    def _client_left_within(self, seconds: float) -> bool:
+        """Wait `seconds`, returning early (True) if the client closes the connection."""
+        readable, _, _ = select.select([self.connection], [], [], seconds)
+        if not readable:
+            return False
+        try:
+            if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                return True
+        except OSError:
+            return True
+        time.sleep(seconds)     # the client sent something (not an HTTP/1.1 client's habit): keep the pace
+        return False
 
     def _answer_error(self, fault: Fault) -> None:
         code = _ERROR_CODES.get(fault.status, "UNKNOWN")

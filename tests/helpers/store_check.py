@@ -9,10 +9,11 @@ import tarfile
 from pathlib import Path
 
 
-def assert_store_consistent(root: Path, allow_unreferenced: bool = False) -> None:
+def assert_store_consistent(root: Path, allow_unreferenced: bool = False,
+                            allow_partial_files: bool = False) -> None:
     tmp = root / "tmp"
     leftovers = list(tmp.iterdir()) if tmp.exists() else []
-    assert leftovers == [], f"half-written files left in {tmp}: {leftovers}"
+    assert allow_partial_files or leftovers == [], f"half-written files left in {tmp}: {leftovers}"
     blobs_dir = root / "blobs" / "sha256"
     on_disk = {f"sha256:{p.name}": p for p in blobs_dir.iterdir()} if blobs_dir.exists() else {}
     for digest, path in on_disk.items():

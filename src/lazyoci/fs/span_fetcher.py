@@ -51,6 +51,10 @@ FetchRange = Callable[[int, int], bytes]     # compressed blob bytes [start, end
 MAX_SPANS_PER_REQUEST = 16                   # spans per Range request ...
 MAX_REQUEST_BYTES = 128 << 20                # ... and their compressed + inflated bytes (16 x 2 x 4 MiB)
 ATTEMPTS = 3
+# A span whose fetch just failed (a stalled registry, after its retries) fails again at once for
+# this long: the kernel asks again for the page of a failed read-ahead straight away, and that
+# request should not wait for the registry's deadline a second time.
+RECENT_FAILURE_SECONDS = 2.0
 READ_AHEAD_SPANS = 4                         # spans queued past a missed read
 READ_AHEAD_BYTES = 8 << 20                   # ... and at most this many compressed bytes
 READ_AHEAD_INFLATED = 32 << 20               # ... and inflated bytes (a larger span: no read-ahead)
@@ -96,6 +100,7 @@ class SpanFetcher:
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
         self._ahead: set[int] = set()             # spans queued or brought in by read-ahead, not read yet
+        self._failed: dict[int, tuple[float, str]] = {}   # span -> (monotonic time its fetch failed, why)
         self.last_demand = 0.0                    # monotonic time of the last on-demand fetch
 
     # -- public --------------------------------------------------------------
@@ -208,6 +213,7 @@ class SpanFetcher:
         claimed: dict[int, Future] = {}
         waiting: dict[int, Future] = {}
         with self._lock:
+            self._refuse_recent_failures(spans)
             for i in spans:
                 if self.cache.has(i):
                     continue
@@ -282,6 +288,8 @@ class SpanFetcher:
             blob = self.fetch_range(lo, hi)
         except LazyociError as e:
             log.error("layer %s: fetching spans %d-%d failed: %s", self.layer_digest, group[0], group[-1], e)
+            with self._lock:
+                self._failed.update((i, (time.monotonic(), str(e))) for i in group)
             self._fail(group, e)
             raise
         if on_transfer is not None:
@@ -328,8 +336,20 @@ class SpanFetcher:
                 if fut is not None and fut.done() and fut.exception() is None:
                     del self._inflight[i]
 
+    def _refuse_recent_failures(self, spans: range | list[int]) -> None:
+        """LazyociError if a span not on its way failed to fetch moments ago (lock held)."""
+        if not self._failed:
+            return
+        now = time.monotonic()
+        for i in spans:
+            failed = self._failed.get(i)
+            if failed is not None and now - failed[0] < RECENT_FAILURE_SECONDS and i not in self._inflight:
+                raise LazyociError(f"layer {self.layer_digest}: span {i} failed {now - failed[0]:.1f}s ago "
+                                   f"and is not asked for again yet: {failed[1]}")
+
     def _resolve(self, i: int, data: bytes) -> None:
         with self._lock:
+            self._failed.pop(i, None)
             fut = self._inflight.get(i)
         if fut is not None and not fut.done():
             fut.set_result(data)

@@ -16,6 +16,42 @@ from lazyoci.oci.digest import Digest, sha256_digest
 from lazyoci.oci.platform import Platform
 
 
+def _text(value: Any, what: str, default: str | None = None) -> str | None:
+    """A JSON string field (or its default when absent); FormatError for any other JSON type."""
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise FormatError(f"{what} is not a string")
+    return value
+
+
+def _texts(value: Any, what: str) -> tuple[str, ...]:
+    """A JSON list of strings (absent: empty); a bare string is refused, never split into characters."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FormatError(f"{what} is not a list of strings")
+    return tuple(value)
+
+
+def _text_map(value: Any, what: str) -> dict[str, str]:
+    """A JSON object of string values (annotations, labels); absent: empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise FormatError(f"{what} is not an object of strings")
+    return dict(value)
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """A JSON object field (absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise FormatError(f"{what} is not a JSON object")
+    return value
+
+
 @dataclass(frozen=True)
 class Descriptor:
     media_type: str
@@ -36,18 +72,20 @@ class Descriptor:
             size = obj["size"]
         except KeyError as e:
             raise FormatError(f"descriptor lacks {e.args[0]!r}") from None
-        if not isinstance(size, int) or size < 0 or not isinstance(media_type, str):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(media_type, str):
             raise FormatError(f"descriptor {digest!r} has an invalid size or media type")
+        if not isinstance(digest, str):
+            raise FormatError(f"descriptor digest {digest!r} is not a string")
         Digest.parse(digest)
         plat = obj.get("platform")
         return cls(
             media_type=media_type,
             digest=digest,
             size=size,
-            annotations=dict(obj.get("annotations") or {}),
+            annotations=_text_map(obj.get("annotations"), f"annotations of {digest}"),
             platform=Platform.from_json(plat) if isinstance(plat, dict) else None,
-            artifact_type=obj.get("artifactType"),
-            urls=tuple(obj.get("urls") or ()),
+            artifact_type=_text(obj.get("artifactType"), f"artifactType of {digest}"),
+            urls=_texts(obj.get("urls"), f"urls of {digest}"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -77,7 +115,7 @@ def load_json_object(raw: bytes, what: str) -> dict[str, Any]:
 def detect_media_type(raw: bytes, header_type: str | None = None) -> str:
     """The media type of a manifest: its own mediaType field, else the HTTP header, else by shape."""
     obj = load_json_object(raw, "manifest")
-    mtype = obj.get("mediaType") or header_type
+    mtype = _text(obj.get("mediaType"), "manifest mediaType") or header_type
     if mtype in mt.ALL_MANIFESTS:
         return mtype
     if "manifests" in obj:
@@ -119,9 +157,9 @@ class Manifest:
             media_type=mtype,
             config=Descriptor.from_json(obj["config"]),
             layers=tuple(Descriptor.from_json(d) for d in obj.get("layers") or []),
-            annotations=dict(obj.get("annotations") or {}),
+            annotations=_text_map(obj.get("annotations"), "manifest annotations"),
             subject=Descriptor.from_json(subj) if subj else None,
-            artifact_type=obj.get("artifactType"),
+            artifact_type=_text(obj.get("artifactType"), "manifest artifactType"),
         )
 
     def descriptor(self) -> Descriptor:
@@ -153,7 +191,7 @@ class Index:
             raw=raw,
             media_type=mtype,
             manifests=tuple(Descriptor.from_json(d) for d in obj["manifests"]),
-            annotations=dict(obj.get("annotations") or {}),
+            annotations=_text_map(obj.get("annotations"), "index annotations"),
         )
 
     def image_manifests(self) -> list[Descriptor]:
@@ -206,6 +244,7 @@ class ImageConfig:
     @classmethod
     def parse(cls, raw: bytes) -> "ImageConfig":
         obj = load_json_object(raw, "image config")
+        _check_config_fields(obj)
         rootfs = obj.get("rootfs") or {}
         diff_ids = rootfs.get("diff_ids") or []
         for d in diff_ids:
@@ -269,3 +308,15 @@ def chain_ids(diff_ids: list[str] | tuple[str, ...]) -> list[str]:
     for d in diff_ids:
         out.append(d if not out else sha256_digest(f"{out[-1]} {d}".encode()))
     return out
+
+
+def _check_config_fields(obj: dict[str, Any]) -> None:
+    """The JSON types of an image config's top-level fields, rootfs and labels, so that a
+    malformed config is one FormatError rather than whatever a later use of the value raises."""
+    rootfs = _object(obj.get("rootfs"), "image config rootfs")
+    _texts(rootfs.get("diff_ids"), "image config diff_ids")
+    for key in ("os", "architecture", "variant", "created"):
+        _text(obj.get(key), f"image config {key}")
+    cfg = _object(obj.get("config"), "image config config")
+    _text_map(cfg.get("Labels"), "image config Labels")
+    _text(cfg.get("StopSignal"), "image config StopSignal")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform as _platform
 from dataclasses import dataclass
 
-from lazyoci.errors import ConfigError
+from lazyoci.errors import ConfigError, FormatError
 
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
          "armv7l": "arm", "armv6l": "arm", "i686": "386", "i386": "386",
@@ -35,7 +35,10 @@ class Platform:
 
     @classmethod
     def from_json(cls, obj: dict) -> "Platform":
-        return cls(obj.get("os", ""), obj.get("architecture", ""), obj.get("variant") or None)
+        values = [obj.get("os") or "", obj.get("architecture") or "", obj.get("variant") or None]
+        if not all(v is None or isinstance(v, str) for v in values):
+            raise FormatError(f"platform {obj!r} has a field that is not a string")
+        return cls(*values)
 
     def to_json(self) -> dict:
         out = {"architecture": self.architecture, "os": self.os}

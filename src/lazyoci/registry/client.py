@@ -65,6 +65,21 @@ class RegistryClient:
     def close(self) -> None:
         self.transport.close()
 
+    def cancel(self) -> None:
+        """End every blob transfer in flight with a RegistryError and refuse new ones; for a
+        process that is stopping while threads wait on a stalled registry."""
+        self.transport.cancel()
+
+    @property
+    def last_refusal(self) -> float:
+        """Monotonic time of the last transfer cancelled or refused since `cancel()` (0: none)."""
+        return self.transport.cancellation.last_refusal
+
+    @property
+    def transfers_in_flight(self) -> int:
+        """Blob downloads and Range reads under way (after `cancel()`: still ending)."""
+        return self.transport.transfers_in_flight
+
     def __enter__(self) -> "RegistryClient":
         return self
 

@@ -5,7 +5,9 @@
   HTTP; every other host is HTTPS with verification. Pulls try the configured
   mirrors first (containerd hosts.toml style) and fall back to the upstream.
 - Retries with exponential backoff on connection errors, 429 and 5xx
-  (honouring Retry-After); 401 triggers one authentication round.
+  (honouring Retry-After); 401 triggers one authentication round. A transfer
+  with a `TransferGuard` (blob downloads) never waits past its deadline, and
+  `cancel()` ends every transfer in flight at once.
 - Redirects are followed by hand so that the registry's Authorization header
   never reaches another host (blob storage behind pre-signed URLs).
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
@@ -27,7 +31,8 @@ from lazyoci.errors import AuthError, NotFoundError, RegistryError
 from lazyoci.oci.reference import DEFAULT_REGISTRY, DOCKER_HUB_HOST, is_loopback_registry
 from lazyoci.registry.auth import Authenticator
 from lazyoci.registry.credentials import Credentials
-from lazyoci.registry.options import RegistryOptions
+from lazyoci.registry.options import RegistryOptions, TransferLimits
+from lazyoci.registry.transfer import Cancellation, TransferGuard
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,7 @@ _MAX_REDIRECTS = 10
 _MAX_RETRY_AFTER = 10.0
 _BASE_BACKOFF = 0.2
 _MIRROR_RETRY_AFTER = 30.0
+_CONNECT_TIMEOUT = 15.0
 
 
 class Body:
@@ -116,7 +122,7 @@ class Transport:
 
     def __init__(self, options: RegistryOptions, credentials: Callable[[str], Credentials | None]) -> None:
         self.options = options
-        timeout = httpx.Timeout(options.timeout, connect=min(options.timeout, 15.0))
+        timeout = httpx.Timeout(options.timeout, connect=min(options.timeout, _CONNECT_TIMEOUT))
         common: dict[str, Any] = dict(
             timeout=timeout, follow_redirects=False,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
@@ -128,10 +134,55 @@ class Transport:
         self._lock = threading.Lock()
         self._working: dict[str, Endpoint] = {}   # registry -> upstream endpoint that answered
         self._dead_mirrors: dict[str, float] = {}  # mirror base -> monotonic time to try it again
+        self.cancellation = Cancellation()
+        self._receiving: set[httpx.Response] = set()   # bodies being read, for cancel()
+        self.transfers_in_flight = 0
 
     def close(self) -> None:
         self._verified.close()
         self._unverified.close()
+
+    def cancel(self) -> None:
+        """End every guarded transfer now and refuse new ones (the service is stopping).
+
+        A thread blocked reading a body is woken by shutting its socket down; one waiting for
+        an answer's headers wakes within its read timeout (one rate window at most)."""
+        self.cancellation.set()
+        with self._lock:
+            receiving = list(self._receiving)
+        for resp in receiving:
+            _shutdown(resp)
+
+    @contextmanager
+    def transfer(self, limits: TransferLimits, what: str) -> Iterator[TransferGuard]:
+        """A blob transfer from start to end: its guard (deadline and rate floor, ended early
+        by `cancel()`), and a count of transfers in flight for a process that is stopping."""
+        with self._lock:
+            self.transfers_in_flight += 1
+        try:
+            yield TransferGuard(limits, self.cancellation, what)
+        finally:
+            with self._lock:
+                self.transfers_in_flight -= 1
+
+    @contextmanager
+    def receiving(self, resp: httpx.Response) -> Iterator[httpx.Response]:
+        """Mark a response whose body is being read, so that `cancel()` can interrupt it."""
+        with self._lock:
+            self._receiving.add(resp)
+        try:
+            if self.cancellation.is_set():
+                _shutdown(resp)
+            yield resp
+        finally:
+            with self._lock:
+                self._receiving.discard(resp)
+
+    def _pause(self, seconds: float, guard: TransferGuard | None, failure: str) -> None:
+        if guard is not None:
+            guard.pause(seconds, failure)
+        elif self.cancellation.wait(seconds):
+            raise self.cancellation.refuse(failure)
 
     def _client_for(self, url: httpx.URL) -> httpx.Client:
         host = url.netloc.decode()
@@ -156,7 +207,8 @@ class Transport:
     def send(self, registry: str, method: str, path: str, *, scopes: tuple[str, ...],
              headers: dict[str, str] | None = None, content: "bytes | Body | None" = None,
              params: dict[str, str] | None = None, stream: bool = False,
-             mirrors: bool = False, authenticate: bool = True) -> tuple[Endpoint, httpx.Response]:
+             mirrors: bool = False, authenticate: bool = True,
+             guard: TransferGuard | None = None) -> tuple[Endpoint, httpx.Response]:
         """Send to the mirrors (pulls, when `mirrors`) and then the upstream, returning the first
         usable answer and the endpoint that gave it. A mirror that fails or errors is skipped;
         the upstream's answer is returned whatever its status (see `raise_for_status`)."""
@@ -174,7 +226,7 @@ class Transport:
             try:
                 resp = self.request(ep, method, path, scopes=scopes, headers=headers, content=content,
                                     params=params, stream=stream, retries=retries,
-                                    authenticate=authenticate)
+                                    authenticate=authenticate, guard=guard)
             except RegistryError as e:
                 last_exc = e
                 if final:
@@ -201,11 +253,12 @@ class Transport:
     def request(self, ep: Endpoint, method: str, target: str, *, scopes: tuple[str, ...],
                 headers: dict[str, str] | None = None, content: "bytes | Body | None" = None,
                 params: dict[str, str] | None = None, stream: bool = False,
-                retries: int | None = None, authenticate: bool = True) -> httpx.Response:
+                retries: int | None = None, authenticate: bool = True,
+                guard: TransferGuard | None = None) -> httpx.Response:
         """One logical request to `ep` (path "/v2/..." or an absolute URL from a Location header).
 
         Returns the final response of any status; raises RegistryError only when the
-        endpoint cannot be reached after the retries."""
+        endpoint cannot be reached after the retries (or, with a `guard`, in time)."""
         retries = self.options.max_retries if retries is None else retries
         url = httpx.URL(target if "://" in target else ep.url(target))
         if ep.mirror and ep.namespace:
@@ -216,13 +269,18 @@ class Transport:
         reauthed = not authenticate
         attempt = 0
         while True:
+            timeout = None
+            if guard is not None:
+                guard.check()
+                timeout = guard.timeout(self.options.timeout, min(self.options.timeout, _CONNECT_TIMEOUT))
             try:
-                resp = self._follow(ep, method, url, dict(headers or {}), content, stream, auth)
+                resp = self._follow(ep, method, url, dict(headers or {}), content, stream, auth, timeout)
             except httpx.TransportError as e:
+                failure = f"cannot reach registry {ep.host}: {describe(e)}"
                 if attempt >= retries:
-                    raise RegistryError(f"cannot reach registry {ep.host}: {describe(e)}") from None
+                    raise RegistryError(failure) from None
                 log.debug("%s %s: %s; retry %d", method, url, describe(e), attempt + 1)
-                time.sleep(backoff(attempt))
+                self._pause(backoff(attempt), guard, failure)
                 attempt += 1
                 continue
             if resp.status_code == 401 and not reauthed and _origin(resp.url) == _origin(url):
@@ -235,15 +293,20 @@ class Transport:
                 return resp
             if resp.status_code in RETRY_STATUSES and attempt < retries:
                 delay = retry_after(resp, attempt)
+                if guard is not None and not guard.fits(delay):
+                    log.debug("%s %s: HTTP %d; a retry in %.1fs would pass the deadline",
+                              method, url, resp.status_code, delay)
+                    return resp      # the caller reports the registry's own answer
                 log.debug("%s %s: HTTP %d; retry %d in %.1fs", method, url, resp.status_code, attempt + 1, delay)
                 resp.close()
-                time.sleep(delay)
+                self._pause(delay, guard, f"{ep.host} answered HTTP {resp.status_code}")
                 attempt += 1
                 continue
             return resp
 
     def _follow(self, ep: Endpoint, method: str, url: httpx.URL, headers: dict[str, str],
-                content: "bytes | Body | None", stream: bool, auth: str | None) -> httpx.Response:
+                content: "bytes | Body | None", stream: bool, auth: str | None,
+                timeout: httpx.Timeout | None = None) -> httpx.Response:
         origin = _origin(url)
         explicit = headers.pop("Authorization", None)
         auth = auth or explicit
@@ -257,7 +320,8 @@ class Transport:
                 else self._client_for(url)
             if isinstance(content, Body):
                 sent["Content-Length"] = str(len(content))   # a known length, not chunked encoding
-            request = client.build_request(method, url, headers=sent, content=content)
+            request = client.build_request(method, url, headers=sent, content=content,
+                                           timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout)
             resp = client.send(request, stream=stream)
             location = resp.headers.get("location")
             if resp.status_code not in _REDIRECTS or not location:
@@ -267,6 +331,17 @@ class Transport:
             if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
                 method, content = ("GET" if method != "HEAD" else "HEAD"), None
         raise RegistryError(f"{ep.host}: too many redirects for {method} {url}")
+
+
+def _shutdown(resp: httpx.Response) -> None:
+    """Shut the socket under a response down, waking a thread blocked reading its body."""
+    stream = resp.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:     # already closed
+            pass
 
 
 def backoff(attempt: int) -> float:

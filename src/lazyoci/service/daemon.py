@@ -26,6 +26,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyfuse3
@@ -40,6 +41,9 @@ from lazyoci.store.layout import DataRoot
 
 log = logging.getLogger("lazyoci.service")
 MAX_REQUEST = 1 << 20
+_DRAIN_QUIET_SECONDS = 0.3     # at shutdown: FUSE answered until no fetch was refused for this long
+_DRAIN_MAX_SECONDS = 10.0      # ... but no longer than this (a fetch waiting for headers ends within
+                               # one soci.fetch_rate_window_seconds)
 
 
 def _rss_bytes() -> int:
@@ -195,7 +199,20 @@ class Service:
         raise LazyociError(f"unknown request {op!r}")
 
     async def _shutdown(self) -> None:
+        """Stop in seconds even while reads wait on a stalled registry: cancelling the registry
+        client first makes every fetch in flight fail, so the FUSE requests waiting on them are
+        answered with EIO and the FUSE loop, which waits for its requests, can end.
+
+        The loop goes on answering until no fetch is under way and none has been turned away
+        for a moment: a reader whose read failed asks the kernel again, and that request too
+        gets EIO, not ENOTCONN from a session that is gone."""
         log.info("shutdown requested")
+        client = self.layers.client
+        client.cancel()
+        give_up = time.monotonic() + _DRAIN_MAX_SECONDS
+        while time.monotonic() < give_up and (client.transfers_in_flight or
+                                              time.monotonic() - client.last_refusal < _DRAIN_QUIET_SECONDS):
+            await trio.sleep(0.05)
         pyfuse3.terminate()
         self._cancel.cancel()
 

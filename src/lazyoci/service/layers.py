@@ -82,6 +82,7 @@ class LayerManager:
 
     def __init__(self, root: DataRoot, config: Config, fs: LayerFS) -> None:
         from lazyoci.registry import RegistryClient, RegistryOptions   # A1's client
+        from lazyoci.registry.options import TransferLimits
 
         self.root = root
         self.config = config
@@ -93,6 +94,9 @@ class LayerManager:
             cache_dir = (config.path.parent if config.path else root.path) / cache_dir
         self.cache = SpanCache(cache_dir, config.soci.cache_max_bytes)
         self.client = RegistryClient(RegistryOptions(
+            range_limits=TransferLimits(deadline=config.soci.fetch_timeout_seconds or None,
+                                        min_bytes_per_second=config.soci.fetch_min_bytes_per_second,
+                                        rate_window=config.soci.fetch_rate_window_seconds),
             insecure_registries=config.insecure_registries, mirrors=dict(config.registry_mirrors)))
         self._meta: dict[tuple[str, str], tuple[str, float]] = {}   # view -> (ref, monotonic mount time)
         self._refs: dict[tuple[str, str], list[Reference]] = {}      # view -> where to fetch, best first

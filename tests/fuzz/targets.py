@@ -1,0 +1,127 @@
+"""The fuzz targets: each feeds one input to a parser lazyoci runs on untrusted bytes.
+
+The property every target checks: an input either parses or raises a
+`LazyociError` subclass. Any other exception escapes to the fuzzer and is
+reported as a crash; a hang or unbounded memory is caught by libFuzzer's
+`-timeout` and `-rss_limit_mb`. Parsed results are walked (entries, spans,
+checkpoints, descriptors) so that lazily decoded fields are exercised too.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+from lazyoci.config import load_config
+from lazyoci.errors import LazyociError
+from lazyoci.oci import mediatypes as mt
+from lazyoci.oci.manifest import ImageConfig, Index, Manifest, parse_any
+from lazyoci.oci.reference import Reference
+from lazyoci.snapshot.layerstream import ForwardFile
+from lazyoci.snapshot.tarstream import iter_members
+from lazyoci.soci.index import SociIndex
+from lazyoci.ztoc.reader import Ztoc
+from lazyoci.ztoc.toc import TocBuilder
+from lazyoci.ztoc.zinfo import GzipCheckpoints
+
+_ENTRY_WALK = 2000        # entries and spans walked per input: enough for coverage, bounded in time
+
+
+def tar_stream(data: bytes) -> None:
+    """snapshot/tarstream.py: the header reader of full unpacks."""
+    for member in iter_members(ForwardFile(io.BytesIO(data))):
+        member.isreg(), member.isdir(), member.issym(), member.islnk()
+
+
+def toc_builder(data: bytes) -> None:
+    """ztoc/toc.py: the streaming TOC builder of zTOC builds, fed in two chunks."""
+    cut = data[0] * 7 if data else 0
+    builder = TocBuilder()
+    builder.feed(data[1:1 + cut])
+    builder.feed(memoryview(data)[1 + cut:])
+    builder.finish()
+
+
+def ztoc(data: bytes) -> None:
+    """ztoc/reader.py: `Ztoc.parse`, then every lazily decoded entry and span."""
+    z = Ztoc.parse(data)
+    repr(z)
+    for i in range(min(len(z), _ENTRY_WALK)):
+        z.entry(i)
+    for i in range(min(z.num_spans, _ENTRY_WALK)):
+        z.span_digest(i), z.span_compressed_range(i), z.span_uncompressed_range(i)
+    z.spans_for(0, z.uncompressed_size)
+    points = z.checkpoints
+    if points is not None:
+        for i in range(min(points.count, _ENTRY_WALK)):
+            points.window(i)
+
+
+def zinfo(data: bytes) -> None:
+    """ztoc/zinfo.py: a zinfo checkpoint blob (v1 or v2) on its own; the first 8 bytes give the
+    layer's compressed size the checkpoints are checked against."""
+    size = int.from_bytes(data[:8], "little", signed=True)
+    points = GzipCheckpoints(data[8:], size)
+    for i in range(min(points.count, _ENTRY_WALK)):
+        points.window(i)
+
+
+def soci_index(data: bytes) -> None:
+    """soci/index.py: a SOCI index manifest (v1 or v2)."""
+    index = SociIndex.parse(data)
+    index.digest, index.size, index.artifact_type, index.build_tool
+    index.descriptor(), index.layer_map()
+
+
+_MEDIA_TYPES = (None, mt.OCI_MANIFEST, mt.OCI_INDEX, mt.DOCKER_MANIFEST, mt.DOCKER_MANIFEST_LIST)
+
+
+def manifest(data: bytes) -> None:
+    """oci/manifest.py: manifests, indexes and image configs (the first byte picks the parser)."""
+    choice, raw = (data[0], data[1:]) if data else (0, data)
+    kind = choice % 4
+    if kind == 0:
+        parsed = parse_any(raw, _MEDIA_TYPES[choice // 4 % len(_MEDIA_TYPES)])
+        if isinstance(parsed, Index):
+            parsed.image_manifests()
+        parsed.digest
+    elif kind == 1:
+        Manifest.parse(raw).descriptor()
+    elif kind == 2:
+        Index.parse(raw).image_manifests()
+    else:
+        config = ImageConfig.parse(raw)
+        config.digest, config.platform
+
+
+def reference(data: bytes) -> None:
+    """oci/reference.py: image references as typed by a user or found in a record."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return            # the CLI and the records only ever hand over str
+    ref = Reference.parse(text)
+    str(ref), ref.name, ref.api_host, ref.object, ref.familiar()
+
+
+def config_file(data: bytes) -> None:
+    """config.py: the YAML config file, from its bytes on disk (in the working directory, which
+    the test makes a temporary one)."""
+    path = Path.cwd() / "fuzz-config.yaml"
+    path.write_bytes(data)
+    load_config(path)
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "tar_stream": tar_stream, "toc_builder": toc_builder, "ztoc": ztoc, "zinfo": zinfo,
+    "soci_index": soci_index, "manifest": manifest, "reference": reference, "config_file": config_file,
+}
+
+
+def run_one(target: Callable[[bytes], None], data: bytes) -> None:
+    """The property: parse or a LazyociError; anything else propagates to the fuzzer."""
+    try:
+        target(data)
+    except LazyociError:
+        pass

@@ -1,0 +1,93 @@
+"""Coverage-guided fuzzing (atheris) of every parser of untrusted bytes, for a bounded time.
+
+Each target runs in its own process (libFuzzer exits when done) from a seed corpus made of
+real objects (tests/fuzz/seeds.py). The property: any input parses or raises a LazyociError,
+never another exception, a hang (-timeout) or unbounded memory (-rss_limit_mb).
+`make fuzz` runs the same targets longer (LAZYOCI_FUZZ_SECONDS) and keeps the corpus
+(LAZYOCI_FUZZ_CORPUS) so that coverage grows from run to run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
+import targets  # noqa: E402
+from seeds import write_corpus  # noqa: E402
+
+needs_atheris = pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
+                                   reason="atheris is not installed (pip install -e '.[test]')")
+
+RUNNER = Path(__file__).parent / "fuzz" / "run.py"
+TARGETS = ["tar_stream", "toc_builder", "ztoc", "zinfo", "soci_index", "manifest", "reference", "config_file"]
+SECONDS = int(os.environ.get("LAZYOCI_FUZZ_SECONDS", "4"))
+
+
+_D = "sha256:" + "a" * 64
+
+
+def _manifest(**fields: object) -> bytes:
+    obj = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _D, "size": 2},
+           "layers": []}
+    return json.dumps({**obj, **fields}).encode()
+
+
+# What the fuzzer found, kept as regressions: (target, input). The first byte of a "manifest"
+# input picks the parser (targets.manifest): 1 manifest, 2 index, 3 image config.
+FINDINGS = {
+    "manifest-media-type-not-a-string": ("soci_index", b'{"schemaVersion":2,"mediaType":{"mediaType":"a"}}'),
+    "annotations-a-list": ("manifest", b"\x01" + _manifest(annotations=["a"])),
+    "descriptor-digest-a-number": ("manifest", b"\x01" + _manifest(layers=[{"mediaType": "x", "digest": 5, "size": 1}])),
+    "descriptor-size-a-bool": ("manifest", b"\x01" + _manifest(layers=[{"mediaType": "x", "digest": _D, "size": True}])),
+    "config-rootfs-a-list": ("manifest", b"\x03" + json.dumps({"rootfs": ["x"]}).encode()),
+    "config-cmd-a-string": ("manifest", b"\x03" + json.dumps({"config": {"Cmd": "echo hi"}}).encode()),
+    "platform-fields-not-strings": ("manifest", b"\x02" + json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": _D, "size": 1,
+                       "platform": {"os": 1, "architecture": []}}]}).encode()),
+    "config-file-not-utf8": ("config_file", b"soci:\n  \x91\x9c: 1\n"),
+    "config-file-key-a-mapping": ("config_file", b"{{}}"),
+}
+
+
+@pytest.mark.parametrize("finding", list(FINDINGS))
+def test_fuzz_finding_is_refused_with_a_lazyoci_error(finding, tmp_path, monkeypatch):
+    """Parsed strictly: the wrong JSON type (or bytes) is a LazyociError, never another exception
+    and never a silently reinterpreted value."""
+    from lazyoci.errors import LazyociError
+
+    monkeypatch.chdir(tmp_path)          # where the config target writes its file
+
+    target, data = FINDINGS[finding]
+    with pytest.raises(LazyociError):
+        targets.TARGETS[target](data)
+
+
+
+@needs_atheris
+@pytest.mark.parametrize("target", TARGETS)
+def test_parser_survives_fuzzing(target, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    keep = os.environ.get("LAZYOCI_FUZZ_CORPUS")
+    corpus = write_corpus(target, Path(keep) / target if keep else tmp_path / "corpus")
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    r = subprocess.run(
+        [sys.executable, str(RUNNER), target, str(corpus), f"-max_total_time={SECONDS}",
+         "-timeout=10", "-rss_limit_mb=1024", "-max_len=65536", f"-artifact_prefix={artifacts}/",
+         "-print_final_stats=1"],
+        capture_output=True, text=True, timeout=SECONDS + 120, cwd=tmp_path)
+    crashes = sorted(artifacts.iterdir())
+    detail = r.stderr[-6000:]
+    for crash in crashes[:1]:
+        detail += f"\nreproducer {crash.name}: {crash.read_bytes()[:400]!r}"
+    assert r.returncode == 0 and not crashes, f"{target}: the fuzzer found a crash\n{detail}"
+    assert "stat::number_of_executed_units" in r.stderr, r.stderr[-2000:]
