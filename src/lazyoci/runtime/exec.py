@@ -30,6 +30,7 @@ from lazyoci.runtime.bundle import DEFAULT_PATH, merge_env, resolve_in_root, res
 from lazyoci.runtime.containers import ContainerStore
 from lazyoci.runtime.runc import Runtime
 from lazyoci.store.layout import DataRoot
+from lazyoci.store.modes import write_file
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,7 @@ def exec_in_container(root: DataRoot, store: ContainerStore, name_or_id: str, op
     process = _exec_process(spec, croot, opts)
     check_command(croot, process)
     pfile = cdir / f"exec-{secrets.token_hex(8)}.json"
-    fd = os.open(pfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(process, f)
+    write_file(pfile, json.dumps(process).encode())      # 0600: it holds the container's environment
     try:
         return _run(runtime.cmd("exec", "--process", str(pfile), rec.id), opts.interactive or opts.tty)
     finally:
