@@ -37,10 +37,11 @@ import io
 import logging
 import threading
 from array import array
-from typing import Callable
+from typing import Callable, NoReturn
 
 from lazyoci.errors import FormatError, IntegrityError
-from lazyoci.fs.tree import normalise
+from lazyoci.fs.layer_index import IndexEntry, LayerIndex
+from lazyoci.oci.whiteout import normalise
 from lazyoci.snapshot.layerstream import ForwardFile
 from lazyoci.snapshot.tarstream import Member, iter_members
 from lazyoci.ztoc.toc import parse_pax_time
@@ -59,10 +60,10 @@ ReadRange = Callable[[int, int], bytes]
 ReadCached = Callable[[int, int], "bytes | None"]
 
 
-def _data_end(entry: object) -> int:
+def _data_end(entry: IndexEntry) -> int:
     """Where the next header may start: data end rounded up to a block (only `reg` carries data)."""
-    size = entry.size if entry.type == "reg" else 0   # type: ignore[attr-defined]
-    return entry.offset + -(-size // BLOCK) * BLOCK   # type: ignore[attr-defined]
+    size = entry.size if entry.type == "reg" else 0
+    return entry.offset + -(-size // BLOCK) * BLOCK
 
 
 def _mtime_ns(m: Member) -> int:
@@ -72,38 +73,38 @@ def _mtime_ns(m: Member) -> int:
     return int(m.mtime) * 1_000_000_000
 
 
-def mismatch(entry: object, m: Member) -> str | None:
+def mismatch(entry: IndexEntry, m: Member) -> str | None:
     """The first field in which a zTOC entry differs from its tar header, or None."""
     e = entry
-    if normalise(e.name) != normalise(m.name):   # type: ignore[attr-defined]
+    if normalise(e.name) != normalise(m.name):
         return "name"
-    if m.type not in _TAR_TYPES.get(e.type, ()):   # type: ignore[attr-defined]
+    if m.type not in _TAR_TYPES.get(e.type, ()):
         return "type"
-    if e.size != m.size:   # type: ignore[attr-defined]
+    if e.size != m.size:
         return "size"
-    if e.mode & 0o7777 != m.mode & 0o7777:   # type: ignore[attr-defined]
+    if e.mode & 0o7777 != m.mode & 0o7777:
         return "mode"
-    if e.uid != m.uid:   # type: ignore[attr-defined]
+    if e.uid != m.uid:
         return "uid"
-    if e.gid != m.gid:   # type: ignore[attr-defined]
+    if e.gid != m.gid:
         return "gid"
-    if e.linkname != m.linkname:   # type: ignore[attr-defined]
+    if e.linkname != m.linkname:
         return "link target"
-    if e.type in ("char", "block") and (e.devmajor, e.devminor) != (m.devmajor, m.devminor):  # type: ignore[attr-defined]
+    if e.type in ("char", "block") and (e.devmajor, e.devminor) != (m.devmajor, m.devminor):
         return "device numbers"
     try:
-        if e.mtime_ns != _mtime_ns(m):   # type: ignore[attr-defined]
+        if e.mtime_ns != _mtime_ns(m):
             return "mtime"
     except FormatError:
         return "mtime"
     xattrs = {k[len(_XATTR):]: v.encode("utf-8", "surrogateescape")
               for k, v in m.pax_headers.items() if k.startswith(_XATTR)}
-    if xattrs != e.xattrs:   # type: ignore[attr-defined]
+    if xattrs != e.xattrs:
         return "xattrs"
     return None
 
 
-def check_region(entry: object, region: bytes) -> str | None:
+def check_region(entry: IndexEntry, region: bytes) -> str | None:
     """Compare an entry with the header region in front of its data; the differing field or None."""
     try:
         member = next(iter_members(ForwardFile(io.BytesIO(region))), None)
@@ -122,20 +123,20 @@ class LayerVerifier:
     an entry twice, never serves it unchecked.
     """
 
-    def __init__(self, ztoc: object, read: ReadRange, read_cached: ReadCached, layer: str) -> None:
+    def __init__(self, ztoc: LayerIndex, read: ReadRange, read_cached: ReadCached, layer: str) -> None:
         self.ztoc = ztoc
         self.read = read
         self.read_cached = read_cached
         self.layer = layer
-        self.state = bytearray(len(ztoc))     # type: ignore[arg-type]
+        self.state = bytearray(len(ztoc))
         self.broken: str | None = None        # why the whole-layer check failed
         self._layer_check_started = False
         self.on_layer_ok: Callable[[], None] | None = None    # runs when the whole-layer check passes
-        self._last: tuple[int, object] | None = None          # the entry decoded last (checks go in order)
+        self._last: tuple[int, IndexEntry] | None = None          # the entry decoded last (checks go in order)
         self._region_start: array | None = None
         self._lock = threading.Lock()
 
-    def _quick_region(self, i: int, entry: object) -> int | None:
+    def _quick_region(self, i: int, entry: IndexEntry) -> int | None:
         """Where entry i's header region starts, if the zTOC lists entries in stream order (as
         writers do): after entry i-1. Were another entry between them, its header would sit in
         the region and the check fail, never pass; a failed check is redone with `_starts`."""
@@ -144,8 +145,8 @@ class LayerVerifier:
         if i == 0:
             return 0
         last = self._last
-        prev = last[1] if last is not None and last[0] == i - 1 else self.ztoc.entry(i - 1)   # type: ignore[attr-defined]
-        return _data_end(prev) if prev.offset < entry.offset else None   # type: ignore[attr-defined]
+        prev = last[1] if last is not None and last[0] == i - 1 else self.ztoc.entry(i - 1)
+        return _data_end(prev) if prev.offset < entry.offset else None
 
     def _starts(self) -> array:
         """Region start of every entry, for zTOCs not in stream order (built once)."""
@@ -155,14 +156,14 @@ class LayerVerifier:
                 starts = self._region_start
                 if starts is None:
                     ztoc = self.ztoc
-                    n = len(ztoc)   # type: ignore[arg-type]
-                    ends = [(ztoc.entry(i).offset, i) for i in range(n)]   # type: ignore[attr-defined]
+                    n = len(ztoc)
+                    ends = [(ztoc.entry(i).offset, i) for i in range(n)]
                     ends.sort()
                     starts = array("q", [0]) * n
                     prev = 0
                     for _, i in ends:
                         starts[i] = prev
-                        prev = _data_end(ztoc.entry(i))   # type: ignore[attr-defined]
+                        prev = _data_end(ztoc.entry(i))
                     self._region_start = starts
         return starts
 
@@ -190,7 +191,7 @@ class LayerVerifier:
 
     def _check(self, entries: list[int], cached: bool) -> bool:
         for i in self.unchecked(entries):
-            entry = self.ztoc.entry(i)   # type: ignore[attr-defined]
+            entry = self.ztoc.entry(i)
             self._last = (i, entry)
             exact = self._region_start is not None
             start = self._quick_region(i, entry)
@@ -206,12 +207,12 @@ class LayerVerifier:
             self.state[i] = GOOD
         return True
 
-    def _compare(self, entry: object, start: int, cached: bool) -> str | None:
+    def _compare(self, entry: IndexEntry, start: int, cached: bool) -> str | None:
         """check_region over [start, entry offset); _NOT_CACHED if `cached` and it is not."""
-        size = entry.offset - start   # type: ignore[attr-defined]
+        size = entry.offset - start
         if size > MAX_HEADER_REGION:
             return f"tar header region of {size} bytes is too large"
-        region = self.read_cached(start, entry.offset) if cached else self.read(start, entry.offset)  # type: ignore[attr-defined]
+        region = self.read_cached(start, entry.offset) if cached else self.read(start, entry.offset)
         if region is None:
             return _NOT_CACHED
         return check_region(entry, region)
@@ -256,12 +257,12 @@ class LayerVerifier:
         """The whole-layer check (every span cached): the tar is exactly the zTOC's entries, in offset
         order, then the end-of-archive. A mismatch marks the layer broken (logged) and raises."""
         ztoc = self.ztoc
-        order = sorted(range(len(ztoc)), key=lambda i: ztoc.entry(i).offset)   # type: ignore[arg-type,attr-defined]
+        order = sorted(range(len(ztoc)), key=lambda i: ztoc.entry(i).offset)
         try:
-            f = ForwardFile(_LayerStream(self.read, ztoc.uncompressed_size))   # type: ignore[attr-defined]
+            f = ForwardFile(_LayerStream(self.read, ztoc.uncompressed_size))
             members = iter_members(f)
             for i in order:
-                entry = ztoc.entry(i)   # type: ignore[attr-defined]
+                entry = ztoc.entry(i)
                 m = next(members, None)
                 if m is None or m.offset_data != entry.offset:
                     self._broken(f"the tar has a header the zTOC lacks before entry {entry.name!r}"
@@ -276,7 +277,7 @@ class LayerVerifier:
         except FormatError as e:
             self._broken(f"the layer's tar cannot be read: {e}")
 
-    def _broken(self, why: str) -> None:
+    def _broken(self, why: str) -> NoReturn:
         if self.broken is None:
             self.broken = why
             log.error("layer %s is broken: %s; nothing of it is served", self.layer, why)

@@ -5,14 +5,14 @@ filesystem at <root>/service/mnt and shows every lazy layer as the directory
 `<layer digest hex>-<first 16 hex of its zTOC digest>`: two indexes of one layer
 never share a view. Overlay lowerdirs point at those directories.
 
-Nothing of the zTOC is served before it is checked against the tar header it
-describes (fs/header_check.py): the kernel reaches a node only through LOOKUP
+Nothing of the layer's index (a zTOC) is served before it is checked against the
+tar header it describes (fs/header_check.py): the kernel reaches a node only through LOOKUP
 (or READDIRPLUS), so a lookup checks the node, its hardlink target, its opaque
 markers and every directory above it first; getattr, readlink, xattrs, open and
 read check too. A node that fails is EIO. READDIRPLUS hands the kernel the
 attributes of unchecked children with zero timeouts, so it asks again (LOOKUP,
 GETATTR) before anything uses them: a directory listing's names and types are
-the zTOC's, what a name then resolves to is checked.
+the index's, what a name then resolves to is checked.
 
 Inode numbers: the mount root is 1; node n of the layer in slot s is
 (s << 32) | (n + 1), with hardlinks answering their target's number. Content is
@@ -42,6 +42,7 @@ from lazyoci.fs import tree as T
 from lazyoci.fs.header_check import LayerVerifier
 from lazyoci.fs.span_fetcher import SpanFetcher
 from lazyoci.fs.tree import LayerTree
+from lazyoci.oci.whiteout import OPAQUE_XATTR, is_overlay_xattr
 from lazyoci.service.paths import layer_view_name as view_name
 
 log = logging.getLogger(__name__)
@@ -51,20 +52,23 @@ _SLOT_SHIFT = 32
 _TYPE_BITS = {T.DIR: stat.S_IFDIR, T.REG: stat.S_IFREG, T.SYMLINK: stat.S_IFLNK,
               T.CHAR: stat.S_IFCHR, T.BLOCK: stat.S_IFBLK, T.FIFO: stat.S_IFIFO,
               T.WHITEOUT: stat.S_IFCHR}
-OPAQUE_XATTR = b"trusted.overlay.opaque"
-OVERLAY_XATTR_PREFIX = "trusted.overlay."     # overlayfs' own: a layer must not forge them (as in unpack)
+_OPAQUE_XATTR = OPAQUE_XATTR.encode()
 
 
 @dataclass
 class LazyLayer:
-    """One mounted layer seen through one zTOC: its tree, span manager and header checks."""
+    """One mounted layer seen through one index (a zTOC): its tree, span manager and header checks."""
 
     digest: str
-    ztoc_digest: str
     tree: LayerTree
     fetcher: SpanFetcher
     mounted_at: float
     verifier: LayerVerifier
+
+    @property
+    def ztoc_digest(self) -> str:
+        """The digest of the index the layer is seen through (a view per layer and index)."""
+        return self.tree.index.digest
 
     @property
     def name(self) -> bytes:
@@ -129,7 +133,7 @@ class LayerFS(pyfuse3.Operations):
         """Check the children of d whose headers are in the disk cache (no network), so that a
         listing hands the kernel checked attributes and `ls -l`/`find` need no LOOKUP each."""
         t, v = layer.tree, layer.verifier
-        entries = []
+        entries: list[int] = []
         for _, c in t.list(d, first):
             entries.extend(x for x in (t.entry[c], t.entry[t.target[c]]) if x >= 0)
             entries.extend(t.opaque.get(c, ()))
@@ -184,7 +188,7 @@ class LayerFS(pyfuse3.Operations):
             a.st_size = 4096
             a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = 0
             return a
-        e = layer.tree.ztoc.entry(e_idx)
+        e = layer.tree.index.entry(e_idx)
         if kind == T.WHITEOUT:
             perms = 0
         elif kind == T.SYMLINK:
@@ -246,7 +250,7 @@ class LayerFS(pyfuse3.Operations):
         layer, n = await self._checked_node(inode)
         if layer.tree.kind[n] != T.SYMLINK:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        return os.fsencode(layer.tree.ztoc.entry(layer.tree.entry[n]).linkname)
+        return os.fsencode(layer.tree.index.entry(layer.tree.entry[n]).linkname)
 
     async def statfs(self, ctx=None) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
@@ -269,13 +273,13 @@ class LayerFS(pyfuse3.Operations):
         n = t.target[n]
         out: dict[bytes, bytes] = {}
         if t.entry[n] >= 0 and t.kind[n] != T.WHITEOUT:
-            for k, v in (t.ztoc.entry(t.entry[n]).xattrs or {}).items():
-                if k.startswith(OVERLAY_XATTR_PREFIX):
+            for k, v in (t.index.entry(t.entry[n]).xattrs or {}).items():
+                if is_overlay_xattr(k):
                     continue
                 key = k.encode() if isinstance(k, str) else bytes(k)
                 out[key] = v.encode("utf-8", "surrogateescape") if isinstance(v, str) else bytes(v)
         if n in t.opaque:
-            out[OPAQUE_XATTR] = b"y"
+            out[_OPAQUE_XATTR] = b"y"
         return out
 
     async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
@@ -356,14 +360,14 @@ class LayerFS(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         layer, n = await self._checked_node(fh)
         t = layer.tree
-        e = t.ztoc.entry(t.entry[t.target[n]])
+        e = t.index.entry(t.entry[t.target[n]])
         if off >= e.size or size <= 0:
             return b""
         start = e.offset + off
         end = e.offset + min(e.size, off + size)
         fetcher = layer.fetcher
-        last = fetcher.ztoc.spans_for(end - 1, end)
-        if last and e.offset + e.size > fetcher.ztoc.span_uncompressed_range(last[0])[1]:
+        last = t.index.spans_for(end - 1, end)
+        if last and e.offset + e.size > t.index.span_uncompressed_range(last[0])[1]:
             fetcher.prefetch(last[0] + 1)     # the file goes on in the next span: read ahead
         try:
             data = fetcher.read_cached(start, end)

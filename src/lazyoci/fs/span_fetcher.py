@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lazyoci.errors import IntegrityError, LazyociError
+from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.span_cache import LayerCache
 from lazyoci.fs.workers import ReadAheadPool, WriteBehind
 
@@ -85,12 +86,8 @@ class FetchStats:
 class SpanFetcher:
     """Serves uncompressed byte ranges of one lazy layer."""
 
-    def __init__(self, ztoc: object, fetch_range: FetchRange, cache: LayerCache,
+    def __init__(self, ztoc: LayerIndex, fetch_range: FetchRange, cache: LayerCache,
                  layer_digest: str) -> None:
-        from lazyoci import ztoc as ztoc_mod      # C's module; imported here so fs/ loads without it
-
-        self._decompress = ztoc_mod.decompress_span
-        self._verify = ztoc_mod.verify_span
         self.ztoc = ztoc
         self.fetch_range = fetch_range
         self.cache = cache
@@ -305,8 +302,8 @@ class SpanFetcher:
             try:
                 if len(compressed) != c1 - c0:
                     raise IntegrityError(f"short read ({len(compressed)} of {c1 - c0} bytes)")
-                self._verify(self.ztoc, i, compressed)   # always: unverified bytes are never served
-                data = self._decompress(self.ztoc, i, compressed)
+                self.ztoc.verify_span(i, compressed)   # always: unverified bytes are never served
+                data = self.ztoc.decompress_span(i, compressed)
             except IntegrityError as e:
                 bad.append(i)
                 log.error("layer %s span %d failed verification (attempt %d of %d): %s",

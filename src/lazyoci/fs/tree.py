@@ -1,15 +1,16 @@
-"""A compact directory tree of one lazy layer, built from its zTOC.
+"""A compact directory tree of one lazy layer, built from its index (fs/layer_index.py).
 
 No Python object per file: the tree is a handful of `array` columns indexed by
-"node" (0 = the layer's root directory); names and attributes stay in the zTOC
-FlatBuffer and are decoded on demand. Memory is ~30 bytes per entry on top of
-the zTOC bytes, so a 100,000-file layer costs a few MiB and builds in a second.
+"node" (0 = the layer's root directory); names and attributes stay in the index
+(a zTOC keeps them in its FlatBuffer bytes) and are decoded on demand. Memory is
+~30 bytes per entry on top of the index, so a 100,000-file layer costs a few MiB
+and builds in a second.
 
 Tar semantics as overlayfs layers expect them:
 - names are normalised ("./a/b/" -> "a/b"); missing parent directories are implied
   (0755, root-owned); a later entry for the same path replaces an earlier one;
 - `.wh.NAME` becomes a whiteout node NAME (a 0:0 character device);
-  `.wh..wh..opq` marks its directory opaque and is not shown;
+  `.wh..wh..opq` marks its directory opaque and is not shown (oci/whiteout.py);
 - a hardlink is a second node sharing its target's inode (`target` column),
   and the target's link count counts it.
 """
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from array import array
 from typing import Iterator
+
+from lazyoci.fs.layer_index import LayerIndex
+from lazyoci.oci.whiteout import WHITEOUT_PREFIX, is_opaque_marker, normalise, whiteout_target
 
 log = logging.getLogger(__name__)
 
@@ -28,88 +31,14 @@ log = logging.getLogger(__name__)
 DIR, REG, SYMLINK, CHAR, BLOCK, FIFO, WHITEOUT, HARDLINK = range(8)
 _KINDS = {"dir": DIR, "reg": REG, "symlink": SYMLINK, "char": CHAR, "block": BLOCK,
           "fifo": FIFO, "hardlink": HARDLINK}
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-
-
-_U32 = struct.Struct("<I").unpack_from
-_I32 = struct.Struct("<i").unpack_from
-_U16 = struct.Struct("<H").unpack_from
-# slots (field indices) of the zTOC schema, see docs of lazyoci.ztoc / SOCI-FORMAT.md §1
-_ZTOC_TOC, _TOC_METADATA, _FM_NAME, _FM_TYPE, _FM_LINKNAME = 4, 0, 0, 1, 4
-
-
-class TocNames:
-    """Just the name, type and linkname of zTOC entries, read straight from the FlatBuffer.
-
-    The tree needs these three strings for every entry while it is built and the
-    name on every lookup; decoding a whole entry for that costs ~10x more.
-    The buffer was validated by `Ztoc.parse`, so offsets are trusted here.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self.buf = data
-        root = _U32(data, 0)[0]
-        toc = self._ref(root, _ZTOC_TOC)
-        vec = self._ref(toc, _TOC_METADATA)
-        self.count = _U32(data, vec)[0]
-        self.start = vec + 4
-
-    def _field(self, table: int, slot: int) -> int:
-        buf = self.buf
-        vt = table - _I32(buf, table)[0]
-        at = 4 + 2 * slot
-        if at >= _U16(buf, vt)[0]:
-            return 0
-        return _U16(buf, vt + at)[0]
-
-    def _ref(self, table: int, slot: int) -> int:
-        o = self._field(table, slot)
-        p = table + o
-        return p + _U32(self.buf, p)[0]
-
-    def _table(self, i: int) -> int:
-        e = self.start + 4 * i
-        return e + _U32(self.buf, e)[0]
-
-    def text(self, i: int, slot: int) -> bytes:
-        t = self._table(i)
-        o = self._field(t, slot)
-        if not o:
-            return b""
-        buf = self.buf
-        p = t + o
-        p += _U32(buf, p)[0]
-        return buf[p + 4:p + 4 + _U32(buf, p)[0]]
-
-    def name(self, i: int) -> bytes:
-        return self.text(i, _FM_NAME)
-
-
-def normalise(name: str) -> str | None:
-    """A tar member name as a relative path without '.', or None if it escapes (`..`)."""
-    if name.startswith("./"):
-        name = name[2:]
-    name = name.strip("/")
-    if "//" not in name and "/./" not in name and ".." not in name and name not in (".", ""):
-        return name            # the common case, without splitting
-    parts = []
-    for p in name.split("/"):
-        if p in ("", "."):
-            continue
-        if p == "..":
-            return None
-        parts.append(p)
-    return "/".join(parts)
 
 
 class LayerTree:
     """The nodes of one layer; see the module docstring."""
 
-    def __init__(self, ztoc: object, data: bytes) -> None:
-        self.ztoc = ztoc
-        self.names = TocNames(data)
-        self.entry = array("i", [-1])        # zTOC entry index, -1 = implied directory
+    def __init__(self, index: LayerIndex) -> None:
+        self.index = index
+        self.entry = array("i", [-1])        # index entry number, -1 = implied directory
         self.parent = array("i", [0])
         self.kind = bytearray([DIR])
         self.target = array("i", [0])        # the node whose inode this is (hardlinks)
@@ -127,7 +56,6 @@ class LayerTree:
     # -- building --------------------------------------------------------------
 
     def _build(self) -> None:
-        ztoc = self.ztoc
         paths: dict[str, int] = {"": 0}          # dropped when the build is done
         names: list[bytes] = [b""]
         hardlinks: list[tuple[int, str]] = []
@@ -159,16 +87,13 @@ class LayerTree:
             self.implied_names[n] = os.fsencode(base)
             return n
 
-        toc = self.names
-        if toc.count != len(ztoc):
-            raise ValueError("zTOC bytes and parsed zTOC differ")
-        for i in range(toc.count):
-            raw_name = toc.text(i, _FM_NAME).decode("utf-8", "surrogateescape")
+        for i, (raw, type_name, link) in enumerate(self.index.tree_entries()):
+            raw_name = raw.decode("utf-8", "surrogateescape")
             path = normalise(raw_name)
             if path is None:
                 log.warning("zTOC entry %r escapes the layer; ignored", raw_name)
                 continue
-            kind = _KINDS.get(toc.text(i, _FM_TYPE).decode())
+            kind = _KINDS.get(type_name)
             if kind is None:
                 log.warning("zTOC entry %r has an unknown type; ignored", raw_name)
                 continue
@@ -177,17 +102,18 @@ class LayerTree:
                     self.entry[0] = i
                 continue
             dirpath, _, base = path.rpartition("/")
-            if base == OPAQUE_MARKER:
+            if is_opaque_marker(base):
                 self.opaque.setdefault(dir_of(dirpath), []).append(i)
                 continue
-            if base.startswith(WHITEOUT_PREFIX):
-                base = base[len(WHITEOUT_PREFIX):]
+            hidden = whiteout_target(base)
+            if hidden is not None:
+                base = hidden
                 path = f"{dirpath}/{base}" if dirpath else base
                 kind = WHITEOUT
             n = node(path, base, kind, i)
             self.implied_names.pop(n, None)
             if kind == HARDLINK:
-                hardlinks.append((n, toc.text(i, _FM_LINKNAME).decode("utf-8", "surrogateescape")))
+                hardlinks.append((n, link.decode("utf-8", "surrogateescape")))
 
         for n, linkname in hardlinks:
             dest = normalise(linkname)
@@ -221,11 +147,11 @@ class LayerTree:
     # -- queries ---------------------------------------------------------------
 
     def name(self, n: int) -> bytes:
-        """The name of node n in its directory (decoded from the zTOC on demand)."""
+        """The name of node n in its directory (read from the index on demand)."""
         implied = self.implied_names.get(n)
         if implied is not None or n == 0:
             return implied or b""
-        raw = self.names.name(self.entry[n]).rstrip(b"/")
+        raw = self.index.entry_name(self.entry[n]).rstrip(b"/")
         base = raw.rpartition(b"/")[2]
         if base in (b".", b".."):     # odd spellings ("a/b/."): take the normalised path
             path = normalise(raw.decode("utf-8", "surrogateescape")) or ""
@@ -259,7 +185,7 @@ class LayerTree:
             yield pos, self.children[first + pos]
 
     def entries_behind(self, n: int) -> list[int]:
-        """The zTOC entries whose tar headers decide what node n shows: its own, its hardlink
+        """The index entries whose tar headers decide what node n shows: its own, its hardlink
         target's, its opaque markers', and those of every directory above it."""
         out: list[int] = []
         while True:

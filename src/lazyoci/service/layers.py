@@ -173,8 +173,8 @@ class LayerManager:
             raise StoreError(f"zTOC {ztoc_digest} of layer {layer_digest} is not in the blob store") from None
         verify_bytes(data, ztoc_digest, f"zTOC of layer {layer_digest}")
         started = time.monotonic()
-        ztoc = Ztoc.parse(data)
-        tree = LayerTree(ztoc, data)
+        ztoc = Ztoc.parse(data, digest=ztoc_digest)
+        tree = LayerTree(ztoc)
         _release_freed_memory()     # the build's temporary path table is garbage now
         spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
         if spans and spans[-1][1] != ztoc.uncompressed_size:
@@ -198,7 +198,7 @@ class LayerManager:
             fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
-        self.fs.add_layer(LazyLayer(layer_digest, ztoc_digest, tree, fetcher, time.time(), verifier))
+        self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier))
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         log.info("mounted layer %s (%d entries, %d spans, %.1f%% cached) in %.2fs", layer_digest,
                  len(tree), len(spans), 100.0 * cache.cached_bytes / max(cache.total_bytes, 1),

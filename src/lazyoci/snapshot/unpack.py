@@ -2,7 +2,7 @@
 
 The result is an overlayfs lower directory: OCI whiteouts become what the kernel
 expects (`.wh.NAME` -> a 0:0 character device NAME, `.wh..wh..opq` -> the
-`trusted.overlay.opaque=y` xattr on the directory).
+`trusted.overlay.opaque=y` xattr on the directory; the rules are oci/whiteout.py's).
 
 Safety: every path is resolved component by component from an open fd of the
 layer directory with O_NOFOLLOW, and every create/link/chown uses `dir_fd`, so
@@ -27,12 +27,10 @@ from typing import BinaryIO
 
 from lazyoci.errors import FormatError, UnsafeLayerError
 from lazyoci.oci.mediatypes import layer_compression
+from lazyoci.oci.whiteout import OPAQUE_XATTR, is_opaque_marker, is_overlay_xattr, whiteout_target
 from lazyoci.snapshot.layerstream import ChunkReader, ForwardFile, PrefetchReader, decompressor
 from lazyoci.snapshot.tarstream import Member, iter_members
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-OPAQUE_XATTR = "trusted.overlay.opaque"
 _CHUNK = 1 << 20     # read/write granularity; also the zero-run (hole) unit
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -137,13 +135,13 @@ class _Applier:
                 self._dir_times.append(((), _ns(m.mtime)))
             return
         base = parts[-1]
-        if base == OPAQUE_MARKER:
+        if is_opaque_marker(base):
             pfd = self.parent_fd(parts, m.name)
             os.setxattr(pfd, OPAQUE_XATTR, b"y")
             return
         pfd = self.parent_fd(parts, m.name)
-        if base.startswith(WHITEOUT_PREFIX):
-            target = base[len(WHITEOUT_PREFIX):]
+        target = whiteout_target(base)
+        if target is not None:
             if not target or target in (".", ".."):
                 raise UnsafeLayerError(f"layer entry {m.name!r} is a malformed whiteout")
             self._clear(pfd, parts[:-1] + [target], keep_dir=False)
@@ -278,7 +276,7 @@ def _xattrs(m: Member) -> list[tuple[str, bytes]]:
     for key, value in m.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
             name = key[len("SCHILY.xattr."):]
-            if name.startswith("trusted.overlay."):
+            if is_overlay_xattr(name):
                 continue  # a layer must not forge overlay whiteouts/opaque markers
             out.append((name, value.encode("utf-8", "surrogateescape")))
     return out

@@ -7,20 +7,25 @@ make a reader misbehave: FlatBuffer bounds, entry offsets beyond the archive,
 overlapping entries, span counts that disagree with the checkpoints, and a
 checkpoint blob that is neither zinfo v1 nor v2; and the caps of ztoc/limits.py
 (span sizes, zTOC size, entry count, names the kernel could not create).
+
+A Ztoc is the layer index the lazy filesystem serves from (fs/layer_index.py
+`LayerIndex`): everything the filesystem knows of the zTOC's layout is here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from operator import itemgetter
 from typing import NamedTuple
 
 from lazyoci.errors import FormatError
 from lazyoci.ztoc import codec as C
 from lazyoci.ztoc import limits
+from lazyoci.ztoc import spans as _spans
 from lazyoci.ztoc.toc import BLOCK, parse_rfc3339_nano
 from lazyoci.ztoc.zinfo import GzipCheckpoints
 
@@ -28,7 +33,8 @@ ENTRY_TYPES = frozenset({"hardlink", "symlink", "dir", "reg", "char", "block", "
 SUPPORTED_VERSIONS = frozenset({"0.9"})
 XATTR_PREFIX = "SCHILY.xattr."
 _DIGEST = re.compile(rb"sha256:[0-9a-f]{64}")
-_TYPE_BYTES = frozenset(t.encode() for t in ENTRY_TYPES)
+_TYPE_NAMES = {t.encode(): t for t in ENTRY_TYPES}    # type bytes as stored -> the type's name
+_TYPE_BYTES = frozenset(_TYPE_NAMES)
 _FIELD_SIZE = (4, 4, 8, 8, 4, 8, 4, 4, 4, 4, 4, 8, 8, 4)   # bytes of each FileMetadata slot
 _FIELD_FMT = ("I", "I", "q", "q", "I", "q", "I", "I", "I", "I", "I", "q", "q", "I")
 _REF_SLOTS = frozenset((C.FM_NAME, C.FM_TYPE, C.FM_LINKNAME, C.FM_UNAME, C.FM_GNAME, C.FM_MODTIME, C.FM_XATTRS))
@@ -49,6 +55,9 @@ class _Plan(NamedTuple):
     unpack: Callable[..., tuple]   # one struct unpack_from of all present fields, in offset order
     arrange: Callable[..., tuple]  # (unpacked + _DEFAULTS) -> the 14 values in slot order
     refs: tuple[tuple[int, int], ...]   # (slot, field offset) of the references present
+    name_at: int       # field offsets of the name, type and link target (0: absent), for the tree
+    type_at: int
+    link_at: int
 
 
 def _text(raw: bytes) -> str:
@@ -87,13 +96,26 @@ class Ztoc:
     compression: str
     span_size: int
     num_spans: int
+    # made by `parse` (through cls.__new__: a Ztoc exists only parsed)
+    _data: bytes
+    _digest: str | None
+    _times: dict[str, int]
+    _r: C.FlatReader
+    _points: GzipCheckpoints | None
+    _entries_start: int
+    _count: int
+    _digests_start: int
+    _plans: dict[int, _Plan]
 
     @classmethod
-    def parse(cls, data: bytes) -> "Ztoc":
+    def parse(cls, data: bytes, digest: str | None = None) -> "Ztoc":
+        """Parse and check zTOC bytes; `digest` is theirs if the caller verified it already
+        (otherwise it is computed when first asked for)."""
         limits.MAX_ZTOC_BYTES.check(len(data), "the zTOC")
         self = cls.__new__(cls)
         self._data = bytes(data)
-        self._times: dict[str, int] = {}   # mod_time text -> ns; layers repeat a few times a lot
+        self._digest = digest
+        self._times = {}   # mod_time text -> ns; layers repeat a few times a lot
         self._r = r = C.FlatReader(self._data, "zTOC")
         try:
             self._parse(r)
@@ -124,7 +146,7 @@ class Ztoc:
         max_span_id = r.int_field(ci, C.CI_MAXSPAN, "i")
         start, n = r.vector_field(ci, C.CI_CHECKPOINTS, 1)
         blob = memoryview(self._data)[start:start + n]
-        self._points: GzipCheckpoints | None = None
+        self._points = None
         if algo == C.GZIP:
             self.compression = "gzip"
             self._points = GzipCheckpoints(blob, self.compressed_size)
@@ -193,7 +215,8 @@ class Ztoc:
             # unpacked values + the defaults, picked into slot order by one itemgetter call
             picks = [order.index(slot) if offs[slot] else len(order) + slot for slot in range(14)]
             refs = tuple((slot, offs[slot]) for slot in sorted(_REF_SLOTS) if offs[slot])
-            plan = self._plans[vt] = _Plan(objlen, struct.Struct(fmt).unpack_from, itemgetter(*picks), refs)
+            plan = self._plans[vt] = _Plan(objlen, struct.Struct(fmt).unpack_from, itemgetter(*picks), refs,
+                                           offs[C.FM_NAME], offs[C.FM_TYPE], offs[C.FM_LINKNAME])
         return plan
 
     def _fields(self, i: int) -> list:
@@ -218,7 +241,7 @@ class Ztoc:
         """Every entry is well-formed and they tile the archive without overlapping."""
         usize = self.uncompressed_size
         limits.MAX_ENTRIES.check(self._count, "the zTOC's entry count")
-        self._plans: dict[int, _Plan] = {}
+        self._plans = {}
         prev_end, ordered = 0, True
         names: list[bytes] = []    # names and link targets since entry `first`, checked in batches
         first = 0
@@ -290,10 +313,52 @@ class Ztoc:
                                   f"leaves no room for its header after offset {prev_end})")
             prev_end, prev_i = end, i
 
-    # -- the contract ------------------------------------------------------------------
+    # -- the contract (fs/layer_index.py) -------------------------------------------------
+
+    @property
+    def digest(self) -> str:
+        """The digest of the zTOC's bytes (the index's identity: a view is keyed by it)."""
+        if self._digest is None:
+            self._digest = "sha256:" + hashlib.sha256(self._data).hexdigest()
+        return self._digest
 
     def __len__(self) -> int:
         return self._count
+
+    def entry_name(self, i: int) -> bytes:
+        """Entry i's name as stored, without decoding the rest of the entry (for lookups).
+        Offsets were checked by `parse`, so this reads without further checks."""
+        if not 0 <= i < self._count:
+            raise IndexError(f"zTOC entry {i} out of range (0..{self._count - 1})")
+        buf = self._data
+        ep = self._entries_start + 4 * i
+        t = ep + _U32(buf, ep)[0]
+        at = self._plans[t - _I32(buf, t)[0]].name_at
+        if not at:
+            return b""
+        p = t + at
+        p += _U32(buf, p)[0]
+        return buf[p + 4:p + 4 + _U32(buf, p)[0]]
+
+    def tree_entries(self) -> Iterator[tuple[bytes, str, bytes]]:
+        """(name, type, link target) of every entry in order, the target only for hardlinks:
+        what building a directory tree needs, ~10x faster than decoding whole entries."""
+        buf, plans, types = self._data, self._plans, _TYPE_NAMES
+
+        def string(t: int, at: int) -> bytes:
+            if not at:
+                return b""
+            p = t + at
+            p += _U32(buf, p)[0]
+            return buf[p + 4:p + 4 + _U32(buf, p)[0]]
+
+        ep = self._entries_start
+        for _ in range(self._count):
+            t = ep + _U32(buf, ep)[0]
+            ep += 4
+            plan = plans[t - _I32(buf, t)[0]]
+            typ = types[string(t, plan.type_at)]
+            yield string(t, plan.name_at), typ, string(t, plan.link_at) if typ == "hardlink" else b""
 
     def entry(self, i: int) -> TocEntry:
         if not 0 <= i < self._count:
@@ -320,6 +385,14 @@ class Ztoc:
     def span_digest(self, i: int) -> str:
         self._check_span(i)
         return self._digest_bytes(i).decode()
+
+    def verify_span(self, i: int, compressed: bytes) -> None:
+        """IntegrityError unless `compressed` is exactly span i's bytes (by its digest)."""
+        _spans.verify_span(self, i, compressed)
+
+    def decompress_span(self, i: int, compressed: bytes) -> bytes:
+        """Span i's uncompressed bytes from its verified compressed bytes."""
+        return _spans.decompress_span(self, i, compressed)
 
     def span_compressed_range(self, i: int) -> tuple[int, int]:
         self._check_span(i)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lazyoci.errors import FormatError, IntegrityError
-from lazyoci.ztoc.reader import Ztoc
 from lazyoci.ztoc.zinfo import inflate_span
+
+if TYPE_CHECKING:     # the reader calls these for its own spans
+    from lazyoci.ztoc.reader import Ztoc
 
 
 def verify_span(ztoc: Ztoc, i: int, compressed: bytes) -> None:
