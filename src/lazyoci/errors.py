@@ -20,6 +20,8 @@ nonzero exit; the FUSE layer turns it into EIO. Anything else escaping is a bug.
     ├── StoreError             local store problems
     │   └── ImageNotFoundError no such image locally
     └── ContainerError         runtime (runc) and container state errors
+        ├── CommandNotFoundError      the command is not in the image (exit 127, as docker)
+        └── CommandNotExecutableError the command cannot be executed (exit 126, as docker)
 """
 
 from __future__ import annotations
@@ -99,3 +101,15 @@ class ImageNotFoundError(StoreError):
 
 class ContainerError(LazyociError):
     """The OCI runtime failed, or a container is not in a state for the request."""
+
+
+class CommandNotFoundError(ContainerError):
+    """A container's command does not exist in its filesystem: docker's exit status 127."""
+
+    exit_code = 127
+
+
+class CommandNotExecutableError(ContainerError):
+    """A container's command exists but cannot be executed (no x bit, a directory): exit status 126."""
+
+    exit_code = 126

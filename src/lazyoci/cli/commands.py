@@ -72,6 +72,7 @@ _SERVICE = "lazyoci.cli.service"
 _BUILD = "lazyoci.cli.build"
 _SYSTEM = "lazyoci.cli.system"
 _LIFECYCLE = "lazyoci.cli.lifecycle"
+_VOLUMES = "lazyoci.cli.volumes"
 
 IMAGE_COMMANDS: dict[str, LazyCommand] = {
     "ls": LazyCommand(f"{_IMAGES}:image_ls", "List local images (optionally only REPOSITORY[:TAG])."),
@@ -122,6 +123,8 @@ COMMANDS: dict[str, LazyCommand] = {
     "logout": LazyCommand(f"{_IMAGES}:logout_cmd", "Forget the stored credentials of a registry."),
     "run": LazyCommand(f"{_CONTAINERS}:run_cmd", "Run a command in a new container (pull progress goes to stderr, "
                                                  "the output to stdout)."),
+    "exec": LazyCommand(f"{_CONTAINERS}:exec_cmd", "Run a command in a running container; exit with its exit code."),
+    "volume": LazyCommand(f"{_VOLUMES}:volume_group", "Manage volumes."),
     "ps": LazyCommand(f"{_CONTAINERS}:ps_cmd", "List containers."),
     "logs": LazyCommand(f"{_CONTAINERS}:logs_cmd", "Print the output of a detached container."),
     "stop": LazyCommand(f"{_CONTAINERS}:stop_cmd", "Stop running containers (the image's stop signal, then SIGKILL)."),

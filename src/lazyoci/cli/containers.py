@@ -1,4 +1,4 @@
-"""Container commands: run, ps, logs, stop, rm, and image mount / unmount."""
+"""Container commands: run, exec, ps, logs, stop, rm, and image mount / unmount."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from lazyoci.cli.context import app
 from lazyoci.cli.durations import human_duration
 from lazyoci.cli.shared import image_service
 from lazyoci.config import PULL_POLICIES, RUNTIMES, SNAPSHOTTERS
-from lazyoci.errors import LazyociError
+from lazyoci.errors import ConfigError, LazyociError
 from lazyoci.runtime.containers import ContainerRecord, ContainerStore
 from lazyoci.store.layout import DataRoot
 
@@ -48,14 +48,31 @@ def _manager() -> ContainerManager:
               help="Pull the image: when missing (default), always, or never.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help="OCI runtime (default: config).")
 @click.option("--soci-index-digest", default=None, help="Use this SOCI index instead of discovering one.")
+@click.option("-v", "--volume", "volumes", multiple=True,
+              help="Mount HOST-PATH:CONTAINER-PATH[:ro], a named volume NAME:PATH[:ro], or an anonymous volume PATH.")
+@click.option("--mount", "mount_flags", multiple=True,
+              help="type=bind|volume|tmpfs,source=...,target=...[,readonly] (docker's --mount).")
+@click.option("--tmpfs", multiple=True, help="Mount a tmpfs at PATH[:OPTIONS].")
+@click.option("--read-only", is_flag=True, help="Mount the container's root filesystem read-only.")
+@click.option("--cap-add", multiple=True, help="Add a Linux capability (or ALL).")
+@click.option("--cap-drop", multiple=True, help="Drop a Linux capability (or ALL).")
+@click.option("--privileged", is_flag=True, help="Every capability, no masked /proc paths, every device.")
+@click.option("-m", "--memory", default=None, help="Memory limit (bytes, or with a b/k/m/g suffix).")
+@click.option("--cpus", default=None, help="Number of CPUs (a quota, e.g. 1.5).")
+@click.option("--hostname", default=None, help="The container's host name (default: this host's).")
+@click.option("-l", "--label", "labels", multiple=True, help="Set a KEY=VALUE label on the container.")
+@click.option("--restart", default="no", show_default=True,
+              help="Restart policy of a detached container: no or on-failure[:MAX-RETRIES].")
 @click.argument("ref")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_cmd(snapshotter, auto_remove, detach, interactive, tty, name, env, env_file, entrypoint, workdir,
-            user, platform, pull_policy, runtime, soci_index_digest, ref, command) -> None:
+            user, platform, pull_policy, runtime, soci_index_digest, volumes, mount_flags, tmpfs, read_only,
+            cap_add, cap_drop, privileged, memory, cpus, hostname, labels, restart, ref, command) -> None:
     """Run a command in a new container (pull progress goes to stderr, the output to stdout)."""
     from lazyoci.oci.platform import Platform
-    from lazyoci.runtime.bundle import ProcessOptions, parse_env_file
+    from lazyoci.runtime.bundle import HostOptions, ProcessOptions, parse_cpus, parse_env_file
     from lazyoci.runtime.run import RunOptions
+    from lazyoci.runtime.volumes import parse_bytes, parse_mount_flag, parse_tmpfs_flag, parse_volume_flag
 
     ctx = app()
     env_items: tuple[str, ...] = ()
@@ -70,7 +87,13 @@ def run_cmd(snapshotter, auto_remove, detach, interactive, tty, name, env, env_f
         snapshotter=snapshotter or ctx.config.default_snapshotter,
         runtime=runtime or ctx.config.runtime, pull=pull_policy,
         platform=Platform.parse(platform) if platform else None,
-        soci_index_digest=soci_index_digest)
+        soci_index_digest=soci_index_digest,
+        host=HostOptions(read_only=read_only, cap_add=tuple(cap_add), cap_drop=tuple(cap_drop),
+                         privileged=privileged, memory=parse_bytes(memory, "--memory") if memory else None,
+                         cpus=parse_cpus(cpus) if cpus is not None else None, hostname=hostname, labels=_labels(labels)),
+        mounts=(tuple(parse_volume_flag(v) for v in volumes) + tuple(parse_mount_flag(m) for m in mount_flags)
+                + tuple(parse_tmpfs_flag(t) for t in tmpfs)),
+        restart=restart)
     mgr = _manager()
     progress = _LazyProgress()
     try:
@@ -84,6 +107,37 @@ def run_cmd(snapshotter, auto_remove, detach, interactive, tty, name, env, env_f
     sys.stdout.flush()
     # SystemExit, not click's Exit: it must pass through main() unchanged.
     sys.exit(code or 0)
+
+
+def _labels(items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """--label KEY=VALUE (a bare KEY has an empty value, as in docker)."""
+    out = []
+    for item in items:
+        key, _, value = item.partition("=")
+        if not key:
+            raise ConfigError(f"invalid --label {item!r}: use KEY=VALUE")
+        out.append((key, value))
+    return tuple(out)
+
+
+@click.command("exec", context_settings={"allow_interspersed_args": False})
+@click.option("-i", "--interactive", is_flag=True, help="Pass stdin to the command.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a terminal.")
+@click.option("-e", "--env", multiple=True, help="Set KEY=VALUE (or KEY: take it from this environment).")
+@click.option("-u", "--user", default=None, help="USER[:GROUP], by name or number.")
+@click.option("-w", "--workdir", default=None, help="Working directory inside the container.")
+@click.argument("container")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_cmd(interactive: bool, tty: bool, env: tuple[str, ...], user: str | None, workdir: str | None,
+             container: str, command: tuple[str, ...]) -> None:
+    """Run a command in a running container; exit with its exit code."""
+    from lazyoci.runtime.exec import ExecOptions, exec_in_container
+
+    root = DataRoot(app().root)
+    opts = ExecOptions(args=command, interactive=interactive, tty=tty, env=env, user=user, workdir=workdir)
+    code = exec_in_container(root, ContainerStore(root), container, opts)
+    sys.stdout.flush()
+    sys.exit(code)
 
 
 class _LazyProgress:
@@ -212,12 +266,13 @@ def stop_cmd(timeout: float, containers: tuple[str, ...]) -> None:
 
 @click.command("rm")
 @click.option("-f", "--force", is_flag=True, help="Kill a running container first.")
+@click.option("-v", "--volumes", is_flag=True, help="Also remove the anonymous volumes of the containers.")
 @click.argument("containers", nargs=-1, required=True)
-def rm_cmd(force: bool, containers: tuple[str, ...]) -> None:
+def rm_cmd(force: bool, volumes: bool, containers: tuple[str, ...]) -> None:
     """Remove containers (their writable layer and records)."""
     mgr = _manager()
     for c in containers:
-        mgr.remove(c, force)
+        mgr.remove(c, force, volumes)
         click.echo(c)
 
 

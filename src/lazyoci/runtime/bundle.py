@@ -8,12 +8,17 @@ The container shares the host's network namespace (so it sees the host's network
 exactly); /etc/hosts, /etc/resolv.conf and /etc/hostname are generated files
 bind-mounted read-only. The rest follows runc's default spec, with docker's default
 capability set so images behave as they do under docker.
+
+`HostOptions` carries what `run` asks of the host rather than of the process: the
+mounts of volumes, a read-only root, capabilities added or dropped, `--privileged`,
+cgroup limits (memory, CPUs) and the hostname; labels become the spec's annotations.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import socket
 import stat
@@ -28,6 +33,128 @@ DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 CAPABILITIES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
                 "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
                 "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
+# Every capability Linux defines, in bit order (capability(7)).
+ALL_CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
+    "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN",
+    "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE")
+MIN_MEMORY = 6 << 20          # docker's minimum for --memory
+CPU_PERIOD = 100_000          # microseconds; --cpus N is a quota of N periods
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    """What `run` asks of the host: mounts, root, capabilities, cgroup limits, hostname, labels."""
+
+    mounts: tuple[dict, ...] = ()            # runtime spec mounts of -v/--mount/--tmpfs (runtime/volumes.py)
+    read_only: bool = False                  # --read-only
+    cap_add: tuple[str, ...] = ()            # --cap-add (names with or without CAP_, or ALL)
+    cap_drop: tuple[str, ...] = ()           # --cap-drop
+    privileged: bool = False                 # --privileged
+    memory: int | None = None                # --memory, bytes
+    cpus: float | None = None                # --cpus
+    hostname: str | None = None              # --hostname (default: the host's, as with the host network)
+    labels: tuple[tuple[str, str], ...] = ()  # --label K=V
+
+
+def _capability(name: str) -> str:
+    cap = name.strip().upper()
+    if cap == "ALL":
+        return cap
+    if not cap.startswith("CAP_"):
+        cap = "CAP_" + cap
+    if cap not in ALL_CAPABILITIES:
+        raise ConfigError(f"unknown capability: {name!r}")
+    return cap
+
+
+def available_capabilities() -> list[str]:
+    """The capabilities we hold in our bounding set: a container cannot be given more."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapBnd:"):
+                mask = int(line.split()[1], 16)
+                return [c for i, c in enumerate(ALL_CAPABILITIES) if mask >> i & 1]
+    except (OSError, ValueError):
+        pass
+    return list(ALL_CAPABILITIES)
+
+
+def capability_set(host: "HostOptions") -> list[str]:
+    """docker's rules: the default set, less --cap-drop (ALL: none), plus --cap-add (ALL: every one)."""
+    add = [_capability(c) for c in host.cap_add]
+    drop = [_capability(c) for c in host.cap_drop]
+    available = available_capabilities()
+    if host.privileged or "ALL" in add:
+        return available
+    caps = [] if "ALL" in drop else [c for c in CAPABILITIES if c not in drop]
+    for c in add:
+        if c not in caps:
+            if c not in available:
+                raise ConfigError(f"cannot add capability {c}: lazyoci itself does not hold it")
+            caps.append(c)
+    return caps
+
+
+_HOSTNAME = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*\Z")
+
+
+def check_host_options(host: "HostOptions") -> None:
+    """Every flag of `host` checked, as one error before anything is created."""
+    capability_set(host)
+    check_limits(host.memory, host.cpus)
+    if host.hostname is not None and (len(host.hostname) > 64 or not _HOSTNAME.match(host.hostname)):
+        raise ConfigError(f"invalid hostname {host.hostname!r}: letters, digits, '-' and '.', at most 64")
+
+
+def parse_cpus(text: str) -> float:
+    """--cpus: a decimal number of CPUs."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or not re.fullmatch(r"\d+(\.\d+)?|\.\d+", text.strip()):
+        raise ConfigError(f"invalid --cpus {text!r}: use a number of CPUs such as 1.5")
+    return value
+
+
+_NOT_HOST_DEVICES = {"/dev/pts", "/dev/shm", "/dev/mqueue", "/dev/fd", "/dev/console", "/dev/ptmx"}
+
+
+def host_devices(top: Path = Path("/dev")) -> list[dict]:
+    """The host's device nodes as runtime spec devices, for `--privileged` (the runtime makes
+    its own console, ptmx and pts)."""
+    devices = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(d for d in dirnames if os.path.join(dirpath, d) not in _NOT_HOST_DEVICES)
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if path in _NOT_HOST_DEVICES:
+                continue
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                devices.append({"path": path, "type": "c" if stat.S_ISCHR(st.st_mode) else "b",
+                                "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
+                                "fileMode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid})
+    return devices
+
+
+def check_limits(memory: int | None, cpus: float | None) -> None:
+    """docker's bounds for --memory and --cpus, as one error before anything is created."""
+    if memory is not None and memory < MIN_MEMORY:
+        raise ConfigError("minimum memory limit allowed is 6MB")
+    if cpus is not None:
+        n = os.cpu_count() or 1
+        if not 0.01 <= cpus <= n:
+            raise ConfigError(f"range of CPUs is from 0.01 to {n}.00, as there are only {n} CPUs available")
 
 
 @dataclass(frozen=True)
@@ -188,12 +315,15 @@ def resolve_user(rootfs: Path, spec: str) -> ResolvedUser:
     return ResolvedUser(uid, gid, extra, home)
 
 
-def write_etc_files(dest: Path) -> dict[str, Path]:
-    """The generated /etc files of a container (host network: the host's resolver and name).
+GENERATED_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
+
+
+def write_etc_files(dest: Path, hostname: str | None = None) -> dict[str, Path]:
+    """The generated /etc files of a container (host network: the host's resolver; its name by default).
 
     They are 0644 whatever our umask: the container's own user, maybe not root, reads them."""
     dest.mkdir(parents=True, exist_ok=True)
-    hostname = socket.gethostname()
+    hostname = hostname or socket.gethostname()
     files = {
         "/etc/hostname": hostname + "\n",
         "/etc/hosts": ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -211,7 +341,8 @@ def write_etc_files(dest: Path) -> dict[str, Path]:
     return out
 
 
-def build_spec(config: ImageConfig, rootfs: Path, etc_dir: Path, opts: ProcessOptions) -> dict:
+def build_spec(config: ImageConfig, rootfs: Path, etc_dir: Path, opts: ProcessOptions,
+               host: HostOptions = HostOptions()) -> dict:
     """The runtime spec (config.json) for a container whose rootfs is mounted at `rootfs`."""
     user = resolve_user(rootfs, opts.user if opts.user is not None else config.user)
     env = merge_env(config.env, opts.env)
@@ -222,7 +353,9 @@ def build_spec(config: ImageConfig, rootfs: Path, etc_dir: Path, opts: ProcessOp
     cwd = opts.workdir or config.working_dir or "/"
     if not cwd.startswith("/"):
         raise ConfigError(f"the working directory must be absolute, not {cwd!r}")
-    caps = list(CAPABILITIES)
+    check_host_options(host)
+    caps = capability_set(host)
+    hostname = host.hostname or socket.gethostname()
     mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -232,14 +365,16 @@ def build_spec(config: ImageConfig, rootfs: Path, etc_dir: Path, opts: ProcessOp
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
          "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "rw" if host.privileged else "ro"]},
         {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+         "options": ["nosuid", "noexec", "nodev", "relatime", "rw" if host.privileged else "ro"]},
     ]
-    for target, src in write_etc_files(etc_dir).items():
+    for target, src in write_etc_files(etc_dir, hostname).items():
         mounts.append({"destination": target, "type": "bind", "source": str(src),
                        "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
-    return {
+    mounts += [dict(m) for m in host.mounts]
+    spec = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": opts.tty,
@@ -251,8 +386,8 @@ def build_spec(config: ImageConfig, rootfs: Path, etc_dir: Path, opts: ProcessOp
             "rlimits": [_nofile()],
             "noNewPrivileges": False,
         },
-        "root": {"path": str(rootfs), "readonly": False},
-        "hostname": socket.gethostname(),
+        "root": {"path": str(rootfs), "readonly": host.read_only},
+        "hostname": hostname,
         "mounts": mounts,
         "linux": {
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
@@ -264,6 +399,19 @@ def build_spec(config: ImageConfig, rootfs: Path, etc_dir: Path, opts: ProcessOp
             "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
         },
     }
+    if host.labels:
+        spec["annotations"] = dict(host.labels)
+    linux = spec["linux"]
+    if host.privileged:
+        # Every capability, the whole of /proc and /sys, the host's devices.
+        linux["maskedPaths"], linux["readonlyPaths"] = [], []
+        linux["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
+        linux["devices"] = host_devices()
+    if host.memory is not None:
+        linux["resources"]["memory"] = {"limit": host.memory}
+    if host.cpus is not None:
+        linux["resources"]["cpu"] = {"quota": round(host.cpus * CPU_PERIOD), "period": CPU_PERIOD}
+    return spec
 
 
 def _nofile() -> dict:

@@ -7,6 +7,10 @@ A detached monitor double-forks into its own session, so it outlives the
 `lazyoci run -d` that started it; the container's output goes through it to the
 log file, which notes when each line arrived (runtime/logfile.py).
 Forking (instead of starting a new interpreter) keeps container start fast.
+
+With a restart policy (`--restart on-failure[:N]`, detached only) the monitor runs
+the runtime again after a nonzero exit, with docker's doubling delay, unless the
+container was stopped by `stop` or `rm -f` (the mark `STOPPED_MARK` in its directory).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +29,10 @@ from lazyoci.runtime.logfile import LogWriter
 from lazyoci.runtime.runc import Runtime
 from lazyoci.snapshot.mount import unmount
 from lazyoci.store.modes import open_private_log
+
+STOPPED_MARK = "stopped"         # written by stop / rm -f: the container is not restarted
+RESTART_DELAY = 0.1              # seconds before the first restart, doubled for each one after
+
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class MonitorSpec:
     log_path: Path
     pid_file: Path
     exit_file: Path
+    restart_max: int | None = None   # None: never restart; 0: restart after every failure; N: at most N times
 
 
 def spawn_monitor(spec: MonitorSpec, store: ContainerStore, on_exit) -> tuple[int, int | None]:
@@ -151,16 +161,16 @@ def _tee(src: int, dst: int | None, log: LogWriter, on_broken) -> None:
 def _run_runtime(spec: MonitorSpec, store: ContainerStore) -> int:
     me = os.getpid()
     store.set_running(spec.container_id, me, process_start(me))
-    cmd = spec.runtime.run_cmd(spec.container_id, spec.bundle, spec.pid_file)
-    try:
-        if spec.tty:    # the runtime's pty: not logged
-            code = subprocess.Popen(cmd, close_fds=True).wait()
-        else:
-            code = _run_teed(cmd, spec)
-    except OSError:
-        code = 127
-    if code < 0:
-        code = 128 - code
+    restarts = 0
+    while True:
+        code = _run_once(spec)
+        if not _restart_wanted(spec, code, restarts):
+            break
+        restarts += 1
+        if not _wait_before_restart(spec, RESTART_DELAY * 2 ** min(restarts - 1, 9)):
+            break
+        spec.runtime.delete(spec.container_id)      # the exited container's runtime state
+        spec.pid_file.unlink(missing_ok=True)
     write_exit_file(spec.exit_file, code)
     store.set_exited(spec.container_id, code)
     # An exited container keeps its writable layer (for `rm`), not its mount.
@@ -169,3 +179,34 @@ def _run_runtime(spec: MonitorSpec, store: ContainerStore) -> int:
     except LazyociError:
         pass
     return code
+
+
+def _restart_wanted(spec: MonitorSpec, code: int, restarts: int) -> bool:
+    if spec.restart_max is None or code == 0 or (spec.bundle / STOPPED_MARK).exists():
+        return False
+    return spec.restart_max == 0 or restarts < spec.restart_max
+
+
+def _wait_before_restart(spec: MonitorSpec, delay: float) -> bool:
+    """Sleep `delay` seconds; False as soon as `stop` or `rm -f` marks the container."""
+    deadline = time.monotonic() + delay
+    while True:
+        if (spec.bundle / STOPPED_MARK).exists():
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(left, 0.05))
+
+
+def _run_once(spec: MonitorSpec) -> int:
+    """One run of the container by the runtime: its exit status (128+N for signal N)."""
+    cmd = spec.runtime.run_cmd(spec.container_id, spec.bundle, spec.pid_file)
+    try:
+        if spec.tty:    # the runtime's pty: not logged
+            code = subprocess.Popen(cmd, close_fds=True).wait()
+        else:
+            code = _run_teed(cmd, spec)
+    except OSError:
+        code = 127
+    return 128 - code if code < 0 else code

@@ -5,11 +5,19 @@ an active snapshot mounted at <container>/rootfs -> config.json -> the monitor
 runs `runc run`. Foreground: wait, Ctrl-C stops the container (TERM, then KILL
 after the stop timeout or a second Ctrl-C), return its exit code. Detached: wait
 until the runtime has started the process, return.
+
+Volumes (runtime/volumes.py) become bind mounts of the bundle; the command is looked
+up in the mounted rootfs before the runtime starts, so a missing one is docker's
+127/126 (runtime/exec.py). `--restart on-failure[:N]` is kept by the monitor of a
+detached container; `stop` and `rm -f` leave a mark so that it is not restarted.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -24,16 +32,31 @@ from lazyoci.images.progress import ProgressSink
 from lazyoci.images.service import ImageService, LocalImage
 from lazyoci.oci.digest import Digest
 from lazyoci.oci.platform import Platform
-from lazyoci.runtime.bundle import ProcessOptions, build_spec, process_args, write_bundle
+from lazyoci.runtime.bundle import (GENERATED_FILES, HostOptions, ProcessOptions, build_spec, check_host_options,
+                                    process_args, write_bundle)
 from lazyoci.runtime.containers import ContainerRecord, ContainerStore, process_start
+from lazyoci.runtime.exec import check_command
 from lazyoci.runtime.logfile import LogReader, iter_chunks, lines_since
-from lazyoci.runtime.monitor import MonitorSpec, spawn_monitor
+from lazyoci.runtime.monitor import STOPPED_MARK, MonitorSpec, spawn_monitor
 from lazyoci.runtime.runc import Runtime
+from lazyoci.runtime.volumes import MountRequest, VolumeStore, check_mount_kinds, check_unique_targets
 from lazyoci.snapshot.mount import mount_all, unmount
 from lazyoci.snapshot.registry import get_snapshotter
 from lazyoci.store.layout import DataRoot
+from lazyoci.store.modes import write_file
 
 STOP_TIMEOUT = 10.0
+ANONYMOUS_VOLUMES = "anonymous-volumes.json"    # in the container directory: removed with it by --rm / rm -v
+
+
+def parse_restart(policy: str) -> int | None:
+    """`--restart no|on-failure[:N]`: None for no, else the most restarts (0 = no limit)."""
+    if policy == "no":
+        return None
+    m = re.fullmatch(r"on-failure(?::(\d+))?", policy)
+    if m is None:
+        raise ConfigError(f"invalid restart policy {policy!r}: use no or on-failure[:MAX-RETRIES]")
+    return int(m.group(1) or 0)
 
 
 @dataclass(frozen=True)
@@ -49,6 +72,19 @@ class RunOptions:
     pull: str = "missing"
     platform: Platform | None = None
     soci_index_digest: str | None = None     # skip discovery: use this SOCI index (soci only)
+    host: HostOptions = HostOptions()         # host-side settings; its mounts are filled in by create()
+    mounts: tuple[MountRequest, ...] = ()     # -v / --mount / --tmpfs
+    restart: str = "no"                       # --restart no|on-failure[:N] (detached only)
+
+    def check(self) -> None:
+        """Flag combinations docker refuses, before anything is pulled or created."""
+        check_unique_targets(list(self.mounts), GENERATED_FILES)
+        check_host_options(self.host)
+        if parse_restart(self.restart) is not None:
+            if self.auto_remove:
+                raise ConfigError("conflicting options: --restart and --rm")
+            if not self.detach:
+                raise ConfigError("--restart on-failure is kept by the monitor of a detached container: add -d")
 
 
 class ContainerManager:
@@ -85,6 +121,7 @@ class ContainerManager:
 
     # ---- run ----------------------------------------------------------------
     def create(self, opts: RunOptions, progress: ProgressSink | None = None) -> tuple[ContainerRecord, Runtime]:
+        opts.check()
         runtime = Runtime.find(opts.runtime, self.root.path)
         image = self.ensure_image(opts.image, opts.snapshotter, opts.pull, opts.platform, progress,
                                   opts.soci_index_digest)
@@ -103,19 +140,27 @@ class ContainerManager:
         try:
             mounts = snap.prepare(key, top, {"lazyoci/container": cid})
             mount_all(mounts, cdir / "rootfs")
-            spec = build_spec(image.config, cdir / "rootfs", cdir / "etc", opts.process)
+            volume_mounts, anonymous = VolumeStore(self.root).spec_mounts(list(opts.mounts), cdir / "rootfs")
+            write_file(cdir / ANONYMOUS_VOLUMES, json.dumps(anonymous).encode())
+            check_mount_kinds(cdir / "rootfs", volume_mounts)
+            host = dataclasses.replace(opts.host, mounts=tuple(volume_mounts))
+            spec = build_spec(image.config, cdir / "rootfs", cdir / "etc", opts.process, host)
+            check_command(cdir / "rootfs", spec["process"], tuple(m["destination"] for m in volume_mounts))
             write_bundle(cdir, spec)
         except BaseException:
-            self.cleanup(rec)
+            self.cleanup(rec, remove_volumes=True)
             raise
         return rec, runtime
 
     def start(self, rec: ContainerRecord, runtime: Runtime, opts: RunOptions) -> int | None:
         """Run the created container: its exit code (foreground), or None once it runs (detached)."""
         cdir = self.store.dir(rec.id)
+        (cdir / STOPPED_MARK).unlink(missing_ok=True)     # a stop before this start does not hold now
         spec = MonitorSpec(rec.id, cdir, runtime, opts.detach, opts.interactive, opts.process.tty,
-                           cdir / "container.log", cdir / "pid", cdir / "exit.json")
-        on_exit = (lambda code: self.cleanup(rec)) if (opts.detach and opts.auto_remove) else (lambda code: None)
+                           cdir / "container.log", cdir / "pid", cdir / "exit.json",
+                           restart_max=parse_restart(opts.restart))
+        on_exit = ((lambda code: self.cleanup(rec, remove_volumes=True)) if (opts.detach and opts.auto_remove)
+                   else (lambda code: None))
         monitor_pid, child = spawn_monitor(spec, self.store, on_exit)
         if opts.detach:
             self._wait_started(rec, spec, monitor_pid)
@@ -162,7 +207,7 @@ class ContainerManager:
         if code is None:
             code = 125
         if rec.auto_remove:
-            self.cleanup(rec)
+            self.cleanup(rec, remove_volumes=True)
         return code
 
     # ---- stop / rm / logs ---------------------------------------------------
@@ -179,6 +224,7 @@ class ContainerManager:
         if rec.status != "running":
             return rec
         runtime = Runtime.find(rec.runtime, self.root.path)
+        self._mark_stopped(rec)
         image = self._image_stop_signal(rec)
         runtime.kill(rec.id, image)
         if not self._wait_exit(rec, timeout):
@@ -187,6 +233,13 @@ class ContainerManager:
                 raise ContainerError(f"container {rec.name} did not stop")
         return self.store.get(rec.id)
 
+    def _mark_stopped(self, rec: ContainerRecord) -> None:
+        """Tell the monitor not to restart the container (a missing directory has no monitor)."""
+        try:
+            write_file(self.store.dir(rec.id) / STOPPED_MARK, b"")
+        except StoreError:
+            pass
+
     def _image_stop_signal(self, rec: ContainerRecord) -> str:
         try:
             sig = self.images.get(rec.image_digest).config.stop_signal
@@ -194,20 +247,28 @@ class ContainerManager:
             sig = None
         return (sig or "SIGTERM").upper().removeprefix("SIG")
 
-    def remove(self, name_or_id: str, force: bool = False) -> ContainerRecord:
+    def remove(self, name_or_id: str, force: bool = False, volumes: bool = False) -> ContainerRecord:
+        """Remove a container; `volumes` (rm -v) also removes the anonymous volumes it created."""
         rec = self.store.get(name_or_id)
         if rec.status == "running":
             if not force:
                 raise ContainerError(f"container {rec.name} is running: stop it first or use rm -f")
+            self._mark_stopped(rec)
             Runtime.find(rec.runtime, self.root.path).kill(rec.id, "KILL")
             if not self._wait_exit(rec, 30):
                 raise ContainerError(f"container {rec.name} could not be killed")
-        self.cleanup(rec)
+        self.cleanup(rec, remove_volumes=volumes)
         return rec
 
-    def cleanup(self, rec: ContainerRecord) -> None:
+    def cleanup(self, rec: ContainerRecord, remove_volumes: bool = False) -> None:
         """Undo everything `create` did (also after a crash or reboot left stale state)."""
         cdir = self.store.dir(rec.id)
+        anonymous: list[str] = []
+        if remove_volumes:
+            try:
+                anonymous = json.loads((cdir / ANONYMOUS_VOLUMES).read_text())
+            except (OSError, ValueError):
+                pass
         try:
             Runtime.find(rec.runtime, self.root.path).delete(rec.id)
         except LazyociError:
@@ -220,6 +281,12 @@ class ContainerManager:
             pass   # never prepared, or already removed
         shutil.rmtree(cdir, ignore_errors=True)
         self.store.delete(rec.id)
+        volumes = VolumeStore(self.root)
+        for name in anonymous:
+            try:
+                volumes.remove(name, force=True)
+            except LazyociError:
+                pass
 
     def logs(self, name_or_id: str, out: IO[bytes], follow: bool = False, tail: int | None = None,
              since_ns: int | None = None, timestamps: bool = False) -> None:
