@@ -144,3 +144,20 @@ def test_df_and_prune(registry, data_root, tmp_path):
             _lz(data_root, config, "rm", "-f", c, check=False)
         _lz(data_root, config, "service", "stop", check=False)
     assert _mounts_under(data_root) == []
+
+
+def test_prune_volumes_removes_unused_anonymous_volumes_only(registry, tmp_path):
+    """`system prune --volumes`, as docker 23+: the anonymous volumes no container uses go (also
+    those freed by removing stopped containers in the same prune); named volumes stay."""
+    root, config = tmp_path / "root", write_config(tmp_path / "config.yaml")
+    push_tricky_image(registry.host, "system/vols", tmp_path)
+    ref = f"{registry.host}/system/vols:latest"
+    _lz(root, config, "volume", "create", "keepme")
+    _lz(root, config, "run", "-v", "/scratch", "-v", "keepme:/named", ref, "true")
+    before = set(_lz(root, config, "volume", "ls", "-q").stdout.split())
+    assert "keepme" in before and len(before) == 2, before
+    anonymous = (before - {"keepme"}).pop()
+    out = _lz(root, config, "system", "prune", "-f", "--volumes").stdout
+    assert f"Deleted Volumes:\n{anonymous}\n" in out, out
+    assert _lz(root, config, "volume", "ls", "-q").stdout.split() == ["keepme"]
+    assert _mounts_under(root) == []

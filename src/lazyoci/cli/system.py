@@ -56,7 +56,7 @@ def df_cmd(fmt: str | None) -> None:
 @system_group.command("prune")
 @click.option("-a", "--all", "all_images", is_flag=True, help="Remove every image no container uses, not only unnamed ones.")
 @click.option("--volumes", is_flag=True,
-              help="Prune unused volumes too (this lazyoci has no volumes yet: nothing to prune).")
+              help="Prune anonymous volumes no container uses too.")
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
 def prune_cmd(all_images: bool, volumes: bool, force: bool) -> None:
     """Remove stopped containers, unused images, the build cache and span caches no image uses."""
@@ -66,6 +66,7 @@ def prune_cmd(all_images: bool, volumes: bool, force: bool) -> None:
         click.echo("WARNING! This will remove:\n  - all stopped containers\n"
                    + ("  - all images without at least one container associated to them\n" if all_images
                       else "  - all dangling images\n")
+                   + ("  - all anonymous volumes not used by at least one container\n" if volumes else "")
                    + "  - all build cache\n  - span caches of lazy layers no image uses\n", err=True)
         try:
             if not click.confirm("Are you sure you want to continue?", default=False, err=True):
@@ -74,11 +75,16 @@ def prune_cmd(all_images: bool, volumes: bool, force: bool) -> None:
             click.echo("", err=True)
             return
     svc = image_service()
-    result = prune(svc, _manager(svc), app().config, all_images)
+    result = prune(svc, _manager(svc), app().config, all_images, volumes)
     if result.containers:
         click.echo("Deleted Containers:")
         for cid in result.containers:
             click.echo(cid)
+        click.echo()
+    if result.volumes:
+        click.echo("Deleted Volumes:")
+        for name in result.volumes:
+            click.echo(name)
         click.echo()
     if result.untagged or result.images:
         click.echo("Deleted Images:")

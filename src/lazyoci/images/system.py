@@ -48,6 +48,7 @@ class PruneResult:
     images: tuple[str, ...]            # top-level digests of the images removed
     span_caches: tuple[str, ...]       # layer digests whose span caches were removed
     bytes_freed: int
+    volumes: tuple[str, ...] = ()      # anonymous volumes removed (`--volumes`)
 
 
 @dataclass(frozen=True)
@@ -184,9 +185,13 @@ def _build_images(svc: ImageService) -> int:
         return 0
 
 
-def prune(svc: ImageService, manager: ContainerManager, config: Config, all_images: bool = False) -> PruneResult:
-    """docker's `system prune [-a]`: stopped containers, unnamed images (-a: every image no
-    container uses), the build cache, then blobs, unpacked layers and span caches nothing needs."""
+def prune(svc: ImageService, manager: ContainerManager, config: Config, all_images: bool = False,
+          volumes: bool = False) -> PruneResult:
+    """docker's `system prune [-a] [--volumes]`: stopped containers, unnamed images (-a: every
+    image no container uses), anonymous volumes no container uses (--volumes, as docker 23+),
+    the build cache, then blobs, unpacked layers and span caches nothing needs."""
+    from lazyoci.runtime.volumes import VolumeStore
+
     freed = 0
     removed_containers = []
     for rec in manager.store.list():
@@ -194,6 +199,8 @@ def prune(svc: ImageService, manager: ContainerManager, config: Config, all_imag
             freed += _container_bytes(manager, rec)
             manager.remove(rec.id)
             removed_containers.append(rec.id)
+    removed_volumes = VolumeStore(svc.root).prune(include_named=False) if volumes else []
+    freed += sum(size for _, size in removed_volumes)
 
     untagged: list[str] = []
     deleted: list[str] = []
@@ -219,7 +226,8 @@ def prune(svc: ImageService, manager: ContainerManager, config: Config, all_imag
             freed += directory_bytes(path)
             shutil.rmtree(path, ignore_errors=True)
             caches.add(layer)
-    return PruneResult(tuple(removed_containers), tuple(untagged), tuple(deleted), tuple(sorted(caches)), freed)
+    return PruneResult(tuple(removed_containers), tuple(untagged), tuple(deleted), tuple(sorted(caches)), freed,
+                       tuple(name for name, _ in removed_volumes))
 
 
 def release_unused_layers(svc: ImageService, config: Config) -> int:
