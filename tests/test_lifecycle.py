@@ -221,7 +221,7 @@ def test_cp_stays_inside_the_rootfs(env, lz, tmp_path):
 def test_ps_format_and_filter(env, lz):
     up = lz("run", "-d", "--name", "up-one", env["image"], "sleep", "60").stdout.strip()
     lz("run", "--name", "gone-3", env["image"], "sh", "-c", "exit 3", check=False)
-    lz("run", "--name", "gone-0", env["image"], "true")
+    lz("run", "--name", "gone-0", "--label", "tier=web", "--label", "canary", env["image"], "true")
     rows = [json.loads(l) for l in lz("ps", "-a", "--format", "{{json .}}").stdout.splitlines()]
     assert [r["Names"] for r in rows] == ["gone-0", "gone-3", "up-one"]          # newest first
     first = rows[2]
@@ -245,6 +245,10 @@ def test_ps_format_and_filter(env, lz):
     assert names("-a", "-f", "ancestor=other/image") == []
     assert names("-a", "-f", "since=up-one") == ["gone-0", "gone-3"]
     assert names("-a", "-f", "before=gone-3") == ["up-one"]
+    assert names("-a", "-f", "label=tier=web") == ["gone-0"]
+    assert names("-a", "-f", "label=tier") == ["gone-0"] and names("-a", "-f", "label=tier=db") == []
+    assert names("-a", "-f", "label=tier=web", "-f", "label=nope") == []          # labels: all must hold
+    assert json.loads(lz("inspect", "gone-0").stdout)[0]["Config"]["Labels"] == {"tier": "web", "canary": ""}
     assert lz("ps", "-a", "-q", "-f", "status=running").stdout.split() == [up[:12]]
     _one_line_error(lz("ps", "-f", "colour=red", check=False), "invalid filter 'colour'")
     _one_line_error(lz("ps", "-f", "status=sleepy", check=False), "status=sleepy")

@@ -180,7 +180,7 @@ def _command(rec: ContainerRecord) -> str:
 @click.option("-a", "--all", "show_all", is_flag=True, help="Show every container (default: running).")
 @click.option("-q", "--quiet", is_flag=True, help="Only IDs.")
 @click.option("-f", "--filter", "filters", multiple=True,
-              help="KEY=VALUE: id, name, status, exited, ancestor, before, since, snapshotter.")
+              help="KEY=VALUE: id, name, status, exited, ancestor, before, since, snapshotter, label.")
 @click.option("--format", "fmt", default=None, help="'{{json .}}', or a Go template of the fields ('table ...').")
 def ps_cmd(show_all: bool, quiet: bool, filters: tuple[str, ...], fmt: str | None) -> None:
     """List containers."""
@@ -188,7 +188,8 @@ def ps_cmd(show_all: bool, quiet: bool, filters: tuple[str, ...], fmt: str | Non
 
     wanted = ContainerFilter.parse(filters)
     store = ContainerStore(DataRoot(app().root).ensure())   # the records only: no image service
-    recs = wanted.apply([r for r in store.list() if show_all or wanted.wants_all or r.status == "running"])
+    recs = wanted.apply([r for r in store.list() if show_all or wanted.wants_all or r.status == "running"],
+                        store.labels)
     if quiet:
         for r in recs:
             click.echo(r.short_id)

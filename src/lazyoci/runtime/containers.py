@@ -107,6 +107,15 @@ class ContainerStore:
     def dir(self, container_id: str) -> Path:
         return self.root.containers / container_id
 
+    def labels(self, container_id: str) -> dict[str, str]:
+        """The container's `--label`s: the annotations of its runtime bundle ({} if it has none)."""
+        try:
+            spec = json.loads((self.dir(container_id) / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        labels = spec.get("annotations") if isinstance(spec, dict) else None
+        return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
+
     def make_dir(self, container_id: str) -> Path:
         """A new container's directory: its bundle, logs and the mount point of its root filesystem.
 

@@ -4,13 +4,14 @@ Values of one key are alternatives, different keys must all match. A `status`
 filter looks at every container (as `-a`). Keys: id (prefix), name (a regular
 expression searched in the name, as docker does), status, exited (exit code),
 ancestor (image name, ID or ID prefix), before and since (a container: created
-before or after it), snapshotter. An unknown key or a bad value is one error.
+before or after it), snapshotter, label (KEY or KEY=VALUE of its `--label`s).
+An unknown key or a bad value is one error.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lazyoci.errors import ConfigError, ReferenceError_
@@ -18,7 +19,7 @@ from lazyoci.oci.reference import Reference
 from lazyoci.runtime.containers import ContainerRecord
 
 STATES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
-KEYS = ("id", "name", "status", "exited", "ancestor", "before", "since", "snapshotter")
+KEYS = ("id", "name", "status", "exited", "ancestor", "before", "since", "snapshotter", "label")
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,14 @@ class ContainerFilter:
         """A status filter lists stopped containers too, as `-a` does."""
         return any(key == "status" for key, _ in self.values)
 
-    def apply(self, records: Sequence[ContainerRecord]) -> list[ContainerRecord]:
-        """The records that match every key (newest first, as given)."""
+    def apply(self, records: Sequence[ContainerRecord],
+              labels: Callable[[str], dict[str, str]] = lambda _id: {}) -> list[ContainerRecord]:
+        """The records that match every key (newest first, as given); `labels` gives a
+        container's labels by its ID (read only when a label filter asks)."""
         created = {key: self._reference_time(key, vals, records) for key, vals in self.values
                    if key in ("before", "since")}
-        return [r for r in records if all(self._matches(r, key, vals, created) for key, vals in self.values)]
+        return [r for r in records
+                if all(self._matches(r, key, vals, created, labels) for key, vals in self.values)]
 
     @staticmethod
     def _reference_time(key: str, values: tuple[str, ...], records: Sequence[ContainerRecord]) -> float:
@@ -69,7 +73,13 @@ class ContainerFilter:
         raise ConfigError(f"invalid filter '{key}={value}': no such container")
 
     @staticmethod
-    def _matches(r: ContainerRecord, key: str, values: tuple[str, ...], created: dict[str, float]) -> bool:
+    def _matches(r: ContainerRecord, key: str, values: tuple[str, ...], created: dict[str, float],
+                 labels: Callable[[str], dict[str, str]]) -> bool:
+        if key == "label":     # docker: every label filter must hold (not alternatives)
+            have = labels(r.id)
+            return all(v.partition("=")[0] in have and (not v.partition("=")[1] or
+                                                         have[v.partition("=")[0]] == v.partition("=")[2])
+                       for v in values)
         if key == "id":
             return any(r.id.startswith(v) for v in values)
         if key == "name":

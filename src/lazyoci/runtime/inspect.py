@@ -80,7 +80,7 @@ def inspect_container(store: ContainerStore, name_or_id: str, image_entrypoint: 
             "Entrypoint": entry,
             "Image": rec.image,
             "WorkingDir": process.get("cwd", "/"),
-            "Labels": {},
+            "Labels": _labels(spec),
             "StopSignal": stop_signal or "SIGTERM",
         },
     }
@@ -150,3 +150,9 @@ def image_facts(images, rec: ContainerRecord) -> tuple[tuple[str, ...], str | No
     except LazyociError:
         return (), None
     return tuple(config.entrypoint), config.stop_signal
+
+
+def _labels(spec: dict) -> dict[str, str]:
+    """`--label`s, kept as the bundle's annotations."""
+    labels = spec.get("annotations")
+    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
