@@ -186,6 +186,11 @@ def test_restart_on_failure_under_the_monitor(env, lz, tmp_path):
        "sh", "-c", "echo run >> /runs/log; exit 3")
     assert "Exited (3)" in _wait_exited(lz, "flaky")
     assert (host / "log").read_text() == "run\n" * 3                 # the first run and two restarts
+    lz("start", "flaky")                                             # start keeps the policy
+    deadline = time.monotonic() + 30
+    while len((host / "log").read_text().splitlines()) < 6 or "Exited (3)" not in _wait_exited(lz, "flaky"):
+        assert time.monotonic() < deadline, (host / "log").read_text()
+        time.sleep(0.1)
     lz("rm", "flaky")
     lz("run", "-d", "--name", "ok", "--restart", "on-failure", "-v", f"{host}:/runs", env["tricky"],
        "sh", "-c", "echo ok >> /runs/ok")

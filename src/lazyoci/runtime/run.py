@@ -49,6 +49,9 @@ STOP_TIMEOUT = 10.0
 ANONYMOUS_VOLUMES = "anonymous-volumes.json"    # in the container directory: removed with it by --rm / rm -v
 
 
+RESTART_POLICY = "restart-policy"     # in a container's directory: its --restart, if not "no"
+
+
 def parse_restart(policy: str) -> int | None:
     """`--restart no|on-failure[:N]`: None for no, else the most restarts (0 = no limit)."""
     if policy == "no":
@@ -156,9 +159,13 @@ class ContainerManager:
         """Run the created container: its exit code (foreground), or None once it runs (detached)."""
         cdir = self.store.dir(rec.id)
         (cdir / STOPPED_MARK).unlink(missing_ok=True)     # a stop before this start does not hold now
+        policy = cdir / RESTART_POLICY       # kept, so that `start` and `restart` keep it as docker does
+        if opts.restart != "no":
+            write_file(policy, opts.restart.encode())
+        saved = policy.read_text() if policy.exists() else "no"
         spec = MonitorSpec(rec.id, cdir, runtime, opts.detach, opts.interactive, opts.process.tty,
                            cdir / "container.log", cdir / "pid", cdir / "exit.json",
-                           restart_max=parse_restart(opts.restart))
+                           restart_max=parse_restart(saved))
         on_exit = ((lambda code: self.cleanup(rec, remove_volumes=True)) if (opts.detach and opts.auto_remove)
                    else (lambda code: None))
         monitor_pid, child = spawn_monitor(spec, self.store, on_exit)
