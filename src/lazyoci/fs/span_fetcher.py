@@ -102,11 +102,14 @@ class SpanFetcher:
 
     # -- public --------------------------------------------------------------
 
-    def read(self, start: int, end: int, background: bool = False) -> bytes:
-        """Verified uncompressed bytes [start, end) of the layer's tar stream."""
+    def read(self, start: int, end: int, background: bool = False, read_ahead: bool = True) -> bytes:
+        """Verified uncompressed bytes [start, end) of the layer's tar stream.
+
+        `read_ahead=False` for reads that say nothing of what comes next (a tar header checked
+        for a lookup: the file's own data reads plan their read-ahead)."""
         if end <= start:
             return b""
-        ahead = [] if background else self._plan_read_ahead(self.ztoc.spans_for(start, end))
+        ahead = [] if background or not read_ahead else self._plan_read_ahead(self.ztoc.spans_for(start, end))
         start_ahead = (lambda: self._submit_read_ahead(ahead)) if ahead else None
         for _ in range(4):   # a span evicted between fetch and read is simply fetched again
             fresh = self.ensure(self.ztoc.spans_for(start, end), background=background,

@@ -18,6 +18,7 @@ longer leaves a layer unreadable.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import ctypes.util
 import logging
@@ -190,7 +191,8 @@ class LayerManager:
         self._prefer(view, [reference])
         self._prefer(view, refs)
         fetcher = SpanFetcher(ztoc, self._fetcher(view), cache, layer_digest)
-        verifier = LayerVerifier(ztoc, fetcher.read, fetcher.read_cached, layer_digest)
+        verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, read_ahead=False), fetcher.read_cached,
+                                 layer_digest)
         if cache.headers_checked:
             verifier.passed_before()
         else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
