@@ -34,6 +34,7 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 _CHUNK = 1 << 20     # read/write granularity; also the zero-run (hole) unit
+_MAX_ID = (1 << 32) - 2     # uid_t is 32 bits and (uid_t)-1 means "unchanged" to chown
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -131,6 +132,8 @@ class _Applier:
 
     def apply(self, f: ForwardFile, m: TarHeader) -> None:
         name, kind = _entry_name(m), m.type
+        if not (0 <= m.uid <= _MAX_ID and 0 <= m.gid <= _MAX_ID):
+            raise FormatError(f"layer entry {name!r} has a uid or gid out of range ({m.uid}:{m.gid})")
         parts = _split(name, name)
         if not parts:  # the layer root itself ("./")
             if kind == "dir":

@@ -8,10 +8,9 @@ data is skipped by arithmetic, so the cost is per entry, not per byte.
 
 Semantics are Go's archive/tar, which the reference SOCI tools and containerd read
 layers with, so that lazyoci sees the entries, offsets and attributes they see
-(`docs/TAR.md` lists the edge cases). Three deliberate differences: a global PAX
+(`docs/TAR.md` lists the edge cases). Two deliberate differences: a global PAX
 header (`g`) applies to the entries after it, as GNU tar and Python's tarfile
-apply it (Go returns it as an entry of its own); sparse files are refused; an
-end-of-archive marker is two zero blocks, and whatever follows it is not read.
+apply it (Go returns it as an entry of its own), and sparse files are refused.
 """
 
 from __future__ import annotations
