@@ -26,7 +26,7 @@ from lazyoci.errors import FormatError
 BLOCK = 512
 MAX_EXTENDED = 1 << 20   # a PAX or GNU long-name payload over this is refused, as Go refuses it
 
-# typeflag -> type name; the first seven are the zTOC's names (docs/TAR.md)
+# typeflag -> type name; all but "contiguous" are the zTOC's names too (docs/TAR.md)
 TYPE_NAMES = {b"0": "reg", b"\0": "reg", b"1": "hardlink", b"2": "symlink", b"3": "char",
               b"4": "block", b"5": "dir", b"6": "fifo", b"7": "contiguous"}
 HEADER_ONLY = frozenset(("hardlink", "symlink", "char", "block", "dir", "fifo"))
@@ -91,7 +91,7 @@ def _base256(field: bytes, what: str, at: int) -> int:
     negative = field[0] & 0x40
     value = int.from_bytes(field, "big") & ((1 << (8 * len(field) - 1)) - 1)
     if negative:
-        value = (1 << (8 * len(field) - 1)) - 1 - value       # the bits inverted: -value-1
+        value = (1 << (8 * len(field) - 1)) - 1 - value       # the bits inverted; the number is -value-1
     if value >= _MAX_INT64:
         raise _bad(what, field, at, "is out of range")
     return -value - 1 if negative else value
