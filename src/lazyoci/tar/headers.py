@@ -34,6 +34,7 @@ XATTR_PREFIX = b"SCHILY.xattr."
 _EXTENDED = frozenset((b"x", b"g", b"L", b"K"))
 _ZERO_BLOCK = bytes(BLOCK)
 _MAX_INT64 = 1 << 63
+_MAX_ID = (1 << 32) - 1
 
 # name, mode, uid, gid, size, mtime, chksum, typeflag, linkname, magic + version, uname, gname,
 # devmajor, devminor, prefix (155 bytes; STAR's is 131, then atime and ctime)
@@ -118,12 +119,11 @@ def number(field: bytes, what: str, at: int) -> int:
     return value
 
 
-def checksum_ok(block: bytes) -> bool:
+def checksum_ok(block: bytes, field: bytes) -> bool:
     """The stored checksum equals the byte sum with its own field read as 8 spaces, unsigned or
     (as old writers summed) signed bytes. adler32's low half is 1 + that sum modulo 65521, in C:
     exact when at most 256 bytes are not NUL (as in most headers), else summed per half block
-    (a half sums below 65521)."""
-    field = block[148:156]
+    (a half sums below 65521). `field` is the checksum field, block[148:156]."""
     text = field.partition(b"\0")[0]
     if not text.isdigit():                 # not the usual "%06o\0 ": trim as Go does
         text = field.strip(b" \0").partition(b"\0")[0]
@@ -165,7 +165,6 @@ def parse_pax(data: bytes, at: int) -> list[tuple[bytes, bytes]]:
 
 _SIGNED = re.compile(rb"[+-]?[0-9]+")
 _NO_NUL = frozenset((b"path", b"linkpath", b"uname", b"gname"))
-_PAX_INT = frozenset((b"size", b"uid", b"gid"))
 _PAX_TIME = frozenset((b"mtime", b"atime", b"ctime"))
 
 
@@ -173,6 +172,13 @@ def _pax_int(value: bytes, key: bytes, at: int) -> int:
     if not _SIGNED.fullmatch(value) or not -_MAX_INT64 <= int(value) < _MAX_INT64:
         raise FormatError(f"not a tar archive: bad PAX {key.decode()} {value!r} in the header at offset {at}")
     return int(value)
+
+
+def _id(value: int, what: str, at: int) -> int:
+    """A uid or gid: Linux's are 32-bit unsigned (Go would take any int; the zTOC holds uint32)."""
+    if not 0 <= value <= _MAX_ID:
+        raise FormatError(f"not a tar archive: the {what} {value} in the header at offset {at} is out of range")
+    return value
 
 
 def parse_pax_time(value: bytes, at: int) -> int:
@@ -214,9 +220,9 @@ class HeaderReader:
             return None
         if self._zero_blocks:
             raise FormatError(f"not a tar archive: a header after an end-of-archive block at offset {at}")
-        (name, mode, uid, gid, size, mtime, _, flag, linkname, magic, uname, gname,
+        (name, mode, uid, gid, size, mtime, checksum, flag, linkname, magic, uname, gname,
          devmajor, devminor, prefix) = _HEADER.unpack(block)
-        if not checksum_ok(block):
+        if not checksum_ok(block, checksum):
             raise FormatError(f"not a tar archive: bad header checksum at offset {at}")
         cache = _NUMBERS
         size = cache[size] if size in cache else number(size, "size", at)
@@ -233,8 +239,8 @@ class HeaderReader:
             raise FormatError(f"sparse files are not supported (GNU sparse entry at offset {at})")
         kind = TYPE_NAMES.get(flag) or flag.decode("latin-1")
         mode = cache[mode] if mode in cache else number(mode, "mode", at)
-        uid = cache[uid] if uid in cache else number(uid, "uid", at)
-        gid = cache[gid] if gid in cache else number(gid, "gid", at)
+        uid = cache[uid] if uid in cache else _id(number(uid, "uid", at), "uid", at)
+        gid = cache[gid] if gid in cache else _id(number(gid, "gid", at), "gid", at)
         mtime_ns = (cache[mtime] if mtime in cache else number(mtime, "mtime", at)) * 1_000_000_000
         name = name.partition(b"\0")[0]
         linkname = linkname.partition(b"\0")[0]
@@ -265,14 +271,12 @@ class HeaderReader:
                     uname = value
                 elif key == b"gname":
                     gname = value
-                elif key in _PAX_INT:
-                    number_ = _pax_int(value, key, at)
-                    if key == b"size":
-                        size = number_
-                    elif key == b"uid":
-                        uid = number_
-                    else:
-                        gid = number_
+                elif key == b"size":
+                    size = _pax_int(value, key, at)
+                elif key == b"uid":
+                    uid = _id(_pax_int(value, key, at), "uid", at)
+                elif key == b"gid":
+                    gid = _id(_pax_int(value, key, at), "gid", at)
                 elif key in _PAX_TIME:
                     ns = parse_pax_time(value, at)
                     if key == b"mtime":
@@ -348,11 +352,10 @@ def iter_headers(f: ForwardReader) -> Iterator[TarHeader]:
 
 
 class HeaderFeed:
-    """The tar stream pushed in chunks of any size (`feed`), headers decoded as they complete.
+    """The tar stream pushed in chunks of any size (`feed`), its entries kept in `entries`.
 
-    Each entry goes to `entry` (a subclass's hook; by default it is kept in `entries`).
     State between chunks: `_skip` bytes of file data still to pass over, and `_buf` holding a
-    partial header block or extended payload."""
+    partial header block or extended payload (`_payload`: the next complete piece is one)."""
 
     def __init__(self) -> None:
         self.entries: list[TarHeader] = []
@@ -362,57 +365,62 @@ class HeaderFeed:
         self._padding = 0            # how much of `_skip` is padding after the data (may be missing)
         self._buf = bytearray()
         self._want = BLOCK           # bytes `_buf` must reach before they are decoded
+        self._payload = False
 
     @property
     def done(self) -> bool:
         """The end-of-archive marker was seen."""
         return self.reader.ended
 
-    def entry(self, header: TarHeader) -> None:
-        self.entries.append(header)
-
     def feed(self, chunk: memoryview | bytes) -> None:
+        """Decode what `chunk` completes. Runs once per block of headers, so its state lives in
+        locals while it runs."""
         n = len(chunk)
         i = 0
         reader = self.reader
-        entry = self.entry
-        while i < n:
-            if reader.ended:   # anything after the end marker is padding (Go does not read it)
-                break
-            if self._skip:
-                step = self._skip if self._skip < n - i else n - i
-                self._skip -= step
-                i += step
-                continue
-            need = self._want - len(self._buf)
-            if not self._buf and n - i >= need:
-                piece = bytes(chunk[i:i + need])   # the common case: the whole block is in this chunk
-                i += need
-            else:
-                take = min(need, n - i)
-                self._buf += chunk[i:i + take]
-                i += take
-                if len(self._buf) < self._want:
+        header_of = reader.header
+        append = self.entries.append
+        skip, buf, want, payload, base = self._skip, self._buf, self._want, self._payload, self.pos
+        try:
+            while i < n:
+                if skip:
+                    step = skip if skip < n - i else n - i
+                    skip -= step
+                    i += step
                     continue
-                piece, self._buf = bytes(self._buf), bytearray()
-            if reader.pending:
-                self._want = BLOCK
-                reader.extended(piece)
-                continue
-            header = reader.header(piece, self.pos + i)
-            if header is None:
-                if reader.pending:
-                    self._want = reader.pending
-                continue
-            entry(header)
-            skip = self._skip = reader.data_length
-            if skip:
-                self._padding = skip - header.size
-        self.pos += n
+                if reader.ended:   # anything after the end marker is padding (Go does not read it)
+                    break
+                need = want - len(buf)
+                if not buf and n - i >= need:
+                    piece = bytes(chunk[i:i + need])   # the common case: the whole block is in this chunk
+                    i += need
+                else:
+                    take = need if need < n - i else n - i
+                    buf += chunk[i:i + take]
+                    i += take
+                    if len(buf) < want:
+                        continue
+                    piece, buf = bytes(buf), bytearray()
+                if payload:
+                    payload, want = False, BLOCK
+                    reader.extended(piece)
+                    continue
+                header = header_of(piece, base + i)
+                if header is None:
+                    if reader.pending:
+                        payload, want = True, reader.pending
+                    continue
+                append(header)
+                skip = reader.data_length
+                if skip:
+                    self._padding = skip - header.size
+        finally:
+            self._skip, self._buf, self._want, self._payload = skip, buf, want, payload
+        self.pos = base + n
 
     def finish(self) -> list[TarHeader]:
         """The entries; FormatError if the stream stopped inside an entry (not just in the padding
         after its data: Go reads that as the end)."""
-        if self._skip > self._padding or self._buf or self.reader.pending:
+        if self._skip > self._padding or self._buf or self._payload:
             raise FormatError(f"tar stream truncated at offset {self.pos} (inside an entry)")
         return self.entries

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+from operator import attrgetter
 
 from lazyoci.errors import FormatError
 from lazyoci.tar.headers import BLOCK, HeaderFeed, TarHeader
@@ -20,7 +21,7 @@ __all__ = ["BLOCK", "TarEntry", "TocBuilder", "ZTOC_TYPES", "format_rfc3339_nano
 
 TarEntry = TarHeader     # one TOC entry as the builder records it (raw bytes, as in the tar)
 ZTOC_TYPES = frozenset(("reg", "hardlink", "symlink", "char", "block", "dir", "fifo"))
-_U32 = (1 << 32) - 1   # what the zTOC's uint32 fields can hold
+_TYPE = attrgetter("type")
 
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
@@ -60,13 +61,12 @@ def parse_rfc3339_nano(text: str) -> int:
 
 
 class TocBuilder(HeaderFeed):
-    """Feed it the tar stream with `feed`, then call `finish` for the entries."""
+    """Feed it the tar stream with `feed`, then call `finish` for the entries (the reader keeps
+    numbers within what the zTOC's fields hold: int64, and uint32 for uid and gid)."""
 
-    def entry(self, header: TarHeader) -> None:
-        """Keep an entry the zTOC can hold. The reader keeps every number within int64 (as Go's
-        does) and sizes non-negative; the zTOC's uid and gid are uint32."""
-        if header.type not in ZTOC_TYPES:
-            raise FormatError(f"unsupported tar entry type {header.type!r} at offset {header.offset - BLOCK}")
-        if not (0 <= header.uid <= _U32 and 0 <= header.gid <= _U32):
-            raise FormatError(f"tar header at offset {header.offset - BLOCK} has a uid or gid out of range")
-        self.entries.append(header)
+    def finish(self) -> list[TarHeader]:
+        entries = super().finish()
+        if not ZTOC_TYPES.issuperset(map(_TYPE, entries)):
+            bad = next(e for e in entries if e.type not in ZTOC_TYPES)
+            raise FormatError(f"unsupported tar entry type {bad.type!r} at offset {bad.offset - BLOCK}")
+        return entries
