@@ -19,8 +19,8 @@ from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import ImageConfig, Index, Manifest, parse_any
 from lazyoci.oci.reference import Reference
 from lazyoci.snapshot.layerstream import ForwardFile
-from lazyoci.snapshot.tarstream import iter_members
 from lazyoci.soci.index import SociIndex
+from lazyoci.tar import iter_headers
 from lazyoci.ztoc.reader import Ztoc
 from lazyoci.ztoc.toc import TocBuilder
 from lazyoci.ztoc.zinfo import GzipCheckpoints
@@ -29,9 +29,9 @@ _ENTRY_WALK = 2000        # entries and spans walked per input: enough for cover
 
 
 def tar_stream(data: bytes) -> None:
-    """snapshot/tarstream.py: the header reader of full unpacks."""
-    for member in iter_members(ForwardFile(io.BytesIO(data))):
-        member.isreg(), member.isdir(), member.issym(), member.islnk()
+    """tar/headers.py through its pull driver: the header reader of full unpacks and header checks."""
+    for member in iter_headers(ForwardFile(io.BytesIO(data))):
+        member.path, member.link, member.data_length, member.xattrs()
 
 
 def toc_builder(data: bytes) -> None:

@@ -7,7 +7,7 @@ verifies anyway (SOCI-FORMAT.md §1). Sorted by data offset, entry k's header
 region is [data end of entry k-1 rounded up to 512, data offset of entry k), and
 it must hold exactly entry k's header records (PAX `x`/`g`, GNU `L`/`K`, then the
 main header, which ends at the data offset). The region is read through the span
-fetcher (verified bytes only), parsed by the unpacker's own tar reader, and
+fetcher (verified bytes only), parsed by the tar reader the unpacker uses too, and
 compared with what the lazy filesystem serves: name as the unpacker normalises
 it, type, size, permission bits, uid, gid, link target, device numbers, mtime
 and the SCHILY.xattr.* records. An entry that differs is never served; the first
@@ -43,17 +43,15 @@ from lazyoci.errors import FormatError, IntegrityError
 from lazyoci.fs.layer_index import IndexEntry, LayerIndex
 from lazyoci.oci.whiteout import normalise
 from lazyoci.snapshot.layerstream import ForwardFile
-from lazyoci.snapshot.tarstream import Member, iter_members
-from lazyoci.ztoc.toc import parse_pax_time
+from lazyoci.tar.headers import TarHeader, iter_headers
 
 log = logging.getLogger(__name__)
 
 BLOCK = 512
 MAX_HEADER_REGION = 1 << 20      # PAX records and long names larger than this are not parsed
 UNCHECKED, GOOD, BAD = 0, 1, 2
-_XATTR = "SCHILY.xattr."
-_TAR_TYPES = {"reg": (b"0", b"\0", b"", b"7"), "hardlink": (b"1",), "symlink": (b"2",),
-              "char": (b"3",), "block": (b"4",), "dir": (b"5",), "fifo": (b"6",)}
+_TAR_TYPES = {"reg": ("reg", "contiguous"), "hardlink": ("hardlink",), "symlink": ("symlink",),
+              "char": ("char",), "block": ("block",), "dir": ("dir",), "fifo": ("fifo",)}
 
 _NOT_CACHED = "(not cached)"
 ReadRange = Callable[[int, int], bytes]
@@ -66,17 +64,10 @@ def _data_end(entry: IndexEntry) -> int:
     return entry.offset + -(-size // BLOCK) * BLOCK
 
 
-def _mtime_ns(m: Member) -> int:
-    value = m.pax_headers.get("mtime")
-    if value is not None:
-        return parse_pax_time(value.encode("utf-8", "surrogateescape"), m.offset_data)
-    return int(m.mtime) * 1_000_000_000
-
-
-def mismatch(entry: IndexEntry, m: Member) -> str | None:
+def mismatch(entry: IndexEntry, m: TarHeader) -> str | None:
     """The first field in which a zTOC entry differs from its tar header, or None."""
     e = entry
-    if normalise(e.name) != normalise(m.name):
+    if normalise(e.name) != normalise(m.path):
         return "name"
     if m.type not in _TAR_TYPES.get(e.type, ()):
         return "type"
@@ -88,18 +79,13 @@ def mismatch(entry: IndexEntry, m: Member) -> str | None:
         return "uid"
     if e.gid != m.gid:
         return "gid"
-    if e.linkname != m.linkname:
+    if e.linkname != m.link:
         return "link target"
     if e.type in ("char", "block") and (e.devmajor, e.devminor) != (m.devmajor, m.devminor):
         return "device numbers"
-    try:
-        if e.mtime_ns != _mtime_ns(m):
-            return "mtime"
-    except FormatError:
+    if e.mtime_ns != m.mtime_ns:
         return "mtime"
-    xattrs = {k[len(_XATTR):]: v.encode("utf-8", "surrogateescape")
-              for k, v in m.pax_headers.items() if k.startswith(_XATTR)}
-    if xattrs != e.xattrs:
+    if m.xattrs() != e.xattrs:
         return "xattrs"
     return None
 
@@ -107,10 +93,10 @@ def mismatch(entry: IndexEntry, m: Member) -> str | None:
 def check_region(entry: IndexEntry, region: bytes) -> str | None:
     """Compare an entry with the header region in front of its data; the differing field or None."""
     try:
-        member = next(iter_members(ForwardFile(io.BytesIO(region))), None)
+        member = next(iter_headers(ForwardFile(io.BytesIO(region))), None)
     except FormatError as e:
         return f"tar header ({e})"
-    if member is None or member.offset_data != len(region):
+    if member is None or member.offset != len(region):
         return "tar header (not exactly one header before the data)"
     return mismatch(entry, member)
 
@@ -260,11 +246,11 @@ class LayerVerifier:
         order = sorted(range(len(ztoc)), key=lambda i: ztoc.entry(i).offset)
         try:
             f = ForwardFile(_LayerStream(self.read, ztoc.uncompressed_size))
-            members = iter_members(f)
+            members = iter_headers(f)
             for i in order:
                 entry = ztoc.entry(i)
                 m = next(members, None)
-                if m is None or m.offset_data != entry.offset:
+                if m is None or m.offset != entry.offset:
                     self._broken(f"the tar has a header the zTOC lacks before entry {entry.name!r}"
                                  if m is not None else f"the tar ends before entry {entry.name!r}")
                 field = mismatch(entry, m)
@@ -273,7 +259,7 @@ class LayerVerifier:
                 self.state[i] = GOOD
             extra = next(members, None)
             if extra is not None:
-                self._broken(f"the tar has an entry the zTOC lacks: {extra.name!r}")
+                self._broken(f"the tar has an entry the zTOC lacks: {extra.path!r}")
         except FormatError as e:
             self._broken(f"the layer's tar cannot be read: {e}")
 

@@ -29,9 +29,10 @@ from lazyoci.errors import FormatError, UnsafeLayerError
 from lazyoci.oci.mediatypes import layer_compression
 from lazyoci.oci.whiteout import OPAQUE_XATTR, is_opaque_marker, is_overlay_xattr, whiteout_target
 from lazyoci.snapshot.layerstream import ChunkReader, ForwardFile, PrefetchReader, decompressor
-from lazyoci.snapshot.tarstream import Member, iter_members
+from lazyoci.tar.headers import TarHeader, iter_headers
 
 _CHUNK = 1 << 20     # read/write granularity; also the zero-run (hole) unit
+_MAX_ID = (1 << 32) - 2     # uid_t is 32 bits and (uid_t)-1 means "unchanged" to chown
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -127,28 +128,31 @@ class _Applier:
             os.unlink(name, dir_fd=pfd)
         return False
 
-    def apply(self, f: ForwardFile, m: Member) -> None:
-        parts = _split(m.name, m.name)
+    def apply(self, f: ForwardFile, m: TarHeader) -> None:
+        name, kind = _entry_name(m), m.type
+        if not (0 <= m.uid <= _MAX_ID and 0 <= m.gid <= _MAX_ID):
+            raise FormatError(f"layer entry {name!r} has a uid or gid out of range ({m.uid}:{m.gid})")
+        parts = _split(name, name)
         if not parts:  # the layer root itself ("./")
-            if m.isdir():
+            if kind == "dir":
                 self._meta_fd(self.root_fd, m)
-                self._dir_times.append(((), _ns(m.mtime)))
+                self._dir_times.append(((), m.mtime_ns))
             return
         base = parts[-1]
         if is_opaque_marker(base):
-            pfd = self.parent_fd(parts, m.name)
+            pfd = self.parent_fd(parts, name)
             os.setxattr(pfd, OPAQUE_XATTR, b"y")
             return
-        pfd = self.parent_fd(parts, m.name)
+        pfd = self.parent_fd(parts, name)
         target = whiteout_target(base)
         if target is not None:
             if not target or target in (".", ".."):
-                raise UnsafeLayerError(f"layer entry {m.name!r} is a malformed whiteout")
+                raise UnsafeLayerError(f"layer entry {name!r} is a malformed whiteout")
             self._clear(pfd, parts[:-1] + [target], keep_dir=False)
             os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
             os.chown(target, 0, 0, dir_fd=pfd, follow_symlinks=False)
             return
-        if m.isdir():
+        if kind == "dir":
             if not self._clear(pfd, parts, keep_dir=True):
                 os.mkdir(base, 0o700, dir_fd=pfd)
             fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
@@ -156,8 +160,8 @@ class _Applier:
                 self._meta_fd(fd, m)
             finally:
                 os.close(fd)
-            self._dir_times.append((tuple(parts), _ns(m.mtime)))
-        elif m.isreg():
+            self._dir_times.append((tuple(parts), m.mtime_ns))
+        elif kind in ("reg", "contiguous"):
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
                 fd = os.open(base, flags, 0o600, dir_fd=pfd)
@@ -165,44 +169,44 @@ class _Applier:
                 self._clear(pfd, parts, keep_dir=False)
                 fd = os.open(base, flags, 0o600, dir_fd=pfd)
             try:
-                _copy_range(f, m.offset_data, m.size, fd)
+                _copy_range(f, m.offset, m.size, fd)
                 self._meta_fd(fd, m)
-                os.utime(fd, ns=(_ns(m.mtime), _ns(m.mtime)))
+                os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
             finally:
                 os.close(fd)
-        elif m.issym():
+        elif kind == "symlink":
             self._clear(pfd, parts, keep_dir=False)
-            os.symlink(m.linkname, base, dir_fd=pfd)
+            os.symlink(m.link, base, dir_fd=pfd)
             os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
             self._xattrs_path(f"/proc/self/fd/{pfd}/{base}", m)
-            os.utime(base, ns=(_ns(m.mtime), _ns(m.mtime)), dir_fd=pfd, follow_symlinks=False)
-        elif m.islnk():
-            tparts = _split(m.linkname, m.name)
+            os.utime(base, ns=(m.mtime_ns, m.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+        elif kind == "hardlink":
+            tparts = _split(m.link, name)
             if not tparts:
-                raise UnsafeLayerError(f"layer entry {m.name!r} links to the layer root")
+                raise UnsafeLayerError(f"layer entry {name!r} links to the layer root")
             if tparts == parts:
                 return
             self._clear(pfd, parts, keep_dir=False)
             # Own fds for both ends: cached ones may be evicted between the two walks.
-            tpfd = self.walk(tuple(tparts[:-1]), m.name, create=False)
-            dpfd = self.walk(tuple(parts[:-1]), m.name, create=True)
+            tpfd = self.walk(tuple(tparts[:-1]), name, create=False)
+            dpfd = self.walk(tuple(parts[:-1]), name, create=True)
             try:
                 try:
                     tst = os.lstat(tparts[-1], dir_fd=tpfd)
                 except FileNotFoundError:
-                    raise FormatError(f"layer entry {m.name!r}: link target {m.linkname!r} missing") from None
+                    raise FormatError(f"layer entry {name!r}: link target {m.link!r} missing") from None
                 if stat.S_ISDIR(tst.st_mode):
-                    raise FormatError(f"layer entry {m.name!r}: hardlink to a directory")
+                    raise FormatError(f"layer entry {name!r}: hardlink to a directory")
                 os.link(tparts[-1], base, src_dir_fd=tpfd, dst_dir_fd=dpfd, follow_symlinks=False)
             finally:
                 for fd in (tpfd, dpfd):
                     if fd != self.root_fd:
                         os.close(fd)
-        elif m.ischr() or m.isblk() or m.isfifo():
+        elif kind == "char" or kind == "block" or kind == "fifo":
             self._clear(pfd, parts, keep_dir=False)
-            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
-            dev = os.makedev(m.devmajor, m.devminor) if not m.isfifo() else 0
-            os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
+            node = stat.S_IFCHR if kind == "char" else stat.S_IFBLK if kind == "block" else stat.S_IFIFO
+            dev = os.makedev(m.devmajor, m.devminor) if kind != "fifo" else 0
+            os.mknod(base, node | 0o600, dev, dir_fd=pfd)
             # Opened with O_PATH so that nothing (a fifo's open, a device) is triggered.
             fd = os.open(base, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
             try:
@@ -210,13 +214,13 @@ class _Applier:
                 os.chown(path, m.uid, m.gid)
                 os.chmod(path, _mode(m))
                 self._xattrs_path(path, m)
-                os.utime(path, ns=(_ns(m.mtime), _ns(m.mtime)))
+                os.utime(path, ns=(m.mtime_ns, m.mtime_ns))
             finally:
                 os.close(fd)
         else:
-            raise FormatError(f"layer entry {m.name!r} has an unsupported type {m.type!r}")
+            raise FormatError(f"layer entry {name!r} has an unsupported type {m.type!r}")
 
-    def _meta_fd(self, fd: int, m: Member) -> None:
+    def _meta_fd(self, fd: int, m: TarHeader) -> None:
         # chown first: it clears setuid/setgid bits and security.capability.
         os.chown(fd, m.uid, m.gid)
         os.chmod(fd, _mode(m))
@@ -226,7 +230,7 @@ class _Applier:
             except OSError as e:
                 raise _xattr_error(m, key, value, e) from None
 
-    def _xattrs_path(self, path: str, m: Member) -> None:
+    def _xattrs_path(self, path: str, m: TarHeader) -> None:
         for key, value in _xattrs(m):
             try:
                 os.setxattr(path, key, value, follow_symlinks=False)
@@ -253,33 +257,28 @@ class _Applier:
         self._drop_cache()
 
 
-def _ns(mtime: float) -> int:
-    return int(round(mtime * 1_000_000_000))
+def _entry_name(m: TarHeader) -> str:
+    """The entry's name as errors show it (a directory without its trailing slash)."""
+    return m.path.rstrip("/") if m.type == "dir" else m.path
 
 
-def _mode(m: Member) -> int:
+def _mode(m: TarHeader) -> int:
     return m.mode & 0o7777
 
 
-def _xattr_error(m: Member, key: str, value: bytes, e: OSError) -> OSError | FormatError:
+def _xattr_error(m: TarHeader, key: str, value: bytes, e: OSError) -> OSError | FormatError:
     """An xattr the kernel refuses fails the unpack, as docker's does: the layer directory would
     otherwise differ from its tar (a binary without its capabilities behaves differently).
     A full disk stays an OSError for the caller's disk-space handling."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return e
-    return FormatError(f"layer entry {m.name!r}: cannot set its xattr {key} ({len(value)} bytes): "
+    return FormatError(f"layer entry {_entry_name(m)!r}: cannot set its xattr {key} ({len(value)} bytes): "
                        f"{e.strerror or e}")
 
 
-def _xattrs(m: Member) -> list[tuple[str, bytes]]:
-    out = []
-    for key, value in m.pax_headers.items():
-        if key.startswith("SCHILY.xattr."):
-            name = key[len("SCHILY.xattr."):]
-            if is_overlay_xattr(name):
-                continue  # a layer must not forge overlay whiteouts/opaque markers
-            out.append((name, value.encode("utf-8", "surrogateescape")))
-    return out
+def _xattrs(m: TarHeader) -> list[tuple[str, bytes]]:
+    # a layer must not forge overlay whiteouts/opaque markers
+    return [(name, value) for name, value in m.xattrs().items() if not is_overlay_xattr(name)]
 
 
 _ZEROS = bytes(_CHUNK)
@@ -293,7 +292,7 @@ def _write_all(fd: int, chunk: bytes) -> None:
 
 
 def _copy_range(f: "ForwardFile", offset: int, size: int, fd: int) -> None:
-    """Member data straight from the stream to fd.
+    """TarHeader data straight from the stream to fd.
 
     Runs of zero chunks become holes (lseek instead of write): same content, and
     huge zero-filled files (disk images, preallocated data) cost no disk."""
@@ -334,7 +333,7 @@ def apply_layer_stream(source: Iterable[bytes] | BinaryIO | bytes, media_type: s
     try:
         try:
             forward = ForwardFile(hashing)  # type: ignore[arg-type]
-            for member in iter_members(forward):
+            for member in iter_headers(forward):
                 applier.apply(forward, member)
             forward.drain()  # the end-of-archive blocks and padding are part of the diff ID
         except (EOFError, OSError, ValueError) as e:
