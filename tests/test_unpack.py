@@ -21,7 +21,7 @@ from lazyoci.snapshot.unpack import OPAQUE_XATTR, apply_layer_stream
 def _apply(layer: Layer, dest: Path, chunk: int | None = None) -> str:
     dest.mkdir(parents=True, exist_ok=True)
     src = layer.blob if chunk is None else [layer.blob[i:i + chunk] for i in range(0, len(layer.blob), chunk)]
-    return apply_layer_stream(src, layer.media_type, dest)
+    return apply_layer_stream(src, layer.media_type, dest).diff_id
 
 
 def _gnu_tar_extract(raw: bytes, dest: Path) -> None:
@@ -194,8 +194,8 @@ def test_large_member_is_streamed(tmp_path):
     for _ in range(size // len(block)):
         h.update(block)
     h.update(pad)
-    diff_id = apply_layer_stream(stream(), "application/vnd.oci.image.layer.v1.tar", tmp_path)
-    assert diff_id == "sha256:" + h.hexdigest()
+    got = apply_layer_stream(stream(), "application/vnd.oci.image.layer.v1.tar", tmp_path)
+    assert got.diff_id == "sha256:" + h.hexdigest()
     assert (tmp_path / "big").stat().st_size == size
 
 
@@ -260,7 +260,7 @@ def test_file_over_8_gib_is_streamed(tmp_path):
     t.start()
     got = apply_layer_stream(stream(), "application/vnd.oci.image.layer.v1.tar", tmp_path)
     t.join()
-    assert got == "sha256:" + h.hexdigest()
+    assert got.diff_id == "sha256:" + h.hexdigest()
     st = (tmp_path / "huge.img").stat()
     assert st.st_size == size
     assert st.st_blocks * 512 < 64 << 20            # sparse: the zeros were not written
