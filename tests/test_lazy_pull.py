@@ -19,7 +19,7 @@ from lazyoci.service.client import ServiceClient
 from lazyoci.snapshot.soci import SociSnapshotter
 from lazyoci.store.layout import DataRoot
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE, overlay and runc need root")
+pytestmark = pytest.mark.needs_root("FUSE, overlay and runc")
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 
 
