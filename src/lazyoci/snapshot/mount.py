@@ -29,7 +29,6 @@ _PAGE = 4000
 _FLAG_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
 
 
-
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
     try:
         libc.mount(source, target, fstype, flags, data)
