@@ -317,6 +317,7 @@ def test_bad_checksum_and_sparse_members_are_format_errors(tmp_path):
 
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 @pytest.mark.parametrize("kind", ["file", "dir", "symlink", "fifo"])
 def test_an_invalid_security_capability_xattr_fails_naming_the_entry_and_the_xattr(tmp_path, kind):
     """The kernel refuses a malformed security.capability (EINVAL); the unpack fails, as docker's does,
