@@ -3,7 +3,6 @@ through FUSE lowers, `service status`; and the fallback for an image without an 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
