@@ -34,7 +34,7 @@ deps: $(VENV)/.installed
 test: deps
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# The suite without the tests marked `slow` (each over about 20 s on two shared cores);
+# The suite without the tests marked `slow` (over 20 s on two shared cores, or fuzzing for a set time);
 # the same as `make test PYTEST_ARGS='-m "not slow"'`.
 test-fast: deps
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)

@@ -238,6 +238,7 @@ def test_entries_replacing_a_planted_symlink_do_not_write_through_it(tmp_path):
     assert (tmp_path / "l/h").read_bytes() == b"rewritten"
 
 
+@pytest.mark.slow
 @pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 def test_file_over_8_gib_is_streamed(tmp_path):
     """A member larger than the 8 GiB ustar limit (PAX size record), generated on the fly:
