@@ -9,7 +9,7 @@ APT_PACKAGES := docker-registry skopeo umoci runc flatbuffers-compiler pigz zstd
 	fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv apache2-utils \
 	mmdebstrap iproute2 util-linux busybox-static strace buildah
 
-.PHONY: deps test demo bench fuzz clean
+.PHONY: deps test test-fast demo bench fuzz clean
 
 # System packages: apt-get update first (a fresh machine has no lists).
 # Depends on the Makefile so that a package added to APT_PACKAGES gets installed.
@@ -30,8 +30,14 @@ $(VENV)/.installed: pyproject.toml .stamp-apt
 
 deps: $(VENV)/.installed
 
+# The whole suite. Tests that need root skip themselves (with the reason) for other users.
 test: deps
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The suite without the tests marked `slow` (over 20 s on two shared cores, or fuzzing for a set time);
+# the same as `make test PYTEST_ARGS='-m "not slow"'`.
+test-fast: deps
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
 # The parsers' fuzz targets for longer (FUZZ_SECONDS each, default 10 min), keeping the corpus
 # in .fuzz-corpus/ so that coverage grows from run to run; crashes fail the run with a reproducer.

@@ -1,12 +1,25 @@
-"""Shared fixtures: real registries on loopback, temporary data roots."""
+"""Shared fixtures: real registries on loopback, temporary data roots; the `needs_root` marker.
+
+A test that mounts (overlayfs, FUSE, tmpfs), runs runc or unpacks layers owned by
+other users is marked `@pytest.mark.needs_root("what needs it")` (a module: `pytestmark`);
+run by another user it is skipped with that reason, and the rest of the suite runs.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from helpers.registry import RegistryProcess, start_registry
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    marker = item.get_closest_marker("needs_root")
+    if marker is not None and os.geteuid() != 0:
+        why = marker.args[0] if marker.args else "it needs root"
+        pytest.skip(f"needs root: {why}")
 
 
 @pytest.fixture(scope="session")

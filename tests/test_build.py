@@ -18,7 +18,7 @@ from helpers.images import Entry, image_config, make_layer, push_image, write_oc
 from helpers.lazy import write_config
 from helpers.registry import start_registry
 
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="buildah, overlay and runc need root"),
+pytestmark = [pytest.mark.needs_root("buildah, overlay and runc"),
               pytest.mark.skipif(shutil.which("buildah") is None, reason="buildah is not installed")]
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 APPLETS = ("sh", "echo", "cat", "ls", "mkdir", "false", "true", "wc", "head")

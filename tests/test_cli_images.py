@@ -60,6 +60,7 @@ def test_errors_are_one_line(tmp_path):
                    "unsupported instruction FROB")
 
 
+@pytest.mark.needs_root("the pull unpacks layers owned by root")
 def test_pull_images_tag_rmi_gives_disk_space_back(tmp_path, image):
     ref, layers = image
     root = tmp_path / "root"
@@ -104,6 +105,7 @@ def test_pull_images_tag_rmi_gives_disk_space_back(tmp_path, image):
     assert_store_consistent(root)
 
 
+@pytest.mark.needs_root("the pull unpacks layers owned by root")
 def test_rmi_by_id_with_several_names_needs_force(tmp_path, image):
     ref, _ = image
     root = tmp_path / "root"
@@ -135,6 +137,7 @@ def test_push_save_load_import_cli(tmp_path, registry):
     assert json.loads(run(other, "image", "inspect", ref).stdout)[0]["Id"] == digest
 
 
+@pytest.mark.needs_root("the pull unpacks layers owned by root")
 def test_concurrent_pulls_into_one_root(tmp_path, image):
     ref, layers = image
     root = tmp_path / "root"
@@ -146,6 +149,7 @@ def test_concurrent_pulls_into_one_root(tmp_path, image):
     assert_store_consistent(root)
 
 
+@pytest.mark.needs_root("the pull unpacks layers owned by root")
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])
 def test_interrupted_pull_leaves_nothing_half_written(tmp_path, registry, how):
     from helpers.fault_proxy import Fault, FaultProxy
@@ -202,6 +206,7 @@ def _killed_pull(root: Path, ref: str, layer: str) -> set[Path]:
     return parts
 
 
+@pytest.mark.needs_root("the pull unpacks layers owned by root")
 def test_a_killed_pull_leaves_no_part_file_past_the_next_prune_or_pull(tmp_path, registry):
     """kill -9 of `pull` mid-download: the very next `image prune` or pull (of anything) removes its
     .part file, never a live pull's, and the store stays consistent."""
@@ -233,6 +238,7 @@ def test_a_killed_pull_leaves_no_part_file_past_the_next_prune_or_pull(tmp_path,
     assert_store_consistent(root)
 
 
+@pytest.mark.needs_root("the pull unpacks layers owned by root")
 def test_pull_of_a_layer_with_an_invalid_capability_xattr_is_one_line(tmp_path, registry):
     """The unpack fails (as docker's does) naming the file and the xattr; nothing half-unpacked stays."""
     layers = [make_layer([Entry("bin", "dir"), Entry("bin/ping", data=b"x", mode=0o755,
@@ -269,6 +275,7 @@ def test_login_logout(tmp_path):
         reg.stop()
 
 
+@pytest.mark.needs_root("the pull unpacks layers owned by root")
 def test_pull_through_configured_mirror(tmp_path, registry):
     """config.registry_mirrors reaches the registry client: docker.io images come from the mirror."""
     layers = [make_layer([Entry("m", data=b"from the mirror")])]

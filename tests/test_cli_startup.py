@@ -71,6 +71,7 @@ def root_with_image(registry, tmp_path) -> Path:
     return root
 
 
+@pytest.mark.needs_root("the pull unpacks layers owned by root")
 @pytest.mark.parametrize("args", [["--version"], ["ps", "-a"], ["images"], ["image", "ls"]])
 def test_local_commands_import_no_heavy_library(root_with_image, args):
     modules, out = imported_modules(root_with_image, *args)

@@ -19,7 +19,7 @@ from helpers.lazy import push_soci_index, write_config, ztoc_for
 from helpers.tricky_image import layer1_entries
 from lazyoci.ztoc import Ztoc
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE, overlay and runc need root")
+pytestmark = pytest.mark.needs_root("FUSE, overlay and runc")
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 CONTAINERS = 20
 

@@ -22,7 +22,7 @@ from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.lazy import running_service, store_ztoc, write_config, ztoc_for
 from helpers.store_check import assert_store_consistent
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="tmpfs and FUSE mounts need root")
+pytestmark = pytest.mark.needs_root("tmpfs and FUSE mounts")
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 FILES = {f"data/f{i}.bin": os.urandom(300 << 10) for i in range(8)}     # 2.4 MiB, incompressible
 

@@ -134,7 +134,7 @@ LAZY_FAULTS = {
     "wrong-bytes": (lambda: Fault("wrong_bytes", method="GET", times=None), False),
 }
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts need root")
+needs_root = pytest.mark.needs_root("FUSE mounts")
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,7 @@ def test_fuzz_finding_is_refused_with_a_lazyoci_error(finding, tmp_path, monkeyp
 
 
 
+@pytest.mark.slow
 @needs_atheris
 @pytest.mark.parametrize("target", TARGETS)
 def test_parser_survives_fuzzing(target, tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.lazy import overlay, running_service, store_ztoc, write_config, ztoc_for
 from helpers.store_check import assert_store_consistent
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE and overlay mounts need root")
+pytestmark = pytest.mark.needs_root("FUSE and overlay mounts")
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 FILES = {f"data/f{i}.bin": os.urandom(256 << 10) for i in range(6)}
 

@@ -11,6 +11,7 @@ import pytest
 
 from helpers.images import Entry, image_config, make_layer, push_image
 
+pytestmark = pytest.mark.needs_root("pulls unpack layers owned by root")
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 
 

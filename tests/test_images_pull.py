@@ -30,6 +30,7 @@ def skopeo_raw(ref: str) -> bytes:
                           check=True, capture_output=True).stdout
 
 
+@pytest.mark.needs_root("umoci unpack keeps the layers' owners")
 def test_pull_umoci_image_pushed_by_skopeo(svc, registry, tmp_path, data_root):
     layout = tmp_path / "layout"
     umoci_image(layout, "v1", [{"etc/hello": b"hello\n", "bin/tool": os.urandom(200_000)},
@@ -250,6 +251,7 @@ def test_faults_through_proxy(svc, registry, tmp_path, data_root):
     assert_store_consistent(data_root)
 
 
+@pytest.mark.needs_root("a tmpfs mount")
 def test_disk_full_is_a_clear_error(registry, tmp_path):
     _, layers = _simple_image(registry, tmp_path, "diskfull/app", size=3_000_000)
     mnt = tmp_path / "small"

@@ -23,7 +23,7 @@ from lazyoci.store.blobs import BlobStore
 from lazyoci.store.layout import DataRoot
 from lazyoci.ztoc import build_ztoc, limits
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE, overlay and runc need root")
+pytestmark = pytest.mark.needs_root("FUSE, overlay and runc")
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 HELLO = b"hello from the layer's own tar\n"
 SPAN = 1 << 16

@@ -14,7 +14,7 @@ from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.lazy import push_soci_index, write_config
 from helpers.tricky_image import PASSWD, push_tricky_image
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE and overlay need root")
+pytestmark = pytest.mark.needs_root("FUSE and overlay")
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 
 

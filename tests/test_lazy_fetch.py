@@ -19,7 +19,7 @@ from helpers.lazy import push_soci_index, running_service, store_ztoc, write_con
 from helpers.tricky_image import layer1_entries
 from lazyoci.ztoc import Ztoc
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts need root")
+pytestmark = pytest.mark.needs_root("FUSE mounts")
 
 BIG_FILE = 190 << 20
 

@@ -14,7 +14,7 @@ from helpers.tree import diff_trees, walk_tree
 from helpers.tricky_image import push_tricky_image
 from lazyoci.snapshot.unpack import apply_layer_stream
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE and overlay mounts need root")
+pytestmark = pytest.mark.needs_root("FUSE and overlay mounts")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ through FUSE lowers, `service status`; and the fallback for an image without an 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from lazyoci.service.client import ServiceClient
 from lazyoci.snapshot.soci import SociSnapshotter
 from lazyoci.store.layout import DataRoot
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE, overlay and runc need root")
+pytestmark = pytest.mark.needs_root("FUSE, overlay and runc")
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 
 

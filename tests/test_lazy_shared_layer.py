@@ -9,7 +9,6 @@ gets EIO on the tampered files: each pull's lazy snapshots lie on its own view.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from lazyoci.ztoc.codec import GZIP, encode_ztoc
 from lazyoci.ztoc.toc import TarEntry, TocBuilder
 from lazyoci.ztoc.zinfo import GzipIndexer, encode_checkpoints
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE, overlay and runc need root")
+pytestmark = pytest.mark.needs_root("FUSE, overlay and runc")
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 SPAN = 64 << 10
 F1, F2 = b"A" * 5000, b"B" * 5000

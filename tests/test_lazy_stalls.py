@@ -20,7 +20,7 @@ from helpers.fault_proxy import Fault, FaultProxy
 from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.lazy import running_service, store_ztoc, write_config, ztoc_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts need root")
+pytestmark = pytest.mark.needs_root("FUSE mounts")
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 STALL = 0.05            # bytes per second: one byte every 20 s

@@ -25,7 +25,7 @@ from lazyoci.ztoc.codec import GZIP, encode_ztoc
 from lazyoci.ztoc.toc import TarEntry, TocBuilder
 from lazyoci.ztoc.zinfo import GzipIndexer, encode_checkpoints
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts need root")
+pytestmark = pytest.mark.needs_root("FUSE mounts")
 
 SPAN = 64 << 10
 BIG = random.Random(9).randbytes(2 << 20)      # incompressible

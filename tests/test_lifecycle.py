@@ -14,6 +14,8 @@ from helpers.lazy import push_soci_index, write_config
 from helpers.tricky_image import PASSWD, push_tricky_image
 from test_run import LAZYOCI, leftovers
 
+pytestmark = pytest.mark.needs_root("runc, overlay and FUSE")
+
 
 @pytest.fixture(scope="module")
 def env(registry, tmp_path_factory):

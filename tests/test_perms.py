@@ -26,7 +26,7 @@ from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.lazy import push_soci_index, write_config
 from helpers.tricky_image import BUSYBOX, CMD, tricky_layers
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runc, overlay and FUSE need root")
+pytestmark = pytest.mark.needs_root("runc, overlay and FUSE")
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 NOBODY = 65534
 SECRET = "PASSWORD=hunter2-perms-test"

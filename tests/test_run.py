@@ -17,6 +17,8 @@ import pytest
 from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.tricky_image import PASSWD, push_tricky_image, tricky_layers
 
+pytestmark = pytest.mark.needs_root("runc and overlay mounts")
+
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 
 

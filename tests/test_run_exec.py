@@ -4,7 +4,6 @@ leaves no mount, runc container or process behind (the `lz` fixture of test_run 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 import pytest
@@ -14,7 +13,7 @@ from helpers.lazy import push_soci_index, write_config
 from helpers.tricky_image import PASSWD, push_tricky_image, tricky_layers
 from test_run import LAZYOCI, env, leftovers, lz  # noqa: F401  (fixtures shared with test_run)
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runc and overlay need root")
+pytestmark = pytest.mark.needs_root("runc and overlay")
 
 
 def _one_error_line(r: subprocess.CompletedProcess, code: int, text: str) -> None:

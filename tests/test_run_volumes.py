@@ -17,7 +17,7 @@ from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.tricky_image import PASSWD, tricky_layers
 from test_run import LAZYOCI, env, lz  # noqa: F401  (fixtures shared with test_run)
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runc and overlay need root")
+pytestmark = pytest.mark.needs_root("runc and overlay")
 
 
 def _one_error_line(r: subprocess.CompletedProcess, text: str) -> None:

@@ -12,7 +12,7 @@ from helpers.lazy import write_config
 from lazyoci.service.client import ServiceClient
 from lazyoci.store.layout import DataRoot
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts need root")
+pytestmark = pytest.mark.needs_root("FUSE mounts")
 
 
 def _mounted(path) -> bool:

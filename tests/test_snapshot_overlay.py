@@ -21,6 +21,8 @@ from lazyoci.snapshot.overlay import OverlaySnapshotter
 from lazyoci.snapshot.registry import get_snapshotter
 from lazyoci.store.layout import DataRoot
 
+pytestmark = pytest.mark.needs_root("overlay mounts and layers owned by root")
+
 LAZYOCI = [str(Path(sys.executable).parent / "lazyoci")]
 
 

@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers.images import Entry, image_config, make_layer, push_image
 from lazyoci.oci import mediatypes as mt
+
+pytestmark = pytest.mark.needs_root("pulls unpack layers owned by root")
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 INFO = re.compile(r"^INFO\[\d{4}\] soci: (.*)$")

@@ -17,7 +17,7 @@ from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.lazy import push_soci_index, write_config
 from helpers.tricky_image import push_tricky_image
 
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="FUSE, overlay and runc need root"),
+pytestmark = [pytest.mark.needs_root("FUSE, overlay and runc"),
               pytest.mark.skipif(shutil.which("buildah") is None, reason="buildah is not installed")]
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 

@@ -21,7 +21,7 @@ from lazyoci.snapshot.unpack import OPAQUE_XATTR, apply_layer_stream
 def _apply(layer: Layer, dest: Path, chunk: int | None = None) -> str:
     dest.mkdir(parents=True, exist_ok=True)
     src = layer.blob if chunk is None else [layer.blob[i:i + chunk] for i in range(0, len(layer.blob), chunk)]
-    return apply_layer_stream(src, layer.media_type, dest)
+    return apply_layer_stream(src, layer.media_type, dest).diff_id
 
 
 def _gnu_tar_extract(raw: bytes, dest: Path) -> None:
@@ -31,6 +31,7 @@ def _gnu_tar_extract(raw: bytes, dest: Path) -> None:
                     "-C", str(dest)], input=raw, check=True)
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 @pytest.mark.parametrize("compression", ["gzip", "none", "zstd", "pigz"])
 def test_formats_give_the_same_tree_as_gnu_tar(tmp_path, compression):
     entries = layer1_entries()
@@ -50,6 +51,7 @@ def test_formats_give_the_same_tree_as_gnu_tar(tmp_path, compression):
     assert os.getxattr(tmp_path / "ours/usr/bin/cap-tool", "security.capability") == CAPABILITY
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 def test_whiteouts_become_overlay_markers(tmp_path):
     layer = make_layer([Entry("d", "dir"), Entry("d/.wh..wh..opq"), Entry("d/new", data=b"n"),
                         Entry(".wh.gone"), Entry("d/.wh.old")])
@@ -62,12 +64,14 @@ def test_whiteouts_become_overlay_markers(tmp_path):
     assert (tmp_path / "l/d/new").read_bytes() == b"n"
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 def test_layer_cannot_forge_overlay_xattrs(tmp_path):
     layer = make_layer([Entry("d", "dir", pax={"SCHILY.xattr.trusted.overlay.opaque": "y"})])
     _apply(layer, tmp_path / "l")
     assert OPAQUE_XATTR not in os.listxattr(tmp_path / "l/d")
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 def test_dir_mtimes_are_set_after_their_contents(tmp_path):
     layer = make_layer([Entry("a", "dir", mtime=1_000_000_000), Entry("a/b", "dir", mtime=1_100_000_000),
                         Entry("a/b/f", data=b"x", mtime=1_200_000_000)])
@@ -76,6 +80,7 @@ def test_dir_mtimes_are_set_after_their_contents(tmp_path):
     assert os.stat(tmp_path / "l/a/b").st_mtime == 1_100_000_000
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 def test_later_entries_replace_earlier_ones(tmp_path):
     layer = make_layer([Entry("x", data=b"one"), Entry("x", data=b"two"), Entry("y", "dir"),
                         Entry("y/inner", data=b"i"), Entry("y", "symlink", linkname="x")])
@@ -137,6 +142,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_layer_is_rejected_and_touches_nothing_outside(tmp_path, case):
     outside = _outside(tmp_path)
@@ -160,6 +166,7 @@ def test_hostile_layer_is_rejected_and_touches_nothing_outside(tmp_path, case):
     assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["layer"]
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 def test_long_and_non_ascii_names_in_gnu_and_pax(tmp_path):
     long_dir = "/".join(["x" * 100] * 3)
     entries = [Entry(long_dir.split("/")[0], "dir"), Entry("/".join(long_dir.split("/")[:2]), "dir"),
@@ -173,6 +180,7 @@ def test_long_and_non_ascii_names_in_gnu_and_pax(tmp_path):
         assert os.readlink(dest / "link") == "t" * 300
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 def test_large_member_is_streamed(tmp_path):
     """A 64 MiB member through 64 KiB chunks: memory stays bounded (no whole-file buffering)."""
     size = 64 << 20
@@ -194,11 +202,12 @@ def test_large_member_is_streamed(tmp_path):
     for _ in range(size // len(block)):
         h.update(block)
     h.update(pad)
-    diff_id = apply_layer_stream(stream(), "application/vnd.oci.image.layer.v1.tar", tmp_path)
-    assert diff_id == "sha256:" + h.hexdigest()
+    got = apply_layer_stream(stream(), "application/vnd.oci.image.layer.v1.tar", tmp_path)
+    assert got.diff_id == "sha256:" + h.hexdigest()
     assert (tmp_path / "big").stat().st_size == size
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 def test_gzip_multimember_from_python(tmp_path):
     raw = tar_bytes([Entry("a", data=b"1" * 10000), Entry("b", data=b"2" * 10000)])
     blob = b"".join(gzip.compress(raw[i:i + 3000], mtime=0) for i in range(0, len(raw), 3000))
@@ -207,6 +216,7 @@ def test_gzip_multimember_from_python(tmp_path):
     assert (tmp_path / "l/b").read_bytes() == b"2" * 10000
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 def test_entries_replacing_a_planted_symlink_do_not_write_through_it(tmp_path):
     """A file, dir, device or hardlink entry at a path that is a symlink replaces the link itself."""
     outside = _outside(tmp_path)
@@ -228,6 +238,8 @@ def test_entries_replacing_a_planted_symlink_do_not_write_through_it(tmp_path):
     assert (tmp_path / "l/h").read_bytes() == b"rewritten"
 
 
+@pytest.mark.slow
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 def test_file_over_8_gib_is_streamed(tmp_path):
     """A member larger than the 8 GiB ustar limit (PAX size record), generated on the fly:
     nothing holds it in memory, and its zero runs become holes so the test needs no disk."""
@@ -260,7 +272,7 @@ def test_file_over_8_gib_is_streamed(tmp_path):
     t.start()
     got = apply_layer_stream(stream(), "application/vnd.oci.image.layer.v1.tar", tmp_path)
     t.join()
-    assert got == "sha256:" + h.hexdigest()
+    assert got.diff_id == "sha256:" + h.hexdigest()
     st = (tmp_path / "huge.img").stat()
     assert st.st_size == size
     assert st.st_blocks * 512 < 64 << 20            # sparse: the zeros were not written
@@ -269,6 +281,7 @@ def test_file_over_8_gib_is_streamed(tmp_path):
         assert f.read(4) == b"tail"
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 def test_header_variants_ustar_prefix_base256_global_pax(tmp_path):
     """Header encodings tarfile writes: ustar name prefix, GNU base-256 numbers, PAX global headers."""
     deep = "p" * 90 + "/" + "q" * 90 + "/file"          # > 100 bytes: ustar splits it into prefix + name
@@ -305,6 +318,7 @@ def test_bad_checksum_and_sparse_members_are_format_errors(tmp_path):
 
 
 
+@pytest.mark.needs_root("unpacking sets owners, devices and trusted xattrs")
 @pytest.mark.parametrize("kind", ["file", "dir", "symlink", "fifo"])
 def test_an_invalid_security_capability_xattr_fails_naming_the_entry_and_the_xattr(tmp_path, kind):
     """The kernel refuses a malformed security.capability (EINVAL); the unpack fails, as docker's does,

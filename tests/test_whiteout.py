@@ -64,7 +64,7 @@ def _lazy(layer) -> tuple[set[str], set[str], set[str]]:
             {p for p, n in nodes.items() if n in tree.opaque})
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts are 0:0 character devices: mknod needs root")
+@pytest.mark.needs_root("whiteouts are 0:0 character devices: mknod")
 @pytest.mark.parametrize("which", [1, 2])
 def test_the_lazy_tree_and_the_unpacker_apply_the_same_rules(tmp_path, which):
     """Layers 2 and 3 of the tricky image whiteout files and directories and make one opaque."""

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 
 from lazyoci.ztoc import Ztoc, build_ztoc, decompress_span, verify_span
-from test_ztoc_common import SMALL_SPAN, TYPES, all_types_tar, gzip_members, members, pigz, text
+from helpers.ztoc_layers import SMALL_SPAN, TYPES, all_types_tar, gzip_members, members, pigz, text
 
 
 def check_toc(z: Ztoc, raw: bytes) -> None:

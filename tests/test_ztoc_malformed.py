@@ -14,7 +14,7 @@ from lazyoci.ztoc import UnsupportedCompressionError, Ztoc, build_ztoc, decompre
 from lazyoci.ztoc.codec import GZIP, encode_ztoc
 from lazyoci.ztoc.toc import TocBuilder
 from lazyoci.ztoc.zinfo import CHECKPOINT_SIZE, GzipIndexer, encode_checkpoints
-from test_ztoc_common import SMALL_SPAN, all_types_tar, noise, text
+from helpers.ztoc_layers import SMALL_SPAN, all_types_tar, noise, text
 from helpers.images import Entry, tar_bytes
 
 

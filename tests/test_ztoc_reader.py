@@ -17,7 +17,7 @@ from lazyoci.ztoc import Ztoc, build_ztoc, decompress_span, read_range, verify_s
 from lazyoci.ztoc.codec import GZIP, encode_ztoc
 from lazyoci.ztoc.toc import TocBuilder
 from lazyoci.ztoc.zinfo import CHECKPOINT_SIZE, HEADER, GzipIndexer, encode_checkpoints
-from test_ztoc_common import SMALL_SPAN, all_types_tar, members
+from helpers.ztoc_layers import SMALL_SPAN, all_types_tar, members
 
 SCHEMA = Path(lazyoci.ztoc.__file__).parent / "schema.fbs"
 

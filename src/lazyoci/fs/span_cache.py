@@ -20,8 +20,6 @@ of the least recently used layers (then the far end of the current layer).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -30,21 +28,21 @@ import threading
 import time
 from pathlib import Path
 
+from lazyoci import libc
 from lazyoci.service.paths import layer_view_name as _key
 
 log = logging.getLogger(__name__)
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
     """Give the disk blocks of [offset, offset+length) back (reads then see zeros)."""
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        log.warning("cannot punch hole in span cache: %s", os.strerror(err))
+    try:
+        libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as e:
+        log.warning("cannot punch hole in span cache: %s", e.strerror)
 
 
 HEADERS_CHECKED = "headers-checked"    # marker: every tar header matched the zTOC (fs/header_check.py)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from lazyoci.errors import FormatError, IntegrityError, LazyociError, ReferenceError_, StoreError
 from lazyoci.oci import mediatypes as mt
+from lazyoci.oci.compression import SNIFF_BYTES, sniff_compression
 from lazyoci.oci.digest import sha256_digest
 from lazyoci.oci.manifest import Descriptor, ImageConfig, Index, Manifest, canonical_json, parse_any
 from lazyoci.oci.platform import Platform
@@ -345,12 +346,8 @@ def _docker_tags(reader: _ArchiveReader) -> dict[str, list[str]]:
 
 def _layer_media_type(svc: "ImageService", digest: str) -> str:
     with svc.blobs.open(digest) as f:
-        head = f.read(4)
-    if head[:2] == b"\x1f\x8b":
-        return mt.OCI_LAYER_GZIP
-    if head == b"\x28\xb5\x2f\xfd":
-        return mt.OCI_LAYER_ZSTD
-    return mt.OCI_LAYER_TAR
+        compression = sniff_compression(f.read(SNIFF_BYTES))
+    return {"gzip": mt.OCI_LAYER_GZIP, "zstd": mt.OCI_LAYER_ZSTD}.get(compression, mt.OCI_LAYER_TAR)
 
 
 def _docker_images(svc: "ImageService", reader: _ArchiveReader) -> list:

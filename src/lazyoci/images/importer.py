@@ -7,21 +7,15 @@ Dockerfile-style CMD/ENTRYPOINT/ENV/WORKDIR/USER/LABEL/EXPOSE/STOPSIGNAL/VOLUME.
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
 import json
-import lzma
 import os
 import shlex
 import tarfile
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
-
-import zstandard
 
 try:
     from isal import isal_zlib as _zlib
@@ -30,6 +24,7 @@ except ImportError:  # pragma: no cover
 
 from lazyoci.errors import ConfigError, FormatError, StoreError
 from lazyoci.oci import mediatypes as mt
+from lazyoci.oci.compression import SNIFF_BYTES, decode_errors, open_decompressed, sniff_compression
 from lazyoci.oci.digest import sha256_digest
 from lazyoci.oci.manifest import Descriptor, canonical_json
 from lazyoci.oci.platform import Platform
@@ -152,24 +147,17 @@ class _LayerSink:
         self.writer.write(self._gz.flush())
 
 
-def _decompressor(f: BinaryIO, source: Path) -> BinaryIO:
-    head = f.read(6)
+def _decompressor(f: BinaryIO) -> BinaryIO:
+    """A tarball may be compressed as docker import takes it: its first bytes say how."""
+    head = f.read(SNIFF_BYTES)
     f.seek(0)
-    if head[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=f)
-    if head[:4] == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().stream_reader(f)
-    if head[:6] == b"\xfd7zXZ\x00":
-        return lzma.LZMAFile(f)
-    if head[:3] == b"BZh":
-        return bz2.BZ2File(f)
-    return f
+    return open_decompressed(f, sniff_compression(head))
 
 
 def _copy_tarball(source: Path, sink: _LayerSink) -> None:
     try:
         with open(source, "rb") as raw:
-            f = _decompressor(raw, source)
+            f = _decompressor(raw)
             first = f.read(tarfile.BLOCKSIZE)
             try:
                 tarfile.TarInfo.frombuf(first, tarfile.ENCODING, "surrogateescape")
@@ -178,7 +166,7 @@ def _copy_tarball(source: Path, sink: _LayerSink) -> None:
             sink.write(first)
             while chunk := f.read(_CHUNK):
                 sink.write(chunk)
-    except (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, zstandard.ZstdError, ValueError) as e:
+    except decode_errors() as e:
         raise FormatError(f"{source}: broken compressed stream: {e}") from None
     except OSError as e:
         raise StoreError(f"cannot read {source}: {e.strerror or e}") from None

@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from lazyoci.errors import FormatError, LazyociError
-from lazyoci.images.layersize import UncompressedSize
+from lazyoci.images.layersize import uncompressed_size
 from lazyoci.images.progress import ProgressEvent, ProgressSink, no_progress, row_key
 from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Descriptor, ImageConfig, Index, Manifest, parse_any
@@ -195,7 +195,6 @@ class Puller:
             self.progress(ProgressEvent(key, "layer", "exists", desc.size, desc.size))
             return
         consumer = hooks.layer_consumer(desc) if hooks.layer_consumer else None
-        sizer = UncompressedSize(mt.layer_compression(desc.media_type))
         # iter_blob verifies size and digest and raises before it ends; commit comes after.
         writer = self.blobs.writer(desc.digest, desc.size, verified_upstream=True)
         reported = 0
@@ -205,7 +204,6 @@ class Puller:
                 if self._cancel.is_set():
                     raise PullCancelled("pull cancelled")
                 writer.write(chunk)
-                sizer.update(chunk)
                 if consumer is not None:
                     consumer.write(chunk)
                 if writer.count - reported >= _PROGRESS_STEP:
@@ -217,9 +215,10 @@ class Puller:
             if consumer is not None:
                 consumer.abort(e)
             raise
-        if consumer is not None:
-            consumer.finish()
-        size = sizer.result
+        size = consumer.finish() if consumer is not None else None
+        if size is None:    # nothing unpacked it while it arrived: inflate the stored blob once
+            with self.blobs.open(desc.digest) as f:
+                size = uncompressed_size(f, mt.layer_compression(desc.media_type))
         if size is not None:
             self.records.record_layer_size(desc.digest, size)
         self.progress(ProgressEvent(key, "layer", "done", desc.size, desc.size))

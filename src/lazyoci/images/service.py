@@ -62,10 +62,13 @@ class RemoveResult:
 
 
 class LayerConsumer(Protocol):
-    """Lets the snapshotter unpack while the bytes arrive; `finish` only after the digest verified."""
+    """Lets the snapshotter unpack while the bytes arrive; `finish` only after the digest verified.
+
+    `finish` returns the layer's uncompressed size if the consumer counted it (an unpacker
+    does), so that the pull need not inflate the layer a second time to learn it."""
 
     def write(self, chunk: bytes) -> None: ...
-    def finish(self) -> None: ...
+    def finish(self) -> int | None: ...
     def abort(self, exc: BaseException) -> None: ...
 
 

@@ -179,6 +179,9 @@ def _helper_run(helper: str, action: str, stdin: str) -> str:
         proc = subprocess.run([program, action], input=stdin, capture_output=True, text=True, timeout=30)
     except FileNotFoundError:
         raise ConfigError(f"credential helper {program} is configured but not installed") from None
+    except PermissionError:     # not found, and a directory of PATH was closed to this user
+        raise ConfigError(f"credential helper {program} is configured but cannot be run "
+                          "(not installed, or not executable by this user)") from None
     except subprocess.TimeoutExpired:
         raise AuthError(f"credential helper {program} {action} timed out") from None
     if proc.returncode != 0:

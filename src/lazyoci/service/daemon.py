@@ -18,8 +18,6 @@ Errors: {"ok": false, "error": message, "type": LazyociError subclass name}.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import fcntl
 import json
 import logging
@@ -32,6 +30,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from lazyoci import libc
 from lazyoci.config import Config, load_config
 from lazyoci.errors import LazyociError
 from lazyoci.fs.layer_fs import LayerFS
@@ -66,12 +65,8 @@ def _tune_malloc() -> None:
     glibc's mmap threshold each is a new mapping whose pages fault in and are zeroed, then
     unmapped again. Measured on python-ml's `import torch` (100 MB/s + 20 ms): service CPU
     8.1-8.8 s -> 6.6-6.8 s, run->ready 10.1/11.9 s -> 9.2/9.1 s, peak RSS +10-15 MiB."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, _MALLOC_KEEP)
-        libc.mallopt(_M_TRIM_THRESHOLD, _MALLOC_KEEP)
-    except (OSError, AttributeError):   # not glibc: its allocator's defaults then
-        pass
+    libc.mallopt(_M_MMAP_THRESHOLD, _MALLOC_KEEP)     # not glibc: its allocator's defaults then
+    libc.mallopt(_M_TRIM_THRESHOLD, _MALLOC_KEEP)
 
 
 def _unmount_stale(mnt: Path) -> None:

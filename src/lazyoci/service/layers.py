@@ -17,10 +17,8 @@ longer leaves a layer unreadable.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import gc
-import ctypes.util
 import logging
 import sqlite3
 import threading
@@ -28,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from lazyoci import libc
 from lazyoci.config import Config
 from lazyoci.errors import FormatError, LazyociError, RegistryError, StoreError
 from lazyoci.fs.background import BackgroundFetcher
@@ -45,16 +44,11 @@ from lazyoci.store.layout import DataRoot
 
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-
 
 def _release_freed_memory() -> None:
     """Give memory freed by a tree build back to the OS (glibc keeps it otherwise)."""
     gc.collect()     # the build's helper closures form a cycle; collect it before trimming
-    try:
-        _libc.malloc_trim(0)
-    except AttributeError:   # not glibc
-        pass
+    libc.malloc_trim()
 
 
 

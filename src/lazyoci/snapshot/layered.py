@@ -263,7 +263,7 @@ class LayeredSnapshotter:
         staging = self.new_staging_dir()
         try:
             with images.blobs.open(desc.digest) as f:
-                diff_id = apply_layer_stream(f, desc.media_type, staging / "fs")
+                diff_id = apply_layer_stream(f, desc.media_type, staging / "fs").diff_id
         except BaseException:
             remove_tree(staging)
             raise

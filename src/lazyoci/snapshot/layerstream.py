@@ -1,7 +1,7 @@
 """Byte streams under the tar reader: download chunks in, inflated and hashed bytes out.
 
-    chunks/file -> decompressor (isal gzip incl. multi-member, zstd, none)
-                -> PrefetchReader (inflate + sha256 in a thread of its own: the diff ID)
+    chunks/file -> open_decompressed (oci/compression.py: isal gzip incl. multi-member, zstd, none)
+                -> PrefetchReader (inflate + sha256 + count in a thread of its own: the diff ID and size)
                 -> ForwardFile (the seek/tell tarfile wants, over a forward-only stream)
 """
 
@@ -11,8 +11,6 @@ import hashlib
 import io
 from collections.abc import Iterable
 from typing import BinaryIO
-
-from lazyoci.errors import FormatError
 
 
 class ChunkReader(io.RawIOBase):
@@ -42,6 +40,7 @@ class PrefetchReader(io.RawIOBase):
 
     Inflate and sha256 release the GIL, so on two cores they overlap with the
     (Python) work of creating files. A bounded queue keeps memory at a few MiB.
+    `size` counts the uncompressed bytes: the layer's size without a second inflate.
     """
 
     def __init__(self, stream: BinaryIO, chunk: int = 1 << 20, depth: int = 8) -> None:
@@ -52,6 +51,7 @@ class PrefetchReader(io.RawIOBase):
         self._stream = stream
         self._chunk = chunk
         self.sha = hashlib.sha256()
+        self.size = 0
         self._error: BaseException | None = None
         self._stop = False
         self._buf = memoryview(b"")
@@ -66,6 +66,7 @@ class PrefetchReader(io.RawIOBase):
                 if not chunk:
                     break
                 self.sha.update(chunk)
+                self.size += len(chunk)
                 self._q.put(chunk)
         except BaseException as e:  # handed to the reading thread
             self._error = e
@@ -173,16 +174,3 @@ class ForwardFile:
         self._off = min(pos - self._base, len(self._buf))
         return self.tell()
 
-
-def decompressor(raw: BinaryIO, compression: str) -> BinaryIO:
-    if compression == "none":
-        return raw
-    if compression == "gzip":
-        from isal import igzip  # ISA-L inflate; reads multi-member (pigz) streams
-
-        return igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    if compression == "zstd":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
-    raise FormatError(f"unsupported layer compression {compression!r}")

@@ -8,13 +8,12 @@ The options `nosuid`, `nodev` and `noexec` are mount flags, as for mount(8).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import subprocess
 from pathlib import Path
 
+from lazyoci import libc
 from lazyoci.errors import ContainerError
 from lazyoci.snapshot.base import Mount
 
@@ -29,15 +28,12 @@ MNT_DETACH = 2
 _PAGE = 4000
 _FLAG_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
 
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-    rc = _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
-                     ctypes.c_ulong(flags), data.encode() if data else None)
-    if rc != 0:
-        e = ctypes.get_errno()
-        raise ContainerError(f"mount {fstype or 'bind'} on {target} failed: {os.strerror(e)}")
+    try:
+        libc.mount(source, target, fstype, flags, data)
+    except OSError as e:
+        raise ContainerError(f"mount {fstype or 'bind'} on {target} failed: {e.strerror}") from None
 
 
 def mount_all(mounts: list[Mount], target: Path) -> None:
@@ -79,17 +75,20 @@ def _mount_relative(m: Mount, target: Path) -> None:
 
 def unmount(target: Path, lazy_fallback: bool = True) -> None:
     """Unmount target; EINVAL (not mounted) is fine. Busy mounts are detached if allowed."""
-    rc = _libc.umount2(str(target).encode(), 0)
-    if rc == 0:
+    try:
+        libc.umount2(str(target), 0)
         return
-    e = ctypes.get_errno()
-    if e in (errno.EINVAL, errno.ENOENT):
+    except OSError as e:
+        err = e.errno
+    if err in (errno.EINVAL, errno.ENOENT):
         return
-    if e == errno.EBUSY and lazy_fallback:
-        if _libc.umount2(str(target).encode(), MNT_DETACH) == 0:
+    if err == errno.EBUSY and lazy_fallback:
+        try:
+            libc.umount2(str(target), MNT_DETACH)
             return
-        e = ctypes.get_errno()
-    raise ContainerError(f"cannot unmount {target}: {os.strerror(e)}")
+        except OSError as e:
+            err = e.errno
+    raise ContainerError(f"cannot unmount {target}: {os.strerror(err)}")
 
 
 def is_mountpoint(path: Path) -> bool:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from lazyoci.errors import LazyociError
 from lazyoci.oci.manifest import Descriptor
-from lazyoci.snapshot.unpack import apply_layer_stream, remove_tree
+from lazyoci.snapshot.unpack import UnpackedLayer, apply_layer_stream, remove_tree
 
 if TYPE_CHECKING:
     from lazyoci.snapshot.layered import LayeredSnapshotter
@@ -42,7 +42,7 @@ class UnpackingConsumer:
         self._aborted = threading.Event()
         self._error: BaseException | None = None
         self._ended = False          # the worker has taken _END off the queue
-        self.diff_id: str | None = None
+        self.unpacked: UnpackedLayer | None = None
         self._thread = threading.Thread(target=self._run, name=f"unpack-{desc.digest[7:19]}", daemon=True)
         self._thread.start()
 
@@ -58,7 +58,7 @@ class UnpackingConsumer:
 
     def _run(self) -> None:
         try:
-            self.diff_id = apply_layer_stream(self._chunks(), self.desc.media_type, self._staging / "fs")
+            self.unpacked = apply_layer_stream(self._chunks(), self.desc.media_type, self._staging / "fs")
         except BaseException as e:  # reported to the download thread by write/finish
             self._error = e
             self._drain()
@@ -85,15 +85,17 @@ class UnpackingConsumer:
         self._raise_error()
         self._queue.put(bytes(chunk))
 
-    def finish(self) -> None:
-        """The blob is complete and verified: wait for the unpack and publish the layer."""
+    def finish(self) -> int:
+        """The blob is complete and verified: wait for the unpack, publish the layer and
+        return its uncompressed size (counted by the unpack: the pull inflates once)."""
         self._queue.put(_END)
         self._thread.join()
-        if self._error is not None or self.diff_id is None:
+        if self._error is not None or self.unpacked is None:
             remove_tree(self._staging)
             self._raise_error()
             raise LazyociError(f"unpacking layer {self.desc.digest} did not complete")
-        self._snap.adopt_layer(self._staging, self.diff_id, self.desc.digest)
+        self._snap.adopt_layer(self._staging, self.unpacked.diff_id, self.desc.digest)
+        return self.unpacked.size
 
     def abort(self, exc: BaseException | None = None) -> None:
         self._aborted.set()

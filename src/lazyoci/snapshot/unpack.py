@@ -11,7 +11,8 @@ path, not through a symlink an earlier entry planted, not by a hardlink. Such
 an entry raises UnsafeLayerError naming it; the caller removes the partial
 directory. Nothing is ever resolved through a path string the layer controls.
 
-The diff ID (sha256 of the uncompressed tar) is computed on the way and returned.
+The diff ID (sha256 of the uncompressed tar) and the tar's size are computed on
+the way and returned: the pull records that size and never inflates the layer again.
 """
 
 from __future__ import annotations
@@ -22,18 +23,26 @@ import os
 import shutil
 import stat
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from lazyoci.errors import FormatError, UnsafeLayerError
+from lazyoci.oci.compression import decode_errors, open_decompressed
 from lazyoci.oci.mediatypes import layer_compression
 from lazyoci.oci.whiteout import OPAQUE_XATTR, is_opaque_marker, is_overlay_xattr, whiteout_target
-from lazyoci.snapshot.layerstream import ChunkReader, ForwardFile, PrefetchReader, decompressor
+from lazyoci.snapshot.layerstream import ChunkReader, ForwardFile, PrefetchReader
 from lazyoci.tar.headers import TarHeader, iter_headers
 
 _CHUNK = 1 << 20     # read/write granularity; also the zero-run (hole) unit
 _MAX_ID = (1 << 32) - 2     # uid_t is 32 bits and (uid_t)-1 means "unchanged" to chown
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class UnpackedLayer:
+    diff_id: str        # sha256 of the uncompressed tar
+    size: int           # bytes of the uncompressed tar (SIZE in `images`)
 
 
 def _split(name: str, what: str) -> list[str]:
@@ -313,10 +322,11 @@ def _copy_range(f: "ForwardFile", offset: int, size: int, fd: int) -> None:
         os.ftruncate(fd, total)
 
 
-def apply_layer_stream(source: Iterable[bytes] | BinaryIO | bytes, media_type: str, dest: Path) -> str:
+def apply_layer_stream(source: Iterable[bytes] | BinaryIO | bytes, media_type: str,
+                       dest: Path) -> UnpackedLayer:
     """Unpack a layer (compressed as its media type says) into the empty directory dest.
 
-    Returns the diff ID. Raises FormatError for an unknown media type or a bad
+    Returns its diff ID and uncompressed size. Raises FormatError for an unknown media type or a bad
     tar, UnsafeLayerError for an escaping entry; dest is then left partial and the
     caller removes it (nothing outside dest was touched).
     """
@@ -325,7 +335,7 @@ def apply_layer_stream(source: Iterable[bytes] | BinaryIO | bytes, media_type: s
         source = io.BytesIO(source)
     raw: BinaryIO = source if hasattr(source, "read") else ChunkReader(source)  # type: ignore[assignment]
     try:
-        stream = decompressor(raw, compression)
+        stream = open_decompressed(raw, compression)
     except Exception as e:  # zstandard / isal raise their own types on bad headers
         raise FormatError(f"cannot decompress layer: {e}") from None
     hashing = PrefetchReader(stream, _CHUNK)
@@ -348,12 +358,11 @@ def apply_layer_stream(source: Iterable[bytes] | BinaryIO | bytes, media_type: s
     finally:
         applier.close()
         hashing.close()
-    return "sha256:" + hashing.sha.hexdigest()
+    return UnpackedLayer("sha256:" + hashing.sha.hexdigest(), hashing.size)
 
 
 def _is_decode_error(e: BaseException) -> bool:
-    name = type(e).__name__
-    return name in ("BadGzipFile", "ZstdError", "IsalError", "error") or "gzip" in str(e).lower()
+    return isinstance(e, decode_errors())
 
 
 def remove_tree(path: Path) -> None:

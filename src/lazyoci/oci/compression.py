@@ -1,0 +1,61 @@
+"""How a layer or tarball is compressed, decided in one place, and the reader that undoes it.
+
+A pulled layer says its compression in its media type (`mediatypes.layer_compression`);
+a layer in an archive or a tarball to import says it in its first bytes
+(`sniff_compression`). Either way `open_decompressed` gives the uncompressed bytes:
+ISA-L for gzip, zstd across frames, both across concatenated members (pigz, zstd -T).
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from lazyoci.errors import FormatError
+
+_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"BZh", "bzip2"),
+)
+SNIFF_BYTES = 6     # enough of a stream's start for `sniff_compression`
+
+
+def sniff_compression(head: bytes) -> str:
+    """"gzip", "zstd", "xz", "bzip2" or "none", from the first SNIFF_BYTES of a stream."""
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), "none")
+
+
+def open_decompressed(raw: BinaryIO, compression: str) -> BinaryIO:
+    """A reader of `raw`'s uncompressed bytes; FormatError for a compression we cannot undo."""
+    if compression == "none":
+        return raw
+    if compression == "gzip":
+        from isal import igzip
+
+        return igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+    if compression == "xz":
+        import lzma
+
+        return lzma.LZMAFile(raw)  # type: ignore[return-value]
+    if compression == "bzip2":
+        import bz2
+
+        return bz2.BZ2File(raw)  # type: ignore[return-value]
+    raise FormatError(f"unsupported layer compression {compression!r}")
+
+
+def decode_errors() -> tuple[type[BaseException], ...]:
+    """What the readers of `open_decompressed` raise on a broken stream (each library its own)."""
+    import gzip
+    import lzma
+    import zlib
+
+    import zstandard
+    from isal import isal_zlib
+
+    return (EOFError, ValueError, gzip.BadGzipFile, zlib.error, isal_zlib.error, lzma.LZMAError, zstandard.ZstdError)

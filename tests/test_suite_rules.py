@@ -1,0 +1,62 @@
+"""Rules of the test suite itself: a test module holds tests, and `needs_root` skips with its reason."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+
+
+def test_every_test_module_holds_tests():
+    """Helpers shared by tests live in tests/helpers/, not in a test_*.py pytest collects."""
+    empty = []
+    for path in sorted(TESTS.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test_")
+                   for n in ast.walk(tree)):
+            empty.append(path.name)
+    assert empty == []
+
+
+SAMPLE = '''
+import os
+import pytest
+
+@pytest.mark.needs_root("overlay mounts")
+def test_marked():
+    assert os.geteuid() == 0
+
+def test_unmarked():
+    assert os.geteuid() != 0
+'''
+
+
+@pytest.mark.needs_root("setpriv to run pytest as nobody")
+def test_needs_root_skips_with_its_reason_for_another_user():
+    python = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin")
+    if python is None:
+        pytest.skip("no system Python of this version for user nobody")
+    work = Path(tempfile.mkdtemp(prefix="needs-root-"))
+    try:
+        shutil.copy(TESTS / "conftest.py", work / "conftest.py")
+        shutil.copytree(TESTS / "helpers", work / "helpers")
+        (work / "test_sample.py").write_text(SAMPLE)
+        subprocess.run(["chmod", "-R", "a+rX", str(work)], check=True)
+        r = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-m", "pytest",
+             "-p", "no:cacheprovider", "-rs", "-q", "--rootdir", str(work), str(work)],
+            capture_output=True, text=True, cwd=work, timeout=120,
+            env={"PYTHONPATH": sysconfig.get_paths()["purelib"], "HOME": str(work), "PATH": "/usr/bin:/bin"})
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "1 passed, 1 skipped" in r.stdout
+        assert "needs root: overlay mounts" in r.stdout
+    finally:
+        shutil.rmtree(work)
