@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers.hostile_ztoc import edited_ztoc, swapped_offsets
 from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.lazy import write_config
 from helpers.tricky_image import BUSYBOX
-from lazyoci.ztoc.codec import GZIP, encode_ztoc
-from lazyoci.ztoc.toc import TarEntry, TocBuilder
-from lazyoci.ztoc.zinfo import GzipIndexer, encode_checkpoints
 
 pytestmark = pytest.mark.needs_root("FUSE, overlay and runc")
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
@@ -49,23 +47,7 @@ def _layer():
 
 def _ztoc(blob: bytes, hostile: bool) -> bytes:
     """lazyoci's zTOC of a gzip layer; `hostile`: the data offsets of data/f1.bin and data/f2.bin swapped."""
-    toc = TocBuilder()
-    idx = GzipIndexer(SPAN, toc.feed)
-    try:
-        for i in range(0, len(blob), 1 << 20):
-            idx.feed(blob[i:i + (1 << 20)])
-        idx.finish()
-    finally:
-        idx.close()
-    entries: list[TarEntry] = toc.finish()
-    if hostile:
-        a = next(i for i, e in enumerate(entries) if e.name == b"data/f1.bin")
-        b = next(i for i, e in enumerate(entries) if e.name == b"data/f2.bin")
-        entries[a], entries[b] = (entries[a]._replace(offset=entries[b].offset),
-                                  entries[b]._replace(offset=entries[a].offset))
-    return encode_ztoc(build_tool="test", compressed_size=idx.totin, uncompressed_size=idx.totout,
-                       entries=entries, algorithm=GZIP, span_digests=idx.digests,
-                       checkpoints=encode_checkpoints(SPAN, idx.points))
+    return edited_ztoc(blob, SPAN, swapped_offsets(b"data/f1.bin", b"data/f2.bin") if hostile else None)
 
 
 def _push_index(registry_host: str, repo: str, work: Path, ztoc: bytes) -> str:

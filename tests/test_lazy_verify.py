@@ -14,22 +14,19 @@ import random
 import stat
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from helpers.fault_proxy import FaultProxy
+from helpers.hostile_ztoc import Edit, edited_ztoc, swapped_offsets
 from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.lazy import running_service, store_ztoc, write_config
-from lazyoci.ztoc.codec import GZIP, encode_ztoc
-from lazyoci.ztoc.toc import TarEntry, TocBuilder
-from lazyoci.ztoc.zinfo import GzipIndexer, encode_checkpoints
+from lazyoci.ztoc.toc import TarEntry
 
 pytestmark = pytest.mark.needs_root("FUSE mounts")
 
 SPAN = 64 << 10
 BIG = random.Random(9).randbytes(2 << 20)      # incompressible
-Edit = Callable[[list[TarEntry]], list[TarEntry]]
 
 
 def _entries() -> list[Entry]:
@@ -58,21 +55,7 @@ def layer(registry, tmp_path_factory):
 
 
 def _ztoc(blob: bytes, edit: Edit | None = None) -> bytes:
-    """lazyoci's zTOC of a gzip layer, with `edit` applied to its entries before encoding."""
-    toc = TocBuilder()
-    idx = GzipIndexer(SPAN, toc.feed)
-    try:
-        for i in range(0, len(blob), 1 << 20):
-            idx.feed(blob[i:i + (1 << 20)])
-        idx.finish()
-    finally:
-        idx.close()
-    entries = toc.finish()
-    if edit is not None:
-        entries = edit(entries)
-    return encode_ztoc(build_tool="test", compressed_size=idx.totin, uncompressed_size=idx.totout,
-                       entries=entries, algorithm=GZIP, span_digests=idx.digests,
-                       checkpoints=encode_checkpoints(SPAN, idx.points))
+    return edited_ztoc(blob, SPAN, edit)
 
 
 def _find(entries: list[TarEntry], name: bytes) -> int:
@@ -87,10 +70,7 @@ def _set(entry: bytes, **fields) -> Edit:
     return edit
 
 
-def _swap_offsets(entries: list[TarEntry]) -> list[TarEntry]:
-    a, b = _find(entries, b"data/f1.bin"), _find(entries, b"data/f2.bin")
-    entries[a], entries[b] = entries[a]._replace(offset=entries[b].offset), entries[b]._replace(offset=entries[a].offset)
-    return entries
+_swap_offsets = swapped_offsets(b"data/f1.bin", b"data/f2.bin")
 
 
 def _drop(name: bytes) -> Edit:

@@ -13,6 +13,7 @@ import io
 import struct
 import urllib.request
 from dataclasses import dataclass
+from typing import Callable
 
 from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Descriptor
@@ -125,3 +126,35 @@ def push_index_with(registry_host: str, repo: str, layers: list[Layer], ztocs: d
                                                 artifact_type=mt.SOCI_INDEX_V1))
     client.close()
     return index_digest
+
+
+Edit = Callable[[list[TarEntry]], list[TarEntry]]
+
+
+def edited_ztoc(blob: bytes, span_size: int, edit: Edit | None = None) -> bytes:
+    """lazyoci's zTOC of a gzip layer, with `edit` applied to its entries before encoding
+    (real span digests and checkpoints: only the entries lie)."""
+    toc = TocBuilder()
+    idx = GzipIndexer(span_size, toc.feed)
+    try:
+        for i in range(0, len(blob), 1 << 20):
+            idx.feed(blob[i:i + (1 << 20)])
+        idx.finish()
+    finally:
+        idx.close()
+    entries = toc.finish()
+    if edit is not None:
+        entries = edit(entries)
+    return encode_ztoc(build_tool="test", compressed_size=idx.totin, uncompressed_size=idx.totout,
+                       entries=entries, algorithm=GZIP, span_digests=idx.digests,
+                       checkpoints=encode_checkpoints(span_size, idx.points))
+
+
+def swapped_offsets(first: bytes, second: bytes) -> Edit:
+    """An edit that swaps the data offsets of two entries (no overlap: each shows the other's bytes)."""
+    def edit(entries: list[TarEntry]) -> list[TarEntry]:
+        a = next(i for i, e in enumerate(entries) if e.name == first)
+        b = next(i for i, e in enumerate(entries) if e.name == second)
+        entries[a], entries[b] = entries[a]._replace(offset=entries[b].offset), entries[b]._replace(offset=entries[a].offset)
+        return entries
+    return edit
