@@ -197,19 +197,17 @@ def build_image(svc: ImageService, options: BuildOptions,
 
 def _record_layer_sizes(svc: ImageService, image: LocalImage) -> None:
     """The unpacked size of each new layer, for SIZE in `images` (a pull counts it as it downloads)."""
-    from lazyoci.images.layersize import UncompressedSize
+    from lazyoci.images.layersize import uncompressed_size
     from lazyoci.oci import mediatypes as mt
 
     known = svc.records.layer_sizes(l.digest for l in image.manifest.layers)
     for layer in image.manifest.layers:
         if layer.digest in known:
             continue
-        counter = UncompressedSize(mt.layer_compression(layer.media_type))
         with svc.blobs.open(layer.digest) as f:
-            while chunk := f.read(1 << 20):
-                counter.update(chunk)
-        if counter.result is not None:
-            svc.record_layer_size(layer.digest, counter.result)
+            size = uncompressed_size(f, mt.layer_compression(layer.media_type))
+        if size is not None:
+            svc.record_layer_size(layer.digest, size)
 
 
 def prune_build_cache(root: DataRoot) -> None:
