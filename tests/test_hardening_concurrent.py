@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers.fault_proxy import FaultProxy
+from helpers.fault_proxy import FaultProxy, spans_requested
 from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.lazy import push_soci_index, write_config, ztoc_for
 from helpers.tricky_image import layer1_entries
@@ -69,7 +68,7 @@ def test_twenty_lazy_containers_read_everything_right_with_each_span_fetched_onc
                 assert got == expected
             for layer in (base, top):
                 ztoc = Ztoc.parse(ztoc_for(layer, span_size=64 << 10))
-                spans = _spans_fetched(ztoc, [r for r in proxy.log if r.method == "GET" and layer.digest in r.path])
+                spans = spans_requested(ztoc, [r for r in proxy.log if r.method == "GET" and layer.digest in r.path])
                 assert spans, f"no span of {layer.digest} was fetched"
                 assert len(spans) == len(set(spans)), f"spans fetched twice: {sorted(spans)}"
         finally:
@@ -77,13 +76,3 @@ def test_twenty_lazy_containers_read_everything_right_with_each_span_fetched_onc
                 _lz(data_root, config, "rm", "-f", c, check=False)
             _lz(data_root, config, "service", "stop", check=False)
 
-
-def _spans_fetched(ztoc: Ztoc, records) -> list[int]:
-    out = []
-    for r in records:
-        m = re.match(r"bytes=(\d+)-(\d+)", r.range or "")
-        assert m, f"a blob GET without Range: {r}"
-        lo, hi = int(m.group(1)), int(m.group(2)) + 1
-        out += [i for i in range(ztoc.num_spans)
-                if ztoc.span_compressed_range(i)[0] >= lo and ztoc.span_compressed_range(i)[1] <= hi]
-    return out

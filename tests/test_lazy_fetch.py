@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.fault_proxy import Fault, FaultProxy
+from helpers.fault_proxy import Fault, FaultProxy, spans_requested
 from helpers.images import Entry, Layer, LAYER_GZIP, image_config, make_layer, push_image, sha, tar_bytes
 from helpers.lazy import push_soci_index, running_service, store_ztoc, write_config, ztoc_for
 from helpers.tricky_image import layer1_entries
@@ -52,17 +51,6 @@ def _blob_gets(proxy: FaultProxy, layer: Layer) -> list:
     return [r for r in proxy.log if r.method == "GET" and layer.digest in r.path]
 
 
-def _spans_of(ztoc: Ztoc, records) -> list[int]:
-    """The spans each Range request covered (a request = a run of adjacent spans)."""
-    out = []
-    for r in records:
-        m = re.match(r"bytes=(\d+)-(\d+)", r.range or "")
-        assert m, f"a blob GET without Range: {r}"
-        lo, hi = int(m.group(1)), int(m.group(2)) + 1
-        out += [i for i in range(ztoc.num_spans)
-                if ztoc.span_compressed_range(i)[0] >= lo and ztoc.span_compressed_range(i)[1] <= hi]
-    return out
-
 
 def test_small_read_fetches_little_concurrent_readers_share_spans_and_restart_reuses_cache(
         registry, big, data_root, tmp_path):
@@ -94,7 +82,7 @@ def test_small_read_fetches_little_concurrent_readers_share_spans_and_restart_re
             for t in threads:
                 t.join()
             assert len(results) == 2 and results[0] == results[1] and len(results[0]) == 24 << 20
-            spans = _spans_of(ztoc, _blob_gets(proxy, layer))
+            spans = spans_requested(ztoc, _blob_gets(proxy, layer))
             assert spans and len(spans) == len(set(spans)), f"spans fetched twice: {sorted(spans)}"
             st = client.status()["layers"][0]
             assert 0 < st["fetched_bytes"] < st["total_bytes"]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import select
 import socket
 import struct
@@ -354,3 +355,16 @@ class _Handler(BaseHTTPRequestHandler):
         time.sleep(0.1)
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         os.close(self.connection.detach())
+
+
+def spans_requested(ztoc, records: list[RequestRecord]) -> list[int]:
+    """The spans of `ztoc` each Range request in `records` covered (a request = a run of adjacent
+    spans), in request order: a span twice in the list was fetched twice."""
+    out = []
+    for r in records:
+        m = re.match(r"bytes=(\d+)-(\d+)", r.range or "")
+        assert m, f"a blob GET without Range: {r}"
+        lo, hi = int(m.group(1)), int(m.group(2)) + 1
+        out += [i for i in range(ztoc.num_spans)
+                if ztoc.span_compressed_range(i)[0] >= lo and ztoc.span_compressed_range(i)[1] <= hi]
+    return out
