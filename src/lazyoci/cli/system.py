@@ -76,26 +76,17 @@ def prune_cmd(all_images: bool, volumes: bool, force: bool) -> None:
             return
     svc = image_service()
     result = prune(svc, _manager(svc), app().config, all_images, volumes)
-    if result.containers:
-        click.echo("Deleted Containers:")
-        for cid in result.containers:
-            click.echo(cid)
-        click.echo()
-    if result.volumes:
-        click.echo("Deleted Volumes:")
-        for name in result.volumes:
-            click.echo(name)
-        click.echo()
-    if result.untagged or result.images:
-        click.echo("Deleted Images:")
-        for name in result.untagged:
-            click.echo(f"untagged: {name}")
-        for digest in result.images:
-            click.echo(f"deleted: {digest}")
-        click.echo()
-    if result.span_caches:
-        click.echo("Deleted Span Caches:")
-        for digest in result.span_caches:
-            click.echo(digest)
-        click.echo()
+    _section("Deleted Containers:", result.containers)
+    _section("Deleted Volumes:", result.volumes)
+    _section("Deleted Images:", [f"untagged: {n}" for n in result.untagged] + [f"deleted: {d}" for d in result.images])
+    _section("Deleted Span Caches:", result.span_caches)
     click.echo(f"Total reclaimed space: {human_bytes(result.bytes_freed)}")
+
+
+def _section(title: str, lines) -> None:
+    """One block of docker's prune report, left out when empty."""
+    if lines:
+        click.echo(title)
+        for line in lines:
+            click.echo(line)
+        click.echo()
