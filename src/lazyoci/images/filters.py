@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lazyoci.errors import ConfigError, LazyociError
+from lazyoci.filter_syntax import split_filter
 from lazyoci.oci.manifest import ImageConfig, Manifest
 
 if TYPE_CHECKING:
@@ -30,12 +31,7 @@ class ImageFilter:
 
     @classmethod
     def parse(cls, text: str) -> "ImageFilter":
-        key, sep, value = text.partition("=")
-        key = key.strip().lower()
-        if not sep:
-            raise ConfigError(f"bad format of filter {text!r} (expected name=value)")
-        if key not in FILTER_KEYS:
-            raise ConfigError(f"invalid filter {key!r} (supported: {', '.join(FILTER_KEYS)})")
+        key, value = split_filter(text, FILTER_KEYS)
         if key == "dangling" and value.lower() not in ("true", "false", "1", "0"):
             raise ConfigError(f"invalid filter 'dangling={value}': true or false")
         if not value and key != "label":

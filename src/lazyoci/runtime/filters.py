@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lazyoci.errors import ConfigError, ReferenceError_
+from lazyoci.filter_syntax import split_filter
 from lazyoci.oci.reference import Reference
 from lazyoci.runtime.containers import ContainerRecord
 
@@ -32,12 +33,7 @@ class ContainerFilter:
     def parse(cls, items: Sequence[str]) -> "ContainerFilter":
         by_key: dict[str, list[str]] = {}
         for item in items:
-            key, sep, value = item.partition("=")
-            key = key.strip().lower()
-            if not sep:
-                raise ConfigError(f"bad format of filter (expected name=value): {item!r}")
-            if key not in KEYS:
-                raise ConfigError(f"invalid filter {key!r} (filters: {', '.join(KEYS)})")
+            key, value = split_filter(item, KEYS)
             if key == "status" and value not in STATES:
                 raise ConfigError(f"invalid filter 'status={value}' (states: {', '.join(STATES)})")
             if key == "exited" and not (value.lstrip("-").isascii() and value.lstrip("-").isdigit()):
