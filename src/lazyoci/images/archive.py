@@ -255,8 +255,7 @@ def load_archive(svc: "ImageService", path: "Path | BinaryIO", log: Callable[[st
                 loaded.extend(names or [top])
             # Files of the archive that no image uses (e.g. a docker layer's `json`) go again.
             for d in reader.new_blobs:
-                if not c.execute("SELECT 1 FROM blob_refs WHERE digest=? AND owner!=?",
-                                 (d, lease.owner)).fetchone():
+                if not svc.records.held_by_other(c, d, lease.owner):
                     svc.blobs.delete(d)
         for line in loaded:
             log(f"Loaded image: {line}")

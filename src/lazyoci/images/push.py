@@ -124,7 +124,6 @@ class Pusher:
 
     def _remember(self, target: Reference, top: str) -> None:
         """Blobs now also live in the target repository: a later push elsewhere can mount them."""
-        with self.records.db.reading() as c:
-            digests = [r[0] for r in c.execute("SELECT digest FROM blob_refs WHERE owner=?", (f"image:{top}",))]
+        digests = self.records.owned_by(f"image:{top}")
         with self.records.db.transaction() as c:
             self.records.record_sources(c, target.registry, target.repository, digests)

@@ -260,7 +260,7 @@ class ImageService:
         untagged: list[str] = []
         deleted: list[str] = []
         with self.db.transaction() as c:
-            names = [r[0] for r in c.execute("SELECT name FROM image_names WHERE digest=?", (top,))]
+            names = self.records.names_in(c, top)
             targets = [as_name] if as_name in names else names
             if len(targets) > 1 and not force:
                 raise StoreError(f"image {ref} is referenced by {len(targets)} names "

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from lazyoci.errors import LazyociError
 from lazyoci.images.build import build_dir, prune_build_cache
 from lazyoci.oci.manifest import ImageConfig, Manifest, chain_ids
+from lazyoci.store.records import blobs_held_by_kind
 
 if TYPE_CHECKING:
     from lazyoci.config import Config
@@ -73,7 +74,7 @@ def span_cache_dir(config: Config, root: Path) -> Path:
 def _images(svc: ImageService) -> list[_Image]:
     out = []
     with svc.db.reading() as c:
-        held = {r[0] for r in c.execute("SELECT digest FROM blob_refs WHERE owner LIKE 'container:%'")}
+        held = blobs_held_by_kind(c, "container")
     for rec in svc.records.contents():
         blobs, layers, diff_ids, chains = {rec.digest}, set(), set(), set()
         for manifest_digest, _plat, config_digest in rec.platforms:
