@@ -14,7 +14,7 @@ import click
 from lazyoci.cli.context import app
 from lazyoci.cli.durations import human_duration
 from lazyoci.cli.progress import ProgressDisplay, human_bytes
-from lazyoci.cli.shared import image_service, soci_push_after_image
+from lazyoci.cli.shared import image_service, info_line, soci_push_after_image
 from lazyoci.config import SNAPSHOTTERS
 from lazyoci.errors import ConfigError, LazyociError
 from lazyoci.oci.manifest import ImageConfig, chain_ids
@@ -43,10 +43,11 @@ def pull_image(svc: ImageService, ref: str, platform: Platform | None, snapshott
     display = None if quiet else ProgressDisplay(stream)
     with display or contextlib.nullcontext():
         if not all_platforms:
-            return snap.pull(svc, ref, platform, progress=display, index_digest=index_digest)
+            return snap.pull(svc, ref, platform, progress=display, index_digest=index_digest, log=info_line)
         if snapshotter != "overlayfs" or index_digest:
             raise ConfigError("--all-platforms stores every platform's content; use it with --snapshotter overlayfs")
-        image = svc.pull(ref, platform, display, snap.layer_consumer, None, snapshotter, True)
+        image = svc.pull(ref, platform, display, layer_consumer=snap.layer_consumer, snapshotter=snapshotter,
+                         all_platforms=True)
     snap.unpack_image(svc, image)
     return image
 

@@ -49,6 +49,11 @@ def soci_build_options(span_size: int | None, min_layer_size: int | None, force:
                             force=force, version=version)
 
 
+def info_line(line: str) -> None:
+    """A line the library reports for the user (a lazy pull that falls back says why): on stderr."""
+    click.echo(line, err=True)
+
+
 def logrus_info(line: str) -> None:
     """One logrus-style INFO line, as nerdctl prints what the soci tool says (on stderr, where
     logrus writes, so that stdout keeps only the push rows and the digest)."""

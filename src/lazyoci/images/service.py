@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from lazyoci.errors import ImageNotFoundError, LazyociError, ReferenceError_, StoreError
 from lazyoci.images.progress import ProgressSink
@@ -20,6 +20,9 @@ from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 from lazyoci.store.records import ContentRecord, GcResult, ImageRecords, Lease
+
+if TYPE_CHECKING:
+    from lazyoci.images.pull import ResolvedImage
 
 _ID_RE = re.compile(r"^(sha256:)?[0-9a-f]{4,64}$")
 
@@ -105,16 +108,19 @@ class ImageService:
 
     # --- pull / push ----------------------------------------------------------------------
 
-    def pull(self, ref: str, platform: Platform | None = None, progress: ProgressSink | None = None,
+    def pull(self, ref: str, platform: Platform | None = None, progress: ProgressSink | None = None, *,
              layer_consumer: Callable[[Descriptor], LayerConsumer | None] | None = None,
              skip_layers: Callable[[Descriptor], bool] | None = None,
-             snapshotter: str = "overlayfs", all_platforms: bool = False) -> LocalImage:
-        """Fetch an image into the store (skipping `skip_layers`), name it `ref`, return it."""
+             snapshotter: str = "overlayfs", all_platforms: bool = False,
+             resolved: ResolvedImage | None = None) -> LocalImage:
+        """Fetch an image into the store (skipping `skip_layers`), name it `ref`, return it.
+
+        `resolved`: what the caller already resolved `ref` to (`resolve`), so the tag is asked once."""
         from lazyoci.images.pull import PullHooks, Puller
 
         r = Reference.parse(ref)
         result = Puller(self.client, self.records, progress).pull(
-            r, platform, all_platforms, PullHooks(layer_consumer, skip_layers), snapshotter)
+            r, platform, all_platforms, PullHooks(layer_consumer, skip_layers), snapshotter, resolved)
         chosen = result.platforms[0]
         if all_platforms and len(result.platforms) > 1:
             want = platform or Platform.host()

@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
@@ -91,10 +92,12 @@ class RunOptions:
 
 
 class ContainerManager:
-    def __init__(self, root: DataRoot, config: Config, images: ImageService) -> None:
+    def __init__(self, root: DataRoot, config: Config, images: ImageService,
+                 notices: Callable[[str], None] | None = None) -> None:
         self.root = root
         self.config = config
         self.images = images
+        self.notices = notices      # INFO lines of a pull (a lazy pull that falls back says why)
         self.store = ContainerStore(root, images.db)
 
     # ---- images and rootfs ------------------------------------------------
@@ -119,7 +122,8 @@ class ContainerManager:
                     raise
         if image is None:
             # Each snapshotter pulls its own way (overlayfs: unpack while downloading; soci: lazily).
-            image = snap.pull(self.images, ref, platform, progress=progress, index_digest=index_digest)
+            image = snap.pull(self.images, ref, platform, progress=progress, index_digest=index_digest,
+                              log=self.notices)
         return image
 
     # ---- run ----------------------------------------------------------------

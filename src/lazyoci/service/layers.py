@@ -37,8 +37,10 @@ from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
+from lazyoci.service import records as views
 from lazyoci.service.records import SCHEMA, SCHEMA_NAME
 from lazyoci.service.paths import layer_view_name
+from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
@@ -84,6 +86,7 @@ class LayerManager:
         self.fs = fs
         self.db = Database(root.db_path)
         self.db.ensure_schema(SCHEMA_NAME, SCHEMA)
+        self.blobs = BlobStore(root)
         cache_dir = config.soci.cache_dir or root.soci / "cache"
         if not cache_dir.is_absolute():     # relative to the config file, not to the daemon's cwd (/)
             cache_dir = (config.path.parent if config.path else root.path) / cache_dir
@@ -157,15 +160,12 @@ class LayerManager:
         if self.fs.has_layer(layer_digest, ztoc_digest):
             if persist:
                 self._prefer(view, [reference])
-                with self.db.transaction() as conn:
-                    conn.execute("UPDATE service_views SET ref=? WHERE layer_digest=? AND ztoc_digest=?",
-                                 (str(reference), layer_digest, ztoc_digest))
+                views.set_view_ref(self.db, layer_digest, ztoc_digest, str(reference))
             return
-        blob = self.root.blobs / "sha256" / Digest.parse(ztoc_digest).hex
-        try:
-            data = blob.read_bytes()
-        except FileNotFoundError:
-            raise StoreError(f"zTOC {ztoc_digest} of layer {layer_digest} is not in the blob store") from None
+        if not self.blobs.has(ztoc_digest):
+            raise StoreError(f"zTOC {ztoc_digest} of layer {layer_digest} is not in the blob store")
+        with self.blobs.open(ztoc_digest) as f:
+            data = f.read()
         verify_bytes(data, ztoc_digest, f"zTOC of layer {layer_digest}")
         started = time.monotonic()
         ztoc = Ztoc.parse(data, digest=ztoc_digest)
@@ -200,9 +200,7 @@ class LayerManager:
                  len(tree), len(spans), 100.0 * cache.cached_bytes / max(cache.total_bytes, 1),
                  time.monotonic() - started)
         if persist:
-            with self.db.transaction() as conn:
-                conn.execute("INSERT OR REPLACE INTO service_views VALUES (?, ?, ?, ?)",
-                             (layer_digest, ztoc_digest, str(reference), time.time()))
+            views.record_view(self.db, layer_digest, ztoc_digest, str(reference), time.time())
 
     def unmount(self, layer_digest: str, ztoc_digest: str) -> bool:
         layer_digest = str(Digest.parse(layer_digest))
@@ -214,8 +212,7 @@ class LayerManager:
             self._refs.pop(view, None)
         flush_cache_writes()      # spans still on their way to the disk belong in the cache
         self.cache.forget(layer_digest, ztoc_digest)
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM service_views WHERE layer_digest=? AND ztoc_digest=?", view)
+        views.forget_layers(self.db, [view])
         if layer is not None:
             log.info("unmounted layer %s (%s)", layer_digest, layer_view_name(layer_digest, ztoc_digest))
         return layer is not None
@@ -225,9 +222,7 @@ class LayerManager:
 
         Spans are fetched first through the references the latest lazy pulls recorded for
         the layer, then through the one recorded at the first mount."""
-        with self.db.reading() as conn:
-            rows = conn.execute("SELECT layer_digest, ref, ztoc_digest FROM service_views").fetchall()
-        for digest, ref, ztoc_digest in rows:
+        for digest, ztoc_digest, ref in views.recorded_view_refs(self.db):
             try:
                 self.mount(ref, digest, ztoc_digest, persist=False, fallback_refs=self._pulled_refs(digest))
             except LazyociError as e:

@@ -1,10 +1,11 @@
 """`pull --snapshotter soci`: fetch the SOCI index and zTOCs, download only unindexed layers.
 
-Steps: resolve the image (and the platform's manifest), discover its SOCI index
-(explicit digest, v2 annotation, referrers API, tag schema — D's discover_index),
+Steps: resolve the image once (and the platform's manifest), discover its SOCI index
+(explicit digest, v2 annotation, referrers API, tag schema: soci/discovery.py),
 store the index manifest and the zTOCs as blobs owned by `soci:<index digest>`,
-record which layer each zTOC serves, then let ImageService.pull fetch the image
-while skipping the lazy layers (no progress rows for them, as the seed shows).
+record which layer each zTOC serves, then let the image fetcher (ImageService.pull)
+fetch the image it resolved, skipping the lazy layers (no progress rows for them, as
+Finch shows none).
 Finally the zTOCs this index gave the image (under its name) are recorded, the
 layer snapshots committed (their keys name those zTOCs: another index of a
 shared layer never reuses them) and the service mounts the lazy layers.
@@ -14,55 +15,53 @@ every layer is downloaded (with rows), the image is recorded as `overlayfs`
 (it is NOT lazy, and is never reported so) and one INFO line says why. A zTOC
 the service refuses to mount (malformed, or over a cap of ztoc/limits.py) makes
 its layer downloaded whole after the others, with one INFO line naming the
-layers and why; the image stays lazy only if some layer still is.
+layers and why; the image stays lazy only if some layer still is. INFO lines go to
+the `log` callback: the library never prints.
+
+`LazyPull` is given each collaborator (the lazy-layer records, the layer server, the
+registry client, the image fetcher and the image records that own blobs), so it
+never reaches into a snapshotter or an image service for them.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from lazyoci.errors import FormatError, LazyociError
-from lazyoci.oci.manifest import Index, Manifest, parse_any
+from lazyoci.images.pull import ResolvedImage, resolve_image
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
+from lazyoci.snapshot.lazy_records import LazyLayerRecord, LazyLayerRecords
 
 if TYPE_CHECKING:
-    from lazyoci.images.service import ImageService, LocalImage
-    from lazyoci.snapshot.soci import SociSnapshotter
+    from lazyoci.images.progress import ProgressSink
+    from lazyoci.images.service import LayerConsumer, LocalImage
+    from lazyoci.oci.manifest import Descriptor
+    from lazyoci.registry.client import RegistryClient
+    from lazyoci.snapshot.layer_server import LayerServer
+    from lazyoci.store.records import ImageRecords
+
+__all__ = ["ImageFetcher", "LazyPull", "LazySnapshots"]
 
 
-def _resolve_manifest(client, ref: Reference, platform: Platform | None) -> tuple[Manifest, str]:
-    raw, media_type, digest = client.get_manifest(ref)
-    obj = parse_any(raw, media_type)
-    if isinstance(obj, Index):
-        desc = obj.select(platform or Platform.host())
-        raw, media_type, digest = client.get_manifest(ref.with_digest(desc.digest))
-        obj = Manifest.parse(raw, media_type)
-    return obj, digest
+class ImageFetcher(Protocol):
+    """Fetches an image into the store and records it under its name (ImageService.pull)."""
+
+    def pull(self, ref: str, platform: Platform | None = None, progress: "ProgressSink | None" = None, *,
+             layer_consumer: "Callable[[Descriptor], LayerConsumer | None] | None" = None,
+             skip_layers: "Callable[[Descriptor], bool] | None" = None,
+             snapshotter: str = "overlayfs", all_platforms: bool = False,
+             resolved: ResolvedImage | None = None) -> "LocalImage": ...
 
 
-def _store_blob(images: "ImageService", client, ref: Reference, digest: str, size: int | None,
-                owner: str, raw: bytes | None = None) -> None:
-    """Store a small blob (index manifest `raw`, or a zTOC downloaded here), owned by `owner`."""
-    with images.lease() as lease:
-        lease.add([digest])
-        if raw is not None:
-            if not images.blobs.has(digest):
-                images.blobs.put_bytes(raw, digest)
-        elif not images.blobs.has(digest):
-            writer = images.blobs.writer(digest, size)
-            try:
-                for chunk in client.iter_blob(ref, digest, size):
-                    writer.write(chunk)
-                writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
-        with images.db.transaction() as c:
-            c.execute("INSERT OR IGNORE INTO blob_refs (owner, digest) VALUES (?, ?)", (owner, digest))
+class LazySnapshots(Protocol):
+    """The snapshotter side of a lazy pull: unpack while downloading, then commit the layers."""
+
+    def layer_consumer(self, desc: "Descriptor") -> "LayerConsumer | None": ...
+    def unpack_image(self, images: object, image: "LocalImage") -> str | None: ...
 
 
 class _EarlyMounter:
@@ -76,9 +75,9 @@ class _EarlyMounter:
     served), so a failed or fallen-back pull leaves nothing mounted.
     """
 
-    def __init__(self, snap: "SociSnapshotter") -> None:
-        self._snap = snap
-        self._todo: list = []
+    def __init__(self, server: "LayerServer") -> None:
+        self._server = server
+        self._todo: list[LazyLayerRecord] = []
         self._cond = threading.Condition()
         self._closed = False
         self._error: BaseException | None = None
@@ -87,13 +86,13 @@ class _EarlyMounter:
         self._thread = threading.Thread(target=self._run, name="lazy-mount", daemon=True)
         self._thread.start()
 
-    def submit(self, rec) -> None:
+    def submit(self, rec: LazyLayerRecord) -> None:
         with self._cond:
             self._todo.append(rec)
             self._cond.notify()
 
     def _run(self) -> None:
-        service = self._snap.service
+        server = self._server
         while True:
             with self._cond:
                 while not self._todo and not self._closed:
@@ -104,9 +103,9 @@ class _EarlyMounter:
             if self._error is not None:
                 continue                 # drain: the first error stops the remaining mounts
             try:
-                served = os.path.isdir(self._snap.paths.layer_dir(rec.layer_digest, rec.ztoc_digest))
-                service.ensure_running()
-                service.mount_layer(rec.ref, rec.layer_digest, rec.ztoc_digest)
+                served = os.path.isdir(server.view_dir(rec.layer_digest, rec.ztoc_digest))
+                server.ensure_running()
+                server.mount_layer(rec.ref, rec.layer_digest, rec.ztoc_digest)
                 if not served:
                     self._mounted.append((rec.layer_digest, rec.ztoc_digest))
             except FormatError as e:     # the zTOC cannot be served: the pull downloads the layer
@@ -136,85 +135,119 @@ class _EarlyMounter:
         self._join()
         for digest, ztoc_digest in reversed(self._mounted):
             try:
-                self._snap.service.unmount_layer(digest, ztoc_digest)
+                self._server.unmount_layer(digest, ztoc_digest)
             except LazyociError:
                 pass
         self._mounted.clear()
 
 
-def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platform: Platform | None = None,
-              progress=None, log: Callable[[str], None] | None = None,
-              index_digest: str | None = None) -> "LocalImage":
-    from lazyoci.snapshot.soci import LazyLayerRecord
-    from lazyoci.soci import discover_index      # D's discovery
+class LazyPull:
+    """One `pull --snapshotter soci`, over the collaborators it is given."""
 
-    # The INFO line of a fallback must reach the user even when the caller gave no log.
-    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    reference = Reference.parse(ref)
-    client = images.client
-    manifest, manifest_digest = _resolve_manifest(client, reference, platform)
-    reason = None
-    lazy: dict[str, str] = {}
-    try:
-        found = discover_index(client, reference, manifest, manifest_digest, explicit_digest=index_digest)
-    except LazyociError as e:
-        if index_digest:          # asked for explicitly: an error, not a silent fallback
-            raise
-        found, reason = None, f"the SOCI index cannot be read ({e})"
-    if found is None and reason is None:
-        reason = "no SOCI index was found"
-    if found is not None:
-        snap.service.spawn()        # the daemon starts while the zTOCs and the image download
-        source = f"{reference.name}@{manifest_digest}"
-        owner = f"soci:{found.digest}"
-        mounter = _EarlyMounter(snap)
-        try:
-            _store_blob(images, client, reference, found.digest, None, owner, raw=found.manifest.raw)
-            for layer in manifest.layers:
-                zdesc = found.ztocs.get(layer.digest)
-                if zdesc is None:
-                    continue
-                _store_blob(images, client, reference, zdesc.digest, zdesc.size, owner)
-                rec = LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest)
-                snap.record_lazy_layer(rec)
-                mounter.submit(rec)
-                lazy[layer.digest] = zdesc.digest
-        except LazyociError as e:
-            mounter.rollback()
-            lazy, reason = {}, f"the SOCI index {found.digest} cannot be read ({e})"
-        except BaseException:
-            mounter.rollback()
-            raise
-        if not lazy:
-            mounter.rollback()      # nothing was submitted, or the fallback already rolled back: stop the worker
-        if not lazy and reason is None:
-            reason = f"the SOCI index {found.digest} has no zTOC for any layer of the image"
-    if reason is not None:
-        say(f"INFO: {reason} for {reference}: downloading every layer before the container starts "
-            f"(no lazy loading)")
-    try:
-        image = images.pull(ref, platform, progress,
-                            layer_consumer=snap.layer_consumer,
-                            skip_layers=(lambda d: d.digest in lazy) if lazy else None,
-                            snapshotter="soci" if lazy else "overlayfs")
-        refused = mounter.wait() if lazy else {}
-        if refused:
-            for digest in refused:
-                snap.forget_lazy_layer(digest, lazy.pop(digest))
-            whys = "; ".join(f"layer {digest}: {why}" for digest, why in refused.items())
-            say(f"INFO: {'a zTOC' if len(refused) == 1 else f'{len(refused)} zTOCs'} of the SOCI index "
-                f"cannot be served ({whys}) for {reference}: downloading "
-                + ("that layer" if len(refused) == 1 else "those layers") + " before the container starts"
-                + ("" if lazy else " (no lazy loading)"))
-            image = images.pull(ref, platform, progress, layer_consumer=snap.layer_consumer,
+    def __init__(self, snapshots: LazySnapshots, records: LazyLayerRecords, server: "LayerServer",
+                 client: "RegistryClient", images: ImageFetcher, owners: "ImageRecords",
+                 log: Callable[[str], None] | None = None) -> None:
+        self.snapshots = snapshots
+        self.records = records
+        self.server = server
+        self.client = client
+        self.images = images
+        self.owners = owners            # the image records: leases, and who owns which blob
+        self.log = log or (lambda line: None)
+
+    def _store_blob(self, ref: Reference, digest: str, size: int | None, owner: str,
+                    raw: bytes | None = None) -> None:
+        """Store a small blob (index manifest `raw`, or a zTOC downloaded here), owned by `owner`."""
+        blobs = self.owners.blobs
+        with self.owners.lease() as lease:
+            lease.add([digest])
+            if raw is not None:
+                if not blobs.has(digest):
+                    blobs.put_bytes(raw, digest)
+            elif not blobs.has(digest):
+                writer = blobs.writer(digest, size)
+                try:
+                    for chunk in self.client.iter_blob(ref, digest, size):
+                        writer.write(chunk)
+                    writer.commit()
+                except BaseException:
+                    writer.abort()
+                    raise
+            self.owners.add_owner(owner, [digest])
+
+    def _fetch(self, ref: str, platform: Platform | None, progress: "ProgressSink | None",
+               resolved: ResolvedImage, lazy: dict[str, str]) -> "LocalImage":
+        return self.images.pull(ref, platform, progress, layer_consumer=self.snapshots.layer_consumer,
                                 skip_layers=(lambda d: d.digest in lazy) if lazy else None,
-                                snapshotter="soci" if lazy else "overlayfs")
-        snap.record_image_ztocs(image, lazy)   # this name's layers: through this index's zTOCs only
-        snap.unpack_image(images, image)
-    except BaseException:
+                                snapshotter="soci" if lazy else "overlayfs", resolved=resolved)
+
+    def pull(self, ref: str, platform: Platform | None = None, progress: "ProgressSink | None" = None,
+             index_digest: str | None = None) -> "LocalImage":
+        from lazyoci.soci import discover_index
+
+        say = self.log
+        reference = Reference.parse(ref)
+        client = self.client
+        resolved, manifest = resolve_image(client, reference, platform)
+        manifest_digest = resolved.manifests[0][0] if resolved.manifests else resolved.digest
+        reason = None
+        lazy: dict[str, str] = {}
+        try:
+            found = discover_index(client, reference, manifest, manifest_digest, explicit_digest=index_digest)
+        except LazyociError as e:
+            if index_digest:          # asked for explicitly: an error, not a silent fallback
+                raise
+            found, reason = None, f"the SOCI index cannot be read ({e})"
+        if found is None and reason is None:
+            reason = "no SOCI index was found"
+        if found is not None:
+            self.server.spawn()        # the daemon starts while the zTOCs and the image download
+            source = f"{reference.name}@{manifest_digest}"
+            owner = f"soci:{found.digest}"
+            mounter = _EarlyMounter(self.server)
+            try:
+                self._store_blob(reference, found.digest, None, owner, raw=found.manifest.raw)
+                for layer in manifest.layers:
+                    zdesc = found.ztocs.get(layer.digest)
+                    if zdesc is None:
+                        continue
+                    self._store_blob(reference, zdesc.digest, zdesc.size, owner)
+                    rec = LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest)
+                    self.records.record_layer(rec)
+                    mounter.submit(rec)
+                    lazy[layer.digest] = zdesc.digest
+            except LazyociError as e:
+                mounter.rollback()
+                lazy, reason = {}, f"the SOCI index {found.digest} cannot be read ({e})"
+            except BaseException:
+                mounter.rollback()
+                raise
+            if not lazy:
+                mounter.rollback()      # nothing was submitted, or the fallback already rolled back: stop the worker
+            if not lazy and reason is None:
+                reason = f"the SOCI index {found.digest} has no zTOC for any layer of the image"
+        if reason is not None:
+            say(f"INFO: {reason} for {reference}: downloading every layer before the container starts "
+                f"(no lazy loading)")
+        try:
+            image = self._fetch(ref, platform, progress, resolved, lazy)
+            refused = mounter.wait() if lazy else {}
+            if refused:
+                for digest in refused:
+                    self.records.forget_layer(digest, lazy.pop(digest))
+                whys = "; ".join(f"layer {digest}: {why}" for digest, why in refused.items())
+                say(f"INFO: {'a zTOC' if len(refused) == 1 else f'{len(refused)} zTOCs'} of the SOCI index "
+                    f"cannot be served ({whys}) for {reference}: downloading "
+                    + ("that layer" if len(refused) == 1 else "those layers") + " before the container starts"
+                    + ("" if lazy else " (no lazy loading)"))
+                image = self._fetch(ref, platform, progress, resolved, lazy)
+            # this name's layers: through this index's zTOCs only
+            self.records.record_image(image.name or "", image.manifest.digest, lazy)
+            self.snapshots.unpack_image(None, image)
+        except BaseException:
+            if lazy:
+                mounter.rollback()
+            raise
         if lazy:
-            mounter.rollback()
-        raise
-    if lazy:
-        mounter.finish()        # the image is recorded, as before: a mount error is raised after it
-    return image
+            mounter.finish()        # the image is recorded, as before: a mount error is raised after it
+        return image

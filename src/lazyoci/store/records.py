@@ -204,6 +204,11 @@ class ImageRecords:
         c.executemany("INSERT OR IGNORE INTO blob_sources VALUES (?, ?, ?)",
                       [(d, registry, repository) for d in digests])
 
+    def add_owner(self, owner: str, digests: Iterable[str]) -> None:
+        """`owner` (``soci:<index digest>`` ...) holds these blobs against garbage collection."""
+        with self.db.transaction() as c:
+            add_blob_owner(c, owner, digests)
+
     def record_layer_size(self, digest: str, uncompressed: int) -> None:
         with self.db.transaction() as c:
             c.execute("INSERT OR REPLACE INTO layer_sizes VALUES (?, ?)", (digest, uncompressed))
