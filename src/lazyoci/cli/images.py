@@ -14,10 +14,9 @@ import click
 from lazyoci.cli.context import app
 from lazyoci.cli.durations import human_duration
 from lazyoci.cli.progress import ProgressDisplay, human_bytes
-from lazyoci.cli.shared import image_service, info_line, soci_push_after_image
+from lazyoci.cli.shared import image_service, info_line, registry_options, soci_push_after_image
 from lazyoci.config import SNAPSHOTTERS
 from lazyoci.errors import ConfigError, LazyociError
-from lazyoci.oci.manifest import ImageConfig, chain_ids
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
 
@@ -231,18 +230,9 @@ def _remove(refs: tuple[str, ...], force: bool) -> None:
 
 def _release_snapshots(svc: ImageService) -> None:
     """Unpacked layers of images that are gone go too, so disk space really comes back."""
-    from lazyoci.snapshot.overlay import OverlaySnapshotter
+    from lazyoci.images.system import release_snapshots
 
-    keep: set[str] = set()
-    for rec in svc.records.contents():
-        for _manifest, _plat, config in rec.platforms:
-            try:
-                keep.update(chain_ids(ImageConfig.parse(svc.blobs.read(config)).diff_ids))
-            except LazyociError:
-                continue
-    OverlaySnapshotter(svc.root).release_unused(keep)
-    from lazyoci.snapshot.soci import SociSnapshotter
-    SociSnapshotter(svc.root, app().config).release_unused(keep)   # also unmounts unused lazy layers
+    release_snapshots(svc, app().config)
 
 
 @click.command("rmi")
@@ -265,13 +255,8 @@ def image_rm(force: bool, refs: tuple[str, ...]) -> None:
 def image_prune() -> None:
     """Remove unnamed images and every blob nothing references."""
     svc = image_service()
-    removed = 0
-    for rec in svc.records.contents():
-        if not svc.records.names_of(rec.digest):
-            with svc.db.transaction() as c:
-                if svc.records.release_if_unnamed(c, rec.digest):
-                    click.echo(f"Deleted: {rec.digest}")
-                    removed += 1
+    for digest in svc.prune_unnamed():
+        click.echo(f"Deleted: {digest}")
     result = svc.gc()
     _release_snapshots(svc)
     click.echo(f"Total reclaimed space: {human_bytes(result.bytes_freed)}")
@@ -315,6 +300,13 @@ def import_cmd(changes: tuple[str, ...], platform: str | None, source: Path, ref
     click.echo(image.digest)
 
 
+def _registry_client():
+    """The registry client of this invocation (login and logout need no image store)."""
+    from lazyoci.registry import RegistryClient
+
+    return RegistryClient(registry_options(app()))
+
+
 @click.command("login")
 @click.option("-u", "--username")
 @click.option("-p", "--password", help="Prefer --password-stdin.")
@@ -330,11 +322,11 @@ def login_cmd(username: str | None, password: str | None, password_stdin: bool, 
         username = click.prompt("Username")
     if not password:
         password = click.prompt("Password", hide_input=True)
-    svc = image_service()
+    client = _registry_client()
     try:
-        svc.client.login(registry, username, password)
+        client.login(registry, username, password)
     finally:
-        svc.close()
+        client.close()
     click.echo("Login Succeeded")
 
 
@@ -342,9 +334,9 @@ def login_cmd(username: str | None, password: str | None, password_stdin: bool, 
 @click.argument("registry", required=False, default="docker.io")
 def logout_cmd(registry: str) -> None:
     """Forget the stored credentials of a registry."""
-    svc = image_service()
+    client = _registry_client()
     try:
-        svc.client.logout(registry)
+        client.logout(registry)
     finally:
-        svc.close()
+        client.close()
     click.echo(f"Removing login credentials for {registry}")

@@ -62,21 +62,18 @@ def logrus_info(line: str) -> None:
 
 def soci_push_after_image(ref: str, span_size: int | None = None, min_layer_size: int | None = None,
                           platform: Platform | None = None, existing: str = "warn") -> str:
-    """Build (or reuse) the v1 SOCI index of local image `ref` and push it next to the image.
+    """Build (or reuse) the v1 SOCI index of local image `ref` and push it next to the image
+    (soci/publish.py).
 
     Called by `lazyoci push --snapshotter soci` once the image itself is pushed; the SOCI lines
     are printed the way nerdctl/Finch relay them: `INFO[SSSS] soci: <line>` (logrus, seconds
     since the command started). Returns the index digest.
     """
-    from lazyoci.oci.reference import Reference
-    from lazyoci.soci.build import build_index
-    from lazyoci.soci.push import push_index
+    from lazyoci.soci.publish import build_and_push_index
 
     images = image_service()
     try:
-        image = images.get(ref, platform)
-        result = build_index(images, image, soci_build_options(span_size, min_layer_size), logrus_info)
-        push_index(images.client, Reference.parse(ref), images.blobs, result.index, logrus_info, existing)
-        return result.digest
+        return build_and_push_index(images, ref, soci_build_options(span_size, min_layer_size), platform,
+                                    logrus_info, existing)
     finally:
         images.close()

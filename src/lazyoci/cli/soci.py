@@ -63,7 +63,7 @@ def _local_targets(images, ref: str, platforms: list[Platform], all_platforms: b
     if not all_platforms:
         return [images.get(ref, p) for p in platforms] if platforms else [images.get(ref)]
     first = images.get(ref)
-    rec = images.records.content(first.digest)
+    rec = images.lookup(first.digest)
     return [images.get(first.digest, Platform.parse(p)) for _, p, _ in rec.platforms]
 
 
@@ -98,24 +98,11 @@ def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, src, 
 @click.argument("ref")
 def push_cmd(platform, existing_index, ref) -> None:
     """Push the newest v1 SOCI index of local image REF to REF's repository."""
-    from lazyoci.oci.reference import Reference
-    from lazyoci.soci.index import SociIndex
-    from lazyoci.soci.push import push_index
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.publish import push_local_index
 
     images = image_service()
     try:
-        image = images.get(ref, Platform.parse(platform) if platform else None)
-        all_recs = SociRecords(images.db).indexes(manifest_digest=image.manifest.digest)
-        recs = [r for r in all_recs if r.version == "v1"]
-        if not recs and all_recs:
-            raise StoreError(f"{ref} only has SOCI v2 indexes: they travel inside the converted image, "
-                             "push it with `lazyoci push`")
-        if not recs:
-            raise StoreError(f"no v1 SOCI index for {ref} ({image.config.platform}): "
-                             "run `lazyoci soci create` first")
-        index = SociIndex.parse(images.blobs.read(recs[-1].index_digest))
-        push_index(images.client, Reference.parse(ref), images.blobs, index, click.echo, existing_index)
+        push_local_index(images, ref, Platform.parse(platform) if platform else None, click.echo, existing_index)
     finally:
         images.close()
 

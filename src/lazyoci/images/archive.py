@@ -50,8 +50,8 @@ def save_archive(svc: "ImageService", path: "Path | BinaryIO", refs: list[str], 
     docker_entries: list[dict] = []
     blobs: dict[str, None] = {}     # ordered set
     for ref in refs:
-        top = svc._resolve_top(ref)
-        rec = svc._content(top)
+        rec = svc.lookup(ref)
+        top = rec.digest
         try:
             name = str(Reference.parse(ref))
             if svc.records.lookup_name(name) != top:

@@ -164,6 +164,10 @@ class ImageService:
             raise ImageNotFoundError(f"no such image: {top}")
         return rec
 
+    def lookup(self, ref_or_id: str) -> ContentRecord:
+        """What the store holds of a local image, by name, digest or ID prefix (every platform)."""
+        return self._content(self._resolve_top(ref_or_id))
+
     def get(self, ref_or_id: str, platform: Platform | None = None) -> LocalImage:
         """A local image by name, digest or ID prefix; its manifest for `platform` (default: host)."""
         top = self._resolve_top(ref_or_id)
@@ -280,6 +284,16 @@ class ImageService:
             if self.records.release_if_unnamed(c, top):
                 deleted.append(top)
         return RemoveResult(tuple(untagged), tuple(deleted), self.gc())
+
+    def prune_unnamed(self) -> tuple[str, ...]:
+        """Forget every image no name points at (and nothing else holds); their top digests."""
+        removed: tuple[str, ...] = ()
+        for rec in self.records.contents():
+            if not self.records.names_of(rec.digest):
+                with self.db.transaction() as c:
+                    if self.records.release_if_unnamed(c, rec.digest):
+                        removed += (rec.digest,)
+        return removed
 
     def gc(self) -> GcResult:
         return self.records.gc()

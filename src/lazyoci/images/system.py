@@ -231,15 +231,18 @@ def prune(svc: ImageService, manager: ContainerManager, config: Config, all_imag
                        tuple(name for name, _ in removed_volumes))
 
 
-def release_unused_layers(svc: ImageService, config: Config) -> int:
-    """Snapshots of images that are gone go too (lazy layers are unmounted); return bytes freed."""
-    from lazyoci.snapshot.overlay import OverlaySnapshotter
-    from lazyoci.snapshot.soci import SociSnapshotter
+def release_snapshots(svc: ImageService, config: Config) -> None:
+    """Snapshots of images that are gone go too, in every snapshotter (lazy layers are
+    unmounted), so that removing an image really gives its disk space back."""
+    from lazyoci.snapshot.registry import release_unused_snapshots
 
-    keep = set().union(*(i.chains for i in _images(svc)))
+    release_unused_snapshots(svc.root, config, set().union(*(i.chains for i in _images(svc))))
+
+
+def release_unused_layers(svc: ImageService, config: Config) -> int:
+    """`release_snapshots`, returning the bytes freed."""
     before = directory_bytes(svc.root.snapshots)
-    OverlaySnapshotter(svc.root).release_unused(keep)
-    SociSnapshotter(svc.root, config).release_unused(keep)
+    release_snapshots(svc, config)
     return max(0, before - directory_bytes(svc.root.snapshots))
 
 

@@ -98,7 +98,7 @@ class ContainerManager:
         self.config = config
         self.images = images
         self.notices = notices      # INFO lines of a pull (a lazy pull that falls back says why)
-        self.store = ContainerStore(root, images.db)
+        self.store = ContainerStore(root)
 
     # ---- images and rootfs ------------------------------------------------
     def ensure_image(self, ref: str, snapshotter_name: str, policy: str, platform: Platform | None,
