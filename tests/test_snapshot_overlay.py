@@ -16,9 +16,9 @@ from lazyoci.config import Config
 from lazyoci.errors import IntegrityError, StoreError
 from lazyoci.images.service import ImageService
 from lazyoci.snapshot.base import KIND_ACTIVE, KIND_COMMITTED
-from lazyoci.snapshot.mount import is_mountpoint, mount_all, unmount
+from lazyoci.snapshot.mount_syscall import is_mountpoint, mount_all, unmount
 from lazyoci.snapshot.overlay import OverlaySnapshotter
-from lazyoci.snapshot.registry import get_snapshotter
+from lazyoci.snapshot.snapshotters import get_snapshotter
 from lazyoci.store.layout import DataRoot
 
 pytestmark = pytest.mark.needs_root("overlay mounts and layers owned by root")

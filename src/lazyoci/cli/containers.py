@@ -287,7 +287,7 @@ def image_mount_cmd(snapshotter: str | None, platform: str | None, soci_index_di
                     ref: str, directory: Path) -> None:
     """Mount an image's root filesystem read-only at DIRECTORY (pulling it if needed)."""
     from lazyoci.oci.platform import Platform
-    from lazyoci.runtime.mounts import mount_image
+    from lazyoci.runtime.image_mount import mount_image
 
     ctx = app()
     progress = _LazyProgress()
@@ -303,7 +303,7 @@ def image_mount_cmd(snapshotter: str | None, platform: str | None, soci_index_di
 @click.argument("directory", type=click.Path(path_type=Path))
 def image_unmount_cmd(directory: Path) -> None:
     """Unmount what `image mount` mounted at DIRECTORY."""
-    from lazyoci.runtime.mounts import unmount_image
+    from lazyoci.runtime.image_mount import unmount_image
 
     ctx = app()
     unmount_image(DataRoot(ctx.root), ctx.config, directory.absolute())

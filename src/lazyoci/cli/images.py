@@ -36,7 +36,7 @@ def pull_image(svc: ImageService, ref: str, platform: Platform | None, snapshott
     Each snapshotter pulls its own way: overlayfs unpacks layers while they download,
     soci mounts indexed layers lazily and downloads the rest (or all, without an index).
     """
-    from lazyoci.snapshot.registry import get_snapshotter
+    from lazyoci.snapshot.snapshotters import get_snapshotter
 
     snap = get_snapshotter(snapshotter, svc.root, app().config)
     display = None if quiet else ProgressDisplay(stream)

@@ -116,7 +116,7 @@ def index_group() -> None:
 @click.option("--ref", default=None, help="Only the indexes of this image.")
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def index_list(ref, quiet) -> None:
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
     images = image_service()
     recs = SociRecords(images.db).indexes()
     if ref:
@@ -148,7 +148,7 @@ def index_info(digest) -> None:
 @click.argument("digests", nargs=-1, required=True)
 def index_rm(digests) -> None:
     """Forget indexes; their zTOCs are deleted by gc when nothing else uses them."""
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
     images = image_service()
     records = SociRecords(images.db)
     for d in digests:
@@ -169,7 +169,7 @@ def ztoc_group() -> None:
 @click.option("--ztoc-digest", default=None, help="Only this zTOC.")
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def ztoc_list(ztoc_digest, quiet) -> None:
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
     images = image_service()
     recs = SociRecords(images.db).ztocs(_full_digest(ztoc_digest) if ztoc_digest else None)
     if quiet:

@@ -20,7 +20,7 @@ from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Descriptor, ImageConfig, Index, Manifest, parse_any
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
-from lazyoci.store.records import ImageRecords, Lease
+from lazyoci.store.image_records import ImageRecords, Lease
 
 # containerd's default: three layers at a time keeps a link busy without thrashing.
 DEFAULT_LAYER_WORKERS = 3

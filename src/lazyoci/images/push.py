@@ -13,7 +13,7 @@ from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Descriptor, Index, Manifest
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
-from lazyoci.store.records import ContentRecord, ImageRecords
+from lazyoci.store.image_records import ContentRecord, ImageRecords
 
 DEFAULT_UPLOAD_WORKERS = 3
 

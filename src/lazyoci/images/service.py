@@ -19,7 +19,7 @@ from lazyoci.registry.options import RegistryOptions
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
-from lazyoci.store.records import ContentRecord, GcResult, ImageRecords, Lease
+from lazyoci.store.image_records import ContentRecord, GcResult, ImageRecords, Lease
 
 if TYPE_CHECKING:
     from lazyoci.images.pull import ResolvedImage

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from lazyoci.errors import LazyociError
 from lazyoci.images.build import build_dir, prune_build_cache
 from lazyoci.oci.manifest import ImageConfig, Manifest, chain_ids
-from lazyoci.store.records import blobs_held_by_kind
+from lazyoci.store.image_records import blobs_held_by_kind
 
 if TYPE_CHECKING:
     from lazyoci.config import Config
@@ -123,7 +123,7 @@ def _span_caches(svc: ImageService, config: Config) -> list[tuple[str, Path]]:
 
 def _served_layers(svc: ImageService) -> set[str]:
     """Lazy layers the service serves (now, or when it starts again), through any zTOC."""
-    from lazyoci.service.records import recorded_views
+    from lazyoci.service.view_records import recorded_views
 
     return {layer for layer, _ztoc in recorded_views(svc.db)}
 
@@ -159,7 +159,7 @@ def disk_usage(svc: ImageService, manager: ContainerManager, config: Config) -> 
 
 def _container_bytes(manager: ContainerManager, rec) -> int:
     """The container's directory (bundle, logs) and its writable layer, not its mounted rootfs."""
-    from lazyoci.snapshot.registry import get_snapshotter
+    from lazyoci.snapshot.snapshotters import get_snapshotter
 
     total = directory_bytes(manager.store.dir(rec.id))
     try:
@@ -234,7 +234,7 @@ def prune(svc: ImageService, manager: ContainerManager, config: Config, all_imag
 def release_snapshots(svc: ImageService, config: Config) -> None:
     """Snapshots of images that are gone go too, in every snapshotter (lazy layers are
     unmounted), so that removing an image really gives its disk space back."""
-    from lazyoci.snapshot.registry import release_unused_snapshots
+    from lazyoci.snapshot.snapshotters import release_unused_snapshots
 
     release_unused_snapshots(svc.root, config, set().union(*(i.chains for i in _images(svc))))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lazyoci.errors import ContainerError
 from lazyoci.store.db import Database
-from lazyoci.store.records import add_blob_owner, drop_blob_owner
+from lazyoci.store.image_records import add_blob_owner, drop_blob_owner
 from lazyoci.store.layout import DataRoot
 from lazyoci.store.modes import private_dir, write_file
 

@@ -41,8 +41,8 @@ from lazyoci.runtime.logfile import LogReader, iter_chunks, lines_since
 from lazyoci.runtime.monitor import STOPPED_MARK, MonitorSpec, spawn_monitor
 from lazyoci.runtime.runc import Runtime
 from lazyoci.runtime.volumes import MountRequest, VolumeStore, check_mount_kinds, check_unique_targets
-from lazyoci.snapshot.mount import mount_all, unmount
-from lazyoci.snapshot.registry import get_snapshotter
+from lazyoci.snapshot.mount_syscall import mount_all, unmount
+from lazyoci.snapshot.snapshotters import get_snapshotter
 from lazyoci.store.layout import DataRoot
 from lazyoci.store.modes import write_file
 

@@ -193,7 +193,7 @@ class ServiceClient:
 
     def recorded_views(self) -> list[tuple[str, str]]:
         """The (layer, zTOC) views the service serves, or mounts again when it starts."""
-        from lazyoci.service.records import recorded_views
+        from lazyoci.service.view_records import recorded_views
         from lazyoci.store.db import Database
 
         return recorded_views(Database(self.root.db_path))
@@ -206,7 +206,7 @@ class ServiceClient:
             for layer_digest, ztoc_digest in views:
                 self.unmount_layer(layer_digest, ztoc_digest)
             return
-        from lazyoci.service.records import forget_layers
+        from lazyoci.service.view_records import forget_layers
         from lazyoci.store.db import Database
 
         forget_layers(Database(self.root.db_path), views)

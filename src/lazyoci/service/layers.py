@@ -37,8 +37,8 @@ from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
-from lazyoci.service import records as views
-from lazyoci.service.records import SCHEMA, SCHEMA_NAME
+from lazyoci.service import view_records as views
+from lazyoci.service.view_records import SCHEMA, SCHEMA_NAME
 from lazyoci.service.paths import layer_view_name
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database

@@ -43,7 +43,7 @@ from lazyoci.store.layout import DataRoot
 
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService, LocalImage
-    from lazyoci.snapshot.streaming import UnpackingConsumer
+    from lazyoci.snapshot.unpacking_consumer import UnpackingConsumer
 
 ORPHAN_GRACE_SECONDS = 3600   # unpacked layers no snapshot has used yet: a pull may be running
 
@@ -274,7 +274,7 @@ class LayeredSnapshotter:
 
     def layer_consumer(self, desc: Descriptor) -> "UnpackingConsumer | None":
         """The pull hook: unpack this layer while it downloads (None if it is unpacked already)."""
-        from lazyoci.snapshot.streaming import UnpackingConsumer
+        from lazyoci.snapshot.unpacking_consumer import UnpackingConsumer
 
         with self.db.reading() as conn:
             row = conn.execute(f"SELECT 1 FROM {self._digests} l JOIN {self._dirs} d "

@@ -15,11 +15,11 @@ layer at or below it is keyed by its chain ID plus the zTOCs of those lazy layer
 of a popular base layer, say) gets snapshots of its own and never changes what
 another image sees. A snapshot of unpacked layers only is verified content: it keeps
 its chain ID and is shared by every image. Which zTOC serves a layer of an image is
-what the image's lazy pull recorded (snapshot/lazy_records.py).
+what the image's lazy pull recorded (store/lazy_layer_records.py).
 
 Layout: <root>/snapshots/soci/ (as in layered.py). Database: `lazy_dirs`,
 `lazy_snapshots` (plus `lazy_layer`: the digest of a committed lazy layer),
-`lazy_layer_digests`, and the records of the lazy pulls (snapshot/lazy_records.py:
+`lazy_layer_digests`, and the records of the lazy pulls (store/lazy_layer_records.py:
 `lazy_layers`, `lazy_image_layers`).
 """
 
@@ -37,7 +37,7 @@ from lazyoci.errors import StoreError
 from lazyoci.oci.manifest import chain_ids
 from lazyoci.snapshot.base import KIND_COMMITTED, LABEL_DIFF_ID, LABEL_LAYER_DIGEST
 from lazyoci.snapshot.layered import LayeredSnapshotter, image_diff_ids
-from lazyoci.snapshot.lazy_records import LazyLayerRecord, LazyLayerRecords
+from lazyoci.store.lazy_layer_records import LazyLayerRecord, LazyLayerRecords
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
@@ -200,7 +200,7 @@ class SociSnapshotter(LayeredSnapshotter):
 
     def _keys_to_keep(self, keep: set[str]) -> set[str]:
         """`keep` (chain IDs or keys) as the keys of committed snapshots (see release_unused)."""
-        from lazyoci.store.records import ImageRecords
+        from lazyoci.store.image_records import ImageRecords
 
         live = self.records.live_views(*ImageRecords(self.db, self.blobs).named_manifests())
         with self.db.reading() as conn:

@@ -34,7 +34,7 @@ from lazyoci.errors import FormatError, LazyociError
 from lazyoci.images.pull import ResolvedImage, resolve_image
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
-from lazyoci.snapshot.lazy_records import LazyLayerRecord, LazyLayerRecords
+from lazyoci.store.lazy_layer_records import LazyLayerRecord, LazyLayerRecords
 
 if TYPE_CHECKING:
     from lazyoci.images.progress import ProgressSink
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from lazyoci.oci.manifest import Descriptor
     from lazyoci.registry.client import RegistryClient
     from lazyoci.snapshot.layer_server import LayerServer
-    from lazyoci.store.records import ImageRecords
+    from lazyoci.store.image_records import ImageRecords
 
 __all__ = ["ImageFetcher", "LazyPull", "LazySnapshots"]
 

@@ -1,7 +1,7 @@
 """SOCI indexes: build zTOCs and indexes (v1 with subject, v2 by conversion), push them,
 and find them at run time. Formats follow ../shared/spec/SOCI-FORMAT.md (the reference's)."""
 
-from lazyoci.soci.api import build_index_for_reference, build_ztoc, parse_ztoc
+from lazyoci.soci.shortcuts import build_index_for_reference, build_ztoc, parse_ztoc
 from lazyoci.soci.build import LayerZtoc, SociBuildOptions, SociIndexResult, build_index
 from lazyoci.soci.convert import ConvertResult, convert
 from lazyoci.soci.discovery import DiscoveredIndex, discover_index, fetch_artifacts

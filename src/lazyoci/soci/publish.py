@@ -28,7 +28,7 @@ def newest_v1_index(images: "ImageService", image: "LocalImage", ref: str) -> "S
     """The v1 index `soci push` sends for a local image: the newest built for its manifest
     (v2 indexes travel inside a converted image instead)."""
     from lazyoci.soci.index import SociIndex
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
 
     all_recs = SociRecords(images.db).indexes(manifest_digest=image.manifest.digest)
     recs = [r for r in all_recs if r.version == "v1"]

@@ -19,8 +19,8 @@ from lazyoci.images.service import ImageService
 from lazyoci.oci.digest import Digest
 from lazyoci.oci.platform import Platform
 from lazyoci.snapshot.base import Mount
-from lazyoci.snapshot.mount import is_mountpoint, mount_all, unmount
-from lazyoci.snapshot.registry import get_snapshotter
+from lazyoci.snapshot.mount_syscall import is_mountpoint, mount_all, unmount
+from lazyoci.snapshot.snapshotters import get_snapshotter
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 

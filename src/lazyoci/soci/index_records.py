@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lazyoci.store.db import Database
-from lazyoci.store.records import add_blob_owner, drop_blob_owner
+from lazyoci.store.image_records import add_blob_owner, drop_blob_owner
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS soci_ztocs (
