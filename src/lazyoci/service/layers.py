@@ -10,7 +10,7 @@ docker credentials, so `lazyoci service start` after a config change picks it up
 Where spans come from: a layer is content-addressed, so any repository that
 holds it will do. A view fetches through the references it has been asked to
 mount with, the latest first, and after a restart through the references the
-lazy pulls recorded last (`lazy_layers`) before the one recorded at its first
+lazy pulls recorded last (store/lazy_layer_records.py) before the one recorded at its first
 mount; each goes through the configured mirrors. A registry that is gone no
 longer leaves a layer unreadable.
 """
@@ -231,13 +231,12 @@ class LayerManager:
     def _pulled_refs(self, layer_digest: str) -> list[str]:
         """The references the lazy pulls recorded for the layer, the latest first (any index's:
         a layer is content-addressed, and spans are checked against the view's own zTOC)."""
+        from lazyoci.store.lazy_layer_records import pulled_refs
+
         try:
-            with self.db.reading() as conn:
-                rows = conn.execute("SELECT ref FROM lazy_layers WHERE layer_digest=? ORDER BY created DESC",
-                                    (layer_digest,)).fetchall()
+            return pulled_refs(self.db, layer_digest)
         except (sqlite3.Error, StoreError):    # no lazy pull yet in this data root
             return []
-        return [r[0] for r in rows]
 
     def status(self) -> list[LayerStatus]:
         with self._lock:

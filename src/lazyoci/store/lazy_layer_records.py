@@ -7,6 +7,8 @@ Two tables, so that two indexes of one layer never meet:
       zTOCs the latest lazy pull of that name gave the image's layers (an image whose
       name was not pulled lazily, e.g. after `tag`, uses those of the latest lazy pull of
       its manifest for the layers it does not hold).
+The soci snapshotter and its lazy pull write them; the service reads which references
+a layer was pulled from (`pulled_refs`). Both sit above `store/`, so the module lives here.
 An image keeps its rows while its name still holds its manifest; `live_views` drops the
 others and says which (layer, zTOC) views the remaining images use.
 
