@@ -91,7 +91,7 @@ class Puller:
         self._cancel = threading.Event()
         self._fetched: dict[str, tuple[str, bytes]] = {}     # manifests the caller resolved already
 
-    def pull(self, ref: Reference, platform: Platform | None, all_platforms: bool,
+    def run(self, ref: Reference, platform: Platform | None, all_platforms: bool,
              hooks: PullHooks, snapshotter: str, resolved: ResolvedImage | None = None) -> PullResult:
         """Pull `ref` (already resolved to `resolved`, if given: the tag is not asked again)."""
         self.records.recover()

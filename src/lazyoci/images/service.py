@@ -119,7 +119,7 @@ class ImageService:
         from lazyoci.images.pull import PullHooks, Puller
 
         r = Reference.parse(ref)
-        result = Puller(self.client, self.records, progress).pull(
+        result = Puller(self.client, self.records, progress).run(
             r, platform, all_platforms, PullHooks(layer_consumer, skip_layers), snapshotter, resolved)
         chosen = result.platforms[0]
         if all_platforms and len(result.platforms) > 1:

@@ -105,7 +105,7 @@ def _unpacked(svc: ImageService, config: Config, diff_ids: Iterable[str]) -> int
     wanted = set(diff_ids)
     for snap in (OverlaySnapshotter(svc.root), SociSnapshotter(svc.root, config)):
         for diff_id in wanted:
-            path = snap.layer_dir(diff_id)
+            path = snap.unpacked_dir(diff_id)
             if path is not None:
                 total += directory_bytes(path)
     return total

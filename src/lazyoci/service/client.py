@@ -189,7 +189,7 @@ class ServiceClient:
 
     def view_dir(self, layer_digest: str, ztoc_digest: str) -> Path:
         """Where the layer's view through that zTOC appears in the FUSE mount (served or not)."""
-        return self.paths.layer_dir(layer_digest, ztoc_digest)
+        return self.paths.view_dir(layer_digest, ztoc_digest)
 
     def recorded_views(self) -> list[tuple[str, str]]:
         """The (layer, zTOC) views the service serves, or mounts again when it starts."""

@@ -172,9 +172,9 @@ class Service:
             return {"ok": True, "pid": os.getpid(), "mountpoint": os.fspath(self.paths.mountpoint)}
         if op == "mount_layer":
             await trio.to_thread.run_sync(self.layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
-            return {"ok": True, "path": os.fspath(self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]))}
+            return {"ok": True, "path": os.fspath(self.paths.view_dir(req["layer_digest"], req["ztoc_digest"]))}
         if op == "unmount_layer":
-            name = self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]).name.encode()
+            name = self.paths.view_dir(req["layer_digest"], req["ztoc_digest"]).name.encode()
             done = await trio.to_thread.run_sync(self.layers.unmount, req["layer_digest"], req["ztoc_digest"])
             if done:
                 try:

@@ -233,7 +233,7 @@ class LayeredSnapshotter:
             yield _info(r)
 
     # ---- unpacked layers -----------------------------------------------
-    def layer_dir(self, diff_id: str) -> Path | None:
+    def unpacked_dir(self, diff_id: str) -> Path | None:
         with self.db.reading() as conn:
             row = conn.execute(f"SELECT id FROM {self._dirs} WHERE diff_id=?", (diff_id,)).fetchone()
         return self._fs(row["id"]) if row else None
@@ -299,7 +299,7 @@ class LayeredSnapshotter:
 
     def _commit_image_layer(self, desc: Descriptor, diff_id: str, chain: str, parent: str | None) -> None:
         """Commit one layer of an image as the snapshot `chain`: unpacked (if not yet) into a dir."""
-        if self.layer_dir(diff_id) is None:
+        if self.unpacked_dir(diff_id) is None:
             got = self.unpack_blob(desc)
             if got != diff_id:
                 raise IntegrityError(f"layer {desc.digest} unpacks to diff ID {got}, "

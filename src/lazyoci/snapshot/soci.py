@@ -159,7 +159,7 @@ class SociSnapshotter(LayeredSnapshotter):
                     labels = {LABEL_LAYER_DIGEST: desc.digest, LABEL_DIFF_ID: diff_id, LABEL_ZTOC: ztoc}
                     self._commit_layer(key, parent, None, labels, {"lazy_layer": desc.digest})
                 else:
-                    if self.layer_dir(diff_id) is None and not self.blobs.has(desc.digest):
+                    if self.unpacked_dir(diff_id) is None and not self.blobs.has(desc.digest):
                         raise StoreError(f"layer {desc.digest} was neither downloaded nor indexed; "
                                          "pull the image again")
                     self._commit_image_layer(desc, diff_id, key, parent)
@@ -175,7 +175,7 @@ class SociSnapshotter(LayeredSnapshotter):
         out: list[str | None] = []
         for desc, diff_id in zip(image.manifest.layers, diff_ids):
             ztoc = recorded.get(desc.digest)
-            if ztoc is not None and not own and (self.blobs.has(desc.digest) or self.layer_dir(diff_id)):
+            if ztoc is not None and not own and (self.blobs.has(desc.digest) or self.unpacked_dir(diff_id)):
                 ztoc = None                      # verified content at hand: no one else's index
             if ztoc is not None and not (self.blobs.has(ztoc) and self.lazy_layer(desc.digest, ztoc)):
                 ztoc = None
@@ -231,4 +231,4 @@ class SociSnapshotter(LayeredSnapshotter):
         from lazyoci.snapshot.soci_pull import LazyPull
 
         return LazyPull(self, self.records, self.service, self.client or images.client, images,
-                        images.records, log).pull(ref, platform, progress, index_digest)
+                        images.records, log).run(ref, platform, progress, index_digest)

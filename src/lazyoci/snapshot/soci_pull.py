@@ -181,7 +181,7 @@ class LazyPull:
                                 skip_layers=(lambda d: d.digest in lazy) if lazy else None,
                                 snapshotter="soci" if lazy else "overlayfs", resolved=resolved)
 
-    def pull(self, ref: str, platform: Platform | None = None, progress: "ProgressSink | None" = None,
+    def run(self, ref: str, platform: Platform | None = None, progress: "ProgressSink | None" = None,
              index_digest: str | None = None) -> "LocalImage":
         from lazyoci.soci import discover_index
 
