@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -102,6 +102,28 @@ class ImageService:
     def lease(self) -> Lease:
         """For other areas writing blobs: hold the lease before writing, record ownership, release."""
         return self.records.lease()
+
+    def store_owned_blob(self, digest: str, owner: str, *, raw: bytes | None = None, size: int | None = None,
+                         fetch: Callable[[], Iterable[bytes]] | None = None) -> None:
+        """Store a small blob that `owner` (``soci:<index digest>``) holds against garbage collection:
+        `raw` bytes, or the chunks `fetch()` downloads (only if the store lacks it); verified."""
+        with self.records.lease() as lease:
+            lease.add([digest])
+            if not self.blobs.has(digest):
+                if raw is not None:
+                    self.blobs.put_bytes(raw, digest)
+                elif fetch is None:
+                    raise StoreError(f"blob {digest} is not stored and nothing fetches it")
+                else:
+                    writer = self.blobs.writer(digest, size)
+                    try:
+                        for chunk in fetch():
+                            writer.write(chunk)
+                        writer.commit()
+                    except BaseException:
+                        writer.abort()
+                        raise
+            self.records.add_owner(owner, [digest])
 
     def record_layer_size(self, layer_digest: str, uncompressed: int) -> None:
         self.records.record_layer_size(layer_digest, uncompressed)

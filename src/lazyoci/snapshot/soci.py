@@ -230,5 +230,6 @@ class SociSnapshotter(LayeredSnapshotter):
         the image; `log` receives the INFO lines of a fallback (None: they are dropped)."""
         from lazyoci.snapshot.soci_pull import LazyPull
 
-        return LazyPull(self, self.records, self.service, self.client or images.client, images,
-                        images.records, log).run(ref, platform, progress, index_digest)
+        client = self.client or images.client       # the injected one, else the image service's
+        return LazyPull(self, self.records, self.service, client, images, log).run(ref, platform, progress,
+                                                                                  index_digest)

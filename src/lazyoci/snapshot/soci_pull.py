@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from lazyoci.errors import FormatError, LazyociError
@@ -42,13 +42,16 @@ if TYPE_CHECKING:
     from lazyoci.oci.manifest import Descriptor
     from lazyoci.registry.client import RegistryClient
     from lazyoci.snapshot.layer_server import LayerServer
-    from lazyoci.store.image_records import ImageRecords
 
 __all__ = ["ImageFetcher", "LazyPull", "LazySnapshots"]
 
 
 class ImageFetcher(Protocol):
-    """Fetches an image into the store and records it under its name (ImageService.pull)."""
+    """Fetches an image into the store and records it under its name; stores the blobs of its
+    index (ImageService)."""
+
+    def store_owned_blob(self, digest: str, owner: str, *, raw: bytes | None = None, size: int | None = None,
+                         fetch: "Callable[[], Iterable[bytes]] | None" = None) -> None: ...
 
     def pull(self, ref: str, platform: Platform | None = None, progress: "ProgressSink | None" = None, *,
              layer_consumer: "Callable[[Descriptor], LayerConsumer | None] | None" = None,
@@ -145,35 +148,20 @@ class LazyPull:
     """One `pull --snapshotter soci`, over the collaborators it is given."""
 
     def __init__(self, snapshots: LazySnapshots, records: LazyLayerRecords, server: "LayerServer",
-                 client: "RegistryClient", images: ImageFetcher, owners: "ImageRecords",
+                 client: "RegistryClient", images: ImageFetcher,
                  log: Callable[[str], None] | None = None) -> None:
         self.snapshots = snapshots
         self.records = records
         self.server = server
-        self.client = client
-        self.images = images
-        self.owners = owners            # the image records: leases, and who owns which blob
+        self.client = client            # resolves, discovers the index, downloads the zTOCs
+        self.images = images            # fetches and records the image, stores the zTOCs
         self.log = log or (lambda line: None)
 
     def _store_blob(self, ref: Reference, digest: str, size: int | None, owner: str,
                     raw: bytes | None = None) -> None:
         """Store a small blob (index manifest `raw`, or a zTOC downloaded here), owned by `owner`."""
-        blobs = self.owners.blobs
-        with self.owners.lease() as lease:
-            lease.add([digest])
-            if raw is not None:
-                if not blobs.has(digest):
-                    blobs.put_bytes(raw, digest)
-            elif not blobs.has(digest):
-                writer = blobs.writer(digest, size)
-                try:
-                    for chunk in self.client.iter_blob(ref, digest, size):
-                        writer.write(chunk)
-                    writer.commit()
-                except BaseException:
-                    writer.abort()
-                    raise
-            self.owners.add_owner(owner, [digest])
+        self.images.store_owned_blob(digest, owner, raw=raw, size=size,
+                                     fetch=lambda: self.client.iter_blob(ref, digest, size))
 
     def _fetch(self, ref: str, platform: Platform | None, progress: "ProgressSink | None",
                resolved: ResolvedImage, lazy: dict[str, str]) -> "LocalImage":
