@@ -6,9 +6,10 @@ store the index manifest and the zTOCs as blobs owned by `soci:<index digest>`,
 record which layer each zTOC serves, then let the image fetcher (ImageService.pull)
 fetch the image it resolved, skipping the lazy layers (no progress rows for them, as
 Finch shows none).
-Finally the zTOCs this index gave the image (under its name) are recorded, the
-layer snapshots committed (their keys name those zTOCs: another index of a
-shared layer never reuses them) and the service mounts the lazy layers.
+The layer server mounts each lazy layer while the rest downloads. Finally the zTOCs
+this index gave the image (under its name) are recorded and the layer snapshots
+committed (their keys name those zTOCs: another index of a shared layer never
+reuses them).
 
 No index, an unreadable one, or one without any zTOC for the image's layers:
 every layer is downloaded (with rows), the image is recorded as `overlayfs`
@@ -18,9 +19,9 @@ its layer downloaded whole after the others, with one INFO line naming the
 layers and why; the image stays lazy only if some layer still is. INFO lines go to
 the `log` callback: the library never prints.
 
-`LazyPull` is given each collaborator (the lazy-layer records, the layer server, the
-registry client, the image fetcher and the image records that own blobs), so it
-never reaches into a snapshotter or an image service for them.
+`LazyPull` is given each collaborator (the snapshotter side, the lazy-layer records,
+the layer server, the registry client and the image fetcher), so it never reaches
+into a snapshotter or an image service for them.
 """
 
 from __future__ import annotations
