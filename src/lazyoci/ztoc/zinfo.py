@@ -60,10 +60,14 @@ class GzipCheckpoints:
         self.count = n
         self.ins, self.outs, self.bits = array("q"), array("q"), array("B")
         if self.version == 1:   # checkpoint 0 was not written: right after a 10-byte gzip header
-            self.ins.append(10), self.outs.append(0), self.bits.append(0)
+            self.ins.append(10)
+            self.outs.append(0)
+            self.bits.append(0)
         for k in range(n - len(self.ins)):
             cin, cout, bits = POINT.unpack_from(blob, HEADER.size + k * CHECKPOINT_SIZE)
-            self.ins.append(cin), self.outs.append(cout), self.bits.append(bits)
+            self.ins.append(cin)
+            self.outs.append(cout)
+            self.bits.append(bits)
         for i in range(n):
             cin, cout, bits = self.ins[i], self.outs[i], self.bits[i]
             if bits > 7 or cin < (1 if bits else 0) or cin > compressed_size:
@@ -150,7 +154,7 @@ class GzipIndexer:
         self._member_end = False
         self.members = 0
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         if not isinstance(chunk, bytes):
             chunk = bytes(chunk)   # inflate and the hasher read it in place: it must not change
         view = memoryview(chunk)
