@@ -32,7 +32,7 @@ import trio
 
 from lazyoci import libc
 from lazyoci.config import Config, load_config
-from lazyoci.errors import LazyociError
+from lazyoci.errors import LazyociError, ServiceError
 from lazyoci.fs.layer_fs import LayerFS
 from lazyoci.service.layers import LayerManager
 from lazyoci.service.paths import ServicePaths, socket_address
@@ -90,10 +90,17 @@ class Service:
         self.layers: LayerManager | None = None
         self._cancel = trio.CancelScope()
 
+    @property
+    def running_layers(self) -> LayerManager:
+        """The layer manager, which exists from the start of `run` on."""
+        if self.layers is None:
+            raise ServiceError("the service's layers are not set up yet")
+        return self.layers
+
     def run(self) -> None:
         self.paths.ensure()
         _unmount_stale(self.paths.mountpoint)
-        self.layers = LayerManager(self.root, self.config, self.fs)
+        self.layers = layers = LayerManager(self.root, self.config, self.fs)
         options = set(pyfuse3.default_options)
         options |= {"fsname=lazyoci", "subtype=lazyoci", "ro"}    # no allow_other: root alone (service/paths.py)
         pyfuse3.init(self.fs, os.fspath(self.paths.mountpoint), options)
@@ -101,14 +108,14 @@ class Service:
             trio.run(self._main)
         finally:
             pyfuse3.close(unmount=True)
-            self.layers.close()
+            layers.close()
             log.info("service stopped")
 
     async def _main(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._fuse_main)
-            await trio.to_thread.run_sync(self.layers.remount_known)
-            self.layers.start_background()
+            await trio.to_thread.run_sync(self.running_layers.remount_known)
+            self.running_layers.start_background()
             with self._cancel:
                 await self._serve()
 
@@ -171,11 +178,11 @@ class Service:
         if op == "ping":
             return {"ok": True, "pid": os.getpid(), "mountpoint": os.fspath(self.paths.mountpoint)}
         if op == "mount_layer":
-            await trio.to_thread.run_sync(self.layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
+            await trio.to_thread.run_sync(self.running_layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
             return {"ok": True, "path": os.fspath(self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]))}
         if op == "unmount_layer":
             name = self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]).name.encode()
-            done = await trio.to_thread.run_sync(self.layers.unmount, req["layer_digest"], req["ztoc_digest"])
+            done = await trio.to_thread.run_sync(self.running_layers.unmount, req["layer_digest"], req["ztoc_digest"])
             if done:
                 try:
                     pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
@@ -183,12 +190,13 @@ class Service:
                     pass
             return {"ok": True, "unmounted": done}
         if op == "status":
+            layers = self.running_layers
             return {"ok": True, "pid": os.getpid(), "rss_bytes": _rss_bytes(),
                     "mountpoint": os.fspath(self.paths.mountpoint),
-                    "cache_bytes": self.layers.cache.total_bytes,
-                    "cache_max_bytes": self.layers.cache.max_bytes,
-                    "background_fetch": self.layers.background is not None,
-                    "layers": [s.to_json() for s in self.layers.status()]}
+                    "cache_bytes": layers.cache.total_bytes,
+                    "cache_max_bytes": layers.cache.max_bytes,
+                    "background_fetch": layers.background is not None,
+                    "layers": [s.to_json() for s in layers.status()]}
         if op == "shutdown":
             return {"ok": True}
         raise LazyociError(f"unknown request {op!r}")
@@ -202,7 +210,7 @@ class Service:
         for a moment: a reader whose read failed asks the kernel again, and that request too
         gets EIO, not ENOTCONN from a session that is gone."""
         log.info("shutdown requested")
-        client = self.layers.client
+        client = self.running_layers.client
         client.cancel()
         give_up = time.monotonic() + _DRAIN_MAX_SECONDS
         while time.monotonic() < give_up and (client.transfers_in_flight or

@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from lazyoci import libc
@@ -143,7 +144,7 @@ class LayerManager:
         return fetch
 
     def mount(self, ref: str, layer_digest: str, ztoc_digest: str, persist: bool = True,
-              fallback_refs: list[str] = ()) -> None:
+              fallback_refs: Sequence[str] = ()) -> None:
         """Make the layer's view through this zTOC appear in the FUSE mount (idempotent).
 
         Mounting a mounted view again with another reference makes that reference the
