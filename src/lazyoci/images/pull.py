@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lazyoci.errors import FormatError, LazyociError
+from lazyoci.errors import FormatError, PullCancelled
 from lazyoci.images.layersize import uncompressed_size
 from lazyoci.images.progress import Kind, ProgressEvent, ProgressSink, no_progress, row_key
 from lazyoci.oci import mediatypes as mt
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 # containerd's default: three layers at a time keeps a link busy without thrashing.
 DEFAULT_LAYER_WORKERS = 3
 _PROGRESS_STEP = 256 << 10
-
-
-class PullCancelled(LazyociError):
-    """Raised inside workers when another layer failed or the user interrupted."""
 
 
 @dataclass(frozen=True)
