@@ -12,7 +12,8 @@ Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "unmount_layer", "layer_digest", "ztoc_digest"} -> {"ok": true, "unmounted": bool}
     {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N, ...}
     {"op": "shutdown"}                               -> {"ok": true}; then unmounts and exits
-Errors: {"ok": false, "error": message, "type": LazyociError subclass name}.
+Errors: {"ok": false, "error": message, "type": LazyociError subclass name, "fields": its fields}
+(service/error_wire.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from lazyoci import libc
 from lazyoci.config import Config, load_config
 from lazyoci.errors import LazyociError, ServiceError
 from lazyoci.fs.layer_fs import LayerFS
+from lazyoci.service.error_wire import error_reply
 from lazyoci.service.layers import LayerManager
 from lazyoci.service.paths import ServicePaths, socket_address
 from lazyoci.store.layout import DataRoot
@@ -158,7 +160,7 @@ class Service:
                 request = json.loads(buf.split(b"\n", 1)[0] or b"{}")
                 reply = await self._dispatch(request)
             except LazyociError as e:
-                reply = {"ok": False, "error": str(e), "type": type(e).__name__}
+                reply = error_reply(e)
             except (ValueError, KeyError, TypeError) as e:
                 reply = {"ok": False, "error": f"bad request: {e}", "type": "LazyociError"}
             except Exception as e:   # a bug: keep serving, but say so
