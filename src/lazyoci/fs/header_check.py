@@ -3,7 +3,7 @@
 Span digests prove the bytes of a layer, not its table of contents: a zTOC could
 give a file another file's data offset, a setuid mode, another type or owner.
 But every entry's tar header lies just before its data, inside spans the fetcher
-verifies anyway (SOCI-FORMAT.md §1). Sorted by data offset, entry k's header
+verifies anyway (docs/SOCI-FORMAT-NOTES.md, "The zTOC"). Sorted by data offset, entry k's header
 region is [data end of entry k-1 rounded up to 512, data offset of entry k), and
 it must hold exactly entry k's header records (PAX `x`/`g`, GNU `L`/`K`, then the
 main header, which ends at the data offset). The region is read through the span

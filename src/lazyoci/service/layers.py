@@ -77,7 +77,7 @@ class LayerManager:
     """Mounts and unmounts lazy layers in one LayerFS; thread-safe."""
 
     def __init__(self, root: DataRoot, config: Config, fs: LayerFS) -> None:
-        from lazyoci.registry import RegistryClient, RegistryOptions   # A1's client
+        from lazyoci.registry import RegistryClient, RegistryOptions
         from lazyoci.registry.options import TransferLimits
 
         self.root = root
@@ -149,7 +149,7 @@ class LayerManager:
 
         Mounting a mounted view again with another reference makes that reference the
         first to fetch from (the image was pulled again, maybe from elsewhere)."""
-        from lazyoci.ztoc import Ztoc       # C's reader
+        from lazyoci.ztoc import Ztoc
 
         layer_digest = str(Digest.parse(layer_digest))
         ztoc_digest = str(Digest.parse(ztoc_digest))

@@ -264,7 +264,7 @@ _RAW_TAR_ZINFO = struct.Struct("<iqq")
 def decode_tar_zinfo(blob: bytes | memoryview) -> tuple[int, int]:
     """(span_size, size) of a TarZinfo; FormatError when malformed.
 
-    The spec's form is a FlatBuffers table; some reference releases wrote the
+    The format's form is a FlatBuffers table; some reference releases wrote the
     same three fields packed (20 bytes), which no FlatBuffer of it can be."""
     if len(blob) == _RAW_TAR_ZINFO.size:
         version, span_size, size = _RAW_TAR_ZINFO.unpack_from(blob)

@@ -3,9 +3,10 @@
 The algorithm is zlib's examples/zran.c as SOCI uses it: inflate with Z_BLOCK,
 and at the first deflate block end more than `span_size` uncompressed bytes
 after the previous checkpoint, save (compressed offset, uncompressed offset,
-unused bits, the 32 KiB window). The blob layout (SOCI-FORMAT.md §2) is packed
-little-endian: int32 N, int64 span_size, then N times int64 in, int64 out,
-uint8 bits, 32768 bytes window. v1 blobs lack checkpoint 0.
+unused bits, the 32 KiB window). The blob layout (docs/SOCI-FORMAT-NOTES.md,
+"Gzip checkpoints") is packed little-endian: int32 N, int64 span_size, then N
+times int64 in, int64 out, uint8 bits, 32768 bytes window. v1 blobs lack
+checkpoint 0.
 """
 
 from __future__ import annotations
