@@ -39,8 +39,8 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 from lazyoci.errors import IntegrityError, LazyociError

@@ -15,9 +15,8 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO, cast
-
 from types import ModuleType
+from typing import IO, TYPE_CHECKING, BinaryIO, cast
 
 _zlib: ModuleType
 try:
