@@ -53,6 +53,17 @@ def _release_freed_memory() -> None:
 
 
 
+def _parse_index(data: bytes, digest: str, ztoc_type: Any) -> Any:
+    """zstd:chunked wiring: a stored index is a zTOC, or a zstd:chunked TOC (a zstd frame, which
+    no zTOC starts with). The TOC's stream holds no tar headers (`headers_in_stream` is False):
+    its digest, which the image manifest's annotation gave, vouches for its entries."""
+    from lazyoci.zstdchunked import ZstdChunkedToc, is_chunked_toc
+
+    if is_chunked_toc(data):
+        return ZstdChunkedToc.parse(data, digest=digest)
+    return ztoc_type.parse(data, digest=digest)
+
+
 @dataclass(frozen=True)
 class LayerStatus:
     layer_digest: str
@@ -169,7 +180,7 @@ class LayerManager:
             raise StoreError(f"zTOC {ztoc_digest} of layer {layer_digest} is not in the blob store") from None
         verify_bytes(data, ztoc_digest, f"zTOC of layer {layer_digest}")
         started = time.monotonic()
-        ztoc = Ztoc.parse(data, digest=ztoc_digest)
+        ztoc = _parse_index(data, ztoc_digest, Ztoc)
         tree = LayerTree(ztoc)
         _release_freed_memory()     # the build's temporary path table is garbage now
         spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
@@ -188,7 +199,7 @@ class LayerManager:
         fetcher = SpanFetcher(ztoc, self._fetcher(view), cache, layer_digest)
         verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, read_ahead=False), fetcher.read_cached,
                                  layer_digest)
-        if cache.headers_checked:
+        if cache.headers_checked or not getattr(ztoc, "headers_in_stream", True):   # zstd:chunked wiring
             verifier.passed_before()
         else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
             verifier.on_layer_ok = cache.mark_headers_checked
