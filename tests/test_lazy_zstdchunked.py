@@ -244,3 +244,36 @@ def _overlapping_toc(layout: Path) -> None:
     index = json.loads((layout / "index.json").read_text())
     index["manifests"][0].update(digest=digest, size=len(raw))
     (layout / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.slow
+def test_a_small_read_of_a_200_mib_layer_fetches_little(registry, data_root, soci_config, tmp_path):
+    """`run --snapshotter soci` of a skopeo image with a 200 MiB layer: a read of 100 bytes of it
+    serves under 10% of the image from the registry (counted by a proxy in front of it)."""
+    from helpers.fault_proxy import FaultProxy
+    from helpers.tricky_image import APPLETS, BUSYBOX
+
+    base = go_layer([Entry("bin/", "dir"), Entry("bin/busybox", data=BUSYBOX.read_bytes(), mode=0o755),
+                     *[Entry(f"bin/{a}", "symlink", linkname="busybox") for a in APPLETS], nonce()])
+    big = os.urandom(200 << 20)
+    data = go_layer([Entry("data/", "dir"), Entry("data/big", data=big), nonce()])
+    src = tmp_path / "src"
+    write_oci_layout(src, [base, data], image_config([base, data], cmd=["/bin/sh"]))
+    push_chunked(src, f"{registry.host}/zc/big:latest")
+    image_bytes = sum(l["size"] for l in _manifest(registry.host, "zc/big")["layers"])
+    assert image_bytes > 200 << 20
+    try:
+        with FaultProxy(registry.host) as proxy:
+            ref = f"{proxy.host}/zc/big:latest"
+            r = _lz(data_root, soci_config, "pull", "--snapshotter", "soci", ref)
+            assert r.returncode == 0 and "INFO" not in r.stderr, r.stderr
+            out = subprocess.run([LAZYOCI, "--root", str(data_root), "--config", str(soci_config), "run", "--rm",
+                                  "--snapshotter", "soci", ref, "head", "-c", "100", "/data/big"],
+                                 capture_output=True, timeout=300)
+            assert out.returncode == 0 and out.stdout == big[:100], out.stderr
+            served = proxy.bytes_served
+        assert served < image_bytes // 10, f"{served:,} of {image_bytes:,} bytes came from the registry"
+        r = _lz(data_root, soci_config, "images")
+        assert "soci" in r.stdout, r.stdout
+    finally:
+        ServiceClient(DataRoot(data_root), soci_config).stop()
