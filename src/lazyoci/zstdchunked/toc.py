@@ -179,8 +179,9 @@ class ZstdChunkedToc:
             raise FormatError(f"zstd:chunked TOC is not JSON: {str(e)[:200]}") from None
         if not isinstance(doc, dict):
             raise FormatError("zstd:chunked TOC is not a JSON object")
-        if doc.get("version") not in SUPPORTED_VERSIONS:
-            raise FormatError(f"zstd:chunked TOC version {doc.get('version')!r} is not supported (want 1)")
+        version = doc.get("version")
+        if type(version) is not int or version not in SUPPORTED_VERSIONS:
+            raise FormatError(f"zstd:chunked TOC version {str(version)[:32]!r} is not supported (want 1)")
         items = doc.get("entries")
         if not isinstance(items, list):
             raise FormatError("zstd:chunked TOC has no entry list")
