@@ -163,7 +163,6 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
         found, reason = None, f"the SOCI index cannot be read ({e})"
     if found is None and reason is None:
         reason = "no SOCI index was found"
-    mounter: _EarlyMounter | None = None
     if found is not None:
         snap.service.spawn()        # the daemon starts while the zTOCs and the image download
         source = f"{reference.name}@{manifest_digest}"
@@ -195,7 +194,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
     chunked = chunked_tocs(client, reference, manifest.layers, lazy, say)
     if chunked:
         snap.service.spawn()
-        if mounter is None or not lazy:        # none yet, or the SOCI one stopped with nothing to mount
+        if not lazy:            # no SOCI mounter, or one stopped with nothing to mount
             mounter = _EarlyMounter(snap)
         try:
             for toc in chunked.values():

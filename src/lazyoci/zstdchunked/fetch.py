@@ -11,7 +11,7 @@ zstd layer (no annotations) is downloaded whole, as before.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,7 +65,7 @@ def fetch_toc(client: RangeReader, ref: Reference, layer: Descriptor) -> Chunked
     return ChunkedToc(layer.digest, loc.checksum, data, index)
 
 
-def chunked_tocs(client: RangeReader, ref: Reference, layers: list[Descriptor], skip: Collection[str],
+def chunked_tocs(client: RangeReader, ref: Reference, layers: Sequence[Descriptor], skip: Collection[str],
                  say: Callable[[str], None]) -> dict[str, ChunkedToc]:
     """The checked TOCs of the zstd:chunked layers not in `skip` (layers lazy otherwise), by layer
     digest. A TOC that cannot be used is one INFO line through `say`; its layer is downloaded."""
