@@ -1,4 +1,4 @@
-"""zstd:chunked images made by skopeo, run lazily through `--snapshotter soci` without any SOCI index:
+"""zstd:chunked images made by skopeo and podman, run lazily through `--snapshotter soci` without any SOCI index:
 the lazy tree equals umoci's unpack of the same image, a small read of a large layer fetches little,
 an altered byte inside a chunk is EIO, and a TOC that cannot be trusted makes its layer a full download."""
 
@@ -18,7 +18,8 @@ from helpers.images import Entry, image_config, write_oci_layout
 from helpers.lazy import overlay, write_config
 from helpers.tree import diff_trees, walk_tree
 from helpers.tricky_image import PASSWD
-from helpers.zstd_chunked import blob, chunked_layout, go_layer, layout_manifest, nonce, push_chunked, tricky_go_image
+from helpers.zstd_chunked import (blob, chunked_layout, go_layer, layout_manifest, nonce, podman_push_chunked,
+                                  push_chunked, tricky_go_image)
 from lazyoci.config import load_config
 from lazyoci.images.service import ImageService
 from lazyoci.service.client import ServiceClient
@@ -71,10 +72,14 @@ def _manifest(host: str, repo: str) -> dict:
         return json.loads(r.read())
 
 
-def test_a_skopeo_image_is_lazy_and_equals_umoci_unpack(registry, pulled, tmp_path):
+@pytest.mark.parametrize("producer", ["skopeo", "podman"])
+def test_an_image_is_lazy_and_equals_umoci_unpack(registry, pulled, tmp_path, producer):
     img = tricky_go_image(tmp_path)
-    push_chunked(img.layout, f"{registry.host}/zc/tricky:latest")
-    ref = f"{registry.host}/zc/tricky:latest"
+    ref = f"{registry.host}/zc/tricky-{producer}:latest"
+    if producer == "skopeo":
+        push_chunked(img.layout, ref)
+    else:
+        podman_push_chunked(img.layout, ref, tmp_path)
     image = pulled.pull(ref)
     assert image.snapshotter == "soci"
     assert not any(l.startswith("INFO") for l in pulled.lines), pulled.lines

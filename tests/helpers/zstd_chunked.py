@@ -1,7 +1,8 @@
-"""zstd:chunked images made by a real producer: Debian's skopeo (containers/storage's compressor).
+"""zstd:chunked images made by real producers: Debian's skopeo and podman (containers/storage's compressor).
 
     layout = chunked_layout(src_layout, workdir)          # an OCI layout whose layers are zstd:chunked
     push_chunked(src_layout, f"{registry.host}/repo:tag")  # the same, into a registry
+    podman_push_chunked(src_layout, f"{registry.host}/repo:tag", workdir)   # through podman's own store
 
 Both start from an OCI layout the tests built (helpers/images.py, helpers/tricky_image.py).
 
@@ -77,3 +78,24 @@ def tricky_go_image(workdir: Path):
     layout = workdir / "tricky-go-layout"
     digest = write_oci_layout(layout, layers, config)
     return TrickyImage(layout, layers, config, digest)
+
+
+def podman_push_chunked(layout: Path, dest_ref: str, workdir: Path, tag: str = "latest") -> None:
+    """Load an OCI layout into a podman store of its own (vfs, under `workdir`), then
+    `podman push --compression-format zstd:chunked` it to a loopback registry. podman refuses a
+    run root longer than 50 characters, so that one is a short temporary directory."""
+    import shutil
+    import tempfile
+
+    run_root = tempfile.mkdtemp(prefix="lazyoci-podman-")
+    podman = ["podman", "--root", str(workdir / "podman-root"), "--runroot", run_root,
+              "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
+    try:
+        pulled = subprocess.run([*podman, "pull", "--quiet", f"oci:{layout}:{tag}"], check=True,
+                                capture_output=True, text=True)
+        image_id = pulled.stdout.strip().splitlines()[-1]
+        subprocess.run([*podman, "push", "--quiet", "--compression-format", "zstd:chunked", "--tls-verify=false",
+                        image_id, f"docker://{dest_ref}"], check=True, capture_output=True)
+    finally:
+        subprocess.run([*podman, "rmi", "--all", "--force"], check=False, capture_output=True)
+        shutil.rmtree(run_root, ignore_errors=True)
