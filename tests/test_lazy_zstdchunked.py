@@ -282,3 +282,18 @@ def test_a_small_read_of_a_200_mib_layer_fetches_little(registry, data_root, soc
         assert "soci" in r.stdout, r.stdout
     finally:
         ServiceClient(DataRoot(data_root), soci_config).stop()
+
+
+def test_a_restarted_service_serves_the_layer_again(registry, pulled, tmp_path):
+    """The service mounts recorded views again after a restart: it tells a stored zstd:chunked
+    TOC from a zTOC by its bytes and parses it the same way."""
+    one, two = _two_files_image(tmp_path, registry.host, "zc/restart")
+    image = pulled.pull(f"{registry.host}/zc/restart:latest")
+    layer = image.manifest.layers[0]
+    lazy_dir = pulled.snap.paths.layer_dir(layer.digest, pulled.snap.lazy_layer(layer.digest).ztoc_digest)
+    assert (lazy_dir / "d/one").read_bytes() == one
+    client = ServiceClient(pulled.root, pulled.config)
+    client.stop()
+    client.start()
+    assert (lazy_dir / "d/two").read_bytes() == two          # never read before: fetched after the restart
+    assert (lazy_dir / "d/one").read_bytes() == one
