@@ -21,6 +21,9 @@ Everything is checked when the TOC is parsed, before the tree or a read uses it:
 entry types and names (no absolute path, no `..`, names the kernel could create),
 xattrs (base64, within Linux's limits), chunks that tile each file, frames in blob
 order that neither overlap nor run past the TOC, and the caps below.
+
+Memory: the service keeps one small tuple per entry and per chunk (a few hundred bytes
+for a file), where a zTOC is kept as its own bytes.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ENTRY_TYPES = frozenset({"reg", "dir", "symlink", "hardlink", "char", "block", "fifo"})
 SUPPORTED_VERSIONS = frozenset({1})
 
-# The TOC is held by the service as parsed entries (a few hundred bytes each), so its size is
-# capped before it is decoded: JSON costs ~500 bytes per entry, so 512 MiB is past a million files.
-MAX_TOC_BYTES = Limit("MAX_TOC_BYTES", 512 * limits.MiB, "bytes",
-                      "a decoded zstd:chunked TOC, which the service parses and keeps")
+# The service decodes the whole TOC's JSON at once (a few times its size in Python objects while
+# it is parsed) and keeps a small tuple per entry. containers/storage writes ~400 bytes of JSON per
+# file (more for chunked files), so 256 MiB, the zTOC's cap, is past half a million files.
+MAX_TOC_BYTES = Limit("MAX_TOC_BYTES", limits.MAX_ZTOC_BYTES.value, "bytes",
+                      "a decoded zstd:chunked TOC, which the service parses whole")
 MAX_TOC_COMPRESSED_BYTES = Limit("MAX_TOC_COMPRESSED_BYTES", limits.MAX_ZTOC_BYTES.value, "bytes",
                                  "a compressed zstd:chunked TOC, downloaded and stored whole")
 # containers/storage cuts files into chunks of tens of KiB on average, so a layer has far more
@@ -126,6 +130,21 @@ def _safe_name(name: str, what: str) -> None:
         raise FormatError(f"{what} {name[:128]!r} leaves the layer (absolute or with '..')")
 
 
+def _decode(compressed: bytes, cap: int) -> bytes:
+    """The decoded bytes of every zstd frame in `compressed` (skippable frames skipped), at most
+    cap + 1 of them (one more than allowed says that there are too many), read 1 MiB at a time."""
+    import zstandard
+
+    reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+    out = bytearray()
+    while len(out) <= cap:
+        more = reader.read(min(1 << 20, cap + 1 - len(out)))
+        if not more:
+            break
+        out += more
+    return bytes(out)
+
+
 def decode_toc(compressed: bytes, uncompressed_length: int | None = None) -> bytes:
     """The TOC's JSON from its compressed bytes, refusing more than MAX_TOC_BYTES decoded."""
     import zstandard
@@ -135,13 +154,7 @@ def decode_toc(compressed: bytes, uncompressed_length: int | None = None) -> byt
     if uncompressed_length is not None:
         MAX_TOC_BYTES.check(uncompressed_length, "the zstd:chunked TOC (as its annotation says)")
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
-        out = reader.read(cap + 1)
-        while len(out) <= cap:
-            more = reader.read(cap + 1 - len(out))
-            if not more:
-                break
-            out += more
+        out = _decode(compressed, cap)
     except zstandard.ZstdError as e:
         raise FormatError(f"zstd:chunked TOC does not decode: {e}") from None
     MAX_TOC_BYTES.check(len(out), "the decoded zstd:chunked TOC")
@@ -248,13 +261,7 @@ class ZstdChunkedToc:
         c = self._chunk(i)
         size = c.uend - c.ustart
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(bytes(compressed), read_across_frames=True)
-            data = reader.read(size + 1)
-            while len(data) <= size:
-                more = reader.read(size + 1 - len(data))
-                if not more:
-                    break
-                data += more
+            data = _decode(bytes(compressed), size)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"chunk {i} does not decode: {e}") from None
         if len(data) != size:
