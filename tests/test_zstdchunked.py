@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from helpers.images import Entry, image_config, make_layer, write_oci_layout
-from helpers.tricky_image import build_tricky_image
+from helpers.tricky_image import BUSYBOX, build_tricky_image
 from helpers.zstd_chunked import blob, chunked_layout, layout_manifest
 from lazyoci.errors import FormatError, IntegrityError, LazyociError
 from lazyoci.fs.layer_index import LayerIndex
@@ -272,3 +272,24 @@ def test_errors_are_lazyoci_errors():
 def test_odd_json_values_are_refused(entry):
     with pytest.raises(FormatError):
         ZstdChunkedToc.parse(_compress({"version": 1, "entries": [entry]}))
+
+
+def test_a_file_whose_chunks_lack_digests_is_one_span_checked_whole(tricky_chunked):
+    """Chunks without their own digest cannot be checked alone: the file is fetched and checked
+    against its whole digest (one span over all its frames)."""
+    layer = tricky_chunked[0]
+    doc = layer.toc_json()
+    for e in doc["entries"]:
+        if e["name"] == "bin/busybox":
+            e.pop("chunkDigest", None)
+    multi = ZstdChunkedToc.parse(layer.toc_bytes, data_end=layer.loc.data_end)
+    whole = ZstdChunkedToc.parse(_compress(doc), data_end=layer.loc.data_end)
+    assert whole.num_spans < multi.num_spans
+    i = next(k for k in range(len(whole)) if whole.entry(k).name == "bin/busybox")
+    e = whole.entry(i)
+    (span,) = whole.spans_for(e.offset, e.offset + e.size)
+    assert whole.span_uncompressed_range(span) == (e.offset, e.offset + e.size)
+    assert whole.span_digest(span) == e.digest
+    c0, c1 = whole.span_compressed_range(span)
+    assert whole.decompress_span(span, layer.blob[c0:c1]) == BUSYBOX.read_bytes()
+    assert _content(whole, layer.blob) == _content(multi, layer.blob)
