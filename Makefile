@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := docker-registry skopeo umoci runc flatbuffers-compiler pigz zstd \
 	fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv apache2-utils \
-	mmdebstrap iproute2 util-linux busybox-static strace buildah
+	mmdebstrap iproute2 util-linux busybox-static strace buildah podman
 
 .PHONY: deps lint test test-fast demo bench fuzz clean
 
