@@ -196,3 +196,46 @@ def test_remote_snapshot_commits_indexed_layer_and_leaves_the_rest(registry, ind
         for key in ("ns/8/extract", "ns/7/extract", "ns/6/extract", "ns/5/ctr", found[0].name, "ns/2/" + chains[0]):
             s.Remove(pb.RemoveSnapshotRequest(snapshotter=SOCI, key=key))
         assert [r for r in s.List(pb.ListSnapshotsRequest(snapshotter=SOCI))] == []
+
+
+def test_corrupt_ztoc_falls_back_and_a_restart_keeps_the_records(fresh_registry, data_root, tmp_path):
+    """A zTOC whose bytes do not match its digest: containerd downloads the layer. Snapshots
+    containerd holds survive a service restart, lazy ones served again."""
+    work = tmp_path / "work"
+    layer = make_layer([Entry("data/", kind="dir"), Entry("data/needle.txt", data=b"the needle\n")]
+                       + [Entry(f"data/f{i}.bin", data=os.urandom(128 << 10)) for i in range(4)])
+    good = push_image(fresh_registry.host, "ctrd/good", [layer], image_config([layer]), work)
+    push_soci_index(fresh_registry.host, "ctrd/good", work, span_size=64 << 10)
+    bad_config = image_config([layer], env=["PATH=/bin", "BAD=1"])
+    bad = push_image(fresh_registry.host, "ctrd/bad", [layer], bad_config, work)
+    index = push_soci_index(fresh_registry.host, "ctrd/bad", work, span_size=64 << 10)
+    chain = chain_ids([layer.diff_id])[0]
+    from lazyoci.soci.index import SociIndex
+    ztoc = SociIndex.parse(fresh_registry.blob_path(index).read_bytes()).layer_map()[layer.digest].digest
+    # the two images share the layer; their indexes are the same bytes, so corrupt after using "good"
+    config = write_config(tmp_path / "c.yaml")
+    with running_service(data_root, config), snapshots_client(data_root) as s:
+        labels = _labels(f"{fresh_registry.host}/ctrd/good:latest", good, layer.digest, [layer.digest], chain)
+        assert _code(lambda: s.Prepare(pb.PrepareSnapshotRequest(snapshotter=SOCI, key="ns/1/x", labels=labels))) \
+            == grpc.StatusCode.ALREADY_EXISTS
+        s.Prepare(pb.PrepareSnapshotRequest(snapshotter=SOCI, key="ns/2/ctr", parent="ns/1/x"))
+    with running_service(data_root, config), snapshots_client(data_root) as s:
+        names = {i.name: i for r in s.List(pb.ListSnapshotsRequest(snapshotter=SOCI)) for i in r.info}
+        assert set(names) == {"ns/1/x", "ns/2/ctr"} and names["ns/1/x"].labels["lazyoci.remote"] == "lazy"
+        mounts = s.Mounts(pb.MountsRequest(snapshotter=SOCI, key="ns/2/ctr")).mounts
+        lower = next(o for o in mounts[0].options if o.startswith("lowerdir="))[len("lowerdir="):].split(":")
+        assert (Path(lower[0]) / "data/needle.txt").read_bytes() == b"the needle\n"
+        s.Remove(pb.RemoveSnapshotRequest(snapshotter=SOCI, key="ns/2/ctr"))
+        s.Remove(pb.RemoveSnapshotRequest(snapshotter=SOCI, key="ns/1/x"))
+        # now the registry's zTOC is corrupt and the local copy gone: a normal Prepare
+        from lazyoci.store.blobs import BlobStore
+        BlobStore(DataRoot(data_root)).delete(ztoc)
+        blob = fresh_registry.blob_path(ztoc)
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        labels = _labels(f"{fresh_registry.host}/ctrd/bad:latest", bad, layer.digest, [layer.digest], chain)
+        s.Prepare(pb.PrepareSnapshotRequest(snapshotter=SOCI, key="ns/3/y", labels=labels))
+        why = s.Stat(pb.StatSnapshotRequest(snapshotter=SOCI, key="ns/3/y")).info.labels["lazyoci.remote"]
+        assert why.startswith("downloaded: IntegrityError"), why
+        s.Remove(pb.RemoveSnapshotRequest(snapshotter=SOCI, key="ns/3/y"))
