@@ -13,7 +13,9 @@ from lazyoci.cli.shared import registry_options
 
 @click.group("containerd")
 def containerd_group() -> None:
-    """Use lazyoci with containerd (the service is containerd's `soci` snapshotter)."""
+    """Use lazyoci with containerd: pull images into it with lazy layers.
+
+    The lazyoci service is containerd's `soci` snapshotter (see `lazyoci service status`)."""
 
 
 @containerd_group.command("pull")
