@@ -1,12 +1,13 @@
 """A small CRI client (the calls a kubelet makes) for containerd's CRI socket.
 
 The messages are tests/helpers/cri_api.proto (a subset of CRI runtime.v1 with CRI's field
-numbers), compiled when first used by grpcio-tools into a temporary directory.
+numbers), compiled when first used by grpcio-tools into a temporary directory (removed once imported).
 """
 
 from __future__ import annotations
 
 import functools
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -30,9 +31,12 @@ def cri_modules() -> tuple[ModuleType, ModuleType]:
     if rc != 0:
         raise RuntimeError("protoc could not compile cri_api.proto")
     sys.path.insert(0, str(out))
-    import cri_api_pb2
-    import cri_api_pb2_grpc
-
+    try:
+        import cri_api_pb2
+        import cri_api_pb2_grpc
+    finally:
+        sys.path.remove(str(out))
+        shutil.rmtree(out, ignore_errors=True)     # imported: the files are not needed any more
     return cri_api_pb2, cri_api_pb2_grpc
 
 
