@@ -149,7 +149,7 @@ def test_remote_snapshot_commits_indexed_layer_and_leaves_the_rest(registry, ind
     chains = chain_ids([small.diff_id, big.diff_id])
     layers = [small.digest, big.digest]
     ref = f"{registry.host}/ctrd/indexed:latest"
-    with running_service(data_root, write_config(tmp_path / "c.yaml")), snapshots_client(data_root) as s:
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as service, snapshots_client(data_root) as s:
         # layer 1 has no zTOC: a normal Prepare, labelled with why
         labels = _labels(ref, manifest, small.digest, layers, chains[0])
         s.Prepare(pb.PrepareSnapshotRequest(snapshotter=SOCI, key="ns/1/extract-1", labels=labels))
@@ -171,6 +171,10 @@ def test_remote_snapshot_commits_indexed_layer_and_leaves_the_rest(registry, ind
         assert _code(lambda: s.Prepare(pb.PrepareSnapshotRequest(
             snapshotter=SOCI, key="ns/4/extract-2", parent="ns/2/" + chains[0], labels=labels))) \
             == grpc.StatusCode.ALREADY_EXISTS
+        # the CLI's release of lazy views (rmi, system prune) leaves those containerd stands on
+        ztoc = found[0].labels["com.amazon.soci.ztoc-digest"]
+        assert service.unmount_layer(big.digest, ztoc) is False
+        assert service.paths.layer_dir(big.digest, ztoc).is_dir()
         # a container's snapshot over it: its lower is the lazy layer's view
         mounts = s.Prepare(pb.PrepareSnapshotRequest(snapshotter=SOCI, key="ns/5/ctr", parent=found[0].name)).mounts
         lower = next(o for o in mounts[0].options if o.startswith("lowerdir="))[len("lowerdir="):].split(":")

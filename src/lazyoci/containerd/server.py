@@ -23,7 +23,7 @@ from lazyoci.store.layout import DataRoot
 if TYPE_CHECKING:
     import grpc  # type: ignore[import-untyped]
 
-    from lazyoci.containerd.snapshotters import LayerServer
+    from lazyoci.containerd.snapshotters import ContainerdSoci, LayerServer
     from lazyoci.registry import RegistryClient
 
 __all__ = ["SnapshotterServer", "snapshotter_socket"]
@@ -47,6 +47,7 @@ class SnapshotterServer:
         self.client = client
         self.socket = snapshotter_socket(root)
         self._server: "grpc.Server | None" = None
+        self._soci: "ContainerdSoci | None" = None
 
     def start(self) -> None:
         import grpc  # type: ignore[import-untyped]
@@ -69,6 +70,8 @@ class SnapshotterServer:
                 made[kind] = (ContainerdSoci(self.root, self.config, self.layers, db) if kind == "soci"
                               else ContainerdOverlay(self.root, db))
             backends[name] = SnapshotBackend(made[kind], remote)
+        soci = made.get("soci")
+        self._soci = soci if isinstance(soci, ContainerdSoci) else None
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="containerd"))
         snapshots_v1_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(backends), server)
         self.socket.unlink(missing_ok=True)
@@ -87,6 +90,11 @@ class SnapshotterServer:
         self._server = server
         log.info("containerd snapshotter socket %s (snapshotters: %s)", self.socket,
                  ", ".join(f"{n}={k}" for n, k in self.config.containerd.snapshotters.items()))
+
+    def uses_view(self, layer_digest: str, ztoc_digest: str) -> bool:
+        """True while containerd holds a snapshot on this lazy view: the service keeps it mounted
+        (the CLI's `rmi`/`system prune` release only the views of the CLI's own images)."""
+        return self._soci is not None and self._soci.uses_view(layer_digest, ztoc_digest)
 
     def stop(self) -> None:
         if self._server is not None:

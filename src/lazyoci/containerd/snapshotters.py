@@ -29,7 +29,7 @@ from lazyoci.errors import SnapshotExistsError, SnapshotNotFoundError, SnapshotS
 from lazyoci.snapshot.base import KIND_ACTIVE, KIND_COMMITTED, SnapshotInfo
 from lazyoci.snapshot.layered import LayeredSnapshotter
 from lazyoci.snapshot.overlay import OverlaySnapshotter
-from lazyoci.snapshot.soci import SociSnapshotter
+from lazyoci.snapshot.soci import LABEL_ZTOC, SociSnapshotter
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
@@ -172,6 +172,12 @@ class ContainerdSoci(_ContainerdCalls, SociSnapshotter):
     def commit_lazy(self, name: str, parent: str | None, layer_digest: str, labels: dict[str, str]) -> None:
         """Commit the snapshot `name` of a lazy layer (no directory: its lower is the layer's view)."""
         self._commit_layer(name, parent, None, labels, {"lazy_layer": layer_digest})
+
+    def uses_view(self, layer_digest: str, ztoc_digest: str) -> bool:
+        """True while a snapshot of containerd's stands on the layer's view through that zTOC."""
+        with self.db.reading() as conn:
+            rows = conn.execute(f"SELECT labels FROM {self._snaps} WHERE lazy_layer=?", (layer_digest,)).fetchall()
+        return any(json.loads(r["labels"] or "{}").get(LABEL_ZTOC) == ztoc_digest for r in rows)
 
     def is_lazy_layer(self, key: str) -> bool:
         with self.db.reading() as conn:
