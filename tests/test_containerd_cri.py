@@ -53,7 +53,9 @@ def _wait_for_log(path: Path, text: str, seconds: float = 120) -> str:
 def test_cri_pull_and_pod_start_lazily(registry, tmp_path):
     base, data = _base(), _data()
     push_image(registry.host, "cri/app", [base, data], image_config([base, data]), tmp_path)
-    push_soci_index(registry.host, "cri/app", tmp_path, span_size=1 << 20, min_layer_size=10 << 20)
+    # every layer indexed: containerd 1.6's unpacker, once it has to download one layer, fetches every
+    # layer above it as well (without unpacking them), which would defeat the lazy ones
+    push_soci_index(registry.host, "cri/app", tmp_path, span_size=1 << 20, min_layer_size=0)
     push_image(registry.host, "cri/pause", [base], image_config([base], entrypoint=["/bin/sleep", "3600"]), tmp_path)
     root = Path(tempfile.mkdtemp(prefix="lzroot.", dir="/tmp"))
     config = write_config(tmp_path / "c.yaml")
@@ -85,9 +87,11 @@ def test_cri_pull_and_pod_start_lazily(registry, tmp_path):
                 out = _wait_for_log(logs / "app.log", "the needle")
                 assert " stdout F the needle" in out, out
                 total = len(base.blob) + len(data.blob)
-                assert proxy.bytes_served < total * 0.10, f"the registry served {proxy.bytes_served} of {total} bytes"
                 log = (DataRoot(root).service / "lazyoci.log").read_text()
-                assert f"layer {data.digest} of {ref}: lazy through zTOC" in log
+                assert f"layer {base.digest} of {ref}: lazy through zTOC" in log, log
+                assert f"layer {data.digest} of {ref}: lazy through zTOC" in log, log
+                big = [(r.method, r.path[-24:], r.range, r.bytes_sent) for r in proxy.log if r.bytes_sent > 1 << 20]
+                assert proxy.bytes_served < total * 0.10, f"the registry served {proxy.bytes_served} of {total} bytes: {big}"
                 cri.remove_pod(pod)
                 cri.remove_image(ref)
             finally:
