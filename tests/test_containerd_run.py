@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from helpers.fault_proxy import FaultProxy
 from helpers.images import LAYER_GZIP, Entry, Layer, image_config, make_layer, push_image, sha, tar_bytes
 from helpers.lazy import push_soci_index, running_service, write_config
 from lazyoci.containerd.server import snapshotter_socket
+from lazyoci.service.client import ServiceClient
 from lazyoci.store.layout import DataRoot
 
 pytestmark = [pytest.mark.needs_root("containerd, FUSE and overlay mounts"), pytest.mark.slow]
@@ -65,7 +67,7 @@ def images(registry, tmp_path_factory):
 
 
 @pytest.fixture
-def stack() -> Iterator[tuple[Path, ContainerdDaemon]]:
+def stack() -> Iterator[tuple[Path, ContainerdDaemon, Path]]:
     """The lazyoci service on a short data root (containerd dials its socket by path) and a containerd
     whose `soci` proxy plugin is that socket."""
     root = Path(tempfile.mkdtemp(prefix="lzroot.", dir="/tmp"))
@@ -75,7 +77,7 @@ def stack() -> Iterator[tuple[Path, ContainerdDaemon]]:
             sock = snapshotter_socket(DataRoot(root))
             daemon = start_containerd(f'[proxy_plugins.soci]\n  type = "snapshot"\n  address = "{sock}"\n')
             try:
-                yield root, daemon
+                yield root, daemon, config
             finally:
                 daemon.stop()
                 assert daemon.shim_pids() == [] and daemon.mounts_below() == []
@@ -93,9 +95,18 @@ def _pull(root: Path, daemon: ContainerdDaemon, ref: str) -> str:
     return r.stdout.strip().splitlines()[-1]
 
 
+def _wait_until_containerd_reconnects(daemon: ContainerdDaemon) -> None:
+    """containerd redials a proxy plugin with backoff (at most 3 s in 1.6); calls in between fail
+    with Unavailable. Wait (30 s at most) until a List goes through."""
+    deadline = time.monotonic() + 30
+    while daemon.ctr("snapshots", "--snapshotter", "soci", "ls", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "containerd did not reconnect to the restarted service"
+        time.sleep(0.2)
+
+
 def test_ctr_run_reads_a_small_file_of_an_indexed_image_lazily(registry, images, stack):
     base, big = images
-    root, daemon = stack
+    root, daemon, config = stack
     with FaultProxy(registry.host) as proxy:
         ref = f"{proxy.host}/ctrd/big:latest"
         summary = _pull(root, daemon, ref)
@@ -110,12 +121,21 @@ def test_ctr_run_reads_a_small_file_of_an_indexed_image_lazily(registry, images,
         log = (DataRoot(root).service / "lazyoci.log").read_text()
         assert f"layer {big.digest} of {ref}: lazy through zTOC" in log
         assert f"layer {base.digest} of {ref}: left to containerd to download" in log
+        # a restart of the service keeps containerd's snapshots: the image runs again, still lazy
+        service = ServiceClient(DataRoot(root), config)
+        service.stop()
+        service.start()
+        _wait_until_containerd_reconnects(daemon)
+        r = daemon.ctr("run", "--rm", "--snapshotter", "soci", ref, "lazy-2", "sh", "-c",
+                       "cat /data/needle.txt; wc -c < /data/small7.conf")
+        assert r.stdout == "the needle\n260\n"
+        assert proxy.bytes_served < total * 0.10
     daemon.ctr("images", "rm", "--sync", ref)
 
 
 def test_ctr_run_of_an_image_without_index_downloads_every_layer(registry, images, stack):
     base, big = images
-    root, daemon = stack
+    root, daemon, _config = stack
     with FaultProxy(registry.host) as proxy:
         ref = f"{proxy.host}/ctrd/big-plain:latest"
         summary = _pull(root, daemon, ref)
