@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, default=SOURCE)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "src")
     args = parser.parse_args(argv)
-    import grpc_tools  # type: ignore[import-untyped]   # build-time only
-    from grpc_tools import protoc  # type: ignore[import-untyped]
+    import grpc_tools   # build-time only
+    from grpc_tools import protoc
 
     missing = [p for p in PROTOS if not (args.source / p).is_file()]
     if missing:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import grpc  # type: ignore[import-untyped]
+import grpc
 
 from lazyoci.containerd.api import (content_v1_pb2, content_v1_pb2_grpc, diff_v1_pb2, diff_v1_pb2_grpc,
                                     images_v1_pb2, images_v1_pb2_grpc, leases_v1_pb2, leases_v1_pb2_grpc,

@@ -21,7 +21,7 @@ from lazyoci.service.paths import ServicePaths, socket_address
 from lazyoci.store.layout import DataRoot
 
 if TYPE_CHECKING:
-    import grpc  # type: ignore[import-untyped]
+    import grpc
 
     from lazyoci.containerd.snapshotters import ContainerdSoci, LayerServer
     from lazyoci.registry import RegistryClient
@@ -50,7 +50,7 @@ class SnapshotterServer:
         self._soci: "ContainerdSoci | None" = None
 
     def start(self) -> None:
-        import grpc  # type: ignore[import-untyped]
+        import grpc
 
         from lazyoci.containerd.api import snapshots_v1_pb2_grpc
         from lazyoci.containerd.remote import RemoteLayers

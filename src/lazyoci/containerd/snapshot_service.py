@@ -14,8 +14,8 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-import grpc  # type: ignore[import-untyped]
-from google.protobuf import empty_pb2, timestamp_pb2  # type: ignore[import-untyped]
+import grpc
+from google.protobuf import empty_pb2, timestamp_pb2
 
 from lazyoci.containerd.api import snapshots_v1_pb2 as pb
 from lazyoci.containerd.api import snapshots_v1_pb2_grpc as pb_grpc

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
@@ -43,6 +44,9 @@ from lazyoci.service.error_wire import error_reply
 from lazyoci.service.layers import LayerManager
 from lazyoci.service.paths import ServicePaths, socket_address
 from lazyoci.store.layout import DataRoot
+
+if TYPE_CHECKING:
+    from lazyoci.containerd.server import SnapshotterServer
 
 log = logging.getLogger("lazyoci.service")
 MAX_REQUEST = 1 << 20
@@ -94,7 +98,7 @@ class Service:
         self.config = config
         self.fs = LayerFS()
         self.layers: LayerManager | None = None
-        self.containerd = None       # lazyoci.containerd.server.SnapshotterServer, once serving
+        self.containerd: SnapshotterServer | None = None    # containerd's snapshotter service, once serving
         self._cancel = trio.CancelScope()
 
     @property
