@@ -360,6 +360,7 @@ class HeaderFeed:
     def __init__(self) -> None:
         self.entries: list[TarHeader] = []
         self.pos = 0                 # bytes of the stream seen so far
+        self.end_marker: int | None = None   # where the two end-of-archive blocks end, once seen
         self.reader = HeaderReader()
         self._skip = 0
         self._padding = 0            # how much of `_skip` is padding after the data (may be missing)
@@ -371,6 +372,12 @@ class HeaderFeed:
     def done(self) -> bool:
         """The end-of-archive marker was seen."""
         return self.reader.ended
+
+    @property
+    def archive_size(self) -> int:
+        """Where Go's reader stops: just after the end-of-archive blocks (padding after them is not
+        read), or the end of the stream when it has none. The zTOC's uncompressed archive size."""
+        return self.end_marker if self.end_marker is not None else self.pos
 
     def feed(self, chunk: memoryview | bytes) -> None:
         """Decode what `chunk` completes. Runs once per block of headers, so its state lives in
@@ -409,6 +416,8 @@ class HeaderFeed:
                 if header is None:
                     if reader.pending:
                         payload, want = True, reader.pending
+                    elif reader.ended:
+                        self.end_marker = base + i
                     continue
                 append(header)
                 skip = reader.data_length
