@@ -118,3 +118,20 @@ def test_a_layer_with_a_global_pax_header_is_served_as_it_unpacks(registry, data
         assert (lazy_dir / "c").read_bytes() == b"C" * 200
         problems = diff_trees(_tree(unpacked), _tree(lazy_dir))
         assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_a_layer_with_zero_padding_after_its_end_blocks_is_served_whole(registry, data_root, tmp_path,
+                                                                        compression):
+    """tar's 10 KiB records and more zero padding after the end-of-archive blocks: the zTOC records
+    the archive's end as the reference does, the spans still cover the padding, and the service
+    serves the layer (it compares the last span's end with the archive size)."""
+    raw = _member("a", b"A" * 70_000) + _member("b", b"B" * 100) + bytes(1024) + bytes(200 << 10)
+    layer = make_layer(raw, compression)
+    repo = f"lazy/padded-{compression}"
+    push_image(registry.host, repo, [layer], image_config([layer]), tmp_path)
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        (lazy_dir,) = _mount_all(client, data_root, f"{registry.host}/{repo}:latest", [layer])
+        assert (lazy_dir / "a").read_bytes() == b"A" * 70_000
+        assert (lazy_dir / "b").read_bytes() == b"B" * 100
+        assert sorted(os.listdir(lazy_dir)) == ["a", "b"]
