@@ -175,9 +175,9 @@ def build_ztocs(manifest: Manifest, open_layer: OpenLayer, options: SociBuildOpt
                 close()
 
     with ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="ztoc") as pool:
-        futures = {}
+        futures = {}   # a layer the image has twice is built once and listed at both positions
         for layer, compression, reused in plans:
-            if compression and reused is None:
+            if compression and reused is None and layer.digest not in futures:
                 futures[layer.digest] = pool.submit(job, layer, compression)
         try:
             for layer, compression, reused in plans:

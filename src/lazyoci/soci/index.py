@@ -96,7 +96,7 @@ class SociIndex:
 
     raw: bytes
     version: str                            # "v1" | "v2"
-    ztocs: tuple[Descriptor, ...]           # zTOC descriptors, image-layer order
+    ztocs: tuple[Descriptor, ...]           # zTOC descriptors, image-layer order (a layer once per position)
     prefetch: tuple[Descriptor, ...]        # prefetch artifacts (read, never written by lazyoci)
     subject: Descriptor | None
     annotations: dict[str, str]
@@ -144,7 +144,7 @@ class SociIndex:
         if m.artifact_type and m.artifact_type != m.config.media_type:
             raise FormatError(f"SOCI index artifactType {m.artifact_type!r} disagrees with its config")
         ztocs, prefetch = [], []
-        seen: set[str] = set()
+        seen: dict[str, str] = {}       # layer -> its zTOC: the reference lists a layer once per position
         for d in m.layers:
             if d.media_type == mt.SOCI_PREFETCH:
                 prefetch.append(d)
@@ -155,9 +155,8 @@ class SociIndex:
             if not layer:
                 raise FormatError(f"SOCI index entry {d.digest} lacks {ANN_LAYER_DIGEST}")
             Digest.parse(layer)
-            if layer in seen:
-                raise FormatError(f"SOCI index has two zTOCs for layer {layer}")
-            seen.add(layer)
+            if seen.setdefault(layer, d.digest) != d.digest:
+                raise FormatError(f"SOCI index has two different zTOCs for layer {layer}")
             span = d.annotations.get(ANN_SPAN_SIZE)
             if span is not None and not (span.isdigit() and int(span) > 0):
                 raise FormatError(f"SOCI index entry {d.digest} has an invalid span size {span!r}")

@@ -1,0 +1,94 @@
+"""Compatibility with the reference SOCI tools where lazyoci used to differ (issue 12, part 5):
+an image with the same layer twice, the xattr optimisation, and the reference's command names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.images import write_oci_layout, skopeo_push_layout
+from helpers.lazy import write_config
+from helpers.tree import diff_trees, walk_tree
+from helpers.tricky_image import PASSWD, tricky_config, tricky_layers
+from lazyoci.errors import FormatError
+from lazyoci.oci import mediatypes as mt
+from lazyoci.soci.index import (ANN_LAYER_DIGEST, ANN_LAYER_MEDIA_TYPE, ANN_SPAN_SIZE, EMPTY_CONFIG_DIGEST,
+                                SociIndex, go_json)
+
+LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
+LAYER = "sha256:" + "a" * 64
+
+
+def _lz(root: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LAZYOCI, "--root", str(root), "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+def _reference_index(ztocs: list[tuple[str, str]]) -> bytes:
+    """A v2 index shaped as the reference writes it: one zTOC descriptor per (layer, zTOC) given."""
+    return go_json({
+        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.SOCI_INDEX_V2, "digest": EMPTY_CONFIG_DIGEST, "size": 2},
+        "layers": [{"mediaType": mt.SOCI_LAYER, "digest": z, "size": 100,
+                    "annotations": {ANN_LAYER_MEDIA_TYPE: mt.OCI_LAYER_GZIP, ANN_LAYER_DIGEST: layer,
+                                    ANN_SPAN_SIZE: "4194304"}} for layer, z in ztocs],
+        "annotations": {"com.amazon.soci.build-tool-identifier": "AWS SOCI CLI v0.2"},
+    })
+
+
+def test_an_index_lists_a_layer_once_per_position_as_the_reference_writes_it():
+    """The reference builds one zTOC per layer position, so a layer the image has twice is listed
+    twice with the same zTOC; two different zTOCs for one layer stay an error (which to serve?)."""
+    z1, z2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    index = SociIndex.parse(_reference_index([(LAYER, z1), ("sha256:" + "b" * 64, z2), (LAYER, z1)]))
+    assert [d.annotations[ANN_LAYER_DIGEST] for d in index.ztocs] == [LAYER, "sha256:" + "b" * 64, LAYER]
+    assert index.ztoc_for_layer(LAYER).digest == z1
+    with pytest.raises(FormatError, match="two different zTOCs"):
+        SociIndex.parse(_reference_index([(LAYER, z1), (LAYER, z2)]))
+
+
+@pytest.mark.needs_root("FUSE, overlay and image mount")
+def test_an_image_with_the_same_layer_twice_is_indexed_and_runs_lazily(registry, data_root, tmp_path):
+    """Layers 1, 2, 3, then 1 again (it brings back what layer 2 removed): `soci create` lists four
+    zTOCs as the reference does, the index is pushed, and a fresh root pulls the image lazily (no
+    fallback) and mounts exactly the tree umoci unpacks."""
+    layers = tricky_layers()
+    layers = layers + [layers[0]]
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, layers, tricky_config(layers), "latest")
+    ref = f"{registry.host}/compat/twice:latest"
+    skopeo_push_layout(layout, ref, "latest")
+    config = write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - soci\n")
+    builder = tmp_path / "builder"
+    builder.mkdir()
+    r = _lz(builder, config, "pull", "--snapshotter", "overlayfs", ref)
+    assert r.returncode == 0, r.stderr
+    r = _lz(builder, config, "soci", "create", "--min-layer-size", "0", "--span-size", "65536", ref)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(f"layer {layers[0].digest} -> ztoc") + r.stderr.count(f"layer {layers[0].digest} -> ztoc") == 2
+    r = _lz(builder, config, "soci", "push", ref)
+    assert r.returncode == 0, r.stderr
+    _lz(builder, config, "service", "stop")
+
+    r = _lz(data_root, config, "pull", ref)
+    assert r.returncode == 0 and "INFO" not in r.stderr, r.stderr
+    bundle = tmp_path / "umoci"
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)], check=True, capture_output=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = _lz(data_root, config, "image", "mount", ref, str(mnt))
+        assert r.returncode == 0, r.stderr
+        try:
+            assert (mnt / "etc/passwd").read_bytes() == PASSWD
+            problems = diff_trees(walk_tree(bundle / "rootfs", mtimes=True), walk_tree(mnt, mtimes=True))
+            assert not problems, "\n".join(problems)
+        finally:
+            _lz(data_root, config, "image", "unmount", str(mnt))
+        r = _lz(data_root, config, "images")
+        assert "soci" in r.stdout, r.stdout
+    finally:
+        _lz(data_root, config, "service", "stop")
