@@ -3,20 +3,26 @@ an image with the same layer twice, the xattr optimisation, and the reference's 
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers.images import write_oci_layout, skopeo_push_layout
-from helpers.lazy import write_config
+from helpers.images import Entry, image_config, make_layer, push_image, skopeo_push_layout, write_oci_layout
+from helpers.hostile_ztoc import push_index_with
+from helpers.lazy import write_config, ztoc_for
 from helpers.tree import diff_trees, walk_tree
 from helpers.tricky_image import PASSWD, tricky_config, tricky_layers
 from lazyoci.errors import FormatError
 from lazyoci.oci import mediatypes as mt
-from lazyoci.soci.index import (ANN_LAYER_DIGEST, ANN_LAYER_MEDIA_TYPE, ANN_SPAN_SIZE, EMPTY_CONFIG_DIGEST,
+from lazyoci.service.client import ServiceClient
+from lazyoci.soci.index import (ANN_DISABLE_XATTRS, ANN_LAYER_DIGEST, ANN_LAYER_MEDIA_TYPE, ANN_SPAN_SIZE, EMPTY_CONFIG_DIGEST,
                                 SociIndex, go_json)
+from lazyoci.store.layout import DataRoot
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 LAYER = "sha256:" + "a" * 64
@@ -90,5 +96,94 @@ def test_an_image_with_the_same_layer_twice_is_indexed_and_runs_lazily(registry,
             _lz(data_root, config, "image", "unmount", str(mnt))
         r = _lz(data_root, config, "images")
         assert "soci" in r.stdout, r.stdout
+    finally:
+        _lz(data_root, config, "service", "stop")
+
+
+def _index_of(root: Path, config: Path, ref: str) -> dict:
+    r = _lz(root, config, "soci", "index", "list", "--ref", ref, "-q")
+    assert r.returncode == 0, r.stderr
+    digest = r.stdout.split()[-1]
+    r = _lz(root, config, "soci", "index", "info", digest)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.needs_root("FUSE and overlay mounts")
+def test_the_xattr_optimization_marks_layers_without_xattrs_and_lazy_mounts_honour_it(registry, data_root,
+                                                                                      tmp_path):
+    """`--optimizations xattr` writes `com.amazon.soci.disable-xattrs: "true"` on the zTOC descriptor
+    of each layer without xattrs or opaque directories (the reference's test), nothing on the others;
+    a lazy mount answers no xattr of a marked layer (ENODATA, nothing fetched) and serves the others'."""
+    plain = make_layer([Entry("plain", "dir"), Entry("plain/file", data=b"p" * 5000)])
+    with_xattr = make_layer([Entry("x", "dir"), Entry("x/file", data=b"x" * 5000,
+                                                pax={"SCHILY.xattr.user.k": "v"})])
+    opaque = make_layer([Entry("o", "dir"), Entry("o/.wh..wh..opq"), Entry("o/file", data=b"o")])
+    layers = [plain, with_xattr, opaque]
+    ref = f"{registry.host}/compat/xattr:latest"
+    push_image(registry.host, "compat/xattr", layers, image_config(layers), tmp_path)
+    config = write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - soci\n")
+    builder = tmp_path / "builder"
+    builder.mkdir()
+    assert _lz(builder, config, "pull", "--snapshotter", "overlayfs", ref).returncode == 0
+    r = _lz(builder, config, "soci", "create", "--min-layer-size", "0", "--optimizations", "bogus", ref)
+    assert r.returncode != 0 and "bogus is not a valid optimization" in r.stderr
+    r = _lz(builder, config, "soci", "create", "--min-layer-size", "0", "--optimizations", "xattr", ref)
+    assert r.returncode == 0, r.stderr
+    marks = {d["annotations"]["com.amazon.soci.image-layer-digest"]: d["annotations"].get(ANN_DISABLE_XATTRS)
+             for d in _index_of(builder, config, ref)["layers"]}
+    assert marks == {plain.digest: "true", with_xattr.digest: None, opaque.digest: None}
+    assert _lz(builder, config, "soci", "push", ref).returncode == 0
+    _lz(builder, config, "service", "stop")
+
+    assert _lz(data_root, config, "pull", ref).returncode == 0
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = _lz(data_root, config, "image", "mount", ref, str(mnt))
+        assert r.returncode == 0, r.stderr
+        try:
+            assert os.getxattr(mnt / "x/file", "user.k") == b"v"
+            os.lstat(mnt / "plain/file")         # the lookups check the headers on the way (that fetches)
+            st = ServiceClient(DataRoot(data_root), config).status()
+            before = {l["layer_digest"]: l["network_bytes"] for l in st["layers"]}
+            with pytest.raises(OSError) as e:
+                os.getxattr(mnt / "plain/file", "user.k")
+            assert e.value.errno == errno.ENODATA
+            assert os.listxattr(mnt / "plain/file") == []
+            st = ServiceClient(DataRoot(data_root), config).status()
+            after = {l["layer_digest"]: l["network_bytes"] for l in st["layers"]}
+            assert after[plain.digest] == before[plain.digest]
+            assert (mnt / "plain/file").read_bytes() == b"p" * 5000
+        finally:
+            _lz(data_root, config, "image", "unmount", str(mnt))
+    finally:
+        _lz(data_root, config, "service", "stop")
+
+
+@pytest.mark.needs_root("FUSE and overlay mounts")
+def test_a_layer_marked_disable_xattrs_serves_none_of_its_xattrs(registry, data_root, tmp_path):
+    """The mark is honoured as the reference honours it (xattrs off for the layer's mount), even on
+    a layer that has one: the lazy view answers ENODATA where the unpack would have the xattr."""
+    layer = make_layer([Entry("x", "dir"), Entry("x/file", data=b"x" * 5000, pax={"SCHILY.xattr.user.k": "v"})])
+    push_image(registry.host, "compat/xattr-marked", [layer], image_config([layer]), tmp_path)
+    push_index_with(registry.host, "compat/xattr-marked", [layer], {layer.digest: ztoc_for(layer)},
+                    annotations={layer.digest: {ANN_DISABLE_XATTRS: "True"}})
+    ref = f"{registry.host}/compat/xattr-marked:latest"
+    config = write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - soci\n")
+    r = _lz(data_root, config, "pull", ref)
+    assert r.returncode == 0 and "INFO" not in r.stderr, r.stderr
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        assert _lz(data_root, config, "image", "mount", ref, str(mnt)).returncode == 0
+        try:
+            assert (mnt / "x/file").read_bytes() == b"x" * 5000
+            assert os.listxattr(mnt / "x/file") == []
+            with pytest.raises(OSError) as e:
+                os.getxattr(mnt / "x/file", "user.k")
+            assert e.value.errno == errno.ENODATA
+        finally:
+            _lz(data_root, config, "image", "unmount", str(mnt))
     finally:
         _lz(data_root, config, "service", "stop")

@@ -18,6 +18,17 @@ def _platforms(platform: tuple[str, ...]) -> list[Platform]:
     return [Platform.parse(p) for p in platform]
 
 
+def _optimized(options, optimizations: tuple[str, ...]):
+    """`--optimizations` as the reference takes it: repeatable, or comma-separated."""
+    import dataclasses
+    names = tuple(n.strip() for o in optimizations for n in o.split(",") if n.strip())
+    return dataclasses.replace(options, optimizations=names) if names else options
+
+
+_OPTIMIZATIONS_HELP = "Optional optimizations, as the reference's: xattr (layers without xattrs are " \
+                      "marked disable-xattrs)."
+
+
 @click.group("soci")
 def soci_group() -> None:
     """SOCI indexes: make images lazy-loadable without changing them."""
@@ -32,14 +43,16 @@ def soci_group() -> None:
 @click.option("--force", is_flag=True, help="Rebuild zTOCs even when one exists for a layer.")
 @click.option("--remote", is_flag=True, help="Index an image in its registry, streaming each layer once.")
 @click.option("--push", "push_after", is_flag=True, help="With --remote: push the index when built.")
+@click.option("--optimizations", multiple=True, help=_OPTIMIZATIONS_HELP)
 @click.argument("ref")
-def create_cmd(span_size, min_layer_size, platform, all_platforms, force, remote, push_after, ref) -> None:
+def create_cmd(span_size, min_layer_size, platform, all_platforms, force, remote, push_after, optimizations,
+               ref) -> None:
     """Build a SOCI index (v1) for REF."""
     if platform and all_platforms:
         raise ConfigError("--platform and --all-platforms are exclusive")
     if push_after and not remote:
         raise ConfigError("--push goes with --remote (for a local image use `lazyoci soci push`)")
-    options = soci_build_options(span_size, min_layer_size, force)
+    options = _optimized(soci_build_options(span_size, min_layer_size, force), optimizations)
     images = image_service()
     try:
         if remote:
@@ -73,16 +86,18 @@ def _local_targets(images, ref: str, platforms: list[Platform], all_platforms: b
 @click.option("--platform", multiple=True, help="Platform to convert (repeatable).")
 @click.option("--all-platforms", is_flag=True, help="Convert every platform stored locally.")
 @click.option("--force", is_flag=True, help="Rebuild zTOCs even when one exists for a layer.")
+@click.option("--optimizations", multiple=True, help=_OPTIMIZATIONS_HELP)
 @click.argument("src")
 @click.argument("dst")
-def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, src, dst) -> None:
+def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, optimizations, src, dst) -> None:
     """Make DST: SRC with SOCI v2 indexes inside it (push DST with `lazyoci push`)."""
     from lazyoci.soci.convert import convert
     if platform and all_platforms:
         raise ConfigError("--platform and --all-platforms are exclusive")
     images = image_service()
     try:
-        result = convert(images, src, dst, soci_build_options(span_size, min_layer_size, force, "v2"),
+        result = convert(images, src, dst,
+                         _optimized(soci_build_options(span_size, min_layer_size, force, "v2"), optimizations),
                          _platforms(platform) or None, all_platforms, click.echo)
     finally:
         images.close()

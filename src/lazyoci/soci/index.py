@@ -77,6 +77,15 @@ def descriptor_json(d: Descriptor) -> dict[str, Any]:
     return out
 
 
+_GO_TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))    # what Go's strconv.ParseBool reads as true
+
+
+def xattrs_disabled(ztoc: Descriptor) -> bool:
+    """The index says the layer has no xattrs and no opaque directories (`disable-xattrs`), read as
+    the reference reads it: a value strconv.ParseBool takes as true."""
+    return ztoc.annotations.get(ANN_DISABLE_XATTRS, "") in _GO_TRUE
+
+
 def ztoc_descriptor(ztoc_digest: str, ztoc_size: int, layer: Descriptor, span_size: int,
                     disable_xattrs: bool = False) -> Descriptor:
     """The index's entry for one zTOC: which layer it indexes, that layer's media type, the span size."""
