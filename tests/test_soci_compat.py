@@ -187,3 +187,49 @@ def test_a_layer_marked_disable_xattrs_serves_none_of_its_xattrs(registry, data_
             _lz(data_root, config, "image", "unmount", str(mnt))
     finally:
         _lz(data_root, config, "service", "stop")
+
+
+@pytest.mark.needs_root("pulls unpack layers owned by root")
+def test_reference_spellings_index_rm_by_ref_and_rebuild_db(registry, data_root, tmp_path):
+    """`soci index ls`/`remove`, `soci ztoc ls` as the reference spells them; `soci index rm --ref`
+    removes the indexes of one image; `soci rebuild-db` records again, from the blobs, the indexes
+    of local images (v1 through their subject, v2 through the converted manifest's annotation)
+    and their zTOCs, after the records were lost."""
+    import random
+    import re
+    import sqlite3
+
+    layers = [make_layer([Entry("d.bin", data=random.Random(7).randbytes(100_000))])]
+    push_image(registry.host, "compat/cmds", layers, image_config(layers), tmp_path)
+    ref = f"{registry.host}/compat/cmds:latest"
+    config = write_config(tmp_path / "config.yaml")
+
+    def ok(*args: str) -> str:
+        r = _lz(data_root, config, *args)
+        assert r.returncode == 0, (args, r.stderr)
+        return r.stdout
+
+    ok("pull", "-q", ref)
+    v1 = re.search(r"soci index: (sha256:[0-9a-f]{64})", ok("soci", "create", "--min-layer-size", "0", ref))[1]
+    conv = ok("soci", "convert", "--min-layer-size", "0", ref, f"{registry.host}/compat/cmds:soci")
+    v2 = re.search(r"soci index: (sha256:[0-9a-f]{64})", conv)[1]
+    assert sorted(ok("soci", "index", "ls", "-q").split()) == sorted(ok("soci", "index", "list", "-q").split()) \
+        == sorted([v1, v2])
+    [ztoc] = ok("soci", "ztoc", "ls", "-q").split()
+    assert ok("soci", "ztoc", "list", "-q").split() == [ztoc]
+
+    with sqlite3.connect(data_root / "lazyoci.db") as db:      # the records lost, the blobs kept
+        db.execute("DELETE FROM soci_indexes")
+        db.execute("DELETE FROM soci_ztocs")
+    assert ok("soci", "index", "ls", "-q").strip() == "" and ok("soci", "ztoc", "ls", "-q").strip() == ""
+    assert "recorded 2 SOCI indexes and 1 zTOCs" in ok("soci", "rebuild-db")
+    assert sorted(ok("soci", "index", "ls", "-q").split()) == sorted([v1, v2])
+    assert ok("soci", "ztoc", "ls", "-q").split() == [ztoc]
+    assert "recorded 0 SOCI indexes and 0 zTOCs" in ok("soci", "rebuild-db")    # idempotent
+
+    both = _lz(data_root, config, "soci", "index", "rm", "--ref", ref, v1)
+    assert both.returncode != 0 and "either index digests or image ref" in both.stderr
+    assert ok("soci", "index", "rm", "--ref", ref).split() == [v1]
+    assert ok("soci", "index", "ls", "-q").split() == [v2]
+    assert ok("soci", "index", "remove", v2).split() == [v2]
+    assert ok("soci", "index", "ls", "-q").strip() == ""

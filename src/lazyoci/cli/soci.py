@@ -144,6 +144,7 @@ def index_group() -> None:
 @click.option("--ref", default=None, help="Only the indexes of this image.")
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def index_list(ref, quiet) -> None:
+    """List the SOCI indexes stored locally."""
     from lazyoci.soci.records import SociRecords
     images = image_service()
     recs = SociRecords(images.db).indexes()
@@ -173,12 +174,22 @@ def index_info(digest) -> None:
 
 
 @index_group.command("rm")
-@click.argument("digests", nargs=-1, required=True)
-def index_rm(digests) -> None:
+@click.option("--ref", default=None, help="Remove the indexes of this image (every platform stored).")
+@click.argument("digests", nargs=-1)
+def index_rm(ref, digests) -> None:
     """Forget indexes; their zTOCs are deleted by gc when nothing else uses them."""
     from lazyoci.soci.records import SociRecords
+    if ref and digests:
+        raise ConfigError("please provide either index digests or image ref, but not both")
+    if not ref and not digests:
+        raise ConfigError("give the digests of the indexes to remove, or --ref IMAGE")
     images = image_service()
     records = SociRecords(images.db)
+    if ref:
+        image = images.get(ref)
+        rec = images.records.content(image.digest)
+        manifests = {m for m, _, _ in rec.platforms} if rec else {image.manifest.digest}
+        digests = tuple(dict.fromkeys(r.index_digest for r in records.indexes() if r.manifest_digest in manifests))
     for d in digests:
         d = _full_digest(d)
         if not records.remove_index(d):
@@ -186,6 +197,11 @@ def index_rm(digests) -> None:
         click.echo(d)
     images.gc()
     records.prune(images.blobs.has)
+
+
+# the reference's spellings: `soci index list|ls`, `soci index remove|rm`, `soci ztoc list|ls`
+index_group.add_command(index_list, "ls")
+index_group.add_command(index_rm, "remove")
 
 
 @soci_group.group("ztoc")
@@ -197,6 +213,7 @@ def ztoc_group() -> None:
 @click.option("--ztoc-digest", default=None, help="Only this zTOC.")
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def ztoc_list(ztoc_digest, quiet) -> None:
+    """List the zTOCs stored locally."""
     from lazyoci.soci.records import SociRecords
     images = image_service()
     recs = SociRecords(images.db).ztocs(_full_digest(ztoc_digest) if ztoc_digest else None)
@@ -206,6 +223,22 @@ def ztoc_list(ztoc_digest, quiet) -> None:
         return
     _table([("DIGEST", "SIZE", "LAYER DIGEST", "SPAN SIZE")] +
            [(r.ztoc_digest, str(r.ztoc_size), r.layer_digest, str(r.span_size)) for r in recs])
+
+
+ztoc_group.add_command(ztoc_list, "ls")
+
+
+@soci_group.command("rebuild-db")
+def rebuild_db_cmd() -> None:
+    """Rebuild the SOCI records from the blobs in the store (as the reference's rebuild-db)."""
+    from lazyoci.soci.rebuild import rebuild_records
+    images = image_service()
+    try:
+        r = rebuild_records(images)
+    finally:
+        images.close()
+    click.echo(f"removed {r.removed} records of missing blobs; recorded {r.indexes_added} SOCI indexes "
+               f"and {r.ztocs_added} zTOCs")
 
 
 @ztoc_group.command("info")
