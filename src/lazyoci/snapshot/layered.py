@@ -78,8 +78,7 @@ def topmost_once(lowers: list[str]) -> list[str]:
     An image may have the same layer twice; a lazy layer is then the same directory twice, which
     overlayfs refuses (ELOOP). Dropping the lower copy changes nothing that shows: every name, whiteout
     and opaque marker it has, the copy above has too, and that one decides."""
-    seen: set[str] = set()
-    return [d for d in lowers if not (d in seen or seen.add(d))]
+    return list(dict.fromkeys(lowers))     # dicts keep the first insertion's place
 
 
 class LayeredSnapshotter:
