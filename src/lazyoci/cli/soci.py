@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -13,12 +14,15 @@ from lazyoci.cli.shared import image_service, soci_build_options
 from lazyoci.errors import ConfigError, LazyociError, StoreError
 from lazyoci.oci.platform import Platform
 
+if TYPE_CHECKING:
+    from lazyoci.soci.build import SociBuildOptions
+
 
 def _platforms(platform: tuple[str, ...]) -> list[Platform]:
     return [Platform.parse(p) for p in platform]
 
 
-def _optimized(options, optimizations: tuple[str, ...]):
+def _optimized(options: "SociBuildOptions", optimizations: tuple[str, ...]) -> "SociBuildOptions":
     """`--optimizations` as the reference takes it: repeatable, or comma-separated."""
     import dataclasses
     names = tuple(n.strip() for o in optimizations for n in o.split(",") if n.strip())
