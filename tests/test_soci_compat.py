@@ -77,6 +77,12 @@ def test_an_image_with_the_same_layer_twice_is_indexed_and_runs_lazily(registry,
     assert r.stdout.count(f"layer {layers[0].digest} -> ztoc") + r.stderr.count(f"layer {layers[0].digest} -> ztoc") == 2
     r = _lz(builder, config, "soci", "push", ref)
     assert r.returncode == 0, r.stderr
+    r = _lz(builder, config, "soci", "convert", "--min-layer-size", "0", "--span-size", "65536", ref,
+            f"{registry.host}/compat/twice:soci")
+    assert r.returncode == 0, r.stderr
+    v2 = _lz(builder, config, "soci", "index", "info", r.stdout.split("soci index: ")[1].split()[0])
+    listed = [d["annotations"][ANN_LAYER_DIGEST] for d in json.loads(v2.stdout)["layers"]]
+    assert listed == [l.digest for l in layers]           # the v2 index too: one zTOC per position
     _lz(builder, config, "service", "stop")
 
     r = _lz(data_root, config, "pull", ref)
