@@ -64,6 +64,7 @@ class LazyLayer:
     fetcher: SpanFetcher
     mounted_at: float
     verifier: LayerVerifier
+    xattrs_disabled: bool = False    # the index marks it `disable-xattrs`: no xattr is looked up
 
     @property
     def ztoc_digest(self) -> str:
@@ -282,7 +283,14 @@ class LayerFS(pyfuse3.Operations):
             out[_OPAQUE_XATTR] = b"y"
         return out
 
+    def _no_xattrs(self, inode: int) -> bool:
+        """The inode's layer is marked `disable-xattrs`: it has none, and nothing is fetched to say so
+        (the reference's snapshotter turns xattrs off for such a layer's mount)."""
+        return inode != pyfuse3.ROOT_INODE and self._resolve(inode)[0].xattrs_disabled
+
     async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
+        if self._no_xattrs(inode):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         if inode != pyfuse3.ROOT_INODE:
             await self._checked_node(inode)
         value = self._xattrs(inode).get(name)
@@ -291,6 +299,8 @@ class LayerFS(pyfuse3.Operations):
         return value
 
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
+        if self._no_xattrs(inode):
+            return []
         if inode != pyfuse3.ROOT_INODE:
             await self._checked_node(inode)
         return list(self._xattrs(inode))

@@ -206,7 +206,8 @@ class LayerManager:
             fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
-        self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier))
+        self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier,
+                                    self._xattrs_disabled(layer_digest, ztoc_digest)))
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         log.info("mounted layer %s (%d entries, %d spans, %.1f%% cached) in %.2fs", layer_digest,
                  len(tree), len(spans), 100.0 * cache.cached_bytes / max(cache.total_bytes, 1),
@@ -244,6 +245,24 @@ class LayerManager:
                 self.mount(ref, digest, ztoc_digest, persist=False, fallback_refs=self._pulled_refs(digest))
             except LazyociError as e:
                 log.error("cannot mount recorded layer %s again: %s", digest, e)
+
+    def _xattrs_disabled(self, layer_digest: str, ztoc_digest: str) -> bool:
+        """Whether the index the lazy pull recorded for this view marks the zTOC `disable-xattrs`.
+        Anything unreadable says no: xattrs are then served (and checked) as usual."""
+        from lazyoci.soci.index import ANN_LAYER_DIGEST, SociIndex, xattrs_disabled
+        try:
+            with self.db.reading() as conn:
+                row = conn.execute("SELECT index_digest FROM lazy_layers WHERE layer_digest=? AND ztoc_digest=?",
+                                   (layer_digest, ztoc_digest)).fetchone()
+            if not row or not row[0]:
+                return False
+            data = (self.root.blobs / "sha256" / Digest.parse(row[0]).hex).read_bytes()
+            verify_bytes(data, row[0], "SOCI index")
+            index = SociIndex.parse(data)
+        except (sqlite3.Error, OSError, LazyociError):
+            return False
+        return any(d.digest == ztoc_digest and xattrs_disabled(d) for d in index.ztocs
+                   if d.annotations.get(ANN_LAYER_DIGEST) == layer_digest)
 
     def _pulled_refs(self, layer_digest: str) -> list[str]:
         """The references the lazy pulls recorded for the layer, the latest first (any index's:
