@@ -63,6 +63,11 @@ class LayerStatus:
     fetched_bytes: int        # uncompressed bytes present in the span cache
     total_bytes: int          # uncompressed size of the layer
     network_bytes: int        # compressed bytes fetched by this service run
+    read_bytes: int           # bytes handed to reads (file data and tar header checks) by this run
+    fetched_spans: int        # spans this run fetched ...
+    unread_spans: int         # ... of which no read touched any byte (read-ahead, background)
+    unread_bytes: int         # the compressed bytes of those: fetched and never read
+    header_only_spans: int    # spans fetched that only tar header checks read
 
     @property
     def percent(self) -> float:
@@ -185,8 +190,9 @@ class LayerManager:
         self._prefer(view, [reference])
         self._prefer(view, refs)
         fetcher = SpanFetcher(ztoc, self._fetcher(view), cache, layer_digest)
-        verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, read_ahead=False), fetcher.read_cached,
-                                 layer_digest)
+        verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, header=True),
+                                 functools.partial(fetcher.read_cached, header=True), layer_digest,
+                                 read_layer=functools.partial(fetcher.read, background=True))
         if cache.headers_checked:
             verifier.passed_before()
         else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
@@ -251,11 +257,13 @@ class LayerManager:
         for layer in self.fs.layers():
             ref, _ = meta.get((layer.digest, layer.ztoc_digest), ("", 0.0))
             f = layer.fetcher
+            use = f.span_use()
             out.append(LayerStatus(
                 layer_digest=layer.digest, ref=ref, ztoc_digest=layer.ztoc_digest, files=len(layer.tree),
                 spans=len(f.cache.spans), spans_cached=len(f.cache.spans) - len(f.cache.missing()),
                 fetched_bytes=f.cache.cached_bytes, total_bytes=f.cache.total_bytes,
-                network_bytes=f.stats.bytes))
+                network_bytes=f.stats.bytes, read_bytes=f.stats.read_bytes, fetched_spans=use.fetched,
+                unread_spans=use.unread, unread_bytes=use.unread_bytes, header_only_spans=use.header_only))
         return sorted(out, key=lambda s: s.layer_digest)
 
     def start_background(self) -> None:
