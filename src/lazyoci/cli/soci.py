@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from lazyoci.cli.shared import image_service, soci_build_options
+from lazyoci.cli.shared import image_service, prefetch_files, prefetch_flags, soci_build_options
 from lazyoci.errors import ConfigError, LazyociError, StoreError
 from lazyoci.oci.platform import Platform
 
@@ -32,14 +32,19 @@ def soci_group() -> None:
 @click.option("--force", is_flag=True, help="Rebuild zTOCs even when one exists for a layer.")
 @click.option("--remote", is_flag=True, help="Index an image in its registry, streaming each layer once.")
 @click.option("--push", "push_after", is_flag=True, help="With --remote: push the index when built.")
+@prefetch_flags
 @click.argument("ref")
-def create_cmd(span_size, min_layer_size, platform, all_platforms, force, remote, push_after, ref) -> None:
+def create_cmd(span_size, min_layer_size, platform, all_platforms, force, remote, push_after, prefetch_file,
+               prefetch_files_json, ref) -> None:
     """Build a SOCI index (v1) for REF."""
     if platform and all_platforms:
         raise ConfigError("--platform and --all-platforms are exclusive")
     if push_after and not remote:
         raise ConfigError("--push goes with --remote (for a local image use `lazyoci soci push`)")
-    options = soci_build_options(span_size, min_layer_size, force)
+    options = soci_build_options(span_size, min_layer_size, force,
+                                 prefetch_files=prefetch_files(prefetch_file, prefetch_files_json))
+    if remote and options.prefetch_files:
+        raise ConfigError("--prefetch-file is not supported with --remote yet: index the image locally")
     images = image_service()
     try:
         if remote:
@@ -73,16 +78,19 @@ def _local_targets(images, ref: str, platforms: list[Platform], all_platforms: b
 @click.option("--platform", multiple=True, help="Platform to convert (repeatable).")
 @click.option("--all-platforms", is_flag=True, help="Convert every platform stored locally.")
 @click.option("--force", is_flag=True, help="Rebuild zTOCs even when one exists for a layer.")
+@prefetch_flags
 @click.argument("src")
 @click.argument("dst")
-def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, src, dst) -> None:
+def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, prefetch_file, prefetch_files_json,
+                src, dst) -> None:
     """Make DST: SRC with SOCI v2 indexes inside it (push DST with `lazyoci push`)."""
     from lazyoci.soci.convert import convert
     if platform and all_platforms:
         raise ConfigError("--platform and --all-platforms are exclusive")
     images = image_service()
     try:
-        result = convert(images, src, dst, soci_build_options(span_size, min_layer_size, force, "v2"),
+        result = convert(images, src, dst, soci_build_options(span_size, min_layer_size, force, "v2",
+                                                              prefetch_files(prefetch_file, prefetch_files_json)),
                          _platforms(platform) or None, all_platforms, click.echo)
     finally:
         images.close()
