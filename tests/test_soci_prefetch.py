@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ import pytest
 
 from helpers.fault_proxy import FaultProxy, spans_requested
 from helpers.images import Entry, image_config, make_layer, push_image
-from helpers.lazy import running_service, write_config
+from helpers.lazy import push_soci_index, running_service, write_config
+from helpers.tricky_image import layer1_entries
 from lazyoci.errors import ConfigError, FormatError
 from lazyoci.oci import mediatypes as mt
 from lazyoci.soci.prefetch import (PrefetchArtifact, PrefetchSpan, artifact_for_spans, load_prefetch_files,
@@ -165,13 +167,14 @@ def _digest_of(host: str, repo: str) -> str:
 
 
 def _lazy_pull_prefetches(registry, data_root, tmp_path, repo: str, big, ztoc: Ztoc, named: set[int],
-                          files: dict[str, int]) -> None:
+                          files: dict[str, int], index_digest: str | None = None) -> None:
     """A lazy pull through a counting proxy fetches the named spans with no read at all; reading
     the files then needs nothing more from the registry."""
     config = write_config(tmp_path / "lazy.yaml")
     with FaultProxy(registry.host) as proxy:
         with running_service(data_root, config) as client:
-            _lz(data_root, config, "pull", "--snapshotter", "soci", f"{proxy.host}/{repo}:latest")
+            _lz(data_root, config, "pull", "--snapshotter", "soci", f"{proxy.host}/{repo}:latest",
+                *(["--soci-index-digest", index_digest] if index_digest else []))
             st = _wait_prefetched(client)
             fetched = spans_requested(ztoc, _blob_gets(proxy, big.digest))
             assert sorted(fetched) == sorted(named), "each named span once, nothing else"
@@ -219,3 +222,49 @@ def test_an_artifact_written_as_the_reference_writes_it_is_used(registry, data_r
     named = set(range(first, last + 1)) | {0}
     _lazy_pull_prefetches(registry, data_root, tmp_path, "prefetch/reference", big, ztoc, named,
                           {"opt/tail.bin": 300_000})
+
+
+def _spans_of(ztoc: Ztoc, name: str, header: bool = True) -> set[int]:
+    e = next(ztoc.entry(i) for i in range(len(ztoc)) if ztoc.entry(i).name.rstrip("/") == name)
+    return set(ztoc.spans_for(max(e.offset - (512 if header else 0), 0), e.offset + max(e.size, 1)))
+
+
+@pytest.mark.needs_root("runs a container on lazy layers")
+def test_optimize_records_the_spans_a_run_reads_and_a_lazy_pull_prefetches_them(registry, data_root, tmp_path):
+    rng = random.Random(7)
+    base = make_layer(layer1_entries(), "gzip")      # busybox: below the minimum size, unpacked
+    big = make_layer([Entry("opt", "dir"), Entry("opt/skip.bin", data=rng.randbytes(600_000)),
+                      Entry("opt/app.bin", data=rng.randbytes(200_000)),
+                      Entry("opt/more.bin", data=rng.randbytes(600_000)),
+                      Entry("opt/tail.bin", data=rng.randbytes(300_000))])
+    push_image(registry.host, "prefetch/optimize", [base, big], image_config([base, big]), tmp_path)
+    old = push_soci_index(registry.host, "prefetch/optimize", tmp_path, span_size=SPAN,
+                          min_layer_size=len(base.blob) + 1)
+    ref = f"{registry.host}/prefetch/optimize:latest"
+    config = write_config(tmp_path / "opt.yaml")
+    r = _lz(data_root, config, "soci", "optimize", ref, "--", "sh", "-c", "cat /opt/tail.bin /opt/app.bin >/dev/null")
+    new = re.search(r"soci index: (sha256:[0-9a-f]{64}) \(replaces (sha256:[0-9a-f]{64})", r.stdout)
+    assert new and new.group(2) == old, r.stdout + r.stderr
+    assert not list((data_root / "tmp").glob("optimize-*")), "the recorder's data root is gone"
+
+    index = json.loads(_registry_json(registry.host, f"prefetch/optimize/manifests/{new.group(1)}"))
+    kinds = [l["mediaType"] for l in index["layers"]]
+    n = kinds.count(mt.SOCI_LAYER)
+    assert n >= 1 and kinds == [mt.SOCI_LAYER] * n + [mt.SOCI_PREFETCH] * (len(kinds) - n), kinds
+    [zdesc] = [l for l in index["layers"] if l["mediaType"] == mt.SOCI_LAYER and
+               l["annotations"][ANN_LAYER] == big.digest]
+    [pdesc] = [l for l in index["layers"] if l["mediaType"] == mt.SOCI_PREFETCH and
+               l["annotations"] == {ANN_LAYER: big.digest}]
+    ztoc = Ztoc.parse(_registry_json(registry.host, f"prefetch/optimize/blobs/{zdesc['digest']}"))
+    obj = _check_reference_shape(_registry_json(registry.host, f"prefetch/optimize/blobs/{pdesc['digest']}"))
+    named = [i for s in sorted(obj["prefetch_spans"], key=lambda s: s.get("priority", 0))
+             for i in range(s["start_span"], s["end_span"] + 1)]
+    read = _spans_of(ztoc, "opt/tail.bin") | _spans_of(ztoc, "opt/app.bin") | _spans_of(ztoc, "opt")
+    assert read <= set(named), f"spans read {sorted(read)}, recorded {named}"
+    untouched = (_spans_of(ztoc, "opt/skip.bin", False) | _spans_of(ztoc, "opt/more.bin", False)) - read
+    assert untouched and not untouched & set(named), "only what the run read is recorded"
+    assert named.index(min(_spans_of(ztoc, "opt/tail.bin", False))) < \
+        named.index(min(_spans_of(ztoc, "opt/app.bin", False))), "in the order the run read them"
+
+    _lazy_pull_prefetches(registry, data_root, tmp_path, "prefetch/optimize", big, ztoc, set(named),
+                          {"opt/app.bin": 200_000, "opt/tail.bin": 300_000}, new.group(1))

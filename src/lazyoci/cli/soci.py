@@ -99,6 +99,30 @@ def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, prefe
         click.echo(f"soci index: {r.digest} ({r.platform})")
 
 
+@soci_group.command("optimize", context_settings={"allow_interspersed_args": False})
+@click.option("--soci-index-digest", default=None, help="Record with this SOCI index instead of discovering one.")
+@click.argument("ref")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def optimize_cmd(soci_index_digest, ref, command) -> None:
+    """Run REF lazily (with COMMAND, or its own), record the spans it reads, and push its SOCI
+    index again with them as prefetch artifacts (the image is not changed)."""
+    from lazyoci.cli.context import app
+    from lazyoci.cli.shared import registry_options
+    from lazyoci.images.service import ImageService
+    from lazyoci.soci.optimize import optimize
+    from lazyoci.store.layout import DataRoot
+
+    if command[:1] == ("--",):      # `soci optimize REF -- CMD...`: click keeps the `--` after REF
+        command = command[1:]
+    ctx = app()
+    result = optimize(DataRoot(ctx.root), ctx.config, lambda root: ImageService(root, registry_options(ctx)),
+                      ref, tuple(command), soci_index_digest, lambda line: click.echo(line, err=True))
+    if result.exit_code:
+        click.echo(f"the workload exited {result.exit_code}; its reads up to then were recorded", err=True)
+    click.echo(f"soci index: {result.index.digest} (replaces {result.replaced} for lazy pulls that name it "
+               f"with --soci-index-digest)")
+
+
 @soci_group.command("push")
 @click.option("--platform", default=None, help="Platform whose index to push (default: the host's).")
 @click.option("--existing-index", type=click.Choice(["warn", "skip", "allow"]), default="warn",

@@ -117,6 +117,7 @@ class SpanFetcher:
         self._fetched: set[int] = set()           # spans this run fetched and verified
         self._read_data: set[int] = set()         # spans file data reads touched
         self._read_header: set[int] = set()       # spans tar header checks touched
+        self._order: dict[int, None] = {}         # every span reads touched, in the order of first touch
         self.last_demand = 0.0                    # monotonic time of the last on-demand fetch
 
     # -- public --------------------------------------------------------------
@@ -207,9 +208,16 @@ class SpanFetcher:
     def _compressed(self, spans: set[int]) -> int:
         return sum(c1 - c0 for c0, c1 in map(self.ztoc.span_compressed_range, spans))
 
+    def read_order(self) -> list[int]:
+        """The spans reads have touched since the mount, in the order they first did (what
+        `lazyoci soci optimize` records as the layer's prefetch artifact)."""
+        with self._lock:
+            return list(self._order)
+
     def _note_read(self, spans: range, nbytes: int, header: bool) -> None:
         with self._lock:
             (self._read_header if header else self._read_data).update(spans)
+            self._order.update(dict.fromkeys(spans))
             self.stats.read_bytes += nbytes
 
     def _plan_read_ahead(self, spans: range | list[int], until: int | None = None) -> list[int]:

@@ -11,6 +11,7 @@ Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "mount_layer", "ref", "layer_digest", "ztoc_digest"} -> {"ok": true, "path": ...}
     {"op": "unmount_layer", "layer_digest", "ztoc_digest"} -> {"ok": true, "unmounted": bool}
     {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N, ...}
+    {"op": "read_order"}                             -> {"ok": true, "views": [[layer, ztoc, [span, ...]], ...]}
     {"op": "shutdown"}                               -> {"ok": true}; then unmounts and exits
 Errors: {"ok": false, "error": message, "type": LazyociError subclass name}.
 """
@@ -189,6 +190,8 @@ class Service:
                     "cache_max_bytes": self.layers.cache.max_bytes,
                     "background_fetch": self.layers.background is not None,
                     "layers": [s.to_json() for s in self.layers.status()]}
+        if op == "read_order":       # the spans reads touched, for `lazyoci soci optimize`
+            return {"ok": True, "views": [list(v) for v in self.layers.read_order()]}
         if op == "shutdown":
             return {"ok": True}
         raise LazyociError(f"unknown request {op!r}")

@@ -310,6 +310,10 @@ class LayerManager:
                 prefetch_spans=progress.spans if progress else 0, prefetch_done=progress.done if progress else 0))
         return sorted(out, key=lambda s: s.layer_digest)
 
+    def read_order(self) -> list[tuple[str, str, list[int]]]:
+        """(layer, zTOC, spans in the order reads first touched them) of every mounted view."""
+        return [(l.digest, l.ztoc_digest, l.fetcher.read_order()) for l in self.fs.layers()]
+
     def start_background(self) -> None:
         if self.background is not None:
             self.background.start()
