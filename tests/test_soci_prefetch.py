@@ -155,6 +155,12 @@ def test_push_with_prefetch_files_then_a_lazy_pull_prefetches_them_before_any_re
     named = {i for s in obj["prefetch_spans"] for i in range(s["start_span"], s["end_span"] + 1)}
     assert named == wanted and len(named) < ztoc.num_spans / 2
     assert manifest["layers"][1]["digest"] == big.digest
+    # the reference's inspection commands see it in the builder's store
+    ls = _lz(builder, config, "soci", "prefetch", "ls").stdout.splitlines()
+    assert ls[0].split() == ["DIGEST", "LAYER", "DIGEST", "SPANS", "CREATED"]
+    assert ls[1].split()[:3] == [pdesc["digest"], big.digest, str(len(named))]
+    info = _lz(builder, config, "soci", "prefetch", "info", pdesc["digest"]).stdout
+    assert f"Layer Digest:  {big.digest}" in info and f"Total spans to prefetch: {len(named)}" in info
     _lazy_pull_prefetches(registry, data_root, tmp_path, "prefetch/made", big, ztoc, named,
                           {"opt/app.bin": 200_000, "opt/conf.txt": 500})
 

@@ -152,6 +152,52 @@ def push_cmd(platform, existing_index, ref) -> None:
         images.close()
 
 
+@soci_group.group("prefetch")
+def prefetch_group() -> None:
+    """Prefetch artifacts of the SOCI indexes stored locally."""
+
+
+@prefetch_group.command("ls")
+@click.option("-q", "--quiet", is_flag=True, help="Digests only.")
+def prefetch_list(quiet) -> None:
+    """List the prefetch artifacts (the reference's `soci prefetch ls`)."""
+    from lazyoci.soci.prefetch import PrefetchArtifact, stored_artifacts
+    from lazyoci.soci.records import SociRecords
+    images = image_service()
+    found = stored_artifacts(images.blobs, SociRecords(images.db))
+    if quiet:
+        for a in found:
+            click.echo(a.digest)
+        return
+    now = time.time()
+    _table([("DIGEST", "LAYER DIGEST", "SPANS", "CREATED")] +
+           [(a.digest, a.layer_digest,
+             str(len(PrefetchArtifact.parse(images.blobs.read(a.digest), f"prefetch artifact {a.digest}").spans())),
+             f"{int(now - a.created_at)}s ago") for a in found if images.blobs.has(a.digest)])
+
+
+@prefetch_group.command("info")
+@click.argument("digest")
+def prefetch_info(digest) -> None:
+    """Show one prefetch artifact: its span ranges and the layer it belongs to."""
+    from lazyoci.soci.prefetch import PrefetchArtifact, stored_artifacts
+    from lazyoci.soci.records import SociRecords
+    images = image_service()
+    digest = _full_digest(digest)
+    known = {a.digest: a for a in stored_artifacts(images.blobs, SociRecords(images.db))}
+    if digest not in known or not images.blobs.has(digest):
+        raise StoreError(f"no prefetch artifact {digest} in the SOCI indexes stored locally")
+    a = known[digest]
+    artifact = PrefetchArtifact.parse(images.blobs.read(digest), f"prefetch artifact {digest}")
+    click.echo(f"Digest:        {digest}\nVersion:       {artifact.version}\n"
+               f"Span Ranges:   {len(artifact.prefetch_spans)}\nLayer Digest:  {a.layer_digest}\n"
+               f"Size:          {a.size} bytes\nIndex:         {a.index_digest}\n\nPrefetch Spans:")
+    for n, r in enumerate(artifact.prefetch_spans):
+        click.echo(f"  [{n}] StartSpan: {r.start_span}, EndSpan: {r.end_span} "
+                   f"(covers {r.end_span - r.start_span + 1} spans)\n      Priority: {r.priority}")
+    click.echo(f"\nTotal spans to prefetch: {len(artifact.spans())}")
+
+
 @soci_group.group("index")
 def index_group() -> None:
     """SOCI indexes stored locally."""

@@ -30,6 +30,8 @@ from lazyoci.soci.index import ANN_LAYER_DIGEST, go_json
 
 if TYPE_CHECKING:
     from lazyoci.fs.layer_index import LayerIndex
+    from lazyoci.soci.records import SociRecords
+    from lazyoci.store.blobs import BlobStore
 
 VERSION = "1.0"
 MAX_ARTIFACT_BYTES = 4 << 20        # a range is ~40 bytes: far more ranges than any zTOC has spans
@@ -197,3 +199,27 @@ def load_prefetch_files(files: Iterable[str], json_file: Path | None) -> tuple[s
             raise ConfigError(f"--prefetch-files-json {json_file} must hold a JSON array of strings")
         out += [p.strip() for p in obj if p.strip()]
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """A prefetch artifact named by a SOCI index stored locally (`soci prefetch ls`)."""
+
+    digest: str
+    layer_digest: str
+    size: int
+    index_digest: str
+    created_at: float                  # when its index was stored
+
+
+def stored_artifacts(blobs: "BlobStore", records: "SociRecords") -> list[StoredArtifact]:
+    """Every prefetch artifact of the locally stored indexes, once each (the newest index's)."""
+    from lazyoci.soci.index import SociIndex
+    seen: dict[str, StoredArtifact] = {}
+    for rec in sorted(records.indexes(), key=lambda r: r.created_at):
+        if not blobs.has(rec.index_digest):
+            continue
+        for d in SociIndex.parse(blobs.read(rec.index_digest)).prefetch:
+            seen[d.digest] = StoredArtifact(d.digest, d.annotations.get(ANN_LAYER_DIGEST, ""), d.size,
+                                            rec.index_digest, rec.created_at)
+    return list(seen.values())
