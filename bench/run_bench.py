@@ -159,7 +159,7 @@ def unread_bytes(root: Path) -> tuple[int, int, int, int] | None:
             sum(l.get("fetched_spans", 0) for l in layers), sum(l.get("header_only_spans", 0) for l in layers))
 
 
-def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, index: str | None = None) -> dict:
+def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: dict | None = None) -> dict:
     """One measured pull + run on a fresh data root; always cleans up."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -175,8 +175,11 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, index: st
     try:
         proxy.reset()
         t0 = time.monotonic()
+        # the index by digest: with an optimized index beside the plain one, discovery would take
+        # whichever the registry lists first
+        index = (indexes or {}).get("optimized_index" if mode == "soci-optimized" else "index")
         lazyoci(root, cfg, "pull", "-q", "--snapshotter", snap, ref,
-                *(["--soci-index-digest", index] if mode == "soci-optimized" and index else []), log_file=cli_log)
+                *(["--soci-index-digest", index] if snap == "soci" and index else []), log_file=cli_log)
         result["pull_s"] = time.monotonic() - t0
         s = proxy.stats()
         result["pull_bytes"], result["pull_requests"] = s["bytes"], s["requests"]
@@ -241,6 +244,8 @@ def prepare_image(name: str, reg: localreg.Registry, setup: Path, optimize: bool
     lazyoci(root, cfg, "push", "--snapshotter", "soci", f"{reg.host}/{repo}",
             *(["--soci-span-size", str(span_size)] if span_size else []), log_file=log_file)
     ztocs = sum(1 for line in log_file.read_text().splitlines() if "-> ztoc" in line)
+    plain = [line.rsplit(" ", 1)[1] for line in log_file.read_text().splitlines()
+             if "pushing soci index with digest: " in line]
     listed = subprocess.run([LAZYOCI, "--root", str(root), "--config", str(cfg), "soci", "ztoc", "list"],
                             capture_output=True, text=True, check=True).stdout.splitlines()[1:]
     ztoc_bytes = sum(int(line.split()[1]) for line in listed)
@@ -259,6 +264,7 @@ def prepare_image(name: str, reg: localreg.Registry, setup: Path, optimize: bool
     facts = {**meta, "layers": len(manifest["layers"]),
              "compressed_bytes": sum(l["size"] for l in manifest["layers"]),
              "ztocs": ztocs, "setup_s": round(time.monotonic() - t0, 1), "optimized_index": optimized,
+             "index": plain[-1] if plain else None,
              "ztoc_bytes": ztoc_bytes, "span_size": span_size or 4 << 20}
     log(f"{name}: pushed with a SOCI index ({ztocs} zTOCs) in {facts['setup_s']}s")
     shutil.rmtree(setup / name, ignore_errors=True)
@@ -311,7 +317,7 @@ def _load_range() -> str:
 
 
 def write_report(command: str, mach: dict, facts: dict, rows: list[dict], started: float) -> None:
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     out = ["# lazyoci benchmark results", "",
            f"Command: `{command}` at commit {mach['commit']}  ",
            f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['memory_gib']} GiB memory, "
@@ -427,6 +433,9 @@ def main() -> None:
     started = time.monotonic()
     WORK.mkdir(exist_ok=True)
     mach = machine()
+    # a registry of this run alone: an index pushed by an earlier run (another span size, an
+    # optimized one) would be among the referrers, and discovery takes the first
+    shutil.rmtree(WORK / "registry", ignore_errors=True)
     reg = localreg.start_registry(WORK / "registry")
     proxies: list[localreg.Proxy] = []
     runs: list[dict] = []
@@ -452,7 +461,7 @@ def main() -> None:
                         rec = {"image": name, "profile": profile, "mode": mode, "run": i + 1,
                                "loadavg": round(os.getloadavg()[0], 2)}
                         try:
-                            rec.update(one_run(ref, mode, proxy, WORK / "run", facts[name].get("optimized_index")))
+                            rec.update(one_run(ref, mode, proxy, WORK / "run", facts[name]))
                             log(f"{name} {profile} {mode} #{i + 1}: pull {rec['pull_s']:.2f}s, "
                                 f"ready {rec['ready_s']:.2f}s, {rec['bytes'] / 1e6:.1f} MB in "
                                 f"{rec['requests']} requests, service RSS {rec['service_peak_rss_mib']} MiB")
@@ -461,7 +470,7 @@ def main() -> None:
                             log(f"{name} {profile} {mode} #{i + 1}: FAILED {rec['error'][:300]}")
                         runs.append(rec)
                         _RUNS_SEEN.append(rec)
-                        (RESULTS).mkdir(exist_ok=True)
+                        RESULTS.mkdir(parents=True, exist_ok=True)
                         (RESULTS / "results.json").write_text(json.dumps(
                             {"command": command, "machine": mach, "images": facts, "runs": runs}, indent=1))
                         write_report(command, mach, facts, summarize(runs), started)
