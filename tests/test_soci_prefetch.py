@@ -161,6 +161,14 @@ def test_push_with_prefetch_files_then_a_lazy_pull_prefetches_them_before_any_re
     assert ls[1].split()[:3] == [pdesc["digest"], big.digest, str(len(named))]
     info = _lz(builder, config, "soci", "prefetch", "info", pdesc["digest"]).stdout
     assert f"Layer Digest:  {big.digest}" in info and f"Total spans to prefetch: {len(named)}" in info
+    # soci convert takes the same flags: its v2 index carries the same artifact
+    conv = _lz(builder, config, "soci", "convert", "--span-size", str(SPAN), "--min-layer-size", "100000",
+               "--prefetch-file", "/opt/app.bin", "--prefetch-files-json", str(listed), src,
+               f"{registry.host}/prefetch/made:soci").stdout
+    v2 = re.search(r"soci index: (sha256:[0-9a-f]{64})", conv).group(1)
+    v2_index = json.loads(_lz(builder, config, "soci", "index", "info", v2).stdout)
+    assert [l["mediaType"] for l in v2_index["layers"]] == [mt.SOCI_LAYER, mt.SOCI_PREFETCH]
+    assert v2_index["layers"][1]["digest"] == pdesc["digest"]
     _lazy_pull_prefetches(registry, data_root, tmp_path, "prefetch/made", big, ztoc, named,
                           {"opt/app.bin": 200_000, "opt/conf.txt": 500})
 
