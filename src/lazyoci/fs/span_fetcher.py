@@ -119,6 +119,7 @@ class SpanFetcher:
         self._read_header: set[int] = set()       # spans tar header checks touched
         self._order: dict[int, None] = {}         # every span reads touched, in the order of first touch
         self.last_demand = 0.0                    # monotonic time of the last on-demand fetch
+        self.first_read_at: float | None = None   # wall time of the first read (a lazy start's phases)
 
     # -- public --------------------------------------------------------------
 
@@ -216,6 +217,8 @@ class SpanFetcher:
 
     def _note_read(self, spans: range, nbytes: int, header: bool) -> None:
         with self._lock:
+            if self.first_read_at is None:
+                self.first_read_at = time.time()
             (self._read_header if header else self._read_data).update(spans)
             self._order.update(dict.fromkeys(spans))
             self.stats.read_bytes += nbytes

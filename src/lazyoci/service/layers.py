@@ -71,6 +71,8 @@ class LayerStatus:
     header_only_spans: int    # spans fetched that only tar header checks read
     prefetch_spans: int       # spans of the layer's prefetch artifact not cached at mount (0: none)
     prefetch_done: int        # of those, fetched by now
+    mounted_at: float         # wall time the view was mounted
+    first_read_at: float | None   # wall time of its first read (None: not read yet)
 
     @property
     def percent(self) -> float:
@@ -307,7 +309,8 @@ class LayerManager:
                 fetched_bytes=f.cache.cached_bytes, total_bytes=f.cache.total_bytes,
                 network_bytes=f.stats.bytes, read_bytes=f.stats.read_bytes, fetched_spans=use.fetched,
                 unread_spans=use.unread, unread_bytes=use.unread_bytes, header_only_spans=use.header_only,
-                prefetch_spans=progress.spans if progress else 0, prefetch_done=progress.done if progress else 0))
+                prefetch_spans=progress.spans if progress else 0, prefetch_done=progress.done if progress else 0,
+                mounted_at=layer.mounted_at, first_read_at=f.first_read_at))
         return sorted(out, key=lambda s: s.layer_digest)
 
     def read_order(self) -> list[tuple[str, str, list[int]]]:
