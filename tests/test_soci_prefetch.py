@@ -169,6 +169,11 @@ def test_push_with_prefetch_files_then_a_lazy_pull_prefetches_them_before_any_re
     v2_index = json.loads(_lz(builder, config, "soci", "index", "info", v2).stdout)
     assert [l["mediaType"] for l in v2_index["layers"]] == [mt.SOCI_LAYER, mt.SOCI_PREFETCH]
     assert v2_index["layers"][1]["digest"] == pdesc["digest"]
+    # and so does `soci create --remote`, which streams the layers from the registry
+    remote = _lz(tmp_path / "remote-root", config, "soci", "create", "--remote", "--span-size", str(SPAN),
+                 "--min-layer-size", "100000", "--prefetch-file", "/opt/app.bin", "--prefetch-files-json",
+                 str(listed), src).stdout
+    assert re.search(r"soci index: (sha256:[0-9a-f]{64})", remote).group(1) == idx
     _lazy_pull_prefetches(registry, data_root, tmp_path, "prefetch/made", big, ztoc, named,
                           {"opt/app.bin": 200_000, "opt/conf.txt": 500})
 

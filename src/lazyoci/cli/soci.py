@@ -43,8 +43,6 @@ def create_cmd(span_size, min_layer_size, platform, all_platforms, force, remote
         raise ConfigError("--push goes with --remote (for a local image use `lazyoci soci push`)")
     options = soci_build_options(span_size, min_layer_size, force,
                                  prefetch_files=prefetch_files(prefetch_file, prefetch_files_json))
-    if remote and options.prefetch_files:
-        raise ConfigError("--prefetch-file is not supported with --remote yet: index the image locally")
     images = image_service()
     try:
         if remote:
