@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from lazyoci.cli.shared import image_service, soci_build_options
+from lazyoci.cli.shared import image_service, prefetch_files, prefetch_flags, soci_build_options
 from lazyoci.errors import ConfigError, LazyociError, StoreError
 from lazyoci.oci.platform import Platform
 
@@ -49,15 +49,18 @@ def soci_group() -> None:
 @click.option("--remote", is_flag=True, help="Index an image in its registry, streaming each layer once.")
 @click.option("--push", "push_after", is_flag=True, help="With --remote: push the index when built.")
 @click.option("--optimizations", multiple=True, help=_OPTIMIZATIONS_HELP)
+@prefetch_flags
 @click.argument("ref")
 def create_cmd(span_size, min_layer_size, platform, all_platforms, force, remote, push_after, optimizations,
-               ref) -> None:
+               prefetch_file, prefetch_files_json, ref) -> None:
     """Build a SOCI index (v1) for REF."""
     if platform and all_platforms:
         raise ConfigError("--platform and --all-platforms are exclusive")
     if push_after and not remote:
         raise ConfigError("--push goes with --remote (for a local image use `lazyoci soci push`)")
-    options = _optimized(soci_build_options(span_size, min_layer_size, force), optimizations)
+    options = _optimized(soci_build_options(span_size, min_layer_size, force,
+                                            prefetch_files=prefetch_files(prefetch_file, prefetch_files_json)),
+                         optimizations)
     images = image_service()
     try:
         if remote:
@@ -92,9 +95,11 @@ def _local_targets(images, ref: str, platforms: list[Platform], all_platforms: b
 @click.option("--all-platforms", is_flag=True, help="Convert every platform stored locally.")
 @click.option("--force", is_flag=True, help="Rebuild zTOCs even when one exists for a layer.")
 @click.option("--optimizations", multiple=True, help=_OPTIMIZATIONS_HELP)
+@prefetch_flags
 @click.argument("src")
 @click.argument("dst")
-def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, optimizations, src, dst) -> None:
+def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, optimizations, prefetch_file,
+                prefetch_files_json, src, dst) -> None:
     """Make DST: SRC with SOCI v2 indexes inside it (push DST with `lazyoci push`)."""
     from lazyoci.soci.convert import convert
     if platform and all_platforms:
@@ -102,13 +107,39 @@ def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, optim
     images = image_service()
     try:
         result = convert(images, src, dst,
-                         _optimized(soci_build_options(span_size, min_layer_size, force, "v2"), optimizations),
+                         _optimized(soci_build_options(span_size, min_layer_size, force, "v2",
+                                                       prefetch_files(prefetch_file, prefetch_files_json)),
+                                    optimizations),
                          _platforms(platform) or None, all_platforms, click.echo)
     finally:
         images.close()
     click.echo(f"converted image index: {result.digest}")
     for r in result.indexes:
         click.echo(f"soci index: {r.digest} ({r.platform})")
+
+
+@soci_group.command("optimize", context_settings={"allow_interspersed_args": False})
+@click.option("--soci-index-digest", default=None, help="Record with this SOCI index instead of discovering one.")
+@click.argument("ref")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def optimize_cmd(soci_index_digest, ref, command) -> None:
+    """Run REF lazily (with COMMAND, or its own), record the spans it reads, and push its SOCI
+    index again with them as prefetch artifacts (the image is not changed)."""
+    from lazyoci.cli.context import app
+    from lazyoci.cli.shared import registry_options
+    from lazyoci.images.service import ImageService
+    from lazyoci.soci.optimize import optimize
+    from lazyoci.store.layout import DataRoot
+
+    if command[:1] == ("--",):      # `soci optimize REF -- CMD...`: click keeps the `--` after REF
+        command = command[1:]
+    ctx = app()
+    result = optimize(DataRoot(ctx.root), ctx.config, lambda root: ImageService(root, registry_options(ctx)),
+                      ref, tuple(command), soci_index_digest, lambda line: click.echo(line, err=True))
+    if result.exit_code:
+        click.echo(f"the workload exited {result.exit_code}; its reads up to then were recorded", err=True)
+    click.echo(f"soci index: {result.index.digest} (replaces {result.replaced} for lazy pulls that name it "
+               f"with --soci-index-digest)")
 
 
 @soci_group.command("push")
@@ -138,6 +169,52 @@ def push_cmd(platform, existing_index, ref) -> None:
         push_index(images.client, Reference.parse(ref), images.blobs, index, click.echo, existing_index)
     finally:
         images.close()
+
+
+@soci_group.group("prefetch")
+def prefetch_group() -> None:
+    """Prefetch artifacts of the SOCI indexes stored locally."""
+
+
+@prefetch_group.command("ls")
+@click.option("-q", "--quiet", is_flag=True, help="Digests only.")
+def prefetch_list(quiet) -> None:
+    """List the prefetch artifacts (the reference's `soci prefetch ls`)."""
+    from lazyoci.soci.prefetch import PrefetchArtifact, stored_artifacts
+    from lazyoci.soci.records import SociRecords
+    images = image_service()
+    found = stored_artifacts(images.blobs, SociRecords(images.db))
+    if quiet:
+        for a in found:
+            click.echo(a.digest)
+        return
+    now = time.time()
+    _table([("DIGEST", "LAYER DIGEST", "SPANS", "CREATED")] +
+           [(a.digest, a.layer_digest,
+             str(len(PrefetchArtifact.parse(images.blobs.read(a.digest), f"prefetch artifact {a.digest}").spans())),
+             f"{int(now - a.created_at)}s ago") for a in found if images.blobs.has(a.digest)])
+
+
+@prefetch_group.command("info")
+@click.argument("digest")
+def prefetch_info(digest) -> None:
+    """Show one prefetch artifact: its span ranges and the layer it belongs to."""
+    from lazyoci.soci.prefetch import PrefetchArtifact, stored_artifacts
+    from lazyoci.soci.records import SociRecords
+    images = image_service()
+    digest = _full_digest(digest)
+    known = {a.digest: a for a in stored_artifacts(images.blobs, SociRecords(images.db))}
+    if digest not in known or not images.blobs.has(digest):
+        raise StoreError(f"no prefetch artifact {digest} in the SOCI indexes stored locally")
+    a = known[digest]
+    artifact = PrefetchArtifact.parse(images.blobs.read(digest), f"prefetch artifact {digest}")
+    click.echo(f"Digest:        {digest}\nVersion:       {artifact.version}\n"
+               f"Span Ranges:   {len(artifact.prefetch_spans)}\nLayer Digest:  {a.layer_digest}\n"
+               f"Size:          {a.size} bytes\nIndex:         {a.index_digest}\n\nPrefetch Spans:")
+    for n, r in enumerate(artifact.prefetch_spans):
+        click.echo(f"  [{n}] StartSpan: {r.start_span}, EndSpan: {r.end_span} "
+                   f"(covers {r.end_span - r.start_span + 1} spans)\n      Priority: {r.priority}")
+    click.echo(f"\nTotal spans to prefetch: {len(artifact.spans())}")
 
 
 @soci_group.group("index")

@@ -380,10 +380,11 @@ class LayerFS(pyfuse3.Operations):
         if last and e.offset + e.size > t.index.span_uncompressed_range(last[0])[1]:
             fetcher.prefetch(last[0] + 1)     # the file goes on in the next span: read ahead
         try:
-            data = fetcher.read_cached(start, end)
+            file_end = e.offset + e.size          # read-ahead stays inside the file
+            data = fetcher.read_cached(start, end, file_end)
             if data is not None:
                 return data
-            return await trio.to_thread.run_sync(fetcher.read, start, end)
+            return await trio.to_thread.run_sync(fetcher.read, start, end, False, True, file_end)
         except LazyociError as exc:
             log.error("read of %s in layer %s failed: %s", t.name(n).decode(errors="replace"),
                       layer.digest, exc)

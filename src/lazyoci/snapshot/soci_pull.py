@@ -146,6 +146,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
               progress=None, log: Callable[[str], None] | None = None,
               index_digest: str | None = None) -> "LocalImage":
     from lazyoci.snapshot.soci import LazyLayerRecord
+    from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
     from lazyoci.soci import discover_index
 
     # The INFO line of a fallback must reach the user even when the caller gave no log.
@@ -170,6 +171,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
         mounter = _EarlyMounter(snap)
         try:
             _store_blob(images, client, reference, found.digest, None, owner, raw=found.manifest.raw)
+            index = found.index
             for layer in manifest.layers:
                 zdesc = found.ztocs.get(layer.digest)
                 if zdesc is None:
@@ -177,6 +179,8 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
                 _store_blob(images, client, reference, zdesc.digest, zdesc.size, owner)
                 rec = LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest)
                 snap.record_lazy_layer(rec)
+                take_prefetch_artifact(index, layer.digest, zdesc.digest, images.blobs, images.db,
+                                       lambda d, n: _store_blob(images, client, reference, d, n, owner), say)
                 mounter.submit(rec)
                 lazy[layer.digest] = zdesc.digest
         except LazyociError as e:

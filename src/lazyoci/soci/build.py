@@ -51,6 +51,7 @@ class SociBuildOptions:
     build_tool: str | None = None       # None: lazyoci's own (lazyoci.ztoc.BUILD_TOOL)
     workers: int = 2                    # zTOCs built at once
     optimizations: tuple[str, ...] = ()   # of OPTIMIZATIONS
+    prefetch_files: tuple[str, ...] = ()    # paths whose spans the index's prefetch artifacts name
 
     def __post_init__(self) -> None:
         from lazyoci.errors import ConfigError
@@ -219,6 +220,30 @@ def build_ztocs(manifest: Manifest, open_layer: OpenLayer, options: SociBuildOpt
     return built, skipped
 
 
+def build_prefetch_artifacts(blobs: "BlobStore", built: list[LayerZtoc], paths: tuple[str, ...],
+                             log: Log, lease: "Lease | None" = None) -> list[Descriptor]:
+    """Store a prefetch artifact for each layer holding some of `paths` (soci/prefetch.py);
+    returns their index entries, in layer order, as the reference lists them after the zTOCs."""
+    if not paths:
+        return []
+    from lazyoci.soci.prefetch import artifact_descriptor, artifacts_for_files
+    from lazyoci.ztoc import Ztoc
+    layers = [(b.layer.digest, Ztoc.parse(blobs.read(b.ztoc.digest))) for b in built]
+    artifacts = artifacts_for_files(layers, paths, lambda line: log(f"WARN {line}"))
+    out = []
+    for b in built:
+        artifact = artifacts.get(b.layer.digest)
+        if artifact is None:
+            continue
+        desc, raw = artifact_descriptor(artifact, b.layer.digest)
+        if lease is not None:
+            lease.add([desc.digest])
+        blobs.put_bytes(raw, desc.digest)
+        log(f"Created prefetch artifact for layer {b.layer.digest}: {desc.digest}")
+        out.append(desc)
+    return out
+
+
 def store_index(blobs: "BlobStore", records: SociRecords, index: SociIndex, manifest: Descriptor,
                 image_digest: str, image_name: str | None, platform: Platform, origin: str,
                 lease: "Lease | None" = None) -> None:
@@ -268,7 +293,8 @@ def build_index(images: "ImageService", image: "LocalImage", options: SociBuildO
             f"no zTOCs created for {image.name or image.digest}: all {len(manifest.layers)} layers are "
             f"smaller than min-layer-size {options.min_layer_size} or compressed with an unsupported "
             "format; lower --min-layer-size to index smaller layers")
-    index = make_index(options.version, [b.ztoc for b in built],
+    prefetch = build_prefetch_artifacts(images.blobs, built, options.prefetch_files, log, lease)
+    index = make_index(options.version, [b.ztoc for b in built] + prefetch,
                        mdesc if options.version == "v1" else None, options.tool)
     platform = image.config.platform
     store_index(images.blobs, records, index, mdesc, image.digest, image.name, platform, "built", lease)
