@@ -29,6 +29,10 @@ zTOC that hides a file whose content is itself a tar archive, and lists
 entries inside that content, gets those entries past the per-entry check
 (the first of them fails, the ones after it pass); their bytes are real bytes
 of the layer, in the wrong place. The whole-layer check finds it.
+
+zstd:chunked layers are not checked here: their index (zstdchunked/toc.py) serves a stream
+of file contents without tar headers, and their TOC's digest is in the image manifest's
+annotations, so it is the image author's word, as the tar is (see that module).
 """
 
 from __future__ import annotations
@@ -105,13 +109,16 @@ class LayerVerifier:
     """Which entries of one layer were checked against their tar headers, and the checks themselves.
 
     `read` returns verified bytes of the layer's tar stream (fetching spans as needed);
-    `read_cached` the same from the disk cache only, or None. Thread-safe: a race checks
-    an entry twice, never serves it unchecked.
+    `read_cached` the same from the disk cache only, or None; `read_layer` (default `read`)
+    serves the whole-layer check, which is no workload's read and is not counted as one.
+    Thread-safe: a race checks an entry twice, never serves it unchecked.
     """
 
-    def __init__(self, ztoc: LayerIndex, read: ReadRange, read_cached: ReadCached, layer: str) -> None:
+    def __init__(self, ztoc: LayerIndex, read: ReadRange, read_cached: ReadCached, layer: str,
+                 read_layer: ReadRange | None = None) -> None:
         self.ztoc = ztoc
         self.read = read
+        self.read_layer = read_layer or read
         self.read_cached = read_cached
         self.layer = layer
         self.state = bytearray(len(ztoc))
@@ -245,7 +252,7 @@ class LayerVerifier:
         ztoc = self.ztoc
         order = sorted(range(len(ztoc)), key=lambda i: ztoc.entry(i).offset)
         try:
-            f = ForwardFile(_LayerStream(self.read, ztoc.uncompressed_size))
+            f = ForwardFile(_LayerStream(self.read_layer, ztoc.uncompressed_size))
             members = iter_headers(f)
             for i in order:
                 entry = ztoc.entry(i)

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from lazyoci.oci.manifest import Descriptor
     from lazyoci.registry.client import RegistryClient
     from lazyoci.snapshot.layer_server import LayerServer
+    from lazyoci.store.blobs import BlobStore
+    from lazyoci.store.db import Database
 
 __all__ = ["ImageFetcher", "LazyPull", "LazySnapshots"]
 
@@ -62,7 +64,11 @@ class ImageFetcher(Protocol):
 
 
 class LazySnapshots(Protocol):
-    """The snapshotter side of a lazy pull: unpack while downloading, then commit the layers."""
+    """The snapshotter side of a lazy pull: unpack while downloading, then commit the layers;
+    its blob store and database (a layer's prefetch artifact is recorded beside its view)."""
+
+    blobs: "BlobStore"
+    db: "Database"
 
     def layer_consumer(self, desc: "Descriptor") -> "LayerConsumer | None": ...
     def unpack_image(self, images: object, image: "LocalImage") -> str | None: ...
@@ -172,6 +178,7 @@ class LazyPull:
 
     def run(self, ref: str, platform: Platform | None = None, progress: "ProgressSink | None" = None,
              index_digest: str | None = None) -> "LocalImage":
+        from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
         from lazyoci.soci import discover_index
 
         say = self.log
@@ -196,6 +203,7 @@ class LazyPull:
             mounter = _EarlyMounter(self.server)
             try:
                 self._store_blob(reference, found.digest, None, owner, raw=found.manifest.raw)
+                index = found.index
                 for layer in manifest.layers:
                     zdesc = found.ztocs.get(layer.digest)
                     if zdesc is None:
@@ -203,6 +211,9 @@ class LazyPull:
                     self._store_blob(reference, zdesc.digest, zdesc.size, owner)
                     rec = LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest)
                     self.records.record_layer(rec)
+                    take_prefetch_artifact(index, layer.digest, zdesc.digest, self.snapshots.blobs,
+                                           self.snapshots.db,
+                                           lambda d, n: self._store_blob(reference, d, n, owner), say)
                     mounter.submit(rec)
                     lazy[layer.digest] = zdesc.digest
             except LazyociError as e:
@@ -215,6 +226,25 @@ class LazyPull:
                 mounter.rollback()      # nothing was submitted, or the fallback already rolled back: stop the worker
             if not lazy and reason is None:
                 reason = f"the SOCI index {found.digest} has no zTOC for any layer of the image"
+        # zstd:chunked wiring: a layer without a zTOC that carries its own TOC is lazy through it
+        from lazyoci.zstdchunked.fetch import chunked_tocs
+        chunked = chunked_tocs(client, reference, manifest.layers, lazy, say)
+        if chunked:
+            self.server.spawn()
+            if not lazy:            # no SOCI mounter, or one stopped with nothing to mount
+                mounter = _EarlyMounter(self.server)
+            try:
+                for toc in chunked.values():
+                    self._store_blob(reference, toc.digest, None, f"zstd-chunked:{toc.layer_digest}", raw=toc.data)
+                    rec = LazyLayerRecord(toc.layer_digest, toc.digest, f"{reference.name}@{manifest_digest}",
+                                          toc.digest)
+                    self.records.record_layer(rec)
+                    mounter.submit(rec)
+                    lazy[toc.layer_digest] = toc.digest
+            except BaseException:
+                mounter.rollback()
+                raise
+            reason = None
         if reason is not None:
             say(f"INFO: {reason} for {reference}: downloading every layer before the container starts "
                 f"(no lazy loading)")
