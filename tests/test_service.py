@@ -82,9 +82,9 @@ def test_concurrent_starts_make_one_service(data_root, tmp_path):
         client.stop(force=True)
 
 
-def test_status_after_kill_9_names_the_stale_mount_and_start_takes_it_over(data_root, tmp_path):
-    """`service status` after a kill -9 says a stale FUSE mount remains and how to clear it;
-    `service start` detaches it and serves again; `service stop` then leaves no mount."""
+def test_status_after_kill_9_says_the_sessions_wait_and_start_takes_them_over(data_root, tmp_path):
+    """`service status` after a kill -9 says the holder keeps the FUSE sessions waiting and how to
+    resume; `service start` takes the same mount over; `service stop` then leaves no mount."""
     import subprocess
     import sys
     from pathlib import Path
@@ -105,15 +105,18 @@ def test_status_after_kill_9_names_the_stale_mount_and_start_takes_it_over(data_
         while client._daemon_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _mounted(mnt)
-        for args in (("service", "status"), ("vm", "status"), ("service", "stop")):
+        mount_id = _mount_id(mnt)
+        for args in (("service", "status"), ("vm", "status")):
             r = cli(*args)
             assert r.returncode == 0, r.stderr
-            assert "not running" in r.stdout and f"stale FUSE mount remains at {mnt}" in r.stdout, r.stdout
-            assert "lazyoci service start" in r.stdout and f"umount -l {mnt}" in r.stdout, r.stdout
+            assert "not running" in r.stdout and "FUSE sessions are held" in r.stdout, r.stdout
+            assert "lazyoci service start" in r.stdout and "stale" not in r.stdout, r.stdout
         r = cli("service", "start")
         assert r.returncode == 0 and "running" in r.stdout, r.stderr
-        assert os.listdir(mnt) == []                  # a live mount again, not "not connected"
-        assert "stale" not in cli("service", "status").stdout
+        assert os.listdir(mnt) == []                  # the same live mount, served again
+        assert _mount_id(mnt) == mount_id
+        r = cli("service", "status")
+        assert "stale" not in r.stdout and "FUSE sessions held by pid" in r.stdout, r.stdout
         assert cli("service", "stop").returncode == 0
         r = cli("service", "status")
         assert r.stdout.strip() == "lazyoci service is not running", r.stdout
@@ -122,3 +125,9 @@ def test_status_after_kill_9_names_the_stale_mount_and_start_takes_it_over(data_
         if _mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
     assert not _mounted(mnt)
+
+
+def _mount_id(mnt) -> str:
+    """The kernel's ID of the mount at mnt (a new mount gets a new one)."""
+    with open("/proc/self/mountinfo") as f:
+        return next(line.split()[0] for line in f if line.split()[4] == str(mnt))

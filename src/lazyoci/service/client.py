@@ -14,6 +14,7 @@ from typing import Any
 
 from lazyoci import errors
 from lazyoci.errors import LazyociError, ServiceError
+from lazyoci.service.holder_link import HolderPaths, holder_alive, stop_holder
 from lazyoci.service.paths import ServicePaths, connect
 from lazyoci.store.layout import DataRoot
 
@@ -27,6 +28,7 @@ class ServiceClient:
     def __init__(self, root: DataRoot, config_path: Path | None = None, timeout: float = 600.0) -> None:
         self.root = root
         self.paths = ServicePaths(root)
+        self.holder = HolderPaths(self.paths.dir)
         self.config_path = config_path
         self.timeout = timeout
 
@@ -136,11 +138,26 @@ class ServiceClient:
                     out.append(fields[4])
         return out
 
+    def user_names(self, users: list[str]) -> list[str]:
+        """The containers (by name) and image mounts (by path) behind overlay mount points."""
+        from lazyoci.runtime.containers import ContainerStore
+
+        store = ContainerStore(self.root)
+        prefix = os.fspath(self.root.containers) + "/"
+        out = []
+        for target in users:
+            record = None
+            if target.startswith(prefix):
+                record = store.try_get(target[len(prefix):].split("/", 1)[0])
+            out.append(record.name if record is not None else target)
+        return out
+
     def stale_mount(self) -> Path | None:
-        """The service's FUSE mountpoint if it is still mounted while no daemon lives (it was killed).
+        """The service's FUSE mountpoint if it is still mounted while neither the daemon nor the
+        session holder lives (killed, or an older lazyoci's).
 
         Such a mount answers "transport endpoint is not connected"; `start` detaches it."""
-        if self._daemon_alive():
+        if self._daemon_alive() or holder_alive(self.holder):
             return None
         target = os.fspath(self.paths.mountpoint)
         with open("/proc/self/mountinfo") as f:
@@ -151,28 +168,45 @@ class ServiceClient:
                     return self.paths.mountpoint
         return None
 
-    def stop(self, force: bool = False) -> bool:
-        """Ask the service to unmount and exit; wait for it. False if it was not running.
+    def stop(self, force: bool = False, hand_over: bool = False) -> bool:
+        """Stop the service and unmount its layers; wait for it. False if nothing was running.
 
-        Overlays on its layers would lose their lower directories, so unless `force`
-        the service is left running while any exist.
+        Overlays on its layers would lose their lower directories, so unless `force` the
+        service is left running while any exist. `hand_over` stops the service alone: the
+        session holder keeps the mount, their reads wait until the next `start` takes over.
         """
         users = self.users()
-        if users and not force:
-            raise ServiceError(f"{len(users)} mount(s) still use lazy layers ({', '.join(users[:3])}"
-                               f"{', ...' if len(users) > 3 else ''}); stop those containers and image "
-                               f"mounts first, or use --force")
+        if users and not (force or hand_over):
+            names = self.user_names(users)
+            raise ServiceError(f"{len(names)} container(s) or image mount(s) still use lazy layers "
+                               f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); stop them "
+                               f"first, use --hand-over to keep them waiting for the next start, or "
+                               f"--force to break them")
+        stopped = self._stop_daemon("hand_over" if hand_over else "shutdown")
+        if not hand_over:
+            stopped = stop_holder(self.holder) or stopped
+        return stopped
+
+    def restart(self) -> dict[str, Any]:
+        """Hand the FUSE sessions over to a new service process (new config, new code); its ping.
+
+        Containers reading lazy layers see a pause: what the old process had not answered,
+        the new one answers."""
+        self._stop_daemon("hand_over")
+        return self.start()
+
+    def _stop_daemon(self, op: str) -> bool:
         pid = self._pid()
         try:
-            self.request("shutdown")
+            self.request(op)
         except ServiceError:
             if not self._daemon_alive():
                 return False
         deadline = time.monotonic() + STOP_TIMEOUT
-        while self._daemon_alive():   # its lock goes with the process, after FUSE is unmounted
+        while self._daemon_alive():   # its lock goes with the process
             if time.monotonic() > deadline:
                 raise ServiceError(f"the lazyoci service (pid {pid}) did not stop within {STOP_TIMEOUT:.0f}s")
-            time.sleep(0.05)
+            time.sleep(0.01)
         return True
 
     # -- requests -------------------------------------------------------------------

@@ -2,16 +2,20 @@
 
 Run as `python -m lazyoci.service.daemon --root R [--config C]`; it detaches
 (double fork + setsid, so neither the CLI nor a test runner ever has to reap it),
-writes its pid file and logs under <root>/service/, mounts the one FUSE
-filesystem, mounts again the layers recorded by its previous run, and only
-then listens on the control socket — so a client that can connect can use it.
+writes its pid file and logs under <root>/service/, mounts again the layers
+recorded by its previous run, takes over the FUSE session of the holder
+(service/session_holder.py, started here if none runs: it owns the mount, so
+the session outlives this process), and only then listens on the control socket
+— so a client that can connect can use it.
 
 Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "ping"}                                   -> {"ok": true, "pid": N, "mountpoint": ...}
     {"op": "mount_layer", "ref", "layer_digest", "ztoc_digest"} -> {"ok": true, "path": ...}
     {"op": "unmount_layer", "layer_digest", "ztoc_digest"} -> {"ok": true, "unmounted": bool}
     {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N, ...}
-    {"op": "shutdown"}                               -> {"ok": true}; then unmounts and exits
+    {"op": "shutdown"}                               -> {"ok": true}; then answers what it has and exits
+    {"op": "hand_over"}                              -> {"ok": true}; then exits at once, leaving the
+                                                        requests it had not answered to the next service
 Errors: {"ok": false, "error": message, "type": LazyociError subclass name}.
 """
 
@@ -22,7 +26,6 @@ import fcntl
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +37,8 @@ from lazyoci import libc
 from lazyoci.config import Config, load_config
 from lazyoci.errors import LazyociError
 from lazyoci.fs.layer_fs import LayerFS
+from lazyoci.fs.span_fetcher import flush_cache_writes
+from lazyoci.service.holder_link import Attachment, HolderPaths, attach, launch_holder, record_lost
 from lazyoci.service.layers import LayerManager
 from lazyoci.service.paths import ServicePaths, socket_address
 from lazyoci.store.layout import DataRoot
@@ -69,16 +74,6 @@ def _tune_malloc() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, _MALLOC_KEEP)
 
 
-def _unmount_stale(mnt: Path) -> None:
-    """A previous daemon that died leaves a dead FUSE mount ("not connected"): detach it."""
-    target = os.fspath(mnt)
-    with open("/proc/self/mountinfo") as f:
-        mounted = any(line.split()[4] == target for line in f)
-    if mounted:
-        log.warning("detaching a stale mount at %s", target)
-        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
-
-
 class Service:
     """One daemon: the FUSE session, the layers, the control server."""
 
@@ -88,32 +83,54 @@ class Service:
         self.config = config
         self.fs = LayerFS()
         self.layers: LayerManager | None = None
+        self.holder = HolderPaths(self.paths.dir)
+        self.attachment: Attachment | None = None
+        self.serving_after = 0.0        # seconds from start to serving the FUSE session
+        self._stopping = False
         self._cancel = trio.CancelScope()
 
     def run(self) -> None:
+        started = time.monotonic()
         self.paths.ensure()
-        _unmount_stale(self.paths.mountpoint)
         self.layers = LayerManager(self.root, self.config, self.fs)
-        options = set(pyfuse3.default_options)
-        options |= {"fsname=lazyoci", "subtype=lazyoci", "ro"}    # no allow_other: root alone (service/paths.py)
-        pyfuse3.init(self.fs, os.fspath(self.paths.mountpoint), options)
+        # Every recorded layer first: the first request of a session handed over may name any of them.
+        self.layers.remount_known()
+        launch_holder(self.holder)
+        self.attachment = attach(self.holder)
+        # The holder mounted (ro, no allow_other: root alone, service/paths.py); libfuse serves its channel.
+        options = set(pyfuse3.default_options) | {"fsname=lazyoci", "subtype=lazyoci", "ro"}
+        pyfuse3.init(self.fs, f"/dev/fd/{self.attachment.fd}", options)
+        self.serving_after = time.monotonic() - started
+        log.info("serving the %s FUSE session of holder pid %d (%d request(s) handed over) %.2fs after start",
+                 "resumed" if self.attachment.resumed else "new", self.attachment.holder_pid,
+                 self.attachment.waiting, self.serving_after)
         try:
             trio.run(self._main)
         finally:
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=False)      # the mount is the holder's
             self.layers.close()
             log.info("service stopped")
 
     async def _main(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._fuse_main)
-            await trio.to_thread.run_sync(self.layers.remount_known)
             self.layers.start_background()
             with self._cancel:
                 await self._serve()
 
     async def _fuse_main(self) -> None:
-        await pyfuse3.main()
+        """Serve FUSE until told to stop; the channel closing under us means the holder died."""
+        try:
+            await pyfuse3.main()
+        except Exception as e:
+            if not self._stopping:
+                log.error("the FUSE channel failed: %s", e)
+        if not self._stopping:
+            pid = self.attachment.holder_pid if self.attachment else 0
+            log.error("the FUSE session holder (pid %d) is gone: its mount is lost, readers get errors; "
+                      "the service stops (the next start mounts afresh)", pid)
+            record_lost(self.holder, pid)
+            self._cancel.cancel()
 
     async def _serve(self) -> None:
         sock_path = self.paths.socket
@@ -165,6 +182,8 @@ class Service:
                 pass
             if request_is_shutdown(buf):
                 await self._shutdown()
+            elif request_op(buf) == "hand_over":
+                self._hand_over()
 
     async def _dispatch(self, req: dict) -> dict:
         op = req.get("op")
@@ -183,13 +202,17 @@ class Service:
                     pass
             return {"ok": True, "unmounted": done}
         if op == "status":
+            a = self.attachment
             return {"ok": True, "pid": os.getpid(), "rss_bytes": _rss_bytes(),
+                    "session": {"holder_pid": a.holder_pid if a else 0, "resumed": a.resumed if a else False,
+                                "handed_over": a.waiting if a else 0,
+                                "serving_after_seconds": round(self.serving_after, 3)},
                     "mountpoint": os.fspath(self.paths.mountpoint),
                     "cache_bytes": self.layers.cache.total_bytes,
                     "cache_max_bytes": self.layers.cache.max_bytes,
                     "background_fetch": self.layers.background is not None,
                     "layers": [s.to_json() for s in self.layers.status()]}
-        if op == "shutdown":
+        if op in ("shutdown", "hand_over"):
             return {"ok": True}
         raise LazyociError(f"unknown request {op!r}")
 
@@ -202,6 +225,7 @@ class Service:
         for a moment: a reader whose read failed asks the kernel again, and that request too
         gets EIO, not ENOTCONN from a session that is gone."""
         log.info("shutdown requested")
+        self._stopping = True
         client = self.layers.client
         client.cancel()
         give_up = time.monotonic() + _DRAIN_MAX_SECONDS
@@ -211,12 +235,28 @@ class Service:
         pyfuse3.terminate()
         self._cancel.cancel()
 
+    def _hand_over(self) -> None:
+        """Leave the FUSE session to the next service process: exit now, answering nothing more.
+
+        Whatever this process took from the kernel and did not answer, the holder sends
+        the next one (a crash is the same to the holder); spans on their way to the disk
+        cache are written first, so the next process finds them."""
+        log.info("handing the FUSE session over to the next service process")
+        self._stopping = True
+        flush_cache_writes()
+        logging.shutdown()
+        os._exit(0)
+
+
+def request_op(buf: bytes) -> object:
+    try:
+        return json.loads(buf.split(b"\n", 1)[0]).get("op")
+    except (ValueError, AttributeError):
+        return None
+
 
 def request_is_shutdown(buf: bytes) -> bool:
-    try:
-        return json.loads(buf.split(b"\n", 1)[0]).get("op") == "shutdown"
-    except (ValueError, AttributeError):
-        return False
+    return request_op(buf) == "shutdown"
 
 
 def _daemonize(log_file: Path) -> None:

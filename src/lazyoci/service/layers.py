@@ -39,6 +39,7 @@ from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
 from lazyoci.service.records import SCHEMA, SCHEMA_NAME
 from lazyoci.service.paths import layer_view_name
+from lazyoci.service.view_slots import view_slot
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
@@ -194,7 +195,8 @@ class LayerManager:
             fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
-        self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier))
+        slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
+        self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier), slot)
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         log.info("mounted layer %s (%d entries, %d spans, %.1f%% cached) in %.2fs", layer_digest,
                  len(tree), len(spans), 100.0 * cache.cached_bytes / max(cache.total_bytes, 1),
