@@ -69,6 +69,8 @@ def _not_running(client: ServiceClient) -> None:
     if stale is None:
         click.echo("lazyoci service is not running" + (f"; {note}" if note else ""))
         return
+    if note is not None:
+        click.echo(f"lazyoci service is not running; {note}")
     click.echo(f"lazyoci service is not running, but a stale FUSE mount remains at {stale} (the service "
                f"was killed): run `lazyoci service start` to take it over, or `umount -l {stale}`")
     users = client.users()
