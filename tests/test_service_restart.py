@@ -1,7 +1,7 @@
 """Restarting the service under running lazy containers (service/session_holder.py).
 
 A lazy container checksums every file of a layer while the test restarts the service and
-kills it with SIGKILL, the registry behind a proxy that delays every Range request so that
+kills it with SIGKILL (then starts it, or lets the session holder start it), the registry behind a proxy that delays every Range request so that
 reads are in flight at each restart: the container sees pauses, never an error or a wrong
 byte. A config change takes effect across `service restart`; `service stop` names the
 containers it would break; when the holder itself dies, readers get an error at once (not a
@@ -62,6 +62,13 @@ def _service_pid(root: Path) -> int:
     return int((root / "service" / "lazyoci.pid").read_text())
 
 
+def _service_pid_or_none(root: Path) -> int | None:
+    try:
+        return _service_pid(root)
+    except (OSError, ValueError):
+        return None
+
+
 def _wait_gone(pid: int) -> None:
     deadline = time.monotonic() + 10
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
@@ -87,17 +94,24 @@ def test_a_reading_container_survives_restarts_and_kill_9_of_the_service(registr
         try:
             cid = _lz(data_root, config, "run", "-d", "--snapshotter", "soci", ref,
                       "sh", "-c", SCRIPT).stdout.strip()
-            for action in ("restart", "restart", "kill", "restart", "restart", "kill", "restart"):
+            for action in ("restart", "restart", "kill", "restart", "restart", "crash", "restart"):
                 time.sleep(1.0)
                 assert _lz(data_root, config, "inspect", "-f", "{{.State.Status}}", cid).stdout.strip() \
                     == "running", "the container finished before the restarts did"
                 if action == "restart":
                     assert "running" in _lz(data_root, config, "service", "restart").stdout
-                else:
+                elif action == "kill":            # kill -9, then `service start`
                     pid = _service_pid(data_root)
                     os.kill(pid, signal.SIGKILL)
                     _wait_gone(pid)
                     assert "running" in _lz(data_root, config, "service", "start").stdout
+                else:                             # kill -9 alone: the holder starts the service again
+                    pid = _service_pid(data_root)
+                    os.kill(pid, signal.SIGKILL)
+                    deadline = time.monotonic() + 60
+                    while _service_pid_or_none(data_root) in (None, pid):
+                        assert time.monotonic() < deadline, "the service was not started again"
+                        time.sleep(0.05)
             assert _lz(data_root, config, "wait", cid, timeout=300).stdout.strip() == "0", \
                 _lz(data_root, config, "logs", cid).stdout
             logs = _lz(data_root, config, "logs", cid)

@@ -38,7 +38,8 @@ from lazyoci.config import Config, load_config
 from lazyoci.errors import LazyociError
 from lazyoci.fs.layer_fs import LayerFS
 from lazyoci.fs.span_fetcher import flush_cache_writes
-from lazyoci.service.holder_link import Attachment, HolderPaths, attach, launch_holder, record_lost
+from lazyoci.service.holder_link import (Attachment, HolderPaths, attach, launch_holder, record_lost,
+                                         say_leaving)
 from lazyoci.service.layers import LayerManager
 from lazyoci.service.paths import ServicePaths, socket_address
 from lazyoci.store.layout import DataRoot
@@ -77,13 +78,14 @@ def _tune_malloc() -> None:
 class Service:
     """One daemon: the FUSE session, the layers, the control server."""
 
-    def __init__(self, root: DataRoot, config: Config) -> None:
+    def __init__(self, root: DataRoot, config: Config, relaunch: list[str]) -> None:
         self.root = root
         self.paths = ServicePaths(root)
         self.config = config
         self.fs = LayerFS()
         self.layers: LayerManager | None = None
         self.holder = HolderPaths(self.paths.dir)
+        self.relaunch = relaunch        # how the holder starts a service again if this one is lost
         self.attachment: Attachment | None = None
         self.serving_after = 0.0        # seconds from start to serving the FUSE session
         self._stopping = False
@@ -96,7 +98,7 @@ class Service:
         # Every recorded layer first: the first request of a session handed over may name any of them.
         self.layers.remount_known()
         launch_holder(self.holder)
-        self.attachment = attach(self.holder)
+        self.attachment = attach(self.holder, self.relaunch)
         # The holder mounted (ro, no allow_other: root alone, service/paths.py); libfuse serves its channel.
         options = set(pyfuse3.default_options) | {"fsname=lazyoci", "subtype=lazyoci", "ro"}
         pyfuse3.init(self.fs, f"/dev/fd/{self.attachment.fd}", options)
@@ -226,6 +228,7 @@ class Service:
         gets EIO, not ENOTCONN from a session that is gone."""
         log.info("shutdown requested")
         self._stopping = True
+        await trio.to_thread.run_sync(say_leaving, self.holder)
         client = self.layers.client
         client.cancel()
         give_up = time.monotonic() + _DRAIN_MAX_SECONDS
@@ -243,6 +246,7 @@ class Service:
         cache are written first, so the next process finds them."""
         log.info("handing the FUSE session over to the next service process")
         self._stopping = True
+        say_leaving(self.holder)
         flush_cache_writes()
         logging.shutdown()
         os._exit(0)
@@ -308,7 +312,12 @@ def main(argv: list[str] | None = None) -> None:
     os.ftruncate(pid_fd, 0)
     os.write(pid_fd, f"{os.getpid()}\n".encode())
     try:
-        Service(root, config).run()
+        relaunch = [sys.executable, "-m", "lazyoci.service.daemon", "--root", os.fspath(root.path)]
+        if args.config:
+            relaunch += ["--config", os.fspath(args.config.absolute())]
+        if args.debug:
+            relaunch.append("--debug")
+        Service(root, config, relaunch).run()
     except LazyociError as e:
         log.error("service failed: %s", e)
         sys.exit(1)

@@ -106,9 +106,9 @@ def _connect(paths: HolderPaths) -> socket.socket:
     return sock
 
 
-def _ask(sock: socket.socket, op: str) -> dict[str, Any]:
+def _ask(sock: socket.socket, op: str, **fields: Any) -> dict[str, Any]:
     try:
-        sock.send(json.dumps({"op": op}).encode())
+        sock.send(json.dumps({"op": op, **fields}).encode())
         reply = json.loads(sock.recv(65536) or b"{}")
     except (OSError, ValueError) as e:
         raise ServiceError(f"the FUSE session holder did not answer {op!r}: {e}") from None
@@ -117,12 +117,15 @@ def _ask(sock: socket.socket, op: str) -> dict[str, Any]:
     return dict(reply)
 
 
-def attach(paths: HolderPaths) -> Attachment:
-    """Take over the holder's FUSE session: a fresh one, or the one a previous service served."""
+def attach(paths: HolderPaths, relaunch: list[str]) -> Attachment:
+    """Take over the holder's FUSE session: a fresh one, or the one a previous service served.
+
+    `relaunch` is the command line that starts this service: the holder runs it if the
+    service is lost without saying `leaving` first."""
     sock = _connect(paths)
     try:
         set_channel_buffers(sock)
-        reply = _ask(sock, "attach")
+        reply = _ask(sock, "attach", relaunch=relaunch)
         sock.setblocking(True)
     except BaseException:
         sock.close()
@@ -140,6 +143,15 @@ def holder_status(paths: HolderPaths) -> dict[str, Any] | None:
             return _ask(sock, "status")
     except ServiceError:
         return None
+
+
+def say_leaving(paths: HolderPaths) -> None:
+    """Tell the holder this service detaches on purpose (it is not to be started again)."""
+    try:
+        with _connect(paths) as sock:
+            _ask(sock, "leaving", pid=os.getpid())
+    except ServiceError:
+        pass       # no holder: nothing to start anything again
 
 
 def stop_holder(paths: HolderPaths) -> bool:

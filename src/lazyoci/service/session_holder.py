@@ -15,14 +15,20 @@ the session over:
   answered, not lost.
 
 While no service is attached, it does not read `/dev/fuse`: new requests wait in
-the kernel's queue and their readers see a pause, not an error. If the holder
+the kernel's queue and their readers see a pause, not an error. A service that
+goes without saying so first (killed, out of memory) is started again by the
+holder with the command line it attached with; if that one does not attach within
+RELAUNCH_SECONDS, the holder tries no more (a service that cannot start is not
+started in a loop) and `lazyoci service start` is the way. If the holder
 itself dies, the kernel aborts the connection: readers get an error at once
 (ENOTCONN), never a hang.
 
 It imports nothing but the standard library, holds nothing but descriptors and
 the unanswered requests, and asks the kernel never to pick it when memory runs
 out. Control requests (one JSON packet in, one out) on `<root>/service/holder.sock`:
-    {"op": "attach"}  -> {"ok": true, "resumed": bool, ...}; the socket is then the FUSE channel
+    {"op": "attach", "relaunch": [argv]} -> {"ok": true, "resumed": bool, ...}; the socket is then
+                                            the FUSE channel; argv starts a service after a crash
+    {"op": "leaving", "pid": N} -> {"ok": true}; service N is about to detach on purpose
     {"op": "status"}  -> {"ok": true, "pid", "rss_bytes", "attached", "waiting", "service_pid"}
     {"op": "stop"}    -> {"ok": true}; then detaches the mount and exits
 
@@ -42,6 +48,7 @@ import os
 import select
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections import deque
@@ -61,6 +68,7 @@ _NO_REPLY = frozenset({_FUSE_FORGET, _FUSE_INTERRUPT, _FUSE_NOTIFY_REPLY, _FUSE_
 MAX_MESSAGE = (1 << 20) + 4096
 CHANNEL_BUFFER = 4 << 20
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MNT_DETACH = 1, 2, 4, 2
+RELAUNCH_SECONDS = 10.0
 _CONTROL_TIMEOUT = 1.0    # a control client's request comes at once; the relay waits meanwhile
 
 
@@ -131,6 +139,11 @@ class Holder:
         self._out = bytearray(MAX_MESSAGE)
         self._poll = select.poll()
         self._running = True
+        self.relaunch: list[str] = []               # the attached service's command line
+        self.leaving_pid = 0                        # a service that said it detaches on purpose
+        self._last_relaunch = -RELAUNCH_SECONDS
+        self._relaunched = False                    # a service was started and has not attached yet
+        self._launcher: subprocess.Popen[bytes] | None = None
 
     # -- control ---------------------------------------------------------------
 
@@ -144,7 +157,8 @@ class Holder:
             conn.close()
             return
         if op == "attach":
-            self._attach(conn)
+            argv = request.get("relaunch")
+            self._attach(conn, [str(a) for a in argv] if isinstance(argv, list) else [])
             return
         with conn:
             if op == "status":
@@ -154,6 +168,9 @@ class Holder:
             elif op == "stop":
                 reply = {"ok": True}
                 self._running = False
+            elif op == "leaving":
+                self.leaving_pid = int(request.get("pid", 0))
+                reply = {"ok": True}
             else:
                 reply = {"ok": False, "error": f"unknown request {op!r}"}
             try:
@@ -161,7 +178,7 @@ class Holder:
             except OSError:
                 pass
 
-    def _attach(self, conn: socket.socket) -> None:
+    def _attach(self, conn: socket.socket, relaunch: list[str]) -> None:
         if self.service is not None:
             with conn:
                 conn.send(json.dumps({"ok": False, "error": f"a service (pid {self.service_pid}) is "
@@ -175,6 +192,8 @@ class Holder:
                               "waiting": len(self.pending)}).encode())
         conn.setblocking(False)
         self.service, self.service_pid = conn, pid
+        self.relaunch = relaunch
+        self._relaunched = False
         if resumed:
             assert self.init_request is not None
             self.swallow = _IN_HEADER.unpack_from(self.init_request)[2]
@@ -187,14 +206,30 @@ class Holder:
 
     def _detach(self) -> None:
         assert self.service is not None
-        log.info("service pid %d detached; %d request(s) wait for the next one", self.service_pid,
-                 len(self.pending))
+        on_purpose = self.service_pid == self.leaving_pid
+        log.info("service pid %d %s; %d request(s) wait for the next one", self.service_pid,
+                 "detached" if on_purpose else "was lost", len(self.pending))
         self._poll.unregister(self.service)
         self.service.close()
         self.service, self.service_pid = None, 0
         self.outbox.clear()
         self.swallow = None
         self._poll.modify(self.fuse_fd, 0)      # requests now wait in the kernel's queue
+        if not on_purpose:
+            self._start_service()
+
+    def _start_service(self) -> None:
+        """Start a service after one was lost, unless the last one started never attached."""
+        now = time.monotonic()
+        if not self.relaunch or (self._relaunched and now - self._last_relaunch < RELAUNCH_SECONDS):
+            return
+        self._last_relaunch, self._relaunched = now, True
+        log.info("starting the service again")
+        try:   # the launcher detaches the service and exits; it is reaped in run()
+            self._launcher = subprocess.Popen(self.relaunch, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError as e:
+            log.error("cannot start the service: %s", e)
 
     # -- relay -----------------------------------------------------------------
 
@@ -267,7 +302,9 @@ class Holder:
         self._poll.register(self.listener, select.POLLIN)
         self._poll.register(self.fuse_fd, 0)      # POLLERR alone: the mount went away
         while self._running:
-            for fd, events in self._poll.poll():
+            if self._launcher is not None and self._launcher.poll() is not None:
+                self._launcher = None
+            for fd, events in self._poll.poll(None if self._launcher is None else 100):
                 if fd == self.listener.fileno():
                     self._accept()
                 elif fd == self.fuse_fd:
