@@ -9,13 +9,14 @@ the disk cache. Then:
 
 - throughput: the file read whole with 1 MiB reads after dropping its page cache
   (posix_fadvise DONTNEED), so that every byte is a FUSE READ answered from the span cache;
-  median of --rounds rounds, in MiB/s;
+  median and best of --rounds rounds, in MiB/s (on a shared machine the best is the steadier);
 - pause: a reader drops and reads 128 KiB at random offsets in a loop while the script runs
   `service restart` (`ServiceClient.restart`) --restarts times and kill -9 + `service start`
   --kills times, a second apart; a restart's pause is the longest single read that overlapped
   it. p50 and max of each kind, and the new service's own time from start to serving the
   handed-over session (`serving_after_seconds` of `service status`);
-- the holder's RSS.
+- the holder's RSS, and the CPU time the holder and the service spend per GiB read (a cost
+  that other load on the machine does not blur as it does throughput).
 
 Prints one JSON object.
 """
@@ -46,6 +47,28 @@ from lazyoci.service.client import ServiceClient  # noqa: E402
 from lazyoci.store.layout import DataRoot  # noqa: E402
 
 CHUNK = 128 << 10
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _relayed(client: ServiceClient) -> int:
+    """FUSE replies the session holder relayed so far (0 without one)."""
+    try:
+        from lazyoci.service.holder_link import holder_status
+    except ImportError:
+        return 0
+    return int((holder_status(client.holder) or {}).get("relayed", 0))
 
 
 def _read_whole(path: Path) -> float:
@@ -120,8 +143,18 @@ def main() -> None:
         client.start()
         path = client.mount_layer(f"{reg.host}/bench/restart:latest", layer.digest, zdigest) / "data/file.bin"
         _read_whole(path)                                            # every span into the disk cache
+        holder = _pid(root.service / "holder.pid")      # none without the session holder
+        service = _pid(client.paths.pid_file)
+        cpu = {name: _cpu_seconds(pid) for name, pid in (("holder", holder), ("service", service)) if pid}
+        relayed = _relayed(client)
         times = [_read_whole(path) for _ in range(args.rounds)]
-        out["throughput_mib_s"] = round(args.file_mib / statistics.median(times), 1)
+        gib = args.rounds * args.file_mib / 1024
+        if holder:
+            out["messages_per_gib"] = round((_relayed(client) - relayed) / gib)
+        out["cpu_seconds_per_gib"] = {name: round((_cpu_seconds(pid) - cpu[name]) / gib, 2)
+                                      for name, pid in (("holder", holder), ("service", service)) if pid}
+        out["throughput_mib_s"] = {"median": round(args.file_mib / statistics.median(times), 1),
+                                   "best": round(args.file_mib / min(times), 1)}
         if not args.throughput_only:
             reader = Reader(path, args.file_mib << 20)
             reader.start()

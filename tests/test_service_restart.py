@@ -187,3 +187,17 @@ def test_when_the_holder_dies_readers_get_errors_status_says_so_and_the_next_run
         assert "died" not in _lz(data_root, config, "service", "status").stdout
     finally:
         _cleanup(data_root, config)
+
+
+def test_a_view_keeps_its_slot_for_good(tmp_path):
+    """Node IDs carry the view's slot: the same view gets the same slot in every service process,
+    whatever order the views are mounted in, and two views never share one."""
+    from lazyoci.service.view_slots import view_slot
+    from lazyoci.store.db import Database
+
+    db = Database(tmp_path / "lazyoci.db")
+    first = [view_slot(db, name) for name in ("a-1", "b-2", "c-3")]
+    assert len(set(first)) == 3
+    again = Database(tmp_path / "lazyoci.db")           # a new process: another connection
+    assert [view_slot(again, name) for name in ("c-3", "a-1", "b-2")] == [first[2], first[0], first[1]]
+    assert view_slot(again, "d-4") not in first

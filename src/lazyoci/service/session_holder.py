@@ -29,7 +29,7 @@ out. Control requests (one JSON packet in, one out) on `<root>/service/holder.so
     {"op": "attach", "relaunch": [argv]} -> {"ok": true, "resumed": bool, ...}; the socket is then
                                             the FUSE channel; argv starts a service after a crash
     {"op": "leaving", "pid": N} -> {"ok": true}; service N is about to detach on purpose
-    {"op": "status"}  -> {"ok": true, "pid", "rss_bytes", "attached", "waiting", "service_pid"}
+    {"op": "status"}  -> {"ok": true, "pid", "rss_bytes", "attached", "waiting", "relayed", "service_pid"}
     {"op": "stop"}    -> {"ok": true}; then detaches the mount and exits
 
 Run as `python -m lazyoci.service.session_holder --root R`: it mounts, listens, then
@@ -69,6 +69,7 @@ MAX_MESSAGE = (1 << 20) + 4096
 CHANNEL_BUFFER = 4 << 20
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MNT_DETACH = 1, 2, 4, 2
 RELAUNCH_SECONDS = 10.0
+_BATCH = 64                   # messages relayed one way before looking at the other
 _CONTROL_TIMEOUT = 1.0    # a control client's request comes at once; the relay waits meanwhile
 
 
@@ -126,6 +127,7 @@ class Holder:
 
     def __init__(self, fuse_fd: int, listener: socket.socket, mountpoint: str) -> None:
         self.fuse_fd = fuse_fd
+        os.set_blocking(fuse_fd, False)            # read until EAGAIN, then poll again
         self.listener = listener
         self.mountpoint = mountpoint
         self.init_request: bytes | None = None     # the kernel's INIT, replayed to every new service
@@ -135,6 +137,7 @@ class Holder:
         self.service_pid = 0
         self.outbox: deque[bytes] = deque()        # requests for the service its socket had no room for
         self.swallow: int | None = None            # unique of a replayed INIT: its reply is not the kernel's
+        self.relayed = 0                           # replies relayed to the kernel
         self._in = bytearray(MAX_MESSAGE)
         self._out = bytearray(MAX_MESSAGE)
         self._poll = select.poll()
@@ -164,7 +167,7 @@ class Holder:
             if op == "status":
                 reply = {"ok": True, "pid": os.getpid(), "rss_bytes": _rss_bytes(),
                          "attached": self.service is not None, "service_pid": self.service_pid,
-                         "waiting": len(self.pending), "mountpoint": self.mountpoint}
+                         "waiting": len(self.pending), "relayed": self.relayed, "mountpoint": self.mountpoint}
             elif op == "stop":
                 reply = {"ok": True}
                 self._running = False
@@ -249,15 +252,28 @@ class Holder:
         self._poll.modify(self.fuse_fd, 0 if self.outbox else select.POLLIN)
 
     def _from_kernel(self) -> None:
+        """Relay what the kernel has queued, a batch at most (one poll per batch, not per message)."""
+        for _ in range(_BATCH):
+            if self.service is None or self.outbox or not self._running or not self._one_from_kernel():
+                return
+
+    def _from_service(self) -> None:
+        for _ in range(_BATCH):
+            if self.service is None or not self._one_from_service():
+                return
+
+    def _one_from_kernel(self) -> bool:
         try:
             n = os.readv(self.fuse_fd, [self._in])
         except OSError as e:
-            if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
-                return
+            if e.errno in (errno.EINTR, errno.ENOENT):
+                return True
+            if e.errno == errno.EAGAIN:
+                return False
             if e.errno == errno.ENODEV:       # unmounted
                 log.info("the mount is gone; the holder ends")
                 self._running = False
-                return
+                return False
             raise
         message = bytes(memoryview(self._in)[:n])
         _, opcode, unique, _ = _IN_HEADER.unpack_from(message)
@@ -267,29 +283,31 @@ class Holder:
             self.pending[unique] = message
         self.outbox.append(message)
         self._flush()
+        return True
 
-    def _from_service(self) -> None:
+    def _one_from_service(self) -> bool:
         assert self.service is not None
         try:
             n = self.service.recv_into(self._out)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             n = 0
         if n < _OUT_HEADER.size:
             self._detach()
-            return
+            return False
         view = memoryview(self._out)[:n]
         _, _, unique = _OUT_HEADER.unpack_from(view)
         if unique and unique == self.swallow:
             self.swallow = None
             if self.init_reply is not None and view[8:] != self.init_reply[8:]:
                 log.warning("the new service negotiated other FUSE parameters; the kernel keeps the first")
-            return
+            return True
         request = self.pending.pop(unique, None) if unique else None
         if request is not None and self.init_reply is None and \
                 _IN_HEADER.unpack_from(request)[1] == _FUSE_INIT:
             self.init_reply = bytes(view)
+        self.relayed += 1
         try:
             os.write(self.fuse_fd, view)
         except OSError as e:
@@ -297,6 +315,7 @@ class Holder:
             # nothing to do for; either way nothing is owed to anyone.
             if e.errno != errno.ENOENT:
                 log.warning("writing a reply to the kernel failed: %s", e)
+        return True
 
     def run(self) -> None:
         self._poll.register(self.listener, select.POLLIN)
