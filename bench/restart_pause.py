@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -191,6 +192,7 @@ def main() -> None:
             client.stop(force=True)
         finally:
             reg.stop()
+            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out))
 
 
