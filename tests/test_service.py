@@ -108,6 +108,14 @@ def test_after_kill_9_the_holder_starts_the_service_again_on_the_same_mount(data
             assert time.monotonic() < deadline, "the service was not started again"
             time.sleep(0.05)
         assert os.listdir(mnt) == [] and _mount_id(mnt) == mount_id     # the same live mount
+        # the holder is exempt from the OOM killer where root may say so (CAP_SYS_RESOURCE);
+        # the service it started is not (the exemption would be inherited otherwise)
+        exempt = subprocess.run(["sh", "-c", "echo -1000 > /proc/self/oom_score_adj"],
+                                capture_output=True).returncode == 0
+        holder = int((client.paths.dir / "holder.pid").read_text())
+        assert open(f"/proc/{holder}/oom_score_adj").read().strip() == ("-1000" if exempt else "0")
+        again = client.ping()["pid"]
+        assert open(f"/proc/{again}/oom_score_adj").read().strip() == "0"
         r = cli("service", "status")
         assert "stale" not in r.stdout and "FUSE sessions held by pid" in r.stdout, r.stdout
 

@@ -83,6 +83,20 @@ def set_channel_buffers(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, plain, CHANNEL_BUFFER)
 
 
+def _set_oom_score_adj(value: int) -> None:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError:
+        pass
+
+
+def _killable() -> None:
+    """In a service the holder starts: the OOM killer may pick it as it would any process
+    (the holder's own exemption is inherited otherwise)."""
+    _set_oom_score_adj(0)
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -230,7 +244,8 @@ class Holder:
         log.info("starting the service again")
         try:   # the launcher detaches the service and exits; it is reaped in run()
             self._launcher = subprocess.Popen(self.relaunch, stdin=subprocess.DEVNULL,
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                              preexec_fn=_killable)
         except OSError as e:
             log.error("cannot start the service: %s", e)
 
@@ -403,11 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     (service_dir / "holder.lost").unlink(missing_ok=True)
     if not args.foreground:
         _daemonize(service_dir / "holder.log")
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("-1000")           # holding every mount, it must be the last the kernel kills
-    except OSError:
-        pass
+    _set_oom_score_adj(-1000)          # holding every mount, it must be the last the kernel kills
     os.ftruncate(pid_fd, 0)
     os.write(pid_fd, f"{os.getpid()}\n".encode())
     log.info("holder ready (pid %d), mount %s", os.getpid(), mountpoint)
