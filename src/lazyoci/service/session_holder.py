@@ -23,9 +23,9 @@ started in a loop) and `lazyoci service start` is the way. If the holder
 itself dies, the kernel aborts the connection: readers get an error at once
 (ENOTCONN), never a hang.
 
-It imports nothing but the standard library, holds nothing but descriptors and
-the unanswered requests, and asks the kernel never to pick it when memory runs
-out. Control requests (one JSON packet in, one out) on `<root>/service/holder.sock`:
+It imports little (the standard library and `lazyoci.libc`), holds nothing but
+descriptors and the unanswered requests, and asks the kernel never to pick it when
+memory runs out. Control requests (one JSON packet in, one out) on `<root>/service/holder.sock`:
     {"op": "attach", "relaunch": [argv]} -> {"ok": true, "resumed": bool, ...}; the socket is then
                                             the FUSE channel; argv starts a service after a crash
     {"op": "leaving", "pid": N} -> {"ok": true}; service N is about to detach on purpose
@@ -39,7 +39,6 @@ detaches (double fork); the launcher returns once the holder can be attached to.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import fcntl
 import json
@@ -53,6 +52,8 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+
+from lazyoci import libc
 
 log = logging.getLogger("lazyoci.holder")
 
@@ -105,13 +106,6 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _libc_call(name: str, *args: object) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if getattr(libc, name)(*args) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), name)
-
-
 def _mounted(target: str) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
@@ -123,13 +117,12 @@ def mount_fuse(mountpoint: str) -> int:
     A dead mount a killed holder left behind is detached first."""
     if _mounted(mountpoint):
         log.warning("detaching a stale mount at %s", mountpoint)
-        _libc_call("umount2", mountpoint.encode(), _MNT_DETACH)
+        libc.umount2(mountpoint, _MNT_DETACH)
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     st = os.stat(mountpoint)
     data = f"fd={fd},rootmode={st.st_mode & 0o170000:o},user_id=0,group_id=0,default_permissions"
     try:
-        _libc_call("mount", b"lazyoci", mountpoint.encode(), b"fuse.lazyoci",
-                   _MS_RDONLY | _MS_NOSUID | _MS_NODEV, data.encode())
+        libc.mount("lazyoci", mountpoint, "fuse.lazyoci", _MS_RDONLY | _MS_NOSUID | _MS_NODEV, data)
     except BaseException:
         os.close(fd)
         raise
@@ -363,7 +356,7 @@ class Holder:
         if self.service is not None:
             self._detach()
         try:
-            _libc_call("umount2", self.mountpoint.encode(), _MNT_DETACH)
+            libc.umount2(self.mountpoint, _MNT_DETACH)
         except OSError as e:
             if e.errno != errno.EINVAL:     # not mounted any more
                 log.warning("detaching %s failed: %s", self.mountpoint, e)
