@@ -147,6 +147,15 @@ def test_a_config_change_takes_effect_across_restart_and_stop_names_the_containe
         r = _lz(data_root, config, "exec", cid, "sha256sum", f"/{name}")
         assert r.stdout.split()[0] == hashlib.sha256(FILES[name]).hexdigest()
 
+        # a config the new process cannot use: the restart fails, the running service serves on
+        serving = _service_pid(data_root)
+        write_config(config, extra="  cache_max_bytes: lots\n")
+        broken = _lz(data_root, config, "service", "restart", check=False)
+        assert broken.returncode != 0 and "cache_max_bytes" in broken.stderr, broken.stderr
+        write_config(config, background=False)
+        assert _service_pid(data_root) == serving
+        assert "running" in _lz(data_root, config, "service", "status").stdout
+
         # --hand-over: the service stops, the container waits for the next start
         assert "wait for the next start" in _lz(data_root, config, "service", "stop", "--hand-over").stdout
         st = _lz(data_root, config, "service", "status").stdout

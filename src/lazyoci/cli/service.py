@@ -91,7 +91,7 @@ def _status() -> None:
     note = _holder_line(client)
     if note is not None:
         session = st.get("session", {})
-        click.echo(note + (f"; taken over {session.get('serving_after_seconds', 0):.2f}s after start with "
+        click.echo(note + (f"; taken over in {session.get('serving_after_seconds', 0):.3f}s with "
                            f"{session.get('handed_over', 0)} request(s) handed over" if session.get("resumed") else ""))
     click.echo(f"span cache: {_human(st['cache_bytes'])} ({limit}); "
                f"background fetch: {'on' if st['background_fetch'] else 'off'}")

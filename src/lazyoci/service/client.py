@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 
 from lazyoci import errors
 from lazyoci.errors import LazyociError, ServiceError
-from lazyoci.service.holder_link import HolderPaths, holder_alive, stop_holder
+from lazyoci.service.holder_link import HolderPaths, holder_alive, read_takeover, stop_holder
 from lazyoci.service.paths import ServicePaths, connect
 from lazyoci.store.layout import DataRoot
 
@@ -112,12 +113,15 @@ class ServiceClient:
             time.sleep(0.02)
         raise ServiceError(f"the lazyoci service did not start; its log says: {self._log_tail(log_start)}")
 
-    def _launch(self) -> None:
-        """Run the daemon (it detaches; a second one for the same root exits by itself)."""
+    def _launch(self, take_over: bool = False) -> None:
+        """Run the daemon (it detaches; a second one for the same root exits by itself unless it
+        is to `take_over`: then it gets ready and waits for the running one to hand over)."""
         self.paths.ensure()
         cmd = [sys.executable, "-m", "lazyoci.service.daemon", "--root", os.fspath(self.root.path)]
         if self.config_path is not None:
             cmd += ["--config", os.fspath(self.config_path)]
+        if take_over:
+            cmd.append("--take-over")
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if proc.returncode != 0:
             last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
@@ -190,10 +194,41 @@ class ServiceClient:
     def restart(self) -> dict[str, Any]:
         """Hand the FUSE sessions over to a new service process (new config, new code); its ping.
 
-        Containers reading lazy layers see a pause: what the old process had not answered,
-        the new one answers."""
-        self._stop_daemon("hand_over")
-        return self.start()
+        The new process starts beside the running one and mounts the recorded layers; only
+        then does the running one hand over, so containers reading lazy layers pause for the
+        hand-over alone: what the old process had not answered, the new one answers. A new
+        process that cannot get ready (a bad config file) leaves the running one serving."""
+        old = self.ping()
+        if old is None:
+            return self.start()
+        self.holder.takeover_file.unlink(missing_ok=True)
+        log_start = self.paths.log_file.stat().st_size if self.paths.log_file.exists() else 0
+        self._launch(take_over=True)
+        started = time.monotonic()
+        while not (note := read_takeover(self.holder) or {}).get("ready"):
+            pid = note.get("pid")
+            if pid is None and (info := self.ping()) is not None and info["pid"] != old["pid"]:
+                return info            # the old one was gone already: the new one simply started
+            late = time.monotonic() - started > (START_TIMEOUT if pid is not None else 10.0)
+            if late or (pid is not None and not _alive(int(pid))):
+                if pid is not None and _alive(int(pid)):
+                    os.kill(int(pid), signal.SIGTERM)     # ours, still getting ready: the old one serves on
+                raise ServiceError(f"the new lazyoci service did not get ready (pid {old['pid']} still serves); "
+                                   f"its log says: {self._log_tail(log_start)}")
+            time.sleep(0.01)
+        try:
+            self.request("hand_over")
+        except ServiceError:
+            pass                       # gone already
+        deadline = time.monotonic() + START_TIMEOUT
+        while (info := self.ping()) is None or info["pid"] == old["pid"]:
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the new lazyoci service (pid {note['pid']}) did not take over within "
+                                   f"{START_TIMEOUT:.0f}s; its log says: {self._log_tail(log_start)}")
+            if not _alive(int(note["pid"])):
+                return self.start()    # the new one died: start one the ordinary way
+            time.sleep(0.005)
+        return info
 
     def _stop_daemon(self, op: str) -> bool:
         pid = self._pid()

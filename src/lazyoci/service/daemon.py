@@ -39,7 +39,7 @@ from lazyoci.errors import LazyociError
 from lazyoci.fs.layer_fs import LayerFS
 from lazyoci.fs.span_fetcher import flush_cache_writes
 from lazyoci.service.holder_link import (Attachment, HolderPaths, attach, launch_holder, record_lost,
-                                         say_leaving)
+                                         read_takeover, say_leaving, write_takeover)
 from lazyoci.service.layers import LayerManager
 from lazyoci.service.paths import ServicePaths, socket_address
 from lazyoci.store.layout import DataRoot
@@ -87,23 +87,32 @@ class Service:
         self.holder = HolderPaths(self.paths.dir)
         self.relaunch = relaunch        # how the holder starts a service again if this one is lost
         self.attachment: Attachment | None = None
-        self.serving_after = 0.0        # seconds from start to serving the FUSE session
+        self.started = time.monotonic()  # when this process may serve (`run` counts from here)
+        self.serving_after = 0.0        # seconds from then to serving the FUSE session
         self._stopping = False
         self._cancel = trio.CancelScope()
 
-    def run(self) -> None:
-        started = time.monotonic()
+    def prepare(self) -> None:
+        """Mount the recorded layers: the slow part of a start, which a process that is to take
+        over from a running service does while that one still serves."""
         self.paths.ensure()
         self.layers = LayerManager(self.root, self.config, self.fs)
-        # Every recorded layer first: the first request of a session handed over may name any of them.
+        self.layers.remount_known()
+
+    def run(self) -> None:
+        """Serve: take the holder's FUSE session over, then the control socket. `prepare` first."""
+        assert self.layers is not None, "prepare() first"
+        # Every recorded layer before the session: its first request may name any of them
+        # (again, for a layer the previous process mounted after `prepare`; the others are kept).
         self.layers.remount_known()
         launch_holder(self.holder)
         self.attachment = attach(self.holder, self.relaunch)
         # The holder mounted (ro, no allow_other: root alone, service/paths.py); libfuse serves its channel.
         options = set(pyfuse3.default_options) | {"fsname=lazyoci", "subtype=lazyoci", "ro"}
         pyfuse3.init(self.fs, f"/dev/fd/{self.attachment.fd}", options)
-        self.serving_after = time.monotonic() - started
-        log.info("serving the %s FUSE session of holder pid %d (%d request(s) handed over) %.2fs after start",
+        self.serving_after = time.monotonic() - self.started
+        log.info("serving the %s FUSE session of holder pid %d (%d request(s) handed over) %.3fs after it "
+                 "could",
                  "resumed" if self.attachment.resumed else "new", self.attachment.holder_pid,
                  self.attachment.waiting, self.serving_after)
         try:
@@ -288,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--foreground", action="store_true")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--take-over", action="store_true",
+                        help="if a service runs, get ready beside it, then wait for it to hand over")
     args = parser.parse_args(argv)
     root = DataRoot(args.root.absolute()).ensure()
     paths = ServicePaths(root)
@@ -299,8 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     pid_fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(pid_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        waits = False
     except BlockingIOError:
-        return
+        if not args.take_over:
+            return
+        waits = True       # `service restart`: the running service hands over once this one is ready
     if not args.foreground:
         _daemonize(paths.log_file)
     logging.basicConfig(
@@ -309,15 +323,27 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)  # one line per Range request otherwise
     _tune_malloc()
-    os.ftruncate(pid_fd, 0)
-    os.write(pid_fd, f"{os.getpid()}\n".encode())
+    holder = HolderPaths(paths.dir)
     try:
         relaunch = [sys.executable, "-m", "lazyoci.service.daemon", "--root", os.fspath(root.path)]
         if args.config:
             relaunch += ["--config", os.fspath(args.config.absolute())]
         if args.debug:
             relaunch.append("--debug")
-        Service(root, config, relaunch).run()
+        service = Service(root, config, relaunch)
+        if waits:
+            write_takeover(holder, os.getpid(), ready=False)
+            service.prepare()
+            write_takeover(holder, os.getpid(), ready=True)
+            log.info("ready to take over (pid %d)", os.getpid())
+            fcntl.flock(pid_fd, fcntl.LOCK_EX)        # until the running service has handed over
+            service.started = time.monotonic()
+        else:
+            service.prepare()
+        os.ftruncate(pid_fd, 0)
+        os.write(pid_fd, f"{os.getpid()}\n".encode())
+        holder.takeover_file.unlink(missing_ok=True)
+        service.run()
     except LazyociError as e:
         log.error("service failed: %s", e)
         sys.exit(1)
@@ -330,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
                 paths.pid_file.unlink()
         except OSError:
             pass
+        if (read_takeover(holder) or {}).get("pid") == os.getpid():    # it never took over
+            holder.takeover_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     <root>/service/holder.pid    its pid, locked while it lives
     <root>/service/holder.log    its log
     <root>/service/holder.lost   written by the service that saw the holder die (when, which pid)
+    <root>/service/takeover      a service process started by `service restart`: its pid, and
+                                 whether it has mounted the layers and waits for the hand-over
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class HolderPaths:
     @property
     def lost_file(self) -> Path:
         return self.dir / "holder.lost"
+
+    @property
+    def takeover_file(self) -> Path:
+        return self.dir / "takeover"
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,21 @@ def record_lost(paths: HolderPaths, pid: int) -> None:
     """Note that the holder died under the service (its mount's readers got errors)."""
     paths.lost_file.write_text(json.dumps({"pid": pid, "time": time.time()}) + "\n")
     os.chmod(paths.lost_file, 0o600)
+
+
+def write_takeover(paths: HolderPaths, pid: int, ready: bool) -> None:
+    """Say that process `pid` is getting ready to take over from the running service, or is ready."""
+    tmp = paths.takeover_file.with_name(f"takeover.{pid}")
+    tmp.write_text(json.dumps({"pid": pid, "ready": ready}) + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, paths.takeover_file)
+
+
+def read_takeover(paths: HolderPaths) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(paths.takeover_file.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def lost_note(paths: HolderPaths) -> dict[str, Any] | None:
