@@ -13,8 +13,9 @@ the disk cache. Then:
 - pause: a reader drops and reads 128 KiB at random offsets in a loop while the script runs
   `service restart` (`ServiceClient.restart`) --restarts times and kill -9 + `service start`
   --kills times, a second apart; a restart's pause is the longest single read that overlapped
-  it. p50 and max of each kind, and the new service's own time from start to serving the
-  handed-over session (`serving_after_seconds` of `service status`);
+  it. p50 and max of each kind, and the new service's own time to serving the handed-over
+  session (`serving_after_seconds` of `service status`: from the old one's exit for a restart,
+  whose new process mounts the layers beforehand; from its own start after a kill);
 - the holder's RSS, and the CPU time the holder and the service spend per GiB read (a cost
   that other load on the machine does not blur as it does throughput).
 
@@ -160,7 +161,7 @@ def main() -> None:
             reader = Reader(path, args.file_mib << 20)
             reader.start()
             pauses: dict[str, list[float]] = {"restart": [], "kill_9": []}
-            serving: list[float] = []
+            serving: dict[str, list[float]] = {"restart": [], "kill_9": []}
             for kind in ["restart"] * args.restarts + ["kill_9"] * args.kills:
                 time.sleep(1.0)
                 t0 = time.monotonic()
@@ -171,7 +172,7 @@ def main() -> None:
                     os.kill(pid, signal.SIGKILL)
                     client.start()        # waits for the dead one's pid-file lock, then launches
                 st = client.status()
-                serving.append(st["session"]["serving_after_seconds"])
+                serving[kind].append(st["session"]["serving_after_seconds"])
                 time.sleep(0.5)                       # reads that waited have finished
                 pauses[kind].append(reader.longest_within(t0, time.monotonic()))
             reader.stop.set()
@@ -182,7 +183,8 @@ def main() -> None:
             out["read_errors"] = reader.errors[:5]
             out["pause_restart"] = _summary(pauses["restart"])
             out["pause_kill_9_then_start"] = _summary(pauses["kill_9"])
-            out["serving_after_start"] = _summary(serving)
+            out["serving_after_restart"] = _summary(serving["restart"])
+            out["serving_after_kill_9_then_start"] = _summary(serving["kill_9"])
             from lazyoci.service.holder_link import holder_status
             held = holder_status(client.holder)
             out["holder_rss_kib"] = (held or {}).get("rss_bytes", 0) // 1024
