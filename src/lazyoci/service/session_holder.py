@@ -189,6 +189,8 @@ class Holder:
                 pass
 
     def _attach(self, conn: socket.socket, relaunch: list[str]) -> None:
+        while self.service is not None and self._one_from_service():
+            pass      # the previous service may be gone with its end-of-file not read yet: read it now
         if self.service is not None:
             with conn:
                 conn.send(json.dumps({"ok": False, "error": f"a service (pid {self.service_pid}) is "
