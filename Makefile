@@ -7,9 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := docker-registry skopeo umoci runc flatbuffers-compiler pigz zstd \
 	fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv apache2-utils \
-	mmdebstrap iproute2 util-linux busybox-static strace buildah
+	mmdebstrap iproute2 util-linux busybox-static strace buildah podman \
+	containerd golang-github-containerd-containerd-dev
 
-.PHONY: deps test test-fast demo bench fuzz clean
+.PHONY: deps lint test test-fast demo bench fuzz clean
 
 # System packages: apt-get update first (a fresh machine has no lists).
 # Depends on the Makefile so that a package added to APT_PACKAGES gets installed.
@@ -28,10 +29,21 @@ $(VENV)/.installed: pyproject.toml .stamp-apt
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
-deps: $(VENV)/.installed
+# containerd's gRPC API as Python modules (build output, not committed): generated from the .proto
+# files of golang-github-containerd-containerd-dev by grpcio-tools (a build-time tool only).
+CONTAINERD_API := src/lazyoci/containerd/api/__init__.py
+$(CONTAINERD_API): tools/containerd_api.py $(VENV)/.installed
+	$(PY) -m pip install -q 'grpcio-tools>=1.60'
+	$(PY) tools/containerd_api.py
+
+deps: $(VENV)/.installed $(CONTAINERD_API)
+
+# The library's types (mypy, configured in pyproject.toml); make test runs it first.
+lint: deps
+	$(PY) -m mypy
 
 # The whole suite. Tests that need root skip themselves (with the reason) for other users.
-test: deps
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The suite without the tests marked `slow` (over 20 s on two shared cores, or fuzzing for a set time);

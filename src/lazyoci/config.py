@@ -15,6 +15,8 @@
       background_fetch: true
       background_quiet_seconds: 30
       background_interval_ms: 500
+    containerd:            # the service's snapshotters for containerd (lazyoci/containerd/settings.py)
+      snapshotters: {soci: soci, lazyoci-overlayfs: overlayfs}
 
 Values are checked when read: a bad value is a ConfigError naming the file and line.
 Verification of lazily served bytes cannot be turned off: `soci.verify: false` is
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lazyoci.containerd.settings import ContainerdConfig, parse_containerd
 from lazyoci.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
 
 SNAPSHOTTERS = ("overlayfs", "soci")
 RUNTIMES = ("runc", "crun")
-TOP_LEVEL_KEYS = ("snapshotters", "runtime", "insecure_registries", "registry_mirrors", "soci")
+TOP_LEVEL_KEYS = ("snapshotters", "runtime", "insecure_registries", "registry_mirrors", "soci", "containerd")
 PULL_POLICIES = ("missing", "always", "never")   # `run --pull`
 
 
@@ -74,6 +77,7 @@ class Config:
     insecure_registries: tuple[str, ...] = ()
     registry_mirrors: dict[str, tuple[str, ...]] = field(default_factory=dict)
     soci: SociConfig = SociConfig()
+    containerd: ContainerdConfig = ContainerdConfig()     # what the service offers containerd
 
     @property
     def default_snapshotter(self) -> str:
@@ -83,8 +87,8 @@ class Config:
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
     import yaml
 
-    out = {}
-    lines = {}
+    out: dict[object, object] = {}
+    lines: dict[object, object] = {}
     for k_node, v_node in node.value:
         key = loader.construct_object(k_node, deep=True)
         if not isinstance(key, (str, int, float, bool)):
@@ -187,6 +191,7 @@ def load_config(path: Path | None = None) -> Config:
     if not isinstance(soci_doc, dict):
         raise ConfigError(f"{where('soci')}: soci must be a mapping")
     soci = _parse_soci(soci_doc, path)
+    containerd = parse_containerd(_default_if_unset(doc, "containerd", {}), path, lines.get("containerd", "?"))
     return Config(
         path=path,
         snapshotters=tuple(snaps),
@@ -194,6 +199,7 @@ def load_config(path: Path | None = None) -> Config:
         insecure_registries=tuple(insecure),
         registry_mirrors=mirrors,
         soci=soci,
+        containerd=containerd,
     )
 
 
@@ -219,7 +225,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 def _parse_soci(doc: dict, path: Path) -> SociConfig:
     lines = doc.get("__lines__", {})
-    known = {
+    known: dict[str, type | tuple[type, ...]] = {
         "fetch_timeout_seconds": (int, float), "fetch_min_bytes_per_second": int,
         "fetch_rate_window_seconds": (int, float),
         "cache_dir": str, "cache_max_bytes": int, "background_fetch": bool,
@@ -243,5 +249,5 @@ def _parse_soci(doc: dict, path: Path) -> SociConfig:
             raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.{key} must not be negative")
         if key == "fetch_rate_window_seconds" and value == 0:
             raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.{key} must be more than 0")
-        values[key] = Path(value) if key == "cache_dir" else value
+        values[key] = Path(value) if isinstance(value, str) and key == "cache_dir" else value
     return SociConfig(**values)

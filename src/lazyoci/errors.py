@@ -4,6 +4,10 @@ Every failure a user can cause or meet (bad input, registry faults, corrupt
 data) is a `LazyociError`. The CLI turns it into one line on stderr and a
 nonzero exit; the FUSE layer turns it into EIO. Anything else escaping is a bug.
 
+An error's fields are the keyword parameters of its constructor, kept as attributes of
+the same name and listed by `fields()`: so an error crosses the service's control
+socket as its class name, message and fields, and is raised again as the same error.
+
     LazyociError
     ├── ReferenceError_        malformed image reference
     ├── ConfigError            bad config file or flag value
@@ -12,13 +16,17 @@ nonzero exit; the FUSE layer turns it into EIO. Anything else escaping is a bug.
     │   ├── NotFoundError      404 (manifest, blob, repository)
     │   └── RangeNotSupportedError   server ignored a Range request
     ├── ServiceError           the lazyoci service is not running or broke the protocol
+    ├── PullCancelled          a pull stopped: another layer failed, or the user interrupted
     ├── BuildError             buildah failed to build a Dockerfile (its error kept)
     ├── FormatError            malformed manifest, zTOC, gzip, tar ...
     │   ├── UnsafeLayerError   a layer entry would escape its directory
     │   └── UnsupportedCompressionError   a layer zTOCs cannot index (zstd)
     ├── IntegrityError         bytes do not match their digest
     ├── StoreError             local store problems
-    │   └── ImageNotFoundError no such image locally
+    │   ├── ImageNotFoundError no such image locally
+    │   ├── SnapshotNotFoundError    no snapshot (or parent) of that key
+    │   ├── SnapshotExistsError      a snapshot of that key or name exists already
+    │   └── SnapshotStateError       a snapshot not in the state the call needs (committed, active, childless)
     └── ContainerError         runtime (runc) and container state errors
         ├── CommandNotFoundError      the command is not in the image (exit 127, as docker)
         └── CommandNotExecutableError the command cannot be executed (exit 126, as docker)
@@ -31,6 +39,10 @@ class LazyociError(Exception):
     """Base of every error lazyoci reports to a user."""
 
     exit_code: int = 1
+
+    def fields(self) -> dict[str, str | int | None]:
+        """What the error carries besides its message, by constructor keyword."""
+        return {}
 
 
 class ReferenceError_(LazyociError):
@@ -48,6 +60,9 @@ class RegistryError(LazyociError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+    def fields(self) -> dict[str, str | int | None]:
+        return {"status": self.status, "code": self.code}
 
 
 class AuthError(RegistryError):
@@ -78,6 +93,10 @@ class ServiceError(LazyociError):
     """The lazyoci service is not running, did not start, or broke the protocol."""
 
 
+class PullCancelled(LazyociError):
+    """A pull's layer workers stop when another layer failed or the user interrupted."""
+
+
 class BuildError(LazyociError):
     """`build` failed: buildah is missing or stopped at a step; nothing was stored."""
 
@@ -90,6 +109,9 @@ class IntegrityError(LazyociError):
         self.expected = expected
         self.actual = actual
 
+    def fields(self) -> dict[str, str | int | None]:
+        return {"expected": self.expected, "actual": self.actual}
+
 
 class StoreError(LazyociError):
     """The local store cannot do what was asked."""
@@ -97,6 +119,19 @@ class StoreError(LazyociError):
 
 class ImageNotFoundError(StoreError):
     """No image of that name or ID exists locally."""
+
+
+class SnapshotNotFoundError(StoreError):
+    """No snapshot of that key, or no parent of that name (containerd's NotFound)."""
+
+
+class SnapshotExistsError(StoreError):
+    """A snapshot of that key or name exists already (containerd's AlreadyExists)."""
+
+
+class SnapshotStateError(StoreError):
+    """A snapshot is not in the state a call needs: a parent not committed, a commit of a
+    non-active snapshot, a remove of one with children (containerd's FailedPrecondition)."""
 
 
 class ContainerError(LazyociError):

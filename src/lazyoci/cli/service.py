@@ -93,6 +93,8 @@ def _status() -> None:
         session = st.get("session", {})
         click.echo(note + (f"; taken over in {session.get('serving_after_seconds', 0):.3f}s with "
                            f"{session.get('handed_over', 0)} request(s) handed over" if session.get("resumed") else ""))
+    if st.get("containerd_socket"):
+        click.echo(f"containerd snapshotter socket: {st['containerd_socket']}")
     click.echo(f"span cache: {_human(st['cache_bytes'])} ({limit}); "
                f"background fetch: {'on' if st['background_fetch'] else 'off'}")
     if not st["layers"]:

@@ -19,7 +19,15 @@ every entry it serves with the entry's own tar header):
   each entry's own tar header lies just before its data (fs/header_check.py reads it);
 - spans are numbered in stream order: their uncompressed ranges tile the tar stream
   and their compressed ranges go forward, so the ranges of adjacent spans are
-  fetched in one request.
+  fetched in one request;
+- fetched bytes are served only after `verify_span` and then `decompress_span` both
+  returned: a format whose digests cover decoded bytes (zstd:chunked's chunk digests)
+  checks them in `decompress_span` and raises IntegrityError there, as `verify_span`
+  does for compressed bytes.
+
+An index whose stream holds no tar headers says so with `headers_in_stream = False`
+(zstd:chunked's, whose stream is its files' contents alone, and whose TOC is vouched for
+by the image manifest's annotation): the service then skips fs/header_check.py for it.
 """
 
 from __future__ import annotations
@@ -109,5 +117,6 @@ class LayerIndex(Protocol):
 
     def decompress_span(self, i: int, compressed: bytes) -> bytes:
         """Span i's uncompressed bytes from its verified compressed bytes (FormatError if they
-        do not decode: then the index itself is wrong)."""
+        do not decode: then the index itself is wrong; IntegrityError if the index's digest is
+        of the decoded bytes and they do not match it)."""
         ...

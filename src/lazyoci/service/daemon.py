@@ -7,16 +7,21 @@ recorded by its previous run, takes over the FUSE session of the holder
 (service/session_holder.py, started here if none runs: it owns the mount, so
 the session outlives this process), and only then listens on the control socket
 — so a client that can connect can use it.
+Beside it, containerd's Snapshots gRPC service listens on <root>/service/snapshotter.sock
+(lazyoci.containerd.server, in gRPC's own threads); if it cannot start, the service
+goes on without it and its log says why.
 
 Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "ping"}                                   -> {"ok": true, "pid": N, "mountpoint": ...}
     {"op": "mount_layer", "ref", "layer_digest", "ztoc_digest"} -> {"ok": true, "path": ...}
     {"op": "unmount_layer", "layer_digest", "ztoc_digest"} -> {"ok": true, "unmounted": bool}
-    {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N, ...}
+    {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N,
+                                                         "containerd_socket": path or null, "session": ...}
     {"op": "shutdown"}                               -> {"ok": true}; then answers what it has and exits
     {"op": "hand_over"}                              -> {"ok": true}; then exits at once, leaving the
                                                         requests it had not answered to the next service
-Errors: {"ok": false, "error": message, "type": LazyociError subclass name}.
+Errors: {"ok": false, "error": message, "type": LazyociError subclass name, "fields": its fields}
+(service/error_wire.py).
 """
 
 from __future__ import annotations
@@ -29,20 +34,25 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
 
 from lazyoci import libc
 from lazyoci.config import Config, load_config
-from lazyoci.errors import LazyociError
+from lazyoci.errors import LazyociError, ServiceError
 from lazyoci.fs.layer_fs import LayerFS
 from lazyoci.fs.span_fetcher import flush_cache_writes
+from lazyoci.service.error_wire import error_reply
 from lazyoci.service.holder_link import (Attachment, HolderPaths, attach, launch_holder, record_lost,
                                          read_takeover, say_leaving, write_takeover)
 from lazyoci.service.layers import LayerManager
 from lazyoci.service.paths import ServicePaths, socket_address
 from lazyoci.store.layout import DataRoot
+
+if TYPE_CHECKING:
+    from lazyoci.containerd.server import SnapshotterServer
 
 log = logging.getLogger("lazyoci.service")
 MAX_REQUEST = 1 << 20
@@ -84,6 +94,7 @@ class Service:
         self.config = config
         self.fs = LayerFS()
         self.layers: LayerManager | None = None
+        self.containerd: SnapshotterServer | None = None    # containerd's snapshotter service, once serving
         self.holder = HolderPaths(self.paths.dir)
         self.relaunch = relaunch        # how the holder starts a service again if this one is lost
         self.attachment: Attachment | None = None
@@ -91,6 +102,13 @@ class Service:
         self.serving_after = 0.0        # seconds from then to serving the FUSE session
         self._stopping = False
         self._cancel = trio.CancelScope()
+
+    @property
+    def running_layers(self) -> LayerManager:
+        """The layer manager, which exists from `prepare` on."""
+        if self.layers is None:
+            raise ServiceError("the service's layers are not set up yet")
+        return self.layers
 
     def prepare(self) -> None:
         """Mount the recorded layers: the slow part of a start, which a process that is to take
@@ -101,10 +119,10 @@ class Service:
 
     def run(self) -> None:
         """Serve: take the holder's FUSE session over, then the control socket. `prepare` first."""
-        assert self.layers is not None, "prepare() first"
+        layers = self.running_layers
         # Every recorded layer before the session: its first request may name any of them
         # (again, for a layer the previous process mounted after `prepare`; the others are kept).
-        self.layers.remount_known()
+        layers.remount_known()
         launch_holder(self.holder)
         self.attachment = attach(self.holder, self.relaunch)
         # The holder mounted (ro, no allow_other: root alone, service/paths.py); libfuse serves its channel.
@@ -118,14 +136,16 @@ class Service:
         try:
             trio.run(self._main)
         finally:
+            if self.containerd is not None:
+                self.containerd.stop()
             pyfuse3.close(unmount=False)      # the mount is the holder's
-            self.layers.close()
+            layers.close()
             log.info("service stopped")
 
     async def _main(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._fuse_main)
-            self.layers.start_background()
+            self.running_layers.start_background()
             with self._cancel:
                 await self._serve()
 
@@ -158,6 +178,7 @@ class Service:
         os.chmod(sock_path, 0o600)
         listener.listen(64)
         log.info("service ready (pid %d), mount %s, socket %s", os.getpid(), self.paths.mountpoint, sock_path)
+        await trio.to_thread.run_sync(self._start_containerd)
         try:
             async with trio.open_nursery() as nursery:
                 while True:
@@ -166,6 +187,18 @@ class Service:
         finally:
             listener.close()
             sock_path.unlink(missing_ok=True)
+
+    def _start_containerd(self) -> None:
+        try:
+            from lazyoci.containerd.server import SnapshotterServer
+
+            layers = self.running_layers
+            server = SnapshotterServer(self.root, self.config, layers, layers.client)
+            server.start()
+        except Exception as e:     # e.g. a build without the generated API: FUSE still serves
+            log.error("containerd's snapshotter service did not start: %s", e)
+            return
+        self.containerd = server
 
     async def _handle(self, conn: trio.socket.SocketType) -> None:
         with conn:
@@ -179,7 +212,7 @@ class Service:
                 request = json.loads(buf.split(b"\n", 1)[0] or b"{}")
                 reply = await self._dispatch(request)
             except LazyociError as e:
-                reply = {"ok": False, "error": str(e), "type": type(e).__name__}
+                reply = error_reply(e)
             except (ValueError, KeyError, TypeError) as e:
                 reply = {"ok": False, "error": f"bad request: {e}", "type": "LazyociError"}
             except Exception as e:   # a bug: keep serving, but say so
@@ -201,11 +234,14 @@ class Service:
         if op == "ping":
             return {"ok": True, "pid": os.getpid(), "mountpoint": os.fspath(self.paths.mountpoint)}
         if op == "mount_layer":
-            await trio.to_thread.run_sync(self.layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
+            await trio.to_thread.run_sync(self.running_layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
             return {"ok": True, "path": os.fspath(self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]))}
         if op == "unmount_layer":
+            if self.containerd is not None and await trio.to_thread.run_sync(
+                    self.containerd.uses_view, req["layer_digest"], req["ztoc_digest"]):
+                return {"ok": True, "unmounted": False}     # containerd's snapshots stand on it
             name = self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]).name.encode()
-            done = await trio.to_thread.run_sync(self.layers.unmount, req["layer_digest"], req["ztoc_digest"])
+            done = await trio.to_thread.run_sync(self.running_layers.unmount, req["layer_digest"], req["ztoc_digest"])
             if done:
                 try:
                     pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
@@ -213,16 +249,18 @@ class Service:
                     pass
             return {"ok": True, "unmounted": done}
         if op == "status":
+            layers = self.running_layers
             a = self.attachment
             return {"ok": True, "pid": os.getpid(), "rss_bytes": _rss_bytes(),
                     "session": {"holder_pid": a.holder_pid if a else 0, "resumed": a.resumed if a else False,
                                 "handed_over": a.waiting if a else 0,
                                 "serving_after_seconds": round(self.serving_after, 3)},
                     "mountpoint": os.fspath(self.paths.mountpoint),
-                    "cache_bytes": self.layers.cache.total_bytes,
-                    "cache_max_bytes": self.layers.cache.max_bytes,
-                    "background_fetch": self.layers.background is not None,
-                    "layers": [s.to_json() for s in self.layers.status()]}
+                    "cache_bytes": layers.cache.total_bytes,
+                    "cache_max_bytes": layers.cache.max_bytes,
+                    "background_fetch": layers.background is not None,
+                    "containerd_socket": os.fspath(self.containerd.socket) if self.containerd else None,
+                    "layers": [s.to_json() for s in layers.status()]}
         if op in ("shutdown", "hand_over"):
             return {"ok": True}
         raise LazyociError(f"unknown request {op!r}")
@@ -238,7 +276,7 @@ class Service:
         log.info("shutdown requested")
         self._stopping = True
         await trio.to_thread.run_sync(say_leaving, self.holder)
-        client = self.layers.client
+        client = self.running_layers.client
         client.cancel()
         give_up = time.monotonic() + _DRAIN_MAX_SECONDS
         while time.monotonic() < give_up and (client.transfers_in_flight or

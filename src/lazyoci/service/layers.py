@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from lazyoci import libc
@@ -32,6 +33,7 @@ from lazyoci.errors import FormatError, LazyociError, RegistryError, StoreError
 from lazyoci.fs.background import BackgroundFetcher
 from lazyoci.fs.header_check import LayerVerifier
 from lazyoci.fs.layer_fs import LayerFS, LazyLayer
+from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
 from lazyoci.fs.tree import LayerTree
@@ -51,6 +53,18 @@ def _release_freed_memory() -> None:
     gc.collect()     # the build's helper closures form a cycle; collect it before trimming
     libc.malloc_trim()
 
+
+
+def _parse_index(data: bytes, digest: str) -> LayerIndex:
+    """zstd:chunked wiring: a stored index is a zTOC, or a zstd:chunked TOC (a zstd frame, which
+    no zTOC starts with). The TOC's stream holds no tar headers (`headers_in_stream` is False):
+    its digest, which the image manifest's annotation gave, vouches for its entries."""
+    from lazyoci.zstdchunked import ZstdChunkedToc, is_chunked_toc
+    from lazyoci.ztoc import Ztoc
+
+    if is_chunked_toc(data):
+        return ZstdChunkedToc.parse(data, digest=digest)
+    return Ztoc.parse(data, digest=digest)
 
 
 @dataclass(frozen=True)
@@ -77,7 +91,7 @@ class LayerManager:
     """Mounts and unmounts lazy layers in one LayerFS; thread-safe."""
 
     def __init__(self, root: DataRoot, config: Config, fs: LayerFS) -> None:
-        from lazyoci.registry import RegistryClient, RegistryOptions   # A1's client
+        from lazyoci.registry import RegistryClient, RegistryOptions
         from lazyoci.registry.options import TransferLimits
 
         self.root = root
@@ -144,13 +158,11 @@ class LayerManager:
         return fetch
 
     def mount(self, ref: str, layer_digest: str, ztoc_digest: str, persist: bool = True,
-              fallback_refs: list[str] = ()) -> None:
+              fallback_refs: Sequence[str] = ()) -> None:
         """Make the layer's view through this zTOC appear in the FUSE mount (idempotent).
 
         Mounting a mounted view again with another reference makes that reference the
         first to fetch from (the image was pulled again, maybe from elsewhere)."""
-        from lazyoci.ztoc import Ztoc       # C's reader
-
         layer_digest = str(Digest.parse(layer_digest))
         ztoc_digest = str(Digest.parse(ztoc_digest))
         reference = Reference.parse(ref)
@@ -169,7 +181,7 @@ class LayerManager:
             raise StoreError(f"zTOC {ztoc_digest} of layer {layer_digest} is not in the blob store") from None
         verify_bytes(data, ztoc_digest, f"zTOC of layer {layer_digest}")
         started = time.monotonic()
-        ztoc = Ztoc.parse(data, digest=ztoc_digest)
+        ztoc = _parse_index(data, ztoc_digest)
         tree = LayerTree(ztoc)
         _release_freed_memory()     # the build's temporary path table is garbage now
         spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
@@ -188,7 +200,7 @@ class LayerManager:
         fetcher = SpanFetcher(ztoc, self._fetcher(view), cache, layer_digest)
         verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, read_ahead=False), fetcher.read_cached,
                                  layer_digest)
-        if cache.headers_checked:
+        if cache.headers_checked or not getattr(ztoc, "headers_in_stream", True):   # zstd:chunked wiring
             verifier.passed_before()
         else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
             verifier.on_layer_ok = cache.mark_headers_checked

@@ -1,10 +1,10 @@
 """`pull --snapshotter soci`: fetch the SOCI index and zTOCs, download only unindexed layers.
 
 Steps: resolve the image (and the platform's manifest), discover its SOCI index
-(explicit digest, v2 annotation, referrers API, tag schema — D's discover_index),
+(explicit digest, v2 annotation, referrers API, tag schema — soci.discover_index),
 store the index manifest and the zTOCs as blobs owned by `soci:<index digest>`,
 record which layer each zTOC serves, then let ImageService.pull fetch the image
-while skipping the lazy layers (no progress rows for them, as the seed shows).
+while skipping the lazy layers (no progress rows for them, as Finch shows a lazy pull).
 Finally the zTOCs this index gave the image (under its name) are recorded, the
 layer snapshots committed (their keys name those zTOCs: another index of a
 shared layer never reuses them) and the service mounts the lazy layers.
@@ -146,7 +146,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
               progress=None, log: Callable[[str], None] | None = None,
               index_digest: str | None = None) -> "LocalImage":
     from lazyoci.snapshot.soci import LazyLayerRecord
-    from lazyoci.soci import discover_index      # D's discovery
+    from lazyoci.soci import discover_index
 
     # The INFO line of a fallback must reach the user even when the caller gave no log.
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -189,6 +189,26 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
             mounter.rollback()      # nothing was submitted, or the fallback already rolled back: stop the worker
         if not lazy and reason is None:
             reason = f"the SOCI index {found.digest} has no zTOC for any layer of the image"
+    # zstd:chunked wiring: a layer without a zTOC that carries its own TOC is lazy through it
+    from lazyoci.zstdchunked.fetch import chunked_tocs
+    chunked = chunked_tocs(client, reference, manifest.layers, lazy, say)
+    if chunked:
+        snap.service.spawn()
+        if not lazy:            # no SOCI mounter, or one stopped with nothing to mount
+            mounter = _EarlyMounter(snap)
+        try:
+            for toc in chunked.values():
+                _store_blob(images, client, reference, toc.digest, None, f"zstd-chunked:{toc.layer_digest}",
+                            raw=toc.data)
+                rec = LazyLayerRecord(toc.layer_digest, toc.digest, f"{reference.name}@{manifest_digest}",
+                                      toc.digest)
+                snap.record_lazy_layer(rec)
+                mounter.submit(rec)
+                lazy[toc.layer_digest] = toc.digest
+        except BaseException:
+            mounter.rollback()
+            raise
+        reason = None
     if reason is not None:
         say(f"INFO: {reason} for {reference}: downloading every layer before the container starts "
             f"(no lazy loading)")
