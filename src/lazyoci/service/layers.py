@@ -42,6 +42,7 @@ from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
 from lazyoci.service.records import SCHEMA, SCHEMA_NAME
 from lazyoci.service.paths import layer_view_name
+from lazyoci.service.view_slots import view_slot
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
@@ -218,8 +219,9 @@ class LayerManager:
             fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
+        slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
         self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier,
-                                    self._xattrs_disabled(layer_digest, ztoc_digest)))
+                                    self._xattrs_disabled(layer_digest, ztoc_digest)), slot)
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         log.info("mounted layer %s (%d entries, %d spans, %.1f%% cached) in %.2fs", layer_digest,
                  len(tree), len(spans), 100.0 * cache.cached_bytes / max(cache.total_bytes, 1),
