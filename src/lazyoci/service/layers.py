@@ -43,6 +43,7 @@ from lazyoci.oci.reference import Reference
 from lazyoci.service import view_records as views
 from lazyoci.service.view_records import SCHEMA, SCHEMA_NAME
 from lazyoci.service.paths import layer_view_name
+from lazyoci.service.view_slots import view_slot
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
@@ -218,8 +219,9 @@ class LayerManager:
             fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
+        slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
         self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier,
-                                    self._xattrs_disabled(layer_digest, ztoc_digest)))
+                                    self._xattrs_disabled(layer_digest, ztoc_digest)), slot)
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         log.info("mounted layer %s (%d entries, %d spans, %.1f%% cached) in %.2fs", layer_digest,
                  len(tree), len(spans), 100.0 * cache.cached_bytes / max(cache.total_bytes, 1),
@@ -293,14 +295,14 @@ class LayerManager:
         """Whether the index the lazy pull recorded for this view marks the zTOC `disable-xattrs`.
         Anything unreadable says no: xattrs are then served (and checked) as usual."""
         from lazyoci.soci.index import ANN_LAYER_DIGEST, SociIndex, xattrs_disabled
+        from lazyoci.store.lazy_layer_records import layer_record
         try:
-            with self.db.reading() as conn:
-                row = conn.execute("SELECT index_digest FROM lazy_layers WHERE layer_digest=? AND ztoc_digest=?",
-                                   (layer_digest, ztoc_digest)).fetchone()
-            if not row or not row[0]:
+            rec = layer_record(self.db, layer_digest, ztoc_digest)
+            if rec is None or not rec.index_digest:
                 return False
-            data = (self.root.blobs / "sha256" / Digest.parse(row[0]).hex).read_bytes()
-            verify_bytes(data, row[0], "SOCI index")
+            with self.blobs.open(rec.index_digest) as f:
+                data = f.read()
+            verify_bytes(data, rec.index_digest, "SOCI index")
             index = SociIndex.parse(data)
         except (sqlite3.Error, OSError, LazyociError):
             return False
