@@ -8,15 +8,22 @@ then decoded into its range of the tar stream. fs/ sees an index only through
 these two protocols: a SOCI zTOC (`lazyoci.ztoc.Ztoc`) is one; another lazy
 format (eStargz's TOC, zstd:chunked's manifest) is a new class with these
 members, in its own folder, and the filesystem, header checks and span fetcher
-serve it unchanged.
+serve it unchanged (eStargz's TOC, `lazyoci.estargz.EStargzIndex`, is another).
 
 What an implementation promises (fs/ relies on it; fs/header_check.py still compares
 every entry it serves with the entry's own tar header):
 - everything it returns was checked when it was parsed: entry offsets inside the
   stream, names the kernel can create, span ranges that tile the stream;
 - entry types are "reg", "dir", "symlink", "hardlink", "char", "block", "fifo";
-  only "reg" entries carry data, at [offset, offset + size) of the tar stream, and
-  each entry's own tar header lies just before its data (fs/header_check.py reads it);
+  only "reg" entries carry data, at [offset, offset + size) of the stream;
+- when `tar_headers` is true the stream is the layer's tar stream and each entry's own
+  tar header lies just before its data (fs/header_check.py reads it). When it is false
+  (eStargz) the stream holds only file data and the index itself is the metadata: it
+  was checked against a digest the image's manifest carries before it was stored;
+- `decode_span` never returns a byte it has not checked against the index: a format
+  whose digests cover compressed bytes (a zTOC) checks them before decoding, one whose
+  digests cover the decoded bytes (eStargz's chunkDigest) after; bytes that do not
+  decode are an IntegrityError too when the digests come after decoding;
 - spans are numbered in stream order: their uncompressed ranges tile the tar stream
   and their compressed ranges go forward, so the ranges of adjacent spans are
   fetched in one request.
@@ -66,6 +73,10 @@ class LayerIndex(Protocol):
     @property
     def digest(self) -> str: ...        # the index's own digest: a lazy view is keyed by it
     @property
+    def format(self) -> str: ...        # what kind of index: "ztoc", "estargz" (shown by `service status`)
+    @property
+    def tar_headers(self) -> bool: ...  # the stream is the tar stream, headers included (see above)
+    @property
     def uncompressed_size(self) -> int: ...
     @property
     def num_spans(self) -> int: ...
@@ -100,14 +111,11 @@ class LayerIndex(Protocol):
         ...
 
     def span_digest(self, i: int) -> str:
-        """The digest span i's compressed bytes must have."""
+        """The digest span i is checked against (for error messages)."""
         ...
 
-    def verify_span(self, i: int, compressed: bytes) -> None:
-        """IntegrityError unless `compressed` is exactly span i's bytes."""
-        ...
-
-    def decompress_span(self, i: int, compressed: bytes) -> bytes:
-        """Span i's uncompressed bytes from its verified compressed bytes (FormatError if they
-        do not decode: then the index itself is wrong)."""
+    def decode_span(self, i: int, fetched: bytes) -> bytes:
+        """Span i's bytes of the stream from the bytes of its compressed range: IntegrityError
+        unless they are exactly what the index says, FormatError if verified bytes do not
+        decode (then the index itself is wrong)."""
         ...

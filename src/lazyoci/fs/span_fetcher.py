@@ -272,7 +272,7 @@ class SpanFetcher:
                     break
             else:
                 err = IntegrityError(
-                    f"layer {self.layer_digest}: span {i} does not match its digest in the zTOC "
+                    f"layer {self.layer_digest}: span {i} does not match its digest in the {self.ztoc.format} index "
                     f"after {ATTEMPTS} attempts", expected=self.ztoc.span_digest(i))
                 log.error("%s", err)
                 self._fail(bad, err)
@@ -305,8 +305,7 @@ class SpanFetcher:
             try:
                 if len(compressed) != c1 - c0:
                     raise IntegrityError(f"short read ({len(compressed)} of {c1 - c0} bytes)")
-                self.ztoc.verify_span(i, compressed)   # always: unverified bytes are never served
-                data = self.ztoc.decompress_span(i, compressed)
+                data = self.ztoc.decode_span(i, compressed)   # checked: unverified bytes are never served
             except IntegrityError as e:
                 bad.append(i)
                 log.error("layer %s span %d failed verification (attempt %d of %d): %s",

@@ -39,6 +39,7 @@ from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
 from lazyoci.service.records import SCHEMA, SCHEMA_NAME
 from lazyoci.service.paths import layer_view_name
+from lazyoci.service.prefetch import prefetch_files
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
@@ -56,13 +57,14 @@ def _release_freed_memory() -> None:
 class LayerStatus:
     layer_digest: str
     ref: str
-    ztoc_digest: str
+    ztoc_digest: str          # the digest of the view's index, whatever its format
     files: int
     spans: int
     spans_cached: int
     fetched_bytes: int        # uncompressed bytes present in the span cache
     total_bytes: int          # uncompressed size of the layer
     network_bytes: int        # compressed bytes fetched by this service run
+    format: str = "soci"      # how the layer is indexed (layer_formats.py's label)
 
     @property
     def percent(self) -> float:
@@ -95,6 +97,7 @@ class LayerManager:
             insecure_registries=config.insecure_registries, mirrors=dict(config.registry_mirrors)))
         self._meta: dict[tuple[str, str], tuple[str, float]] = {}   # view -> (ref, monotonic mount time)
         self._refs: dict[tuple[str, str], list[Reference]] = {}      # view -> where to fetch, best first
+        self._labels: dict[tuple[str, str], str] = {}                # view -> its format's label
         self._lock = threading.Lock()
         self.background: BackgroundFetcher | None = None
         if config.soci.background_fetch:
@@ -148,7 +151,8 @@ class LayerManager:
 
         Mounting a mounted view again with another reference makes that reference the
         first to fetch from (the image was pulled again, maybe from elsewhere)."""
-        from lazyoci.ztoc import Ztoc       # C's reader
+        from lazyoci.layer_formats import format_named
+        from lazyoci.service.view_formats import format_of
 
         layer_digest = str(Digest.parse(layer_digest))
         ztoc_digest = str(Digest.parse(ztoc_digest))
@@ -162,13 +166,14 @@ class LayerManager:
                                  (str(reference), layer_digest, ztoc_digest))
             return
         blob = self.root.blobs / "sha256" / Digest.parse(ztoc_digest).hex
+        fmt = format_named(format_of(self.db, layer_digest, ztoc_digest))
         try:
             data = blob.read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"zTOC {ztoc_digest} of layer {layer_digest} is not in the blob store") from None
-        verify_bytes(data, ztoc_digest, f"zTOC of layer {layer_digest}")
+            raise StoreError(f"{fmt.name} index {ztoc_digest} of layer {layer_digest} is not in the blob store") from None
+        verify_bytes(data, ztoc_digest, f"{fmt.name} index of layer {layer_digest}")
         started = time.monotonic()
-        ztoc = Ztoc.parse(data, digest=ztoc_digest)
+        ztoc = fmt.open(data, ztoc_digest)
         tree = LayerTree(ztoc)
         _release_freed_memory()     # the build's temporary path table is garbage now
         spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
@@ -187,18 +192,22 @@ class LayerManager:
         fetcher = SpanFetcher(ztoc, self._fetcher(view), cache, layer_digest)
         verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, read_ahead=False), fetcher.read_cached,
                                  layer_digest)
-        if cache.headers_checked:
+        if not ztoc.tar_headers:   # the index is the metadata, checked against the manifest at pull
+            verifier.passed_before()
+        elif cache.headers_checked:
             verifier.passed_before()
         else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
             verifier.on_layer_ok = cache.mark_headers_checked
             fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
+            self._labels[view] = fmt.label
         self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier))
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
-        log.info("mounted layer %s (%d entries, %d spans, %.1f%% cached) in %.2fs", layer_digest,
-                 len(tree), len(spans), 100.0 * cache.cached_bytes / max(cache.total_bytes, 1),
-                 time.monotonic() - started)
+        log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs",
+                 layer_digest, fmt.name, len(tree), len(spans),
+                 100.0 * cache.cached_bytes / max(cache.total_bytes, 1), time.monotonic() - started)
+        prefetch_files(ztoc, fetcher, layer_digest)
         if persist:
             with self.db.transaction() as conn:
                 conn.execute("INSERT OR REPLACE INTO service_views VALUES (?, ?, ?, ?)",
@@ -212,6 +221,7 @@ class LayerManager:
         with self._lock:
             self._meta.pop(view, None)
             self._refs.pop(view, None)
+            self._labels.pop(view, None)
         flush_cache_writes()      # spans still on their way to the disk belong in the cache
         self.cache.forget(layer_digest, ztoc_digest)
         with self.db.transaction() as conn:
@@ -247,6 +257,7 @@ class LayerManager:
     def status(self) -> list[LayerStatus]:
         with self._lock:
             meta = dict(self._meta)
+            labels = dict(self._labels)
         out = []
         for layer in self.fs.layers():
             ref, _ = meta.get((layer.digest, layer.ztoc_digest), ("", 0.0))
@@ -255,7 +266,7 @@ class LayerManager:
                 layer_digest=layer.digest, ref=ref, ztoc_digest=layer.ztoc_digest, files=len(layer.tree),
                 spans=len(f.cache.spans), spans_cached=len(f.cache.spans) - len(f.cache.missing()),
                 fetched_bytes=f.cache.cached_bytes, total_bytes=f.cache.total_bytes,
-                network_bytes=f.stats.bytes))
+                network_bytes=f.stats.bytes, format=labels.get((layer.digest, layer.ztoc_digest), "soci")))
         return sorted(out, key=lambda s: s.layer_digest)
 
     def start_background(self) -> None:
