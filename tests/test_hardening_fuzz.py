@@ -28,7 +28,8 @@ needs_atheris = pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
                                    reason="atheris is not installed (pip install -e '.[test]')")
 
 RUNNER = Path(__file__).parent / "fuzz" / "run.py"
-TARGETS = ["tar_stream", "toc_builder", "ztoc", "zinfo", "soci_index", "manifest", "reference", "config_file"]
+TARGETS = ["tar_stream", "toc_builder", "ztoc", "zinfo", "soci_index", "manifest", "reference", "config_file",
+           "estargz"]
 SECONDS = int(os.environ.get("LAZYOCI_FUZZ_SECONDS", "0"))     # 0: the fixed run of make test
 FIXED_RUN = ["-seed=1", "-runs=8000"]                           # about 3 s a target
 
@@ -59,6 +60,18 @@ FINDINGS = {
     "config-file-not-utf8": ("config_file", b"soci:\n  \x91\x9c: 1\n"),
     "config-file-key-a-mapping": ("config_file", b"{{}}"),
 }
+
+
+def test_the_estargz_seeds_parse():
+    """The eStargz seeds are valid tails (the fuzzer starts from inputs that parse)."""
+    from seeds import estargz_tail
+
+    from lazyoci.estargz import EStargzIndex
+
+    for legacy in (False, True):
+        index = EStargzIndex.parse(estargz_tail(legacy))
+        assert [index.entry(i).name for i in range(len(index))][:2] == ["etc", "etc/a"]
+        assert index.prefetch_bytes == 0 and index.num_spans == 2
 
 
 @pytest.mark.parametrize("finding", list(FINDINGS))

@@ -63,9 +63,9 @@ def _status() -> None:
     if not st["layers"]:
         click.echo("no lazy layers mounted")
         return
-    click.echo(f"{'LAYER':<20}{'FILES':>9}{'FETCHED':>12}{'TOTAL':>12}{'%':>7}  REF")
+    click.echo(f"{'LAYER':<20}{'FORMAT':<9}{'FILES':>9}{'FETCHED':>12}{'TOTAL':>12}{'%':>7}  REF")
     for l in st["layers"]:
-        click.echo(f"{l['layer_digest'][:19]:<20}{l['files']:>9}{_human(l['fetched_bytes']):>12}"
+        click.echo(f"{l['layer_digest'][:19]:<20}{l.get('format', 'soci'):<9}{l['files']:>9}{_human(l['fetched_bytes']):>12}"
                    f"{_human(l['total_bytes']):>12}{l['percent']:>6.1f}%  {l['ref']}")
 
 

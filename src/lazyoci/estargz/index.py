@@ -265,6 +265,7 @@ class EStargzIndex:
                     continue
                 current = {"name": name, "size": size}
             # a chunk of `current`: the reg entry itself holds the first
+            assert current is not None      # set just above, or checked for a "chunk" entry
             size = current["size"]
             chunk_size = _int(ent, "chunkSize", where) or size - chunk_offset
             if chunk_offset != covered or chunk_size <= 0 or chunk_offset + chunk_size > size:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lazyoci.store.db import Database
 
-__all__ = ["format_of", "formats_of", "record_format"]
+__all__ = ["format_of", "formats_of", "formats_of_image", "record_format"]
 
 _SCHEMA_NAME = "lazy_index_formats"
 _DDL = """
@@ -45,3 +45,19 @@ def formats_of(db: Database) -> dict[tuple[str, str], str]:
     with db.reading() as conn:
         return {(r[0], r[1]): r[2] for r in conn.execute(
             "SELECT layer_digest, index_digest, format FROM lazy_index_formats").fetchall()}
+
+
+def formats_of_image(db: Database, image: str) -> set[str]:
+    """The formats of the lazy layers the latest lazy pull of `image` (a name) recorded."""
+    import sqlite3
+
+    db.ensure_schema(_SCHEMA_NAME, _DDL)
+    try:
+        with db.reading() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT coalesce(f.format, ?) FROM lazy_image_layers l LEFT JOIN lazy_index_formats f "
+                "ON f.layer_digest = l.layer_digest AND f.index_digest = l.ztoc_digest WHERE l.image = ?",
+                (DEFAULT, image)).fetchall()
+    except sqlite3.OperationalError:     # no lazy pull ever ran in this data root
+        return set()
+    return {r[0] for r in rows}

@@ -1,0 +1,149 @@
+"""eStargz images made by `ctr-remote images convert --estargz` run lazily through the soci
+snapshotter with no SOCI index: the lazy tree is what `umoci unpack` makes of the same image,
+a corrupted chunk is EIO, and a small read of a large layer fetches a small part of it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.containerd import running_containerd
+from helpers.estargz import convert, fetch_manifest, push_estargz
+from helpers.images import Entry, make_layer
+from helpers.lazy import overlay, write_config
+from helpers.tree import diff_trees, walk_tree
+from helpers.tricky_image import push_tricky_image
+from lazyoci.config import load_config
+from lazyoci.images.service import ImageService
+from lazyoci.service.client import ServiceClient
+from lazyoci.snapshot.soci import SociSnapshotter
+from lazyoci.store.layout import DataRoot
+
+pytestmark = pytest.mark.needs_root("containerd, FUSE and overlay mounts")
+LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
+HIDDEN = {b"stargz.index.json", b".prefetch.landmark", b".no.prefetch.landmark"}   # as the reference hides them
+SECRET = os.urandom(200_000)
+
+
+@pytest.fixture(scope="module")
+def converted(registry, tmp_path_factory):
+    """The tricky image and a one-file image of its own, both converted to eStargz by ctr-remote."""
+    work = tmp_path_factory.mktemp("esgz-lazy")
+    push_tricky_image(registry.host, "esgz/tricky-src", work)
+    layer = make_layer([Entry("secret", data=SECRET)])
+    with running_containerd(work / "containerd") as cd:
+        convert(cd, registry.host, "esgz/tricky-src", "esgz/tricky", chunk_size=65536)
+        push_estargz(cd, registry.host, "esgz/corrupt", [layer], work, chunk_size=65536)
+    return work
+
+
+@pytest.fixture
+def soci_config(tmp_path) -> Path:
+    return write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - soci\n")
+
+
+def _pull(data_root: Path, config: Path, ref: str):
+    root = DataRoot(data_root)
+    images = ImageService(root)
+    snap = SociSnapshotter(root, load_config(config))
+    lines: list[str] = []
+    image = snap.pull(images, ref, log=lines.append)
+    return images, snap, image, lines
+
+
+def test_lazy_estargz_tree_equals_umoci_unpack(registry, converted, data_root, tmp_path, soci_config):
+    ref = f"{registry.host}/esgz/tricky:latest"
+    layout = tmp_path / "layout"
+    subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}",
+                    f"oci:{layout}:latest"], check=True, capture_output=True)
+    bundle = tmp_path / "bundle"
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)], check=True,
+                   capture_output=True)
+    images, snap, image, lines = _pull(data_root, soci_config, ref)
+    try:
+        assert image.snapshotter == "soci"
+        assert not any(l.startswith("INFO") for l in lines), lines
+        assert not any(images.blobs.has(l.digest) for l in image.manifest.layers)   # nothing downloaded
+        dirs = [snap.paths.layer_dir(l.digest, snap.lazy_layer(l.digest).ztoc_digest) for l in image.manifest.layers]
+        status = ServiceClient(DataRoot(data_root), soci_config).status()
+        assert {l["format"] for l in status["layers"]} == {"estargz"}
+        with overlay(list(reversed(dirs)), tmp_path / "merged") as merged:
+            lazy = walk_tree(merged, mtimes=True)
+        want = {k: v for k, v in walk_tree(bundle / "rootfs", mtimes=True).items() if k not in HIDDEN}
+        problems = diff_trees(want, lazy)
+        assert not problems, "\n".join(problems)
+    finally:
+        images.close()
+        ServiceClient(DataRoot(data_root), soci_config).stop()
+
+
+def test_a_corrupted_chunk_is_eio(registry, converted, data_root, soci_config):
+    from lazyoci.estargz import EStargzIndex, parse_footer
+
+    manifest = fetch_manifest(registry.host, "esgz/corrupt")
+    layer = manifest["layers"][0]
+    path = registry.blob_path(layer["digest"])
+    blob = path.read_bytes()
+    index = EStargzIndex.parse(blob[parse_footer(blob[-51:])[0]:])
+    secret = next(index.entry(i) for i in range(len(index)) if index.entry(i).name == "secret")
+    span = index.spans_for(secret.offset + 100_000, secret.offset + 100_001)[0]
+    c0, c1 = index.span_compressed_range(span)
+    images, snap, image, lines = _pull(data_root, soci_config, f"{registry.host}/esgz/corrupt:latest")
+    try:
+        view = snap.paths.layer_dir(layer["digest"], snap.lazy_layer(layer["digest"]).ztoc_digest)
+        bad = bytearray(blob)
+        bad[(c0 + c1) // 2] ^= 0x01
+        path.write_bytes(bytes(bad))                      # the registry now serves a corrupted chunk
+        with open(view / "secret", "rb") as f:
+            f.seek(100_000)
+            with pytest.raises(OSError) as e:
+                f.read(4096)
+            assert e.value.errno == errno.EIO
+            f.seek(0)
+            assert f.read(4096) == SECRET[:4096]          # an intact chunk still reads
+    finally:
+        path.write_bytes(blob)
+        images.close()
+        ServiceClient(DataRoot(data_root), soci_config).stop()
+
+
+@pytest.mark.slow
+def test_stargz_snapshotter_reads_a_little_of_a_200_mib_layer(registry, data_root, tmp_path):
+    """`run --snapshotter stargz` of a ctr-remote image with a 200 MiB layer: a small read fetches
+    under 10% of the image from the registry; `images` and `service status` say eStargz."""
+    from helpers.fault_proxy import FaultProxy
+    from helpers.tricky_image import BUSYBOX
+
+    base = make_layer([Entry("bin", "dir"), Entry("bin/busybox", data=BUSYBOX.read_bytes(), mode=0o755)]
+                      + [Entry(f"bin/{a}", "symlink", linkname="busybox") for a in ("sh", "head", "wc")])
+    big = make_layer([Entry("data", "dir")] + [Entry(f"data/f{i}", data=os.urandom(50 << 20)) for i in range(4)])
+    with running_containerd(tmp_path / "containerd") as cd:
+        push_estargz(cd, registry.host, "esgz/big", [base, big], tmp_path)
+    manifest = fetch_manifest(registry.host, "esgz/big")
+    image_bytes = manifest["config"]["size"] + sum(l["size"] for l in manifest["layers"])
+    assert manifest["layers"][1]["size"] > 200 << 20
+    config = write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - stargz\n")
+    try:
+        with FaultProxy(registry.host) as proxy:
+            ref = f"{proxy.host}/esgz/big:latest"
+            r = subprocess.run([LAZYOCI, "--root", str(data_root), "--config", str(config), "run", "--rm",
+                                ref, "sh", "-c", "head -c 4096 /data/f2 | wc -c"],
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.strip() == "4096"
+            assert "INFO" not in r.stderr, r.stderr
+            served = proxy.bytes_served
+        assert served < image_bytes // 10, (served, image_bytes)
+        images = subprocess.run([LAZYOCI, "--root", str(data_root), "--config", str(config), "images"],
+                                capture_output=True, text=True, timeout=60).stdout
+        assert "soci (estargz)" in images, images
+        status = subprocess.run([LAZYOCI, "--root", str(data_root), "--config", str(config), "service",
+                                 "status"], capture_output=True, text=True, timeout=60).stdout
+        assert status.count("estargz") == 2, status
+    finally:
+        ServiceClient(DataRoot(data_root), config).stop()
