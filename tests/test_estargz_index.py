@@ -68,8 +68,10 @@ def test_toc_entries_are_the_layers_entries(esgz):
     assert index.toc_digest == desc.annotations[TOC_DIGEST_ANNOTATION]
     assert not index.tar_headers and index.format == "estargz"
     got = {index.entry(i).name: index.entry(i) for i in range(len(index))}
-    # the converter's landmark and TOC entries are not part of the view, as in the reference
-    assert set(got) == {e.name for e in ENTRIES}
+    # the view is the whole tar: the converter's landmark and the TOC file too
+    assert set(got) == {e.name for e in ENTRIES} | {".no.prefetch.landmark", "stargz.index.json"}
+    toc = got["stargz.index.json"]
+    assert (toc.type, toc.mode, toc.uid, toc.size) == ("reg", 0, 0, len(_toc_json(blob[index.toc_offset:])))
     kinds = {"file": "reg", "dir": "dir", "symlink": "symlink", "hardlink": "hardlink", "char": "char",
              "fifo": "fifo"}
     for e in ENTRIES:
@@ -93,7 +95,11 @@ def test_spans_decode_to_every_files_data_in_order(esgz):
     for i in range(len(index)):
         e = index.entry(i)
         if e.type == "reg":
-            want = next(x.data for x in ENTRIES if x.name == e.name)
+            want = {x.name: x.data for x in ENTRIES}.get(e.name)
+            if e.name == "stargz.index.json":
+                want = _toc_json(blob[index.toc_offset:])
+            elif e.name == ".no.prefetch.landmark":
+                want = b"\x0f"
             assert stream[e.offset:e.offset + e.size] == want, e.name
     # the big file was cut into 64 KiB chunks, each its own gzip member (span)
     big = next(index.entry(i) for i in range(len(index)) if index.entry(i).name == "etc/big")
@@ -206,5 +212,7 @@ def test_a_chunk_digest_that_lies_is_an_integrity_error_not_wrong_bytes(esgz):
     fake = "sha256:" + hashlib.sha256(b"other").hexdigest()
     tail = _tail(blob, _set("etc/hello", "chunkDigest", fake))
     index = EStargzIndex.parse(tail)
+    hello = next(index.entry(i) for i in range(len(index)) if index.entry(i).name == "etc/hello")
+    i = index.spans_for(hello.offset, hello.offset + 1)[0]
     with pytest.raises(IntegrityError):
-        index.decode_span(0, blob[slice(*index.span_compressed_range(0))])
+        index.decode_span(i, blob[slice(*index.span_compressed_range(i))])

@@ -70,8 +70,8 @@ def test_the_estargz_seeds_parse():
 
     for legacy in (False, True):
         index = EStargzIndex.parse(estargz_tail(legacy))
-        assert [index.entry(i).name for i in range(len(index))][:2] == ["etc", "etc/a"]
-        assert index.prefetch_bytes == 0 and index.num_spans == 2
+        assert [index.entry(i).name for i in range(len(index))][:3] == [".prefetch.landmark", "etc", "etc/a"]
+        assert index.prefetch_bytes == 0 and index.num_spans == 4     # landmark, 2 chunk members, the TOC
 
 
 @pytest.mark.parametrize("finding", list(FINDINGS))

@@ -18,9 +18,15 @@ What the lazy filesystem sees (fs/layer_index.py):
   against its `chunkDigest` (a digest of the uncompressed chunk) before a byte is
   served. A member that does not inflate is treated as bytes that do not match,
   so a corrupted byte gives EIO, never wrong data;
-- `.prefetch.landmark` and `.no.prefetch.landmark` at the layer's root are not
-  shown (as in the reference); the data of the files before the first is what a
-  mount prefetches (`prefetch_bytes`).
+- the view is the layer's whole tar, as a full unpack shows it: the landmarks
+  `.prefetch.landmark` / `.no.prefetch.landmark` and `stargz.index.json` too (the
+  reference hides them; lazyoci shows them so that a lazy layer, a layer downloaded
+  whole and a zTOC view of the same layer are one tree). The TOC file's data is the
+  last span: the TOC member, inflated and checked against the TOC's digest. Its tar
+  header must be a plain root-owned file without setuid/setgid/sticky bits, as the
+  writer makes it (the annotation covers the TOC, not that header);
+- the data of the files before `.prefetch.landmark` is what a mount prefetches
+  (`prefetch_bytes`; none with `.no.prefetch.landmark`).
 
 The data this class parses is the layer blob's tail: from the TOC offset to the
 end, footer included, so the index knows where the last member ends. Everything
@@ -44,7 +50,7 @@ from typing import Any, NamedTuple
 
 from lazyoci.errors import FormatError, IntegrityError
 from lazyoci.estargz.footer import parse_footer
-from lazyoci.tar.headers import iter_headers
+from lazyoci.tar.headers import TarHeader, iter_headers
 from lazyoci.ztoc.limits import (MAX_ENTRIES, MAX_SPAN_BYTES, MAX_XATTR_NAME_BYTES, MAX_XATTR_VALUE_BYTES,
                                  MAX_ZTOC_BYTES, check_name)
 
@@ -150,9 +156,13 @@ def _xattrs(ent: dict[str, Any], where: str) -> dict[str, bytes]:
 def read_toc(tail: bytes) -> tuple[int, bytes]:
     """(TOC offset, TOC JSON bytes) from the blob's tail [TOC offset, end): its footer says where
     the TOC member starts, which must be where the tail starts."""
-    MAX_ZTOC_BYTES.check(len(tail), "the eStargz TOC")
     toc_offset, footer_size = parse_footer(tail)
-    member = tail[:-footer_size]
+    return toc_offset, _toc_member(tail[:-footer_size])[1]
+
+
+def _toc_member(member: bytes) -> tuple[TarHeader, bytes]:
+    """The tar header and the data of `stargz.index.json` from the gzip member that holds it."""
+    MAX_ZTOC_BYTES.check(len(member), "the eStargz TOC")
     d = zlib.decompressobj(31)
     try:
         tar = d.decompress(member, MAX_ZTOC_BYTES.value + 1)
@@ -169,7 +179,10 @@ def read_toc(tail: bytes) -> tuple[int, bytes]:
         toc = tar[header.offset:header.offset + header.size]
         if len(toc) != header.size:
             raise FormatError("eStargz TOC: cut short")
-        return toc_offset, toc
+        if header.uid or header.gid or header.mode & 0o7000:
+            raise FormatError(f"eStargz TOC: {TOC_NAME} is owned by {header.uid}:{header.gid} with mode "
+                              f"{header.mode:o}, not a plain root-owned file as eStargz writers make it")
+        return header, toc
     raise FormatError("eStargz TOC: the member at the TOC offset holds no tar entry")
 
 
@@ -192,7 +205,9 @@ class EStargzIndex:
 
     @classmethod
     def parse(cls, tail: bytes, digest: str | None = None) -> "EStargzIndex":
-        toc_offset, toc = read_toc(tail)
+        MAX_ZTOC_BYTES.check(len(tail), "the eStargz TOC")
+        toc_offset, footer_size = parse_footer(tail)
+        header, toc = _toc_member(tail[:-footer_size])
         try:
             doc = json.loads(toc)
         except (ValueError, RecursionError) as e:
@@ -202,9 +217,14 @@ class EStargzIndex:
         if doc.get("version") != 1:
             raise FormatError(f"eStargz TOC version {doc.get('version')!r} is not 1")
         MAX_ENTRIES.check(len(doc["entries"]), "the eStargz TOC's entries")
-        index = cls._build(doc["entries"], toc_offset)
+        entries, spans, prefetch = cls._build(doc["entries"], toc_offset)
+        # stargz.index.json itself: the last entry, its data the last span (the TOC member)
+        pos = spans[-1].uend if spans else 0
+        entries.append(EStargzEntry(TOC_NAME, "reg", pos, len(toc), "", header.mode & 0o7777, 0, 0,
+                                    header.mtime_ns, 0, 0, {}))
+        spans.append(_Span(toc_offset, len(tail) - footer_size + toc_offset, pos, pos + len(toc), ()))
         return cls(digest or "sha256:" + hashlib.sha256(tail).hexdigest(),
-                   "sha256:" + hashlib.sha256(toc).hexdigest(), toc_offset, *index)
+                   "sha256:" + hashlib.sha256(toc).hexdigest(), toc_offset, entries, spans, prefetch)
 
     @staticmethod
     def _build(raw_entries: list[Any], toc_offset: int) -> tuple[list[EStargzEntry], list[_Span], int]:
@@ -215,7 +235,6 @@ class EStargzIndex:
         prefetch = -1
         current: dict[str, Any] | None = None   # the reg entry whose chunks follow
         covered = 0                   # bytes of `current` its chunks covered so far
-        hidden = False                # `current` is a root landmark: its chunks are skipped
 
         def close_file(where: str) -> None:
             if current is not None and covered != current["size"]:
@@ -233,7 +252,7 @@ class EStargzIndex:
                 chunk_offset = _int(ent, "chunkOffset", where)
             elif typ in _TYPES:
                 close_file(where)
-                current, covered, hidden = None, 0, False
+                current, covered = None, 0
                 chunk_offset = 0
             else:
                 raise FormatError(f"{where}: unknown entry type {typ!r}")
@@ -250,17 +269,16 @@ class EStargzIndex:
                     if target not in seen:
                         raise FormatError(f"{where}: hardlink {name[:64]!r} to {linkname[:64]!r}, "
                                           f"which no entry before it is")
-                if name in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
-                    if prefetch < 0:
-                        prefetch = pos if name == PREFETCH_LANDMARK else 0
-                    hidden = True
-                else:
-                    seen.add(name)
-                    entries.append(EStargzEntry(
-                        name, typ, pos, size, linkname, _int(ent, "mode", where) & 0o7777,
-                        _int(ent, "uid", where), _int(ent, "gid", where),
-                        _mtime_ns(_str(ent, "modtime", where), where),
-                        _int(ent, "devMajor", where), _int(ent, "devMinor", where), _xattrs(ent, where)))
+                if name in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK) and prefetch < 0:
+                    prefetch = pos if name == PREFETCH_LANDMARK else 0
+                if name == TOC_NAME:
+                    raise FormatError(f"{where}: the TOC lists {TOC_NAME}, the name of the TOC itself")
+                seen.add(name)
+                entries.append(EStargzEntry(
+                    name, typ, pos, size, linkname, _int(ent, "mode", where) & 0o7777,
+                    _int(ent, "uid", where), _int(ent, "gid", where),
+                    _mtime_ns(_str(ent, "modtime", where), where),
+                    _int(ent, "devMajor", where), _int(ent, "devMinor", where), _xattrs(ent, where)))
                 if typ != "reg" or size == 0:
                     continue
                 current = {"name": name, "size": size}
@@ -279,8 +297,6 @@ class EStargzIndex:
                 raise FormatError(f"{where}: chunk of {current['name']!r} at blob offset {member}, "
                                   f"outside the layer's data (the TOC starts at {toc_offset})")
             covered += chunk_size
-            if hidden:
-                continue
             if chunks:
                 last = chunks[-1]
                 if member < last.member or (member == last.member and inner < last.inner + last.size):
@@ -339,7 +355,8 @@ class EStargzIndex:
         return s.cstart, s.cend
 
     def span_digest(self, i: int) -> str:
-        return self._span(i).chunks[0].digest
+        s = self._span(i)
+        return s.chunks[0].digest if s.chunks else self.toc_digest
 
     def decode_span(self, i: int, fetched: bytes) -> bytes:
         """Span i's file data from its gzip member: IntegrityError unless it inflates and every
@@ -347,6 +364,16 @@ class EStargzIndex:
         s = self._span(i)
         if len(fetched) != s.cend - s.cstart:
             raise IntegrityError(f"span {i}: got {len(fetched)} bytes, expected {s.cend - s.cstart}")
+        if not s.chunks:      # the TOC member: stargz.index.json's data
+            try:
+                toc = _toc_member(fetched)[1]
+            except FormatError as e:
+                raise IntegrityError(f"span {i} (the TOC) does not decode: {e}") from None
+            actual = "sha256:" + hashlib.sha256(toc).hexdigest()
+            if actual != self.toc_digest:
+                raise IntegrityError(f"span {i}: TOC digest mismatch: expected {self.toc_digest}, got {actual}",
+                                     expected=self.toc_digest, actual=actual)
+            return toc
         last = s.chunks[-1]
         need = last.inner + last.size
         try:
