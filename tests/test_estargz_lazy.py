@@ -155,3 +155,42 @@ def test_stargz_snapshotter_reads_a_little_of_a_200_mib_layer(registry, data_roo
         assert status.count("estargz") == 2, status
     finally:
         ServiceClient(DataRoot(data_root), config).stop()
+
+
+def test_files_before_the_prefetch_landmark_are_fetched_at_mount(registry, data_root, tmp_path, soci_config):
+    """`ctr-remote images convert --estargz-record-in` puts the recorded files first, then
+    `.prefetch.landmark`: those files are fetched when the layer is mounted, before any read;
+    the files after it are not."""
+    import json
+    import time
+
+    from helpers.fault_proxy import FaultProxy
+
+    hot, cold = os.urandom(300_000), os.urandom(2_000_000)
+    layer = make_layer([Entry("data", "dir"), Entry("data/cold", data=cold), Entry("data/hot", data=hot)])
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"path": "/data/hot"}) + "\n")
+    with running_containerd(tmp_path / "containerd") as cd:
+        from helpers.images import image_config, push_image
+        push_image(registry.host, "esgz/prefetch-src", [layer], image_config([layer]), tmp_path)
+        convert(cd, registry.host, "esgz/prefetch-src", "esgz/prefetch", chunk_size=65536,
+                extra=("--estargz-record-in", str(record)))
+    digest = fetch_manifest(registry.host, "esgz/prefetch")["layers"][0]["digest"]
+    try:
+        with FaultProxy(registry.host) as proxy:
+            images, snap, image, lines = _pull(data_root, soci_config, f"{proxy.host}/esgz/prefetch:latest")
+            images.close()
+            client = ServiceClient(DataRoot(data_root), soci_config)
+            hot_spans = -(-len(hot) // 65536)
+            deadline = time.monotonic() + 120       # a bound for a stuck prefetch, not a speed check
+            while client.status()["layers"][0]["spans_cached"] < hot_spans:
+                assert time.monotonic() < deadline, client.status()
+                time.sleep(0.2)
+            before = proxy.count(match=f"/blobs/{digest}")
+            view = snap.paths.layer_dir(digest, snap.lazy_layer(digest).ztoc_digest)
+            assert (view / "data" / "hot").read_bytes() == hot
+            assert proxy.count(match=f"/blobs/{digest}") == before       # no fetch: it was prefetched
+            status = client.status()["layers"][0]
+            assert status["fetched_bytes"] < len(cold), status            # the cold file was not
+    finally:
+        ServiceClient(DataRoot(data_root), soci_config).stop()
