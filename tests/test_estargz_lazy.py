@@ -39,6 +39,7 @@ def converted(registry, tmp_path_factory):
         convert(cd, registry.host, "esgz/tricky-src", "esgz/tricky", chunk_size=65536)
         convert(cd, registry.host, "esgz/tricky-src", "esgz/mixed", chunk_size=65536)
         push_estargz(cd, registry.host, "esgz/corrupt", [layer], work, chunk_size=65536)
+        push_estargz(cd, registry.host, "esgz/lie", [make_layer([Entry("lie.txt", data=b"a lie\n")])], work)
     return work
 
 
@@ -193,4 +194,61 @@ def test_files_before_the_prefetch_landmark_are_fetched_at_mount(registry, data_
             status = client.status()["layers"][0]
             assert status["fetched_bytes"] < len(cold), status            # the cold file was not
     finally:
+        ServiceClient(DataRoot(data_root), soci_config).stop()
+
+
+def _push_altered(registry_host: str, repo: str, work: Path, lie: str) -> str:
+    """esgz/lie with its eStargz layer made to lie (`lie`), pushed as `repo` with skopeo."""
+    import hashlib
+    import json
+
+    from helpers.estargz import fetch_blob
+    from lazyoci.estargz import TOC_DIGEST_ANNOTATION
+
+    manifest = fetch_manifest(registry_host, "esgz/lie")
+    desc = manifest["layers"][0]
+    blob = fetch_blob(registry_host, "esgz/lie", desc["digest"])
+    config = fetch_blob(registry_host, "esgz/lie", manifest["config"]["digest"])
+    if lie == "annotation":             # the TOC is not the one the manifest names
+        desc["annotations"][TOC_DIGEST_ANNOTATION] = "sha256:" + hashlib.sha256(b"another toc").hexdigest()
+    elif lie == "footer":               # the footer points one byte past the TOC (same tar inside)
+        offset = int(blob[-35:-19], 16)
+        blob = blob[:-35] + b"%016x" % (offset + 1) + blob[-19:]
+    elif lie == "no-annotation":        # nothing to check the TOC against: not taken for eStargz
+        desc["annotations"].pop(TOC_DIGEST_ANNOTATION)
+    desc["digest"], desc["size"] = "sha256:" + hashlib.sha256(blob).hexdigest(), len(blob)
+    layout = work / f"layout-{lie}"
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    raw = json.dumps(manifest).encode()
+    for data in (blob, config, raw):
+        (blobs / hashlib.sha256(data).hexdigest()).write_bytes(data)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": manifest["mediaType"], "digest": "sha256:" + hashlib.sha256(raw).hexdigest(),
+        "size": len(raw), "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}))
+    subprocess.run(["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
+                    f"oci:{layout}:latest", f"docker://{registry_host}/{repo}:latest"], check=True,
+                   capture_output=True)
+    return desc["digest"]
+
+
+@pytest.mark.parametrize("lie, says", [("annotation", "annotation says"), ("footer", "TOC"),
+                                        ("no-annotation", "no SOCI index")])
+def test_a_lying_estargz_layer_is_downloaded_whole(registry, converted, data_root, tmp_path, soci_config,
+                                                   lie, says):
+    """A TOC that is not the annotation's, a footer that points elsewhere, no annotation: one INFO
+    line and the layer is downloaded whole (verified against its digest as any layer)."""
+    repo = f"esgz/lie-{lie}"
+    digest = _push_altered(registry.host, repo, tmp_path, lie)
+    images, snap, image, lines = _pull(data_root, soci_config, f"{registry.host}/{repo}:latest")
+    try:
+        info = [l for l in lines if l.startswith("INFO")]
+        assert says in info[0] and "no lazy loading" in info[-1] and len(info) == (1 if lie == "no-annotation" else 2), lines
+        assert "Traceback" not in "".join(lines)
+        assert image.snapshotter == "overlayfs" and images.blobs.has(digest)
+        top = snap.unpack_image(images, image)
+        assert not snap.is_lazy(top)
+    finally:
+        images.close()
         ServiceClient(DataRoot(data_root), soci_config).stop()
