@@ -252,3 +252,20 @@ def test_a_lying_estargz_layer_is_downloaded_whole(registry, converted, data_roo
     finally:
         images.close()
         ServiceClient(DataRoot(data_root), soci_config).stop()
+
+
+def test_a_restarted_service_serves_an_estargz_layer_again(registry, converted, data_root, soci_config):
+    """The view's format is recorded with it: a service started again mounts it as eStargz."""
+    images, snap, image, lines = _pull(data_root, soci_config, f"{registry.host}/esgz/lie:latest")
+    images.close()
+    digest = image.manifest.layers[0].digest
+    view = snap.paths.layer_dir(digest, snap.lazy_layer(digest).ztoc_digest)
+    client = ServiceClient(DataRoot(data_root), soci_config)
+    try:
+        assert (view / "lie.txt").read_bytes() == b"a lie\n"
+        client.stop()
+        client.start()
+        assert [l["format"] for l in client.status()["layers"]] == ["estargz"]
+        assert (view / "lie.txt").read_bytes() == b"a lie\n"
+    finally:
+        client.stop()
