@@ -9,7 +9,7 @@ APT_PACKAGES := docker-registry skopeo umoci runc flatbuffers-compiler pigz zstd
 	fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv apache2-utils \
 	mmdebstrap iproute2 util-linux busybox-static strace buildah
 
-.PHONY: deps test test-fast demo bench fuzz clean
+.PHONY: deps lint test test-fast demo bench fuzz clean
 
 # System packages: apt-get update first (a fresh machine has no lists).
 # Depends on the Makefile so that a package added to APT_PACKAGES gets installed.
@@ -30,8 +30,12 @@ $(VENV)/.installed: pyproject.toml .stamp-apt
 
 deps: $(VENV)/.installed
 
+# The library's types (mypy, configured in pyproject.toml); make test runs it first.
+lint: deps
+	$(PY) -m mypy
+
 # The whole suite. Tests that need root skip themselves (with the reason) for other users.
-test: deps
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The suite without the tests marked `slow` (over 20 s on two shared cores, or fuzzing for a set time);

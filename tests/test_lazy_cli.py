@@ -77,7 +77,7 @@ def test_config_snapshotters_bad_value_is_a_clear_error(data_root, tmp_path):
 
 
 def test_run_soci_of_an_image_not_pulled_yet_is_lazy_and_ps_says_so(registry, data_root, tmp_path):
-    """The seed's walkthrough: push with an index, nothing local, `run --snapshotter soci` starts
+    """Finch's lazy-loading walkthrough: push with an index, nothing local, `run --snapshotter soci` starts
     the container without downloading the indexed layers; `ps`/`images` show soci."""
     img = push_tricky_image(registry.host, "lazycli/run", tmp_path)
     push_soci_index(registry.host, "lazycli/run", tmp_path)

@@ -1,4 +1,4 @@
-"""The seed's walkthrough from the command line: `lazyoci push --snapshotter soci REF` prints the
+"""Finch's lazy-loading walkthrough from the command line: `lazyoci push --snapshotter soci REF` prints the
 push rows, then logrus-style `INFO[SSSS] soci: ...` lines, against docker-registry 2.8."""
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def test_push_snapshotter_soci_walkthrough(registry, tmp_path, data_root):
                       Entry("opt/blob.bin", data=rng.randbytes(400_000)),
                       Entry("opt/notes.txt", data=b"notes\n" * 1000)])
     layers = [small, big]
-    src_manifest = push_image(registry.host, "seed/source", layers, image_config(layers), tmp_path)
-    src = f"{registry.host}/seed/source:latest"
-    dst = f"{registry.host}/seed/myimage:latest"
+    src_manifest = push_image(registry.host, "walkthrough/source", layers, image_config(layers), tmp_path)
+    src = f"{registry.host}/walkthrough/source:latest"
+    dst = f"{registry.host}/walkthrough/myimage:latest"
     run(data_root, "pull", "-q", src)
     run(data_root, "tag", src, dst)
 
@@ -66,10 +66,10 @@ def test_push_snapshotter_soci_walkthrough(registry, tmp_path, data_root):
     assert f"skipped artifact with digest: {src_manifest}" in soci      # the image manifest is there
     assert soci[-1] == f"successfully pushed artifact with digest: {idx}"
 
-    tag = f"{registry.host}/seed/myimage:sha256-{src_manifest.split(':')[1]}"
+    tag = f"{registry.host}/walkthrough/myimage:sha256-{src_manifest.split(':')[1]}"
     listed = json.loads(skopeo_raw(tag))["manifests"]
     assert [(d["digest"], d["artifactType"]) for d in listed] == [(idx, mt.SOCI_INDEX_V1)]
-    index = json.loads(skopeo_raw(f"{registry.host}/seed/myimage@{idx}"))
+    index = json.loads(skopeo_raw(f"{registry.host}/walkthrough/myimage@{idx}"))
     assert index["subject"]["digest"] == src_manifest
     assert index["layers"][0]["annotations"]["com.amazon.soci.span-size"] == "65536"
 
@@ -93,8 +93,8 @@ def test_push_snapshotter_soci_walkthrough(registry, tmp_path, data_root):
 
 def test_push_snapshotter_soci_small_image_fails_clearly(registry, tmp_path, data_root):
     layers = [make_layer([Entry("a.txt", data=b"a")])]
-    push_image(registry.host, "seed/tiny", layers, image_config(layers), tmp_path)
-    ref = f"{registry.host}/seed/tiny:latest"
+    push_image(registry.host, "walkthrough/tiny", layers, image_config(layers), tmp_path)
+    ref = f"{registry.host}/walkthrough/tiny:latest"
     run(data_root, "pull", "-q", ref)
     r = run(data_root, "push", "--snapshotter", "soci", ref, check=False)
     assert r.returncode != 0
@@ -106,30 +106,30 @@ def test_push_snapshotter_soci_small_image_fails_clearly(registry, tmp_path, dat
 def test_soci_create_and_push_commands(registry, tmp_path, data_root):
     rng = random.Random(5)
     layers = [make_layer([Entry("d.bin", data=rng.randbytes(200_000))])]
-    manifest = push_image(registry.host, "seed/cmds", layers, image_config(layers), tmp_path)
-    ref = f"{registry.host}/seed/cmds:latest"
+    manifest = push_image(registry.host, "walkthrough/cmds", layers, image_config(layers), tmp_path)
+    ref = f"{registry.host}/walkthrough/cmds:latest"
     run(data_root, "pull", "-q", ref)
     created = run(data_root, "soci", "create", "--min-layer-size", "1000", ref).stdout
     idx = re.search(r"soci index: (sha256:[0-9a-f]{64})", created).group(1)
     pushed = run(data_root, "soci", "push", ref).stdout.splitlines()
     assert pushed[0] == "checking if a soci index already exists in remote repository..."
     assert pushed[-1] == f"successfully pushed artifact with digest: {idx}"
-    listed = json.loads(skopeo_raw(f"{registry.host}/seed/cmds:sha256-{manifest.split(':')[1]}"))
+    listed = json.loads(skopeo_raw(f"{registry.host}/walkthrough/cmds:sha256-{manifest.split(':')[1]}"))
     assert [d["digest"] for d in listed["manifests"]] == [idx]
     skip = run(data_root, "soci", "push", "--existing-index", "skip", ref).stdout.splitlines()
     assert skip[-1] == (f"soci index found in remote repository with digest: {idx}: "
                         f"skipping pushing artifacts for image manifest: {manifest}")
     conv = run(data_root, "soci", "convert", "--min-layer-size", "1000", ref,
-               f"{registry.host}/seed/cmds:soci").stdout
+               f"{registry.host}/walkthrough/cmds:soci").stdout
     top = re.search(r"converted image index: (sha256:[0-9a-f]{64})", conv).group(1)
     v2 = re.search(r"soci index: (sha256:[0-9a-f]{64})", conv).group(1)
-    inspected = json.loads(run(data_root, "image", "inspect", f"{registry.host}/seed/cmds:soci").stdout)
+    inspected = json.loads(run(data_root, "image", "inspect", f"{registry.host}/walkthrough/cmds:soci").stdout)
     assert (inspected[0] if isinstance(inspected, list) else inspected)["Id"] == top
 
     assert run(data_root, "soci", "index", "rm", idx).stdout.strip() == idx
     assert idx not in run(data_root, "soci", "index", "list", "-q").stdout
     [ztoc] = run(data_root, "soci", "ztoc", "list", "-q").stdout.split()   # still used by the v2 index
-    run(data_root, "rmi", f"{registry.host}/seed/cmds:soci")
+    run(data_root, "rmi", f"{registry.host}/walkthrough/cmds:soci")
     run(data_root, "soci", "index", "rm", v2)
     # Nothing holds the zTOC any more: gc took it, and the records say so.
     assert run(data_root, "soci", "ztoc", "list", "-q").stdout.strip() == ""

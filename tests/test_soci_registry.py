@@ -68,7 +68,7 @@ def service(root: Path) -> ImageService:
 
 @pytest.fixture(scope="module")
 def big_image(registry, tmp_path_factory):
-    """A seed-like image: a tiny layer (skipped) and one above the 10 MiB default (indexed)."""
+    """An image like the one of Finch's lazy-loading guide: a tiny layer (skipped) and one above the 10 MiB default (indexed)."""
     big = make_layer([Entry("data", "dir"), Entry("data/big.bin", data=_rand(11 << 20, 7)),
                       Entry("data/readme.txt", data=b"the big layer\n")])
     layers = [SMALL_LAYER, big]

@@ -83,8 +83,8 @@ class Config:
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
     import yaml
 
-    out = {}
-    lines = {}
+    out: dict[object, object] = {}
+    lines: dict[object, object] = {}
     for k_node, v_node in node.value:
         key = loader.construct_object(k_node, deep=True)
         if not isinstance(key, (str, int, float, bool)):
@@ -219,7 +219,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 def _parse_soci(doc: dict, path: Path) -> SociConfig:
     lines = doc.get("__lines__", {})
-    known = {
+    known: dict[str, type | tuple[type, ...]] = {
         "fetch_timeout_seconds": (int, float), "fetch_min_bytes_per_second": int,
         "fetch_rate_window_seconds": (int, float),
         "cache_dir": str, "cache_max_bytes": int, "background_fetch": bool,
@@ -243,5 +243,5 @@ def _parse_soci(doc: dict, path: Path) -> SociConfig:
             raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.{key} must not be negative")
         if key == "fetch_rate_window_seconds" and value == 0:
             raise ConfigError(f"{path}:{lines.get(key, '?')}: soci.{key} must be more than 0")
-        values[key] = Path(value) if key == "cache_dir" else value
+        values[key] = Path(value) if isinstance(value, str) and key == "cache_dir" else value
     return SociConfig(**values)

@@ -4,6 +4,10 @@ Every failure a user can cause or meet (bad input, registry faults, corrupt
 data) is a `LazyociError`. The CLI turns it into one line on stderr and a
 nonzero exit; the FUSE layer turns it into EIO. Anything else escaping is a bug.
 
+An error's fields are the keyword parameters of its constructor, kept as attributes of
+the same name and listed by `fields()`: so an error crosses the service's control
+socket as its class name, message and fields, and is raised again as the same error.
+
     LazyociError
     ├── ReferenceError_        malformed image reference
     ├── ConfigError            bad config file or flag value
@@ -12,6 +16,7 @@ nonzero exit; the FUSE layer turns it into EIO. Anything else escaping is a bug.
     │   ├── NotFoundError      404 (manifest, blob, repository)
     │   └── RangeNotSupportedError   server ignored a Range request
     ├── ServiceError           the lazyoci service is not running or broke the protocol
+    ├── PullCancelled          a pull stopped: another layer failed, or the user interrupted
     ├── BuildError             buildah failed to build a Dockerfile (its error kept)
     ├── FormatError            malformed manifest, zTOC, gzip, tar ...
     │   ├── UnsafeLayerError   a layer entry would escape its directory
@@ -32,6 +37,10 @@ class LazyociError(Exception):
 
     exit_code: int = 1
 
+    def fields(self) -> dict[str, str | int | None]:
+        """What the error carries besides its message, by constructor keyword."""
+        return {}
+
 
 class ReferenceError_(LazyociError):
     """An image reference that cannot be parsed (named to not shadow builtins.ReferenceError)."""
@@ -48,6 +57,9 @@ class RegistryError(LazyociError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+    def fields(self) -> dict[str, str | int | None]:
+        return {"status": self.status, "code": self.code}
 
 
 class AuthError(RegistryError):
@@ -78,6 +90,10 @@ class ServiceError(LazyociError):
     """The lazyoci service is not running, did not start, or broke the protocol."""
 
 
+class PullCancelled(LazyociError):
+    """A pull's layer workers stop when another layer failed or the user interrupted."""
+
+
 class BuildError(LazyociError):
     """`build` failed: buildah is missing or stopped at a step; nothing was stored."""
 
@@ -89,6 +105,9 @@ class IntegrityError(LazyociError):
         super().__init__(message)
         self.expected = expected
         self.actual = actual
+
+    def fields(self) -> dict[str, str | int | None]:
+        return {"expected": self.expected, "actual": self.actual}
 
 
 class StoreError(LazyociError):

@@ -36,7 +36,7 @@ def push_soci_index(registry_host: str, repo: str, work: Path, span_size: int = 
 
 
 def ztoc_for(layer: Layer, span_size: int = 1 << 22) -> bytes:
-    """The zTOC of a test layer, built by lazyoci.ztoc (C's builder)."""
+    """The zTOC of a test layer, built by lazyoci.ztoc's builder."""
     compression = "none" if layer.media_type == LAYER_TAR else "gzip"
     return build_ztoc(io.BytesIO(layer.blob), compression, span_size=span_size)
 

@@ -195,6 +195,6 @@ def cp_cmd(src: str, dest: str) -> None:
     if src_container is not None:
         with container_rootfs(mgr, src_container) as rootfs:
             copy_out(rootfs, src_path, Path(dest_path).absolute())
-    else:
+    elif dest_container is not None:
         with container_rootfs(mgr, dest_container) as rootfs:
             copy_in(rootfs, Path(src_path).absolute(), dest_path)

@@ -77,7 +77,7 @@ def soci_push_after_image(ref: str, span_size: int | None = None, min_layer_size
         images.close()
 
 
-def lazy_label(snapshotter: str, image: str) -> str:
+def lazy_label(snapshotter: str, image: str | None) -> str:
     """A lazy image's or container's snapshotter with the formats its lazy layers are served
     through when any is not a zTOC: "soci (estargz)", "soci (ztoc, estargz)"; plain otherwise."""
     from lazyoci.oci.reference import Reference
@@ -85,6 +85,8 @@ def lazy_label(snapshotter: str, image: str) -> str:
     from lazyoci.store.db import Database
     from lazyoci.store.layout import DataRoot
 
+    if not image:
+        return snapshotter
     try:
         formats = formats_of_image(Database(DataRoot(app().root).db_path), str(Reference.parse(image)))
     except Exception:       # a display detail: never fail `images` or `ps` over it

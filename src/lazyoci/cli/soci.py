@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -234,7 +235,7 @@ def _full_digest(d: str) -> str:
         raise ConfigError(f"not a digest: {d!r}") from None
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

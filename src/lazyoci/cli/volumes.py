@@ -94,7 +94,7 @@ def volume_prune(include_named: bool, force: bool) -> None:
     click.echo(f"Total reclaimed space: {_human_size(sum(size for _, size in removed))}")
 
 
-def _human_size(n: int) -> str:
+def _human_size(n: float) -> str:
     """docker's sizes: powers of 1000, three significant digits (0B, 12.3kB, 1.05MB)."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":

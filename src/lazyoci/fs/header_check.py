@@ -3,10 +3,10 @@
 Span digests prove the bytes of a layer, not its table of contents: a zTOC could
 give a file another file's data offset, a setuid mode, another type or owner.
 But every entry's tar header lies just before its data, inside spans the fetcher
-verifies anyway (SOCI-FORMAT.md §1). Sorted by data offset, entry k's header
-region is [data end of entry k-1 rounded up to 512, data offset of entry k), and
-it must hold exactly entry k's header records (PAX `x`/`g`, GNU `L`/`K`, then the
-main header, which ends at the data offset). The region is read through the span
+verifies anyway (docs/SOCI-FORMAT-NOTES.md, "The zTOC"). Sorted by data offset,
+entry k's header region is [data end of entry k-1 rounded up to 512, data offset
+of entry k), and it must hold exactly entry k's header records (PAX `x`/`g`, GNU
+`L`/`K`, then the main header, which ends at the data offset). The region is read through the span
 fetcher (verified bytes only), parsed by the tar reader the unpacker uses too, and
 compared with what the lazy filesystem serves: name as the unpacker normalises
 it, type, size, permission bits, uid, gid, link target, device numbers, mtime

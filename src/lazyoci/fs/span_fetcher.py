@@ -37,8 +37,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 from lazyoci.errors import IntegrityError, LazyociError
@@ -180,7 +182,7 @@ class SpanFetcher:
         if not touched and all(self.cache.has(i) for i in spans):
             return []
         budget, inflated = READ_AHEAD_BYTES, READ_AHEAD_INFLATED
-        want = []
+        want: list[int] = []
         for j in range(spans[-1] + 1, min(spans[-1] + 1 + READ_AHEAD_SPANS, self.ztoc.num_spans)):
             c0, c1 = self.ztoc.span_compressed_range(j)
             budget -= c1 - c0
@@ -318,7 +320,7 @@ class SpanFetcher:
                 self.stats.spans += 1
             out[i] = data
             self._resolve(i, data)
-            _WRITER.submit(lambda i=i, data=data: self._store(i, data), len(data))
+            _WRITER.submit(partial(self._store, i, data), len(data))
         return bad
 
     def _store(self, i: int, data: bytes) -> None:
@@ -361,7 +363,7 @@ class SpanFetcher:
                 fut.set_exception(exc)
 
 
-def _runs(spans: list[int], longest: int, size: Callable[[int], int] | None = None,
+def _runs(spans: Iterable[int], longest: int, size: Callable[[int], int] | None = None,
           most_bytes: int = 0) -> list[list[int]]:
     """Group sorted span indices into runs of consecutive ones: at most `longest` each and, with
     `size`, at most `most_bytes` of size(i) each (a larger span makes a run alone)."""

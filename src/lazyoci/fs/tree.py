@@ -17,6 +17,7 @@ Tar semantics as overlayfs layers expect them:
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 from array import array
@@ -126,13 +127,13 @@ class LayerTree:
                 continue
             self.target[n] = t
             self.nlink[t] += 1
-        paths = None          # the closures share this cell: rebinding frees the dict now, not at GC
+        del paths             # the closures share this cell: deleting it frees the dict now, not at GC
 
         # children of every directory, sorted by name bytes (for binary search)
         count = len(self.entry)
         order = sorted((n for n in range(1, count) if self.parent[n] >= 0),
                        key=lambda n: (self.parent[n], names[n]))
-        names = None
+        del names
         self.child_start = array("i", [0]) * count
         self.child_count = array("i", [0]) * count
         self.children = array("i", order)
@@ -184,10 +185,10 @@ class LayerTree:
         for pos in range(start, self.child_count[d]):
             yield pos, self.children[first + pos]
 
-    def entries_behind(self, n: int) -> list[int]:
+    def entries_behind(self, n: int) -> builtins.list[int]:
         """The index entries whose tar headers decide what node n shows: its own, its hardlink
         target's, its opaque markers', and those of every directory above it."""
-        out: list[int] = []
+        out: builtins.list[int] = []
         while True:
             for m in (n, self.target[n]):
                 if self.entry[m] >= 0:

@@ -52,6 +52,7 @@ def save_archive(svc: "ImageService", path: "Path | BinaryIO", refs: list[str], 
     for ref in refs:
         top = svc._resolve_top(ref)
         rec = svc._content(top)
+        name: str | None
         try:
             name = str(Reference.parse(ref))
             if svc.records.lookup_name(name) != top:
@@ -76,7 +77,8 @@ def save_archive(svc: "ImageService", path: "Path | BinaryIO", refs: list[str], 
             if not svc.blobs.has(b.digest):
                 raise StoreError(f"cannot save {ref}: blob {b.digest} is not stored locally (lazily pulled?)")
             blobs[b.digest] = None
-        for n in names or [None]:
+        entry_names: list[str | None] = [*names] or [None]   # an unnamed image gets one entry
+        for n in entry_names:
             ann = {}
             if n:
                 r = Reference.parse(n)
@@ -158,22 +160,22 @@ class _ArchiveReader:
         self._small_total = 0
 
     def read(self, path: "Path | BinaryIO") -> None:
+        what = str(path) if isinstance(path, (str, Path)) else "the archive"
         try:
             if isinstance(path, (str, Path)):
                 tf = tarfile.open(path, mode="r|*")
             else:
                 tf = tarfile.open(fileobj=path, mode="r|*")
-                path = "the archive"
         except FileNotFoundError:
-            raise StoreError(f"no such file: {path}") from None
+            raise StoreError(f"no such file: {what}") from None
         except (tarfile.TarError, OSError) as e:
-            raise FormatError(f"{path} is not a tar archive: {e}") from None
+            raise FormatError(f"{what} is not a tar archive: {e}") from None
         try:
             with tf:
                 for m in tf:
                     self._member(tf, m)
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise FormatError(f"{path}: broken archive: {e}") from None
+            raise FormatError(f"{what}: broken archive: {e}") from None
 
     def _member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         name = posixpath.normpath(m.name.lstrip("/")).removeprefix("./")
@@ -186,6 +188,8 @@ class _ArchiveReader:
         if not m.isfile():
             return
         f = tf.extractfile(m)
+        if f is None:   # a regular member always has its bytes
+            raise FormatError(f"archive member {name} has no data")
         blob = _BLOB_RE.match(name)
         if blob:
             digest = f"{blob.group(1)}:{blob.group(2)}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -100,7 +100,7 @@ class _Matcher:
 
     def __call__(self, row: ImageSummary) -> bool:
         for key, values in self.by_key.items():
-            bounds = self.bounds.get(key) or [None] * len(values)
+            bounds: Sequence[_dt.datetime | None] = self.bounds.get(key) or [None] * len(values)
             if not any(self._one(key, v, row, b) for v, b in zip(values, bounds)):
                 return False
         return True

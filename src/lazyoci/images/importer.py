@@ -15,8 +15,10 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from types import ModuleType
+from typing import IO, TYPE_CHECKING, BinaryIO, cast
 
+_zlib: ModuleType
 try:
     from isal import isal_zlib as _zlib
 except ImportError:  # pragma: no cover
@@ -55,9 +57,9 @@ class ConfigChanges:
                            ("User", self.user), ("StopSignal", self.stop_signal)):
             if value is not None:
                 out[key] = value
-        for key, value in (("Labels", self.labels), ("ExposedPorts", self.exposed), ("Volumes", self.volumes)):
-            if value:
-                out[key] = value
+        for key, table in (("Labels", self.labels), ("ExposedPorts", self.exposed), ("Volumes", self.volumes)):
+            if table:
+                out[key] = table
         return out
 
 
@@ -174,7 +176,8 @@ def _copy_tarball(source: Path, sink: _LayerSink) -> None:
 
 def _tar_directory(source: Path, sink: _LayerSink) -> None:
     """A tar of the tree, sorted so the same tree gives the same layer; owners kept numeric."""
-    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+    # A stream ("w|") only writes to its file; the stubs ask for a seekable one.
+    with tarfile.open(fileobj=cast(IO[bytes], sink), mode="w|", format=tarfile.PAX_FORMAT) as tf:
         for dirpath, dirnames, filenames in os.walk(source):
             dirnames.sort()
             rel_dir = os.path.relpath(dirpath, source)
@@ -182,7 +185,8 @@ def _tar_directory(source: Path, sink: _LayerSink) -> None:
             for name, _is_dir in entries:
                 full = os.path.join(dirpath, name)
                 arc = name if rel_dir == "." else f"{rel_dir}/{name}"
-                ti = tf.gettarinfo(full, arcname=arc)
+                # None for a socket, which the stubs do not say
+                ti = cast("tarfile.TarInfo | None", tf.gettarinfo(full, arcname=arc))
                 if ti is None:
                     continue        # sockets and the like cannot be in a layer
                 ti.uname = ti.gname = ""
@@ -219,7 +223,7 @@ def import_rootfs(svc: "ImageService", source: Path, ref: str, changes: tuple[st
         diff_id = "sha256:" + sink.diff.hexdigest()
         svc.record_layer_size(layer_digest, sink.size)
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        config = {"architecture": plat.architecture, "os": plat.os}
+        config: dict[str, object] = {"architecture": plat.architecture, "os": plat.os}
         if plat.variant:
             config["variant"] = plat.variant
         config.update({

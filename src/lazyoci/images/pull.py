@@ -12,23 +12,23 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from lazyoci.errors import FormatError, LazyociError
+from lazyoci.errors import FormatError, PullCancelled
 from lazyoci.images.layersize import uncompressed_size
-from lazyoci.images.progress import ProgressEvent, ProgressSink, no_progress, row_key
+from lazyoci.images.progress import Kind, ProgressEvent, ProgressSink, no_progress, row_key
 from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Descriptor, ImageConfig, Index, Manifest, parse_any
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
 from lazyoci.store.records import ImageRecords, Lease
 
+if TYPE_CHECKING:
+    from lazyoci.images.service import LayerConsumer
+
 # containerd's default: three layers at a time keeps a link busy without thrashing.
 DEFAULT_LAYER_WORKERS = 3
 _PROGRESS_STEP = 256 << 10
-
-
-class PullCancelled(LazyociError):
-    """Raised inside workers when another layer failed or the user interrupted."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class PullResult:
 class PullHooks:
     """What the snapshotter plugs in: unpack while downloading, and layers to leave remote."""
 
-    layer_consumer: Callable[[Descriptor], object | None] | None = None
+    layer_consumer: Callable[[Descriptor], LayerConsumer | None] | None = None
     skip_layers: Callable[[Descriptor], bool] | None = None
 
 
@@ -73,7 +73,7 @@ class Puller:
         self.progress(ProgressEvent(key, "resolve", "resolved"))
         with self.records.lease() as lease:
             top_obj = parse_any(raw, media_type)
-            kind = "index" if isinstance(top_obj, Index) else "manifest"
+            kind: Kind = "index" if isinstance(top_obj, Index) else "manifest"
             self._store_bytes(lease, raw, top, kind)
             if isinstance(top_obj, Index):
                 descs = self._choose(top_obj, platform, all_platforms)
@@ -106,7 +106,7 @@ class Puller:
             return descs
         return [index.select(platform or Platform.host())]
 
-    def _store_bytes(self, lease: Lease, raw: bytes, digest: str, kind: str) -> None:
+    def _store_bytes(self, lease: Lease, raw: bytes, digest: str, kind: Kind) -> None:
         lease.add([digest])
         if not self.blobs.has(digest):
             self.blobs.put_bytes(raw, digest)
@@ -175,7 +175,7 @@ class Puller:
             if failed:
                 self._cancel.set()
                 wait(pending)
-                errors = [f.exception() for f in futures if f.done() and f.exception() is not None]
+                errors = [e for f in futures if f.done() and (e := f.exception()) is not None]
                 real = [e for e in errors if not isinstance(e, PullCancelled)]
                 raise (real or errors)[0]
         except BaseException:

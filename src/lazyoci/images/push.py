@@ -8,7 +8,7 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 from lazyoci.errors import ImageNotFoundError, StoreError
-from lazyoci.images.progress import ProgressEvent, ProgressSink, no_progress, row_key
+from lazyoci.images.progress import Kind, ProgressEvent, ProgressSink, Status, no_progress, row_key
 from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Descriptor, Index, Manifest
 from lazyoci.oci.platform import Platform
@@ -71,15 +71,16 @@ class Pusher:
                             by_digest: bool) -> None:
         raw = self.blobs.read(desc.digest)
         if manifest is not None:
-            self._push_blobs(target, [(manifest.config, "config")] + [(l, "layer") for l in manifest.layers])
+            blobs: list[tuple[Descriptor, Kind]] = [(manifest.config, "config")]
+            self._push_blobs(target, blobs + [(l, "layer") for l in manifest.layers])
         key = row_key("manifest", desc.digest)
         self.progress(ProgressEvent(key, "manifest", "uploading", 0, len(raw)))
         where = target.with_digest(desc.digest) if by_digest else target
         self.client.put_manifest(where, raw, desc.media_type)
         self.progress(ProgressEvent(key, "manifest", "done", len(raw), len(raw)))
 
-    def _push_blobs(self, target: Reference, items: list[tuple[Descriptor, str]]) -> None:
-        seen: dict[str, tuple[Descriptor, str]] = {}
+    def _push_blobs(self, target: Reference, items: list[tuple[Descriptor, Kind]]) -> None:
+        seen: dict[str, tuple[Descriptor, Kind]] = {}
         for d, kind in items:
             if not self.blobs.has(d.digest):
                 raise StoreError(f"{kind} {d.digest} is not stored locally (lazily pulled?): "
@@ -91,17 +92,17 @@ class Pusher:
             futures = [pool.submit(self._push_blob, target, d, kind, cancel) for d, kind in seen.values()]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for f in done:
-                if f.exception() is not None:
+                if (error := f.exception()) is not None:
                     cancel.set()
                     wait(pending)
-                    raise f.exception()
+                    raise error
         except BaseException:
             cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
 
-    def _push_blob(self, target: Reference, d: Descriptor, kind: str, cancel: threading.Event) -> None:
+    def _push_blob(self, target: Reference, d: Descriptor, kind: Kind, cancel: threading.Event) -> None:
         if cancel.is_set():
             return
         key = row_key(kind, d.digest)
@@ -113,7 +114,7 @@ class Pusher:
 
         outcome = self.client.push_blob(target, d.digest, d.size, lambda: self.blobs.open(d.digest),
                                         progress=on_progress, mount_from=mount)
-        status = {"exists": "exists", "mounted": "mounted"}.get(outcome, "done")
+        status: Status = "exists" if outcome == "exists" else "mounted" if outcome == "mounted" else "done"
         self.progress(ProgressEvent(key, kind, status, d.size, d.size))
 
     def _mount_source(self, target: Reference, digest: str) -> Reference | None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from lazyoci.errors import ImageNotFoundError, LazyociError, ReferenceError_, StoreError
 from lazyoci.images.progress import ProgressSink
@@ -20,6 +21,9 @@ from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 from lazyoci.store.records import ContentRecord, GcResult, ImageRecords, Lease
+
+if TYPE_CHECKING:
+    from lazyoci.registry import RegistryClient
 
 _ID_RE = re.compile(r"^(sha256:)?[0-9a-f]{4,64}$")
 
@@ -79,7 +83,7 @@ class ImageService:
         self.blobs = BlobStore(self.root)
         self.db = Database(self.root.db_path)
         self.records = ImageRecords(self.db, self.blobs)
-        self._client = None
+        self._client: RegistryClient | None = None
         self._client_lock = threading.Lock()
 
     @property
@@ -218,7 +222,7 @@ class ImageService:
                 rows.extend(self._summaries(None, rec))
         return rows
 
-    def _summaries(self, name: str | None, rec: ContentRecord) -> list[ImageSummary]:
+    def _summaries(self, name: str | None, rec: ContentRecord) -> builtins.list[ImageSummary]:
         repo, tag = "<none>", "<none>"
         if name:
             r = Reference.parse(name)
@@ -261,7 +265,7 @@ class ImageService:
         deleted: list[str] = []
         with self.db.transaction() as c:
             names = [r[0] for r in c.execute("SELECT name FROM image_names WHERE digest=?", (top,))]
-            targets = [as_name] if as_name in names else names
+            targets = [as_name] if as_name is not None and as_name in names else names
             if len(targets) > 1 and not force:
                 raise StoreError(f"image {ref} is referenced by {len(targets)} names "
                                  f"({', '.join(targets)}): remove them by name, or use -f")
@@ -280,11 +284,11 @@ class ImageService:
 
     # --- archives -------------------------------------------------------------------------
 
-    def save(self, path: "Path | BinaryIO", refs: list[str], platform: Platform | None = None) -> None:
+    def save(self, path: "Path | BinaryIO", refs: builtins.list[str], platform: Platform | None = None) -> None:
         from lazyoci.images.archive import save_archive
         save_archive(self, path, refs, platform)
 
-    def load(self, path: "Path | BinaryIO", progress: Callable[[str], None] | None = None) -> list[str]:
+    def load(self, path: "Path | BinaryIO", progress: Callable[[str], None] | None = None) -> builtins.list[str]:
         from lazyoci.images.archive import load_archive
         return load_archive(self, path, progress)
 

@@ -8,7 +8,7 @@ ISA-L for gzip, zstd across frames, both across concatenated members (pigz, zstd
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from lazyoci.errors import FormatError
 
@@ -58,4 +58,5 @@ def decode_errors() -> tuple[type[BaseException], ...]:
     import zstandard
     from isal import isal_zlib
 
-    return (EOFError, ValueError, gzip.BadGzipFile, zlib.error, isal_zlib.error, lzma.LZMAError, zstandard.ZstdError)
+    isal_error = cast("type[BaseException]", isal_zlib.error)     # isal's stub calls the class an instance
+    return (EOFError, ValueError, gzip.BadGzipFile, zlib.error, isal_error, lzma.LZMAError, zstandard.ZstdError)

@@ -35,10 +35,10 @@ class Platform:
 
     @classmethod
     def from_json(cls, obj: dict) -> "Platform":
-        values = [obj.get("os") or "", obj.get("architecture") or "", obj.get("variant") or None]
-        if not all(v is None or isinstance(v, str) for v in values):
+        os_, arch, variant = obj.get("os") or "", obj.get("architecture") or "", obj.get("variant") or None
+        if not isinstance(os_, str) or not isinstance(arch, str) or not isinstance(variant, str | None):
             raise FormatError(f"platform {obj!r} has a field that is not a string")
-        return cls(*values)
+        return cls(os_, arch, variant)
 
     def to_json(self) -> dict:
         out = {"architecture": self.architecture, "os": self.os}

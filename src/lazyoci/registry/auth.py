@@ -169,7 +169,7 @@ class Authenticator:
                 form["service"] = service
             request = httpx.Request("POST", realm, data=form)
         else:
-            params: list[tuple[str, str]] = []
+            params: list[tuple[str, str | int | float | bool | None]] = []
             if service:
                 params.append(("service", service))
             params += [("scope", s) for s in scopes]

@@ -29,14 +29,17 @@ def push_blob(transport: Transport, ref: Reference, digest: str, size: int,
     """Upload a blob unless the registry has it; returns "exists", "mounted" or "pushed"."""
     repo = ref.repository
     scopes: tuple[str, ...] = (push_scope(repo),)
-    mount = mount_from is not None and mount_from.registry == ref.registry and mount_from.repository != repo
-    if mount:
-        scopes = tuple(sorted({push_scope(repo), pull_scope(mount_from.repository)}))
+    # the repository to mount from: another one on the same registry
+    source = (mount_from.repository if mount_from is not None and mount_from.registry == ref.registry
+              and mount_from.repository != repo else None)
+    mount = source is not None
+    if source is not None:
+        scopes = tuple(sorted({push_scope(repo), pull_scope(source)}))
     what = f"push blob {digest} to {ref.name}"
     if blob_exists(transport, ref, digest, scopes):
         _report(progress, size)
         return "exists"
-    params = {"mount": digest, "from": mount_from.repository} if mount else None
+    params = {"mount": digest, "from": source} if source is not None else None
     ep, resp = transport.send(ref.registry, "POST", f"/v2/{repo}/blobs/uploads/", scopes=scopes,
                               content=b"", params=params)
     if mount and resp.status_code == 201:

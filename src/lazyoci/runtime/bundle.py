@@ -24,6 +24,7 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lazyoci.errors import ConfigError, ContainerError
 from lazyoci.oci.manifest import ImageConfig
@@ -302,12 +303,13 @@ def resolve_user(rootfs: Path, spec: str) -> ResolvedUser:
         uid = _entry_id(entry, 2, "/etc/passwd", "uid")
     gid = _entry_id(entry, 3, "/etc/passwd", "gid") if entry is not None else 0
     if group:
-        gid = parse_id(group)
-        if gid is None:
+        group_id = parse_id(group)
+        if group_id is None:
             g = next((r for r in groups if r[0] == group), None)
             if g is None:
                 raise ContainerError(f"unable to find group {group}: no matching entries in group file")
-            gid = _entry_id(g, 2, "/etc/group", "gid")
+            group_id = _entry_id(g, 2, "/etc/group", "gid")
+        gid = group_id
     name = entry[0] if entry is not None else None
     extra = tuple(sorted({n for r in groups if name and name in r[3].split(",")
                           for n in [parse_id(r[2])] if n is not None and n != gid}))
@@ -374,7 +376,7 @@ def build_spec(config: ImageConfig, rootfs: Path, etc_dir: Path, opts: ProcessOp
         mounts.append({"destination": target, "type": "bind", "source": str(src),
                        "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
     mounts += [dict(m) for m in host.mounts]
-    spec = {
+    spec: dict[str, Any] = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": opts.tty,

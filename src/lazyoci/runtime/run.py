@@ -36,7 +36,7 @@ from lazyoci.runtime.bundle import (GENERATED_FILES, HostOptions, ProcessOptions
                                     process_args, write_bundle)
 from lazyoci.runtime.containers import ContainerRecord, ContainerStore, process_start
 from lazyoci.runtime.exec import check_command
-from lazyoci.runtime.logfile import LogReader, iter_chunks, lines_since
+from lazyoci.runtime.logfile import LogLine, LogReader, iter_chunks, lines_since
 from lazyoci.runtime.monitor import STOPPED_MARK, MonitorSpec, spawn_monitor
 from lazyoci.runtime.runc import Runtime
 from lazyoci.runtime.volumes import MountRequest, VolumeStore, check_mount_kinds, check_unique_targets
@@ -172,6 +172,8 @@ class ContainerManager:
         if opts.detach:
             self._wait_started(rec, spec, monitor_pid)
             return None
+        if child is None:   # spawn_monitor gives the process to wait for unless detached
+            raise ContainerError(f"container {rec.short_id}: the monitor gave no process to wait for")
         return self._wait_foreground(rec, runtime, child, spec)
 
     def _wait_started(self, rec: ContainerRecord, spec: MonitorSpec, monitor_pid: int) -> None:
@@ -185,8 +187,8 @@ class ContainerManager:
         if not spec.pid_file.exists():
             tail = ""
             if spec.log_path.exists():
-                tail = spec.log_path.read_text(errors="replace").strip().splitlines()[-1:]
-                tail = f": {tail[0]}" if tail else ""
+                last_lines = spec.log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                tail = f": {last_lines[0]}" if last_lines else ""
             raise ContainerError(f"container {rec.short_id} failed to start{tail}")
 
     def _wait_foreground(self, rec: ContainerRecord, runtime: Runtime, child: int, spec: MonitorSpec) -> int:
@@ -302,7 +304,7 @@ class ContainerManager:
         rec = self.store.get(name_or_id)
         reader = LogReader(self.store.dir(rec.id) / "container.log")
         running = follow and rec.status == "running"
-        last = deque(maxlen=tail) if tail is not None else None
+        last: deque[LogLine] | None = deque(maxlen=tail) if tail is not None else None
 
         def write(lines) -> None:
             for chunk in iter_chunks(lines, timestamps):

@@ -15,6 +15,7 @@ mounted over a directory of the image is first filled with that directory's cont
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -246,7 +247,7 @@ class VolumeStore:
         vols = [self.try_get(p.name) for p in sorted(self.dir.iterdir()) if _NAME.match(p.name)]
         return [v for v in vols if v is not None]
 
-    def users(self, name: str) -> list[str]:
+    def users(self, name: str) -> builtins.list[str]:
         """IDs of the containers whose bundle mounts this volume."""
         data = str(self.dir / name / "_data")
         found = []
@@ -266,10 +267,10 @@ class VolumeStore:
             raise ContainerError(f"remove {name}: volume is in use - [{', '.join(u[:12] for u in users)}]")
         shutil.rmtree(self.dir / vol.name)
 
-    def prune(self, include_named: bool = False) -> list[tuple[str, int]]:
+    def prune(self, include_named: bool = False) -> builtins.list[tuple[str, int]]:
         """Remove the volumes no container uses: anonymous ones, and named ones too if asked
         (docker's `volume prune [-a]`). Returns (name, bytes freed) of each removed volume."""
-        removed = []
+        removed: list[tuple[str, int]] = []
         for vol in self.list():
             if (vol.anonymous or include_named) and not self.users(vol.name):
                 size = disk_usage(vol.mountpoint)
@@ -277,7 +278,8 @@ class VolumeStore:
                 removed.append((vol.name, size))
         return removed
 
-    def spec_mounts(self, requests: list[MountRequest], rootfs: Path) -> tuple[list[dict], list[str]]:
+    def spec_mounts(self, requests: builtins.list[MountRequest],
+                    rootfs: Path) -> tuple[builtins.list[dict], builtins.list[str]]:
         """The runtime spec's mounts for `requests`, and the anonymous volumes created for them.
 
         Named volumes are created on first use, and an empty one takes the image's content at
@@ -294,7 +296,7 @@ class VolumeStore:
             raise
         return mounts, anonymous
 
-    def _spec_mount(self, r: MountRequest, rootfs: Path, anonymous: list[str]) -> dict:
+    def _spec_mount(self, r: MountRequest, rootfs: Path, anonymous: builtins.list[str]) -> dict:
         """The runtime spec's mount of one request (a new anonymous volume's name goes to `anonymous`)."""
         if r.type == "tmpfs":
             opts = ["nosuid", "nodev", "noexec", *r.tmpfs_options]

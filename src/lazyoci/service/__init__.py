@@ -1,7 +1,8 @@
 """The lazyoci service: a daemon that hosts the FUSE mount of lazy layers (daemon, layers),
 and the client the CLI and the soci snapshotter use to start, stop and ask it (client)."""
 
-from lazyoci.service.client import ServiceClient, ServiceError
+from lazyoci.errors import ServiceError
+from lazyoci.service.client import ServiceClient
 from lazyoci.service.paths import ServicePaths
 
 __all__ = ["ServiceClient", "ServiceError", "ServicePaths"]

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lazyoci import errors
-from lazyoci.errors import LazyociError, ServiceError
+from lazyoci.errors import ServiceError
+from lazyoci.service.error_wire import error_from_reply
 from lazyoci.service.paths import ServicePaths, connect
 from lazyoci.store.layout import DataRoot
 
@@ -57,15 +57,10 @@ class ServiceClient:
             reply = json.loads(buf)
         except ValueError:
             raise ServiceError(f"the lazyoci service sent a malformed reply to {op!r}") from None
+        if not isinstance(reply, dict):
+            raise ServiceError(f"the lazyoci service sent a malformed reply to {op!r}")
         if not reply.get("ok"):
-            cls = getattr(errors, str(reply.get("type")), None)
-            if not (isinstance(cls, type) and issubclass(cls, LazyociError)):
-                cls = ServiceError
-            try:
-                exc = cls(reply.get("error", "unknown error"))
-            except TypeError:
-                exc = ServiceError(reply.get("error", "unknown error"))
-            raise exc
+            raise error_from_reply(reply)
         return reply
 
     def ping(self) -> dict[str, Any] | None:

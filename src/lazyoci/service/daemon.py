@@ -12,7 +12,8 @@ Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "unmount_layer", "layer_digest", "ztoc_digest"} -> {"ok": true, "unmounted": bool}
     {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N, ...}
     {"op": "shutdown"}                               -> {"ok": true}; then unmounts and exits
-Errors: {"ok": false, "error": message, "type": LazyociError subclass name}.
+Errors: {"ok": false, "error": message, "type": LazyociError subclass name, "fields": its fields}
+(service/error_wire.py).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ import trio
 
 from lazyoci import libc
 from lazyoci.config import Config, load_config
-from lazyoci.errors import LazyociError
+from lazyoci.errors import LazyociError, ServiceError
 from lazyoci.fs.layer_fs import LayerFS
+from lazyoci.service.error_wire import error_reply
 from lazyoci.service.layers import LayerManager
 from lazyoci.service.paths import ServicePaths, socket_address
 from lazyoci.store.layout import DataRoot
@@ -90,10 +92,17 @@ class Service:
         self.layers: LayerManager | None = None
         self._cancel = trio.CancelScope()
 
+    @property
+    def running_layers(self) -> LayerManager:
+        """The layer manager, which exists from the start of `run` on."""
+        if self.layers is None:
+            raise ServiceError("the service's layers are not set up yet")
+        return self.layers
+
     def run(self) -> None:
         self.paths.ensure()
         _unmount_stale(self.paths.mountpoint)
-        self.layers = LayerManager(self.root, self.config, self.fs)
+        self.layers = layers = LayerManager(self.root, self.config, self.fs)
         options = set(pyfuse3.default_options)
         options |= {"fsname=lazyoci", "subtype=lazyoci", "ro"}    # no allow_other: root alone (service/paths.py)
         pyfuse3.init(self.fs, os.fspath(self.paths.mountpoint), options)
@@ -101,14 +110,14 @@ class Service:
             trio.run(self._main)
         finally:
             pyfuse3.close(unmount=True)
-            self.layers.close()
+            layers.close()
             log.info("service stopped")
 
     async def _main(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._fuse_main)
-            await trio.to_thread.run_sync(self.layers.remount_known)
-            self.layers.start_background()
+            await trio.to_thread.run_sync(self.running_layers.remount_known)
+            self.running_layers.start_background()
             with self._cancel:
                 await self._serve()
 
@@ -151,7 +160,7 @@ class Service:
                 request = json.loads(buf.split(b"\n", 1)[0] or b"{}")
                 reply = await self._dispatch(request)
             except LazyociError as e:
-                reply = {"ok": False, "error": str(e), "type": type(e).__name__}
+                reply = error_reply(e)
             except (ValueError, KeyError, TypeError) as e:
                 reply = {"ok": False, "error": f"bad request: {e}", "type": "LazyociError"}
             except Exception as e:   # a bug: keep serving, but say so
@@ -171,11 +180,11 @@ class Service:
         if op == "ping":
             return {"ok": True, "pid": os.getpid(), "mountpoint": os.fspath(self.paths.mountpoint)}
         if op == "mount_layer":
-            await trio.to_thread.run_sync(self.layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
+            await trio.to_thread.run_sync(self.running_layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
             return {"ok": True, "path": os.fspath(self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]))}
         if op == "unmount_layer":
             name = self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]).name.encode()
-            done = await trio.to_thread.run_sync(self.layers.unmount, req["layer_digest"], req["ztoc_digest"])
+            done = await trio.to_thread.run_sync(self.running_layers.unmount, req["layer_digest"], req["ztoc_digest"])
             if done:
                 try:
                     pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
@@ -183,12 +192,13 @@ class Service:
                     pass
             return {"ok": True, "unmounted": done}
         if op == "status":
+            layers = self.running_layers
             return {"ok": True, "pid": os.getpid(), "rss_bytes": _rss_bytes(),
                     "mountpoint": os.fspath(self.paths.mountpoint),
-                    "cache_bytes": self.layers.cache.total_bytes,
-                    "cache_max_bytes": self.layers.cache.max_bytes,
-                    "background_fetch": self.layers.background is not None,
-                    "layers": [s.to_json() for s in self.layers.status()]}
+                    "cache_bytes": layers.cache.total_bytes,
+                    "cache_max_bytes": layers.cache.max_bytes,
+                    "background_fetch": layers.background is not None,
+                    "layers": [s.to_json() for s in layers.status()]}
         if op == "shutdown":
             return {"ok": True}
         raise LazyociError(f"unknown request {op!r}")
@@ -202,7 +212,7 @@ class Service:
         for a moment: a reader whose read failed asks the kernel again, and that request too
         gets EIO, not ENOTCONN from a session that is gone."""
         log.info("shutdown requested")
-        client = self.layers.client
+        client = self.running_layers.client
         client.cancel()
         give_up = time.monotonic() + _DRAIN_MAX_SECONDS
         while time.monotonic() < give_up and (client.transfers_in_flight or

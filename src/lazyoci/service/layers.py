@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from lazyoci import libc
@@ -78,7 +79,7 @@ class LayerManager:
     """Mounts and unmounts lazy layers in one LayerFS; thread-safe."""
 
     def __init__(self, root: DataRoot, config: Config, fs: LayerFS) -> None:
-        from lazyoci.registry import RegistryClient, RegistryOptions   # A1's client
+        from lazyoci.registry import RegistryClient, RegistryOptions
         from lazyoci.registry.options import TransferLimits
 
         self.root = root
@@ -146,7 +147,7 @@ class LayerManager:
         return fetch
 
     def mount(self, ref: str, layer_digest: str, ztoc_digest: str, persist: bool = True,
-              fallback_refs: list[str] = ()) -> None:
+              fallback_refs: Sequence[str] = ()) -> None:
         """Make the layer's view through this zTOC appear in the FUSE mount (idempotent).
 
         Mounting a mounted view again with another reference makes that reference the

@@ -1,1 +1,33 @@
-"""snapshot"""
+"""Snapshotters keyed by chain ID, as containerd's: `overlayfs` unpacks layers, `soci` serves
+them lazily through the service. Both meet the `Snapshotter` protocol.
+
+The names below are imported on first use, so that importing one snapshotter does not load
+the other.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # what the names are, for type checkers; at run time __getattr__ imports them
+    from lazyoci.snapshot.base import Mount, SnapshotInfo, Snapshotter
+    from lazyoci.snapshot.overlay import OverlaySnapshotter
+    from lazyoci.snapshot.soci import SociSnapshotter
+
+_WHERE = {
+    "Mount": "base", "SnapshotInfo": "base", "Snapshotter": "base", "OverlaySnapshotter": "overlay",
+    "SociSnapshotter": "soci",
+}
+
+__all__ = [
+    "Mount", "OverlaySnapshotter", "SnapshotInfo", "Snapshotter", "SociSnapshotter",
+]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

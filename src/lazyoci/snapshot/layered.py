@@ -132,8 +132,11 @@ class LayeredSnapshotter:
         """Called before the lowers of `chain` are mounted (a subclass may have to serve them)."""
 
     def _new_dir(self, conn: sqlite3.Connection, diff_id: str | None = None) -> int:
-        return conn.execute(f"INSERT INTO {self._dirs} (diff_id, created) VALUES (?, ?)",
-                            (diff_id, time.time())).lastrowid
+        row_id = conn.execute(f"INSERT INTO {self._dirs} (diff_id, created) VALUES (?, ?)",
+                              (diff_id, time.time())).lastrowid
+        if row_id is None:      # sqlite3 sets it after every INSERT of one row
+            raise StoreError(f"no row id for a new snapshot directory in {self._dirs}")
+        return row_id
 
     def _insert_row(self, conn: sqlite3.Connection, key: str, kind: str, parent: str | None,
                     dir_id: int | None, labels: dict[str, str] | None,

@@ -23,7 +23,7 @@ class ChunkReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:  # type: ignore[override]
+    def readinto(self, b) -> int:
         while not self._buf:
             try:
                 self._buf = memoryview(next(self._it))
@@ -75,7 +75,7 @@ class PrefetchReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+    def read(self, n: int = -1) -> bytes:
         if not self._buf:
             if self._eof:
                 return b""
@@ -112,7 +112,7 @@ class ForwardFile:
 
     _KEEP = 512
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO | io.RawIOBase) -> None:
         self._raw = raw
         self._buf = b""
         self._off = 0           # read position inside _buf

@@ -79,7 +79,7 @@ def unmount(target: Path, lazy_fallback: bool = True) -> None:
         libc.umount2(str(target), 0)
         return
     except OSError as e:
-        err = e.errno
+        err = e.errno or errno.EIO
     if err in (errno.EINVAL, errno.ENOENT):
         return
     if err == errno.EBUSY and lazy_fallback:
@@ -87,7 +87,7 @@ def unmount(target: Path, lazy_fallback: bool = True) -> None:
             libc.umount2(str(target), MNT_DETACH)
             return
         except OSError as e:
-            err = e.errno
+            err = e.errno or errno.EIO
     raise ContainerError(f"cannot unmount {target}: {os.strerror(err)}")
 
 

@@ -16,12 +16,12 @@ def get_snapshotter(name: str, root: DataRoot, config: Config) -> Snapshotter:
         return OverlaySnapshotter(root)
     if name == "soci":
         try:
-            from lazyoci.snapshot.soci import SociSnapshotter  # written by the lazy-loading area
+            from lazyoci.snapshot.soci import SociSnapshotter
         except ImportError:
             raise ConfigError("the soci snapshotter is not available in this build") from None
-        return SociSnapshotter(root, config)  # type: ignore[return-value]
+        return SociSnapshotter(root, config)
     if name == "stargz":
         from lazyoci.snapshot.soci import StargzSnapshotter
 
-        return StargzSnapshotter(root, config)  # type: ignore[return-value]
+        return StargzSnapshotter(root, config)
     raise ConfigError(f"unknown snapshotter {name!r} (supported: {', '.join(SNAPSHOTTERS)})")

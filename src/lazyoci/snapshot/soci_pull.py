@@ -1,10 +1,10 @@
 """`pull --snapshotter soci`: fetch the SOCI index and zTOCs, download only unindexed layers.
 
 Steps: resolve the image (and the platform's manifest), discover its SOCI index
-(explicit digest, v2 annotation, referrers API, tag schema — D's discover_index),
+(explicit digest, v2 annotation, referrers API, tag schema — soci.discover_index),
 store the index manifest and the zTOCs as blobs owned by `soci:<index digest>`,
 record which layer each zTOC serves, then let ImageService.pull fetch the image
-while skipping the lazy layers (no progress rows for them, as the seed shows).
+while skipping the lazy layers (no progress rows for them, as Finch shows a lazy pull).
 Finally the zTOCs this index gave the image (under its name) are recorded, the
 layer snapshots committed (their keys name those zTOCs: another index of a
 shared layer never reuses them) and the service mounts the lazy layers.
@@ -152,7 +152,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
               index_digest: str | None = None, own_only: bool = False) -> "LocalImage":
     from lazyoci.snapshot.own_index import fetch_own_indexes
     from lazyoci.snapshot.soci import LazyLayerRecord
-    from lazyoci.soci import discover_index      # D's discovery
+    from lazyoci.soci import discover_index
 
     # The INFO line of a fallback must reach the user even when the caller gave no log.
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))

@@ -342,7 +342,7 @@ def apply_layer_stream(source: Iterable[bytes] | BinaryIO | bytes, media_type: s
     applier = _Applier(dest)
     try:
         try:
-            forward = ForwardFile(hashing)  # type: ignore[arg-type]
+            forward = ForwardFile(hashing)
             for member in iter_headers(forward):
                 applier.apply(forward, member)
             forward.drain()  # the end-of-archive blocks and padding are part of the diff ID

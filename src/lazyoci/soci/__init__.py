@@ -1,5 +1,6 @@
 """SOCI indexes: build zTOCs and indexes (v1 with subject, v2 by conversion), push them,
-and find them at run time. Formats follow ../shared/spec/SOCI-FORMAT.md (the reference's)."""
+and find them at run time. The formats are the reference snapshotter's, summarised in
+docs/SOCI-FORMAT-NOTES.md."""
 
 from lazyoci.soci.api import build_index_for_reference, build_ztoc, parse_ztoc
 from lazyoci.soci.build import LayerZtoc, SociBuildOptions, SociIndexResult, build_index

@@ -6,7 +6,7 @@ built for the same layer digest and span size is reused unless `force`. zTOCs
 of different layers are built in parallel threads (libz calls through ctypes release
 the GIL; the tar parsing in Python does not, so the gain depends on the layer).
 The lines given to `log` are the reference's, so `push --snapshotter soci` prints
-what the seed shows.
+what Finch prints (docs/SOCI-FORMAT-NOTES.md, "The reference's defaults and messages").
 """
 
 from __future__ import annotations

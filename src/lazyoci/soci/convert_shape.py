@@ -117,8 +117,8 @@ def convert_shape(top_raw: bytes, top_media_type: str, top_platform: Platform | 
     elif top_media_type in mt.IMAGE_MANIFESTS:
         if top_platform is None:
             raise FormatError("a single-manifest image needs its platform to be wrapped in an index")
-        entry = {"mediaType": top_media_type, "digest": sha256_digest(top_raw), "size": len(top_raw),
-                 "platform": top_platform.to_json()}
+        entry: dict[str, Any] = {"mediaType": top_media_type, "digest": sha256_digest(top_raw),
+                                 "size": len(top_raw), "platform": top_platform.to_json()}
         oci_index = {"schemaVersion": 2, "manifests": [entry]}
         manifests = {**manifests, entry["digest"]: top_raw}
     else:

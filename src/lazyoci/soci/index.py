@@ -50,9 +50,7 @@ def go_json(obj: Any) -> bytes:
 
 def _sort_maps(obj: Any, key: str | None = None) -> Any:
     if isinstance(obj, dict):
-        items = obj.items()
-        if key == "annotations":
-            items = sorted(items)
+        items = sorted(obj.items()) if key == "annotations" else obj.items()
         return {k: _sort_maps(v, k) for k, v in items}
     if isinstance(obj, list):
         return [_sort_maps(v) for v in obj]

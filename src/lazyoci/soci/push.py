@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from lazyoci.errors import LazyociError, NotFoundError, RegistryError
@@ -99,7 +100,7 @@ def push_index(client: "RegistryClient", ref: Reference, blobs: "BlobStore", ind
         skipped.append(subject.digest)
 
     nodes: list[Callable[[], None]] = [copy_subject, lambda: copy_blob(config_descriptor(index))]
-    nodes += [(lambda d=d: copy_blob(d)) for d in index.ztocs + index.prefetch]
+    nodes += [partial(copy_blob, d) for d in index.ztocs + index.prefetch]
     with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY, thread_name_prefix="soci-push") as pool:
         futures = [pool.submit(n) for n in nodes]
         errors = [f.exception() for f in futures]

@@ -26,7 +26,7 @@ class VerifyingReader(io.RawIOBase):
                  what: str = "layer") -> None:
         super().__init__()
         self._file = source if hasattr(source, "read") else None
-        self._chunks = None if self._file is not None else iter(source)
+        self._chunks: Iterator[bytes] = iter(()) if self._file is not None else iter(source)
         self._pending = memoryview(b"")
         self._verifier = DigestVerifier(digest, size, what)
         self._eof = False
@@ -42,7 +42,7 @@ class VerifyingReader(io.RawIOBase):
                 return chunk
         return b""
 
-    def readinto(self, b) -> int:  # type: ignore[override]
+    def readinto(self, b) -> int:
         if not self._pending:
             if self._eof:
                 return 0

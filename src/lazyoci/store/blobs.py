@@ -61,7 +61,7 @@ class BlobWriter:
         # raises before it ends (RegistryClient.iter_blob), so hashing twice would only halve
         # the speed; the caller commits only after that iterator finished.
         self._verifier = DigestVerifier(self.expected, size) if self.expected and not verified_upstream else None
-        self._hash = None if self.expected else hashlib.sha256()
+        self._hash = hashlib.sha256()        # fed only when no digest is expected
         self._count = 0
         self.digest: str | None = None
         label = Digest.parse(expected).hex[:16] if expected else "new"
@@ -82,7 +82,7 @@ class BlobWriter:
     def write(self, chunk: bytes) -> None:
         if self._verifier is not None:
             self._verifier.update(chunk)     # raises on more bytes than expected
-        elif self._hash is not None:
+        elif self.expected is None:
             self._hash.update(chunk)
         self._count += len(chunk)
         if self.size is not None and self._count > self.size:
@@ -101,11 +101,10 @@ class BlobWriter:
                 os.fsync(self._file.fileno())
             except OSError as e:
                 raise _os_error(e, f"blob {self.expected or ''}".strip()) from None
-            if self._verifier is not None:
-                self._verifier.finish()
-                digest = self.expected
-            elif self.expected is not None:        # verified upstream: still check the size
-                if self.size is not None and self._count != self.size:
+            if self.expected is not None:
+                if self._verifier is not None:
+                    self._verifier.finish()
+                elif self.size is not None and self._count != self.size:   # verified upstream: check the size
                     raise IntegrityError(f"blob {self.expected}: got {self._count} bytes, expected {self.size}",
                                          expected=self.expected)
                 digest = self.expected

@@ -180,7 +180,7 @@ class ImageRecords:
         so that the old image's blobs do not stay behind as orphans.
         """
         previous = self.set_name(c, name, top)
-        return bool(previous) and self.release_if_unnamed(c, previous)
+        return previous is not None and self.release_if_unnamed(c, previous)
 
     def record_sources(self, c: sqlite3.Connection, registry: str, repository: str,
                        digests: Iterable[str]) -> None:

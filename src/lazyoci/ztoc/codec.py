@@ -56,7 +56,7 @@ class _Writer:
 
     def __init__(self) -> None:
         self.out = bytearray(8)     # the root offset goes at 0
-        self._cache: dict[bytes, int] = {}
+        self._cache: dict[bytes | str, int] = {}
 
     def align(self, n: int) -> None:
         self.out += bytes(-len(self.out) % n)
@@ -150,12 +150,12 @@ def encode_ztoc(*, build_tool: str, compressed_size: int, uncompressed_size: int
         linkname = (cached(e.linkname) or string(e.linkname, True)) - t
         uname = (cached(e.uname) or string(e.uname, True)) - t
         gname = (cached(e.gname) or string(e.gname, True)) - t
-        mod_time = (cached(mod_time) or string(mod_time, True)) - t
+        mod_time_at = (cached(mod_time) or string(mod_time, True)) - t
         xvec = _pax_vector(w, vt_xattr, e.pax) if e.pax else 0
         _FM.pack_into(out, t, t - (vt_fm if xvec else vt_fm_nox), name - 4, typ - 8, linkname - 12,
                       e.offset, e.size, e.mode, e.devmajor, e.devminor,
                       e.uid & 0xFFFFFFFF, e.gid & 0xFFFFFFFF,
-                      uname - 64, gname - 68, mod_time - 72, (xvec - t - 76) if xvec else 0)
+                      uname - 64, gname - 68, mod_time_at - 72, (xvec - t - 76) if xvec else 0)
     digests = w.ref_vector(len(span_digests))
     for k, d in enumerate(span_digests):
         w.ref(digests + 4 * k, w.string(d))
@@ -264,7 +264,7 @@ _RAW_TAR_ZINFO = struct.Struct("<iqq")
 def decode_tar_zinfo(blob: bytes | memoryview) -> tuple[int, int]:
     """(span_size, size) of a TarZinfo; FormatError when malformed.
 
-    The spec's form is a FlatBuffers table; some reference releases wrote the
+    The format's form is a FlatBuffers table; some reference releases wrote the
     same three fields packed (20 bytes), which no FlatBuffer of it can be."""
     if len(blob) == _RAW_TAR_ZINFO.size:
         version, span_size, size = _RAW_TAR_ZINFO.unpack_from(blob)

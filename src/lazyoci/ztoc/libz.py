@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lazyoci.errors import FormatError
@@ -63,16 +64,16 @@ class ZngStream(ctypes.Structure):
 class Backend:
     name: str
     version: str
-    stream: type
-    init: object           # (stream*, window_bits) -> int
-    inflate: object
-    end: object
-    reset2: object
-    prime: object
-    set_dictionary: object
+    stream: type[ctypes.Structure]
+    init: Callable[..., int]           # (stream*, window_bits) -> int
+    inflate: Callable[..., int]
+    end: Callable[..., int]
+    reset2: Callable[..., int]
+    prime: Callable[..., int]
+    set_dictionary: Callable[..., int]
 
 
-def _bind(lib: ctypes.CDLL, prefix: str, stream: type) -> dict:
+def _bind(lib: ctypes.CDLL, prefix: str, stream: type[ctypes.Structure]) -> dict[str, Callable[..., int]]:
     p = ctypes.POINTER(stream)
     sig = {"inflate": [p, ctypes.c_int], "inflateEnd": [p], "inflateReset2": [p, ctypes.c_int],
            "inflatePrime": [p, ctypes.c_int, ctypes.c_int],

@@ -3,9 +3,10 @@
 The algorithm is zlib's examples/zran.c as SOCI uses it: inflate with Z_BLOCK,
 and at the first deflate block end more than `span_size` uncompressed bytes
 after the previous checkpoint, save (compressed offset, uncompressed offset,
-unused bits, the 32 KiB window). The blob layout (SOCI-FORMAT.md §2) is packed
-little-endian: int32 N, int64 span_size, then N times int64 in, int64 out,
-uint8 bits, 32768 bytes window. v1 blobs lack checkpoint 0.
+unused bits, the 32 KiB window). The blob layout (docs/SOCI-FORMAT-NOTES.md,
+"Gzip checkpoints") is packed little-endian: int32 N, int64 span_size, then N
+times int64 in, int64 out, uint8 bits, 32768 bytes window. v1 blobs lack
+checkpoint 0.
 """
 
 from __future__ import annotations
@@ -60,10 +61,14 @@ class GzipCheckpoints:
         self.count = n
         self.ins, self.outs, self.bits = array("q"), array("q"), array("B")
         if self.version == 1:   # checkpoint 0 was not written: right after a 10-byte gzip header
-            self.ins.append(10), self.outs.append(0), self.bits.append(0)
+            self.ins.append(10)
+            self.outs.append(0)
+            self.bits.append(0)
         for k in range(n - len(self.ins)):
             cin, cout, bits = POINT.unpack_from(blob, HEADER.size + k * CHECKPOINT_SIZE)
-            self.ins.append(cin), self.outs.append(cout), self.bits.append(bits)
+            self.ins.append(cin)
+            self.outs.append(cout)
+            self.bits.append(bits)
         for i in range(n):
             cin, cout, bits = self.ins[i], self.outs[i], self.bits[i]
             if bits > 7 or cin < (1 if bits else 0) or cin > compressed_size:
@@ -150,7 +155,7 @@ class GzipIndexer:
         self._member_end = False
         self.members = 0
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         if not isinstance(chunk, bytes):
             chunk = bytes(chunk)   # inflate and the hasher read it in place: it must not change
         view = memoryview(chunk)
