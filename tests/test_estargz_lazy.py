@@ -269,3 +269,25 @@ def test_a_restarted_service_serves_an_estargz_layer_again(registry, converted, 
         assert (view / "lie.txt").read_bytes() == b"a lie\n"
     finally:
         client.stop()
+
+
+def test_ps_and_images_show_the_lazy_format(registry, converted, data_root, soci_config):
+    """A container of an eStargz image: `ps` and `images` say `soci (estargz)`, `service status`
+    shows each layer's format."""
+    ref = f"{registry.host}/esgz/tricky:latest"
+
+    def lz(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([LAZYOCI, "--root", str(data_root), "--config", str(soci_config), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    try:
+        r = lz("run", "-d", "--name", "esgz-ps", ref, "sleep", "60")
+        assert r.returncode == 0, r.stderr
+        ps = lz("ps").stdout
+        assert "soci (estargz)" in ps, ps
+        assert "soci (estargz)" in lz("images").stdout
+        status = lz("service", "status").stdout
+        assert "FORMAT" in status and status.count("estargz") == 3, status
+    finally:
+        lz("rm", "-f", "esgz-ps")
+        ServiceClient(DataRoot(data_root), soci_config).stop()
