@@ -115,7 +115,8 @@ class _EarlyMounter:
                 if not served:
                     self._mounted.append((rec.layer_digest, rec.ztoc_digest))
             except FormatError as e:     # the zTOC cannot be served: the pull downloads the layer
-                self.refused[rec.layer_digest] = f"zTOC {rec.ztoc_digest}: {e}"
+                kind = "zTOC" if rec.index_digest else "its own index"     # no SOCI index: the layer's
+                self.refused[rec.layer_digest] = f"{kind} {rec.ztoc_digest}: {e}"
             except BaseException as e:   # re-raised in the caller's thread by finish()
                 self._error = e
 
@@ -218,7 +219,10 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
             for digest in refused:
                 snap.forget_lazy_layer(digest, lazy.pop(digest))
             whys = "; ".join(f"layer {digest}: {why}" for digest, why in refused.items())
-            say(f"INFO: {'a zTOC' if len(refused) == 1 else f'{len(refused)} zTOCs'} of the SOCI index "
+            ztocs = all(why.startswith("zTOC ") for why in refused.values())
+            what = (f"{'a zTOC' if len(refused) == 1 else f'{len(refused)} zTOCs'} of the SOCI index" if ztocs
+                    else f"{'a layer index' if len(refused) == 1 else f'{len(refused)} layer indexes'}")
+            say(f"INFO: {what} "
                 f"cannot be served ({whys}) for {reference}: downloading "
                 + ("that layer" if len(refused) == 1 else "those layers") + " before the container starts"
                 + ("" if lazy else " (no lazy loading)"))
