@@ -74,6 +74,19 @@ def test_the_estargz_seeds_parse():
         assert index.prefetch_bytes == 0 and index.num_spans == 4     # landmark, 2 chunk members, the TOC
 
 
+@pytest.mark.parametrize("name", ["etc/\ud800x", "etc/\udc80x", "etc/\ufffd"])
+def test_an_estargz_name_that_was_not_utf8_is_refused(name):
+    """Found by hand after the fuzzer: a lone surrogate in a TOC name crashed the encoder. A TOC
+    (JSON) cannot carry a tar name that is not UTF-8, its writer puts U+FFFD there: refused."""
+    from seeds import estargz_tail
+
+    from lazyoci.errors import FormatError
+    from lazyoci.estargz import EStargzIndex
+
+    with pytest.raises(FormatError, match="not UTF-8"):
+        EStargzIndex.parse(estargz_tail(name=name))
+
+
 @pytest.mark.parametrize("finding", list(FINDINGS))
 def test_fuzz_finding_is_refused_with_a_lazyoci_error(finding, tmp_path, monkeypatch):
     """Parsed strictly: the wrong JSON type (or bytes) is a LazyociError, never another exception

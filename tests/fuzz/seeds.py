@@ -101,7 +101,7 @@ def seeds(target: str) -> list[bytes]:
     raise KeyError(target)
 
 
-def estargz_tail(legacy: bool = False) -> bytes:
+def estargz_tail(legacy: bool = False, name: str = "etc/b") -> bytes:
     """The tail of a small eStargz layer (TOC member and footer) as ctr-remote lays it out: every
     entry kind, a file in two chunks, a landmark. The seed's TOC offset is made up (4096)."""
     import gzip
@@ -114,7 +114,7 @@ def estargz_tail(legacy: bool = False) -> bytes:
         {"name": "etc/a", "type": "reg", "size": 10, "offset": 200, "chunkSize": 6, "chunkDigest": d,
          "uid": 1000, "gid": 50, "mode": 2541, "xattrs": {"user.x": "eQ=="}},
         {"name": "etc/a", "type": "chunk", "offset": 300, "chunkOffset": 6, "chunkDigest": d},
-        {"name": "etc/b", "type": "reg", "size": 3, "offset": 300, "innerOffset": 700, "chunkDigest": d},
+        {"name": name, "type": "reg", "size": 3, "offset": 300, "innerOffset": 700, "chunkDigest": d},
         {"name": "etc/l", "type": "symlink", "linkName": "a"},
         {"name": "etc/h", "type": "hardlink", "linkName": "etc/a"},
         {"name": "etc/.wh.gone", "type": "reg"},

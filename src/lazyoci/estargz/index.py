@@ -121,9 +121,21 @@ def _mtime_ns(text: str, where: str) -> int:
     return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
 
 
+_NOT_TEXT = re.compile("[\ufffd\ud800-\udfff]")
+
+
+def _utf8(text: str, where: str) -> bytes:
+    """A TOC string as the bytes of the tar. The TOC is JSON: its writer turns bytes that are not
+    UTF-8 into U+FFFD, so which bytes the tar holds is lost; such a name is refused (the layer
+    is downloaded whole) rather than shown as another name than a full unpack makes."""
+    if _NOT_TEXT.search(text):
+        raise FormatError(f"{where}: {text[:64]!r} is not UTF-8 text in the TOC (the tar's bytes are lost)")
+    return text.encode()
+
+
 def _name(raw: str, where: str) -> str:
     """The entry's name, refused when it is absolute or climbs out (`..`)."""
-    encoded = raw.encode("utf-8", "surrogateescape")
+    encoded = _utf8(raw, where)
     check_name(encoded, where)
     if raw.startswith("/"):
         raise FormatError(f"{where}: the name {raw[:64]!r} is absolute")
@@ -145,7 +157,7 @@ def _xattrs(ent: dict[str, Any], where: str) -> dict[str, bytes]:
             data = base64.b64decode(value, validate=True)
         except ValueError:
             raise FormatError(f"{where}: xattr {key[:64]!r} is not valid base64") from None
-        MAX_XATTR_NAME_BYTES.check(len(key.encode()), f"{where}: xattr name")
+        MAX_XATTR_NAME_BYTES.check(len(_utf8(key, f"{where}: xattr name")), f"{where}: xattr name")
         MAX_XATTR_VALUE_BYTES.check(len(data), f"{where}: xattr {key[:64]!r}")
         if not key or "\0" in key:
             raise FormatError(f"{where}: xattr name {key[:64]!r} is not valid")
@@ -262,8 +274,9 @@ class EStargzIndex:
                 if typ != "reg" and size:
                     raise FormatError(f"{where}: a {typ} entry with a size")
                 linkname = _str(ent, "linkName", where)
+                _utf8(linkname, f"{where}: link target")
                 if typ in ("symlink", "hardlink"):
-                    check_name(linkname.encode("utf-8", "surrogateescape"), f"{where}: link target", link=True)
+                    check_name(_utf8(linkname, f"{where}: link target"), f"{where}: link target", link=True)
                 if typ == "hardlink":
                     target = _name(linkname, f"{where}: hardlink target")
                     if target not in seen:
@@ -328,12 +341,12 @@ class EStargzIndex:
         return self._entries[i]
 
     def entry_name(self, i: int) -> bytes:
-        return self._entries[i].name.encode("utf-8", "surrogateescape")
+        return self._entries[i].name.encode()
 
     def tree_entries(self) -> Iterator[tuple[bytes, str, bytes]]:
         for e in self._entries:
-            link = e.linkname.encode("utf-8", "surrogateescape") if e.type == "hardlink" else b""
-            yield e.name.encode("utf-8", "surrogateescape"), e.type, link
+            link = e.linkname.encode() if e.type == "hardlink" else b""
+            yield e.name.encode(), e.type, link
 
     def spans_for(self, start: int, end: int) -> range:
         start, end = max(start, 0), min(end, self._size)
