@@ -7,7 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := docker-registry skopeo umoci runc flatbuffers-compiler pigz zstd containerd stargz-snapshotter \
 	fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv apache2-utils \
-	mmdebstrap iproute2 util-linux busybox-static strace buildah
+	mmdebstrap iproute2 util-linux busybox-static strace buildah podman \
+	containerd golang-github-containerd-containerd-dev
 
 .PHONY: deps lint test test-fast demo bench fuzz clean
 
@@ -28,7 +29,14 @@ $(VENV)/.installed: pyproject.toml .stamp-apt
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
-deps: $(VENV)/.installed
+# containerd's gRPC API as Python modules (build output, not committed): generated from the .proto
+# files of golang-github-containerd-containerd-dev by grpcio-tools (a build-time tool only).
+CONTAINERD_API := src/lazyoci/containerd/api/__init__.py
+$(CONTAINERD_API): tools/containerd_api.py $(VENV)/.installed
+	$(PY) -m pip install -q 'grpcio-tools>=1.60'
+	$(PY) tools/containerd_api.py
+
+deps: $(VENV)/.installed $(CONTAINERD_API)
 
 # The library's types (mypy, configured in pyproject.toml); make test runs it first.
 lint: deps

@@ -28,8 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 import localreg  # noqa: E402
-from helpers.containerd import running_containerd  # noqa: E402
-from helpers.estargz import convert, fetch_manifest  # noqa: E402
+from helpers.estargz import convert, converter, fetch_manifest  # noqa: E402
 from helpers.images import Entry, image_config, make_layer, push_image  # noqa: E402
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
@@ -52,7 +51,7 @@ def prepare(work: Path, reg: localreg.Registry) -> tuple[str, int]:
                       + [Entry(f"bin/{a}", "symlink", linkname="busybox") for a in ("sh", "head", "echo")])
     big = make_layer([Entry("data", "dir")] + [Entry(f"data/f{i}", data=os.urandom(50 << 20)) for i in range(4)])
     push_image(reg.host, "bench/src", [base, big], image_config([base, big]), work)
-    with running_containerd(work / "containerd") as cd:
+    with converter() as cd:
         convert(cd, reg.host, "bench/src", "bench/esgz", extra=("--estargz-compression-level", "6"))
     root, cfg = work / "indexer", work / "indexer.yaml"
     cfg.write_text("snapshotters:\n  - overlayfs\n")

@@ -13,8 +13,7 @@ import tarfile
 
 import pytest
 
-from helpers.containerd import running_containerd
-from helpers.estargz import fetch_blob, fetch_manifest, push_estargz
+from helpers.estargz import converter, fetch_blob, fetch_manifest, push_estargz
 from helpers.images import Entry, make_layer
 
 from lazyoci.errors import FormatError, IntegrityError
@@ -49,7 +48,7 @@ def esgz(registry, tmp_path_factory):
     """(registry host, repo, manifest, layer descriptor, layer blob) of a converted image."""
     work = tmp_path_factory.mktemp("estargz")
     layer = make_layer(ENTRIES)
-    with running_containerd(work / "containerd") as cd:
+    with converter() as cd:
         push_estargz(cd, registry.host, "esgz/index", [layer], work, chunk_size=65536)
     manifest = fetch_manifest(registry.host, "esgz/index")
     desc = Descriptor.from_json(manifest["layers"][0])
@@ -66,7 +65,7 @@ def test_toc_entries_are_the_layers_entries(esgz):
     index = _index(blob)
     assert isinstance(index, LayerIndex)
     assert index.toc_digest == desc.annotations[TOC_DIGEST_ANNOTATION]
-    assert not index.tar_headers and index.format == "estargz"
+    assert not index.headers_in_stream
     got = {index.entry(i).name: index.entry(i) for i in range(len(index))}
     # the view is the whole tar: the converter's landmark and the TOC file too
     assert set(got) == {e.name for e in ENTRIES} | {".no.prefetch.landmark", "stargz.index.json"}
@@ -89,7 +88,7 @@ def test_toc_entries_are_the_layers_entries(esgz):
 def test_spans_decode_to_every_files_data_in_order(esgz):
     _, _, _, _, blob = esgz
     index = _index(blob)
-    stream = b"".join(index.decode_span(i, blob[slice(*index.span_compressed_range(i))])
+    stream = b"".join(index.decompress_span(i, blob[slice(*index.span_compressed_range(i))])
                       for i in range(index.num_spans))
     assert len(stream) == index.uncompressed_size
     for i in range(len(index)):
@@ -114,19 +113,19 @@ def test_an_altered_byte_inside_a_chunk_is_an_integrity_error(esgz):
     big = next(index.entry(i) for i in range(len(index)) if index.entry(i).name == "etc/big")
     i = index.spans_for(big.offset + 70_000, big.offset + 70_001)[0]
     c0, c1 = index.span_compressed_range(i)
-    good = index.decode_span(i, blob[c0:c1])
+    good = index.decompress_span(i, blob[c0:c1])
     raised = 0
     for at in range(c0, c1, max(1, (c1 - c0) // 64)):
         bad = bytearray(blob[c0:c1])
         bad[at - c0] ^= 0x01
         try:     # a byte the chunk does not depend on (a gzip flag, a header after it) is harmless
-            assert index.decode_span(i, bytes(bad)) == good
+            assert index.decompress_span(i, bytes(bad)) == good
         except IntegrityError:
             raised += 1
     bad = bytearray(blob[c0:c1])
     bad[(c1 - c0) // 3] ^= 0x01       # inside the chunk's deflate data
     with pytest.raises(IntegrityError):
-        index.decode_span(i, bytes(bad))
+        index.decompress_span(i, bytes(bad))
     assert raised > 32
 
 
@@ -215,4 +214,4 @@ def test_a_chunk_digest_that_lies_is_an_integrity_error_not_wrong_bytes(esgz):
     hello = next(index.entry(i) for i in range(len(index)) if index.entry(i).name == "etc/hello")
     i = index.spans_for(hello.offset, hello.offset + 1)[0]
     with pytest.raises(IntegrityError):
-        index.decode_span(i, blob[slice(*index.span_compressed_range(i))])
+        index.decompress_span(i, blob[slice(*index.span_compressed_range(i))])

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.containerd import running_containerd
-from helpers.estargz import convert, fetch_manifest, push_estargz
+from helpers.estargz import convert, converter, fetch_manifest, push_estargz
 from helpers.images import Entry, make_layer
 from helpers.lazy import overlay, push_soci_index, write_config
 from helpers.tree import diff_trees, walk_tree
@@ -35,7 +34,7 @@ def converted(registry, tmp_path_factory):
     work = tmp_path_factory.mktemp("esgz-lazy")
     push_tricky_image(registry.host, "esgz/tricky-src", work)
     layer = make_layer([Entry("secret", data=SECRET)])
-    with running_containerd(work / "containerd") as cd:
+    with converter() as cd:
         convert(cd, registry.host, "esgz/tricky-src", "esgz/tricky", chunk_size=65536)
         convert(cd, registry.host, "esgz/tricky-src", "esgz/mixed", chunk_size=65536)
         push_estargz(cd, registry.host, "esgz/corrupt", [layer], work, chunk_size=65536)
@@ -131,7 +130,7 @@ def test_stargz_snapshotter_reads_a_little_of_a_200_mib_layer(registry, data_roo
     base = make_layer([Entry("bin", "dir"), Entry("bin/busybox", data=BUSYBOX.read_bytes(), mode=0o755)]
                       + [Entry(f"bin/{a}", "symlink", linkname="busybox") for a in ("sh", "head", "wc")])
     big = make_layer([Entry("data", "dir")] + [Entry(f"data/f{i}", data=os.urandom(50 << 20)) for i in range(4)])
-    with running_containerd(tmp_path / "containerd") as cd:
+    with converter() as cd:
         push_estargz(cd, registry.host, "esgz/big", [base, big], tmp_path)
     manifest = fetch_manifest(registry.host, "esgz/big")
     image_bytes = manifest["config"]["size"] + sum(l["size"] for l in manifest["layers"])
@@ -171,7 +170,7 @@ def test_files_before_the_prefetch_landmark_are_fetched_at_mount(registry, data_
     layer = make_layer([Entry("data", "dir"), Entry("data/cold", data=cold), Entry("data/hot", data=hot)])
     record = tmp_path / "record.json"
     record.write_text(json.dumps({"path": "/data/hot"}) + "\n")
-    with running_containerd(tmp_path / "containerd") as cd:
+    with converter() as cd:
         from helpers.images import image_config, push_image
         push_image(registry.host, "esgz/prefetch-src", [layer], image_config([layer]), tmp_path)
         convert(cd, registry.host, "esgz/prefetch-src", "esgz/prefetch", chunk_size=65536,

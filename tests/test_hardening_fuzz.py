@@ -29,7 +29,7 @@ needs_atheris = pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
 
 RUNNER = Path(__file__).parent / "fuzz" / "run.py"
 TARGETS = ["tar_stream", "toc_builder", "ztoc", "zinfo", "soci_index", "manifest", "reference", "config_file",
-           "estargz"]
+           "zstd_chunked_toc", "estargz"]
 SECONDS = int(os.environ.get("LAZYOCI_FUZZ_SECONDS", "0"))     # 0: the fixed run of make test
 FIXED_RUN = ["-seed=1", "-runs=8000"]                           # about 3 s a target
 
@@ -59,6 +59,7 @@ FINDINGS = {
                        "platform": {"os": 1, "architecture": []}}]}).encode()),
     "config-file-not-utf8": ("config_file", b"soci:\n  \x91\x9c: 1\n"),
     "config-file-key-a-mapping": ("config_file", b"{{}}"),
+    "zstd-chunked-version-a-list": ("zstd_chunked_toc", b'\x01{"version":[{"type":"dir","name":"etc/"}]}'),
 }
 
 

@@ -15,6 +15,8 @@
       background_fetch: true
       background_quiet_seconds: 30
       background_interval_ms: 500
+    containerd:            # the service's snapshotters for containerd (lazyoci/containerd/settings.py)
+      snapshotters: {soci: soci, lazyoci-overlayfs: overlayfs}
 
 Values are checked when read: a bad value is a ConfigError naming the file and line.
 Verification of lazily served bytes cannot be turned off: `soci.verify: false` is
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lazyoci.containerd.settings import ContainerdConfig, parse_containerd
 from lazyoci.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
 
 SNAPSHOTTERS = ("overlayfs", "soci", "stargz")   # stargz: nerdctl's name; the layers' own indexes only
 RUNTIMES = ("runc", "crun")
-TOP_LEVEL_KEYS = ("snapshotters", "runtime", "insecure_registries", "registry_mirrors", "soci")
+TOP_LEVEL_KEYS = ("snapshotters", "runtime", "insecure_registries", "registry_mirrors", "soci", "containerd")
 PULL_POLICIES = ("missing", "always", "never")   # `run --pull`
 
 
@@ -74,6 +77,7 @@ class Config:
     insecure_registries: tuple[str, ...] = ()
     registry_mirrors: dict[str, tuple[str, ...]] = field(default_factory=dict)
     soci: SociConfig = SociConfig()
+    containerd: ContainerdConfig = ContainerdConfig()     # what the service offers containerd
 
     @property
     def default_snapshotter(self) -> str:
@@ -187,6 +191,7 @@ def load_config(path: Path | None = None) -> Config:
     if not isinstance(soci_doc, dict):
         raise ConfigError(f"{where('soci')}: soci must be a mapping")
     soci = _parse_soci(soci_doc, path)
+    containerd = parse_containerd(_default_if_unset(doc, "containerd", {}), path, lines.get("containerd", "?"))
     return Config(
         path=path,
         snapshotters=tuple(snaps),
@@ -194,6 +199,7 @@ def load_config(path: Path | None = None) -> Config:
         insecure_registries=tuple(insecure),
         registry_mirrors=mirrors,
         soci=soci,
+        containerd=containerd,
     )
 
 

@@ -23,7 +23,10 @@ socket as its class name, message and fields, and is raised again as the same er
     │   └── UnsupportedCompressionError   a layer zTOCs cannot index (zstd)
     ├── IntegrityError         bytes do not match their digest
     ├── StoreError             local store problems
-    │   └── ImageNotFoundError no such image locally
+    │   ├── ImageNotFoundError no such image locally
+    │   ├── SnapshotNotFoundError    no snapshot (or parent) of that key
+    │   ├── SnapshotExistsError      a snapshot of that key or name exists already
+    │   └── SnapshotStateError       a snapshot not in the state the call needs (committed, active, childless)
     └── ContainerError         runtime (runc) and container state errors
         ├── CommandNotFoundError      the command is not in the image (exit 127, as docker)
         └── CommandNotExecutableError the command cannot be executed (exit 126, as docker)
@@ -116,6 +119,19 @@ class StoreError(LazyociError):
 
 class ImageNotFoundError(StoreError):
     """No image of that name or ID exists locally."""
+
+
+class SnapshotNotFoundError(StoreError):
+    """No snapshot of that key, or no parent of that name (containerd's NotFound)."""
+
+
+class SnapshotExistsError(StoreError):
+    """A snapshot of that key or name exists already (containerd's AlreadyExists)."""
+
+
+class SnapshotStateError(StoreError):
+    """A snapshot is not in the state a call needs: a parent not committed, a commit of a
+    non-active snapshot, a remove of one with children (containerd's FailedPrecondition)."""
 
 
 class ContainerError(LazyociError):

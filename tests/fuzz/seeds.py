@@ -51,6 +51,8 @@ def seeds(target: str) -> list[bytes]:
     raw = _layer_tar()
     gz = make_layer(raw, "gzip")
     gnu = tar_bytes(_entries()[:4], format=tarfile.GNU_FORMAT)
+    if target == "zstd_chunked_toc":       # TOCs skopeo wrote for the same entries
+        return [bytes([min(-(-data_end // 4096), 255)]) + toc for data_end, toc in _zstd_chunked_tocs(raw)]
     if target == "tar_stream":
         return [raw, gnu, raw[:1024], bytes(1024)]
     if target == "toc_builder":           # the first byte picks where the stream is cut in two
@@ -99,6 +101,36 @@ def seeds(target: str) -> list[bytes]:
                 b"  background_interval_ms: 100\n  cache_max_bytes: 1000000\n  verify: true\n",
                 b"snapshotters: overlayfs\n", b"{}\n"]
     raise KeyError(target)
+
+
+def _zstd_chunked_tocs(raw: bytes) -> list[tuple[int, bytes]]:
+    """(where the file frames end, TOC JSON) of the layer `raw` as skopeo converts it to zstd:chunked."""
+    import subprocess
+    import tempfile
+
+    from helpers.zstd_chunked import blob, chunked_layout, layout_manifest
+    from lazyoci.zstdchunked.annotations import toc_location
+    from lazyoci.zstdchunked.toc import decode_toc
+
+    layer = make_layer(raw, "none")
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        from helpers.images import write_oci_layout
+        write_oci_layout(src, [layer], image_config([layer]))
+        try:
+            layout = chunked_layout(src, Path(tmp) / "out")
+        except (OSError, subprocess.CalledProcessError):     # no skopeo: a hand-made TOC of that shape
+            return [(1 << 12, json.dumps({"version": 1, "entries": [
+                {"type": "dir", "name": "etc/", "mode": 493},
+                {"type": "reg", "name": "etc/hostname", "size": 5, "offset": 100, "endOffset": 120,
+                 "digest": _sha(b"fuzz\n")}]}).encode())]
+        desc = layout_manifest(layout)["layers"][0]
+        data = blob(layout, desc["digest"])
+        loc = toc_location(desc["annotations"], len(data))
+        assert loc is not None
+        out.append((loc.data_end, decode_toc(data[loc.offset:loc.offset + loc.length])))
+    return out
 
 
 def estargz_tail(legacy: bool = False, name: str = "etc/b") -> bytes:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+
+import zstandard
 from pathlib import Path
 
 from lazyoci.config import load_config
@@ -25,6 +27,7 @@ from lazyoci.tar import iter_headers
 from lazyoci.ztoc.reader import Ztoc
 from lazyoci.ztoc.toc import TocBuilder
 from lazyoci.ztoc.zinfo import GzipCheckpoints
+from lazyoci.zstdchunked.toc import ZstdChunkedToc
 
 _ENTRY_WALK = 2000        # entries and spans walked per input: enough for coverage, bounded in time
 
@@ -114,6 +117,21 @@ def config_file(data: bytes) -> None:
     load_config(path)
 
 
+def zstd_chunked_toc(data: bytes) -> None:
+    """zstdchunked/toc.py: a zstd:chunked TOC's JSON (compressed here, as the layer stores it; the
+    first byte picks where the blob's file frames end, in 4 KiB, 0 for unknown), then every entry
+    and chunk."""
+    data_end = (data[0] << 12) if data and data[0] else None
+    index = ZstdChunkedToc.parse(zstandard.ZstdCompressor(level=1).compress(data[1:]), data_end=data_end)
+    repr(index)
+    for i in range(min(len(index), _ENTRY_WALK)):
+        index.entry(i), index.entry_name(i)
+    list(index.tree_entries())
+    for i in range(min(index.num_spans, _ENTRY_WALK)):
+        index.span_digest(i), index.span_compressed_range(i), index.span_uncompressed_range(i)
+    index.spans_for(0, index.uncompressed_size)
+
+
 def estargz(data: bytes) -> None:
     """estargz/: the footer, the TOC member and the TOC of an eStargz layer's tail; then every
     entry, and each span decoded from bytes that are not its own (an IntegrityError, or data
@@ -128,13 +146,13 @@ def estargz(data: bytes) -> None:
         c0, c1 = index.span_compressed_range(i)
         index.span_uncompressed_range(i), index.span_digest(i)
         if c1 - c0 <= 1 << 16:
-            index.decode_span(i, data[:c1 - c0].ljust(c1 - c0, b"\0"))
+            index.decompress_span(i, data[:c1 - c0].ljust(c1 - c0, b"\0"))
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "tar_stream": tar_stream, "toc_builder": toc_builder, "ztoc": ztoc, "zinfo": zinfo,
     "soci_index": soci_index, "manifest": manifest, "reference": reference, "config_file": config_file,
-    "estargz": estargz,
+    "zstd_chunked_toc": zstd_chunked_toc, "estargz": estargz,
 }
 
 

@@ -1,20 +1,40 @@
 """eStargz test images made by the real converter: `ctr-remote images convert --estargz`.
 
 The source image is pushed with skopeo, pulled into a containerd of the test's own
-(helpers/containerd.py), converted there and pushed back to the test's registry.
+(helpers/containerd_daemon.py), converted there and pushed back to the test's registry.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from helpers.containerd import Containerd
+from helpers.containerd_daemon import ContainerdDaemon, start_containerd
 from helpers.images import Layer, image_config, push_image
 
 
-def convert(cd: Containerd, registry_host: str, src_repo: str, dst_repo: str, chunk_size: int = 0,
+@contextmanager
+def converter() -> Iterator[ContainerdDaemon]:
+    """A containerd for ctr-remote, stopped (by PID) whatever happens."""
+    cd = start_containerd()
+    try:
+        yield cd
+    finally:
+        cd.stop()
+
+
+def ctr_remote(cd: ContainerdDaemon, *args: str, timeout: float = 600) -> str:
+    cmd = ["ctr-remote", "--address", cd.address, "--namespace", cd.namespace, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout
+
+
+def convert(cd: ContainerdDaemon, registry_host: str, src_repo: str, dst_repo: str, chunk_size: int = 0,
             extra: tuple[str, ...] = ()) -> None:
     """`ctr-remote images convert --estargz --oci` of src_repo:latest into dst_repo:latest."""
     src, dst = f"{registry_host}/{src_repo}:latest", f"{registry_host}/{dst_repo}:latest"
@@ -22,11 +42,11 @@ def convert(cd: Containerd, registry_host: str, src_repo: str, dst_repo: str, ch
     args = ["images", "convert", "--estargz", "--oci", *extra]
     if chunk_size:
         args += ["--estargz-chunk-size", str(chunk_size)]
-    cd.run("ctr-remote", *args, src, dst)
+    ctr_remote(cd, *args, src, dst)
     cd.ctr("images", "push", "--plain-http", dst)
 
 
-def push_estargz(cd: Containerd, registry_host: str, repo: str, layers: list[Layer], work: Path,
+def push_estargz(cd: ContainerdDaemon, registry_host: str, repo: str, layers: list[Layer], work: Path,
                  chunk_size: int = 0, cmd: list[str] | None = None) -> None:
     """Push an image of `layers` as `repo`-src, and its eStargz conversion as `repo`."""
     push_image(registry_host, f"{repo}-src", layers, image_config(layers, cmd=cmd), work)

@@ -141,6 +141,8 @@ COMMANDS: dict[str, LazyCommand] = {
     "soci": LazyCommand(f"{_SOCI}:soci_group", "SOCI indexes: make images lazy-loadable without changing them."),
     "service": LazyCommand(f"{_SERVICE}:service_group",
                            "Manage the lazyoci service that serves lazily loaded layers (FUSE)."),
+    "containerd": LazyCommand("lazyoci.cli.containerd:containerd_group",
+                              "Use lazyoci with containerd: pull images into it with lazy layers."),
     "build": LazyCommand(f"{_BUILD}:build_cmd", "Build an image from a Dockerfile (with buildah) into the local store."),
     "system": LazyCommand(f"{_SYSTEM}:system_group", "Disk usage and clean-up: system df, system prune."),
     "vm": LazyCommand(f"{_SERVICE}:vm_group",

@@ -58,6 +58,8 @@ def _status() -> None:
     click.echo(f"lazyoci service is running (pid {st['pid']}, RSS {_human(st['rss_bytes'])}), "
                f"lazy layers at {st['mountpoint']}")
     limit = _human(st["cache_max_bytes"]) if st["cache_max_bytes"] else "no limit"
+    if st.get("containerd_socket"):
+        click.echo(f"containerd snapshotter socket: {st['containerd_socket']}")
     click.echo(f"span cache: {_human(st['cache_bytes'])} ({limit}); "
                f"background fetch: {'on' if st['background_fetch'] else 'off'}")
     if not st["layers"]:

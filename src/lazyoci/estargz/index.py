@@ -11,8 +11,8 @@ What the lazy filesystem sees (fs/layer_index.py):
 - the stream is the concatenation of every file's data in TOC order (the tar
   headers are not in it: the TOC is the metadata, trusted because its digest is
   the layer's `containerd.io/snapshot/stargz/toc.digest` annotation, checked by
-  the pull before the index is stored); so `tar_headers` is False and the header
-  checks do not apply;
+  the pull before the index is stored); so `headers_in_stream` is False and the
+  header checks do not apply;
 - a span is one gzip member holding chunks: fetched from its offset to the next
   member's (the last one to the TOC), inflated, and each of its chunks checked
   against its `chunkDigest` (a digest of the uncompressed chunk) before a byte is
@@ -201,8 +201,7 @@ def _toc_member(member: bytes) -> tuple[TarHeader, bytes]:
 class EStargzIndex:
     """Parse with `EStargzIndex.parse(tail, digest)`; see the module docstring."""
 
-    format = "estargz"
-    tar_headers = False
+    headers_in_stream = False     # the stream is file data alone: fs/header_check.py cannot apply
 
     def __init__(self, digest: str, toc_digest: str, toc_offset: int, entries: list[EStargzEntry],
                  spans: list[_Span], prefetch_bytes: int) -> None:
@@ -371,12 +370,17 @@ class EStargzIndex:
         s = self._span(i)
         return s.chunks[0].digest if s.chunks else self.toc_digest
 
-    def decode_span(self, i: int, fetched: bytes) -> bytes:
+    def verify_span(self, i: int, compressed: bytes) -> None:
+        """The length only: eStargz's digests cover the inflated chunks (`decompress_span`)."""
+        s = self._span(i)
+        if len(compressed) != s.cend - s.cstart:
+            raise IntegrityError(f"span {i}: got {len(compressed)} bytes, expected {s.cend - s.cstart}")
+
+    def decompress_span(self, i: int, fetched: bytes) -> bytes:
         """Span i's file data from its gzip member: IntegrityError unless it inflates and every
         chunk in it has its chunkDigest (bytes that do not decode are bytes that do not match)."""
+        self.verify_span(i, fetched)
         s = self._span(i)
-        if len(fetched) != s.cend - s.cstart:
-            raise IntegrityError(f"span {i}: got {len(fetched)} bytes, expected {s.cend - s.cstart}")
         if not s.chunks:      # the TOC member: stargz.index.json's data
             try:
                 toc = _toc_member(fetched)[1]

@@ -29,6 +29,10 @@ zTOC that hides a file whose content is itself a tar archive, and lists
 entries inside that content, gets those entries past the per-entry check
 (the first of them fails, the ones after it pass); their bytes are real bytes
 of the layer, in the wrong place. The whole-layer check finds it.
+
+zstd:chunked layers are not checked here: their index (zstdchunked/toc.py) serves a stream
+of file contents without tar headers, and their TOC's digest is in the image manifest's
+annotations, so it is the image author's word, as the tar is (see that module).
 """
 
 from __future__ import annotations

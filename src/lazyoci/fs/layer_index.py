@@ -8,25 +8,27 @@ then decoded into its range of the tar stream. fs/ sees an index only through
 these two protocols: a SOCI zTOC (`lazyoci.ztoc.Ztoc`) is one; another lazy
 format (eStargz's TOC, zstd:chunked's manifest) is a new class with these
 members, in its own folder, and the filesystem, header checks and span fetcher
-serve it unchanged (eStargz's TOC, `lazyoci.estargz.EStargzIndex`, is another).
+serve it unchanged.
 
 What an implementation promises (fs/ relies on it; fs/header_check.py still compares
 every entry it serves with the entry's own tar header):
 - everything it returns was checked when it was parsed: entry offsets inside the
   stream, names the kernel can create, span ranges that tile the stream;
 - entry types are "reg", "dir", "symlink", "hardlink", "char", "block", "fifo";
-  only "reg" entries carry data, at [offset, offset + size) of the stream;
-- when `tar_headers` is true the stream is the layer's tar stream and each entry's own
-  tar header lies just before its data (fs/header_check.py reads it). When it is false
-  (eStargz) the stream holds only file data and the index itself is the metadata: it
-  was checked against a digest the image's manifest carries before it was stored;
-- `decode_span` never returns a byte it has not checked against the index: a format
-  whose digests cover compressed bytes (a zTOC) checks them before decoding, one whose
-  digests cover the decoded bytes (eStargz's chunkDigest) after; bytes that do not
-  decode are an IntegrityError too when the digests come after decoding;
+  only "reg" entries carry data, at [offset, offset + size) of the tar stream, and
+  each entry's own tar header lies just before its data (fs/header_check.py reads it);
 - spans are numbered in stream order: their uncompressed ranges tile the tar stream
   and their compressed ranges go forward, so the ranges of adjacent spans are
-  fetched in one request.
+  fetched in one request;
+- fetched bytes are served only after `verify_span` and then `decompress_span` both
+  returned: a format whose digests cover decoded bytes (zstd:chunked's chunk digests,
+  eStargz's chunkDigest) checks them in `decompress_span` and raises IntegrityError there,
+  as `verify_span` does for compressed bytes (eStargz: bytes that do not inflate are an
+  IntegrityError too, so a corrupted byte is EIO after the fetcher's retries).
+
+An index whose stream holds no tar headers says so with `headers_in_stream = False`
+(zstd:chunked's and eStargz's, whose streams are their files' contents alone, and whose
+TOCs are vouched for by the image manifest's annotations): the service then skips fs/header_check.py for it.
 """
 
 from __future__ import annotations
@@ -73,10 +75,6 @@ class LayerIndex(Protocol):
     @property
     def digest(self) -> str: ...        # the index's own digest: a lazy view is keyed by it
     @property
-    def format(self) -> str: ...        # what kind of index: "ztoc", "estargz" (shown by `service status`)
-    @property
-    def tar_headers(self) -> bool: ...  # the stream is the tar stream, headers included (see above)
-    @property
     def uncompressed_size(self) -> int: ...
     @property
     def num_spans(self) -> int: ...
@@ -111,11 +109,15 @@ class LayerIndex(Protocol):
         ...
 
     def span_digest(self, i: int) -> str:
-        """The digest span i is checked against (for error messages)."""
+        """The digest span i's compressed bytes must have."""
         ...
 
-    def decode_span(self, i: int, fetched: bytes) -> bytes:
-        """Span i's bytes of the stream from the bytes of its compressed range: IntegrityError
-        unless they are exactly what the index says, FormatError if verified bytes do not
-        decode (then the index itself is wrong)."""
+    def verify_span(self, i: int, compressed: bytes) -> None:
+        """IntegrityError unless `compressed` is exactly span i's bytes."""
+        ...
+
+    def decompress_span(self, i: int, compressed: bytes) -> bytes:
+        """Span i's uncompressed bytes from its verified compressed bytes (FormatError if they
+        do not decode: then the index itself is wrong; IntegrityError if the index's digest is
+        of the decoded bytes and they do not match it)."""
         ...

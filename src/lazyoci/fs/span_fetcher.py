@@ -274,7 +274,7 @@ class SpanFetcher:
                     break
             else:
                 err = IntegrityError(
-                    f"layer {self.layer_digest}: span {i} does not match its digest in the {self.ztoc.format} index "
+                    f"layer {self.layer_digest}: span {i} does not match its digest in the zTOC "
                     f"after {ATTEMPTS} attempts", expected=self.ztoc.span_digest(i))
                 log.error("%s", err)
                 self._fail(bad, err)
@@ -307,7 +307,8 @@ class SpanFetcher:
             try:
                 if len(compressed) != c1 - c0:
                     raise IntegrityError(f"short read ({len(compressed)} of {c1 - c0} bytes)")
-                data = self.ztoc.decode_span(i, compressed)   # checked: unverified bytes are never served
+                self.ztoc.verify_span(i, compressed)   # always: unverified bytes are never served
+                data = self.ztoc.decompress_span(i, compressed)
             except IntegrityError as e:
                 bad.append(i)
                 log.error("layer %s span %d failed verification (attempt %d of %d): %s",

@@ -5,12 +5,16 @@ Run as `python -m lazyoci.service.daemon --root R [--config C]`; it detaches
 writes its pid file and logs under <root>/service/, mounts the one FUSE
 filesystem, mounts again the layers recorded by its previous run, and only
 then listens on the control socket — so a client that can connect can use it.
+Beside it, containerd's Snapshots gRPC service listens on <root>/service/snapshotter.sock
+(lazyoci.containerd.server, in gRPC's own threads); if it cannot start, the service
+goes on without it and its log says why.
 
 Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "ping"}                                   -> {"ok": true, "pid": N, "mountpoint": ...}
     {"op": "mount_layer", "ref", "layer_digest", "ztoc_digest"} -> {"ok": true, "path": ...}
     {"op": "unmount_layer", "layer_digest", "ztoc_digest"} -> {"ok": true, "unmounted": bool}
-    {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N, ...}
+    {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N,
+                                                         "containerd_socket": path or null, ...}
     {"op": "shutdown"}                               -> {"ok": true}; then unmounts and exits
 Errors: {"ok": false, "error": message, "type": LazyociError subclass name, "fields": its fields}
 (service/error_wire.py).
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
@@ -39,6 +44,9 @@ from lazyoci.service.error_wire import error_reply
 from lazyoci.service.layers import LayerManager
 from lazyoci.service.paths import ServicePaths, socket_address
 from lazyoci.store.layout import DataRoot
+
+if TYPE_CHECKING:
+    from lazyoci.containerd.server import SnapshotterServer
 
 log = logging.getLogger("lazyoci.service")
 MAX_REQUEST = 1 << 20
@@ -90,6 +98,7 @@ class Service:
         self.config = config
         self.fs = LayerFS()
         self.layers: LayerManager | None = None
+        self.containerd: SnapshotterServer | None = None    # containerd's snapshotter service, once serving
         self._cancel = trio.CancelScope()
 
     @property
@@ -109,6 +118,8 @@ class Service:
         try:
             trio.run(self._main)
         finally:
+            if self.containerd is not None:
+                self.containerd.stop()
             pyfuse3.close(unmount=True)
             layers.close()
             log.info("service stopped")
@@ -139,6 +150,7 @@ class Service:
         os.chmod(sock_path, 0o600)
         listener.listen(64)
         log.info("service ready (pid %d), mount %s, socket %s", os.getpid(), self.paths.mountpoint, sock_path)
+        await trio.to_thread.run_sync(self._start_containerd)
         try:
             async with trio.open_nursery() as nursery:
                 while True:
@@ -147,6 +159,18 @@ class Service:
         finally:
             listener.close()
             sock_path.unlink(missing_ok=True)
+
+    def _start_containerd(self) -> None:
+        try:
+            from lazyoci.containerd.server import SnapshotterServer
+
+            layers = self.running_layers
+            server = SnapshotterServer(self.root, self.config, layers, layers.client)
+            server.start()
+        except Exception as e:     # e.g. a build without the generated API: FUSE still serves
+            log.error("containerd's snapshotter service did not start: %s", e)
+            return
+        self.containerd = server
 
     async def _handle(self, conn: trio.socket.SocketType) -> None:
         with conn:
@@ -183,6 +207,9 @@ class Service:
             await trio.to_thread.run_sync(self.running_layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
             return {"ok": True, "path": os.fspath(self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]))}
         if op == "unmount_layer":
+            if self.containerd is not None and await trio.to_thread.run_sync(
+                    self.containerd.uses_view, req["layer_digest"], req["ztoc_digest"]):
+                return {"ok": True, "unmounted": False}     # containerd's snapshots stand on it
             name = self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]).name.encode()
             done = await trio.to_thread.run_sync(self.running_layers.unmount, req["layer_digest"], req["ztoc_digest"])
             if done:
@@ -198,6 +225,7 @@ class Service:
                     "cache_bytes": layers.cache.total_bytes,
                     "cache_max_bytes": layers.cache.max_bytes,
                     "background_fetch": layers.background is not None,
+                    "containerd_socket": os.fspath(self.containerd.socket) if self.containerd else None,
                     "layers": [s.to_json() for s in layers.status()]}
         if op == "shutdown":
             return {"ok": True}

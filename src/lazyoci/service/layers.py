@@ -33,6 +33,7 @@ from lazyoci.errors import FormatError, LazyociError, RegistryError, StoreError
 from lazyoci.fs.background import BackgroundFetcher
 from lazyoci.fs.header_check import LayerVerifier
 from lazyoci.fs.layer_fs import LayerFS, LazyLayer
+from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
 from lazyoci.fs.tree import LayerTree
@@ -52,6 +53,18 @@ def _release_freed_memory() -> None:
     gc.collect()     # the build's helper closures form a cycle; collect it before trimming
     libc.malloc_trim()
 
+
+
+def _parse_index(data: bytes, digest: str) -> LayerIndex:
+    """zstd:chunked wiring: a stored index is a zTOC, or a zstd:chunked TOC (a zstd frame, which
+    no zTOC starts with). The TOC's stream holds no tar headers (`headers_in_stream` is False):
+    its digest, which the image manifest's annotation gave, vouches for its entries."""
+    from lazyoci.zstdchunked import ZstdChunkedToc, is_chunked_toc
+    from lazyoci.ztoc import Ztoc
+
+    if is_chunked_toc(data):
+        return ZstdChunkedToc.parse(data, digest=digest)
+    return Ztoc.parse(data, digest=digest)
 
 
 @dataclass(frozen=True)
@@ -168,13 +181,17 @@ class LayerManager:
             return
         blob = self.root.blobs / "sha256" / Digest.parse(ztoc_digest).hex
         fmt = format_named(format_of(self.db, layer_digest, ztoc_digest))
+        what = "zTOC" if fmt.name == "ztoc" else f"{fmt.name} index"
         try:
             data = blob.read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"{fmt.name} index {ztoc_digest} of layer {layer_digest} is not in the blob store") from None
-        verify_bytes(data, ztoc_digest, f"{fmt.name} index of layer {layer_digest}")
+            raise StoreError(f"{what} {ztoc_digest} of layer {layer_digest} is not in the blob store") from None
+        verify_bytes(data, ztoc_digest, f"{what} of layer {layer_digest}")
         started = time.monotonic()
-        ztoc = fmt.open(data, ztoc_digest)
+        if fmt.name == "ztoc":        # no recorded format: a zTOC, or a zstd:chunked TOC (by its first bytes)
+            ztoc = _parse_index(data, ztoc_digest)
+        else:
+            ztoc = fmt.open(data, ztoc_digest)
         tree = LayerTree(ztoc)
         _release_freed_memory()     # the build's temporary path table is garbage now
         spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
@@ -193,16 +210,15 @@ class LayerManager:
         fetcher = SpanFetcher(ztoc, self._fetcher(view), cache, layer_digest)
         verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, read_ahead=False), fetcher.read_cached,
                                  layer_digest)
-        if not ztoc.tar_headers:   # the index is the metadata, checked against the manifest at pull
-            verifier.passed_before()
-        elif cache.headers_checked:
+        if cache.headers_checked or not getattr(ztoc, "headers_in_stream", True):   # zstd:chunked wiring
             verifier.passed_before()
         else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
             verifier.on_layer_ok = cache.mark_headers_checked
             fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
-            self._labels[view] = fmt.label
+            self._labels[view] = fmt.label if fmt.name != "ztoc" else \
+                ("soci" if getattr(ztoc, "headers_in_stream", True) else "zstd:chunked")
         self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier))
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs",

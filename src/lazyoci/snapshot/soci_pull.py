@@ -206,6 +206,26 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
             reason = f"the SOCI index {found.digest} has no zTOC for any layer of the image"
         if lazy:
             reason = None
+    # zstd:chunked wiring: a layer without a zTOC that carries its own TOC is lazy through it
+    from lazyoci.zstdchunked.fetch import chunked_tocs
+    chunked = chunked_tocs(client, reference, manifest.layers, lazy, say)
+    if chunked:
+        snap.service.spawn()
+        if not lazy:            # no SOCI mounter, or one stopped with nothing to mount
+            mounter = _EarlyMounter(snap)
+        try:
+            for toc in chunked.values():
+                _store_blob(images, client, reference, toc.digest, None, f"zstd-chunked:{toc.layer_digest}",
+                            raw=toc.data)
+                rec = LazyLayerRecord(toc.layer_digest, toc.digest, f"{reference.name}@{manifest_digest}",
+                                      toc.digest)
+                snap.record_lazy_layer(rec)
+                mounter.submit(rec)
+                lazy[toc.layer_digest] = toc.digest
+        except BaseException:
+            mounter.rollback()
+            raise
+        reason = None
     if reason is not None:
         say(f"INFO: {reason} for {reference}: downloading every layer before the container starts "
             f"(no lazy loading)")

@@ -89,9 +89,6 @@ class TocEntry(NamedTuple):
 class Ztoc:
     """Parse with `Ztoc.parse(data)`; see the module docstring."""
 
-    format = "ztoc"
-    tar_headers = True          # spans tile the tar stream, headers included
-
     version: str
     build_tool: str
     compressed_size: int
@@ -396,11 +393,6 @@ class Ztoc:
     def decompress_span(self, i: int, compressed: bytes) -> bytes:
         """Span i's uncompressed bytes from its verified compressed bytes."""
         return _spans.decompress_span(self, i, compressed)
-
-    def decode_span(self, i: int, fetched: bytes) -> bytes:
-        """Span i's uncompressed bytes, its compressed bytes checked against the zTOC first."""
-        _spans.verify_span(self, i, fetched)
-        return _spans.decompress_span(self, i, fetched)
 
     def span_compressed_range(self, i: int) -> tuple[int, int]:
         self._check_span(i)

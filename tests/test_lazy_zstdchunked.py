@@ -1,0 +1,299 @@
+"""zstd:chunked images made by skopeo and podman, run lazily through `--snapshotter soci` without any SOCI index:
+the lazy tree equals umoci's unpack of the same image, a small read of a large layer fetches little,
+an altered byte inside a chunk is EIO, and a TOC that cannot be trusted makes its layer a full download."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from helpers.images import Entry, image_config, write_oci_layout
+from helpers.lazy import overlay, write_config
+from helpers.tree import diff_trees, walk_tree
+from helpers.tricky_image import PASSWD
+from helpers.zstd_chunked import (blob, chunked_layout, go_layer, layout_manifest, nonce, podman_push_chunked,
+                                  push_chunked, tricky_go_image)
+from lazyoci.config import load_config
+from lazyoci.images.service import ImageService
+from lazyoci.service.client import ServiceClient
+from lazyoci.snapshot.soci import SociSnapshotter
+from lazyoci.store.layout import DataRoot
+from lazyoci.zstdchunked import ZstdChunkedToc, toc_location
+from lazyoci.zstdchunked.annotations import PREFIXES
+
+pytestmark = pytest.mark.needs_root("FUSE, overlay and runc")
+LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
+
+
+def _lz(root: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LAZYOCI, "--root", str(root), "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def soci_config(tmp_path) -> Path:
+    return write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - soci\n")
+
+
+class Pulled:
+    def __init__(self, data_root: Path, config: Path) -> None:
+        self.root = DataRoot(data_root)
+        self.images = ImageService(self.root)
+        self.snap = SociSnapshotter(self.root, load_config(config))
+        self.config = config
+        self.lines: list[str] = []
+
+    def pull(self, ref: str):
+        return self.snap.pull(self.images, ref, log=self.lines.append)
+
+    def close(self) -> None:
+        self.images.close()
+        ServiceClient(self.root, self.config).stop()
+
+
+@pytest.fixture
+def pulled(data_root, soci_config):
+    p = Pulled(data_root, soci_config)
+    yield p
+    p.close()
+
+
+def _manifest(host: str, repo: str) -> dict:
+    req = urllib.request.Request(f"http://{host}/v2/{repo}/manifests/latest",
+                                 headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.parametrize("producer", ["skopeo", "podman"])
+def test_an_image_is_lazy_and_equals_umoci_unpack(registry, pulled, tmp_path, producer):
+    img = tricky_go_image(tmp_path)
+    ref = f"{registry.host}/zc/tricky-{producer}:latest"
+    if producer == "skopeo":
+        push_chunked(img.layout, ref)
+    else:
+        podman_push_chunked(img.layout, ref, tmp_path)
+    image = pulled.pull(ref)
+    assert image.snapshotter == "soci"
+    assert not any(l.startswith("INFO") for l in pulled.lines), pulled.lines
+    layers = image.manifest.layers
+    assert all(l.media_type.endswith("tar+zstd") for l in layers)
+    assert not any(pulled.images.blobs.has(l.digest) for l in layers)       # nothing downloaded whole
+    dirs = []
+    for layer in layers:
+        rec = pulled.snap.lazy_layer(layer.digest)
+        assert rec is not None and rec.ztoc_digest == toc_location(layer.annotations, layer.size).checksum
+        dirs.append(pulled.snap.paths.layer_dir(layer.digest, rec.ztoc_digest))
+
+    bundle = tmp_path / "umoci-bundle"       # umoci unpacks the gzip original: the same tar streams
+    subprocess.run(["umoci", "unpack", "--image", f"{img.layout}:latest", str(bundle)],
+                   check=True, capture_output=True)
+    with overlay(list(reversed(dirs)), tmp_path / "merged") as merged:
+        problems = diff_trees(walk_tree(bundle / "rootfs", mtimes=True), walk_tree(merged, mtimes=True))
+    assert not problems, "\n".join(problems)
+
+    r = _lz(pulled.root.path, pulled.config, "run", "--rm", ref, "cat", "/etc/passwd")
+    assert r.returncode == 0 and r.stdout.encode() == PASSWD, r.stderr
+
+
+def test_each_layer_equals_lazyocis_own_full_unpack(registry, pulled, tmp_path):
+    """Layer by layer against the overlayfs unpacker fed the zstd:chunked blob itself."""
+    from lazyoci.snapshot.unpack import apply_layer_stream
+
+    img = tricky_go_image(tmp_path)
+    out = chunked_layout(img.layout, tmp_path / "chunked")
+    push_chunked(img.layout, f"{registry.host}/zc/layers:latest")
+    image = pulled.pull(f"{registry.host}/zc/layers:latest")
+    local = {d["digest"]: blob(out, d["digest"]) for d in layout_manifest(out)["layers"]}
+    for i, layer in enumerate(image.manifest.layers):
+        rec = pulled.snap.lazy_layer(layer.digest)
+        unpacked = tmp_path / f"unpacked{i}"
+        unpacked.mkdir()
+        apply_layer_stream([local[layer.digest]], layer.media_type, unpacked)
+        lazy_dir = pulled.snap.paths.layer_dir(layer.digest, rec.ztoc_digest)
+        problems = diff_trees(_tree(unpacked), _tree(lazy_dir))
+        assert not problems, f"layer {i + 1}:\n" + "\n".join(problems)
+
+
+def _tree(root: Path) -> dict:
+    """walk_tree with mtimes, except of whiteouts (an unpacker creates them "now")."""
+    tree = walk_tree(root, mtimes=True)
+    for rec in tree.values():
+        if rec["type"] == "char" and rec.get("rdev") == (0, 0):
+            rec.pop("mtime", None)
+    return tree
+
+
+def _two_files_image(tmp_path: Path, registry_host: str, repo: str) -> tuple[bytes, bytes]:
+    one, two = os.urandom(300_000), os.urandom(300_000)
+    layer = go_layer([Entry("d/", "dir"), Entry("d/one", data=one), Entry("d/two", data=two)])
+    src = tmp_path / f"src-{repo.replace('/', '_')}"
+    write_oci_layout(src, [layer], image_config([layer]))
+    push_chunked(src, f"{registry_host}/{repo}:latest")
+    return one, two
+
+
+def test_one_altered_byte_inside_a_chunk_is_eio(fresh_registry, pulled, tmp_path):
+    one, two = _two_files_image(tmp_path, fresh_registry.host, "zc/altered")
+    desc = _manifest(fresh_registry.host, "zc/altered")["layers"][0]
+    stored = fresh_registry.blob_path(desc["digest"])
+    data = stored.read_bytes()
+    loc = toc_location(desc["annotations"], len(data))
+    index = ZstdChunkedToc.parse(data[loc.offset:loc.offset + loc.length])
+    first = next(i for i in range(len(index)) if index.entry(i).name == "d/one")
+    c0, c1 = index.span_compressed_range(index.spans_for(index.entry(first).offset, index.entry(first).offset + 1)[0])
+    altered = bytearray(data)
+    altered[(c0 + c1) // 2] ^= 0x01                      # inside the first chunk of d/one
+    stored.write_bytes(bytes(altered))
+
+    image = pulled.pull(f"{fresh_registry.host}/zc/altered:latest")
+    layer = image.manifest.layers[0]
+    lazy_dir = pulled.snap.paths.layer_dir(layer.digest, pulled.snap.lazy_layer(layer.digest).ztoc_digest)
+    with pytest.raises(OSError) as exc:
+        (lazy_dir / "d/one").read_bytes()
+    assert exc.value.errno == errno.EIO
+    assert (lazy_dir / "d/two").read_bytes() == two        # the other file's chunks are intact
+    log = (pulled.root.service / "lazyoci.log").read_text()
+    assert "digest mismatch" in log or "does not decode" in log
+
+
+def _retagged(layout: Path, edit) -> Path:
+    """The layout with its manifest's first layer annotations changed by `edit` (a new manifest)."""
+    index = json.loads((layout / "index.json").read_text())
+    manifest = layout_manifest(layout)
+    edit(manifest["layers"][0]["annotations"], manifest["layers"][0]["size"])
+    raw = json.dumps(manifest).encode()
+    import hashlib
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    (layout / "blobs" / "sha256" / digest[7:]).write_bytes(raw)
+    index["manifests"][0].update(digest=digest, size=len(raw))
+    (layout / "index.json").write_text(json.dumps(index))
+    return layout
+
+
+def _key(annotations: dict, name: str) -> str:
+    return next(k for k in annotations if k.startswith(PREFIXES) and k.endswith(name))
+
+
+@pytest.mark.parametrize("case, why", [
+    ("checksum", "digest mismatch"),
+    ("past_end", "outside"),
+    ("overlapping", "overlaps"),
+])
+def test_a_toc_that_cannot_be_trusted_makes_a_full_download(registry, pulled, tmp_path, case, why):
+    one, two = os.urandom(100_000), os.urandom(100_000)
+    layer = go_layer([Entry("busy/", "dir"), Entry("busy/one", data=one), Entry("busy/two", data=two), nonce()])
+    src = tmp_path / "src"
+    write_oci_layout(src, [layer], image_config([layer]))
+    out = chunked_layout(src, tmp_path / "chunked")
+
+    def edit(annotations: dict, size: int) -> None:
+        if case == "checksum":
+            annotations[_key(annotations, "checksum")] = "sha256:" + "0" * 64
+        elif case == "past_end":
+            off, length, usize, kind = annotations[_key(annotations, "position")].split(":")
+            annotations[_key(annotations, "position")] = f"{size - 10}:{length}:{usize}:{kind}"
+        else:   # a TOC (stored right, annotated right) whose second file's frames overlap the first's
+            raise AssertionError
+
+    if case == "overlapping":
+        _overlapping_toc(out)
+    else:
+        _retagged(out, edit)
+    repo = f"zc/bad-{case}"
+    subprocess.run(["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
+                    f"oci:{out}:latest", f"docker://{registry.host}/{repo}:latest"], check=True, capture_output=True)
+    image = pulled.pull(f"{registry.host}/{repo}:latest")
+    info = [l for l in pulled.lines if l.startswith("INFO")]
+    assert any("zstd:chunked TOC" in l and why in l for l in info), pulled.lines
+    assert image.snapshotter == "overlayfs"                       # nothing lazy: never reported so
+    assert pulled.images.blobs.has(image.manifest.layers[0].digest)
+    top = pulled.snap.unpack_image(pulled.images, image)
+    assert not pulled.snap.is_lazy(top)
+
+
+def _overlapping_toc(layout: Path) -> None:
+    """Rewrite the layout's only layer: its TOC says the second file's frames start inside the first's
+    (TOC re-compressed into the blob, annotations and manifest updated, so every digest is right)."""
+    import hashlib
+
+    import zstandard
+
+    manifest = layout_manifest(layout)
+    desc = manifest["layers"][0]
+    data = blob(layout, desc["digest"])
+    loc = toc_location(desc["annotations"], len(data))
+    from lazyoci.zstdchunked.toc import decode_toc
+    doc = json.loads(decode_toc(data[loc.offset:loc.offset + loc.length]))
+    files = [e for e in doc["entries"] if e["type"] == "reg"]
+    files[1]["offset"] = files[0]["offset"] + 1
+    new_toc = zstandard.ZstdCompressor().compress(json.dumps(doc).encode())
+    head = data[:loc.offset - 8]
+    new_blob = head + b"\x50\x2a\x4d\x18" + len(new_toc).to_bytes(4, "little") + new_toc
+    layer_digest = "sha256:" + hashlib.sha256(new_blob).hexdigest()
+    (layout / "blobs" / "sha256" / layer_digest[7:]).write_bytes(new_blob)
+    ann = desc["annotations"]
+    ann[_key(ann, "checksum")] = "sha256:" + hashlib.sha256(new_toc).hexdigest()
+    ann[_key(ann, "position")] = f"{loc.offset}:{len(new_toc)}:{len(json.dumps(doc))}:1"
+    desc.update(digest=layer_digest, size=len(new_blob))
+    raw = json.dumps(manifest).encode()
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    (layout / "blobs" / "sha256" / digest[7:]).write_bytes(raw)
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"][0].update(digest=digest, size=len(raw))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.slow
+def test_a_small_read_of_a_200_mib_layer_fetches_little(registry, data_root, soci_config, tmp_path):
+    """`run --snapshotter soci` of a skopeo image with a 200 MiB layer: a read of 100 bytes of it
+    serves under 10% of the image from the registry (counted by a proxy in front of it)."""
+    from helpers.fault_proxy import FaultProxy
+    from helpers.tricky_image import APPLETS, BUSYBOX
+
+    base = go_layer([Entry("bin/", "dir"), Entry("bin/busybox", data=BUSYBOX.read_bytes(), mode=0o755),
+                     *[Entry(f"bin/{a}", "symlink", linkname="busybox") for a in APPLETS], nonce()])
+    big = os.urandom(200 << 20)
+    data = go_layer([Entry("data/", "dir"), Entry("data/big", data=big), nonce()])
+    src = tmp_path / "src"
+    write_oci_layout(src, [base, data], image_config([base, data], cmd=["/bin/sh"]))
+    push_chunked(src, f"{registry.host}/zc/big:latest")
+    image_bytes = sum(l["size"] for l in _manifest(registry.host, "zc/big")["layers"])
+    assert image_bytes > 200 << 20
+    try:
+        with FaultProxy(registry.host) as proxy:
+            ref = f"{proxy.host}/zc/big:latest"
+            r = _lz(data_root, soci_config, "pull", "--snapshotter", "soci", ref)
+            assert r.returncode == 0 and "INFO" not in r.stderr, r.stderr
+            out = subprocess.run([LAZYOCI, "--root", str(data_root), "--config", str(soci_config), "run", "--rm",
+                                  "--snapshotter", "soci", ref, "head", "-c", "100", "/data/big"],
+                                 capture_output=True, timeout=300)
+            assert out.returncode == 0 and out.stdout == big[:100], out.stderr
+            served = proxy.bytes_served
+        assert served < image_bytes // 10, f"{served:,} of {image_bytes:,} bytes came from the registry"
+        r = _lz(data_root, soci_config, "images")
+        assert "soci" in r.stdout, r.stdout
+    finally:
+        ServiceClient(DataRoot(data_root), soci_config).stop()
+
+
+def test_a_restarted_service_serves_the_layer_again(registry, pulled, tmp_path):
+    """The service mounts recorded views again after a restart: it tells a stored zstd:chunked
+    TOC from a zTOC by its bytes and parses it the same way."""
+    one, two = _two_files_image(tmp_path, registry.host, "zc/restart")
+    image = pulled.pull(f"{registry.host}/zc/restart:latest")
+    layer = image.manifest.layers[0]
+    lazy_dir = pulled.snap.paths.layer_dir(layer.digest, pulled.snap.lazy_layer(layer.digest).ztoc_digest)
+    assert (lazy_dir / "d/one").read_bytes() == one
+    client = ServiceClient(pulled.root, pulled.config)
+    client.stop()
+    client.start()
+    assert (lazy_dir / "d/two").read_bytes() == two          # never read before: fetched after the restart
+    assert (lazy_dir / "d/one").read_bytes() == one
