@@ -7,6 +7,9 @@ picks, per layer, a zTOC if the SOCI index has one, else the first format here w
 `recognises` accepts the layer's descriptor, else it downloads the layer whole. The
 service opens a stored index with `open_index` and the format its pull recorded
 (service/view_formats.py). A new format is one more `LazyFormat` in FORMATS.
+zstd:chunked is here for opening and display; its pull step (zstdchunked/fetch.py, called
+from snapshot/soci_pull.py) is still its own, and a view recorded before formats were
+(no row) is told a zTOC or a zstd:chunked TOC by its first bytes (service/layers.py).
 
 Imports of the formats' modules are deferred: `images` and `ps` read `label` only.
 """
@@ -46,6 +49,11 @@ def _open_estargz(data: bytes, digest: str) -> "LayerIndex":
     return EStargzIndex.parse(data, digest)
 
 
+def _open_zstd_chunked(data: bytes, digest: str) -> "LayerIndex":
+    from lazyoci.zstdchunked import ZstdChunkedToc
+    return ZstdChunkedToc.parse(data, digest=digest)
+
+
 def _is_estargz(layer: "Descriptor") -> bool:
     from lazyoci.estargz.remote import is_estargz
     return is_estargz(layer)
@@ -59,6 +67,8 @@ def _fetch_estargz(client: Any, ref: "Reference", layer: "Descriptor") -> bytes:
 FORMATS: dict[str, LazyFormat] = {f.name: f for f in (
     LazyFormat("ztoc", "soci", _open_ztoc),
     LazyFormat("estargz", "estargz", _open_estargz, _is_estargz, _fetch_estargz),
+    # fetched by the pull's own zstd:chunked step (zstdchunked/fetch.py), recorded here for display
+    LazyFormat("zstd:chunked", "zstd:chunked", _open_zstd_chunked),
 )}
 
 

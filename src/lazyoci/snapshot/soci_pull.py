@@ -207,6 +207,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
         if lazy:
             reason = None
     # zstd:chunked wiring: a layer without a zTOC that carries its own TOC is lazy through it
+    from lazyoci.service.view_formats import record_format
     from lazyoci.zstdchunked.fetch import chunked_tocs
     chunked = chunked_tocs(client, reference, manifest.layers, lazy, say)
     if chunked:
@@ -220,6 +221,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
                 rec = LazyLayerRecord(toc.layer_digest, toc.digest, f"{reference.name}@{manifest_digest}",
                                       toc.digest)
                 snap.record_lazy_layer(rec)
+                record_format(images.db, toc.layer_digest, toc.digest, "zstd:chunked")
                 mounter.submit(rec)
                 lazy[toc.layer_digest] = toc.digest
         except BaseException:
