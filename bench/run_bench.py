@@ -37,8 +37,9 @@ from build import BUILDERS, ensure, image_dir  # noqa: E402
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 PROFILES = {"100MBps-20ms": (100.0, 20.0), "20MBps-50ms": (20.0, 50.0)}
-MODES = ("overlayfs", "soci", "soci-bg")
+MODES = ("overlayfs", "soci", "soci-optimized", "soci-bg")
 MODE_LABEL = {"overlayfs": "overlayfs (full pull)", "soci": "soci lazy",
+              "soci-optimized": "soci lazy, recorded prefetch (soci optimize)",
               "soci-bg": "soci, background fetch finished"}
 WORK = HERE / "work"
 RESULTS = HERE / "results"      # --out changes it
@@ -53,7 +54,7 @@ def config_text(mode: str) -> str:
     counted are the ones the workload pulls in; soci-bg lets it run at once and flat out."""
     if mode == "overlayfs":
         return "snapshotters:\n  - overlayfs\n"
-    if mode == "soci":
+    if mode in ("soci", "soci-optimized"):
         return "snapshotters:\n  - soci\nsoci:\n  background_fetch: false\n"
     return ("snapshotters:\n  - soci\nsoci:\n  background_fetch: true\n"
             "  background_quiet_seconds: 0\n  background_interval_ms: 0\n")
@@ -145,7 +146,34 @@ def leftover_mounts(root: Path) -> list[str]:
     return [p for p in points if p == prefix or p.startswith(prefix + "/")]
 
 
-def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path) -> dict:
+def service_figures(root: Path) -> dict:
+    """What the service says of its lazy layers after a run: compressed bytes fetched, of which
+    spans no read used, spans fetched, of which spans only tar header checks read, when the last
+    layer was mounted and when the first read came (wall times; absent when it does not say)."""
+    from lazyoci.service.client import ServiceClient
+    from lazyoci.store.layout import DataRoot
+    client = ServiceClient(DataRoot(root))
+    if not client.is_running():
+        return {}
+    layers = client.status()["layers"]
+    reads = [l["first_read_at"] for l in layers if l.get("first_read_at")]
+    return {"lazy_network_bytes": sum(l["network_bytes"] for l in layers),
+            "unread_bytes": sum(l.get("unread_bytes", 0) for l in layers),
+            "fetched_spans": sum(l.get("fetched_spans", 0) for l in layers),
+            "header_only_spans": sum(l.get("header_only_spans", 0) for l in layers),
+            "mounted_at": max((l["mounted_at"] for l in layers if "mounted_at" in l), default=None),
+            "first_read_at": min(reads) if reads else None}
+
+
+def cli_startup_s(root: Path, cfg: Path) -> float:
+    """Wall seconds of `lazyoci --version`: the CLI start-up inside every command of a run."""
+    t0 = time.monotonic()
+    subprocess.run([LAZYOCI, "--root", str(root), "--config", str(cfg), "--version"],
+                   stdout=subprocess.DEVNULL, check=True)
+    return time.monotonic() - t0
+
+
+def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: dict | None = None) -> dict:
     """One measured pull + run on a fresh data root; always cleans up."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -159,15 +187,22 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path) -> dict:
     rss.start()
     result: dict = {"mode": mode}
     try:
+        # the index by digest: with an optimized index beside the plain one, discovery would take
+        # whichever the registry lists first
+        index = (indexes or {}).get("optimized_index" if mode == "soci-optimized" else "index")
+        result["cli_s"] = cli_startup_s(root, cfg)
         proxy.reset()
+        wall0 = time.time()
         t0 = time.monotonic()
-        lazyoci(root, cfg, "pull", "-q", "--snapshotter", snap, ref, log_file=cli_log)
+        lazyoci(root, cfg, "pull", "-q", "--snapshotter", snap, ref,
+                *(["--soci-index-digest", index] if snap == "soci" and index else []), log_file=cli_log)
         result["pull_s"] = time.monotonic() - t0
         s = proxy.stats()
         result["pull_bytes"], result["pull_requests"] = s["bytes"], s["requests"]
         if mode == "soci-bg":
             result["background_s"] = wait_background(root, cfg, timeout=3600)
         before = proxy.stats()
+        wall1 = time.time()
         t1 = time.monotonic()
         p = subprocess.Popen([LAZYOCI, "--root", str(root), "--config", str(cfg), "run", "--rm",
                               "--snapshotter", snap, ref],
@@ -190,6 +225,15 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path) -> dict:
         result["run_requests"] = after["requests"] - before["requests"]
         result["bytes"], result["requests"] = after["bytes"], after["requests"]
         result["range_requests"] = after["range_requests"]
+        if snap == "soci":
+            figures = service_figures(root)
+            mounted, first = figures.pop("mounted_at", None), figures.pop("first_read_at", None)
+            result.update(figures)
+            if mounted and first and first >= wall1:    # the phases of a lazy start
+                result["phase_mounted_s"] = mounted - wall0
+                result["phase_pull_rest_s"] = result["pull_s"] - (mounted - wall0)
+                result["phase_first_read_s"] = first - wall1
+                result["phase_workload_s"] = ready - (first - wall1)
     finally:
         peak = rss.finish()
         result["service_peak_rss_mib"] = round(peak / 1024, 1) if peak else None
@@ -203,7 +247,8 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path) -> dict:
     return result
 
 
-def prepare_image(name: str, reg: localreg.Registry, setup: Path) -> tuple[str, dict]:
+def prepare_image(name: str, reg: localreg.Registry, setup: Path, optimize: bool = False,
+                  span_size: int | None = None) -> tuple[str, dict]:
     """Build (or reuse) the image, push it with skopeo, then give it a SOCI index with
     `lazyoci push --snapshotter soci`. Returns the repository path and the image facts."""
     meta = ensure(name)
@@ -217,13 +262,31 @@ def prepare_image(name: str, reg: localreg.Registry, setup: Path) -> tuple[str, 
     cfg.write_text("snapshotters:\n  - overlayfs\n")
     log_file = setup / name / "setup.log"
     lazyoci(root, cfg, "pull", "-q", f"{reg.host}/{repo}", log_file=log_file)
-    lazyoci(root, cfg, "push", "--snapshotter", "soci", f"{reg.host}/{repo}", log_file=log_file)
+    lazyoci(root, cfg, "push", "--snapshotter", "soci", f"{reg.host}/{repo}",
+            *(["--soci-span-size", str(span_size)] if span_size else []), log_file=log_file)
     ztocs = sum(1 for line in log_file.read_text().splitlines() if "-> ztoc" in line)
+    plain = [line.rsplit(" ", 1)[1] for line in log_file.read_text().splitlines()
+             if "pushing soci index with digest: " in line]
+    listed = subprocess.run([LAZYOCI, "--root", str(root), "--config", str(cfg), "soci", "ztoc", "list"],
+                            capture_output=True, text=True, check=True).stdout.splitlines()[1:]
+    ztoc_bytes = sum(int(line.split()[1]) for line in listed)
+    optimized = None
+    if optimize:      # record the workload's reads into a second index (`lazyoci soci optimize`)
+        opt = subprocess.run([LAZYOCI, "--root", str(root), "--config", str(cfg), "soci", "optimize",
+                              f"{reg.host}/{repo}"], capture_output=True, text=True, timeout=3600)
+        with open(log_file, "a") as f:
+            f.write(opt.stdout + opt.stderr)
+        found = [l.split()[2] for l in opt.stdout.splitlines() if l.startswith("soci index: ")]
+        if opt.returncode != 0 or not found:
+            raise RuntimeError(f"soci optimize exited {opt.returncode}: {opt.stderr[-600:]}")
+        optimized = found[0]
     manifest_digest = json.loads((image_dir(name) / "index.json").read_text())["manifests"][0]["digest"]
     manifest = json.loads((image_dir(name) / "blobs/sha256" / manifest_digest.split(":")[1]).read_text())
     facts = {**meta, "layers": len(manifest["layers"]),
              "compressed_bytes": sum(l["size"] for l in manifest["layers"]),
-             "ztocs": ztocs, "setup_s": round(time.monotonic() - t0, 1)}
+             "ztocs": ztocs, "setup_s": round(time.monotonic() - t0, 1), "optimized_index": optimized,
+             "index": plain[-1] if plain else None,
+             "ztoc_bytes": ztoc_bytes, "span_size": span_size or 4 << 20}
     log(f"{name}: pushed with a SOCI index ({ztocs} zTOCs) in {facts['setup_s']}s")
     shutil.rmtree(setup / name, ignore_errors=True)
     return repo, facts
@@ -254,7 +317,8 @@ def summarize(runs: list[dict]) -> list[dict]:
         ok = [r for r in rs if "error" not in r]
         row = {"image": image, "profile": profile, "mode": mode, "runs": len(ok), "failed": len(rs) - len(ok)}
         for k in ("pull_s", "ready_s", "total_s", "background_s", "bytes", "requests",
-                  "run_bytes", "service_peak_rss_mib"):
+                  "run_bytes", "service_peak_rss_mib", "unread_bytes", "cli_s", "phase_mounted_s",
+                  "phase_pull_rest_s", "phase_first_read_s", "phase_workload_s"):
             row[k] = median([r.get(k) for r in ok])
         if len(ok) < len(rs):
             row["error"] = next(r["error"] for r in rs if "error" in r)
@@ -275,7 +339,7 @@ def _load_range() -> str:
 
 
 def write_report(command: str, mach: dict, facts: dict, rows: list[dict], started: float) -> None:
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     out = ["# lazyoci benchmark results", "",
            f"Command: `{command}` at commit {mach['commit']}  ",
            f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['memory_gib']} GiB memory, "
@@ -290,23 +354,39 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
            f"{_load_range()} — the machine may be shared, which mostly slows the CPU-bound "
            "unpacking of full pulls.", "",
            "## Images", "",
-           "| image | layers | compressed | zTOCs | workload needs | build time |",
+           "| image | layers | compressed | zTOCs (span size, bytes) | workload needs | build time |",
            "|---|---:|---:|---:|---:|---:|"]
     for name, f in facts.items():
-        out.append(f"| {name} | {f['layers']} | {f['compressed_bytes'] / 1e6:.0f} MB | {f['ztocs']} | "
+        out.append(f"| {name} | {f['layers']} | {f['compressed_bytes'] / 1e6:.0f} MB | {f['ztocs']} "
+                   f"({f.get('span_size', 4 << 20) >> 20} MiB, {f.get('ztoc_bytes', 0) / 1e6:.2f} MB) | "
                    f"{f['needed_bytes'] / 1e6:.2f} MB in {f['needed_files']} files | "
                    f"{f.get('build_seconds', 0) / 60:.1f} min |")
     out += ["", "## Measurements", "",
             "| image | profile | mode | runs | pull s | run→ready s | pull+ready s | bg fetch s | "
-            "registry MB | requests | service peak RSS MiB |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "registry MB | fetched, never read MB | requests | service peak RSS MiB |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted((r for r in rows if r["mode"] in MODES),
                     key=lambda r: (r["image"], r["profile"], MODES.index(r["mode"]))):
         out.append(f"| {r['image']} | {r['profile']} | {r['mode']} | {r['runs']}"
                    f"{' (' + str(r['failed']) + ' failed)' if r['failed'] else ''} | "
                    f"{fmt(r['pull_s'])} | {fmt(r['ready_s'])} | {fmt(r['total_s'])} | "
                    f"{fmt(r['background_s'])} | {fmt(r['bytes'] and r['bytes'] / 1e6, '.1f')} | "
+                   f"{fmt(r['unread_bytes'] and r['unread_bytes'] / 1e6, '.1f')} | "
                    f"{fmt(r['requests'], '.0f')} | {fmt(r['service_peak_rss_mib'], '.0f')} |")
+    phased = [r for r in rows if r.get("phase_mounted_s") is not None]
+    if phased:
+        out += ["", "## Phases of a lazy start (medians)", "",
+                "| image | profile | mode | CLI start-up s | pull: until its layers are mounted s | "
+                "pull: the rest s | run: until the first lazy read s | first read → ready s |",
+                "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in sorted(phased, key=lambda r: (r["image"], r["profile"], MODES.index(r["mode"]))):
+            out.append(f"| {r['image']} | {r['profile']} | {r['mode']} | {fmt(r['cli_s'])} | "
+                       f"{fmt(r['phase_mounted_s'])} | {fmt(r['phase_pull_rest_s'])} | "
+                       f"{fmt(r['phase_first_read_s'])} | {fmt(r['phase_workload_s'])} |")
+        out += ["", "CLI start-up is `lazyoci --version` alone (each `pull` and `run` pays it once); "
+                "the pull mounts lazy layers while it downloads the others, so *the rest* is what "
+                "it does after the last mount (small layers, records); *until the first lazy read* "
+                "holds `run`'s own start-up, the overlay and runc."]
     out += ["", "## Lazy vs full", "",
             "| image | profile | full pull+ready s | lazy pull+ready s | lazy/full | floor s | "
             "lazy MB / full MB |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -373,6 +453,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
+    ap.add_argument("--span-size", type=int, default=None, help="span size of the SOCI indexes (default 4 MiB)")
     args = ap.parse_args()
     RESULTS = args.out.resolve()
     images = [i for i in args.images.split(",") if i]
@@ -388,6 +469,9 @@ def main() -> None:
     started = time.monotonic()
     WORK.mkdir(exist_ok=True)
     mach = machine()
+    # a registry of this run alone: an index pushed by an earlier run (another span size, an
+    # optimized one) would be among the referrers, and discovery takes the first
+    shutil.rmtree(WORK / "registry", ignore_errors=True)
     reg = localreg.start_registry(WORK / "registry")
     proxies: list[localreg.Proxy] = []
     runs: list[dict] = []
@@ -396,7 +480,7 @@ def main() -> None:
         for name in list(images):
             log(f"{name}: building (cached after the first time) and pushing")
             try:
-                _, facts[name] = prepare_image(name, reg, WORK / "setup")
+                _, facts[name] = prepare_image(name, reg, WORK / "setup", "soci-optimized" in modes, args.span_size)
             except Exception as e:  # noqa: BLE001 - the other images can still be measured
                 log(f"{name}: setup FAILED, skipped: {type(e).__name__}: {e}")
                 runs.append({"image": name, "profile": "-", "mode": "setup",
@@ -413,7 +497,7 @@ def main() -> None:
                         rec = {"image": name, "profile": profile, "mode": mode, "run": i + 1,
                                "loadavg": round(os.getloadavg()[0], 2)}
                         try:
-                            rec.update(one_run(ref, mode, proxy, WORK / "run"))
+                            rec.update(one_run(ref, mode, proxy, WORK / "run", facts[name]))
                             log(f"{name} {profile} {mode} #{i + 1}: pull {rec['pull_s']:.2f}s, "
                                 f"ready {rec['ready_s']:.2f}s, {rec['bytes'] / 1e6:.1f} MB in "
                                 f"{rec['requests']} requests, service RSS {rec['service_peak_rss_mib']} MiB")
@@ -422,7 +506,7 @@ def main() -> None:
                             log(f"{name} {profile} {mode} #{i + 1}: FAILED {rec['error'][:300]}")
                         runs.append(rec)
                         _RUNS_SEEN.append(rec)
-                        (RESULTS).mkdir(exist_ok=True)
+                        RESULTS.mkdir(parents=True, exist_ok=True)
                         (RESULTS / "results.json").write_text(json.dumps(
                             {"command": command, "machine": mach, "images": facts, "runs": runs}, indent=1))
                         write_report(command, mach, facts, summarize(runs), started)

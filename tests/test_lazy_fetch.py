@@ -238,3 +238,41 @@ def test_spans_from_an_authenticated_registry_use_docker_credentials(data_root, 
             assert (d / "secret.txt").read_bytes() == b"behind a login\n"
     finally:
         reg.stop()
+
+
+def test_reading_one_file_fetches_no_span_it_never_reads_and_status_says_so(registry, data_root, tmp_path):
+    layer, ztoc_bytes = _small_image(registry, tmp_path, "lazy/unread")
+    ztoc = Ztoc.parse(ztoc_bytes)
+    zdigest = store_ztoc(data_root, ztoc_bytes)
+    f2 = next(ztoc.entry(i) for i in range(len(ztoc)) if ztoc.entry(i).name.endswith("f2.bin"))
+    with FaultProxy(registry.host) as proxy:
+        with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+            d = client.mount_layer(f"{proxy.host}/lazy/unread:latest", layer.digest, zdigest)
+            assert len((d / "f2.bin").read_bytes()) == 200 << 10
+            spans = spans_requested(ztoc, _blob_gets(proxy, layer))
+            wanted = set(ztoc.spans_for(f2.offset - 512, f2.offset + f2.size))   # its header and data
+            assert set(spans) <= wanted, f"spans {sorted(set(spans) - wanted)} lie outside f2.bin"
+            st = client.status()["layers"][0]
+            assert st["fetched_spans"] == len(set(spans)) and st["unread_spans"] == 0
+            assert st["unread_bytes"] == 0 and st["read_bytes"] >= f2.size
+            assert st["network_bytes"] == sum(r.bytes_sent for r in _blob_gets(proxy, layer))
+
+
+def test_background_fetch_moves_each_span_once_and_counts_it_unread(registry, data_root, tmp_path):
+    layer, ztoc_bytes = _small_image(registry, tmp_path, "lazy/background-once")
+    ztoc = Ztoc.parse(ztoc_bytes)
+    zdigest = store_ztoc(data_root, ztoc_bytes)
+    config = write_config(tmp_path / "c.yaml", background=True, quiet=0.2, interval_ms=5)
+    with FaultProxy(registry.host) as proxy:
+        with running_service(data_root, config) as client:
+            client.mount_layer(f"{proxy.host}/lazy/background-once:latest", layer.digest, zdigest)
+            deadline = time.monotonic() + 30
+            while client.status()["layers"][0]["percent"] < 100.0:
+                assert time.monotonic() < deadline, "background fetch stalled"
+                time.sleep(0.1)
+            spans = spans_requested(ztoc, _blob_gets(proxy, layer))
+            assert sorted(spans) == list(range(ztoc.num_spans)), "each span exactly once"
+            moved = sum(r.bytes_sent for r in _blob_gets(proxy, layer))
+            assert moved <= len(layer.blob) * 1.02, f"{moved} bytes moved for a {len(layer.blob)} byte layer"
+            st = client.status()["layers"][0]
+            assert st["fetched_spans"] == st["unread_spans"] == ztoc.num_spans

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from helpers.images import image_config, make_layer, push_image
 from helpers.lazy import overlay, running_service, store_ztoc, write_config, ztoc_for
 from helpers.tree import diff_trees, walk_tree
 from helpers.tricky_image import push_tricky_image
@@ -89,3 +91,47 @@ def _walk(root: Path):
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
             yield os.path.join(dirpath, n)
+
+
+def _member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 1_600_000_000, 0o644
+    return info.tobuf(tarfile.PAX_FORMAT) + data + bytes(-len(data) % 512)
+
+
+def test_a_layer_with_a_global_pax_header_is_served_as_it_unpacks(registry, data_root, tmp_path):
+    """A global PAX header between files applies to none of them (containerd's rule): the lazy view
+    of such a layer equals its unpacked tree, every file readable (the header check of a file after
+    the first following the `g` header used to see other attributes than the zTOC, hence EIO)."""
+    glob = tarfile.TarInfo.create_pax_global_header({"SCHILY.xattr.user.g": "1", "mtime": "5"})
+    raw = (_member("a", b"A" * 3000) + glob + _member("b", b"B" * 100) + _member("c", b"C" * 200)
+           + bytes(1024))
+    layer = make_layer(raw)
+    push_image(registry.host, "lazy/global-pax", [layer], image_config([layer]), tmp_path)
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    apply_layer_stream([layer.blob], layer.media_type, unpacked)
+    assert os.listxattr(unpacked / "c") == []
+    ref = f"{registry.host}/lazy/global-pax:latest"
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        (lazy_dir,) = _mount_all(client, data_root, ref, [layer])
+        assert (lazy_dir / "c").read_bytes() == b"C" * 200
+        problems = diff_trees(_tree(unpacked), _tree(lazy_dir))
+        assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_a_layer_with_zero_padding_after_its_end_blocks_is_served_whole(registry, data_root, tmp_path,
+                                                                        compression):
+    """tar's 10 KiB records and more zero padding after the end-of-archive blocks: the zTOC records
+    the archive's end as the reference does, the spans still cover the padding, and the service
+    serves the layer (it compares the last span's end with the archive size)."""
+    raw = _member("a", b"A" * 70_000) + _member("b", b"B" * 100) + bytes(1024) + bytes(200 << 10)
+    layer = make_layer(raw, compression)
+    repo = f"lazy/padded-{compression}"
+    push_image(registry.host, repo, [layer], image_config([layer]), tmp_path)
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        (lazy_dir,) = _mount_all(client, data_root, f"{registry.host}/{repo}:latest", [layer])
+        assert (lazy_dir / "a").read_bytes() == b"A" * 70_000
+        assert (lazy_dir / "b").read_bytes() == b"B" * 100
+        assert sorted(os.listdir(lazy_dir)) == ["a", "b"]

@@ -107,3 +107,56 @@ def test_read_ahead_of_a_corrupt_span_is_never_served_or_cached(tmp_path, layer)
     with pytest.raises(IntegrityError):
         f.read(s0, s0 + 100)
     assert not f.cache.has(1)
+
+
+def _file(ztoc: Ztoc, name: str):
+    return next(ztoc.entry(i) for i in range(len(ztoc)) if ztoc.entry(i).name.endswith(name))
+
+
+def test_read_ahead_stays_inside_the_file_and_spans_never_read_are_counted(tmp_path, layer):
+    lay, ztoc = layer
+    tar = gzip.decompress(lay.blob)
+    f1 = _file(ztoc, "f1.bin")
+    file_end = f1.offset + f1.size
+    fetch = Ranges(lay.blob, ztoc)
+    f = _fetcher(tmp_path / "bounded", lay, ztoc, fetch)
+    assert f.read(f1.offset, f1.offset + 4096, ahead_until=file_end) == tar[f1.offset:f1.offset + 4096]
+    _wait_idle(f, fetch)
+    spans = fetch.spans()
+    assert len(spans) > 1, "the rest of the file is read ahead"
+    assert all(ztoc.span_uncompressed_range(i)[0] < file_end for i in spans), \
+        f"read-ahead went past the file: spans {sorted(spans)}, file ends in {ztoc.spans_for(file_end - 1, file_end)}"
+    use = f.span_use()
+    assert use.fetched == len(set(spans)) and 0 < use.unread < use.fetched
+    # the reader reads the whole file: every span fetched was used
+    assert f.read(f1.offset, file_end, ahead_until=file_end) == tar[f1.offset:file_end]
+    _wait_idle(f, fetch)
+    use = f.span_use()
+    assert use.unread == 0 and use.unread_bytes == 0
+    assert f.stats.read_bytes == 4096 + f1.size
+
+    # without a bound, read-ahead runs on into the next file, and those spans count as never read
+    fetch = Ranges(lay.blob, ztoc)
+    f = _fetcher(tmp_path / "unbounded", lay, ztoc, fetch)
+    last = ztoc.spans_for(file_end - 1, file_end)[0]
+    s0, _ = ztoc.span_uncompressed_range(last)
+    f.read(s0, s0 + 10)
+    _wait_idle(f, fetch)
+    use = f.span_use()
+    unread = sorted(set(fetch.spans()) - {last})
+    assert unread and use.unread == len(unread)
+    assert use.unread_bytes == sum(ztoc.span_compressed_range(i)[1] - ztoc.span_compressed_range(i)[0]
+                                   for i in unread)
+
+
+def test_a_header_check_read_plans_no_read_ahead_and_is_counted_apart(tmp_path, layer):
+    lay, ztoc = layer
+    tar = gzip.decompress(lay.blob)
+    f2 = _file(ztoc, "f2.bin")
+    fetch = Ranges(lay.blob, ztoc)
+    f = _fetcher(tmp_path, lay, ztoc, fetch)
+    assert f.read(f2.offset - 512, f2.offset, header=True) == tar[f2.offset - 512:f2.offset]
+    _wait_idle(f, fetch)
+    assert sorted(set(fetch.spans())) == list(ztoc.spans_for(f2.offset - 512, f2.offset))
+    use = f.span_use()
+    assert use.unread == 0 and use.header_only == use.fetched > 0

@@ -98,7 +98,7 @@ def test_parse_reference_written_index():
     (lambda o: o["layers"][0]["annotations"].update({ANN_SPAN_SIZE: "-1"}), "span size"),
     (lambda o: o["layers"][0]["annotations"].update({ANN_LAYER_DIGEST: "sha256:zz"}), "invalid digest"),
     (lambda o: o.pop("subject"), "subject"),
-    (lambda o: o["layers"].append(dict(o["layers"][0])), "two zTOCs"),
+    (lambda o: o["layers"].append(dict(o["layers"][0], digest=sha(b"other"))), "two different zTOCs"),
 ])
 def test_parse_rejects_malformed(mutate, msg):
     obj = json.loads(make_index("v1", [ztoc_descriptor(sha(b"z"), 3, LAYER_A, 1 << 22)], SUBJECT, "t").raw)

@@ -125,6 +125,35 @@ def test_gnu_long_name_wins_over_pax_path_and_empty_pax_values_keep_the_header(t
     assert (dest / "kept").read_bytes() == b"B"
 
 
+def test_empty_size_uid_gid_records_keep_the_header_and_a_pax_path_ending_in_slash_is_a_directory(tmp_path):
+    """Go's mergePAX skips a record with an empty value before parsing it, so `size=`, `uid=` and
+    `gid=` keep the ustar numbers instead of failing; an old-style `\\0` entry is a directory when
+    its final name (here from PAX `path`) ends in a slash."""
+    tar = (pax(record("size", "") + record("uid", "") + record("gid", ""))
+           + member(b"f", b"xyz", uid=b"0001750\0", gid=b"0001751\0")
+           + pax(record("path", "d/")) + member(b"x", flag=b"\0") + END)
+    entries = ztoc_entries(tar)
+    assert (entries["f"].size, entries["f"].uid, entries["f"].gid) == (3, 1000, 1001)
+    assert entries["d/"].type == "dir"
+    dest = unpack(tar, tmp_path)
+    assert (dest / "f").read_bytes() == b"xyz" and (dest / "d").is_dir()
+
+
+def test_a_global_pax_header_is_dropped_as_containerd_drops_it(tmp_path):
+    """Go returns a `g` header as an entry of its own (ending what an `x` header or GNU long name
+    before it announced) and containerd's unpacker skips that entry: its records apply to no file.
+    The zTOC builder and the unpacker both drop it, so the lazy view and the unpack agree."""
+    glob = pax(record("SCHILY.xattr.user.g", "1") + record("uname", "glob") + record("mtime", "1"), b"g")
+    tar = (member(b"a", b"1") + glob + member(b"b", b"2")
+           + pax(record("path", "renamed")) + glob + member(b"c", b"3") + END)
+    entries = ztoc_entries(tar)
+    assert set(entries) == {"a", "b", "c"}
+    assert entries["b"].xattrs == {} and entries["b"].uname == "" and entries["b"].mtime_ns == 0o14532444000 * 10**9
+    dest = unpack(tar, tmp_path)
+    assert os.listxattr(dest / "b") == [] and (dest / "c").read_bytes() == b"3"
+    assert os.lstat(dest / "b").st_mtime_ns == entries["b"].mtime_ns
+
+
 def test_a_second_pax_header_replaces_the_first(tmp_path):
     tar = pax(record("SCHILY.xattr.user.a", "1")) + pax(record("SCHILY.xattr.user.b", "2")) \
         + member(b"f", b"x") + END

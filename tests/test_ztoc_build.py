@@ -9,8 +9,9 @@ import tarfile
 
 import pytest
 
-from lazyoci.ztoc import Ztoc, build_ztoc, decompress_span, verify_span
-from helpers.ztoc_layers import SMALL_SPAN, TYPES, all_types_tar, gzip_members, members, pigz, text
+from lazyoci.ztoc import Ztoc, build_ztoc, decompress_span, read_range, verify_span
+from helpers.hostile_ztoc import ztoc_parts
+from helpers.ztoc_layers import SMALL_SPAN, TYPES, all_types_tar, archive_end, gzip_members, members, pigz, text
 
 
 def check_toc(z: Ztoc, raw: bytes) -> None:
@@ -32,8 +33,10 @@ def check_toc(z: Ztoc, raw: bytes) -> None:
 
 
 def check_spans(z: Ztoc, blob: bytes, raw: bytes) -> None:
-    """Each span inflates to exactly its bytes of the tar stream; digests match; no gaps anywhere."""
-    assert z.compressed_size == len(blob) and z.uncompressed_size == len(raw)
+    """Each span inflates to exactly its bytes of the tar stream up to the archive's end (the
+    reference's uncompressed archive size); digests match; no gaps anywhere."""
+    assert z.compressed_size == len(blob) and z.uncompressed_size == archive_end(raw)
+    raw = raw[:z.uncompressed_size]
     prev_c_end = prev_u_end = None
     for i in range(z.num_spans):
         cs, ce = z.span_compressed_range(i)
@@ -90,7 +93,8 @@ def test_pax_records_xattrs_and_nanosecond_mtime() -> None:
     assert len(long_file) == 1 and len(long_file[0].name) > 250
 
 
-def test_global_pax_header_applies_to_following_entries() -> None:
+def test_global_pax_header_applies_to_no_entry() -> None:
+    """containerd's rule (docs/TAR.md): the entries keep only their own records."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
                       pax_headers={"comment": "global", "LAZYOCI.g": "1"}) as tf:
@@ -102,8 +106,8 @@ def test_global_pax_header_applies_to_following_entries() -> None:
     z = build(gzip.compress(raw, mtime=0))
     ms = members(raw)
     assert [(z.entry(i).offset, z.entry(i).size) for i in range(len(z))] == [(m.offset_data, m.size) for m in ms]
-    assert z.entry(0).pax == {"comment": "global", "LAZYOCI.g": "1"}
-    assert z.entry(1).pax == {"comment": "global", "LAZYOCI.g": "2"}
+    assert z.entry(0).pax == {}
+    assert z.entry(1).pax == {"LAZYOCI.g": "2"}
 
 
 @pytest.mark.parametrize("maker", ["pigz", "pigz-independent", "members"])
@@ -215,3 +219,23 @@ def test_skipping_block_ends_changes_nothing(monkeypatch, maker: str) -> None:
     for span in (SMALL_SPAN, 20_000, 512):
         assert built[True, span] == built[False, span], span
     check_spans(Ztoc.parse(built[True, 20_000]), blob, raw)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_uncompressed_archive_size_stops_after_the_end_blocks_and_older_ztocs_still_read(compression: str) -> None:
+    """The reference records where Go's tar reader stops (after the two zero blocks), not the whole
+    inflated stream: zero padding after them (here three spans of it) is in the spans, not the
+    archive. lazyoci's older zTOCs, which counted the padding, read the same bytes."""
+    raw = all_types_tar() + bytes(3 * SMALL_SPAN)
+    blob = gzip.compress(raw, mtime=0) if compression == "gzip" else raw
+    z = build(blob, compression)
+    assert z.uncompressed_size == archive_end(raw) < len(raw)
+    assert z.span_compressed_range(z.num_spans - 1)[1] == len(blob)
+    check_toc(z, raw)
+    assert read_range(z, lambda a, b: blob[a:b], 0, len(raw)) == raw[:z.uncompressed_size]
+    if compression == "gzip":
+        parts = ztoc_parts(blob, SMALL_SPAN)
+        older = Ztoc.parse(parts.encode())
+        assert parts.usize == older.uncompressed_size == len(raw)
+        assert [older.entry(i) for i in range(len(older))] == [z.entry(i) for i in range(len(z))]
+        assert read_range(older, lambda a, b: blob[a:b], 0, len(raw)) == raw

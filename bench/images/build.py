@@ -22,9 +22,10 @@ sys.path.insert(0, str(HERE))
 
 import big_file  # noqa: E402
 import many_files  # noqa: E402
+import python3_small  # noqa: E402
 import python_ml  # noqa: E402
 
-BUILDERS = {"python-ml": python_ml, "big-file": big_file, "many-files": many_files}
+BUILDERS = {"python-ml": python_ml, "big-file": big_file, "many-files": many_files, "python3": python3_small}
 CACHE = HERE.parent / "cache"
 
 

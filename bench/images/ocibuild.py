@@ -161,14 +161,22 @@ class Layout:
 def tar_changes(root: Path, before: dict[str, Signature], after: dict[str, Signature]):
     """A `write_tar` callback for the entries that changed between two snapshots."""
     root = Path(root)
-    changed = sorted(p for p, sig in after.items() if before.get(p) != sig)
+    changed_set = {p for p, sig in after.items() if before.get(p) != sig}
     deleted = sorted(p for p in before if p not in after)
     # a deleted directory needs one whiteout, not one per child
     top_deleted: list[str] = []
     for p in deleted:
         if not any(p.startswith(d + "/") for d in top_deleted[-1:]):
             top_deleted.append(p)
-
+    # every changed path and whiteout comes with its parent directories, as docker, BuildKit and
+    # containerd diffs do (other tools trip on a file whose directory the layer does not have)
+    for p in list(changed_set) + top_deleted:
+        parts = p.split("/")[:-1]
+        for n in range(1, len(parts) + 1):
+            parent = "/".join(parts[:n])
+            if parent in after:
+                changed_set.add(parent)
+    changed = sorted(changed_set)
     def write(tf: tarfile.TarFile) -> None:
         for p in top_deleted:
             parent, _, name = p.rpartition("/")

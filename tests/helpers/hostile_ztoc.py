@@ -94,10 +94,12 @@ def _manifest(registry_host: str, repo: str) -> tuple[bytes, str]:
 
 
 def push_index_with(registry_host: str, repo: str, layers: list[Layer], ztocs: dict[str, bytes],
-                    claimed_sizes: dict[str, int] | None = None) -> str:
+                    claimed_sizes: dict[str, int] | None = None,
+                    annotations: dict[str, dict[str, str]] | None = None) -> str:
     """Push a v1 SOCI index for the image `repo:latest` with the given zTOC bytes per layer digest,
     as a referrer; a layer in `claimed_sizes` gets that size in its descriptor instead of the real
-    one. Written without lazyoci's index parser, which refuses such indexes. Returns its digest."""
+    one, a layer in `annotations` those annotations added to its zTOC descriptor. Written without
+    lazyoci's index parser, which refuses such indexes. Returns its digest."""
     client = RegistryClient()
     ref = Reference.parse(f"{registry_host}/{repo}:latest")
     raw, digest = _manifest(registry_host, repo)
@@ -111,6 +113,7 @@ def push_index_with(registry_host: str, repo: str, layers: list[Layer], ztocs: d
         layer_desc = Descriptor(layer.media_type, layer.digest, len(layer.blob))
         d = descriptor_json(ztoc_descriptor(zd, len(data), layer_desc, 1 << 22))
         d["size"] = (claimed_sizes or {}).get(layer.digest, len(data))
+        d["annotations"].update((annotations or {}).get(layer.digest, {}))
         descs.append(d)
     client.push_blob(ref, EMPTY_CONFIG_DIGEST, len(EMPTY_CONFIG), lambda: io.BytesIO(EMPTY_CONFIG))
     index = go_json({

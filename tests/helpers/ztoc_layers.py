@@ -79,3 +79,13 @@ TYPES = {tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.DIRTYPE: "dir"
 
 __all__ = ["SMALL_SPAN", "noise", "text", "all_types_entries", "all_types_tar", "gzip_members", "pigz",
            "members", "TYPES"]
+
+
+def archive_end(raw: bytes) -> int:
+    """Where Go's reader stops in a tar tarfile wrote: after the last member and the two
+    end-of-archive blocks, before tarfile's padding to a 10 KiB record."""
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        tf.getmembers()
+        end = tf.offset + 1024
+    assert raw[end - 1024:].count(0) == len(raw) - end + 1024
+    return end

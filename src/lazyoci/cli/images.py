@@ -14,7 +14,7 @@ import click
 from lazyoci.cli.context import app
 from lazyoci.cli.durations import human_duration
 from lazyoci.cli.progress import ProgressDisplay, human_bytes
-from lazyoci.cli.shared import image_service, lazy_label, soci_push_after_image
+from lazyoci.cli.shared import image_service, lazy_label, prefetch_files, prefetch_flags, soci_push_after_image
 from lazyoci.config import SNAPSHOTTERS
 from lazyoci.errors import ConfigError, LazyociError
 from lazyoci.oci.manifest import ImageConfig, chain_ids
@@ -81,10 +81,15 @@ def pull_cmd(platform: str | None, all_platforms: bool, quiet: bool, snapshotter
 @click.option("--soci-span-size", type=int, default=None, help="With --snapshotter soci: span size.")
 @click.option("--soci-min-layer-size", type=int, default=None,
               help="With --snapshotter soci: layers smaller than this get no zTOC.")
+@prefetch_flags
 @click.argument("ref")
 def push_cmd(platform: str | None, quiet: bool, snapshotter: str | None, soci_span_size: int | None,
-             soci_min_layer_size: int | None, ref: str) -> None:
+             soci_min_layer_size: int | None, prefetch_file: tuple[str, ...], prefetch_files_json: Path | None,
+             ref: str) -> None:
     """Upload a local image to the registry its name points at."""
+    prefetch = prefetch_files(prefetch_file, prefetch_files_json)
+    if prefetch and snapshotter != "soci":
+        raise ConfigError("--prefetch-file goes with --snapshotter soci")
     svc = image_service()
     try:
         if quiet:
@@ -95,7 +100,7 @@ def push_cmd(platform: str | None, quiet: bool, snapshotter: str | None, soci_sp
     finally:
         svc.close()
     if snapshotter == "soci":
-        soci_push_after_image(ref, soci_span_size, soci_min_layer_size, _platform(platform))
+        soci_push_after_image(ref, soci_span_size, soci_min_layer_size, _platform(platform), prefetch=prefetch)
     click.echo(digest)
 
 

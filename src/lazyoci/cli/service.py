@@ -65,10 +65,16 @@ def _status() -> None:
     if not st["layers"]:
         click.echo("no lazy layers mounted")
         return
-    click.echo(f"{'LAYER':<20}{'FORMAT':<9}{'FILES':>9}{'FETCHED':>12}{'TOTAL':>12}{'%':>7}  REF")
+    click.echo(f"{'LAYER':<20}{'FORMAT':<13}{'FILES':>9}{'FETCHED':>12}{'TOTAL':>12}{'%':>7}{'NETWORK':>12}{'UNREAD':>12}{'PREFETCH':>11}  REF")
     for l in st["layers"]:
-        click.echo(f"{l['layer_digest'][:19]:<20}{l.get('format', 'soci'):<9}{l['files']:>9}{_human(l['fetched_bytes']):>12}"
-                   f"{_human(l['total_bytes']):>12}{l['percent']:>6.1f}%  {l['ref']}")
+        click.echo(f"{l['layer_digest'][:19]:<20}{l.get('format', 'soci'):<13}{l['files']:>9}{_human(l['fetched_bytes']):>12}"
+                   f"{_human(l['total_bytes']):>12}{l['percent']:>6.1f}%{_human(l['network_bytes']):>12}"
+                   f"{_human(l['unread_bytes']):>12}{_prefetched(l):>11}  {l['ref']}")
+
+
+def _prefetched(layer: dict) -> str:
+    """Spans of the recorded prefetch fetched so far, of those it had to fetch ('-': none)."""
+    return f"{layer['prefetch_done']}/{layer['prefetch_spans']}" if layer.get("prefetch_spans") else "-"
 
 
 @click.group("service")
@@ -87,4 +93,5 @@ _FORCE = click.option("--force", is_flag=True,
 for group in (service_group, vm_group):
     group.command("start", help="Start the service (a changed config file takes effect now).")(_start)
     group.command("stop", help="Unmount the lazy layers and stop the service.")(_FORCE(_stop))
-    group.command("status", help="Show the service and its lazy layers (fetched/total bytes).")(_status)
+    group.command("status", help="Show the service and its lazy layers (cached/total bytes; NETWORK: compressed "
+                                         "bytes fetched since the service started, UNREAD: those of spans no read used).")(_status)

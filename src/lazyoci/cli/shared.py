@@ -7,7 +7,8 @@ may not need the registry client at all.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
@@ -40,13 +41,28 @@ def image_service(ctx: AppContext | None = None) -> ImageService:
 
 
 def soci_build_options(span_size: int | None, min_layer_size: int | None, force: bool = False,
-                       version: str = "v1") -> SociBuildOptions:
+                       version: str = "v1", prefetch_files: tuple[str, ...] = ()) -> SociBuildOptions:
     """SOCI build options from flags; a flag not given keeps the library's default."""
     from lazyoci.soci.build import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE, SociBuildOptions
 
     return SociBuildOptions(span_size=DEFAULT_SPAN_SIZE if span_size is None else span_size,
                             min_layer_size=DEFAULT_MIN_LAYER_SIZE if min_layer_size is None else min_layer_size,
-                            force=force, version=version)
+                            force=force, version=version, prefetch_files=prefetch_files)
+
+
+def prefetch_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The reference's `--prefetch-file` (repeatable) and `--prefetch-files-json` flags."""
+    command = click.option("--prefetch-files-json", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                           help="A JSON array of paths to prefetch at mount.")(command)
+    return click.option("--prefetch-file", multiple=True, metavar="PATH",
+                        help="A file to prefetch at mount: its spans go in the index's prefetch "
+                             "artifact (repeatable).")(command)
+
+
+def prefetch_files(files: tuple[str, ...], json_file: Path | None) -> tuple[str, ...]:
+    """The paths of the prefetch flags (soci/prefetch.py reads the JSON file)."""
+    from lazyoci.soci.prefetch import load_prefetch_files
+    return load_prefetch_files(files, json_file)
 
 
 def logrus_info(line: str) -> None:
@@ -56,7 +72,8 @@ def logrus_info(line: str) -> None:
 
 
 def soci_push_after_image(ref: str, span_size: int | None = None, min_layer_size: int | None = None,
-                          platform: Platform | None = None, existing: str = "warn") -> str:
+                          platform: Platform | None = None, existing: str = "warn",
+                          prefetch: tuple[str, ...] = ()) -> str:
     """Build (or reuse) the v1 SOCI index of local image `ref` and push it next to the image.
 
     Called by `lazyoci push --snapshotter soci` once the image itself is pushed; the SOCI lines
@@ -70,7 +87,8 @@ def soci_push_after_image(ref: str, span_size: int | None = None, min_layer_size
     images = image_service()
     try:
         image = images.get(ref, platform)
-        result = build_index(images, image, soci_build_options(span_size, min_layer_size), logrus_info)
+        result = build_index(images, image, soci_build_options(span_size, min_layer_size, prefetch_files=prefetch),
+                             logrus_info)
         push_index(images.client, Reference.parse(ref), images.blobs, result.index, logrus_info, existing)
         return result.digest
     finally:

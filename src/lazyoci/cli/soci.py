@@ -7,16 +7,31 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from lazyoci.cli.shared import image_service, soci_build_options
+from lazyoci.cli.shared import image_service, prefetch_files, prefetch_flags, soci_build_options
 from lazyoci.errors import ConfigError, LazyociError, StoreError
 from lazyoci.oci.platform import Platform
+
+if TYPE_CHECKING:
+    from lazyoci.soci.build import SociBuildOptions
 
 
 def _platforms(platform: tuple[str, ...]) -> list[Platform]:
     return [Platform.parse(p) for p in platform]
+
+
+def _optimized(options: "SociBuildOptions", optimizations: tuple[str, ...]) -> "SociBuildOptions":
+    """`--optimizations` as the reference takes it: repeatable, or comma-separated."""
+    import dataclasses
+    names = tuple(n.strip() for o in optimizations for n in o.split(",") if n.strip())
+    return dataclasses.replace(options, optimizations=names) if names else options
+
+
+_OPTIMIZATIONS_HELP = "Optional optimizations, as the reference's: xattr (layers without xattrs are " \
+                      "marked disable-xattrs)."
 
 
 @click.group("soci")
@@ -33,14 +48,19 @@ def soci_group() -> None:
 @click.option("--force", is_flag=True, help="Rebuild zTOCs even when one exists for a layer.")
 @click.option("--remote", is_flag=True, help="Index an image in its registry, streaming each layer once.")
 @click.option("--push", "push_after", is_flag=True, help="With --remote: push the index when built.")
+@click.option("--optimizations", multiple=True, help=_OPTIMIZATIONS_HELP)
+@prefetch_flags
 @click.argument("ref")
-def create_cmd(span_size, min_layer_size, platform, all_platforms, force, remote, push_after, ref) -> None:
+def create_cmd(span_size, min_layer_size, platform, all_platforms, force, remote, push_after, optimizations,
+               prefetch_file, prefetch_files_json, ref) -> None:
     """Build a SOCI index (v1) for REF."""
     if platform and all_platforms:
         raise ConfigError("--platform and --all-platforms are exclusive")
     if push_after and not remote:
         raise ConfigError("--push goes with --remote (for a local image use `lazyoci soci push`)")
-    options = soci_build_options(span_size, min_layer_size, force)
+    options = _optimized(soci_build_options(span_size, min_layer_size, force,
+                                            prefetch_files=prefetch_files(prefetch_file, prefetch_files_json)),
+                         optimizations)
     images = image_service()
     try:
         if remote:
@@ -74,22 +94,52 @@ def _local_targets(images, ref: str, platforms: list[Platform], all_platforms: b
 @click.option("--platform", multiple=True, help="Platform to convert (repeatable).")
 @click.option("--all-platforms", is_flag=True, help="Convert every platform stored locally.")
 @click.option("--force", is_flag=True, help="Rebuild zTOCs even when one exists for a layer.")
+@click.option("--optimizations", multiple=True, help=_OPTIMIZATIONS_HELP)
+@prefetch_flags
 @click.argument("src")
 @click.argument("dst")
-def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, src, dst) -> None:
+def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, optimizations, prefetch_file,
+                prefetch_files_json, src, dst) -> None:
     """Make DST: SRC with SOCI v2 indexes inside it (push DST with `lazyoci push`)."""
     from lazyoci.soci.convert import convert
     if platform and all_platforms:
         raise ConfigError("--platform and --all-platforms are exclusive")
     images = image_service()
     try:
-        result = convert(images, src, dst, soci_build_options(span_size, min_layer_size, force, "v2"),
+        result = convert(images, src, dst,
+                         _optimized(soci_build_options(span_size, min_layer_size, force, "v2",
+                                                       prefetch_files(prefetch_file, prefetch_files_json)),
+                                    optimizations),
                          _platforms(platform) or None, all_platforms, click.echo)
     finally:
         images.close()
     click.echo(f"converted image index: {result.digest}")
     for r in result.indexes:
         click.echo(f"soci index: {r.digest} ({r.platform})")
+
+
+@soci_group.command("optimize", context_settings={"allow_interspersed_args": False})
+@click.option("--soci-index-digest", default=None, help="Record with this SOCI index instead of discovering one.")
+@click.argument("ref")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def optimize_cmd(soci_index_digest, ref, command) -> None:
+    """Run REF lazily (with COMMAND, or its own), record the spans it reads, and push its SOCI
+    index again with them as prefetch artifacts (the image is not changed)."""
+    from lazyoci.cli.context import app
+    from lazyoci.cli.shared import registry_options
+    from lazyoci.images.service import ImageService
+    from lazyoci.soci.optimize import optimize
+    from lazyoci.store.layout import DataRoot
+
+    if command[:1] == ("--",):      # `soci optimize REF -- CMD...`: click keeps the `--` after REF
+        command = command[1:]
+    ctx = app()
+    result = optimize(DataRoot(ctx.root), ctx.config, lambda root: ImageService(root, registry_options(ctx)),
+                      ref, tuple(command), soci_index_digest, lambda line: click.echo(line, err=True))
+    if result.exit_code:
+        click.echo(f"the workload exited {result.exit_code}; its reads up to then were recorded", err=True)
+    click.echo(f"soci index: {result.index.digest} (replaces {result.replaced} for lazy pulls that name it "
+               f"with --soci-index-digest)")
 
 
 @soci_group.command("push")
@@ -121,6 +171,52 @@ def push_cmd(platform, existing_index, ref) -> None:
         images.close()
 
 
+@soci_group.group("prefetch")
+def prefetch_group() -> None:
+    """Prefetch artifacts of the SOCI indexes stored locally."""
+
+
+@prefetch_group.command("ls")
+@click.option("-q", "--quiet", is_flag=True, help="Digests only.")
+def prefetch_list(quiet) -> None:
+    """List the prefetch artifacts (the reference's `soci prefetch ls`)."""
+    from lazyoci.soci.prefetch import PrefetchArtifact, stored_artifacts
+    from lazyoci.soci.records import SociRecords
+    images = image_service()
+    found = stored_artifacts(images.blobs, SociRecords(images.db))
+    if quiet:
+        for a in found:
+            click.echo(a.digest)
+        return
+    now = time.time()
+    _table([("DIGEST", "LAYER DIGEST", "SPANS", "CREATED")] +
+           [(a.digest, a.layer_digest,
+             str(len(PrefetchArtifact.parse(images.blobs.read(a.digest), f"prefetch artifact {a.digest}").spans())),
+             f"{int(now - a.created_at)}s ago") for a in found if images.blobs.has(a.digest)])
+
+
+@prefetch_group.command("info")
+@click.argument("digest")
+def prefetch_info(digest) -> None:
+    """Show one prefetch artifact: its span ranges and the layer it belongs to."""
+    from lazyoci.soci.prefetch import PrefetchArtifact, stored_artifacts
+    from lazyoci.soci.records import SociRecords
+    images = image_service()
+    digest = _full_digest(digest)
+    known = {a.digest: a for a in stored_artifacts(images.blobs, SociRecords(images.db))}
+    if digest not in known or not images.blobs.has(digest):
+        raise StoreError(f"no prefetch artifact {digest} in the SOCI indexes stored locally")
+    a = known[digest]
+    artifact = PrefetchArtifact.parse(images.blobs.read(digest), f"prefetch artifact {digest}")
+    click.echo(f"Digest:        {digest}\nVersion:       {artifact.version}\n"
+               f"Span Ranges:   {len(artifact.prefetch_spans)}\nLayer Digest:  {a.layer_digest}\n"
+               f"Size:          {a.size} bytes\nIndex:         {a.index_digest}\n\nPrefetch Spans:")
+    for n, r in enumerate(artifact.prefetch_spans):
+        click.echo(f"  [{n}] StartSpan: {r.start_span}, EndSpan: {r.end_span} "
+                   f"(covers {r.end_span - r.start_span + 1} spans)\n      Priority: {r.priority}")
+    click.echo(f"\nTotal spans to prefetch: {len(artifact.spans())}")
+
+
 @soci_group.group("index")
 def index_group() -> None:
     """SOCI indexes stored locally."""
@@ -130,6 +226,7 @@ def index_group() -> None:
 @click.option("--ref", default=None, help="Only the indexes of this image.")
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def index_list(ref, quiet) -> None:
+    """List the SOCI indexes stored locally."""
     from lazyoci.soci.records import SociRecords
     images = image_service()
     recs = SociRecords(images.db).indexes()
@@ -159,12 +256,22 @@ def index_info(digest) -> None:
 
 
 @index_group.command("rm")
-@click.argument("digests", nargs=-1, required=True)
-def index_rm(digests) -> None:
+@click.option("--ref", default=None, help="Remove the indexes of this image (every platform stored).")
+@click.argument("digests", nargs=-1)
+def index_rm(ref, digests) -> None:
     """Forget indexes; their zTOCs are deleted by gc when nothing else uses them."""
     from lazyoci.soci.records import SociRecords
+    if ref and digests:
+        raise ConfigError("please provide either index digests or image ref, but not both")
+    if not ref and not digests:
+        raise ConfigError("give the digests of the indexes to remove, or --ref IMAGE")
     images = image_service()
     records = SociRecords(images.db)
+    if ref:
+        image = images.get(ref)
+        rec = images.records.content(image.digest)
+        manifests = {m for m, _, _ in rec.platforms} if rec else {image.manifest.digest}
+        digests = tuple(dict.fromkeys(r.index_digest for r in records.indexes() if r.manifest_digest in manifests))
     for d in digests:
         d = _full_digest(d)
         if not records.remove_index(d):
@@ -172,6 +279,11 @@ def index_rm(digests) -> None:
         click.echo(d)
     images.gc()
     records.prune(images.blobs.has)
+
+
+# the reference's spellings: `soci index list|ls`, `soci index remove|rm`, `soci ztoc list|ls`
+index_group.add_command(index_list, "ls")
+index_group.add_command(index_rm, "remove")
 
 
 @soci_group.group("ztoc")
@@ -183,6 +295,7 @@ def ztoc_group() -> None:
 @click.option("--ztoc-digest", default=None, help="Only this zTOC.")
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def ztoc_list(ztoc_digest, quiet) -> None:
+    """List the zTOCs stored locally."""
     from lazyoci.soci.records import SociRecords
     images = image_service()
     recs = SociRecords(images.db).ztocs(_full_digest(ztoc_digest) if ztoc_digest else None)
@@ -192,6 +305,22 @@ def ztoc_list(ztoc_digest, quiet) -> None:
         return
     _table([("DIGEST", "SIZE", "LAYER DIGEST", "SPAN SIZE")] +
            [(r.ztoc_digest, str(r.ztoc_size), r.layer_digest, str(r.span_size)) for r in recs])
+
+
+ztoc_group.add_command(ztoc_list, "ls")
+
+
+@soci_group.command("rebuild-db")
+def rebuild_db_cmd() -> None:
+    """Rebuild the SOCI records from the blobs in the store (as the reference's rebuild-db)."""
+    from lazyoci.soci.rebuild import rebuild_records
+    images = image_service()
+    try:
+        r = rebuild_records(images)
+    finally:
+        images.close()
+    click.echo(f"removed {r.removed} records of missing blobs; recorded {r.indexes_added} SOCI indexes "
+               f"and {r.ztocs_added} zTOCs")
 
 
 @ztoc_group.command("info")

@@ -109,13 +109,16 @@ class LayerVerifier:
     """Which entries of one layer were checked against their tar headers, and the checks themselves.
 
     `read` returns verified bytes of the layer's tar stream (fetching spans as needed);
-    `read_cached` the same from the disk cache only, or None. Thread-safe: a race checks
-    an entry twice, never serves it unchecked.
+    `read_cached` the same from the disk cache only, or None; `read_layer` (default `read`)
+    serves the whole-layer check, which is no workload's read and is not counted as one.
+    Thread-safe: a race checks an entry twice, never serves it unchecked.
     """
 
-    def __init__(self, ztoc: LayerIndex, read: ReadRange, read_cached: ReadCached, layer: str) -> None:
+    def __init__(self, ztoc: LayerIndex, read: ReadRange, read_cached: ReadCached, layer: str,
+                 read_layer: ReadRange | None = None) -> None:
         self.ztoc = ztoc
         self.read = read
+        self.read_layer = read_layer or read
         self.read_cached = read_cached
         self.layer = layer
         self.state = bytearray(len(ztoc))
@@ -249,7 +252,7 @@ class LayerVerifier:
         ztoc = self.ztoc
         order = sorted(range(len(ztoc)), key=lambda i: ztoc.entry(i).offset)
         try:
-            f = ForwardFile(_LayerStream(self.read, ztoc.uncompressed_size))
+            f = ForwardFile(_LayerStream(self.read_layer, ztoc.uncompressed_size))
             members = iter_headers(f)
             for i in order:
                 entry = ztoc.entry(i)

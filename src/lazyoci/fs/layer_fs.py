@@ -64,6 +64,7 @@ class LazyLayer:
     fetcher: SpanFetcher
     mounted_at: float
     verifier: LayerVerifier
+    xattrs_disabled: bool = False    # the index marks it `disable-xattrs`: no xattr is looked up
 
     @property
     def ztoc_digest(self) -> str:
@@ -282,7 +283,14 @@ class LayerFS(pyfuse3.Operations):
             out[_OPAQUE_XATTR] = b"y"
         return out
 
+    def _no_xattrs(self, inode: int) -> bool:
+        """The inode's layer is marked `disable-xattrs`: it has none, and nothing is fetched to say so
+        (the reference's snapshotter turns xattrs off for such a layer's mount)."""
+        return inode != pyfuse3.ROOT_INODE and self._resolve(inode)[0].xattrs_disabled
+
     async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
+        if self._no_xattrs(inode):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         if inode != pyfuse3.ROOT_INODE:
             await self._checked_node(inode)
         value = self._xattrs(inode).get(name)
@@ -291,6 +299,8 @@ class LayerFS(pyfuse3.Operations):
         return value
 
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
+        if self._no_xattrs(inode):
+            return []
         if inode != pyfuse3.ROOT_INODE:
             await self._checked_node(inode)
         return list(self._xattrs(inode))
@@ -370,10 +380,11 @@ class LayerFS(pyfuse3.Operations):
         if last and e.offset + e.size > t.index.span_uncompressed_range(last[0])[1]:
             fetcher.prefetch(last[0] + 1)     # the file goes on in the next span: read ahead
         try:
-            data = fetcher.read_cached(start, end)
+            file_end = e.offset + e.size          # read-ahead stays inside the file
+            data = fetcher.read_cached(start, end, file_end)
             if data is not None:
                 return data
-            return await trio.to_thread.run_sync(fetcher.read, start, end)
+            return await trio.to_thread.run_sync(fetcher.read, start, end, False, True, file_end)
         except LazyociError as exc:
             log.error("read of %s in layer %s failed: %s", t.name(n).decode(errors="replace"),
                       layer.digest, exc)

@@ -15,7 +15,10 @@ Everything here is synchronous and thread-safe: FUSE handlers call it through
 
 Read-ahead: a read that misses the cache also plans the next spans of the layer
 (up to READ_AHEAD_SPANS, READ_AHEAD_BYTES compressed and READ_AHEAD_INFLATED
-inflated; a span larger than that alone is never read ahead); they are requested by a
+inflated; a span larger than that alone is never read ahead), but never past
+`ahead_until`: the FUSE layer passes the end of the file being read, so read-ahead
+stays inside files a workload opens and never brings in spans it does not touch
+(bytes fetched and never read are counted, see FetchStats); they are requested by a
 small pool of daemon threads as soon as the missed span's own bytes have arrived,
 so they never share the link with it, and travel while it is inflated and the
 reader moves on. The first read of a span that read-ahead brought in moves the
@@ -77,12 +80,25 @@ def flush_cache_writes() -> None:
 
 @dataclass
 class FetchStats:
-    """What went over the network for one layer (shown by `service status`)."""
+    """What went over the network for one layer (shown by `service status`), and how much of it
+    reads used: a span fetched and never read is read-ahead or background fetch that did not pay."""
 
     requests: int = 0
     bytes: int = 0
     spans: int = 0
     last_fetch: float = 0.0
+    read_bytes: int = 0            # bytes handed to reads (file data and tar header checks)
+
+
+@dataclass(frozen=True)
+class SpanUse:
+    """The spans this service run fetched for one layer, by what read them since."""
+
+    fetched: int                   # spans fetched
+    fetched_bytes: int             # their compressed bytes
+    unread: int                    # spans fetched that no read has touched
+    unread_bytes: int              # their compressed bytes
+    header_only: int               # spans only tar header checks read (no file data)
 
 
 class SpanFetcher:
@@ -100,18 +116,29 @@ class SpanFetcher:
         self._inflight: dict[int, Future] = {}
         self._ahead: set[int] = set()             # spans queued or brought in by read-ahead, not read yet
         self._failed: dict[int, tuple[float, str]] = {}   # span -> (monotonic time its fetch failed, why)
+        self._fetched: set[int] = set()           # spans this run fetched and verified
+        self._read_data: set[int] = set()         # spans file data reads touched
+        self._read_header: set[int] = set()       # spans tar header checks touched
+        self._order: dict[int, None] = {}         # every span reads touched, in the order of first touch
         self.last_demand = 0.0                    # monotonic time of the last on-demand fetch
+        self.first_read_at: float | None = None   # wall time of the first read (a lazy start's phases)
 
     # -- public --------------------------------------------------------------
 
-    def read(self, start: int, end: int, background: bool = False, read_ahead: bool = True) -> bytes:
+    def read(self, start: int, end: int, background: bool = False, read_ahead: bool = True,
+             ahead_until: int | None = None, header: bool = False) -> bytes:
         """Verified uncompressed bytes [start, end) of the layer's tar stream.
 
-        `read_ahead=False` for reads that say nothing of what comes next (a tar header checked
-        for a lookup: the file's own data reads plan their read-ahead)."""
+        `read_ahead=False` for reads that say nothing of what comes next; `header=True` for a
+        tar header checked for a lookup (no read-ahead: the file's own data reads plan theirs).
+        Read-ahead plans no span starting at or past `ahead_until` (the end of the file read;
+        None: the end of the layer)."""
         if end <= start:
             return b""
-        ahead = [] if background or not read_ahead else self._plan_read_ahead(self.ztoc.spans_for(start, end))
+        if not background:
+            self._note_read(self.ztoc.spans_for(start, end), end - start, header)
+        ahead = [] if background or header or not read_ahead else \
+            self._plan_read_ahead(self.ztoc.spans_for(start, end), ahead_until)
         start_ahead = (lambda: self._submit_read_ahead(ahead)) if ahead else None
         for _ in range(4):   # a span evicted between fetch and read is simply fetched again
             fresh = self.ensure(self.ztoc.spans_for(start, end), background=background,
@@ -134,15 +161,18 @@ class SpanFetcher:
                 return bytes(out)
         raise LazyociError(f"layer {self.layer_digest}: span cache too small to serve a read")
 
-    def read_cached(self, start: int, end: int) -> bytes | None:
+    def read_cached(self, start: int, end: int, ahead_until: int | None = None,
+                    header: bool = False) -> bytes | None:
         """Bytes [start, end) if every span of them is in the disk cache, else None; never waits
         for the network, so the FUSE loop serves cache hits itself without a thread hop."""
         spans = self.ztoc.spans_for(start, end)
         if not spans or not all(self.cache.has(i) for i in spans):
             return None
-        ahead = self._plan_read_ahead(spans)     # a first touch of read-ahead moves the window on
-        if ahead:
-            self._submit_read_ahead(ahead)
+        self._note_read(spans, end - start, header)
+        if not header:
+            ahead = self._plan_read_ahead(spans, ahead_until)   # a first touch of read-ahead moves the window on
+            if ahead:
+                self._submit_read_ahead(ahead)
         parts = []
         for i in spans:
             s0, s1 = self.ztoc.span_uncompressed_range(i)
@@ -168,8 +198,36 @@ class SpanFetcher:
                     out.append(j)
         return out
 
-    def _plan_read_ahead(self, spans: range | list[int]) -> list[int]:
-        """The spans to read ahead of a read that misses the cache or first touches a read-ahead span."""
+    def span_use(self) -> SpanUse:
+        """How much of what this run fetched reads have used so far."""
+        with self._lock:
+            fetched = set(self._fetched)
+            data, header = set(self._read_data), set(self._read_header)
+        unread = fetched - data - header
+        return SpanUse(fetched=len(fetched), fetched_bytes=self._compressed(fetched),
+                       unread=len(unread), unread_bytes=self._compressed(unread),
+                       header_only=len(fetched & header - data))
+
+    def _compressed(self, spans: set[int]) -> int:
+        return sum(c1 - c0 for c0, c1 in map(self.ztoc.span_compressed_range, spans))
+
+    def read_order(self) -> list[int]:
+        """The spans reads have touched since the mount, in the order they first did (what
+        `lazyoci soci optimize` records as the layer's prefetch artifact)."""
+        with self._lock:
+            return list(self._order)
+
+    def _note_read(self, spans: range, nbytes: int, header: bool) -> None:
+        with self._lock:
+            if self.first_read_at is None:
+                self.first_read_at = time.time()
+            (self._read_header if header else self._read_data).update(spans)
+            self._order.update(dict.fromkeys(spans))
+            self.stats.read_bytes += nbytes
+
+    def _plan_read_ahead(self, spans: range | list[int], until: int | None = None) -> list[int]:
+        """The spans to read ahead of a read that misses the cache or first touches a read-ahead
+        span, none starting at or past `until`."""
         if not spans:
             return []
         touched = False
@@ -184,6 +242,8 @@ class SpanFetcher:
         budget, inflated = READ_AHEAD_BYTES, READ_AHEAD_INFLATED
         want: list[int] = []
         for j in range(spans[-1] + 1, min(spans[-1] + 1 + READ_AHEAD_SPANS, self.ztoc.num_spans)):
+            if until is not None and self.ztoc.span_uncompressed_range(j)[0] >= until:
+                break
             c0, c1 = self.ztoc.span_compressed_range(j)
             budget -= c1 - c0
             inflated -= self._inflated(j)
@@ -319,6 +379,7 @@ class SpanFetcher:
                 raise
             with self._lock:
                 self.stats.spans += 1
+                self._fetched.add(i)
             out[i] = data
             self._resolve(i, data)
             _WRITER.submit(partial(self._store, i, data), len(data))

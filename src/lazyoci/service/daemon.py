@@ -15,6 +15,7 @@ Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "unmount_layer", "layer_digest", "ztoc_digest"} -> {"ok": true, "unmounted": bool}
     {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N,
                                                          "containerd_socket": path or null, ...}
+    {"op": "read_order"}                             -> {"ok": true, "views": [[layer, ztoc, [span, ...]], ...]}
     {"op": "shutdown"}                               -> {"ok": true}; then unmounts and exits
 Errors: {"ok": false, "error": message, "type": LazyociError subclass name, "fields": its fields}
 (service/error_wire.py).
@@ -227,6 +228,8 @@ class Service:
                     "background_fetch": layers.background is not None,
                     "containerd_socket": os.fspath(self.containerd.socket) if self.containerd else None,
                     "layers": [s.to_json() for s in layers.status()]}
+        if op == "read_order":       # the spans reads touched, for `lazyoci soci optimize`
+            return {"ok": True, "views": [list(v) for v in self.running_layers.read_order()]}
         if op == "shutdown":
             return {"ok": True}
         raise LazyociError(f"unknown request {op!r}")

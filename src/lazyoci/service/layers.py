@@ -36,6 +36,7 @@ from lazyoci.fs.layer_fs import LayerFS, LazyLayer
 from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
+from lazyoci.fs.span_prefetch import SpanPrefetch
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
@@ -78,6 +79,15 @@ class LayerStatus:
     fetched_bytes: int        # uncompressed bytes present in the span cache
     total_bytes: int          # uncompressed size of the layer
     network_bytes: int        # compressed bytes fetched by this service run
+    read_bytes: int           # bytes handed to reads (file data and tar header checks) by this run
+    fetched_spans: int        # spans this run fetched ...
+    unread_spans: int         # ... of which no read touched any byte (read-ahead, background)
+    unread_bytes: int         # the compressed bytes of those: fetched and never read
+    header_only_spans: int    # spans fetched that only tar header checks read
+    prefetch_spans: int       # spans of the layer's prefetch artifact not cached at mount (0: none)
+    prefetch_done: int        # of those, fetched by now
+    mounted_at: float         # wall time the view was mounted
+    first_read_at: float | None   # wall time of its first read (None: not read yet)
     format: str = "soci"      # how the layer is indexed (layer_formats.py's label)
 
     @property
@@ -112,6 +122,7 @@ class LayerManager:
         self._meta: dict[tuple[str, str], tuple[str, float]] = {}   # view -> (ref, monotonic mount time)
         self._refs: dict[tuple[str, str], list[Reference]] = {}      # view -> where to fetch, best first
         self._labels: dict[tuple[str, str], str] = {}                # view -> its format's label
+        self._prefetch: dict[tuple[str, str], SpanPrefetch] = {}     # view -> its recorded prefetch
         self._lock = threading.Lock()
         self.background: BackgroundFetcher | None = None
         if config.soci.background_fetch:
@@ -208,8 +219,9 @@ class LayerManager:
         self._prefer(view, [reference])
         self._prefer(view, refs)
         fetcher = SpanFetcher(ztoc, self._fetcher(view), cache, layer_digest)
-        verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, read_ahead=False), fetcher.read_cached,
-                                 layer_digest)
+        verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, header=True),
+                                 functools.partial(fetcher.read_cached, header=True), layer_digest,
+                                 read_layer=functools.partial(fetcher.read, background=True))
         if cache.headers_checked or not getattr(ztoc, "headers_in_stream", True):   # zstd:chunked wiring
             verifier.passed_before()
         else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
@@ -219,16 +231,52 @@ class LayerManager:
             self._meta[view] = (str(reference), time.monotonic())
             self._labels[view] = fmt.label if fmt.name != "ztoc" else \
                 ("soci" if getattr(ztoc, "headers_in_stream", True) else "zstd:chunked")
-        self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier))
+        self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier,
+                                    self._xattrs_disabled(layer_digest, ztoc_digest)))
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs",
                  layer_digest, fmt.name, len(tree), len(spans),
                  100.0 * cache.cached_bytes / max(cache.total_bytes, 1), time.monotonic() - started)
+        self._start_prefetch(view, ztoc.num_spans, fetcher)
         prefetch_files(ztoc, fetcher, layer_digest)
         if persist:
             with self.db.transaction() as conn:
                 conn.execute("INSERT OR REPLACE INTO service_views VALUES (?, ?, ?, ?)",
                              (layer_digest, ztoc_digest, str(reference), time.time()))
+
+    def _start_prefetch(self, view: tuple[str, str], num_spans: int, fetcher: SpanFetcher) -> None:
+        """Fetch the spans of the view's prefetch artifact (recorded by the pull) now, in the
+        background; an artifact that is missing, does not verify or does not fit the zTOC is
+        logged and ignored (prefetch only speeds reads up)."""
+        from lazyoci.service.prefetch_records import prefetch_artifact
+        try:
+            digest = prefetch_artifact(self.db, *view)
+        except (sqlite3.Error, StoreError) as e:
+            log.warning("layer %s: cannot look up its prefetch artifact: %s", view[0], e)
+            return
+        if digest is None:
+            return
+        from lazyoci.soci.prefetch import PrefetchArtifact
+        what = f"prefetch artifact {digest} of layer {view[0]}"
+        try:
+            data = (self.root.blobs / "sha256" / Digest.parse(digest).hex).read_bytes()
+            verify_bytes(data, digest, what)
+            artifact = PrefetchArtifact.parse(data, what)
+            artifact.check_spans(num_spans, what)
+        except FileNotFoundError:
+            log.error("%s is not in the blob store: no prefetch", what)
+            return
+        except LazyociError as e:
+            log.error("%s: %s; no prefetch", what, e)
+            return
+        spans = [i for i in artifact.spans() if not fetcher.cache.has(i)]
+        prefetch = SpanPrefetch(fetcher, spans)
+        with self._lock:
+            self._prefetch[view] = prefetch
+        if spans:
+            prefetch.start()
+        log.info("layer %s: prefetching %d spans of %s (%d already cached)", view[0], len(spans), digest,
+                 len(artifact.spans()) - len(spans))
 
     def unmount(self, layer_digest: str, ztoc_digest: str) -> bool:
         layer_digest = str(Digest.parse(layer_digest))
@@ -239,6 +287,7 @@ class LayerManager:
             self._meta.pop(view, None)
             self._refs.pop(view, None)
             self._labels.pop(view, None)
+            self._prefetch.pop(view, None)
         flush_cache_writes()      # spans still on their way to the disk belong in the cache
         self.cache.forget(layer_digest, ztoc_digest)
         with self.db.transaction() as conn:
@@ -260,6 +309,24 @@ class LayerManager:
             except LazyociError as e:
                 log.error("cannot mount recorded layer %s again: %s", digest, e)
 
+    def _xattrs_disabled(self, layer_digest: str, ztoc_digest: str) -> bool:
+        """Whether the index the lazy pull recorded for this view marks the zTOC `disable-xattrs`.
+        Anything unreadable says no: xattrs are then served (and checked) as usual."""
+        from lazyoci.soci.index import ANN_LAYER_DIGEST, SociIndex, xattrs_disabled
+        try:
+            with self.db.reading() as conn:
+                row = conn.execute("SELECT index_digest FROM lazy_layers WHERE layer_digest=? AND ztoc_digest=?",
+                                   (layer_digest, ztoc_digest)).fetchone()
+            if not row or not row[0]:
+                return False
+            data = (self.root.blobs / "sha256" / Digest.parse(row[0]).hex).read_bytes()
+            verify_bytes(data, row[0], "SOCI index")
+            index = SociIndex.parse(data)
+        except (sqlite3.Error, OSError, LazyociError):
+            return False
+        return any(d.digest == ztoc_digest and xattrs_disabled(d) for d in index.ztocs
+                   if d.annotations.get(ANN_LAYER_DIGEST) == layer_digest)
+
     def _pulled_refs(self, layer_digest: str) -> list[str]:
         """The references the lazy pulls recorded for the layer, the latest first (any index's:
         a layer is content-addressed, and spans are checked against the view's own zTOC)."""
@@ -275,16 +342,28 @@ class LayerManager:
         with self._lock:
             meta = dict(self._meta)
             labels = dict(self._labels)
+            prefetches = dict(self._prefetch)
         out = []
         for layer in self.fs.layers():
             ref, _ = meta.get((layer.digest, layer.ztoc_digest), ("", 0.0))
             f = layer.fetcher
+            use = f.span_use()
+            pf = prefetches.get((layer.digest, layer.ztoc_digest))
+            progress = pf.progress() if pf is not None else None
             out.append(LayerStatus(
                 layer_digest=layer.digest, ref=ref, ztoc_digest=layer.ztoc_digest, files=len(layer.tree),
                 spans=len(f.cache.spans), spans_cached=len(f.cache.spans) - len(f.cache.missing()),
                 fetched_bytes=f.cache.cached_bytes, total_bytes=f.cache.total_bytes,
-                network_bytes=f.stats.bytes, format=labels.get((layer.digest, layer.ztoc_digest), "soci")))
+                network_bytes=f.stats.bytes, read_bytes=f.stats.read_bytes, fetched_spans=use.fetched,
+                unread_spans=use.unread, unread_bytes=use.unread_bytes, header_only_spans=use.header_only,
+                prefetch_spans=progress.spans if progress else 0, prefetch_done=progress.done if progress else 0,
+                mounted_at=layer.mounted_at, first_read_at=f.first_read_at,
+                format=labels.get((layer.digest, layer.ztoc_digest), "soci")))
         return sorted(out, key=lambda s: s.layer_digest)
+
+    def read_order(self) -> list[tuple[str, str, list[int]]]:
+        """(layer, zTOC, spans in the order reads first touched them) of every mounted view."""
+        return [(l.digest, l.ztoc_digest, l.fetcher.read_order()) for l in self.fs.layers()]
 
     def start_background(self) -> None:
         if self.background is not None:

@@ -72,6 +72,15 @@ CREATE TABLE IF NOT EXISTS {p}_layer_digests (   -- compressed layer digest -> d
 """
 
 
+def topmost_once(lowers: list[str]) -> list[str]:
+    """Each lower directory once, at its topmost place (lowers are listed top first).
+
+    An image may have the same layer twice; a lazy layer is then the same directory twice, which
+    overlayfs refuses (ELOOP). Dropping the lower copy changes nothing that shows: every name, whiteout
+    and opaque marker it has, the copy above has too, and that one decides."""
+    return list(dict.fromkeys(lowers))     # dicts keep the first insertion's place
+
+
 class LayeredSnapshotter:
     """containerd's snapshotter calls over SQLite records and layer dirs stacked by overlayfs."""
 
@@ -179,7 +188,7 @@ class LayeredSnapshotter:
         if row["kind"] == KIND_COMMITTED:
             chain = [row] + chain
         self._make_available(chain)
-        lowers = [self._lower(r) for r in chain]
+        lowers = topmost_once([self._lower(r) for r in chain])
         empty = str(self.dir / "empty")
         if row["kind"] == KIND_ACTIVE:
             n = self.dir / str(row["dir_id"])

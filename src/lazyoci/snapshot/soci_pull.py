@@ -153,6 +153,7 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
               index_digest: str | None = None, own_only: bool = False) -> "LocalImage":
     from lazyoci.snapshot.own_index import fetch_own_indexes
     from lazyoci.snapshot.soci import LazyLayerRecord
+    from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
     from lazyoci.soci import discover_index
 
     # The INFO line of a fallback must reach the user even when the caller gave no log.
@@ -184,14 +185,17 @@ def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platfor
                 _store_blob(images, client, reference, found.digest, None, owner, raw=found.manifest.raw)
             for layer in manifest.layers:
                 zdesc = found.ztocs.get(layer.digest) if found is not None else None
-                if zdesc is not None:
+                if zdesc is not None and found is not None:
                     _store_blob(images, client, reference, zdesc.digest, zdesc.size, owner)
-                    rec = LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest)  # type: ignore[union-attr]
+                    rec = LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest)
+                    snap.record_lazy_layer(rec)
+                    take_prefetch_artifact(found.index, layer.digest, zdesc.digest, images.blobs, images.db,
+                                           lambda d, n: _store_blob(images, client, reference, d, n, owner), say)
                 elif layer.digest in own:     # the layer's own index (no SOCI index digest)
                     rec = LazyLayerRecord(layer.digest, own[layer.digest][0], source, "")
+                    snap.record_lazy_layer(rec)
                 else:
                     continue
-                snap.record_lazy_layer(rec)
                 mounter.submit(rec)
                 lazy[layer.digest] = rec.ztoc_digest
         except LazyociError as e:

@@ -22,12 +22,14 @@ from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.digest import sha256_digest
 from lazyoci.oci.manifest import Descriptor, Manifest
 from lazyoci.oci.platform import Platform
+from lazyoci.oci.whiteout import OPAQUE_MARKER
 from lazyoci.soci.index import EMPTY_CONFIG, EMPTY_CONFIG_DIGEST, SociIndex, make_index, ztoc_descriptor
 from lazyoci.soci.records import SociRecords, ZtocRecord
 from lazyoci.soci.streams import VerifyingReader, buffered
 
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService, LocalImage
+    from lazyoci.ztoc import Ztoc
     from lazyoci.store.blobs import BlobStore
     from lazyoci.store.records import Lease
 
@@ -35,6 +37,9 @@ Log = Callable[[str], None]
 
 DEFAULT_SPAN_SIZE = 1 << 22
 DEFAULT_MIN_LAYER_SIZE = 10 << 20
+# The reference's optional optimisations (`--optimizations`). "xattr": a layer whose zTOC has no
+# xattrs and no opaque directory is marked `disable-xattrs`, so lazy mounts answer no xattr lookups.
+OPTIMIZATIONS = ("xattr",)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class SociBuildOptions:
     version: str = "v1"                 # "v1" (subject, referrers) or "v2" (convert)
     build_tool: str | None = None       # None: lazyoci's own (lazyoci.ztoc.BUILD_TOOL)
     workers: int = 2                    # zTOCs built at once
+    optimizations: tuple[str, ...] = ()   # of OPTIMIZATIONS
+    prefetch_files: tuple[str, ...] = ()    # paths whose spans the index's prefetch artifacts name
 
     def __post_init__(self) -> None:
         from lazyoci.errors import ConfigError
@@ -60,6 +67,9 @@ class SociBuildOptions:
             raise ConfigError(f"SOCI index version must be v1 or v2, not {self.version!r}")
         if self.workers < 1:
             raise ConfigError("workers must be >= 1")
+        for o in self.optimizations:
+            if o not in OPTIMIZATIONS:
+                raise ConfigError(f"optimization {o} is not a valid optimization [{' '.join(OPTIMIZATIONS)}]")
 
     @property
     def tool(self) -> str:
@@ -121,10 +131,23 @@ def existing_ztoc(blobs: "BlobStore", records: SociRecords, layer: Descriptor,
         return None
     from lazyoci.ztoc import Ztoc
     try:
-        Ztoc.parse(blobs.read(rec.ztoc_digest))     # read() re-verifies the digest
+        z = Ztoc.parse(blobs.read(rec.ztoc_digest))     # read() re-verifies the digest
     except (FormatError, IntegrityError):
         return None                                  # rebuild rather than index with a bad zTOC
-    return ztoc_descriptor(rec.ztoc_digest, rec.ztoc_size, layer, options.span_size)
+    return ztoc_descriptor(rec.ztoc_digest, rec.ztoc_size, layer, options.span_size,
+                           _disable_xattrs(z, options))
+
+
+def _disable_xattrs(ztoc: "Ztoc", options: SociBuildOptions) -> bool:
+    """With the xattr optimisation, a layer none of whose entries has an xattr or is an opaque
+    directory marker (the reference's test, on the zTOC's entries)."""
+    if "xattr" not in options.optimizations:
+        return False
+    for i in range(len(ztoc)):
+        entry = ztoc.entry(i)
+        if entry.xattrs or entry.name.endswith(OPAQUE_MARKER):
+            return False
+    return True
 
 
 def build_layer_ztoc(source: BinaryIO | object, layer: Descriptor, compression: str,
@@ -147,7 +170,7 @@ def build_layer_ztoc(source: BinaryIO | object, layer: Descriptor, compression: 
     blobs.put_bytes(data, digest)
     records.put_ztoc(ZtocRecord(layer.digest, options.span_size, digest, len(data),
                                 layer.media_type, layer.size, time.time()))
-    return ztoc_descriptor(digest, len(data), layer, options.span_size)
+    return ztoc_descriptor(digest, len(data), layer, options.span_size, _disable_xattrs(z, options))
 
 
 OpenLayer = Callable[[Descriptor], "BinaryIO | object"]
@@ -175,9 +198,9 @@ def build_ztocs(manifest: Manifest, open_layer: OpenLayer, options: SociBuildOpt
                 close()
 
     with ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="ztoc") as pool:
-        futures = {}
+        futures = {}   # a layer the image has twice is built once and listed at both positions
         for layer, compression, reused in plans:
-            if compression and reused is None:
+            if compression and reused is None and layer.digest not in futures:
                 futures[layer.digest] = pool.submit(job, layer, compression)
         try:
             for layer, compression, reused in plans:
@@ -195,6 +218,30 @@ def build_ztocs(manifest: Manifest, open_layer: OpenLayer, options: SociBuildOpt
                 f.cancel()
             raise
     return built, skipped
+
+
+def build_prefetch_artifacts(blobs: "BlobStore", built: list[LayerZtoc], paths: tuple[str, ...],
+                             log: Log, lease: "Lease | None" = None) -> list[Descriptor]:
+    """Store a prefetch artifact for each layer holding some of `paths` (soci/prefetch.py);
+    returns their index entries, in layer order, as the reference lists them after the zTOCs."""
+    if not paths:
+        return []
+    from lazyoci.soci.prefetch import artifact_descriptor, artifacts_for_files
+    from lazyoci.ztoc import Ztoc
+    layers = [(b.layer.digest, Ztoc.parse(blobs.read(b.ztoc.digest))) for b in built]
+    artifacts = artifacts_for_files(layers, paths, lambda line: log(f"WARN {line}"))
+    out = []
+    for b in built:
+        artifact = artifacts.get(b.layer.digest)
+        if artifact is None:
+            continue
+        desc, raw = artifact_descriptor(artifact, b.layer.digest)
+        if lease is not None:
+            lease.add([desc.digest])
+        blobs.put_bytes(raw, desc.digest)
+        log(f"Created prefetch artifact for layer {b.layer.digest}: {desc.digest}")
+        out.append(desc)
+    return out
 
 
 def store_index(blobs: "BlobStore", records: SociRecords, index: SociIndex, manifest: Descriptor,
@@ -246,7 +293,8 @@ def build_index(images: "ImageService", image: "LocalImage", options: SociBuildO
             f"no zTOCs created for {image.name or image.digest}: all {len(manifest.layers)} layers are "
             f"smaller than min-layer-size {options.min_layer_size} or compressed with an unsupported "
             "format; lower --min-layer-size to index smaller layers")
-    index = make_index(options.version, [b.ztoc for b in built],
+    prefetch = build_prefetch_artifacts(images.blobs, built, options.prefetch_files, log, lease)
+    index = make_index(options.version, [b.ztoc for b in built] + prefetch,
                        mdesc if options.version == "v1" else None, options.tool)
     platform = image.config.platform
     store_index(images.blobs, records, index, mdesc, image.digest, image.name, platform, "built", lease)

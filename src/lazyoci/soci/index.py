@@ -75,6 +75,15 @@ def descriptor_json(d: Descriptor) -> dict[str, Any]:
     return out
 
 
+_GO_TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))    # what Go's strconv.ParseBool reads as true
+
+
+def xattrs_disabled(ztoc: Descriptor) -> bool:
+    """The index says the layer has no xattrs and no opaque directories (`disable-xattrs`), read as
+    the reference reads it: a value strconv.ParseBool takes as true."""
+    return ztoc.annotations.get(ANN_DISABLE_XATTRS, "") in _GO_TRUE
+
+
 def ztoc_descriptor(ztoc_digest: str, ztoc_size: int, layer: Descriptor, span_size: int,
                     disable_xattrs: bool = False) -> Descriptor:
     """The index's entry for one zTOC: which layer it indexes, that layer's media type, the span size."""
@@ -94,7 +103,7 @@ class SociIndex:
 
     raw: bytes
     version: str                            # "v1" | "v2"
-    ztocs: tuple[Descriptor, ...]           # zTOC descriptors, image-layer order
+    ztocs: tuple[Descriptor, ...]           # zTOC descriptors, image-layer order (a layer once per position)
     prefetch: tuple[Descriptor, ...]        # prefetch artifacts (read, never written by lazyoci)
     subject: Descriptor | None
     annotations: dict[str, str]
@@ -142,7 +151,7 @@ class SociIndex:
         if m.artifact_type and m.artifact_type != m.config.media_type:
             raise FormatError(f"SOCI index artifactType {m.artifact_type!r} disagrees with its config")
         ztocs, prefetch = [], []
-        seen: set[str] = set()
+        seen: dict[str, str] = {}       # layer -> its zTOC: the reference lists a layer once per position
         for d in m.layers:
             if d.media_type == mt.SOCI_PREFETCH:
                 prefetch.append(d)
@@ -153,9 +162,8 @@ class SociIndex:
             if not layer:
                 raise FormatError(f"SOCI index entry {d.digest} lacks {ANN_LAYER_DIGEST}")
             Digest.parse(layer)
-            if layer in seen:
-                raise FormatError(f"SOCI index has two zTOCs for layer {layer}")
-            seen.add(layer)
+            if seen.setdefault(layer, d.digest) != d.digest:
+                raise FormatError(f"SOCI index has two different zTOCs for layer {layer}")
             span = d.annotations.get(ANN_SPAN_SIZE)
             if span is not None and not (span.isdigit() and int(span) > 0):
                 raise FormatError(f"SOCI index entry {d.digest} has an invalid span size {span!r}")

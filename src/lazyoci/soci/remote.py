@@ -17,7 +17,8 @@ from lazyoci.oci.digest import verify_bytes
 from lazyoci.oci.manifest import Descriptor, ImageConfig, Index, Manifest
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
-from lazyoci.soci.build import SociBuildOptions, SociIndexResult, build_ztocs, store_index
+from lazyoci.soci.build import (SociBuildOptions, SociIndexResult, build_prefetch_artifacts, build_ztocs,
+                                 store_index)
 from lazyoci.soci.index import make_index
 from lazyoci.soci.push import PushResult, push_index
 from lazyoci.soci.records import SociRecords
@@ -76,7 +77,8 @@ def create_remote(images: "ImageService", ref: str, options: SociBuildOptions | 
             raise FormatError(
                 f"no zTOCs created for {r}: all {len(remote.manifest.layers)} layers are smaller than "
                 f"min-layer-size {options.min_layer_size} or compressed with an unsupported format")
-        index = make_index("v1", [b.ztoc for b in built], mdesc, options.tool)
+        prefetch = build_prefetch_artifacts(images.blobs, built, options.prefetch_files, log, lease)
+        index = make_index("v1", [b.ztoc for b in built] + prefetch, mdesc, options.tool)
         store_index(images.blobs, records, index, mdesc, remote.top_digest, str(r),
                     remote.config.platform, "built", lease)
     result = SociIndexResult(index, mdesc, remote.config.platform, tuple(built), tuple(skipped))

@@ -8,9 +8,9 @@ data is skipped by arithmetic, so the cost is per entry, not per byte.
 
 Semantics are Go's archive/tar, which the reference SOCI tools and containerd read
 layers with, so that lazyoci sees the entries, offsets and attributes they see
-(`docs/TAR.md` lists the edge cases). Two deliberate differences: a global PAX
-header (`g`) applies to the entries after it, as GNU tar and Python's tarfile
-apply it (Go returns it as an entry of its own), and sparse files are refused.
+(`docs/TAR.md` lists the edge cases). A global PAX header (`g`) is read and then
+dropped, as containerd's unpacker drops the entry Go returns for it, so unpacked,
+indexed and lazily served layers agree; sparse files are refused.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class TarHeader(NamedTuple):
     mtime_ns: int
     devmajor: int
     devminor: int
-    pax: tuple[tuple[bytes, bytes], ...]   # every PAX record (global, then the entry's own), sorted by key
+    pax: tuple[tuple[bytes, bytes], ...]   # the entry's own PAX records, sorted by key
 
     @property
     def path(self) -> str:
@@ -203,7 +203,6 @@ class HeaderReader:
         self.data_length = 0                 # the last entry's `data_length`
         self.ended = False                   # two zero blocks were read: nothing after them is read
         self._extended: tuple[bytes, int, int] = (b"", 0, 0)   # (typeflag, header offset, size)
-        self._global: dict[bytes, bytes] = {}
         self._local: dict[bytes, bytes] | None = None
         self._longname = b""
         self._longlink = b""
@@ -256,10 +255,9 @@ class HeaderReader:
             uname = gname = b""
             devmajor = devminor = 0
         pax: tuple[tuple[bytes, bytes], ...] = ()
-        local = self._local
-        if local is not None or self._global:
+        records = self._local
+        if records is not None:
             self._local = None
-            records = {**self._global, **local} if local is not None else self._global
             for key, value in records.items():
                 if not value:
                     continue                                # an empty record keeps the header's value
@@ -309,14 +307,16 @@ class HeaderReader:
             self._long = True
         else:
             records = parse_pax(payload, at)
+            if flag == b"g":
+                # Go returns a global header as an entry of its own, which ends what an `x` header
+                # or a GNU long name before it announced; containerd then skips that entry.
+                self._local, self._longname, self._longlink, self._long = None, b"", b"", False
+                return
             for key, _ in records:
                 if key.startswith(b"GNU.sparse."):
                     raise FormatError(f"sparse files are not supported "
                                       f"(PAX {key.decode(errors='replace')} at offset {at})")
-            if flag == b"g":
-                self._global.update(records)
-            else:
-                self._local = dict(records)                 # a second `x` replaces the first, as in Go
+            self._local = dict(records)                     # a second `x` replaces the first, as in Go
 
 
 class ForwardReader(Protocol):
@@ -360,6 +360,7 @@ class HeaderFeed:
     def __init__(self) -> None:
         self.entries: list[TarHeader] = []
         self.pos = 0                 # bytes of the stream seen so far
+        self.end_marker: int | None = None   # where the two end-of-archive blocks end, once seen
         self.reader = HeaderReader()
         self._skip = 0
         self._padding = 0            # how much of `_skip` is padding after the data (may be missing)
@@ -371,6 +372,12 @@ class HeaderFeed:
     def done(self) -> bool:
         """The end-of-archive marker was seen."""
         return self.reader.ended
+
+    @property
+    def archive_size(self) -> int:
+        """Where Go's reader stops: just after the end-of-archive blocks (padding after them is not
+        read), or the end of the stream when it has none. The zTOC's uncompressed archive size."""
+        return self.end_marker if self.end_marker is not None else self.pos
 
     def feed(self, chunk: memoryview | bytes) -> None:
         """Decode what `chunk` completes. Runs once per block of headers, so its state lives in
@@ -409,6 +416,8 @@ class HeaderFeed:
                 if header is None:
                     if reader.pending:
                         payload, want = True, reader.pending
+                    elif reader.ended:
+                        self.end_marker = base + i
                     continue
                 append(header)
                 skip = reader.data_length

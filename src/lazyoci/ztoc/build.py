@@ -1,5 +1,10 @@
 """build_ztoc: one pass over a layer blob -> zTOC bytes, memory independent of the layer's size.
 
+The uncompressed archive size recorded is the reference's: where Go's tar reader stops, just
+after the end-of-archive blocks; zero padding after them (tar's 10 KiB records) is still in
+the spans but not in the archive. zTOCs lazyoci wrote before recorded the whole inflated
+stream; readers take either.
+
 The compressed bytes are read in 1 MiB chunks; each chunk is inflated in place
 with checkpoints (zinfo.GzipIndexer: zlib-ng or zlib through ctypes), handed
 to a worker thread that hashes it into its span's digest, and the
@@ -44,7 +49,7 @@ def build_ztoc(fileobj: BinaryIO, compression: str, span_size: int = DEFAULT_SPA
         finally:
             idx.close()
         entries = toc.finish()
-        return encode_ztoc(build_tool=build_tool, compressed_size=idx.totin, uncompressed_size=idx.totout,
+        return encode_ztoc(build_tool=build_tool, compressed_size=idx.totin, uncompressed_size=toc.archive_size,
                            entries=entries, algorithm=GZIP, span_digests=idx.digests,
                            checkpoints=encode_checkpoints(span_size, idx.points))
     digests: list[str] = []
@@ -67,6 +72,6 @@ def build_ztoc(fileobj: BinaryIO, compression: str, span_size: int = DEFAULT_SPA
     if size == 0:
         raise FormatError("layer blob is empty, not a tar archive")
     entries = toc.finish()
-    return encode_ztoc(build_tool=build_tool, compressed_size=size, uncompressed_size=size,
+    return encode_ztoc(build_tool=build_tool, compressed_size=size, uncompressed_size=toc.archive_size,
                        entries=entries, algorithm=UNCOMPRESSED, span_digests=digests,
                        checkpoints=encode_tar_zinfo(span_size, size))

@@ -157,6 +157,8 @@ class Ztoc:
             self.span_size, size = C.decode_tar_zinfo(blob)
             if size != self.compressed_size:
                 raise FormatError(f"TarZinfo size {size} differs from the layer size {self.compressed_size}")
+            if self.uncompressed_size > size:
+                raise FormatError(f"zTOC archive size {self.uncompressed_size} is over the layer size {size}")
             self.num_spans = -(-size // self.span_size)
         else:
             raise FormatError(f"zTOC compression algorithm {algo} is not supported")
@@ -405,8 +407,9 @@ class Ztoc:
 
     def span_uncompressed_range(self, i: int) -> tuple[int, int]:
         self._check_span(i)
-        if self._points is None:
-            return self._fixed_range(i)
+        if self._points is None:     # the archive may end before the file does (zero padding)
+            start, end = self._fixed_range(i)
+            return min(start, self.uncompressed_size), min(end, self.uncompressed_size)
         outs, usize = self._points.outs, self.uncompressed_size
         end = outs[i + 1] if i + 1 < self.num_spans else usize
         return min(outs[i], usize), min(end, usize)

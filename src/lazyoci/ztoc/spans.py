@@ -34,8 +34,8 @@ def decompress_span(ztoc: Ztoc, i: int, compressed: bytes) -> bytes:
     if len(compressed) != cend - cstart:
         raise FormatError(f"span {i}: got {len(compressed)} compressed bytes, expected {cend - cstart}")
     ustart, uend = ztoc.span_uncompressed_range(i)
-    if ztoc.checkpoints is None:
-        return bytes(compressed)
+    if ztoc.checkpoints is None:      # zero padding after the archive's end is not served
+        return bytes(compressed[:uend - ustart])
     return inflate_span(ztoc.checkpoints, i, compressed, uend - ustart)
 
 

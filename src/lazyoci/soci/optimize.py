@@ -1,0 +1,127 @@
+"""`lazyoci soci optimize`: record what a workload reads and make it the index's prefetch.
+
+The image runs once, lazily, in a data root of its own (under the main root's tmp/): a fresh
+service and FUSE mount, so no span cache and no kernel page cache hides a read from the record.
+The service notes every span reads touch, in the order they first do (file data and the tar
+headers it checks). Those spans become one prefetch artifact per lazy layer, in that order
+(soci/prefetch.py), and a new SOCI index, the image's zTOCs plus those artifacts, is pushed
+beside the image. The image itself is not changed (eStargz's optimizer converts the image).
+A v2 index is named by the image's manifest, so a new one would change the image: refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from lazyoci.errors import ConfigError, FormatError, StoreError
+
+if TYPE_CHECKING:
+    from lazyoci.config import Config
+    from lazyoci.images.service import ImageService
+    from lazyoci.soci.index import SociIndex
+    from lazyoci.store.layout import DataRoot
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    index: "SociIndex"                   # the new index, pushed
+    replaced: str                        # the digest of the index the run used
+    exit_code: int                       # the workload's
+    spans: dict[str, int]                # layer digest -> spans its artifact names
+
+
+def optimize(main_root: "DataRoot", config: "Config", open_images: Callable[["DataRoot"], "ImageService"],
+             ref: str, command: tuple[str, ...] = (), index_digest: str | None = None,
+             log: Log = lambda line: None) -> OptimizeResult:
+    """Run `ref` (with `command`, or its own) lazily, record its reads, push the optimized index."""
+    from lazyoci.store.layout import DataRoot
+
+    main_root.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private = DataRoot(Path(tempfile.mkdtemp(prefix="optimize-", dir=main_root.tmp))).ensure()
+    try:
+        images = open_images(private)
+        try:
+            code, views = _record(private, config, images, ref, command, index_digest, log)
+            return _push_optimized(images, ref, views, code, log)
+        finally:
+            images.close()
+    finally:
+        _remove_private_root(private)
+
+
+def _record(root: "DataRoot", config: "Config", images: "ImageService", ref: str, command: tuple[str, ...],
+            index_digest: str | None, log: Log) -> tuple[int, list[tuple[str, str, list[int]]]]:
+    """Run the workload in `root`; its exit code and, per lazy view, the spans it read in order."""
+    from lazyoci.runtime.bundle import ProcessOptions
+    from lazyoci.runtime.run import ContainerManager, RunOptions
+    from lazyoci.service.client import ServiceClient
+
+    manager = ContainerManager(root, config, images)
+    opts = RunOptions(image=ref, process=ProcessOptions(args=command), snapshotter="soci", pull="always",
+                      soci_index_digest=index_digest)
+    service = ServiceClient(root, config.path)
+    try:
+        rec, runtime = manager.create(opts)
+        try:
+            log(f"recording the reads of {ref} ({' '.join(rec.command)})")
+            code = manager.start(rec, runtime, opts) or 0
+            views = [(v[0], v[1], [int(i) for i in v[2]]) for v in service.request("read_order")["views"]]
+        finally:
+            manager.remove(rec.id, force=True)
+    finally:
+        if service.is_running():
+            service.stop(force=True)
+    return code, views
+
+
+def _push_optimized(images: "ImageService", ref: str, views: list[tuple[str, str, list[int]]], code: int,
+                    log: Log) -> OptimizeResult:
+    """The index the run used, with an artifact of each recorded layer instead of its old ones; pushed."""
+    from lazyoci.oci.reference import Reference
+    from lazyoci.soci.index import SociIndex, make_index
+    from lazyoci.soci.prefetch import artifact_descriptor, artifact_for_spans
+    from lazyoci.soci.push import push_index
+
+    with images.db.reading() as conn:
+        owners = [r[0] for r in conn.execute("SELECT DISTINCT owner FROM blob_refs WHERE owner LIKE 'soci:%'")]
+    if len(owners) != 1:
+        raise StoreError(f"the recorder's pull of {ref} used {len(owners)} SOCI indexes, not one: "
+                         "it did not run lazily")
+    old = SociIndex.parse(images.blobs.read(owners[0].split(":", 1)[1]))
+    if old.version != "v1" or old.subject is None:
+        raise ConfigError(f"the SOCI index {old.digest} of {ref} is a v2 index, named by the image itself: "
+                          "an optimized one would change the image (use a v1 index: `lazyoci soci create`)")
+    mine = {d.digest: d for d in old.ztocs}
+    artifacts = []
+    spans: dict[str, int] = {}
+    for layer, ztoc, order in views:
+        zdesc = mine.get(ztoc)
+        if zdesc is None or not order:
+            continue
+        desc, raw = artifact_descriptor(artifact_for_spans(order), layer)
+        images.blobs.put_bytes(raw, desc.digest)
+        artifacts.append(desc)
+        spans[layer] = len(order)
+        log(f"layer {layer}: {len(order)} spans read, prefetch artifact {desc.digest}")
+    if not artifacts:
+        raise FormatError(f"the workload read nothing of the lazy layers of {ref}: no prefetch to record")
+    index = make_index("v1", list(old.ztocs) + artifacts, old.subject, old.build_tool or "lazyoci")
+    images.blobs.put_bytes(index.raw, index.digest)
+    push_index(images.client, Reference.parse(ref), images.blobs, index, log, "allow")
+    return OptimizeResult(index, old.digest, code, spans)
+
+
+def _remove_private_root(root: "DataRoot") -> None:
+    """Delete the recorder's data root, unless something is still mounted below it."""
+    prefix = str(root.path) + "/"
+    with open("/proc/self/mountinfo") as f:
+        left = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+    if left:
+        raise StoreError(f"the recorder left mounts behind ({', '.join(left)}); unmount them and remove {root.path}")
+    shutil.rmtree(root.path, ignore_errors=True)
