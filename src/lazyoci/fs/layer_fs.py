@@ -15,7 +15,10 @@ GETATTR) before anything uses them: a directory listing's names and types are
 the index's, what a name then resolves to is checked.
 
 Inode numbers: the mount root is 1; node n of the layer in slot s is
-(s << 32) | (n + 1), with hardlinks answering their target's number. Content is
+(s << 32) | (n + 1), with hardlinks answering their target's number. A tree's node
+numbers follow from its index alone and the service keeps each view's slot
+(service/view_slots.py), so a restarted service that takes the mount over answers
+the node IDs and file handles (fh = inode) the kernel holds. Content is
 immutable, so entries and attributes get long timeouts and reads keep the
 kernel page cache. Reads whose spans are all in the disk cache are served on the
 event loop (a pread; a thread hop would cost more than the read); the others run
@@ -93,12 +96,15 @@ class LayerFS(pyfuse3.Operations):
 
     # -- layer management (called from the control server) ---------------------
 
-    def add_layer(self, layer: LazyLayer) -> None:
+    def add_layer(self, layer: LazyLayer, slot: int | None = None) -> None:
+        """Serve the layer in `slot` (the one it had before a restart: the kernel's node IDs
+        carry it), or in the next free one."""
         with self._lock:
             if layer.name in self._by_name:
                 return
-            slot = self._next_slot
-            self._next_slot += 1
+            if slot is None or slot in self._slots:
+                slot = self._next_slot
+            self._next_slot = max(self._next_slot, slot + 1)
             self._slots[slot] = layer
             self._by_name[layer.name] = slot
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 
 from lazyoci.errors import ServiceError
 from lazyoci.service.error_wire import error_from_reply
+from lazyoci.service.holder_link import HolderPaths, holder_alive, read_takeover, stop_holder
 from lazyoci.service.paths import ServicePaths, connect
 from lazyoci.store.layout import DataRoot
 
@@ -27,6 +29,7 @@ class ServiceClient:
     def __init__(self, root: DataRoot, config_path: Path | None = None, timeout: float = 600.0) -> None:
         self.root = root
         self.paths = ServicePaths(root)
+        self.holder = HolderPaths(self.paths.dir)
         self.config_path = config_path
         self.timeout = timeout
 
@@ -105,12 +108,15 @@ class ServiceClient:
             time.sleep(0.02)
         raise ServiceError(f"the lazyoci service did not start; its log says: {self._log_tail(log_start)}")
 
-    def _launch(self) -> None:
-        """Run the daemon (it detaches; a second one for the same root exits by itself)."""
+    def _launch(self, take_over: bool = False) -> None:
+        """Run the daemon (it detaches; a second one for the same root exits by itself unless it
+        is to `take_over`: then it gets ready and waits for the running one to hand over)."""
         self.paths.ensure()
         cmd = [sys.executable, "-m", "lazyoci.service.daemon", "--root", os.fspath(self.root.path)]
         if self.config_path is not None:
             cmd += ["--config", os.fspath(self.config_path)]
+        if take_over:
+            cmd.append("--take-over")
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if proc.returncode != 0:
             last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
@@ -131,11 +137,26 @@ class ServiceClient:
                     out.append(fields[4])
         return out
 
+    def user_names(self, users: list[str]) -> list[str]:
+        """The containers (by name) and image mounts (by path) behind overlay mount points."""
+        from lazyoci.runtime.containers import ContainerStore
+
+        store = ContainerStore(self.root)
+        prefix = os.fspath(self.root.containers) + "/"
+        out = []
+        for target in users:
+            record = None
+            if target.startswith(prefix):
+                record = store.try_get(target[len(prefix):].split("/", 1)[0])
+            out.append(record.name if record is not None else target)
+        return out
+
     def stale_mount(self) -> Path | None:
-        """The service's FUSE mountpoint if it is still mounted while no daemon lives (it was killed).
+        """The service's FUSE mountpoint if it is still mounted while neither the daemon nor the
+        session holder lives (killed, or an older lazyoci's).
 
         Such a mount answers "transport endpoint is not connected"; `start` detaches it."""
-        if self._daemon_alive():
+        if self._daemon_alive() or holder_alive(self.holder):
             return None
         target = os.fspath(self.paths.mountpoint)
         with open("/proc/self/mountinfo") as f:
@@ -146,28 +167,76 @@ class ServiceClient:
                     return self.paths.mountpoint
         return None
 
-    def stop(self, force: bool = False) -> bool:
-        """Ask the service to unmount and exit; wait for it. False if it was not running.
+    def stop(self, force: bool = False, hand_over: bool = False) -> bool:
+        """Stop the service and unmount its layers; wait for it. False if nothing was running.
 
-        Overlays on its layers would lose their lower directories, so unless `force`
-        the service is left running while any exist.
+        Overlays on its layers would lose their lower directories, so unless `force` the
+        service is left running while any exist. `hand_over` stops the service alone: the
+        session holder keeps the mount, their reads wait until the next `start` takes over.
         """
         users = self.users()
-        if users and not force:
-            raise ServiceError(f"{len(users)} mount(s) still use lazy layers ({', '.join(users[:3])}"
-                               f"{', ...' if len(users) > 3 else ''}); stop those containers and image "
-                               f"mounts first, or use --force")
+        if users and not (force or hand_over):
+            names = self.user_names(users)
+            raise ServiceError(f"{len(names)} container(s) or image mount(s) still use lazy layers "
+                               f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); stop them "
+                               f"first, use --hand-over to keep them waiting for the next start, or "
+                               f"--force to break them")
+        stopped = self._stop_daemon("hand_over" if hand_over else "shutdown")
+        if not hand_over:
+            stopped = stop_holder(self.holder) or stopped
+        return stopped
+
+    def restart(self) -> dict[str, Any]:
+        """Hand the FUSE sessions over to a new service process (new config, new code); its ping.
+
+        The new process starts beside the running one and mounts the recorded layers; only
+        then does the running one hand over, so containers reading lazy layers pause for the
+        hand-over alone: what the old process had not answered, the new one answers. A new
+        process that cannot get ready (a bad config file) leaves the running one serving."""
+        old = self.ping()
+        if old is None:
+            return self.start()
+        self.holder.takeover_file.unlink(missing_ok=True)
+        log_start = self.paths.log_file.stat().st_size if self.paths.log_file.exists() else 0
+        self._launch(take_over=True)
+        started = time.monotonic()
+        while not (note := read_takeover(self.holder) or {}).get("ready"):
+            pid = note.get("pid")
+            if pid is None and (info := self.ping()) is not None and info["pid"] != old["pid"]:
+                return info            # the old one was gone already: the new one simply started
+            late = time.monotonic() - started > (START_TIMEOUT if pid is not None else 10.0)
+            if late or (pid is not None and not _alive(int(pid))):
+                if pid is not None and _alive(int(pid)):
+                    os.kill(int(pid), signal.SIGTERM)     # ours, still getting ready: the old one serves on
+                raise ServiceError(f"the new lazyoci service did not get ready (pid {old['pid']} still serves); "
+                                   f"its log says: {self._log_tail(log_start)}")
+            time.sleep(0.01)
+        try:
+            self.request("hand_over")
+        except ServiceError:
+            pass                       # gone already
+        deadline = time.monotonic() + START_TIMEOUT
+        while (info := self.ping()) is None or info["pid"] == old["pid"]:
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the new lazyoci service (pid {note['pid']}) did not take over within "
+                                   f"{START_TIMEOUT:.0f}s; its log says: {self._log_tail(log_start)}")
+            if not _alive(int(note["pid"])):
+                return self.start()    # the new one died: start one the ordinary way
+            time.sleep(0.005)
+        return info
+
+    def _stop_daemon(self, op: str) -> bool:
         pid = self._pid()
         try:
-            self.request("shutdown")
+            self.request(op)
         except ServiceError:
             if not self._daemon_alive():
                 return False
         deadline = time.monotonic() + STOP_TIMEOUT
-        while self._daemon_alive():   # its lock goes with the process, after FUSE is unmounted
+        while self._daemon_alive():   # its lock goes with the process
             if time.monotonic() > deadline:
                 raise ServiceError(f"the lazyoci service (pid {pid}) did not stop within {STOP_TIMEOUT:.0f}s")
-            time.sleep(0.05)
+            time.sleep(0.01)
         return True
 
     # -- requests -------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 Run as `python -m lazyoci.service.daemon --root R [--config C]`; it detaches
 (double fork + setsid, so neither the CLI nor a test runner ever has to reap it),
-writes its pid file and logs under <root>/service/, mounts the one FUSE
-filesystem, mounts again the layers recorded by its previous run, and only
-then listens on the control socket — so a client that can connect can use it.
+writes its pid file and logs under <root>/service/, mounts again the layers
+recorded by its previous run, takes over the FUSE session of the holder
+(service/session_holder.py, started here if none runs: it owns the mount, so
+the session outlives this process), and only then listens on the control socket
+— so a client that can connect can use it.
 Beside it, containerd's Snapshots gRPC service listens on <root>/service/snapshotter.sock
 (lazyoci.containerd.server, in gRPC's own threads); if it cannot start, the service
 goes on without it and its log says why.
@@ -14,9 +16,11 @@ Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "mount_layer", "ref", "layer_digest", "ztoc_digest"} -> {"ok": true, "path": ...}
     {"op": "unmount_layer", "layer_digest", "ztoc_digest"} -> {"ok": true, "unmounted": bool}
     {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N,
-                                                         "containerd_socket": path or null, ...}
+                                                         "containerd_socket": path or null, "session": ...}
     {"op": "read_order"}                             -> {"ok": true, "views": [[layer, ztoc, [span, ...]], ...]}
-    {"op": "shutdown"}                               -> {"ok": true}; then unmounts and exits
+    {"op": "shutdown"}                               -> {"ok": true}; then answers what it has and exits
+    {"op": "hand_over"}                              -> {"ok": true}; then exits at once, leaving the
+                                                        requests it had not answered to the next service
 Errors: {"ok": false, "error": message, "type": LazyociError subclass name, "fields": its fields}
 (service/error_wire.py).
 """
@@ -28,7 +32,6 @@ import fcntl
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +44,10 @@ from lazyoci import libc
 from lazyoci.config import Config, load_config
 from lazyoci.errors import LazyociError, ServiceError
 from lazyoci.fs.layer_fs import LayerFS
+from lazyoci.fs.span_fetcher import flush_cache_writes
 from lazyoci.service.error_wire import error_reply
+from lazyoci.service.holder_link import (Attachment, HolderPaths, attach, launch_holder, record_lost,
+                                         read_takeover, say_leaving, write_takeover)
 from lazyoci.service.layers import LayerManager
 from lazyoci.service.paths import ServicePaths, socket_address
 from lazyoci.store.layout import DataRoot
@@ -80,61 +86,83 @@ def _tune_malloc() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, _MALLOC_KEEP)
 
 
-def _unmount_stale(mnt: Path) -> None:
-    """A previous daemon that died leaves a dead FUSE mount ("not connected"): detach it."""
-    target = os.fspath(mnt)
-    with open("/proc/self/mountinfo") as f:
-        mounted = any(line.split()[4] == target for line in f)
-    if mounted:
-        log.warning("detaching a stale mount at %s", target)
-        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
-
-
 class Service:
     """One daemon: the FUSE session, the layers, the control server."""
 
-    def __init__(self, root: DataRoot, config: Config) -> None:
+    def __init__(self, root: DataRoot, config: Config, relaunch: list[str]) -> None:
         self.root = root
         self.paths = ServicePaths(root)
         self.config = config
         self.fs = LayerFS()
         self.layers: LayerManager | None = None
         self.containerd: SnapshotterServer | None = None    # containerd's snapshotter service, once serving
+        self.holder = HolderPaths(self.paths.dir)
+        self.relaunch = relaunch        # how the holder starts a service again if this one is lost
+        self.attachment: Attachment | None = None
+        self.started = time.monotonic()  # when this process may serve (`run` counts from here)
+        self.serving_after = 0.0        # seconds from then to serving the FUSE session
+        self._stopping = False
         self._cancel = trio.CancelScope()
 
     @property
     def running_layers(self) -> LayerManager:
-        """The layer manager, which exists from the start of `run` on."""
+        """The layer manager, which exists from `prepare` on."""
         if self.layers is None:
             raise ServiceError("the service's layers are not set up yet")
         return self.layers
 
-    def run(self) -> None:
+    def prepare(self) -> None:
+        """Mount the recorded layers: the slow part of a start, which a process that is to take
+        over from a running service does while that one still serves."""
         self.paths.ensure()
-        _unmount_stale(self.paths.mountpoint)
-        self.layers = layers = LayerManager(self.root, self.config, self.fs)
-        options = set(pyfuse3.default_options)
-        options |= {"fsname=lazyoci", "subtype=lazyoci", "ro"}    # no allow_other: root alone (service/paths.py)
-        pyfuse3.init(self.fs, os.fspath(self.paths.mountpoint), options)
+        self.layers = LayerManager(self.root, self.config, self.fs)
+        self.layers.remount_known()
+
+    def run(self) -> None:
+        """Serve: take the holder's FUSE session over, then the control socket. `prepare` first."""
+        layers = self.running_layers
+        # Every recorded layer before the session: its first request may name any of them
+        # (again, for a layer the previous process mounted after `prepare`; the others are kept).
+        layers.remount_known()
+        launch_holder(self.holder)
+        self.attachment = attach(self.holder, self.relaunch)
+        # The holder mounted (ro, no allow_other: root alone, service/paths.py); libfuse serves its channel.
+        options = set(pyfuse3.default_options) | {"fsname=lazyoci", "subtype=lazyoci", "ro"}
+        pyfuse3.init(self.fs, f"/dev/fd/{self.attachment.fd}", options)
+        self.serving_after = time.monotonic() - self.started
+        log.info("serving the %s FUSE session of holder pid %d (%d request(s) handed over) %.3fs after it "
+                 "could",
+                 "resumed" if self.attachment.resumed else "new", self.attachment.holder_pid,
+                 self.attachment.waiting, self.serving_after)
         try:
             trio.run(self._main)
         finally:
             if self.containerd is not None:
                 self.containerd.stop()
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=False)      # the mount is the holder's
             layers.close()
             log.info("service stopped")
 
     async def _main(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._fuse_main)
-            await trio.to_thread.run_sync(self.running_layers.remount_known)
             self.running_layers.start_background()
             with self._cancel:
                 await self._serve()
 
     async def _fuse_main(self) -> None:
-        await pyfuse3.main()
+        """Serve FUSE until told to stop; the channel closing under us means the holder died."""
+        try:
+            await pyfuse3.main()
+        except Exception as e:
+            if not self._stopping:
+                log.error("the FUSE channel failed: %s", e)
+        if not self._stopping:
+            pid = self.attachment.holder_pid if self.attachment else 0
+            log.error("the FUSE session holder (pid %d) is gone: its mount is lost, readers get errors; "
+                      "the service stops (the next start mounts afresh)", pid)
+            record_lost(self.holder, pid)
+            self._cancel.cancel()
 
     async def _serve(self) -> None:
         sock_path = self.paths.socket
@@ -199,6 +227,8 @@ class Service:
                 pass
             if request_is_shutdown(buf):
                 await self._shutdown()
+            elif request_op(buf) == "hand_over":
+                self._hand_over()
 
     async def _dispatch(self, req: dict) -> dict:
         op = req.get("op")
@@ -221,7 +251,11 @@ class Service:
             return {"ok": True, "unmounted": done}
         if op == "status":
             layers = self.running_layers
+            a = self.attachment
             return {"ok": True, "pid": os.getpid(), "rss_bytes": _rss_bytes(),
+                    "session": {"holder_pid": a.holder_pid if a else 0, "resumed": a.resumed if a else False,
+                                "handed_over": a.waiting if a else 0,
+                                "serving_after_seconds": round(self.serving_after, 3)},
                     "mountpoint": os.fspath(self.paths.mountpoint),
                     "cache_bytes": layers.cache.total_bytes,
                     "cache_max_bytes": layers.cache.max_bytes,
@@ -230,7 +264,7 @@ class Service:
                     "layers": [s.to_json() for s in layers.status()]}
         if op == "read_order":       # the spans reads touched, for `lazyoci soci optimize`
             return {"ok": True, "views": [list(v) for v in self.running_layers.read_order()]}
-        if op == "shutdown":
+        if op in ("shutdown", "hand_over"):
             return {"ok": True}
         raise LazyociError(f"unknown request {op!r}")
 
@@ -243,6 +277,8 @@ class Service:
         for a moment: a reader whose read failed asks the kernel again, and that request too
         gets EIO, not ENOTCONN from a session that is gone."""
         log.info("shutdown requested")
+        self._stopping = True
+        await trio.to_thread.run_sync(say_leaving, self.holder)
         client = self.running_layers.client
         client.cancel()
         give_up = time.monotonic() + _DRAIN_MAX_SECONDS
@@ -252,12 +288,29 @@ class Service:
         pyfuse3.terminate()
         self._cancel.cancel()
 
+    def _hand_over(self) -> None:
+        """Leave the FUSE session to the next service process: exit now, answering nothing more.
+
+        Whatever this process took from the kernel and did not answer, the holder sends
+        the next one (a crash is the same to the holder); spans on their way to the disk
+        cache are written first, so the next process finds them."""
+        log.info("handing the FUSE session over to the next service process")
+        self._stopping = True
+        say_leaving(self.holder)
+        flush_cache_writes()
+        logging.shutdown()
+        os._exit(0)
+
+
+def request_op(buf: bytes) -> object:
+    try:
+        return json.loads(buf.split(b"\n", 1)[0]).get("op")
+    except (ValueError, AttributeError):
+        return None
+
 
 def request_is_shutdown(buf: bytes) -> bool:
-    try:
-        return json.loads(buf.split(b"\n", 1)[0]).get("op") == "shutdown"
-    except (ValueError, AttributeError):
-        return False
+    return request_op(buf) == "shutdown"
 
 
 def _daemonize(log_file: Path) -> None:
@@ -285,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--foreground", action="store_true")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--take-over", action="store_true",
+                        help="if a service runs, get ready beside it, then wait for it to hand over")
     args = parser.parse_args(argv)
     root = DataRoot(args.root.absolute()).ensure()
     paths = ServicePaths(root)
@@ -296,8 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     pid_fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(pid_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        waits = False
     except BlockingIOError:
-        return
+        if not args.take_over:
+            return
+        waits = True       # `service restart`: the running service hands over once this one is ready
     if not args.foreground:
         _daemonize(paths.log_file)
     logging.basicConfig(
@@ -306,10 +364,27 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)  # one line per Range request otherwise
     _tune_malloc()
-    os.ftruncate(pid_fd, 0)
-    os.write(pid_fd, f"{os.getpid()}\n".encode())
+    holder = HolderPaths(paths.dir)
     try:
-        Service(root, config).run()
+        relaunch = [sys.executable, "-m", "lazyoci.service.daemon", "--root", os.fspath(root.path)]
+        if args.config:
+            relaunch += ["--config", os.fspath(args.config.absolute())]
+        if args.debug:
+            relaunch.append("--debug")
+        service = Service(root, config, relaunch)
+        if waits:
+            write_takeover(holder, os.getpid(), ready=False)
+            service.prepare()
+            write_takeover(holder, os.getpid(), ready=True)
+            log.info("ready to take over (pid %d)", os.getpid())
+            fcntl.flock(pid_fd, fcntl.LOCK_EX)        # until the running service has handed over
+            service.started = time.monotonic()
+        else:
+            service.prepare()
+        os.ftruncate(pid_fd, 0)
+        os.write(pid_fd, f"{os.getpid()}\n".encode())
+        holder.takeover_file.unlink(missing_ok=True)
+        service.run()
     except LazyociError as e:
         log.error("service failed: %s", e)
         sys.exit(1)
@@ -322,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
                 paths.pid_file.unlink()
         except OSError:
             pass
+        if (read_takeover(holder) or {}).get("pid") == os.getpid():    # it never took over
+            holder.takeover_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

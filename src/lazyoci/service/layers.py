@@ -43,6 +43,7 @@ from lazyoci.oci.reference import Reference
 from lazyoci.service.records import SCHEMA, SCHEMA_NAME
 from lazyoci.service.paths import layer_view_name
 from lazyoci.service.prefetch import prefetch_files
+from lazyoci.service.view_slots import view_slot
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
@@ -231,8 +232,9 @@ class LayerManager:
             self._meta[view] = (str(reference), time.monotonic())
             self._labels[view] = fmt.label if fmt.name != "ztoc" else \
                 ("soci" if getattr(ztoc, "headers_in_stream", True) else "zstd:chunked")
+        slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
         self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier,
-                                    self._xattrs_disabled(layer_digest, ztoc_digest)))
+                                    self._xattrs_disabled(layer_digest, ztoc_digest)), slot)
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs",
                  layer_digest, fmt.name, len(tree), len(spans),

@@ -1,0 +1,434 @@
+"""The FUSE session holder: owns `/dev/fuse` and the mount, so the service can restart under running containers.
+
+The kernel talks to a FUSE filesystem through one `/dev/fuse` descriptor, sends
+FUSE_INIT once per connection and aborts the mount when the last descriptor
+closes. So a small process of its own holds that descriptor and relays the
+protocol, message for message, between the kernel and the service over a
+SOCK_SEQPACKET unix socket (one FUSE message per packet; libfuse serves it as
+its mountpoint `/dev/fd/N`). It keeps what a new service process needs to take
+the session over:
+
+- the kernel's INIT request: replayed to each new service process, whose reply is
+  swallowed (the kernel negotiated once and must not hear from INIT again);
+- every request relayed but not yet answered (it sees the replies, so it knows):
+  re-sent to the next service process, so a read the dead process had taken is
+  answered, not lost.
+
+While no service is attached, it does not read `/dev/fuse`: new requests wait in
+the kernel's queue and their readers see a pause, not an error. A service that
+goes without saying so first (killed, out of memory) is started again by the
+holder with the command line it attached with; if that one does not attach within
+RELAUNCH_SECONDS, the holder tries no more (a service that cannot start is not
+started in a loop) and `lazyoci service start` is the way. If the holder
+itself dies, the kernel aborts the connection: readers get an error at once
+(ENOTCONN), never a hang.
+
+It imports little (the standard library and `lazyoci.libc`), holds nothing but
+descriptors and the unanswered requests, and asks the kernel never to pick it when
+memory runs out. Control requests (one JSON packet in, one out) on `<root>/service/holder.sock`:
+    {"op": "attach", "relaunch": [argv]} -> {"ok": true, "resumed": bool, ...}; the socket is then
+                                            the FUSE channel; argv starts a service after a crash
+    {"op": "leaving", "pid": N} -> {"ok": true}; service N is about to detach on purpose
+    {"op": "status"}  -> {"ok": true, "pid", "rss_bytes", "attached", "waiting", "relayed", "service_pid"}
+    {"op": "stop"}    -> {"ok": true}; then detaches the mount and exits
+
+Run as `python -m lazyoci.service.session_holder --root R`: it mounts, listens, then
+detaches (double fork); the launcher returns once the holder can be attached to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import json
+import logging
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from lazyoci import libc
+
+log = logging.getLogger("lazyoci.holder")
+
+# struct fuse_in_header: len, opcode, unique, nodeid, ... (Linux include/uapi/linux/fuse.h)
+_IN_HEADER = struct.Struct("<IIQQ")
+# struct fuse_out_header: len, error, unique
+_OUT_HEADER = struct.Struct("<IiQ")
+_FUSE_FORGET, _FUSE_INIT, _FUSE_INTERRUPT, _FUSE_NOTIFY_REPLY, _FUSE_BATCH_FORGET = 2, 26, 36, 41, 42
+_NO_REPLY = frozenset({_FUSE_FORGET, _FUSE_INTERRUPT, _FUSE_NOTIFY_REPLY, _FUSE_BATCH_FORGET})
+
+# The largest message either way: a READ reply of FUSE's 256-page maximum plus headers.
+# The packet buffers of the channel are forced above it (a SEQPACKET message must fit whole).
+MAX_MESSAGE = (1 << 20) + 4096
+CHANNEL_BUFFER = 4 << 20
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MNT_DETACH = 1, 2, 4, 2
+RELAUNCH_SECONDS = 10.0
+_BATCH = 64                   # messages relayed one way before looking at the other
+_CONTROL_TIMEOUT = 1.0    # a control client's request comes at once; the relay waits meanwhile
+
+
+def set_channel_buffers(sock: socket.socket) -> None:
+    """Make room for the largest FUSE message in one packet (root may exceed the sysctl limits)."""
+    for force, plain in ((getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF),
+                         (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, CHANNEL_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, CHANNEL_BUFFER)
+
+
+def _set_oom_score_adj(value: int) -> None:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError:
+        pass
+
+
+def _killable() -> None:
+    """In a service the holder starts: the OOM killer may pick it as it would any process
+    (the holder's own exemption is inherited otherwise)."""
+    _set_oom_score_adj(0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _mounted(target: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def mount_fuse(mountpoint: str) -> int:
+    """Open /dev/fuse and mount it read-only at mountpoint, as libfuse would; returns the descriptor.
+
+    A dead mount a killed holder left behind is detached first."""
+    if _mounted(mountpoint):
+        log.warning("detaching a stale mount at %s", mountpoint)
+        libc.umount2(mountpoint, _MNT_DETACH)
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    st = os.stat(mountpoint)
+    data = f"fd={fd},rootmode={st.st_mode & 0o170000:o},user_id=0,group_id=0,default_permissions"
+    try:
+        libc.mount("lazyoci", mountpoint, "fuse.lazyoci", _MS_RDONLY | _MS_NOSUID | _MS_NODEV, data)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Holder:
+    """One FUSE connection relayed to whichever service process is attached."""
+
+    def __init__(self, fuse_fd: int, listener: socket.socket, mountpoint: str) -> None:
+        self.fuse_fd = fuse_fd
+        os.set_blocking(fuse_fd, False)            # read until EAGAIN, then poll again
+        self.listener = listener
+        self.mountpoint = mountpoint
+        self.init_request: bytes | None = None     # the kernel's INIT, replayed to every new service
+        self.init_reply: bytes | None = None       # the first service's answer (what the kernel knows)
+        self.pending: dict[int, bytes] = {}        # unique -> request relayed and not answered yet
+        self.service: socket.socket | None = None
+        self.service_pid = 0
+        self.outbox: deque[bytes] = deque()        # requests for the service its socket had no room for
+        self.swallow: int | None = None            # unique of a replayed INIT: its reply is not the kernel's
+        self.relayed = 0                           # replies relayed to the kernel
+        self._in = bytearray(MAX_MESSAGE)
+        self._out = bytearray(MAX_MESSAGE)
+        self._poll = select.poll()
+        self._running = True
+        self.relaunch: list[str] = []               # the attached service's command line
+        self.leaving_pid = 0                        # a service that said it detaches on purpose
+        self._last_relaunch = -RELAUNCH_SECONDS
+        self._relaunched = False                    # a service was started and has not attached yet
+        self._launcher: subprocess.Popen[bytes] | None = None
+
+    # -- control ---------------------------------------------------------------
+
+    def _accept(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.settimeout(_CONTROL_TIMEOUT)
+        try:
+            request = json.loads(conn.recv(4096) or b"{}")
+            op = request.get("op")
+        except (OSError, ValueError, AttributeError):
+            conn.close()
+            return
+        if op == "attach":
+            argv = request.get("relaunch")
+            self._attach(conn, [str(a) for a in argv] if isinstance(argv, list) else [])
+            return
+        with conn:
+            if op == "status":
+                reply = {"ok": True, "pid": os.getpid(), "rss_bytes": _rss_bytes(),
+                         "attached": self.service is not None, "service_pid": self.service_pid,
+                         "waiting": len(self.pending), "relayed": self.relayed, "mountpoint": self.mountpoint}
+            elif op == "stop":
+                reply = {"ok": True}
+                self._running = False
+            elif op == "leaving":
+                self.leaving_pid = int(request.get("pid", 0))
+                reply = {"ok": True}
+            else:
+                reply = {"ok": False, "error": f"unknown request {op!r}"}
+            try:
+                conn.send(json.dumps(reply).encode())
+            except OSError:
+                pass
+
+    def _attach(self, conn: socket.socket, relaunch: list[str]) -> None:
+        while self.service is not None and self._one_from_service():
+            pass      # the previous service may be gone with its end-of-file not read yet: read it now
+        if self.service is not None:
+            with conn:
+                conn.send(json.dumps({"ok": False, "error": f"a service (pid {self.service_pid}) is "
+                                                            f"attached already"}).encode())
+            return
+        set_channel_buffers(conn)
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
+        resumed = self.init_reply is not None
+        conn.send(json.dumps({"ok": True, "resumed": resumed, "pid": os.getpid(),
+                              "waiting": len(self.pending)}).encode())
+        conn.setblocking(False)
+        self.service, self.service_pid = conn, pid
+        self.relaunch = relaunch
+        self._relaunched = False
+        if resumed:
+            assert self.init_request is not None
+            self.swallow = _IN_HEADER.unpack_from(self.init_request)[2]
+            self.outbox.append(self.init_request)
+        self.outbox.extend(self.pending[u] for u in sorted(self.pending))
+        log.info("service pid %d attached (%s, %d request(s) handed over)", pid,
+                 "resumed" if resumed else "new session", len(self.pending))
+        self._poll.register(conn, select.POLLIN)
+        self._flush()
+
+    def _detach(self) -> None:
+        assert self.service is not None
+        on_purpose = self.service_pid == self.leaving_pid
+        log.info("service pid %d %s; %d request(s) wait for the next one", self.service_pid,
+                 "detached" if on_purpose else "was lost", len(self.pending))
+        self._poll.unregister(self.service)
+        self.service.close()
+        self.service, self.service_pid = None, 0
+        self.outbox.clear()
+        self.swallow = None
+        self._poll.modify(self.fuse_fd, 0)      # requests now wait in the kernel's queue
+        if not on_purpose:
+            self._start_service()
+
+    def _start_service(self) -> None:
+        """Start a service after one was lost, unless the last one started never attached."""
+        now = time.monotonic()
+        if not self.relaunch or (self._relaunched and now - self._last_relaunch < RELAUNCH_SECONDS):
+            return
+        self._last_relaunch, self._relaunched = now, True
+        log.info("starting the service again")
+        try:   # the launcher detaches the service and exits; it is reaped in run()
+            self._launcher = subprocess.Popen(self.relaunch, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                              preexec_fn=_killable)
+        except OSError as e:
+            log.error("cannot start the service: %s", e)
+
+    # -- relay -----------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Send queued requests to the service while its socket takes them."""
+        assert self.service is not None
+        while self.outbox:
+            try:
+                self.service.send(self.outbox[0])
+            except BlockingIOError:
+                break
+            except OSError:
+                self._detach()
+                return
+            self.outbox.popleft()
+        self._poll.modify(self.service, select.POLLIN | (select.POLLOUT if self.outbox else 0))
+        self._poll.modify(self.fuse_fd, 0 if self.outbox else select.POLLIN)
+
+    def _from_kernel(self) -> None:
+        """Relay what the kernel has queued, a batch at most (one poll per batch, not per message)."""
+        for _ in range(_BATCH):
+            if self.service is None or self.outbox or not self._running or not self._one_from_kernel():
+                return
+
+    def _from_service(self) -> None:
+        for _ in range(_BATCH):
+            if self.service is None or not self._one_from_service():
+                return
+
+    def _one_from_kernel(self) -> bool:
+        try:
+            n = os.readv(self.fuse_fd, [self._in])
+        except OSError as e:
+            if e.errno in (errno.EINTR, errno.ENOENT):
+                return True
+            if e.errno == errno.EAGAIN:
+                return False
+            if e.errno == errno.ENODEV:       # unmounted
+                log.info("the mount is gone; the holder ends")
+                self._running = False
+                return False
+            raise
+        message = bytes(memoryview(self._in)[:n])
+        _, opcode, unique, _ = _IN_HEADER.unpack_from(message)
+        if opcode == _FUSE_INIT and self.init_request is None:
+            self.init_request = message
+        if opcode not in _NO_REPLY:
+            self.pending[unique] = message
+        self.outbox.append(message)
+        self._flush()
+        return True
+
+    def _one_from_service(self) -> bool:
+        assert self.service is not None
+        try:
+            n = self.service.recv_into(self._out)
+        except BlockingIOError:
+            return False
+        except OSError:
+            n = 0
+        if n < _OUT_HEADER.size:
+            self._detach()
+            return False
+        view = memoryview(self._out)[:n]
+        _, _, unique = _OUT_HEADER.unpack_from(view)
+        if unique and unique == self.swallow:
+            self.swallow = None
+            if self.init_reply is not None and view[8:] != self.init_reply[8:]:
+                log.warning("the new service negotiated other FUSE parameters; the kernel keeps the first")
+            return True
+        request = self.pending.pop(unique, None) if unique else None
+        if request is not None and self.init_reply is None and \
+                _IN_HEADER.unpack_from(request)[1] == _FUSE_INIT:
+            self.init_reply = bytes(view)
+        self.relayed += 1
+        try:
+            os.write(self.fuse_fd, view)
+        except OSError as e:
+            # ENOENT: the kernel gave the request up (interrupted), or a notification it had
+            # nothing to do for; either way nothing is owed to anyone.
+            if e.errno != errno.ENOENT:
+                log.warning("writing a reply to the kernel failed: %s", e)
+        return True
+
+    def run(self) -> None:
+        self._poll.register(self.listener, select.POLLIN)
+        self._poll.register(self.fuse_fd, 0)      # POLLERR alone: the mount went away
+        while self._running:
+            if self._launcher is not None and self._launcher.poll() is not None:
+                self._launcher = None
+            for fd, events in self._poll.poll(None if self._launcher is None else 100):
+                if fd == self.listener.fileno():
+                    self._accept()
+                elif fd == self.fuse_fd:
+                    if events & (select.POLLERR | select.POLLHUP) and not events & select.POLLIN:
+                        log.info("the FUSE connection ended; the holder ends")
+                        self._running = False
+                    elif self.service is not None and not self.outbox:
+                        self._from_kernel()
+                elif self.service is not None and fd == self.service.fileno():
+                    if events & select.POLLIN:
+                        self._from_service()
+                    if self.service is not None and events & select.POLLOUT:
+                        self._flush()
+                    elif self.service is not None and events & (select.POLLHUP | select.POLLERR) \
+                            and not events & select.POLLIN:
+                        self._detach()
+                if not self._running:
+                    break
+
+    def close(self) -> None:
+        """Detach the mount and drop the connection (containers on it then get errors)."""
+        if self.service is not None:
+            self._detach()
+        try:
+            libc.umount2(self.mountpoint, _MNT_DETACH)
+        except OSError as e:
+            if e.errno != errno.EINVAL:     # not mounted any more
+                log.warning("detaching %s failed: %s", self.mountpoint, e)
+        os.close(self.fuse_fd)
+
+
+def _daemonize(log_file: Path) -> None:
+    """Double fork, as the service does: the grandchild holds, re-parented to init."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lazyoci-holder")
+    parser.add_argument("--service-dir", type=Path, required=True)
+    parser.add_argument("--foreground", action="store_true")
+    args = parser.parse_args(argv)
+    service_dir: Path = args.service_dir.absolute()
+    pid_fd = os.open(service_dir / "holder.pid", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(pid_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return        # one holder per data root: it is running
+    logging.basicConfig(filename=None if args.foreground else os.fspath(service_dir / "holder.log"),
+                        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mountpoint = os.fspath(service_dir / "mnt")
+    sock_path = service_dir / "holder.sock"
+    sock_path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    dfd = os.open(service_dir, os.O_RDONLY | os.O_DIRECTORY)    # long data roots: bind through the fd
+    old = os.umask(0o177)
+    try:
+        listener.bind(f"/proc/self/fd/{dfd}/{sock_path.name}")
+    finally:
+        os.umask(old)
+        os.close(dfd)
+    listener.listen(16)
+    fuse_fd = mount_fuse(mountpoint)
+    (service_dir / "holder.lost").unlink(missing_ok=True)
+    if not args.foreground:
+        _daemonize(service_dir / "holder.log")
+    _set_oom_score_adj(-1000)          # holding every mount, it must be the last the kernel kills
+    os.ftruncate(pid_fd, 0)
+    os.write(pid_fd, f"{os.getpid()}\n".encode())
+    log.info("holder ready (pid %d), mount %s", os.getpid(), mountpoint)
+    holder = Holder(fuse_fd, listener, mountpoint)
+    try:
+        holder.run()
+    except Exception:
+        log.exception("holder failed")
+        sys.exit(1)
+    finally:
+        holder.close()
+        listener.close()
+        sock_path.unlink(missing_ok=True)
+        log.info("holder stopped")
+
+
+if __name__ == "__main__":
+    main()
