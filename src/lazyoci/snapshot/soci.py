@@ -46,9 +46,9 @@ from lazyoci.store.layout import DataRoot
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService, LocalImage
 
-__all__ = ["LABEL_ZTOC", "LazyLayerRecord", "SociSnapshotter", "snapshot_keys"]
+__all__ = ["LABEL_ZTOC", "LazyLayerRecord", "SociSnapshotter", "StargzSnapshotter", "snapshot_keys"]
 
-LABEL_ZTOC = "com.amazon.soci.ztoc-digest"
+LABEL_ZTOC = "com.amazon.soci.ztoc-digest"   # the digest of the view's index, a zTOC or a layer's own
 _VIEWS_MARK = "+ztocs:"     # a key past it names the zTOCs of the lazy layers below
 
 
@@ -224,3 +224,20 @@ class SociSnapshotter(LayeredSnapshotter):
         from lazyoci.snapshot.soci_pull import lazy_pull
 
         return lazy_pull(self, images, ref, platform, progress, log, index_digest)
+
+
+class StargzSnapshotter(SociSnapshotter):
+    """`--snapshotter stargz` (nerdctl's name): lazy through the indexes layers carry themselves
+    (eStargz), without looking for a SOCI index. It is the soci snapshotter's data and service
+    under another name, so images and containers of either are the same snapshots."""
+
+    name = "stargz"
+
+    def pull(self, images: "ImageService", ref: str, platform=None, progress=None,
+             index_digest: str | None = None, log=None) -> "LocalImage":
+        from lazyoci.errors import ConfigError
+        from lazyoci.snapshot.soci_pull import lazy_pull
+
+        if index_digest is not None:
+            raise ConfigError("--soci-index-digest is for --snapshotter soci, not stargz")
+        return lazy_pull(self, images, ref, platform, progress, log, None, own_only=True)
