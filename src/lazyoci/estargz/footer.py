@@ -10,9 +10,9 @@ is a FormatError, so a layer whose footer lies is never taken for eStargz.
 from __future__ import annotations
 
 import struct
-import zlib
 
 from lazyoci.errors import FormatError
+from lazyoci.oci.compression import inflate_gzip_member, sniff_compression
 
 __all__ = ["FOOTER_SIZE", "LEGACY_FOOTER_SIZE", "parse_footer"]
 
@@ -24,7 +24,7 @@ _GZIP_FEXTRA = 0x04
 
 def _extra_field(footer: bytes) -> bytes:
     """The gzip extra field of an empty gzip member `footer` (FormatError if it is not one)."""
-    if len(footer) < 12 or footer[:3] != b"\x1f\x8b\x08" or footer[3] != _GZIP_FEXTRA:
+    if len(footer) < 12 or sniff_compression(footer) != "gzip" or footer[2] != 8 or footer[3] != _GZIP_FEXTRA:
         raise FormatError("not an eStargz footer: no gzip header with only an extra field")
     (xlen,) = struct.unpack_from("<H", footer, 10)
     extra = footer[12:12 + xlen]
@@ -32,11 +32,10 @@ def _extra_field(footer: bytes) -> bytes:
     if len(extra) != xlen:
         raise FormatError("not an eStargz footer: its extra field is cut short")
     try:
-        d = zlib.decompressobj(-zlib.MAX_WBITS)
-        body = d.decompress(rest, 1)
-    except zlib.error as e:
+        body, after = inflate_gzip_member(rest, 1, raw=True)
+    except FormatError as e:
         raise FormatError(f"not an eStargz footer: {e}") from None
-    if body or not d.eof or len(d.unused_data) != 8 or d.unused_data != bytes(8):
+    if body or after != bytes(8):
         raise FormatError("not an eStargz footer: the gzip member is not empty")
     return extra
 

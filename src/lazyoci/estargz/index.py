@@ -42,7 +42,6 @@ import hashlib
 import io
 import json
 import re
-import zlib
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from datetime import datetime
@@ -50,6 +49,7 @@ from typing import Any, NamedTuple
 
 from lazyoci.errors import FormatError, IntegrityError
 from lazyoci.estargz.footer import parse_footer
+from lazyoci.oci.compression import inflate_gzip_member
 from lazyoci.tar.headers import TarHeader, iter_headers
 from lazyoci.ztoc.limits import (MAX_ENTRIES, MAX_SPAN_BYTES, MAX_XATTR_NAME_BYTES, MAX_XATTR_VALUE_BYTES,
                                  MAX_ZTOC_BYTES, check_name)
@@ -175,13 +175,12 @@ def read_toc(tail: bytes) -> tuple[int, bytes]:
 def _toc_member(member: bytes) -> tuple[TarHeader, bytes]:
     """The tar header and the data of `stargz.index.json` from the gzip member that holds it."""
     MAX_ZTOC_BYTES.check(len(member), "the eStargz TOC")
-    d = zlib.decompressobj(31)
     try:
-        tar = d.decompress(member, MAX_ZTOC_BYTES.value + 1)
-    except zlib.error as e:
-        raise FormatError(f"eStargz TOC does not inflate: {e}") from None
+        tar, after = inflate_gzip_member(member, MAX_ZTOC_BYTES.value + 1)
+    except FormatError as e:
+        raise FormatError(f"eStargz TOC {e}") from None
     MAX_ZTOC_BYTES.check(len(tar), "the inflated eStargz TOC")
-    if not d.eof or d.unused_data:
+    if after != b"":
         raise FormatError("eStargz TOC: the bytes between the TOC offset and the footer are not one gzip member")
     f = io.BytesIO(tar)
     for header in iter_headers(f):
@@ -394,9 +393,9 @@ class EStargzIndex:
         last = s.chunks[-1]
         need = last.inner + last.size
         try:
-            data = zlib.decompressobj(31).decompress(fetched, need)
-        except zlib.error as e:
-            raise IntegrityError(f"span {i} does not inflate: {e}") from None
+            data = inflate_gzip_member(fetched, need)[0]
+        except FormatError as e:
+            raise IntegrityError(f"span {i} {e}") from None
         if len(data) < need:
             raise IntegrityError(f"span {i} inflates to {len(data)} bytes, its chunks need {need}")
         parts = []
