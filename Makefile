@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := docker-registry skopeo umoci runc flatbuffers-compiler pigz zstd \
+APT_PACKAGES := docker-registry skopeo umoci runc flatbuffers-compiler pigz zstd stargz-snapshotter \
 	fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv apache2-utils \
 	mmdebstrap iproute2 util-linux busybox-static strace buildah podman \
 	containerd golang-github-containerd-containerd-dev

@@ -140,7 +140,7 @@ def test_yaml_is_loaded_only_for_a_config_file(tmp_path):
     p = subprocess.run([LAZYOCI, "--root", str(tmp_path / "root"), "--config", str(config), "ps"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert p.stderr.strip() == f"lazyoci: error: {config}:3: unknown snapshotter 'bogus' (supported: overlayfs, soci)"
+    assert p.stderr.strip() == f"lazyoci: error: {config}:3: unknown snapshotter 'bogus' (supported: overlayfs, soci, stargz)"
 
     config.write_text("snapshotters:\n  - soci\n")
     modules, out = imported_modules(tmp_path, "ps", config=config)

@@ -29,7 +29,7 @@ needs_atheris = pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
 
 RUNNER = Path(__file__).parent / "fuzz" / "run.py"
 TARGETS = ["tar_stream", "toc_builder", "ztoc", "zinfo", "soci_index", "manifest", "reference", "config_file",
-           "zstd_chunked_toc"]
+           "zstd_chunked_toc", "estargz"]
 SECONDS = int(os.environ.get("LAZYOCI_FUZZ_SECONDS", "0"))     # 0: the fixed run of make test
 FIXED_RUN = ["-seed=1", "-runs=8000"]                           # about 3 s a target
 
@@ -61,6 +61,31 @@ FINDINGS = {
     "config-file-key-a-mapping": ("config_file", b"{{}}"),
     "zstd-chunked-version-a-list": ("zstd_chunked_toc", b'\x01{"version":[{"type":"dir","name":"etc/"}]}'),
 }
+
+
+def test_the_estargz_seeds_parse():
+    """The eStargz seeds are valid tails (the fuzzer starts from inputs that parse)."""
+    from seeds import estargz_tail
+
+    from lazyoci.estargz import EStargzIndex
+
+    for legacy in (False, True):
+        index = EStargzIndex.parse(estargz_tail(legacy))
+        assert [index.entry(i).name for i in range(len(index))][:3] == [".prefetch.landmark", "etc", "etc/a"]
+        assert index.prefetch_bytes == 0 and index.num_spans == 4     # landmark, 2 chunk members, the TOC
+
+
+@pytest.mark.parametrize("name", ["etc/\ud800x", "etc/\udc80x", "etc/\ufffd"])
+def test_an_estargz_name_that_was_not_utf8_is_refused(name):
+    """Found by hand after the fuzzer: a lone surrogate in a TOC name crashed the encoder. A TOC
+    (JSON) cannot carry a tar name that is not UTF-8, its writer puts U+FFFD there: refused."""
+    from seeds import estargz_tail
+
+    from lazyoci.errors import FormatError
+    from lazyoci.estargz import EStargzIndex
+
+    with pytest.raises(FormatError, match="not UTF-8"):
+        EStargzIndex.parse(estargz_tail(name=name))
 
 
 @pytest.mark.parametrize("finding", list(FINDINGS))

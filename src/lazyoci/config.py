@@ -37,7 +37,7 @@ from lazyoci.errors import ConfigError
 if TYPE_CHECKING:
     import yaml
 
-SNAPSHOTTERS = ("overlayfs", "soci")
+SNAPSHOTTERS = ("overlayfs", "soci", "stargz")   # stargz: nerdctl's name; the layers' own indexes only
 RUNTIMES = ("runc", "crun")
 TOP_LEVEL_KEYS = ("snapshotters", "runtime", "insecure_registries", "registry_mirrors", "soci", "containerd")
 PULL_POLICIES = ("missing", "always", "never")   # `run --pull`

@@ -60,6 +60,8 @@ def seeds(target: str) -> list[bytes]:
     if target == "ztoc":
         return [build_ztoc(io.BytesIO(gz.blob), "gzip", span_size=1024),
                 build_ztoc(io.BytesIO(raw), "none", span_size=2048)]
+    if target == "estargz":
+        return [estargz_tail(), estargz_tail(legacy=True)]
     if target == "zinfo":
         from lazyoci.ztoc.reader import Ztoc
         points = Ztoc.parse(build_ztoc(io.BytesIO(gz.blob), "gzip", span_size=1024)).checkpoints
@@ -129,6 +131,38 @@ def _zstd_chunked_tocs(raw: bytes) -> list[tuple[int, bytes]]:
         assert loc is not None
         out.append((loc.data_end, decode_toc(data[loc.offset:loc.offset + loc.length])))
     return out
+
+
+def estargz_tail(legacy: bool = False, name: str = "etc/b") -> bytes:
+    """The tail of a small eStargz layer (TOC member and footer) as ctr-remote lays it out: every
+    entry kind, a file in two chunks, a landmark. The seed's TOC offset is made up (4096)."""
+    import gzip
+
+    toc_offset = 4096
+    d = "sha256:" + "ab" * 32
+    toc = {"version": 1, "entries": [
+        {"name": ".prefetch.landmark", "type": "reg", "size": 1, "offset": 90, "chunkDigest": d},
+        {"name": "etc/", "type": "dir", "mode": 493, "modtime": "2023-11-14T22:13:20Z"},
+        {"name": "etc/a", "type": "reg", "size": 10, "offset": 200, "chunkSize": 6, "chunkDigest": d,
+         "uid": 1000, "gid": 50, "mode": 2541, "xattrs": {"user.x": "eQ=="}},
+        {"name": "etc/a", "type": "chunk", "offset": 300, "chunkOffset": 6, "chunkDigest": d},
+        {"name": name, "type": "reg", "size": 3, "offset": 300, "innerOffset": 700, "chunkDigest": d},
+        {"name": "etc/l", "type": "symlink", "linkName": "a"},
+        {"name": "etc/h", "type": "hardlink", "linkName": "etc/a"},
+        {"name": "etc/.wh.gone", "type": "reg"},
+        {"name": "dev/c", "type": "char", "devMajor": 1, "devMinor": 3},
+        {"name": "dev/f", "type": "fifo"}]}
+    body = json.dumps(toc).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("stargz.index.json")
+        ti.size = len(body)
+        tf.addfile(ti, io.BytesIO(body))
+    text = b"%016xSTARGZ" % toc_offset
+    extra = text if legacy else b"SG" + len(text).to_bytes(2, "little") + text
+    footer = (b"\x1f\x8b\x08\x04" + bytes(4) + b"\x00\xff" + len(extra).to_bytes(2, "little") + extra
+              + b"\x01\x00\x00\xff\xff" + bytes(8))
+    return gzip.compress(buf.getvalue(), mtime=0) + footer
 
 
 def write_corpus(target: str, directory: Path) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lazyoci.config import load_config
 from lazyoci.errors import LazyociError
+from lazyoci.estargz import EStargzIndex
 from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import ImageConfig, Index, Manifest, parse_any
 from lazyoci.oci.reference import Reference
@@ -131,10 +132,27 @@ def zstd_chunked_toc(data: bytes) -> None:
     index.spans_for(0, index.uncompressed_size)
 
 
+def estargz(data: bytes) -> None:
+    """estargz/: the footer, the TOC member and the TOC of an eStargz layer's tail; then every
+    entry, and each span decoded from bytes that are not its own (an IntegrityError, or data
+    that matches every chunk digest)."""
+    index = EStargzIndex.parse(data)
+    repr(index)
+    for i in range(min(len(index), _ENTRY_WALK)):
+        index.entry(i), index.entry_name(i)
+    list(index.tree_entries())
+    index.spans_for(0, index.uncompressed_size)
+    for i in range(min(index.num_spans, 8)):
+        c0, c1 = index.span_compressed_range(i)
+        index.span_uncompressed_range(i), index.span_digest(i)
+        if c1 - c0 <= 1 << 16:
+            index.decompress_span(i, data[:c1 - c0].ljust(c1 - c0, b"\0"))
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "tar_stream": tar_stream, "toc_builder": toc_builder, "ztoc": ztoc, "zinfo": zinfo,
     "soci_index": soci_index, "manifest": manifest, "reference": reference, "config_file": config_file,
-    "zstd_chunked_toc": zstd_chunked_toc,
+    "zstd_chunked_toc": zstd_chunked_toc, "estargz": estargz,
 }
 
 

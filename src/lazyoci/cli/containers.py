@@ -12,7 +12,7 @@ import click
 
 from lazyoci.cli.context import app
 from lazyoci.cli.durations import human_duration
-from lazyoci.cli.shared import image_service, info_line
+from lazyoci.cli.shared import image_service, info_line, lazy_label
 from lazyoci.config import PULL_POLICIES, RUNTIMES, SNAPSHOTTERS
 from lazyoci.errors import ConfigError, LazyociError
 from lazyoci.runtime.containers import ContainerRecord, ContainerStore
@@ -227,15 +227,15 @@ def _ps_formatted(recs: list[ContainerRecord], fmt: str) -> None:
 
 def _snapshotter(rec: ContainerRecord) -> str:
     """"soci" only when a layer of the container really is lazy: a fallback is never shown as lazy."""
-    if rec.snapshotter != "soci":
+    if rec.snapshotter not in ("soci", "stargz"):
         return rec.snapshotter
     try:
         from lazyoci.snapshot.soci import SociSnapshotter
 
         lazy = SociSnapshotter(DataRoot(app().root), app().config).is_lazy(rec.snapshot_key)
     except (LazyociError, ImportError):
-        return "soci"
-    return "soci" if lazy else "soci (not lazy)"
+        return rec.snapshotter
+    return lazy_label(rec.snapshotter, rec.image) if lazy else f"{rec.snapshotter} (not lazy)"
 
 
 @click.command("logs")

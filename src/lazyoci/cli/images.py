@@ -14,7 +14,8 @@ import click
 from lazyoci.cli.context import app
 from lazyoci.cli.durations import human_duration
 from lazyoci.cli.progress import ProgressDisplay, human_bytes
-from lazyoci.cli.shared import image_service, info_line, prefetch_files, prefetch_flags, registry_options, soci_push_after_image
+from lazyoci.cli.shared import (image_service, info_line, lazy_label, prefetch_files, prefetch_flags,
+                                registry_options, soci_push_after_image)
 from lazyoci.config import SNAPSHOTTERS
 from lazyoci.errors import ConfigError, LazyociError
 from lazyoci.oci.platform import Platform
@@ -163,7 +164,8 @@ def _list(quiet: bool, digests: bool, fmt: str | None, wanted: str | None = None
     for r in rows:
         table.append([r.repository, r.tag] + ([r.digest] if digests else []) +
                      [r.digest.split(":", 1)[1][:12], _created(r.created), r.platform,
-                      human_bytes(r.size), human_bytes(r.blob_size), r.snapshotter])
+                      human_bytes(r.size), human_bytes(r.blob_size),
+                      lazy_label(r.snapshotter, r.name) if r.snapshotter == "soci" else r.snapshotter])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("    ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

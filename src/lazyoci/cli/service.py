@@ -100,9 +100,9 @@ def _status() -> None:
     if not st["layers"]:
         click.echo("no lazy layers mounted")
         return
-    click.echo(f"{'LAYER':<20}{'FILES':>9}{'FETCHED':>12}{'TOTAL':>12}{'%':>7}{'NETWORK':>12}{'UNREAD':>12}{'PREFETCH':>11}  REF")
+    click.echo(f"{'LAYER':<20}{'FORMAT':<13}{'FILES':>9}{'FETCHED':>12}{'TOTAL':>12}{'%':>7}{'NETWORK':>12}{'UNREAD':>12}{'PREFETCH':>11}  REF")
     for l in st["layers"]:
-        click.echo(f"{l['layer_digest'][:19]:<20}{l['files']:>9}{_human(l['fetched_bytes']):>12}"
+        click.echo(f"{l['layer_digest'][:19]:<20}{l.get('format', 'soci'):<13}{l['files']:>9}{_human(l['fetched_bytes']):>12}"
                    f"{_human(l['total_bytes']):>12}{l['percent']:>6.1f}%{_human(l['network_bytes']):>12}"
                    f"{_human(l['unread_bytes']):>12}{_prefetched(l):>11}  {l['ref']}")
 

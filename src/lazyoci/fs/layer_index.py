@@ -21,13 +21,14 @@ every entry it serves with the entry's own tar header):
   and their compressed ranges go forward, so the ranges of adjacent spans are
   fetched in one request;
 - fetched bytes are served only after `verify_span` and then `decompress_span` both
-  returned: a format whose digests cover decoded bytes (zstd:chunked's chunk digests)
-  checks them in `decompress_span` and raises IntegrityError there, as `verify_span`
-  does for compressed bytes.
+  returned: a format whose digests cover decoded bytes (zstd:chunked's chunk digests,
+  eStargz's chunkDigest) checks them in `decompress_span` and raises IntegrityError there,
+  as `verify_span` does for compressed bytes (eStargz: bytes that do not inflate are an
+  IntegrityError too, so a corrupted byte is EIO after the fetcher's retries).
 
 An index whose stream holds no tar headers says so with `headers_in_stream = False`
-(zstd:chunked's, whose stream is its files' contents alone, and whose TOC is vouched for
-by the image manifest's annotation): the service then skips fs/header_check.py for it.
+(zstd:chunked's and eStargz's, whose streams are their files' contents alone, and whose
+TOCs are vouched for by the image manifest's annotations): the service then skips fs/header_check.py for it.
 """
 
 from __future__ import annotations

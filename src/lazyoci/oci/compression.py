@@ -49,6 +49,40 @@ def open_decompressed(raw: BinaryIO, compression: str) -> BinaryIO:
     raise FormatError(f"unsupported layer compression {compression!r}")
 
 
+def inflate_gzip_member(data: bytes, limit: int, *, raw: bool = False) -> tuple[bytes, bytes | None]:
+    """The first gzip member of `data` inflated, at most `limit` bytes of it, and the bytes after the
+    member (None when it did not end within `limit`): lazy formats that cut a layer into gzip members
+    (eStargz) decode one member at a time. `raw`: a bare deflate stream, its 8-byte trailer left after.
+    FormatError for bytes that do not inflate."""
+    import zlib
+
+    d = zlib.decompressobj(-zlib.MAX_WBITS if raw else 31)
+    try:
+        out = d.decompress(data, limit)
+    except zlib.error as e:
+        raise FormatError(f"does not inflate: {e}") from None
+    return out, (d.unused_data if d.eof else None)
+
+
+def decode_zstd_frames(data: bytes, limit: int) -> bytes:
+    """The decoded bytes of every zstd frame in `data` (skippable frames skipped), at most limit + 1
+    of them (one more than allowed says there are too many), read 1 MiB at a time: lazy formats that
+    cut a layer into zstd frames (zstd:chunked) decode a few at a time. FormatError if they do not decode."""
+    import zstandard
+
+    reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+    out = bytearray()
+    try:
+        while len(out) <= limit:
+            more = reader.read(min(1 << 20, limit + 1 - len(out)))
+            if not more:
+                break
+            out += more
+    except zstandard.ZstdError as e:
+        raise FormatError(f"does not decode: {e}") from None
+    return bytes(out)
+
+
 def decode_errors() -> tuple[type[BaseException], ...]:
     """What the readers of `open_decompressed` raise on a broken stream (each library its own)."""
     import gzip

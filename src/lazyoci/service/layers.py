@@ -43,6 +43,7 @@ from lazyoci.oci.reference import Reference
 from lazyoci.service import view_records as views
 from lazyoci.service.view_records import SCHEMA, SCHEMA_NAME
 from lazyoci.service.paths import layer_view_name
+from lazyoci.service.prefetch import prefetch_files
 from lazyoci.service.view_slots import view_slot
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
@@ -74,7 +75,7 @@ def _parse_index(data: bytes, digest: str) -> LayerIndex:
 class LayerStatus:
     layer_digest: str
     ref: str
-    ztoc_digest: str
+    ztoc_digest: str          # the digest of the view's index, whatever its format
     files: int
     spans: int
     spans_cached: int
@@ -90,6 +91,7 @@ class LayerStatus:
     prefetch_done: int        # of those, fetched by now
     mounted_at: float         # wall time the view was mounted
     first_read_at: float | None   # wall time of its first read (None: not read yet)
+    format: str = "soci"      # how the layer is indexed (layer_formats.py's label)
 
     @property
     def percent(self) -> float:
@@ -123,6 +125,7 @@ class LayerManager:
             insecure_registries=config.insecure_registries, mirrors=dict(config.registry_mirrors)))
         self._meta: dict[tuple[str, str], tuple[str, float]] = {}   # view -> (ref, monotonic mount time)
         self._refs: dict[tuple[str, str], list[Reference]] = {}      # view -> where to fetch, best first
+        self._labels: dict[tuple[str, str], str] = {}                # view -> its format's label
         self._prefetch: dict[tuple[str, str], SpanPrefetch] = {}     # view -> its recorded prefetch
         self._lock = threading.Lock()
         self.background: BackgroundFetcher | None = None
@@ -177,6 +180,9 @@ class LayerManager:
 
         Mounting a mounted view again with another reference makes that reference the
         first to fetch from (the image was pulled again, maybe from elsewhere)."""
+        from lazyoci.layer_formats import format_named
+        from lazyoci.service.view_formats import format_of
+
         layer_digest = str(Digest.parse(layer_digest))
         ztoc_digest = str(Digest.parse(ztoc_digest))
         reference = Reference.parse(ref)
@@ -186,13 +192,18 @@ class LayerManager:
                 self._prefer(view, [reference])
                 views.set_view_ref(self.db, layer_digest, ztoc_digest, str(reference))
             return
+        fmt = format_named(format_of(self.db, layer_digest, ztoc_digest))
+        what = "zTOC" if fmt.name == "ztoc" else f"{fmt.name} index"
         if not self.blobs.has(ztoc_digest):
-            raise StoreError(f"zTOC {ztoc_digest} of layer {layer_digest} is not in the blob store")
+            raise StoreError(f"{what} {ztoc_digest} of layer {layer_digest} is not in the blob store")
         with self.blobs.open(ztoc_digest) as f:
             data = f.read()
-        verify_bytes(data, ztoc_digest, f"zTOC of layer {layer_digest}")
+        verify_bytes(data, ztoc_digest, f"{what} of layer {layer_digest}")
         started = time.monotonic()
-        ztoc = _parse_index(data, ztoc_digest)
+        if fmt.name == "ztoc":        # no recorded format: a zTOC, or a zstd:chunked TOC (by its first bytes)
+            ztoc = _parse_index(data, ztoc_digest)
+        else:
+            ztoc = fmt.open(data, ztoc_digest)
         tree = LayerTree(ztoc)
         _release_freed_memory()     # the build's temporary path table is garbage now
         spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
@@ -219,14 +230,17 @@ class LayerManager:
             fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
+            self._labels[view] = fmt.label if fmt.name != "ztoc" else \
+                ("soci" if getattr(ztoc, "headers_in_stream", True) else "zstd:chunked")
         slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
         self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier,
                                     self._xattrs_disabled(layer_digest, ztoc_digest)), slot)
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
-        log.info("mounted layer %s (%d entries, %d spans, %.1f%% cached) in %.2fs", layer_digest,
-                 len(tree), len(spans), 100.0 * cache.cached_bytes / max(cache.total_bytes, 1),
-                 time.monotonic() - started)
+        log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs",
+                 layer_digest, fmt.name, len(tree), len(spans),
+                 100.0 * cache.cached_bytes / max(cache.total_bytes, 1), time.monotonic() - started)
         self._start_prefetch(view, ztoc.num_spans, fetcher)
+        prefetch_files(ztoc, fetcher, layer_digest)
         if persist:
             views.record_view(self.db, layer_digest, ztoc_digest, str(reference), time.time())
 
@@ -272,6 +286,7 @@ class LayerManager:
         with self._lock:
             self._meta.pop(view, None)
             self._refs.pop(view, None)
+            self._labels.pop(view, None)
             self._prefetch.pop(view, None)
         flush_cache_writes()      # spans still on their way to the disk belong in the cache
         self.cache.forget(layer_digest, ztoc_digest)
@@ -322,6 +337,7 @@ class LayerManager:
     def status(self) -> list[LayerStatus]:
         with self._lock:
             meta = dict(self._meta)
+            labels = dict(self._labels)
             prefetches = dict(self._prefetch)
         out = []
         for layer in self.fs.layers():
@@ -337,7 +353,8 @@ class LayerManager:
                 network_bytes=f.stats.bytes, read_bytes=f.stats.read_bytes, fetched_spans=use.fetched,
                 unread_spans=use.unread, unread_bytes=use.unread_bytes, header_only_spans=use.header_only,
                 prefetch_spans=progress.spans if progress else 0, prefetch_done=progress.done if progress else 0,
-                mounted_at=layer.mounted_at, first_read_at=f.first_read_at))
+                mounted_at=layer.mounted_at, first_read_at=f.first_read_at,
+                format=labels.get((layer.digest, layer.ztoc_digest), "soci")))
         return sorted(out, key=lambda s: s.layer_digest)
 
     def read_order(self) -> list[tuple[str, str, list[int]]]:

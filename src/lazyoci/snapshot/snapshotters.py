@@ -20,6 +20,10 @@ def get_snapshotter(name: str, root: DataRoot, config: Config) -> Snapshotter:
         except ImportError:
             raise ConfigError("the soci snapshotter is not available in this build") from None
         return SociSnapshotter(root, config)
+    if name == "stargz":
+        from lazyoci.snapshot.soci import StargzSnapshotter
+
+        return StargzSnapshotter(root, config)
     raise ConfigError(f"unknown snapshotter {name!r} (supported: {', '.join(SNAPSHOTTERS)})")
 
 

@@ -49,9 +49,9 @@ if TYPE_CHECKING:
     from lazyoci.registry.client import RegistryClient
     from lazyoci.snapshot.layer_server import LayerServer
 
-__all__ = ["LABEL_ZTOC", "LazyLayerRecord", "SociSnapshotter", "snapshot_keys"]
+__all__ = ["LABEL_ZTOC", "LazyLayerRecord", "SociSnapshotter", "StargzSnapshotter", "snapshot_keys"]
 
-LABEL_ZTOC = "com.amazon.soci.ztoc-digest"
+LABEL_ZTOC = "com.amazon.soci.ztoc-digest"   # the digest of the view's index, a zTOC or a layer's own
 _VIEWS_MARK = "+ztocs:"     # a key past it names the zTOCs of the lazy layers below
 
 
@@ -233,3 +233,22 @@ class SociSnapshotter(LayeredSnapshotter):
         client = self.client or images.client       # the injected one, else the image service's
         return LazyPull(self, self.records, self.service, client, images, log).run(ref, platform, progress,
                                                                                   index_digest)
+
+
+class StargzSnapshotter(SociSnapshotter):
+    """`--snapshotter stargz` (nerdctl's name): lazy through the indexes layers carry themselves
+    (eStargz), without looking for a SOCI index. It is the soci snapshotter's data and service
+    under another name, so images and containers of either are the same snapshots."""
+
+    name = "stargz"
+
+    def pull(self, images: "ImageService", ref: str, platform=None, progress=None,
+             index_digest: str | None = None, log=None) -> "LocalImage":
+        from lazyoci.errors import ConfigError
+        from lazyoci.snapshot.soci_pull import LazyPull
+
+        if index_digest is not None:
+            raise ConfigError("--soci-index-digest is for --snapshotter soci, not stargz")
+        client = self.client or images.client       # the injected one, else the image service's
+        return LazyPull(self, self.records, self.service, client, images, log).run(ref, platform, progress,
+                                                                                  None, own_only=True)

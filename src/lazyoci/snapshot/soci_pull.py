@@ -11,8 +11,13 @@ this index gave the image (under its name) are recorded and the layer snapshots
 committed (their keys name those zTOCs: another index of a shared layer never
 reuses them).
 
-No index, an unreadable one, or one without any zTOC for the image's layers:
-every layer is downloaded (with rows), the image is recorded as `overlayfs`
+A layer the index gives no zTOC is still lazy when it carries its own index (an
+eStargz TOC, snapshot/own_index.py): per layer, a zTOC if the SOCI index has one,
+else the layer's own index, else a full download. `own_only` (the `stargz`
+snapshotter) skips the SOCI index and uses the layers' own indexes alone.
+
+No index, an unreadable one, or one without any zTOC for the image's layers (and
+no layer with an index of its own): every layer is downloaded (with rows), the image is recorded as `overlayfs`
 (it is NOT lazy, and is never reported so) and one INFO line says why. A zTOC
 the service refuses to mount (malformed, or over a cap of ztoc/limits.py) makes
 its layer downloaded whole after the others, with one INFO line naming the
@@ -29,7 +34,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from lazyoci.errors import FormatError, LazyociError
 from lazyoci.images.pull import ResolvedImage, resolve_image
@@ -39,7 +44,7 @@ from lazyoci.store.lazy_layer_records import LazyLayerRecord, LazyLayerRecords
 
 if TYPE_CHECKING:
     from lazyoci.images.progress import ProgressSink
-    from lazyoci.images.service import LayerConsumer, LocalImage
+    from lazyoci.images.service import ImageService, LayerConsumer, LocalImage
     from lazyoci.oci.manifest import Descriptor
     from lazyoci.registry.client import RegistryClient
     from lazyoci.snapshot.layer_server import LayerServer
@@ -119,7 +124,8 @@ class _EarlyMounter:
                 if not served:
                     self._mounted.append((rec.layer_digest, rec.ztoc_digest))
             except FormatError as e:     # the zTOC cannot be served: the pull downloads the layer
-                self.refused[rec.layer_digest] = f"zTOC {rec.ztoc_digest}: {e}"
+                kind = "zTOC" if rec.index_digest else "its own index"     # no SOCI index: the layer's
+                self.refused[rec.layer_digest] = f"{kind} {rec.ztoc_digest}: {e}"
             except BaseException as e:   # re-raised in the caller's thread by finish()
                 self._error = e
 
@@ -177,7 +183,9 @@ class LazyPull:
                                 snapshotter="soci" if lazy else "overlayfs", resolved=resolved)
 
     def run(self, ref: str, platform: Platform | None = None, progress: "ProgressSink | None" = None,
-             index_digest: str | None = None) -> "LocalImage":
+            index_digest: str | None = None, own_only: bool = False) -> "LocalImage":
+        from lazyoci.service.view_formats import record_format
+        from lazyoci.snapshot.own_index import fetch_own_indexes
         from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
         from lazyoci.soci import discover_index
 
@@ -188,44 +196,56 @@ class LazyPull:
         manifest_digest = resolved.manifests[0][0] if resolved.manifests else resolved.digest
         reason = None
         lazy: dict[str, str] = {}
+        found = None
         try:
-            found = discover_index(client, reference, manifest, manifest_digest, explicit_digest=index_digest)
+            if not own_only:
+                found = discover_index(client, reference, manifest, manifest_digest, explicit_digest=index_digest)
         except LazyociError as e:
             if index_digest:          # asked for explicitly: an error, not a silent fallback
                 raise
             found, reason = None, f"the SOCI index cannot be read ({e})"
         if found is None and reason is None:
-            reason = "no SOCI index was found"
-        if found is not None:
+            reason = "no layer carries an index of its own" if own_only else "no SOCI index was found"
+        # per layer: a zTOC if the SOCI index has one, else the layer's own index (eStargz); own_index.py
+        # still takes the image service itself
+        own = fetch_own_indexes(cast("ImageService", self.images), reference,
+                                [l for l in manifest.layers if found is None or l.digest not in found.ztocs], say)
+        if found is not None or own:
             self.server.spawn()        # the daemon starts while the zTOCs and the image download
             source = f"{reference.name}@{manifest_digest}"
-            owner = f"soci:{found.digest}"
             mounter = _EarlyMounter(self.server)
             try:
-                self._store_blob(reference, found.digest, None, owner, raw=found.manifest.raw)
-                index = found.index
+                if found is not None:
+                    owner = f"soci:{found.digest}"
+                    self._store_blob(reference, found.digest, None, owner, raw=found.manifest.raw)
                 for layer in manifest.layers:
-                    zdesc = found.ztocs.get(layer.digest)
-                    if zdesc is None:
+                    zdesc = found.ztocs.get(layer.digest) if found is not None else None
+                    if zdesc is not None and found is not None:
+                        self._store_blob(reference, zdesc.digest, zdesc.size, owner)
+                        rec = LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest)
+                        self.records.record_layer(rec)
+                        take_prefetch_artifact(found.index, layer.digest, zdesc.digest, self.snapshots.blobs,
+                                               self.snapshots.db,
+                                               lambda d, n: self._store_blob(reference, d, n, owner), say)
+                    elif layer.digest in own:     # the layer's own index (no SOCI index digest)
+                        rec = LazyLayerRecord(layer.digest, own[layer.digest][0], source, "")
+                        self.records.record_layer(rec)
+                    else:
                         continue
-                    self._store_blob(reference, zdesc.digest, zdesc.size, owner)
-                    rec = LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest)
-                    self.records.record_layer(rec)
-                    take_prefetch_artifact(index, layer.digest, zdesc.digest, self.snapshots.blobs,
-                                           self.snapshots.db,
-                                           lambda d, n: self._store_blob(reference, d, n, owner), say)
                     mounter.submit(rec)
-                    lazy[layer.digest] = zdesc.digest
+                    lazy[layer.digest] = rec.ztoc_digest
             except LazyociError as e:
                 mounter.rollback()
-                lazy, reason = {}, f"the SOCI index {found.digest} cannot be read ({e})"
+                lazy, reason = {}, f"the SOCI index {found.digest if found else ''} cannot be read ({e})"
             except BaseException:
                 mounter.rollback()
                 raise
             if not lazy:
                 mounter.rollback()      # nothing was submitted, or the fallback already rolled back: stop the worker
-            if not lazy and reason is None:
+            if not lazy and reason is None and found is not None:
                 reason = f"the SOCI index {found.digest} has no zTOC for any layer of the image"
+            if lazy:
+                reason = None
         # zstd:chunked wiring: a layer without a zTOC that carries its own TOC is lazy through it
         from lazyoci.zstdchunked.fetch import chunked_tocs
         chunked = chunked_tocs(client, reference, manifest.layers, lazy, say)
@@ -239,6 +259,7 @@ class LazyPull:
                     rec = LazyLayerRecord(toc.layer_digest, toc.digest, f"{reference.name}@{manifest_digest}",
                                           toc.digest)
                     self.records.record_layer(rec)
+                    record_format(self.snapshots.db, toc.layer_digest, toc.digest, "zstd:chunked")
                     mounter.submit(rec)
                     lazy[toc.layer_digest] = toc.digest
             except BaseException:
@@ -255,7 +276,10 @@ class LazyPull:
                 for digest in refused:
                     self.records.forget_layer(digest, lazy.pop(digest))
                 whys = "; ".join(f"layer {digest}: {why}" for digest, why in refused.items())
-                say(f"INFO: {'a zTOC' if len(refused) == 1 else f'{len(refused)} zTOCs'} of the SOCI index "
+                ztocs = all(why.startswith("zTOC ") for why in refused.values())
+                what = (f"{'a zTOC' if len(refused) == 1 else f'{len(refused)} zTOCs'} of the SOCI index" if ztocs
+                        else f"{'a layer index' if len(refused) == 1 else f'{len(refused)} layer indexes'}")
+                say(f"INFO: {what} "
                     f"cannot be served ({whys}) for {reference}: downloading "
                     + ("that layer" if len(refused) == 1 else "those layers") + " before the container starts"
                     + ("" if lazy else " (no lazy loading)"))

@@ -37,14 +37,14 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from lazyoci.errors import FormatError, IntegrityError
+from lazyoci.oci.compression import decode_zstd_frames, sniff_compression
 from lazyoci.ztoc import limits
 from lazyoci.ztoc.limits import Limit
 from lazyoci.ztoc.toc import parse_rfc3339_nano
 
-__all__ = ["ChunkedEntry", "MAX_CHUNKS", "MAX_TOC_BYTES", "MAX_TOC_COMPRESSED_BYTES", "ZSTD_MAGIC",
+__all__ = ["ChunkedEntry", "MAX_CHUNKS", "MAX_TOC_BYTES", "MAX_TOC_COMPRESSED_BYTES",
            "ZstdChunkedToc", "is_chunked_toc"]
 
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ENTRY_TYPES = frozenset({"reg", "dir", "symlink", "hardlink", "char", "block", "fifo"})
 SUPPORTED_VERSIONS = frozenset({1})
 
@@ -64,7 +64,7 @@ MAX_CHUNKS = Limit("MAX_CHUNKS", 4_000_000, "chunks", "chunks in one zstd:chunke
 def is_chunked_toc(data: bytes) -> bool:
     """Whether stored index bytes are a zstd:chunked TOC (a zstd frame) rather than a zTOC (a
     FlatBuffer, whose first word is a root offset far below the 0xFD2FB528 this magic reads as)."""
-    return data[:4] == ZSTD_MAGIC
+    return sniff_compression(data) == "zstd"
 
 
 class ChunkedEntry(NamedTuple):
@@ -130,33 +130,16 @@ def _safe_name(name: str, what: str) -> None:
         raise FormatError(f"{what} {name[:128]!r} leaves the layer (absolute or with '..')")
 
 
-def _decode(compressed: bytes, cap: int) -> bytes:
-    """The decoded bytes of every zstd frame in `compressed` (skippable frames skipped), at most
-    cap + 1 of them (one more than allowed says that there are too many), read 1 MiB at a time."""
-    import zstandard
-
-    reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
-    out = bytearray()
-    while len(out) <= cap:
-        more = reader.read(min(1 << 20, cap + 1 - len(out)))
-        if not more:
-            break
-        out += more
-    return bytes(out)
-
-
 def decode_toc(compressed: bytes, uncompressed_length: int | None = None) -> bytes:
     """The TOC's JSON from its compressed bytes, refusing more than MAX_TOC_BYTES decoded."""
-    import zstandard
-
     MAX_TOC_COMPRESSED_BYTES.check(len(compressed), "the compressed zstd:chunked TOC")
     cap = MAX_TOC_BYTES.value
     if uncompressed_length is not None:
         MAX_TOC_BYTES.check(uncompressed_length, "the zstd:chunked TOC (as its annotation says)")
     try:
-        out = _decode(compressed, cap)
-    except zstandard.ZstdError as e:
-        raise FormatError(f"zstd:chunked TOC does not decode: {e}") from None
+        out = decode_zstd_frames(compressed, cap)
+    except FormatError as e:
+        raise FormatError(f"zstd:chunked TOC {e}") from None
     MAX_TOC_BYTES.check(len(out), "the decoded zstd:chunked TOC")
     if uncompressed_length is not None and len(out) != uncompressed_length:
         raise FormatError(f"zstd:chunked TOC decodes to {len(out)} bytes, its annotation says "
@@ -255,15 +238,13 @@ class ZstdChunkedToc:
     def decompress_span(self, i: int, compressed: bytes) -> bytes:
         """Span i's content, decoded from its frames and checked against its digest: IntegrityError
         for bytes that do not decode to exactly that (they are not the ones the TOC describes)."""
-        import zstandard
-
         self.verify_span(i, compressed)
         c = self._chunk(i)
         size = c.uend - c.ustart
         try:
-            data = _decode(bytes(compressed), size)
-        except zstandard.ZstdError as e:
-            raise IntegrityError(f"chunk {i} does not decode: {e}") from None
+            data = decode_zstd_frames(bytes(compressed), size)
+        except FormatError as e:
+            raise IntegrityError(f"chunk {i} {e}") from None
         if len(data) != size:
             raise IntegrityError(f"chunk {i} decodes to {len(data)} bytes or more, the TOC says {size}")
         actual = "sha256:" + hashlib.sha256(data).hexdigest()

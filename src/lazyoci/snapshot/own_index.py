@@ -1,0 +1,62 @@
+"""The lazy pull's second source of layer indexes: the ones layers carry themselves.
+
+A layer without a zTOC in the image's SOCI index may still be lazy: an eStargz layer
+carries its own TOC (layer_formats.py lists the formats read). For each such layer
+this fetches the index from the registry, checks it against the manifest (a TOC
+digest annotation), stores it as a blob and records its format for the service
+(service/view_formats.py). A layer whose index cannot be read or does not match is
+downloaded whole: its error is one INFO line, and the pull goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from lazyoci.errors import LazyociError
+from lazyoci.oci.digest import Digest
+from lazyoci.oci.manifest import Descriptor
+from lazyoci.oci.reference import Reference
+
+if TYPE_CHECKING:
+    from lazyoci.images.service import ImageService
+
+__all__ = ["OWNER_PREFIX", "fetch_own_indexes"]
+
+OWNER_PREFIX = "layer-index:"     # blob_refs owner of a layer's own index: layer-index:<layer digest>
+
+
+def fetch_own_indexes(images: "ImageService", reference: Reference, layers: Iterable[Descriptor],
+                      say: Callable[[str], None]) -> dict[str, tuple[str, str]]:
+    """layer digest -> (index digest, format name) for the layers whose own index is stored now."""
+    from lazyoci.layer_formats import own_format
+    from lazyoci.service.view_formats import record_format
+
+    out: dict[str, tuple[str, str]] = {}
+    for layer in layers:
+        fmt = own_format(layer)
+        if fmt is None or fmt.fetch is None or layer.digest in out:
+            continue
+        try:
+            data = fmt.fetch(images.client, reference, layer)
+            digest = _store(images, data, OWNER_PREFIX + layer.digest)
+        except LazyociError as e:
+            say(f"INFO: the {fmt.name} index of layer {layer.digest} cannot be used ({e}) for {reference}: "
+                f"downloading that layer before the container starts")
+            continue
+        record_format(images.db, layer.digest, digest, fmt.name)
+        out[layer.digest] = (digest, fmt.name)
+    return out
+
+
+def _store(images: "ImageService", data: bytes, owner: str) -> str:
+    import hashlib
+
+    digest = str(Digest.parse("sha256:" + hashlib.sha256(data).hexdigest()))
+    with images.lease() as lease:
+        lease.add([digest])
+        if not images.blobs.has(digest):
+            images.blobs.put_bytes(data, digest)
+        with images.db.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO blob_refs (owner, digest) VALUES (?, ?)", (owner, digest))
+    return digest
