@@ -174,7 +174,7 @@ def test_remote_snapshot_commits_indexed_layer_and_leaves_the_rest(registry, ind
         # the CLI's release of lazy views (rmi, system prune) leaves those containerd stands on
         ztoc = found[0].labels["com.amazon.soci.ztoc-digest"]
         assert service.unmount_layer(big.digest, ztoc) is False
-        assert service.paths.layer_dir(big.digest, ztoc).is_dir()
+        assert service.paths.view_dir(big.digest, ztoc).is_dir()
         # a container's snapshot over it: its lower is the lazy layer's view
         mounts = s.Prepare(pb.PrepareSnapshotRequest(snapshotter=SOCI, key="ns/5/ctr", parent=found[0].name)).mounts
         lower = next(o for o in mounts[0].options if o.startswith("lowerdir="))[len("lowerdir="):].split(":")

@@ -76,10 +76,10 @@ def test_lazy_estargz_tree_equals_umoci_unpack(registry, converted, data_root, t
         assert image.snapshotter == "soci"
         assert not any(l.startswith("INFO") for l in lines), lines
         assert not any(images.blobs.has(l.digest) for l in image.manifest.layers)   # nothing downloaded
-        dirs = [snap.paths.layer_dir(l.digest, snap.lazy_layer(l.digest).ztoc_digest) for l in image.manifest.layers]
+        dirs = [snap.service.view_dir(l.digest, snap.lazy_layer(l.digest).ztoc_digest) for l in image.manifest.layers]
         status = ServiceClient(DataRoot(data_root), soci_config).status()
         formats = [l["format"] for l in sorted(status["layers"], key=lambda l: dirs.index(
-            snap.paths.layer_dir(l["layer_digest"], l["ztoc_digest"])))]
+            snap.service.view_dir(l["layer_digest"], l["ztoc_digest"])))]
         assert formats == (["soci", "estargz", "estargz"] if mixed else ["estargz"] * 3)
         with overlay(list(reversed(dirs)), tmp_path / "merged") as merged:
             lazy = walk_tree(merged, mtimes=True)
@@ -103,7 +103,7 @@ def test_a_corrupted_chunk_is_eio(registry, converted, data_root, soci_config):
     c0, c1 = index.span_compressed_range(span)
     images, snap, image, lines = _pull(data_root, soci_config, f"{registry.host}/esgz/corrupt:latest")
     try:
-        view = snap.paths.layer_dir(layer["digest"], snap.lazy_layer(layer["digest"]).ztoc_digest)
+        view = snap.service.view_dir(layer["digest"], snap.lazy_layer(layer["digest"]).ztoc_digest)
         bad = bytearray(blob)
         bad[(c0 + c1) // 2] ^= 0x01
         path.write_bytes(bytes(bad))                      # the registry now serves a corrupted chunk
@@ -187,7 +187,7 @@ def test_files_before_the_prefetch_landmark_are_fetched_at_mount(registry, data_
                 assert time.monotonic() < deadline, client.status()
                 time.sleep(0.2)
             before = proxy.count(match=f"/blobs/{digest}")
-            view = snap.paths.layer_dir(digest, snap.lazy_layer(digest).ztoc_digest)
+            view = snap.service.view_dir(digest, snap.lazy_layer(digest).ztoc_digest)
             assert (view / "data" / "hot").read_bytes() == hot
             assert proxy.count(match=f"/blobs/{digest}") == before       # no fetch: it was prefetched
             status = client.status()["layers"][0]
@@ -258,7 +258,7 @@ def test_a_restarted_service_serves_an_estargz_layer_again(registry, converted, 
     images, snap, image, lines = _pull(data_root, soci_config, f"{registry.host}/esgz/lie:latest")
     images.close()
     digest = image.manifest.layers[0].digest
-    view = snap.paths.layer_dir(digest, snap.lazy_layer(digest).ztoc_digest)
+    view = snap.service.view_dir(digest, snap.lazy_layer(digest).ztoc_digest)
     client = ServiceClient(DataRoot(data_root), soci_config)
     try:
         assert (view / "lie.txt").read_bytes() == b"a lie\n"

@@ -90,7 +90,7 @@ def test_small_read_fetches_little_concurrent_readers_share_spans_and_restart_re
         # a restarted service mounts the layer again and serves cached spans without the registry
         proxy.reset_counters()
         with running_service(data_root, config) as client:
-            d = client.paths.layer_dir(layer.digest, zdigest)
+            d = client.paths.view_dir(layer.digest, zdigest)
             assert (d / "data/needle.txt").read_bytes() == b"the needle\n"
             with open(d / "data/big.bin", "rb") as f:
                 f.seek(64 << 20)
@@ -234,7 +234,7 @@ def test_spans_from_an_authenticated_registry_use_docker_credentials(data_root, 
         (docker / "config.json").write_text(json.dumps(
             {"auths": {reg.host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}}))
         with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:  # credentials read at start
-            d = client.paths.layer_dir(layer.digest, zdigest)
+            d = client.paths.view_dir(layer.digest, zdigest)
             assert (d / "secret.txt").read_bytes() == b"behind a login\n"
     finally:
         reg.stop()

@@ -159,7 +159,7 @@ def test_an_older_data_roots_lazy_layer_records_are_rekeyed(data_root, tmp_path)
     """An older lazyoci kept one `lazy_layers` row per layer: it is rekeyed by (layer, zTOC), so
     a second index's zTOC of the layer is recorded next to it, and its image keeps its zTOC."""
     from lazyoci.config import load_config
-    from lazyoci.snapshot.lazy_records import image_ztocs
+    from lazyoci.store.lazy_layer_records import image_ztocs
     from lazyoci.snapshot.soci import LazyLayerRecord, SociSnapshotter
     from lazyoci.store.db import Database
     from lazyoci.store.layout import DataRoot

@@ -90,7 +90,7 @@ def test_an_image_is_lazy_and_equals_umoci_unpack(registry, pulled, tmp_path, pr
     for layer in layers:
         rec = pulled.snap.lazy_layer(layer.digest)
         assert rec is not None and rec.ztoc_digest == toc_location(layer.annotations, layer.size).checksum
-        dirs.append(pulled.snap.paths.layer_dir(layer.digest, rec.ztoc_digest))
+        dirs.append(pulled.snap.service.view_dir(layer.digest, rec.ztoc_digest))
 
     bundle = tmp_path / "umoci-bundle"       # umoci unpacks the gzip original: the same tar streams
     subprocess.run(["umoci", "unpack", "--image", f"{img.layout}:latest", str(bundle)],
@@ -117,7 +117,7 @@ def test_each_layer_equals_lazyocis_own_full_unpack(registry, pulled, tmp_path):
         unpacked = tmp_path / f"unpacked{i}"
         unpacked.mkdir()
         apply_layer_stream([local[layer.digest]], layer.media_type, unpacked)
-        lazy_dir = pulled.snap.paths.layer_dir(layer.digest, rec.ztoc_digest)
+        lazy_dir = pulled.snap.service.view_dir(layer.digest, rec.ztoc_digest)
         problems = diff_trees(_tree(unpacked), _tree(lazy_dir))
         assert not problems, f"layer {i + 1}:\n" + "\n".join(problems)
 
@@ -155,7 +155,7 @@ def test_one_altered_byte_inside_a_chunk_is_eio(fresh_registry, pulled, tmp_path
 
     image = pulled.pull(f"{fresh_registry.host}/zc/altered:latest")
     layer = image.manifest.layers[0]
-    lazy_dir = pulled.snap.paths.layer_dir(layer.digest, pulled.snap.lazy_layer(layer.digest).ztoc_digest)
+    lazy_dir = pulled.snap.service.view_dir(layer.digest, pulled.snap.lazy_layer(layer.digest).ztoc_digest)
     with pytest.raises(OSError) as exc:
         (lazy_dir / "d/one").read_bytes()
     assert exc.value.errno == errno.EIO
@@ -292,7 +292,7 @@ def test_a_restarted_service_serves_the_layer_again(registry, pulled, tmp_path):
     one, two = _two_files_image(tmp_path, registry.host, "zc/restart")
     image = pulled.pull(f"{registry.host}/zc/restart:latest")
     layer = image.manifest.layers[0]
-    lazy_dir = pulled.snap.paths.layer_dir(layer.digest, pulled.snap.lazy_layer(layer.digest).ztoc_digest)
+    lazy_dir = pulled.snap.service.view_dir(layer.digest, pulled.snap.lazy_layer(layer.digest).ztoc_digest)
     assert (lazy_dir / "d/one").read_bytes() == one
     client = ServiceClient(pulled.root, pulled.config)
     client.stop()

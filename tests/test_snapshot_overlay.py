@@ -16,9 +16,9 @@ from lazyoci.config import Config
 from lazyoci.errors import IntegrityError, StoreError
 from lazyoci.images.service import ImageService
 from lazyoci.snapshot.base import KIND_ACTIVE, KIND_COMMITTED
-from lazyoci.snapshot.mount import is_mountpoint, mount_all, unmount
+from lazyoci.snapshot.mount_syscall import is_mountpoint, mount_all, unmount
 from lazyoci.snapshot.overlay import OverlaySnapshotter
-from lazyoci.snapshot.registry import get_snapshotter
+from lazyoci.snapshot.snapshotters import get_snapshotter
 from lazyoci.store.layout import DataRoot
 
 pytestmark = pytest.mark.needs_root("overlay mounts and layers owned by root")
@@ -85,7 +85,7 @@ def test_layers_unpack_during_pull_and_are_shared_and_released(registry, tmp_pat
     snap = OverlaySnapshotter(root)
     a = images.pull(f"{registry.host}/snap/a:latest", layer_consumer=snap.layer_consumer)
     # Unpacked while downloading: the layer dirs exist before unpack_image, so it needs no blobs.
-    assert snap.layer_dir(base.diff_id) is not None and snap.layer_dir(top_a.diff_id) is not None
+    assert snap.unpacked_dir(base.diff_id) is not None and snap.unpacked_dir(top_a.diff_id) is not None
     for layer in (base, top_a):
         images.blobs.delete(layer.digest)
     top = snap.unpack_image(images, a)
@@ -216,17 +216,17 @@ def test_layer_consumers_unpack_concurrently_abort_and_fail_cleanly(tmp_path, no
         t.join(60)
         assert not t.is_alive()
     for i, l in enumerate(layers):
-        assert (snap.layer_dir(l.diff_id) / f"f{i}").stat().st_size == 300_000
+        assert (snap.unpacked_dir(l.diff_id) / f"f{i}").stat().st_size == 300_000
         assert snap.layer_consumer(_desc(l)) is None      # already unpacked: nothing to do next time
     # Unpacked but not committed yet (a pull in flight): `rmi` elsewhere must not remove them.
     snap.release_unused(keep=set())
-    assert all(snap.layer_dir(l.diff_id) is not None for l in layers)
+    assert all(snap.unpacked_dir(l.diff_id) is not None for l in layers)
 
     big = make_layer([Entry("big", data=os.urandom(2_000_000))], "none")
     c = snap.layer_consumer(_desc(big))
     c.write(big.blob[:500_000])
     c.abort(RuntimeError("download failed"))
-    assert snap.layer_dir(big.diff_id) is None
+    assert snap.unpacked_dir(big.diff_id) is None
 
     evil = make_layer([Entry("esc", "symlink", linkname="/"), Entry("esc/pwned", data=b"x")], "none")
     c = snap.layer_consumer(_desc(evil))

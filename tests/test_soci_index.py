@@ -11,7 +11,7 @@ from lazyoci.errors import FormatError
 from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Descriptor, Index, Manifest
 from lazyoci.oci.platform import Platform
-from lazyoci.soci.convert_shape import PlatformIndex, convert_shape
+from lazyoci.soci.v2_documents import PlatformIndex, convert_shape
 from lazyoci.soci.index import (
     ANN_BUILD_TOOL, ANN_IMAGE_MANIFEST_DIGEST, ANN_INDEX_DIGEST, ANN_LAYER_DIGEST, ANN_LAYER_MEDIA_TYPE,
     ANN_SPAN_SIZE, EMPTY_CONFIG, EMPTY_CONFIG_DIGEST, SociIndex, make_index, ztoc_descriptor,

@@ -199,7 +199,7 @@ def _lazy_pull_prefetches(registry, data_root, tmp_path, repo: str, big, ztoc: Z
             assert sorted(fetched) == sorted(named), "each named span once, nothing else"
             assert st["prefetch_spans"] == len(named) and st["unread_spans"] == len(named)
             zdigest = st["ztoc_digest"]
-            view = client.paths.layer_dir(big.digest, zdigest)
+            view = client.paths.view_dir(big.digest, zdigest)
             before = len(_blob_gets(proxy, big.digest))
             for name, size in files.items():
                 assert len((view / name).read_bytes()) == size

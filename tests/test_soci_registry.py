@@ -356,7 +356,7 @@ def test_corrupt_local_layer_is_refused(registry, tmp_path, data_root):
     """A zTOC is only built over bytes that match the layer digest (a valid tar with one
     changed byte of file data builds fine, so only the digest check can catch it)."""
     from lazyoci.errors import IntegrityError
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
     layer = make_layer([Entry("a.txt", data=_text(50_000, 9))], "none")
     push_image(registry.host, "soci/corrupt", [layer], image_config([layer]), tmp_path)
     images = service(data_root)

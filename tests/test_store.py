@@ -14,7 +14,7 @@ from lazyoci.errors import IntegrityError, StoreError
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
-from lazyoci.store.records import ImageRecords
+from lazyoci.store.image_records import ImageRecords
 
 
 def sha(data: bytes) -> str:

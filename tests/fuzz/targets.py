@@ -21,7 +21,7 @@ from lazyoci.estargz import EStargzIndex
 from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import ImageConfig, Index, Manifest, parse_any
 from lazyoci.oci.reference import Reference
-from lazyoci.snapshot.layerstream import ForwardFile
+from lazyoci.snapshot.inflating_reader import ForwardFile
 from lazyoci.soci.index import SociIndex
 from lazyoci.tar import iter_headers
 from lazyoci.ztoc.reader import Ztoc

@@ -12,7 +12,7 @@ import click
 
 from lazyoci.cli.context import app
 from lazyoci.cli.durations import human_duration
-from lazyoci.cli.shared import image_service, lazy_label
+from lazyoci.cli.shared import image_service, info_line, lazy_label
 from lazyoci.config import PULL_POLICIES, RUNTIMES, SNAPSHOTTERS
 from lazyoci.errors import ConfigError, LazyociError
 from lazyoci.runtime.containers import ContainerRecord, ContainerStore
@@ -27,7 +27,7 @@ def _manager() -> ContainerManager:
     from lazyoci.runtime.run import ContainerManager
 
     ctx = app()
-    return ContainerManager(DataRoot(ctx.root), ctx.config, image_service(ctx))
+    return ContainerManager(DataRoot(ctx.root), ctx.config, image_service(ctx), notices=info_line)
 
 
 @click.command("run", context_settings={"allow_interspersed_args": False})
@@ -287,14 +287,14 @@ def image_mount_cmd(snapshotter: str | None, platform: str | None, soci_index_di
                     ref: str, directory: Path) -> None:
     """Mount an image's root filesystem read-only at DIRECTORY (pulling it if needed)."""
     from lazyoci.oci.platform import Platform
-    from lazyoci.runtime.mounts import mount_image
+    from lazyoci.runtime.image_mount import mount_image
 
     ctx = app()
     progress = _LazyProgress()
     try:
         mount_image(DataRoot(ctx.root), ctx.config, image_service(ctx), ref,
                     snapshotter or ctx.config.default_snapshotter, directory.absolute(),
-                    Platform.parse(platform) if platform else None, progress, soci_index_digest)
+                    Platform.parse(platform) if platform else None, progress, soci_index_digest, info_line)
     finally:
         progress.close()
 
@@ -303,7 +303,7 @@ def image_mount_cmd(snapshotter: str | None, platform: str | None, soci_index_di
 @click.argument("directory", type=click.Path(path_type=Path))
 def image_unmount_cmd(directory: Path) -> None:
     """Unmount what `image mount` mounted at DIRECTORY."""
-    from lazyoci.runtime.mounts import unmount_image
+    from lazyoci.runtime.image_mount import unmount_image
 
     ctx = app()
     unmount_image(DataRoot(ctx.root), ctx.config, directory.absolute())

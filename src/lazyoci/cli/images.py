@@ -14,10 +14,10 @@ import click
 from lazyoci.cli.context import app
 from lazyoci.cli.durations import human_duration
 from lazyoci.cli.progress import ProgressDisplay, human_bytes
-from lazyoci.cli.shared import image_service, lazy_label, prefetch_files, prefetch_flags, soci_push_after_image
+from lazyoci.cli.shared import (image_service, info_line, lazy_label, prefetch_files, prefetch_flags,
+                                registry_options, soci_push_after_image)
 from lazyoci.config import SNAPSHOTTERS
 from lazyoci.errors import ConfigError, LazyociError
-from lazyoci.oci.manifest import ImageConfig, chain_ids
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
 
@@ -37,16 +37,17 @@ def pull_image(svc: ImageService, ref: str, platform: Platform | None, snapshott
     Each snapshotter pulls its own way: overlayfs unpacks layers while they download,
     soci mounts indexed layers lazily and downloads the rest (or all, without an index).
     """
-    from lazyoci.snapshot.registry import get_snapshotter
+    from lazyoci.snapshot.snapshotters import get_snapshotter
 
     snap = get_snapshotter(snapshotter, svc.root, app().config)
     display = None if quiet else ProgressDisplay(stream)
     with display or contextlib.nullcontext():
         if not all_platforms:
-            return snap.pull(svc, ref, platform, progress=display, index_digest=index_digest)
+            return snap.pull(svc, ref, platform, progress=display, index_digest=index_digest, log=info_line)
         if snapshotter != "overlayfs" or index_digest:
             raise ConfigError("--all-platforms stores every platform's content; use it with --snapshotter overlayfs")
-        image = svc.pull(ref, platform, display, snap.layer_consumer, None, snapshotter, True)
+        image = svc.pull(ref, platform, display, layer_consumer=snap.layer_consumer, snapshotter=snapshotter,
+                         all_platforms=True)
     snap.unpack_image(svc, image)
     return image
 
@@ -236,18 +237,9 @@ def _remove(refs: tuple[str, ...], force: bool) -> None:
 
 def _release_snapshots(svc: ImageService) -> None:
     """Unpacked layers of images that are gone go too, so disk space really comes back."""
-    from lazyoci.snapshot.overlay import OverlaySnapshotter
+    from lazyoci.images.system import release_snapshots
 
-    keep: set[str] = set()
-    for rec in svc.records.contents():
-        for _manifest, _plat, config in rec.platforms:
-            try:
-                keep.update(chain_ids(ImageConfig.parse(svc.blobs.read(config)).diff_ids))
-            except LazyociError:
-                continue
-    OverlaySnapshotter(svc.root).release_unused(keep)
-    from lazyoci.snapshot.soci import SociSnapshotter
-    SociSnapshotter(svc.root, app().config).release_unused(keep)   # also unmounts unused lazy layers
+    release_snapshots(svc, app().config)
 
 
 @click.command("rmi")
@@ -270,13 +262,8 @@ def image_rm(force: bool, refs: tuple[str, ...]) -> None:
 def image_prune() -> None:
     """Remove unnamed images and every blob nothing references."""
     svc = image_service()
-    removed = 0
-    for rec in svc.records.contents():
-        if not svc.records.names_of(rec.digest):
-            with svc.db.transaction() as c:
-                if svc.records.release_if_unnamed(c, rec.digest):
-                    click.echo(f"Deleted: {rec.digest}")
-                    removed += 1
+    for digest in svc.prune_unnamed():
+        click.echo(f"Deleted: {digest}")
     result = svc.gc()
     _release_snapshots(svc)
     click.echo(f"Total reclaimed space: {human_bytes(result.bytes_freed)}")
@@ -320,6 +307,13 @@ def import_cmd(changes: tuple[str, ...], platform: str | None, source: Path, ref
     click.echo(image.digest)
 
 
+def _registry_client():
+    """The registry client of this invocation (login and logout need no image store)."""
+    from lazyoci.registry import RegistryClient
+
+    return RegistryClient(registry_options(app()))
+
+
 @click.command("login")
 @click.option("-u", "--username")
 @click.option("-p", "--password", help="Prefer --password-stdin.")
@@ -335,11 +329,11 @@ def login_cmd(username: str | None, password: str | None, password_stdin: bool, 
         username = click.prompt("Username")
     if not password:
         password = click.prompt("Password", hide_input=True)
-    svc = image_service()
+    client = _registry_client()
     try:
-        svc.client.login(registry, username, password)
+        client.login(registry, username, password)
     finally:
-        svc.close()
+        client.close()
     click.echo("Login Succeeded")
 
 
@@ -347,9 +341,9 @@ def login_cmd(username: str | None, password: str | None, password_stdin: bool, 
 @click.argument("registry", required=False, default="docker.io")
 def logout_cmd(registry: str) -> None:
     """Forget the stored credentials of a registry."""
-    svc = image_service()
+    client = _registry_client()
     try:
-        svc.client.logout(registry)
+        client.logout(registry)
     finally:
-        svc.close()
+        client.close()
     click.echo(f"Removing login credentials for {registry}")

@@ -65,6 +65,11 @@ def prefetch_files(files: tuple[str, ...], json_file: Path | None) -> tuple[str,
     return load_prefetch_files(files, json_file)
 
 
+def info_line(line: str) -> None:
+    """A line the library reports for the user (a lazy pull that falls back says why): on stderr."""
+    click.echo(line, err=True)
+
+
 def logrus_info(line: str) -> None:
     """One logrus-style INFO line, as nerdctl prints what the soci tool says (on stderr, where
     logrus writes, so that stdout keeps only the push rows and the digest)."""
@@ -74,23 +79,19 @@ def logrus_info(line: str) -> None:
 def soci_push_after_image(ref: str, span_size: int | None = None, min_layer_size: int | None = None,
                           platform: Platform | None = None, existing: str = "warn",
                           prefetch: tuple[str, ...] = ()) -> str:
-    """Build (or reuse) the v1 SOCI index of local image `ref` and push it next to the image.
+    """Build (or reuse) the v1 SOCI index of local image `ref` and push it next to the image
+    (soci/publish.py).
 
     Called by `lazyoci push --snapshotter soci` once the image itself is pushed; the SOCI lines
     are printed the way nerdctl/Finch relay them: `INFO[SSSS] soci: <line>` (logrus, seconds
     since the command started). Returns the index digest.
     """
-    from lazyoci.oci.reference import Reference
-    from lazyoci.soci.build import build_index
-    from lazyoci.soci.push import push_index
+    from lazyoci.soci.publish import build_and_push_index
 
     images = image_service()
     try:
-        image = images.get(ref, platform)
-        result = build_index(images, image, soci_build_options(span_size, min_layer_size, prefetch_files=prefetch),
-                             logrus_info)
-        push_index(images.client, Reference.parse(ref), images.blobs, result.index, logrus_info, existing)
-        return result.digest
+        return build_and_push_index(images, ref, soci_build_options(span_size, min_layer_size, prefetch_files=prefetch),
+                                    platform, logrus_info, existing)
     finally:
         images.close()
 

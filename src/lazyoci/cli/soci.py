@@ -84,7 +84,7 @@ def _local_targets(images, ref: str, platforms: list[Platform], all_platforms: b
     if not all_platforms:
         return [images.get(ref, p) for p in platforms] if platforms else [images.get(ref)]
     first = images.get(ref)
-    rec = images.records.content(first.digest)
+    rec = images.lookup(first.digest)
     return [images.get(first.digest, Platform.parse(p)) for _, p, _ in rec.platforms]
 
 
@@ -149,24 +149,11 @@ def optimize_cmd(soci_index_digest, ref, command) -> None:
 @click.argument("ref")
 def push_cmd(platform, existing_index, ref) -> None:
     """Push the newest v1 SOCI index of local image REF to REF's repository."""
-    from lazyoci.oci.reference import Reference
-    from lazyoci.soci.index import SociIndex
-    from lazyoci.soci.push import push_index
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.publish import push_local_index
 
     images = image_service()
     try:
-        image = images.get(ref, Platform.parse(platform) if platform else None)
-        all_recs = SociRecords(images.db).indexes(manifest_digest=image.manifest.digest)
-        recs = [r for r in all_recs if r.version == "v1"]
-        if not recs and all_recs:
-            raise StoreError(f"{ref} only has SOCI v2 indexes: they travel inside the converted image, "
-                             "push it with `lazyoci push`")
-        if not recs:
-            raise StoreError(f"no v1 SOCI index for {ref} ({image.config.platform}): "
-                             "run `lazyoci soci create` first")
-        index = SociIndex.parse(images.blobs.read(recs[-1].index_digest))
-        push_index(images.client, Reference.parse(ref), images.blobs, index, click.echo, existing_index)
+        push_local_index(images, ref, Platform.parse(platform) if platform else None, click.echo, existing_index)
     finally:
         images.close()
 
@@ -181,7 +168,7 @@ def prefetch_group() -> None:
 def prefetch_list(quiet) -> None:
     """List the prefetch artifacts (the reference's `soci prefetch ls`)."""
     from lazyoci.soci.prefetch import PrefetchArtifact, stored_artifacts
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
     images = image_service()
     found = stored_artifacts(images.blobs, SociRecords(images.db))
     if quiet:
@@ -200,7 +187,7 @@ def prefetch_list(quiet) -> None:
 def prefetch_info(digest) -> None:
     """Show one prefetch artifact: its span ranges and the layer it belongs to."""
     from lazyoci.soci.prefetch import PrefetchArtifact, stored_artifacts
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
     images = image_service()
     digest = _full_digest(digest)
     known = {a.digest: a for a in stored_artifacts(images.blobs, SociRecords(images.db))}
@@ -227,7 +214,7 @@ def index_group() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def index_list(ref, quiet) -> None:
     """List the SOCI indexes stored locally."""
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
     images = image_service()
     recs = SociRecords(images.db).indexes()
     if ref:
@@ -260,7 +247,7 @@ def index_info(digest) -> None:
 @click.argument("digests", nargs=-1)
 def index_rm(ref, digests) -> None:
     """Forget indexes; their zTOCs are deleted by gc when nothing else uses them."""
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
     if ref and digests:
         raise ConfigError("please provide either index digests or image ref, but not both")
     if not ref and not digests:
@@ -296,7 +283,7 @@ def ztoc_group() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def ztoc_list(ztoc_digest, quiet) -> None:
     """List the zTOCs stored locally."""
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
     images = image_service()
     recs = SociRecords(images.db).ztocs(_full_digest(ztoc_digest) if ztoc_digest else None)
     if quiet:

@@ -28,11 +28,11 @@ from lazyoci.errors import FormatError, LazyociError
 from lazyoci.oci.digest import Digest
 from lazyoci.oci.manifest import Manifest
 from lazyoci.oci.reference import Reference
-from lazyoci.snapshot import lazy_records
-from lazyoci.snapshot.lazy_records import LazyLayerRecord
+from lazyoci.store import lazy_layer_records as lazy_records
+from lazyoci.store.lazy_layer_records import LazyLayerRecord
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
-from lazyoci.store.records import ImageRecords, Lease
+from lazyoci.store.image_records import ImageRecords, Lease
 
 if TYPE_CHECKING:
     from lazyoci.registry import RegistryClient

@@ -162,7 +162,7 @@ class ContainerdSoci(_ContainerdCalls, SociSnapshotter):
     def _ensure_served(self, views: list[tuple[str, str]]) -> None:
         """Serve the (layer, zTOC) views not shown yet through the injected layer server."""
         for digest, ztoc_digest in views:
-            if os.path.isdir(self.paths.layer_dir(digest, ztoc_digest)):
+            if os.path.isdir(self.service.view_dir(digest, ztoc_digest)):
                 continue
             rec = self.lazy_layer(digest, ztoc_digest)
             if rec is None:

@@ -46,7 +46,7 @@ from typing import Callable, NoReturn
 from lazyoci.errors import FormatError, IntegrityError
 from lazyoci.fs.layer_index import IndexEntry, LayerIndex
 from lazyoci.oci.whiteout import normalise
-from lazyoci.snapshot.layerstream import ForwardFile
+from lazyoci.snapshot.inflating_reader import ForwardFile
 from lazyoci.tar.headers import TarHeader, iter_headers
 
 log = logging.getLogger(__name__)

@@ -50,8 +50,8 @@ def save_archive(svc: "ImageService", path: "Path | BinaryIO", refs: list[str], 
     docker_entries: list[dict] = []
     blobs: dict[str, None] = {}     # ordered set
     for ref in refs:
-        top = svc._resolve_top(ref)
-        rec = svc._content(top)
+        rec = svc.lookup(ref)
+        top = rec.digest
         name: str | None
         try:
             name = str(Reference.parse(ref))
@@ -259,8 +259,7 @@ def load_archive(svc: "ImageService", path: "Path | BinaryIO", log: Callable[[st
                 loaded.extend(names or [top])
             # Files of the archive that no image uses (e.g. a docker layer's `json`) go again.
             for d in reader.new_blobs:
-                if not c.execute("SELECT 1 FROM blob_refs WHERE digest=? AND owner!=?",
-                                 (d, lease.owner)).fetchone():
+                if not svc.records.held_by_other(c, d, lease.owner):
                     svc.blobs.delete(d)
         for line in loaded:
             log(f"Loaded image: {line}")

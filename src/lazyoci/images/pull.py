@@ -21,7 +21,7 @@ from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Descriptor, ImageConfig, Index, Manifest, parse_any
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
-from lazyoci.store.records import ImageRecords, Lease
+from lazyoci.store.image_records import ImageRecords, Lease
 
 if TYPE_CHECKING:
     from lazyoci.images.service import LayerConsumer
@@ -54,6 +54,32 @@ class PullHooks:
     skip_layers: Callable[[Descriptor], bool] | None = None
 
 
+@dataclass(frozen=True)
+class ResolvedImage:
+    """A reference resolved once: its top-level bytes and the platform manifests already fetched
+    (each verified by the registry client), so that a pull that had to look at the image first
+    (the lazy pull, to find its SOCI index) neither asks for the tag again nor sees it move."""
+
+    digest: str
+    media_type: str
+    raw: bytes
+    manifests: tuple[tuple[str, str, bytes], ...] = ()   # (digest, media type, raw)
+
+
+def resolve_image(client, ref: Reference, platform: Platform | None) -> tuple[ResolvedImage, Manifest]:
+    """Resolve `ref` and fetch the manifest of `platform` (default: this host's)."""
+    raw, media_type, digest = client.get_manifest(ref)
+    obj = parse_any(raw, media_type)
+    if not isinstance(obj, Index):
+        return ResolvedImage(digest, media_type, raw), Manifest.parse(raw, media_type)
+    desc = obj.select(platform or Platform.host())
+    mraw, mmedia, mdigest = client.get_manifest(ref.with_digest(desc.digest))
+    if mdigest != desc.digest:
+        raise FormatError(f"registry returned manifest {mdigest} for {desc.digest}")
+    return (ResolvedImage(digest, media_type, raw, ((mdigest, mmedia, mraw),)),
+            Manifest.parse(mraw, mmedia))
+
+
 class Puller:
     def __init__(self, client, records: ImageRecords, progress: ProgressSink | None = None,
                  workers: int = DEFAULT_LAYER_WORKERS) -> None:
@@ -63,13 +89,19 @@ class Puller:
         self.progress = progress or no_progress
         self.workers = workers
         self._cancel = threading.Event()
+        self._fetched: dict[str, tuple[str, bytes]] = {}     # manifests the caller resolved already
 
-    def pull(self, ref: Reference, platform: Platform | None, all_platforms: bool,
-             hooks: PullHooks, snapshotter: str) -> PullResult:
+    def run(self, ref: Reference, platform: Platform | None, all_platforms: bool,
+             hooks: PullHooks, snapshotter: str, resolved: ResolvedImage | None = None) -> PullResult:
+        """Pull `ref` (already resolved to `resolved`, if given: the tag is not asked again)."""
         self.records.recover()
         key = str(ref)
         self.progress(ProgressEvent(key, "resolve", "resolving"))
-        raw, media_type, top = self.client.get_manifest(ref)
+        if resolved is None:
+            raw, media_type, top = self.client.get_manifest(ref)
+        else:
+            raw, media_type, top = resolved.raw, resolved.media_type, resolved.digest
+            self._fetched = {d: (m, r) for d, m, r in resolved.manifests}
         self.progress(ProgressEvent(key, "resolve", "resolved"))
         with self.records.lease() as lease:
             top_obj = parse_any(raw, media_type)
@@ -119,6 +151,8 @@ class Puller:
         if self.blobs.has(desc.digest):
             raw = self.blobs.read(desc.digest)
             media_type = desc.media_type
+        elif desc.digest in self._fetched:
+            media_type, raw = self._fetched[desc.digest]
         else:
             raw, media_type, digest = self.client.get_manifest(ref.with_digest(desc.digest))
             if digest != desc.digest:

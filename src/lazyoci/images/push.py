@@ -13,7 +13,7 @@ from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Descriptor, Index, Manifest
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
-from lazyoci.store.records import ContentRecord, ImageRecords
+from lazyoci.store.image_records import ContentRecord, ImageRecords
 
 DEFAULT_UPLOAD_WORKERS = 3
 
@@ -125,7 +125,6 @@ class Pusher:
 
     def _remember(self, target: Reference, top: str) -> None:
         """Blobs now also live in the target repository: a later push elsewhere can mount them."""
-        with self.records.db.reading() as c:
-            digests = [r[0] for r in c.execute("SELECT digest FROM blob_refs WHERE owner=?", (f"image:{top}",))]
+        digests = self.records.owned_by(f"image:{top}")
         with self.records.db.transaction() as c:
             self.records.record_sources(c, target.registry, target.repository, digests)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -20,9 +20,10 @@ from lazyoci.registry.options import RegistryOptions
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
-from lazyoci.store.records import ContentRecord, GcResult, ImageRecords, Lease
+from lazyoci.store.image_records import ContentRecord, GcResult, ImageRecords, Lease
 
 if TYPE_CHECKING:
+    from lazyoci.images.pull import ResolvedImage
     from lazyoci.registry import RegistryClient
 
 _ID_RE = re.compile(r"^(sha256:)?[0-9a-f]{4,64}$")
@@ -104,21 +105,46 @@ class ImageService:
         """For other areas writing blobs: hold the lease before writing, record ownership, release."""
         return self.records.lease()
 
+    def store_owned_blob(self, digest: str, owner: str, *, raw: bytes | None = None, size: int | None = None,
+                         fetch: Callable[[], Iterable[bytes]] | None = None) -> None:
+        """Store a small blob that `owner` (``soci:<index digest>``) holds against garbage collection:
+        `raw` bytes, or the chunks `fetch()` downloads (only if the store lacks it); verified."""
+        with self.records.lease() as lease:
+            lease.add([digest])
+            if not self.blobs.has(digest):
+                if raw is not None:
+                    self.blobs.put_bytes(raw, digest)
+                elif fetch is None:
+                    raise StoreError(f"blob {digest} is not stored and nothing fetches it")
+                else:
+                    writer = self.blobs.writer(digest, size)
+                    try:
+                        for chunk in fetch():
+                            writer.write(chunk)
+                        writer.commit()
+                    except BaseException:
+                        writer.abort()
+                        raise
+            self.records.add_owner(owner, [digest])
+
     def record_layer_size(self, layer_digest: str, uncompressed: int) -> None:
         self.records.record_layer_size(layer_digest, uncompressed)
 
     # --- pull / push ----------------------------------------------------------------------
 
-    def pull(self, ref: str, platform: Platform | None = None, progress: ProgressSink | None = None,
+    def pull(self, ref: str, platform: Platform | None = None, progress: ProgressSink | None = None, *,
              layer_consumer: Callable[[Descriptor], LayerConsumer | None] | None = None,
              skip_layers: Callable[[Descriptor], bool] | None = None,
-             snapshotter: str = "overlayfs", all_platforms: bool = False) -> LocalImage:
-        """Fetch an image into the store (skipping `skip_layers`), name it `ref`, return it."""
+             snapshotter: str = "overlayfs", all_platforms: bool = False,
+             resolved: ResolvedImage | None = None) -> LocalImage:
+        """Fetch an image into the store (skipping `skip_layers`), name it `ref`, return it.
+
+        `resolved`: what the caller already resolved `ref` to (`resolve`), so the tag is asked once."""
         from lazyoci.images.pull import PullHooks, Puller
 
         r = Reference.parse(ref)
-        result = Puller(self.client, self.records, progress).pull(
-            r, platform, all_platforms, PullHooks(layer_consumer, skip_layers), snapshotter)
+        result = Puller(self.client, self.records, progress).run(
+            r, platform, all_platforms, PullHooks(layer_consumer, skip_layers), snapshotter, resolved)
         chosen = result.platforms[0]
         if all_platforms and len(result.platforms) > 1:
             want = platform or Platform.host()
@@ -161,6 +187,10 @@ class ImageService:
         if rec is None:
             raise ImageNotFoundError(f"no such image: {top}")
         return rec
+
+    def lookup(self, ref_or_id: str) -> ContentRecord:
+        """What the store holds of a local image, by name, digest or ID prefix (every platform)."""
+        return self._content(self._resolve_top(ref_or_id))
 
     def get(self, ref_or_id: str, platform: Platform | None = None) -> LocalImage:
         """A local image by name, digest or ID prefix; its manifest for `platform` (default: host)."""
@@ -264,7 +294,7 @@ class ImageService:
         untagged: list[str] = []
         deleted: list[str] = []
         with self.db.transaction() as c:
-            names = [r[0] for r in c.execute("SELECT name FROM image_names WHERE digest=?", (top,))]
+            names = self.records.names_in(c, top)
             targets = [as_name] if as_name is not None and as_name in names else names
             if len(targets) > 1 and not force:
                 raise StoreError(f"image {ref} is referenced by {len(targets)} names "
@@ -278,6 +308,16 @@ class ImageService:
             if self.records.release_if_unnamed(c, top):
                 deleted.append(top)
         return RemoveResult(tuple(untagged), tuple(deleted), self.gc())
+
+    def prune_unnamed(self) -> tuple[str, ...]:
+        """Forget every image no name points at (and nothing else holds); their top digests."""
+        removed: tuple[str, ...] = ()
+        for rec in self.records.contents():
+            if not self.records.names_of(rec.digest):
+                with self.db.transaction() as c:
+                    if self.records.release_if_unnamed(c, rec.digest):
+                        removed += (rec.digest,)
+        return removed
 
     def gc(self) -> GcResult:
         return self.records.gc()

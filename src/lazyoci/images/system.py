@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from lazyoci.errors import LazyociError
 from lazyoci.images.build import build_dir, prune_build_cache
 from lazyoci.oci.manifest import ImageConfig, Manifest, chain_ids
+from lazyoci.store.image_records import blobs_held_by_kind
 
 if TYPE_CHECKING:
     from lazyoci.config import Config
@@ -73,7 +74,7 @@ def span_cache_dir(config: Config, root: Path) -> Path:
 def _images(svc: ImageService) -> list[_Image]:
     out = []
     with svc.db.reading() as c:
-        held = {r[0] for r in c.execute("SELECT digest FROM blob_refs WHERE owner LIKE 'container:%'")}
+        held = blobs_held_by_kind(c, "container")
     for rec in svc.records.contents():
         blobs, layers, diff_ids, chains = {rec.digest}, set(), set(), set()
         for manifest_digest, _plat, config_digest in rec.platforms:
@@ -104,7 +105,7 @@ def _unpacked(svc: ImageService, config: Config, diff_ids: Iterable[str]) -> int
     wanted = set(diff_ids)
     for snap in (OverlaySnapshotter(svc.root), SociSnapshotter(svc.root, config)):
         for diff_id in wanted:
-            path = snap.layer_dir(diff_id)
+            path = snap.unpacked_dir(diff_id)
             if path is not None:
                 total += directory_bytes(path)
     return total
@@ -122,7 +123,7 @@ def _span_caches(svc: ImageService, config: Config) -> list[tuple[str, Path]]:
 
 def _served_layers(svc: ImageService) -> set[str]:
     """Lazy layers the service serves (now, or when it starts again), through any zTOC."""
-    from lazyoci.service.records import recorded_views
+    from lazyoci.service.view_records import recorded_views
 
     return {layer for layer, _ztoc in recorded_views(svc.db)}
 
@@ -158,7 +159,7 @@ def disk_usage(svc: ImageService, manager: ContainerManager, config: Config) -> 
 
 def _container_bytes(manager: ContainerManager, rec) -> int:
     """The container's directory (bundle, logs) and its writable layer, not its mounted rootfs."""
-    from lazyoci.snapshot.registry import get_snapshotter
+    from lazyoci.snapshot.snapshotters import get_snapshotter
 
     total = directory_bytes(manager.store.dir(rec.id))
     try:
@@ -230,15 +231,18 @@ def prune(svc: ImageService, manager: ContainerManager, config: Config, all_imag
                        tuple(name for name, _ in removed_volumes))
 
 
-def release_unused_layers(svc: ImageService, config: Config) -> int:
-    """Snapshots of images that are gone go too (lazy layers are unmounted); return bytes freed."""
-    from lazyoci.snapshot.overlay import OverlaySnapshotter
-    from lazyoci.snapshot.soci import SociSnapshotter
+def release_snapshots(svc: ImageService, config: Config) -> None:
+    """Snapshots of images that are gone go too, in every snapshotter (lazy layers are
+    unmounted), so that removing an image really gives its disk space back."""
+    from lazyoci.snapshot.snapshotters import release_unused_snapshots
 
-    keep = set().union(*(i.chains for i in _images(svc)))
+    release_unused_snapshots(svc.root, config, set().union(*(i.chains for i in _images(svc))))
+
+
+def release_unused_layers(svc: ImageService, config: Config) -> int:
+    """`release_snapshots`, returning the bytes freed."""
     before = directory_bytes(svc.root.snapshots)
-    OverlaySnapshotter(svc.root).release_unused(keep)
-    SociSnapshotter(svc.root, config).release_unused(keep)
+    release_snapshots(svc, config)
     return max(0, before - directory_bytes(svc.root.snapshots))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lazyoci.errors import ContainerError
 from lazyoci.store.db import Database
+from lazyoci.store.image_records import add_blob_owner, drop_blob_owner
 from lazyoci.store.layout import DataRoot
 from lazyoci.store.modes import private_dir, write_file
 
@@ -151,8 +152,7 @@ class ContainerStore:
                            rec.created, rec.status, rec.snapshotter, rec.snapshot_key, rec.runtime,
                            int(rec.auto_remove), int(rec.detached)))
                 # Hold the image: `rmi` refuses while a container uses it.
-                c.execute("INSERT OR IGNORE INTO blob_refs (owner, digest) VALUES (?, ?)",
-                          (f"container:{rec.id}", rec.image_digest))
+                add_blob_owner(c, f"container:{rec.id}", [rec.image_digest])
         except sqlite3.IntegrityError:
             raise ContainerError(f"the container name {rec.name!r} is already in use") from None
 
@@ -178,7 +178,7 @@ class ContainerStore:
     def delete(self, container_id: str) -> None:
         with self.db.transaction() as c:
             c.execute("DELETE FROM containers WHERE id=?", (container_id,))
-            c.execute("DELETE FROM blob_refs WHERE owner=?", (f"container:{container_id}",))
+            drop_blob_owner(c, f"container:{container_id}")
 
     def read_exit_file(self, container_id: str) -> int | None:
         try:

@@ -23,8 +23,8 @@ from lazyoci.errors import ConfigError, ContainerError
 from lazyoci.runtime.containers import ContainerRecord
 from lazyoci.runtime.run import STOP_TIMEOUT, ContainerManager, RunOptions
 from lazyoci.runtime.runc import Runtime
-from lazyoci.snapshot.mount import is_mountpoint, mount_all, unmount
-from lazyoci.snapshot.registry import get_snapshotter
+from lazyoci.snapshot.mount_syscall import is_mountpoint, mount_all, unmount
+from lazyoci.snapshot.snapshotters import get_snapshotter
 from lazyoci.store.modes import PRIVATE_FILE_MODE
 
 _MAX_SIGNAL = 64   # SIGRTMAX on Linux

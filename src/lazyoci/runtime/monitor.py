@@ -27,7 +27,7 @@ from lazyoci.errors import LazyociError
 from lazyoci.runtime.containers import ContainerStore, process_start, write_exit_file
 from lazyoci.runtime.logfile import LogWriter
 from lazyoci.runtime.runc import Runtime
-from lazyoci.snapshot.mount import unmount
+from lazyoci.snapshot.mount_syscall import unmount
 from lazyoci.store.modes import open_private_log
 
 STOPPED_MARK = "stopped"         # written by stop / rm -f: the container is not restarted

@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
@@ -40,8 +41,8 @@ from lazyoci.runtime.logfile import LogLine, LogReader, iter_chunks, lines_since
 from lazyoci.runtime.monitor import STOPPED_MARK, MonitorSpec, spawn_monitor
 from lazyoci.runtime.runc import Runtime
 from lazyoci.runtime.volumes import MountRequest, VolumeStore, check_mount_kinds, check_unique_targets
-from lazyoci.snapshot.mount import mount_all, unmount
-from lazyoci.snapshot.registry import get_snapshotter
+from lazyoci.snapshot.mount_syscall import mount_all, unmount
+from lazyoci.snapshot.snapshotters import get_snapshotter
 from lazyoci.store.layout import DataRoot
 from lazyoci.store.modes import write_file
 
@@ -91,11 +92,13 @@ class RunOptions:
 
 
 class ContainerManager:
-    def __init__(self, root: DataRoot, config: Config, images: ImageService) -> None:
+    def __init__(self, root: DataRoot, config: Config, images: ImageService,
+                 notices: Callable[[str], None] | None = None) -> None:
         self.root = root
         self.config = config
         self.images = images
-        self.store = ContainerStore(root, images.db)
+        self.notices = notices      # INFO lines of a pull (a lazy pull that falls back says why)
+        self.store = ContainerStore(root)
 
     # ---- images and rootfs ------------------------------------------------
     def ensure_image(self, ref: str, snapshotter_name: str, policy: str, platform: Platform | None,
@@ -119,7 +122,8 @@ class ContainerManager:
                     raise
         if image is None:
             # Each snapshotter pulls its own way (overlayfs: unpack while downloading; soci: lazily).
-            image = snap.pull(self.images, ref, platform, progress=progress, index_digest=index_digest)
+            image = snap.pull(self.images, ref, platform, progress=progress, index_digest=index_digest,
+                              log=self.notices)
         return image
 
     # ---- run ----------------------------------------------------------------

@@ -251,6 +251,30 @@ class ServiceClient:
         reply = self.request("unmount_layer", layer_digest=layer_digest, ztoc_digest=ztoc_digest)
         return bool(reply.get("unmounted"))
 
+    def view_dir(self, layer_digest: str, ztoc_digest: str) -> Path:
+        """Where the layer's view through that zTOC appears in the FUSE mount (served or not)."""
+        return self.paths.view_dir(layer_digest, ztoc_digest)
+
+    def recorded_views(self) -> list[tuple[str, str]]:
+        """The (layer, zTOC) views the service serves, or mounts again when it starts."""
+        from lazyoci.service.view_records import recorded_views
+        from lazyoci.store.db import Database
+
+        return recorded_views(Database(self.root.db_path))
+
+    def release_views(self, views: list[tuple[str, str]]) -> None:
+        """Stop serving these views; while the service is down, drop them from what it mounts at start."""
+        if not views:
+            return
+        if self.is_running():
+            for layer_digest, ztoc_digest in views:
+                self.unmount_layer(layer_digest, ztoc_digest)
+            return
+        from lazyoci.service.view_records import forget_layers
+        from lazyoci.store.db import Database
+
+        forget_layers(Database(self.root.db_path), views)
+
     def status(self) -> dict[str, Any]:
         return self.request("status")
 

@@ -236,12 +236,12 @@ class Service:
             return {"ok": True, "pid": os.getpid(), "mountpoint": os.fspath(self.paths.mountpoint)}
         if op == "mount_layer":
             await trio.to_thread.run_sync(self.running_layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
-            return {"ok": True, "path": os.fspath(self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]))}
+            return {"ok": True, "path": os.fspath(self.paths.view_dir(req["layer_digest"], req["ztoc_digest"]))}
         if op == "unmount_layer":
             if self.containerd is not None and await trio.to_thread.run_sync(
                     self.containerd.uses_view, req["layer_digest"], req["ztoc_digest"]):
                 return {"ok": True, "unmounted": False}     # containerd's snapshots stand on it
-            name = self.paths.layer_dir(req["layer_digest"], req["ztoc_digest"]).name.encode()
+            name = self.paths.view_dir(req["layer_digest"], req["ztoc_digest"]).name.encode()
             done = await trio.to_thread.run_sync(self.running_layers.unmount, req["layer_digest"], req["ztoc_digest"])
             if done:
                 try:

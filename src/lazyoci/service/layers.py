@@ -10,7 +10,7 @@ docker credentials, so `lazyoci service start` after a config change picks it up
 Where spans come from: a layer is content-addressed, so any repository that
 holds it will do. A view fetches through the references it has been asked to
 mount with, the latest first, and after a restart through the references the
-lazy pulls recorded last (`lazy_layers`) before the one recorded at its first
+lazy pulls recorded last (store/lazy_layer_records.py) before the one recorded at its first
 mount; each goes through the configured mirrors. A registry that is gone no
 longer leaves a layer unreadable.
 """
@@ -40,10 +40,12 @@ from lazyoci.fs.span_prefetch import SpanPrefetch
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
-from lazyoci.service.records import SCHEMA, SCHEMA_NAME
+from lazyoci.service import view_records as views
+from lazyoci.service.view_records import SCHEMA, SCHEMA_NAME
 from lazyoci.service.paths import layer_view_name
 from lazyoci.service.prefetch import prefetch_files
 from lazyoci.service.view_slots import view_slot
+from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
@@ -111,6 +113,7 @@ class LayerManager:
         self.fs = fs
         self.db = Database(root.db_path)
         self.db.ensure_schema(SCHEMA_NAME, SCHEMA)
+        self.blobs = BlobStore(root)
         cache_dir = config.soci.cache_dir or root.soci / "cache"
         if not cache_dir.is_absolute():     # relative to the config file, not to the daemon's cwd (/)
             cache_dir = (config.path.parent if config.path else root.path) / cache_dir
@@ -187,17 +190,14 @@ class LayerManager:
         if self.fs.has_layer(layer_digest, ztoc_digest):
             if persist:
                 self._prefer(view, [reference])
-                with self.db.transaction() as conn:
-                    conn.execute("UPDATE service_views SET ref=? WHERE layer_digest=? AND ztoc_digest=?",
-                                 (str(reference), layer_digest, ztoc_digest))
+                views.set_view_ref(self.db, layer_digest, ztoc_digest, str(reference))
             return
-        blob = self.root.blobs / "sha256" / Digest.parse(ztoc_digest).hex
         fmt = format_named(format_of(self.db, layer_digest, ztoc_digest))
         what = "zTOC" if fmt.name == "ztoc" else f"{fmt.name} index"
-        try:
-            data = blob.read_bytes()
-        except FileNotFoundError:
-            raise StoreError(f"{what} {ztoc_digest} of layer {layer_digest} is not in the blob store") from None
+        if not self.blobs.has(ztoc_digest):
+            raise StoreError(f"{what} {ztoc_digest} of layer {layer_digest} is not in the blob store")
+        with self.blobs.open(ztoc_digest) as f:
+            data = f.read()
         verify_bytes(data, ztoc_digest, f"{what} of layer {layer_digest}")
         started = time.monotonic()
         if fmt.name == "ztoc":        # no recorded format: a zTOC, or a zstd:chunked TOC (by its first bytes)
@@ -242,9 +242,7 @@ class LayerManager:
         self._start_prefetch(view, ztoc.num_spans, fetcher)
         prefetch_files(ztoc, fetcher, layer_digest)
         if persist:
-            with self.db.transaction() as conn:
-                conn.execute("INSERT OR REPLACE INTO service_views VALUES (?, ?, ?, ?)",
-                             (layer_digest, ztoc_digest, str(reference), time.time()))
+            views.record_view(self.db, layer_digest, ztoc_digest, str(reference), time.time())
 
     def _start_prefetch(self, view: tuple[str, str], num_spans: int, fetcher: SpanFetcher) -> None:
         """Fetch the spans of the view's prefetch artifact (recorded by the pull) now, in the
@@ -292,8 +290,7 @@ class LayerManager:
             self._prefetch.pop(view, None)
         flush_cache_writes()      # spans still on their way to the disk belong in the cache
         self.cache.forget(layer_digest, ztoc_digest)
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM service_views WHERE layer_digest=? AND ztoc_digest=?", view)
+        views.forget_layers(self.db, [view])
         if layer is not None:
             log.info("unmounted layer %s (%s)", layer_digest, layer_view_name(layer_digest, ztoc_digest))
         return layer is not None
@@ -303,9 +300,7 @@ class LayerManager:
 
         Spans are fetched first through the references the latest lazy pulls recorded for
         the layer, then through the one recorded at the first mount."""
-        with self.db.reading() as conn:
-            rows = conn.execute("SELECT layer_digest, ref, ztoc_digest FROM service_views").fetchall()
-        for digest, ref, ztoc_digest in rows:
+        for digest, ztoc_digest, ref in views.recorded_view_refs(self.db):
             try:
                 self.mount(ref, digest, ztoc_digest, persist=False, fallback_refs=self._pulled_refs(digest))
             except LazyociError as e:
@@ -315,14 +310,14 @@ class LayerManager:
         """Whether the index the lazy pull recorded for this view marks the zTOC `disable-xattrs`.
         Anything unreadable says no: xattrs are then served (and checked) as usual."""
         from lazyoci.soci.index import ANN_LAYER_DIGEST, SociIndex, xattrs_disabled
+        from lazyoci.store.lazy_layer_records import layer_record
         try:
-            with self.db.reading() as conn:
-                row = conn.execute("SELECT index_digest FROM lazy_layers WHERE layer_digest=? AND ztoc_digest=?",
-                                   (layer_digest, ztoc_digest)).fetchone()
-            if not row or not row[0]:
+            rec = layer_record(self.db, layer_digest, ztoc_digest)
+            if rec is None or not rec.index_digest:
                 return False
-            data = (self.root.blobs / "sha256" / Digest.parse(row[0]).hex).read_bytes()
-            verify_bytes(data, row[0], "SOCI index")
+            with self.blobs.open(rec.index_digest) as f:
+                data = f.read()
+            verify_bytes(data, rec.index_digest, "SOCI index")
             index = SociIndex.parse(data)
         except (sqlite3.Error, OSError, LazyociError):
             return False
@@ -332,13 +327,12 @@ class LayerManager:
     def _pulled_refs(self, layer_digest: str) -> list[str]:
         """The references the lazy pulls recorded for the layer, the latest first (any index's:
         a layer is content-addressed, and spans are checked against the view's own zTOC)."""
+        from lazyoci.store.lazy_layer_records import pulled_refs
+
         try:
-            with self.db.reading() as conn:
-                rows = conn.execute("SELECT ref FROM lazy_layers WHERE layer_digest=? ORDER BY created DESC",
-                                    (layer_digest,)).fetchall()
+            return pulled_refs(self.db, layer_digest)
         except (sqlite3.Error, StoreError):    # no lazy pull yet in this data root
             return []
-        return [r[0] for r in rows]
 
     def status(self) -> list[LayerStatus]:
         with self._lock:

@@ -53,7 +53,7 @@ class ServicePaths:
     def mountpoint(self) -> Path:
         return self.dir / "mnt"
 
-    def layer_dir(self, layer_digest: str, ztoc_digest: str) -> Path:
+    def view_dir(self, layer_digest: str, ztoc_digest: str) -> Path:
         """The FUSE directory of a lazy layer seen through a zTOC (what overlay lowerdirs point at)."""
         return self.mountpoint / layer_view_name(layer_digest, ztoc_digest)
 

@@ -10,16 +10,17 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:   # what the names are, for type checkers; at run time __getattr__ imports them
     from lazyoci.snapshot.base import Mount, SnapshotInfo, Snapshotter
+    from lazyoci.snapshot.layer_server import LayerServer
     from lazyoci.snapshot.overlay import OverlaySnapshotter
     from lazyoci.snapshot.soci import SociSnapshotter
 
 _WHERE = {
     "Mount": "base", "SnapshotInfo": "base", "Snapshotter": "base", "OverlaySnapshotter": "overlay",
-    "SociSnapshotter": "soci",
+    "SociSnapshotter": "soci", "LayerServer": "layer_server",
 }
 
 __all__ = [
-    "Mount", "OverlaySnapshotter", "SnapshotInfo", "Snapshotter", "SociSnapshotter",
+    "LayerServer", "Mount", "OverlaySnapshotter", "SnapshotInfo", "Snapshotter", "SociSnapshotter",
 ]
 
 

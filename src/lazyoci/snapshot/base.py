@@ -14,7 +14,7 @@ snapshotter by name.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -64,7 +64,8 @@ class Snapshotter(Protocol):
     # lazyoci extensions, used by `run` and `image mount`:
     def pull(self, images: "ImageService", ref: str, platform: "Platform | None" = None,
              progress: "ProgressSink | None" = None,
-             index_digest: str | None = None) -> "LocalImage": ...   # SOCI index to use (soci only)
+             index_digest: str | None = None,                      # SOCI index to use (soci only)
+             log: "Callable[[str], None] | None" = None) -> "LocalImage": ...   # INFO lines (soci only)
     def unpack_image(self, images: "ImageService", image: "LocalImage") -> str | None: ...
     def layer_consumer(self, desc: "Descriptor") -> "LayerConsumer | None": ...
     def release_unused(self, keep: set[str]) -> list[str]: ...

@@ -37,12 +37,13 @@ from lazyoci.oci.manifest import Descriptor, chain_ids
 from lazyoci.snapshot.base import (KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, LABEL_DIFF_ID,
                                    LABEL_LAYER_DIGEST, Mount, SnapshotInfo)
 from lazyoci.snapshot.unpack import apply_layer_stream, remove_tree
+from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService, LocalImage
-    from lazyoci.snapshot.streaming import UnpackingConsumer
+    from lazyoci.snapshot.unpacking_consumer import UnpackingConsumer
 
 ORPHAN_GRACE_SECONDS = 3600   # unpacked layers no snapshot has used yet: a pull may be running
 
@@ -91,10 +92,11 @@ class LayeredSnapshotter:
     extra_snapshot_columns: str = ""   # DDL of columns a subclass adds to <p>_snapshots
     extra_ddl: str = ""                # DDL of tables a subclass adds
 
-    def __init__(self, root: DataRoot, db: Database | None = None) -> None:
+    def __init__(self, root: DataRoot, db: Database | None = None, blobs: BlobStore | None = None) -> None:
         self.root = root
         self.dir = root.snapshots / self.dir_name
         self.db = db or Database(root.db_path)
+        self.blobs = blobs or BlobStore(root)     # where the layers of images are read from
         p = self.table_prefix
         self._dirs, self._snaps, self._digests = f"{p}_dirs", f"{p}_snapshots", f"{p}_layer_digests"
         self.db.ensure_schema(self.schema_name, _ddl(p, self.extra_snapshot_columns) + self.extra_ddl)
@@ -243,7 +245,7 @@ class LayeredSnapshotter:
             yield _info(r)
 
     # ---- unpacked layers -----------------------------------------------
-    def layer_dir(self, diff_id: str) -> Path | None:
+    def unpacked_dir(self, diff_id: str) -> Path | None:
         with self.db.reading() as conn:
             row = conn.execute(f"SELECT id FROM {self._dirs} WHERE diff_id=?", (diff_id,)).fetchone()
         return self._fs(row["id"]) if row else None
@@ -270,11 +272,11 @@ class LayeredSnapshotter:
             remove_tree(staging)
             raise
 
-    def unpack_blob(self, images: "ImageService", desc: Descriptor) -> str:
+    def unpack_blob(self, desc: Descriptor) -> str:
         """Unpack a layer from the blob store (when it was not unpacked during the pull)."""
         staging = self.new_staging_dir()
         try:
-            with images.blobs.open(desc.digest) as f:
+            with self.blobs.open(desc.digest) as f:
                 diff_id = apply_layer_stream(f, desc.media_type, staging / "fs").diff_id
         except BaseException:
             remove_tree(staging)
@@ -284,7 +286,7 @@ class LayeredSnapshotter:
 
     def layer_consumer(self, desc: Descriptor) -> "UnpackingConsumer | None":
         """The pull hook: unpack this layer while it downloads (None if it is unpacked already)."""
-        from lazyoci.snapshot.streaming import UnpackingConsumer
+        from lazyoci.snapshot.unpacking_consumer import UnpackingConsumer
 
         with self.db.reading() as conn:
             row = conn.execute(f"SELECT 1 FROM {self._digests} l JOIN {self._dirs} d "
@@ -292,23 +294,25 @@ class LayeredSnapshotter:
         return None if row else UnpackingConsumer(self, desc)
 
     # ---- images ----------------------------------------------------------
-    def unpack_image(self, images: "ImageService", image: "LocalImage") -> str | None:
-        """Make the committed snapshots of the image's layers exist; return the top chain ID."""
+    def unpack_image(self, images: object, image: "LocalImage") -> str | None:
+        """Make the committed snapshots of the image's layers exist; return the top chain ID.
+
+        Layers are read from the snapshotter's own blob store; `images` (the caller's image
+        service) is not used and stays only so that callers keep one call for every snapshotter."""
         diff_ids = image_diff_ids(image)
         parent: str | None = None
         for desc, diff_id, chain in zip(image.manifest.layers, diff_ids, chain_ids(diff_ids)):
             with self.db.reading() as conn:
                 have = self._exists(conn, chain)
             if not have:
-                self._commit_image_layer(images, desc, diff_id, chain, parent)
+                self._commit_image_layer(desc, diff_id, chain, parent)
             parent = chain
         return parent
 
-    def _commit_image_layer(self, images: "ImageService", desc: Descriptor, diff_id: str,
-                            chain: str, parent: str | None) -> None:
+    def _commit_image_layer(self, desc: Descriptor, diff_id: str, chain: str, parent: str | None) -> None:
         """Commit one layer of an image as the snapshot `chain`: unpacked (if not yet) into a dir."""
-        if self.layer_dir(diff_id) is None:
-            got = self.unpack_blob(images, desc)
+        if self.unpacked_dir(diff_id) is None:
+            got = self.unpack_blob(desc)
             if got != diff_id:
                 raise IntegrityError(f"layer {desc.digest} unpacks to diff ID {got}, "
                                      f"the image config says {diff_id}", expected=diff_id, actual=got)

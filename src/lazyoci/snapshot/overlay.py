@@ -27,8 +27,9 @@ class OverlaySnapshotter(LayeredSnapshotter):
     schema_name = "snapshot_overlayfs"
 
     def pull(self, images: "ImageService", ref: str, platform=None, progress=None,
-             index_digest: str | None = None) -> "LocalImage":
-        """Pull `ref`, unpacking every layer while it downloads, and commit its snapshots."""
+             index_digest: str | None = None, log=None) -> "LocalImage":
+        """Pull `ref`, unpacking every layer while it downloads, and commit its snapshots
+        (`log`: as for soci; overlayfs has nothing to say)."""
         if index_digest:
             raise ConfigError("--soci-index-digest needs --snapshotter soci")
         image = images.pull(ref, platform, progress=progress, layer_consumer=self.layer_consumer,

@@ -15,11 +15,11 @@ layer at or below it is keyed by its chain ID plus the zTOCs of those lazy layer
 of a popular base layer, say) gets snapshots of its own and never changes what
 another image sees. A snapshot of unpacked layers only is verified content: it keeps
 its chain ID and is shared by every image. Which zTOC serves a layer of an image is
-what the image's lazy pull recorded (snapshot/lazy_records.py).
+what the image's lazy pull recorded (store/lazy_layer_records.py).
 
 Layout: <root>/snapshots/soci/ (as in layered.py). Database: `lazy_dirs`,
 `lazy_snapshots` (plus `lazy_layer`: the digest of a committed lazy layer),
-`lazy_layer_digests`, and the records of the lazy pulls (snapshot/lazy_records.py:
+`lazy_layer_digests`, and the records of the lazy pulls (store/lazy_layer_records.py:
 `lazy_layers`, `lazy_image_layers`).
 """
 
@@ -29,22 +29,25 @@ import hashlib
 import json
 import os
 import sqlite3
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lazyoci.config import Config
 from lazyoci.errors import StoreError
 from lazyoci.oci.manifest import chain_ids
-from lazyoci.service.client import ServiceClient
-from lazyoci.service.paths import ServicePaths
-from lazyoci.snapshot import lazy_records
 from lazyoci.snapshot.base import KIND_COMMITTED, LABEL_DIFF_ID, LABEL_LAYER_DIGEST
 from lazyoci.snapshot.layered import LayeredSnapshotter, image_diff_ids
-from lazyoci.snapshot.lazy_records import LazyLayerRecord
+from lazyoci.store.lazy_layer_records import LazyLayerRecord, LazyLayerRecords
+from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
 if TYPE_CHECKING:
+    from lazyoci.images.progress import ProgressSink
     from lazyoci.images.service import ImageService, LocalImage
+    from lazyoci.oci.platform import Platform
+    from lazyoci.registry.client import RegistryClient
+    from lazyoci.snapshot.layer_server import LayerServer
 
 __all__ = ["LABEL_ZTOC", "LazyLayerRecord", "SociSnapshotter", "StargzSnapshotter", "snapshot_keys"]
 
@@ -81,19 +84,27 @@ class SociSnapshotter(LayeredSnapshotter):
     table_prefix = "lazy"
     schema_name = "snapshot_soci"
     extra_snapshot_columns = "lazy_layer TEXT,   -- committed lazy layer: its digest (lower = FUSE dir)"
-    extra_ddl = lazy_records.LAZY_RECORDS_DDL
 
-    def __init__(self, root: DataRoot, config: Config, db: Database | None = None) -> None:
+    def __init__(self, root: DataRoot, config: Config, db: Database | None = None, *,
+                 server: "LayerServer | None" = None, records: LazyLayerRecords | None = None,
+                 client: "RegistryClient | None" = None, blobs: BlobStore | None = None) -> None:
+        """Each collaborator may be given (a front end of its own, a test): `server` serves the
+        lazy layers (default: the lazyoci service), `records` are the lazy pulls' records,
+        `client` the registry client of lazy pulls (default: the image service's)."""
         self.config = config
-        self.paths = ServicePaths(root)
-        self.service = ServiceClient(root, config.path)
-        super().__init__(root, db)
-        lazy_records.migrate_lazy_layers(self.db)
+        if server is None:
+            from lazyoci.service.client import ServiceClient
+
+            server = ServiceClient(root, config.path)
+        self.service: LayerServer = server
+        self.client = client
+        super().__init__(root, db, blobs)
+        self.records = records or LazyLayerRecords(self.db)
 
     # ---- where a lazy layer's lower comes from ---------------------------------
     def _lower(self, row: sqlite3.Row) -> str:
         if row["lazy_layer"]:
-            return os.fspath(self.paths.layer_dir(row["lazy_layer"], _ztoc_of(row)))
+            return os.fspath(self.service.view_dir(row["lazy_layer"], _ztoc_of(row)))
         return super()._lower(row)
 
     def _make_available(self, chain: list[sqlite3.Row]) -> None:
@@ -102,7 +113,7 @@ class SociSnapshotter(LayeredSnapshotter):
     def _ensure_served(self, views: list[tuple[str, str]]) -> None:
         """Start the service and mount the (layer, zTOC) views that it does not show (yet)."""
         for digest, ztoc_digest in views:
-            if os.path.isdir(self.paths.layer_dir(digest, ztoc_digest)):
+            if os.path.isdir(self.service.view_dir(digest, ztoc_digest)):
                 continue
             rec = self.lazy_layer(digest, ztoc_digest)
             if rec is None:
@@ -112,19 +123,19 @@ class SociSnapshotter(LayeredSnapshotter):
 
     # ---- lazy layers -----------------------------------------------------------
     def record_lazy_layer(self, rec: LazyLayerRecord) -> None:
-        lazy_records.record_layer(self.db, rec)
+        self.records.record_layer(rec)
 
     def lazy_layer(self, layer_digest: str, ztoc_digest: str | None = None) -> LazyLayerRecord | None:
         """The record of the layer's view through `ztoc_digest` (None: the latest recorded)."""
-        return lazy_records.layer_record(self.db, layer_digest, ztoc_digest)
+        return self.records.layer(layer_digest, ztoc_digest)
 
     def forget_lazy_layer(self, layer_digest: str, ztoc_digest: str) -> None:
         """The layer is no longer lazy through this zTOC (it was refused): it is committed from its blob."""
-        lazy_records.forget_layer(self.db, layer_digest, ztoc_digest)
+        self.records.forget_layer(layer_digest, ztoc_digest)
 
     def record_image_ztocs(self, image: "LocalImage", ztocs: dict[str, str]) -> None:
         """What this lazy pull gave the image's layers (layer digest -> zTOC; empty: nothing lazy)."""
-        lazy_records.record_image(self.db, image.name or "", image.manifest.digest, ztocs)
+        self.records.record_image(image.name or "", image.manifest.digest, ztocs)
 
     def is_lazy(self, key: str) -> bool:
         """True if any layer below `key` is served lazily (what `ps` may call "soci")."""
@@ -133,11 +144,12 @@ class SociSnapshotter(LayeredSnapshotter):
             chain = self._chain(conn, row["parent"]) + ([row] if row["kind"] == KIND_COMMITTED else [])
         return any(r["lazy_layer"] for r in chain)
 
-    def unpack_image(self, images: "ImageService", image: "LocalImage") -> str | None:
+    def unpack_image(self, images: object, image: "LocalImage") -> str | None:
         """Make the committed snapshots of the image's layers exist, lazy through the zTOCs the
-        image's lazy pull recorded; return the top key (see `snapshot_keys`)."""
+        image's lazy pull recorded; return the top key (see `snapshot_keys`). As for overlayfs,
+        `images` is not used (blobs come from the snapshotter's own store)."""
         diff_ids = image_diff_ids(image)
-        ztocs = self._layer_ztocs(images, image, diff_ids)
+        ztocs = self._layer_ztocs(image, diff_ids)
         parent: str | None = None
         for desc, diff_id, ztoc, key in zip(image.manifest.layers, diff_ids, ztocs, snapshot_keys(diff_ids, ztocs)):
             with self.db.reading() as conn:
@@ -147,25 +159,25 @@ class SociSnapshotter(LayeredSnapshotter):
                     labels = {LABEL_LAYER_DIGEST: desc.digest, LABEL_DIFF_ID: diff_id, LABEL_ZTOC: ztoc}
                     self._commit_layer(key, parent, None, labels, {"lazy_layer": desc.digest})
                 else:
-                    if self.layer_dir(diff_id) is None and not images.blobs.has(desc.digest):
+                    if self.unpacked_dir(diff_id) is None and not self.blobs.has(desc.digest):
                         raise StoreError(f"layer {desc.digest} was neither downloaded nor indexed; "
                                          "pull the image again")
-                    self._commit_image_layer(images, desc, diff_id, key, parent)
+                    self._commit_image_layer(desc, diff_id, key, parent)
             parent = key
         return parent
 
-    def _layer_ztocs(self, images: "ImageService", image: "LocalImage", diff_ids: list[str]) -> list[str | None]:
+    def _layer_ztocs(self, image: "LocalImage", diff_ids: list[str]) -> list[str | None]:
         """The zTOC serving each layer of the image (None: unpacked), as its lazy pull recorded.
 
         An image whose name was never pulled lazily (a `tag` of one that was) borrows the
         zTOCs of its manifest's latest lazy pull, only for the layers it does not hold."""
-        recorded, own = lazy_records.image_ztocs(self.db, image.name, image.manifest.digest)
+        recorded, own = self.records.image_ztocs(image.name, image.manifest.digest)
         out: list[str | None] = []
         for desc, diff_id in zip(image.manifest.layers, diff_ids):
             ztoc = recorded.get(desc.digest)
-            if ztoc is not None and not own and (images.blobs.has(desc.digest) or self.layer_dir(diff_id)):
+            if ztoc is not None and not own and (self.blobs.has(desc.digest) or self.unpacked_dir(diff_id)):
                 ztoc = None                      # verified content at hand: no one else's index
-            if ztoc is not None and not (images.blobs.has(ztoc) and self.lazy_layer(desc.digest, ztoc)):
+            if ztoc is not None and not (self.blobs.has(ztoc) and self.lazy_layer(desc.digest, ztoc)):
                 ztoc = None
             out.append(ztoc)
         return out
@@ -178,26 +190,19 @@ class SociSnapshotter(LayeredSnapshotter):
         `keep` holds chain IDs (of the images that remain) or keys. A snapshot with lazy
         layers below is kept for a chain ID only while a remaining image's records still use
         every view it stacks: the snapshots of an index whose images are gone go."""
-        from lazyoci.service.records import recorded_views
-
         removed = super().release_unused(self._keys_to_keep(keep))
         with self.db.reading() as conn:
             used = {(r["lazy_layer"], json.loads(r["labels"] or "{}").get(LABEL_ZTOC)) for r in conn.execute(
                 "SELECT lazy_layer, labels FROM lazy_snapshots WHERE lazy_layer IS NOT NULL").fetchall()}
-            ours = {r[0] for r in conn.execute("SELECT layer_digest FROM lazy_layers").fetchall()}
-        unused = [v for v in recorded_views(self.db) if v[0] in ours and v not in used]
-        if unused:
-            if self.service.is_running():
-                for digest, ztoc_digest in unused:
-                    self.service.unmount_layer(digest, ztoc_digest)
-            else:
-                from lazyoci.service.records import forget_layers
-                forget_layers(self.db, unused)
+        ours = self.records.layer_digests()
+        self.service.release_views([v for v in self.service.recorded_views() if v[0] in ours and v not in used])
         return removed
 
     def _keys_to_keep(self, keep: set[str]) -> set[str]:
         """`keep` (chain IDs or keys) as the keys of committed snapshots (see release_unused)."""
-        live = lazy_records.live_views(self.db)
+        from lazyoci.store.image_records import ImageRecords
+
+        live = self.records.live_views(*ImageRecords(self.db, self.blobs).named_manifests())
         with self.db.reading() as conn:
             rows = {r["key"]: r for r in conn.execute(
                 "SELECT key, parent, lazy_layer, labels FROM lazy_snapshots WHERE kind=?", (KIND_COMMITTED,)).fetchall()}
@@ -218,12 +223,16 @@ class SociSnapshotter(LayeredSnapshotter):
         return out
 
     # ---- the lazy pull -------------------------------------------------------------
-    def pull(self, images: "ImageService", ref: str, platform=None, progress=None,
-             index_digest: str | None = None, log=None) -> "LocalImage":
-        """`pull --snapshotter soci`: see lazyoci.snapshot.soci_pull (`log` None: INFO lines go to stderr)."""
-        from lazyoci.snapshot.soci_pull import lazy_pull
+    def pull(self, images: "ImageService", ref: str, platform: "Platform | None" = None,
+             progress: "ProgressSink | None" = None, index_digest: str | None = None,
+             log: Callable[[str], None] | None = None) -> "LocalImage":
+        """`pull --snapshotter soci` (see lazyoci.snapshot.soci_pull): `images` fetches and records
+        the image; `log` receives the INFO lines of a fallback (None: they are dropped)."""
+        from lazyoci.snapshot.soci_pull import LazyPull
 
-        return lazy_pull(self, images, ref, platform, progress, log, index_digest)
+        client = self.client or images.client       # the injected one, else the image service's
+        return LazyPull(self, self.records, self.service, client, images, log).run(ref, platform, progress,
+                                                                                  index_digest)
 
 
 class StargzSnapshotter(SociSnapshotter):
@@ -236,8 +245,10 @@ class StargzSnapshotter(SociSnapshotter):
     def pull(self, images: "ImageService", ref: str, platform=None, progress=None,
              index_digest: str | None = None, log=None) -> "LocalImage":
         from lazyoci.errors import ConfigError
-        from lazyoci.snapshot.soci_pull import lazy_pull
+        from lazyoci.snapshot.soci_pull import LazyPull
 
         if index_digest is not None:
             raise ConfigError("--soci-index-digest is for --snapshotter soci, not stargz")
-        return lazy_pull(self, images, ref, platform, progress, log, None, own_only=True)
+        client = self.client or images.client       # the injected one, else the image service's
+        return LazyPull(self, self.records, self.service, client, images, log).run(ref, platform, progress,
+                                                                                  None, own_only=True)

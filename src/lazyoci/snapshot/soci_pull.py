@@ -1,13 +1,15 @@
 """`pull --snapshotter soci`: fetch the SOCI index and zTOCs, download only unindexed layers.
 
-Steps: resolve the image (and the platform's manifest), discover its SOCI index
-(explicit digest, v2 annotation, referrers API, tag schema — soci.discover_index),
+Steps: resolve the image once (and the platform's manifest), discover its SOCI index
+(explicit digest, v2 annotation, referrers API, tag schema: soci/discovery.py),
 store the index manifest and the zTOCs as blobs owned by `soci:<index digest>`,
-record which layer each zTOC serves, then let ImageService.pull fetch the image
-while skipping the lazy layers (no progress rows for them, as Finch shows a lazy pull).
-Finally the zTOCs this index gave the image (under its name) are recorded, the
-layer snapshots committed (their keys name those zTOCs: another index of a
-shared layer never reuses them) and the service mounts the lazy layers.
+record which layer each zTOC serves, then let the image fetcher (ImageService.pull)
+fetch the image it resolved, skipping the lazy layers (no progress rows for them, as
+Finch shows none).
+The layer server mounts each lazy layer while the rest downloads. Finally the zTOCs
+this index gave the image (under its name) are recorded and the layer snapshots
+committed (their keys name those zTOCs: another index of a shared layer never
+reuses them).
 
 A layer the index gives no zTOC is still lazy when it carries its own index (an
 eStargz TOC, snapshot/own_index.py): per layer, a zTOC if the SOCI index has one,
@@ -19,55 +21,62 @@ no layer with an index of its own): every layer is downloaded (with rows), the i
 (it is NOT lazy, and is never reported so) and one INFO line says why. A zTOC
 the service refuses to mount (malformed, or over a cap of ztoc/limits.py) makes
 its layer downloaded whole after the others, with one INFO line naming the
-layers and why; the image stays lazy only if some layer still is.
+layers and why; the image stays lazy only if some layer still is. INFO lines go to
+the `log` callback: the library never prints.
+
+`LazyPull` is given each collaborator (the snapshotter side, the lazy-layer records,
+the layer server, the registry client and the image fetcher), so it never reaches
+into a snapshotter or an image service for them.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol, cast
 
 from lazyoci.errors import FormatError, LazyociError
-from lazyoci.oci.manifest import Index, Manifest, parse_any
+from lazyoci.images.pull import ResolvedImage, resolve_image
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
+from lazyoci.store.lazy_layer_records import LazyLayerRecord, LazyLayerRecords
 
 if TYPE_CHECKING:
-    from lazyoci.images.service import ImageService, LocalImage
-    from lazyoci.snapshot.soci import SociSnapshotter
+    from lazyoci.images.progress import ProgressSink
+    from lazyoci.images.service import ImageService, LayerConsumer, LocalImage
+    from lazyoci.oci.manifest import Descriptor
+    from lazyoci.registry.client import RegistryClient
+    from lazyoci.snapshot.layer_server import LayerServer
+    from lazyoci.store.blobs import BlobStore
+    from lazyoci.store.db import Database
+
+__all__ = ["ImageFetcher", "LazyPull", "LazySnapshots"]
 
 
-def _resolve_manifest(client, ref: Reference, platform: Platform | None) -> tuple[Manifest, str]:
-    raw, media_type, digest = client.get_manifest(ref)
-    obj = parse_any(raw, media_type)
-    if isinstance(obj, Index):
-        desc = obj.select(platform or Platform.host())
-        raw, media_type, digest = client.get_manifest(ref.with_digest(desc.digest))
-        obj = Manifest.parse(raw, media_type)
-    return obj, digest
+class ImageFetcher(Protocol):
+    """Fetches an image into the store and records it under its name; stores the blobs of its
+    index (ImageService)."""
+
+    def store_owned_blob(self, digest: str, owner: str, *, raw: bytes | None = None, size: int | None = None,
+                         fetch: "Callable[[], Iterable[bytes]] | None" = None) -> None: ...
+
+    def pull(self, ref: str, platform: Platform | None = None, progress: "ProgressSink | None" = None, *,
+             layer_consumer: "Callable[[Descriptor], LayerConsumer | None] | None" = None,
+             skip_layers: "Callable[[Descriptor], bool] | None" = None,
+             snapshotter: str = "overlayfs", all_platforms: bool = False,
+             resolved: ResolvedImage | None = None) -> "LocalImage": ...
 
 
-def _store_blob(images: "ImageService", client, ref: Reference, digest: str, size: int | None,
-                owner: str, raw: bytes | None = None) -> None:
-    """Store a small blob (index manifest `raw`, or a zTOC downloaded here), owned by `owner`."""
-    with images.lease() as lease:
-        lease.add([digest])
-        if raw is not None:
-            if not images.blobs.has(digest):
-                images.blobs.put_bytes(raw, digest)
-        elif not images.blobs.has(digest):
-            writer = images.blobs.writer(digest, size)
-            try:
-                for chunk in client.iter_blob(ref, digest, size):
-                    writer.write(chunk)
-                writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
-        with images.db.transaction() as c:
-            c.execute("INSERT OR IGNORE INTO blob_refs (owner, digest) VALUES (?, ?)", (owner, digest))
+class LazySnapshots(Protocol):
+    """The snapshotter side of a lazy pull: unpack while downloading, then commit the layers;
+    its blob store and database (a layer's prefetch artifact is recorded beside its view)."""
+
+    blobs: "BlobStore"
+    db: "Database"
+
+    def layer_consumer(self, desc: "Descriptor") -> "LayerConsumer | None": ...
+    def unpack_image(self, images: object, image: "LocalImage") -> str | None: ...
 
 
 class _EarlyMounter:
@@ -81,9 +90,9 @@ class _EarlyMounter:
     served), so a failed or fallen-back pull leaves nothing mounted.
     """
 
-    def __init__(self, snap: "SociSnapshotter") -> None:
-        self._snap = snap
-        self._todo: list = []
+    def __init__(self, server: "LayerServer") -> None:
+        self._server = server
+        self._todo: list[LazyLayerRecord] = []
         self._cond = threading.Condition()
         self._closed = False
         self._error: BaseException | None = None
@@ -92,13 +101,13 @@ class _EarlyMounter:
         self._thread = threading.Thread(target=self._run, name="lazy-mount", daemon=True)
         self._thread.start()
 
-    def submit(self, rec) -> None:
+    def submit(self, rec: LazyLayerRecord) -> None:
         with self._cond:
             self._todo.append(rec)
             self._cond.notify()
 
     def _run(self) -> None:
-        service = self._snap.service
+        server = self._server
         while True:
             with self._cond:
                 while not self._todo and not self._closed:
@@ -109,9 +118,9 @@ class _EarlyMounter:
             if self._error is not None:
                 continue                 # drain: the first error stops the remaining mounts
             try:
-                served = os.path.isdir(self._snap.paths.layer_dir(rec.layer_digest, rec.ztoc_digest))
-                service.ensure_running()
-                service.mount_layer(rec.ref, rec.layer_digest, rec.ztoc_digest)
+                served = os.path.isdir(server.view_dir(rec.layer_digest, rec.ztoc_digest))
+                server.ensure_running()
+                server.mount_layer(rec.ref, rec.layer_digest, rec.ztoc_digest)
                 if not served:
                     self._mounted.append((rec.layer_digest, rec.ztoc_digest))
             except FormatError as e:     # the zTOC cannot be served: the pull downloads the layer
@@ -142,125 +151,146 @@ class _EarlyMounter:
         self._join()
         for digest, ztoc_digest in reversed(self._mounted):
             try:
-                self._snap.service.unmount_layer(digest, ztoc_digest)
+                self._server.unmount_layer(digest, ztoc_digest)
             except LazyociError:
                 pass
         self._mounted.clear()
 
 
-def lazy_pull(snap: "SociSnapshotter", images: "ImageService", ref: str, platform: Platform | None = None,
-              progress=None, log: Callable[[str], None] | None = None,
-              index_digest: str | None = None, own_only: bool = False) -> "LocalImage":
-    from lazyoci.snapshot.own_index import fetch_own_indexes
-    from lazyoci.snapshot.soci import LazyLayerRecord
-    from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
-    from lazyoci.soci import discover_index
+class LazyPull:
+    """One `pull --snapshotter soci`, over the collaborators it is given."""
 
-    # The INFO line of a fallback must reach the user even when the caller gave no log.
-    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    reference = Reference.parse(ref)
-    client = images.client
-    manifest, manifest_digest = _resolve_manifest(client, reference, platform)
-    reason = None
-    lazy: dict[str, str] = {}
-    found = None
-    try:
-        if not own_only:
-            found = discover_index(client, reference, manifest, manifest_digest, explicit_digest=index_digest)
-    except LazyociError as e:
-        if index_digest:          # asked for explicitly: an error, not a silent fallback
-            raise
-        found, reason = None, f"the SOCI index cannot be read ({e})"
-    if found is None and reason is None:
-        reason = "no layer carries an index of its own" if own_only else "no SOCI index was found"
-    own = fetch_own_indexes(images, reference, [l for l in manifest.layers
-                                                if found is None or l.digest not in found.ztocs], say)
-    if found is not None or own:
-        snap.service.spawn()        # the daemon starts while the zTOCs and the image download
-        source = f"{reference.name}@{manifest_digest}"
-        mounter = _EarlyMounter(snap)
-        try:
-            if found is not None:
-                owner = f"soci:{found.digest}"
-                _store_blob(images, client, reference, found.digest, None, owner, raw=found.manifest.raw)
-            for layer in manifest.layers:
-                zdesc = found.ztocs.get(layer.digest) if found is not None else None
-                if zdesc is not None and found is not None:
-                    _store_blob(images, client, reference, zdesc.digest, zdesc.size, owner)
-                    rec = LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest)
-                    snap.record_lazy_layer(rec)
-                    take_prefetch_artifact(found.index, layer.digest, zdesc.digest, images.blobs, images.db,
-                                           lambda d, n: _store_blob(images, client, reference, d, n, owner), say)
-                elif layer.digest in own:     # the layer's own index (no SOCI index digest)
-                    rec = LazyLayerRecord(layer.digest, own[layer.digest][0], source, "")
-                    snap.record_lazy_layer(rec)
-                else:
-                    continue
-                mounter.submit(rec)
-                lazy[layer.digest] = rec.ztoc_digest
-        except LazyociError as e:
-            mounter.rollback()
-            lazy, reason = {}, f"the SOCI index {found.digest if found else ''} cannot be read ({e})"
-        except BaseException:
-            mounter.rollback()
-            raise
-        if not lazy:
-            mounter.rollback()      # nothing was submitted, or the fallback already rolled back: stop the worker
-        if not lazy and reason is None and found is not None:
-            reason = f"the SOCI index {found.digest} has no zTOC for any layer of the image"
-        if lazy:
-            reason = None
-    # zstd:chunked wiring: a layer without a zTOC that carries its own TOC is lazy through it
-    from lazyoci.service.view_formats import record_format
-    from lazyoci.zstdchunked.fetch import chunked_tocs
-    chunked = chunked_tocs(client, reference, manifest.layers, lazy, say)
-    if chunked:
-        snap.service.spawn()
-        if not lazy:            # no SOCI mounter, or one stopped with nothing to mount
-            mounter = _EarlyMounter(snap)
-        try:
-            for toc in chunked.values():
-                _store_blob(images, client, reference, toc.digest, None, f"zstd-chunked:{toc.layer_digest}",
-                            raw=toc.data)
-                rec = LazyLayerRecord(toc.layer_digest, toc.digest, f"{reference.name}@{manifest_digest}",
-                                      toc.digest)
-                snap.record_lazy_layer(rec)
-                record_format(images.db, toc.layer_digest, toc.digest, "zstd:chunked")
-                mounter.submit(rec)
-                lazy[toc.layer_digest] = toc.digest
-        except BaseException:
-            mounter.rollback()
-            raise
-        reason = None
-    if reason is not None:
-        say(f"INFO: {reason} for {reference}: downloading every layer before the container starts "
-            f"(no lazy loading)")
-    try:
-        image = images.pull(ref, platform, progress,
-                            layer_consumer=snap.layer_consumer,
-                            skip_layers=(lambda d: d.digest in lazy) if lazy else None,
-                            snapshotter="soci" if lazy else "overlayfs")
-        refused = mounter.wait() if lazy else {}
-        if refused:
-            for digest in refused:
-                snap.forget_lazy_layer(digest, lazy.pop(digest))
-            whys = "; ".join(f"layer {digest}: {why}" for digest, why in refused.items())
-            ztocs = all(why.startswith("zTOC ") for why in refused.values())
-            what = (f"{'a zTOC' if len(refused) == 1 else f'{len(refused)} zTOCs'} of the SOCI index" if ztocs
-                    else f"{'a layer index' if len(refused) == 1 else f'{len(refused)} layer indexes'}")
-            say(f"INFO: {what} "
-                f"cannot be served ({whys}) for {reference}: downloading "
-                + ("that layer" if len(refused) == 1 else "those layers") + " before the container starts"
-                + ("" if lazy else " (no lazy loading)"))
-            image = images.pull(ref, platform, progress, layer_consumer=snap.layer_consumer,
+    def __init__(self, snapshots: LazySnapshots, records: LazyLayerRecords, server: "LayerServer",
+                 client: "RegistryClient", images: ImageFetcher,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.snapshots = snapshots
+        self.records = records
+        self.server = server
+        self.client = client            # resolves, discovers the index, downloads the zTOCs
+        self.images = images            # fetches and records the image, stores the zTOCs
+        self.log = log or (lambda line: None)
+
+    def _store_blob(self, ref: Reference, digest: str, size: int | None, owner: str,
+                    raw: bytes | None = None) -> None:
+        """Store a small blob (index manifest `raw`, or a zTOC downloaded here), owned by `owner`."""
+        self.images.store_owned_blob(digest, owner, raw=raw, size=size,
+                                     fetch=lambda: self.client.iter_blob(ref, digest, size))
+
+    def _fetch(self, ref: str, platform: Platform | None, progress: "ProgressSink | None",
+               resolved: ResolvedImage, lazy: dict[str, str]) -> "LocalImage":
+        return self.images.pull(ref, platform, progress, layer_consumer=self.snapshots.layer_consumer,
                                 skip_layers=(lambda d: d.digest in lazy) if lazy else None,
-                                snapshotter="soci" if lazy else "overlayfs")
-        snap.record_image_ztocs(image, lazy)   # this name's layers: through this index's zTOCs only
-        snap.unpack_image(images, image)
-    except BaseException:
+                                snapshotter="soci" if lazy else "overlayfs", resolved=resolved)
+
+    def run(self, ref: str, platform: Platform | None = None, progress: "ProgressSink | None" = None,
+            index_digest: str | None = None, own_only: bool = False) -> "LocalImage":
+        from lazyoci.service.view_formats import record_format
+        from lazyoci.snapshot.own_index import fetch_own_indexes
+        from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
+        from lazyoci.soci import discover_index
+
+        say = self.log
+        reference = Reference.parse(ref)
+        client = self.client
+        resolved, manifest = resolve_image(client, reference, platform)
+        manifest_digest = resolved.manifests[0][0] if resolved.manifests else resolved.digest
+        reason = None
+        lazy: dict[str, str] = {}
+        found = None
+        try:
+            if not own_only:
+                found = discover_index(client, reference, manifest, manifest_digest, explicit_digest=index_digest)
+        except LazyociError as e:
+            if index_digest:          # asked for explicitly: an error, not a silent fallback
+                raise
+            found, reason = None, f"the SOCI index cannot be read ({e})"
+        if found is None and reason is None:
+            reason = "no layer carries an index of its own" if own_only else "no SOCI index was found"
+        # per layer: a zTOC if the SOCI index has one, else the layer's own index (eStargz); own_index.py
+        # still takes the image service itself
+        own = fetch_own_indexes(cast("ImageService", self.images), reference,
+                                [l for l in manifest.layers if found is None or l.digest not in found.ztocs], say)
+        if found is not None or own:
+            self.server.spawn()        # the daemon starts while the zTOCs and the image download
+            source = f"{reference.name}@{manifest_digest}"
+            mounter = _EarlyMounter(self.server)
+            try:
+                if found is not None:
+                    owner = f"soci:{found.digest}"
+                    self._store_blob(reference, found.digest, None, owner, raw=found.manifest.raw)
+                for layer in manifest.layers:
+                    zdesc = found.ztocs.get(layer.digest) if found is not None else None
+                    if zdesc is not None and found is not None:
+                        self._store_blob(reference, zdesc.digest, zdesc.size, owner)
+                        rec = LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest)
+                        self.records.record_layer(rec)
+                        take_prefetch_artifact(found.index, layer.digest, zdesc.digest, self.snapshots.blobs,
+                                               self.snapshots.db,
+                                               lambda d, n: self._store_blob(reference, d, n, owner), say)
+                    elif layer.digest in own:     # the layer's own index (no SOCI index digest)
+                        rec = LazyLayerRecord(layer.digest, own[layer.digest][0], source, "")
+                        self.records.record_layer(rec)
+                    else:
+                        continue
+                    mounter.submit(rec)
+                    lazy[layer.digest] = rec.ztoc_digest
+            except LazyociError as e:
+                mounter.rollback()
+                lazy, reason = {}, f"the SOCI index {found.digest if found else ''} cannot be read ({e})"
+            except BaseException:
+                mounter.rollback()
+                raise
+            if not lazy:
+                mounter.rollback()      # nothing was submitted, or the fallback already rolled back: stop the worker
+            if not lazy and reason is None and found is not None:
+                reason = f"the SOCI index {found.digest} has no zTOC for any layer of the image"
+            if lazy:
+                reason = None
+        # zstd:chunked wiring: a layer without a zTOC that carries its own TOC is lazy through it
+        from lazyoci.zstdchunked.fetch import chunked_tocs
+        chunked = chunked_tocs(client, reference, manifest.layers, lazy, say)
+        if chunked:
+            self.server.spawn()
+            if not lazy:            # no SOCI mounter, or one stopped with nothing to mount
+                mounter = _EarlyMounter(self.server)
+            try:
+                for toc in chunked.values():
+                    self._store_blob(reference, toc.digest, None, f"zstd-chunked:{toc.layer_digest}", raw=toc.data)
+                    rec = LazyLayerRecord(toc.layer_digest, toc.digest, f"{reference.name}@{manifest_digest}",
+                                          toc.digest)
+                    self.records.record_layer(rec)
+                    record_format(self.snapshots.db, toc.layer_digest, toc.digest, "zstd:chunked")
+                    mounter.submit(rec)
+                    lazy[toc.layer_digest] = toc.digest
+            except BaseException:
+                mounter.rollback()
+                raise
+            reason = None
+        if reason is not None:
+            say(f"INFO: {reason} for {reference}: downloading every layer before the container starts "
+                f"(no lazy loading)")
+        try:
+            image = self._fetch(ref, platform, progress, resolved, lazy)
+            refused = mounter.wait() if lazy else {}
+            if refused:
+                for digest in refused:
+                    self.records.forget_layer(digest, lazy.pop(digest))
+                whys = "; ".join(f"layer {digest}: {why}" for digest, why in refused.items())
+                ztocs = all(why.startswith("zTOC ") for why in refused.values())
+                what = (f"{'a zTOC' if len(refused) == 1 else f'{len(refused)} zTOCs'} of the SOCI index" if ztocs
+                        else f"{'a layer index' if len(refused) == 1 else f'{len(refused)} layer indexes'}")
+                say(f"INFO: {what} "
+                    f"cannot be served ({whys}) for {reference}: downloading "
+                    + ("that layer" if len(refused) == 1 else "those layers") + " before the container starts"
+                    + ("" if lazy else " (no lazy loading)"))
+                image = self._fetch(ref, platform, progress, resolved, lazy)
+            # this name's layers: through this index's zTOCs only
+            self.records.record_image(image.name or "", image.manifest.digest, lazy)
+            self.snapshots.unpack_image(None, image)
+        except BaseException:
+            if lazy:
+                mounter.rollback()
+            raise
         if lazy:
-            mounter.rollback()
-        raise
-    if lazy:
-        mounter.finish()        # the image is recorded, as before: a mount error is raised after it
-    return image
+            mounter.finish()        # the image is recorded, as before: a mount error is raised after it
+        return image

@@ -31,7 +31,7 @@ from lazyoci.errors import FormatError, UnsafeLayerError
 from lazyoci.oci.compression import decode_errors, open_decompressed
 from lazyoci.oci.mediatypes import layer_compression
 from lazyoci.oci.whiteout import OPAQUE_XATTR, is_opaque_marker, is_overlay_xattr, whiteout_target
-from lazyoci.snapshot.layerstream import ChunkReader, ForwardFile, PrefetchReader
+from lazyoci.snapshot.inflating_reader import ChunkReader, ForwardFile, PrefetchReader
 from lazyoci.tar.headers import TarHeader, iter_headers
 
 _CHUNK = 1 << 20     # read/write granularity; also the zero-run (hole) unit

@@ -2,7 +2,7 @@
 and find them at run time. The formats are the reference snapshotter's, summarised in
 docs/SOCI-FORMAT-NOTES.md."""
 
-from lazyoci.soci.api import build_index_for_reference, build_ztoc, parse_ztoc
+from lazyoci.soci.shortcuts import build_index_for_reference, build_ztoc, parse_ztoc
 from lazyoci.soci.build import LayerZtoc, SociBuildOptions, SociIndexResult, build_index
 from lazyoci.soci.convert import ConvertResult, convert
 from lazyoci.soci.discovery import DiscoveredIndex, discover_index, fetch_artifacts

@@ -24,14 +24,14 @@ from lazyoci.oci.manifest import Descriptor, Manifest
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.whiteout import OPAQUE_MARKER
 from lazyoci.soci.index import EMPTY_CONFIG, EMPTY_CONFIG_DIGEST, SociIndex, make_index, ztoc_descriptor
-from lazyoci.soci.records import SociRecords, ZtocRecord
-from lazyoci.soci.streams import VerifyingReader, buffered
+from lazyoci.soci.index_records import SociRecords, ZtocRecord
+from lazyoci.soci.verifying_readers import VerifyingReader, buffered
 
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService, LocalImage
     from lazyoci.ztoc import Ztoc
     from lazyoci.store.blobs import BlobStore
-    from lazyoci.store.records import Lease
+    from lazyoci.store.image_records import Lease
 
 Log = Callable[[str], None]
 

@@ -19,9 +19,9 @@ from lazyoci.oci.manifest import Manifest
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
 from lazyoci.soci.build import SociBuildOptions, SociIndexResult, build_index
-from lazyoci.soci.convert_shape import PlatformIndex, convert_shape
+from lazyoci.soci.v2_documents import PlatformIndex, convert_shape
 from lazyoci.soci.index import EMPTY_CONFIG_DIGEST
-from lazyoci.soci.records import SociRecords
+from lazyoci.soci.index_records import SociRecords
 
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService

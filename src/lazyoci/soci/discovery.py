@@ -22,7 +22,7 @@ from lazyoci.soci.index import ANN_INDEX_DIGEST, SociIndex
 
 if TYPE_CHECKING:
     from lazyoci.registry import RegistryClient
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
     from lazyoci.store.blobs import BlobStore
 
 Log = Callable[[str], None]
@@ -96,7 +96,7 @@ def fetch_artifacts(client: "RegistryClient", ref: Reference, found: DiscoveredI
     import time
 
     from lazyoci.soci.index import ANN_LAYER_MEDIA_TYPE, ANN_SPAN_SIZE
-    from lazyoci.soci.records import ZtocRecord
+    from lazyoci.soci.index_records import ZtocRecord
     from lazyoci.ztoc import Ztoc
 
     if not blobs.has(found.digest):

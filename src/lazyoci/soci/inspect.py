@@ -57,7 +57,7 @@ def _clean(name: str) -> str:
 def get_file(images: "ImageService", ztoc_digest: str, path: str, ref: str | None = None) -> bytes:
     """The bytes of regular file `path` in the layer that zTOC `ztoc_digest` indexes."""
     from lazyoci.oci.reference import Reference
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
     from lazyoci.ztoc import Ztoc, read_range
 
     z = Ztoc.parse(images.blobs.read(ztoc_digest))

@@ -30,7 +30,7 @@ from lazyoci.soci.index import ANN_LAYER_DIGEST, go_json
 
 if TYPE_CHECKING:
     from lazyoci.fs.layer_index import LayerIndex
-    from lazyoci.soci.records import SociRecords
+    from lazyoci.soci.index_records import SociRecords
     from lazyoci.store.blobs import BlobStore
 
 VERSION = "1.0"

@@ -18,7 +18,7 @@ from lazyoci.errors import LazyociError
 from lazyoci.oci.manifest import Manifest
 from lazyoci.soci.index import (ANN_INDEX_DIGEST, ANN_LAYER_DIGEST, ANN_LAYER_MEDIA_TYPE, ANN_SPAN_SIZE,
                                 EMPTY_CONFIG_DIGEST, SociIndex)
-from lazyoci.soci.records import SociRecords, ZtocRecord
+from lazyoci.soci.index_records import SociRecords, ZtocRecord
 
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService

@@ -21,7 +21,7 @@ from lazyoci.soci.build import (SociBuildOptions, SociIndexResult, build_prefetc
                                  store_index)
 from lazyoci.soci.index import make_index
 from lazyoci.soci.push import PushResult, push_index
-from lazyoci.soci.records import SociRecords
+from lazyoci.soci.index_records import SociRecords
 
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService

@@ -42,3 +42,25 @@ def recorded_views(db: Database) -> list[tuple[str, str]]:
     db.ensure_schema(SCHEMA_NAME, SCHEMA)
     with db.reading() as conn:
         return [(r[0], r[1]) for r in conn.execute("SELECT layer_digest, ztoc_digest FROM service_views").fetchall()]
+
+
+def record_view(db: Database, layer_digest: str, ztoc_digest: str, ref: str, mounted_at: float) -> None:
+    """The service serves this view (mounted again when it starts), fetching first from `ref`."""
+    with db.transaction() as conn:
+        conn.execute("INSERT OR REPLACE INTO service_views VALUES (?, ?, ?, ?)",
+                     (layer_digest, ztoc_digest, ref, mounted_at))
+
+
+def set_view_ref(db: Database, layer_digest: str, ztoc_digest: str, ref: str) -> None:
+    """The view's recorded reference becomes `ref` (the image was pulled again, maybe from elsewhere)."""
+    with db.transaction() as conn:
+        conn.execute("UPDATE service_views SET ref=? WHERE layer_digest=? AND ztoc_digest=?",
+                     (ref, layer_digest, ztoc_digest))
+
+
+def recorded_view_refs(db: Database) -> list[tuple[str, str, str]]:
+    """(layer digest, zTOC digest, reference) of every view the service mounts when it starts."""
+    db.ensure_schema(SCHEMA_NAME, SCHEMA)
+    with db.reading() as conn:
+        return [(r[0], r[1], r[2]) for r in conn.execute(
+            "SELECT layer_digest, ztoc_digest, ref FROM service_views").fetchall()]

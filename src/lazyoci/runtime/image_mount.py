@@ -10,6 +10,7 @@ nodev, so an image's setuid binaries and device nodes give no one anything.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 from lazyoci.config import Config
@@ -18,8 +19,8 @@ from lazyoci.images.service import ImageService
 from lazyoci.oci.digest import Digest
 from lazyoci.oci.platform import Platform
 from lazyoci.snapshot.base import Mount
-from lazyoci.snapshot.mount import is_mountpoint, mount_all, unmount
-from lazyoci.snapshot.registry import get_snapshotter
+from lazyoci.snapshot.mount_syscall import is_mountpoint, mount_all, unmount
+from lazyoci.snapshot.snapshotters import get_snapshotter
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
@@ -41,8 +42,9 @@ def _db(root: DataRoot) -> Database:
 
 def mount_image(root: DataRoot, config: Config, images: ImageService, ref: str, snapshotter: str,
                 directory: Path, platform: Platform | None = None, progress=None,
-                index_digest: str | None = None) -> None:
-    """Mount the image `ref` read-only at directory (pulled first if it is not local)."""
+                index_digest: str | None = None, log: Callable[[str], None] | None = None) -> None:
+    """Mount the image `ref` read-only at directory (pulled first if it is not local; `log`
+    receives the pull's INFO lines)."""
     if not directory.is_dir():
         raise ContainerError(f"mount point {directory} is not a directory")
     if is_mountpoint(directory):
@@ -50,12 +52,12 @@ def mount_image(root: DataRoot, config: Config, images: ImageService, ref: str, 
     snap = get_snapshotter(snapshotter, root, config)
     if index_digest is not None:        # an explicit index is checked by a pull, even of a local image
         Digest.parse(index_digest)      # malformed: one error before anything
-        image = snap.pull(images, ref, platform, progress=progress, index_digest=index_digest)
+        image = snap.pull(images, ref, platform, progress=progress, index_digest=index_digest, log=log)
     else:
         try:
             image = images.get(ref, platform)
         except ImageNotFoundError:
-            image = snap.pull(images, ref, platform, progress=progress)
+            image = snap.pull(images, ref, platform, progress=progress, log=log)
     top = snap.unpack_image(images, image)
     key = "mount-" + hashlib.sha256(str(directory).encode()).hexdigest()[:32]
     db = _db(root)

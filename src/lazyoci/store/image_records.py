@@ -136,6 +136,23 @@ class Lease:
             self.release()
 
 
+def add_blob_owner(c: sqlite3.Connection, owner: str, digests: Iterable[str]) -> None:
+    """Inside a transaction: `owner` (``soci:<digest>``, ``container:<id>`` ...) holds these blobs."""
+    c.executemany("INSERT OR IGNORE INTO blob_refs (owner, digest) VALUES (?, ?)", [(owner, d) for d in digests])
+
+
+def drop_blob_owner(c: sqlite3.Connection, owner: str) -> None:
+    """Inside a transaction: `owner` holds no blob any more (gc may take them)."""
+    c.execute("DELETE FROM blob_refs WHERE owner=?", (owner,))
+
+
+def blobs_held_by_kind(c: sqlite3.Connection, kind: str) -> set[str]:
+    """The blobs held by owners of one kind (``container``: every ``container:<id>``)."""
+    prefix = kind + ":"
+    return {r[0] for r in c.execute("SELECT DISTINCT digest FROM blob_refs WHERE substr(owner, 1, ?) = ?",
+                                    (len(prefix), prefix))}
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -187,6 +204,11 @@ class ImageRecords:
         c.executemany("INSERT OR IGNORE INTO blob_sources VALUES (?, ?, ?)",
                       [(d, registry, repository) for d in digests])
 
+    def add_owner(self, owner: str, digests: Iterable[str]) -> None:
+        """`owner` (``soci:<index digest>`` ...) holds these blobs against garbage collection."""
+        with self.db.transaction() as c:
+            add_blob_owner(c, owner, digests)
+
     def record_layer_size(self, digest: str, uncompressed: int) -> None:
         with self.db.transaction() as c:
             c.execute("INSERT OR REPLACE INTO layer_sizes VALUES (?, ?)", (digest, uncompressed))
@@ -225,6 +247,28 @@ class ImageRecords:
         with self.db.reading() as c:
             row = c.execute("SELECT digest FROM image_names WHERE name=?", (name,)).fetchone()
         return row[0] if row else None
+
+    def owned_by(self, owner: str) -> list[str]:
+        """The blobs `owner` holds (``image:<top>`` for an image's)."""
+        with self.db.reading() as c:
+            return [r[0] for r in c.execute("SELECT digest FROM blob_refs WHERE owner=?", (owner,))]
+
+    def held_by_other(self, c: sqlite3.Connection, digest: str, owner: str) -> bool:
+        """Inside a transaction: whether an owner other than `owner` holds `digest`."""
+        return c.execute("SELECT 1 FROM blob_refs WHERE digest=? AND owner!=? LIMIT 1",
+                         (digest, owner)).fetchone() is not None
+
+    def names_in(self, c: sqlite3.Connection, top: str) -> list[str]:
+        """Inside a transaction: the names pointing at `top`."""
+        return [r[0] for r in c.execute("SELECT name FROM image_names WHERE digest=?", (top,))]
+
+    def named_manifests(self) -> tuple[set[tuple[str, str]], set[str]]:
+        """(name, platform manifest) pairs a name holds, and every platform manifest stored."""
+        with self.db.reading() as c:
+            held = {(r[0], r[1]) for r in c.execute(
+                "SELECT n.name, p.manifest FROM image_names n JOIN image_platforms p ON p.top = n.digest")}
+            present = {r[0] for r in c.execute("SELECT manifest FROM image_platforms")}
+        return held, present
 
     def names_of(self, top: str) -> list[str]:
         with self.db.reading() as c:

@@ -7,6 +7,8 @@ Two tables, so that two indexes of one layer never meet:
       zTOCs the latest lazy pull of that name gave the image's layers (an image whose
       name was not pulled lazily, e.g. after `tag`, uses those of the latest lazy pull of
       its manifest for the layers it does not hold).
+The soci snapshotter and its lazy pull write them; the service reads which references
+a layer was pulled from (`pulled_refs`). Both sit above `store/`, so the module lives here.
 An image keeps its rows while its name still holds its manifest; `live_views` drops the
 others and says which (layer, zTOC) views the remaining images use.
 
@@ -17,7 +19,6 @@ Data roots of an older lazyoci keyed `lazy_layers` by layer digest alone:
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -122,17 +123,14 @@ def image_ztocs(db: Database, image: str | None, manifest_digest: str) -> tuple[
     return {r[0]: r[1] for r in rows}, False
 
 
-def live_views(db: Database) -> set[tuple[str, str]]:
+def live_views(db: Database, held: set[tuple[str, str]], present: set[str]) -> set[tuple[str, str]]:
     """Drop the rows of images gone (their name no longer holds their manifest); return the
     (layer, zTOC) views of the rest. Rows without a live name stay while their manifest is
-    still an image's and no live name has rows for it (a `tag` of a lazily pulled image)."""
+    still an image's and no live name has rows for it (a `tag` of a lazily pulled image).
+
+    `held`: the (name, platform manifest) pairs of the image records, `present`: every
+    platform manifest stored (`ImageRecords.named_manifests`)."""
     with db.transaction() as conn:
-        try:
-            held = {(r[0], r[1]) for r in conn.execute(
-                "SELECT n.name, p.manifest FROM image_names n JOIN image_platforms p ON p.top = n.digest").fetchall()}
-            present = {r[0] for r in conn.execute("SELECT manifest FROM image_platforms").fetchall()}
-        except sqlite3.OperationalError:      # no image was ever stored in this data root
-            held, present = set(), set()
         rows = conn.execute("SELECT image, manifest_digest, layer_digest, ztoc_digest FROM lazy_image_layers").fetchall()
         named = {r["manifest_digest"] for r in rows if (r["image"], r["manifest_digest"]) in held}
         live: set[tuple[str, str]] = set()
@@ -143,3 +141,51 @@ def live_views(db: Database) -> set[tuple[str, str]]:
             else:
                 conn.execute("DELETE FROM lazy_image_layers WHERE image=? AND manifest_digest=?", (image, manifest))
     return live
+
+
+def pulled_refs(db: Database, layer_digest: str) -> list[str]:
+    """The references the lazy pulls recorded for the layer, the latest first (any zTOC's)."""
+    with db.reading() as conn:
+        rows = conn.execute("SELECT ref FROM lazy_layers WHERE layer_digest=? ORDER BY created DESC",
+                            (layer_digest,)).fetchall()
+    return [r[0] for r in rows]
+
+
+def layer_digests(db: Database) -> set[str]:
+    """Every layer a lazy pull recorded a zTOC for."""
+    with db.reading() as conn:
+        return {r[0] for r in conn.execute("SELECT layer_digest FROM lazy_layers").fetchall()}
+
+
+class LazyLayerRecords:
+    """The records of the lazy pulls over one database, as one object to hand to the soci
+    snapshotter and the lazy pull (the module's functions, bound to `db`)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.ensure_schema("lazy_records", LAZY_RECORDS_DDL)
+        migrate_lazy_layers(db)
+
+    def record_layer(self, rec: LazyLayerRecord) -> None:
+        record_layer(self.db, rec)
+
+    def layer(self, layer_digest: str, ztoc_digest: str | None = None) -> LazyLayerRecord | None:
+        return layer_record(self.db, layer_digest, ztoc_digest)
+
+    def forget_layer(self, layer_digest: str, ztoc_digest: str) -> None:
+        forget_layer(self.db, layer_digest, ztoc_digest)
+
+    def record_image(self, image: str, manifest_digest: str, ztocs: dict[str, str]) -> None:
+        record_image(self.db, image, manifest_digest, ztocs)
+
+    def image_ztocs(self, image: str | None, manifest_digest: str) -> tuple[dict[str, str], bool]:
+        return image_ztocs(self.db, image, manifest_digest)
+
+    def live_views(self, held: set[tuple[str, str]], present: set[str]) -> set[tuple[str, str]]:
+        return live_views(self.db, held, present)
+
+    def layer_digests(self) -> set[str]:
+        return layer_digests(self.db)
+
+    def pulled_refs(self, layer_digest: str) -> list[str]:
+        return pulled_refs(self.db, layer_digest)

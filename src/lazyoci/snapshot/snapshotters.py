@@ -25,3 +25,10 @@ def get_snapshotter(name: str, root: DataRoot, config: Config) -> Snapshotter:
 
         return StargzSnapshotter(root, config)
     raise ConfigError(f"unknown snapshotter {name!r} (supported: {', '.join(SNAPSHOTTERS)})")
+
+
+def release_unused_snapshots(root: DataRoot, config: Config, keep: set[str]) -> None:
+    """Every snapshotter releases the snapshots (and unpacked layers, lazy views) that no key
+    of `keep` (chain IDs of the images that remain) needs: garbage collection across them."""
+    for name in SNAPSHOTTERS:
+        get_snapshotter(name, root, config).release_unused(keep)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lazyoci.store.db import Database
+from lazyoci.store.image_records import add_blob_owner, drop_blob_owner
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS soci_ztocs (
@@ -128,15 +129,14 @@ class SociRecords:
                 return c.execute("DELETE FROM soci_indexes WHERE index_digest=? AND manifest_digest=?",
                                  (index_digest, manifest_digest)).rowcount
             n = c.execute("DELETE FROM soci_indexes WHERE index_digest=?", (index_digest,)).rowcount
-            c.execute("DELETE FROM blob_refs WHERE owner=?", (owner_of(index_digest),))
+            drop_blob_owner(c, owner_of(index_digest))
             return n
 
     def own(self, index_digest: str, digests: set[str]) -> None:
         """The index holds its blobs (itself, its config, its zTOCs) against garbage collection,
         through the store's generic `blob_refs` table (owner ``soci:<index digest>``)."""
         with self.db.transaction() as c:
-            c.executemany("INSERT OR IGNORE INTO blob_refs VALUES (?, ?)",
-                          [(owner_of(index_digest), d) for d in sorted(digests | {index_digest})])
+            add_blob_owner(c, owner_of(index_digest), sorted(digests | {index_digest}))
 
     def remove_ztoc(self, ztoc_digest: str) -> int:
         with self.db.transaction() as c:

@@ -1,0 +1,39 @@
+"""What the soci snapshotter needs from whatever serves its lazy layers.
+
+Today that is the lazyoci service, reached through `service/client.py`'s `ServiceClient`;
+the snapshotter and the lazy pull see only this protocol, so a test, another front end
+(containerd's gRPC snapshotter) or another server can give them theirs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["LayerServer"]
+
+
+class LayerServer(Protocol):
+    """Serves a lazy layer as a view through one zTOC: a directory, keyed by (layer, zTOC)."""
+
+    def spawn(self) -> None:
+        """Start the server in the background if it is not running (returns at once)."""
+
+    def ensure_running(self) -> object:
+        """Start the server if needed and wait until it answers."""
+
+    def is_running(self) -> bool: ...
+
+    def mount_layer(self, ref: str, layer_digest: str, ztoc_digest: str) -> Path:
+        """Serve the layer's view through `ztoc_digest`, fetching spans from `ref`; its directory."""
+
+    def view_dir(self, layer_digest: str, ztoc_digest: str) -> Path:
+        """Where the view appears once served (an overlay lowerdir), served or not."""
+
+    def release_views(self, views: list[tuple[str, str]]) -> None:
+        """Stop serving these (layer, zTOC) views, and forget them if the server is down."""
+
+    def recorded_views(self) -> list[tuple[str, str]]:
+        """The (layer, zTOC) views the server serves, or serves again when it starts."""
+
+    def unmount_layer(self, layer_digest: str, ztoc_digest: str) -> bool: ...
