@@ -212,7 +212,9 @@ def test_a_toc_that_cannot_be_trusted_makes_a_full_download(registry, pulled, tm
                     f"oci:{out}:latest", f"docker://{registry.host}/{repo}:latest"], check=True, capture_output=True)
     image = pulled.pull(f"{registry.host}/{repo}:latest")
     info = [l for l in pulled.lines if l.startswith("INFO")]
-    assert any("zstd:chunked TOC" in l and why in l for l in info), pulled.lines
+    # one line, as the SOCI index path says it: why, and that nothing is lazy
+    assert len(info) == 1 and "zstd:chunked TOC" in info[0] and why in info[0], pulled.lines
+    assert "no lazy loading" in info[0], pulled.lines
     assert image.snapshotter == "overlayfs"                       # nothing lazy: never reported so
     assert pulled.images.blobs.has(image.manifest.layers[0].digest)
     top = pulled.snap.unpack_image(pulled.images, image)
