@@ -4,7 +4,8 @@ eStargz: `ctr-remote images convert --estargz --oci` in a containerd of its own
 (tests/helpers/estargz.py, as the tests make theirs). zstd:chunked: `skopeo copy
 --dest-compress-format zstd:chunked` (tests/helpers/zstd_chunked.py's flags). Each copy goes
 to the same registry as `<repo>-<mode>`, so it has no SOCI index: a lazy run of it reads the
-layers' own TOCs.
+layers' own TOCs. skopeo copies from the image's OCI layout: from the registry it would mount
+the gzip blobs already there instead of recompressing them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _layer_bytes(host: str, repo: str) -> int:
     return sum(layer["size"] for layer in fetch_manifest(host, repo)["layers"])
 
 
-def to_estargz(host: str, repo: str) -> int:
+def to_estargz(host: str, repo: str, layout: Path) -> int:
     """Convert `host/repo` (tag latest) to eStargz; returns the converted layers' bytes."""
     name = repo.rsplit(":", 1)[0]
     with converter() as cd:
@@ -39,13 +40,14 @@ def to_estargz(host: str, repo: str) -> int:
     return _layer_bytes(host, f"{name}-estargz")
 
 
-def to_zstd_chunked(host: str, repo: str) -> int:
-    """Recompress `host/repo` (tag latest) as zstd:chunked; returns the converted layers' bytes."""
+def to_zstd_chunked(host: str, repo: str, layout: Path) -> int:
+    """Push `layout` (tag latest) recompressed as zstd:chunked next to `host/repo`; returns the
+    converted layers' bytes."""
     name = repo.rsplit(":", 1)[0]
-    subprocess.run(["skopeo", "copy", "--quiet", *CHUNKED, "--src-tls-verify=false", "--dest-tls-verify=false",
-                    f"docker://{host}/{name}:latest", f"docker://{host}/{name}-zstd-chunked:latest"],
+    subprocess.run(["skopeo", "copy", "--quiet", *CHUNKED, "--dest-tls-verify=false",
+                    f"oci:{layout}:latest", f"docker://{host}/{name}-zstd-chunked:latest"],
                    check=True, capture_output=True, timeout=1800)
     return _layer_bytes(host, f"{name}-zstd-chunked")
 
 
-CONVERTERS: dict[str, Callable[[str, str], int]] = {"estargz": to_estargz, "zstd-chunked": to_zstd_chunked}
+CONVERTERS: dict[str, Callable[[str, str, Path], int]] = {"estargz": to_estargz, "zstd-chunked": to_zstd_chunked}

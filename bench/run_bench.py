@@ -300,7 +300,7 @@ def prepare_image(name: str, reg: localreg.Registry, setup: Path, modes: list[st
     log(f"{name}: pushed with a SOCI index ({ztocs} zTOCs) in {facts['setup_s']}s")
     for fmt_mode in (m for m in modes if m in layer_formats.CONVERTERS):
         t1 = time.monotonic()
-        facts[f"{fmt_mode}_bytes"] = layer_formats.CONVERTERS[fmt_mode](reg.host, repo)
+        facts[f"{fmt_mode}_bytes"] = layer_formats.CONVERTERS[fmt_mode](reg.host, repo, image_dir(name))
         log(f"{name}: converted to {fmt_mode} in {time.monotonic() - t1:.1f}s")
     shutil.rmtree(setup / name, ignore_errors=True)
     return repo, facts
