@@ -159,14 +159,16 @@ def test_stargz_snapshotter_reads_a_little_of_a_200_mib_layer(registry, data_roo
 
 def test_files_before_the_prefetch_landmark_are_fetched_at_mount(registry, data_root, tmp_path, soci_config):
     """`ctr-remote images convert --estargz-record-in` puts the recorded files first, then
-    `.prefetch.landmark`: those files are fetched when the layer is mounted, before any read;
-    the files after it are not."""
+    `.prefetch.landmark`: those files are fetched when the layer is mounted, before any read, in
+    one request (31 chunks: more than a read's request holds); the files after it are not."""
     import json
     import time
 
     from helpers.fault_proxy import FaultProxy
 
-    hot, cold = os.urandom(300_000), os.urandom(2_000_000)
+    from lazyoci.estargz import parse_footer
+
+    hot, cold = os.urandom(2_000_000), os.urandom(4_000_000)
     layer = make_layer([Entry("data", "dir"), Entry("data/cold", data=cold), Entry("data/hot", data=hot)])
     record = tmp_path / "record.json"
     record.write_text(json.dumps({"path": "/data/hot"}) + "\n")
@@ -190,6 +192,11 @@ def test_files_before_the_prefetch_landmark_are_fetched_at_mount(registry, data_
             view = snap.service.view_dir(digest, snap.lazy_layer(digest).ztoc_digest)
             assert (view / "data" / "hot").read_bytes() == hot
             assert proxy.count(match=f"/blobs/{digest}") == before       # no fetch: it was prefetched
+            blob = registry.blob_path(digest).read_bytes()
+            toc_offset = parse_footer(blob[-51:])[0]
+            data = [r for r in proxy.log if f"/blobs/{digest}" in r.path and r.range
+                    and int(r.range.split("=")[1].split("-")[0]) < toc_offset]
+            assert len(data) == 1, data                                   # the prefetch region: one request
             status = client.status()["layers"][0]
             assert status["fetched_bytes"] < len(cold), status            # the cold file was not
     finally:
