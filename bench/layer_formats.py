@@ -4,20 +4,21 @@ eStargz: `ctr-remote images convert --estargz --oci` in a containerd of its own
 (tests/helpers/estargz.py, as the tests make theirs). zstd:chunked: `skopeo copy
 --dest-compress-format zstd:chunked` (tests/helpers/zstd_chunked.py's flags). Each copy goes
 to the same registry as `<repo>-<mode>`, so it has no SOCI index: a lazy run of it reads the
-layers' own TOCs. skopeo copies from the image's OCI layout: from the registry it would mount
-the gzip blobs already there instead of recompressing them.
+layers' own TOCs. skopeo recompresses into a layout of its own, which is then pushed as it is:
+copying straight to the registry, it mounts the gzip blobs already there instead.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers.estargz import convert, converter, fetch_manifest  # noqa: E402
-from helpers.zstd_chunked import CHUNKED  # noqa: E402
+from helpers.zstd_chunked import chunked_layout  # noqa: E402
 
 
 def repo_of(ref: str, mode: str) -> str:
@@ -44,9 +45,11 @@ def to_zstd_chunked(host: str, repo: str, layout: Path) -> int:
     """Push `layout` (tag latest) recompressed as zstd:chunked next to `host/repo`; returns the
     converted layers' bytes."""
     name = repo.rsplit(":", 1)[0]
-    subprocess.run(["skopeo", "copy", "--quiet", *CHUNKED, "--dest-tls-verify=false",
-                    f"oci:{layout}:latest", f"docker://{host}/{name}-zstd-chunked:latest"],
-                   check=True, capture_output=True, timeout=1800)
+    with tempfile.TemporaryDirectory(prefix="zstd-chunked-", dir=layout.parent) as tmp:
+        chunked = chunked_layout(layout, Path(tmp) / "layout")
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{chunked}:latest",
+                        f"docker://{host}/{name}-zstd-chunked:latest"], check=True, capture_output=True,
+                       timeout=1800)
     return _layer_bytes(host, f"{name}-zstd-chunked")
 
 

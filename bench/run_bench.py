@@ -203,7 +203,7 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: 
         wall0 = time.time()
         t0 = time.monotonic()
         lazyoci(root, cfg, "pull", "-q", "--snapshotter", snap, ref,
-                *(["--soci-index-digest", index] if snap == "soci" and index else []), log_file=cli_log)
+                *(["--soci-index-digest", index] if mode.startswith("soci") and index else []), log_file=cli_log)
         result["pull_s"] = time.monotonic() - t0
         s = proxy.stats()
         result["pull_bytes"], result["pull_requests"] = s["bytes"], s["requests"]
