@@ -2,14 +2,16 @@
 """`make bench`: full pull vs SOCI lazy loading on realistic images behind a throttled registry.
 
     .venv/bin/python bench/run_bench.py [--images python-ml,big-file,many-files]
-        [--profiles 100MBps-20ms,20MBps-50ms] [--modes overlayfs,soci,soci-bg] [--runs 3]
+        [--profiles 100MBps-20ms,20MBps-50ms] [--modes overlayfs,soci,estargz,zstd-chunked] [--runs 3]
 
 For each image, profile and mode, on a fresh data root every run:
   1. `lazyoci pull --snapshotter S REF`                 -> pull time
   2. (soci-bg only) wait until the service's background fetcher has every span
   3. `lazyoci run --rm --snapshotter S REF`             -> time from its start to the `ready` line
 Measured at the same time: bytes and requests the registry served (counted by the proxy),
-the lazyoci service's peak RSS (VmHWM from /proc), medians over the runs. The floor is the
+the lazyoci service's peak RSS (VmHWM from /proc), medians over the runs. The estargz and
+zstd-chunked modes run the same image converted by the real producers (bench/layer_formats.py)
+lazily through the layers' own TOCs. The floor is the
 bytes the workload really reads divided by the bandwidth. Results: bench/results/RESULTS.md,
 results.json and chart.png. The images are built once (bench/images/build.py) and cached.
 """
@@ -32,15 +34,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "images"))
 
+import layer_formats  # noqa: E402
 import localreg  # noqa: E402
 from build import BUILDERS, ensure, image_dir  # noqa: E402
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 PROFILES = {"100MBps-20ms": (100.0, 20.0), "20MBps-50ms": (20.0, 50.0)}
-MODES = ("overlayfs", "soci", "soci-optimized", "soci-bg")
+MODES = ("overlayfs", "soci", "soci-optimized", "soci-bg", "estargz", "zstd-chunked")
 MODE_LABEL = {"overlayfs": "overlayfs (full pull)", "soci": "soci lazy",
               "soci-optimized": "soci lazy, recorded prefetch (soci optimize)",
-              "soci-bg": "soci, background fetch finished"}
+              "soci-bg": "soci, background fetch finished",
+              "estargz": "eStargz lazy (--snapshotter stargz)",
+              "zstd-chunked": "zstd:chunked lazy (--snapshotter soci, no SOCI index)"}
+SNAPSHOTTER = {"overlayfs": "overlayfs", "estargz": "stargz"}     # the others: soci
 WORK = HERE / "work"
 RESULTS = HERE / "results"      # --out changes it
 
@@ -54,8 +60,8 @@ def config_text(mode: str) -> str:
     counted are the ones the workload pulls in; soci-bg lets it run at once and flat out."""
     if mode == "overlayfs":
         return "snapshotters:\n  - overlayfs\n"
-    if mode in ("soci", "soci-optimized"):
-        return "snapshotters:\n  - soci\nsoci:\n  background_fetch: false\n"
+    if mode in ("soci", "soci-optimized", "estargz", "zstd-chunked"):
+        return f"snapshotters:\n  - {SNAPSHOTTER.get(mode, 'soci')}\nsoci:\n  background_fetch: false\n"
     return ("snapshotters:\n  - soci\nsoci:\n  background_fetch: true\n"
             "  background_quiet_seconds: 0\n  background_interval_ms: 0\n")
 
@@ -174,7 +180,8 @@ def cli_startup_s(root: Path, cfg: Path) -> float:
 
 
 def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: dict | None = None) -> dict:
-    """One measured pull + run on a fresh data root; always cleans up."""
+    """One measured pull + run on a fresh data root; always cleans up. The estargz and
+    zstd-chunked modes run the image's converted copy (`layer_formats.repo_of`)."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     root = run_dir / "root"
@@ -182,7 +189,8 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: 
     cfg = run_dir / "config.yaml"
     cfg.write_text(config_text(mode))
     cli_log = run_dir / "cli.log"
-    snap = "overlayfs" if mode == "overlayfs" else "soci"
+    snap = SNAPSHOTTER.get(mode, "soci")
+    ref = layer_formats.repo_of(ref, mode)
     rss = RssSampler(root)
     rss.start()
     result: dict = {"mode": mode}
@@ -195,7 +203,7 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: 
         wall0 = time.time()
         t0 = time.monotonic()
         lazyoci(root, cfg, "pull", "-q", "--snapshotter", snap, ref,
-                *(["--soci-index-digest", index] if snap == "soci" and index else []), log_file=cli_log)
+                *(["--soci-index-digest", index] if mode.startswith("soci") and index else []), log_file=cli_log)
         result["pull_s"] = time.monotonic() - t0
         s = proxy.stats()
         result["pull_bytes"], result["pull_requests"] = s["bytes"], s["requests"]
@@ -225,7 +233,7 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: 
         result["run_requests"] = after["requests"] - before["requests"]
         result["bytes"], result["requests"] = after["bytes"], after["requests"]
         result["range_requests"] = after["range_requests"]
-        if snap == "soci":
+        if snap != "overlayfs":
             figures = service_figures(root)
             mounted, first = figures.pop("mounted_at", None), figures.pop("first_read_at", None)
             result.update(figures)
@@ -247,10 +255,12 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: 
     return result
 
 
-def prepare_image(name: str, reg: localreg.Registry, setup: Path, optimize: bool = False,
+def prepare_image(name: str, reg: localreg.Registry, setup: Path, modes: list[str],
                   span_size: int | None = None) -> tuple[str, dict]:
     """Build (or reuse) the image, push it with skopeo, then give it a SOCI index with
-    `lazyoci push --snapshotter soci`. Returns the repository path and the image facts."""
+    `lazyoci push --snapshotter soci`, and push the converted copies the modes run.
+    Returns the repository path and the image facts."""
+    optimize = "soci-optimized" in modes
     meta = ensure(name)
     repo = f"bench/{name}:latest"
     t0 = time.monotonic()
@@ -288,6 +298,10 @@ def prepare_image(name: str, reg: localreg.Registry, setup: Path, optimize: bool
              "index": plain[-1] if plain else None,
              "ztoc_bytes": ztoc_bytes, "span_size": span_size or 4 << 20}
     log(f"{name}: pushed with a SOCI index ({ztocs} zTOCs) in {facts['setup_s']}s")
+    for fmt_mode in (m for m in modes if m in layer_formats.CONVERTERS):
+        t1 = time.monotonic()
+        facts[f"{fmt_mode}_bytes"] = layer_formats.CONVERTERS[fmt_mode](reg.host, repo, image_dir(name))
+        log(f"{name}: converted to {fmt_mode} in {time.monotonic() - t1:.1f}s")
     shutil.rmtree(setup / name, ignore_errors=True)
     return repo, facts
 
@@ -357,7 +371,10 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
            "| image | layers | compressed | zTOCs (span size, bytes) | workload needs | build time |",
            "|---|---:|---:|---:|---:|---:|"]
     for name, f in facts.items():
-        out.append(f"| {name} | {f['layers']} | {f['compressed_bytes'] / 1e6:.0f} MB | {f['ztocs']} "
+        converted = ", ".join(f"{m} {f[m + '_bytes'] / 1e6:.0f} MB" for m in layer_formats.CONVERTERS
+                              if m + "_bytes" in f)
+        out.append(f"| {name} | {f['layers']} | {f['compressed_bytes'] / 1e6:.0f} MB"
+                   f"{' (' + converted + ')' if converted else ''} | {f['ztocs']} "
                    f"({f.get('span_size', 4 << 20) >> 20} MiB, {f.get('ztoc_bytes', 0) / 1e6:.2f} MB) | "
                    f"{f['needed_bytes'] / 1e6:.2f} MB in {f['needed_files']} files | "
                    f"{f.get('build_seconds', 0) / 60:.1f} min |")
@@ -423,16 +440,17 @@ def write_chart(rows: list[dict], facts: dict, profiles: list[str]) -> Path | No
     by = {(r["image"], r["profile"], r["mode"]): r for r in rows}
     images = list(facts)
     fig, axes = plt.subplots(1, len(profiles), figsize=(6 * len(profiles), 4.5), squeeze=False)
-    width = 0.25
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    width = 0.75 / max(len(modes), 1)
     for ax, profile in zip(axes[0], profiles):
-        for j, mode in enumerate(MODES):
+        for j, mode in enumerate(modes):
             vals = [(by.get((im, profile, mode)) or {}).get("total_s") or 0 for im in images]
-            bars = ax.bar([i + (j - 1) * width for i in range(len(images))], vals, width,
+            bars = ax.bar([i + (j - (len(modes) - 1) / 2) * width for i in range(len(images))], vals, width,
                           label=MODE_LABEL[mode])
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
         for i, im in enumerate(images):
             floor = facts[im]["needed_bytes"] / (PROFILES[profile][0] * 1e6)
-            ax.hlines(floor, i - 1.5 * width, i + 1.5 * width, colors="black", linestyles="dashed",
+            ax.hlines(floor, i - 0.4, i + 0.4, colors="black", linestyles="dashed",
                       label="floor" if i == 0 else None)
         ax.set_xticks(range(len(images)), images)
         ax.set_ylabel("pull + run to ready (s)")
@@ -480,7 +498,7 @@ def main() -> None:
         for name in list(images):
             log(f"{name}: building (cached after the first time) and pushing")
             try:
-                _, facts[name] = prepare_image(name, reg, WORK / "setup", "soci-optimized" in modes, args.span_size)
+                _, facts[name] = prepare_image(name, reg, WORK / "setup", modes, args.span_size)
             except Exception as e:  # noqa: BLE001 - the other images can still be measured
                 log(f"{name}: setup FAILED, skipped: {type(e).__name__}: {e}")
                 runs.append({"image": name, "profile": "-", "mode": "setup",

@@ -212,11 +212,37 @@ def test_a_toc_that_cannot_be_trusted_makes_a_full_download(registry, pulled, tm
                     f"oci:{out}:latest", f"docker://{registry.host}/{repo}:latest"], check=True, capture_output=True)
     image = pulled.pull(f"{registry.host}/{repo}:latest")
     info = [l for l in pulled.lines if l.startswith("INFO")]
-    assert any("zstd:chunked TOC" in l and why in l for l in info), pulled.lines
+    # one line, as the SOCI index path says it: why, and that nothing is lazy
+    assert len(info) == 1 and "zstd:chunked TOC" in info[0] and why in info[0], pulled.lines
+    assert "no lazy loading" in info[0], pulled.lines
     assert image.snapshotter == "overlayfs"                       # nothing lazy: never reported so
     assert pulled.images.blobs.has(image.manifest.layers[0].digest)
     top = pulled.snap.unpack_image(pulled.images, image)
     assert not pulled.snap.is_lazy(top)
+
+
+def test_a_refused_toc_beside_a_lazy_layer_is_one_line_for_that_layer(registry, pulled, tmp_path):
+    """The first layer's TOC does not match its annotation, the second's does: one INFO line
+    names the refused layer and says it alone is downloaded; the image is lazy through the other."""
+    bad = go_layer([Entry("bad/", "dir"), Entry("bad/one", data=os.urandom(100_000)), nonce("bad")])
+    good = go_layer([Entry("good/", "dir"), Entry("good/one", data=os.urandom(100_000)), nonce("good")])
+    src = tmp_path / "src"
+    write_oci_layout(src, [bad, good], image_config([bad, good]))
+    out = chunked_layout(src, tmp_path / "chunked")
+
+    def edit(annotations: dict, size: int) -> None:
+        annotations[_key(annotations, "checksum")] = "sha256:" + "0" * 64
+
+    _retagged(out, edit)
+    subprocess.run(["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
+                    f"oci:{out}:latest", f"docker://{registry.host}/zc/half:latest"], check=True, capture_output=True)
+    image = pulled.pull(f"{registry.host}/zc/half:latest")
+    refused, lazy = image.manifest.layers
+    info = [l for l in pulled.lines if l.startswith("INFO")]
+    assert len(info) == 1 and refused.digest in info[0] and "digest mismatch" in info[0], pulled.lines
+    assert "downloading that layer" in info[0] and "no lazy loading" not in info[0], pulled.lines
+    assert image.snapshotter == "soci"
+    assert pulled.images.blobs.has(refused.digest) and not pulled.images.blobs.has(lazy.digest)
 
 
 def _overlapping_toc(layout: Path) -> None:

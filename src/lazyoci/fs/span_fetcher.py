@@ -268,10 +268,12 @@ class SpanFetcher:
                     self._ahead.difference_update(run)
 
     def ensure(self, spans: range | list[int], background: bool = False,
-               on_transfer: Callable[[], None] | None = None) -> dict[int, bytes]:
+               on_transfer: Callable[[], None] | None = None,
+               longest: int = MAX_SPANS_PER_REQUEST) -> dict[int, bytes]:
         """Make `spans` cached; returns the bytes of those this call (or a waited-on fetch) produced.
 
-        `on_transfer` runs once the bytes this call fetches have arrived (at once if it fetches none)."""
+        `on_transfer` runs once the bytes this call fetches have arrived (at once if it fetches none).
+        Adjacent spans go in one request, at most `longest` of them and MAX_REQUEST_BYTES held."""
         claimed: dict[int, Future] = {}
         waiting: dict[int, Future] = {}
         with self._lock:
@@ -293,7 +295,7 @@ class SpanFetcher:
             on_transfer = None
         results: dict[int, bytes] = {}
         try:
-            for run in _runs(claimed, MAX_SPANS_PER_REQUEST, self._held, MAX_REQUEST_BYTES):
+            for run in _runs(claimed, longest, self._held, MAX_REQUEST_BYTES):
                 results.update(self._fetch_run(run, on_transfer))
                 on_transfer = None
         finally:

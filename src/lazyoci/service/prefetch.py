@@ -2,10 +2,12 @@
 
 eStargz marks them with `.prefetch.landmark`: the files before it in the layer are
 the ones its producer saw a workload read first (`ctr-remote images optimize`). Their
-spans are fetched once the view is mounted, in a thread, through the span fetcher (so
-each is verified and cached, and a read that needs one meanwhile waits for it, not for
-a second fetch); adjacent spans go in one Range request, up to the fetcher's bounds per
-request. `.no.prefetch.landmark`, or no landmark, means nothing is prefetched.
+spans are fetched once the view is mounted, in a thread, in one Range request for the
+whole region, as stargz-snapshotter fetches it: no bound on the number of spans, only the
+span fetcher's memory bound (MAX_REQUEST_BYTES of compressed and inflated bytes held per
+request; a larger region takes more requests). They go through the span fetcher, so each
+is verified and cached, and a read that needs one meanwhile waits for it, not for a second
+fetch. `.no.prefetch.landmark`, or no landmark, means nothing is prefetched.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def prefetch_files(index: LayerIndex, fetcher: SpanFetcher, layer_digest: str) -
 
     def run() -> None:
         try:
-            fetcher.ensure(spans, background=True)
+            fetcher.ensure(spans, background=True, longest=len(spans))
             log.info("layer %s: prefetched %d spans (%d bytes of files before the prefetch landmark)",
                      layer_digest, len(spans), size)
         except LazyociError as e:     # only a prefetch: a read that needs those bytes reports it

@@ -5,7 +5,7 @@ carries its own TOC (layer_formats.py lists the formats read). For each such lay
 this fetches the index from the registry, checks it against the manifest (a TOC
 digest annotation), stores it as a blob and records its format for the service
 (service/view_formats.py). A layer whose index cannot be read or does not match is
-downloaded whole: its error is one INFO line, and the pull goes on.
+downloaded whole: `refuse` gets why, the pull says it in its one INFO line, and goes on.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ OWNER_PREFIX = "layer-index:"     # blob_refs owner of a layer's own index: laye
 
 
 def fetch_own_indexes(images: "ImageService", reference: Reference, layers: Iterable[Descriptor],
-                      say: Callable[[str], None]) -> dict[str, tuple[str, str]]:
-    """layer digest -> (index digest, format name) for the layers whose own index is stored now."""
+                      refuse: Callable[[str], None]) -> dict[str, tuple[str, str]]:
+    """layer digest -> (index digest, format name) for the layers whose own index is stored now;
+    `refuse` gets a phrase for each index that cannot be used."""
     from lazyoci.layer_formats import own_format
     from lazyoci.service.view_formats import record_format
 
@@ -41,8 +42,7 @@ def fetch_own_indexes(images: "ImageService", reference: Reference, layers: Iter
             data = fmt.fetch(images.client, reference, layer)
             digest = _store(images, data, OWNER_PREFIX + layer.digest)
         except LazyociError as e:
-            say(f"INFO: the {fmt.name} index of layer {layer.digest} cannot be used ({e}) for {reference}: "
-                f"downloading that layer before the container starts")
+            refuse(f"the {fmt.name} index of layer {layer.digest} cannot be used ({e})")
             continue
         record_format(images.db, layer.digest, digest, fmt.name)
         out[layer.digest] = (digest, fmt.name)

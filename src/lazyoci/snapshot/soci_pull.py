@@ -208,8 +208,10 @@ class LazyPull:
             reason = "no layer carries an index of its own" if own_only else "no SOCI index was found"
         # per layer: a zTOC if the SOCI index has one, else the layer's own index (eStargz); own_index.py
         # still takes the image service itself
+        refused_own: list[str] = []     # layers' own indexes that cannot be used: said once, below
         own = fetch_own_indexes(cast("ImageService", self.images), reference,
-                                [l for l in manifest.layers if found is None or l.digest not in found.ztocs], say)
+                                [l for l in manifest.layers if found is None or l.digest not in found.ztocs],
+                                refused_own.append)
         if found is not None or own:
             self.server.spawn()        # the daemon starts while the zTOCs and the image download
             source = f"{reference.name}@{manifest_digest}"
@@ -248,7 +250,7 @@ class LazyPull:
                 reason = None
         # zstd:chunked wiring: a layer without a zTOC that carries its own TOC is lazy through it
         from lazyoci.zstdchunked.fetch import chunked_tocs
-        chunked = chunked_tocs(client, reference, manifest.layers, lazy, say)
+        chunked = chunked_tocs(client, reference, manifest.layers, lazy, refused_own.append)
         if chunked:
             self.server.spawn()
             if not lazy:            # no SOCI mounter, or one stopped with nothing to mount
@@ -266,6 +268,11 @@ class LazyPull:
                 mounter.rollback()
                 raise
             reason = None
+        if refused_own and reason is not None:      # nothing is lazy: the refusals lead the one line
+            reason = "; ".join(refused_own + ([] if own_only else [reason]))
+        elif refused_own:
+            say(f"INFO: {'; '.join(refused_own)} for {reference}: downloading "
+                + ("that layer" if len(refused_own) == 1 else "those layers") + " before the container starts")
         if reason is not None:
             say(f"INFO: {reason} for {reference}: downloading every layer before the container starts "
                 f"(no lazy loading)")

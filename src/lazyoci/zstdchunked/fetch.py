@@ -66,9 +66,10 @@ def fetch_toc(client: RangeReader, ref: Reference, layer: Descriptor) -> Chunked
 
 
 def chunked_tocs(client: RangeReader, ref: Reference, layers: Sequence[Descriptor], skip: Collection[str],
-                 say: Callable[[str], None]) -> dict[str, ChunkedToc]:
+                 refuse: Callable[[str], None]) -> dict[str, ChunkedToc]:
     """The checked TOCs of the zstd:chunked layers not in `skip` (layers lazy otherwise), by layer
-    digest. A TOC that cannot be used is one INFO line through `say`; its layer is downloaded."""
+    digest. A TOC that cannot be used is a phrase to `refuse` (the pull says them in one INFO
+    line); its layer is downloaded."""
     out: dict[str, ChunkedToc] = {}
     for layer in layers:
         if layer.digest in skip or layer.digest in out or not is_chunked_layer(layer):
@@ -76,6 +77,5 @@ def chunked_tocs(client: RangeReader, ref: Reference, layers: Sequence[Descripto
         try:
             out[layer.digest] = fetch_toc(client, ref, layer)
         except LazyociError as e:
-            say(f"INFO: the zstd:chunked TOC of layer {layer.digest} cannot be used ({e}) for {ref}: "
-                "downloading that layer before the container starts")
+            refuse(f"the zstd:chunked TOC of layer {layer.digest} cannot be used ({e})")
     return out
