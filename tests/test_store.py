@@ -115,6 +115,43 @@ def test_database_is_safe_under_concurrent_processes(tmp_path):
         assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 201
 
 
+def test_closing_a_connection_does_not_checkpoint_the_wal(tmp_path):
+    """The process keeps the database open between transactions, so a transaction's close is not
+    the last one: the WAL is not checkpointed and removed (with its fsyncs) at every commit."""
+    db = Database(tmp_path / "x.db")
+    db.ensure_schema("a", "CREATE TABLE IF NOT EXISTS a (x INTEGER);")
+    with db.transaction() as c:
+        c.execute("INSERT INTO a VALUES (1)")
+    wal = tmp_path / "x.db-wal"
+    assert wal.exists() and wal.stat().st_size > 0
+    with Database(tmp_path / "x.db").reading() as c:     # another process's view of it
+        assert c.execute("SELECT x FROM a").fetchall()[0][0] == 1
+
+
+def test_no_connection_crosses_a_fork(tmp_path):
+    """A forked child (the container monitor) opens the database afresh: the idle connection
+    of the parent is closed before the fork, and the child's writes reach the parent."""
+    from lazyoci.store import db as db_module
+
+    db = Database(tmp_path / "x.db")
+    db.ensure_schema("a", "CREATE TABLE IF NOT EXISTS a (x INTEGER);")
+    assert db_module._anchors
+    pid = os.fork()
+    if pid == 0:     # pragma: no cover - the child
+        code = 1
+        try:
+            inherited = bool(db_module._anchors)
+            with Database(tmp_path / "x.db").transaction() as c:
+                c.execute("INSERT INTO a VALUES (7)")
+            code = 3 if inherited else 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with db.reading() as c:
+        assert c.execute("SELECT x FROM a").fetchall()[0][0] == 7
+
+
 def test_ensure_schema_is_idempotent(tmp_path):
     db = Database(tmp_path / "x.db")
     ddl = "CREATE TABLE IF NOT EXISTS a (x INTEGER);"

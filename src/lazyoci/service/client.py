@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class ServiceClient:
         self.holder = HolderPaths(self.paths.dir)
         self.config_path = config_path
         self.timeout = timeout
+        self._spawning: threading.Thread | None = None    # a launch under way (spawn)
 
     # -- protocol --------------------------------------------------------------
 
@@ -81,12 +83,24 @@ class ServiceClient:
     def spawn(self) -> None:
         """Launch the daemon if it is not running, without waiting for it (start() waits).
 
-        Lets a lazy pull start the service while it fetches the image's metadata."""
+        Lets a lazy pull start the service while it fetches the image's metadata: the launcher
+        (Python's start and the daemon's imports, until it detaches) runs in a thread of its
+        own, which start() joins; a launch that failed is retried and reported by start()."""
+        if self._spawning is not None and self._spawning.is_alive():
+            return
         if self.ping() is None:
-            self._launch()
+            def launch() -> None:
+                try:
+                    self._launch()
+                except ServiceError:
+                    pass           # start() launches again and reports why
+            self._spawning = threading.Thread(target=launch, name="lazyoci-service-launch", daemon=True)
+            self._spawning.start()
 
     def start(self) -> dict[str, Any]:
         """Start the daemon (if not running) and wait until it answers."""
+        if self._spawning is not None:
+            self._spawning.join()
         info = self.ping()
         if info is not None:
             return info

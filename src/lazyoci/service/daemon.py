@@ -9,7 +9,9 @@ the session outlives this process), and only then listens on the control socket
 — so a client that can connect can use it.
 Beside it, containerd's Snapshots gRPC service listens on <root>/service/snapshotter.sock
 (lazyoci.containerd.server, in gRPC's own threads); if it cannot start, the service
-goes on without it and its log says why.
+goes on without it and its log says why. It starts (a quarter of a second of CPU) in a thread
+while the holder starts and the recorded layers are mounted; the control socket listens once
+it is up.
 
 Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "ping"}                                   -> {"ok": true, "pid": N, "mountpoint": ...}
@@ -33,6 +35,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,6 +106,9 @@ class Service:
         self.serving_after = 0.0        # seconds from then to serving the FUSE session
         self._stopping = False
         self._cancel = trio.CancelScope()
+        self._holder_launch: threading.Thread | None = None
+        self._holder_error: BaseException | None = None
+        self._containerd_start: threading.Thread | None = None
 
     @property
     def running_layers(self) -> LayerManager:
@@ -111,20 +117,46 @@ class Service:
             raise ServiceError("the service's layers are not set up yet")
         return self.layers
 
-    def prepare(self) -> None:
+    def prepare(self, containerd: bool = True) -> None:
         """Mount the recorded layers: the slow part of a start, which a process that is to take
-        over from a running service does while that one still serves."""
+        over from a running service does while that one still serves (`containerd=False`: its
+        snapshotter socket is the running one's until then)."""
         self.paths.ensure()
+        # the holder (a process of its own) and containerd's service start while this one mounts
+        self._holder_launch = threading.Thread(target=self._launch_holder, name="holder-launch", daemon=True)
+        self._holder_launch.start()
         self.layers = LayerManager(self.root, self.config, self.fs)
+        if containerd:
+            self.start_containerd()
         self.layers.remount_known()
+
+    def start_containerd(self) -> None:
+        """Start containerd's snapshotter service in a thread of its own (once); the control
+        socket listens after it is up."""
+        if self._containerd_start is None:
+            self._containerd_start = threading.Thread(target=self._start_containerd, name="containerd-start",
+                                                      daemon=True)
+            self._containerd_start.start()
+
+    def _launch_holder(self) -> None:
+        try:
+            launch_holder(self.holder)
+        except BaseException as e:     # raised by run()
+            self._holder_error = e
 
     def run(self) -> None:
         """Serve: take the holder's FUSE session over, then the control socket. `prepare` first."""
         layers = self.running_layers
+        self.start_containerd()
         # Every recorded layer before the session: its first request may name any of them
         # (again, for a layer the previous process mounted after `prepare`; the others are kept).
         layers.remount_known()
-        launch_holder(self.holder)
+        if self._holder_launch is not None:
+            self._holder_launch.join()
+        if self._holder_error is not None:
+            self._stop_containerd()
+            raise self._holder_error
+        launch_holder(self.holder)       # (none started by prepare, or it is gone since: start one)
         self.attachment = attach(self.holder, self.relaunch)
         # The holder mounted (ro, no allow_other: root alone, service/paths.py); libfuse serves its channel.
         options = set(pyfuse3.default_options) | {"fsname=lazyoci", "subtype=lazyoci", "ro"}
@@ -137,8 +169,7 @@ class Service:
         try:
             trio.run(self._main)
         finally:
-            if self.containerd is not None:
-                self.containerd.stop()
+            self._stop_containerd()
             pyfuse3.close(unmount=False)      # the mount is the holder's
             layers.close()
             log.info("service stopped")
@@ -178,8 +209,9 @@ class Service:
                 os.close(dfd)
         os.chmod(sock_path, 0o600)
         listener.listen(64)
+        if self._containerd_start is not None:
+            await trio.to_thread.run_sync(self._containerd_start.join)
         log.info("service ready (pid %d), mount %s, socket %s", os.getpid(), self.paths.mountpoint, sock_path)
-        await trio.to_thread.run_sync(self._start_containerd)
         try:
             async with trio.open_nursery() as nursery:
                 while True:
@@ -188,6 +220,12 @@ class Service:
         finally:
             listener.close()
             sock_path.unlink(missing_ok=True)
+
+    def _stop_containerd(self) -> None:
+        if self._containerd_start is not None:
+            self._containerd_start.join()
+        if self.containerd is not None:
+            self.containerd.stop()
 
     def _start_containerd(self) -> None:
         try:
@@ -374,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         service = Service(root, config, relaunch)
         if waits:
             write_takeover(holder, os.getpid(), ready=False)
-            service.prepare()
+            service.prepare(containerd=False)
             write_takeover(holder, os.getpid(), ready=True)
             log.info("ready to take over (pid %d)", os.getpid())
             fcntl.flock(pid_fd, fcntl.LOCK_EX)        # until the running service has handed over

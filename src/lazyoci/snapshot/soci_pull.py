@@ -48,10 +48,13 @@ if TYPE_CHECKING:
     from lazyoci.oci.manifest import Descriptor
     from lazyoci.registry.client import RegistryClient
     from lazyoci.snapshot.layer_server import LayerServer
+    from lazyoci.soci.discovery import DiscoveredIndex
     from lazyoci.store.blobs import BlobStore
     from lazyoci.store.db import Database
 
 __all__ = ["ImageFetcher", "LazyPull", "LazySnapshots"]
+
+ZTOC_FETCHES = 4      # zTOCs downloaded at once by a lazy pull
 
 
 class ImageFetcher(Protocol):
@@ -176,6 +179,34 @@ class LazyPull:
         self.images.store_owned_blob(digest, owner, raw=raw, size=size,
                                      fetch=lambda: self.client.iter_blob(ref, digest, size))
 
+    def _take_ztocs(self, reference: Reference, found: "DiscoveredIndex", layers: list[str], source: str,
+                    mounter: _EarlyMounter, say: Callable[[str], None]) -> dict[str, LazyLayerRecord]:
+        """Download, store and record the zTOCs (and prefetch artifacts) of `layers`, a few at once,
+        each handed to the mounter as soon as it is stored: a zTOC is a round trip and a transfer,
+        and one after another they added up. The first error is raised once all have ended."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
+
+        owner = f"soci:{found.digest}"
+        index = found.index          # parsed once, not per layer
+
+        def take(layer_digest: str) -> LazyLayerRecord:
+            zdesc = found.ztocs[layer_digest]
+            self._store_blob(reference, zdesc.digest, zdesc.size, owner)
+            rec = LazyLayerRecord(layer_digest, zdesc.digest, source, found.digest)
+            self.records.record_layer(rec)
+            take_prefetch_artifact(index, layer_digest, zdesc.digest, self.snapshots.blobs,
+                                   self.snapshots.db, lambda d, n: self._store_blob(reference, d, n, owner), say)
+            mounter.submit(rec)
+            return rec
+
+        if len(layers) <= 1:
+            return {d: take(d) for d in layers}
+        with ThreadPoolExecutor(max_workers=min(len(layers), ZTOC_FETCHES), thread_name_prefix="ztoc") as pool:
+            futures = {d: pool.submit(take, d) for d in layers}
+        return {d: f.result() for d, f in futures.items()}
+
     def _fetch(self, ref: str, platform: Platform | None, progress: "ProgressSink | None",
                resolved: ResolvedImage, lazy: dict[str, str]) -> "LocalImage":
         return self.images.pull(ref, platform, progress, layer_consumer=self.snapshots.layer_consumer,
@@ -186,7 +217,6 @@ class LazyPull:
             index_digest: str | None = None, own_only: bool = False) -> "LocalImage":
         from lazyoci.service.view_formats import record_format
         from lazyoci.snapshot.own_index import fetch_own_indexes
-        from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
         from lazyoci.soci import discover_index
 
         say = self.log
@@ -218,23 +248,19 @@ class LazyPull:
             mounter = _EarlyMounter(self.server)
             try:
                 if found is not None:
-                    owner = f"soci:{found.digest}"
-                    self._store_blob(reference, found.digest, None, owner, raw=found.manifest.raw)
+                    self._store_blob(reference, found.digest, None, f"soci:{found.digest}",
+                                     raw=found.manifest.raw)
+                ztoc_layers = [l.digest for l in manifest.layers if found is not None and l.digest in found.ztocs]
+                taken = self._take_ztocs(reference, found, ztoc_layers, source, mounter, say) if found else {}
                 for layer in manifest.layers:
-                    zdesc = found.ztocs.get(layer.digest) if found is not None else None
-                    if zdesc is not None and found is not None:
-                        self._store_blob(reference, zdesc.digest, zdesc.size, owner)
-                        rec = LazyLayerRecord(layer.digest, zdesc.digest, source, found.digest)
-                        self.records.record_layer(rec)
-                        take_prefetch_artifact(found.index, layer.digest, zdesc.digest, self.snapshots.blobs,
-                                               self.snapshots.db,
-                                               lambda d, n: self._store_blob(reference, d, n, owner), say)
+                    if layer.digest in taken:
+                        rec = taken[layer.digest]
                     elif layer.digest in own:     # the layer's own index (no SOCI index digest)
                         rec = LazyLayerRecord(layer.digest, own[layer.digest][0], source, "")
                         self.records.record_layer(rec)
+                        mounter.submit(rec)
                     else:
                         continue
-                    mounter.submit(rec)
                     lazy[layer.digest] = rec.ztoc_digest
             except LazyociError as e:
                 mounter.rollback()
