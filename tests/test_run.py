@@ -202,6 +202,16 @@ def test_detach_ps_logs_stop_rm(env, lz):
     assert not (env["root"] / "containers" / cid).exists()
 
 
+def test_a_name_in_use_is_one_line_conflict(env, lz):
+    cid = lz("run", "-d", "--name", "taken", env["tricky"], "sleep", "60").stdout.strip()
+    r = lz("run", "--name", "taken", env["tricky"], "true", check=False)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (f"lazyoci: error: the container name 'taken' is already in use by container {cid[:12]}: "
+                        "remove (or rename) that container to reuse the name\n")
+    assert lz("ps", "-a", "-q").stdout.split() == [cid[:12]]
+    lz("rm", "-f", "taken")
+
+
 def test_logs_follow_until_exit(env, lz):
     lz("run", "-d", "--name", "counter", env["tricky"], "sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.3; done")
     r = lz("logs", "-f", "counter", timeout=30)
