@@ -354,7 +354,11 @@ class Holder:
                     break
 
     def close(self) -> None:
-        """Detach the mount and drop the connection (containers on it then get errors)."""
+        """Detach the mount and drop the connection (containers on it then get errors).
+
+        A service still attached is not started again: the holder is going, and a service
+        started now would launch a new holder and mount again behind `service stop`."""
+        self.relaunch = []
         if self.service is not None:
             self._detach()
         try:
