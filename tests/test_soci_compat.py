@@ -190,9 +190,11 @@ def test_a_layer_marked_disable_xattrs_serves_none_of_its_xattrs(registry, data_
                 os.getxattr(mnt / "x/file", "user.k")
             assert e.value.errno == errno.ENODATA
         finally:
-            _lz(data_root, config, "image", "unmount", str(mnt))
+            r = _lz(data_root, config, "image", "unmount", str(mnt))
+            assert r.returncode == 0, r.stderr
     finally:
-        _lz(data_root, config, "service", "stop")
+        r = _lz(data_root, config, "service", "stop")
+        assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.needs_root("pulls unpack layers owned by root")
