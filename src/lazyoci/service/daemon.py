@@ -45,6 +45,7 @@ from lazyoci.config import Config, load_config
 from lazyoci.errors import LazyociError, ServiceError
 from lazyoci.fs.layer_fs import LayerFS
 from lazyoci.fs.span_fetcher import flush_cache_writes
+from lazyoci.service.detach import daemonize
 from lazyoci.service.error_wire import error_reply
 from lazyoci.service.holder_link import (Attachment, HolderPaths, attach, launch_holder, record_lost,
                                          read_takeover, say_leaving, write_takeover)
@@ -313,25 +314,6 @@ def request_is_shutdown(buf: bytes) -> bool:
     return request_op(buf) == "shutdown"
 
 
-def _daemonize(log_file: Path) -> None:
-    """Double fork: the grandchild runs the service, re-parented to init, in its own session."""
-    pid = os.fork()
-    if pid:
-        os.waitpid(pid, 0)     # the intermediate child exits at once
-        os._exit(0)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    os.chdir("/")
-    fd = os.open(os.devnull, os.O_RDWR)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(fd, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(fd)
-    os.close(out)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lazyoci-service")
     parser.add_argument("--root", type=Path, required=True)
@@ -357,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         waits = True       # `service restart`: the running service hands over once this one is ready
     if not args.foreground:
-        _daemonize(paths.log_file)
+        daemonize(paths.log_file)
     logging.basicConfig(
         filename=None if args.foreground else os.fspath(paths.log_file),
         level=logging.DEBUG if args.debug else logging.INFO,

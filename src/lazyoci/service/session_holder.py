@@ -54,6 +54,7 @@ from collections import deque
 from pathlib import Path
 
 from lazyoci import libc
+from lazyoci.service.detach import daemonize
 
 log = logging.getLogger("lazyoci.holder")
 
@@ -369,25 +370,6 @@ class Holder:
         os.close(self.fuse_fd)
 
 
-def _daemonize(log_file: Path) -> None:
-    """Double fork, as the service does: the grandchild holds, re-parented to init."""
-    pid = os.fork()
-    if pid:
-        os.waitpid(pid, 0)
-        os._exit(0)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(null)
-    os.close(out)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lazyoci-holder")
     parser.add_argument("--service-dir", type=Path, required=True)
@@ -416,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     fuse_fd = mount_fuse(mountpoint)
     (service_dir / "holder.lost").unlink(missing_ok=True)
     if not args.foreground:
-        _daemonize(service_dir / "holder.log")
+        daemonize(service_dir / "holder.log")
     _set_oom_score_adj(-1000)          # holding every mount, it must be the last the kernel kills
     os.ftruncate(pid_fd, 0)
     os.write(pid_fd, f"{os.getpid()}\n".encode())

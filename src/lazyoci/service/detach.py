@@ -1,0 +1,30 @@
+"""Detach a process from whoever started it, as the service and the session holder both do.
+
+Standard library only: the session holder imports little."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def daemonize(log_file: Path) -> None:
+    """Double fork: the grandchild goes on, re-parented to init in a session of its own (so neither
+    the CLI nor a test runner has to reap it), its output appended to `log_file` (0600).
+
+    The starter returns once the intermediate child has exited; locks taken before stay held."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)      # the intermediate child exits at once
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
