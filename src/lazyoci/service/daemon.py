@@ -226,9 +226,10 @@ class Service:
                     out = out[await conn.send(out):]
             except OSError:
                 pass
-            if request_is_shutdown(buf):
+            op = request_op(buf)
+            if op == "shutdown":
                 await self._shutdown()
-            elif request_op(buf) == "hand_over":
+            elif op == "hand_over":
                 self._hand_over()
 
     async def _dispatch(self, req: dict) -> dict:
@@ -304,14 +305,11 @@ class Service:
 
 
 def request_op(buf: bytes) -> object:
+    """The `op` of a control request (None if it is not one), for what follows the reply."""
     try:
         return json.loads(buf.split(b"\n", 1)[0]).get("op")
     except (ValueError, AttributeError):
         return None
-
-
-def request_is_shutdown(buf: bytes) -> bool:
-    return request_op(buf) == "shutdown"
 
 
 def main(argv: list[str] | None = None) -> None:
