@@ -6,6 +6,7 @@ conftest.py fails a test that leaves any (and clears them, so the tests after it
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -47,6 +48,7 @@ def _ancestors() -> set[int]:
 def processes_under(path: Path) -> list[tuple[int, str]]:
     """(pid, command line) of live processes whose command line names `path` or whose root lies in it."""
     prefix, mine, found = os.fspath(path), _ancestors(), []
+    named = re.compile(re.escape(prefix) + r"(/|\s|$)")
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in mine:
             continue
@@ -55,7 +57,7 @@ def processes_under(path: Path) -> list[tuple[int, str]]:
             root = os.readlink(f"/proc/{entry}/root")
         except OSError:
             continue
-        if cmd and (prefix + "/" in cmd or cmd.endswith(prefix) or root.startswith(prefix + "/")):
+        if cmd and (named.search(cmd) or root.startswith(prefix + "/")):
             found.append((int(entry), cmd))
     return found
 
