@@ -45,7 +45,7 @@ from lazyoci.config import Config, load_config
 from lazyoci.errors import LazyociError, ServiceError
 from lazyoci.fs.layer_fs import LayerFS
 from lazyoci.fs.span_fetcher import flush_cache_writes
-from lazyoci.service.detach import daemonize
+from lazyoci.service.process import daemonize, rss_bytes
 from lazyoci.service.error_wire import error_reply
 from lazyoci.service.holder_link import (Attachment, HolderPaths, attach, launch_holder, record_lost,
                                          read_takeover, say_leaving, write_takeover)
@@ -61,14 +61,6 @@ MAX_REQUEST = 1 << 20
 _DRAIN_QUIET_SECONDS = 0.3     # at shutdown: FUSE answered until no fetch was refused for this long
 _DRAIN_MAX_SECONDS = 10.0      # ... but no longer than this (a fetch waiting for headers ends within
                                # one soci.fetch_rate_window_seconds)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 _M_TRIM_THRESHOLD = -1
@@ -254,7 +246,7 @@ class Service:
         if op == "status":
             layers = self.running_layers
             a = self.attachment
-            return {"ok": True, "pid": os.getpid(), "rss_bytes": _rss_bytes(),
+            return {"ok": True, "pid": os.getpid(), "rss_bytes": rss_bytes(),
                     "session": {"holder_pid": a.holder_pid if a else 0, "resumed": a.resumed if a else False,
                                 "handed_over": a.waiting if a else 0,
                                 "serving_after_seconds": round(self.serving_after, 3)},

@@ -54,7 +54,7 @@ from collections import deque
 from pathlib import Path
 
 from lazyoci import libc
-from lazyoci.service.detach import daemonize
+from lazyoci.service.process import daemonize, rss_bytes
 
 log = logging.getLogger("lazyoci.holder")
 
@@ -97,14 +97,6 @@ def _killable() -> None:
     """In a service the holder starts: the OOM killer may pick it as it would any process
     (the holder's own exemption is inherited otherwise)."""
     _set_oom_score_adj(0)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _mounted(target: str) -> bool:
@@ -173,7 +165,7 @@ class Holder:
             return
         with conn:
             if op == "status":
-                reply = {"ok": True, "pid": os.getpid(), "rss_bytes": _rss_bytes(),
+                reply = {"ok": True, "pid": os.getpid(), "rss_bytes": rss_bytes(),
                          "attached": self.service is not None, "service_pid": self.service_pid,
                          "waiting": len(self.pending), "relayed": self.relayed, "mountpoint": self.mountpoint}
             elif op == "stop":

@@ -1,4 +1,5 @@
-"""Detach a process from whoever started it, as the service and the session holder both do.
+"""What the service and the session holder both do as processes of their own: detach from
+whoever started them, and tell their memory use (`service status`).
 
 Standard library only: the session holder imports little."""
 
@@ -28,3 +29,12 @@ def daemonize(log_file: Path) -> None:
     os.dup2(out, 2)
     os.close(null)
     os.close(out)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
