@@ -231,3 +231,26 @@ def test_stopping_the_holder_detaches_its_mount_and_starts_no_service_again(tmp_
         os.close(attachment.fd)
     assert not is_mountpoint(paths.dir / "mnt")
     assert processes_under(tmp_path) == []
+
+
+@pytest.mark.needs_root("the holder mounts FUSE")
+def test_a_service_that_went_with_its_pid_file_removed_is_not_started_again(tmp_path):
+    """A service that stops removes its pid file; if its `leaving` did not reach the holder (a
+    control request the holder gave up waiting for), the holder still does not start it again
+    behind `service stop`. A killed service leaves its pid file: that one is started again
+    (test_a_reading_container_survives_restarts_and_kill_9_of_the_service)."""
+    from helpers.leaks import processes_under
+    from lazyoci.service.holder_link import HolderPaths, attach, holder_status, launch_holder, stop_holder
+
+    paths = HolderPaths(tmp_path / "service")
+    (paths.dir / "mnt").mkdir(parents=True)
+    launch_holder(paths)
+    try:
+        relaunch = [sys.executable, "-c", "import time; time.sleep(600)", os.fspath(tmp_path / "started-again")]
+        os.close(attach(paths, relaunch).fd)        # gone, without `leaving`, and no pid file names it
+        while (status := holder_status(paths)) is not None and status["attached"]:
+            time.sleep(0.01)
+        assert status is not None and not status["attached"]
+        assert processes_under(tmp_path / "started-again") == []
+    finally:
+        stop_holder(paths)

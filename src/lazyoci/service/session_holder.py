@@ -16,8 +16,8 @@ the session over:
 
 While no service is attached, it does not read `/dev/fuse`: new requests wait in
 the kernel's queue and their readers see a pause, not an error. A service that
-goes without saying so first (killed, out of memory) is started again by the
-holder with the command line it attached with; if that one does not attach within
+goes without saying so first and leaves its pid file behind (killed, out of memory)
+is started again by the holder with the command line it attached with; if that one does not attach within
 RELAUNCH_SECONDS, the holder tries no more (a service that cannot start is not
 started in a loop) and `lazyoci service start` is the way. If the holder
 itself dies, the kernel aborts the connection: readers get an error at once
@@ -125,8 +125,9 @@ def mount_fuse(mountpoint: str) -> int:
 class Holder:
     """One FUSE connection relayed to whichever service process is attached."""
 
-    def __init__(self, fuse_fd: int, listener: socket.socket, mountpoint: str) -> None:
+    def __init__(self, fuse_fd: int, listener: socket.socket, mountpoint: str, service_pid_file: Path) -> None:
         self.fuse_fd = fuse_fd
+        self.service_pid_file = service_pid_file    # a service that stops removes it, a killed one cannot
         os.set_blocking(fuse_fd, False)            # read until EAGAIN, then poll again
         self.listener = listener
         self.mountpoint = mountpoint
@@ -211,7 +212,7 @@ class Holder:
 
     def _detach(self) -> None:
         assert self.service is not None
-        on_purpose = self.service_pid == self.leaving_pid
+        on_purpose = not self._lost()
         log.info("service pid %d %s; %d request(s) wait for the next one", self.service_pid,
                  "detached" if on_purpose else "was lost", len(self.pending))
         self._poll.unregister(self.service)
@@ -222,6 +223,16 @@ class Holder:
         self._poll.modify(self.fuse_fd, 0)      # requests now wait in the kernel's queue
         if not on_purpose:
             self._start_service()
+
+    def _lost(self) -> bool:
+        """The attached service went without meaning to: it did not say `leaving` and its pid file
+        still names it (a `leaving` the holder gave up waiting for does not make a stop a loss)."""
+        if self.service_pid == self.leaving_pid:
+            return False
+        try:
+            return int(self.service_pid_file.read_text().strip()) == self.service_pid
+        except (OSError, ValueError):
+            return False
 
     def _start_service(self) -> None:
         """Start a service after one was lost, unless the last one started never attached."""
@@ -395,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     os.ftruncate(pid_fd, 0)
     os.write(pid_fd, f"{os.getpid()}\n".encode())
     log.info("holder ready (pid %d), mount %s", os.getpid(), mountpoint)
-    holder = Holder(fuse_fd, listener, mountpoint)
+    holder = Holder(fuse_fd, listener, mountpoint, service_dir / "lazyoci.pid")
     try:
         holder.run()
     except Exception:
