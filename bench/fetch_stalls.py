@@ -63,7 +63,7 @@ def main() -> None:
             proxy.clear()
             proxy.add(Fault("drip", match=layer.digest, method="GET", rate=0.05, times=None))
             with running_service(root, config) as client:       # mounts the layer again
-                d = client.paths.view_dir(layer.digest)
+                d = client.view_dir(layer.digest, ztoc)
                 started = time.monotonic()
                 reader = _dd(d / "f.bin", 0)
                 _, err = reader.communicate(timeout=600)

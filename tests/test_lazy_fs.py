@@ -12,7 +12,7 @@ import pytest
 
 from helpers.images import image_config, make_layer, push_image
 from helpers.lazy import overlay, running_service, store_ztoc, write_config, ztoc_for
-from helpers.tree import diff_trees, walk_tree
+from helpers.tree import diff_trees, layer_tree, walk_tree
 from helpers.tricky_image import push_tricky_image
 from lazyoci.snapshot.unpack import apply_layer_stream
 
@@ -41,7 +41,7 @@ def test_each_lazy_layer_equals_its_unpacked_tree(registry, tricky, data_root, t
             unpacked = tmp_path / f"unpacked{i}"
             unpacked.mkdir()
             apply_layer_stream([layer.blob], layer.media_type, unpacked)
-            problems = diff_trees(_tree(unpacked), _tree(lazy_dir))
+            problems = diff_trees(layer_tree(unpacked), layer_tree(lazy_dir))
             assert not problems, f"layer {i + 1}:\n" + "\n".join(problems)
             # overlay's own markers (walk_tree ignores trusted.overlay.*): compare them too
             for dirpath, dirnames, _ in os.walk(unpacked):
@@ -69,15 +69,6 @@ def test_overlay_of_lazy_layers_equals_umoci_unpack(registry, tricky, data_root,
         with overlay(list(reversed(dirs)), tmp_path / "merged") as merged:
             problems = diff_trees(walk_tree(bundle / "rootfs", mtimes=True), walk_tree(merged, mtimes=True))
         assert not problems, "\n".join(problems)
-
-
-def _tree(root: Path) -> dict:
-    """walk_tree with mtimes, except of whiteouts (an unpacker creates them "now")."""
-    tree = walk_tree(root, mtimes=True)
-    for rec in tree.values():
-        if rec["type"] == "char" and rec.get("rdev") == (0, 0):
-            rec.pop("mtime", None)
-    return tree
 
 
 def _opaque(path: Path) -> bool:
@@ -116,7 +107,7 @@ def test_a_layer_with_a_global_pax_header_is_served_as_it_unpacks(registry, data
     with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
         (lazy_dir,) = _mount_all(client, data_root, ref, [layer])
         assert (lazy_dir / "c").read_bytes() == b"C" * 200
-        problems = diff_trees(_tree(unpacked), _tree(lazy_dir))
+        problems = diff_trees(layer_tree(unpacked), layer_tree(lazy_dir))
         assert not problems, "\n".join(problems)
 
 

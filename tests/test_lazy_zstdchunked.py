@@ -16,7 +16,7 @@ import pytest
 
 from helpers.images import Entry, image_config, write_oci_layout
 from helpers.lazy import overlay, write_config
-from helpers.tree import diff_trees, walk_tree
+from helpers.tree import diff_trees, layer_tree, walk_tree
 from helpers.tricky_image import PASSWD
 from helpers.zstd_chunked import (blob, chunked_layout, go_layer, layout_manifest, nonce, podman_push_chunked,
                                   push_chunked, tricky_go_image)
@@ -118,17 +118,8 @@ def test_each_layer_equals_lazyocis_own_full_unpack(registry, pulled, tmp_path):
         unpacked.mkdir()
         apply_layer_stream([local[layer.digest]], layer.media_type, unpacked)
         lazy_dir = pulled.snap.service.view_dir(layer.digest, rec.ztoc_digest)
-        problems = diff_trees(_tree(unpacked), _tree(lazy_dir))
+        problems = diff_trees(layer_tree(unpacked), layer_tree(lazy_dir))
         assert not problems, f"layer {i + 1}:\n" + "\n".join(problems)
-
-
-def _tree(root: Path) -> dict:
-    """walk_tree with mtimes, except of whiteouts (an unpacker creates them "now")."""
-    tree = walk_tree(root, mtimes=True)
-    for rec in tree.values():
-        if rec["type"] == "char" and rec.get("rdev") == (0, 0):
-            rec.pop("mtime", None)
-    return tree
 
 
 def _two_files_image(tmp_path: Path, registry_host: str, repo: str) -> tuple[bytes, bytes]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers.images import Entry, image_config, make_layer, push_image
+from helpers.leaks import left_behind
 from helpers.tricky_image import PASSWD, push_tricky_image, tricky_layers
 
 pytestmark = pytest.mark.needs_root("runc and overlay mounts")
@@ -23,24 +24,12 @@ LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 
 
 def leftovers(root: Path) -> list[str]:
-    """Mounts, runc containers and processes that belong to this data root."""
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        found += [f"mount {l.split()[4]}" for l in f if l.split()[4].startswith(str(root))]
+    """Mounts, processes and runc containers that belong to this data root."""
+    found = left_behind(root)
     state = root / "runtime" / "runc"
     if state.exists():
         r = subprocess.run(["runc", "--root", str(state), "list", "-q"], capture_output=True, text=True)
         found += [f"runc container {c}" for c in r.stdout.split()]
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            rootlink = os.readlink(f"/proc/{pid}/root")
-        except OSError:
-            continue
-        if str(root) in cmd or rootlink.startswith(str(root)):
-            found.append(f"process {pid}: {cmd.strip()}")
     return found
 
 
@@ -200,6 +189,16 @@ def test_detach_ps_logs_stop_rm(env, lz):
     lz("rm", "web")
     assert "web" not in lz("ps", "-a").stdout
     assert not (env["root"] / "containers" / cid).exists()
+
+
+def test_a_name_in_use_is_one_line_conflict(env, lz):
+    cid = lz("run", "-d", "--name", "taken", env["tricky"], "sleep", "60").stdout.strip()
+    r = lz("run", "--name", "taken", env["tricky"], "true", check=False)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (f"lazyoci: error: the container name 'taken' is already in use by container {cid[:12]}: "
+                        "remove (or rename) that container to reuse the name\n")
+    assert lz("ps", "-a", "-q").stdout.split() == [cid[:12]]
+    lz("rm", "-f", "taken")
 
 
 def test_logs_follow_until_exit(env, lz):

@@ -210,3 +210,47 @@ def test_a_view_keeps_its_slot_for_good(tmp_path):
     again = Database(tmp_path / "lazyoci.db")           # a new process: another connection
     assert [view_slot(again, name) for name in ("c-3", "a-1", "b-2")] == [first[2], first[0], first[1]]
     assert view_slot(again, "d-4") not in first
+
+
+@pytest.mark.needs_root("the holder mounts FUSE")
+def test_stopping_the_holder_detaches_its_mount_and_starts_no_service_again(tmp_path):
+    """A holder told to stop while a service is still attached (one that did not say `leaving`)
+    ends: it does not start that service again, which would mount afresh behind `service stop`."""
+    from helpers.leaks import processes_under
+    from lazyoci.service.holder_link import HolderPaths, attach, launch_holder, stop_holder
+    from lazyoci.snapshot.mount_syscall import is_mountpoint
+
+    paths = HolderPaths(tmp_path / "service")
+    (paths.dir / "mnt").mkdir(parents=True)
+    launch_holder(paths)
+    relaunch = [sys.executable, "-c", "import time; time.sleep(600)", os.fspath(tmp_path / "started-again")]
+    attachment = attach(paths, relaunch)
+    try:
+        assert stop_holder(paths)
+    finally:
+        os.close(attachment.fd)
+    assert not is_mountpoint(paths.dir / "mnt")
+    assert processes_under(tmp_path) == []
+
+
+@pytest.mark.needs_root("the holder mounts FUSE")
+def test_a_service_that_went_with_its_pid_file_removed_is_not_started_again(tmp_path):
+    """A service that stops removes its pid file; if its `leaving` did not reach the holder (a
+    control request the holder gave up waiting for), the holder still does not start it again
+    behind `service stop`. A killed service leaves its pid file: that one is started again
+    (test_a_reading_container_survives_restarts_and_kill_9_of_the_service)."""
+    from helpers.leaks import processes_under
+    from lazyoci.service.holder_link import HolderPaths, attach, holder_status, launch_holder, stop_holder
+
+    paths = HolderPaths(tmp_path / "service")
+    (paths.dir / "mnt").mkdir(parents=True)
+    launch_holder(paths)
+    try:
+        relaunch = [sys.executable, "-c", "import time; time.sleep(600)", os.fspath(tmp_path / "started-again")]
+        os.close(attach(paths, relaunch).fd)        # gone, without `leaving`, and no pid file names it
+        while (status := holder_status(paths)) is not None and status["attached"]:
+            time.sleep(0.01)
+        assert status is not None and not status["attached"]
+        assert processes_under(tmp_path / "started-again") == []
+    finally:
+        stop_holder(paths)

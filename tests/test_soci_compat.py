@@ -3,11 +3,13 @@ an image with the same layer twice, the xattr optimisation, and the reference's 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,24 @@ LAYER = "sha256:" + "a" * 64
 def _lz(root: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([LAZYOCI, "--root", str(root), "--config", str(config), *args],
                           capture_output=True, text=True, timeout=180)
+
+
+@contextlib.contextmanager
+def _image_mounted(root: Path, config: Path, ref: str, mnt: Path) -> Iterator[Path]:
+    """`image mount` of `ref` at `mnt`; then `image unmount` and `service stop`, each checked
+    (a refusal there would leave the overlay or the FUSE mount behind)."""
+    mnt.mkdir()
+    try:
+        r = _lz(root, config, "image", "mount", ref, str(mnt))
+        assert r.returncode == 0, r.stderr
+        try:
+            yield mnt
+        finally:
+            r = _lz(root, config, "image", "unmount", str(mnt))
+            assert r.returncode == 0, r.stderr
+    finally:
+        r = _lz(root, config, "service", "stop")
+        assert r.returncode == 0, r.stderr
 
 
 def _reference_index(ztocs: list[tuple[str, str]]) -> bytes:
@@ -89,21 +109,12 @@ def test_an_image_with_the_same_layer_twice_is_indexed_and_runs_lazily(registry,
     assert r.returncode == 0 and "INFO" not in r.stderr, r.stderr
     bundle = tmp_path / "umoci"
     subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)], check=True, capture_output=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        r = _lz(data_root, config, "image", "mount", ref, str(mnt))
-        assert r.returncode == 0, r.stderr
-        try:
-            assert (mnt / "etc/passwd").read_bytes() == PASSWD
-            problems = diff_trees(walk_tree(bundle / "rootfs", mtimes=True), walk_tree(mnt, mtimes=True))
-            assert not problems, "\n".join(problems)
-        finally:
-            _lz(data_root, config, "image", "unmount", str(mnt))
+    with _image_mounted(data_root, config, ref, tmp_path / "mnt") as mnt:
+        assert (mnt / "etc/passwd").read_bytes() == PASSWD
+        problems = diff_trees(walk_tree(bundle / "rootfs", mtimes=True), walk_tree(mnt, mtimes=True))
+        assert not problems, "\n".join(problems)
         r = _lz(data_root, config, "images")
         assert "soci" in r.stdout, r.stdout
-    finally:
-        _lz(data_root, config, "service", "stop")
 
 
 def _index_of(root: Path, config: Path, ref: str) -> dict:
@@ -143,28 +154,19 @@ def test_the_xattr_optimization_marks_layers_without_xattrs_and_lazy_mounts_hono
     _lz(builder, config, "service", "stop")
 
     assert _lz(data_root, config, "pull", ref).returncode == 0
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        r = _lz(data_root, config, "image", "mount", ref, str(mnt))
-        assert r.returncode == 0, r.stderr
-        try:
-            assert os.getxattr(mnt / "x/file", "user.k") == b"v"
-            os.lstat(mnt / "plain/file")         # the lookups check the headers on the way (that fetches)
-            st = ServiceClient(DataRoot(data_root), config).status()
-            before = {l["layer_digest"]: l["network_bytes"] for l in st["layers"]}
-            with pytest.raises(OSError) as e:
-                os.getxattr(mnt / "plain/file", "user.k")
-            assert e.value.errno == errno.ENODATA
-            assert os.listxattr(mnt / "plain/file") == []
-            st = ServiceClient(DataRoot(data_root), config).status()
-            after = {l["layer_digest"]: l["network_bytes"] for l in st["layers"]}
-            assert after[plain.digest] == before[plain.digest]
-            assert (mnt / "plain/file").read_bytes() == b"p" * 5000
-        finally:
-            _lz(data_root, config, "image", "unmount", str(mnt))
-    finally:
-        _lz(data_root, config, "service", "stop")
+    with _image_mounted(data_root, config, ref, tmp_path / "mnt") as mnt:
+        assert os.getxattr(mnt / "x/file", "user.k") == b"v"
+        os.lstat(mnt / "plain/file")         # the lookups check the headers on the way (that fetches)
+        st = ServiceClient(DataRoot(data_root), config).status()
+        before = {l["layer_digest"]: l["network_bytes"] for l in st["layers"]}
+        with pytest.raises(OSError) as e:
+            os.getxattr(mnt / "plain/file", "user.k")
+        assert e.value.errno == errno.ENODATA
+        assert os.listxattr(mnt / "plain/file") == []
+        st = ServiceClient(DataRoot(data_root), config).status()
+        after = {l["layer_digest"]: l["network_bytes"] for l in st["layers"]}
+        assert after[plain.digest] == before[plain.digest]
+        assert (mnt / "plain/file").read_bytes() == b"p" * 5000
 
 
 @pytest.mark.needs_root("FUSE and overlay mounts")
@@ -179,20 +181,12 @@ def test_a_layer_marked_disable_xattrs_serves_none_of_its_xattrs(registry, data_
     config = write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - soci\n")
     r = _lz(data_root, config, "pull", ref)
     assert r.returncode == 0 and "INFO" not in r.stderr, r.stderr
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        assert _lz(data_root, config, "image", "mount", ref, str(mnt)).returncode == 0
-        try:
-            assert (mnt / "x/file").read_bytes() == b"x" * 5000
-            assert os.listxattr(mnt / "x/file") == []
-            with pytest.raises(OSError) as e:
-                os.getxattr(mnt / "x/file", "user.k")
-            assert e.value.errno == errno.ENODATA
-        finally:
-            _lz(data_root, config, "image", "unmount", str(mnt))
-    finally:
-        _lz(data_root, config, "service", "stop")
+    with _image_mounted(data_root, config, ref, tmp_path / "mnt") as mnt:
+        assert (mnt / "x/file").read_bytes() == b"x" * 5000
+        assert os.listxattr(mnt / "x/file") == []
+        with pytest.raises(OSError) as e:
+            os.getxattr(mnt / "x/file", "user.k")
+        assert e.value.errno == errno.ENODATA
 
 
 @pytest.mark.needs_root("pulls unpack layers owned by root")

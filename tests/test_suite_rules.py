@@ -60,3 +60,37 @@ def test_needs_root_skips_with_its_reason_for_another_user():
         assert "needs root: overlay mounts" in r.stdout
     finally:
         shutil.rmtree(work)
+
+
+LEAKY = '''
+import subprocess
+import sys
+
+
+def test_leaves_a_mount_and_a_process(tmp_path):
+    (tmp_path / "m").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "leak", str(tmp_path / "m")], check=True)
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(tmp_path / "m")],
+                     start_new_session=True)
+'''
+
+
+@pytest.mark.needs_root("a tmpfs mount")
+def test_a_test_that_leaves_a_mount_or_a_process_fails_and_they_are_cleared():
+    from helpers.leaks import left_behind
+
+    work = Path(tempfile.mkdtemp(prefix="leaky-"))
+    try:
+        shutil.copy(TESTS / "conftest.py", work / "conftest.py")
+        shutil.copytree(TESTS / "helpers", work / "helpers")
+        (work / "test_leaky.py").write_text(LEAKY)
+        r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(work),
+                            "--basetemp", str(work / "tmp"), str(work / "test_leaky.py")],
+                           capture_output=True, text=True, cwd=work, timeout=120)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "1 passed, 1 error" in r.stdout, r.stdout
+        assert "test_leaky.py::test_leaves_a_mount_and_a_process left behind: tmpfs mount " in r.stdout, r.stdout
+        assert "import time; time.sleep(600)" in r.stdout, r.stdout
+        assert left_behind(work) == []
+    finally:
+        shutil.rmtree(work)

@@ -93,6 +93,16 @@ def walk_tree(root: Path, mtimes: bool = False, hardlinks: bool = True) -> dict[
     return out
 
 
+def layer_tree(root: Path) -> dict[bytes, dict]:
+    """walk_tree of a layer with mtimes, except of whiteouts (an unpacker creates them "now"):
+    what an unpacked layer and its lazy view must agree on."""
+    tree = walk_tree(root, mtimes=True)
+    for rec in tree.values():
+        if rec["type"] == "char" and rec.get("rdev") == (0, 0):
+            rec.pop("mtime", None)
+    return tree
+
+
 def diff_trees(expected: dict[bytes, dict], actual: dict[bytes, dict], limit: int = 50) -> list[str]:
     """Human-readable differences (empty when the trees are equal)."""
     problems: list[str] = []

@@ -42,11 +42,11 @@ import hashlib
 import io
 import json
 import re
-from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from lazyoci.chunked_index import ChunkedIndex
 from lazyoci.errors import FormatError, IntegrityError
 from lazyoci.estargz.footer import parse_footer
 from lazyoci.oci.compression import inflate_gzip_member
@@ -197,20 +197,14 @@ def _toc_member(member: bytes) -> tuple[TarHeader, bytes]:
     raise FormatError("eStargz TOC: the member at the TOC offset holds no tar entry")
 
 
-class EStargzIndex:
+class EStargzIndex(ChunkedIndex[EStargzEntry, _Span]):
     """Parse with `EStargzIndex.parse(tail, digest)`; see the module docstring."""
-
-    headers_in_stream = False     # the stream is file data alone: fs/header_check.py cannot apply
 
     def __init__(self, digest: str, toc_digest: str, toc_offset: int, entries: list[EStargzEntry],
                  spans: list[_Span], prefetch_bytes: int) -> None:
-        self._digest = digest
+        super().__init__(digest, entries, spans, "the eStargz TOC")
         self.toc_digest = toc_digest
         self.toc_offset = toc_offset
-        self._entries = entries
-        self._spans = spans
-        self._ustarts = [s.ustart for s in spans]
-        self._size = spans[-1].uend if spans else 0
         self.prefetch_bytes = prefetch_bytes
 
     @classmethod
@@ -318,25 +312,7 @@ class EStargzIndex:
         close_file("the end of the eStargz TOC")
         return entries, _spans(chunks, toc_offset), max(prefetch, 0)
 
-    # ---- the LayerIndex protocol -------------------------------------------------
-
-    @property
-    def digest(self) -> str:
-        return self._digest
-
-    @property
-    def uncompressed_size(self) -> int:
-        return self._size
-
-    @property
-    def num_spans(self) -> int:
-        return len(self._spans)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def entry(self, i: int) -> EStargzEntry:
-        return self._entries[i]
+    # ---- the LayerIndex protocol (the rest: chunked_index.py) --------------------------
 
     def entry_name(self, i: int) -> bytes:
         return self._entries[i].name.encode()
@@ -346,34 +322,9 @@ class EStargzIndex:
             link = e.linkname.encode() if e.type == "hardlink" else b""
             yield e.name.encode(), e.type, link
 
-    def spans_for(self, start: int, end: int) -> range:
-        start, end = max(start, 0), min(end, self._size)
-        if end <= start:
-            return range(0)
-        return range(bisect_right(self._ustarts, start) - 1, bisect_right(self._ustarts, end - 1))
-
-    def _span(self, i: int) -> _Span:
-        if not 0 <= i < len(self._spans):
-            raise FormatError(f"span id {i} out of range: the eStargz TOC has {len(self._spans)} spans")
-        return self._spans[i]
-
-    def span_uncompressed_range(self, i: int) -> tuple[int, int]:
-        s = self._span(i)
-        return s.ustart, s.uend
-
-    def span_compressed_range(self, i: int) -> tuple[int, int]:
-        s = self._span(i)
-        return s.cstart, s.cend
-
     def span_digest(self, i: int) -> str:
         s = self._span(i)
         return s.chunks[0].digest if s.chunks else self.toc_digest
-
-    def verify_span(self, i: int, compressed: bytes) -> None:
-        """The length only: eStargz's digests cover the inflated chunks (`decompress_span`)."""
-        s = self._span(i)
-        if len(compressed) != s.cend - s.cstart:
-            raise IntegrityError(f"span {i}: got {len(compressed)} bytes, expected {s.cend - s.cstart}")
 
     def decompress_span(self, i: int, fetched: bytes) -> bytes:
         """Span i's file data from its gzip member: IntegrityError unless it inflates and every
@@ -409,7 +360,7 @@ class EStargzIndex:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def __repr__(self) -> str:
-        return f"<EStargzIndex {len(self)} entries, {self.num_spans} spans, {self._size} bytes of file data>"
+        return f"<EStargzIndex {len(self)} entries, {self.num_spans} spans, {self.uncompressed_size} bytes of file data>"
 
 
 def _spans(chunks: list[_Chunk], toc_offset: int) -> list[_Span]:

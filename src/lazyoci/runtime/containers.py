@@ -10,6 +10,7 @@ monitor got to write it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import secrets
@@ -99,6 +100,21 @@ def process_start(pid: int) -> str | None:
     return f"{boot_id()}:{fields[19]}"
 
 
+def _generated_name(taken: set[str]) -> str:
+    """docker's adjective_scientist, one not in `taken` (a random suffix once those run short)."""
+    for _ in range(1000):
+        name = f"{random.choice(_ADJECTIVES)}_{random.choice(_NAMES)}"
+        if name not in taken:
+            return name
+    return f"container_{secrets.token_hex(4)}"
+
+
+def _name_in_use(name: str, holder: str) -> str:
+    """docker's conflict, in one line."""
+    return (f"the container name {name!r} is already in use by container {holder[:12]}: "
+            "remove (or rename) that container to reuse the name")
+
+
 class ContainerStore:
     def __init__(self, root: DataRoot, db: Database | None = None) -> None:
         self.root = root
@@ -126,35 +142,38 @@ class ContainerStore:
         return private_dir(self.dir(container_id))
 
     def new_id_and_name(self, name: str | None) -> tuple[str, str]:
+        """A new container ID and its name: the user's (refused now if malformed or taken, before any
+        work is done for it) or a generated one free at this moment (`create` draws again if not)."""
         with self.db.reading() as c:
-            taken = {r[0] for r in c.execute("SELECT name FROM containers")}
+            taken = {r[0]: r[1] for r in c.execute("SELECT name, id FROM containers")}
         if name is not None:
             if not name or not all(ch.isalnum() or ch in "_.-" for ch in name) or not name[0].isalnum():
                 raise ContainerError(f"invalid container name {name!r}: use [a-zA-Z0-9][a-zA-Z0-9_.-]*")
             if name in taken:
-                raise ContainerError(f"the container name {name!r} is already in use")
+                raise ContainerError(_name_in_use(name, taken[name]))
         else:
-            for _ in range(1000):
-                name = f"{random.choice(_ADJECTIVES)}_{random.choice(_NAMES)}"
-                if name not in taken:
-                    break
-            else:
-                name = f"container_{secrets.token_hex(4)}"
+            name = _generated_name(set(taken))
         return secrets.token_hex(32), name
 
-    def create(self, rec: ContainerRecord) -> None:
-        try:
-            with self.db.transaction() as c:
-                c.execute("INSERT INTO containers (id, name, image, image_digest, command, created, status, "
-                          "snapshotter, snapshot_key, runtime, auto_remove, detached) "
-                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                          (rec.id, rec.name, rec.image, rec.image_digest, json.dumps(list(rec.command)),
-                           rec.created, rec.status, rec.snapshotter, rec.snapshot_key, rec.runtime,
-                           int(rec.auto_remove), int(rec.detached)))
-                # Hold the image: `rmi` refuses while a container uses it.
-                add_blob_owner(c, f"container:{rec.id}", [rec.image_digest])
-        except sqlite3.IntegrityError:
-            raise ContainerError(f"the container name {rec.name!r} is already in use") from None
+    def create(self, rec: ContainerRecord, name_given: bool) -> ContainerRecord:
+        """Record a new container, under the name it came with unless another container took that
+        name meanwhile: a generated name is then drawn again, as docker does, and a name the user
+        gave is docker's conflict. The check and the insert are one write transaction."""
+        with self.db.transaction() as c:
+            taken = {r[0]: r[1] for r in c.execute("SELECT name, id FROM containers")}
+            if rec.name in taken:
+                if name_given:
+                    raise ContainerError(_name_in_use(rec.name, taken[rec.name]))
+                rec = dataclasses.replace(rec, name=_generated_name(set(taken)))
+            c.execute("INSERT INTO containers (id, name, image, image_digest, command, created, status, "
+                      "snapshotter, snapshot_key, runtime, auto_remove, detached) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (rec.id, rec.name, rec.image, rec.image_digest, json.dumps(list(rec.command)),
+                       rec.created, rec.status, rec.snapshotter, rec.snapshot_key, rec.runtime,
+                       int(rec.auto_remove), int(rec.detached)))
+            # Hold the image: `rmi` refuses while a container uses it.
+            add_blob_owner(c, f"container:{rec.id}", [rec.image_digest])
+        return rec
 
     def set_running(self, container_id: str, monitor_pid: int, start: str | None) -> None:
         with self.db.transaction() as c:

@@ -143,7 +143,7 @@ class ContainerManager:
                               command=tuple(argv), created=time.time(), status="created", exit_code=None,
                               finished=None, snapshotter=snap.name, snapshot_key=key, runtime=runtime.name,
                               auto_remove=opts.auto_remove, detached=opts.detach, monitor_pid=None)
-        self.store.create(rec)
+        rec = self.store.create(rec, name_given=opts.name is not None)
         try:
             mounts = snap.prepare(key, top, {"lazyoci/container": cid})
             mount_all(mounts, cdir / "rootfs")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ from typing import Any
 from lazyoci.errors import ServiceError
 from lazyoci.service.error_wire import error_from_reply
 from lazyoci.service.holder_link import HolderPaths, holder_alive, read_takeover, stop_holder
-from lazyoci.service.paths import ServicePaths, connect
+from lazyoci.service.paths import ServicePaths, connect, pid_file_locked
 from lazyoci.store.layout import DataRoot
 
 START_TIMEOUT = 60.0
@@ -295,18 +294,8 @@ class ServiceClient:
     # -- helpers ----------------------------------------------------------------------
 
     def _daemon_alive(self) -> bool:
-        """True while a daemon holds the pid file's lock (a pid alone may have been reused)."""
-        try:
-            fd = os.open(self.paths.pid_file, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        """True while a daemon holds the pid file's lock."""
+        return pid_file_locked(self.paths.pid_file)
 
     def _pid(self) -> int | None:
         try:

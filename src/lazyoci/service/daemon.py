@@ -48,6 +48,7 @@ from lazyoci.config import Config, load_config
 from lazyoci.errors import LazyociError, ServiceError
 from lazyoci.fs.layer_fs import LayerFS
 from lazyoci.fs.span_fetcher import flush_cache_writes
+from lazyoci.service.process import daemonize, rss_bytes
 from lazyoci.service.error_wire import error_reply
 from lazyoci.service.holder_link import (Attachment, HolderPaths, attach, launch_holder, record_lost,
                                          read_takeover, say_leaving, write_takeover)
@@ -63,14 +64,6 @@ MAX_REQUEST = 1 << 20
 _DRAIN_QUIET_SECONDS = 0.3     # at shutdown: FUSE answered until no fetch was refused for this long
 _DRAIN_MAX_SECONDS = 10.0      # ... but no longer than this (a fetch waiting for headers ends within
                                # one soci.fetch_rate_window_seconds)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 _M_TRIM_THRESHOLD = -1
@@ -263,9 +256,10 @@ class Service:
                     out = out[await conn.send(out):]
             except OSError:
                 pass
-            if request_is_shutdown(buf):
+            op = request_op(buf)
+            if op == "shutdown":
                 await self._shutdown()
-            elif request_op(buf) == "hand_over":
+            elif op == "hand_over":
                 self._hand_over()
 
     async def _dispatch(self, req: dict) -> dict:
@@ -290,7 +284,7 @@ class Service:
         if op == "status":
             layers = self.running_layers
             a = self.attachment
-            return {"ok": True, "pid": os.getpid(), "rss_bytes": _rss_bytes(),
+            return {"ok": True, "pid": os.getpid(), "rss_bytes": rss_bytes(),
                     "session": {"holder_pid": a.holder_pid if a else 0, "resumed": a.resumed if a else False,
                                 "handed_over": a.waiting if a else 0,
                                 "serving_after_seconds": round(self.serving_after, 3)},
@@ -341,33 +335,11 @@ class Service:
 
 
 def request_op(buf: bytes) -> object:
+    """The `op` of a control request (None if it is not one), for what follows the reply."""
     try:
         return json.loads(buf.split(b"\n", 1)[0]).get("op")
     except (ValueError, AttributeError):
         return None
-
-
-def request_is_shutdown(buf: bytes) -> bool:
-    return request_op(buf) == "shutdown"
-
-
-def _daemonize(log_file: Path) -> None:
-    """Double fork: the grandchild runs the service, re-parented to init, in its own session."""
-    pid = os.fork()
-    if pid:
-        os.waitpid(pid, 0)     # the intermediate child exits at once
-        os._exit(0)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    os.chdir("/")
-    fd = os.open(os.devnull, os.O_RDWR)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(fd, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(fd)
-    os.close(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -395,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         waits = True       # `service restart`: the running service hands over once this one is ready
     if not args.foreground:
-        _daemonize(paths.log_file)
+        daemonize(paths.log_file)
     logging.basicConfig(
         filename=None if args.foreground else os.fspath(paths.log_file),
         level=logging.DEBUG if args.debug else logging.INFO,

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lazyoci.errors import ServiceError
-from lazyoci.service.paths import socket_address
+from lazyoci.service.paths import pid_file_locked, socket_address
 from lazyoci.service.session_holder import set_channel_buffers
 
 STOP_TIMEOUT = 10.0
@@ -64,18 +63,8 @@ class Attachment:
 
 
 def holder_alive(paths: HolderPaths) -> bool:
-    """True while a holder holds its pid file's lock (a pid alone may have been reused)."""
-    try:
-        fd = os.open(paths.pid_file, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    """True while a holder holds its pid file's lock."""
+    return pid_file_locked(paths.pid_file)
 
 
 def holder_pid(paths: HolderPaths) -> int | None:

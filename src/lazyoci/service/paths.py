@@ -12,6 +12,7 @@ lower layers with the credentials of root, who mounted them).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from dataclasses import dataclass
@@ -93,3 +94,19 @@ def connect(path: Path, timeout: float) -> socket.socket:
         if dfd is not None:
             os.close(dfd)
     return sock
+
+
+def pid_file_locked(pid_file: Path) -> bool:
+    """True while a process holds the lock of its pid file (a pid alone may have been reused;
+    the lock goes with the process)."""
+    try:
+        fd = os.open(pid_file, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -16,8 +16,8 @@ the session over:
 
 While no service is attached, it does not read `/dev/fuse`: new requests wait in
 the kernel's queue and their readers see a pause, not an error. A service that
-goes without saying so first (killed, out of memory) is started again by the
-holder with the command line it attached with; if that one does not attach within
+goes without saying so first and leaves its pid file behind (killed, out of memory)
+is started again by the holder with the command line it attached with; if that one does not attach within
 RELAUNCH_SECONDS, the holder tries no more (a service that cannot start is not
 started in a loop) and `lazyoci service start` is the way. If the holder
 itself dies, the kernel aborts the connection: readers get an error at once
@@ -54,6 +54,7 @@ from collections import deque
 from pathlib import Path
 
 from lazyoci import libc
+from lazyoci.service.process import daemonize, rss_bytes
 
 log = logging.getLogger("lazyoci.holder")
 
@@ -98,14 +99,6 @@ def _killable() -> None:
     _set_oom_score_adj(0)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _mounted(target: str) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
@@ -132,8 +125,9 @@ def mount_fuse(mountpoint: str) -> int:
 class Holder:
     """One FUSE connection relayed to whichever service process is attached."""
 
-    def __init__(self, fuse_fd: int, listener: socket.socket, mountpoint: str) -> None:
+    def __init__(self, fuse_fd: int, listener: socket.socket, mountpoint: str, service_pid_file: Path) -> None:
         self.fuse_fd = fuse_fd
+        self.service_pid_file = service_pid_file    # a service that stops removes it, a killed one cannot
         os.set_blocking(fuse_fd, False)            # read until EAGAIN, then poll again
         self.listener = listener
         self.mountpoint = mountpoint
@@ -172,7 +166,7 @@ class Holder:
             return
         with conn:
             if op == "status":
-                reply = {"ok": True, "pid": os.getpid(), "rss_bytes": _rss_bytes(),
+                reply = {"ok": True, "pid": os.getpid(), "rss_bytes": rss_bytes(),
                          "attached": self.service is not None, "service_pid": self.service_pid,
                          "waiting": len(self.pending), "relayed": self.relayed, "mountpoint": self.mountpoint}
             elif op == "stop":
@@ -218,7 +212,7 @@ class Holder:
 
     def _detach(self) -> None:
         assert self.service is not None
-        on_purpose = self.service_pid == self.leaving_pid
+        on_purpose = not self._lost()
         log.info("service pid %d %s; %d request(s) wait for the next one", self.service_pid,
                  "detached" if on_purpose else "was lost", len(self.pending))
         self._poll.unregister(self.service)
@@ -229,6 +223,16 @@ class Holder:
         self._poll.modify(self.fuse_fd, 0)      # requests now wait in the kernel's queue
         if not on_purpose:
             self._start_service()
+
+    def _lost(self) -> bool:
+        """The attached service went without meaning to: it did not say `leaving` and its pid file
+        still names it (a `leaving` the holder gave up waiting for does not make a stop a loss)."""
+        if self.service_pid == self.leaving_pid:
+            return False
+        try:
+            return int(self.service_pid_file.read_text().strip()) == self.service_pid
+        except (OSError, ValueError):
+            return False
 
     def _start_service(self) -> None:
         """Start a service after one was lost, unless the last one started never attached."""
@@ -354,7 +358,11 @@ class Holder:
                     break
 
     def close(self) -> None:
-        """Detach the mount and drop the connection (containers on it then get errors)."""
+        """Detach the mount and drop the connection (containers on it then get errors).
+
+        A service still attached is not started again: the holder is going, and a service
+        started now would launch a new holder and mount again behind `service stop`."""
+        self.relaunch = []
         if self.service is not None:
             self._detach()
         try:
@@ -363,25 +371,6 @@ class Holder:
             if e.errno != errno.EINVAL:     # not mounted any more
                 log.warning("detaching %s failed: %s", self.mountpoint, e)
         os.close(self.fuse_fd)
-
-
-def _daemonize(log_file: Path) -> None:
-    """Double fork, as the service does: the grandchild holds, re-parented to init."""
-    pid = os.fork()
-    if pid:
-        os.waitpid(pid, 0)
-        os._exit(0)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(null)
-    os.close(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -412,12 +401,12 @@ def main(argv: list[str] | None = None) -> None:
     fuse_fd = mount_fuse(mountpoint)
     (service_dir / "holder.lost").unlink(missing_ok=True)
     if not args.foreground:
-        _daemonize(service_dir / "holder.log")
+        daemonize(service_dir / "holder.log")
     _set_oom_score_adj(-1000)          # holding every mount, it must be the last the kernel kills
     os.ftruncate(pid_fd, 0)
     os.write(pid_fd, f"{os.getpid()}\n".encode())
     log.info("holder ready (pid %d), mount %s", os.getpid(), mountpoint)
-    holder = Holder(fuse_fd, listener, mountpoint)
+    holder = Holder(fuse_fd, listener, mountpoint, service_dir / "lazyoci.pid")
     try:
         holder.run()
     except Exception:

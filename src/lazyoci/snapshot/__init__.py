@@ -5,8 +5,9 @@ The names below are imported on first use, so that importing one snapshotter doe
 the other.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from lazyoci.lazy_names import lazy_names
 
 if TYPE_CHECKING:   # what the names are, for type checkers; at run time __getattr__ imports them
     from lazyoci.snapshot.base import Mount, SnapshotInfo, Snapshotter
@@ -24,11 +25,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

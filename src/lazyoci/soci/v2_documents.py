@@ -47,36 +47,32 @@ def go_descriptor(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _go_document(doc: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """ocispec.Manifest and ocispec.Index alike: schemaVersion mediaType artifactType, then what
+    each holds (`body`), then subject annotations."""
+    out: dict[str, Any] = {"schemaVersion": doc.get("schemaVersion", 2)}
+    if doc.get("mediaType"):
+        out["mediaType"] = doc["mediaType"]
+    if doc.get("artifactType"):
+        out["artifactType"] = doc["artifactType"]
+    out.update(body)
+    if doc.get("subject"):
+        out["subject"] = go_descriptor(doc["subject"])
+    if doc.get("annotations"):
+        out["annotations"] = doc["annotations"]
+    return out
+
+
 def go_manifest(m: dict[str, Any]) -> dict[str, Any]:
     """ocispec.Manifest field order: schemaVersion mediaType artifactType config layers subject annotations."""
-    out: dict[str, Any] = {"schemaVersion": m.get("schemaVersion", 2)}
-    if m.get("mediaType"):
-        out["mediaType"] = m["mediaType"]
-    if m.get("artifactType"):
-        out["artifactType"] = m["artifactType"]
-    out["config"] = go_descriptor(m["config"])
     # Go marshals a nil slice as null; a manifest always has its layers list.
-    out["layers"] = [go_descriptor(d) for d in m.get("layers") or []]
-    if m.get("subject"):
-        out["subject"] = go_descriptor(m["subject"])
-    if m.get("annotations"):
-        out["annotations"] = m["annotations"]
-    return out
+    return _go_document(m, {"config": go_descriptor(m["config"]),
+                            "layers": [go_descriptor(d) for d in m.get("layers") or []]})
 
 
 def go_index(i: dict[str, Any]) -> dict[str, Any]:
     """ocispec.Index field order: schemaVersion mediaType artifactType manifests subject annotations."""
-    out: dict[str, Any] = {"schemaVersion": i.get("schemaVersion", 2)}
-    if i.get("mediaType"):
-        out["mediaType"] = i["mediaType"]
-    if i.get("artifactType"):
-        out["artifactType"] = i["artifactType"]
-    out["manifests"] = [go_descriptor(d) for d in i.get("manifests") or []]
-    if i.get("subject"):
-        out["subject"] = go_descriptor(i["subject"])
-    if i.get("annotations"):
-        out["annotations"] = i["annotations"]
-    return out
+    return _go_document(i, {"manifests": [go_descriptor(d) for d in i.get("manifests") or []]})
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,10 @@ import base64
 import binascii
 import hashlib
 import json
-from bisect import bisect_right
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+from lazyoci.chunked_index import ChunkedIndex
 from lazyoci.errors import FormatError, IntegrityError
 from lazyoci.oci.compression import decode_zstd_frames, sniff_compression
 from lazyoci.ztoc import limits
@@ -147,20 +147,14 @@ def decode_toc(compressed: bytes, uncompressed_length: int | None = None) -> byt
     return out
 
 
-class ZstdChunkedToc:
+class ZstdChunkedToc(ChunkedIndex[ChunkedEntry, _Chunk]):
     """Parse with `ZstdChunkedToc.parse(compressed TOC bytes)`; see the module docstring."""
-
-    headers_in_stream = False     # no tar headers in the served stream: fs/header_check.py cannot apply
 
     def __init__(self, entries: list[ChunkedEntry], chunks: list[_Chunk], digest: str,
                  compressed_size: int) -> None:
-        self._entries = entries
+        super().__init__(digest, entries, chunks, "the zstd:chunked TOC")
         self._names = [e.name.encode("utf-8", "surrogateescape") for e in entries]
-        self._chunks = chunks
-        self._starts = [c.ustart for c in chunks]
-        self._digest = digest
         self.compressed_size = compressed_size
-        self.uncompressed_size = chunks[-1].uend if chunks else 0
 
     @classmethod
     def parse(cls, compressed: bytes, digest: str | None = None, data_end: int | None = None,
@@ -185,21 +179,7 @@ class ZstdChunkedToc:
         entries, chunks = _Parser(data_end).run(items)
         return cls(entries, chunks, digest, len(compressed))
 
-    # -- the contract (fs/layer_index.py) -------------------------------------------------
-
-    @property
-    def digest(self) -> str:
-        return self._digest
-
-    @property
-    def num_spans(self) -> int:
-        return len(self._chunks)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def entry(self, i: int) -> ChunkedEntry:
-        return self._entries[i]
+    # -- the contract (fs/layer_index.py; the rest: chunked_index.py) ------------------------
 
     def entry_name(self, i: int) -> bytes:
         return self._names[i]
@@ -209,37 +189,15 @@ class ZstdChunkedToc:
             link = e.linkname.encode("utf-8", "surrogateescape") if e.type == "hardlink" else b""
             yield name, e.type, link
 
-    def spans_for(self, start: int, end: int) -> range:
-        start, end = max(start, 0), min(end, self.uncompressed_size)
-        if end <= start:
-            return range(0)
-        first = bisect_right(self._starts, start) - 1
-        last = bisect_right(self._starts, end - 1) - 1
-        return range(first, last + 1)
-
-    def span_uncompressed_range(self, i: int) -> tuple[int, int]:
-        c = self._chunk(i)
-        return c.ustart, c.uend
-
-    def span_compressed_range(self, i: int) -> tuple[int, int]:
-        c = self._chunk(i)
-        return c.cstart, c.cend
-
     def span_digest(self, i: int) -> str:
         """The digest of span i's *decoded* bytes (zstd:chunked digests cover content)."""
-        return self._chunk(i).digest
-
-    def verify_span(self, i: int, compressed: bytes) -> None:
-        """Only the length: the digest covers the decoded bytes, which decompress_span checks."""
-        c = self._chunk(i)
-        if len(compressed) != c.cend - c.cstart:
-            raise IntegrityError(f"chunk {i}: got {len(compressed)} bytes, expected {c.cend - c.cstart}")
+        return self._span(i).digest
 
     def decompress_span(self, i: int, compressed: bytes) -> bytes:
         """Span i's content, decoded from its frames and checked against its digest: IntegrityError
         for bytes that do not decode to exactly that (they are not the ones the TOC describes)."""
         self.verify_span(i, compressed)
-        c = self._chunk(i)
+        c = self._span(i)
         size = c.uend - c.ustart
         try:
             data = decode_zstd_frames(bytes(compressed), size)
@@ -252,11 +210,6 @@ class ZstdChunkedToc:
             raise IntegrityError(f"chunk {i} digest mismatch: expected {c.digest}, got {actual}",
                                  expected=c.digest, actual=actual)
         return data
-
-    def _chunk(self, i: int) -> _Chunk:
-        if not 0 <= i < len(self._chunks):
-            raise FormatError(f"chunk {i} out of range: the TOC has {len(self._chunks)} chunks")
-        return self._chunks[i]
 
     def __repr__(self) -> str:
         return f"<ZstdChunkedToc {len(self)} entries, {self.num_spans} chunks, {self.uncompressed_size} bytes>"
