@@ -61,8 +61,11 @@ fuzz: deps
 demo: deps
 	$(PY) demo/demo.py
 
+# Bytecode compiled first, as an installed package has it (a shell with PYTHONDONTWRITEBYTECODE
+# would otherwise make every lazyoci process compile its modules inside the clock).
 bench: deps
 	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m compileall -q src
 	$(PY) bench/run_bench.py
 
 clean:
