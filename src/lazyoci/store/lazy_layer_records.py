@@ -7,8 +7,11 @@ Two tables, so that two indexes of one layer never meet:
       zTOCs the latest lazy pull of that name gave the image's layers (an image whose
       name was not pulled lazily, e.g. after `tag`, uses those of the latest lazy pull of
       its manifest for the layers it does not hold).
-The soci snapshotter and its lazy pull write them; the service reads which references
-a layer was pulled from (`pulled_refs`). Both sit above `store/`, so the module lives here.
+The soci snapshotter, its lazy pull and containerd's remote snapshots write them; the
+service reads which reference each view fetches from (`layer`, `pulled_refs`) and, when it
+is asked to fetch a view from another reference, records that one (`record_served_ref`).
+This is the one record of (layer, index, reference): the service's own table only says
+which views it serves (service/view_records.py). All sit above `store/`, so the module lives here.
 An image keeps its rows while its name still holds its manifest; `live_views` drops the
 others and says which (layer, zTOC) views the remaining images use.
 
@@ -92,6 +95,17 @@ def layer_record(db: Database, layer_digest: str, ztoc_digest: str | None = None
     return LazyLayerRecord(row["layer_digest"], row["ztoc_digest"], row["ref"], row["index_digest"]) if row else None
 
 
+def record_served_ref(db: Database, layer_digest: str, ztoc_digest: str, ref: str) -> None:
+    """The view is served fetching first from `ref`, which becomes its reference; a view no
+    pull recorded (mounted by a direct request) gets a record of its own, with no SOCI index."""
+    with db.transaction() as conn:
+        cur = conn.execute("UPDATE lazy_layers SET ref=? WHERE layer_digest=? AND ztoc_digest=?",
+                           (ref, layer_digest, ztoc_digest))
+        if cur.rowcount == 0:
+            conn.execute("INSERT INTO lazy_layers VALUES (?, ?, ?, '', ?)",
+                         (layer_digest, ztoc_digest, ref, time.time()))
+
+
 def forget_layer(db: Database, layer_digest: str, ztoc_digest: str) -> None:
     with db.transaction() as conn:
         conn.execute("DELETE FROM lazy_layers WHERE layer_digest=? AND ztoc_digest=?", (layer_digest, ztoc_digest))
@@ -171,6 +185,9 @@ class LazyLayerRecords:
 
     def layer(self, layer_digest: str, ztoc_digest: str | None = None) -> LazyLayerRecord | None:
         return layer_record(self.db, layer_digest, ztoc_digest)
+
+    def record_served_ref(self, layer_digest: str, ztoc_digest: str, ref: str) -> None:
+        record_served_ref(self.db, layer_digest, ztoc_digest, ref)
 
     def forget_layer(self, layer_digest: str, ztoc_digest: str) -> None:
         forget_layer(self.db, layer_digest, ztoc_digest)
