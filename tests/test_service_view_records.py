@@ -71,3 +71,33 @@ def test_a_served_reference_replaces_the_views_recorded_one_only(tmp_path):
     one, two = records.layer(LAYER, Z1), records.layer(LAYER, Z2)
     assert one is not None and one.ref.startswith("reg/c@") and one.index_digest == INDEX
     assert two is not None and two.ref.startswith("reg/b@")
+
+
+def test_an_older_data_roots_index_formats_move_into_the_lazy_layer_records(tmp_path):
+    """Formats were a table of their own (`lazy_index_formats`, a row per view not a zTOC), beside a
+    `lazy_layers` without a format column: they become the records' `format`, once."""
+    db = Database(DataRoot(tmp_path / "root").ensure().db_path)
+    with db.transaction() as c:      # both tables as the previous version made them
+        c.execute("CREATE TABLE lazy_layers (layer_digest TEXT NOT NULL, ztoc_digest TEXT NOT NULL, "
+                  "ref TEXT NOT NULL, index_digest TEXT NOT NULL, created REAL NOT NULL, "
+                  "PRIMARY KEY (layer_digest, ztoc_digest))")
+        c.execute("CREATE TABLE lazy_index_formats (layer_digest TEXT NOT NULL, index_digest TEXT NOT NULL, "
+                  "format TEXT NOT NULL, PRIMARY KEY (layer_digest, index_digest))")
+        c.execute("INSERT INTO lazy_layers VALUES (?, ?, 'reg/a@sha256:1', ?, 1.0)", (LAYER, Z1, INDEX))
+        c.execute("INSERT INTO lazy_layers VALUES (?, ?, 'reg/a@sha256:1', '', 1.0)", (OTHER, Z2))
+        c.execute("INSERT INTO lazy_index_formats VALUES (?, ?, 'estargz')", (OTHER, Z2))
+        c.execute("CREATE TABLE lazy_image_layers (image TEXT NOT NULL, manifest_digest TEXT NOT NULL, "
+                  "layer_digest TEXT NOT NULL, ztoc_digest TEXT NOT NULL, created REAL NOT NULL, "
+                  "PRIMARY KEY (image, manifest_digest, layer_digest))")
+        c.execute("INSERT INTO lazy_image_layers VALUES ('reg/a:latest', 'sha256:1', ?, ?, 1.0)", (LAYER, Z1))
+        c.execute("INSERT INTO lazy_image_layers VALUES ('reg/a:latest', 'sha256:1', ?, ?, 1.0)", (OTHER, Z2))
+    records = LazyLayerRecords(db)
+    zt, own = records.layer(LAYER, Z1), records.layer(OTHER, Z2)
+    assert zt is not None and zt.format == "ztoc" and zt.index_digest == INDEX
+    assert own is not None and own.format == "estargz"
+    assert "lazy_index_formats" not in _tables(db)
+    assert records.image_formats("reg/a:latest") == {"ztoc", "estargz"}
+    LazyLayerRecords(Database(db.path))       # a second open: nothing to do
+    records.record_layer(LazyLayerRecord(LAYER, Z2, "reg/b@sha256:2", "", "zstd:chunked"))
+    again = records.layer(LAYER, Z2)
+    assert again is not None and again.format == "zstd:chunked"

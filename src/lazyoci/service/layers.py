@@ -183,7 +183,6 @@ class LayerManager:
         Mounting a mounted view again with another reference makes that reference the
         first to fetch from (the image was pulled again, maybe from elsewhere)."""
         from lazyoci.layer_formats import format_named
-        from lazyoci.service.view_formats import format_of
 
         layer_digest = str(Digest.parse(layer_digest))
         ztoc_digest = str(Digest.parse(ztoc_digest))
@@ -194,7 +193,8 @@ class LayerManager:
                 self._prefer(view, [reference])
                 self.lazy_records.record_served_ref(layer_digest, ztoc_digest, str(reference))
             return
-        fmt = format_named(format_of(self.db, layer_digest, ztoc_digest))
+        rec = self.lazy_records.layer(layer_digest, ztoc_digest)
+        fmt = format_named(rec.format if rec is not None else "ztoc")
         what = "zTOC" if fmt.name == "ztoc" else f"{fmt.name} index"
         if not self.blobs.has(ztoc_digest):
             raise StoreError(f"{what} {ztoc_digest} of layer {layer_digest} is not in the blob store")

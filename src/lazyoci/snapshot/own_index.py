@@ -3,8 +3,8 @@
 A layer without a zTOC in the image's SOCI index may still be lazy: an eStargz layer
 carries its own TOC (layer_formats.py lists the formats read). For each such layer
 this fetches the index from the registry, checks it against the manifest (a TOC
-digest annotation), stores it as a blob and records its format for the service
-(service/view_formats.py). A layer whose index cannot be read or does not match is
+digest annotation) and stores it as a blob; the lazy pull records it with its format
+(store/lazy_layer_records.py). A layer whose index cannot be read or does not match is
 downloaded whole: its error is one INFO line, and the pull goes on.
 """
 
@@ -30,7 +30,6 @@ def fetch_own_indexes(images: "ImageService", reference: Reference, layers: Iter
                       say: Callable[[str], None]) -> dict[str, tuple[str, str]]:
     """layer digest -> (index digest, format name) for the layers whose own index is stored now."""
     from lazyoci.layer_formats import own_format
-    from lazyoci.service.view_formats import record_format
 
     out: dict[str, tuple[str, str]] = {}
     for layer in layers:
@@ -44,7 +43,6 @@ def fetch_own_indexes(images: "ImageService", reference: Reference, layers: Iter
             say(f"INFO: the {fmt.name} index of layer {layer.digest} cannot be used ({e}) for {reference}: "
                 f"downloading that layer before the container starts")
             continue
-        record_format(images.db, layer.digest, digest, fmt.name)
         out[layer.digest] = (digest, fmt.name)
     return out
 

@@ -184,7 +184,6 @@ class LazyPull:
 
     def run(self, ref: str, platform: Platform | None = None, progress: "ProgressSink | None" = None,
             index_digest: str | None = None, own_only: bool = False) -> "LocalImage":
-        from lazyoci.service.view_formats import record_format
         from lazyoci.snapshot.own_index import fetch_own_indexes
         from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
         from lazyoci.soci import discover_index
@@ -228,7 +227,7 @@ class LazyPull:
                                                self.snapshots.db,
                                                lambda d, n: self._store_blob(reference, d, n, owner), say)
                     elif layer.digest in own:     # the layer's own index (no SOCI index digest)
-                        rec = LazyLayerRecord(layer.digest, own[layer.digest][0], source, "")
+                        rec = LazyLayerRecord(layer.digest, own[layer.digest][0], source, "", own[layer.digest][1])
                         self.records.record_layer(rec)
                     else:
                         continue
@@ -257,9 +256,8 @@ class LazyPull:
                 for toc in chunked.values():
                     self._store_blob(reference, toc.digest, None, f"zstd-chunked:{toc.layer_digest}", raw=toc.data)
                     rec = LazyLayerRecord(toc.layer_digest, toc.digest, f"{reference.name}@{manifest_digest}",
-                                          toc.digest)
+                                          toc.digest, "zstd:chunked")
                     self.records.record_layer(rec)
-                    record_format(self.snapshots.db, toc.layer_digest, toc.digest, "zstd:chunked")
                     mounter.submit(rec)
                     lazy[toc.layer_digest] = toc.digest
             except BaseException:
