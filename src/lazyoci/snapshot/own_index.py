@@ -10,8 +10,9 @@ downloaded whole: its error is one INFO line, and the pull goes on.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from lazyoci.errors import LazyociError
 from lazyoci.oci.digest import Digest
@@ -19,15 +20,22 @@ from lazyoci.oci.manifest import Descriptor
 from lazyoci.oci.reference import Reference
 
 if TYPE_CHECKING:
-    from lazyoci.images.service import ImageService
+    from lazyoci.registry.client import RegistryClient
 
-__all__ = ["OWNER_PREFIX", "fetch_own_indexes"]
+__all__ = ["OWNER_PREFIX", "OwnedBlobStore", "fetch_own_indexes"]
 
 OWNER_PREFIX = "layer-index:"     # blob_refs owner of a layer's own index: layer-index:<layer digest>
 
 
-def fetch_own_indexes(images: "ImageService", reference: Reference, layers: Iterable[Descriptor],
-                      say: Callable[[str], None]) -> dict[str, tuple[str, str]]:
+class OwnedBlobStore(Protocol):
+    """Stores a verified blob held by an owner against garbage collection (ImageService)."""
+
+    def store_owned_blob(self, digest: str, owner: str, *, raw: bytes | None = None, size: int | None = None,
+                         fetch: "Callable[[], Iterable[bytes]] | None" = None) -> None: ...
+
+
+def fetch_own_indexes(client: "RegistryClient", store: OwnedBlobStore, reference: Reference,
+                      layers: Iterable[Descriptor], say: Callable[[str], None]) -> dict[str, tuple[str, str]]:
     """layer digest -> (index digest, format name) for the layers whose own index is stored now."""
     from lazyoci.layer_formats import own_format
 
@@ -37,24 +45,12 @@ def fetch_own_indexes(images: "ImageService", reference: Reference, layers: Iter
         if fmt is None or fmt.fetch is None or layer.digest in out:
             continue
         try:
-            data = fmt.fetch(images.client, reference, layer)
-            digest = _store(images, data, OWNER_PREFIX + layer.digest)
+            data = fmt.fetch(client, reference, layer)
+            digest = str(Digest.parse("sha256:" + hashlib.sha256(data).hexdigest()))
+            store.store_owned_blob(digest, OWNER_PREFIX + layer.digest, raw=data)
         except LazyociError as e:
             say(f"INFO: the {fmt.name} index of layer {layer.digest} cannot be used ({e}) for {reference}: "
                 f"downloading that layer before the container starts")
             continue
         out[layer.digest] = (digest, fmt.name)
     return out
-
-
-def _store(images: "ImageService", data: bytes, owner: str) -> str:
-    import hashlib
-
-    digest = str(Digest.parse("sha256:" + hashlib.sha256(data).hexdigest()))
-    with images.lease() as lease:
-        lease.add([digest])
-        if not images.blobs.has(digest):
-            images.blobs.put_bytes(data, digest)
-        with images.db.transaction() as c:
-            c.execute("INSERT OR IGNORE INTO blob_refs (owner, digest) VALUES (?, ?)", (owner, digest))
-    return digest

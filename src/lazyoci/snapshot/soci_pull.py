@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol
 
 from lazyoci.errors import FormatError, LazyociError
 from lazyoci.images.pull import ResolvedImage, resolve_image
@@ -44,7 +44,7 @@ from lazyoci.store.lazy_layer_records import LazyLayerRecord, LazyLayerRecords
 
 if TYPE_CHECKING:
     from lazyoci.images.progress import ProgressSink
-    from lazyoci.images.service import ImageService, LayerConsumer, LocalImage
+    from lazyoci.images.service import LayerConsumer, LocalImage
     from lazyoci.oci.manifest import Descriptor
     from lazyoci.registry.client import RegistryClient
     from lazyoci.snapshot.layer_server import LayerServer
@@ -205,9 +205,8 @@ class LazyPull:
             found, reason = None, f"the SOCI index cannot be read ({e})"
         if found is None and reason is None:
             reason = "no layer carries an index of its own" if own_only else "no SOCI index was found"
-        # per layer: a zTOC if the SOCI index has one, else the layer's own index (eStargz); own_index.py
-        # still takes the image service itself
-        own = fetch_own_indexes(cast("ImageService", self.images), reference,
+        # per layer: a zTOC if the SOCI index has one, else the layer's own index (eStargz)
+        own = fetch_own_indexes(client, self.images, reference,
                                 [l for l in manifest.layers if found is None or l.digest not in found.ztocs], say)
         if found is not None or own:
             self.server.spawn()        # the daemon starts while the zTOCs and the image download

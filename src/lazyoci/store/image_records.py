@@ -209,6 +209,11 @@ class ImageRecords:
         with self.db.transaction() as c:
             add_blob_owner(c, owner, digests)
 
+    def drop_owner(self, owner: str) -> None:
+        """`owner` holds no blob any more (gc may take those no one else holds)."""
+        with self.db.transaction() as c:
+            drop_blob_owner(c, owner)
+
     def record_layer_size(self, digest: str, uncompressed: int) -> None:
         with self.db.transaction() as c:
             c.execute("INSERT OR REPLACE INTO layer_sizes VALUES (?, ?)", (digest, uncompressed))
