@@ -299,3 +299,41 @@ def test_a_restarted_service_serves_the_layer_again(registry, pulled, tmp_path):
     client.start()
     assert (lazy_dir / "d/two").read_bytes() == two          # never read before: fetched after the restart
     assert (lazy_dir / "d/one").read_bytes() == one
+
+
+@pytest.mark.parametrize("remove", [("rmi",), ("system", "prune", "-a", "-f")])
+def test_a_layers_toc_goes_with_the_last_image_that_needs_it(registry, data_root, soci_config, tmp_path, remove):
+    """A zstd:chunked TOC is stored owned by its layer: it stays while an image still needs the
+    layer lazily, and `rmi` / `system prune` of the last one deletes it."""
+    from lazyoci.store.blobs import BlobStore
+    from lazyoci.store.db import Database
+    from lazyoci.store.image_records import ImageRecords
+
+    layer = go_layer([Entry("d/", "dir"), nonce()])
+    src = tmp_path / "src"
+    write_oci_layout(src, [layer], image_config([layer]))
+    first, second = f"{registry.host}/zc/release:latest", f"{registry.host}/zc/release:second"
+    push_chunked(src, first)
+    manifest = _manifest(registry.host, "zc/release")
+    put = urllib.request.Request(f"http://{registry.host}/v2/zc/release/manifests/second", method="PUT",
+                                 data=json.dumps(manifest).encode(),
+                                 headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    urllib.request.urlopen(put, timeout=30).close()        # the same image under a second name
+    desc = manifest["layers"][0]
+    toc = toc_location(desc["annotations"], desc["size"]).checksum
+    blob_file = data_root / "blobs" / "sha256" / toc.split(":", 1)[1]
+    try:
+        for ref in (first, second):
+            r = _lz(data_root, soci_config, "pull", "--snapshotter", "soci", ref)
+            assert r.returncode == 0 and "INFO" not in r.stderr, r.stderr
+        assert blob_file.is_file()
+        r = _lz(data_root, soci_config, "rmi", first)
+        assert r.returncode == 0, r.stderr
+        assert blob_file.is_file()                      # the second name still needs the layer
+        r = _lz(data_root, soci_config, *remove, *([second] if remove == ("rmi",) else []))
+        assert r.returncode == 0, r.stderr
+        assert not blob_file.exists()
+        records = ImageRecords(Database(DataRoot(data_root).db_path), BlobStore(DataRoot(data_root)))
+        assert records.owners_of_kind("zstd-chunked") == []
+    finally:
+        ServiceClient(DataRoot(data_root), soci_config).stop()

@@ -22,9 +22,11 @@ from lazyoci.oci.reference import Reference
 if TYPE_CHECKING:
     from lazyoci.registry.client import RegistryClient
 
-__all__ = ["OWNER_PREFIX", "OwnedBlobStore", "fetch_own_indexes"]
+__all__ = ["CHUNKED_OWNER_PREFIX", "OWNER_PREFIX", "OWNER_KINDS", "OwnedBlobStore", "fetch_own_indexes"]
 
 OWNER_PREFIX = "layer-index:"     # blob_refs owner of a layer's own index: layer-index:<layer digest>
+CHUNKED_OWNER_PREFIX = "zstd-chunked:"    # the same for a zstd:chunked TOC (its pull step is its own)
+OWNER_KINDS = ("layer-index", "zstd-chunked")   # the soci snapshotter releases them with the layer's last view
 
 
 class OwnedBlobStore(Protocol):

@@ -184,7 +184,7 @@ class LazyPull:
 
     def run(self, ref: str, platform: Platform | None = None, progress: "ProgressSink | None" = None,
             index_digest: str | None = None, own_only: bool = False) -> "LocalImage":
-        from lazyoci.snapshot.own_index import fetch_own_indexes
+        from lazyoci.snapshot.own_index import CHUNKED_OWNER_PREFIX, fetch_own_indexes
         from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
         from lazyoci.soci import discover_index
 
@@ -253,7 +253,8 @@ class LazyPull:
                 mounter = _EarlyMounter(self.server)
             try:
                 for toc in chunked.values():
-                    self._store_blob(reference, toc.digest, None, f"zstd-chunked:{toc.layer_digest}", raw=toc.data)
+                    self._store_blob(reference, toc.digest, None, CHUNKED_OWNER_PREFIX + toc.layer_digest,
+                                     raw=toc.data)
                     rec = LazyLayerRecord(toc.layer_digest, toc.digest, f"{reference.name}@{manifest_digest}",
                                           toc.digest, "zstd:chunked")
                     self.records.record_layer(rec)
