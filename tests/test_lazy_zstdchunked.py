@@ -337,3 +337,45 @@ def test_a_layers_toc_goes_with_the_last_image_that_needs_it(registry, data_root
         assert records.owners_of_kind("zstd-chunked") == []
     finally:
         ServiceClient(DataRoot(data_root), soci_config).stop()
+
+
+def test_a_data_root_of_the_previous_version_is_served_after_a_restart(registry, pulled, tmp_path):
+    """The previous version kept each view's reference in the service's own table
+    (`service_views`) and formats in `lazy_index_formats`, beside a `lazy_layers` without a
+    format: a service started over such a database migrates it and serves the view again."""
+    from lazyoci.store.db import Database
+
+    one, two = _two_files_image(tmp_path, registry.host, "zc/old-root")
+    image = pulled.pull(f"{registry.host}/zc/old-root:latest")
+    layer = image.manifest.layers[0]
+    rec = pulled.snap.lazy_layer(layer.digest)
+    lazy_dir = pulled.snap.service.view_dir(layer.digest, rec.ztoc_digest)
+    assert (lazy_dir / "d/one").read_bytes() == one
+    client = ServiceClient(pulled.root, pulled.config)
+    client.stop()
+    with Database(pulled.root.db_path).transaction() as c:     # back to the previous version's shape
+        c.execute("CREATE TABLE service_views (layer_digest TEXT NOT NULL, ztoc_digest TEXT NOT NULL, "
+                  "ref TEXT NOT NULL, mounted_at REAL NOT NULL, PRIMARY KEY (layer_digest, ztoc_digest))")
+        c.execute("INSERT INTO service_views SELECT layer_digest, index_digest, ?, mounted_at "
+                  "FROM service_mounted_views", (rec.ref,))
+        c.execute("DROP TABLE service_mounted_views")
+        c.execute("CREATE TABLE lazy_index_formats (layer_digest TEXT NOT NULL, index_digest TEXT NOT NULL, "
+                  "format TEXT NOT NULL, PRIMARY KEY (layer_digest, index_digest))")
+        c.execute("INSERT INTO lazy_index_formats SELECT layer_digest, ztoc_digest, format FROM lazy_layers "
+                  "WHERE format != 'ztoc'")
+        c.execute("CREATE TABLE old_lazy_layers (layer_digest TEXT NOT NULL, ztoc_digest TEXT NOT NULL, "
+                  "ref TEXT NOT NULL, index_digest TEXT NOT NULL, created REAL NOT NULL, "
+                  "PRIMARY KEY (layer_digest, ztoc_digest))")
+        c.execute("INSERT INTO old_lazy_layers SELECT layer_digest, ztoc_digest, ref, index_digest, created "
+                  "FROM lazy_layers")
+        c.execute("DROP TABLE lazy_layers")
+        c.execute("ALTER TABLE old_lazy_layers RENAME TO lazy_layers")
+        c.execute("DELETE FROM schema_versions WHERE name IN ('service', 'lazy_records')")   # older DDL
+    client.start()
+    assert (lazy_dir / "d/two").read_bytes() == two          # never read before: fetched after the restart
+    db = Database(pulled.root.db_path)
+    with db.reading() as c:
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        fmt = c.execute("SELECT format FROM lazy_layers WHERE layer_digest=?", (layer.digest,)).fetchone()[0]
+    assert not {"service_views", "lazy_index_formats"} & tables
+    assert fmt == "zstd:chunked"
