@@ -204,6 +204,8 @@ class SociSnapshotter(LayeredSnapshotter):
         return removed
 
     def _release_own_indexes(self) -> None:
+        """Drop the layer owners (`layer-index:`, `zstd-chunked:`) of layers no remaining
+        image's lazy records use; the blobs then go at the next garbage collection."""
         from lazyoci.snapshot.own_index import OWNER_KINDS
         from lazyoci.store.image_records import ImageRecords
 
