@@ -316,3 +316,83 @@ def test_a_restarted_service_serves_the_layer_again(registry, pulled, tmp_path):
     client.start()
     assert (lazy_dir / "d/two").read_bytes() == two          # never read before: fetched after the restart
     assert (lazy_dir / "d/one").read_bytes() == one
+
+
+@pytest.mark.parametrize("remove", [("rmi",), ("system", "prune", "-a", "-f")])
+def test_a_layers_toc_goes_with_the_last_image_that_needs_it(registry, data_root, soci_config, tmp_path, remove):
+    """A zstd:chunked TOC is stored owned by its layer: it stays while an image still needs the
+    layer lazily, and `rmi` / `system prune` of the last one deletes it."""
+    from lazyoci.store.blobs import BlobStore
+    from lazyoci.store.db import Database
+    from lazyoci.store.image_records import ImageRecords
+
+    layer = go_layer([Entry("d/", "dir"), nonce()])
+    src = tmp_path / "src"
+    write_oci_layout(src, [layer], image_config([layer]))
+    first, second = f"{registry.host}/zc/release:latest", f"{registry.host}/zc/release:second"
+    push_chunked(src, first)
+    manifest = _manifest(registry.host, "zc/release")
+    put = urllib.request.Request(f"http://{registry.host}/v2/zc/release/manifests/second", method="PUT",
+                                 data=json.dumps(manifest).encode(),
+                                 headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    urllib.request.urlopen(put, timeout=30).close()        # the same image under a second name
+    desc = manifest["layers"][0]
+    toc = toc_location(desc["annotations"], desc["size"]).checksum
+    blob_file = data_root / "blobs" / "sha256" / toc.split(":", 1)[1]
+    try:
+        for ref in (first, second):
+            r = _lz(data_root, soci_config, "pull", "--snapshotter", "soci", ref)
+            assert r.returncode == 0 and "INFO" not in r.stderr, r.stderr
+        assert blob_file.is_file()
+        r = _lz(data_root, soci_config, "rmi", first)
+        assert r.returncode == 0, r.stderr
+        assert blob_file.is_file()                      # the second name still needs the layer
+        r = _lz(data_root, soci_config, *remove, *([second] if remove == ("rmi",) else []))
+        assert r.returncode == 0, r.stderr
+        assert not blob_file.exists()
+        records = ImageRecords(Database(DataRoot(data_root).db_path), BlobStore(DataRoot(data_root)))
+        assert records.owners_of_kind("zstd-chunked") == []
+    finally:
+        ServiceClient(DataRoot(data_root), soci_config).stop()
+
+
+def test_a_data_root_of_the_previous_version_is_served_after_a_restart(registry, pulled, tmp_path):
+    """The previous version kept each view's reference in the service's own table
+    (`service_views`) and formats in `lazy_index_formats`, beside a `lazy_layers` without a
+    format: a service started over such a database migrates it and serves the view again."""
+    from lazyoci.store.db import Database
+
+    one, two = _two_files_image(tmp_path, registry.host, "zc/old-root")
+    image = pulled.pull(f"{registry.host}/zc/old-root:latest")
+    layer = image.manifest.layers[0]
+    rec = pulled.snap.lazy_layer(layer.digest)
+    lazy_dir = pulled.snap.service.view_dir(layer.digest, rec.ztoc_digest)
+    assert (lazy_dir / "d/one").read_bytes() == one
+    client = ServiceClient(pulled.root, pulled.config)
+    client.stop()
+    with Database(pulled.root.db_path).transaction() as c:     # back to the previous version's shape
+        c.execute("CREATE TABLE service_views (layer_digest TEXT NOT NULL, ztoc_digest TEXT NOT NULL, "
+                  "ref TEXT NOT NULL, mounted_at REAL NOT NULL, PRIMARY KEY (layer_digest, ztoc_digest))")
+        c.execute("INSERT INTO service_views SELECT layer_digest, index_digest, ?, mounted_at "
+                  "FROM service_mounted_views", (rec.ref,))
+        c.execute("DROP TABLE service_mounted_views")
+        c.execute("CREATE TABLE lazy_index_formats (layer_digest TEXT NOT NULL, index_digest TEXT NOT NULL, "
+                  "format TEXT NOT NULL, PRIMARY KEY (layer_digest, index_digest))")
+        c.execute("INSERT INTO lazy_index_formats SELECT layer_digest, ztoc_digest, format FROM lazy_layers "
+                  "WHERE format != 'ztoc'")
+        c.execute("CREATE TABLE old_lazy_layers (layer_digest TEXT NOT NULL, ztoc_digest TEXT NOT NULL, "
+                  "ref TEXT NOT NULL, index_digest TEXT NOT NULL, created REAL NOT NULL, "
+                  "PRIMARY KEY (layer_digest, ztoc_digest))")
+        c.execute("INSERT INTO old_lazy_layers SELECT layer_digest, ztoc_digest, ref, index_digest, created "
+                  "FROM lazy_layers")
+        c.execute("DROP TABLE lazy_layers")
+        c.execute("ALTER TABLE old_lazy_layers RENAME TO lazy_layers")
+        c.execute("DELETE FROM schema_versions WHERE name IN ('service', 'lazy_records')")   # older DDL
+    client.start()
+    assert (lazy_dir / "d/two").read_bytes() == two          # never read before: fetched after the restart
+    db = Database(pulled.root.db_path)
+    with db.reading() as c:
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        fmt = c.execute("SELECT format FROM lazy_layers WHERE layer_digest=?", (layer.digest,)).fetchone()[0]
+    assert not {"service_views", "lazy_index_formats"} & tables
+    assert fmt == "zstd:chunked"

@@ -6,10 +6,11 @@ index ("ztoc"), or an index the layer carries itself ("estargz": its TOC). The p
 picks, per layer, a zTOC if the SOCI index has one, else the first format here whose
 `recognises` accepts the layer's descriptor, else it downloads the layer whole. The
 service opens a stored index with `open_index` and the format its pull recorded
-(service/view_formats.py). A new format is one more `LazyFormat` in FORMATS.
+(the `format` of store/lazy_layer_records.py). A new format is one more `LazyFormat` in FORMATS.
 zstd:chunked is here for opening and display; its pull step (zstdchunked/fetch.py, called
-from snapshot/soci_pull.py) is still its own, and a view recorded before formats were
-(no row) is told a zTOC or a zstd:chunked TOC by its first bytes (service/layers.py).
+from snapshot/soci_pull.py) is still its own, and a view recorded as "ztoc" (the default,
+as for every view of an older lazyoci) is told a zTOC or a zstd:chunked TOC by its first
+bytes (service/layers.py).
 
 Imports of the formats' modules are deferred: `images` and `ps` read `label` only.
 """

@@ -235,11 +235,12 @@ def _remove(refs: tuple[str, ...], force: bool) -> None:
         sys.exit(1)
 
 
-def _release_snapshots(svc: ImageService) -> None:
-    """Unpacked layers of images that are gone go too, so disk space really comes back."""
+def _release_snapshots(svc: ImageService) -> int:
+    """Unpacked layers of images that are gone go too, so disk space really comes back
+    (returns the blob bytes that frees)."""
     from lazyoci.images.system import release_snapshots
 
-    release_snapshots(svc, app().config)
+    return release_snapshots(svc, app().config)
 
 
 @click.command("rmi")
@@ -264,9 +265,8 @@ def image_prune() -> None:
     svc = image_service()
     for digest in svc.prune_unnamed():
         click.echo(f"Deleted: {digest}")
-    result = svc.gc()
-    _release_snapshots(svc)
-    click.echo(f"Total reclaimed space: {human_bytes(result.bytes_freed)}")
+    freed = svc.gc().bytes_freed + _release_snapshots(svc)
+    click.echo(f"Total reclaimed space: {human_bytes(freed)}")
 
 
 @click.command("save")

@@ -100,14 +100,14 @@ def lazy_label(snapshotter: str, image: str | None) -> str:
     """A lazy image's or container's snapshotter with the formats its lazy layers are served
     through when any is not a zTOC: "soci (estargz)", "soci (ztoc, estargz)"; plain otherwise."""
     from lazyoci.oci.reference import Reference
-    from lazyoci.service.view_formats import formats_of_image
     from lazyoci.store.db import Database
+    from lazyoci.store.lazy_layer_records import LazyLayerRecords
     from lazyoci.store.layout import DataRoot
 
     if not image:
         return snapshotter
     try:
-        formats = formats_of_image(Database(DataRoot(app().root).db_path), str(Reference.parse(image)))
+        formats = LazyLayerRecords(Database(DataRoot(app().root).db_path)).image_formats(str(Reference.parse(image)))
     except Exception:       # a display detail: never fail `images` or `ps` over it
         return snapshotter
     if formats <= {"ztoc"}:

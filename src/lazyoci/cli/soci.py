@@ -329,10 +329,11 @@ def ztoc_info(digest) -> None:
 @click.argument("path")
 def ztoc_get_file(output, ref, digest, path) -> None:
     """Extract one file of a layer, decompressing only the spans that hold it."""
+    from lazyoci.soci.index_records import SociRecords
     from lazyoci.soci.inspect import get_file
     images = image_service()
     try:
-        data = get_file(images, _full_digest(digest), path, ref)
+        data = get_file(images.blobs, SociRecords(images.db), lambda: images.client, _full_digest(digest), path, ref)
     finally:
         images.close()
     if output:

@@ -32,7 +32,7 @@ from lazyoci.store import lazy_layer_records as lazy_records
 from lazyoci.store.lazy_layer_records import LazyLayerRecord
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
-from lazyoci.store.image_records import ImageRecords, Lease
+from lazyoci.store.image_records import ImageRecords
 
 if TYPE_CHECKING:
     from lazyoci.registry import RegistryClient
@@ -70,7 +70,7 @@ class RemoteLayers:
         self.client = client
         self.blobs = blobs
         self.db = db
-        ImageRecords(db, blobs)      # its tables hold blob ownership (blob_refs) and leases
+        self.image_records = ImageRecords(db, blobs)      # the owner of blob ownership and leases
         self._found: OrderedDict[tuple[str, str], tuple[float, "DiscoveredIndex | None", Manifest]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -125,7 +125,7 @@ class RemoteLayers:
         """Store the index and the zTOC (verified; the zTOC parsed) and give them to `owner`."""
         from lazyoci.ztoc import Ztoc
 
-        with Lease(self.db, self.blobs) as lease:
+        with self.image_records.lease() as lease:
             lease.add([found.digest, ztoc_digest])
             if not self.blobs.has(found.digest):
                 self.blobs.put_bytes(found.manifest.raw, found.digest)
@@ -138,6 +138,4 @@ class RemoteLayers:
                 Ztoc.parse(self.blobs.read(ztoc_digest), digest=ztoc_digest)
             except FormatError as e:
                 raise FormatError(f"zTOC {ztoc_digest}: {e}") from None
-            with self.db.transaction() as c:
-                c.executemany("INSERT OR IGNORE INTO blob_refs VALUES (?, ?)",
-                              [(owner, found.digest), (owner, ztoc_digest)])
+            self.image_records.add_owner(owner, [found.digest, ztoc_digest])

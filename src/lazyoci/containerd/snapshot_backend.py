@@ -108,12 +108,9 @@ class SnapshotBackend:
     def _release_blobs(self, key: str) -> None:
         """The index and zTOC blobs of a lazy snapshot go with it (when nothing else owns them,
         at the next `system prune`)."""
-        with self.snap.db.transaction() as c:
-            try:
-                c.execute("DELETE FROM blob_refs WHERE owner=?", (blob_owner(key),))
-            except Exception as e:      # a root without image tables has no blob_refs
-                if "no such table" not in str(e):
-                    raise
+        from lazyoci.store.image_records import ImageRecords
+
+        ImageRecords(self.snap.db, self.snap.blobs).drop_owner(blob_owner(key))
 
     def stat(self, key: str) -> SnapshotInfo:
         return self.snap.info(key)

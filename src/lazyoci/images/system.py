@@ -231,19 +231,21 @@ def prune(svc: ImageService, manager: ContainerManager, config: Config, all_imag
                        tuple(name for name, _ in removed_volumes))
 
 
-def release_snapshots(svc: ImageService, config: Config) -> None:
+def release_snapshots(svc: ImageService, config: Config) -> int:
     """Snapshots of images that are gone go too, in every snapshotter (lazy layers are
-    unmounted), so that removing an image really gives its disk space back."""
+    unmounted, the layer indexes they alone held are deleted), so that removing an image
+    really gives its disk space back; returns the blob bytes freed."""
     from lazyoci.snapshot.snapshotters import release_unused_snapshots
 
     release_unused_snapshots(svc.root, config, set().union(*(i.chains for i in _images(svc))))
+    return svc.gc().bytes_freed
 
 
 def release_unused_layers(svc: ImageService, config: Config) -> int:
     """`release_snapshots`, returning the bytes freed."""
     before = directory_bytes(svc.root.snapshots)
-    release_snapshots(svc, config)
-    return max(0, before - directory_bytes(svc.root.snapshots))
+    blob_bytes = release_snapshots(svc, config)
+    return max(0, before - directory_bytes(svc.root.snapshots)) + blob_bytes
 
 
 def directory_bytes(path: Path) -> int:

@@ -254,22 +254,23 @@ class ServiceClient:
 
     # -- requests -------------------------------------------------------------------
 
-    def mount_layer(self, ref: str, layer_digest: str, ztoc_digest: str) -> Path:
-        """Serve a lazy layer; returns its directory in the FUSE mount."""
-        reply = self.request("mount_layer", ref=ref, layer_digest=layer_digest, ztoc_digest=ztoc_digest)
+    def mount_layer(self, ref: str, layer_digest: str, index_digest: str) -> Path:
+        """Serve a lazy layer; returns its directory in the FUSE mount. (The request's field is
+        still `ztoc_digest`, so a service started by an older lazyoci understands it.)"""
+        reply = self.request("mount_layer", ref=ref, layer_digest=layer_digest, ztoc_digest=index_digest)
         return Path(reply["path"])
 
-    def unmount_layer(self, layer_digest: str, ztoc_digest: str) -> bool:
-        """Stop serving the layer's view through that zTOC (other zTOCs of the layer stay)."""
-        reply = self.request("unmount_layer", layer_digest=layer_digest, ztoc_digest=ztoc_digest)
+    def unmount_layer(self, layer_digest: str, index_digest: str) -> bool:
+        """Stop serving the layer's view through that index (its other indexes' views stay)."""
+        reply = self.request("unmount_layer", layer_digest=layer_digest, ztoc_digest=index_digest)
         return bool(reply.get("unmounted"))
 
-    def view_dir(self, layer_digest: str, ztoc_digest: str) -> Path:
-        """Where the layer's view through that zTOC appears in the FUSE mount (served or not)."""
-        return self.paths.view_dir(layer_digest, ztoc_digest)
+    def view_dir(self, layer_digest: str, index_digest: str) -> Path:
+        """Where the layer's view through that index appears in the FUSE mount (served or not)."""
+        return self.paths.view_dir(layer_digest, index_digest)
 
     def recorded_views(self) -> list[tuple[str, str]]:
-        """The (layer, zTOC) views the service serves, or mounts again when it starts."""
+        """The (layer, index) views the service serves, or mounts again when it starts."""
         from lazyoci.service.view_records import recorded_views
         from lazyoci.store.db import Database
 
@@ -280,8 +281,8 @@ class ServiceClient:
         if not views:
             return
         if self.is_running():
-            for layer_digest, ztoc_digest in views:
-                self.unmount_layer(layer_digest, ztoc_digest)
+            for layer_digest, index_digest in views:
+                self.unmount_layer(layer_digest, index_digest)
             return
         from lazyoci.service.view_records import forget_layers
         from lazyoci.store.db import Database

@@ -10,9 +10,10 @@ docker credentials, so `lazyoci service start` after a config change picks it up
 Where spans come from: a layer is content-addressed, so any repository that
 holds it will do. A view fetches through the references it has been asked to
 mount with, the latest first, and after a restart through the references the
-lazy pulls recorded last (store/lazy_layer_records.py) before the one recorded at its first
-mount; each goes through the configured mirrors. A registry that is gone no
-longer leaves a layer unreadable.
+lazy pulls recorded last before the view's own (store/lazy_layer_records.py, the one
+record of a view's reference: the service's own table says only which views it serves);
+each goes through the configured mirrors. A registry that is gone no longer leaves a
+layer unreadable.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
 from lazyoci.service import view_records as views
-from lazyoci.service.view_records import SCHEMA, SCHEMA_NAME
 from lazyoci.service.paths import layer_view_name
 from lazyoci.service.prefetch import prefetch_files
 from lazyoci.service.view_slots import view_slot
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
+from lazyoci.store.lazy_layer_records import LazyLayerRecords
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ class LayerManager:
         self.config = config
         self.fs = fs
         self.db = Database(root.db_path)
-        self.db.ensure_schema(SCHEMA_NAME, SCHEMA)
+        views.migrate_view_records(self.db)
+        self.lazy_records = LazyLayerRecords(self.db)     # each view's reference and SOCI index
         self.blobs = BlobStore(root)
         cache_dir = config.soci.cache_dir or root.soci / "cache"
         if not cache_dir.is_absolute():     # relative to the config file, not to the daemon's cwd (/)
@@ -181,7 +183,6 @@ class LayerManager:
         Mounting a mounted view again with another reference makes that reference the
         first to fetch from (the image was pulled again, maybe from elsewhere)."""
         from lazyoci.layer_formats import format_named
-        from lazyoci.service.view_formats import format_of
 
         layer_digest = str(Digest.parse(layer_digest))
         ztoc_digest = str(Digest.parse(ztoc_digest))
@@ -190,9 +191,10 @@ class LayerManager:
         if self.fs.has_layer(layer_digest, ztoc_digest):
             if persist:
                 self._prefer(view, [reference])
-                views.set_view_ref(self.db, layer_digest, ztoc_digest, str(reference))
+                self.lazy_records.record_served_ref(layer_digest, ztoc_digest, str(reference))
             return
-        fmt = format_named(format_of(self.db, layer_digest, ztoc_digest))
+        rec = self.lazy_records.layer(layer_digest, ztoc_digest)
+        fmt = format_named(rec.format if rec is not None else "ztoc")
         what = "zTOC" if fmt.name == "ztoc" else f"{fmt.name} index"
         if not self.blobs.has(ztoc_digest):
             raise StoreError(f"{what} {ztoc_digest} of layer {layer_digest} is not in the blob store")
@@ -242,7 +244,8 @@ class LayerManager:
         self._start_prefetch(view, ztoc.num_spans, fetcher)
         prefetch_files(ztoc, fetcher, layer_digest)
         if persist:
-            views.record_view(self.db, layer_digest, ztoc_digest, str(reference), time.time())
+            self.lazy_records.record_served_ref(layer_digest, ztoc_digest, str(reference))
+            views.record_view(self.db, layer_digest, ztoc_digest, time.time())
 
     def _start_prefetch(self, view: tuple[str, str], num_spans: int, fetcher: SpanFetcher) -> None:
         """Fetch the spans of the view's prefetch artifact (recorded by the pull) now, in the
@@ -299,10 +302,14 @@ class LayerManager:
         """Mount the views recorded by the previous run; a broken one is logged and skipped.
 
         Spans are fetched first through the references the latest lazy pulls recorded for
-        the layer, then through the one recorded at the first mount."""
-        for digest, ztoc_digest, ref in views.recorded_view_refs(self.db):
+        the layer, then through the view's own recorded reference."""
+        for digest, ztoc_digest in views.recorded_views(self.db):
+            rec = self.lazy_records.layer(digest, ztoc_digest)
+            if rec is None:
+                log.error("cannot mount recorded layer %s again: no record of its index %s", digest, ztoc_digest)
+                continue
             try:
-                self.mount(ref, digest, ztoc_digest, persist=False, fallback_refs=self._pulled_refs(digest))
+                self.mount(rec.ref, digest, ztoc_digest, persist=False, fallback_refs=self._pulled_refs(digest))
             except LazyociError as e:
                 log.error("cannot mount recorded layer %s again: %s", digest, e)
 
@@ -310,9 +317,8 @@ class LayerManager:
         """Whether the index the lazy pull recorded for this view marks the zTOC `disable-xattrs`.
         Anything unreadable says no: xattrs are then served (and checked) as usual."""
         from lazyoci.soci.index import ANN_LAYER_DIGEST, SociIndex, xattrs_disabled
-        from lazyoci.store.lazy_layer_records import layer_record
         try:
-            rec = layer_record(self.db, layer_digest, ztoc_digest)
+            rec = self.lazy_records.layer(layer_digest, ztoc_digest)
             if rec is None or not rec.index_digest:
                 return False
             with self.blobs.open(rec.index_digest) as f:
@@ -327,10 +333,8 @@ class LayerManager:
     def _pulled_refs(self, layer_digest: str) -> list[str]:
         """The references the lazy pulls recorded for the layer, the latest first (any index's:
         a layer is content-addressed, and spans are checked against the view's own zTOC)."""
-        from lazyoci.store.lazy_layer_records import pulled_refs
-
         try:
-            return pulled_refs(self.db, layer_digest)
+            return self.lazy_records.pulled_refs(layer_digest)
         except (sqlite3.Error, StoreError):    # no lazy pull yet in this data root
             return []
 

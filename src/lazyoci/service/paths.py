@@ -24,10 +24,10 @@ from lazyoci.store.modes import PRIVATE_DIR_MODE, private_dir
 _SUN_PATH_MAX = 100     # sun_path is 108 bytes; keep a margin
 
 
-def layer_view_name(layer_digest: str, ztoc_digest: str) -> str:
-    """The FUSE directory of a layer served through one zTOC: `<layer hex>-<16 hex of the zTOC>`,
+def layer_view_name(layer_digest: str, index_digest: str) -> str:
+    """The FUSE directory of a layer served through one index: `<layer hex>-<16 hex of the index>`,
     so two indexes of one layer never share a view."""
-    return f"{layer_digest.split(':', 1)[-1]}-{ztoc_digest.split(':', 1)[-1][:16]}"
+    return f"{layer_digest.split(':', 1)[-1]}-{index_digest.split(':', 1)[-1][:16]}"
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,9 @@ class ServicePaths:
     def mountpoint(self) -> Path:
         return self.dir / "mnt"
 
-    def view_dir(self, layer_digest: str, ztoc_digest: str) -> Path:
-        """The FUSE directory of a lazy layer seen through a zTOC (what overlay lowerdirs point at)."""
-        return self.mountpoint / layer_view_name(layer_digest, ztoc_digest)
+    def view_dir(self, layer_digest: str, index_digest: str) -> Path:
+        """The FUSE directory of a lazy layer seen through an index (what overlay lowerdirs point at)."""
+        return self.mountpoint / layer_view_name(layer_digest, index_digest)
 
     def ensure(self) -> None:
         self.root.ensure()

@@ -14,7 +14,8 @@ __all__ = ["LayerServer"]
 
 
 class LayerServer(Protocol):
-    """Serves a lazy layer as a view through one zTOC: a directory, keyed by (layer, zTOC)."""
+    """Serves a lazy layer as a view through one index (a zTOC, or a TOC the layer carries):
+    a directory, keyed by (layer, index)."""
 
     def spawn(self) -> None:
         """Start the server in the background if it is not running (returns at once)."""
@@ -24,16 +25,16 @@ class LayerServer(Protocol):
 
     def is_running(self) -> bool: ...
 
-    def mount_layer(self, ref: str, layer_digest: str, ztoc_digest: str) -> Path:
-        """Serve the layer's view through `ztoc_digest`, fetching spans from `ref`; its directory."""
+    def mount_layer(self, ref: str, layer_digest: str, index_digest: str) -> Path:
+        """Serve the layer's view through `index_digest`, fetching spans from `ref`; its directory."""
 
-    def view_dir(self, layer_digest: str, ztoc_digest: str) -> Path:
+    def view_dir(self, layer_digest: str, index_digest: str) -> Path:
         """Where the view appears once served (an overlay lowerdir), served or not."""
 
     def release_views(self, views: list[tuple[str, str]]) -> None:
-        """Stop serving these (layer, zTOC) views, and forget them if the server is down."""
+        """Stop serving these (layer, index) views, and forget them if the server is down."""
 
     def recorded_views(self) -> list[tuple[str, str]]:
-        """The (layer, zTOC) views the server serves, or serves again when it starts."""
+        """The (layer, index) views the server serves, or serves again when it starts."""
 
-    def unmount_layer(self, layer_digest: str, ztoc_digest: str) -> bool: ...
+    def unmount_layer(self, layer_digest: str, index_digest: str) -> bool: ...

@@ -189,14 +189,32 @@ class SociSnapshotter(LayeredSnapshotter):
 
         `keep` holds chain IDs (of the images that remain) or keys. A snapshot with lazy
         layers below is kept for a chain ID only while a remaining image's records still use
-        every view it stacks: the snapshots of an index whose images are gone go."""
+        every view it stacks: the snapshots of an index whose images are gone go.
+
+        The indexes layers carry themselves (eStargz, zstd:chunked TOCs) are held by their
+        layer; once no remaining image's records use a view of that layer, they are let go
+        (the next blob garbage collection deletes them)."""
         removed = super().release_unused(self._keys_to_keep(keep))
+        self._release_own_indexes()
         with self.db.reading() as conn:
             used = {(r["lazy_layer"], json.loads(r["labels"] or "{}").get(LABEL_ZTOC)) for r in conn.execute(
                 "SELECT lazy_layer, labels FROM lazy_snapshots WHERE lazy_layer IS NOT NULL").fetchall()}
         ours = self.records.layer_digests()
         self.service.release_views([v for v in self.service.recorded_views() if v[0] in ours and v not in used])
         return removed
+
+    def _release_own_indexes(self) -> None:
+        """Drop the layer owners (`layer-index:`, `zstd-chunked:`) of layers no remaining
+        image's lazy records use; the blobs then go at the next garbage collection."""
+        from lazyoci.snapshot.own_index import OWNER_KINDS
+        from lazyoci.store.image_records import ImageRecords
+
+        image_records = ImageRecords(self.db, self.blobs)
+        needed = {layer for layer, _index in self.records.live_views(*image_records.named_manifests())}
+        for kind in OWNER_KINDS:
+            for owner in image_records.owners_of_kind(kind):
+                if owner.split(":", 1)[1] not in needed:
+                    image_records.drop_owner(owner)
 
     def _keys_to_keep(self, keep: set[str]) -> set[str]:
         """`keep` (chain IDs or keys) as the keys of committed snapshots (see release_unused)."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol
 
 from lazyoci.errors import FormatError, LazyociError
 from lazyoci.images.pull import ResolvedImage, resolve_image
@@ -44,7 +44,7 @@ from lazyoci.store.lazy_layer_records import LazyLayerRecord, LazyLayerRecords
 
 if TYPE_CHECKING:
     from lazyoci.images.progress import ProgressSink
-    from lazyoci.images.service import ImageService, LayerConsumer, LocalImage
+    from lazyoci.images.service import LayerConsumer, LocalImage
     from lazyoci.oci.manifest import Descriptor
     from lazyoci.registry.client import RegistryClient
     from lazyoci.snapshot.layer_server import LayerServer
@@ -215,8 +215,8 @@ class LazyPull:
 
     def run(self, ref: str, platform: Platform | None = None, progress: "ProgressSink | None" = None,
             index_digest: str | None = None, own_only: bool = False) -> "LocalImage":
-        from lazyoci.service.view_formats import record_format
-        from lazyoci.snapshot.own_index import fetch_own_indexes
+        from lazyoci.snapshot.own_index import CHUNKED_OWNER_PREFIX, fetch_own_indexes
+        from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
         from lazyoci.soci import discover_index
 
         say = self.log
@@ -236,10 +236,9 @@ class LazyPull:
             found, reason = None, f"the SOCI index cannot be read ({e})"
         if found is None and reason is None:
             reason = "no layer carries an index of its own" if own_only else "no SOCI index was found"
-        # per layer: a zTOC if the SOCI index has one, else the layer's own index (eStargz); own_index.py
-        # still takes the image service itself
+        # per layer: a zTOC if the SOCI index has one, else the layer's own index (eStargz)
         refused_own: list[str] = []     # layers' own indexes that cannot be used: said once, below
-        own = fetch_own_indexes(cast("ImageService", self.images), reference,
+        own = fetch_own_indexes(client, self.images, reference,
                                 [l for l in manifest.layers if found is None or l.digest not in found.ztocs],
                                 refused_own.append)
         if found is not None or own:
@@ -256,7 +255,7 @@ class LazyPull:
                     if layer.digest in taken:
                         rec = taken[layer.digest]
                     elif layer.digest in own:     # the layer's own index (no SOCI index digest)
-                        rec = LazyLayerRecord(layer.digest, own[layer.digest][0], source, "")
+                        rec = LazyLayerRecord(layer.digest, own[layer.digest][0], source, "", own[layer.digest][1])
                         self.records.record_layer(rec)
                         mounter.submit(rec)
                     else:
@@ -283,11 +282,11 @@ class LazyPull:
                 mounter = _EarlyMounter(self.server)
             try:
                 for toc in chunked.values():
-                    self._store_blob(reference, toc.digest, None, f"zstd-chunked:{toc.layer_digest}", raw=toc.data)
+                    self._store_blob(reference, toc.digest, None, CHUNKED_OWNER_PREFIX + toc.layer_digest,
+                                     raw=toc.data)
                     rec = LazyLayerRecord(toc.layer_digest, toc.digest, f"{reference.name}@{manifest_digest}",
-                                          toc.digest)
+                                          toc.digest, "zstd:chunked")
                     self.records.record_layer(rec)
-                    record_format(self.snapshots.db, toc.layer_digest, toc.digest, "zstd:chunked")
                     mounter.submit(rec)
                     lazy[toc.layer_digest] = toc.digest
             except BaseException:

@@ -8,12 +8,15 @@ image's registry; every span is verified against its digest in the zTOC.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lazyoci.errors import FormatError, StoreError
 
 if TYPE_CHECKING:
-    from lazyoci.images.service import ImageService
+    from lazyoci.registry.client import RegistryClient
+    from lazyoci.soci.index_records import SociRecords
+    from lazyoci.store.blobs import BlobStore
     from lazyoci.ztoc import Ztoc
 
 
@@ -54,13 +57,14 @@ def _clean(name: str) -> str:
     return name
 
 
-def get_file(images: "ImageService", ztoc_digest: str, path: str, ref: str | None = None) -> bytes:
-    """The bytes of regular file `path` in the layer that zTOC `ztoc_digest` indexes."""
+def get_file(blobs: "BlobStore", records: "SociRecords", client: "Callable[[], RegistryClient]",
+             ztoc_digest: str, path: str, ref: str | None = None) -> bytes:
+    """The bytes of regular file `path` in the layer that zTOC `ztoc_digest` indexes: from the
+    layer in `blobs`, else through `client()` (made only then) from the registry of `ref`."""
     from lazyoci.oci.reference import Reference
-    from lazyoci.soci.index_records import SociRecords
     from lazyoci.ztoc import Ztoc, read_range
 
-    z = Ztoc.parse(images.blobs.read(ztoc_digest))
+    z = Ztoc.parse(blobs.read(ztoc_digest))
     want = _clean(path)
     entry = None
     for i in range(len(z)):
@@ -73,10 +77,10 @@ def get_file(images: "ImageService", ztoc_digest: str, path: str, ref: str | Non
         raise FormatError(f"{path!r} is a {entry.type} entry, not a regular file")
     if entry.size == 0:
         return b""
-    recs = SociRecords(images.db).ztocs(ztoc_digest)
+    recs = records.ztocs(ztoc_digest)
     layer = recs[0].layer_digest if recs else None
-    if layer is not None and images.blobs.has(layer):
-        with images.blobs.open(layer) as f:
+    if layer is not None and blobs.has(layer):
+        with blobs.open(layer) as f:
             def fetch(start: int, end: int) -> bytes:
                 f.seek(start)
                 return f.read(end - start)
@@ -86,6 +90,6 @@ def get_file(images: "ImageService", ztoc_digest: str, path: str, ref: str | Non
                          + ("; give --ref IMAGE to read its spans from the registry" if layer else
                             " and no layer is recorded for it"))
     r = Reference.parse(ref)
-    client = images.client
-    return read_range(z, lambda start, end: client.fetch_range(r, layer, start, end),
+    registry = client()
+    return read_range(z, lambda start, end: registry.fetch_range(r, layer, start, end),
                       entry.offset, entry.offset + entry.size)

@@ -18,19 +18,20 @@ if TYPE_CHECKING:
     from lazyoci.soci.build import SociBuildOptions
     from lazyoci.soci.index import SociIndex
     from lazyoci.soci.push import PushResult
+    from lazyoci.soci.index_records import SociRecords
+    from lazyoci.store.blobs import BlobStore
 
 __all__ = ["build_and_push_index", "newest_v1_index", "push_local_index"]
 
 Log = Callable[[str], None]
 
 
-def newest_v1_index(images: "ImageService", image: "LocalImage", ref: str) -> "SociIndex":
+def newest_v1_index(blobs: "BlobStore", records: "SociRecords", image: "LocalImage", ref: str) -> "SociIndex":
     """The v1 index `soci push` sends for a local image: the newest built for its manifest
     (v2 indexes travel inside a converted image instead)."""
     from lazyoci.soci.index import SociIndex
-    from lazyoci.soci.index_records import SociRecords
 
-    all_recs = SociRecords(images.db).indexes(manifest_digest=image.manifest.digest)
+    all_recs = records.indexes(manifest_digest=image.manifest.digest)
     recs = [r for r in all_recs if r.version == "v1"]
     if not recs and all_recs:
         raise StoreError(f"{ref} only has SOCI v2 indexes: they travel inside the converted image, "
@@ -38,16 +39,17 @@ def newest_v1_index(images: "ImageService", image: "LocalImage", ref: str) -> "S
     if not recs:
         raise StoreError(f"no v1 SOCI index for {ref} ({image.config.platform}): "
                          "run `lazyoci soci create` first")
-    return SociIndex.parse(images.blobs.read(recs[-1].index_digest))
+    return SociIndex.parse(blobs.read(recs[-1].index_digest))
 
 
 def push_local_index(images: "ImageService", ref: str, platform: "Platform | None" = None,
                      log: Log = lambda line: None, existing: str = "warn") -> "PushResult":
     """Push the newest v1 SOCI index of local image `ref` to `ref`'s repository."""
+    from lazyoci.soci.index_records import SociRecords
     from lazyoci.soci.push import push_index
 
     image = images.get(ref, platform)
-    index = newest_v1_index(images, image, ref)
+    index = newest_v1_index(images.blobs, SociRecords(images.db), image, ref)
     return push_index(images.client, Reference.parse(ref), images.blobs, index, log, existing)
 
 

@@ -209,6 +209,18 @@ class ImageRecords:
         with self.db.transaction() as c:
             add_blob_owner(c, owner, digests)
 
+    def owners_of_kind(self, kind: str) -> list[str]:
+        """The owners of one kind (``layer-index``: every ``layer-index:<layer digest>``)."""
+        prefix = kind + ":"
+        with self.db.reading() as c:
+            return [r[0] for r in c.execute("SELECT DISTINCT owner FROM blob_refs WHERE substr(owner, 1, ?) = ?",
+                                            (len(prefix), prefix))]
+
+    def drop_owner(self, owner: str) -> None:
+        """`owner` holds no blob any more (gc may take those no one else holds)."""
+        with self.db.transaction() as c:
+            drop_blob_owner(c, owner)
+
     def record_layer_size(self, digest: str, uncompressed: int) -> None:
         with self.db.transaction() as c:
             c.execute("INSERT OR REPLACE INTO layer_sizes VALUES (?, ?)", (digest, uncompressed))

@@ -7,18 +7,28 @@ Two tables, so that two indexes of one layer never meet:
       zTOCs the latest lazy pull of that name gave the image's layers (an image whose
       name was not pulled lazily, e.g. after `tag`, uses those of the latest lazy pull of
       its manifest for the layers it does not hold).
-The soci snapshotter and its lazy pull write them; the service reads which references
-a layer was pulled from (`pulled_refs`). Both sit above `store/`, so the module lives here.
+The soci snapshotter, its lazy pull and containerd's remote snapshots write them; the
+service reads which reference each view fetches from (`layer`, `pulled_refs`) and, when it
+is asked to fetch a view from another reference, records that one (`record_served_ref`).
+This is the one record of (layer, index, reference): the service's own table only says
+which views it serves (service/view_records.py). All sit above `store/`, so the module lives here.
 An image keeps its rows while its name still holds its manifest; `live_views` drops the
 others and says which (layer, zTOC) views the remaining images use.
 
+A view's record also says its index's format (`format`: a zTOC, an eStargz or
+zstd:chunked TOC; layer_formats.py), written by the pull before it asks the service to
+mount and read by the service at every mount, so an index is only ever opened as the
+format its own layer was recognised in.
+
 Data roots of an older lazyoci keyed `lazy_layers` by layer digest alone:
 `migrate_lazy_layers` rekeys it once and gives each manifest its recorded zTOCs
-(under the name "", as no image name was kept).
+(under the name "", as no image name was kept). Later ones kept formats in a table of
+their own (`lazy_index_formats`): `migrate_index_formats` moves them into `format`.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -29,8 +39,9 @@ CREATE TABLE IF NOT EXISTS lazy_layers (
     layer_digest TEXT NOT NULL,
     ztoc_digest TEXT NOT NULL,
     ref TEXT NOT NULL,               -- repository@manifest the spans are fetched from
-    index_digest TEXT NOT NULL,
+    index_digest TEXT NOT NULL,      -- the SOCI index the zTOC came with ("": the layer's own index)
     created REAL NOT NULL,
+    format TEXT NOT NULL DEFAULT 'ztoc',   -- the index's format, a name of layer_formats.FORMATS
     PRIMARY KEY (layer_digest, ztoc_digest)
 )"""
 _IMAGES_DDL = """
@@ -53,6 +64,31 @@ class LazyLayerRecord:
     ztoc_digest: str
     ref: str
     index_digest: str
+    format: str = "ztoc"      # how the view's index is read (layer_formats.py); the service opens it as this
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> list[sqlite3.Row]:
+    return conn.execute(f"PRAGMA table_info({table})").fetchall()
+
+
+def migrate_index_formats(db: Database) -> None:
+    """Give a `lazy_layers` table of an older lazyoci its `format` column, filled from the
+    table the formats were kept in then (`lazy_index_formats`, a row per view not a zTOC)."""
+    with db.reading() as conn:
+        has_column = any(r["name"] == "format" for r in _columns(conn, "lazy_layers"))
+        has_old = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='lazy_index_formats'"
+                               ).fetchone() is not None
+    if has_column and not has_old:
+        return
+    with db.transaction() as conn:
+        if not any(r["name"] == "format" for r in _columns(conn, "lazy_layers")):
+            conn.execute("ALTER TABLE lazy_layers ADD COLUMN format TEXT NOT NULL DEFAULT 'ztoc'")
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='lazy_index_formats'").fetchone():
+            conn.execute("UPDATE lazy_layers SET format = (SELECT f.format FROM lazy_index_formats f "
+                         "WHERE f.layer_digest = lazy_layers.layer_digest AND f.index_digest = lazy_layers.ztoc_digest) "
+                         "WHERE EXISTS (SELECT 1 FROM lazy_index_formats f WHERE f.layer_digest = lazy_layers.layer_digest "
+                         "AND f.index_digest = lazy_layers.ztoc_digest)")
+            conn.execute("DROP TABLE lazy_index_formats")
 
 
 def migrate_lazy_layers(db: Database) -> None:
@@ -67,8 +103,8 @@ def migrate_lazy_layers(db: Database) -> None:
             return                        # another process migrated it meanwhile
         conn.execute("ALTER TABLE lazy_layers RENAME TO lazy_layers_by_layer")
         conn.execute(_LAYERS_DDL)
-        conn.execute("INSERT INTO lazy_layers SELECT layer_digest, ztoc_digest, ref, index_digest, created "
-                     "FROM lazy_layers_by_layer")
+        conn.execute("INSERT INTO lazy_layers (layer_digest, ztoc_digest, ref, index_digest, created) "
+                     "SELECT layer_digest, ztoc_digest, ref, index_digest, created FROM lazy_layers_by_layer")
         conn.execute("INSERT OR IGNORE INTO lazy_image_layers SELECT '', substr(ref, instr(ref, '@') + 1), "
                      "layer_digest, ztoc_digest, created FROM lazy_layers_by_layer WHERE instr(ref, '@') > 0")
         conn.execute("DROP TABLE lazy_layers_by_layer")
@@ -76,8 +112,9 @@ def migrate_lazy_layers(db: Database) -> None:
 
 def record_layer(db: Database, rec: LazyLayerRecord) -> None:
     with db.transaction() as conn:
-        conn.execute("INSERT OR REPLACE INTO lazy_layers VALUES (?, ?, ?, ?, ?)",
-                     (rec.layer_digest, rec.ztoc_digest, rec.ref, rec.index_digest, time.time()))
+        conn.execute("INSERT OR REPLACE INTO lazy_layers (layer_digest, ztoc_digest, ref, index_digest, created, "
+                     "format) VALUES (?, ?, ?, ?, ?, ?)",
+                     (rec.layer_digest, rec.ztoc_digest, rec.ref, rec.index_digest, time.time(), rec.format))
 
 
 def layer_record(db: Database, layer_digest: str, ztoc_digest: str | None = None) -> LazyLayerRecord | None:
@@ -89,7 +126,20 @@ def layer_record(db: Database, layer_digest: str, ztoc_digest: str | None = None
         else:
             row = conn.execute("SELECT * FROM lazy_layers WHERE layer_digest=? AND ztoc_digest=?",
                                (layer_digest, ztoc_digest)).fetchone()
-    return LazyLayerRecord(row["layer_digest"], row["ztoc_digest"], row["ref"], row["index_digest"]) if row else None
+    return LazyLayerRecord(row["layer_digest"], row["ztoc_digest"], row["ref"], row["index_digest"],
+                           row["format"]) if row else None
+
+
+def record_served_ref(db: Database, layer_digest: str, ztoc_digest: str, ref: str) -> None:
+    """The view is served fetching first from `ref`, which becomes its reference; a view no
+    pull recorded (mounted by a direct request) gets a record of its own, with no SOCI index."""
+    with db.transaction() as conn:
+        cur = conn.execute("UPDATE lazy_layers SET ref=? WHERE layer_digest=? AND ztoc_digest=?",
+                           (ref, layer_digest, ztoc_digest))
+        if cur.rowcount == 0:
+            conn.execute("INSERT INTO lazy_layers (layer_digest, ztoc_digest, ref, index_digest, created) "
+                         "VALUES (?, ?, ?, '', ?)",
+                         (layer_digest, ztoc_digest, ref, time.time()))
 
 
 def forget_layer(db: Database, layer_digest: str, ztoc_digest: str) -> None:
@@ -143,6 +193,16 @@ def live_views(db: Database, held: set[tuple[str, str]], present: set[str]) -> s
     return live
 
 
+def image_formats(db: Database, image: str) -> set[str]:
+    """The formats of the lazy layers the latest lazy pull of `image` (a name) recorded."""
+    with db.reading() as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT coalesce(l.format, 'ztoc') FROM lazy_image_layers i LEFT JOIN lazy_layers l "
+            "ON l.layer_digest = i.layer_digest AND l.ztoc_digest = i.ztoc_digest WHERE i.image = ?",
+            (image,)).fetchall()
+    return {r[0] for r in rows}
+
+
 def pulled_refs(db: Database, layer_digest: str) -> list[str]:
     """The references the lazy pulls recorded for the layer, the latest first (any zTOC's)."""
     with db.reading() as conn:
@@ -165,12 +225,16 @@ class LazyLayerRecords:
         self.db = db
         db.ensure_schema("lazy_records", LAZY_RECORDS_DDL)
         migrate_lazy_layers(db)
+        migrate_index_formats(db)
 
     def record_layer(self, rec: LazyLayerRecord) -> None:
         record_layer(self.db, rec)
 
     def layer(self, layer_digest: str, ztoc_digest: str | None = None) -> LazyLayerRecord | None:
         return layer_record(self.db, layer_digest, ztoc_digest)
+
+    def record_served_ref(self, layer_digest: str, ztoc_digest: str, ref: str) -> None:
+        record_served_ref(self.db, layer_digest, ztoc_digest, ref)
 
     def forget_layer(self, layer_digest: str, ztoc_digest: str) -> None:
         forget_layer(self.db, layer_digest, ztoc_digest)
@@ -189,3 +253,6 @@ class LazyLayerRecords:
 
     def pulled_refs(self, layer_digest: str) -> list[str]:
         return pulled_refs(self.db, layer_digest)
+
+    def image_formats(self, image: str) -> set[str]:
+        return image_formats(self.db, image)
