@@ -64,17 +64,17 @@ def create_cmd(span_size, min_layer_size, platform, all_platforms, force, remote
     images = image_service()
     try:
         if remote:
-            from lazyoci.soci.remote import create_remote
+            from lazyoci.soci.image_service_wiring import index_remote_image
             if all_platforms or len(platform) > 1:
                 raise ConfigError("--remote indexes one platform per run")
             plat = _platforms(platform)[0] if platform else None
-            result, _ = create_remote(images, ref, options, plat, push_after, click.echo)
+            result, _ = index_remote_image(images, ref, options, plat, push_after, click.echo)
             click.echo(f"soci index: {result.digest}")
             return
-        from lazyoci.soci.build import build_index
+        from lazyoci.soci.image_service_wiring import index_local_image
         targets = _local_targets(images, ref, _platforms(platform), all_platforms)
         for image in targets:
-            result = build_index(images, image, options, click.echo)
+            result = index_local_image(images, image, options, click.echo)
             click.echo(f"soci index: {result.digest} ({result.platform})")
     finally:
         images.close()

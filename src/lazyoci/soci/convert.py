@@ -18,7 +18,8 @@ from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Manifest
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
-from lazyoci.soci.build import SociBuildOptions, SociIndexResult, build_index
+from lazyoci.soci.build import SociBuildOptions, SociIndexResult
+from lazyoci.soci.image_service_wiring import index_local_image
 from lazyoci.soci.v2_documents import PlatformIndex, convert_shape
 from lazyoci.soci.index import EMPTY_CONFIG_DIGEST
 from lazyoci.soci.index_records import SociRecords
@@ -77,7 +78,7 @@ def convert(images: "ImageService", src: str, dst: str, options: SociBuildOption
             if image.manifest.digest != manifest_digest:
                 image = replace(image, manifest=Manifest.parse(images.blobs.read(manifest_digest)))
             try:
-                result = build_index(images, image, options, log, lease=lease)
+                result = index_local_image(images, image, options, log, lease)
             except FormatError as e:
                 if "no zTOCs created" in str(e) and len(rows) > 1:
                     log(f"no SOCI index for platform {platform}: {e}")

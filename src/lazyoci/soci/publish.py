@@ -58,10 +58,10 @@ def build_and_push_index(images: "ImageService", ref: str, options: "SociBuildOp
                          existing: str = "warn") -> str:
     """Build (or reuse) the v1 SOCI index of local image `ref` and push it next to the image,
     once the image itself is pushed; returns the index digest."""
-    from lazyoci.soci.build import build_index
+    from lazyoci.soci.image_service_wiring import index_local_image
     from lazyoci.soci.push import push_index
 
     image = images.get(ref, platform)
-    result = build_index(images, image, options, log)
+    result = index_local_image(images, image, options, log)
     push_index(images.client, Reference.parse(ref), images.blobs, result.index, log, existing)
     return result.digest
