@@ -25,7 +25,8 @@ from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Manifest
 from lazyoci.oci.reference import Reference
 from lazyoci.registry.options import RegistryOptions
-from lazyoci.soci import SociBuildOptions, index_local_image, convert, index_remote_image, discover_index, push_index
+from lazyoci.soci import (SociBuildOptions, convert_local_image, discover_index, index_local_image,
+                          index_remote_image, push_index)
 from lazyoci.soci.index import (
     ANN_BUILD_TOOL, ANN_IMAGE_MANIFEST_DIGEST, ANN_INDEX_DIGEST, ANN_LAYER_DIGEST, ANN_LAYER_MEDIA_TYPE,
     ANN_SPAN_SIZE, EMPTY_CONFIG_DIGEST,
@@ -175,7 +176,7 @@ def test_convert_v2_shape_push_and_discovery(registry, medium_image, data_root):
     images = service(data_root)
     images.pull(ref)
     dst = f"{registry.host}/soci/medium-converted:v2"
-    result = convert(images, ref, dst, SMALL)
+    result = convert_local_image(images, ref, dst, SMALL)
     [built] = result.indexes
     assert built.index.version == "v2" and built.index.subject is None
     new_manifest = result.manifests[old_manifest]
@@ -335,7 +336,7 @@ def test_all_platforms_create_and_convert(registry, tmp_path, data_root):
     assert sorted(p for _, p in made) == ["linux/amd64", "linux/arm64"]
 
     dst = f"{registry.host}/soci/multi-converted:latest"
-    result = convert(images, ref, dst, SMALL, all_platforms=True)
+    result = convert_local_image(images, ref, dst, SMALL, all_platforms=True)
     assert sorted(str(r.platform) for r in result.indexes) == ["linux/amd64", "linux/arm64"]
     images.push(dst)
     top = json.loads(skopeo_raw(dst))
@@ -346,7 +347,7 @@ def test_all_platforms_create_and_convert(registry, tmp_path, data_root):
         assert img["annotations"][ANN_INDEX_DIGEST] == soci["digest"]
         assert soci["annotations"][ANN_IMAGE_MANIFEST_DIGEST] == img["digest"]
     # Converting only one platform of it: the other keeps no index.
-    one = convert(images, ref, f"{registry.host}/soci/multi-one:latest", SMALL,
+    one = convert_local_image(images, ref, f"{registry.host}/soci/multi-one:latest", SMALL,
                   platforms=[Platform("linux", "arm64")])
     assert [str(r.platform) for r in one.indexes] == ["linux/arm64"]
     images.close()

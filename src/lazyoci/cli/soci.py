@@ -101,16 +101,17 @@ def _local_targets(images, ref: str, platforms: list[Platform], all_platforms: b
 def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, optimizations, prefetch_file,
                 prefetch_files_json, src, dst) -> None:
     """Make DST: SRC with SOCI v2 indexes inside it (push DST with `lazyoci push`)."""
-    from lazyoci.soci.convert import convert
+    from lazyoci.soci.image_service_wiring import convert_local_image
     if platform and all_platforms:
         raise ConfigError("--platform and --all-platforms are exclusive")
     images = image_service()
     try:
-        result = convert(images, src, dst,
-                         _optimized(soci_build_options(span_size, min_layer_size, force, "v2",
-                                                       prefetch_files(prefetch_file, prefetch_files_json)),
-                                    optimizations),
-                         _platforms(platform) or None, all_platforms, click.echo)
+        result = convert_local_image(images, src, dst,
+                                     _optimized(soci_build_options(span_size, min_layer_size, force, "v2",
+                                                                   prefetch_files(prefetch_file,
+                                                                                  prefetch_files_json)),
+                                                optimizations),
+                                     _platforms(platform) or None, all_platforms, click.echo)
     finally:
         images.close()
     click.echo(f"converted image index: {result.digest}")

@@ -1,6 +1,6 @@
 """Where an `ImageService`'s parts are handed to the SOCI functions.
 
-The functions in `build`, `remote` and `publish` take the blob store, the SOCI records,
+The functions in `build`, `remote` and `convert` take the blob store, the SOCI records,
 a lease and a registry client they need, not the whole service; this is the one place
 (for the CLI and the pipeline shortcuts) that takes them out of a service.
 """
@@ -16,10 +16,11 @@ from lazyoci.soci.index_records import SociRecords
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService, LocalImage
     from lazyoci.oci.platform import Platform
+    from lazyoci.soci.convert import ConvertResult
     from lazyoci.soci.push import PushResult
     from lazyoci.store.image_records import Lease
 
-__all__ = ["index_local_image", "index_remote_image"]
+__all__ = ["convert_local_image", "index_local_image", "index_remote_image"]
 
 Log = Callable[[str], None]
 
@@ -41,3 +42,12 @@ def index_remote_image(images: "ImageService", ref: str, options: SociBuildOptio
     from lazyoci.soci.remote import create_remote
     return create_remote(images.client, images.blobs, SociRecords(images.db), images.lease, ref,
                          options, platform, push, log)
+
+
+def convert_local_image(images: "ImageService", src: str, dst: str, options: SociBuildOptions | None = None,
+                        platforms: "list[Platform] | None" = None, all_platforms: bool = False,
+                        log: Log = lambda line: None) -> "ConvertResult":
+    """`convert` within the service's store: the SOCI v2 image `dst` made from local image `src`."""
+    from lazyoci.soci.convert import convert
+    return convert(images, images.records, images.blobs, SociRecords(images.db), lambda: images.client,
+                   src, dst, options, platforms, all_platforms, log)
