@@ -150,11 +150,12 @@ def optimize_cmd(soci_index_digest, ref, command) -> None:
 @click.argument("ref")
 def push_cmd(platform, existing_index, ref) -> None:
     """Push the newest v1 SOCI index of local image REF to REF's repository."""
-    from lazyoci.soci.publish import push_local_index
+    from lazyoci.soci.image_service_wiring import push_local_image_index
 
     images = image_service()
     try:
-        push_local_index(images, ref, Platform.parse(platform) if platform else None, click.echo, existing_index)
+        push_local_image_index(images, ref, Platform.parse(platform) if platform else None, click.echo,
+                               existing_index)
     finally:
         images.close()
 

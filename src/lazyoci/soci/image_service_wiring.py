@@ -1,6 +1,6 @@
 """Where an `ImageService`'s parts are handed to the SOCI functions.
 
-The functions in `build`, `remote` and `convert` take the blob store, the SOCI records,
+The functions in `build`, `remote`, `convert` and `publish` take the blob store, the SOCI records,
 a lease and a registry client they need, not the whole service; this is the one place
 (for the CLI and the pipeline shortcuts) that takes them out of a service.
 """
@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from lazyoci.soci.push import PushResult
     from lazyoci.store.image_records import Lease
 
-__all__ = ["convert_local_image", "index_local_image", "index_remote_image"]
+__all__ = ["build_and_push_local_image_index", "convert_local_image", "index_local_image",
+           "index_remote_image", "push_local_image_index"]
 
 Log = Callable[[str], None]
 
@@ -51,3 +52,20 @@ def convert_local_image(images: "ImageService", src: str, dst: str, options: Soc
     from lazyoci.soci.convert import convert
     return convert(images, images.records, images.blobs, SociRecords(images.db), lambda: images.client,
                    src, dst, options, platforms, all_platforms, log)
+
+
+def push_local_image_index(images: "ImageService", ref: str, platform: "Platform | None" = None,
+                           log: Log = lambda line: None, existing: str = "warn") -> "PushResult":
+    """`push_local_index` from the service's store with its registry client."""
+    from lazyoci.soci.publish import push_local_index
+    return push_local_index(images, images.blobs, SociRecords(images.db), images.client, ref, platform,
+                            log, existing)
+
+
+def build_and_push_local_image_index(images: "ImageService", ref: str, options: SociBuildOptions,
+                                     platform: "Platform | None" = None, log: Log = lambda line: None,
+                                     existing: str = "warn") -> str:
+    """`build_and_push_index` over the service's store with its registry client."""
+    from lazyoci.soci.publish import build_and_push_index
+    return build_and_push_index(images, images.blobs, SociRecords(images.db), images.lease, images.client,
+                                ref, options, platform, log, existing)
