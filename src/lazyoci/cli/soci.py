@@ -302,10 +302,11 @@ ztoc_group.add_command(ztoc_list, "ls")
 @soci_group.command("rebuild-db")
 def rebuild_db_cmd() -> None:
     """Rebuild the SOCI records from the blobs in the store (as the reference's rebuild-db)."""
+    from lazyoci.soci.index_records import SociRecords
     from lazyoci.soci.rebuild import rebuild_records
     images = image_service()
     try:
-        r = rebuild_records(images)
+        r = rebuild_records(images.blobs, SociRecords(images.db), images.records)
     finally:
         images.close()
     click.echo(f"removed {r.removed} records of missing blobs; recorded {r.indexes_added} SOCI indexes "
