@@ -216,14 +216,11 @@ def index_group() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def index_list(ref, quiet) -> None:
     """List the SOCI indexes stored locally."""
+    from lazyoci.soci.image_indexes import indexes_of_image
     from lazyoci.soci.index_records import SociRecords
     images = image_service()
-    recs = SociRecords(images.db).indexes()
-    if ref:
-        image = images.get(ref)
-        rec = images.records.content(image.digest)
-        manifests = {m for m, _, _ in rec.platforms} if rec else {image.manifest.digest}
-        recs = [r for r in recs if r.manifest_digest in manifests]
+    records = SociRecords(images.db)
+    recs = indexes_of_image(records, images.records, images.get(ref)) if ref else records.indexes()
     if quiet:
         for r in recs:
             click.echo(r.index_digest)
@@ -257,10 +254,9 @@ def index_rm(ref, digests) -> None:
     images = image_service()
     records = SociRecords(images.db)
     if ref:
-        image = images.get(ref)
-        rec = images.records.content(image.digest)
-        manifests = {m for m, _, _ in rec.platforms} if rec else {image.manifest.digest}
-        digests = tuple(dict.fromkeys(r.index_digest for r in records.indexes() if r.manifest_digest in manifests))
+        from lazyoci.soci.image_indexes import indexes_of_image
+        digests = tuple(dict.fromkeys(r.index_digest for r in indexes_of_image(records, images.records,
+                                                                                 images.get(ref))))
     for d in digests:
         d = _full_digest(d)
         if not records.remove_index(d):
