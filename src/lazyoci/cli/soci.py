@@ -169,34 +169,29 @@ def prefetch_group() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def prefetch_list(quiet) -> None:
     """List the prefetch artifacts (the reference's `soci prefetch ls`)."""
-    from lazyoci.soci.prefetch import PrefetchArtifact, stored_artifacts
+    from lazyoci.soci.prefetch import present_artifacts, stored_artifacts
     from lazyoci.soci.index_records import SociRecords
     images = image_service()
-    found = stored_artifacts(images.blobs, SociRecords(images.db))
+    records = SociRecords(images.db)
     if quiet:
-        for a in found:
+        for a in stored_artifacts(images.blobs, records):
             click.echo(a.digest)
         return
     now = time.time()
     _table([("DIGEST", "LAYER DIGEST", "SPANS", "CREATED")] +
-           [(a.digest, a.layer_digest,
-             str(len(PrefetchArtifact.parse(images.blobs.read(a.digest), f"prefetch artifact {a.digest}").spans())),
-             f"{int(now - a.created_at)}s ago") for a in found if images.blobs.has(a.digest)])
+           [(a.digest, a.layer_digest, str(len(artifact.spans())), f"{int(now - a.created_at)}s ago")
+            for a, artifact in present_artifacts(images.blobs, records)])
 
 
 @prefetch_group.command("info")
 @click.argument("digest")
 def prefetch_info(digest) -> None:
     """Show one prefetch artifact: its span ranges and the layer it belongs to."""
-    from lazyoci.soci.prefetch import PrefetchArtifact, stored_artifacts
+    from lazyoci.soci.prefetch import stored_artifact
     from lazyoci.soci.index_records import SociRecords
     images = image_service()
     digest = _full_digest(digest)
-    known = {a.digest: a for a in stored_artifacts(images.blobs, SociRecords(images.db))}
-    if digest not in known or not images.blobs.has(digest):
-        raise StoreError(f"no prefetch artifact {digest} in the SOCI indexes stored locally")
-    a = known[digest]
-    artifact = PrefetchArtifact.parse(images.blobs.read(digest), f"prefetch artifact {digest}")
+    a, artifact = stored_artifact(images.blobs, SociRecords(images.db), digest)
     click.echo(f"Digest:        {digest}\nVersion:       {artifact.version}\n"
                f"Span Ranges:   {len(artifact.prefetch_spans)}\nLayer Digest:  {a.layer_digest}\n"
                f"Size:          {a.size} bytes\nIndex:         {a.index_digest}\n\nPrefetch Spans:")

@@ -14,6 +14,6 @@ from lazyoci.soci.remote import create_remote
 __all__ = [
     "ConvertResult", "DiscoveredIndex", "LayerZtoc", "PushResult", "SociBuildOptions", "SociIndex",
     "SociIndexResult", "build_index", "build_index_for_reference", "build_ztoc", "convert", "convert_local_image",
-    "create_remote", "discover_index", "fetch_artifacts", "index_local_image", "index_remote_image", "make_index", "parse_ztoc", "push_index",
-    "ztoc_descriptor",
+    "create_remote", "discover_index", "fetch_artifacts", "index_local_image", "index_remote_image",
+    "make_index", "parse_ztoc", "push_index", "ztoc_descriptor",
 ]

@@ -41,7 +41,8 @@ class ConvertResult:
 
 
 def _platforms_to_index(images: "LocalImages", image_records: "ImageRecords", src: str,
-                        platforms: list[Platform] | None, all_platforms: bool) -> tuple[list[tuple[str, Platform, str]], str, str]:
+                        platforms: list[Platform] | None, all_platforms: bool
+                        ) -> tuple[list[tuple[str, Platform, str]], str, str]:
     """(manifest, platform, config) rows to index, the image's top digest and media type."""
     first = images.get(src) if not platforms else images.get(src, platforms[0])
     top = first.digest

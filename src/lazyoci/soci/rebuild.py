@@ -34,7 +34,8 @@ class RebuildResult:
     ztocs_added: int
 
 
-def _local_manifests(blobs: "BlobStore", image_records: "ImageRecords") -> tuple[dict[str, tuple[str, str | None, str]], dict[str, str]]:
+def _local_manifests(blobs: "BlobStore", image_records: "ImageRecords"
+                     ) -> tuple[dict[str, tuple[str, str | None, str]], dict[str, str]]:
     """manifest digest -> (image digest, image name, platform) of every local image, and
     index digest -> manifest digest for the manifests that name their v2 index."""
     manifests: dict[str, tuple[str, str | None, str]] = {}
