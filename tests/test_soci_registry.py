@@ -383,3 +383,33 @@ def test_lazily_pulled_image_indexes_from_the_registry(registry, medium_image, d
     assert [z.layer.digest for z in result.ztocs] == [MEDIUM_LAYER.digest]
     assert not images.blobs.has(MEDIUM_LAYER.digest)
     images.close()
+
+
+def test_build_index_takes_only_the_parts_it_needs(registry, medium_image, data_root):
+    """No image service: the blob store, the SOCI records and a lease are enough to index a fully
+    pulled image, and the registry client is never asked for (every layer is in the store)."""
+    from lazyoci.soci import build_index
+    from lazyoci.soci.build import layer_source
+    from lazyoci.soci.index_records import SociRecords
+    from lazyoci.store.blobs import BlobStore
+    from lazyoci.store.db import Database
+    from lazyoci.store.image_records import ImageRecords
+
+    ref, _, _ = medium_image
+    images = service(data_root)
+    try:
+        image = images.pull(ref)
+    finally:
+        images.close()
+
+    def no_client():
+        raise AssertionError("a fully pulled image needs no registry client")
+
+    root = DataRoot(data_root)
+    blobs, db = BlobStore(root), Database(root.db_path)
+    records = SociRecords(db)
+    with ImageRecords(db, blobs).lease() as lease:
+        result = build_index(image, layer_source(blobs, no_client, image), blobs, records, lease, SMALL)
+    assert [z.layer.digest for z in result.ztocs] == [MEDIUM_LAYER.digest]
+    assert [r.index_digest for r in records.indexes(manifest_digest=image.manifest.digest)] == [result.digest]
+    assert blobs.has(result.digest)
