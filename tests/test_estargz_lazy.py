@@ -50,7 +50,7 @@ def soci_config(tmp_path) -> Path:
 def _pull(data_root: Path, config: Path, ref: str):
     root = DataRoot(data_root)
     images = ImageService(root)
-    snap = SociSnapshotter(root, load_config(config))
+    snap = SociSnapshotter(root, load_config(config), client=images.client)
     lines: list[str] = []
     image = snap.pull(images, ref, log=lines.append)
     return images, snap, image, lines

@@ -113,7 +113,7 @@ def test_container_reading_one_small_file_pulls_under_ten_percent(registry, big,
         ref = f"{proxy.host}/lazy/big:latest"
         images = ImageService(root)
         try:
-            SociSnapshotter(root, load_config(config)).pull(images, ref)
+            SociSnapshotter(root, load_config(config), client=images.client).pull(images, ref)
         finally:
             images.close()
         r = subprocess.run([str(Path(sys.executable).parent / "lazyoci"), "--root", str(data_root),

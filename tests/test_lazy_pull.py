@@ -38,7 +38,7 @@ def test_lazy_pull_run_and_status(registry, data_root, tmp_path, soci_config):
     ref = f"{registry.host}/lazy/pull:latest"
     root = DataRoot(data_root)
     images = ImageService(root)
-    snap = SociSnapshotter(root, load_config(soci_config))
+    snap = SociSnapshotter(root, load_config(soci_config), client=images.client)
     lines: list[str] = []
     try:
         image = snap.pull(images, ref, log=lines.append)
@@ -77,7 +77,7 @@ def test_image_without_index_falls_back_with_one_info_line(registry, data_root, 
     push_image(registry.host, "lazy/noindex", [layer], image_config([layer]), tmp_path)
     root = DataRoot(data_root)
     images = ImageService(root)
-    snap = SociSnapshotter(root, load_config(soci_config))
+    snap = SociSnapshotter(root, load_config(soci_config), client=images.client)
     lines: list[str] = []
     try:
         image = snap.pull(images, f"{registry.host}/lazy/noindex:latest", log=lines.append)
@@ -109,7 +109,7 @@ def test_failed_lazy_pull_leaves_no_layer_mounted(registry, data_root, tmp_path,
         manifest = json.loads(r.read())
     root = DataRoot(data_root)
     images = ImageService(root)
-    snap = SociSnapshotter(root, load_config(soci_config))
+    snap = SociSnapshotter(root, load_config(soci_config), client=images.client)
     client = ServiceClient(root, soci_config)
     try:
         with FaultProxy(registry.host) as proxy:

@@ -10,6 +10,7 @@ from helpers.images import Entry, image_config, make_layer, push_image
 from helpers.lazy import push_soci_index, write_config
 from helpers.tricky_image import push_tricky_image
 from lazyoci.config import load_config
+from lazyoci.errors import ConfigError
 from lazyoci.images.service import ImageService
 from lazyoci.registry import RegistryClient, RegistryOptions
 from lazyoci.service.client import ServiceClient
@@ -31,7 +32,8 @@ def test_a_lazy_pull_asks_the_registry_for_the_tag_once(registry, data_root, tmp
     server = ServiceClient(root, config)
     try:
         with FaultProxy(registry.host) as proxy:
-            image = SociSnapshotter(root, load_config(config)).pull(images, f"{proxy.host}/seams/once:latest")
+            snap = SociSnapshotter(root, load_config(config), client=images.client)
+            image = snap.pull(images, f"{proxy.host}/seams/once:latest")
             assert image.snapshotter == "soci"
             assert proxy.count("GET", match="/manifests/latest") == 1, [r.path for r in proxy.log]
             assert proxy.count("HEAD", match="/manifests/latest") == 0
@@ -68,13 +70,32 @@ def test_the_soci_snapshotter_works_with_the_collaborators_it_is_given(registry,
         server.stop()
 
 
+def test_a_soci_snapshotter_made_without_a_registry_client_refuses_to_pull(registry, data_root, tmp_path):
+    """The registry client is a collaborator given at construction, never the image service's
+    taken behind the caller's back: without one, a lazy pull fails before any request."""
+    push_tricky_image(registry.host, "seams/noclient", tmp_path)
+    push_soci_index(registry.host, "seams/noclient", tmp_path)
+    config = write_config(tmp_path / "config.yaml")
+    root = DataRoot(data_root).ensure()
+    images = ImageService(root)
+    try:
+        with FaultProxy(registry.host) as proxy:
+            snap = SociSnapshotter(root, load_config(config))
+            with pytest.raises(ConfigError, match="without a registry client"):
+                snap.pull(images, f"{proxy.host}/seams/noclient:latest")
+            assert proxy.log == []
+        assert images.list() == []
+    finally:
+        images.close()
+
+
 def test_a_fallback_is_said_through_the_callback_and_never_printed(registry, data_root, tmp_path, capfd):
     layer = make_layer([Entry("hello.txt", data=b"no index here\n")])
     push_image(registry.host, "seams/quiet", [layer], image_config([layer]), tmp_path)
     config = write_config(tmp_path / "config.yaml")
     root = DataRoot(data_root)
     images = ImageService(root)
-    snap = SociSnapshotter(root, load_config(config))
+    snap = SociSnapshotter(root, load_config(config), client=images.client)
     lines: list[str] = []
     try:
         image = snap.pull(images, f"{registry.host}/seams/quiet:latest", log=lines.append)

@@ -231,7 +231,7 @@ def test_releasing_snapshots_unmounts_a_view_through_another_index(registry, dat
     config = write_config(tmp_path / "c.yaml", extra="snapshotters:\n  - soci\n")
     root = DataRoot(data_root)
     images = ImageService(root)
-    snap = SociSnapshotter(root, load_config(config))
+    snap = SociSnapshotter(root, load_config(config), client=images.client)
     client = ServiceClient(root, config)
     try:
         image = snap.pull(images, f"{registry.host}/verify/release:latest")

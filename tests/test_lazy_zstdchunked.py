@@ -46,7 +46,7 @@ class Pulled:
     def __init__(self, data_root: Path, config: Path) -> None:
         self.root = DataRoot(data_root)
         self.images = ImageService(self.root)
-        self.snap = SociSnapshotter(self.root, load_config(config))
+        self.snap = SociSnapshotter(self.root, load_config(config), client=self.images.client)
         self.config = config
         self.lines: list[str] = []
 

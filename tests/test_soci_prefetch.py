@@ -216,7 +216,7 @@ def test_an_artifact_written_as_the_reference_writes_it_is_used(registry, data_r
     from lazyoci.images.service import ImageService
     from lazyoci.oci.manifest import Descriptor
     from lazyoci.oci.reference import Reference
-    from lazyoci.soci import SociBuildOptions, build_index, make_index, push_index
+    from lazyoci.soci import SociBuildOptions, index_local_image, make_index, push_index
     from lazyoci.store.layout import DataRoot
 
     _base, big = _image(registry, tmp_path, "prefetch/reference")
@@ -224,7 +224,7 @@ def test_an_artifact_written_as_the_reference_writes_it_is_used(registry, data_r
     images = ImageService(DataRoot(tmp_path / "builder"))
     try:
         image = images.pull(ref)
-        built = build_index(images, image, SociBuildOptions(span_size=SPAN, min_layer_size=100_000))
+        built = index_local_image(images, image, SociBuildOptions(span_size=SPAN, min_layer_size=100_000))
         ztoc = Ztoc.parse(images.blobs.read(built.index.ztocs[0].digest))
         e = next(ztoc.entry(i) for i in range(len(ztoc)) if ztoc.entry(i).name == "opt/tail.bin")
         first, last = ztoc.spans_for(e.offset - 512, e.offset + e.size)[0], ztoc.spans_for(e.offset, e.offset + e.size)[-1]

@@ -25,7 +25,8 @@ from lazyoci.oci import mediatypes as mt
 from lazyoci.oci.manifest import Manifest
 from lazyoci.oci.reference import Reference
 from lazyoci.registry.options import RegistryOptions
-from lazyoci.soci import SociBuildOptions, build_index, convert, create_remote, discover_index, push_index
+from lazyoci.soci import (SociBuildOptions, convert_local_image, discover_index, index_local_image,
+                          index_remote_image, push_index)
 from lazyoci.soci.index import (
     ANN_BUILD_TOOL, ANN_IMAGE_MANIFEST_DIGEST, ANN_INDEX_DIGEST, ANN_LAYER_DIGEST, ANN_LAYER_MEDIA_TYPE,
     ANN_SPAN_SIZE, EMPTY_CONFIG_DIGEST,
@@ -90,7 +91,7 @@ def test_push_v1_found_through_tag_schema_and_reused(registry, big_image, data_r
     images = service(data_root)
     image = images.pull(ref)
     lines: list[str] = []
-    result = build_index(images, image, SociBuildOptions(), lines.append)
+    result = index_local_image(images, image, SociBuildOptions(), lines.append)
     ztoc = result.ztocs[0].ztoc
     assert lines == [
         f"ztoc skipped - layer {small.digest} ({mt.OCI_LAYER_GZIP}) size {len(small.blob)} "
@@ -131,7 +132,7 @@ def test_push_v1_found_through_tag_schema_and_reused(registry, big_image, data_r
 
     # Second time: the zTOC is reused, the index is the same, the registry already has it.
     again: list[str] = []
-    result2 = build_index(images, image, SociBuildOptions(), again.append)
+    result2 = index_local_image(images, image, SociBuildOptions(), again.append)
     assert result2.index.digest == idx
     assert again[1] == f"layer {big.digest} -> ztoc {ztoc.digest} (already exists)"
     pushed2: list[str] = []
@@ -143,7 +144,7 @@ def test_push_v1_found_through_tag_schema_and_reused(registry, big_image, data_r
                ["manifests"]) == 1
     # --force rebuilds the zTOC (same bytes: the builder is deterministic).
     forced: list[str] = []
-    build_index(images, image, SociBuildOptions(force=True), forced.append)
+    index_local_image(images, image, SociBuildOptions(force=True), forced.append)
     assert forced[1] == f"layer {big.digest} -> ztoc {ztoc.digest}"
     images.close()
 
@@ -154,7 +155,7 @@ def test_all_layers_below_min_size_is_a_clear_error(registry, tmp_path, data_roo
     images = service(data_root)
     image = images.pull(f"{registry.host}/soci/tiny:latest")
     with pytest.raises(FormatError, match="no zTOCs created.*min-layer-size 10485760"):
-        build_index(images, image, SociBuildOptions())
+        index_local_image(images, image, SociBuildOptions())
     images.close()
 
 
@@ -163,7 +164,7 @@ def test_zstd_layer_skipped_with_a_clear_line(registry, tmp_path, data_root):
     push_image(registry.host, "soci/zstd", layers, image_config(layers), tmp_path)
     images = service(data_root)
     lines: list[str] = []
-    result = build_index(images, images.pull(f"{registry.host}/soci/zstd:latest"), SMALL, lines.append)
+    result = index_local_image(images, images.pull(f"{registry.host}/soci/zstd:latest"), SMALL, lines.append)
     assert lines[0] == (f"ztoc skipped - layer {layers[0].digest} ({mt.OCI_LAYER_ZSTD}) is compressed in an "
                         'unsupported format. expect: [tar, gzip, unknown] but got "zstd"')
     assert [z.layer.digest for z in result.ztocs] == [MEDIUM_LAYER.digest]
@@ -175,7 +176,7 @@ def test_convert_v2_shape_push_and_discovery(registry, medium_image, data_root):
     images = service(data_root)
     images.pull(ref)
     dst = f"{registry.host}/soci/medium-converted:v2"
-    result = convert(images, ref, dst, SMALL)
+    result = convert_local_image(images, ref, dst, SMALL)
     [built] = result.indexes
     assert built.index.version == "v2" and built.index.subject is None
     new_manifest = result.manifests[old_manifest]
@@ -218,14 +219,14 @@ def test_discovery_order(registry, medium_image, tmp_path, data_root):
     image = images.pull(ref)
     r = Reference.parse(ref)
     manifest = image.manifest
-    v1 = build_index(images, image, SMALL)
+    v1 = index_local_image(images, image, SMALL)
     push_index(images.client, r, images.blobs, v1.index)
     found = discover_index(images.client, r, manifest, manifest_digest)
     assert found.how == "referrers" and found.digest == v1.digest
 
     # An explicit digest wins over the referrers (here: a v2 index pushed on its own).
     from lazyoci.soci.push import push_manifest_graph
-    v2 = build_index(images, image, SociBuildOptions(min_layer_size=1024, span_size=1 << 17, version="v2"))
+    v2 = index_local_image(images, image, SociBuildOptions(min_layer_size=1024, span_size=1 << 17, version="v2"))
     push_manifest_graph(images.client, r, images.blobs, v2.index.raw, mt.OCI_MANIFEST)
     found = discover_index(images.client, r, manifest, manifest_digest, explicit_digest=v2.digest)
     assert found.how == "explicit" and found.digest == v2.digest
@@ -250,14 +251,14 @@ def test_remote_create_streams_layers_and_get_file(registry, tmp_path):
     root = tmp_path / "remote-root"
     images = service(root)
     lines: list[str] = []
-    result, pushed = create_remote(images, ref, SMALL, push=True, log=lines.append)
+    result, pushed = index_remote_image(images, ref, SMALL, push=True, log=lines.append)
     assert pushed is not None and not pushed.index_skipped
     assert not images.blobs.has(MEDIUM_LAYER.digest) and not images.blobs.has(SMALL_LAYER.digest)
     ztoc_digest = result.ztocs[0].ztoc.digest
     # The same zTOC as one built from a local copy of the layer.
     local_root = tmp_path / "local-root"
     local = service(local_root)
-    local_result = build_index(local, local.pull(ref), SMALL)
+    local_result = index_local_image(local, local.pull(ref), SMALL)
     assert local_result.ztocs[0].ztoc.digest == ztoc_digest
     found = discover_index(images.client, Reference.parse(ref), local_result_manifest(local, ref),
                            manifest_digest)
@@ -335,7 +336,7 @@ def test_all_platforms_create_and_convert(registry, tmp_path, data_root):
     assert sorted(p for _, p in made) == ["linux/amd64", "linux/arm64"]
 
     dst = f"{registry.host}/soci/multi-converted:latest"
-    result = convert(images, ref, dst, SMALL, all_platforms=True)
+    result = convert_local_image(images, ref, dst, SMALL, all_platforms=True)
     assert sorted(str(r.platform) for r in result.indexes) == ["linux/amd64", "linux/arm64"]
     images.push(dst)
     top = json.loads(skopeo_raw(dst))
@@ -346,7 +347,7 @@ def test_all_platforms_create_and_convert(registry, tmp_path, data_root):
         assert img["annotations"][ANN_INDEX_DIGEST] == soci["digest"]
         assert soci["annotations"][ANN_IMAGE_MANIFEST_DIGEST] == img["digest"]
     # Converting only one platform of it: the other keeps no index.
-    one = convert(images, ref, f"{registry.host}/soci/multi-one:latest", SMALL,
+    one = convert_local_image(images, ref, f"{registry.host}/soci/multi-one:latest", SMALL,
                   platforms=[Platform("linux", "arm64")])
     assert [str(r.platform) for r in one.indexes] == ["linux/arm64"]
     images.close()
@@ -367,7 +368,7 @@ def test_corrupt_local_layer_is_refused(registry, tmp_path, data_root):
     path.chmod(0o644)
     path.write_bytes(bytes(data))
     with pytest.raises(IntegrityError):
-        build_index(images, image, SMALL)
+        index_local_image(images, image, SMALL)
     assert SociRecords(images.db).find_ztoc(layer.digest, SMALL.span_size) is None
     images.close()
 
@@ -378,7 +379,37 @@ def test_lazily_pulled_image_indexes_from_the_registry(registry, medium_image, d
     images = service(data_root)
     image = images.pull(ref, skip_layers=lambda d: True)
     assert not images.blobs.has(MEDIUM_LAYER.digest)
-    result = build_index(images, image, SMALL)
+    result = index_local_image(images, image, SMALL)
     assert [z.layer.digest for z in result.ztocs] == [MEDIUM_LAYER.digest]
     assert not images.blobs.has(MEDIUM_LAYER.digest)
     images.close()
+
+
+def test_build_index_takes_only_the_parts_it_needs(registry, medium_image, data_root):
+    """No image service: the blob store, the SOCI records and a lease are enough to index a fully
+    pulled image, and the registry client is never asked for (every layer is in the store)."""
+    from lazyoci.soci import build_index
+    from lazyoci.soci.build import layer_source
+    from lazyoci.soci.index_records import SociRecords
+    from lazyoci.store.blobs import BlobStore
+    from lazyoci.store.db import Database
+    from lazyoci.store.image_records import ImageRecords
+
+    ref, _, _ = medium_image
+    images = service(data_root)
+    try:
+        image = images.pull(ref)
+    finally:
+        images.close()
+
+    def no_client():
+        raise AssertionError("a fully pulled image needs no registry client")
+
+    root = DataRoot(data_root)
+    blobs, db = BlobStore(root), Database(root.db_path)
+    records = SociRecords(db)
+    with ImageRecords(db, blobs).lease() as lease:
+        result = build_index(image, layer_source(blobs, no_client, image), blobs, records, lease, SMALL)
+    assert [z.layer.digest for z in result.ztocs] == [MEDIUM_LAYER.digest]
+    assert [r.index_digest for r in records.indexes(manifest_digest=image.manifest.digest)] == [result.digest]
+    assert blobs.has(result.digest)

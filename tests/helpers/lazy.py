@@ -22,13 +22,13 @@ def push_soci_index(registry_host: str, repo: str, work: Path, span_size: int = 
     own, so the test's root stays empty) and push the v1 index; returns its digest."""
     from lazyoci.images.service import ImageService
     from lazyoci.oci.reference import Reference
-    from lazyoci.soci import SociBuildOptions, build_index, push_index
+    from lazyoci.soci import SociBuildOptions, index_local_image, push_index
 
     images = ImageService(DataRoot(work / f"builder-{repo.replace('/', '_')}"))
     try:
         ref = f"{registry_host}/{repo}:latest"
         image = images.pull(ref)
-        result = build_index(images, image, SociBuildOptions(span_size=span_size, min_layer_size=min_layer_size))
+        result = index_local_image(images, image, SociBuildOptions(span_size=span_size, min_layer_size=min_layer_size))
         push_index(images.client, Reference.parse(ref), images.blobs, result.index)
         return result.digest
     finally:

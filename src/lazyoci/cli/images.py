@@ -39,7 +39,7 @@ def pull_image(svc: ImageService, ref: str, platform: Platform | None, snapshott
     """
     from lazyoci.snapshot.snapshotters import get_snapshotter
 
-    snap = get_snapshotter(snapshotter, svc.root, app().config)
+    snap = get_snapshotter(snapshotter, svc.root, app().config, svc.client)
     display = None if quiet else ProgressDisplay(stream)
     with display or contextlib.nullcontext():
         if not all_platforms:

@@ -80,18 +80,19 @@ def soci_push_after_image(ref: str, span_size: int | None = None, min_layer_size
                           platform: Platform | None = None, existing: str = "warn",
                           prefetch: tuple[str, ...] = ()) -> str:
     """Build (or reuse) the v1 SOCI index of local image `ref` and push it next to the image
-    (soci/publish.py).
+    (soci/publish.py, through soci/image_service_wiring.py).
 
     Called by `lazyoci push --snapshotter soci` once the image itself is pushed; the SOCI lines
     are printed the way nerdctl/Finch relay them: `INFO[SSSS] soci: <line>` (logrus, seconds
     since the command started). Returns the index digest.
     """
-    from lazyoci.soci.publish import build_and_push_index
+    from lazyoci.soci.image_service_wiring import build_and_push_local_image_index
 
     images = image_service()
     try:
-        return build_and_push_index(images, ref, soci_build_options(span_size, min_layer_size, prefetch_files=prefetch),
-                                    platform, logrus_info, existing)
+        return build_and_push_local_image_index(
+            images, ref, soci_build_options(span_size, min_layer_size, prefetch_files=prefetch),
+            platform, logrus_info, existing)
     finally:
         images.close()
 

@@ -64,17 +64,17 @@ def create_cmd(span_size, min_layer_size, platform, all_platforms, force, remote
     images = image_service()
     try:
         if remote:
-            from lazyoci.soci.remote import create_remote
+            from lazyoci.soci.image_service_wiring import index_remote_image
             if all_platforms or len(platform) > 1:
                 raise ConfigError("--remote indexes one platform per run")
             plat = _platforms(platform)[0] if platform else None
-            result, _ = create_remote(images, ref, options, plat, push_after, click.echo)
+            result, _ = index_remote_image(images, ref, options, plat, push_after, click.echo)
             click.echo(f"soci index: {result.digest}")
             return
-        from lazyoci.soci.build import build_index
+        from lazyoci.soci.image_service_wiring import index_local_image
         targets = _local_targets(images, ref, _platforms(platform), all_platforms)
         for image in targets:
-            result = build_index(images, image, options, click.echo)
+            result = index_local_image(images, image, options, click.echo)
             click.echo(f"soci index: {result.digest} ({result.platform})")
     finally:
         images.close()
@@ -101,16 +101,17 @@ def _local_targets(images, ref: str, platforms: list[Platform], all_platforms: b
 def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, optimizations, prefetch_file,
                 prefetch_files_json, src, dst) -> None:
     """Make DST: SRC with SOCI v2 indexes inside it (push DST with `lazyoci push`)."""
-    from lazyoci.soci.convert import convert
+    from lazyoci.soci.image_service_wiring import convert_local_image
     if platform and all_platforms:
         raise ConfigError("--platform and --all-platforms are exclusive")
     images = image_service()
     try:
-        result = convert(images, src, dst,
-                         _optimized(soci_build_options(span_size, min_layer_size, force, "v2",
-                                                       prefetch_files(prefetch_file, prefetch_files_json)),
-                                    optimizations),
-                         _platforms(platform) or None, all_platforms, click.echo)
+        result = convert_local_image(images, src, dst,
+                                     _optimized(soci_build_options(span_size, min_layer_size, force, "v2",
+                                                                   prefetch_files(prefetch_file,
+                                                                                  prefetch_files_json)),
+                                                optimizations),
+                                     _platforms(platform) or None, all_platforms, click.echo)
     finally:
         images.close()
     click.echo(f"converted image index: {result.digest}")
@@ -149,11 +150,12 @@ def optimize_cmd(soci_index_digest, ref, command) -> None:
 @click.argument("ref")
 def push_cmd(platform, existing_index, ref) -> None:
     """Push the newest v1 SOCI index of local image REF to REF's repository."""
-    from lazyoci.soci.publish import push_local_index
+    from lazyoci.soci.image_service_wiring import push_local_image_index
 
     images = image_service()
     try:
-        push_local_index(images, ref, Platform.parse(platform) if platform else None, click.echo, existing_index)
+        push_local_image_index(images, ref, Platform.parse(platform) if platform else None, click.echo,
+                               existing_index)
     finally:
         images.close()
 
@@ -167,34 +169,29 @@ def prefetch_group() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def prefetch_list(quiet) -> None:
     """List the prefetch artifacts (the reference's `soci prefetch ls`)."""
-    from lazyoci.soci.prefetch import PrefetchArtifact, stored_artifacts
+    from lazyoci.soci.prefetch import present_artifacts, stored_artifacts
     from lazyoci.soci.index_records import SociRecords
     images = image_service()
-    found = stored_artifacts(images.blobs, SociRecords(images.db))
+    records = SociRecords(images.db)
     if quiet:
-        for a in found:
+        for a in stored_artifacts(images.blobs, records):
             click.echo(a.digest)
         return
     now = time.time()
     _table([("DIGEST", "LAYER DIGEST", "SPANS", "CREATED")] +
-           [(a.digest, a.layer_digest,
-             str(len(PrefetchArtifact.parse(images.blobs.read(a.digest), f"prefetch artifact {a.digest}").spans())),
-             f"{int(now - a.created_at)}s ago") for a in found if images.blobs.has(a.digest)])
+           [(a.digest, a.layer_digest, str(len(artifact.spans())), f"{int(now - a.created_at)}s ago")
+            for a, artifact in present_artifacts(images.blobs, records)])
 
 
 @prefetch_group.command("info")
 @click.argument("digest")
 def prefetch_info(digest) -> None:
     """Show one prefetch artifact: its span ranges and the layer it belongs to."""
-    from lazyoci.soci.prefetch import PrefetchArtifact, stored_artifacts
+    from lazyoci.soci.prefetch import stored_artifact
     from lazyoci.soci.index_records import SociRecords
     images = image_service()
     digest = _full_digest(digest)
-    known = {a.digest: a for a in stored_artifacts(images.blobs, SociRecords(images.db))}
-    if digest not in known or not images.blobs.has(digest):
-        raise StoreError(f"no prefetch artifact {digest} in the SOCI indexes stored locally")
-    a = known[digest]
-    artifact = PrefetchArtifact.parse(images.blobs.read(digest), f"prefetch artifact {digest}")
+    a, artifact = stored_artifact(images.blobs, SociRecords(images.db), digest)
     click.echo(f"Digest:        {digest}\nVersion:       {artifact.version}\n"
                f"Span Ranges:   {len(artifact.prefetch_spans)}\nLayer Digest:  {a.layer_digest}\n"
                f"Size:          {a.size} bytes\nIndex:         {a.index_digest}\n\nPrefetch Spans:")
@@ -214,14 +211,11 @@ def index_group() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Digests only.")
 def index_list(ref, quiet) -> None:
     """List the SOCI indexes stored locally."""
+    from lazyoci.soci.image_indexes import indexes_of_image
     from lazyoci.soci.index_records import SociRecords
     images = image_service()
-    recs = SociRecords(images.db).indexes()
-    if ref:
-        image = images.get(ref)
-        rec = images.records.content(image.digest)
-        manifests = {m for m, _, _ in rec.platforms} if rec else {image.manifest.digest}
-        recs = [r for r in recs if r.manifest_digest in manifests]
+    records = SociRecords(images.db)
+    recs = indexes_of_image(records, images.records, images.get(ref)) if ref else records.indexes()
     if quiet:
         for r in recs:
             click.echo(r.index_digest)
@@ -255,10 +249,9 @@ def index_rm(ref, digests) -> None:
     images = image_service()
     records = SociRecords(images.db)
     if ref:
-        image = images.get(ref)
-        rec = images.records.content(image.digest)
-        manifests = {m for m, _, _ in rec.platforms} if rec else {image.manifest.digest}
-        digests = tuple(dict.fromkeys(r.index_digest for r in records.indexes() if r.manifest_digest in manifests))
+        from lazyoci.soci.image_indexes import indexes_of_image
+        digests = tuple(dict.fromkeys(r.index_digest for r in indexes_of_image(records, images.records,
+                                                                                 images.get(ref))))
     for d in digests:
         d = _full_digest(d)
         if not records.remove_index(d):
@@ -300,10 +293,11 @@ ztoc_group.add_command(ztoc_list, "ls")
 @soci_group.command("rebuild-db")
 def rebuild_db_cmd() -> None:
     """Rebuild the SOCI records from the blobs in the store (as the reference's rebuild-db)."""
+    from lazyoci.soci.index_records import SociRecords
     from lazyoci.soci.rebuild import rebuild_records
     images = image_service()
     try:
-        r = rebuild_records(images)
+        r = rebuild_records(images.blobs, SociRecords(images.db), images.records)
     finally:
         images.close()
     click.echo(f"removed {r.removed} records of missing blobs; recorded {r.indexes_added} SOCI indexes "

@@ -49,7 +49,7 @@ def mount_image(root: DataRoot, config: Config, images: ImageService, ref: str, 
         raise ContainerError(f"mount point {directory} is not a directory")
     if is_mountpoint(directory):
         raise ContainerError(f"{directory} is already a mount point")
-    snap = get_snapshotter(snapshotter, root, config)
+    snap = get_snapshotter(snapshotter, root, config, images.client)
     if index_digest is not None:        # an explicit index is checked by a pull, even of a local image
         Digest.parse(index_digest)      # malformed: one error before anything
         image = snap.pull(images, ref, platform, progress=progress, index_digest=index_digest, log=log)

@@ -105,7 +105,7 @@ class ContainerManager:
                      progress: ProgressSink | None, index_digest: str | None = None) -> LocalImage:
         if policy not in PULL_POLICIES:
             raise ConfigError(f"--pull must be one of {', '.join(PULL_POLICIES)}, not {policy!r}")
-        snap = get_snapshotter(snapshotter_name, self.root, self.config)
+        snap = get_snapshotter(snapshotter_name, self.root, self.config, self.images.client)
         image = None
         if index_digest is not None:
             # Malformed: one error now. Whether it is an index of the image is for the pull to

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lazyoci.config import SNAPSHOTTERS, Config
 from lazyoci.errors import ConfigError
 from lazyoci.snapshot.base import Snapshotter
 from lazyoci.store.layout import DataRoot
 
+if TYPE_CHECKING:
+    from lazyoci.registry.client import RegistryClient
 
-def get_snapshotter(name: str, root: DataRoot, config: Config) -> Snapshotter:
-    """The snapshotter called `name` for this data root."""
+
+def get_snapshotter(name: str, root: DataRoot, config: Config,
+                    client: "RegistryClient | None" = None) -> Snapshotter:
+    """The snapshotter called `name` for this data root. A lazy one (soci, stargz) pulls
+    through `client`, so a caller that pulls with it gives one; overlayfs pulls through the
+    image service alone."""
     if name == "overlayfs":
         from lazyoci.snapshot.overlay import OverlaySnapshotter
 
@@ -19,11 +27,11 @@ def get_snapshotter(name: str, root: DataRoot, config: Config) -> Snapshotter:
             from lazyoci.snapshot.soci import SociSnapshotter
         except ImportError:
             raise ConfigError("the soci snapshotter is not available in this build") from None
-        return SociSnapshotter(root, config)
+        return SociSnapshotter(root, config, client=client)
     if name == "stargz":
         from lazyoci.snapshot.soci import StargzSnapshotter
 
-        return StargzSnapshotter(root, config)
+        return StargzSnapshotter(root, config, client=client)
     raise ConfigError(f"unknown snapshotter {name!r} (supported: {', '.join(SNAPSHOTTERS)})")
 
 

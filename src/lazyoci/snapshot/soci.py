@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lazyoci.config import Config
-from lazyoci.errors import StoreError
+from lazyoci.errors import ConfigError, StoreError
 from lazyoci.oci.manifest import chain_ids
 from lazyoci.snapshot.base import KIND_COMMITTED, LABEL_DIFF_ID, LABEL_LAYER_DIGEST
 from lazyoci.snapshot.layered import LayeredSnapshotter, image_diff_ids
@@ -90,7 +90,7 @@ class SociSnapshotter(LayeredSnapshotter):
                  client: "RegistryClient | None" = None, blobs: BlobStore | None = None) -> None:
         """Each collaborator may be given (a front end of its own, a test): `server` serves the
         lazy layers (default: the lazyoci service), `records` are the lazy pulls' records,
-        `client` the registry client of lazy pulls (default: the image service's)."""
+        `client` the registry client of lazy pulls (needed only to pull)."""
         self.config = config
         if server is None:
             from lazyoci.service.client import ServiceClient
@@ -241,6 +241,14 @@ class SociSnapshotter(LayeredSnapshotter):
         return out
 
     # ---- the lazy pull -------------------------------------------------------------
+    def _pull_client(self) -> "RegistryClient":
+        """The registry client given at construction: a lazy pull resolves, discovers and fetches
+        through it (one client, so the tag is resolved once and credentials are asked once)."""
+        if self.client is None:
+            raise ConfigError(f"the {self.name} snapshotter was made without a registry client: "
+                              "give one to pull lazily")
+        return self.client
+
     def pull(self, images: "ImageService", ref: str, platform: "Platform | None" = None,
              progress: "ProgressSink | None" = None, index_digest: str | None = None,
              log: Callable[[str], None] | None = None) -> "LocalImage":
@@ -248,7 +256,7 @@ class SociSnapshotter(LayeredSnapshotter):
         the image; `log` receives the INFO lines of a fallback (None: they are dropped)."""
         from lazyoci.snapshot.soci_pull import LazyPull
 
-        client = self.client or images.client       # the injected one, else the image service's
+        client = self._pull_client()
         return LazyPull(self, self.records, self.service, client, images, log).run(ref, platform, progress,
                                                                                   index_digest)
 
@@ -262,11 +270,10 @@ class StargzSnapshotter(SociSnapshotter):
 
     def pull(self, images: "ImageService", ref: str, platform=None, progress=None,
              index_digest: str | None = None, log=None) -> "LocalImage":
-        from lazyoci.errors import ConfigError
         from lazyoci.snapshot.soci_pull import LazyPull
 
         if index_digest is not None:
             raise ConfigError("--soci-index-digest is for --snapshotter soci, not stargz")
-        client = self.client or images.client       # the injected one, else the image service's
+        client = self._pull_client()
         return LazyPull(self, self.records, self.service, client, images, log).run(ref, platform, progress,
                                                                                   None, own_only=True)

@@ -28,7 +28,8 @@ from lazyoci.soci.index_records import SociRecords, ZtocRecord
 from lazyoci.soci.verifying_readers import VerifyingReader, buffered
 
 if TYPE_CHECKING:
-    from lazyoci.images.service import ImageService, LocalImage
+    from lazyoci.images.service import LocalImage
+    from lazyoci.registry.client import RegistryClient
     from lazyoci.ztoc import Ztoc
     from lazyoci.store.blobs import BlobStore
     from lazyoci.store.image_records import Lease
@@ -258,44 +259,41 @@ def store_index(blobs: "BlobStore", records: SociRecords, index: SociIndex, mani
                       index.version, index.size, origin)
 
 
-def _open_layer(images: "ImageService", image: "LocalImage") -> OpenLayer:
+def layer_source(blobs: "BlobStore", client: "Callable[[], RegistryClient]", image: "LocalImage") -> OpenLayer:
     """Layers from the blob store; a layer left in the registry (lazily pulled image) is
-    streamed from the registry the image came from, once, without being stored."""
+    streamed from the registry the image came from, once, without being stored. `client` is
+    called only then, so indexing a fully pulled image never opens a registry client."""
     def open_layer(layer: Descriptor):
-        if images.blobs.has(layer.digest):
-            return images.blobs.open(layer.digest)
+        if blobs.has(layer.digest):
+            return blobs.open(layer.digest)
         if image.name is None:
             raise StoreError(f"layer {layer.digest} is not in the local store and the image has no "
                              "name to fetch it from; pull it again or use `lazyoci soci create --remote`")
         from lazyoci.oci.reference import Reference
-        return images.client.iter_blob(Reference.parse(image.name), layer.digest, layer.size)
+        return client().iter_blob(Reference.parse(image.name), layer.digest, layer.size)
     return open_layer
 
 
-def build_index(images: "ImageService", image: "LocalImage", options: SociBuildOptions | None = None,
-                log: Log = lambda line: None, open_layer: OpenLayer | None = None,
-                lease: "Lease | None" = None) -> SociIndexResult:
+def build_index(image: "LocalImage", open_layer: OpenLayer, blobs: "BlobStore", records: SociRecords,
+                lease: "Lease", options: SociBuildOptions | None = None,
+                log: Log = lambda line: None) -> SociIndexResult:
     """Build (or reuse) the zTOCs of a local image and make its SOCI index; store both as blobs.
 
+    The caller holds `lease` until the records are written, so `gc` cannot take the new blobs.
     FormatError when no layer gets a zTOC (an empty index would make nothing lazy).
     """
     options = options or SociBuildOptions()
-    if lease is None:
-        with images.lease() as own_lease:
-            return build_index(images, image, options, log, open_layer, own_lease)
-    records = SociRecords(images.db)
     manifest = image.manifest
-    built, skipped = build_ztocs(manifest, open_layer or _open_layer(images, image), options,
-                                 images.blobs, records, log, lease)
+    built, skipped = build_ztocs(manifest, open_layer, options, blobs, records, log, lease)
     mdesc = manifest.descriptor()
     if not built:
         raise FormatError(
             f"no zTOCs created for {image.name or image.digest}: all {len(manifest.layers)} layers are "
             f"smaller than min-layer-size {options.min_layer_size} or compressed with an unsupported "
             "format; lower --min-layer-size to index smaller layers")
-    prefetch = build_prefetch_artifacts(images.blobs, built, options.prefetch_files, log, lease)
+    prefetch = build_prefetch_artifacts(blobs, built, options.prefetch_files, log, lease)
     index = make_index(options.version, [b.ztoc for b in built] + prefetch,
                        mdesc if options.version == "v1" else None, options.tool)
     platform = image.config.platform
-    store_index(images.blobs, records, index, mdesc, image.digest, image.name, platform, "built", lease)
+    store_index(blobs, records, index, mdesc, image.digest, image.name, platform, "built", lease)
     return SociIndexResult(index, mdesc, platform, tuple(built), tuple(skipped))

@@ -22,7 +22,10 @@ from lazyoci.errors import ConfigError, FormatError, StoreError
 if TYPE_CHECKING:
     from lazyoci.config import Config
     from lazyoci.images.service import ImageService
+    from lazyoci.registry.client import RegistryClient
     from lazyoci.soci.index import SociIndex
+    from lazyoci.store.blobs import BlobStore
+    from lazyoci.store.image_records import ImageRecords
     from lazyoci.store.layout import DataRoot
 
 Log = Callable[[str], None]
@@ -48,7 +51,7 @@ def optimize(main_root: "DataRoot", config: "Config", open_images: Callable[["Da
         images = open_images(private)
         try:
             code, views = _record(private, config, images, ref, command, index_digest, log)
-            return _push_optimized(images, ref, views, code, log)
+            return _push_optimized(images.blobs, images.records, images.client, ref, views, code, log)
         finally:
             images.close()
     finally:
@@ -80,20 +83,19 @@ def _record(root: "DataRoot", config: "Config", images: "ImageService", ref: str
     return code, views
 
 
-def _push_optimized(images: "ImageService", ref: str, views: list[tuple[str, str, list[int]]], code: int,
-                    log: Log) -> OptimizeResult:
+def _push_optimized(blobs: "BlobStore", image_records: "ImageRecords", client: "RegistryClient", ref: str,
+                    views: list[tuple[str, str, list[int]]], code: int, log: Log) -> OptimizeResult:
     """The index the run used, with an artifact of each recorded layer instead of its old ones; pushed."""
     from lazyoci.oci.reference import Reference
     from lazyoci.soci.index import SociIndex, make_index
     from lazyoci.soci.prefetch import artifact_descriptor, artifact_for_spans
     from lazyoci.soci.push import push_index
 
-    with images.db.reading() as conn:
-        owners = [r[0] for r in conn.execute("SELECT DISTINCT owner FROM blob_refs WHERE owner LIKE 'soci:%'")]
+    owners = image_records.owners_of_kind("soci")
     if len(owners) != 1:
         raise StoreError(f"the recorder's pull of {ref} used {len(owners)} SOCI indexes, not one: "
                          "it did not run lazily")
-    old = SociIndex.parse(images.blobs.read(owners[0].split(":", 1)[1]))
+    old = SociIndex.parse(blobs.read(owners[0].split(":", 1)[1]))
     if old.version != "v1" or old.subject is None:
         raise ConfigError(f"the SOCI index {old.digest} of {ref} is a v2 index, named by the image itself: "
                           "an optimized one would change the image (use a v1 index: `lazyoci soci create`)")
@@ -105,15 +107,15 @@ def _push_optimized(images: "ImageService", ref: str, views: list[tuple[str, str
         if zdesc is None or not order:
             continue
         desc, raw = artifact_descriptor(artifact_for_spans(order), layer)
-        images.blobs.put_bytes(raw, desc.digest)
+        blobs.put_bytes(raw, desc.digest)
         artifacts.append(desc)
         spans[layer] = len(order)
         log(f"layer {layer}: {len(order)} spans read, prefetch artifact {desc.digest}")
     if not artifacts:
         raise FormatError(f"the workload read nothing of the lazy layers of {ref}: no prefetch to record")
     index = make_index("v1", list(old.ztocs) + artifacts, old.subject, old.build_tool or "lazyoci")
-    images.blobs.put_bytes(index.raw, index.digest)
-    push_index(images.client, Reference.parse(ref), images.blobs, index, log, "allow")
+    blobs.put_bytes(index.raw, index.digest)
+    push_index(client, Reference.parse(ref), blobs, index, log, "allow")
     return OptimizeResult(index, old.digest, code, spans)
 
 

@@ -223,3 +223,19 @@ def stored_artifacts(blobs: "BlobStore", records: "SociRecords") -> list[StoredA
             seen[d.digest] = StoredArtifact(d.digest, d.annotations.get(ANN_LAYER_DIGEST, ""), d.size,
                                             rec.index_digest, rec.created_at)
     return list(seen.values())
+
+
+def present_artifacts(blobs: "BlobStore", records: "SociRecords") -> list[tuple[StoredArtifact, PrefetchArtifact]]:
+    """The stored artifacts whose blob is in the store, each read (`soci prefetch ls`)."""
+    return [(a, PrefetchArtifact.parse(blobs.read(a.digest), f"prefetch artifact {a.digest}"))
+            for a in stored_artifacts(blobs, records) if blobs.has(a.digest)]
+
+
+def stored_artifact(blobs: "BlobStore", records: "SociRecords", digest: str) -> tuple[StoredArtifact, PrefetchArtifact]:
+    """One stored artifact and its contents (`soci prefetch info`); StoreError when no stored
+    index names it or its blob is gone."""
+    from lazyoci.errors import StoreError
+    known = {a.digest: a for a in stored_artifacts(blobs, records)}
+    if digest not in known or not blobs.has(digest):
+        raise StoreError(f"no prefetch artifact {digest} in the SOCI indexes stored locally")
+    return known[digest], PrefetchArtifact.parse(blobs.read(digest), f"prefetch artifact {digest}")

@@ -13,13 +13,16 @@ from lazyoci.errors import StoreError
 from lazyoci.oci.reference import Reference
 
 if TYPE_CHECKING:
-    from lazyoci.images.service import ImageService, LocalImage
+    from lazyoci.images.service import LocalImage
     from lazyoci.oci.platform import Platform
     from lazyoci.soci.build import SociBuildOptions
     from lazyoci.soci.index import SociIndex
     from lazyoci.soci.push import PushResult
     from lazyoci.soci.index_records import SociRecords
+    from lazyoci.registry.client import RegistryClient
+    from lazyoci.soci.local_images import LocalImages
     from lazyoci.store.blobs import BlobStore
+    from lazyoci.store.image_records import Lease
 
 __all__ = ["build_and_push_index", "newest_v1_index", "push_local_index"]
 
@@ -42,26 +45,30 @@ def newest_v1_index(blobs: "BlobStore", records: "SociRecords", image: "LocalIma
     return SociIndex.parse(blobs.read(recs[-1].index_digest))
 
 
-def push_local_index(images: "ImageService", ref: str, platform: "Platform | None" = None,
+def push_local_index(images: "LocalImages", blobs: "BlobStore", records: "SociRecords",
+                     client: "RegistryClient", ref: str, platform: "Platform | None" = None,
                      log: Log = lambda line: None, existing: str = "warn") -> "PushResult":
     """Push the newest v1 SOCI index of local image `ref` to `ref`'s repository."""
-    from lazyoci.soci.index_records import SociRecords
     from lazyoci.soci.push import push_index
 
     image = images.get(ref, platform)
-    index = newest_v1_index(images.blobs, SociRecords(images.db), image, ref)
-    return push_index(images.client, Reference.parse(ref), images.blobs, index, log, existing)
+    index = newest_v1_index(blobs, records, image, ref)
+    return push_index(client, Reference.parse(ref), blobs, index, log, existing)
 
 
-def build_and_push_index(images: "ImageService", ref: str, options: "SociBuildOptions",
-                         platform: "Platform | None" = None, log: Log = lambda line: None,
-                         existing: str = "warn") -> str:
+def build_and_push_index(images: "LocalImages", blobs: "BlobStore", records: "SociRecords",
+                         new_lease: "Callable[[], Lease]", client: "RegistryClient", ref: str,
+                         options: "SociBuildOptions", platform: "Platform | None" = None,
+                         log: Log = lambda line: None, existing: str = "warn") -> str:
     """Build (or reuse) the v1 SOCI index of local image `ref` and push it next to the image,
-    once the image itself is pushed; returns the index digest."""
-    from lazyoci.soci.build import build_index
+    once the image itself is pushed; returns the index digest. A layer the store lacks is
+    streamed from `client` (a lazily pulled image)."""
+    from lazyoci.soci.build import build_index, layer_source
     from lazyoci.soci.push import push_index
 
     image = images.get(ref, platform)
-    result = build_index(images, image, options, log)
-    push_index(images.client, Reference.parse(ref), images.blobs, result.index, log, existing)
+    with new_lease() as lease:
+        result = build_index(image, layer_source(blobs, lambda: client, image), blobs, records, lease,
+                             options, log)
+    push_index(client, Reference.parse(ref), blobs, result.index, log, existing)
     return result.digest

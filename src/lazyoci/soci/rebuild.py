@@ -21,7 +21,8 @@ from lazyoci.soci.index import (ANN_INDEX_DIGEST, ANN_LAYER_DIGEST, ANN_LAYER_ME
 from lazyoci.soci.index_records import SociRecords, ZtocRecord
 
 if TYPE_CHECKING:
-    from lazyoci.images.service import ImageService
+    from lazyoci.store.blobs import BlobStore
+    from lazyoci.store.image_records import ImageRecords
 
 _MAX_INDEX_BYTES = 4 << 20     # an index is a small manifest: larger blobs (layers) are not read
 
@@ -33,17 +34,18 @@ class RebuildResult:
     ztocs_added: int
 
 
-def _local_manifests(images: "ImageService") -> tuple[dict[str, tuple[str, str | None, str]], dict[str, str]]:
+def _local_manifests(blobs: "BlobStore", image_records: "ImageRecords"
+                     ) -> tuple[dict[str, tuple[str, str | None, str]], dict[str, str]]:
     """manifest digest -> (image digest, image name, platform) of every local image, and
     index digest -> manifest digest for the manifests that name their v2 index."""
     manifests: dict[str, tuple[str, str | None, str]] = {}
     v2: dict[str, str] = {}
-    for content in images.records.contents():
-        names = images.records.names_of(content.digest)
+    for content in image_records.contents():
+        names = image_records.names_of(content.digest)
         for manifest, platform, _ in content.platforms:
             manifests[manifest] = (content.digest, names[0] if names else None, platform)
             try:
-                annotations = Manifest.parse(images.blobs.read(manifest)).annotations
+                annotations = Manifest.parse(blobs.read(manifest)).annotations
             except LazyociError:
                 continue
             if annotations.get(ANN_INDEX_DIGEST):
@@ -51,17 +53,17 @@ def _local_manifests(images: "ImageService") -> tuple[dict[str, tuple[str, str |
     return manifests, v2
 
 
-def _record_ztocs(images: "ImageService", records: SociRecords, index: SociIndex) -> int:
+def _record_ztocs(blobs: "BlobStore", records: SociRecords, index: SociIndex) -> int:
     from lazyoci.ztoc import Ztoc
 
     added = 0
     for d in index.ztocs:
         span = d.annotations.get(ANN_SPAN_SIZE)
         layer = d.annotations[ANN_LAYER_DIGEST]
-        if span is None or not images.blobs.has(d.digest) or records.find_ztoc(layer, int(span)):
+        if span is None or not blobs.has(d.digest) or records.find_ztoc(layer, int(span)):
             continue
         try:
-            ztoc = Ztoc.parse(images.blobs.read(d.digest))
+            ztoc = Ztoc.parse(blobs.read(d.digest))
         except LazyociError:
             continue
         records.put_ztoc(ZtocRecord(layer, int(span), d.digest, d.size,
@@ -70,19 +72,18 @@ def _record_ztocs(images: "ImageService", records: SociRecords, index: SociIndex
     return added
 
 
-def rebuild_records(images: "ImageService") -> RebuildResult:
+def rebuild_records(blobs: "BlobStore", records: SociRecords, image_records: "ImageRecords") -> RebuildResult:
     """Drop the SOCI records of missing blobs, then record the index blobs of local images."""
-    records = SociRecords(images.db)
-    removed = records.prune(images.blobs.has)
-    manifests, v2 = _local_manifests(images)
+    removed = records.prune(blobs.has)
+    manifests, v2 = _local_manifests(blobs, image_records)
     known = {(r.index_digest, r.manifest_digest) for r in records.indexes()}
     indexes = ztocs = 0
-    for digest in sorted(images.blobs.digests()):
-        size = images.blobs.size(digest)
+    for digest in sorted(blobs.digests()):
+        size = blobs.size(digest)
         if size is None or not 10 <= size <= _MAX_INDEX_BYTES:
             continue
         try:
-            index = SociIndex.parse(images.blobs.read(digest))
+            index = SociIndex.parse(blobs.read(digest))
         except LazyociError:
             continue                 # not an index (a manifest, a config, ...)
         manifest = index.subject.digest if index.subject is not None else v2.get(digest)
@@ -94,5 +95,5 @@ def rebuild_records(images: "ImageService") -> RebuildResult:
                               "built" if index.build_tool.startswith("lazyoci") else "fetched")
             records.own(digest, {EMPTY_CONFIG_DIGEST, *(d.digest for d in index.ztocs + index.prefetch)})
             indexes += 1
-        ztocs += _record_ztocs(images, records, index)
+        ztocs += _record_ztocs(blobs, records, index)
     return RebuildResult(removed, indexes, ztocs)

@@ -24,8 +24,9 @@ from lazyoci.soci.push import PushResult, push_index
 from lazyoci.soci.index_records import SociRecords
 
 if TYPE_CHECKING:
-    from lazyoci.images.service import ImageService
     from lazyoci.registry import RegistryClient
+    from lazyoci.store.blobs import BlobStore
+    from lazyoci.store.image_records import Lease
 
 Log = Callable[[str], None]
 
@@ -55,32 +56,33 @@ def resolve_remote(client: "RegistryClient", ref: Reference, platform: Platform 
     return RemoteImage(ref, top, manifest, config)
 
 
-def create_remote(images: "ImageService", ref: str, options: SociBuildOptions | None = None,
+def create_remote(client: "RegistryClient", blobs: "BlobStore", records: SociRecords,
+                  new_lease: "Callable[[], Lease]", ref: str, options: SociBuildOptions | None = None,
                   platform: Platform | None = None, push: bool = False,
                   log: Log = lambda line: None) -> tuple[SociIndexResult, PushResult | None]:
-    """Build a v1 SOCI index for an image in a registry, streaming each layer once; push it if asked."""
+    """Build a v1 SOCI index for an image in a registry, streaming each layer once; push it if asked.
+
+    `new_lease` guards the new zTOCs and index from `gc` until their records are written."""
     options = options or SociBuildOptions()
     if options.version != "v1":
         raise FormatError("remote mode builds v1 indexes (a v2 index changes the image: use convert)")
     r = Reference.parse(ref)
-    client = images.client
     remote = resolve_remote(client, r, platform)
-    records = SociRecords(images.db)
 
     def open_layer(layer: Descriptor):
         return client.iter_blob(r, layer.digest, layer.size)
 
     mdesc = remote.manifest.descriptor()
-    with images.lease() as lease:
-        built, skipped = build_ztocs(remote.manifest, open_layer, options, images.blobs, records, log, lease)
+    with new_lease() as lease:
+        built, skipped = build_ztocs(remote.manifest, open_layer, options, blobs, records, log, lease)
         if not built:
             raise FormatError(
                 f"no zTOCs created for {r}: all {len(remote.manifest.layers)} layers are smaller than "
                 f"min-layer-size {options.min_layer_size} or compressed with an unsupported format")
-        prefetch = build_prefetch_artifacts(images.blobs, built, options.prefetch_files, log, lease)
+        prefetch = build_prefetch_artifacts(blobs, built, options.prefetch_files, log, lease)
         index = make_index("v1", [b.ztoc for b in built] + prefetch, mdesc, options.tool)
-        store_index(images.blobs, records, index, mdesc, remote.top_digest, str(r),
+        store_index(blobs, records, index, mdesc, remote.top_digest, str(r),
                     remote.config.platform, "built", lease)
     result = SociIndexResult(index, mdesc, remote.config.platform, tuple(built), tuple(skipped))
-    pushed = push_index(client, r, images.blobs, index, log) if push else None
+    pushed = push_index(client, r, blobs, index, log) if push else None
     return result, pushed

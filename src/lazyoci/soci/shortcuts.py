@@ -46,18 +46,17 @@ def build_index_for_reference(ref: str, root: Path | None = None,
     from lazyoci.images.service import ImageService
     from lazyoci.oci.reference import Reference
     from lazyoci.registry.options import RegistryOptions
-    from lazyoci.soci.build import build_index
+    from lazyoci.soci.image_service_wiring import index_local_image, index_remote_image
     from lazyoci.soci.push import push_index
-    from lazyoci.soci.remote import create_remote
     from lazyoci.store.layout import DataRoot
 
     images = ImageService(DataRoot(root or default_root()), registry or RegistryOptions())
     try:
         if remote:
             options = options or SociBuildOptions()
-            result, _ = create_remote(images, ref, options, platform, push, log)
+            result, _ = index_remote_image(images, ref, options, platform, push, log)
             return result
-        result = build_index(images, images.get(ref, platform), options, log)
+        result = index_local_image(images, images.get(ref, platform), options, log)
         if push:
             push_index(images.client, Reference.parse(ref), images.blobs, result.index, log)
         return result

@@ -16,6 +16,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from lazyoci.oci.platform import Platform
@@ -171,6 +172,10 @@ class ImageRecords:
 
     def lease(self) -> Lease:
         return Lease(self.db, self.blobs)
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """One transaction for a writer outside this module that records content and names it together."""
+        return self.db.transaction()
 
     # --- writing -------------------------------------------------------------------------
 
