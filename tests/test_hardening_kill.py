@@ -50,8 +50,9 @@ def test_kill_9_of_pull_at_a_random_point_then_pull_again(registry, image, tmp_p
     rng = random.Random(seed)
     root = tmp_path / "root"
     with FaultProxy(registry.host) as proxy:
-        # every GET waits half a second, so the pull lasts 3 s or more and the kill lands inside it
-        proxy.add(Fault("delay", method="GET", seconds=0.5, times=None))
+        # every GET waits a second (a pull makes three: manifest, config, layer), so the pull lasts
+        # 3 s or more and the kill, at 0.2-2 s, lands inside it
+        proxy.add(Fault("delay", method="GET", seconds=1.0, times=None))
         ref = f"{proxy.host}/hardening/kill:latest"
         pull = subprocess.Popen([LAZYOCI, "--root", str(root), "pull", ref],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -100,6 +100,7 @@ class ImageService:
         if self._client is not None:
             self._client.close()
             self._client = None
+        self.db.close()
 
     def lease(self) -> Lease:
         """For other areas writing blobs: hold the lease before writing, record ownership, release."""

@@ -66,6 +66,14 @@ def close_anchors() -> None:
 os.register_at_fork(before=close_anchors)
 
 
+def close_anchor(path: Path) -> None:
+    """Close the idle connection of one database (its data root is being let go: unmounted, removed)."""
+    with _anchors_lock:
+        anchor = _anchors.pop(os.fspath(path), None)
+    if anchor is not None:
+        anchor.close()
+
+
 class Database:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -96,6 +104,10 @@ class Database:
             finally:
                 os.close(fd)
         self._created = True
+
+    def close(self) -> None:
+        """Let go of the database: this process keeps no connection to it open (see close_anchor)."""
+        close_anchor(self.path)
 
     def connect(self) -> sqlite3.Connection:
         """A new connection (autocommit mode: use `transaction()` or explicit BEGIN for writes)."""
