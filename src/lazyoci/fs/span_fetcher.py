@@ -23,7 +23,8 @@ small pool of daemon threads as soon as the missed span's own bytes have arrived
 so they never share the link with it, and travel while it is inflated and the
 reader moves on. The first read of a span that read-ahead brought in moves the
 window on: a sequential reader keeps a pipeline full, a random one stops after
-one window.
+one window. A file's first data read of a span that only its lookup's tar header check
+fetched plans as a miss would: that check took the miss early.
 
 Write-behind: a span is handed to the reader (and to every waiter) as soon as it
 is verified and inflated; one writer thread stores it in the disk cache. Until the
