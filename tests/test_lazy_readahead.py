@@ -160,3 +160,25 @@ def test_a_header_check_read_plans_no_read_ahead_and_is_counted_apart(tmp_path, 
     assert sorted(set(fetch.spans())) == list(ztoc.spans_for(f2.offset - 512, f2.offset))
     use = f.span_use()
     assert use.unread == 0 and use.header_only == use.fetched > 0
+
+
+def test_a_files_first_read_of_the_span_its_header_check_fetched_reads_ahead_inside_the_file(tmp_path, layer):
+    # the lookup's header check took the miss the file's first read would have taken: that read
+    # (served from the cache, as FUSE serves it first) plans the read-ahead a miss would have
+    lay, ztoc = layer
+    tar = gzip.decompress(lay.blob)
+    f2 = _file(ztoc, "f2.bin")
+    end = f2.offset + f2.size
+    fetch = Ranges(lay.blob, ztoc)
+    f = _fetcher(tmp_path, lay, ztoc, fetch)
+    f.read(f2.offset - 512, f2.offset, header=True)
+    _wait_idle(f, fetch)
+    header_spans = sorted(set(fetch.spans()))
+    assert list(ztoc.spans_for(f2.offset, f2.offset + 1)) == header_spans[-1:]
+    assert f.read_cached(f2.offset, f2.offset + 4096, end) == tar[f2.offset:f2.offset + 4096]
+    _wait_idle(f, fetch)
+    ahead = sorted(set(fetch.spans()) - set(header_spans))
+    assert ahead and ahead[0] == header_spans[-1] + 1, "the file's next spans are read ahead"
+    assert all(ztoc.span_uncompressed_range(i)[0] < end for i in ahead), "never past the file's end"
+    spans = fetch.spans()
+    assert len(spans) == len(set(spans)), f"spans fetched twice: {sorted(spans)}"

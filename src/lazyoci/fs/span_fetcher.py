@@ -23,7 +23,8 @@ small pool of daemon threads as soon as the missed span's own bytes have arrived
 so they never share the link with it, and travel while it is inflated and the
 reader moves on. The first read of a span that read-ahead brought in moves the
 window on: a sequential reader keeps a pipeline full, a random one stops after
-one window.
+one window. A file's first data read of a span that only its lookup's tar header check
+fetched plans as a miss would: that check took the miss early.
 
 Write-behind: a span is handed to the reader (and to every waiter) as soon as it
 is verified and inflated; one writer thread stores it in the disk cache. Until the
@@ -135,10 +136,10 @@ class SpanFetcher:
         None: the end of the layer)."""
         if end <= start:
             return b""
-        if not background:
+        after_header = False if background else \
             self._note_read(self.ztoc.spans_for(start, end), end - start, header)
         ahead = [] if background or header or not read_ahead else \
-            self._plan_read_ahead(self.ztoc.spans_for(start, end), ahead_until)
+            self._plan_read_ahead(self.ztoc.spans_for(start, end), ahead_until, after_header)
         start_ahead = (lambda: self._submit_read_ahead(ahead)) if ahead else None
         for _ in range(4):   # a span evicted between fetch and read is simply fetched again
             fresh = self.ensure(self.ztoc.spans_for(start, end), background=background,
@@ -168,9 +169,11 @@ class SpanFetcher:
         spans = self.ztoc.spans_for(start, end)
         if not spans or not all(self.cache.has(i) for i in spans):
             return None
-        self._note_read(spans, end - start, header)
+        after_header = self._note_read(spans, end - start, header)
         if not header:
-            ahead = self._plan_read_ahead(spans, ahead_until)   # a first touch of read-ahead moves the window on
+            # a first touch of read-ahead moves the window on, as does a file's first read of a span
+            # its tar header's check fetched (that check took the miss the read would have taken)
+            ahead = self._plan_read_ahead(spans, ahead_until, after_header)
             if ahead:
                 self._submit_read_ahead(ahead)
         parts = []
@@ -217,20 +220,25 @@ class SpanFetcher:
         with self._lock:
             return list(self._order)
 
-    def _note_read(self, spans: range, nbytes: int, header: bool) -> None:
+    def _note_read(self, spans: range, nbytes: int, header: bool) -> bool:
+        """Count a read; True if it is file data's first read of a span this run fetched for a
+        tar header check alone (the file's own first miss, taken early by its lookup)."""
         with self._lock:
             if self.first_read_at is None:
                 self.first_read_at = time.time()
+            after_header = not header and any(
+                i in self._read_header and i not in self._read_data and i in self._fetched for i in spans)
             (self._read_header if header else self._read_data).update(spans)
             self._order.update(dict.fromkeys(spans))
             self.stats.read_bytes += nbytes
+        return after_header
 
-    def _plan_read_ahead(self, spans: range | list[int], until: int | None = None) -> list[int]:
+    def _plan_read_ahead(self, spans: range | list[int], until: int | None = None,
+                         touched: bool = False) -> list[int]:
         """The spans to read ahead of a read that misses the cache or first touches a read-ahead
-        span, none starting at or past `until`."""
+        span (or `touched`: a span a header check fetched), none starting at or past `until`."""
         if not spans:
             return []
-        touched = False
         if self._ahead:
             with self._lock:
                 for i in spans:
