@@ -1,4 +1,4 @@
-"""Compatibility with the reference SOCI tools where lazyoci used to differ (issue 12, part 5):
+"""Compatibility with the reference SOCI tools where lazyoci used to differ:
 an image with the same layer twice, the xattr optimisation, and the reference's command names."""
 
 from __future__ import annotations
