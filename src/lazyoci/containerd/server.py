@@ -23,7 +23,7 @@ from lazyoci.store.layout import DataRoot
 if TYPE_CHECKING:
     import grpc
 
-    from lazyoci.containerd.snapshotters import ContainerdSoci, LayerServer
+    from lazyoci.containerd.snapshotters import ContainerdSoci, ViewMounter
     from lazyoci.registry import RegistryClient
 
 __all__ = ["SnapshotterServer", "snapshotter_socket"]
@@ -40,7 +40,7 @@ def snapshotter_socket(root: DataRoot) -> Path:
 class SnapshotterServer:
     """The Snapshots service for containerd, started and stopped with the lazyoci service."""
 
-    def __init__(self, root: DataRoot, config: Config, layers: "LayerServer", client: "RegistryClient") -> None:
+    def __init__(self, root: DataRoot, config: Config, layers: "ViewMounter", client: "RegistryClient") -> None:
         self.root = root
         self.config = config
         self.layers = layers

@@ -33,11 +33,13 @@ from lazyoci.snapshot.soci import LABEL_ZTOC, SociSnapshotter
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
 
-__all__ = ["ContainerdOverlay", "ContainerdSnapshotter", "ContainerdSoci", "LayerServer", "Usage"]
+__all__ = ["ContainerdOverlay", "ContainerdSnapshotter", "ContainerdSoci", "Usage", "ViewMounter"]
 
 
-class LayerServer(Protocol):
-    """What serves a lazy layer through a zTOC (in the service: its LayerManager)."""
+class ViewMounter(Protocol):
+    """What mounts a lazy layer's view inside the service (its LayerManager): containerd's snapshots
+    are served in the service's own process, so they call it directly, where the CLI's snapshotter
+    goes through the control socket (`snapshot/layer_server.LayerServer`)."""
 
     def mount(self, ref: str, layer_digest: str, ztoc_digest: str) -> None: ...
 
@@ -155,7 +157,7 @@ class ContainerdSoci(_ContainerdCalls, SociSnapshotter):
     table_prefix = "ctrd_soci"
     schema_name = "snapshot_containerd_soci"
 
-    def __init__(self, root: DataRoot, config: Config, layers: LayerServer, db: Database | None = None) -> None:
+    def __init__(self, root: DataRoot, config: Config, layers: ViewMounter, db: Database | None = None) -> None:
         self.layers = layers
         super().__init__(root, config, db)
 
