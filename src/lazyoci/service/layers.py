@@ -34,7 +34,6 @@ from lazyoci.errors import FormatError, LazyociError, RegistryError, StoreError
 from lazyoci.fs.background import BackgroundFetcher
 from lazyoci.fs.header_check import LayerVerifier
 from lazyoci.fs.layer_fs import LayerFS, LazyLayer
-from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
 from lazyoci.fs.span_prefetch import SpanPrefetch
@@ -58,18 +57,6 @@ def _release_freed_memory() -> None:
     gc.collect()     # the build's helper closures form a cycle; collect it before trimming
     libc.malloc_trim()
 
-
-
-def _parse_index(data: bytes, digest: str) -> LayerIndex:
-    """zstd:chunked wiring: a stored index is a zTOC, or a zstd:chunked TOC (a zstd frame, which
-    no zTOC starts with). The TOC's stream holds no tar headers (`headers_in_stream` is False):
-    its digest, which the image manifest's annotation gave, vouches for its entries."""
-    from lazyoci.zstdchunked import ZstdChunkedToc, is_chunked_toc
-    from lazyoci.ztoc import Ztoc
-
-    if is_chunked_toc(data):
-        return ZstdChunkedToc.parse(data, digest=digest)
-    return Ztoc.parse(data, digest=digest)
 
 
 @dataclass(frozen=True)
@@ -202,10 +189,7 @@ class LayerManager:
             data = f.read()
         verify_bytes(data, ztoc_digest, f"{what} of layer {layer_digest}")
         started = time.monotonic()
-        if fmt.name == "ztoc":        # no recorded format: a zTOC, or a zstd:chunked TOC (by its first bytes)
-            ztoc = _parse_index(data, ztoc_digest)
-        else:
-            ztoc = fmt.open(data, ztoc_digest)
+        ztoc = fmt.open(data, ztoc_digest)       # the format the pull recorded (a zTOC without a record)
         tree = LayerTree(ztoc)
         _release_freed_memory()     # the build's temporary path table is garbage now
         spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
@@ -225,15 +209,14 @@ class LayerManager:
         verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, header=True),
                                  functools.partial(fetcher.read_cached, header=True), layer_digest,
                                  read_layer=functools.partial(fetcher.read, background=True))
-        if cache.headers_checked or not getattr(ztoc, "headers_in_stream", True):   # zstd:chunked wiring
+        if cache.headers_checked or not getattr(ztoc, "headers_in_stream", True):   # a TOC vouches for them
             verifier.passed_before()
         else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
             verifier.on_layer_ok = cache.mark_headers_checked
             fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
-            self._labels[view] = fmt.label if fmt.name != "ztoc" else \
-                ("soci" if getattr(ztoc, "headers_in_stream", True) else "zstd:chunked")
+            self._labels[view] = fmt.label
         slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
         self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier,
                                     self._xattrs_disabled(layer_digest, ztoc_digest)), slot)
@@ -262,13 +245,9 @@ class LayerManager:
         from lazyoci.soci.prefetch import PrefetchArtifact
         what = f"prefetch artifact {digest} of layer {view[0]}"
         try:
-            data = (self.root.blobs / "sha256" / Digest.parse(digest).hex).read_bytes()
-            verify_bytes(data, digest, what)
+            data = self.blobs.read(digest)        # verified again: a blob on disk may have rotted
             artifact = PrefetchArtifact.parse(data, what)
             artifact.check_spans(num_spans, what)
-        except FileNotFoundError:
-            log.error("%s is not in the blob store: no prefetch", what)
-            return
         except LazyociError as e:
             log.error("%s: %s; no prefetch", what, e)
             return
