@@ -2,7 +2,8 @@
 
 Layers below the minimum size get no zTOC (fetching them whole is cheaper than
 lazily); zstd layers are skipped as the reference skips them. A zTOC already
-built for the same layer digest and span size is reused unless `force`. zTOCs
+built for the same layer digest and span size is reused unless `force` (whatever its spans
+inside large files: any layout reads the same). zTOCs
 of different layers are built in parallel threads (libz calls through ctypes release
 the GIL; the tar parsing in Python does not, so the gain depends on the layer).
 The lines given to `log` are the reference's, so `push --snapshotter soci` prints
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 
 DEFAULT_SPAN_SIZE = 1 << 22
+# Spans inside files of at least this many bytes run up to it (ztoc/span_layout.py): fewer
+# 32 KiB windows in the zTOC of a layer of big files, which every lazy pull fetches whole.
+DEFAULT_LARGE_SPAN_SIZE = 1 << 24
 DEFAULT_MIN_LAYER_SIZE = 10 << 20
 # The reference's optional optimisations (`--optimizations`). "xattr": a layer whose zTOC has no
 # xattrs and no opaque directory is marked `disable-xattrs`, so lazy mounts answer no xattr lookups.
@@ -46,6 +50,7 @@ OPTIMIZATIONS = ("xattr",)
 @dataclass(frozen=True)
 class SociBuildOptions:
     span_size: int = DEFAULT_SPAN_SIZE
+    large_span_size: int = DEFAULT_LARGE_SPAN_SIZE   # spans inside large files; <= span_size: none
     min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
     force: bool = False                 # rebuild zTOCs even when one exists for the layer
     version: str = "v1"                 # "v1" (subject, referrers) or "v2" (convert)
@@ -62,6 +67,9 @@ class SociBuildOptions:
         if self.span_size > MAX_SPAN_SIZE.value:   # readers (lazyoci's service among them) would refuse it
             raise ConfigError(f"span size {self.span_size} is over lazyoci's limit of {MAX_SPAN_SIZE.value} "
                               f"bytes ({MAX_SPAN_SIZE.name}: {MAX_SPAN_SIZE.why})")
+        if not 0 <= self.large_span_size <= MAX_SPAN_SIZE.value:
+            raise ConfigError(f"large-file span size must be between 0 and {MAX_SPAN_SIZE.value}, "
+                              f"not {self.large_span_size}")
         if self.min_layer_size < 0:
             raise ConfigError(f"min layer size must be >= 0, not {self.min_layer_size}")
         if self.version not in ("v1", "v2"):
@@ -159,7 +167,7 @@ def build_layer_ztoc(source: BinaryIO | object, layer: Descriptor, compression: 
     from lazyoci.ztoc import Ztoc, build_ztoc
 
     reader = VerifyingReader(source, layer.digest, layer.size)   # type: ignore[arg-type]
-    data = build_ztoc(buffered(reader), compression, options.span_size, options.tool)
+    data = build_ztoc(buffered(reader), compression, options.span_size, options.tool, options.large_span_size)
     reader.finish()
     z = Ztoc.parse(data)
     if z.compressed_size != layer.size:

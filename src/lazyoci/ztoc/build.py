@@ -21,6 +21,7 @@ from typing import BinaryIO
 from lazyoci.errors import FormatError, UnsupportedCompressionError
 from lazyoci.ztoc.codec import GZIP, UNCOMPRESSED, encode_tar_zinfo, encode_ztoc
 from lazyoci.ztoc.limits import MAX_SPAN_SIZE
+from lazyoci.ztoc.span_layout import large_file_span_end
 from lazyoci.ztoc.toc import TocBuilder
 from lazyoci.ztoc.zinfo import GzipIndexer, encode_checkpoints
 
@@ -30,8 +31,10 @@ _READ = 1 << 20
 
 
 def build_ztoc(fileobj: BinaryIO, compression: str, span_size: int = DEFAULT_SPAN_SIZE,
-               build_tool: str = BUILD_TOOL) -> bytes:
-    """The zTOC of the layer blob read from `fileobj` ("gzip" or "none")."""
+               build_tool: str = BUILD_TOOL, large_span_size: int = 0) -> bytes:
+    """The zTOC of the layer blob read from `fileobj` ("gzip" or "none"). With `large_span_size`
+    above `span_size`, a gzip layer's spans inside files of at least that many bytes run up to it
+    (ztoc/span_layout.py); 0 keeps every span at `span_size`."""
     if compression == "zstd":
         raise UnsupportedCompressionError("zstd layers cannot have a zTOC (SOCI indexes gzip and uncompressed tar layers)")
     if compression not in ("gzip", "none"):
@@ -39,9 +42,11 @@ def build_ztoc(fileobj: BinaryIO, compression: str, span_size: int = DEFAULT_SPA
     if span_size <= 0:
         raise FormatError(f"span size must be positive, not {span_size}")
     MAX_SPAN_SIZE.check(span_size, "the span size")     # readers would refuse the zTOC
+    MAX_SPAN_SIZE.check(large_span_size, "the span size inside large files")
     toc = TocBuilder()
     if compression == "gzip":
-        idx = GzipIndexer(span_size, toc.feed)
+        span_end = large_file_span_end(toc, span_size, large_span_size) if large_span_size > span_size else None
+        idx = GzipIndexer(span_size, toc.feed, span_end)
         try:
             while chunk := fileobj.read(_READ):
                 idx.feed(chunk)

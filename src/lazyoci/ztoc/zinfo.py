@@ -133,12 +133,17 @@ class GzipIndexer:
     Uncompressed output goes to `on_output` (a memoryview valid only during the
     call). Span i's digest covers the compressed bytes [start_i, in_{i+1}),
     start_i = in_i - 1 when the span starts mid-byte (SOCI's convention).
+    `span_end`, given where the current span starts (uncompressed), says past which
+    uncompressed offset a block end closes it (without it: start + span_size); it is asked
+    after `on_output` has seen the output so far, so it may follow the archive's layout.
     Call `close` (or `finish`) to stop the hashing thread.
     """
 
-    def __init__(self, span_size: int, on_output: Callable[[memoryview], None]) -> None:
+    def __init__(self, span_size: int, on_output: Callable[[memoryview], None],
+                 span_end: Callable[[int], int] | None = None) -> None:
         self.span_size = span_size
         self.on_output = on_output
+        self.span_end = span_end or (lambda start: start + span_size)
         self._inf = libz.Inflater(libz.GZIP_OR_ZLIB)
         self._out = (ctypes.c_ubyte * (WINDOW_SIZE + _OUT_CAP))()   # 32 KiB history, then output
         self._outaddr = ctypes.addressof(self._out)
@@ -169,7 +174,7 @@ class GzipIndexer:
         n = len(piece)
         s.next_in = addr
         s.avail_in = n
-        span = self.span_size
+        span_end = self.span_end
         cap = WINDOW_SIZE + _OUT_CAP
         while s.avail_in:
             if self._member_end:   # another gzip member follows (pigz, mgzip)
@@ -181,11 +186,12 @@ class GzipIndexer:
             s.next_out = self._outaddr + self._opos
             out_room = cap - self._opos
             flush = libz.Z_BLOCK
-            # Until the output passes last + span, no block end can take a checkpoint:
+            # Until the output passes the span's end, no block end can take a checkpoint:
             # inflate straight through them (one call per buffer instead of one per block).
-            # Stopping at exactly last + span keeps the positions those of Z_BLOCK everywhere.
+            # Stopping at exactly that end keeps the positions those of Z_BLOCK everywhere
+            # (an end that follows the archive only moves later while the output stays before it).
             if SKIP_UNNEEDED_BLOCK_ENDS and self.points:
-                before_limit = self._last + span - self.totout
+                before_limit = span_end(self._last) - self.totout
                 if before_limit > 0:
                     out_room = min(out_room, before_limit)
                     flush = libz.Z_NO_FLUSH
@@ -209,7 +215,7 @@ class GzipIndexer:
             if not used and not made:
                 raise FormatError(f"gzip stream stalled at compressed offset {self.totin}")
             dt = s.data_type
-            if dt & 128 and not dt & 64 and (self.totout == 0 or self.totout - self._last > span):
+            if dt & 128 and not dt & 64 and (self.totout == 0 or self.totout > span_end(self._last)):
                 self._checkpoint(piece, base, dt & 7)
         if self._hashing:
             self._hasher.update(piece[self._hashed - base:])
