@@ -189,7 +189,7 @@ class GzipIndexer:
             # Until the output passes the span's end, no block end can take a checkpoint:
             # inflate straight through them (one call per buffer instead of one per block).
             # Stopping at exactly that end keeps the positions those of Z_BLOCK everywhere
-            # (an end that follows the archive only moves later while the output stays before it).
+            # (an end that follows the archive does not move while the output is before it).
             if SKIP_UNNEEDED_BLOCK_ENDS and self.points:
                 before_limit = span_end(self._last) - self.totout
                 if before_limit > 0:

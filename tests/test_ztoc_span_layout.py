@@ -1,0 +1,134 @@
+"""Spans inside large files: longer there, the span size among small files, every byte still
+read and verified through the checkpoints, and a zTOC flatc (the reference's schema) decodes."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+import lazyoci.ztoc
+from lazyoci.errors import ConfigError, FormatError
+from lazyoci.soci.build import SociBuildOptions
+from lazyoci.ztoc import Ztoc, build_ztoc, read_range
+from lazyoci.ztoc.zinfo import CHECKPOINT_SIZE, HEADER
+from helpers.ztoc_layers import noise, text
+from test_ztoc_build import check_spans, check_toc
+
+SPAN = 64 << 10
+LARGE = 512 << 10
+SCHEMA = Path(lazyoci.ztoc.__file__).parent / "schema.fbs"
+
+
+def _layer() -> bytes:
+    """Small files, a large file of noise, small files, a large file of text, one small file."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for i in range(40):
+            add(f"small/a{i}", text(9000 + 97 * i, i))
+        add("big/noise.bin", noise(3 * LARGE + 12345, 1))
+        for i in range(40):
+            add(f"small/b{i}", text(7000 + 31 * i, 100 + i))
+        add("big/text.log", text(4 * LARGE, 2))
+        add("tail", text(3000, 3))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def layer() -> tuple[bytes, bytes]:
+    raw = _layer()
+    return raw, gzip.compress(raw, 6, mtime=0)
+
+
+def _spans(z: Ztoc) -> list[tuple[int, int]]:
+    return [z.span_uncompressed_range(i) for i in range(z.num_spans)]
+
+
+def test_spans_run_longer_inside_large_files_only(layer) -> None:
+    raw, blob = layer
+    uniform_data = build_ztoc(io.BytesIO(blob), "gzip", SPAN)
+    uniform = Ztoc.parse(uniform_data)
+    data = build_ztoc(io.BytesIO(blob), "gzip", SPAN, large_span_size=LARGE)
+    z = Ztoc.parse(data)
+    check_toc(z, raw)
+    check_spans(z, blob, raw)
+    assert read_range(z, lambda a, b: blob[a:b], 0, z.uncompressed_size) == raw[:z.uncompressed_size]
+    assert z.span_size == SPAN and z.num_spans < uniform.num_spans
+    assert len(uniform_data) - len(data) >= (uniform.num_spans - z.num_spans) * CHECKPOINT_SIZE   # windows
+
+    entries = {z.entry(i).name: z.entry(i) for i in range(len(z))}
+    large = [(e.offset, e.offset + e.size) for e in entries.values() if e.size >= LARGE]
+    assert len(large) == 2
+    block = 1 << 20        # no deflate block of these streams ends later than this past its due point
+    for start, end in _spans(z)[:-1]:
+        inside = [(a, b) for a, b in large if a <= start < b]
+        if inside:       # a span that starts in a large file's data ends past its end or after LARGE
+            a, b = inside[0]
+            assert end > min(max(start + SPAN, b), start + LARGE)
+            assert end <= max(start + SPAN, min(b, start + LARGE)) + block
+        else:            # elsewhere the span size rules, as without large-file spans
+            assert start + SPAN < end <= start + SPAN + block
+    # the file after each large one starts within one span of that file's data end
+    for name in ("small/b0", "tail"):
+        e = entries[name]
+        first = next(i for i, (s, t) in enumerate(_spans(z)) if s <= e.offset < t)
+        assert e.offset - z.span_uncompressed_range(first)[0] <= SPAN + block
+    longest = max(t - s for s, t in _spans(z))
+    assert SPAN * 2 < longest <= LARGE + block
+
+
+def test_large_file_spans_are_what_block_by_block_inflate_gives(monkeypatch, layer) -> None:
+    """Inflating straight through block ends until a checkpoint may be due changes nothing."""
+    from lazyoci.ztoc import zinfo
+    raw, blob = layer
+    built = {}
+    for skip in (True, False):
+        monkeypatch.setattr(zinfo, "SKIP_UNNEEDED_BLOCK_ENDS", skip)
+        built[skip] = build_ztoc(io.BytesIO(blob), "gzip", SPAN, large_span_size=LARGE)
+    assert built[True] == built[False]
+
+
+def test_flatc_decodes_a_ztoc_with_large_file_spans(layer, tmp_path: Path) -> None:
+    raw, blob = layer
+    data = build_ztoc(io.BytesIO(blob), "gzip", SPAN, large_span_size=LARGE)
+    z = Ztoc.parse(data)
+    (tmp_path / "ztoc.bin").write_bytes(data)
+    subprocess.run(["flatc", "--json", "--raw-binary", "--strict-json", "-o", str(tmp_path), str(SCHEMA),
+                    "--", str(tmp_path / "ztoc.bin")], check=True, capture_output=True)
+    ci = json.loads((tmp_path / "ztoc.json").read_text())["compression_info"]
+    assert ci["max_span_id"] == z.num_spans - 1
+    assert ci["span_digests"] == [z.span_digest(i) for i in range(z.num_spans)]
+    cp = bytes(ci["checkpoints"])
+    assert HEADER.unpack_from(cp) == (z.num_spans, SPAN) and len(cp) == HEADER.size + z.num_spans * CHECKPOINT_SIZE
+
+
+def test_uncompressed_layers_keep_fixed_spans(layer) -> None:
+    raw, _ = layer
+    fixed = build_ztoc(io.BytesIO(raw), "none", SPAN)
+    assert build_ztoc(io.BytesIO(raw), "none", SPAN, large_span_size=LARGE) == fixed
+
+
+def test_a_large_file_span_size_at_or_below_the_span_size_changes_nothing(layer) -> None:
+    _, blob = layer
+    uniform = build_ztoc(io.BytesIO(blob), "gzip", SPAN)
+    assert build_ztoc(io.BytesIO(blob), "gzip", SPAN, large_span_size=SPAN) == uniform
+    assert build_ztoc(io.BytesIO(blob), "gzip", SPAN, large_span_size=0) == uniform
+
+
+def test_large_file_span_sizes_past_the_limit_are_refused(layer) -> None:
+    _, blob = layer
+    with pytest.raises(FormatError, match="inside large files"):
+        build_ztoc(io.BytesIO(blob), "gzip", SPAN, large_span_size=65 << 20)
+    with pytest.raises(ConfigError, match="large-file span size"):
+        SociBuildOptions(large_span_size=65 << 20)
+    with pytest.raises(ConfigError, match="large-file span size"):
+        SociBuildOptions(large_span_size=-1)
