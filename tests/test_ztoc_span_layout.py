@@ -155,3 +155,22 @@ def test_large_file_span_sizes_past_the_limit_are_refused(layer) -> None:
         SociBuildOptions(large_span_size=65 << 20)
     with pytest.raises(ConfigError, match="large-file span size"):
         SociBuildOptions(large_span_size=-1)
+
+
+def test_the_library_shortcut_builds_what_soci_create_builds() -> None:
+    """`lazyoci.soci.build_ztoc` lays spans out as the index builder does by default: a layer of
+    one 40 MiB file gets spans of up to 16 MiB inside it, and 0 turns that off."""
+    from lazyoci import soci
+    from lazyoci.soci.build import DEFAULT_LARGE_SPAN_SIZE
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        data = bytes(40 << 20)
+        info = tarfile.TarInfo("data/records.dat")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    blob = gzip.compress(buf.getvalue(), 1, mtime=0)
+    default = soci.build_ztoc(io.BytesIO(blob))
+    assert default == build_ztoc(io.BytesIO(blob), "gzip", 4 << 20, large_span_size=DEFAULT_LARGE_SPAN_SIZE)
+    uniform = soci.build_ztoc(io.BytesIO(blob), large_span_size=0)
+    assert uniform == build_ztoc(io.BytesIO(blob), "gzip", 4 << 20)
+    assert Ztoc.parse(default).num_spans < Ztoc.parse(uniform).num_spans == 10

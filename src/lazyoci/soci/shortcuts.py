@@ -22,10 +22,13 @@ if TYPE_CHECKING:
 
 
 def build_ztoc(fileobj: BinaryIO, compression: str = "gzip", span_size: int = 1 << 22,
-               build_tool: str | None = None) -> bytes:
-    """A zTOC for the layer read from `fileobj` ("gzip" or "none"), in one pass."""
+               build_tool: str | None = None, large_span_size: int | None = None) -> bytes:
+    """A zTOC for the layer read from `fileobj` ("gzip" or "none"), in one pass, laid out as
+    `soci create` lays it out (`large_span_size`: None for its default, 0 for none)."""
     from lazyoci import ztoc
-    return ztoc.build_ztoc(fileobj, compression, span_size, build_tool or ztoc.BUILD_TOOL)
+    from lazyoci.soci.build import DEFAULT_LARGE_SPAN_SIZE
+    large = DEFAULT_LARGE_SPAN_SIZE if large_span_size is None else large_span_size
+    return ztoc.build_ztoc(fileobj, compression, span_size, build_tool or ztoc.BUILD_TOOL, large)
 
 
 def parse_ztoc(data: bytes) -> "Ztoc":
