@@ -12,7 +12,8 @@ of the service and its session holder during the pull (/proc/PID/stat); the requ
 proxy saw, their bytes, and their depth: the longest chain of requests each sent after the
 previous one had ended (the round trips the pull waited for one after another).
 `--baseline-src DIR` alternates runs with another tree's src/ (`git archive REV src`);
-`--profile DIR` runs the pull under cProfile and writes one .pstats per run there.
+`--profile DIR` runs the pull under cProfile and writes one .pstats per run there;
+`--optimized` pulls through an index `lazyoci soci optimize` recorded (prefetch artifacts).
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def main() -> None:
     ap.add_argument("--baseline-src", type=Path, default=None, help="alternate with this src/ directory")
     ap.add_argument("--profile", type=Path, default=None, help="write a cProfile of each pull here")
     ap.add_argument("--timeline", action="store_true", help="print each run's requests")
+    ap.add_argument("--optimized", action="store_true",
+                    help="pull through an index with prefetch artifacts (`soci optimize`, as soci-optimized)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("pull_cost.py needs root (FUSE)")
@@ -131,7 +134,9 @@ def main() -> None:
     log_file = WORK / "requests.jsonl"
     proxy = None
     try:
-        _, facts = run_bench.prepare_image("python3", reg, WORK / "setup", ["soci"])
+        _, facts = run_bench.prepare_image("python3", reg, WORK / "setup",
+                                           ["soci-optimized" if args.optimized else "soci"])
+        index = facts["optimized_index" if args.optimized else "index"]
         proxy = localreg.start_proxy(reg.host, 100.0, 20.0, WORK, request_log=log_file)
         ref = f"{proxy.host}/bench/python3:latest"
         trees: list[tuple[str, Path | None]] = [("this tree", None)]
@@ -143,7 +148,7 @@ def main() -> None:
         for i in range(args.runs):
             for name, src in trees:
                 prof = args.profile / f"{name.replace(' ', '-')}-{i + 1}.pstats" if args.profile else None
-                r = one_pull(ref, facts["index"], src, WORK / "run", log_file, prof)
+                r = one_pull(ref, index, src, WORK / "run", log_file, prof)
                 results[name].append(r)
                 print(f"{name} #{i + 1}: wall {r['wall_s']:.3f} s, CLI cpu {r['cli_cpu_s']:.3f} s, service cpu "
                       f"{r['service_cpu_s']:.2f} s, {r['requests']} requests, depth {r['depth']}, "

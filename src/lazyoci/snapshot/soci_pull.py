@@ -191,28 +191,34 @@ class LazyPull:
         """Download, store and record the zTOCs (and prefetch artifacts) of `layers`, a few at once,
         each handed to the mounter as soon as it is stored: a zTOC is a round trip and a transfer,
         and one after another they added up. The first error is raised once all have ended."""
-        from concurrent.futures import ThreadPoolExecutor
-
         from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
 
         owner = f"soci:{found.digest}"
         index = found.index          # parsed once, not per layer
+        # a layer's prefetch artifact comes beside its zTOC, not a round trip after it; the layer
+        # is mounted once both are recorded (the service starts the prefetch at mount)
+        artifacts = ThreadPoolExecutor(max_workers=ZTOC_FETCHES, thread_name_prefix="prefetch-artifact")
 
         def take(layer_digest: str) -> LazyLayerRecord:
             zdesc = found.ztocs[layer_digest]
+            artifact = artifacts.submit(take_prefetch_artifact, index, layer_digest, zdesc.digest,
+                                        self.snapshots.blobs, self.snapshots.db,
+                                        lambda d, n: self._store_blob(reference, d, n, owner), say)
             self._store_blob(reference, zdesc.digest, zdesc.size, owner)
             rec = LazyLayerRecord(layer_digest, zdesc.digest, source, found.digest)
             self.records.record_layer(rec)
-            take_prefetch_artifact(index, layer_digest, zdesc.digest, self.snapshots.blobs,
-                                   self.snapshots.db, lambda d, n: self._store_blob(reference, d, n, owner), say)
+            artifact.result()
             mounter.submit(rec)
             return rec
 
-        if len(layers) <= 1:
-            return {d: take(d) for d in layers}
-        with ThreadPoolExecutor(max_workers=min(len(layers), ZTOC_FETCHES), thread_name_prefix="ztoc") as pool:
-            futures = {d: pool.submit(take, d) for d in layers}
-        return {d: f.result() for d, f in futures.items()}
+        try:
+            if len(layers) <= 1:
+                return {d: take(d) for d in layers}
+            with ThreadPoolExecutor(max_workers=min(len(layers), ZTOC_FETCHES), thread_name_prefix="ztoc") as pool:
+                futures = {d: pool.submit(take, d) for d in layers}
+            return {d: f.result() for d, f in futures.items()}
+        finally:
+            artifacts.shutdown(wait=True)
 
     def _small_blob(self, ref: Reference, desc: "Descriptor") -> tuple[str, bytes] | None:
         """A config's digest and bytes (verified against it), fetched while the pull waits for other
