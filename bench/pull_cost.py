@@ -121,13 +121,17 @@ def main() -> None:
     ap.add_argument("--baseline-src", type=Path, default=None, help="alternate with this src/ directory")
     ap.add_argument("--profile", type=Path, default=None, help="write a cProfile of each pull here")
     ap.add_argument("--timeline", action="store_true", help="print each run's requests")
+    ap.add_argument("--out", type=Path, default=None, help="also write RESULTS.md and results.json here")
     ap.add_argument("--optimized", action="store_true",
                     help="pull through an index with prefetch artifacts (`soci optimize`, as soci-optimized)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("pull_cost.py needs root (FUSE)")
-    print(f"command: {' '.join([os.path.relpath(sys.executable), *sys.argv])}")
-    print(f"commit: {run_bench.machine()['commit']}; load average at start: {os.getloadavg()[0]:.2f}")
+    command = " ".join([os.path.relpath(sys.executable), *sys.argv])
+    commit = run_bench.machine()["commit"]
+    load_start = os.getloadavg()[0]
+    print(f"command: {command}")
+    print(f"commit: {commit}; load average at start: {load_start:.2f}")
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     reg = localreg.start_registry(WORK / "registry")
@@ -156,15 +160,21 @@ def main() -> None:
                 if args.timeline:
                     for t in r["timeline"]:
                         print("   ", *t)
-        print(f"\nmedians of {args.runs} runs; load average at the end: {os.getloadavg()[0]:.2f}; "
-              f"{os.cpu_count()} CPUs\n")
-        print("| tree | pull wall s | CLI CPU s | service CPU s | requests | round trips (depth) | MB |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        lines = [f"command: {command}", f"commit: {commit}; load average {load_start:.2f} at the start, "
+                 f"{os.getloadavg()[0]:.2f} at the end; {os.cpu_count()} CPUs; medians of {args.runs} runs", "",
+                 "| tree | pull wall s | CLI CPU s | service CPU s | requests | round trips (depth) | MB |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
         for name, runs in results.items():
             med = {k: statistics.median(r[k] for r in runs)
                    for k in ("wall_s", "cli_cpu_s", "service_cpu_s", "requests", "depth", "bytes")}
-            print(f"| {name} | {med['wall_s']:.3f} | {med['cli_cpu_s']:.3f} | {med['service_cpu_s']:.2f} | "
-                  f"{med['requests']:g} | {med['depth']:g} | {med['bytes'] / 1e6:.2f} |")
+            lines.append(f"| {name} | {med['wall_s']:.3f} | {med['cli_cpu_s']:.3f} | {med['service_cpu_s']:.2f} | "
+                         f"{med['requests']:g} | {med['depth']:g} | {med['bytes'] / 1e6:.2f} |")
+        print("\n" + "\n".join(lines))
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+            (args.out / "results.json").write_text(json.dumps(
+                {"command": command, "commit": commit, "loadavg_at_start": load_start, "runs": results}, indent=1))
     finally:
         if proxy is not None:
             proxy.stop()
