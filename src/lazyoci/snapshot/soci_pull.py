@@ -222,8 +222,11 @@ class LazyPull:
 
     def _small_blob(self, ref: Reference, desc: "Descriptor") -> tuple[str, bytes] | None:
         """A config's digest and bytes (verified against it), fetched while the pull waits for other
-        requests; None for a blob too big to hold (the image fetcher streams it as before)."""
-        if desc.size > MAX_FETCHED_AHEAD:
+        requests; None for a blob too big to hold (the image fetcher streams it as before) or one that
+        is not an image config (the image fetcher refuses the artifact without fetching it)."""
+        from lazyoci.oci import mediatypes as mt
+
+        if desc.size > MAX_FETCHED_AHEAD or desc.media_type not in (mt.OCI_CONFIG, mt.DOCKER_CONFIG):
             return None
         return desc.digest, b"".join(self.client.iter_blob(ref, desc.digest, desc.size))
 
@@ -233,7 +236,7 @@ class LazyPull:
         which asks again and reports its error."""
         try:
             fetched = config.result() if config is not None else None
-        except LazyociError:
+        except Exception:       # whatever it was, the image fetcher meets it again and says so
             fetched = None
         return resolved if fetched is None else replace(resolved, blobs=resolved.blobs + (fetched,))
 
