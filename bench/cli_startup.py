@@ -86,7 +86,9 @@ def run_handoff(env: dict[str, str], runs: int, work: Path) -> None:
         image = build_tricky_image(work / "image", "latest")
         ref = f"{registry.host}/bench/startup:latest"
         skopeo_push_layout(image.layout, ref)
-        subprocess.run([LAZYOCI, "pull", "-q", ref], env=env, check=True, capture_output=True)
+        p = subprocess.run([LAZYOCI, "pull", "-q", ref], env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"pull failed: {p.stderr.strip()}")
         walls, cpus = [], []
         for i in range(runs + 1):
             stamp.write_text("")
@@ -112,7 +114,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lazyoci-startup-") as tmp:
         work = Path(tmp)
-        env = {**os.environ, "LAZYOCI_ROOT": str(work / "root"), "LAZYOCI_CONFIG": str(work / "no-config.yaml")}
+        # no config file: none named, and a HOME without ~/.lazyoci
+        env = {**{k: v for k, v in os.environ.items() if k != "LAZYOCI_CONFIG"},
+               "LAZYOCI_ROOT": str(work / "root"), "HOME": str(work)}
         if args.src:
             env["PYTHONPATH"] = str(args.src.resolve())
         print(f"command: {' '.join([os.path.relpath(sys.executable), *sys.argv])}")

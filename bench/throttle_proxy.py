@@ -9,7 +9,9 @@
 - Latency: each request waits `latency-ms` before it is forwarded (a round trip).
 - Streaming: response bodies are copied in 64 KiB chunks, never buffered whole.
 - Counting: `GET /_proxy/stats` returns JSON {requests, bytes, by_method, range_requests};
-  `POST /_proxy/reset` zeroes it. These two paths are never forwarded.
+  `POST /_proxy/reset` zeroes it. These two paths are never forwarded. `--request-log F`
+  appends one JSON line per request (wall start and end, method, path, Range, status, bytes),
+  to see which requests of a command waited for which.
 - Bounded: at most --max-connections handlers at once; it exits by itself after
   --max-seconds, and on SIGTERM/SIGINT (stop it by its PID).
 Only loopback addresses are accepted for --listen and --upstream.
@@ -121,46 +123,59 @@ class ProxyHandler(BaseHTTPRequestHandler):
             srv.stats.reset()
             return self._reply_json({"reset": True})
         with srv.slots:
-            body = self._read_request_body()
-            srv.stats.request(self.command, "Range" in self.headers)
-            if srv.latency > 0:
-                time.sleep(srv.latency)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-            if body is not None:
-                headers["Content-Length"] = str(len(body))
-            up = http.client.HTTPConnection(srv.upstream_host, srv.upstream_port, timeout=120)
+            started, sent, status = time.time(), 0, 0
             try:
-                up.request(self.command, self.path, body=body, headers=headers)
-                resp = up.getresponse()
-                self.send_response(resp.status, resp.reason)
-                length = resp.getheader("Content-Length")
-                for k, v in resp.getheaders():
-                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
-                        self.send_header(k, v)
-                if self.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
-                    if length is not None:
-                        self.send_header("Content-Length", length)
-                    self.end_headers()
-                    return
-                if length is None:        # small bodies only (errors, JSON): read to size them
-                    data = resp.read()
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    srv.bucket.consume(len(data))
-                    self.wfile.write(data)
-                    srv.stats.add_bytes(len(data))
-                    return
-                self.send_header("Content-Length", length)
-                self.end_headers()
-                while True:
-                    chunk = resp.read(CHUNK)
-                    if not chunk:
-                        break
-                    srv.bucket.consume(len(chunk))
-                    self.wfile.write(chunk)
-                    srv.stats.add_bytes(len(chunk))
+                sent, status = self._forward()
             finally:
-                up.close()
+                if srv.request_log is not None:
+                    srv.note(started, self.command, self.path, self.headers.get("Range"), status, sent)
+
+    def _forward(self) -> tuple[int, int]:
+        """Forward one request after the link's latency; the body bytes sent and the status."""
+        srv = self.server
+        body = self._read_request_body()
+        srv.stats.request(self.command, "Range" in self.headers)
+        if srv.latency > 0:
+            time.sleep(srv.latency)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        if body is not None:
+            headers["Content-Length"] = str(len(body))
+        up = http.client.HTTPConnection(srv.upstream_host, srv.upstream_port, timeout=120)
+        try:
+            up.request(self.command, self.path, body=body, headers=headers)
+            resp = up.getresponse()
+            self.send_response(resp.status, resp.reason)
+            length = resp.getheader("Content-Length")
+            for k, v in resp.getheaders():
+                if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+                    self.send_header(k, v)
+            if self.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
+                if length is not None:
+                    self.send_header("Content-Length", length)
+                self.end_headers()
+                return 0, resp.status
+            if length is None:        # small bodies only (errors, JSON): read to size them
+                data = resp.read()
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                srv.bucket.consume(len(data))
+                self.wfile.write(data)
+                srv.stats.add_bytes(len(data))
+                return len(data), resp.status
+            self.send_header("Content-Length", length)
+            self.end_headers()
+            sent = 0
+            while True:
+                chunk = resp.read(CHUNK)
+                if not chunk:
+                    break
+                srv.bucket.consume(len(chunk))
+                self.wfile.write(chunk)
+                srv.stats.add_bytes(len(chunk))
+                sent += len(chunk)
+            return sent, resp.status
+        finally:
+            up.close()
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _proxy
 
@@ -176,6 +191,14 @@ class ThrottleServer(ThreadingHTTPServer):
         self.latency = latency
         self.stats = Stats()
         self.slots = threading.BoundedSemaphore(max_connections)
+        self.request_log: str | None = None
+        self._log_lock = threading.Lock()
+
+    def note(self, started: float, method: str, path: str, ranged: str | None, status: int, sent: int) -> None:
+        line = json.dumps({"start": started, "end": time.time(), "method": method, "path": path,
+                           "range": ranged, "status": status, "bytes": sent})
+        with self._log_lock, open(self.request_log or "", "a") as f:
+            f.write(line + "\n")
 
     def handle_error(self, request, client_address) -> None:
         """A client that hangs up mid-blob is normal (lazy reads, Ctrl-C): no traceback."""
@@ -203,9 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-connections", type=int, default=64)
     ap.add_argument("--max-seconds", type=float, default=4 * 3600, help="exit by itself after this long")
     ap.add_argument("--port-file", help="write the listening port here once ready")
+    ap.add_argument("--request-log", help="append one JSON line per request to this file")
     args = ap.parse_args(argv)
     srv = ThrottleServer(_loopback(args.listen), _loopback(args.upstream), args.rate_mbs * 1e6,
                          args.latency_ms / 1000.0, args.max_connections)
+    srv.request_log = args.request_log
     port = srv.server_address[1]
 
     def stop(*_: object) -> None:

@@ -145,3 +145,19 @@ def test_yaml_is_loaded_only_for_a_config_file(tmp_path):
     config.write_text("snapshotters:\n  - soci\n")
     modules, out = imported_modules(tmp_path, "ps", config=config)
     assert "yaml" in modules and out.startswith("CONTAINER ID")
+
+
+@pytest.mark.needs_root("run mounts an overlay and starts runc")
+def test_run_of_a_pulled_image_does_not_load_the_registry_client(registry, tmp_path):
+    """`run` of an image already pulled asks no registry: its start never imports httpx."""
+    from helpers.tricky_image import push_tricky_image
+
+    push_tricky_image(registry.host, "startup/run", tmp_path / "image")
+    root = tmp_path / "root"
+    ref = f"{registry.host}/startup/run:latest"
+    p = subprocess.run([LAZYOCI, "--root", str(root), "pull", "-q", ref], capture_output=True, text=True,
+                       env=without_config(tmp_path), timeout=120)
+    assert p.returncode == 0, p.stderr
+    modules, out = imported_modules(root, "run", "--rm", ref, "/bin/echo", "ran")
+    assert out == "ran\n"
+    assert {"httpx", "httpcore"} & heavy_in(modules) == set(), sorted(heavy_in(modules))

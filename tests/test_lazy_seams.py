@@ -42,9 +42,39 @@ def test_a_lazy_pull_asks_the_registry_for_the_tag_once(registry, data_root, tmp
         server.stop()
 
 
+def test_an_index_given_by_digest_is_asked_for_beside_the_tag(registry, data_root, tmp_path):
+    """`--soci-index-digest`: the index needs nothing from the tag, so it is requested at once,
+    not a round trip later. Here the tag is not found, and the index was asked for all the same."""
+    from lazyoci.errors import NotFoundError
+    from helpers.fault_proxy import Fault
+
+    push_tricky_image(registry.host, "seams/beside", tmp_path)
+    index = push_soci_index(registry.host, "seams/beside", tmp_path)
+    config = write_config(tmp_path / "config.yaml")
+    root = DataRoot(data_root)
+    images = ImageService(root)
+    server = ServiceClient(root, config)
+    try:
+        with FaultProxy(registry.host) as proxy:
+            proxy.add(Fault("status", status=404, match="/manifests/latest", method="GET"))
+            snap = SociSnapshotter(root, load_config(config), client=images.client)
+            with pytest.raises(NotFoundError):
+                snap.pull(images, f"{proxy.host}/seams/beside:latest", index_digest=index)
+            assert proxy.count("GET", match=f"/manifests/{index}") == 1, [r.path for r in proxy.log]
+            assert proxy.count("GET", match="/blobs/") == 0          # nothing else before the tag's answer
+            proxy.clear()
+            image = snap.pull(images, f"{proxy.host}/seams/beside:latest", index_digest=index)
+            assert image.snapshotter == "soci"
+            assert proxy.count("GET", match=f"/blobs/{image.manifest.config.digest}") == 1
+    finally:
+        images.close()
+        server.stop()
+
+
 def test_the_soci_snapshotter_works_with_the_collaborators_it_is_given(registry, data_root, tmp_path):
     """Records, layer server and registry client injected: the lazy pull resolves and discovers
-    through the given client (here one whose mirror bypasses the proxy the image service uses)."""
+    through the given client (here one whose mirror bypasses the proxy the image service uses),
+    and fetches the image's config through it beside the index."""
     push_tricky_image(registry.host, "seams/injected", tmp_path)
     push_soci_index(registry.host, "seams/injected", tmp_path)
     config = write_config(tmp_path / "config.yaml")
@@ -62,7 +92,7 @@ def test_the_soci_snapshotter_works_with_the_collaborators_it_is_given(registry,
                 client.close()
             assert image.snapshotter == "soci"
             assert proxy.count("GET", match="/manifests/") == 0, [r.path for r in proxy.log]
-            assert proxy.count("GET", match=f"/blobs/{image.manifest.config.digest}") == 1
+            assert proxy.count("GET", match="/blobs/") == 0      # every layer is lazy: nothing left for it
         assert all(records.layer(l.digest) is not None for l in image.manifest.layers)
         assert snap.is_lazy(snap.unpack_image(None, image))
     finally:

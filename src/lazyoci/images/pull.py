@@ -64,6 +64,7 @@ class ResolvedImage:
     media_type: str
     raw: bytes
     manifests: tuple[tuple[str, str, bytes], ...] = ()   # (digest, media type, raw)
+    blobs: tuple[tuple[str, bytes], ...] = ()     # (digest, raw): small blobs (a config) fetched already
 
 
 def resolve_image(client, ref: Reference, platform: Platform | None) -> tuple[ResolvedImage, Manifest]:
@@ -90,6 +91,7 @@ class Puller:
         self.workers = workers
         self._cancel = threading.Event()
         self._fetched: dict[str, tuple[str, bytes]] = {}     # manifests the caller resolved already
+        self._fetched_blobs: dict[str, bytes] = {}            # configs the caller fetched already
 
     def run(self, ref: Reference, platform: Platform | None, all_platforms: bool,
              hooks: PullHooks, snapshotter: str, resolved: ResolvedImage | None = None) -> PullResult:
@@ -102,6 +104,7 @@ class Puller:
         else:
             raw, media_type, top = resolved.raw, resolved.media_type, resolved.digest
             self._fetched = {d: (m, r) for d, m, r in resolved.manifests}
+            self._fetched_blobs = dict(resolved.blobs)
         self.progress(ProgressEvent(key, "resolve", "resolved"))
         with self.records.lease() as lease:
             top_obj = parse_any(raw, media_type)
@@ -171,7 +174,8 @@ class Puller:
         key = row_key("config", desc.digest)
         if not self.blobs.has(desc.digest):
             with self.blobs.writer(desc.digest, desc.size) as w:
-                for chunk in self.client.iter_blob(ref, desc.digest, desc.size):
+                fetched = self._fetched_blobs.get(desc.digest)      # checked again by the writer
+                for chunk in [fetched] if fetched is not None else self.client.iter_blob(ref, desc.digest, desc.size):
                     w.write(chunk)
                 w.commit()
         raw = self.blobs.read(desc.digest)

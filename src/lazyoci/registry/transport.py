@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -117,18 +118,38 @@ def describe(exc: BaseException) -> str:
     return text if len(text) < 300 else text[:300] + "..."
 
 
+def _load_httpcore() -> None:
+    """Import httpcore, httpx's transport, before the first client is made.
+
+    httpcore imports trio at import time, if it is installed, only to tell later which async
+    library runs an async client; lazyoci's clients are synchronous, and trio's import is
+    about 40 ms of CPU at the start of every command that talks to a registry. Unless trio
+    is loaded already (the service runs on it), it is hidden for that one import: httpcore
+    then treats it as not installed, which is what it is to a synchronous client."""
+    if "httpcore" in sys.modules or "trio" in sys.modules:
+        return
+    sys.modules["trio"] = None      # type: ignore[assignment]   # `import trio` raises ImportError
+    try:
+        import httpcore  # noqa: F401
+    finally:
+        if "trio" in sys.modules and sys.modules["trio"] is None:
+            del sys.modules["trio"]
+
+
 class Transport:
     """Sends requests to registry endpoints; thread-safe (httpx clients and a locked auth cache)."""
 
     def __init__(self, options: RegistryOptions, credentials: Callable[[str], Credentials | None]) -> None:
         self.options = options
+        _load_httpcore()
         timeout = httpx.Timeout(options.timeout, connect=min(options.timeout, _CONNECT_TIMEOUT))
         common: dict[str, Any] = dict(
             timeout=timeout, follow_redirects=False,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
             headers={"User-Agent": f"lazyoci/{__version__}"},
         )
-        self._verified = httpx.Client(**common)
+        self._common = common
+        self._verified_client: httpx.Client | None = None     # made on first HTTPS use (_verified)
         self._unverified = httpx.Client(verify=False, **common)
         self.auth = Authenticator(credentials, self._send_token_request)
         self._lock = threading.Lock()
@@ -138,8 +159,21 @@ class Transport:
         self._receiving: set[httpx.Response] = set()   # bodies being read, for cancel()
         self.transfers_in_flight = 0
 
+    @property
+    def _verified(self) -> httpx.Client:
+        """The client that checks certificates, made on first use: loading the CA bundle costs
+        30-140 ms of CPU, which a command that talks only to a loopback registry (plain HTTP)
+        never needs."""
+        with self._lock:
+            if self._verified_client is None:
+                self._verified_client = httpx.Client(**self._common)
+            return self._verified_client
+
     def close(self) -> None:
-        self._verified.close()
+        with self._lock:
+            verified, self._verified_client = self._verified_client, None
+        if verified is not None:
+            verified.close()
         self._unverified.close()
 
     def cancel(self) -> None:
@@ -185,6 +219,8 @@ class Transport:
             raise self.cancellation.refuse(failure)
 
     def _client_for(self, url: httpx.URL) -> httpx.Client:
+        if url.scheme == "http":
+            return self._unverified        # no TLS, so nothing to verify: the client without a CA bundle
         host = url.netloc.decode()
         if host in self.options.insecure_registries or url.host in self.options.insecure_registries:
             return self._unverified

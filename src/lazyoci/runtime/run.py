@@ -105,7 +105,6 @@ class ContainerManager:
                      progress: ProgressSink | None, index_digest: str | None = None) -> LocalImage:
         if policy not in PULL_POLICIES:
             raise ConfigError(f"--pull must be one of {', '.join(PULL_POLICIES)}, not {policy!r}")
-        snap = get_snapshotter(snapshotter_name, self.root, self.config, self.images.client)
         image = None
         if index_digest is not None:
             # Malformed: one error now. Whether it is an index of the image is for the pull to
@@ -122,6 +121,8 @@ class ContainerManager:
                     raise
         if image is None:
             # Each snapshotter pulls its own way (overlayfs: unpack while downloading; soci: lazily).
+            # Only a pull needs the registry client: a local image never loads it (tens of ms of CPU).
+            snap = get_snapshotter(snapshotter_name, self.root, self.config, self.images.client)
             image = snap.pull(self.images, ref, platform, progress=progress, index_digest=index_digest,
                               log=self.notices)
         return image

@@ -34,12 +34,15 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 from lazyoci.errors import FormatError, LazyociError
 from lazyoci.images.pull import ResolvedImage, resolve_image
 from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
+from lazyoci.soci.discovery import fetch_index
 from lazyoci.store.lazy_layer_records import LazyLayerRecord, LazyLayerRecords
 
 if TYPE_CHECKING:
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = ["ImageFetcher", "LazyPull", "LazySnapshots"]
 
 ZTOC_FETCHES = 4      # zTOCs downloaded at once by a lazy pull
+MAX_FETCHED_AHEAD = 4 << 20     # the largest config fetched beside the index, held in memory
 
 
 class ImageFetcher(Protocol):
@@ -101,6 +105,7 @@ class _EarlyMounter:
         self._error: BaseException | None = None
         self._mounted: list[tuple[str, str]] = []   # (layer, zTOC) views
         self.refused: dict[str, str] = {}        # layer digest -> why the service refused its zTOC
+        self._running = False                    # the service answered (started if need be)
         self._thread = threading.Thread(target=self._run, name="lazy-mount", daemon=True)
         self._thread.start()
 
@@ -122,7 +127,9 @@ class _EarlyMounter:
                 continue                 # drain: the first error stops the remaining mounts
             try:
                 served = os.path.isdir(server.view_dir(rec.layer_digest, rec.ztoc_digest))
-                server.ensure_running()
+                if not self._running:           # once: a ping per layer is a round trip for nothing
+                    server.ensure_running()
+                    self._running = True
                 server.mount_layer(rec.ref, rec.layer_digest, rec.ztoc_digest)
                 if not served:
                     self._mounted.append((rec.layer_digest, rec.ztoc_digest))
@@ -184,28 +191,54 @@ class LazyPull:
         """Download, store and record the zTOCs (and prefetch artifacts) of `layers`, a few at once,
         each handed to the mounter as soon as it is stored: a zTOC is a round trip and a transfer,
         and one after another they added up. The first error is raised once all have ended."""
-        from concurrent.futures import ThreadPoolExecutor
-
         from lazyoci.snapshot.soci_prefetch import take_prefetch_artifact
 
         owner = f"soci:{found.digest}"
         index = found.index          # parsed once, not per layer
+        # a layer's prefetch artifact comes beside its zTOC, not a round trip after it; the layer
+        # is mounted once both are recorded (the service starts the prefetch at mount)
+        artifacts = ThreadPoolExecutor(max_workers=ZTOC_FETCHES, thread_name_prefix="prefetch-artifact")
 
         def take(layer_digest: str) -> LazyLayerRecord:
             zdesc = found.ztocs[layer_digest]
+            artifact = artifacts.submit(take_prefetch_artifact, index, layer_digest, zdesc.digest,
+                                        self.snapshots.blobs, self.snapshots.db,
+                                        lambda d, n: self._store_blob(reference, d, n, owner), say)
             self._store_blob(reference, zdesc.digest, zdesc.size, owner)
             rec = LazyLayerRecord(layer_digest, zdesc.digest, source, found.digest)
             self.records.record_layer(rec)
-            take_prefetch_artifact(index, layer_digest, zdesc.digest, self.snapshots.blobs,
-                                   self.snapshots.db, lambda d, n: self._store_blob(reference, d, n, owner), say)
+            artifact.result()
             mounter.submit(rec)
             return rec
 
-        if len(layers) <= 1:
-            return {d: take(d) for d in layers}
-        with ThreadPoolExecutor(max_workers=min(len(layers), ZTOC_FETCHES), thread_name_prefix="ztoc") as pool:
-            futures = {d: pool.submit(take, d) for d in layers}
-        return {d: f.result() for d, f in futures.items()}
+        try:
+            if len(layers) <= 1:
+                return {d: take(d) for d in layers}
+            with ThreadPoolExecutor(max_workers=min(len(layers), ZTOC_FETCHES), thread_name_prefix="ztoc") as pool:
+                futures = {d: pool.submit(take, d) for d in layers}
+            return {d: f.result() for d, f in futures.items()}
+        finally:
+            artifacts.shutdown(wait=True)
+
+    def _small_blob(self, ref: Reference, desc: "Descriptor") -> tuple[str, bytes] | None:
+        """A config's digest and bytes (verified against it), fetched while the pull waits for other
+        requests; None for a blob too big to hold (the image fetcher streams it as before) or one that
+        is not an image config (the image fetcher refuses the artifact without fetching it)."""
+        from lazyoci.oci import mediatypes as mt
+
+        if desc.size > MAX_FETCHED_AHEAD or desc.media_type not in (mt.OCI_CONFIG, mt.DOCKER_CONFIG):
+            return None
+        return desc.digest, b"".join(self.client.iter_blob(ref, desc.digest, desc.size))
+
+    @staticmethod
+    def _with_config(resolved: ResolvedImage, config: "Future[tuple[str, bytes] | None] | None") -> ResolvedImage:
+        """`resolved` with the config fetched ahead; a failed fetch is left to the image fetcher,
+        which asks again and reports its error."""
+        try:
+            fetched = config.result() if config is not None else None
+        except Exception:       # whatever it was, the image fetcher meets it again and says so
+            fetched = None
+        return resolved if fetched is None else replace(resolved, blobs=resolved.blobs + (fetched,))
 
     def _fetch(self, ref: str, platform: Platform | None, progress: "ProgressSink | None",
                resolved: ResolvedImage, lazy: dict[str, str]) -> "LocalImage":
@@ -222,14 +255,27 @@ class LazyPull:
         say = self.log
         reference = Reference.parse(ref)
         client = self.client
-        resolved, manifest = resolve_image(client, reference, platform)
+        # Requests that need nothing but what is known already go at once, not one round trip
+        # after another: an index asked for by digest beside the tag, the config beside the index.
+        ahead = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lazy-pull-ahead")
+        try:
+            explicit = (ahead.submit(fetch_index, client, reference, index_digest)
+                        if index_digest and not own_only else None)
+            resolved, manifest = resolve_image(client, reference, platform)
+            config = (ahead.submit(self._small_blob, reference, manifest.config)
+                      if not self.snapshots.blobs.has(manifest.config.digest) else None)
+        except BaseException:
+            ahead.shutdown(wait=True)      # no request of this pull outlives its error
+            raise
+        ahead.shutdown(wait=False)         # (the threads end with their requests)
         manifest_digest = resolved.manifests[0][0] if resolved.manifests else resolved.digest
         reason = None
         lazy: dict[str, str] = {}
         found = None
         try:
             if not own_only:
-                found = discover_index(client, reference, manifest, manifest_digest, explicit_digest=index_digest)
+                found = discover_index(client, reference, manifest, manifest_digest, explicit_digest=index_digest,
+                                       explicit=explicit.result() if explicit is not None else None)
         except LazyociError as e:
             if index_digest:          # asked for explicitly: an error, not a silent fallback
                 raise
@@ -301,6 +347,7 @@ class LazyPull:
         if reason is not None:
             say(f"INFO: {reason} for {reference}: downloading every layer before the container starts "
                 f"(no lazy loading)")
+        resolved = self._with_config(resolved, config)
         try:
             image = self._fetch(ref, platform, progress, resolved, lazy)
             refused = mounter.wait() if lazy else {}

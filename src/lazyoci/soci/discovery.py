@@ -40,7 +40,9 @@ class DiscoveredIndex:
         return SociIndex.parse(self.manifest.raw)
 
 
-def _fetch_index(client: "RegistryClient", ref: Reference, digest: str) -> SociIndex:
+def fetch_index(client: "RegistryClient", ref: Reference, digest: str) -> SociIndex:
+    """The SOCI index `digest` of `ref`'s repository, verified (a lazy pull given the digest fetches
+    it while it resolves the image, then hands it to discover_index as `explicit`)."""
     Digest.parse(digest)
     raw, _media_type, got = client.get_manifest(ref.with_digest(digest))
     if got != digest:
@@ -59,24 +61,27 @@ def _discovered(index: SociIndex, image_manifest: Manifest, how: str) -> Discove
 def discover_index(client: "RegistryClient", ref: Reference, image_manifest: Manifest,
                    image_manifest_digest: str, explicit_digest: str | None = None,
                    blobs: "BlobStore | None" = None, log: Log = lambda line: None,
-                   records: "SociRecords | None" = None) -> DiscoveredIndex | None:
-    """The image's SOCI index, or None when it has none (then every layer is fetched whole)."""
+                   records: "SociRecords | None" = None, explicit: SociIndex | None = None) -> DiscoveredIndex | None:
+    """The image's SOCI index, or None when it has none (then every layer is fetched whole).
+    `explicit`: the index the caller asked for, fetched already (fetch_index)."""
     found: DiscoveredIndex | None = None
-    if explicit_digest:
+    if explicit is not None:
+        found = _discovered(explicit, image_manifest, "explicit")
+    elif explicit_digest:
         # Asked for by the user: a missing or broken index is an error, not a fallback.
-        found = _discovered(_fetch_index(client, ref, explicit_digest), image_manifest, "explicit")
+        found = _discovered(fetch_index(client, ref, explicit_digest), image_manifest, "explicit")
     if found is None:
         annotated = image_manifest.annotations.get(ANN_INDEX_DIGEST)
         if annotated:
             try:
-                found = _discovered(_fetch_index(client, ref, annotated), image_manifest, "annotation")
+                found = _discovered(fetch_index(client, ref, annotated), image_manifest, "annotation")
             except NotFoundError:
                 log(f"soci: index {annotated} named by the image manifest is not in {ref.name}")
     if found is None:
         for d in client.referrers(ref, image_manifest_digest, mt.SOCI_INDEX_V1):
             if d.artifact_type not in (None, mt.SOCI_INDEX_V1):
                 continue
-            index = _fetch_index(client, ref, d.digest)
+            index = fetch_index(client, ref, d.digest)
             if index.subject is None or index.subject.digest != image_manifest_digest:
                 log(f"soci: referrer {d.digest} does not name {image_manifest_digest} as subject; ignored")
                 continue
