@@ -149,7 +149,9 @@ def test_read_ahead_stays_inside_the_file_and_spans_never_read_are_counted(tmp_p
                                    for i in unread)
 
 
-def test_a_header_check_read_plans_no_read_ahead_and_is_counted_apart(tmp_path, layer):
+def test_a_header_check_that_misses_reads_ahead_one_span_and_is_counted_apart(tmp_path, layer):
+    # the next lookup's header is often in the next span (a tar keeps a directory together): a
+    # check that misses fetches that one too, beside it; a check served from the cache fetches nothing
     lay, ztoc = layer
     tar = gzip.decompress(lay.blob)
     f2 = _file(ztoc, "f2.bin")
@@ -157,9 +159,34 @@ def test_a_header_check_read_plans_no_read_ahead_and_is_counted_apart(tmp_path, 
     f = _fetcher(tmp_path, lay, ztoc, fetch)
     assert f.read(f2.offset - 512, f2.offset, header=True) == tar[f2.offset - 512:f2.offset]
     _wait_idle(f, fetch)
-    assert sorted(set(fetch.spans())) == list(ztoc.spans_for(f2.offset - 512, f2.offset))
+    own = list(ztoc.spans_for(f2.offset - 512, f2.offset))
+    assert sorted(set(fetch.spans())) == own + [own[-1] + 1]
+    spans = fetch.spans()
+    assert len(spans) == len(set(spans)), f"spans fetched twice: {sorted(spans)}"
     use = f.span_use()
-    assert use.unread == 0 and use.header_only == use.fetched > 0
+    assert use.header_only == len(own) and use.unread == 1, "the span read ahead is unread until a read"
+    before = len(fetch.requests)
+    assert f.read(f2.offset - 512, f2.offset, header=True) == tar[f2.offset - 512:f2.offset]
+    _wait_idle(f, fetch)
+    assert len(fetch.requests) == before, "a check the cache serves reads nothing ahead"
+
+
+def test_a_span_the_prefetch_brought_in_is_no_miss_its_first_read_plans_nothing(tmp_path, layer):
+    # only a header check's own miss stands for the file's first miss; spans a recorded prefetch
+    # fetched hold what the recording read, and reading ahead of them brings in what it did not
+    lay, ztoc = layer
+    tar = gzip.decompress(lay.blob)
+    f2 = _file(ztoc, "f2.bin")
+    fetch = Ranges(lay.blob, ztoc)
+    f = _fetcher(tmp_path, lay, ztoc, fetch)
+    own = list(ztoc.spans_for(f2.offset - 512, f2.offset + 4096))
+    f.ensure(own, background=True)                    # what the recorded prefetch does at mount
+    _wait_idle(f, fetch)
+    before = len(fetch.requests)
+    assert f.read_cached(f2.offset - 512, f2.offset, header=True) == tar[f2.offset - 512:f2.offset]
+    assert f.read_cached(f2.offset, f2.offset + 4096, f2.offset + f2.size) == tar[f2.offset:f2.offset + 4096]
+    _wait_idle(f, fetch)
+    assert len(fetch.requests) == before
 
 
 def test_a_files_first_read_of_the_span_its_header_check_fetched_reads_ahead_inside_the_file(tmp_path, layer):
@@ -173,8 +200,9 @@ def test_a_files_first_read_of_the_span_its_header_check_fetched_reads_ahead_ins
     f = _fetcher(tmp_path, lay, ztoc, fetch)
     f.read(f2.offset - 512, f2.offset, header=True)
     _wait_idle(f, fetch)
-    header_spans = sorted(set(fetch.spans()))
+    header_spans = list(ztoc.spans_for(f2.offset - 512, f2.offset))
     assert list(ztoc.spans_for(f2.offset, f2.offset + 1)) == header_spans[-1:]
+    assert set(header_spans) < set(fetch.spans()), "the check's own spans, and one read ahead"
     assert f.read_cached(f2.offset, f2.offset + 4096, end) == tar[f2.offset:f2.offset + 4096]
     _wait_idle(f, fetch)
     ahead = sorted(set(fetch.spans()) - set(header_spans))
