@@ -168,6 +168,7 @@ def service_figures(root: Path) -> dict:
             "unread_bytes": sum(l.get("unread_bytes", 0) for l in layers),
             "fetched_spans": sum(l.get("fetched_spans", 0) for l in layers),
             "header_only_spans": sum(l.get("header_only_spans", 0) for l in layers),
+            "read_wait_s": sum(l.get("read_wait_seconds", 0.0) for l in layers),
             "mounted_at": max((l["mounted_at"] for l in layers if "mounted_at" in l), default=None),
             "first_read_at": min(reads) if reads else None}
 
@@ -358,7 +359,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         ok = [r for r in rs if "error" not in r]
         row = {"image": image, "profile": profile, "mode": mode, "runs": len(ok), "failed": len(rs) - len(ok)}
         for k in ("pull_s", "ready_s", "total_s", "background_s", "bytes", "requests",
-                  "run_bytes", "service_peak_rss_mib", "service_cpu_s", "unread_bytes", "cli_s", "service_start_s", "phase_mounted_s",
+                  "run_bytes", "service_peak_rss_mib", "service_cpu_s", "read_wait_s", "unread_bytes", "cli_s", "service_start_s", "phase_mounted_s",
                   "phase_pull_rest_s", "phase_first_read_s", "phase_workload_s"):
             row[k] = median([r.get(k) for r in ok])
         if len(ok) < len(rs):
@@ -407,8 +408,9 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
                    f"{f.get('build_seconds', 0) / 60:.1f} min |")
     out += ["", "## Measurements", "",
             "| image | profile | mode | runs | pull s | run→ready s | pull+ready s | bg fetch s | "
-            "registry MB | fetched, never read MB | requests | service peak RSS MiB | service CPU s |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "registry MB | fetched, never read MB | requests | reads waited s | service peak RSS MiB | "
+            "service CPU s |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted((r for r in rows if r["mode"] in MODES),
                     key=lambda r: (r["image"], r["profile"], MODES.index(r["mode"]))):
         out.append(f"| {r['image']} | {r['profile']} | {r['mode']} | {r['runs']}"
@@ -416,7 +418,8 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
                    f"{fmt(r['pull_s'])} | {fmt(r['ready_s'])} | {fmt(r['total_s'])} | "
                    f"{fmt(r['background_s'])} | {fmt(r['bytes'] and r['bytes'] / 1e6, '.1f')} | "
                    f"{fmt(r['unread_bytes'] and r['unread_bytes'] / 1e6, '.1f')} | "
-                   f"{fmt(r['requests'], '.0f')} | {fmt(r['service_peak_rss_mib'], '.0f')} | "
+                   f"{fmt(r['requests'], '.0f')} | {fmt(r.get('read_wait_s'))} | "
+                   f"{fmt(r['service_peak_rss_mib'], '.0f')} | "
                    f"{fmt(r.get('service_cpu_s'), '.1f')} |")
     phased = [r for r in rows if r.get("phase_mounted_s") is not None]
     if phased:
@@ -552,8 +555,8 @@ def main() -> None:
                             rec.update(one_run(ref, mode, proxy, WORK / "run", facts[name], slog or None))
                             log(f"{name} {profile} {mode} #{i + 1}: pull {rec['pull_s']:.2f}s, "
                                 f"ready {rec['ready_s']:.2f}s, {rec['bytes'] / 1e6:.1f} MB in "
-                                f"{rec['requests']} requests, service RSS {rec['service_peak_rss_mib']} MiB, "
-                                f"CPU {rec.get('service_cpu_s')} s")
+                                f"{rec['requests']} requests, reads waited {rec.get('read_wait_s')} s, "
+                                f"service RSS {rec['service_peak_rss_mib']} MiB, CPU {rec.get('service_cpu_s')} s")
                         except Exception as e:  # noqa: BLE001 - record and go on: a table with a hole beats none
                             rec["error"] = f"{type(e).__name__}: {e}"
                             log(f"{name} {profile} {mode} #{i + 1}: FAILED {rec['error'][:300]}")

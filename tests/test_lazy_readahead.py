@@ -165,10 +165,12 @@ def test_a_header_check_that_misses_reads_ahead_one_span_and_is_counted_apart(tm
     assert len(spans) == len(set(spans)), f"spans fetched twice: {sorted(spans)}"
     use = f.span_use()
     assert use.header_only == len(own) and use.unread == 1, "the span read ahead is unread until a read"
-    before = len(fetch.requests)
+    before, waited = len(fetch.requests), f.stats.read_wait
+    assert waited > 0, "the miss waited for its span and says so"
     assert f.read(f2.offset - 512, f2.offset, header=True) == tar[f2.offset - 512:f2.offset]
     _wait_idle(f, fetch)
     assert len(fetch.requests) == before, "a check the cache serves reads nothing ahead"
+    assert f.stats.read_wait == waited, "a read the cache serves waited for nothing"
 
 
 def test_a_span_the_prefetch_brought_in_is_no_miss_its_first_read_plans_nothing(tmp_path, layer):

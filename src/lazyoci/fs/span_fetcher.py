@@ -94,6 +94,7 @@ class FetchStats:
     spans: int = 0
     last_fetch: float = 0.0
     read_bytes: int = 0            # bytes handed to reads (file data and tar header checks)
+    read_wait: float = 0.0         # seconds reads waited for spans to arrive (summed over reads)
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,12 @@ class SpanFetcher:
             ahead = self._plan_read_ahead(self.ztoc.spans_for(start, end), ahead_until, after_header)
         start_ahead = (lambda: self._submit_read_ahead(ahead)) if ahead else None
         for _ in range(4):   # a span evicted between fetch and read is simply fetched again
+            asked = time.monotonic()
             fresh = self.ensure(self.ztoc.spans_for(start, end), background=background,
                                 on_transfer=start_ahead)
+            if fresh and not background:      # a read that found every span cached waited for none
+                with self._lock:
+                    self.stats.read_wait += time.monotonic() - asked
             start_ahead = None
             out = bytearray()
             ok = True
