@@ -25,10 +25,10 @@ reader moves on. The first read of a span that read-ahead brought in moves the
 window on: a sequential reader keeps a pipeline full, a random one stops after
 one window. A file's first data read of a span that only its lookup's tar header check
 fetched plans as a miss would: that check took the miss early. A header check that misses
-also reads ahead the next HEADER_READ_AHEAD span: a tar keeps a directory's entries together,
+also reads ahead the next HEADER_READ_AHEAD spans: a tar keeps a directory's entries together,
 and an interpreter's imports look up one entry after another, each waiting for the last, so
-the next lookup's header is often in the next span (on the python-ml image this took a
-quarter of the lookups' waits off the start, for about 10% more bytes).
+the next lookup's header is often in the next span or the one after (bench/README.md: on the
+python-ml image a third less time waiting for the network, for a fifth more bytes).
 
 Write-behind: a span is handed to the reader (and to every waiter) as soon as it
 is verified and inflated; one writer thread stores it in the disk cache. Until the
@@ -70,7 +70,7 @@ READ_AHEAD_SPANS = 8                         # spans queued past a missed read
 READ_AHEAD_BYTES = 16 << 20                  # ... and at most this many compressed bytes
 READ_AHEAD_INFLATED = 32 << 20               # ... and inflated bytes (a larger span: no read-ahead)
 READ_AHEAD_WORKERS = 4                       # Range requests in flight for read-ahead
-HEADER_READ_AHEAD = 1                        # spans fetched beside a tar header check's miss
+HEADER_READ_AHEAD = 2                        # spans fetched beside a tar header check's miss
 READ_AHEAD_RUN = 2                           # spans per read-ahead request
 READ_AHEAD_QUEUE = 64                        # queued read-aheads; more are skipped, not queued
 WRITE_BEHIND_BYTES = 64 << 20                # verified spans waiting for the disk (16 x 4 MiB)
@@ -138,8 +138,8 @@ class SpanFetcher:
         """Verified uncompressed bytes [start, end) of the layer's tar stream.
 
         `read_ahead=False` for reads that say nothing of what comes next; `header=True` for a
-        tar header checked for a lookup (read-ahead of the next span only, on a miss: the file's
-        own data reads plan theirs).
+        tar header checked for a lookup (read-ahead of the next HEADER_READ_AHEAD spans only, on a
+        miss: the file's own data reads plan theirs).
         Read-ahead plans no span starting at or past `ahead_until` (the end of the file read;
         None: the end of the layer)."""
         if end <= start:
