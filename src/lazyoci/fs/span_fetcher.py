@@ -25,10 +25,11 @@ reader moves on. The first read of a span that read-ahead brought in moves the
 window on: a sequential reader keeps a pipeline full, a random one stops after
 one window. A file's first data read of a span that only its lookup's tar header check
 fetched plans as a miss would: that check took the miss early. A header check that misses
-also reads ahead the next HEADER_READ_AHEAD spans: a tar keeps a directory's entries together,
-and an interpreter's imports look up one entry after another, each waiting for the last, so
-the next lookup's header is often in the next span or the one after (bench/README.md: on the
-python-ml image a third less time waiting for the network, for a fifth more bytes).
+also reads ahead the next HEADER_READ_AHEAD spans if they hold many entries' headers: a tar
+keeps a directory's entries together, and an interpreter's imports look up one small file after
+another, each waiting for the last, so the next lookup's header is often in the next span or
+the one after (bench/README.md: on the python-ml image a third less time waiting for the
+network, for a fifth more bytes). A layer of a few large files reads nothing ahead for lookups.
 
 Write-behind: a span is handed to the reader (and to every waiter) as soon as it
 is verified and inflated; one writer thread stores it in the disk cache. Until the
@@ -70,7 +71,8 @@ READ_AHEAD_SPANS = 8                         # spans queued past a missed read
 READ_AHEAD_BYTES = 16 << 20                  # ... and at most this many compressed bytes
 READ_AHEAD_INFLATED = 32 << 20               # ... and inflated bytes (a larger span: no read-ahead)
 READ_AHEAD_WORKERS = 4                       # Range requests in flight for read-ahead
-HEADER_READ_AHEAD = 2                        # spans fetched beside a tar header check's miss
+HEADER_READ_AHEAD = 2                        # spans fetched beside a tar header check's miss ...
+HEADER_DENSE = 16                            # ... each holding at least this many entries' headers
 READ_AHEAD_RUN = 2                           # spans per read-ahead request
 READ_AHEAD_QUEUE = 64                        # queued read-aheads; more are skipped, not queued
 WRITE_BEHIND_BYTES = 64 << 20                # verified spans waiting for the disk (16 x 4 MiB)
@@ -282,14 +284,33 @@ class SpanFetcher:
         return self._claim_ahead(want)
 
     def _plan_header_read_ahead(self, spans: range) -> list[int]:
-        """The spans to fetch beside a tar header check that misses the cache: the next
-        HEADER_READ_AHEAD spans of the layer, whose entries the next lookups are likely to need
-        (a tar keeps a directory's entries together)."""
+        """The spans to fetch beside a tar header check that misses the cache: of the next
+        HEADER_READ_AHEAD spans of the layer, those holding the headers of at least HEADER_DENSE
+        entries, which the next lookups are likely to need (a tar keeps a directory's entries
+        together). A span inside one large file, or of a few large ones, holds no header a lookup
+        could want: it is never fetched for one."""
         if not spans or not HEADER_READ_AHEAD or all(self.cache.has(i) for i in spans):
             return []
         want = [j for j in range(spans[-1] + 1, min(spans[-1] + 1 + HEADER_READ_AHEAD, self.ztoc.num_spans))
-                if self._inflated(j) <= READ_AHEAD_INFLATED]
+                if self._inflated(j) <= READ_AHEAD_INFLATED and self._entries_in(j) >= HEADER_DENSE]
         return self._claim_ahead(want)
+
+    def _entries_in(self, i: int) -> int:
+        """How many entries have their data (so their header) start in span i: two binary searches
+        over the entries, which an index keeps in stream order (if one does not, this only
+        misjudges a read-ahead)."""
+        s0, s1 = self.ztoc.span_uncompressed_range(i)
+        return self._first_entry_from(s1 + 1) - self._first_entry_from(s0 + 1)
+
+    def _first_entry_from(self, pos: int) -> int:
+        lo, hi = 0, len(self.ztoc)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.ztoc.entry(mid).offset < pos:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     def _submit_read_ahead(self, spans: list[int]) -> None:
         """Queue claimed read-ahead spans, READ_AHEAD_RUN adjacent ones per request."""
