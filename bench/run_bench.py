@@ -168,7 +168,8 @@ def service_figures(root: Path) -> dict:
             "unread_bytes": sum(l.get("unread_bytes", 0) for l in layers),
             "fetched_spans": sum(l.get("fetched_spans", 0) for l in layers),
             "header_only_spans": sum(l.get("header_only_spans", 0) for l in layers),
-            "read_wait_s": sum(l.get("read_wait_seconds", 0.0) for l in layers),
+            "read_wait_s": sum(l["read_wait_seconds"] for l in layers)       # a service that counts it
+            if all("read_wait_seconds" in l for l in layers) else None,
             "mounted_at": max((l["mounted_at"] for l in layers if "mounted_at" in l), default=None),
             "first_read_at": min(reads) if reads else None}
 
