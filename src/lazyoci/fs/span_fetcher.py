@@ -29,7 +29,7 @@ also reads ahead the next HEADER_READ_AHEAD spans if they hold many entries' hea
 keeps a directory's entries together, and an interpreter's imports look up one small file after
 another, each waiting for the last, so the next lookup's header is often in the next span or
 the one after (bench/README.md: on the python-ml image a third less time waiting for the
-network, for a fifth more bytes). A layer of a few large files reads nothing ahead for lookups.
+network, for about 13% more bytes). A layer of a few large files reads nothing ahead for lookups.
 
 Write-behind: a span is handed to the reader (and to every waiter) as soon as it
 is verified and inflated; one writer thread stores it in the disk cache. Until the
