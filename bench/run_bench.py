@@ -168,8 +168,21 @@ def service_figures(root: Path) -> dict:
             "unread_bytes": sum(l.get("unread_bytes", 0) for l in layers),
             "fetched_spans": sum(l.get("fetched_spans", 0) for l in layers),
             "header_only_spans": sum(l.get("header_only_spans", 0) for l in layers),
+            "read_wait_s": sum(l["read_wait_seconds"] for l in layers)       # a service that counts it
+            if all("read_wait_seconds" in l for l in layers) else None,
             "mounted_at": max((l["mounted_at"] for l in layers if "mounted_at" in l), default=None),
             "first_read_at": min(reads) if reads else None}
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used so far (steadier than wall time on a shared machine)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cli_startup_s(root: Path, cfg: Path) -> float:
@@ -180,9 +193,11 @@ def cli_startup_s(root: Path, cfg: Path) -> float:
     return time.monotonic() - t0
 
 
-def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: dict | None = None) -> dict:
+def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: dict | None = None,
+            service_log: Path | None = None) -> dict:
     """One measured pull + run on a fresh data root; always cleans up. The estargz and
-    zstd-chunked modes run the image's converted copy (`layer_formats.repo_of`)."""
+    zstd-chunked modes run the image's converted copy (`layer_formats.repo_of`). With
+    `service_log`, the service runs at DEBUG (one line per Range request) and its log is kept there."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     root = run_dir / "root"
@@ -204,6 +219,9 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: 
             # the daemon runs before the clock, as containerd and the stargz daemon do in the
             # comparisons of bench/README.md; its cold start is its own column
             t = time.monotonic()
+            if service_log is not None:     # the daemon itself, at DEBUG; `service start` then finds it
+                subprocess.run([sys.executable, "-m", "lazyoci.service.daemon", "--root", str(root),
+                                "--config", str(cfg), "--debug"], check=True, stdin=subprocess.DEVNULL)
             lazyoci(root, cfg, "service", "start", log_file=cli_log)
             result["service_start_s"] = time.monotonic() - t
         proxy.reset()
@@ -252,7 +270,11 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: 
     finally:
         peak = rss.finish()
         result["service_peak_rss_mib"] = round(peak / 1024, 1) if peak else None
+        result["service_cpu_s"] = process_cpu_s(service_pid(root))     # its start, the pull and the run
         lazyoci(root, cfg, "service", "stop", check=False, timeout=120, log_file=cli_log)
+        if service_log is not None and (root / "service/lazyoci.log").exists():
+            service_log.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / "service/lazyoci.log", service_log)
         left = leftover_mounts(root)
         for m in sorted(left, key=len, reverse=True):
             subprocess.run(["umount", "-l", m], check=False)
@@ -338,7 +360,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         ok = [r for r in rs if "error" not in r]
         row = {"image": image, "profile": profile, "mode": mode, "runs": len(ok), "failed": len(rs) - len(ok)}
         for k in ("pull_s", "ready_s", "total_s", "background_s", "bytes", "requests",
-                  "run_bytes", "service_peak_rss_mib", "unread_bytes", "cli_s", "service_start_s", "phase_mounted_s",
+                  "run_bytes", "service_peak_rss_mib", "service_cpu_s", "read_wait_s", "unread_bytes", "cli_s", "service_start_s", "phase_mounted_s",
                   "phase_pull_rest_s", "phase_first_read_s", "phase_workload_s"):
             row[k] = median([r.get(k) for r in ok])
         if len(ok) < len(rs):
@@ -387,8 +409,9 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
                    f"{f.get('build_seconds', 0) / 60:.1f} min |")
     out += ["", "## Measurements", "",
             "| image | profile | mode | runs | pull s | run→ready s | pull+ready s | bg fetch s | "
-            "registry MB | fetched, never read MB | requests | service peak RSS MiB |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "registry MB | fetched, never read MB | requests | reads waited s | service peak RSS MiB | "
+            "service CPU s |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted((r for r in rows if r["mode"] in MODES),
                     key=lambda r: (r["image"], r["profile"], MODES.index(r["mode"]))):
         out.append(f"| {r['image']} | {r['profile']} | {r['mode']} | {r['runs']}"
@@ -396,7 +419,9 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
                    f"{fmt(r['pull_s'])} | {fmt(r['ready_s'])} | {fmt(r['total_s'])} | "
                    f"{fmt(r['background_s'])} | {fmt(r['bytes'] and r['bytes'] / 1e6, '.1f')} | "
                    f"{fmt(r['unread_bytes'] and r['unread_bytes'] / 1e6, '.1f')} | "
-                   f"{fmt(r['requests'], '.0f')} | {fmt(r['service_peak_rss_mib'], '.0f')} |")
+                   f"{fmt(r['requests'], '.0f')} | {fmt(r.get('read_wait_s'))} | "
+                   f"{fmt(r['service_peak_rss_mib'], '.0f')} | "
+                   f"{fmt(r.get('service_cpu_s'), '.1f')} |")
     phased = [r for r in rows if r.get("phase_mounted_s") is not None]
     if phased:
         out += ["", "## Phases of a lazy start (medians)", "",
@@ -481,6 +506,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
     ap.add_argument("--span-size", type=int, default=None, help="span size of the SOCI indexes (default 4 MiB)")
+    ap.add_argument("--service-logs", type=Path, default=None,
+                    help="run the service at DEBUG and keep its log of every lazy run in this directory")
     args = ap.parse_args()
     RESULTS = args.out.resolve()
     images = [i for i in args.images.split(",") if i]
@@ -524,10 +551,13 @@ def main() -> None:
                         rec = {"image": name, "profile": profile, "mode": mode, "run": i + 1,
                                "loadavg": round(os.getloadavg()[0], 2)}
                         try:
-                            rec.update(one_run(ref, mode, proxy, WORK / "run", facts[name]))
+                            slog = args.service_logs and \
+                                args.service_logs.resolve() / f"{name}-{profile}-{mode}-{i + 1}.log"
+                            rec.update(one_run(ref, mode, proxy, WORK / "run", facts[name], slog or None))
                             log(f"{name} {profile} {mode} #{i + 1}: pull {rec['pull_s']:.2f}s, "
                                 f"ready {rec['ready_s']:.2f}s, {rec['bytes'] / 1e6:.1f} MB in "
-                                f"{rec['requests']} requests, service RSS {rec['service_peak_rss_mib']} MiB")
+                                f"{rec['requests']} requests, reads waited {rec.get('read_wait_s')} s, "
+                                f"service RSS {rec['service_peak_rss_mib']} MiB, CPU {rec.get('service_cpu_s')} s")
                         except Exception as e:  # noqa: BLE001 - record and go on: a table with a hole beats none
                             rec["error"] = f"{type(e).__name__}: {e}"
                             log(f"{name} {profile} {mode} #{i + 1}: FAILED {rec['error'][:300]}")

@@ -18,7 +18,7 @@ from helpers.images import Entry, make_layer
 from helpers.lazy import ztoc_for
 from lazyoci.errors import IntegrityError
 from lazyoci.fs.span_cache import SpanCache
-from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
+from lazyoci.fs.span_fetcher import HEADER_READ_AHEAD, SpanFetcher, flush_cache_writes
 from lazyoci.ztoc import Ztoc
 
 SPAN = 64 << 10
@@ -149,7 +149,8 @@ def test_read_ahead_stays_inside_the_file_and_spans_never_read_are_counted(tmp_p
                                    for i in unread)
 
 
-def test_a_header_check_read_plans_no_read_ahead_and_is_counted_apart(tmp_path, layer):
+def test_a_header_check_plans_no_read_ahead_among_large_files_and_is_counted_apart(tmp_path, layer):
+    # spans inside files of 300 KiB hold a header or none: no lookup could want them
     lay, ztoc = layer
     tar = gzip.decompress(lay.blob)
     f2 = _file(ztoc, "f2.bin")
@@ -160,6 +161,60 @@ def test_a_header_check_read_plans_no_read_ahead_and_is_counted_apart(tmp_path, 
     assert sorted(set(fetch.spans())) == list(ztoc.spans_for(f2.offset - 512, f2.offset))
     use = f.span_use()
     assert use.unread == 0 and use.header_only == use.fetched > 0
+
+
+@pytest.fixture(scope="module")
+def small_files():
+    # 2 KiB files of random bytes: a 64 KiB span holds the headers of about 25 of them
+    entries = [Entry(f"pkg/m{i:03}.py", data=os.urandom(2 << 10)) for i in range(400)]
+    layer = make_layer(entries, "gzip")
+    return layer, Ztoc.parse(ztoc_for(layer, span_size=SPAN))
+
+
+def test_a_header_check_that_misses_among_small_files_reads_the_next_spans_ahead(tmp_path, small_files):
+    # the next lookup's header is often in the next spans (a tar keeps a directory together): a
+    # check that misses fetches those too, beside it; a check served from the cache fetches nothing
+    lay, ztoc = small_files
+    tar = gzip.decompress(lay.blob)
+    m = _file(ztoc, "m100.py")
+    fetch = Ranges(lay.blob, ztoc)
+    f = _fetcher(tmp_path, lay, ztoc, fetch)
+    assert f.read(m.offset - 512, m.offset, header=True) == tar[m.offset - 512:m.offset]
+    _wait_idle(f, fetch)
+    own = list(ztoc.spans_for(m.offset - 512, m.offset))
+    ahead = list(range(own[-1] + 1, own[-1] + 1 + HEADER_READ_AHEAD))
+    spans = [i for lo, hi in fetch.requests for i in range(ztoc.num_spans)     # whole spans requested
+             if lo <= ztoc.span_compressed_range(i)[0] and ztoc.span_compressed_range(i)[1] <= hi]
+    assert HEADER_READ_AHEAD > 0 and sorted(spans) == own + ahead, "each once, nothing else"
+    use = f.span_use()
+    assert use.header_only == len(own) and use.unread == len(ahead), "spans read ahead are unread until a read"
+    before, waited = len(fetch.requests), f.stats.read_wait
+    assert waited > 0, "the miss waited for its span and says so"
+    # the next lookup finds its header read ahead: no request, no wait
+    n = _file(ztoc, "m130.py")
+    assert set(ztoc.spans_for(n.offset - 512, n.offset)) <= set(ahead)
+    assert f.read(n.offset - 512, n.offset, header=True) == tar[n.offset - 512:n.offset]
+    _wait_idle(f, fetch)
+    assert len(fetch.requests) == before, "a check the cache serves reads nothing ahead"
+    assert f.stats.read_wait == waited, "a read the cache serves waited for nothing"
+
+
+def test_a_span_the_prefetch_brought_in_is_no_miss_its_first_read_plans_nothing(tmp_path, layer):
+    # only a header check's own miss stands for the file's first miss; spans a recorded prefetch
+    # fetched hold what the recording read, and reading ahead of them brings in what it did not
+    lay, ztoc = layer
+    tar = gzip.decompress(lay.blob)
+    f2 = _file(ztoc, "f2.bin")
+    fetch = Ranges(lay.blob, ztoc)
+    f = _fetcher(tmp_path, lay, ztoc, fetch)
+    own = list(ztoc.spans_for(f2.offset - 512, f2.offset + 4096))
+    f.ensure(own, background=True)                    # what the recorded prefetch does at mount
+    _wait_idle(f, fetch)
+    before = len(fetch.requests)
+    assert f.read_cached(f2.offset - 512, f2.offset, header=True) == tar[f2.offset - 512:f2.offset]
+    assert f.read_cached(f2.offset, f2.offset + 4096, f2.offset + f2.size) == tar[f2.offset:f2.offset + 4096]
+    _wait_idle(f, fetch)
+    assert len(fetch.requests) == before
 
 
 def test_a_files_first_read_of_the_span_its_header_check_fetched_reads_ahead_inside_the_file(tmp_path, layer):

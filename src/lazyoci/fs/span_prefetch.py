@@ -1,25 +1,30 @@
 """Recorded prefetch: fetch a layer's listed spans at mount, in parallel, coalesced, bounded.
 
 The spans come from the layer's prefetch artifact (soci/prefetch.py), in its order. Each run of
-consecutive spans (at most PREFETCH_RUN) is one Range request; PREFETCH_WORKERS requests are in
-flight at once. Everything goes through the span manager, so a span a read already fetches is
-waited on rather than fetched again, and every span is verified before anything uses it; a read
-of a span that is still queued here fetches it itself (then this finds it cached). A failed
-request is logged and counted: prefetch only speeds reads up, the reads report their errors.
+consecutive spans (at most PREFETCH_RUN) is one Range request. One set of PREFETCH_REQUESTS
+threads serves the prefetches of every mounted layer, a request from each layer in turn: an
+image mounts several layers at once, and a bound per layer multiplied the requests in flight
+with the layers, which took the link from the pull still fetching the next layers' indexes
+and held that many spans in memory. Everything goes through the span manager, so a span a
+read already fetches is waited on rather than fetched again, and every span is verified before
+anything uses it; a read of a span that is still queued here fetches it itself (then this finds
+it cached). A failed request is logged and counted: prefetch only speeds reads up, the reads
+report their errors.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 from lazyoci.fs.span_fetcher import SpanFetcher
 
 log = logging.getLogger(__name__)
 
-PREFETCH_WORKERS = 4          # Range requests in flight for one layer's prefetch
-PREFETCH_RUN = 8              # spans per request at most (the span manager also bounds its bytes)
+PREFETCH_REQUESTS = 4         # Range requests in flight for the prefetches of all layers together
+PREFETCH_RUN = 4              # spans per request at most (the span manager also bounds its bytes)
 
 
 @dataclass(frozen=True)
@@ -33,49 +38,91 @@ class PrefetchProgress:
 
 
 class SpanPrefetch:
-    """One layer's prefetch, run by daemon threads (never holding up the service's exit)."""
+    """One layer's prefetch; its requests are made by the threads all prefetches share."""
 
-    def __init__(self, fetcher: SpanFetcher, spans: list[int], workers: int = PREFETCH_WORKERS,
-                 run: int = PREFETCH_RUN) -> None:
+    def __init__(self, fetcher: SpanFetcher, spans: list[int], run: int = PREFETCH_RUN,
+                 scheduler: "PrefetchScheduler | None" = None) -> None:
         self.fetcher = fetcher
         self.spans = spans
         self._jobs = _runs_in_order(spans, run)
-        self._workers = max(1, min(workers, len(self._jobs)))
+        self._scheduler = scheduler or _SCHEDULER
         self._lock = threading.Lock()
         self._next = 0
+        self._ended = 0           # requests made (or failed) so far
         self._done = 0
         self._failed = 0
-        self._running = 0
 
     def start(self) -> None:
-        self._running = self._workers
-        for n in range(self._workers):
-            threading.Thread(target=self._work, name=f"lazyoci-prefetch-{n}", daemon=True).start()
+        if self._jobs:
+            self._scheduler.add(self)
 
     def progress(self) -> PrefetchProgress:
         with self._lock:
-            return PrefetchProgress(len(self.spans), self._done, self._failed, self._running == 0)
+            return PrefetchProgress(len(self.spans), self._done, self._failed, self._ended == len(self._jobs))
+
+    def take(self) -> list[int] | None:
+        """The next request to make, or None once every one has been taken."""
+        with self._lock:
+            if self._next >= len(self._jobs):
+                return None
+            job = self._jobs[self._next]
+            self._next += 1
+            return job
+
+    def run(self, job: list[int]) -> None:
+        """Make one request (through the span manager) and count what it did."""
+        try:
+            self.fetcher.ensure(job, background=True)
+            ok = True
+        except Exception as e:      # only a prefetch: the read that needs the span reports it
+            log.warning("layer %s: prefetch of spans %d-%d failed: %s", self.fetcher.layer_digest,
+                        job[0], job[-1], e)
+            ok = False
+        with self._lock:
+            self._ended += 1
+            if ok:
+                self._done += len(job)
+            else:
+                self._failed += len(job)
+
+
+class PrefetchScheduler:
+    """Daemon threads (started on first use) making the requests of every queued prefetch, one
+    request of each in turn, at most `workers` at once."""
+
+    def __init__(self, workers: int = PREFETCH_REQUESTS) -> None:
+        self._workers = workers
+        self._queue: deque[SpanPrefetch] = deque()
+        self._cond = threading.Condition()
+        self._started = False
+
+    def add(self, prefetch: SpanPrefetch) -> None:
+        with self._cond:
+            if not self._started:
+                for n in range(self._workers):
+                    threading.Thread(target=self._work, name=f"lazyoci-prefetch-{n}", daemon=True).start()
+                self._started = True
+            self._queue.append(prefetch)
+            self._cond.notify()
+
+    def _next(self) -> tuple[SpanPrefetch, list[int]]:
+        with self._cond:
+            while True:
+                while self._queue:
+                    prefetch = self._queue.popleft()
+                    job = prefetch.take()
+                    if job is not None:
+                        self._queue.append(prefetch)      # its next request after the others' turn
+                        return prefetch, job
+                self._cond.wait()
 
     def _work(self) -> None:
         while True:
-            with self._lock:
-                if self._next >= len(self._jobs):
-                    self._running -= 1
-                    return
-                job = self._jobs[self._next]
-                self._next += 1
-            try:
-                self.fetcher.ensure(job, background=True)
-                ok = True
-            except Exception as e:      # only a prefetch: the read that needs the span reports it
-                log.warning("layer %s: prefetch of spans %d-%d failed: %s", self.fetcher.layer_digest,
-                            job[0], job[-1], e)
-                ok = False
-            with self._lock:
-                if ok:
-                    self._done += len(job)
-                else:
-                    self._failed += len(job)
+            prefetch, job = self._next()
+            prefetch.run(job)
+
+
+_SCHEDULER = PrefetchScheduler()
 
 
 def _runs_in_order(spans: list[int], longest: int) -> list[list[int]]:

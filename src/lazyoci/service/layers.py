@@ -88,6 +88,7 @@ class LayerStatus:
     mounted_at: float         # wall time the view was mounted
     first_read_at: float | None   # wall time of its first read (None: not read yet)
     format: str = "soci"      # how the layer is indexed (layer_formats.py's label)
+    read_wait_seconds: float = 0.0   # how long reads (file data, tar header checks) waited for the network
 
     @property
     def percent(self) -> float:
@@ -345,7 +346,8 @@ class LayerManager:
                 unread_spans=use.unread, unread_bytes=use.unread_bytes, header_only_spans=use.header_only,
                 prefetch_spans=progress.spans if progress else 0, prefetch_done=progress.done if progress else 0,
                 mounted_at=layer.mounted_at, first_read_at=f.first_read_at,
-                format=labels.get((layer.digest, layer.ztoc_digest), "soci")))
+                format=labels.get((layer.digest, layer.ztoc_digest), "soci"),
+                read_wait_seconds=round(f.stats.read_wait, 3)))
         return sorted(out, key=lambda s: s.layer_digest)
 
     def read_order(self) -> list[tuple[str, str, list[int]]]:
