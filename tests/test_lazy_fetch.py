@@ -16,6 +16,7 @@ from helpers.fault_proxy import Fault, FaultProxy, spans_requested
 from helpers.images import Entry, Layer, LAYER_GZIP, image_config, make_layer, push_image, sha, tar_bytes
 from helpers.lazy import push_soci_index, running_service, store_ztoc, write_config, ztoc_for
 from helpers.tricky_image import layer1_entries
+from lazyoci.fs.background import BACKGROUND_RUN
 from lazyoci.ztoc import Ztoc
 
 pytestmark = pytest.mark.needs_root("FUSE mounts")
@@ -272,6 +273,9 @@ def test_background_fetch_moves_each_span_once_and_counts_it_unread(registry, da
                 time.sleep(0.1)
             spans = spans_requested(ztoc, _blob_gets(proxy, layer))
             assert sorted(spans) == list(range(ztoc.num_spans)), "each span exactly once"
+            gets = len(_blob_gets(proxy, layer))
+            assert ztoc.num_spans > BACKGROUND_RUN and gets <= -(-ztoc.num_spans // BACKGROUND_RUN), \
+                f"{gets} requests for {ztoc.num_spans} spans: adjacent spans go in one request"
             moved = sum(r.bytes_sent for r in _blob_gets(proxy, layer))
             assert moved <= len(layer.blob) * 1.02, f"{moved} bytes moved for a {len(layer.blob)} byte layer"
             st = client.status()["layers"][0]
