@@ -71,6 +71,10 @@ MAX_MESSAGE = (1 << 20) + 4096
 CHANNEL_BUFFER = 4 << 20
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MNT_DETACH = 1, 2, 4, 2
 RELAUNCH_SECONDS = 10.0
+# The mount's read-ahead: FUSE's largest request (256 pages), where the kernel's default (128 KiB)
+# splits every read-ahead window and every fault around a page of a mapped library into 128 KiB
+# requests, each a round trip through the holder and the service.
+READ_AHEAD_KIB = 1024
 _BATCH = 64                   # messages relayed one way before looking at the other
 _CONTROL_TIMEOUT = 1.0    # a control client's request comes at once; the relay waits meanwhile
 
@@ -102,6 +106,25 @@ def _killable() -> None:
 def _mounted(target: str) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
+
+
+def set_read_ahead(mountpoint: str, kib: int) -> None:
+    """Set the read-ahead of the FUSE mount at mountpoint. Only after the kernel has taken the INIT
+    reply: it lowers the read-ahead to what that reply allows. Its device is read from mountinfo, as
+    a stat of the mount would be a FUSE request this process itself has to relay."""
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == mountpoint:
+                dev = fields[2]
+    if dev is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(f"{kib}\n")
+    except OSError as e:
+        log.warning("cannot set the read-ahead of %s: %s", mountpoint, e)
 
 
 def mount_fuse(mountpoint: str) -> int:
@@ -318,8 +341,9 @@ class Holder:
                 log.warning("the new service negotiated other FUSE parameters; the kernel keeps the first")
             return True
         request = self.pending.pop(unique, None) if unique else None
-        if request is not None and self.init_reply is None and \
-                _IN_HEADER.unpack_from(request)[1] == _FUSE_INIT:
+        first_init = request is not None and self.init_reply is None and \
+            _IN_HEADER.unpack_from(request)[1] == _FUSE_INIT
+        if first_init:
             self.init_reply = bytes(view)
         self.relayed += 1
         try:
@@ -329,6 +353,8 @@ class Holder:
             # nothing to do for; either way nothing is owed to anyone.
             if e.errno != errno.ENOENT:
                 log.warning("writing a reply to the kernel failed: %s", e)
+        if first_init:
+            set_read_ahead(self.mountpoint, READ_AHEAD_KIB)
         return True
 
     def run(self) -> None:
