@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--src", type=Path, default=None, help="another tree's src/ to run")
     ap.add_argument("--out", type=Path, default=None, help="write results.json here")
+    ap.add_argument("--keep", action="store_true", help="keep the data roots (services stopped) under bench/work")
     ap.add_argument("--read-ahead-kb", type=int, default=None,
                     help="set the FUSE mount's read-ahead (its bdi's read_ahead_kb) after each service start")
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
@@ -181,7 +182,8 @@ def main() -> None:
                     subprocess.run(["umount", "-l", m], check=False)
         reg.stop()
     report(command, commit, runs, args.out)
-    shutil.rmtree(WORK, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(WORK, ignore_errors=True)
 
 
 def report(command: str, commit: str, runs: list[dict], out: Path | None) -> None:

@@ -156,6 +156,8 @@ class LayerFS(pyfuse3.Operations):
         t, v = layer.tree, layer.verifier
         entries: list[int] = []
         for _, c in t.list(d, first):
+            if layer.checked[c]:
+                continue
             entries.extend(x for x in (t.entry[c], t.entry[t.target[c]]) if x >= 0)
             entries.extend(t.opaque.get(c, ()))
         try:
