@@ -69,7 +69,8 @@ def holder_relayed(root: Path) -> int | None:
             s.settimeout(2)
             s.connect(str(root / "service/holder.sock"))
             s.send(b'{"op": "status"}')
-            return int(json.loads(s.recv(65536))["relayed"])
+            status = json.loads(s.recv(65536))
+            return int(status["relayed"]) + int(status.get("answered", 0))
     except (OSError, ValueError, KeyError):
         return None
 

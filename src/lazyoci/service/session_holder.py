@@ -62,7 +62,11 @@ log = logging.getLogger("lazyoci.holder")
 _IN_HEADER = struct.Struct("<IIQQ")
 # struct fuse_out_header: len, error, unique
 _OUT_HEADER = struct.Struct("<IiQ")
+_IN_HEADER_SIZE = 40                  # the whole struct fuse_in_header
 _FUSE_FORGET, _FUSE_INIT, _FUSE_INTERRUPT, _FUSE_NOTIFY_REPLY, _FUSE_BATCH_FORGET = 2, 26, 36, 41, 42
+_FUSE_GETXATTR = 22
+_GETXATTR_IN_SIZE = 8                 # struct fuse_getxattr_in: size, padding; the name follows
+_OVERLAY_PREFIX, _OVERLAY_OPAQUE = b"trusted.overlay.", b"trusted.overlay.opaque"
 _NO_REPLY = frozenset({_FUSE_FORGET, _FUSE_INTERRUPT, _FUSE_NOTIFY_REPLY, _FUSE_BATCH_FORGET})
 
 # The largest message either way: a READ reply of FUSE's 256-page maximum plus headers.
@@ -145,6 +149,22 @@ def mount_fuse(mountpoint: str) -> int:
     return fd
 
 
+def overlay_xattr_reply(message: bytes) -> bytes | None:
+    """ENODATA for a GETXATTR of one of overlayfs' own xattrs other than the opaque marker, answered
+    here without the round trip through the service; None for any other request.
+
+    overlayfs asks every lower file and directory it looks up for them (metacopy, redirect, origin:
+    most of a container start's requests), and no node of the mount ever has one: the lazy
+    filesystem drops them from a layer's tar and makes only the opaque marker (fs/layer_fs.py)."""
+    _, opcode, unique, _ = _IN_HEADER.unpack_from(message)
+    if opcode != _FUSE_GETXATTR:
+        return None
+    name = message[_IN_HEADER_SIZE + _GETXATTR_IN_SIZE:].split(b"\0", 1)[0]
+    if not name.startswith(_OVERLAY_PREFIX) or name == _OVERLAY_OPAQUE:
+        return None
+    return _OUT_HEADER.pack(_OUT_HEADER.size, -errno.ENODATA, unique)
+
+
 class Holder:
     """One FUSE connection relayed to whichever service process is attached."""
 
@@ -162,6 +182,7 @@ class Holder:
         self.outbox: deque[bytes] = deque()        # requests for the service its socket had no room for
         self.swallow: int | None = None            # unique of a replayed INIT: its reply is not the kernel's
         self.relayed = 0                           # replies relayed to the kernel
+        self.answered = 0                          # requests answered here (overlay_xattr_reply)
         self._in = bytearray(MAX_MESSAGE)
         self._out = bytearray(MAX_MESSAGE)
         self._poll = select.poll()
@@ -191,7 +212,8 @@ class Holder:
             if op == "status":
                 reply = {"ok": True, "pid": os.getpid(), "rss_bytes": rss_bytes(),
                          "attached": self.service is not None, "service_pid": self.service_pid,
-                         "waiting": len(self.pending), "relayed": self.relayed, "mountpoint": self.mountpoint}
+                         "waiting": len(self.pending), "relayed": self.relayed, "answered": self.answered,
+                         "mountpoint": self.mountpoint}
             elif op == "stop":
                 reply = {"ok": True}
                 self._running = False
@@ -314,6 +336,12 @@ class Holder:
             raise
         message = bytes(memoryview(self._in)[:n])
         _, opcode, unique, _ = _IN_HEADER.unpack_from(message)
+        if opcode == _FUSE_GETXATTR:
+            reply = overlay_xattr_reply(message)
+            if reply is not None:
+                self.answered += 1
+                self._to_kernel(reply)
+                return True
         if opcode == _FUSE_INIT and self.init_request is None:
             self.init_request = message
         if opcode not in _NO_REPLY:
@@ -346,16 +374,19 @@ class Holder:
         if first_init:
             self.init_reply = bytes(view)
         self.relayed += 1
+        self._to_kernel(view)
+        if first_init:
+            set_read_ahead(self.mountpoint, READ_AHEAD_KIB)
+        return True
+
+    def _to_kernel(self, reply: bytes | memoryview) -> None:
         try:
-            os.write(self.fuse_fd, view)
+            os.write(self.fuse_fd, reply)
         except OSError as e:
             # ENOENT: the kernel gave the request up (interrupted), or a notification it had
             # nothing to do for; either way nothing is owed to anyone.
             if e.errno != errno.ENOENT:
                 log.warning("writing a reply to the kernel failed: %s", e)
-        if first_init:
-            set_read_ahead(self.mountpoint, READ_AHEAD_KIB)
-        return True
 
     def run(self) -> None:
         self._poll.register(self.listener, select.POLLIN)
