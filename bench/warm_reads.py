@@ -61,8 +61,9 @@ def pid_of(path: Path) -> int | None:
         return None
 
 
-def holder_relayed(root: Path) -> int | None:
-    """Replies the session holder relayed to the kernel so far (its status request)."""
+def holder_counts(root: Path) -> tuple[int, int] | None:
+    """FUSE requests the session holder has answered so far: (all, of which it answered itself
+    without the service). None if it does not say."""
     import socket
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
@@ -70,7 +71,8 @@ def holder_relayed(root: Path) -> int | None:
             s.connect(str(root / "service/holder.sock"))
             s.send(b'{"op": "status"}')
             status = json.loads(s.recv(65536))
-            return int(status["relayed"]) + int(status.get("answered", 0))
+            answered = int(status.get("answered", 0))
+            return int(status["relayed"]) + answered, answered
     except (OSError, ValueError, KeyError):
         return None
 
@@ -90,7 +92,7 @@ def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: d
                                 "-r", "500", "-o", str(profile), "-p", str(svc)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)        # attached before the clock
-    c0, h0, r0 = cpu_s(svc), cpu_s(holder), holder_relayed(root)
+    c0, h0, r0 = cpu_s(svc), cpu_s(holder), holder_counts(root)
     load = os.getloadavg()[0]
     t0 = time.monotonic()
     p = subprocess.Popen([rb.LAZYOCI, "--root", str(root), "--config", str(cfg), "run", "--rm",
@@ -104,12 +106,13 @@ def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: d
     rc = p.wait(timeout=900)
     if rc != 0 or ready is None:
         raise RuntimeError(f"run exited {rc}: {log_file.read_text(errors='replace')[-600:]}")
-    r1 = holder_relayed(root)
+    r1 = holder_counts(root)
     if spy is not None:
         spy.send_signal(2)
         spy.wait(60)
     return {"ready_s": ready, "service_cpu_s": cpu_s(svc) - c0, "holder_cpu_s": cpu_s(holder) - h0,
-            "fuse_messages": (r1 - r0) if r0 is not None and r1 is not None else None,
+            "fuse_messages": (r1[0] - r0[0]) if r0 is not None and r1 is not None else None,
+            "holder_answered": (r1[1] - r0[1]) if r0 is not None and r1 is not None else None,
             "loadavg": round(load, 2)}
 
 
@@ -173,7 +176,8 @@ def main() -> None:
                 rec.update(timed_run(roots[kind], cfgs[kind], snap[kind], ref, log_file, env, spy))
                 rb.log(f"round {i + 1} {kind}: ready {rec['ready_s']:.2f}s, service cpu "
                        f"{rec['service_cpu_s']:.2f}s, holder cpu {rec['holder_cpu_s']:.2f}s, "
-                       f"{rec['fuse_messages']} FUSE messages, load {rec['loadavg']}")
+                       f"{rec['fuse_messages']} FUSE messages ({rec['holder_answered']} answered by the holder), "
+                       f"load {rec['loadavg']}")
                 runs.append(rec)
     finally:
         for k, root in roots.items():
@@ -198,8 +202,9 @@ def report(command: str, commit: str, runs: list[dict], out: Path | None) -> Non
 
     loads = [r["loadavg"] for r in runs]
     print(f"\n    command: {command}   (lazyoci at {commit}; load average {min(loads):.1f}-{max(loads):.1f})\n")
-    print("| run of | runs | run→ready s (median) | each run s | service CPU s | holder CPU s | FUSE messages |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print("| run of | runs | run→ready s (median) | each run s | service CPU s | holder CPU s | FUSE messages "
+          "| of which the holder answered |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
     rows = [("overlayfs unpack (page cache)", "full", None),
             ("lazy, right after the background fetch", "lazy", "after the fetch"),
             ("lazy, new mount, span cache complete", "lazy", "new mount")]
@@ -209,7 +214,8 @@ def report(command: str, commit: str, runs: list[dict], out: Path | None) -> Non
             continue
         print(f"| {label} | {len(sel)} | {f(med(kind, 'ready_s', state))} | "
               f"{', '.join(f(r['ready_s']) for r in sel)} | {f(med(kind, 'service_cpu_s', state))} | "
-              f"{f(med(kind, 'holder_cpu_s', state))} | {f(med(kind, 'fuse_messages', state), '.0f')} |")
+              f"{f(med(kind, 'holder_cpu_s', state))} | {f(med(kind, 'fuse_messages', state), '.0f')} | "
+              f"{f(med(kind, 'holder_answered', state), '.0f')} |")
     full, lazy = med("full", "ready_s"), med("lazy", "ready_s")
     if full and lazy:
         print(f"\nlazy / full (medians of every round): {lazy / full:.2f}")
