@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--src", type=Path, default=None, help="another tree's src/ to run")
     ap.add_argument("--out", type=Path, default=None, help="write results.json here")
+    ap.add_argument("--same-mount", action="store_true",
+                    help="no service restart between lazy runs: the kernel keeps the mount's entries and pages")
     ap.add_argument("--keep", action="store_true", help="keep the data roots (services stopped) under bench/work")
     ap.add_argument("--read-ahead-kb", type=int, default=None,
                     help="set the FUSE mount's read-ahead (its bdi's read_ahead_kb) after each service start")
@@ -161,14 +163,15 @@ def main() -> None:
         for i in range(args.rounds):
             order = ("lazy", "full") if i % 2 == 0 else ("full", "lazy")
             for kind in order:
-                if kind == "lazy" and i > 0:
+                if kind == "lazy" and i > 0 and not args.same_mount:
                     rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "stop", log_file=log_file)
                     rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "start", log_file=log_file)
                     if args.read_ahead_kb:
                         set_read_ahead(roots["lazy"] / "service/mnt", args.read_ahead_kb)
                 rec = {"round": i + 1, "kind": kind,
                        "state": "after the fetch" if kind == "lazy" and i == 0 else
-                                ("new mount" if kind == "lazy" else "page cache")}
+                                (("same mount" if args.same_mount else "new mount") if kind == "lazy"
+                                 else "page cache")}
                 spy = args.py_spy / f"service-round{i + 1}.txt" if args.py_spy and kind == "lazy" \
                     else None
                 if spy is not None:
@@ -207,7 +210,8 @@ def report(command: str, commit: str, runs: list[dict], out: Path | None) -> Non
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     rows = [("overlayfs unpack (page cache)", "full", None),
             ("lazy, right after the background fetch", "lazy", "after the fetch"),
-            ("lazy, new mount, span cache complete", "lazy", "new mount")]
+            ("lazy, new mount, span cache complete", "lazy", "new mount"),
+            ("lazy, again on the same mount", "lazy", "same mount")]
     for label, kind, state in rows:
         sel = [r for r in runs if r["kind"] == kind and (state is None or r["state"] == state)]
         if not sel:

@@ -19,9 +19,12 @@ Inode numbers: the mount root is 1; node n of the layer in slot s is
 numbers follow from its index alone and the service keeps each view's slot
 (service/view_slots.py), so a restarted service that takes the mount over answers
 the node IDs and file handles (fh = inode) the kernel holds. Content is
-immutable, so entries and attributes get long timeouts and reads keep the
-kernel page cache. Reads whose spans are all in the disk cache are served on the
-event loop (a pread; a thread hop would cost more than the read); the others run
+immutable, so entries and attributes get long timeouts, so do the names a layer
+does not have (negative entries), and reads keep the kernel page cache. What the
+kernel asks again and again is decoded once per node: that it passed its header
+check, its attributes, a file's extent in the tar. Reads whose spans are all in
+the disk cache are served on the event loop (a pread; a thread hop would cost
+more than the read); the others run
 the span manager in worker threads (`trio.to_thread.run_sync`) so many reads
 proceed at once; every lazyoci error (a digest mismatch above all) becomes EIO
 and is logged.

@@ -14,6 +14,10 @@ the session over:
   re-sent to the next service process, so a read the dead process had taken is
   answered, not lost.
 
+It answers one kind of request itself: GETXATTR of overlayfs' own xattrs other than
+the opaque marker, which no node of the mount has (overlay_xattr_reply). It sets the
+mount's read-ahead to a whole FUSE request once the kernel has taken the INIT reply.
+
 While no service is attached, it does not read `/dev/fuse`: new requests wait in
 the kernel's queue and their readers see a pause, not an error. A service that
 goes without saying so first and leaves its pid file behind (killed, out of memory)
