@@ -77,6 +77,13 @@ def holder_counts(root: Path) -> tuple[int, int] | None:
         return None
 
 
+def renice(root: Path, value: int) -> None:
+    for name in ("lazyoci.pid", "holder.pid"):
+        pid = pid_of(root / "service" / name)
+        if pid:
+            os.setpriority(os.PRIO_PROCESS, pid, value)
+
+
 def set_read_ahead(mountpoint: Path, kib: int) -> None:
     dev = os.stat(mountpoint).st_dev
     Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").write_text(f"{kib}\n")
@@ -124,6 +131,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write results.json here")
     ap.add_argument("--same-mount", action="store_true",
                     help="no service restart between lazy runs: the kernel keeps the mount's entries and pages")
+    ap.add_argument("--nice", type=int, default=None,
+                    help="give the service's and the holder's main threads this nice value after each start")
     ap.add_argument("--keep", action="store_true", help="keep the data roots (services stopped) under bench/work")
     ap.add_argument("--read-ahead-kb", type=int, default=None,
                     help="set the FUSE mount's read-ahead (its bdi's read_ahead_kb) after each service start")
@@ -158,6 +167,8 @@ def main() -> None:
         rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "start", log_file=log_file)
         rb.lazyoci(roots["lazy"], cfgs["lazy"], "pull", "-q", "--snapshotter", "soci", ref,
                    *(["--soci-index-digest", facts["index"]] if facts.get("index") else []), log_file=log_file)
+        if args.nice is not None:
+            renice(roots["lazy"], args.nice)
         bg = rb.wait_background(roots["lazy"], cfgs["lazy"], timeout=3600)
         rb.log(f"background fetch done {bg:.1f}s after the pull")
         for i in range(args.rounds):
@@ -166,6 +177,8 @@ def main() -> None:
                 if kind == "lazy" and i > 0 and not args.same_mount:
                     rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "stop", log_file=log_file)
                     rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "start", log_file=log_file)
+                    if args.nice is not None:
+                        renice(roots["lazy"], args.nice)
                     if args.read_ahead_kb:
                         set_read_ahead(roots["lazy"] / "service/mnt", args.read_ahead_kb)
                 rec = {"round": i + 1, "kind": kind,
