@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -14,6 +15,8 @@ from helpers.images import image_config, make_layer, push_image
 from helpers.lazy import overlay, running_service, store_ztoc, write_config, ztoc_for
 from helpers.tree import diff_trees, layer_tree, walk_tree
 from helpers.tricky_image import push_tricky_image
+from lazyoci.service.holder_link import holder_status
+from lazyoci.service.paths import layer_view_name as view_name
 from lazyoci.snapshot.unpack import apply_layer_stream
 
 pytestmark = pytest.mark.needs_root("FUSE and overlay mounts")
@@ -126,3 +129,37 @@ def test_a_layer_with_zero_padding_after_its_end_blocks_is_served_whole(registry
         assert (lazy_dir / "a").read_bytes() == b"A" * 70_000
         assert (lazy_dir / "b").read_bytes() == b"B" * 100
         assert sorted(os.listdir(lazy_dir)) == ["a", "b"]
+
+
+def test_what_the_kernel_may_keep_of_a_lazy_layer(registry, tricky, data_root, tmp_path):
+    """A layer's tree never changes, so the kernel keeps its absent names too, and reads ahead a
+    whole FUSE request (1 MiB); the mount root, where layers come and go, keeps no absent name.
+    overlayfs' own xattrs are never a layer's: the session holder answers them itself, the service
+    only the opaque marker."""
+    ref = f"{registry.host}/lazy/tricky:latest"
+    first, second = tricky.layers[:2]
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        (lazy_dir,) = _mount_all(client, data_root, ref, [first])
+        mnt = lazy_dir.parent
+        dev = os.stat(mnt).st_dev
+        kib = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text()
+        assert int(kib) == 1024
+        for _ in range(2):
+            with pytest.raises(FileNotFoundError):
+                os.lstat(lazy_dir / "no-such-name")
+            with pytest.raises(FileNotFoundError):
+                os.lstat(lazy_dir / "etc" / "no-such-name")
+        zdigest = store_ztoc(data_root, ztoc_for(second, span_size=64 << 10))
+        later = mnt / view_name(second.digest, zdigest)
+        assert not later.exists()
+        assert client.mount_layer(ref, second.digest, zdigest) == later
+        assert later.is_dir()
+        answered = holder_status(client.holder)["answered"]
+        for path in (lazy_dir / "etc", lazy_dir / "etc" / "passwd"):
+            for name in ("trusted.overlay.metacopy", "trusted.overlay.redirect", "trusted.overlay.origin"):
+                with pytest.raises(OSError) as exc:
+                    os.getxattr(path, name, follow_symlinks=False)
+                assert exc.value.errno == errno.ENODATA, (path, name)
+        assert holder_status(client.holder)["answered"] == answered + 6    # no round trip to the service
+        opaque = [Path(d) for d, _, _ in os.walk(later) if _opaque(Path(d))]
+        assert opaque, "the second layer of the tricky image has an opaque directory"

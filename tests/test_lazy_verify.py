@@ -215,6 +215,28 @@ def test_a_ztoc_listing_entries_out_of_stream_order_still_checks_every_entry(lay
     assert v.broken is None
 
 
+def test_the_whole_layer_check_reads_the_headers_not_the_file_data(layer):
+    """The tar's tiling is in its headers; file data is proven by the span digests, so the check
+    skips it (it runs while a workload reads) and still reads every header."""
+    import gzip
+
+    from lazyoci.fs.header_check import GOOD, LayerVerifier
+    from lazyoci.ztoc import Ztoc
+
+    ztoc = Ztoc.parse(_ztoc(layer.blob))
+    raw = gzip.decompress(layer.blob)
+    asked: list[int] = []
+
+    def read(start: int, end: int) -> bytes:
+        asked.append(end - start)
+        return raw[start:end]
+
+    v = LayerVerifier(ztoc, read, read, layer.digest)
+    v.check_layer()
+    assert v.broken is None and all(s == GOOD for s in v.state)
+    assert sum(asked) < len(raw) - len(BIG) // 2, (sum(asked), len(raw))
+
+
 def test_releasing_snapshots_unmounts_a_view_through_another_index(registry, data_root, tmp_path):
     """A layer served through the index its snapshots use stays; its view through another
     index (an image removed since) goes."""

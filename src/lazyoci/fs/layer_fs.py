@@ -19,9 +19,12 @@ Inode numbers: the mount root is 1; node n of the layer in slot s is
 numbers follow from its index alone and the service keeps each view's slot
 (service/view_slots.py), so a restarted service that takes the mount over answers
 the node IDs and file handles (fh = inode) the kernel holds. Content is
-immutable, so entries and attributes get long timeouts and reads keep the
-kernel page cache. Reads whose spans are all in the disk cache are served on the
-event loop (a pread; a thread hop would cost more than the read); the others run
+immutable, so entries and attributes get long timeouts, so do the names a layer
+does not have (negative entries), and reads keep the kernel page cache. What the
+kernel asks again and again is decoded once per node: that it passed its header
+check, its attributes, a file's extent in the tar. Reads whose spans are all in
+the disk cache are served on the event loop (a pread; a thread hop would cost
+more than the read); the others run
 the span manager in worker threads (`trio.to_thread.run_sync`) so many reads
 proceed at once; every lazyoci error (a digest mismatch above all) becomes EIO
 and is logged.
@@ -35,7 +38,7 @@ import os
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
@@ -45,17 +48,19 @@ from lazyoci.fs import tree as T
 from lazyoci.fs.header_check import LayerVerifier
 from lazyoci.fs.span_fetcher import SpanFetcher
 from lazyoci.fs.tree import LayerTree
-from lazyoci.oci.whiteout import OPAQUE_XATTR, is_overlay_xattr
+from lazyoci.oci.whiteout import OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, is_overlay_xattr
 from lazyoci.service.paths import layer_view_name as view_name
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = 24 * 3600.0            # immutable content: cache entries and attributes for long
+MEMO_NODES = 1 << 16             # per layer: nodes whose attributes or file extent are kept decoded
 _SLOT_SHIFT = 32
 _TYPE_BITS = {T.DIR: stat.S_IFDIR, T.REG: stat.S_IFREG, T.SYMLINK: stat.S_IFLNK,
               T.CHAR: stat.S_IFCHR, T.BLOCK: stat.S_IFBLK, T.FIFO: stat.S_IFIFO,
               T.WHITEOUT: stat.S_IFCHR}
 _OPAQUE_XATTR = OPAQUE_XATTR.encode()
+_OVERLAY_XATTR_PREFIX = OVERLAY_XATTR_PREFIX.encode()
 
 
 @dataclass
@@ -68,6 +73,15 @@ class LazyLayer:
     mounted_at: float
     verifier: LayerVerifier
     xattrs_disabled: bool = False    # the index marks it `disable-xattrs`: no xattr is looked up
+    # What the kernel asks again and again, decoded once: a node that passed its header check
+    # (never unchecked again: only a broken layer, tested on every request, takes that back), and
+    # bounded memos of attributes and file extents (the index decodes an entry's every field).
+    checked: bytearray = field(init=False, repr=False)
+    attrs: dict[int, pyfuse3.EntryAttributes] = field(init=False, repr=False, default_factory=dict)
+    extents: dict[int, tuple[int, int]] = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.checked = bytearray(len(self.tree))
 
     @property
     def ztoc_digest(self) -> str:
@@ -126,10 +140,13 @@ class LayerFS(pyfuse3.Operations):
     async def _check(self, layer: LazyLayer, n: int) -> None:
         """EIO unless node n (and what decides how it shows) matches its tar headers."""
         v = layer.verifier
+        if layer.checked[n] and v.broken is None:
+            return
         try:
             todo = v.unchecked(layer.tree.entries_behind(n))
             if todo and not v.check_cached(todo):
                 await trio.to_thread.run_sync(v.check, todo)
+            layer.checked[n] = 1
         except LazyociError:
             raise pyfuse3.FUSEError(errno.EIO) from None     # logged by the verifier, once
         except Exception:
@@ -142,6 +159,8 @@ class LayerFS(pyfuse3.Operations):
         t, v = layer.tree, layer.verifier
         entries: list[int] = []
         for _, c in t.list(d, first):
+            if layer.checked[c]:
+                continue
             entries.extend(x for x in (t.entry[c], t.entry[t.target[c]]) if x >= 0)
             entries.extend(t.opaque.get(c, ()))
         try:
@@ -151,10 +170,15 @@ class LayerFS(pyfuse3.Operations):
 
     def _checked(self, layer: LazyLayer, n: int) -> bool:
         """True if node n was checked already (no I/O)."""
+        if layer.checked[n] and layer.verifier.broken is None:
+            return True
         try:
-            return not layer.verifier.unchecked(layer.tree.entries_behind(n))
+            if layer.verifier.unchecked(layer.tree.entries_behind(n)):
+                return False
         except LazyociError:
             return False
+        layer.checked[n] = 1
+        return True
 
     async def _checked_node(self, inode: int) -> tuple[LazyLayer, int]:
         layer, n = self._resolve(inode)
@@ -171,6 +195,19 @@ class LayerFS(pyfuse3.Operations):
         return layer, n
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        """The node's attributes with long timeouts, decoded once: callers never change them (a
+        reply with other timeouts takes `_fresh_attrs`)."""
+        if inode == pyfuse3.ROOT_INODE:
+            return self._fresh_attrs(inode)
+        layer, n = self._resolve(inode)
+        a = layer.attrs.get(n)
+        if a is None:
+            if len(layer.attrs) >= MEMO_NODES:
+                layer.attrs.clear()
+            a = layer.attrs[n] = self._fresh_attrs(inode)
+        return a
+
+    def _fresh_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.entry_timeout = TIMEOUT
         a.attr_timeout = TIMEOUT
@@ -218,6 +255,13 @@ class LayerFS(pyfuse3.Operations):
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
         return a
 
+    @staticmethod
+    def _absent() -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = TIMEOUT
+        return a
+
     def _ino(self, layer: LazyLayer, n: int) -> int:
         slot = self._by_name.get(layer.name, 0)
         return (slot << _SLOT_SHIFT) | (n + 1)
@@ -233,7 +277,7 @@ class LayerFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             layer = self._slots[slot]
             await self._check(layer, 0)
-            a = self._attrs((slot << _SLOT_SHIFT) | 1)
+            a = self._fresh_attrs((slot << _SLOT_SHIFT) | 1)
             a.entry_timeout = 0.0            # unmount_layer must be visible at once
             return a
         layer, d = self._resolve(parent_inode)
@@ -244,7 +288,9 @@ class LayerFS(pyfuse3.Operations):
             return self._attrs(pyfuse3.ROOT_INODE if d == 0 else self._ino(layer, t.parent[d]))
         n = t.lookup(d, name)
         if n is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            # a layer's tree never changes: the kernel may remember that the name is absent
+            # (an entry without an inode) as long as it remembers what is present
+            return self._absent()
         await self._check(layer, n)
         return self._attrs(self._ino(layer, t.target[n]))
 
@@ -298,7 +344,13 @@ class LayerFS(pyfuse3.Operations):
         if self._no_xattrs(inode):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         if inode != pyfuse3.ROOT_INODE:
-            await self._checked_node(inode)
+            layer, n = await self._checked_node(inode)
+            if name.startswith(_OVERLAY_XATTR_PREFIX):
+                # overlayfs asks every lower file and directory it looks up for its own xattrs; a
+                # layer never carries them (_xattrs drops them), only the opaque marker is made here
+                if name == _OPAQUE_XATTR and layer.tree.target[n] in layer.tree.opaque:
+                    return b"y"
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = self._xattrs(inode).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -345,7 +397,7 @@ class LayerFS(pyfuse3.Operations):
             for i, (slot, layer) in enumerate(slots):
                 if i < first:
                     continue
-                attrs = self._attrs((slot << _SLOT_SHIFT) | 1)
+                attrs = self._fresh_attrs((slot << _SLOT_SHIFT) | 1)
                 if not self._checked(layer, 0):
                     attrs.entry_timeout = attrs.attr_timeout = 0.0
                 if not pyfuse3.readdir_reply(token, layer.name, attrs, i + 3):
@@ -354,8 +406,10 @@ class LayerFS(pyfuse3.Operations):
         t = layer.tree
         self._check_children_cached(layer, d, first)
         for i, c in t.list(d, first):
-            attrs = self._attrs(self._ino(layer, t.target[c]))
-            if not self._checked(layer, c):      # the kernel must ask again before using them
+            if self._checked(layer, c):
+                attrs = self._attrs(self._ino(layer, t.target[c]))
+            else:                                # the kernel must ask again before using them
+                attrs = self._fresh_attrs(self._ino(layer, t.target[c]))
                 attrs.entry_timeout = attrs.attr_timeout = 0.0
             if not pyfuse3.readdir_reply(token, t.name(c), attrs, i + 3):
                 return
@@ -373,26 +427,39 @@ class LayerFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    def _extent(self, layer: LazyLayer, n: int) -> tuple[int, int]:
+        """Where file node n's data lies in the layer's tar stream: (offset, size)."""
+        extent = layer.extents.get(n)
+        if extent is None:
+            t = layer.tree
+            e = t.index.entry(t.entry[t.target[n]])
+            if len(layer.extents) >= MEMO_NODES:
+                layer.extents.clear()
+            extent = layer.extents[n] = (e.offset, e.size)
+        return extent
+
     async def read(self, fh: int, off: int, size: int) -> bytes:
         layer, n = await self._checked_node(fh)
-        t = layer.tree
-        e = t.index.entry(t.entry[t.target[n]])
-        if off >= e.size or size <= 0:
+        offset, file_size = self._extent(layer, n)
+        if off >= file_size or size <= 0:
             return b""
-        start = e.offset + off
-        end = e.offset + min(e.size, off + size)
+        start = offset + off
+        file_end = offset + file_size             # read-ahead stays inside the file
+        end = min(file_end, start + size)
         fetcher = layer.fetcher
-        last = t.index.spans_for(end - 1, end)
-        if last and e.offset + e.size > t.index.span_uncompressed_range(last[0])[1]:
-            fetcher.prefetch(last[0] + 1)     # the file goes on in the next span: read ahead
+        cache = fetcher.cache
+        if cache.cached_bytes < cache.total_bytes:
+            index = layer.tree.index
+            last = index.spans_for(end - 1, end)
+            if last and file_end > index.span_uncompressed_range(last[0])[1]:
+                fetcher.prefetch(last[0] + 1)     # the file goes on in the next span: read ahead
         try:
-            file_end = e.offset + e.size          # read-ahead stays inside the file
             data = fetcher.read_cached(start, end, file_end)
             if data is not None:
                 return data
             return await trio.to_thread.run_sync(fetcher.read, start, end, False, True, file_end)
         except LazyociError as exc:
-            log.error("read of %s in layer %s failed: %s", t.name(n).decode(errors="replace"),
+            log.error("read of %s in layer %s failed: %s", layer.tree.name(n).decode(errors="replace"),
                       layer.digest, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:

@@ -14,6 +14,10 @@ the session over:
   re-sent to the next service process, so a read the dead process had taken is
   answered, not lost.
 
+It answers one kind of request itself: GETXATTR of overlayfs' own xattrs other than
+the opaque marker, which no node of the mount has (overlay_xattr_reply). It sets the
+mount's read-ahead to a whole FUSE request once the kernel has taken the INIT reply.
+
 While no service is attached, it does not read `/dev/fuse`: new requests wait in
 the kernel's queue and their readers see a pause, not an error. A service that
 goes without saying so first and leaves its pid file behind (killed, out of memory)
@@ -62,7 +66,11 @@ log = logging.getLogger("lazyoci.holder")
 _IN_HEADER = struct.Struct("<IIQQ")
 # struct fuse_out_header: len, error, unique
 _OUT_HEADER = struct.Struct("<IiQ")
+_IN_HEADER_SIZE = 40                  # the whole struct fuse_in_header
 _FUSE_FORGET, _FUSE_INIT, _FUSE_INTERRUPT, _FUSE_NOTIFY_REPLY, _FUSE_BATCH_FORGET = 2, 26, 36, 41, 42
+_FUSE_GETXATTR = 22
+_GETXATTR_IN_SIZE = 8                 # struct fuse_getxattr_in: size, padding; the name follows
+_OVERLAY_PREFIX, _OVERLAY_OPAQUE = b"trusted.overlay.", b"trusted.overlay.opaque"
 _NO_REPLY = frozenset({_FUSE_FORGET, _FUSE_INTERRUPT, _FUSE_NOTIFY_REPLY, _FUSE_BATCH_FORGET})
 
 # The largest message either way: a READ reply of FUSE's 256-page maximum plus headers.
@@ -71,6 +79,10 @@ MAX_MESSAGE = (1 << 20) + 4096
 CHANNEL_BUFFER = 4 << 20
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MNT_DETACH = 1, 2, 4, 2
 RELAUNCH_SECONDS = 10.0
+# The mount's read-ahead: FUSE's largest request (256 pages), where the kernel's default (128 KiB)
+# splits every read-ahead window and every fault around a page of a mapped library into 128 KiB
+# requests, each a round trip through the holder and the service.
+READ_AHEAD_KIB = 1024
 _BATCH = 64                   # messages relayed one way before looking at the other
 _CONTROL_TIMEOUT = 1.0    # a control client's request comes at once; the relay waits meanwhile
 
@@ -104,6 +116,25 @@ def _mounted(target: str) -> bool:
         return any(line.split()[4] == target for line in f)
 
 
+def set_read_ahead(mountpoint: str, kib: int) -> None:
+    """Set the read-ahead of the FUSE mount at mountpoint. Only after the kernel has taken the INIT
+    reply: it lowers the read-ahead to what that reply allows. Its device is read from mountinfo, as
+    a stat of the mount would be a FUSE request this process itself has to relay."""
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == mountpoint:
+                dev = fields[2]
+    if dev is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(f"{kib}\n")
+    except OSError as e:
+        log.warning("cannot set the read-ahead of %s: %s", mountpoint, e)
+
+
 def mount_fuse(mountpoint: str) -> int:
     """Open /dev/fuse and mount it read-only at mountpoint, as libfuse would; returns the descriptor.
 
@@ -120,6 +151,22 @@ def mount_fuse(mountpoint: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def overlay_xattr_reply(message: bytes) -> bytes | None:
+    """ENODATA for a GETXATTR of one of overlayfs' own xattrs other than the opaque marker, answered
+    here without the round trip through the service; None for any other request.
+
+    overlayfs asks every lower file and directory it looks up for them (metacopy, redirect, origin:
+    most of a container start's requests), and no node of the mount ever has one: the lazy
+    filesystem drops them from a layer's tar and makes only the opaque marker (fs/layer_fs.py)."""
+    _, opcode, unique, _ = _IN_HEADER.unpack_from(message)
+    if opcode != _FUSE_GETXATTR:
+        return None
+    name = message[_IN_HEADER_SIZE + _GETXATTR_IN_SIZE:].split(b"\0", 1)[0]
+    if not name.startswith(_OVERLAY_PREFIX) or name == _OVERLAY_OPAQUE:
+        return None
+    return _OUT_HEADER.pack(_OUT_HEADER.size, -errno.ENODATA, unique)
 
 
 class Holder:
@@ -139,6 +186,7 @@ class Holder:
         self.outbox: deque[bytes] = deque()        # requests for the service its socket had no room for
         self.swallow: int | None = None            # unique of a replayed INIT: its reply is not the kernel's
         self.relayed = 0                           # replies relayed to the kernel
+        self.answered = 0                          # requests answered here (overlay_xattr_reply)
         self._in = bytearray(MAX_MESSAGE)
         self._out = bytearray(MAX_MESSAGE)
         self._poll = select.poll()
@@ -168,7 +216,8 @@ class Holder:
             if op == "status":
                 reply = {"ok": True, "pid": os.getpid(), "rss_bytes": rss_bytes(),
                          "attached": self.service is not None, "service_pid": self.service_pid,
-                         "waiting": len(self.pending), "relayed": self.relayed, "mountpoint": self.mountpoint}
+                         "waiting": len(self.pending), "relayed": self.relayed, "answered": self.answered,
+                         "mountpoint": self.mountpoint}
             elif op == "stop":
                 reply = {"ok": True}
                 self._running = False
@@ -291,6 +340,12 @@ class Holder:
             raise
         message = bytes(memoryview(self._in)[:n])
         _, opcode, unique, _ = _IN_HEADER.unpack_from(message)
+        if opcode == _FUSE_GETXATTR:
+            reply = overlay_xattr_reply(message)
+            if reply is not None:
+                self.answered += 1
+                self._to_kernel(reply)
+                return True
         if opcode == _FUSE_INIT and self.init_request is None:
             self.init_request = message
         if opcode not in _NO_REPLY:
@@ -318,18 +373,24 @@ class Holder:
                 log.warning("the new service negotiated other FUSE parameters; the kernel keeps the first")
             return True
         request = self.pending.pop(unique, None) if unique else None
-        if request is not None and self.init_reply is None and \
-                _IN_HEADER.unpack_from(request)[1] == _FUSE_INIT:
+        first_init = request is not None and self.init_reply is None and \
+            _IN_HEADER.unpack_from(request)[1] == _FUSE_INIT
+        if first_init:
             self.init_reply = bytes(view)
         self.relayed += 1
+        self._to_kernel(view)
+        if first_init:
+            set_read_ahead(self.mountpoint, READ_AHEAD_KIB)
+        return True
+
+    def _to_kernel(self, reply: bytes | memoryview) -> None:
         try:
-            os.write(self.fuse_fd, view)
+            os.write(self.fuse_fd, reply)
         except OSError as e:
             # ENOENT: the kernel gave the request up (interrupted), or a notification it had
             # nothing to do for; either way nothing is owed to anyone.
             if e.errno != errno.ENOENT:
                 log.warning("writing a reply to the kernel failed: %s", e)
-        return True
 
     def run(self) -> None:
         self._poll.register(self.listener, select.POLLIN)

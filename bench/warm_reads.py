@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Warm reads through the lazy filesystem against the same `run` from an overlayfs unpack.
+
+    .venv/bin/python bench/warm_reads.py [--image python-ml] [--rounds 5] [--src DIR]
+
+One registry on loopback (no throttle: only the reads after the fetch are timed). Two data roots:
+`full` pulls the image with the overlayfs snapshotter (a full unpack); `lazy` pulls it with the
+soci snapshotter and lets the background fetcher bring in every span. Then, `--rounds` times,
+alternating which goes first, `lazyoci run --rm` of each is timed from its start to the `ready`
+line. Round 1 of the lazy image runs straight after the background fetch (what `run_bench.py`'s
+soci-bg mode times); every later lazy round first restarts the service with `service stop` and
+`service start` (before the clock), so the FUSE mount is new and the kernel holds none of its
+entries or pages: every lookup and read goes to the service again, served from the span cache
+(whose file stays in the page cache, as after the fetch). The overlayfs root's files stay in the
+page cache between rounds, as after an unpack.
+
+Per run: wall seconds to `ready`, CPU seconds (user+sys) of the lazyoci service and of the FUSE
+session holder during the run, and the FUSE messages the holder relayed. `--src DIR` runs another
+tree's `src/` (e.g. `git archive main src`) for a before/after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import localreg  # noqa: E402
+import run_bench as rb  # noqa: E402
+
+WORK = HERE / "work" / "warm-reads"
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int | None) -> float:
+    """User+system CPU seconds of a process so far (0 if it is gone)."""
+    if not pid:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def pid_of(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().split()[0])
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def holder_counts(root: Path) -> tuple[int, int] | None:
+    """FUSE requests the session holder has answered so far: (all, of which it answered itself
+    without the service). None if it does not say."""
+    import socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(2)
+            s.connect(str(root / "service/holder.sock"))
+            s.send(b'{"op": "status"}')
+            status = json.loads(s.recv(65536))
+            answered = int(status.get("answered", 0))
+            return int(status["relayed"]) + answered, answered
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def renice(root: Path, value: int) -> None:
+    for name in ("lazyoci.pid", "holder.pid"):
+        pid = pid_of(root / "service" / name)
+        if pid:
+            os.setpriority(os.PRIO_PROCESS, pid, value)
+
+
+def set_read_ahead(mountpoint: Path, kib: int) -> None:
+    dev = os.stat(mountpoint).st_dev
+    Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").write_text(f"{kib}\n")
+
+
+def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: dict,
+              profile: Path | None = None) -> dict:
+    svc = pid_of(root / "service/lazyoci.pid")
+    holder = pid_of(root / "service/holder.pid")
+    spy = None
+    if profile is not None and svc:
+        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw",
+                                "-r", "500", "-o", str(profile), "-p", str(svc)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)        # attached before the clock
+    c0, h0, r0 = cpu_s(svc), cpu_s(holder), holder_counts(root)
+    load = os.getloadavg()[0]
+    t0 = time.monotonic()
+    p = subprocess.Popen([rb.LAZYOCI, "--root", str(root), "--config", str(cfg), "run", "--rm",
+                          "--snapshotter", snap, ref],
+                         stdout=subprocess.PIPE, stderr=open(log_file, "ab"), env=env)
+    ready = None
+    assert p.stdout is not None
+    for line in p.stdout:
+        if line.strip() == b"ready" and ready is None:
+            ready = time.monotonic() - t0
+    rc = p.wait(timeout=900)
+    if rc != 0 or ready is None:
+        raise RuntimeError(f"run exited {rc}: {log_file.read_text(errors='replace')[-600:]}")
+    r1 = holder_counts(root)
+    if spy is not None:
+        spy.send_signal(2)
+        spy.wait(60)
+    return {"ready_s": ready, "service_cpu_s": cpu_s(svc) - c0, "holder_cpu_s": cpu_s(holder) - h0,
+            "fuse_messages": (r1[0] - r0[0]) if r0 is not None and r1 is not None else None,
+            "holder_answered": (r1[1] - r0[1]) if r0 is not None and r1 is not None else None,
+            "loadavg": round(load, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--image", default="python-ml")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--src", type=Path, default=None, help="another tree's src/ to run")
+    ap.add_argument("--out", type=Path, default=None, help="write results.json here")
+    ap.add_argument("--same-mount", action="store_true",
+                    help="no service restart between lazy runs: the kernel keeps the mount's entries and pages")
+    ap.add_argument("--nice", type=int, default=None,
+                    help="give the service's and the holder's main threads this nice value after each start")
+    ap.add_argument("--keep", action="store_true", help="keep the data roots (services stopped) under bench/work")
+    ap.add_argument("--read-ahead-kb", type=int, default=None,
+                    help="set the FUSE mount's read-ahead (its bdi's read_ahead_kb) after each service start")
+    ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                    help="profile the service during each lazy run on a new mount (py-spy, folded stacks in DIR)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("warm_reads.py needs root (overlayfs, FUSE, runc)")
+    env = dict(os.environ)
+    if args.src:
+        env["PYTHONPATH"] = str(args.src.resolve())
+        os.environ["PYTHONPATH"] = env["PYTHONPATH"]      # rb.lazyoci's children inherit it
+    command = "python bench/warm_reads.py " + " ".join(sys.argv[1:])
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    reg = localreg.start_registry(WORK / "registry")
+    roots = {"full": WORK / "full", "lazy": WORK / "lazy"}
+    cfgs = {k: WORK / f"{k}.yaml" for k in roots}
+    cfgs["full"].write_text(rb.config_text("overlayfs"))
+    cfgs["lazy"].write_text(rb.config_text("soci-bg"))
+    snap = {"full": "overlayfs", "lazy": "soci"}
+    log_file = WORK / "cli.log"
+    runs: list[dict] = []
+    try:
+        repo, facts = rb.prepare_image(args.image, reg, WORK / "setup", ["soci-bg"])
+        ref = f"{reg.host}/{repo}"
+        for k, root in roots.items():
+            root.mkdir()
+        rb.lazyoci(roots["full"], cfgs["full"], "pull", "-q", ref, log_file=log_file)
+        rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "start", log_file=log_file)
+        rb.lazyoci(roots["lazy"], cfgs["lazy"], "pull", "-q", "--snapshotter", "soci", ref,
+                   *(["--soci-index-digest", facts["index"]] if facts.get("index") else []), log_file=log_file)
+        if args.nice is not None:
+            renice(roots["lazy"], args.nice)
+        bg = rb.wait_background(roots["lazy"], cfgs["lazy"], timeout=3600)
+        rb.log(f"background fetch done {bg:.1f}s after the pull")
+        for i in range(args.rounds):
+            order = ("lazy", "full") if i % 2 == 0 else ("full", "lazy")
+            for kind in order:
+                if kind == "lazy" and i > 0 and not args.same_mount:
+                    rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "stop", log_file=log_file)
+                    rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "start", log_file=log_file)
+                    if args.nice is not None:
+                        renice(roots["lazy"], args.nice)
+                    if args.read_ahead_kb:
+                        set_read_ahead(roots["lazy"] / "service/mnt", args.read_ahead_kb)
+                rec = {"round": i + 1, "kind": kind,
+                       "state": "after the fetch" if kind == "lazy" and i == 0 else
+                                (("same mount" if args.same_mount else "new mount") if kind == "lazy"
+                                 else "page cache")}
+                spy = args.py_spy / f"service-round{i + 1}.txt" if args.py_spy and kind == "lazy" \
+                    else None
+                if spy is not None:
+                    args.py_spy.mkdir(parents=True, exist_ok=True)
+                rec.update(timed_run(roots[kind], cfgs[kind], snap[kind], ref, log_file, env, spy))
+                rb.log(f"round {i + 1} {kind}: ready {rec['ready_s']:.2f}s, service cpu "
+                       f"{rec['service_cpu_s']:.2f}s, holder cpu {rec['holder_cpu_s']:.2f}s, "
+                       f"{rec['fuse_messages']} FUSE messages ({rec['holder_answered']} answered by the holder), "
+                       f"load {rec['loadavg']}")
+                runs.append(rec)
+    finally:
+        for k, root in roots.items():
+            if root.exists():
+                rb.lazyoci(root, cfgs[k], "service", "stop", check=False, timeout=120, log_file=log_file)
+                for m in sorted(rb.leftover_mounts(root), key=len, reverse=True):
+                    subprocess.run(["umount", "-l", m], check=False)
+        reg.stop()
+    report(command, commit, runs, args.out)
+    if not args.keep:
+        shutil.rmtree(WORK, ignore_errors=True)
+
+
+def report(command: str, commit: str, runs: list[dict], out: Path | None) -> None:
+    def med(kind: str, key: str, state: str | None = None) -> float | None:
+        vals = [r[key] for r in runs if r["kind"] == kind and r.get(key) is not None
+                and (state is None or r["state"] == state)]
+        return statistics.median(vals) if vals else None
+
+    def f(v: float | None, spec: str = ".2f") -> str:
+        return "—" if v is None else format(v, spec)
+
+    loads = [r["loadavg"] for r in runs]
+    print(f"\n    command: {command}   (lazyoci at {commit}; load average {min(loads):.1f}-{max(loads):.1f})\n")
+    print("| run of | runs | run→ready s (median) | each run s | service CPU s | holder CPU s | FUSE messages "
+          "| of which the holder answered |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    rows = [("overlayfs unpack (page cache)", "full", None),
+            ("lazy, right after the background fetch", "lazy", "after the fetch"),
+            ("lazy, new mount, span cache complete", "lazy", "new mount"),
+            ("lazy, again on the same mount", "lazy", "same mount")]
+    for label, kind, state in rows:
+        sel = [r for r in runs if r["kind"] == kind and (state is None or r["state"] == state)]
+        if not sel:
+            continue
+        print(f"| {label} | {len(sel)} | {f(med(kind, 'ready_s', state))} | "
+              f"{', '.join(f(r['ready_s']) for r in sel)} | {f(med(kind, 'service_cpu_s', state))} | "
+              f"{f(med(kind, 'holder_cpu_s', state))} | {f(med(kind, 'fuse_messages', state), '.0f')} | "
+              f"{f(med(kind, 'holder_answered', state), '.0f')} |")
+    full, lazy = med("full", "ready_s"), med("lazy", "ready_s")
+    if full and lazy:
+        print(f"\nlazy / full (medians of every round): {lazy / full:.2f}")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"command": command, "commit": commit, "runs": runs},
+                                                     indent=1))
+
+
+if __name__ == "__main__":
+    main()
