@@ -158,7 +158,9 @@ def test_interrupted_pull_leaves_nothing_half_written(tmp_path, registry, how):
     root = tmp_path / "root"
     with FaultProxy(registry.host) as proxy:
         ref = f"{proxy.host}/cli/interrupt-{how}:latest"
-        proxy.add(Fault("delay", seconds=2.0, match=f"/blobs/{layers[0].digest}", method="GET"))
+        # the layer's temporary file appears once its response starts: its body then takes 5 s,
+        # so the signal lands mid-download however slowly this process gets to send it
+        proxy.add(Fault("drip", rate=200_000, match=f"/blobs/{layers[0].digest}", method="GET"))
         p = subprocess.Popen([LAZYOCI, "--root", str(root), "pull", ref],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 20
