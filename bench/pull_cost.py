@@ -33,22 +33,12 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "images"))
 
 import localreg  # noqa: E402
+from process_cpu import cpu_seconds  # noqa: E402
 import run_bench  # noqa: E402
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 WORK = HERE / "work" / "pull-cost"
 CONFIG = "snapshotters:\n  - soci\nsoci:\n  background_fetch: false\n"
-
-
-def cpu_of(pid: int | None) -> float:
-    """User+system CPU seconds a live process has spent (0 if it is gone)."""
-    if not pid:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def holder_pid(root: Path) -> int | None:
@@ -84,7 +74,7 @@ def one_pull(ref: str, index: str, src: Path | None, run_dir: Path, log_file: Pa
         service = run_bench.service_pid(root)
         holder = holder_pid(root)
         time.sleep(0.5)                     # the service's own start has settled
-        cpu_service0 = cpu_of(service) + cpu_of(holder)
+        cpu_service0 = cpu_seconds(service) + cpu_seconds(holder)
         seen = log_file.stat().st_size if log_file.exists() else 0
         argv = [*base, "pull", "-q", "--snapshotter", "soci", ref, "--soci-index-digest", index]
         if profile is not None:
@@ -97,7 +87,7 @@ def one_pull(ref: str, index: str, src: Path | None, run_dir: Path, log_file: Pa
         wall = time.perf_counter() - start
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"pull failed: {' '.join(argv)}")
-        cpu_service = cpu_of(service) + cpu_of(holder) - cpu_service0
+        cpu_service = cpu_seconds(service) + cpu_seconds(holder) - cpu_service0
         time.sleep(0.1)                     # the proxy's last log line
         with open(log_file) as f:
             f.seek(seen)

@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import localreg  # noqa: E402
+from process_cpu import cpu_seconds  # noqa: E402
 from helpers.images import Entry, image_config, make_layer, push_image  # noqa: E402
 from helpers.lazy import store_ztoc, ztoc_for  # noqa: E402
 
@@ -49,12 +50,6 @@ from lazyoci.service.client import ServiceClient  # noqa: E402
 from lazyoci.store.layout import DataRoot  # noqa: E402
 
 CHUNK = 128 << 10
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pid(path: Path) -> int | None:
@@ -147,13 +142,13 @@ def main() -> None:
         _read_whole(path)                                            # every span into the disk cache
         holder = _pid(root.service / "holder.pid")      # none without the session holder
         service = _pid(client.paths.pid_file)
-        cpu = {name: _cpu_seconds(pid) for name, pid in (("holder", holder), ("service", service)) if pid}
+        cpu = {name: cpu_seconds(pid) for name, pid in (("holder", holder), ("service", service)) if pid}
         relayed = _relayed(client)
         times = [_read_whole(path) for _ in range(args.rounds)]
         gib = args.rounds * args.file_mib / 1024
         if holder:
             out["messages_per_gib"] = round((_relayed(client) - relayed) / gib)
-        out["cpu_seconds_per_gib"] = {name: round((_cpu_seconds(pid) - cpu[name]) / gib, 2)
+        out["cpu_seconds_per_gib"] = {name: round((cpu_seconds(pid) - cpu[name]) / gib, 2)
                                       for name, pid in (("holder", holder), ("service", service)) if pid}
         out["throughput_mib_s"] = {"median": round(args.file_mib / statistics.median(times), 1),
                                    "best": round(args.file_mib / min(times), 1)}

@@ -35,21 +35,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import localreg  # noqa: E402
+from process_cpu import cpu_seconds  # noqa: E402
 import run_bench as rb  # noqa: E402
 
 WORK = HERE / "work" / "warm-reads"
-CLK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int | None) -> float:
-    """User+system CPU seconds of a process so far (0 if it is gone)."""
-    if not pid:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK
 
 
 def pid_of(path: Path) -> int | None:
@@ -99,7 +88,7 @@ def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: d
                                 "-r", "500", "-o", str(profile), "-p", str(svc)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)        # attached before the clock
-    c0, h0, r0 = cpu_s(svc), cpu_s(holder), holder_counts(root)
+    c0, h0, r0 = cpu_seconds(svc), cpu_seconds(holder), holder_counts(root)
     load = os.getloadavg()[0]
     t0 = time.monotonic()
     p = subprocess.Popen([rb.LAZYOCI, "--root", str(root), "--config", str(cfg), "run", "--rm",
@@ -117,7 +106,7 @@ def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: d
     if spy is not None:
         spy.send_signal(2)
         spy.wait(60)
-    return {"ready_s": ready, "service_cpu_s": cpu_s(svc) - c0, "holder_cpu_s": cpu_s(holder) - h0,
+    return {"ready_s": ready, "service_cpu_s": cpu_seconds(svc) - c0, "holder_cpu_s": cpu_seconds(holder) - h0,
             "fuse_messages": (r1[0] - r0[0]) if r0 is not None and r1 is not None else None,
             "holder_answered": (r1[1] - r0[1]) if r0 is not None and r1 is not None else None,
             "loadavg": round(load, 2)}
