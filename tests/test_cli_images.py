@@ -161,8 +161,11 @@ def test_interrupted_pull_leaves_nothing_half_written(tmp_path, registry, how):
         # the layer's temporary file appears once its response starts: its body then takes 5 s,
         # so the signal lands mid-download however slowly this process gets to send it
         proxy.add(Fault("drip", rate=200_000, match=f"/blobs/{layers[0].digest}", method="GET"))
+        # Ctrl-C's default, as at a terminal: a suite started in the background inherits SIGINT
+        # ignored, and a Python program keeps an ignored SIGINT ignored (as a shell's `&` wants)
         p = subprocess.Popen([LAZYOCI, "--root", str(root), "pull", ref],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 20
         while not (root / "tmp").is_dir() or not list((root / "tmp").iterdir()):
             assert time.monotonic() < deadline and p.poll() is None, p.communicate()
