@@ -29,7 +29,10 @@ also reads ahead the next HEADER_READ_AHEAD spans if they hold many entries' hea
 keeps a directory's entries together, and an interpreter's imports look up one small file after
 another, each waiting for the last, so the next lookup's header is often in the next span or
 the one after (bench/README.md: on the python-ml image a third less time waiting for the
-network, for about 13% more bytes). A layer of a few large files reads nothing ahead for lookups.
+network, for about 13% more bytes). It starts once HEADER_SCAN spans of the layer have missed
+for header checks: a few misses are a small start's own path (the python3 image's start misses
+nine, and reading ahead beside them moved a third more bytes for a quarter second), many are
+a workload scanning a tree. A layer of a few large files reads nothing ahead for lookups.
 
 Write-behind: a span is handed to the reader (and to every waiter) as soon as it
 is verified and inflated; one writer thread stores it in the disk cache. Until the
@@ -72,7 +75,8 @@ READ_AHEAD_BYTES = 16 << 20                  # ... and at most this many compres
 READ_AHEAD_INFLATED = 32 << 20               # ... and inflated bytes (a larger span: no read-ahead)
 READ_AHEAD_WORKERS = 4                       # Range requests in flight for read-ahead
 HEADER_READ_AHEAD = 2                        # spans fetched beside a tar header check's miss ...
-HEADER_DENSE = 16                            # ... each holding at least this many entries' headers
+HEADER_DENSE = 16                            # ... each holding at least this many entries' headers,
+HEADER_SCAN = 10                             # ... once the layer's header checks have missed this many spans
 READ_AHEAD_RUN = 2                           # spans per read-ahead request
 READ_AHEAD_QUEUE = 64                        # queued read-aheads; more are skipped, not queued
 WRITE_BEHIND_BYTES = 64 << 20                # verified spans waiting for the disk (16 x 4 MiB)
@@ -287,10 +291,13 @@ class SpanFetcher:
         """The spans to fetch beside a tar header check that misses the cache: of the next
         HEADER_READ_AHEAD spans of the layer, those holding the headers of at least HEADER_DENSE
         entries, which the next lookups are likely to need (a tar keeps a directory's entries
-        together). A span inside one large file, or of a few large ones, holds no header a lookup
+        together), once the layer's header checks have missed HEADER_SCAN spans. A span inside one large file, or of a few large ones, holds no header a lookup
         could want: it is never fetched for one."""
         if not spans or not HEADER_READ_AHEAD or all(self.cache.has(i) for i in spans):
             return []
+        with self._lock:
+            if len(self._header_missed) < HEADER_SCAN:
+                return []
         want = [j for j in range(spans[-1] + 1, min(spans[-1] + 1 + HEADER_READ_AHEAD, self.ztoc.num_spans))
                 if self._inflated(j) <= READ_AHEAD_INFLATED and self._entries_in(j) >= HEADER_DENSE]
         return self._claim_ahead(want)
