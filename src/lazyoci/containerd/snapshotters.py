@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lazyoci.config import Config
-from lazyoci.errors import SnapshotExistsError, SnapshotNotFoundError, SnapshotStateError, StoreError
+from lazyoci.errors import SnapshotExistsError, SnapshotNotFoundError, SnapshotStateError
 from lazyoci.snapshot.base import KIND_ACTIVE, KIND_COMMITTED, SnapshotInfo
 from lazyoci.snapshot.layered import LayeredSnapshotter
 from lazyoci.snapshot.overlay import OverlaySnapshotter
@@ -161,15 +161,9 @@ class ContainerdSoci(_ContainerdCalls, SociSnapshotter):
         self.layers = layers
         super().__init__(root, config, db)
 
-    def _ensure_served(self, views: list[tuple[str, str]]) -> None:
-        """Serve the (layer, zTOC) views not shown yet through the injected layer server."""
-        for digest, ztoc_digest in views:
-            if os.path.isdir(self.service.view_dir(digest, ztoc_digest)):
-                continue
-            rec = self.lazy_layer(digest, ztoc_digest)
-            if rec is None:
-                raise StoreError(f"lazy layer {digest} has no record of zTOC {ztoc_digest}")
-            self.layers.mount(rec.ref, digest, ztoc_digest)
+    def _serve(self, ref: str, digest: str, ztoc_digest: str) -> None:
+        """Serve a view through the injected mounter (the service this runs in)."""
+        self.layers.mount(ref, digest, ztoc_digest)
 
     def commit_lazy(self, name: str, parent: str | None, layer_digest: str, labels: dict[str, str]) -> None:
         """Commit the snapshot `name` of a lazy layer (no directory: its lower is the layer's view)."""

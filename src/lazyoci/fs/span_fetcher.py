@@ -291,8 +291,9 @@ class SpanFetcher:
         """The spans to fetch beside a tar header check that misses the cache: of the next
         HEADER_READ_AHEAD spans of the layer, those holding the headers of at least HEADER_DENSE
         entries, which the next lookups are likely to need (a tar keeps a directory's entries
-        together), once the layer's header checks have missed HEADER_SCAN spans. A span inside one large file, or of a few large ones, holds no header a lookup
-        could want: it is never fetched for one."""
+        together), once the layer's header checks have missed HEADER_SCAN spans. A span inside
+        one large file, or of a few large ones, holds no header a lookup could want: it is never
+        fetched for one."""
         if not spans or not HEADER_READ_AHEAD or all(self.cache.has(i) for i in spans):
             return []
         with self._lock:
@@ -310,6 +311,7 @@ class SpanFetcher:
         return self._first_entry_from(s1 + 1) - self._first_entry_from(s0 + 1)
 
     def _first_entry_from(self, pos: int) -> int:
+        """The index of the first entry whose data starts at or after `pos` (binary search)."""
         lo, hi = 0, len(self.ztoc)
         while lo < hi:
             mid = (lo + hi) // 2

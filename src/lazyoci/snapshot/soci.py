@@ -111,15 +111,19 @@ class SociSnapshotter(LayeredSnapshotter):
         self._ensure_served([(r["lazy_layer"], _ztoc_of(r)) for r in chain if r["lazy_layer"]])
 
     def _ensure_served(self, views: list[tuple[str, str]]) -> None:
-        """Start the service and mount the (layer, zTOC) views that it does not show (yet)."""
+        """Mount the (layer, zTOC) views that the service does not show (yet)."""
         for digest, ztoc_digest in views:
             if os.path.isdir(self.service.view_dir(digest, ztoc_digest)):
                 continue
             rec = self.lazy_layer(digest, ztoc_digest)
             if rec is None:
                 raise StoreError(f"lazy layer {digest} has no record of zTOC {ztoc_digest}; pull the image again")
-            self.service.ensure_running()
-            self.service.mount_layer(rec.ref, digest, ztoc_digest)
+            self._serve(rec.ref, digest, ztoc_digest)
+
+    def _serve(self, ref: str, digest: str, ztoc_digest: str) -> None:
+        """Have one view served: start the service if it is not running, and ask it to mount."""
+        self.service.ensure_running()
+        self.service.mount_layer(ref, digest, ztoc_digest)
 
     # ---- lazy layers -----------------------------------------------------------
     def record_lazy_layer(self, rec: LazyLayerRecord) -> None:
