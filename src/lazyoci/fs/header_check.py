@@ -174,6 +174,24 @@ class LayerVerifier:
                 todo.append(i)
         return todo
 
+    def header_spans(self, entries: list[int]) -> list[int]:
+        """The spans holding the header regions of those of `entries` not checked yet, sorted
+        (what checking them would read; for fetching them ahead)."""
+        ztoc = self.ztoc
+        spans: set[int] = set()
+        for i in entries:
+            if self.state[i] != UNCHECKED:
+                continue
+            entry = ztoc.entry(i)
+            prev = ztoc.entry(i - 1) if i > 0 and self._region_start is None else None
+            if prev is not None and prev.offset < entry.offset:
+                start = _data_end(prev)
+            else:
+                start = self._starts()[i] if i > 0 else 0
+            if 0 <= entry.offset - start <= MAX_HEADER_REGION:
+                spans.update(ztoc.spans_for(start, entry.offset))
+        return sorted(spans)
+
     def check_cached(self, entries: list[int]) -> bool:
         """Check entries whose header regions are in the disk cache; False if some need the network."""
         return self._check(entries, cached=True)

@@ -46,6 +46,7 @@ import trio
 from lazyoci.errors import LazyociError
 from lazyoci.fs import tree as T
 from lazyoci.fs.header_check import LayerVerifier
+from lazyoci.fs.sibling_headers import SiblingHeaders
 from lazyoci.fs.span_fetcher import SpanFetcher
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.whiteout import OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, is_overlay_xattr
@@ -107,6 +108,7 @@ class LayerFS(pyfuse3.Operations):
         self._by_name: dict[bytes, int] = {}
         self._next_slot = 1
         self._mounted_at = time.time_ns()
+        self.sibling_headers = SiblingHeaders()
 
     # -- layer management (called from the control server) ---------------------
 
@@ -145,13 +147,19 @@ class LayerFS(pyfuse3.Operations):
         try:
             todo = v.unchecked(layer.tree.entries_behind(n))
             if todo and not v.check_cached(todo):
-                await trio.to_thread.run_sync(v.check, todo)
+                await trio.to_thread.run_sync(self._header_check, layer, n, todo)
             layer.checked[n] = 1
         except LazyociError:
             raise pyfuse3.FUSEError(errno.EIO) from None     # logged by the verifier, once
         except Exception:
             log.exception("header check in layer %s failed", layer.digest)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _header_check(self, layer: LazyLayer, n: int, todo: list[int]) -> None:
+        """A check that fetches (in a worker thread); then, in a scan, its siblings' headers
+        are fetched ahead of their lookups (fs/sibling_headers.py)."""
+        layer.verifier.check(todo)
+        self.sibling_headers.missed(layer.tree, layer.verifier, layer.fetcher, n)
 
     def _check_children_cached(self, layer: LazyLayer, d: int, first: int) -> None:
         """Check the children of d whose headers are in the disk cache (no network), so that a

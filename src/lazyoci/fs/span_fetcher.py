@@ -217,6 +217,16 @@ class SpanFetcher:
                 self._inflated(span) <= READ_AHEAD_INFLATED:
             self._submit_read_ahead(self._claim_ahead([span]))
 
+    def fetch_ahead(self, spans: list[int]) -> int:
+        """Fetch `spans` on the read-ahead threads, in the order given (adjacent ones together):
+        a caller's guess of what reads need next (fs/sibling_headers.py). Spans cached, on their
+        way, or too large to read ahead are skipped; returns how many were queued."""
+        want = [j for j in spans if 0 <= j < self.ztoc.num_spans and self._inflated(j) <= READ_AHEAD_INFLATED]
+        claimed = self._claim_ahead(want)
+        rank = {j: k for k, j in enumerate(claimed)}
+        runs = sorted(_runs(claimed, READ_AHEAD_RUN), key=lambda run: min(rank[j] for j in run))
+        return self._submit_read_ahead(claimed, runs)
+
     def _claim_ahead(self, spans: list[int]) -> list[int]:
         """Mark the spans that are neither cached nor on their way as read-ahead; returns them."""
         out = []
@@ -321,9 +331,11 @@ class SpanFetcher:
                 hi = mid
         return lo
 
-    def _submit_read_ahead(self, spans: list[int]) -> None:
-        """Queue claimed read-ahead spans, READ_AHEAD_RUN adjacent ones per request."""
-        for run in _runs(spans, READ_AHEAD_RUN):
+    def _submit_read_ahead(self, spans: list[int], runs: list[list[int]] | None = None) -> int:
+        """Queue claimed read-ahead spans, READ_AHEAD_RUN adjacent ones per request (or the
+        given `runs` of them, in their order); returns how many spans were queued."""
+        queued = 0
+        for run in _runs(spans, READ_AHEAD_RUN) if runs is None else runs:
             def job(run: list[int] = run) -> None:
                 try:
                     self.ensure(run, background=True)
@@ -332,12 +344,15 @@ class SpanFetcher:
                     with self._lock:
                         self._ahead.difference_update(run)
 
-            if not _POOL.submit(job):
+            if _POOL.submit(job):
+                queued += len(run)
+            else:
                 with self._lock:
                     self._ahead.difference_update(run)
+        return queued
 
     def ensure(self, spans: range | list[int], background: bool = False,
-               on_transfer: Callable[[], None] | None = None,
+               on_transfer: Callable[[], object] | None = None,
                longest: int = MAX_SPANS_PER_REQUEST) -> dict[int, bytes]:
         """Make `spans` cached; returns the bytes of those this call (or a waited-on fetch) produced.
 
@@ -391,7 +406,7 @@ class SpanFetcher:
         c0, c1 = self.ztoc.span_compressed_range(i)
         return c1 - c0 + self._inflated(i)
 
-    def _fetch_run(self, run: list[int], on_transfer: Callable[[], None] | None = None) -> dict[int, bytes]:
+    def _fetch_run(self, run: list[int], on_transfer: Callable[[], object] | None = None) -> dict[int, bytes]:
         """Fetch consecutive spans in one Range request, verify, decompress, cache.
 
         Spans that fail verification are fetched again on their own, up to
@@ -413,7 +428,7 @@ class SpanFetcher:
         return out
 
     def _fetch_group(self, group: list[int], attempt: int, out: dict[int, bytes],
-                     on_transfer: Callable[[], None] | None = None) -> list[int]:
+                     on_transfer: Callable[[], object] | None = None) -> list[int]:
         """One Range request for `group`; returns the spans that failed verification."""
         lo = self.ztoc.span_compressed_range(group[0])[0]
         hi = self.ztoc.span_compressed_range(group[-1])[1]

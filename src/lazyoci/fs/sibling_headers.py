@@ -1,0 +1,92 @@
+"""Header checks ahead of lookups: once a workload scans a tree, a lookup that waits for the
+network also fetches the spans holding the tar headers of its siblings.
+
+An interpreter importing a package looks one module up after another, and each lookup waits
+for its entry's tar header check (fs/header_check.py): when the header's span is not cached,
+that is a round trip and a span's transfer, and the next lookup does not start before it
+ends. On the python-ml image (`import torch`) such checks came one after another for seven of
+the start's twelve seconds. The next lookups are mostly of the same directory's other entries
+(the package's modules and subpackages), whose headers lie in spans a tar keeps together or
+at the starts of the subdirectories' runs. So after a check of an entry of directory D had to
+fetch, the spans holding the headers of D's other entries are queued on the span manager's
+read-ahead threads (SpanFetcher.fetch_ahead), nearest the missed span first, once per
+directory and layer. They go after the missed span has arrived and been checked, so they
+never share the link with it, and through the span manager, so each is verified and fetched
+once, and a lookup that needs one still in flight waits for it rather than fetching it again.
+
+Only a scan pays for this: on the python3 image's small start (its checks fetch eight spans,
+for one directory of the standard library) it would move 10 MB more to save about 0.4 s
+(a replay of the start's trace). Speculation starts
+once header checks have had to fetch SCAN_MISSES different spans within SCAN_WINDOW seconds,
+counted across every layer of the service: overlayfs looks a name up in each layer of an
+image in turn, so one workload's scan spreads its misses over the image's layers.
+bench/README.md has the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from lazyoci.fs.header_check import LayerVerifier
+from lazyoci.fs.span_fetcher import SpanFetcher
+from lazyoci.fs.tree import LayerTree
+
+log = logging.getLogger(__name__)
+
+SCAN_MISSES = 12           # spans header checks had to fetch ...
+SCAN_WINDOW = 10.0         # ... within this many seconds: a workload scanning a tree
+MAX_SIBLINGS = 4096        # entries of one directory looked at (the rest are not fetched ahead)
+
+
+class SiblingHeaders:
+    """The scan gate and the directories already fetched ahead, for every layer of a service."""
+
+    def __init__(self, scan_misses: int = SCAN_MISSES, window: float = SCAN_WINDOW,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.scan_misses = scan_misses
+        self.window = window
+        self._clock = clock
+        # (index digest, span) -> when a check last had to fetch it
+        self._misses: dict[tuple[str, int], float] = {}
+        self._done: set[tuple[str, int]] = set()       # (the layer's index digest, directory node)
+        self._lock = threading.Lock()
+
+    def missed(self, tree: LayerTree, verifier: LayerVerifier, fetcher: SpanFetcher, n: int) -> int:
+        """Note that node n's header check had to fetch; if a scan is on and n's directory was
+        not fetched ahead yet, queue the spans of its other entries' headers. Returns how many
+        spans were queued (call from a worker thread: it decodes the siblings' entries)."""
+        own = tree.entry[n]
+        near = tree.index.spans_for(*_header_end(tree, own)).start if own >= 0 else 0
+        d = tree.parent[n] if n > 0 else -1
+        now = self._clock()
+        with self._lock:
+            misses = self._misses
+            misses[(tree.index.digest, near)] = now          # a span many lookups waited for counts once
+            if len(misses) >= self.scan_misses:
+                for key in [k for k, at in misses.items() if at < now - self.window]:
+                    del misses[key]
+            key = (tree.index.digest, d)
+            if d < 0 or len(misses) < self.scan_misses or key in self._done:
+                return 0
+            self._done.add(key)
+        entries: list[int] = []
+        for _, c in tree.list(d):
+            if len(entries) >= MAX_SIBLINGS:
+                break
+            if c != n and tree.entry[c] >= 0:
+                entries.append(tree.entry[c])
+        spans = verifier.header_spans(entries)
+        spans.sort(key=lambda s: (s < near, abs(s - near)))      # onwards first, then back
+        queued = fetcher.fetch_ahead(spans)
+        log.debug("layer %s: %d spans of the headers in %s fetched ahead (%d header checks fetched lately)",
+                  fetcher.layer_digest[7:19], queued, tree.name(d).decode(errors="replace") or "/", len(misses))
+        return queued
+
+
+def _header_end(tree: LayerTree, i: int) -> tuple[int, int]:
+    """The last byte of entry i's header (just before its data) as a range of the tar stream."""
+    offset = tree.index.entry(i).offset
+    return max(offset - 1, 0), max(offset, 1)

@@ -1,0 +1,147 @@
+"""Header checks ahead of lookups, on a real gzip layer, its real zTOC, tree, header checks and
+span manager: the fetch function serves byte ranges of the blob and records every request."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.images import Entry, make_layer
+from helpers.lazy import ztoc_for
+from lazyoci.fs.header_check import LayerVerifier
+from lazyoci.fs.sibling_headers import SiblingHeaders
+from lazyoci.fs.span_cache import SpanCache
+from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
+from lazyoci.fs.tree import LayerTree
+from lazyoci.ztoc import Ztoc
+
+SPAN = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def two_packages():
+    # 2 KiB files of random bytes: a 64 KiB span holds the headers of about 25 of them
+    entries = [Entry(f"{pkg}/m{i:03}.py", data=os.urandom(2 << 10)) for pkg in ("a", "b") for i in range(200)]
+    layer = make_layer(entries, "gzip")
+    return layer, Ztoc.parse(ztoc_for(layer, span_size=SPAN))
+
+
+class Layer:
+    """One layer as the lazy filesystem holds it, its fetches recorded by span."""
+
+    def __init__(self, tmp_path: Path, layer, ztoc: Ztoc) -> None:
+        self.ztoc, self.requests = ztoc, []
+        self.tar = gzip.decompress(layer.blob)
+
+        def fetch(start: int, end: int) -> bytes:
+            self.requests.append((start, end))
+            return layer.blob[start:end]
+
+        spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
+        cache = SpanCache(tmp_path / "cache").layer(layer.digest, "sha256:" + "1" * 64, spans)
+        self.fetcher = SpanFetcher(ztoc, fetch, cache, layer.digest)
+        self.tree = LayerTree(ztoc)
+        self.verifier = LayerVerifier(ztoc, functools.partial(self.fetcher.read, header=True),
+                                      functools.partial(self.fetcher.read_cached, header=True), layer.digest)
+
+    def node(self, path: str) -> int:
+        n = 0
+        for part in path.split("/"):
+            n = self.tree.lookup(n, part.encode())
+        return n
+
+    def look_up(self, path: str, sibling_headers: SiblingHeaders) -> int:
+        """Check a node as a lookup does; tell `sibling_headers` if the check had to fetch.
+        Returns how many spans it queued."""
+        n = self.node(path)
+        todo = self.verifier.unchecked(self.tree.entries_behind(n))
+        if not todo or self.verifier.check_cached(todo):
+            return 0
+        self.verifier.check(todo)
+        return sibling_headers.missed(self.tree, self.verifier, self.fetcher, n)
+
+    def fetches(self) -> list[int]:
+        """The spans whose whole compressed range a request asked for, once per request."""
+        z = self.ztoc
+        return [i for lo, hi in self.requests for i in range(z.num_spans)
+                if lo <= z.span_compressed_range(i)[0] and z.span_compressed_range(i)[1] <= hi]
+
+    def fetched_spans(self) -> set[int]:
+        return set(self.fetches())
+
+    def header_spans(self, prefix: str) -> set[int]:
+        z = self.ztoc
+        return {s for i in range(len(z)) if z.entry(i).name.startswith(prefix)
+                for s in z.spans_for(z.entry(i).offset - 512, z.entry(i).offset)}
+
+    def wait_idle(self) -> None:
+        seen = -1
+        while seen != len(self.requests):
+            seen = len(self.requests)
+            time.sleep(0.3)
+        flush_cache_writes()
+
+
+def test_in_a_scan_a_check_that_fetches_fetches_its_siblings_headers_ahead_once(tmp_path, two_packages):
+    lay = Layer(tmp_path, *two_packages)
+    sh = SiblingHeaders(scan_misses=3)
+    # the first misses (a small start's own path) fetch only their own spans
+    assert lay.look_up("a/m000.py", sh) == 0
+    assert lay.look_up("b/m199.py", sh) == 0
+    lay.wait_idle()
+    before = lay.fetched_spans()
+    assert len(lay.requests) == 2 and before == lay.header_spans("a/m000") | lay.header_spans("b/m199")
+    # the third different span: a scan, so a/'s other headers come ahead of their lookups
+    queued = lay.look_up("a/m100.py", sh)
+    lay.wait_idle()
+    a_spans = lay.header_spans("a/")
+    assert queued == len(a_spans - before - lay.header_spans("a/m100")) >= 4
+    assert lay.fetched_spans() == before | a_spans, "a/'s header spans, each once, nothing of b/"
+    assert len(lay.fetches()) == len(lay.fetched_spans()), "no span fetched twice"
+    # every other lookup in a/ is served by the cache: no request, its header checked all the same
+    n_requests = len(lay.requests)
+    for i in range(0, 200, 7):
+        assert lay.look_up(f"a/m{i:03}.py", sh) == 0
+    assert len(lay.requests) == n_requests
+    # another directory's miss fetches its own siblings' headers; a directory goes ahead once
+    assert lay.look_up("b/m100.py", sh) > 0
+    lay.wait_idle()
+    assert lay.header_spans("b/") <= lay.fetched_spans()
+    assert len(lay.fetches()) == len(lay.fetched_spans()), "no span fetched twice"
+    lay.verifier.state[:] = bytes(len(lay.verifier.state))      # as if every check were to come
+    assert sh.missed(lay.tree, lay.verifier, lay.fetcher, lay.node("a/m150.py")) == 0
+
+
+def test_misses_long_ago_are_no_scan(tmp_path, two_packages):
+    lay = Layer(tmp_path, *two_packages)
+    now = [0.0]
+    sh = SiblingHeaders(scan_misses=3, window=10.0, clock=lambda: now[0])
+    assert lay.look_up("a/m000.py", sh) == 0
+    assert lay.look_up("a/m199.py", sh) == 0
+    now[0] = 11.0                                     # those two are past the window
+    assert lay.look_up("b/m100.py", sh) == 0
+    assert lay.look_up("b/m180.py", sh) == 0
+    lay.wait_idle()
+    assert len(lay.requests) == 4, "two misses in the window: no scan, nothing fetched ahead"
+
+
+def test_a_span_many_lookups_waited_for_counts_once(tmp_path, two_packages):
+    lay = Layer(tmp_path, *two_packages)
+    sh = SiblingHeaders(scan_misses=2)
+    # m000 and m001 have their headers in one span: one miss, no scan
+    assert lay.ztoc.spans_for(*_header(lay, "a/m000.py")) == lay.ztoc.spans_for(*_header(lay, "a/m001.py"))
+    assert sh.missed(lay.tree, lay.verifier, lay.fetcher, lay.node("a/m000.py")) == 0
+    assert sh.missed(lay.tree, lay.verifier, lay.fetcher, lay.node("a/m001.py")) == 0
+    # a second span: a scan (nothing was checked here, so every other header of a/ is wanted)
+    assert sh.missed(lay.tree, lay.verifier, lay.fetcher, lay.node("a/m150.py")) > 0
+    lay.wait_idle()
+
+
+def _header(lay: Layer, path: str) -> tuple[int, int]:
+    offset = lay.ztoc.entry(lay.tree.entry[lay.node(path)]).offset
+    return offset - 1, offset
