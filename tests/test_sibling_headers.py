@@ -74,6 +74,12 @@ class Layer:
     def fetched_spans(self) -> set[int]:
         return set(self.fetches())
 
+    def behind_spans(self, path: str) -> set[int]:
+        """The spans of the headers a lookup of `path` checks (its own and its directories')."""
+        z = self.ztoc
+        return {s for i in self.tree.entries_behind(self.node(path))
+                for s in z.spans_for(z.entry(i).offset - 512, z.entry(i).offset)}
+
     def header_spans(self, prefix: str) -> set[int]:
         z = self.ztoc
         return {s for i in range(len(z)) if z.entry(i).name.startswith(prefix)
@@ -145,3 +151,35 @@ def test_a_span_many_lookups_waited_for_counts_once(tmp_path, two_packages):
 def _header(lay: Layer, path: str) -> tuple[int, int]:
     offset = lay.ztoc.entry(lay.tree.entry[lay.node(path)]).offset
     return offset - 1, offset
+
+
+def test_among_large_files_no_header_is_fetched_ahead(tmp_path):
+    # each header of a directory of large files shares its span with file data: left to its lookup
+    entries = [Entry(f"models/w{i}.bin", data=os.urandom(300 << 10)) for i in range(8)]
+    layer = make_layer(entries, "gzip")
+    lay = Layer(tmp_path, layer, Ztoc.parse(ztoc_for(layer, span_size=SPAN)))
+    sh = SiblingHeaders(scan_misses=1)
+    assert lay.look_up("models/w3.bin", sh) == 0
+    lay.wait_idle()
+    assert lay.fetched_spans() == lay.behind_spans("models/w3.bin")
+
+
+def test_forgetting_a_layer_lets_its_directories_be_fetched_ahead_again(tmp_path, two_packages):
+    lay = Layer(tmp_path, *two_packages)
+    sh = SiblingHeaders(scan_misses=1)
+    assert lay.look_up("a/m100.py", sh) > 0
+    lay.wait_idle()
+    lay2 = Layer(tmp_path / "again", *two_packages)      # mounted again, an empty cache
+    assert lay2.look_up("a/m050.py", sh) == 0, "a/ of this index went ahead already"
+    sh.forget(lay.ztoc.digest)
+    assert lay2.look_up("a/m150.py", sh) > 0
+    lay2.wait_idle()
+
+
+def test_what_is_fetched_ahead_is_bounded_in_bytes(tmp_path, two_packages):
+    lay = Layer(tmp_path, *two_packages)
+    z = lay.ztoc
+    size = [z.span_compressed_range(i)[1] - z.span_compressed_range(i)[0] for i in range(4)]
+    assert lay.fetcher.fetch_ahead([3, 2, 1, 0], most_bytes=size[3] + size[2] + size[1] // 2) == 2
+    lay.wait_idle()
+    assert lay.fetched_spans() == {2, 3}, "the first spans in the caller's order, as far as the bytes go"

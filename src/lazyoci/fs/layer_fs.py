@@ -128,7 +128,10 @@ class LayerFS(pyfuse3.Operations):
         name = view_name(digest, ztoc_digest).encode()
         with self._lock:
             slot = self._by_name.pop(name, None)
-            return self._slots.pop(slot, None) if slot is not None else None
+            layer = self._slots.pop(slot, None) if slot is not None else None
+        if layer is not None:
+            self.sibling_headers.forget(layer.ztoc_digest)
+        return layer
 
     def layers(self) -> list[LazyLayer]:
         with self._lock:

@@ -4,15 +4,18 @@ network also fetches the spans holding the tar headers of its siblings.
 An interpreter importing a package looks one module up after another, and each lookup waits
 for its entry's tar header check (fs/header_check.py): when the header's span is not cached,
 that is a round trip and a span's transfer, and the next lookup does not start before it
-ends. On the python-ml image (`import torch`) such checks came one after another for seven of
-the start's twelve seconds. The next lookups are mostly of the same directory's other entries
-(the package's modules and subpackages), whose headers lie in spans a tar keeps together or
-at the starts of the subdirectories' runs. So after a check of an entry of directory D had to
-fetch, the spans holding the headers of D's other entries are queued on the span manager's
-read-ahead threads (SpanFetcher.fetch_ahead), nearest the missed span first, once per
-directory and layer. They go after the missed span has arrived and been checked, so they
-never share the link with it, and through the span manager, so each is verified and fetched
-once, and a lookup that needs one still in flight waits for it rather than fetching it again.
+ends. On the python-ml image (`import torch`) such checks came one after another for seven
+of the start's twelve seconds. The next lookups are mostly of the same directory's other
+entries (the package's modules and subpackages), whose headers lie in spans a tar keeps
+together or at the starts of the subdirectories' runs. So after a check of an entry of
+directory D had to fetch, the spans holding the headers of D's other entries are queued on
+the span manager's read-ahead threads (SpanFetcher.fetch_ahead), nearest the missed span
+first, once per directory and layer. Among large files a header costs a span of file data,
+so spans holding fewer than MIN_HEADERS entries' headers are left to the lookups that need
+them, and one directory brings at most MAX_AHEAD_BYTES. They go after the missed span has
+arrived and been checked, so they never share the link with it, and through the span
+manager, so each is verified and fetched once, and a lookup that needs one still in flight
+waits for it rather than fetching it again.
 
 Only a scan pays for this: on the python3 image's small start (its checks fetch eight spans,
 for one directory of the standard library) it would move 10 MB more to save about 0.4 s
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 SCAN_MISSES = 12           # spans header checks had to fetch ...
 SCAN_WINDOW = 10.0         # ... within this many seconds: a workload scanning a tree
 MAX_SIBLINGS = 4096        # entries of one directory looked at (the rest are not fetched ahead)
+MIN_HEADERS = 4            # a span holding fewer entries' headers is not fetched ahead ...
+MAX_AHEAD_BYTES = 64 << 20  # ... nor more than this many compressed bytes for one directory
 
 
 class SiblingHeaders:
@@ -80,10 +85,16 @@ class SiblingHeaders:
                 entries.append(tree.entry[c])
         spans = verifier.header_spans(entries)
         spans.sort(key=lambda s: (s < near, abs(s - near)))      # onwards first, then back
-        queued = fetcher.fetch_ahead(spans)
+        queued = fetcher.fetch_ahead(spans, MIN_HEADERS, MAX_AHEAD_BYTES)
         log.debug("layer %s: %d spans of the headers in %s fetched ahead (%d header checks fetched lately)",
                   fetcher.layer_digest[7:19], queued, tree.name(d).decode(errors="replace") or "/", len(misses))
         return queued
+
+    def forget(self, index_digest: str) -> None:
+        """Drop what is known of the directories of a layer seen through this index (unmounted)."""
+        with self._lock:
+            self._done = {k for k in self._done if k[0] != index_digest}
+            self._misses = {k: at for k, at in self._misses.items() if k[0] != index_digest}
 
 
 def _header_end(tree: LayerTree, i: int) -> tuple[int, int]:

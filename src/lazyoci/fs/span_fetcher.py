@@ -217,11 +217,24 @@ class SpanFetcher:
                 self._inflated(span) <= READ_AHEAD_INFLATED:
             self._submit_read_ahead(self._claim_ahead([span]))
 
-    def fetch_ahead(self, spans: list[int]) -> int:
+    def fetch_ahead(self, spans: list[int], min_headers: int = 0, most_bytes: int = 0) -> int:
         """Fetch `spans` on the read-ahead threads, in the order given (adjacent ones together):
-        a caller's guess of what reads need next (fs/sibling_headers.py). Spans cached, on their
-        way, or too large to read ahead are skipped; returns how many were queued."""
-        want = [j for j in spans if 0 <= j < self.ztoc.num_spans and self._inflated(j) <= READ_AHEAD_INFLATED]
+        a caller's guess of what reads need next (fs/sibling_headers.py). Skipped: spans cached,
+        on their way, too large to read ahead, holding fewer than `min_headers` entries'
+        headers, and (with `most_bytes`) those past that many compressed bytes. Returns how
+        many were queued."""
+        want: list[int] = []
+        budget = most_bytes
+        for j in spans:
+            if not 0 <= j < self.ztoc.num_spans or self._inflated(j) > READ_AHEAD_INFLATED or \
+                    self.cache.has(j) or (min_headers and self._entries_in(j) < min_headers):
+                continue
+            if most_bytes:
+                c0, c1 = self.ztoc.span_compressed_range(j)
+                budget -= c1 - c0
+                if budget < 0:
+                    break
+            want.append(j)
         claimed = self._claim_ahead(want)
         rank = {j: k for k, j in enumerate(claimed)}
         runs = sorted(_runs(claimed, READ_AHEAD_RUN), key=lambda run: min(rank[j] for j in run))
