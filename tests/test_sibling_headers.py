@@ -14,7 +14,7 @@ import pytest
 from helpers.images import Entry, make_layer
 from helpers.lazy import ztoc_for
 from lazyoci.fs.header_check import LayerVerifier
-from lazyoci.fs.sibling_headers import SiblingHeaders
+from lazyoci.fs.sibling_headers import SiblingHeaders, fetch_first_headers
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
 from lazyoci.fs.tree import LayerTree
@@ -183,3 +183,19 @@ def test_what_is_fetched_ahead_is_bounded_in_bytes(tmp_path, two_packages):
     assert lay.fetcher.fetch_ahead([3, 2, 1, 0], most_bytes=size[3] + size[2] + size[1] // 2) == 2
     lay.wait_idle()
     assert lay.fetched_spans() == {2, 3}, "the first spans in the caller's order, as far as the bytes go"
+
+
+def test_at_mount_the_first_span_comes_ahead_in_a_layer_of_many_entries_only(tmp_path, two_packages):
+    lay = Layer(tmp_path, *two_packages)
+    assert fetch_first_headers(lay.fetcher) == 1
+    lay.wait_idle()
+    assert lay.fetched_spans() == {0}
+    n = len(lay.requests)
+    assert lay.look_up("a/m000.py", SiblingHeaders()) == 0 and len(lay.requests) == n, \
+        "the first lookup's headers are local"
+    entries = [Entry(f"data/part{i}.bin", data=os.urandom(300 << 10)) for i in range(4)]
+    layer = make_layer(entries, "gzip")
+    data = Layer(tmp_path / "data", layer, Ztoc.parse(ztoc_for(layer, span_size=SPAN)))
+    assert fetch_first_headers(data.fetcher) == 0
+    data.wait_idle()
+    assert not data.requests, "a layer of a few large files is left to its reads"

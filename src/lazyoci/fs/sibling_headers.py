@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SCAN_MISSES = 12           # spans header checks had to fetch ...
 SCAN_WINDOW = 10.0         # ... within this many seconds: a workload scanning a tree
 MAX_SIBLINGS = 4096        # entries of one directory looked at (the rest are not fetched ahead)
+FIRST_HEADERS = 16         # the first span is fetched at mount if it holds this many entries' headers
 MIN_HEADERS = 4            # a span holding fewer entries' headers is not fetched ahead ...
 MAX_AHEAD_BYTES = 64 << 20  # ... nor more than this many compressed bytes for one directory
 
@@ -95,6 +96,16 @@ class SiblingHeaders:
         with self._lock:
             self._done = {k for k in self._done if k[0] != index_digest}
             self._misses = {k: at for k, at in self._misses.items() if k[0] != index_digest}
+
+
+def fetch_first_headers(fetcher: SpanFetcher) -> int:
+    """At mount, without a recorded prefetch: fetch the layer's first span ahead if it holds the
+    headers of at least FIRST_HEADERS entries. A tar begins with the directories the rest lies
+    under (a layer of packages: usr/, usr/local/, ... site-packages/), which every lookup into
+    the layer checks first: on the python-ml image the first four requests of a start, one after
+    another, were the first spans of its four layers. A layer of a few large files (a data
+    layer) is left alone. Returns how many spans were queued (0 or 1)."""
+    return fetcher.fetch_ahead([0], min_headers=FIRST_HEADERS)
 
 
 def _header_end(tree: LayerTree, i: int) -> tuple[int, int]:

@@ -34,6 +34,7 @@ from lazyoci.errors import FormatError, LazyociError, RegistryError, StoreError
 from lazyoci.fs.background import BackgroundFetcher
 from lazyoci.fs.header_check import LayerVerifier
 from lazyoci.fs.layer_fs import LayerFS, LazyLayer
+from lazyoci.fs.sibling_headers import fetch_first_headers
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
 from lazyoci.fs.span_prefetch import SpanPrefetch
@@ -218,7 +219,8 @@ class LayerManager:
         verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, header=True),
                                  functools.partial(fetcher.read_cached, header=True), layer_digest,
                                  read_layer=functools.partial(fetcher.read, background=True))
-        if cache.headers_checked or not getattr(ztoc, "headers_in_stream", True):   # a TOC vouches for them
+        checked = cache.headers_checked or not getattr(ztoc, "headers_in_stream", True)   # or a TOC vouches for them
+        if checked:
             verifier.passed_before()
         else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
             verifier.on_layer_ok = cache.mark_headers_checked
@@ -233,24 +235,25 @@ class LayerManager:
         log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs",
                  layer_digest, fmt.name, len(tree), len(spans),
                  100.0 * cache.cached_bytes / max(cache.total_bytes, 1), time.monotonic() - started)
-        self._start_prefetch(view, ztoc.num_spans, fetcher)
+        if not self._start_prefetch(view, ztoc.num_spans, fetcher) and not checked:
+            fetch_first_headers(fetcher)       # the headers every lookup into the layer checks first
         prefetch_files(ztoc, fetcher, layer_digest)
         if persist:
             self.lazy_records.record_served_ref(layer_digest, ztoc_digest, str(reference))
             views.record_view(self.db, layer_digest, ztoc_digest, time.time())
 
-    def _start_prefetch(self, view: tuple[str, str], num_spans: int, fetcher: SpanFetcher) -> None:
+    def _start_prefetch(self, view: tuple[str, str], num_spans: int, fetcher: SpanFetcher) -> bool:
         """Fetch the spans of the view's prefetch artifact (recorded by the pull) now, in the
         background; an artifact that is missing, does not verify or does not fit the zTOC is
-        logged and ignored (prefetch only speeds reads up)."""
+        logged and ignored (prefetch only speeds reads up). True if the view has an artifact."""
         from lazyoci.service.prefetch_records import prefetch_artifact
         try:
             digest = prefetch_artifact(self.db, *view)
         except (sqlite3.Error, StoreError) as e:
             log.warning("layer %s: cannot look up its prefetch artifact: %s", view[0], e)
-            return
+            return False
         if digest is None:
-            return
+            return False
         from lazyoci.soci.prefetch import PrefetchArtifact
         what = f"prefetch artifact {digest} of layer {view[0]}"
         try:
@@ -259,7 +262,7 @@ class LayerManager:
             artifact.check_spans(num_spans, what)
         except LazyociError as e:
             log.error("%s: %s; no prefetch", what, e)
-            return
+            return False
         spans = [i for i in artifact.spans() if not fetcher.cache.has(i)]
         prefetch = SpanPrefetch(fetcher, spans)
         with self._lock:
@@ -268,6 +271,7 @@ class LayerManager:
             prefetch.start()
         log.info("layer %s: prefetching %d spans of %s (%d already cached)", view[0], len(spans), digest,
                  len(artifact.spans()) - len(spans))
+        return True
 
     def unmount(self, layer_digest: str, ztoc_digest: str) -> bool:
         layer_digest = str(Digest.parse(layer_digest))
