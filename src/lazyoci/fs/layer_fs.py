@@ -162,7 +162,10 @@ class LayerFS(pyfuse3.Operations):
         """A check that fetches (in a worker thread); then, in a scan, its siblings' headers
         are fetched ahead of their lookups (fs/sibling_headers.py)."""
         layer.verifier.check(todo)
-        self.sibling_headers.missed(layer.tree, layer.verifier, layer.fetcher, n)
+        try:
+            self.sibling_headers.missed(layer.tree, layer.verifier, layer.fetcher, n)
+        except Exception:      # only a guess at what comes next: never the lookup's failure
+            log.exception("layer %s: fetching headers ahead failed", layer.digest)
 
     def _check_children_cached(self, layer: LazyLayer, d: int, first: int) -> None:
         """Check the children of d whose headers are in the disk cache (no network), so that a
