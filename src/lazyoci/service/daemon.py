@@ -20,6 +20,8 @@ Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N,
                                                          "containerd_socket": path or null, "session": ...}
     {"op": "read_order"}                             -> {"ok": true, "views": [[layer, ztoc, [span, ...]], ...]}
+    {"op": "pull", "ref", ...}                       -> a conversation: progress lines, then the end
+                                                        (`lazyoci pull` run here: service/pull_requests.py)
     {"op": "shutdown"}                               -> {"ok": true}; then answers what it has and exits
     {"op": "hand_over"}                              -> {"ok": true}; then exits at once, leaving the
                                                         requests it had not answered to the next service
@@ -34,6 +36,7 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -58,6 +61,7 @@ from lazyoci.store.layout import DataRoot
 
 if TYPE_CHECKING:
     from lazyoci.containerd.server import SnapshotterServer
+    from lazyoci.service.pull_runner import PullSession
 
 log = logging.getLogger("lazyoci.service")
 MAX_REQUEST = 1 << 20
@@ -102,6 +106,8 @@ class Service:
         self._holder_launch: threading.Thread | None = None
         self._holder_error: BaseException | None = None
         self._containerd_start: threading.Thread | None = None
+        self.pulls: set[PullSession] = set()      # pulls run for CLIs (`lazyoci pull`), under way
+        self._trio_token: trio.lowlevel.TrioToken | None = None     # for worker threads, once serving
 
     @property
     def running_layers(self) -> LayerManager:
@@ -168,6 +174,7 @@ class Service:
             log.info("service stopped")
 
     async def _main(self) -> None:
+        self._trio_token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._fuse_main)
             self.running_layers.start_background()
@@ -242,6 +249,9 @@ class Service:
                 buf += chunk
             try:
                 request = json.loads(buf.split(b"\n", 1)[0] or b"{}")
+                if isinstance(request, dict) and request.get("op") == "pull" and not self._stopping:
+                    await self._pull(conn, request, buf.split(b"\n", 1)[1] if b"\n" in buf else b"")
+                    return
                 reply = await self._dispatch(request)
             except LazyociError as e:
                 reply = error_reply(e)
@@ -262,6 +272,32 @@ class Service:
             elif op == "hand_over":
                 self._hand_over()
 
+    async def _pull(self, conn: trio.socket.SocketType, request: dict, leftover: bytes) -> None:
+        """Run `lazyoci pull` for the CLI on this connection (service/pull_runner.py), in a worker
+        thread that talks over the connection itself until the pull has ended."""
+        from lazyoci.service.pull_runner import PullSession, ServiceLayers
+
+        sock = socket.socket(fileno=conn.detach())
+        sock.setblocking(True)
+        session = PullSession(sock, leftover, request, self.root, self.config,
+                              ServiceLayers(self.running_layers, self.paths, self.unmount_view))
+        self.pulls.add(session)
+        try:
+            await trio.to_thread.run_sync(session.run)
+        finally:
+            self.pulls.discard(session)
+
+    def unmount_view(self, layer_digest: str, index_digest: str) -> bool:
+        """Stop serving a view, unless containerd's snapshots stand on it; True if it was unmounted.
+        Called in worker threads."""
+        if self.containerd is not None and self.containerd.uses_view(layer_digest, index_digest):
+            return False
+        name = self.paths.view_dir(layer_digest, index_digest).name.encode()
+        done = self.running_layers.unmount(layer_digest, index_digest)
+        if done:
+            trio.from_thread.run_sync(_forget_entry, name, trio_token=self._trio_token)
+        return done
+
     async def _dispatch(self, req: dict) -> dict:
         op = req.get("op")
         if op == "ping":
@@ -270,16 +306,7 @@ class Service:
             await trio.to_thread.run_sync(self.running_layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
             return {"ok": True, "path": os.fspath(self.paths.view_dir(req["layer_digest"], req["ztoc_digest"]))}
         if op == "unmount_layer":
-            if self.containerd is not None and await trio.to_thread.run_sync(
-                    self.containerd.uses_view, req["layer_digest"], req["ztoc_digest"]):
-                return {"ok": True, "unmounted": False}     # containerd's snapshots stand on it
-            name = self.paths.view_dir(req["layer_digest"], req["ztoc_digest"]).name.encode()
-            done = await trio.to_thread.run_sync(self.running_layers.unmount, req["layer_digest"], req["ztoc_digest"])
-            if done:
-                try:
-                    pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
-                except Exception:   # the kernel may never have seen the name
-                    pass
+            done = await trio.to_thread.run_sync(self.unmount_view, req["layer_digest"], req["ztoc_digest"])
             return {"ok": True, "unmounted": done}
         if op == "status":
             layers = self.running_layers
@@ -310,6 +337,8 @@ class Service:
         gets EIO, not ENOTCONN from a session that is gone."""
         log.info("shutdown requested")
         self._stopping = True
+        for pull in list(self.pulls):       # they roll back; the connections' tasks wait for them
+            pull.cancel()
         await trio.to_thread.run_sync(say_leaving, self.holder)
         client = self.running_layers.client
         client.cancel()
@@ -332,6 +361,14 @@ class Service:
         flush_cache_writes()
         logging.shutdown()
         os._exit(0)
+
+
+def _forget_entry(name: bytes) -> None:
+    """Have the kernel forget a view's directory entry (in the loop's thread, as pyfuse3 wants)."""
+    try:
+        pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
+    except Exception:   # the kernel may never have seen the name
+        pass
 
 
 def request_op(buf: bytes) -> object:
