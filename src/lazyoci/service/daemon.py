@@ -283,7 +283,8 @@ class Service:
                               ServiceLayers(self.running_layers, self.paths, self.unmount_view))
         self.pulls.add(session)
         try:
-            await trio.to_thread.run_sync(session.run)
+            # a limiter of its own: a pull holds its thread throughout, FUSE's reads must never wait for one
+            await trio.to_thread.run_sync(session.run, limiter=trio.CapacityLimiter(1))
         finally:
             self.pulls.discard(session)
 
@@ -334,7 +335,8 @@ class Service:
 
         The loop goes on answering until no fetch is under way and none has been turned away
         for a moment: a reader whose read failed asks the kernel again, and that request too
-        gets EIO, not ENOTCONN from a session that is gone."""
+        gets EIO, not ENOTCONN from a session that is gone. Pulls run for CLIs are cancelled
+        and roll back meanwhile (their CLIs print the error)."""
         log.info("shutdown requested")
         self._stopping = True
         for pull in list(self.pulls):       # they roll back; the connections' tasks wait for them
@@ -343,7 +345,8 @@ class Service:
         client = self.running_layers.client
         client.cancel()
         give_up = time.monotonic() + _DRAIN_MAX_SECONDS
-        while time.monotonic() < give_up and (client.transfers_in_flight or
+        # (a cancelled pull rolls back first: it may still look into the mount)
+        while time.monotonic() < give_up and (self.pulls or client.transfers_in_flight or
                                               time.monotonic() - client.last_refusal < _DRAIN_QUIET_SECONDS):
             await trio.sleep(0.05)
         pyfuse3.terminate()
