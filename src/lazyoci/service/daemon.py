@@ -212,6 +212,7 @@ class Service:
         if self._containerd_start is not None:
             await trio.to_thread.run_sync(self._containerd_start.join)
         log.info("service ready (pid %d), mount %s, socket %s", os.getpid(), self.paths.mountpoint, sock_path)
+        threading.Thread(target=_load_pull_code, name="load-pull-code", daemon=True).start()
         try:
             async with trio.open_nursery() as nursery:
                 while True:
@@ -364,6 +365,16 @@ class Service:
         flush_cache_writes()
         logging.shutdown()
         os._exit(0)
+
+
+def _load_pull_code() -> None:
+    """The code of `lazyoci pull` run here, loaded while the service waits for its first request."""
+    try:
+        from lazyoci.service.pull_runner import load_pull_code
+
+        load_pull_code()
+    except Exception:      # a pull would meet the same error and report it
+        log.exception("loading the pull's code failed")
 
 
 def _forget_entry(name: bytes) -> None:
