@@ -25,10 +25,11 @@ pytestmark = pytest.mark.needs_root("the service mounts FUSE; pulls unpack layer
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 
 
-def lz(root: Path, *args: str, env: dict | None = None, check: bool = True,
-       input: str | None = None) -> subprocess.CompletedProcess:
+def lz(root: Path, *args: str, env: dict | None = None, check: bool = True, input: str | None = None,
+       umask: int | None = None) -> subprocess.CompletedProcess:
     p = subprocess.run([LAZYOCI, "--root", str(root), *args], capture_output=True, text=True, input=input,
-                       env={**os.environ, **(env or {})}, timeout=120)
+                       env={**os.environ, **(env or {})}, timeout=120,
+                       preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
     if check:
         assert p.returncode == 0, f"lazyoci {' '.join(args)} failed: {p.stderr}"
     return p
@@ -44,9 +45,9 @@ def pulls_served(root: Path) -> list[str]:
 class Service:
     """The service of a data root, started with `env` (not the CLI's) and stopped at the end."""
 
-    def __init__(self, root: Path, *args: str, env: dict | None = None) -> None:
+    def __init__(self, root: Path, *args: str, env: dict | None = None, umask: int | None = None) -> None:
         self.root, self.args = root, args
-        lz(root, *args, "service", "start", env=env)
+        lz(root, *args, "service", "start", env=env, umask=umask)
 
     def stop(self) -> None:
         lz(self.root, *self.args, "service", "stop", check=False)
@@ -61,12 +62,20 @@ def shown(p: subprocess.CompletedProcess) -> tuple[int, list[str], str]:
     return p.returncode, sorted(rows) + footers, p.stderr
 
 
+def modes(root: Path) -> dict[str, int]:
+    """The mode of everything a pull wrote, by its path in the data root less the snapshot number."""
+    return {re.sub(r"^snapshots/overlayfs/\d+/", "snapshots/overlayfs/N/", str(f.relative_to(root))):
+            f.lstat().st_mode for sub in ("blobs", "snapshots/overlayfs") for f in (root / sub).rglob("*")}
+
+
 def test_the_service_pulls_and_the_cli_shows_the_same(tmp_path, registry):
-    layers = [make_layer([Entry("big", data=os.urandom(700_000))]), make_layer([Entry("etc/x", data=b"x")])]
+    """Rows, digest, records and the modes of what it wrote (the service was started under another umask)."""
+    layers = [make_layer([Entry("big", data=os.urandom(700_000))]),
+              make_layer([Entry("etc", "dir", mode=0o755), Entry("etc/x", data=b"x", mode=0o640)])]
     push_image(registry.host, "svcpull/app", layers, image_config(layers), tmp_path)
     ref = f"{registry.host}/svcpull/app:latest"
     alone, served = tmp_path / "alone", tmp_path / "served"
-    service = Service(served)
+    service = Service(served, umask=0o077)
     try:
         by_cli, by_service = lz(alone, "pull", ref), lz(served, "pull", ref)
         assert pulls_served(served) == [ref] and not (alone / "service/lazyoci.log").exists()
@@ -76,6 +85,7 @@ def test_the_service_pulls_and_the_cli_shows_the_same(tmp_path, registry):
         assert digest == lz(alone, "pull", "-q", ref).stdout and re.fullmatch(r"sha256:[0-9a-f]{64}\n", digest)
         assert lz(served, "images", "--format", "json").stdout == lz(alone, "images", "--format", "json").stdout
         assert len(pulls_served(served)) == 2
+        assert modes(served) == modes(alone) and len(modes(alone)) > 5
     finally:
         service.stop()
     assert_store_consistent(served)
