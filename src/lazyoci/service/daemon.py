@@ -121,6 +121,7 @@ class Service:
         over from a running service does while that one still serves (`containerd=False`: its
         snapshotter socket is the running one's until then)."""
         self.paths.ensure()
+        load_request_code()       # before any other thread of this process starts
         # the holder (a process of its own) and containerd's service start while this one mounts
         self._holder_launch = threading.Thread(target=self._launch_holder, name="holder-launch", daemon=True)
         self._holder_launch.start()
@@ -212,7 +213,6 @@ class Service:
         if self._containerd_start is not None:
             await trio.to_thread.run_sync(self._containerd_start.join)
         log.info("service ready (pid %d), mount %s, socket %s", os.getpid(), self.paths.mountpoint, sock_path)
-        threading.Thread(target=_load_pull_code, name="load-pull-code", daemon=True).start()
         try:
             async with trio.open_nursery() as nursery:
                 while True:
@@ -367,14 +367,35 @@ class Service:
         os._exit(0)
 
 
-def _load_pull_code() -> None:
-    """The code of `lazyoci pull` run here, loaded while the service waits for its first request."""
-    try:
-        from lazyoci.service.pull_runner import load_pull_code
+def load_request_code() -> None:
+    """Import what the control requests run in worker threads (a pull for the CLI, a layer's
+    mount) while this process has no other thread.
 
-        load_pull_code()
-    except Exception:      # a pull would meet the same error and report it
-        log.exception("loading the pull's code failed")
+    Two threads importing for the first time a package and one of its submodules can deadlock
+    (each holds the module lock the other waits for; Python raises it as a deadlock), and a pull
+    imports what a mount does; loaded at start, the first pull also spends no time on imports
+    between its requests (about 25 ms of CPU, once per process)."""
+    import lazyoci.estargz.index  # noqa: F401
+    import lazyoci.estargz.remote  # noqa: F401
+    import lazyoci.images.service  # noqa: F401
+    import lazyoci.layer_formats  # noqa: F401
+    import lazyoci.service.prefetch_records  # noqa: F401
+    import lazyoci.service.pull_runner  # noqa: F401
+    import lazyoci.snapshot.overlay  # noqa: F401
+    import lazyoci.snapshot.own_index  # noqa: F401
+    import lazyoci.snapshot.snapshotters  # noqa: F401
+    import lazyoci.snapshot.soci_prefetch  # noqa: F401
+    import lazyoci.snapshot.soci_pull  # noqa: F401
+    import lazyoci.soci.discovery  # noqa: F401
+    import lazyoci.soci.index  # noqa: F401
+    import lazyoci.soci.prefetch  # noqa: F401
+    import lazyoci.zstdchunked.fetch  # noqa: F401
+    import lazyoci.zstdchunked.toc  # noqa: F401
+    import lazyoci.ztoc  # noqa: F401
+    try:
+        import lazyoci.snapshot.soci  # noqa: F401
+    except ImportError:      # a build without the soci snapshotter: its pulls say so
+        pass
 
 
 def _forget_entry(name: bytes) -> None:

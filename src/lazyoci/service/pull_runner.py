@@ -36,24 +36,10 @@ if TYPE_CHECKING:
     from lazyoci.service.paths import ServicePaths
     from lazyoci.store.layout import DataRoot
 
-__all__ = ["PullSession", "ServiceLayers", "load_pull_code"]
+__all__ = ["PullSession", "ServiceLayers"]
 
 log = logging.getLogger("lazyoci.service")
 _ANSWER_POLL = 0.2      # how often a credentials question looks whether the pull was cancelled meanwhile
-
-
-def load_pull_code() -> None:
-    """Import what a pull runs, once the service is up: the first pull then spends no time on
-    imports between its requests (about 20 ms of CPU, once per service process)."""
-    import lazyoci.images.service  # noqa: F401
-    import lazyoci.snapshot.overlay  # noqa: F401
-    import lazyoci.snapshot.own_index  # noqa: F401
-    import lazyoci.snapshot.snapshotters  # noqa: F401
-    import lazyoci.snapshot.soci  # noqa: F401
-    import lazyoci.snapshot.soci_prefetch  # noqa: F401
-    import lazyoci.snapshot.soci_pull  # noqa: F401
-    import lazyoci.soci.discovery  # noqa: F401
-    import lazyoci.zstdchunked.fetch  # noqa: F401
 
 
 class ServiceLayers:
