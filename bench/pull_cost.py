@@ -7,7 +7,8 @@ The python3 bench image (bench/images, cached) is pushed to a registry of this r
 index (as run_bench.py does), behind bench/throttle_proxy.py at 100 MB/s + 20 ms per request.
 Each run, on a fresh data root with the service started before the clock (background fetch
 off, as run_bench.py's `soci` mode): `lazyoci pull -q --snapshotter soci REF --soci-index-digest D`.
-Reported per run: wall seconds; CPU seconds (user+sys) of the pull's own process (wait4) and
+Reported per run: who pulled (the CLI, or the running service for it: its log says so); wall
+seconds; CPU seconds (user+sys) of the pull's own process (wait4) and
 of the service and its session holder during the pull (/proc/PID/stat); the requests the
 proxy saw, their bytes, and their depth: the longest chain of requests each sent after the
 previous one had ended (the round trips the pull waited for one after another).
@@ -89,11 +90,14 @@ def one_pull(ref: str, index: str, src: Path | None, run_dir: Path, log_file: Pa
             raise SystemExit(f"pull failed: {' '.join(argv)}")
         cpu_service = cpu_seconds(service) + cpu_seconds(holder) - cpu_service0
         time.sleep(0.1)                     # the proxy's last log line
+        # who pulled: a service that runs `lazyoci pull` for the CLI logs "pull of REF ... for pid N"
+        in_service = f"pull of {ref} " in (root / "service/lazyoci.log").read_text(errors="replace")
         with open(log_file) as f:
             f.seek(seen)
             reqs = [json.loads(line) for line in f if line.strip()]
         reqs = [r for r in reqs if r["start"] >= t0]
         return {"wall_s": wall, "cli_cpu_s": usage.ru_utime + usage.ru_stime, "service_cpu_s": cpu_service,
+                "pulled_by": "service" if in_service else "CLI",
                 "requests": len(reqs), "bytes": sum(r["bytes"] for r in reqs), "depth": depth(reqs),
                 "timeline": [(round(r["start"] - t0, 3), round(r["end"] - t0, 3), r["method"],
                               r["path"].rsplit("/", 2)[-2] + "/" + r["path"].rsplit("/", 1)[-1][:19],
@@ -144,7 +148,8 @@ def main() -> None:
                 prof = args.profile / f"{name.replace(' ', '-')}-{i + 1}.pstats" if args.profile else None
                 r = one_pull(ref, index, src, WORK / "run", log_file, prof)
                 results[name].append(r)
-                print(f"{name} #{i + 1}: wall {r['wall_s']:.3f} s, CLI cpu {r['cli_cpu_s']:.3f} s, service cpu "
+                print(f"{name} #{i + 1}: pulled by the {r['pulled_by']}, wall {r['wall_s']:.3f} s, "
+                      f"CLI cpu {r['cli_cpu_s']:.3f} s, service cpu "
                       f"{r['service_cpu_s']:.2f} s, {r['requests']} requests, depth {r['depth']}, "
                       f"{r['bytes'] / 1e6:.2f} MB (load {os.getloadavg()[0]:.2f})", flush=True)
                 if args.timeline:
@@ -152,12 +157,13 @@ def main() -> None:
                         print("   ", *t)
         lines = [f"command: {command}", f"commit: {commit}; load average {load_start:.2f} at the start, "
                  f"{os.getloadavg()[0]:.2f} at the end; {os.cpu_count()} CPUs; medians of {args.runs} runs", "",
-                 "| tree | pull wall s | CLI CPU s | service CPU s | requests | round trips (depth) | MB |",
-                 "|---|---:|---:|---:|---:|---:|---:|"]
+                 "| tree | pulled by | pull wall s | CLI CPU s | service CPU s | requests | round trips (depth) | MB |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|"]
         for name, runs in results.items():
             med = {k: statistics.median(r[k] for r in runs)
                    for k in ("wall_s", "cli_cpu_s", "service_cpu_s", "requests", "depth", "bytes")}
-            lines.append(f"| {name} | {med['wall_s']:.3f} | {med['cli_cpu_s']:.3f} | {med['service_cpu_s']:.2f} | "
+            by = "/".join(sorted({r["pulled_by"] for r in runs}))
+            lines.append(f"| {name} | {by} | {med['wall_s']:.3f} | {med['cli_cpu_s']:.3f} | {med['service_cpu_s']:.2f} | "
                          f"{med['requests']:g} | {med['depth']:g} | {med['bytes'] / 1e6:.2f} |")
         print("\n" + "\n".join(lines))
         if args.out:
