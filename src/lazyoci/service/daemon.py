@@ -121,10 +121,10 @@ class Service:
         over from a running service does while that one still serves (`containerd=False`: its
         snapshotter socket is the running one's until then)."""
         self.paths.ensure()
-        load_request_code()       # before any other thread of this process starts
         # the holder (a process of its own) and containerd's service start while this one mounts
         self._holder_launch = threading.Thread(target=self._launch_holder, name="holder-launch", daemon=True)
         self._holder_launch.start()
+        load_request_code()       # before any thread that imports starts (the holder's imports nothing)
         self.layers = LayerManager(self.root, self.config, self.fs)
         if containerd:
             self.start_containerd()
