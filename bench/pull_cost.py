@@ -14,7 +14,8 @@ proxy saw, their bytes, and their depth: the longest chain of requests each sent
 previous one had ended (the round trips the pull waited for one after another).
 `--baseline-src DIR` alternates runs with another tree's src/ (`git archive REV src`);
 `--profile DIR` runs the pull under cProfile and writes one .pstats per run there;
-`--optimized` pulls through an index `lazyoci soci optimize` recorded (prefetch artifacts).
+`--optimized` pulls through an index `lazyoci soci optimize` recorded (prefetch artifacts);
+`--full` pulls every layer instead (`--snapshotter overlayfs`, as run_bench.py's `overlayfs` mode).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def depth(requests: list[dict]) -> int:
     return max(level, default=0)
 
 
-def one_pull(ref: str, index: str, src: Path | None, run_dir: Path, log_file: Path,
+def one_pull(ref: str, index: str | None, src: Path | None, run_dir: Path, log_file: Path,
              profile: Path | None) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -77,7 +78,8 @@ def one_pull(ref: str, index: str, src: Path | None, run_dir: Path, log_file: Pa
         time.sleep(0.5)                     # the service's own start has settled
         cpu_service0 = cpu_seconds(service) + cpu_seconds(holder)
         seen = log_file.stat().st_size if log_file.exists() else 0
-        argv = [*base, "pull", "-q", "--snapshotter", "soci", ref, "--soci-index-digest", index]
+        argv = [*base, "pull", "-q", "--snapshotter", "soci" if index else "overlayfs", ref,
+                *(["--soci-index-digest", index] if index else [])]
         if profile is not None:
             argv = [sys.executable, "-m", "cProfile", "-o", str(profile), *argv]
         t0 = time.time()
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write RESULTS.md and results.json here")
     ap.add_argument("--optimized", action="store_true",
                     help="pull through an index with prefetch artifacts (`soci optimize`, as soci-optimized)")
+    ap.add_argument("--full", action="store_true", help="a full pull instead (--snapshotter overlayfs)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("pull_cost.py needs root (FUSE)")
@@ -134,7 +137,7 @@ def main() -> None:
     try:
         _, facts = run_bench.prepare_image("python3", reg, WORK / "setup",
                                            ["soci-optimized" if args.optimized else "soci"])
-        index = facts["optimized_index" if args.optimized else "index"]
+        index = None if args.full else facts["optimized_index" if args.optimized else "index"]
         proxy = localreg.start_proxy(reg.host, 100.0, 20.0, WORK, request_log=log_file)
         ref = f"{proxy.host}/bench/python3:latest"
         trees: list[tuple[str, Path | None]] = [("this tree", None)]
