@@ -279,3 +279,21 @@ def test_the_cli_imports_no_registry_client_when_the_service_pulls(tmp_path, reg
         assert pulls_served(root) == [ref]
     finally:
         service.stop()
+
+
+def test_the_service_pulls_with_the_cli_insecure_registries(tmp_path, registry):
+    """--insecure-registry reaches the service's registry client (a name that is not loopback
+    needs it for plain HTTP; 0.0.0.0 reaches the loopback listener); without it, the CLI's error."""
+    layer = make_layer([Entry("f", data=b"plain http")])
+    push_image(registry.host, "svcpull/insecure", [layer], image_config([layer]), tmp_path)
+    host = f"0.0.0.0:{registry.host.rsplit(':', 1)[1]}"
+    ref = f"{host}/svcpull/insecure:latest"
+    served, alone = tmp_path / "served", tmp_path / "alone"
+    service = Service(served)
+    try:
+        by_service, by_cli = lz(served, "pull", ref, check=False), lz(alone, "pull", ref, check=False)
+        assert by_cli.returncode != 0 and shown(by_service) == shown(by_cli)
+        assert lz(served, "--insecure-registry", host, "pull", "-q", ref).stdout.startswith("sha256:")
+        assert pulls_served(served) == [ref, ref]
+    finally:
+        service.stop()
