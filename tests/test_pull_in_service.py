@@ -297,3 +297,29 @@ def test_the_service_pulls_with_the_cli_insecure_registries(tmp_path, registry):
         assert pulls_served(served) == [ref, ref]
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("who", ["cli", "service"])
+def test_a_pull_whose_output_is_closed_stops_and_rolls_back(tmp_path, registry, who):
+    """Rows to a closed pipe: the pull stops and leaves nothing, whoever pulls (exit 1 and nothing
+    said: click's own handling of a closed stdout)."""
+    from helpers.fault_proxy import Fault, FaultProxy
+    layers = [make_layer([Entry("big", data=os.urandom(1_000_000))])]
+    push_image(registry.host, f"svcpull/epipe-{who}", layers, image_config(layers), tmp_path)
+    root = tmp_path / "root"
+    service = Service(root) if who == "service" else None
+    try:
+        with FaultProxy(registry.host) as proxy:
+            ref = f"{proxy.host}/svcpull/epipe-{who}:latest"
+            proxy.add(Fault("drip", rate=200_000, match=f"/blobs/{layers[0].digest}", method="GET"))
+            p = subprocess.Popen([LAZYOCI, "--root", str(root), "pull", ref],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            p.stdout.close()                        # nobody reads the rows
+            err = p.stderr.read()
+            assert p.wait(30) == 1 and err == "", err
+            assert list((root / "tmp").iterdir()) == [] and lz(root, "images", "-q").stdout == ""
+            assert pulls_served(root) == ([ref] if who == "service" else [])
+    finally:
+        if service is not None:
+            service.stop()
+    assert_store_consistent(root)

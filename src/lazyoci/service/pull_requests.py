@@ -118,7 +118,10 @@ class _Conversation:
         self._buf = b""
 
     def send(self, doc: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps(doc).encode() + b"\n")
+        try:
+            self.sock.sendall(json.dumps(doc).encode() + b"\n")
+        except OSError as e:
+            raise ServiceError(f"lost the lazyoci service during the pull: {e.strerror or e}") from None
 
     def next(self) -> dict[str, Any] | None:
         """The service's next message; None once it has closed the connection."""
@@ -173,7 +176,7 @@ class _Conversation:
             while (msg := self.next()) is not None and "ok" not in msg:
                 if "credentials" in msg:
                     self.send({"credentials": None})
-        except (OSError, ServiceError):
+        except (OSError, LazyociError):
             pass              # the service is gone, or broke the protocol: nothing more to wait for
 
 
@@ -205,8 +208,10 @@ def request_pull(root: "DataRoot", request: PullRequest, progress: "ProgressSink
         try:
             talk.send(request.to_json())
             return talk.follow(progress, log)
-        except KeyboardInterrupt:
+        except LazyociError:
+            raise            # the pull's own end, or the connection's: nothing left to cancel
+        except BaseException:
+            # Ctrl-C, or drawing failed (stdout closed): the pull stops, as the CLI's own would,
+            # and rolls back before this process goes on
             talk.cancel()
             raise
-        except OSError as e:
-            raise ServiceError(f"lost the lazyoci service during the pull: {e.strerror or e}") from None
