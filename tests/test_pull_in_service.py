@@ -104,6 +104,8 @@ def test_errors_of_a_pull_in_the_service_are_the_cli_errors(tmp_path, registry):
          f"{registry.host}/svcpull/plain:latest"),                                  # asked for: an error
         ("pull", "--snapshotter", "overlayfs", "--soci-index-digest", "sha256:" + "0" * 64,
          f"{registry.host}/svcpull/plain:latest"),
+        ("pull", "--platform", "linux/s390x", f"{registry.host}/svcpull/plain:latest"),   # not this image's
+        ("pull", "Bad/Ref:!"),                                                       # ReferenceError_
     ]
     service = Service(served, "--config", str(config))
     try:
