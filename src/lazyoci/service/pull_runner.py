@@ -158,7 +158,7 @@ class PullSession:
                 log.info("pull of %s cancelled (%s)", req.ref, e)
             raise
         finally:
-            images.close()
+            client.close()          # (not images.close(): the database's idle connection is the service's)
         log.info("pull of %s done: %s", req.ref, image.digest)
         return {"ok": True, "digest": image.digest}
 
