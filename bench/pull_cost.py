@@ -15,7 +15,8 @@ previous one had ended (the round trips the pull waited for one after another).
 `--baseline-src DIR` alternates runs with another tree's src/ (`git archive REV src`);
 `--profile DIR` runs the pull under cProfile and writes one .pstats per run there;
 `--optimized` pulls through an index `lazyoci soci optimize` recorded (prefetch artifacts);
-`--full` pulls every layer instead (`--snapshotter overlayfs`, as run_bench.py's `overlayfs` mode).
+`--full` pulls every layer instead (`--snapshotter overlayfs`, as run_bench.py's `overlayfs` mode);
+`--rows` pulls without `-q` (the rows go to /dev/null: every progress event is still made and drawn).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def depth(requests: list[dict]) -> int:
 
 
 def one_pull(ref: str, index: str | None, src: Path | None, run_dir: Path, log_file: Path,
-             profile: Path | None) -> dict:
+             profile: Path | None, rows: bool = False) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     root = run_dir / "root"
@@ -78,7 +79,7 @@ def one_pull(ref: str, index: str | None, src: Path | None, run_dir: Path, log_f
         time.sleep(0.5)                     # the service's own start has settled
         cpu_service0 = cpu_seconds(service) + cpu_seconds(holder)
         seen = log_file.stat().st_size if log_file.exists() else 0
-        argv = [*base, "pull", "-q", "--snapshotter", "soci" if index else "overlayfs", ref,
+        argv = [*base, "pull", *([] if rows else ["-q"]), "--snapshotter", "soci" if index else "overlayfs", ref,
                 *(["--soci-index-digest", index] if index else [])]
         if profile is not None:
             argv = [sys.executable, "-m", "cProfile", "-o", str(profile), *argv]
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--optimized", action="store_true",
                     help="pull through an index with prefetch artifacts (`soci optimize`, as soci-optimized)")
     ap.add_argument("--full", action="store_true", help="a full pull instead (--snapshotter overlayfs)")
+    ap.add_argument("--rows", action="store_true", help="without -q: the progress rows are made (to /dev/null)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("pull_cost.py needs root (FUSE)")
@@ -149,7 +151,7 @@ def main() -> None:
         for i in range(args.runs):
             for name, src in trees:
                 prof = args.profile / f"{name.replace(' ', '-')}-{i + 1}.pstats" if args.profile else None
-                r = one_pull(ref, index, src, WORK / "run", log_file, prof)
+                r = one_pull(ref, index, src, WORK / "run", log_file, prof, args.rows)
                 results[name].append(r)
                 print(f"{name} #{i + 1}: pulled by the {r['pulled_by']}, wall {r['wall_s']:.3f} s, "
                       f"CLI cpu {r['cli_cpu_s']:.3f} s, service cpu "
