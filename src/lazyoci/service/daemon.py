@@ -374,7 +374,7 @@ def load_request_code() -> None:
     Two threads importing for the first time a package and one of its submodules can deadlock
     (each holds the module lock the other waits for; Python raises it as a deadlock), and a pull
     imports what a mount does; loaded at start, the first pull also spends no time on imports
-    between its requests (about 25 ms of CPU, once per process)."""
+    between its requests (0.02-0.05 s of CPU, once per process)."""
     import lazyoci.estargz.index  # noqa: F401
     import lazyoci.estargz.remote  # noqa: F401
     import lazyoci.images.service  # noqa: F401
