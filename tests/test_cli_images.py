@@ -40,6 +40,22 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
+@pytest.fixture(params=["cli", "service"])
+def pull_path(request, tmp_path):
+    """Who pulls for `lazyoci pull` into <tmp_path>/root: the CLI itself, or the service running
+    for that root (whose log must then show that it pulled)."""
+    root = tmp_path / "root"
+    if request.param == "cli":
+        yield request.param
+        return
+    run(root, "service", "start")
+    try:
+        yield request.param
+    finally:
+        run(root, "service", "stop", check=False)
+    assert "pull of " in (root / "service/lazyoci.log").read_text()
+
+
 @pytest.fixture
 def image(registry, tmp_path) -> tuple[str, list]:
     layers = [make_layer([Entry("big", data=os.urandom(2_000_000))]), make_layer([Entry("etc/x", data=b"x")])]
@@ -61,7 +77,7 @@ def test_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.needs_root("the pull unpacks layers owned by root")
-def test_pull_images_tag_rmi_gives_disk_space_back(tmp_path, image):
+def test_pull_images_tag_rmi_gives_disk_space_back(tmp_path, image, pull_path):
     ref, layers = image
     root = tmp_path / "root"
     p = run(root, "pull", ref)
@@ -106,7 +122,7 @@ def test_pull_images_tag_rmi_gives_disk_space_back(tmp_path, image):
 
 
 @pytest.mark.needs_root("the pull unpacks layers owned by root")
-def test_rmi_by_id_with_several_names_needs_force(tmp_path, image):
+def test_rmi_by_id_with_several_names_needs_force(tmp_path, image, pull_path):
     ref, _ = image
     root = tmp_path / "root"
     digest = run(root, "pull", "-q", ref).stdout.strip()
@@ -244,7 +260,7 @@ def test_a_killed_pull_leaves_no_part_file_past_the_next_prune_or_pull(tmp_path,
 
 
 @pytest.mark.needs_root("the pull unpacks layers owned by root")
-def test_pull_of_a_layer_with_an_invalid_capability_xattr_is_one_line(tmp_path, registry):
+def test_pull_of_a_layer_with_an_invalid_capability_xattr_is_one_line(tmp_path, registry, pull_path):
     """The unpack fails (as docker's does) naming the file and the xattr; nothing half-unpacked stays."""
     layers = [make_layer([Entry("bin", "dir"), Entry("bin/ping", data=b"x", mode=0o755,
                                                      pax={"SCHILY.xattr.security.capability": "\x01\x02"})])]
@@ -281,7 +297,7 @@ def test_login_logout(tmp_path):
 
 
 @pytest.mark.needs_root("the pull unpacks layers owned by root")
-def test_pull_through_configured_mirror(tmp_path, registry):
+def test_pull_through_configured_mirror(tmp_path, registry, pull_path):
     """config.registry_mirrors reaches the registry client: docker.io images come from the mirror."""
     layers = [make_layer([Entry("m", data=b"from the mirror")])]
     push_image(registry.host, "library/mirrored", layers, image_config(layers), tmp_path)

@@ -22,34 +22,31 @@ from lazyoci.oci.platform import Platform
 from lazyoci.oci.reference import Reference
 
 if TYPE_CHECKING:
-    from lazyoci.images.service import ImageService, LocalImage
+    from lazyoci.images.service import ImageService
 
 
 def _platform(text: str | None) -> Platform | None:
     return Platform.parse(text) if text else None
 
 
-def pull_image(svc: ImageService, ref: str, platform: Platform | None, snapshotter: str,
-               stream, quiet: bool = False, all_platforms: bool = False,
-               index_digest: str | None = None) -> LocalImage:
-    """Pull with Finch's progress rows on `stream` and prepare the layers for `snapshotter`.
+def _pull_in_service(ref: str, platform: str | None, snapshotter: str, display: ProgressDisplay | None,
+                     all_platforms: bool, index_digest: str | None) -> str | None:
+    """Have the running service pull (its digest), as nerdctl asks containerd; None when no service
+    runs for this data root (or it leaves the pull to the CLI): then the CLI pulls itself.
 
-    Each snapshotter pulls its own way: overlayfs unpacks layers while they download,
-    soci mounts indexed layers lazily and downloads the rest (or all, without an index).
-    """
-    from lazyoci.snapshot.snapshotters import get_snapshotter
+    The service has the registry client and the pull code loaded: the CLI imports neither. Its rows
+    and INFO lines come back over the control socket and are drawn here as the CLI's own are."""
+    from lazyoci.service.pull_requests import PullRequest, registry_environment, request_pull
+    from lazyoci.store.layout import DataRoot
 
-    snap = get_snapshotter(snapshotter, svc.root, app().config, svc.client)
-    display = None if quiet else ProgressDisplay(stream)
-    with display or contextlib.nullcontext():
-        if not all_platforms:
-            return snap.pull(svc, ref, platform, progress=display, index_digest=index_digest, log=info_line)
-        if snapshotter != "overlayfs" or index_digest:
-            raise ConfigError("--all-platforms stores every platform's content; use it with --snapshotter overlayfs")
-        image = svc.pull(ref, platform, display, layer_consumer=snap.layer_consumer, snapshotter=snapshotter,
-                         all_platforms=True)
-    snap.unpack_image(svc, image)
-    return image
+    ctx = app()
+    if ctx.debug:
+        return None          # --debug: the pull's own logs and tracebacks, in this process
+    request = PullRequest(ref=ref, snapshotter=snapshotter, platform=platform, all_platforms=all_platforms,
+                          index_digest=index_digest, progress=display is not None,
+                          insecure_registries=ctx.insecure_registries,
+                          mirrors=dict(ctx.config.registry_mirrors), environment=registry_environment())
+    return request_pull(DataRoot(ctx.root), request, display, info_line)
 
 
 @click.command("pull")
@@ -63,15 +60,23 @@ def pull_image(svc: ImageService, ref: str, platform: Platform | None, snapshott
 def pull_cmd(platform: str | None, all_platforms: bool, quiet: bool, snapshotter: str | None,
              soci_index_digest: str | None, ref: str) -> None:
     """Download an image from a registry."""
+    from lazyoci.snapshot.snapshotters import pull_image
+
     ctx = app()
-    svc = image_service(ctx)
-    try:
-        image = pull_image(svc, ref, _platform(platform), snapshotter or ctx.config.default_snapshotter,
-                           sys.stdout, quiet, all_platforms, soci_index_digest)
-    finally:
-        svc.close()
+    wanted = _platform(platform)
+    name = snapshotter or ctx.config.default_snapshotter
+    display = None if quiet else ProgressDisplay(sys.stdout)
+    with display or contextlib.nullcontext():
+        digest = _pull_in_service(ref, platform, name, display, all_platforms, soci_index_digest)
+        if digest is None:
+            svc = image_service(ctx)
+            try:
+                digest = pull_image(svc, ref, wanted, name, ctx.config, display, all_platforms=all_platforms,
+                                    index_digest=soci_index_digest, log=info_line).digest
+            finally:
+                svc.close()
     if quiet:
-        click.echo(image.digest)
+        click.echo(digest)
 
 
 @click.command("push")

@@ -78,13 +78,16 @@ class LayerConsumer(Protocol):
 
 
 class ImageService:
-    def __init__(self, root: DataRoot, registry: RegistryOptions = RegistryOptions()) -> None:
+    def __init__(self, root: DataRoot, registry: RegistryOptions = RegistryOptions(),
+                 client: RegistryClient | None = None) -> None:
+        """`client`: the registry client to use (closed with the service); default: one made from
+        `registry` on first use."""
         self.root = root.ensure()
         self.registry_options = registry
         self.blobs = BlobStore(self.root)
         self.db = Database(self.root.db_path)
         self.records = ImageRecords(self.db, self.blobs)
-        self._client: RegistryClient | None = None
+        self._client: RegistryClient | None = client
         self._client_lock = threading.Lock()
 
     @property

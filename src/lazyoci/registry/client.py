@@ -37,9 +37,13 @@ def _media_type_header(resp: httpx.Response) -> str | None:
 class RegistryClient:
     """One client per process is enough: connections, tokens and endpoint choices are shared."""
 
-    def __init__(self, options: RegistryOptions = RegistryOptions()) -> None:
+    def __init__(self, options: RegistryOptions = RegistryOptions(),
+                 credentials: Callable[[str], Credentials | None] | None = None) -> None:
+        """`credentials`: where a registry's stored credentials come from (default: the docker
+        config of `options`); the service, pulling for the CLI, asks the CLI (service/pull_runner.py)."""
         self.options = options
         self.docker_config = DockerConfig(options.docker_config)
+        self._stored = credentials or self.docker_config.get
         self.transport = Transport(options, self._credentials)
         self._lock = threading.Lock()
         self._creds: dict[str, tuple[Credentials | None, float]] = {}
@@ -53,7 +57,7 @@ class RegistryClient:
             hit = self._creds.get(registry)
         if hit is not None and hit[1] > now:
             return hit[0]
-        creds = self.docker_config.get(registry)
+        creds = self._stored(registry)
         with self._lock:
             self._creds[registry] = (creds, now + CREDENTIALS_TTL)
         return creds

@@ -20,6 +20,8 @@ Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N,
                                                          "containerd_socket": path or null, "session": ...}
     {"op": "read_order"}                             -> {"ok": true, "views": [[layer, ztoc, [span, ...]], ...]}
+    {"op": "pull", "ref", ...}                       -> a conversation: progress lines, then the end
+                                                        (`lazyoci pull` run here: service/pull_requests.py)
     {"op": "shutdown"}                               -> {"ok": true}; then answers what it has and exits
     {"op": "hand_over"}                              -> {"ok": true}; then exits at once, leaving the
                                                         requests it had not answered to the next service
@@ -34,6 +36,7 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -58,6 +61,7 @@ from lazyoci.store.layout import DataRoot
 
 if TYPE_CHECKING:
     from lazyoci.containerd.server import SnapshotterServer
+    from lazyoci.service.pull_runner import PullSession
 
 log = logging.getLogger("lazyoci.service")
 MAX_REQUEST = 1 << 20
@@ -102,6 +106,8 @@ class Service:
         self._holder_launch: threading.Thread | None = None
         self._holder_error: BaseException | None = None
         self._containerd_start: threading.Thread | None = None
+        self.pulls: set[PullSession] = set()      # pulls run for CLIs (`lazyoci pull`), under way
+        self._trio_token: trio.lowlevel.TrioToken | None = None     # for worker threads, once serving
 
     @property
     def running_layers(self) -> LayerManager:
@@ -118,6 +124,7 @@ class Service:
         # the holder (a process of its own) and containerd's service start while this one mounts
         self._holder_launch = threading.Thread(target=self._launch_holder, name="holder-launch", daemon=True)
         self._holder_launch.start()
+        load_request_code()       # before any thread that imports starts (the holder's imports nothing)
         self.layers = LayerManager(self.root, self.config, self.fs)
         if containerd:
             self.start_containerd()
@@ -168,6 +175,7 @@ class Service:
             log.info("service stopped")
 
     async def _main(self) -> None:
+        self._trio_token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._fuse_main)
             self.running_layers.start_background()
@@ -242,6 +250,9 @@ class Service:
                 buf += chunk
             try:
                 request = json.loads(buf.split(b"\n", 1)[0] or b"{}")
+                if isinstance(request, dict) and request.get("op") == "pull" and not self._stopping:
+                    await self._pull(conn, request, buf.split(b"\n", 1)[1] if b"\n" in buf else b"")
+                    return
                 reply = await self._dispatch(request)
             except LazyociError as e:
                 reply = error_reply(e)
@@ -262,6 +273,33 @@ class Service:
             elif op == "hand_over":
                 self._hand_over()
 
+    async def _pull(self, conn: trio.socket.SocketType, request: dict, leftover: bytes) -> None:
+        """Run `lazyoci pull` for the CLI on this connection (service/pull_runner.py), in a worker
+        thread that talks over the connection itself until the pull has ended."""
+        from lazyoci.service.pull_runner import PullSession, ServiceLayers
+
+        sock = socket.socket(fileno=conn.detach())
+        sock.setblocking(True)
+        session = PullSession(sock, leftover, request, self.root, self.config,
+                              ServiceLayers(self.running_layers, self.paths, self.unmount_view))
+        self.pulls.add(session)
+        try:
+            # a limiter of its own: a pull holds its thread throughout, FUSE's reads must never wait for one
+            await trio.to_thread.run_sync(session.run, limiter=trio.CapacityLimiter(1))
+        finally:
+            self.pulls.discard(session)
+
+    def unmount_view(self, layer_digest: str, index_digest: str) -> bool:
+        """Stop serving a view, unless containerd's snapshots stand on it; True if it was unmounted.
+        Called in worker threads."""
+        if self.containerd is not None and self.containerd.uses_view(layer_digest, index_digest):
+            return False
+        name = self.paths.view_dir(layer_digest, index_digest).name.encode()
+        done = self.running_layers.unmount(layer_digest, index_digest)
+        if done:
+            trio.from_thread.run_sync(_forget_entry, name, trio_token=self._trio_token)
+        return done
+
     async def _dispatch(self, req: dict) -> dict:
         op = req.get("op")
         if op == "ping":
@@ -270,16 +308,7 @@ class Service:
             await trio.to_thread.run_sync(self.running_layers.mount, req["ref"], req["layer_digest"], req["ztoc_digest"])
             return {"ok": True, "path": os.fspath(self.paths.view_dir(req["layer_digest"], req["ztoc_digest"]))}
         if op == "unmount_layer":
-            if self.containerd is not None and await trio.to_thread.run_sync(
-                    self.containerd.uses_view, req["layer_digest"], req["ztoc_digest"]):
-                return {"ok": True, "unmounted": False}     # containerd's snapshots stand on it
-            name = self.paths.view_dir(req["layer_digest"], req["ztoc_digest"]).name.encode()
-            done = await trio.to_thread.run_sync(self.running_layers.unmount, req["layer_digest"], req["ztoc_digest"])
-            if done:
-                try:
-                    pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
-                except Exception:   # the kernel may never have seen the name
-                    pass
+            done = await trio.to_thread.run_sync(self.unmount_view, req["layer_digest"], req["ztoc_digest"])
             return {"ok": True, "unmounted": done}
         if op == "status":
             layers = self.running_layers
@@ -307,14 +336,18 @@ class Service:
 
         The loop goes on answering until no fetch is under way and none has been turned away
         for a moment: a reader whose read failed asks the kernel again, and that request too
-        gets EIO, not ENOTCONN from a session that is gone."""
+        gets EIO, not ENOTCONN from a session that is gone. Pulls run for CLIs are cancelled
+        and roll back meanwhile (their CLIs print the error)."""
         log.info("shutdown requested")
         self._stopping = True
+        for pull in list(self.pulls):       # they roll back; the connections' tasks wait for them
+            pull.cancel()
         await trio.to_thread.run_sync(say_leaving, self.holder)
         client = self.running_layers.client
         client.cancel()
         give_up = time.monotonic() + _DRAIN_MAX_SECONDS
-        while time.monotonic() < give_up and (client.transfers_in_flight or
+        # (a cancelled pull rolls back first: it may still look into the mount)
+        while time.monotonic() < give_up and (self.pulls or client.transfers_in_flight or
                                               time.monotonic() - client.last_refusal < _DRAIN_QUIET_SECONDS):
             await trio.sleep(0.05)
         pyfuse3.terminate()
@@ -332,6 +365,45 @@ class Service:
         flush_cache_writes()
         logging.shutdown()
         os._exit(0)
+
+
+def load_request_code() -> None:
+    """Import what the control requests run in worker threads (a pull for the CLI, a layer's
+    mount) while this process has no other thread.
+
+    Two threads importing for the first time a package and one of its submodules can deadlock
+    (each holds the module lock the other waits for; Python raises it as a deadlock), and a pull
+    imports what a mount does; loaded at start, the first pull also spends no time on imports
+    between its requests (0.02-0.05 s of CPU, once per process)."""
+    import lazyoci.estargz.index  # noqa: F401
+    import lazyoci.estargz.remote  # noqa: F401
+    import lazyoci.images.service  # noqa: F401
+    import lazyoci.layer_formats  # noqa: F401
+    import lazyoci.service.prefetch_records  # noqa: F401
+    import lazyoci.service.pull_runner  # noqa: F401
+    import lazyoci.snapshot.overlay  # noqa: F401
+    import lazyoci.snapshot.own_index  # noqa: F401
+    import lazyoci.snapshot.snapshotters  # noqa: F401
+    import lazyoci.snapshot.soci_prefetch  # noqa: F401
+    import lazyoci.snapshot.soci_pull  # noqa: F401
+    import lazyoci.soci.discovery  # noqa: F401
+    import lazyoci.soci.index  # noqa: F401
+    import lazyoci.soci.prefetch  # noqa: F401
+    import lazyoci.zstdchunked.fetch  # noqa: F401
+    import lazyoci.zstdchunked.toc  # noqa: F401
+    import lazyoci.ztoc  # noqa: F401
+    try:
+        import lazyoci.snapshot.soci  # noqa: F401
+    except ImportError:      # a build without the soci snapshotter: its pulls say so
+        pass
+
+
+def _forget_entry(name: bytes) -> None:
+    """Have the kernel forget a view's directory entry (in the loop's thread, as pyfuse3 wants)."""
+    try:
+        pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
+    except Exception:   # the kernel may never have seen the name
+        pass
 
 
 def request_op(buf: bytes) -> object:

@@ -40,6 +40,7 @@ from lazyoci.snapshot.unpack import apply_layer_stream, remove_tree
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
+from lazyoci.store.modes import private_dir
 
 if TYPE_CHECKING:
     from lazyoci.images.service import ImageService, LocalImage
@@ -100,8 +101,9 @@ class LayeredSnapshotter:
         p = self.table_prefix
         self._dirs, self._snaps, self._digests = f"{p}_dirs", f"{p}_snapshots", f"{p}_layer_digests"
         self.db.ensure_schema(self.schema_name, _ddl(p, self.extra_snapshot_columns) + self.extra_ddl)
-        for d in (self.dir / "tmp", self.dir / "empty"):
-            d.mkdir(parents=True, exist_ok=True)
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        for d in (self.dir, self.dir / "tmp", self.dir / "empty"):
+            private_dir(d)          # 0700 whatever the umask of the process that made them
         self._remove_abandoned_staging()
 
     def _remove_abandoned_staging(self) -> None:
