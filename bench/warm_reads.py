@@ -50,6 +50,27 @@ def pid_of(path: Path) -> int | None:
         return None
 
 
+OPCODES = {1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 5: "READLINK", 14: "OPEN", 15: "READ", 17: "STATFS",
+           18: "RELEASE", 22: "GETXATTR", 23: "LISTXATTR", 25: "FLUSH", 26: "INIT", 27: "OPENDIR",
+           28: "READDIR", 29: "RELEASEDIR", 34: "ACCESS", 36: "INTERRUPT", 42: "BATCH_FORGET",
+           44: "READDIRPLUS"}
+
+
+def holder_opcodes(root: Path) -> dict[str, list[int]]:
+    """Per opcode name: [requests relayed to the service, answered by the holder] so far (empty
+    from a holder that does not count them)."""
+    import socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(2)
+            s.connect(str(root / "service/holder.sock"))
+            s.send(b'{"op": "status"}')
+            status = json.loads(s.recv(65536))
+    except (OSError, ValueError):
+        return {}
+    return {OPCODES.get(int(k), k): v for k, v in status.get("opcodes", {}).items()}
+
+
 def holder_counts(root: Path) -> tuple[int, int] | None:
     """FUSE requests the session holder has answered so far: (all, of which it answered itself
     without the service). None if it does not say."""
@@ -82,13 +103,15 @@ def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: d
               profile: Path | None = None) -> dict:
     svc = pid_of(root / "service/lazyoci.pid")
     holder = pid_of(root / "service/holder.pid")
-    spy = None
+    spies = []
     if profile is not None and svc:
-        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw",
-                                "-r", "500", "-o", str(profile), "-p", str(svc)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for pid, out in ((svc, profile), (holder, profile.with_name(profile.stem + "-holder.txt"))):
+            if pid:
+                spies.append(subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record",
+                                               "--format", "raw", "-r", "500", "-o", str(out), "-p", str(pid)],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)        # attached before the clock
-    c0, h0, r0 = cpu_seconds(svc), cpu_seconds(holder), holder_counts(root)
+    c0, h0, r0, o0 = cpu_seconds(svc), cpu_seconds(holder), holder_counts(root), holder_opcodes(root)
     load = os.getloadavg()[0]
     t0 = time.monotonic()
     p = subprocess.Popen([rb.LAZYOCI, "--root", str(root), "--config", str(cfg), "run", "--rm",
@@ -102,13 +125,15 @@ def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: d
     rc = p.wait(timeout=900)
     if rc != 0 or ready is None:
         raise RuntimeError(f"run exited {rc}: {log_file.read_text(errors='replace')[-600:]}")
-    r1 = holder_counts(root)
-    if spy is not None:
+    r1, o1 = holder_counts(root), holder_opcodes(root)
+    opcodes = {k: [v[0] - o0.get(k, [0, 0])[0], v[1] - o0.get(k, [0, 0])[1]] for k, v in o1.items()}
+    for spy in spies:
         spy.send_signal(2)
         spy.wait(60)
     return {"ready_s": ready, "service_cpu_s": cpu_seconds(svc) - c0, "holder_cpu_s": cpu_seconds(holder) - h0,
             "fuse_messages": (r1[0] - r0[0]) if r0 is not None and r1 is not None else None,
             "holder_answered": (r1[1] - r0[1]) if r0 is not None and r1 is not None else None,
+            "opcodes": {k: v for k, v in opcodes.items() if v != [0, 0]},
             "loadavg": round(load, 2)}
 
 
@@ -126,7 +151,7 @@ def main() -> None:
     ap.add_argument("--read-ahead-kb", type=int, default=None,
                     help="set the FUSE mount's read-ahead (its bdi's read_ahead_kb) after each service start")
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
-                    help="profile the service during each lazy run on a new mount (py-spy, folded stacks in DIR)")
+                    help="profile the service and the holder during each lazy run (py-spy, folded stacks in DIR)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("warm_reads.py needs root (overlayfs, FUSE, runc)")
@@ -222,6 +247,13 @@ def report(command: str, commit: str, runs: list[dict], out: Path | None) -> Non
               f"{', '.join(f(r['ready_s']) for r in sel)} | {f(med(kind, 'service_cpu_s', state))} | "
               f"{f(med(kind, 'holder_cpu_s', state))} | {f(med(kind, 'fuse_messages', state), '.0f')} | "
               f"{f(med(kind, 'holder_answered', state), '.0f')} |")
+    last = next((r for r in reversed(runs) if r["kind"] == "lazy" and r.get("opcodes")), None)
+    if last is not None:
+        print(f"\nFUSE requests of the last lazy run ({last['state']}), relayed to the service / answered by "
+              "the holder:\n")
+        print("| opcode | relayed | holder |\n|---|---:|---:|")
+        for name, (relayed, answered) in sorted(last["opcodes"].items(), key=lambda kv: -sum(kv[1])):
+            print(f"| {name} | {relayed} | {answered} |")
     full, lazy = med("full", "ready_s"), med("lazy", "ready_s")
     if full and lazy:
         print(f"\nlazy / full (medians of every round): {lazy / full:.2f}")
