@@ -14,9 +14,14 @@ entries or pages: every lookup and read goes to the service again, served from t
 (whose file stays in the page cache, as after the fetch). The overlayfs root's files stay in the
 page cache between rounds, as after an unpack.
 
+`--restart` runs `service restart` instead (a new service process on the mount the holder keeps:
+the kernel keeps its entries and pages); `--same-mount` no restart at all.
+
 Per run: wall seconds to `ready`, CPU seconds (user+sys) of the lazyoci service and of the FUSE
-session holder during the run, and the FUSE messages the holder relayed. `--src DIR` runs another
-tree's `src/` (e.g. `git archive main src`) for a before/after.
+session holder during the run, and the FUSE messages the holder relayed or answered itself, per
+opcode (a holder that counts them). `--src DIR` runs another tree's `src/` (e.g. `git archive main
+src`) for a before/after. `--py-spy DIR` profiles the service and the holder (`--native`: with
+their C and system-call frames).
 """
 
 from __future__ import annotations
@@ -100,7 +105,7 @@ def set_read_ahead(mountpoint: Path, kib: int) -> None:
 
 
 def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: dict,
-              profile: Path | None = None) -> dict:
+              profile: Path | None = None, native: bool = False) -> dict:
     svc = pid_of(root / "service/lazyoci.pid")
     holder = pid_of(root / "service/holder.pid")
     spies = []
@@ -108,7 +113,8 @@ def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: d
         for pid, out in ((svc, profile), (holder, profile.with_name(profile.stem + "-holder.txt"))):
             if pid:
                 spies.append(subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record",
-                                               "--format", "raw", "-r", "500", "-o", str(out), "-p", str(pid)],
+                                               "--format", "raw", "-r", "500", "-o", str(out), "-p", str(pid),
+                                               *(["--native"] if native else [])],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)        # attached before the clock
     c0, h0, r0, o0 = cpu_seconds(svc), cpu_seconds(holder), holder_counts(root), holder_opcodes(root)
@@ -145,6 +151,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write results.json here")
     ap.add_argument("--same-mount", action="store_true",
                     help="no service restart between lazy runs: the kernel keeps the mount's entries and pages")
+    ap.add_argument("--restart", action="store_true",
+                    help="`service restart` between lazy runs: a new service process on the same mount (the holder "
+                         "keeps it, and the kernel its entries and pages)")
     ap.add_argument("--nice", type=int, default=None,
                     help="give the service's and the holder's main threads this nice value after each start")
     ap.add_argument("--keep", action="store_true", help="keep the data roots (services stopped) under bench/work")
@@ -152,6 +161,7 @@ def main() -> None:
                     help="set the FUSE mount's read-ahead (its bdi's read_ahead_kb) after each service start")
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                     help="profile the service and the holder during each lazy run (py-spy, folded stacks in DIR)")
+    ap.add_argument("--native", action="store_true", help="with --py-spy: the native frames too (C, kernel calls)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("warm_reads.py needs root (overlayfs, FUSE, runc)")
@@ -188,7 +198,11 @@ def main() -> None:
         for i in range(args.rounds):
             order = ("lazy", "full") if i % 2 == 0 else ("full", "lazy")
             for kind in order:
-                if kind == "lazy" and i > 0 and not args.same_mount:
+                if kind == "lazy" and i > 0 and args.restart:
+                    rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "restart", log_file=log_file)
+                    if args.nice is not None:
+                        renice(roots["lazy"], args.nice)
+                elif kind == "lazy" and i > 0 and not args.same_mount:
                     rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "stop", log_file=log_file)
                     rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "start", log_file=log_file)
                     if args.nice is not None:
@@ -197,13 +211,14 @@ def main() -> None:
                         set_read_ahead(roots["lazy"] / "service/mnt", args.read_ahead_kb)
                 rec = {"round": i + 1, "kind": kind,
                        "state": "after the fetch" if kind == "lazy" and i == 0 else
-                                (("same mount" if args.same_mount else "new mount") if kind == "lazy"
+                                (("same mount" if args.same_mount else "service restarted" if args.restart
+                                  else "new mount") if kind == "lazy"
                                  else "page cache")}
                 spy = args.py_spy / f"service-round{i + 1}.txt" if args.py_spy and kind == "lazy" \
                     else None
                 if spy is not None:
                     args.py_spy.mkdir(parents=True, exist_ok=True)
-                rec.update(timed_run(roots[kind], cfgs[kind], snap[kind], ref, log_file, env, spy))
+                rec.update(timed_run(roots[kind], cfgs[kind], snap[kind], ref, log_file, env, spy, args.native))
                 rb.log(f"round {i + 1} {kind}: ready {rec['ready_s']:.2f}s, service cpu "
                        f"{rec['service_cpu_s']:.2f}s, holder cpu {rec['holder_cpu_s']:.2f}s, "
                        f"{rec['fuse_messages']} FUSE messages ({rec['holder_answered']} answered by the holder), "
@@ -238,7 +253,8 @@ def report(command: str, commit: str, runs: list[dict], out: Path | None) -> Non
     rows = [("overlayfs unpack (page cache)", "full", None),
             ("lazy, right after the background fetch", "lazy", "after the fetch"),
             ("lazy, new mount, span cache complete", "lazy", "new mount"),
-            ("lazy, again on the same mount", "lazy", "same mount")]
+            ("lazy, again on the same mount", "lazy", "same mount"),
+            ("lazy, after `service restart` (same mount)", "lazy", "service restarted")]
     for label, kind, state in rows:
         sel = [r for r in runs if r["kind"] == kind and (state is None or r["state"] == state)]
         if not sel:
