@@ -14,9 +14,14 @@ entries or pages: every lookup and read goes to the service again, served from t
 (whose file stays in the page cache, as after the fetch). The overlayfs root's files stay in the
 page cache between rounds, as after an unpack.
 
+`--restart` runs `service restart` instead (a new service process on the mount the holder keeps:
+the kernel keeps its entries and pages); `--same-mount` no restart at all.
+
 Per run: wall seconds to `ready`, CPU seconds (user+sys) of the lazyoci service and of the FUSE
-session holder during the run, and the FUSE messages the holder relayed. `--src DIR` runs another
-tree's `src/` (e.g. `git archive main src`) for a before/after.
+session holder during the run, and the FUSE messages the holder relayed or answered itself, per
+opcode (a holder that counts them). `--src DIR` runs another tree's `src/` (e.g. `git archive main
+src`) for a before/after. `--py-spy DIR` profiles the service and the holder (`--native`: with
+their C and system-call frames).
 """
 
 from __future__ import annotations
@@ -50,6 +55,27 @@ def pid_of(path: Path) -> int | None:
         return None
 
 
+OPCODES = {1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 5: "READLINK", 14: "OPEN", 15: "READ", 17: "STATFS",
+           18: "RELEASE", 22: "GETXATTR", 23: "LISTXATTR", 25: "FLUSH", 26: "INIT", 27: "OPENDIR",
+           28: "READDIR", 29: "RELEASEDIR", 34: "ACCESS", 36: "INTERRUPT", 42: "BATCH_FORGET",
+           44: "READDIRPLUS"}
+
+
+def holder_opcodes(root: Path) -> dict[str, list[int]]:
+    """Per opcode name: [requests relayed to the service, answered by the holder] so far (empty
+    from a holder that does not count them)."""
+    import socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(2)
+            s.connect(str(root / "service/holder.sock"))
+            s.send(b'{"op": "status"}')
+            status = json.loads(s.recv(65536))
+    except (OSError, ValueError):
+        return {}
+    return {OPCODES.get(int(k), k): v for k, v in status.get("opcodes", {}).items()}
+
+
 def holder_counts(root: Path) -> tuple[int, int] | None:
     """FUSE requests the session holder has answered so far: (all, of which it answered itself
     without the service). None if it does not say."""
@@ -79,16 +105,19 @@ def set_read_ahead(mountpoint: Path, kib: int) -> None:
 
 
 def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: dict,
-              profile: Path | None = None) -> dict:
+              profile: Path | None = None, native: bool = False) -> dict:
     svc = pid_of(root / "service/lazyoci.pid")
     holder = pid_of(root / "service/holder.pid")
-    spy = None
+    spies = []
     if profile is not None and svc:
-        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw",
-                                "-r", "500", "-o", str(profile), "-p", str(svc)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for pid, out in ((svc, profile), (holder, profile.with_name(profile.stem + "-holder.txt"))):
+            if pid:
+                spies.append(subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record",
+                                               "--format", "raw", "-r", "500", "-o", str(out), "-p", str(pid),
+                                               *(["--native"] if native else [])],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)        # attached before the clock
-    c0, h0, r0 = cpu_seconds(svc), cpu_seconds(holder), holder_counts(root)
+    c0, h0, r0, o0 = cpu_seconds(svc), cpu_seconds(holder), holder_counts(root), holder_opcodes(root)
     load = os.getloadavg()[0]
     t0 = time.monotonic()
     p = subprocess.Popen([rb.LAZYOCI, "--root", str(root), "--config", str(cfg), "run", "--rm",
@@ -102,13 +131,15 @@ def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: d
     rc = p.wait(timeout=900)
     if rc != 0 or ready is None:
         raise RuntimeError(f"run exited {rc}: {log_file.read_text(errors='replace')[-600:]}")
-    r1 = holder_counts(root)
-    if spy is not None:
+    r1, o1 = holder_counts(root), holder_opcodes(root)
+    opcodes = {k: [v[0] - o0.get(k, [0, 0])[0], v[1] - o0.get(k, [0, 0])[1]] for k, v in o1.items()}
+    for spy in spies:
         spy.send_signal(2)
         spy.wait(60)
     return {"ready_s": ready, "service_cpu_s": cpu_seconds(svc) - c0, "holder_cpu_s": cpu_seconds(holder) - h0,
             "fuse_messages": (r1[0] - r0[0]) if r0 is not None and r1 is not None else None,
             "holder_answered": (r1[1] - r0[1]) if r0 is not None and r1 is not None else None,
+            "opcodes": {k: v for k, v in opcodes.items() if v != [0, 0]},
             "loadavg": round(load, 2)}
 
 
@@ -120,13 +151,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write results.json here")
     ap.add_argument("--same-mount", action="store_true",
                     help="no service restart between lazy runs: the kernel keeps the mount's entries and pages")
+    ap.add_argument("--restart", action="store_true",
+                    help="`service restart` between lazy runs: a new service process on the same mount (the holder "
+                         "keeps it, and the kernel its entries and pages)")
     ap.add_argument("--nice", type=int, default=None,
                     help="give the service's and the holder's main threads this nice value after each start")
     ap.add_argument("--keep", action="store_true", help="keep the data roots (services stopped) under bench/work")
     ap.add_argument("--read-ahead-kb", type=int, default=None,
                     help="set the FUSE mount's read-ahead (its bdi's read_ahead_kb) after each service start")
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
-                    help="profile the service during each lazy run on a new mount (py-spy, folded stacks in DIR)")
+                    help="profile the service and the holder during each lazy run (py-spy, folded stacks in DIR)")
+    ap.add_argument("--native", action="store_true", help="with --py-spy: the native frames too (C, kernel calls)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("warm_reads.py needs root (overlayfs, FUSE, runc)")
@@ -163,7 +198,11 @@ def main() -> None:
         for i in range(args.rounds):
             order = ("lazy", "full") if i % 2 == 0 else ("full", "lazy")
             for kind in order:
-                if kind == "lazy" and i > 0 and not args.same_mount:
+                if kind == "lazy" and i > 0 and args.restart:
+                    rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "restart", log_file=log_file)
+                    if args.nice is not None:
+                        renice(roots["lazy"], args.nice)
+                elif kind == "lazy" and i > 0 and not args.same_mount:
                     rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "stop", log_file=log_file)
                     rb.lazyoci(roots["lazy"], cfgs["lazy"], "service", "start", log_file=log_file)
                     if args.nice is not None:
@@ -172,13 +211,14 @@ def main() -> None:
                         set_read_ahead(roots["lazy"] / "service/mnt", args.read_ahead_kb)
                 rec = {"round": i + 1, "kind": kind,
                        "state": "after the fetch" if kind == "lazy" and i == 0 else
-                                (("same mount" if args.same_mount else "new mount") if kind == "lazy"
+                                (("same mount" if args.same_mount else "service restarted" if args.restart
+                                  else "new mount") if kind == "lazy"
                                  else "page cache")}
                 spy = args.py_spy / f"service-round{i + 1}.txt" if args.py_spy and kind == "lazy" \
                     else None
                 if spy is not None:
                     args.py_spy.mkdir(parents=True, exist_ok=True)
-                rec.update(timed_run(roots[kind], cfgs[kind], snap[kind], ref, log_file, env, spy))
+                rec.update(timed_run(roots[kind], cfgs[kind], snap[kind], ref, log_file, env, spy, args.native))
                 rb.log(f"round {i + 1} {kind}: ready {rec['ready_s']:.2f}s, service cpu "
                        f"{rec['service_cpu_s']:.2f}s, holder cpu {rec['holder_cpu_s']:.2f}s, "
                        f"{rec['fuse_messages']} FUSE messages ({rec['holder_answered']} answered by the holder), "
@@ -213,7 +253,8 @@ def report(command: str, commit: str, runs: list[dict], out: Path | None) -> Non
     rows = [("overlayfs unpack (page cache)", "full", None),
             ("lazy, right after the background fetch", "lazy", "after the fetch"),
             ("lazy, new mount, span cache complete", "lazy", "new mount"),
-            ("lazy, again on the same mount", "lazy", "same mount")]
+            ("lazy, again on the same mount", "lazy", "same mount"),
+            ("lazy, after `service restart` (same mount)", "lazy", "service restarted")]
     for label, kind, state in rows:
         sel = [r for r in runs if r["kind"] == kind and (state is None or r["state"] == state)]
         if not sel:
@@ -222,6 +263,13 @@ def report(command: str, commit: str, runs: list[dict], out: Path | None) -> Non
               f"{', '.join(f(r['ready_s']) for r in sel)} | {f(med(kind, 'service_cpu_s', state))} | "
               f"{f(med(kind, 'holder_cpu_s', state))} | {f(med(kind, 'fuse_messages', state), '.0f')} | "
               f"{f(med(kind, 'holder_answered', state), '.0f')} |")
+    last = next((r for r in reversed(runs) if r["kind"] == "lazy" and r.get("opcodes")), None)
+    if last is not None:
+        print(f"\nFUSE requests of the last lazy run ({last['state']}), relayed to the service / answered by "
+              "the holder:\n")
+        print("| opcode | relayed | holder |\n|---|---:|---:|")
+        for name, (relayed, answered) in sorted(last["opcodes"].items(), key=lambda kv: -sum(kv[1])):
+            print(f"| {name} | {relayed} | {answered} |")
     full, lazy = med("full", "ready_s"), med("lazy", "ready_s")
     if full and lazy:
         print(f"\nlazy / full (medians of every round): {lazy / full:.2f}")

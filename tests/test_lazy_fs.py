@@ -163,3 +163,39 @@ def test_what_the_kernel_may_keep_of_a_lazy_layer(registry, tricky, data_root, t
         assert holder_status(client.holder)["answered"] == answered + 6    # no round trip to the service
         opaque = [Path(d) for d, _, _ in os.walk(later) if _opaque(Path(d))]
         assert opaque, "the second layer of the tricky image has an opaque directory"
+
+
+def _relayed(client) -> dict[str, int]:
+    """FUSE requests the holder relayed to the service so far, by opcode number."""
+    return {k: v[0] for k, v in holder_status(client.holder)["opcodes"].items()}
+
+
+def test_opens_and_closes_never_reach_the_service(registry, tricky, data_root, tmp_path):
+    """The kernel opens files and directories of the mount without a message (the holder answers
+    its first OPEN and OPENDIR with ENOSYS): no OPEN, RELEASE, OPENDIR or RELEASEDIR reaches the
+    service, reads and listings still do (with the node's own handle) and give the layer's bytes,
+    a file's pages and a directory's listing outlive its close, a symlink's target is kept, and
+    a listing of the mount root shows the layers mounted and unmounted since the last one."""
+    ref = f"{registry.host}/lazy/tricky:latest"
+    first, second = tricky.layers[:2]
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        (lazy_dir,) = _mount_all(client, data_root, ref, [first])
+        mnt = lazy_dir.parent
+        before = _relayed(client)
+        for _ in range(3):
+            assert (lazy_dir / "etc" / "hostname").read_bytes() == b"tricky\n"
+            assert "passwd" in os.listdir(lazy_dir / "etc")
+            assert os.readlink(lazy_dir / "bin" / "sh") == "busybox"
+        after = _relayed(client)
+        opened = {op: after.get(op, 0) - before.get(op, 0) for op in ("14", "18", "27", "29")}
+        assert opened == {"14": 0, "18": 0, "27": 0, "29": 0}, opened    # OPEN RELEASE OPENDIR RELEASEDIR
+        assert after.get("15", 0) - before.get("15", 0) == 1             # READ: the pages stay
+        assert after.get("5", 0) - before.get("5", 0) == 1               # READLINK: the target stays
+        listed = sum(after.get(op, 0) - before.get(op, 0) for op in ("28", "44"))
+        assert 1 <= listed <= 2                                           # READDIR(PLUS): the listing stays
+        assert os.listdir(mnt) == [lazy_dir.name]
+        zdigest = store_ztoc(data_root, ztoc_for(second, span_size=64 << 10))
+        later = client.mount_layer(ref, second.digest, zdigest)
+        assert sorted(os.listdir(mnt)) == sorted([lazy_dir.name, later.name])
+        assert client.unmount_layer(first.digest, store_ztoc(data_root, ztoc_for(first, span_size=64 << 10)))
+        assert os.listdir(mnt) == [later.name]

@@ -107,6 +107,8 @@ class LayerFS(pyfuse3.Operations):
         self._slots: dict[int, LazyLayer] = {}
         self._by_name: dict[bytes, int] = {}
         self._next_slot = 1
+        # the mount root's mtime: when its layers last changed, so that the kernel drops a
+        # listing of it that it cached (directories are opened without a message to the service)
         self._mounted_at = time.time_ns()
         self.sibling_headers = SiblingHeaders()
 
@@ -123,11 +125,13 @@ class LayerFS(pyfuse3.Operations):
             self._next_slot = max(self._next_slot, slot + 1)
             self._slots[slot] = layer
             self._by_name[layer.name] = slot
+            self._mounted_at = time.time_ns()
 
     def remove_layer(self, digest: str, ztoc_digest: str) -> LazyLayer | None:
         name = view_name(digest, ztoc_digest).encode()
         with self._lock:
             slot = self._by_name.pop(name, None)
+            self._mounted_at = time.time_ns()
             layer = self._slots.pop(slot, None) if slot is not None else None
         if layer is not None:
             self.sibling_headers.forget(layer.ztoc_digest)
@@ -398,8 +402,8 @@ class LayerFS(pyfuse3.Operations):
         Offsets: 1 after ".", 2 after "..", 3 + i after the i-th child."""
         if fh == pyfuse3.ROOT_INODE:
             parent = pyfuse3.ROOT_INODE
-        else:
-            layer, d = self._resolve(fh)
+        else:       # fh is the node ID (opendir's, or the holder's for an open without a message)
+            layer, d = await self._checked_node(fh)
             parent = pyfuse3.ROOT_INODE if d == 0 else self._ino(layer, layer.tree.parent[d])
         for pos, (name, ino) in enumerate(((b".", fh), (b"..", parent))):
             if start_id <= pos and not pyfuse3.readdir_reply(token, name, self._attrs(ino), pos + 1):

@@ -14,9 +14,23 @@ the session over:
   re-sent to the next service process, so a read the dead process had taken is
   answered, not lost.
 
-It answers one kind of request itself: GETXATTR of overlayfs' own xattrs other than
-the opaque marker, which no node of the mount has (overlay_xattr_reply). It sets the
-mount's read-ahead to a whole FUSE request once the kernel has taken the INIT reply.
+It answers requests whose answer does not depend on the service or the node, without the
+round trip through the service:
+
+- GETXATTR of overlayfs' own xattrs other than the opaque marker, which no node of the mount
+  has (overlay_xattr_reply);
+- OPEN and OPENDIR, with ENOSYS, when the kernel's INIT says it takes that as "opens need no
+  message" (zero-message opens, OpenSkipper): from then on it sends no OPEN, OPENDIR, RELEASE or
+  RELEASEDIR at all, keeps the page cache of files across opens and caches directory listings.
+  Opening leaks nothing unchecked: the kernel reaches a node only through a LOOKUP, which the
+  service answers after the node's header check, and the service checks again on every READ
+  and READDIR. Those then carry the file handle 0; the holder puts the node ID in its place,
+  the handle the service's open and opendir would have given.
+
+It adds to the service's INIT reply what libfuse, as pyfuse3 drives it, does not ask for:
+READLINK answers kept in the page cache (FUSE_CACHE_SYMLINKS) and lookups in one directory
+that need not wait for one another (FUSE_PARALLEL_DIROPS); and it sets the mount's read-ahead
+to a whole FUSE request once the kernel has taken the INIT reply.
 
 While no service is attached, it does not read `/dev/fuse`: new requests wait in
 the kernel's queue and their readers see a pause, not an error. A service that
@@ -69,6 +83,12 @@ _OUT_HEADER = struct.Struct("<IiQ")
 _IN_HEADER_SIZE = 40                  # the whole struct fuse_in_header
 _FUSE_FORGET, _FUSE_INIT, _FUSE_INTERRUPT, _FUSE_NOTIFY_REPLY, _FUSE_BATCH_FORGET = 2, 26, 36, 41, 42
 _FUSE_GETXATTR = 22
+_FUSE_OPEN, _FUSE_READ, _FUSE_OPENDIR, _FUSE_READDIR, _FUSE_READDIRPLUS = 14, 15, 27, 28, 44
+# struct fuse_init_in / fuse_init_out after their headers: major, minor, max_readahead, flags
+_INIT_FLAGS = struct.Struct("<IIII")
+_NO_OPEN_SUPPORT, _PARALLEL_DIROPS, _CACHE_SYMLINKS, _NO_OPENDIR_SUPPORT = 1 << 17, 1 << 18, 1 << 23, 1 << 24
+_ADDED_FLAGS = _PARALLEL_DIROPS | _CACHE_SYMLINKS
+_FH = struct.Struct("<Q")             # the file handle that starts struct fuse_read_in (READ, READDIR*)
 _GETXATTR_IN_SIZE = 8                 # struct fuse_getxattr_in: size, padding; the name follows
 _OVERLAY_PREFIX, _OVERLAY_OPAQUE = b"trusted.overlay.", b"trusted.overlay.opaque"
 _NO_REPLY = frozenset({_FUSE_FORGET, _FUSE_INTERRUPT, _FUSE_NOTIFY_REPLY, _FUSE_BATCH_FORGET})
@@ -153,7 +173,7 @@ def mount_fuse(mountpoint: str) -> int:
     return fd
 
 
-def overlay_xattr_reply(message: bytes) -> bytes | None:
+def overlay_xattr_reply(message: bytes | bytearray) -> bytes | None:
     """ENODATA for a GETXATTR of one of overlayfs' own xattrs other than the opaque marker, answered
     here without the round trip through the service; None for any other request.
 
@@ -167,6 +187,57 @@ def overlay_xattr_reply(message: bytes) -> bytes | None:
     if not name.startswith(_OVERLAY_PREFIX) or name == _OVERLAY_OPAQUE:
         return None
     return _OUT_HEADER.pack(_OUT_HEADER.size, -errno.ENODATA, unique)
+
+
+def init_flags(message: bytes | memoryview, header_size: int) -> int:
+    """The flags of an INIT request (header_size 40) or reply (16)."""
+    return _INIT_FLAGS.unpack_from(message, header_size)[3]
+
+
+def init_reply_for_kernel(request: bytes, reply: bytes | memoryview) -> bytes:
+    """The service's INIT reply with what the holder adds if the kernel offers it (libfuse, as
+    pyfuse3 drives it, does not ask): FUSE_CACHE_SYMLINKS (a symlink's target never changes, and
+    overlayfs reads each it walks through) and FUSE_PARALLEL_DIROPS (lookups and listings of one
+    directory need not wait for one another: the service answers requests concurrently and
+    changes nothing)."""
+    out = bytearray(reply)
+    if len(out) >= _OUT_HEADER.size + _INIT_FLAGS.size and not _OUT_HEADER.unpack_from(out)[1]:
+        offered = init_flags(request, _IN_HEADER_SIZE)
+        major, minor, readahead, flags = _INIT_FLAGS.unpack_from(out, _OUT_HEADER.size)
+        _INIT_FLAGS.pack_into(out, _OUT_HEADER.size, major, minor, readahead,
+                              flags | (offered & _ADDED_FLAGS))
+    return bytes(out)
+
+
+class OpenSkipper:
+    """Zero-message opens: ENOSYS to the first OPEN (OPENDIR) tells a kernel that offers
+    FUSE_NO_OPEN_SUPPORT (FUSE_NO_OPENDIR_SUPPORT) in its INIT that files (directories) need no
+    open message; it then sends no OPEN or RELEASE (OPENDIR, RELEASEDIR) again, keeps a file's
+    pages across opens and caches a directory's listing (FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR: its
+    defaults for such opens), and its READ and READDIR carry the file handle 0. The kernel keeps
+    that choice for the connection, so it holds across service restarts."""
+
+    def __init__(self) -> None:
+        self.files = self.dirs = False
+
+    def negotiated(self, init_request: bytes) -> None:
+        offered = init_flags(init_request, _IN_HEADER_SIZE)
+        self.files = bool(offered & _NO_OPEN_SUPPORT)
+        self.dirs = bool(offered & _NO_OPENDIR_SUPPORT)
+
+    def reply(self, opcode: int, unique: int) -> bytes | None:
+        """ENOSYS for an OPEN or OPENDIR the kernel can do without; None otherwise."""
+        if (opcode == _FUSE_OPEN and self.files) or (opcode == _FUSE_OPENDIR and self.dirs):
+            return _OUT_HEADER.pack(_OUT_HEADER.size, -errno.ENOSYS, unique)
+        return None
+
+    @staticmethod
+    def fill_handle(message: bytearray | memoryview, opcode: int, nodeid: int) -> None:
+        """A READ or READDIR of a file opened without a message carries the handle 0: put the node
+        ID there, the handle the service's open and opendir give (fs/layer_fs.py)."""
+        if opcode in (_FUSE_READ, _FUSE_READDIR, _FUSE_READDIRPLUS) and \
+                len(message) >= _IN_HEADER_SIZE + _FH.size and not _FH.unpack_from(message, _IN_HEADER_SIZE)[0]:
+            _FH.pack_into(message, _IN_HEADER_SIZE, nodeid)
 
 
 class Holder:
@@ -186,7 +257,9 @@ class Holder:
         self.outbox: deque[bytes] = deque()        # requests for the service its socket had no room for
         self.swallow: int | None = None            # unique of a replayed INIT: its reply is not the kernel's
         self.relayed = 0                           # replies relayed to the kernel
-        self.answered = 0                          # requests answered here (overlay_xattr_reply)
+        self.answered = 0                          # requests answered here (overlay_xattr_reply, opens)
+        self.opcodes: dict[int, list[int]] = {}    # opcode -> [relayed to the service, answered here]
+        self.opens = OpenSkipper()
         self._in = bytearray(MAX_MESSAGE)
         self._out = bytearray(MAX_MESSAGE)
         self._poll = select.poll()
@@ -217,6 +290,7 @@ class Holder:
                 reply = {"ok": True, "pid": os.getpid(), "rss_bytes": rss_bytes(),
                          "attached": self.service is not None, "service_pid": self.service_pid,
                          "waiting": len(self.pending), "relayed": self.relayed, "answered": self.answered,
+                         "opcodes": {str(k): v for k, v in sorted(self.opcodes.items())},
                          "mountpoint": self.mountpoint}
             elif op == "stop":
                 reply = {"ok": True}
@@ -338,16 +412,23 @@ class Holder:
                 self._running = False
                 return False
             raise
+        _, opcode, unique, nodeid = _IN_HEADER.unpack_from(self._in)
+        reply = overlay_xattr_reply(self._in[:n]) if opcode == _FUSE_GETXATTR else \
+            self.opens.reply(opcode, unique)
+        counts = self.opcodes.get(opcode)
+        if counts is None:
+            counts = self.opcodes[opcode] = [0, 0]
+        if reply is not None:
+            self.answered += 1
+            counts[1] += 1
+            self._to_kernel(reply)
+            return True
+        counts[0] += 1
+        self.opens.fill_handle(self._in, opcode, nodeid)
         message = bytes(memoryview(self._in)[:n])
-        _, opcode, unique, _ = _IN_HEADER.unpack_from(message)
-        if opcode == _FUSE_GETXATTR:
-            reply = overlay_xattr_reply(message)
-            if reply is not None:
-                self.answered += 1
-                self._to_kernel(reply)
-                return True
         if opcode == _FUSE_INIT and self.init_request is None:
             self.init_request = message
+            self.opens.negotiated(message)
         if opcode not in _NO_REPLY:
             self.pending[unique] = message
         self.outbox.append(message)
@@ -369,14 +450,23 @@ class Holder:
         _, _, unique = _OUT_HEADER.unpack_from(view)
         if unique and unique == self.swallow:
             self.swallow = None
-            if self.init_reply is not None and view[8:] != self.init_reply[8:]:
+            if self.init_reply is not None and self.init_request is not None and \
+                    init_reply_for_kernel(self.init_request, view)[8:] != self.init_reply[8:]:
                 log.warning("the new service negotiated other FUSE parameters; the kernel keeps the first")
             return True
         request = self.pending.pop(unique, None) if unique else None
         first_init = request is not None and self.init_reply is None and \
             _IN_HEADER.unpack_from(request)[1] == _FUSE_INIT
         if first_init:
-            self.init_reply = bytes(view)
+            assert request is not None
+            self.init_reply = init_reply_for_kernel(request, view)
+            log.info("FUSE INIT: the kernel offers flags %#x, the service asks %#x, the kernel gets %#x "
+                     "(max_readahead, max_background, congestion_threshold, max_write: %s)",
+                     init_flags(request, _IN_HEADER_SIZE), init_flags(view, _OUT_HEADER.size),
+                     init_flags(self.init_reply, _OUT_HEADER.size),
+                     struct.unpack_from("<I4xHHI", self.init_reply, _OUT_HEADER.size + 8)
+                     if len(self.init_reply) >= _OUT_HEADER.size + 20 else "?")
+            view = memoryview(self.init_reply)
         self.relayed += 1
         self._to_kernel(view)
         if first_init:
