@@ -56,7 +56,9 @@ def test_twenty_lazy_containers_read_everything_right_with_each_span_fetched_onc
         ref = f"{proxy.host}/hardening/twenty:latest"
         try:
             _lz(data_root, config, "pull", "--snapshotter", "soci", ref)
-            assert not proxy.count("GET", base.digest) and not proxy.count("GET", top.digest)
+            # a lazy pull downloads no layer (the mount may fetch a layer's first span: a Range request)
+            assert not [r.path for r in proxy.log if r.range is None and
+                        (base.digest in r.path or top.digest in r.path)]
             cmd = ["run", "--rm", ref, "sha256sum", *sorted(expected)]
             procs = [subprocess.Popen([LAZYOCI, "--root", str(data_root), "--config", str(config), *cmd],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
