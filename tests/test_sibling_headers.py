@@ -26,7 +26,8 @@ SPAN = 64 << 10
 @pytest.fixture(scope="module")
 def two_packages():
     # 2 KiB files of random bytes: a 64 KiB span holds the headers of about 25 of them
-    entries = [Entry(f"{pkg}/m{i:03}.py", data=os.urandom(2 << 10)) for pkg in ("a", "b") for i in range(200)]
+    entries = [e for pkg in ("a", "b") for e in [Entry(f"{pkg}/", kind="dir"), *(
+        Entry(f"{pkg}/m{i:03}.py", data=os.urandom(2 << 10)) for i in range(200))]]
     layer = make_layer(entries, "gzip")
     return layer, Ztoc.parse(ztoc_for(layer, span_size=SPAN))
 
@@ -101,7 +102,7 @@ def test_in_a_scan_a_check_that_fetches_fetches_its_siblings_headers_ahead_once(
     assert lay.look_up("b/m199.py", sh) == 0
     lay.wait_idle()
     before = lay.fetched_spans()
-    assert len(lay.requests) == 2 and before == lay.header_spans("a/m000") | lay.header_spans("b/m199")
+    assert before == lay.behind_spans("a/m000.py") | lay.behind_spans("b/m199.py")
     # the third different span: a scan, so a/'s other headers come ahead of their lookups
     queued = lay.look_up("a/m100.py", sh)
     lay.wait_idle()
@@ -199,3 +200,14 @@ def test_at_mount_the_first_span_comes_ahead_in_a_layer_of_many_entries_only(tmp
     assert fetch_first_headers(data.fetcher) == 0
     data.wait_idle()
     assert not data.requests, "a layer of a few large files is left to its reads"
+
+
+def test_a_directory_whose_check_fetches_has_its_own_entries_fetched_ahead(tmp_path, two_packages):
+    # a directory is looked up to look inside it: its entries' headers come ahead too
+    lay = Layer(tmp_path, *two_packages)
+    sh = SiblingHeaders(scan_misses=1)
+    assert lay.look_up("b", sh) > 0
+    lay.wait_idle()
+    assert lay.header_spans("b/") <= lay.fetched_spans()
+    assert not lay.header_spans("a/m05") & lay.fetched_spans(), "the siblings' contents are not"
+    assert len(lay.fetches()) == len(lay.fetched_spans()), "no span fetched twice"

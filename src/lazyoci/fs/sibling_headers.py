@@ -8,14 +8,15 @@ ends. On the python-ml image (`import torch`) such checks came one after another
 of the start's twelve seconds. The next lookups are mostly of the same directory's other
 entries (the package's modules and subpackages), whose headers lie in spans a tar keeps
 together or at the starts of the subdirectories' runs. So after a check of an entry of
-directory D had to fetch, the spans holding the headers of D's other entries are queued on
-the span manager's read-ahead threads (SpanFetcher.fetch_ahead), nearest the missed span
-first, once per directory and layer. Among large files a header costs a span of file data,
-so spans holding fewer than MIN_HEADERS entries' headers are left to the lookups that need
-them, and one directory brings at most MAX_AHEAD_BYTES. They go after the missed span has
-arrived and been checked, so they never share the link with it, and through the span
-manager, so each is verified and fetched once, and a lookup that needs one still in flight
-waits for it rather than fetching it again.
+directory D had to fetch, the spans holding the headers of D's other entries (and of the
+entry's own, if it is a directory: it is looked up to look inside it) are queued on the span
+manager's read-ahead threads (SpanFetcher.fetch_ahead), nearest the missed span first, once
+per directory and layer. Among large files a header costs a span of file data, so spans
+holding fewer than MIN_HEADERS entries' headers are left to the lookups that need them, and
+one directory brings at most MAX_AHEAD_BYTES. They go after the missed span has arrived and
+been checked, so they never share the link with it, and through the span manager, so each is
+verified and fetched once, and a lookup that needs one still in flight waits for it rather
+than fetching it again.
 
 Only a scan pays for this: on the python3 image's small start (its checks fetch eight spans,
 for one directory of the standard library) it would move 10 MB more to save about 0.4 s
@@ -35,7 +36,7 @@ from typing import Callable
 
 from lazyoci.fs.header_check import LayerVerifier
 from lazyoci.fs.span_fetcher import SpanFetcher
-from lazyoci.fs.tree import LayerTree
+from lazyoci.fs.tree import DIR, LayerTree
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class SiblingHeaders:
         spans were queued (call from a worker thread: it decodes the siblings' entries)."""
         own = tree.entry[n]
         near = tree.index.spans_for(*_header_end(tree, own)).start if own >= 0 else 0
-        d = tree.parent[n] if n > 0 else -1
+        # n's directory, and n itself if it is one: a directory is looked up to look inside it
+        dirs = ([tree.parent[n]] if n > 0 else []) + ([n] if tree.kind[n] == DIR else [])
         now = self._clock()
         with self._lock:
             misses = self._misses
@@ -74,21 +76,25 @@ class SiblingHeaders:
             if len(misses) >= self.scan_misses:
                 for key in [k for k, at in misses.items() if at < now - self.window]:
                     del misses[key]
-            key = (tree.index.digest, d)
-            if d < 0 or len(misses) < self.scan_misses or key in self._done:
+            if len(misses) < self.scan_misses:
                 return 0
-            self._done.add(key)
+            dirs = [d for d in dirs if (tree.index.digest, d) not in self._done]
+            if not dirs:
+                return 0
+            self._done.update((tree.index.digest, d) for d in dirs)
         entries: list[int] = []
-        for _, c in tree.list(d):
-            if len(entries) >= MAX_SIBLINGS:
-                break
-            if c != n and tree.entry[c] >= 0:
-                entries.append(tree.entry[c])
+        for d in dirs:
+            for _, c in tree.list(d):
+                if len(entries) >= MAX_SIBLINGS:
+                    break
+                if c != n and tree.entry[c] >= 0:
+                    entries.append(tree.entry[c])
         spans = verifier.header_spans(entries)
         spans.sort(key=lambda s: (s < near, abs(s - near)))      # onwards first, then back
         queued = fetcher.fetch_ahead(spans, MIN_HEADERS, MAX_AHEAD_BYTES)
         log.debug("layer %s: %d spans of the headers in %s fetched ahead (%d header checks fetched lately)",
-                  fetcher.layer_digest[7:19], queued, tree.name(d).decode(errors="replace") or "/", len(misses))
+                  fetcher.layer_digest[7:19], queued,
+                  ", ".join(tree.name(d).decode(errors="replace") or "/" for d in dirs), len(misses))
         return queued
 
     def forget(self, index_digest: str) -> None:
