@@ -61,34 +61,33 @@ OPCODES = {1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 5: "READLINK", 14: "OPEN", 15
            44: "READDIRPLUS"}
 
 
-def holder_opcodes(root: Path) -> dict[str, list[int]]:
-    """Per opcode name: [requests relayed to the service, answered by the holder] so far (empty
-    from a holder that does not count them)."""
+def holder_status(root: Path) -> dict:
+    """The session holder's status reply (empty if it cannot be had)."""
     import socket
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
             s.settimeout(2)
             s.connect(str(root / "service/holder.sock"))
             s.send(b'{"op": "status"}')
-            status = json.loads(s.recv(65536))
+            return json.loads(s.recv(65536))
     except (OSError, ValueError):
         return {}
-    return {OPCODES.get(int(k), k): v for k, v in status.get("opcodes", {}).items()}
+
+
+def holder_opcodes(root: Path) -> dict[str, list[int]]:
+    """Per opcode name: [requests relayed to the service, answered by the holder] so far (empty
+    from a holder that does not count them)."""
+    return {OPCODES.get(int(k), k): v for k, v in holder_status(root).get("opcodes", {}).items()}
 
 
 def holder_counts(root: Path) -> tuple[int, int] | None:
     """FUSE requests the session holder has answered so far: (all, of which it answered itself
     without the service). None if it does not say."""
-    import socket
+    status = holder_status(root)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
-            s.settimeout(2)
-            s.connect(str(root / "service/holder.sock"))
-            s.send(b'{"op": "status"}')
-            status = json.loads(s.recv(65536))
-            answered = int(status.get("answered", 0))
-            return int(status["relayed"]) + answered, answered
-    except (OSError, ValueError, KeyError):
+        answered = int(status.get("answered", 0))
+        return int(status["relayed"]) + answered, answered
+    except (ValueError, KeyError):
         return None
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -168,7 +167,8 @@ def test_concurrent_pulls_into_one_root(tmp_path, image):
 @pytest.mark.needs_root("the pull unpacks layers owned by root")
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])
 def test_interrupted_pull_leaves_nothing_half_written(tmp_path, registry, how):
-    from helpers.fault_proxy import Fault, FaultProxy
+    from helpers.fault_proxy import FaultProxy
+    from helpers.interrupt import interrupt_pull
     layers = [make_layer([Entry("big", data=os.urandom(1_000_000))])]
     push_image(registry.host, f"cli/interrupt-{how}", layers, image_config(layers), tmp_path)
     root = tmp_path / "root"
@@ -176,18 +176,7 @@ def test_interrupted_pull_leaves_nothing_half_written(tmp_path, registry, how):
         ref = f"{proxy.host}/cli/interrupt-{how}:latest"
         # the layer's temporary file appears once its response starts: its body then takes 5 s,
         # so the signal lands mid-download however slowly this process gets to send it
-        proxy.add(Fault("drip", rate=200_000, match=f"/blobs/{layers[0].digest}", method="GET"))
-        # Ctrl-C's default, as at a terminal: a suite started in the background inherits SIGINT
-        # ignored, and a Python program keeps an ignored SIGINT ignored (as a shell's `&` wants)
-        p = subprocess.Popen([LAZYOCI, "--root", str(root), "pull", ref],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        deadline = time.monotonic() + 20
-        while not (root / "tmp").is_dir() or not list((root / "tmp").iterdir()):
-            assert time.monotonic() < deadline and p.poll() is None, p.communicate()
-            time.sleep(0.02)
-        p.send_signal(signal.SIGINT if how == "sigint" else signal.SIGKILL)
-        out, err = p.communicate(timeout=30)
+        p, out, err = interrupt_pull(root, ref, proxy, layers[0].digest, how)
         blob = root / "blobs/sha256" / layers[0].digest.split(":")[1]
         assert not blob.exists()
         if how == "sigint":

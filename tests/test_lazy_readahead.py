@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import gzip
 import os
-import time
 import threading
 from pathlib import Path
 
 import pytest
 
 from helpers.images import Entry, make_layer
-from helpers.lazy import ztoc_for
+from helpers.lazy import wait_fetches_settle, ztoc_for
 from lazyoci.errors import IntegrityError
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs import span_fetcher
-from lazyoci.fs.span_fetcher import HEADER_READ_AHEAD, SpanFetcher, flush_cache_writes
+from lazyoci.fs.span_fetcher import HEADER_READ_AHEAD, SpanFetcher
 from lazyoci.ztoc import Ztoc
 
 SPAN = 64 << 10
@@ -76,11 +75,7 @@ def _fetcher(tmp_path: Path, layer, ztoc: Ztoc, fetch: Ranges) -> SpanFetcher:
 
 def _wait_idle(fetcher: SpanFetcher, fetch: Ranges) -> None:
     """Until read-ahead requests stop coming and the writer has stored everything."""
-    seen = -1
-    while seen != len(fetch.requests):
-        seen = len(fetch.requests)
-        time.sleep(0.3)
-        flush_cache_writes()
+    wait_fetches_settle(fetch.requests)
 
 
 def test_a_miss_reads_ahead_a_sequential_reader_keeps_going_and_no_span_is_fetched_twice(tmp_path, layer):

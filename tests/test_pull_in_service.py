@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -199,7 +198,8 @@ def test_a_cli_whose_proxy_settings_differ_pulls_itself(tmp_path, registry):
 def test_an_interrupted_pull_in_the_service_leaves_nothing_half_written(tmp_path, registry, how):
     """Ctrl-C in the CLI cancels the service's pull, which rolls back before the CLI exits; a CLI
     killed outright closes its connection, which cancels the pull too."""
-    from helpers.fault_proxy import Fault, FaultProxy
+    from helpers.fault_proxy import FaultProxy
+    from helpers.interrupt import interrupt_pull
     layers = [make_layer([Entry("big", data=os.urandom(1_000_000))])]
     push_image(registry.host, f"svcpull/interrupt-{how}", layers, image_config(layers), tmp_path)
     root = tmp_path / "root"
@@ -208,16 +208,7 @@ def test_an_interrupted_pull_in_the_service_leaves_nothing_half_written(tmp_path
     try:
         with FaultProxy(registry.host) as proxy:
             ref = f"{proxy.host}/svcpull/interrupt-{how}:latest"
-            proxy.add(Fault("drip", rate=200_000, match=f"/blobs/{layers[0].digest}", method="GET"))
-            p = subprocess.Popen([LAZYOCI, "--root", str(root), "pull", ref],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-            deadline = time.monotonic() + 20
-            while not (root / "tmp").is_dir() or not list((root / "tmp").iterdir()):
-                assert time.monotonic() < deadline and p.poll() is None, p.communicate()
-                time.sleep(0.02)
-            p.send_signal(signal.SIGINT if how == "sigint" else signal.SIGKILL)
-            out, err = p.communicate(timeout=30)
+            p, out, err = interrupt_pull(root, ref, proxy, layers[0].digest, how)
             if how == "sigint":
                 assert p.returncode == 130 and err.strip() == "lazyoci: interrupted", err
                 assert list((root / "tmp").iterdir()) == []      # rolled back before the CLI exited
@@ -239,7 +230,8 @@ def test_an_interrupted_pull_in_the_service_leaves_nothing_half_written(tmp_path
 
 def test_stopping_the_service_cancels_its_pull(tmp_path, registry):
     """`service stop` during a pull it runs: the pull rolls back, its CLI says why in one line."""
-    from helpers.fault_proxy import Fault, FaultProxy
+    from helpers.fault_proxy import FaultProxy
+    from helpers.interrupt import start_dripping_pull
     layers = [make_layer([Entry("big", data=os.urandom(1_000_000))])]
     push_image(registry.host, "svcpull/stopped", layers, image_config(layers), tmp_path)
     root = tmp_path / "root"
@@ -247,13 +239,7 @@ def test_stopping_the_service_cancels_its_pull(tmp_path, registry):
     try:
         with FaultProxy(registry.host) as proxy:
             ref = f"{proxy.host}/svcpull/stopped:latest"
-            proxy.add(Fault("drip", rate=200_000, match=f"/blobs/{layers[0].digest}", method="GET"))
-            p = subprocess.Popen([LAZYOCI, "--root", str(root), "pull", ref],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            deadline = time.monotonic() + 20
-            while not (root / "tmp").is_dir() or not list((root / "tmp").iterdir()):
-                assert time.monotonic() < deadline and p.poll() is None, p.communicate()
-                time.sleep(0.02)
+            p = start_dripping_pull(root, ref, proxy, layers[0].digest, ctrl_c=False)
             assert "stopped" in lz(root, "service", "stop").stdout
             out, err = p.communicate(timeout=30)
             assert p.returncode == 1 and len(err.strip().splitlines()) == 1, err

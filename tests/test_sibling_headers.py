@@ -6,17 +6,16 @@ from __future__ import annotations
 import functools
 import gzip
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from helpers.images import Entry, make_layer
-from helpers.lazy import ztoc_for
+from helpers.lazy import wait_fetches_settle, ztoc_for
 from lazyoci.fs.header_check import LayerVerifier
 from lazyoci.fs.sibling_headers import SiblingHeaders, fetch_first_headers
 from lazyoci.fs.span_cache import SpanCache
-from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
+from lazyoci.fs.span_fetcher import SpanFetcher
 from lazyoci.fs.tree import LayerTree
 from lazyoci.ztoc import Ztoc
 
@@ -87,11 +86,7 @@ class Layer:
                 for s in z.spans_for(z.entry(i).offset - 512, z.entry(i).offset)}
 
     def wait_idle(self) -> None:
-        seen = -1
-        while seen != len(self.requests):
-            seen = len(self.requests)
-            time.sleep(0.3)
-        flush_cache_writes()
+        wait_fetches_settle(self.requests)
 
 
 def test_in_a_scan_a_check_that_fetches_fetches_its_siblings_headers_ahead_once(tmp_path, two_packages):

@@ -87,3 +87,15 @@ def overlay(lowers: list[Path], target: Path) -> Iterator[Path]:
         yield target
     finally:
         subprocess.run(["umount", str(target)], check=False)
+
+
+def wait_fetches_settle(requests: list) -> None:
+    """Until a span manager's read-ahead requests (appended to `requests` by its fetch function)
+    stop coming and its cache writer has stored every span fetched."""
+    import time
+    from lazyoci.fs.span_fetcher import flush_cache_writes
+    seen = -1
+    while seen != len(requests):
+        seen = len(requests)
+        time.sleep(0.3)
+        flush_cache_writes()
