@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "images"))
 
+from cli_startup import timed  # noqa: E402
 import localreg  # noqa: E402
 from process_cpu import cpu_seconds  # noqa: E402
 import run_bench  # noqa: E402
@@ -84,13 +85,7 @@ def one_pull(ref: str, index: str | None, src: Path | None, run_dir: Path, log_f
         if profile is not None:
             argv = [sys.executable, "-m", "cProfile", "-o", str(profile), *argv]
         t0 = time.time()
-        start = time.perf_counter()
-        pid = os.posix_spawn(argv[0], argv, env,
-                             file_actions=[(os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0)])
-        _, status, usage = os.wait4(pid, 0)
-        wall = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"pull failed: {' '.join(argv)}")
+        wall, cli_cpu = timed(argv, env)
         cpu_service = cpu_seconds(service) + cpu_seconds(holder) - cpu_service0
         time.sleep(0.1)                     # the proxy's last log line
         # who pulled: a service that runs `lazyoci pull` for the CLI logs "pull of REF ... for pid N"
@@ -99,7 +94,7 @@ def one_pull(ref: str, index: str | None, src: Path | None, run_dir: Path, log_f
             f.seek(seen)
             reqs = [json.loads(line) for line in f if line.strip()]
         reqs = [r for r in reqs if r["start"] >= t0]
-        return {"wall_s": wall, "cli_cpu_s": usage.ru_utime + usage.ru_stime, "service_cpu_s": cpu_service,
+        return {"wall_s": wall, "cli_cpu_s": cli_cpu, "service_cpu_s": cpu_service,
                 "pulled_by": "service" if in_service else "CLI",
                 "requests": len(reqs), "bytes": sum(r["bytes"] for r in reqs), "depth": depth(reqs),
                 "timeline": [(round(r["start"] - t0, 3), round(r["end"] - t0, 3), r["method"],
