@@ -3,6 +3,8 @@ resolved once per pull, and INFO lines that reach the caller's callback and noth
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from helpers.fault_proxy import FaultProxy
@@ -22,14 +24,19 @@ from lazyoci.store.lazy_layer_records import LazyLayerRecords
 pytestmark = pytest.mark.needs_root("FUSE and overlay")
 
 
-def test_a_lazy_pull_asks_the_registry_for_the_tag_once(registry, data_root, tmp_path):
-    """The lazy pull resolves the tag to find the index; the image is then fetched as resolved."""
-    push_tricky_image(registry.host, "seams/once", tmp_path)
-    push_soci_index(registry.host, "seams/once", tmp_path)
+def _indexed_image(registry, data_root, tmp_path, repo: str) -> tuple[str, Path, DataRoot, ImageService, ServiceClient]:
+    """The tricky image pushed to `repo` with a SOCI index; (index digest, config path, data root,
+    image service, service client) of a lazy pull of it."""
+    push_tricky_image(registry.host, repo, tmp_path)
+    index = push_soci_index(registry.host, repo, tmp_path)
     config = write_config(tmp_path / "config.yaml")
     root = DataRoot(data_root)
-    images = ImageService(root)
-    server = ServiceClient(root, config)
+    return index, config, root, ImageService(root), ServiceClient(root, config)
+
+
+def test_a_lazy_pull_asks_the_registry_for_the_tag_once(registry, data_root, tmp_path):
+    """The lazy pull resolves the tag to find the index; the image is then fetched as resolved."""
+    _, config, root, images, server = _indexed_image(registry, data_root, tmp_path, "seams/once")
     try:
         with FaultProxy(registry.host) as proxy:
             snap = SociSnapshotter(root, load_config(config), client=images.client)
@@ -48,12 +55,7 @@ def test_an_index_given_by_digest_is_asked_for_beside_the_tag(registry, data_roo
     from lazyoci.errors import NotFoundError
     from helpers.fault_proxy import Fault
 
-    push_tricky_image(registry.host, "seams/beside", tmp_path)
-    index = push_soci_index(registry.host, "seams/beside", tmp_path)
-    config = write_config(tmp_path / "config.yaml")
-    root = DataRoot(data_root)
-    images = ImageService(root)
-    server = ServiceClient(root, config)
+    index, config, root, images, server = _indexed_image(registry, data_root, tmp_path, "seams/beside")
     try:
         with FaultProxy(registry.host) as proxy:
             proxy.add(Fault("status", status=404, match="/manifests/latest", method="GET"))

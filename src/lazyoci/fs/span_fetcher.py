@@ -238,7 +238,7 @@ class SpanFetcher:
         claimed = self._claim_ahead(want)
         rank = {j: k for k, j in enumerate(claimed)}
         runs = sorted(_runs(claimed, READ_AHEAD_RUN), key=lambda run: min(rank[j] for j in run))
-        return self._submit_read_ahead(claimed, runs)
+        return self._submit_runs(runs)
 
     def _claim_ahead(self, spans: list[int]) -> list[int]:
         """Mark the spans that are neither cached nor on their way as read-ahead; returns them."""
@@ -344,11 +344,16 @@ class SpanFetcher:
                 hi = mid
         return lo
 
-    def _submit_read_ahead(self, spans: list[int], runs: list[list[int]] | None = None) -> int:
-        """Queue claimed read-ahead spans, READ_AHEAD_RUN adjacent ones per request (or the
-        given `runs` of them, in their order); returns how many spans were queued."""
+    def _submit_read_ahead(self, spans: list[int]) -> int:
+        """Queue claimed read-ahead spans, READ_AHEAD_RUN adjacent ones per request; returns how
+        many spans were queued."""
+        return self._submit_runs(_runs(spans, READ_AHEAD_RUN))
+
+    def _submit_runs(self, runs: list[list[int]]) -> int:
+        """Queue runs of claimed read-ahead spans, a request each, in their order; returns how
+        many spans were queued (a full queue drops the rest, unclaimed)."""
         queued = 0
-        for run in _runs(spans, READ_AHEAD_RUN) if runs is None else runs:
+        for run in runs:
             def job(run: list[int] = run) -> None:
                 try:
                     self.ensure(run, background=True)
