@@ -24,7 +24,14 @@ class SpanRanges(Protocol):
     def uend(self) -> int: ...
 
 
-E = TypeVar("E")
+class HasExtent(Protocol):
+    @property
+    def offset(self) -> int: ...      # where the entry's data starts in the stream
+    @property
+    def size(self) -> int: ...
+
+
+E = TypeVar("E", bound=HasExtent)
 S = TypeVar("S", bound=SpanRanges)
 
 
@@ -57,6 +64,10 @@ class ChunkedIndex(Generic[E, S]):
 
     def entry(self, i: int) -> E:
         return self._entries[i]
+
+    def entry_extent(self, i: int) -> tuple[int, int]:
+        e = self._entries[i]
+        return e.offset, e.size
 
     def spans_for(self, start: int, end: int) -> range:
         start, end = max(start, 0), min(end, self.uncompressed_size)

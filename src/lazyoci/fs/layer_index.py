@@ -91,6 +91,10 @@ class LayerIndex(Protocol):
         """Entry i's name as stored: every lookup reads names, so this must be cheap."""
         ...
 
+    def entry_extent(self, i: int) -> tuple[int, int]:
+        """Entry i's (offset, size), as `entry(i)` has them: cheap, for every file of a layer at once."""
+        ...
+
     def tree_entries(self) -> Iterator[tuple[bytes, str, bytes]]:
         """(name, type, link target) of every entry in index order, the target only for
         hardlinks (b"" otherwise): what the directory tree is built from, cheaply."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from operator import itemgetter
@@ -244,6 +245,7 @@ class Ztoc:
         usize = self.uncompressed_size
         limits.MAX_ENTRIES.check(self._count, "the zTOC's entry count")
         self._plans = {}
+        extents = self._extents = array("q")    # offset and size of every entry, for entry_extent
         prev_end, ordered = 0, True
         names: list[bytes] = []    # names and link targets since entry `first`, checked in batches
         first = 0
@@ -260,6 +262,8 @@ class Ztoc:
                 self._check_names(first, i + 1, names)
                 first = i + 1
             data_len = size if typ == b"reg" else 0   # other types carry no data in the tar
+            extents.append(off)
+            extents.append(size)
             if off < BLOCK or size < 0 or off + data_len > usize:
                 raise FormatError(f"zTOC entry {i} (offset {off}, size {size}) lies outside the "
                                   f"{usize}-byte archive")
@@ -361,6 +365,12 @@ class Ztoc:
             plan = plans[t - _I32(buf, t)[0]]
             typ = types[string(t, plan.type_at)]
             yield string(t, plan.name_at), typ, string(t, plan.link_at) if typ == "hardlink" else b""
+
+    def entry_extent(self, i: int) -> tuple[int, int]:
+        """Entry i's data offset and size, as `entry(i)` has them, without decoding the entry."""
+        if not 0 <= i < self._count:
+            raise IndexError(f"zTOC entry {i} out of range (0..{self._count - 1})")
+        return self._extents[2 * i], self._extents[2 * i + 1]
 
     def entry(self, i: int) -> TocEntry:
         if not 0 <= i < self._count:
