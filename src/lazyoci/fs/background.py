@@ -8,6 +8,12 @@ Adjacent missing spans go in one Range request (up to BACKGROUND_RUN of them),
 and the fetcher then rests one interval per span it fetched: the same average
 rate as one span a request, without a round trip per span.
 A failing span is skipped for this round and retried later; errors are logged.
+
+`on_start` runs when the fetcher first takes a layer on: the service starts the layer's
+whole-layer tar check then, reading through `read_as_fetched`, which waits for the spans
+this fetcher brings instead of fetching them itself (the check would otherwise start once
+the last span is in and keep the CPU busy just when containers start from the complete
+layer; it costs a second of CPU for a big layer, the network gives it that time now).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from typing import Callable, Iterable
 
 from lazyoci.errors import LazyociError
@@ -30,9 +37,12 @@ class BackgroundFetcher:
     """A daemon thread that fills the span caches of mounted layers at a bounded rate."""
 
     def __init__(self, layers: Callable[[], Iterable[tuple[SpanFetcher, float]]],
-                 quiet_seconds: float = 30.0, interval_ms: int = 500) -> None:
+                 quiet_seconds: float = 30.0, interval_ms: int = 500,
+                 on_start: Callable[[SpanFetcher], None] | None = None) -> None:
         # `layers` returns (fetcher, mounted_at monotonic time) of the mounted layers
         self._layers = layers
+        self._on_start = on_start
+        self._started: weakref.WeakSet[SpanFetcher] = weakref.WeakSet()     # the fetchers taken on
         self.quiet = quiet_seconds
         self.interval = max(interval_ms, 1) / 1000.0
         self._stop = threading.Event()
@@ -77,6 +87,13 @@ class BackgroundFetcher:
             return False
         fetcher, run = job
         self._last_run = len(run)
+        if self._on_start is not None and fetcher not in self._started:
+            self._started.add(fetcher)
+            try:
+                self._on_start(fetcher)
+            except Exception:
+                log.exception("starting the work that follows the background fetch of %s failed",
+                              fetcher.layer_digest)
         try:
             fetcher.ensure(run, background=True, longest=BACKGROUND_RUN)
         except LazyociError as e:
@@ -101,6 +118,20 @@ class BackgroundFetcher:
         while not self._stop.is_set():
             busy = self.step()
             self._stop.wait(self.interval * self._last_run if busy else max(self.interval, 1.0))
+
+
+def read_as_fetched(fetcher: SpanFetcher, poll_seconds: float = 0.05) -> Callable[[int, int], bytes]:
+    """A reader of the layer's verified tar stream that waits until the spans of a range are in
+    the disk cache (brought by the background fetcher, or by reads), then reads them without
+    counting a read. LazyociError once the layer's cache is closed (the view was unmounted)."""
+    def read(start: int, end: int) -> bytes:
+        spans = fetcher.ztoc.spans_for(start, end)
+        while not all(fetcher.cache.has(i) for i in spans):
+            if fetcher.cache.closed:
+                raise LazyociError(f"layer {fetcher.layer_digest} is no longer served")
+            time.sleep(poll_seconds)
+        return fetcher.read(start, end, background=True)
+    return read
 
 
 def _held(fetcher: SpanFetcher, i: int) -> int:

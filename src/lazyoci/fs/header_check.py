@@ -43,7 +43,7 @@ import threading
 from array import array
 from typing import Callable, NoReturn
 
-from lazyoci.errors import FormatError, IntegrityError
+from lazyoci.errors import FormatError, IntegrityError, LazyociError
 from lazyoci.fs.layer_index import IndexEntry, LayerIndex
 from lazyoci.oci.whiteout import normalise
 from lazyoci.snapshot.inflating_reader import ForwardFile
@@ -123,6 +123,7 @@ class LayerVerifier:
         self.layer = layer
         self.state = bytearray(len(ztoc))
         self.broken: str | None = None        # why the whole-layer check failed
+        self.layer_ok = False                 # the whole-layer check passed (now or in an earlier run)
         self._layer_check_started = False
         self.on_layer_ok: Callable[[], None] | None = None    # runs when the whole-layer check passes
         self._last: tuple[int, IndexEntry] | None = None          # the entry decoded last (checks go in order)
@@ -236,8 +237,10 @@ class LayerVerifier:
             log.error("%s; the entry is not served", msg)
         raise IntegrityError(msg)
 
-    def check_layer_once(self, complete: bool) -> None:
-        """Start the whole-layer check in a thread, once, when every span is cached (`complete`)."""
+    def check_layer_once(self, complete: bool, read: ReadRange | None = None) -> None:
+        """Start the whole-layer check in a thread, once: when every span is cached (`complete`),
+        or, with `read`, at once through that reader (one that waits for spans the background
+        fetcher brings, so that the check is done about when the last span arrives)."""
         if not complete or self._layer_check_started:
             return
         with self._lock:
@@ -247,12 +250,14 @@ class LayerVerifier:
 
         def run() -> None:
             try:
-                self.check_layer()
+                self.check_layer(read)
                 log.info("layer %s: every tar header matches its zTOC", self.layer)
                 if self.on_layer_ok is not None:
                     self.on_layer_ok()
             except IntegrityError:
                 pass                       # logged by _broken
+            except LazyociError as e:      # the reader gave up (the layer went): per-entry checks stay
+                log.info("layer %s: the whole-layer check stopped: %s", self.layer, e)
             except Exception:              # a check that cannot run leaves per-entry checks in place
                 log.exception("layer %s: the whole-layer check failed to run", self.layer)
 
@@ -263,24 +268,29 @@ class LayerVerifier:
         entry is good, nothing is checked again."""
         self._layer_check_started = True
         self.state[:] = bytes([GOOD]) * len(self.state)
+        self.layer_ok = True
 
-    def check_layer(self) -> None:
-        """The whole-layer check (every span cached): the tar is exactly the zTOC's entries, in offset
-        order, then the end-of-archive. A mismatch marks the layer broken (logged) and raises."""
+    def check_layer(self, read: ReadRange | None = None) -> None:
+        """The whole-layer check (every span cached, or `read` waits for them): the tar is exactly
+        the zTOC's entries, in offset order, then the end-of-archive. A mismatch marks the layer
+        broken (logged) and raises."""
         ztoc = self.ztoc
+        read = read or self.read_layer
         try:
             # writers list entries in stream order: try that first, each entry decoded once; the
             # first entry not at the next header's offset sends the check to offset order
-            if not self._check_tiling(range(len(ztoc)), in_order=True):
-                self._check_tiling(sorted(range(len(ztoc)), key=lambda i: ztoc.entry(i).offset), in_order=False)
+            if not self._check_tiling(range(len(ztoc)), read, in_order=True):
+                self._check_tiling(sorted(range(len(ztoc)), key=lambda i: ztoc.entry(i).offset), read,
+                                   in_order=False)
         except FormatError as e:
             self._broken(f"the layer's tar cannot be read: {e}")
+        self.layer_ok = True
 
-    def _check_tiling(self, order: range | list[int], in_order: bool) -> bool:
+    def _check_tiling(self, order: range | list[int], read: ReadRange, in_order: bool) -> bool:
         """Walk the tar's headers beside the entries in `order`; False if `in_order` and an entry is
         not where the next header is (the zTOC may list entries out of stream order)."""
         ztoc = self.ztoc
-        members = iter_headers(_HeaderWindows(self.read_layer, ztoc.uncompressed_size))
+        members = iter_headers(_HeaderWindows(read, ztoc.uncompressed_size))
         for i in order:
             entry = ztoc.entry(i)
             m = next(members, None)

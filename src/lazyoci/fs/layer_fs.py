@@ -144,6 +144,17 @@ class LayerFS(pyfuse3.Operations):
     def has_layer(self, digest: str, ztoc_digest: str) -> bool:
         return view_name(digest, ztoc_digest).encode() in self._by_name
 
+    def layer(self, digest: str, ztoc_digest: str) -> LazyLayer | None:
+        with self._lock:
+            slot = self._by_name.get(view_name(digest, ztoc_digest).encode())
+            return self._slots.get(slot) if slot is not None else None
+
+    def slot_of(self, layer: LazyLayer) -> int | None:
+        """The slot the layer is served in (its node IDs' high bits); None once it is not served."""
+        with self._lock:
+            slot = self._by_name.get(layer.name)
+            return slot if slot is not None and self._slots.get(slot) is layer else None
+
     # -- header checks -------------------------------------------------------------
 
     async def _check(self, layer: LazyLayer, n: int) -> None:

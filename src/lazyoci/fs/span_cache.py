@@ -16,6 +16,11 @@ the cache is root-only, a present span is served without re-hashing.
 
 The size limit (`soci.cache_max_bytes`, 0 = none) is enforced by evicting spans
 of the least recently used layers (then the far end of the current layer).
+
+Another process may read a complete layer's `data` (the FUSE session holder answers READs
+from it: service/holder_reads.py). Whoever lets it sets `changing`: every eviction and purge
+of a layer runs inside `changing(layer directory)`, which takes the layer back from such readers
+first; one that cannot be taken back is left as it is.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ import os
 import shutil
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Callable
 
 from lazyoci import libc
+from lazyoci.errors import LazyociError
 from lazyoci.service.paths import layer_view_name as _key
 
 log = logging.getLogger(__name__)
@@ -88,6 +96,10 @@ class LayerCache:
 
     def mark_headers_checked(self) -> None:
         (self.directory / HEADERS_CHECKED).touch(mode=0o600)
+
+    @property
+    def closed(self) -> bool:
+        return self._data_fd < 0
 
     def has(self, span: int) -> bool:
         return self._present[span] == 1
@@ -174,6 +186,8 @@ class SpanCache:
         self._layers: dict[str, LayerCache] = {}
         self._lock = threading.Lock()
         self._total = 0
+        # the context a layer's bytes change in (see the module docstring)
+        self.changing: Callable[[Path], AbstractContextManager[object]] = lambda directory: nullcontext()
 
     def layer(self, layer_digest: str, ztoc_digest: str, spans: list[tuple[int, int]]) -> LayerCache:
         """The cache of a layer seen through one zTOC (opened once, shared by every mount of that
@@ -210,8 +224,10 @@ class SpanCache:
 
     def purge(self, layer_digest: str, ztoc_digest: str) -> None:
         """Delete a layer's cached bytes from disk."""
-        self.forget(layer_digest, ztoc_digest)
-        shutil.rmtree(self.directory / _key(layer_digest, ztoc_digest), ignore_errors=True)
+        directory = self.directory / _key(layer_digest, ztoc_digest)
+        with self.changing(directory):
+            self.forget(layer_digest, ztoc_digest)
+            shutil.rmtree(directory, ignore_errors=True)
 
     @property
     def total_bytes(self) -> int:
@@ -235,7 +251,12 @@ class SpanCache:
         for cache in victims:
             if excess <= 0:
                 break
-            freed = cache.evict(excess)
+            try:
+                with self.changing(cache.directory):
+                    freed = cache.evict(excess)
+            except LazyociError as e:
+                log.warning("span cache: %s keeps its spans: %s", cache.directory.name, e)
+                continue
             with self._lock:
                 self._total -= freed
             excess -= freed

@@ -140,6 +140,35 @@ def holder_status(paths: HolderPaths) -> dict[str, Any] | None:
         return None
 
 
+def serve_reads(paths: HolderPaths, slot: int, data_fd: int, extents_fd: int) -> None:
+    """Hand the holder the READs of the layer in `slot` (service/holder_reads.py): its span cache
+    data file and its extents. Only the attached service may; ServiceError if refused."""
+    with _connect(paths) as sock:
+        try:
+            socket.send_fds(sock, [json.dumps({"op": "serve", "slot": slot}).encode()], [data_fd, extents_fd])
+        except OSError as e:
+            raise ServiceError(f"cannot hand READs to the FUSE session holder: {e}") from None
+        try:
+            reply = json.loads(sock.recv(65536) or b"{}")
+        except (OSError, ValueError) as e:
+            raise ServiceError(f"the FUSE session holder did not answer 'serve': {e}") from None
+        if not reply.get("ok"):
+            raise ServiceError(f"the FUSE session holder refused 'serve': {reply.get('error', 'no answer')}")
+
+
+def withdraw_reads(paths: HolderPaths, slot: int) -> None:
+    """Take the READs of the layer in `slot` back; once this returns, the holder answers none.
+    A holder that cannot be reached serves nothing (it is gone, and its mount with it)."""
+    if not holder_alive(paths):
+        return
+    try:
+        with _connect(paths) as sock:
+            _ask(sock, "withdraw", slot=slot)
+    except ServiceError:
+        if holder_alive(paths):
+            raise
+
+
 def say_leaving(paths: HolderPaths) -> None:
     """Tell the holder this service detaches on purpose (it is not to be started again)."""
     try:

@@ -31,7 +31,7 @@ from typing import Any
 from lazyoci import libc
 from lazyoci.config import Config
 from lazyoci.errors import FormatError, LazyociError, RegistryError, StoreError
-from lazyoci.fs.background import BackgroundFetcher
+from lazyoci.fs.background import BackgroundFetcher, read_as_fetched
 from lazyoci.fs.header_check import LayerVerifier
 from lazyoci.fs.layer_fs import LayerFS, LazyLayer
 from lazyoci.fs.sibling_headers import fetch_first_headers
@@ -42,6 +42,8 @@ from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
 from lazyoci.service import view_records as views
+from lazyoci.service.holder_link import HolderPaths
+from lazyoci.service.holder_offers import HolderOffers
 from lazyoci.service.paths import layer_view_name
 from lazyoci.service.prefetch import prefetch_files
 from lazyoci.service.view_slots import view_slot
@@ -102,7 +104,7 @@ class LayerStatus:
 class LayerManager:
     """Mounts and unmounts lazy layers in one LayerFS; thread-safe."""
 
-    def __init__(self, root: DataRoot, config: Config, fs: LayerFS) -> None:
+    def __init__(self, root: DataRoot, config: Config, fs: LayerFS, holder: HolderPaths | None = None) -> None:
         from lazyoci.registry import RegistryClient, RegistryOptions
         from lazyoci.registry.options import TransferLimits
 
@@ -117,6 +119,10 @@ class LayerManager:
         if not cache_dir.is_absolute():     # relative to the config file, not to the daemon's cwd (/)
             cache_dir = (config.path.parent if config.path else root.path) / cache_dir
         self.cache = SpanCache(cache_dir, config.soci.cache_max_bytes)
+        # complete, checked views whose READs the FUSE session holder answers (none without a holder)
+        self.holder_offers = HolderOffers(holder, fs.slot_of) if holder is not None else None
+        if self.holder_offers is not None:
+            self.cache.changing = self.holder_offers.changing
         self.client = RegistryClient(RegistryOptions(
             range_limits=TransferLimits(deadline=config.soci.fetch_timeout_seconds or None,
                                         min_bytes_per_second=config.soci.fetch_min_bytes_per_second,
@@ -131,13 +137,25 @@ class LayerManager:
         if config.soci.background_fetch:
             self.background = BackgroundFetcher(self._background_layers,
                                                 config.soci.background_quiet_seconds,
-                                                config.soci.background_interval_ms)
+                                                config.soci.background_interval_ms,
+                                                on_start=self._check_as_fetched)
 
     def _background_layers(self) -> list[tuple[SpanFetcher, float]]:
         with self._lock:
             meta = dict(self._meta)
         return [(l.fetcher, meta[(l.digest, l.ztoc_digest)][1]) for l in self.fs.layers()
                 if (l.digest, l.ztoc_digest) in meta]
+
+    def _check_as_fetched(self, fetcher: SpanFetcher) -> None:
+        """The background fetcher takes the layer on: its whole-layer tar check starts now and
+        follows the spans in, unless the cache's size limit cannot hold the whole layer (then
+        it would never be complete)."""
+        cache = fetcher.cache
+        if self.cache.max_bytes and cache.total_bytes > self.cache.max_bytes:
+            return
+        for layer in self.fs.layers():
+            if layer.fetcher is fetcher:
+                layer.verifier.check_layer_once(True, read=read_as_fetched(fetcher))
 
     def _prefer(self, view: tuple[str, str], refs: list[Reference]) -> list[Reference]:
         """Put `refs` first among the view's references (kept once each); returns the list."""
@@ -220,18 +238,33 @@ class LayerManager:
                                  functools.partial(fetcher.read_cached, header=True), layer_digest,
                                  read_layer=functools.partial(fetcher.read, background=True))
         checked = cache.headers_checked or not getattr(ztoc, "headers_in_stream", True)   # or a TOC vouches for them
+        layer = LazyLayer(layer_digest, tree, fetcher, time.time(), verifier,
+                          self._xattrs_disabled(layer_digest, ztoc_digest))
+        offers = self.holder_offers
         if checked:
             verifier.passed_before()
+            if offers is not None:     # complete now (or once the last span is stored): the holder reads it
+                fetcher.on_stored = lambda: offers.offer(layer)
         else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
-            verifier.on_layer_ok = cache.mark_headers_checked
-            fetcher.on_stored = lambda: verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)
+            def layer_ok() -> None:
+                cache.mark_headers_checked()
+                if offers is not None:
+                    offers.offer(layer)
+            def stored() -> None:
+                complete = cache.cached_bytes >= cache.total_bytes
+                verifier.check_layer_once(complete)
+                if complete and offers is not None:     # a check that passed before the last span
+                    offers.offer(layer)
+            verifier.on_layer_ok = layer_ok
+            fetcher.on_stored = stored
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
             self._labels[view] = fmt.label
         slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
-        self.fs.add_layer(LazyLayer(layer_digest, tree, fetcher, time.time(), verifier,
-                                    self._xattrs_disabled(layer_digest, ztoc_digest)), slot)
+        self.fs.add_layer(layer, slot)
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
+        if offers is not None and checked:
+            offers.offer(layer)
         log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs",
                  layer_digest, fmt.name, len(tree), len(spans),
                  100.0 * cache.cached_bytes / max(cache.total_bytes, 1), time.monotonic() - started)
@@ -277,6 +310,12 @@ class LayerManager:
         layer_digest = str(Digest.parse(layer_digest))
         ztoc_digest = str(Digest.parse(ztoc_digest))
         view = (layer_digest, ztoc_digest)
+        served = self.fs.layer(layer_digest, ztoc_digest)
+        if served is not None and self.holder_offers is not None:
+            try:
+                self.holder_offers.withdraw(served)
+            except LazyociError as e:       # its bytes stay as they are; a later change asks again
+                log.warning("layer %s: the FUSE session holder may still read it: %s", layer_digest, e)
         layer = self.fs.remove_layer(layer_digest, ztoc_digest)
         with self._lock:
             self._meta.pop(view, None)
@@ -365,6 +404,8 @@ class LayerManager:
     def close(self) -> None:
         if self.background is not None:
             self.background.stop()
+        if self.holder_offers is not None:
+            self.holder_offers.close()
         flush_cache_writes()
         self.cache.close()
         try:

@@ -19,6 +19,8 @@ round trip through the service:
 
 - GETXATTR of overlayfs' own xattrs other than the opaque marker, which no node of the mount
   has (overlay_xattr_reply);
+- READ of a file in a layer the service handed over once it was complete in the span cache
+  and checked: read from the cache's data file here (service/holder_reads.py);
 - OPEN and OPENDIR, with ENOSYS, when the kernel's INIT says it takes that as "opens need no
   message" (zero-message opens, OpenSkipper): from then on it sends no OPEN, OPENDIR, RELEASE or
   RELEASEDIR at all, keeps the page cache of files across opens and caches directory listings.
@@ -41,13 +43,16 @@ started in a loop) and `lazyoci service start` is the way. If the holder
 itself dies, the kernel aborts the connection: readers get an error at once
 (ENOTCONN), never a hang.
 
-It imports little (the standard library and `lazyoci.libc`), holds nothing but
-descriptors and the unanswered requests, and asks the kernel never to pick it when
+It imports little (the standard library, `lazyoci.libc` and its table of served layers), holds
+nothing but descriptors, the unanswered requests and the served layers' file extents, and asks the kernel never to pick it when
 memory runs out. Control requests (one JSON packet in, one out) on `<root>/service/holder.sock`:
     {"op": "attach", "relaunch": [argv]} -> {"ok": true, "resumed": bool, ...}; the socket is then
                                             the FUSE channel; argv starts a service after a crash
     {"op": "leaving", "pid": N} -> {"ok": true}; service N is about to detach on purpose
-    {"op": "status"}  -> {"ok": true, "pid", "rss_bytes", "attached", "waiting", "relayed", "service_pid"}
+    {"op": "serve", "slot": S} + descriptors of the layer's cache data file and its extents (SCM_RIGHTS)
+                      -> {"ok": true}; from the attached service only: READs of slot S are answered here
+    {"op": "withdraw", "slot": S} -> {"ok": true, "served": bool}; from then on READs of S go to the service
+    {"op": "status"}  -> {"ok": true, "pid", "rss_bytes", "attached", "waiting", "relayed", "service_pid", ...}
     {"op": "stop"}    -> {"ok": true}; then detaches the mount and exits
 
 Run as `python -m lazyoci.service.session_holder --root R`: it mounts, listens, then
@@ -72,6 +77,7 @@ from collections import deque
 from pathlib import Path
 
 from lazyoci import libc
+from lazyoci.service.holder_reads import ServedReads
 from lazyoci.service.process import daemonize, rss_bytes
 
 log = logging.getLogger("lazyoci.holder")
@@ -260,6 +266,7 @@ class Holder:
         self.answered = 0                          # requests answered here (overlay_xattr_reply, opens)
         self.opcodes: dict[int, list[int]] = {}    # opcode -> [relayed to the service, answered here]
         self.opens = OpenSkipper()
+        self.reads = ServedReads()                 # layers whose READs are answered here
         self._in = bytearray(MAX_MESSAGE)
         self._out = bytearray(MAX_MESSAGE)
         self._poll = select.poll()
@@ -275,12 +282,22 @@ class Holder:
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
         conn.settimeout(_CONTROL_TIMEOUT)
+        fds: list[int] = []
         try:
-            request = json.loads(conn.recv(4096) or b"{}")
+            raw, fds, _, _ = socket.recv_fds(conn, 4096, 2)
+            request = json.loads(raw or b"{}")
             op = request.get("op")
         except (OSError, ValueError, AttributeError):
+            for fd in fds:
+                os.close(fd)
             conn.close()
             return
+        if op == "serve":
+            with conn:
+                self._serve_reads(conn, request, fds)
+            return
+        for fd in fds:
+            os.close(fd)
         if op == "attach":
             argv = request.get("relaunch")
             self._attach(conn, [str(a) for a in argv] if isinstance(argv, list) else [])
@@ -290,11 +307,15 @@ class Holder:
                 reply = {"ok": True, "pid": os.getpid(), "rss_bytes": rss_bytes(),
                          "attached": self.service is not None, "service_pid": self.service_pid,
                          "waiting": len(self.pending), "relayed": self.relayed, "answered": self.answered,
+                         "served_layers": len(self.reads), "reads_answered": self.reads.answered,
+                         "read_bytes_answered": self.reads.bytes,
                          "opcodes": {str(k): v for k, v in sorted(self.opcodes.items())},
                          "mountpoint": self.mountpoint}
             elif op == "stop":
                 reply = {"ok": True}
                 self._running = False
+            elif op == "withdraw":
+                reply = {"ok": True, "served": self.reads.withdraw(int(request.get("slot", 0)))}
             elif op == "leaving":
                 self.leaving_pid = int(request.get("pid", 0))
                 reply = {"ok": True}
@@ -304,6 +325,24 @@ class Holder:
                 conn.send(json.dumps(reply).encode())
             except OSError:
                 pass
+
+    def _serve_reads(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
+        """Take a layer's READs over, if the attached service itself hands them (a service that
+        has gone, or another process, is refused: what it vouches for may be out of date)."""
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
+        slot = request.get("slot")
+        if self.service is None or pid != self.service_pid or len(fds) != 2 or not isinstance(slot, int):
+            for fd in fds:
+                os.close(fd)
+            reply = {"ok": False, "error": "only the attached service hands READs over, with two descriptors"}
+        else:
+            self.reads.serve(slot, fds[0], fds[1])
+            reply = {"ok": True}
+        try:
+            conn.send(json.dumps(reply).encode())
+        except OSError:
+            pass
 
     def _attach(self, conn: socket.socket, relaunch: list[str]) -> None:
         while self.service is not None and self._one_from_service():
@@ -341,6 +380,7 @@ class Holder:
         self._poll.unregister(self.service)
         self.service.close()
         self.service, self.service_pid = None, 0
+        self.reads.clear()            # the next service hands over what it finds complete
         self.outbox.clear()
         self.swallow = None
         self._poll.modify(self.fuse_fd, 0)      # requests now wait in the kernel's queue
@@ -413,6 +453,10 @@ class Holder:
                 return False
             raise
         _, opcode, unique, nodeid = _IN_HEADER.unpack_from(self._in)
+        if opcode == _FUSE_READ and self.reads and self.reads.answer(self.fuse_fd, self._in, nodeid, unique):
+            self.answered += 1
+            self.opcodes.setdefault(opcode, [0, 0])[1] += 1
+            return True
         reply = overlay_xattr_reply(self._in[:n]) if opcode == _FUSE_GETXATTR else \
             self.opens.reply(opcode, unique)
         counts = self.opcodes.get(opcode)
