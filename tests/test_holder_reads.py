@@ -161,3 +161,26 @@ def test_the_whole_layer_check_reads_spans_as_they_arrive(tmp_path):
     cache.close()
     with pytest.raises(LazyociError):
         read(spans[-1][0], spans[-1][1])
+
+
+def test_a_service_that_records_reads_hands_none_to_the_holder(registry, data_root, tmp_path):
+    """`soci optimize`'s service: a complete layer's READs still reach it, so it records them."""
+    from lazyoci.service.paths import ServicePaths
+    from lazyoci.store.layout import DataRoot
+
+    files = _files()
+    layer, ztoc_bytes = _image(registry, tmp_path, "holder/recorded", files)
+    zdigest = store_ztoc(data_root, ztoc_bytes)
+    paths = ServicePaths(DataRoot(data_root))
+    paths.ensure()
+    paths.records_reads.touch()
+    config = write_config(tmp_path / "c.yaml", background=True, quiet=0.2, interval_ms=5)
+    with running_service(data_root, config) as client:
+        d = client.mount_layer(f"{registry.host}/holder/recorded:latest", layer.digest, zdigest)
+        _wait("the layer to be complete", lambda: _percent(client, layer.digest) == 100.0)
+        assert _read_cold(d / "big.bin") == files["big.bin"]
+        assert _status(client)["served_layers"] == 0
+        order = client.request("read_order")["views"][0][2]
+        ztoc = Ztoc.parse(ztoc_bytes)
+        big = next(ztoc.entry(i) for i in range(len(ztoc)) if ztoc.entry(i).name == "big.bin")
+        assert set(ztoc.spans_for(big.offset, big.offset + big.size)) <= set(order)

@@ -130,7 +130,9 @@ class Service:
         self._holder_launch = threading.Thread(target=self._launch_holder, name="holder-launch", daemon=True)
         self._holder_launch.start()
         load_request_code()       # before any thread that imports starts (the holder's imports nothing)
-        self.layers = LayerManager(self.root, self.config, self.fs, self.holder)
+        # a service that records reads (`soci optimize`) hands none to the holder
+        holder = None if self.paths.records_reads.exists() else self.holder
+        self.layers = LayerManager(self.root, self.config, self.fs, holder)
         if containerd:
             self.start_containerd()
         self.layers.remount_known()

@@ -54,6 +54,12 @@ class ServicePaths:
     def mountpoint(self) -> Path:
         return self.dir / "mnt"
 
+    @property
+    def records_reads(self) -> Path:
+        """Present in a data root whose service records every read (`soci optimize`'s): it then
+        hands no layer's READs to the session holder, which would answer them unseen."""
+        return self.dir / "records-reads"
+
     def view_dir(self, layer_digest: str, index_digest: str) -> Path:
         """The FUSE directory of a lazy layer seen through an index (what overlay lowerdirs point at)."""
         return self.mountpoint / layer_view_name(layer_digest, index_digest)

@@ -3,7 +3,8 @@
 The image runs once, lazily, in a data root of its own (under the main root's tmp/): a fresh
 service and FUSE mount, so no span cache and no kernel page cache hides a read from the record.
 The service notes every span reads touch, in the order they first do (file data and the tar
-headers it checks). Those spans become one prefetch artifact per lazy layer, in that order
+headers it checks); it hands no READ to the session holder, even of a layer it finds complete
+(a `soci.cache_dir` shared with the main root). Those spans become one prefetch artifact per lazy layer, in that order
 (soci/prefetch.py), and a new SOCI index, the image's zTOCs plus those artifacts, is pushed
 beside the image. The image itself is not changed (eStargz's optimizer converts the image).
 A v2 index is named by the image's manifest, so a new one would change the image: refused.
@@ -43,11 +44,15 @@ def optimize(main_root: "DataRoot", config: "Config", open_images: Callable[["Da
              ref: str, command: tuple[str, ...] = (), index_digest: str | None = None,
              log: Log = lambda line: None) -> OptimizeResult:
     """Run `ref` (with `command`, or its own) lazily, record its reads, push the optimized index."""
+    from lazyoci.service.paths import ServicePaths
     from lazyoci.store.layout import DataRoot
 
     main_root.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
     private = DataRoot(Path(tempfile.mkdtemp(prefix="optimize-", dir=main_root.tmp))).ensure()
     try:
+        paths = ServicePaths(private)
+        paths.ensure()
+        paths.records_reads.touch(mode=0o600)    # every READ reaches the service, which records it
         images = open_images(private)
         try:
             code, views = _record(private, config, images, ref, command, index_digest, log)
