@@ -240,31 +240,15 @@ class LayerManager:
         checked = cache.headers_checked or not getattr(ztoc, "headers_in_stream", True)   # or a TOC vouches for them
         layer = LazyLayer(layer_digest, tree, fetcher, time.time(), verifier,
                           self._xattrs_disabled(layer_digest, ztoc_digest))
-        offers = self.holder_offers
-        if checked:
-            verifier.passed_before()
-            if offers is not None:     # complete now (or once the last span is stored): the holder reads it
-                fetcher.on_stored = lambda: offers.offer(layer)
-        else:   # the whole layer cached (by reads or the background fetcher): check its tiling once
-            def layer_ok() -> None:
-                cache.mark_headers_checked()
-                if offers is not None:
-                    offers.offer(layer)
-            def stored() -> None:
-                complete = cache.cached_bytes >= cache.total_bytes
-                verifier.check_layer_once(complete)
-                if complete and offers is not None:     # a check that passed before the last span
-                    offers.offer(layer)
-            verifier.on_layer_ok = layer_ok
-            fetcher.on_stored = stored
+        self._watch_completion(layer, checked)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
             self._labels[view] = fmt.label
         slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
         self.fs.add_layer(layer, slot)
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
-        if offers is not None and checked:
-            offers.offer(layer)
+        if self.holder_offers is not None and checked:
+            self.holder_offers.offer(layer)      # complete already: the holder reads it from now on
         log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs",
                  layer_digest, fmt.name, len(tree), len(spans),
                  100.0 * cache.cached_bytes / max(cache.total_bytes, 1), time.monotonic() - started)
@@ -274,6 +258,31 @@ class LayerManager:
         if persist:
             self.lazy_records.record_served_ref(layer_digest, ztoc_digest, str(reference))
             views.record_view(self.db, layer_digest, ztoc_digest, time.time())
+
+    def _watch_completion(self, layer: LazyLayer, checked: bool) -> None:
+        """What happens as the layer's spans come in: once every one is cached, the whole-layer tar
+        check (unless it `checked` already, or a TOC vouches for the headers), then the hand-over
+        of its READs to the session holder (service/holder_offers.py)."""
+        cache, verifier, offers = layer.fetcher.cache, layer.verifier, self.holder_offers
+        if checked:
+            verifier.passed_before()
+            if offers is not None:
+                layer.fetcher.on_stored = lambda: offers.offer(layer)     # offers only a complete one
+            return
+
+        def layer_ok() -> None:
+            cache.mark_headers_checked()
+            if offers is not None:
+                offers.offer(layer)
+
+        def stored() -> None:
+            complete = cache.cached_bytes >= cache.total_bytes
+            verifier.check_layer_once(complete)
+            if complete and offers is not None:     # a check that passed before the last span came
+                offers.offer(layer)
+
+        verifier.on_layer_ok = layer_ok
+        layer.fetcher.on_stored = stored
 
     def _start_prefetch(self, view: tuple[str, str], num_spans: int, fetcher: SpanFetcher) -> bool:
         """Fetch the spans of the view's prefetch artifact (recorded by the pull) now, in the
