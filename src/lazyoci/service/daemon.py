@@ -65,11 +65,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lazyoci.service")
 MAX_REQUEST = 1 << 20
-# How long a thread holds the GIL while another waits for it. A FUSE request is answered on the
-# event loop in tens of microseconds, but behind a worker thread busy in Python (a whole-layer tar
-# check, a tree build, file extents) it waited up to Python's default 5 ms each time; warm `run`
-# right after a background fetch: 2.55-2.80 s instead of 2.91-3.32 s (bench/README.md).
-GIL_SWITCH_SECONDS = 0.0005
 _DRAIN_QUIET_SECONDS = 0.3     # at shutdown: FUSE answered until no fetch was refused for this long
 _DRAIN_MAX_SECONDS = 10.0      # ... but no longer than this (a fetch waiting for headers ends within
                                # one soci.fetch_rate_window_seconds)
@@ -455,7 +450,6 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)  # one line per Range request otherwise
     _tune_malloc()
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     holder = HolderPaths(paths.dir)
     try:
         relaunch = [sys.executable, "-m", "lazyoci.service.daemon", "--root", os.fspath(root.path)]
