@@ -49,9 +49,12 @@ class ServedReads:
 
     def serve(self, slot: int, data_fd: int, extents_fd: int) -> None:
         """Answer READs of the layer in `slot` from `data_fd`; takes both descriptors (the extents
-        one is read and closed here)."""
+        one is read and closed here; both are closed if it cannot be read: OSError)."""
         try:
             raw = _read_all(extents_fd)
+        except OSError:
+            os.close(data_fd)
+            raise
         finally:
             os.close(extents_fd)
         extents = array(EXTENT_TYPECODE)
@@ -84,14 +87,19 @@ class ServedReads:
         start, size = extents[2 * n], extents[2 * n + 1]
         _, offset, want = _READ_IN.unpack_from(message, _IN_HEADER_SIZE)
         count = max(0, min(want, size - offset))
-        data = os.pread(data_fd, count, start + offset) if count else b""
+        try:
+            data = os.pread(data_fd, count, start + offset) if count else b""
+        except OSError:
+            return False                   # the disk failed us: the service answers (and says why)
         if len(data) != count:
-            return False                   # never short: the file is the layer's size; if so, ask the service
+            return False                   # never short (the file is the layer's size); if so, the service answers
         header = _OUT_HEADER.pack(_OUT_HEADER.size + count, 0, unique)
         try:
             os.writev(fuse_fd, [header, data])
         except FileNotFoundError:
             pass                           # the kernel gave the request up (interrupted)
+        except OSError:
+            return False                   # nothing reached the kernel: the service answers instead
         self.answered += 1
         self.bytes += count
         return True

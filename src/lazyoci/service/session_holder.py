@@ -337,8 +337,11 @@ class Holder:
                 os.close(fd)
             reply = {"ok": False, "error": "only the attached service hands READs over, with two descriptors"}
         else:
-            self.reads.serve(slot, fds[0], fds[1])
-            reply = {"ok": True}
+            try:
+                self.reads.serve(slot, fds[0], fds[1])
+                reply = {"ok": True}
+            except OSError as e:
+                reply = {"ok": False, "error": f"cannot read the extents: {e}"}
         try:
             conn.send(json.dumps(reply).encode())
         except OSError:
