@@ -118,7 +118,7 @@ def test_eviction_takes_the_layer_back_first_and_a_restart_hands_it_over_again(r
             assert _read_cold(d1 / name) == data, name
 
 
-def test_only_the_attached_service_hands_reads_over(registry, data_root, tmp_path):
+def test_only_the_attached_service_hands_reads_over_and_bad_requests_are_refused(registry, data_root, tmp_path):
     config = write_config(tmp_path / "c.yaml")
     with running_service(data_root, config) as client:
         r, w = os.pipe()
@@ -131,7 +131,12 @@ def test_only_the_attached_service_hands_reads_over(registry, data_root, tmp_pat
             os.close(r)
             os.close(w)
         assert reply["ok"] is False and "attached service" in reply["error"]
-        assert _status(client)["served_layers"] == 0
+        for bad in ({"op": "withdraw", "slot": "x"}, {"op": "withdraw"}, {"op": "leaving", "pid": [1]}):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.connect(str(HolderPaths(client.paths.dir).socket))
+                s.send(json.dumps(bad).encode())
+                assert json.loads(s.recv(4096))["ok"] is False, bad
+        assert _status(client)["served_layers"] == 0           # and the holder is still there
 
 
 def test_the_whole_layer_check_reads_spans_as_they_arrive(tmp_path):

@@ -44,8 +44,9 @@ itself dies, the kernel aborts the connection: readers get an error at once
 (ENOTCONN), never a hang.
 
 It imports little (the standard library, `lazyoci.libc` and its table of served layers), holds
-nothing but descriptors, the unanswered requests and the served layers' file extents, and asks the kernel never to pick it when
-memory runs out. Control requests (one JSON packet in, one out) on `<root>/service/holder.sock`:
+nothing but descriptors, the unanswered requests and the served layers' file extents, and asks
+the kernel never to pick it when memory runs out. Control requests (one JSON packet in, one out)
+on `<root>/service/holder.sock`:
     {"op": "attach", "relaunch": [argv]} -> {"ok": true, "resumed": bool, ...}; the socket is then
                                             the FUSE channel; argv starts a service after a crash
     {"op": "leaving", "pid": N} -> {"ok": true}; service N is about to detach on purpose
@@ -315,10 +316,14 @@ class Holder:
                 reply = {"ok": True}
                 self._running = False
             elif op == "withdraw":
-                reply = {"ok": True, "served": self.reads.withdraw(int(request.get("slot", 0)))}
+                slot = request.get("slot")
+                reply = {"ok": True, "served": self.reads.withdraw(slot)} if isinstance(slot, int) else \
+                    {"ok": False, "error": "withdraw needs a slot number"}
             elif op == "leaving":
-                self.leaving_pid = int(request.get("pid", 0))
-                reply = {"ok": True}
+                pid = request.get("pid")
+                if isinstance(pid, int):
+                    self.leaving_pid = pid
+                reply = {"ok": True} if isinstance(pid, int) else {"ok": False, "error": "leaving needs a pid"}
             else:
                 reply = {"ok": False, "error": f"unknown request {op!r}"}
             try:
