@@ -50,13 +50,13 @@ from lazyoci.fs.sibling_headers import SiblingHeaders
 from lazyoci.fs.span_fetcher import SpanFetcher
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.whiteout import OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, is_overlay_xattr
+from lazyoci.service.holder_reads import SLOT_SHIFT     # the node ID layout the session holder reads too
 from lazyoci.service.paths import layer_view_name as view_name
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = 24 * 3600.0            # immutable content: cache entries and attributes for long
 MEMO_NODES = 1 << 16             # per layer: nodes whose attributes or file extent are kept decoded
-_SLOT_SHIFT = 32
 _TYPE_BITS = {T.DIR: stat.S_IFDIR, T.REG: stat.S_IFREG, T.SYMLINK: stat.S_IFLNK,
               T.CHAR: stat.S_IFCHR, T.BLOCK: stat.S_IFBLK, T.FIFO: stat.S_IFIFO,
               T.WHITEOUT: stat.S_IFCHR}
@@ -217,7 +217,7 @@ class LayerFS(pyfuse3.Operations):
     # -- inode helpers -----------------------------------------------------------
 
     def _resolve(self, inode: int) -> tuple[LazyLayer, int]:
-        slot, n = inode >> _SLOT_SHIFT, (inode & ((1 << _SLOT_SHIFT) - 1)) - 1
+        slot, n = inode >> SLOT_SHIFT, (inode & ((1 << SLOT_SHIFT) - 1)) - 1
         layer = self._slots.get(slot)
         if layer is None or not 0 <= n < len(layer.tree):
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -293,7 +293,7 @@ class LayerFS(pyfuse3.Operations):
 
     def _ino(self, layer: LazyLayer, n: int) -> int:
         slot = self._by_name.get(layer.name, 0)
-        return (slot << _SLOT_SHIFT) | (n + 1)
+        return (slot << SLOT_SHIFT) | (n + 1)
 
     # -- lookups and attributes ------------------------------------------------------
 
@@ -306,7 +306,7 @@ class LayerFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             layer = self._slots[slot]
             await self._check(layer, 0)
-            a = self._fresh_attrs((slot << _SLOT_SHIFT) | 1)
+            a = self._fresh_attrs((slot << SLOT_SHIFT) | 1)
             a.entry_timeout = 0.0            # unmount_layer must be visible at once
             return a
         layer, d = self._resolve(parent_inode)
@@ -426,7 +426,7 @@ class LayerFS(pyfuse3.Operations):
             for i, (slot, layer) in enumerate(slots):
                 if i < first:
                     continue
-                attrs = self._fresh_attrs((slot << _SLOT_SHIFT) | 1)
+                attrs = self._fresh_attrs((slot << SLOT_SHIFT) | 1)
                 if not self._checked(layer, 0):
                     attrs.entry_timeout = attrs.attr_timeout = 0.0
                 if not pyfuse3.readdir_reply(token, layer.name, attrs, i + 3):

@@ -26,14 +26,16 @@ import os
 import struct
 from array import array
 
-__all__ = ["ServedReads", "EXTENT_TYPECODE"]
+__all__ = ["ServedReads", "EXTENT_TYPECODE", "SLOT_SHIFT"]
 
 EXTENT_TYPECODE = "q"                  # two per node: offset in the tar stream, size (-1: not served)
 _IN_HEADER_SIZE = 40                   # struct fuse_in_header
 _READ_IN = struct.Struct("<QQI")       # struct fuse_read_in: fh, offset, size, ...
 _OUT_HEADER = struct.Struct("<IiQ")    # struct fuse_out_header: len, error, unique
-_SLOT_SHIFT = 32
-_NODE_MASK = (1 << _SLOT_SHIFT) - 1
+# Node IDs of the lazy mount: (slot << SLOT_SHIFT) | (node + 1). fs/layer_fs.py makes them from this
+# constant, so the holder can never read one layout while the service answers another.
+SLOT_SHIFT = 32
+_NODE_MASK = (1 << SLOT_SHIFT) - 1
 
 
 class ServedReads:
@@ -77,7 +79,7 @@ class ServedReads:
     def answer(self, fuse_fd: int, message: bytearray, nodeid: int, unique: int) -> bool:
         """Answer a READ (`message`, its header included) of a served node on `fuse_fd`; False to
         leave it to the service."""
-        served = self._layers.get(nodeid >> _SLOT_SHIFT)
+        served = self._layers.get(nodeid >> SLOT_SHIFT)
         if served is None:
             return False
         data_fd, extents = served
