@@ -4,10 +4,14 @@ A committed snapshot of a lazy layer has no directory of its own: its lower is
 the layer's view through the snapshot's zTOC (label com.amazon.soci.ztoc-digest)
 in the service's FUSE mount (<root>/service/mnt/<layer hex>-<16 hex of the zTOC>),
 mounted on demand (`mounts()` starts the service and asks it to mount the layer
-if it is not there, e.g. after a reboot). Layers without a zTOC fall back to the
-shared unpack path of lazyoci.snapshot.layered (safe unpack, streaming consumer)
-into this snapshotter's own directories, so the two snapshotters never free each
-other's data. Everything else (records, mounts, release) is that shared mechanism.
+if it is not there, e.g. after a reboot). Once the service has every span of a
+layer, it unpacks the layer from its span cache (snapshot/cached_unpack.py: the tar
+must hash to the diff ID the image config gives) and the snapshot gets that
+directory: containers started from then on stack it as overlayfs does, with no
+FUSE request per file. Layers without a zTOC fall back to the shared unpack path
+of lazyoci.snapshot.layered (safe unpack, streaming consumer) into this
+snapshotter's own directories, so the two snapshotters never free each other's
+data. Everything else (records, mounts, release) is that shared mechanism.
 
 Keys: a lazy view is only as true as its zTOC, so a committed snapshot with a lazy
 layer at or below it is keyed by its chain ID plus the zTOCs of those lazy layers
@@ -83,7 +87,7 @@ class SociSnapshotter(LayeredSnapshotter):
     dir_name = "soci"
     table_prefix = "lazy"
     schema_name = "snapshot_soci"
-    extra_snapshot_columns = "lazy_layer TEXT,   -- committed lazy layer: its digest (lower = FUSE dir)"
+    extra_snapshot_columns = "lazy_layer TEXT,   -- committed lazy layer: its digest (lower = FUSE dir until unpacked)"
 
     def __init__(self, root: DataRoot, config: Config, db: Database | None = None, *,
                  server: "LayerServer | None" = None, records: LazyLayerRecords | None = None,
@@ -103,12 +107,15 @@ class SociSnapshotter(LayeredSnapshotter):
 
     # ---- where a lazy layer's lower comes from ---------------------------------
     def _lower(self, row: sqlite3.Row) -> str:
-        if row["lazy_layer"]:
+        """A lazy layer's view in the FUSE mount, until the layer has been unpacked from the span
+        cache (`attach_unpacked`): then its directory, as for any unpacked layer."""
+        if row["lazy_layer"] and row["dir_id"] is None:
             return os.fspath(self.service.view_dir(row["lazy_layer"], _ztoc_of(row)))
         return super()._lower(row)
 
     def _make_available(self, chain: list[sqlite3.Row]) -> None:
-        self._ensure_served([(r["lazy_layer"], _ztoc_of(r)) for r in chain if r["lazy_layer"]])
+        self._ensure_served([(r["lazy_layer"], _ztoc_of(r)) for r in chain
+                             if r["lazy_layer"] and r["dir_id"] is None])
 
     def _ensure_served(self, views: list[tuple[str, str]]) -> None:
         """Mount the (layer, zTOC) views that the service does not show (yet)."""
@@ -141,6 +148,37 @@ class SociSnapshotter(LayeredSnapshotter):
         """What this lazy pull gave the image's layers (layer digest -> zTOC; empty: nothing lazy)."""
         self.records.record_image(image.name or "", image.manifest.digest, ztocs)
 
+    @classmethod
+    def waiting_diff_ids(cls, db: Database, layer_digest: str) -> tuple[set[str], bool]:
+        """The diff IDs that the committed lazy snapshots of the layer without a directory of
+        their own say it has (one, unless an image config lies; empty when none waits), and
+        whether one of the layer's lazy snapshots has an unpacked directory already."""
+        with db.reading() as conn:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                                (f"{cls.table_prefix}_snapshots",)).fetchone():
+                return set(), False      # this snapshotter never ran in the data root
+            rows = conn.execute(f"SELECT labels, dir_id FROM {cls.table_prefix}_snapshots "
+                                "WHERE lazy_layer=?", (layer_digest,)).fetchall()
+        waiting = {d for r in rows if r["dir_id"] is None
+                   and (d := json.loads(r["labels"] or "{}").get(LABEL_DIFF_ID))}
+        return waiting, any(r["dir_id"] is not None for r in rows)
+
+    def attach_unpacked(self, layer_digest: str, diff_id: str) -> int:
+        """Make the unpacked layer `diff_id` the lower of the lazy snapshots of `layer_digest`
+        that say it has that diff ID; returns how many. Mounts made from then on stack the
+        directory; those made before keep the FUSE view, which stays served while a snapshot
+        stands on it. The directory goes with the last snapshot that uses it."""
+        with self.db.transaction() as conn:
+            row = conn.execute(f"SELECT id FROM {self._dirs} WHERE diff_id=?", (diff_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"layer {diff_id} is not unpacked")
+            keys = [r["key"] for r in conn.execute(
+                f"SELECT key, labels FROM {self._snaps} WHERE lazy_layer=? AND dir_id IS NULL",
+                (layer_digest,)).fetchall() if json.loads(r["labels"] or "{}").get(LABEL_DIFF_ID) == diff_id]
+            for key in keys:
+                conn.execute(f"UPDATE {self._snaps} SET dir_id=? WHERE key=?", (row["id"], key))
+        return len(keys)
+
     def is_lazy(self, key: str) -> bool:
         """True if any layer below `key` is served lazily (what `ps` may call "soci")."""
         with self.db.reading() as conn:
@@ -161,7 +199,8 @@ class SociSnapshotter(LayeredSnapshotter):
             if not have:
                 if ztoc is not None:
                     labels = {LABEL_LAYER_DIGEST: desc.digest, LABEL_DIFF_ID: diff_id, LABEL_ZTOC: ztoc}
-                    self._commit_layer(key, parent, None, labels, {"lazy_layer": desc.digest})
+                    unpacked = diff_id if self.unpacked_dir(diff_id) is not None else None   # from the cache
+                    self._commit_layer(key, parent, unpacked, labels, {"lazy_layer": desc.digest})
                 else:
                     if self.unpacked_dir(diff_id) is None and not self.blobs.has(desc.digest):
                         raise StoreError(f"layer {desc.digest} was neither downloaded nor indexed; "
