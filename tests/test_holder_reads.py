@@ -169,7 +169,8 @@ def test_the_whole_layer_check_reads_spans_as_they_arrive(tmp_path):
 
 
 def test_a_service_that_records_reads_hands_none_to_the_holder(registry, data_root, tmp_path):
-    """`soci optimize`'s service: a complete layer's READs still reach it, so it records them."""
+    """`soci optimize`'s service: a complete layer's READs still reach it, so it records them; it
+    does not unpack the layer for containers either."""
     from lazyoci.service.paths import ServicePaths
     from lazyoci.store.layout import DataRoot
 
@@ -185,6 +186,7 @@ def test_a_service_that_records_reads_hands_none_to_the_holder(registry, data_ro
         _wait("the layer to be complete", lambda: _percent(client, layer.digest) == 100.0)
         assert _read_cold(d / "big.bin") == files["big.bin"]
         assert _status(client)["served_layers"] == 0
+        assert client.status()["layers"][0]["unpack"] == ""      # nor is it unpacked for containers
         order = client.request("read_order")["views"][0][2]
         ztoc = Ztoc.parse(ztoc_bytes)
         big = next(ztoc.entry(i) for i in range(len(ztoc)) if ztoc.entry(i).name == "big.bin")

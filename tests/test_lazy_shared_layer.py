@@ -4,13 +4,17 @@ Image A and image B are the same image (one layer blob) in two repositories; A's
 repository carries an index whose zTOC swaps two files' data offsets (built with
 lazyoci's builder, then rewritten with the project's FlatBuffer encoder), B's an honest
 one. Whatever order they run in, and after A is removed, B reads the true bytes and A
-gets EIO on the tampered files: each pull's lazy snapshots lie on its own view.
+gets EIO on the tampered files: each pull's lazy snapshots lie on its own view. Those
+tests keep layers on their views (`unpack_complete_layers: false`); the last shows what
+happens once the service has unpacked the complete layer, checked against its diff ID: every
+image with it, A too, reads the layer's true bytes from then on.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,7 @@ pytestmark = pytest.mark.needs_root("FUSE, overlay and runc")
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 SPAN = 64 << 10
 F1, F2 = b"A" * 5000, b"B" * 5000
+VIEWS_ONLY = "  unpack_complete_layers: false\nsnapshotters:\n  - soci\n"    # no layer leaves its view
 
 
 def _lz(root: Path, config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -122,7 +127,7 @@ def _cleanup(root: Path, config: Path) -> None:
 
 def test_hostile_index_first_then_honest_image_and_after_removal(images_ab, data_root, tmp_path):
     a, b, hostile, honest = images_ab
-    config = write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - soci\n")
+    config = write_config(tmp_path / "config.yaml", extra=VIEWS_ONLY)
     try:
         _assert_eio(data_root, config, a)             # A's own index lies: EIO, never B's bytes
         _assert_true_bytes(data_root, config, b)      # B does not inherit A's lazy snapshot
@@ -143,7 +148,7 @@ def test_hostile_index_first_then_honest_image_and_after_removal(images_ab, data
 
 def test_honest_image_first_then_hostile_index(images_ab, data_root, tmp_path):
     a, b, hostile, honest = images_ab
-    config = write_config(tmp_path / "config.yaml", extra="snapshotters:\n  - soci\n")
+    config = write_config(tmp_path / "config.yaml", extra=VIEWS_ONLY)
     try:
         _assert_true_bytes(data_root, config, b)
         _assert_eio(data_root, config, a)             # A gets its own (hostile) view, not B's
@@ -151,6 +156,29 @@ def test_honest_image_first_then_hostile_index(images_ab, data_root, tmp_path):
         _lz(data_root, config, "rmi", a)
         _assert_true_bytes(data_root, config, b)
         assert _served_ztocs(data_root, config) == {honest}
+    finally:
+        _cleanup(data_root, config)
+
+
+def test_once_the_layer_is_unpacked_every_image_with_it_reads_its_true_bytes(images_ab, data_root, tmp_path):
+    """The honest view completes (background fetch) and the service unpacks the layer, its tar
+    checked against the diff ID: the hostile image, pulled afterwards, stacks that directory and
+    reads the true bytes, never the swapped ones its zTOC describes."""
+    from lazyoci.service.client import ServiceClient
+    from lazyoci.store.layout import DataRoot
+
+    a, b, _hostile, honest = images_ab
+    config = write_config(tmp_path / "config.yaml", background=True, quiet=0.2, interval_ms=5,
+                          extra="snapshotters:\n  - soci\n")
+    try:
+        _assert_true_bytes(data_root, config, b)
+        client = ServiceClient(DataRoot(data_root), config)
+        deadline = time.monotonic() + 60
+        while [l["unpack"] for l in client.status()["layers"] if l["ztoc_digest"] == honest] != ["unpacked"]:
+            assert time.monotonic() < deadline, client.status()["layers"]
+            time.sleep(0.1)
+        _assert_true_bytes(data_root, config, a)
+        _assert_true_bytes(data_root, config, b)
     finally:
         _cleanup(data_root, config)
 

@@ -15,6 +15,7 @@
       background_fetch: true
       background_quiet_seconds: 30
       background_interval_ms: 500
+      unpack_complete_layers: true  # a layer whole in the span cache is unpacked for new containers
     containerd:            # the service's snapshotters for containerd (lazyoci/containerd/settings.py)
       snapshotters: {soci: soci, lazyoci-overlayfs: overlayfs}
 
@@ -67,6 +68,9 @@ class SociConfig:
     background_fetch: bool = True
     background_quiet_seconds: float = 30.0
     background_interval_ms: int = 500
+    # once every span of a layer is cached, unpack it (verified against its diff ID) so that new
+    # containers stack it as overlayfs does, with no FUSE request per file; costs its size on disk
+    unpack_complete_layers: bool = True
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,7 @@ def _parse_soci(doc: dict, path: Path) -> SociConfig:
         "fetch_rate_window_seconds": (int, float),
         "cache_dir": str, "cache_max_bytes": int, "background_fetch": bool,
         "background_quiet_seconds": (int, float), "background_interval_ms": int,
+        "unpack_complete_layers": bool,
     }
     values: dict[str, Any] = {}
     for key, value in doc.items():

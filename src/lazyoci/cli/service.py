@@ -100,11 +100,11 @@ def _status() -> None:
     if not st["layers"]:
         click.echo("no lazy layers mounted")
         return
-    click.echo(f"{'LAYER':<20}{'FORMAT':<13}{'FILES':>9}{'FETCHED':>12}{'TOTAL':>12}{'%':>7}{'NETWORK':>12}{'UNREAD':>12}{'PREFETCH':>11}  REF")
+    click.echo(f"{'LAYER':<20}{'FORMAT':<13}{'FILES':>9}{'FETCHED':>12}{'TOTAL':>12}{'%':>7}{'NETWORK':>12}{'UNREAD':>12}{'PREFETCH':>11}{'UNPACKED':>10}  REF")
     for l in st["layers"]:
         click.echo(f"{l['layer_digest'][:19]:<20}{l.get('format', 'soci'):<13}{l['files']:>9}{_human(l['fetched_bytes']):>12}"
                    f"{_human(l['total_bytes']):>12}{l['percent']:>6.1f}%{_human(l['network_bytes']):>12}"
-                   f"{_human(l['unread_bytes']):>12}{_prefetched(l):>11}  {l['ref']}")
+                   f"{_human(l['unread_bytes']):>12}{_prefetched(l):>11}{l.get('unpack') or '-':>10}  {l['ref']}")
 
 
 def _prefetched(layer: dict) -> str:
@@ -132,4 +132,5 @@ for group in (service_group, vm_group):
     group.command("stop", help="Unmount the lazy layers and stop the service.")(_FORCE(_HAND_OVER(_stop)))
     group.command("restart", help="Restart the service (new config and code) under running containers.")(_restart)
     group.command("status", help="Show the service and its lazy layers (cached/total bytes; NETWORK: compressed "
-                                         "bytes fetched since the service started, UNREAD: those of spans no read used).")(_status)
+                                         "bytes fetched since the service started, UNREAD: those of spans no read used; UNPACKED: whether "
+                                         "a complete layer is unpacked for new containers).")(_status)

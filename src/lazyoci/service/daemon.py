@@ -125,9 +125,11 @@ class Service:
         self._holder_launch = threading.Thread(target=self._launch_holder, name="holder-launch", daemon=True)
         self._holder_launch.start()
         load_request_code()       # before any thread that imports starts (the holder's imports nothing)
-        # a service that records reads (`soci optimize`) hands none to the holder
-        holder = None if self.paths.records_reads.exists() else self.holder
-        self.layers = LayerManager(self.root, self.config, self.fs, holder)
+        # a service that records reads (`soci optimize`) hands none to the holder and unpacks no
+        # layer for containers: either would take reads away from the record
+        records = self.paths.records_reads.exists()
+        self.layers = LayerManager(self.root, self.config, self.fs, None if records else self.holder,
+                                   unpack_complete=self.config.soci.unpack_complete_layers and not records)
         if containerd:
             self.start_containerd()
         self.layers.remount_known()

@@ -42,6 +42,7 @@ from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
 from lazyoci.service import view_records as views
+from lazyoci.service.unpack_queue import UnpackQueue
 from lazyoci.service.holder_link import HolderPaths
 from lazyoci.service.holder_offers import HolderOffers
 from lazyoci.service.paths import layer_view_name
@@ -92,6 +93,7 @@ class LayerStatus:
     first_read_at: float | None   # wall time of its first read (None: not read yet)
     format: str = "soci"      # how the layer is indexed (layer_formats.py's label)
     read_wait_seconds: float = 0.0   # how long reads (file data, tar header checks) waited for the network
+    unpack: str = ""          # unpacked from the span cache for new containers (service/unpack_queue.py)
 
     @property
     def percent(self) -> float:
@@ -104,7 +106,10 @@ class LayerStatus:
 class LayerManager:
     """Mounts and unmounts lazy layers in one LayerFS; thread-safe."""
 
-    def __init__(self, root: DataRoot, config: Config, fs: LayerFS, holder: HolderPaths | None = None) -> None:
+    def __init__(self, root: DataRoot, config: Config, fs: LayerFS, holder: HolderPaths | None = None,
+                 unpack_complete: bool = False) -> None:
+        """`holder`: the session holder to hand complete layers' READs to; `unpack_complete`:
+        unpack complete layers from the span cache for the soci snapshotter's new containers."""
         from lazyoci.registry import RegistryClient, RegistryOptions
         from lazyoci.registry.options import TransferLimits
 
@@ -123,6 +128,8 @@ class LayerManager:
         self.holder_offers = HolderOffers(holder, fs.slot_of) if holder is not None else None
         if self.holder_offers is not None:
             self.cache.changing = self.holder_offers.changing
+        # complete views unpacked for the soci snapshotter's new containers
+        self.unpacks = UnpackQueue(root, config.path, self.db) if unpack_complete else None
         self.client = RegistryClient(RegistryOptions(
             range_limits=TransferLimits(deadline=config.soci.fetch_timeout_seconds or None,
                                         min_bytes_per_second=config.soci.fetch_min_bytes_per_second,
@@ -247,8 +254,8 @@ class LayerManager:
         slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
         self.fs.add_layer(layer, slot)
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
-        if self.holder_offers is not None and checked:
-            self.holder_offers.offer(layer)      # complete already: the holder reads it from now on
+        if checked:
+            self._complete(layer)      # complete already: the holder reads it from now on
         log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs",
                  layer_digest, fmt.name, len(tree), len(spans),
                  100.0 * cache.cached_bytes / max(cache.total_bytes, 1), time.monotonic() - started)
@@ -259,27 +266,34 @@ class LayerManager:
             self.lazy_records.record_served_ref(layer_digest, ztoc_digest, str(reference))
             views.record_view(self.db, layer_digest, ztoc_digest, time.time())
 
+    def _complete(self, layer: LazyLayer) -> None:
+        """The view may be complete (and checked): hand its READs to the session holder
+        (service/holder_offers.py) and unpack it for new containers (service/unpack_queue.py).
+        Both look for themselves whether it is ready."""
+        if self.holder_offers is not None:
+            self.holder_offers.offer(layer)
+        if self.unpacks is not None:
+            self.unpacks.want(layer)
+
     def _watch_completion(self, layer: LazyLayer, checked: bool) -> None:
         """What happens as the layer's spans come in: once every one is cached, the whole-layer tar
-        check (unless it `checked` already, or a TOC vouches for the headers), then the hand-over
-        of its READs to the session holder (service/holder_offers.py)."""
-        cache, verifier, offers = layer.fetcher.cache, layer.verifier, self.holder_offers
+        check (unless it `checked` already, or a TOC vouches for the headers), the hand-over of its
+        READs to the session holder and the unpack for new containers (`_complete`)."""
+        cache, verifier = layer.fetcher.cache, layer.verifier
         if checked:
             verifier.passed_before()
-            if offers is not None:
-                layer.fetcher.on_stored = lambda: offers.offer(layer)     # offers only a complete one
+            layer.fetcher.on_stored = lambda: self._complete(layer)
             return
 
         def layer_ok() -> None:
             cache.mark_headers_checked()
-            if offers is not None:
-                offers.offer(layer)
+            self._complete(layer)
 
         def stored() -> None:
             complete = cache.cached_bytes >= cache.total_bytes
             verifier.check_layer_once(complete)
-            if complete and offers is not None:     # a check that passed before the last span came
-                offers.offer(layer)
+            if complete:     # a check that passed before the last span came; the unpack needs none
+                self._complete(layer)
 
         verifier.on_layer_ok = layer_ok
         layer.fetcher.on_stored = stored
@@ -326,6 +340,8 @@ class LayerManager:
             except LazyociError as e:       # its bytes stay as they are; a later change asks again
                 log.warning("layer %s: the FUSE session holder may still read it: %s", layer_digest, e)
         layer = self.fs.remove_layer(layer_digest, ztoc_digest)
+        if self.unpacks is not None:
+            self.unpacks.forget(layer_digest, ztoc_digest)
         with self._lock:
             self._meta.pop(view, None)
             self._refs.pop(view, None)
@@ -399,7 +415,8 @@ class LayerManager:
                 prefetch_spans=progress.spans if progress else 0, prefetch_done=progress.done if progress else 0,
                 mounted_at=layer.mounted_at, first_read_at=f.first_read_at,
                 format=labels.get((layer.digest, layer.ztoc_digest), "soci"),
-                read_wait_seconds=round(f.stats.read_wait, 3)))
+                read_wait_seconds=round(f.stats.read_wait, 3),
+                unpack=self.unpacks.state(layer.digest, layer.ztoc_digest) if self.unpacks else ""))
         return sorted(out, key=lambda s: s.layer_digest)
 
     def read_order(self) -> list[tuple[str, str, list[int]]]:
@@ -411,6 +428,8 @@ class LayerManager:
             self.background.start()
 
     def close(self) -> None:
+        if self.unpacks is not None:
+            self.unpacks.close()
         if self.background is not None:
             self.background.stop()
         if self.holder_offers is not None:

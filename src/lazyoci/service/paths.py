@@ -57,7 +57,8 @@ class ServicePaths:
     @property
     def records_reads(self) -> Path:
         """Present in a data root whose service records every read (`soci optimize`'s): it then
-        hands no layer's READs to the session holder, which would answer them unseen."""
+        hands no layer's READs to the session holder, which would answer them unseen, and unpacks
+        no layer for containers, which would read it without a FUSE request."""
         return self.dir / "records-reads"
 
     def view_dir(self, layer_digest: str, index_digest: str) -> Path:

@@ -3,8 +3,8 @@
 The image runs once, lazily, in a data root of its own (under the main root's tmp/): a fresh
 service and FUSE mount, so no span cache and no kernel page cache hides a read from the record.
 The service notes every span reads touch, in the order they first do (file data and the tar
-headers it checks); it hands no READ to the session holder, even of a layer it finds complete
-(a `soci.cache_dir` shared with the main root). Those spans become one prefetch artifact per lazy layer, in that order
+headers it checks); it hands no READ to the session holder and unpacks no layer for the
+container, even one it finds complete (a `soci.cache_dir` shared with the main root). Those spans become one prefetch artifact per lazy layer, in that order
 (soci/prefetch.py), and a new SOCI index, the image's zTOCs plus those artifacts, is pushed
 beside the image. The image itself is not changed (eStargz's optimizer converts the image).
 A v2 index is named by the image's manifest, so a new one would change the image: refused.
