@@ -192,8 +192,9 @@ def main() -> None:
                    *(["--soci-index-digest", facts["index"]] if facts.get("index") else []), log_file=log_file)
         if args.nice is not None:
             renice(roots["lazy"], args.nice)
-        bg = rb.wait_background(roots["lazy"], cfgs["lazy"], timeout=3600)
-        rb.log(f"background fetch done {bg:.1f}s after the pull")
+        bg, unpacked = rb.wait_background(roots["lazy"], cfgs["lazy"], timeout=3600)
+        rb.log(f"background fetch done {bg:.1f}s after the pull"
+               + (f", its layers unpacked {unpacked:.1f}s after it" if unpacked is not None else ""))
         for i in range(args.rounds):
             order = ("lazy", "full") if i % 2 == 0 else ("full", "lazy")
             for kind in order:
