@@ -214,6 +214,8 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: 
         shutil.rmtree(run_dir)
     root = run_dir / "root"
     root.mkdir(parents=True)
+    # the run before may have left gigabytes to write back (an unpack, a span cache): not on this clock
+    os.sync()
     cfg = run_dir / "config.yaml"
     cfg.write_text(config_text(mode))
     cli_log = run_dir / "cli.log"
