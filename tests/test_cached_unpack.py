@@ -6,6 +6,7 @@ snapshots."""
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from helpers.lazy import push_soci_index, write_config
 from helpers.tree import diff_trees, walk_tree
 from helpers.tricky_image import push_tricky_image
 from lazyoci.config import load_config
-from lazyoci.errors import IntegrityError
+from lazyoci.errors import IntegrityError, StoreError
 from lazyoci.images.service import ImageService
 from lazyoci.service.client import ServiceClient
 from lazyoci.snapshot.cached_unpack import unpack_cached_layer
@@ -116,6 +117,10 @@ def test_a_cached_tar_that_is_not_the_layer_is_never_kept(registry, data_root, t
 
         right = tmp_path / "right.tar"
         right.write_bytes(raw)
+        free = os.statvfs(snap.dir).f_bavail * os.statvfs(snap.dir).f_frsize
+        with pytest.raises(StoreError, match="not unpacked"):      # it would take the last of the disk
+            unpack_cached_layer(snap, layer.digest, right, len(raw), min_free=free)
+        assert snap.unpacked_dir(layer.diff_id) is None and not any((snap.dir / "tmp").iterdir())
         assert unpack_cached_layer(snap, layer.digest, right, len(raw)) == layer.diff_id
         assert unpack_cached_layer(snap, layer.digest, right, len(raw)) is None    # no snapshot waits now
         lowers = _lowers(snap, top)

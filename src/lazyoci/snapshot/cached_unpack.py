@@ -8,7 +8,8 @@ uncompressed tar, so it unpacks as a downloaded layer does, through the same saf
 What proves the result is the diff ID, not the zTOC: the tar must hash to the diff ID that
 the image config (verified through the manifest) gives the layer, or nothing is kept. A
 zTOC's checkpoints decide what the compressed spans inflate to, so span digests alone would
-not do. A cache file changed under the unpack (an eviction) fails the same way.
+not do. A cache file changed under the unpack (an eviction) fails the same way. The unpack
+only saves time, so it never takes the last of the disk (`default_min_free`).
 
 The cache holds the tar up to its end-of-archive blocks (the zTOC's archive size); what a
 writer put after them (Python's and GNU tar's padding to a 10 KiB record) is part of the
@@ -30,12 +31,12 @@ import sys
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from lazyoci.errors import IntegrityError, LazyociError
+from lazyoci.errors import IntegrityError, LazyociError, StoreError
 from lazyoci.oci.mediatypes import OCI_LAYER_TAR
 from lazyoci.snapshot.soci import SociSnapshotter
 from lazyoci.snapshot.unpack import apply_layer_stream, remove_tree
 
-__all__ = ["MAX_PADDING", "unpack_cached_layer", "main"]
+__all__ = ["MAX_PADDING", "default_min_free", "unpack_cached_layer", "main"]
 
 MAX_PADDING = 1 << 20       # zero bytes after the end-of-archive blocks the diff ID may include
 _BLOCK = 512
@@ -68,12 +69,21 @@ def _padded_digest(sha: "hashlib._Hash", wanted: set[str]) -> str:
     return "sha256:" + sha.hexdigest()
 
 
-def unpack_cached_layer(snapshotter: SociSnapshotter, layer_digest: str, data: Path, size: int) -> str | None:
+def default_min_free(path: Path) -> int:
+    """The free space an unpack must leave on the filesystem of `path`: 5% of it, at least 1 GiB.
+    The unpack only saves time; the span cache, containers and pulls need the room more."""
+    st = os.statvfs(path)
+    return max(1 << 30, st.f_blocks * st.f_frsize // 20)
+
+
+def unpack_cached_layer(snapshotter: SociSnapshotter, layer_digest: str, data: Path, size: int,
+                        min_free: int | None = None) -> str | None:
     """Unpack the uncompressed tar in the first `size` bytes of `data` and give it to the lazy
     snapshots of `layer_digest` that wait for it; returns its diff ID (None: no snapshot waits).
 
     Raises IntegrityError when the tar does not hash to a diff ID a waiting snapshot expects
-    (nothing is kept), FormatError / UnsafeLayerError for a tar the unpacker refuses."""
+    (nothing is kept), FormatError / UnsafeLayerError for a tar the unpacker refuses, StoreError
+    when the unpack would leave less than `min_free` bytes free (default: `default_min_free`)."""
     wanted, _ = SociSnapshotter.waiting_diff_ids(snapshotter.db, layer_digest)
     if not wanted:
         return None
@@ -81,6 +91,11 @@ def unpack_cached_layer(snapshotter: SociSnapshotter, layer_digest: str, data: P
         if snapshotter.unpacked_dir(diff_id) is not None:     # unpacked before (another image, a pull)
             snapshotter.attach_unpacked(layer_digest, diff_id)
             return diff_id
+    st = os.statvfs(snapshotter.dir)
+    free, keep = st.f_bavail * st.f_frsize, default_min_free(snapshotter.dir) if min_free is None else min_free
+    if free - size < keep:
+        raise StoreError(f"layer {layer_digest}: not unpacked: its {size} bytes would leave "
+                         f"{max(free - size, 0)} bytes free in {snapshotter.dir}, under {keep}")
     staging = snapshotter.new_staging_dir()
     try:
         with open(data, "rb") as f:
