@@ -42,11 +42,11 @@ from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
 from lazyoci.service import view_records as views
-from lazyoci.service.unpack_queue import UnpackQueue
 from lazyoci.service.holder_link import HolderPaths
 from lazyoci.service.holder_offers import HolderOffers
 from lazyoci.service.paths import layer_view_name
 from lazyoci.service.prefetch import prefetch_files
+from lazyoci.service.unpack_queue import UnpackQueue
 from lazyoci.service.view_slots import view_slot
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
@@ -255,7 +255,7 @@ class LayerManager:
         self.fs.add_layer(layer, slot)
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         if checked:
-            self._complete(layer)      # complete already: the holder reads it from now on
+            self._complete(layer)      # if complete already: the holder reads it and it is unpacked now
         log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs",
                  layer_digest, fmt.name, len(tree), len(spans),
                  100.0 * cache.cached_bytes / max(cache.total_bytes, 1), time.monotonic() - started)

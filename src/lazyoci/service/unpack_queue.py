@@ -60,7 +60,7 @@ class UnpackQueue:
         self._lock = threading.Lock()
         self._state: dict[View, str] = {}
         self._parked: dict[View, LazyLayer] = {}
-        self._queue: queue.Queue[tuple[View, LazyLayer] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[View, LazyLayer] | tuple[()] | None] = queue.Queue()
         self._child: subprocess.Popen[bytes] | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="unpack-queue", daemon=True)
@@ -93,11 +93,18 @@ class UnpackQueue:
             try:
                 item = self._queue.get(timeout=RECHECK_SECONDS)
             except queue.Empty:
-                self._recheck_parked()
-                continue
+                item = None if self._closed else ()
             if item is None:
                 return
-            self._unpack(*item)
+            try:
+                if item:
+                    self._unpack(*item)
+                else:
+                    self._recheck_parked()
+            except Exception:         # the database, a process: the next view is still unpacked
+                log.exception("unpacking layers from the span cache")
+                if item:
+                    self._set(item[0], FAILED)
 
     def _recheck_parked(self) -> None:
         with self._lock:
