@@ -43,18 +43,15 @@ _BLOCK = 512
 
 
 class _Prefix:
-    """The first `size` bytes of a file as a stream (the unpacker reads until it is told EOF),
-    hashed as they are read."""
+    """The first `size` bytes of a file as a stream (the unpacker reads until it is told EOF)."""
 
     def __init__(self, f: BinaryIO, size: int) -> None:
         self._f, self._left = f, size
-        self.sha = hashlib.sha256()
 
     def read(self, n: int = -1) -> bytes:
         n = self._left if n < 0 else min(n, self._left)
         data = self._f.read(n)
         self._left -= len(data)
-        self.sha.update(data)
         return data
 
 
@@ -99,9 +96,8 @@ def unpack_cached_layer(snapshotter: SociSnapshotter, layer_digest: str, data: P
     staging = snapshotter.new_staging_dir()
     try:
         with open(data, "rb") as f:
-            prefix = _Prefix(f, size)
-            got = apply_layer_stream(cast(BinaryIO, prefix), OCI_LAYER_TAR, staging / "fs")
-        diff_id = _padded_digest(prefix.sha, wanted)
+            got = apply_layer_stream(cast(BinaryIO, _Prefix(f, size)), OCI_LAYER_TAR, staging / "fs")
+        diff_id = _padded_digest(got.sha, wanted) if got.sha is not None else got.diff_id
         if got.size != size or diff_id not in wanted:
             raise IntegrityError(f"layer {layer_digest}: its cached tar ({got.size} of {size} bytes) "
                                  f"hashes to {diff_id}, with or without zero padding; the image "

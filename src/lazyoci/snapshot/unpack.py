@@ -23,9 +23,9 @@ import os
 import shutil
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from lazyoci.errors import FormatError, UnsafeLayerError
 from lazyoci.oci.compression import decode_errors, open_decompressed
@@ -33,6 +33,9 @@ from lazyoci.oci.mediatypes import layer_compression
 from lazyoci.oci.whiteout import OPAQUE_XATTR, is_opaque_marker, is_overlay_xattr, whiteout_target
 from lazyoci.snapshot.inflating_reader import ChunkReader, ForwardFile, PrefetchReader
 from lazyoci.tar.headers import TarHeader, iter_headers
+
+if TYPE_CHECKING:
+    import hashlib
 
 _CHUNK = 1 << 20     # read/write granularity; also the zero-run (hole) unit
 _MAX_ID = (1 << 32) - 2     # uid_t is 32 bits and (uid_t)-1 means "unchanged" to chown
@@ -43,6 +46,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 class UnpackedLayer:
     diff_id: str        # sha256 of the uncompressed tar
     size: int           # bytes of the uncompressed tar (SIZE in `images`)
+    # the sha256 state after the last byte, for a caller that knows what the stream left out
+    # (snapshot/cached_unpack.py: the zero padding after a cached tar's end blocks)
+    sha: "hashlib._Hash | None" = field(default=None, compare=False, repr=False)
 
 
 def _split(name: str, what: str) -> list[str]:
@@ -358,7 +364,7 @@ def apply_layer_stream(source: Iterable[bytes] | BinaryIO | bytes, media_type: s
     finally:
         applier.close()
         hashing.close()
-    return UnpackedLayer("sha256:" + hashing.sha.hexdigest(), hashing.size)
+    return UnpackedLayer("sha256:" + hashing.sha.hexdigest(), hashing.size, hashing.sha.copy())
 
 
 def _is_decode_error(e: BaseException) -> bool:
