@@ -8,7 +8,8 @@ snapshots of the layer expect and gives them the directory; the service only say
 
 A view that no snapshot waits for yet (mounted during a pull that has not committed its
 snapshots, or by a direct mount) is parked and looked at again every `RECHECK_SECONDS`;
-one whose snapshots have their directory already (a restarted service) is unpacked.
+one whose snapshots have their directory already (a restarted service finds it so) is
+reported unpacked at once.
 Each view's state is in `service status` (`unpack`): queued, unpacking, unpacked, parked,
 failed. A failure is logged and not retried by this service run: the view serves as before.
 """
