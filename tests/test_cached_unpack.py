@@ -17,7 +17,7 @@ from helpers.lazy import push_soci_index, write_config
 from helpers.tree import diff_trees, walk_tree
 from helpers.tricky_image import push_tricky_image
 from lazyoci.config import load_config
-from lazyoci.errors import IntegrityError, StoreError
+from lazyoci.errors import IntegrityError, LazyociError, StoreError
 from lazyoci.images.service import ImageService
 from lazyoci.service.client import ServiceClient
 from lazyoci.snapshot.cached_unpack import unpack_cached_layer
@@ -112,6 +112,11 @@ def test_a_cached_tar_that_is_not_the_layer_is_never_kept(registry, data_root, t
             unpack_cached_layer(snap, layer.digest, wrong, len(bad))
         assert snap.unpacked_dir(layer.diff_id) is None
         assert not any((snap.dir / "tmp").iterdir())          # its staging directory is gone
+        short = tmp_path / "short.tar"                        # a cache file that ends early
+        short.write_bytes(raw[:len(raw) // 2])
+        with pytest.raises(LazyociError):
+            unpack_cached_layer(snap, layer.digest, short, len(raw))
+        assert snap.unpacked_dir(layer.diff_id) is None and not any((snap.dir / "tmp").iterdir())
         mnt = str(client.paths.mountpoint)
         assert all(l.startswith(mnt) for l in _lowers(snap, top))
 

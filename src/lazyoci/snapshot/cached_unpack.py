@@ -25,34 +25,32 @@ the service's threads keep the interpreter.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO
 
 from lazyoci.errors import IntegrityError, LazyociError, StoreError
 from lazyoci.oci.mediatypes import OCI_LAYER_TAR
 from lazyoci.snapshot.soci import SociSnapshotter
 from lazyoci.snapshot.unpack import apply_layer_stream, remove_tree
 
+if TYPE_CHECKING:
+    import hashlib
+
 __all__ = ["MAX_PADDING", "default_min_free", "unpack_cached_layer", "main"]
 
 MAX_PADDING = 1 << 20       # zero bytes after the end-of-archive blocks the diff ID may include
 _BLOCK = 512
+_CHUNK = 1 << 20            # how much of the cache file is read at a time
 
 
-class _Prefix:
-    """The first `size` bytes of a file as a stream (the unpacker reads until it is told EOF)."""
-
-    def __init__(self, f: BinaryIO, size: int) -> None:
-        self._f, self._left = f, size
-
-    def read(self, n: int = -1) -> bytes:
-        n = self._left if n < 0 else min(n, self._left)
-        data = self._f.read(n)
-        self._left -= len(data)
-        return data
+def _chunks(f: BinaryIO, size: int) -> Iterator[bytes]:
+    """The first `size` bytes of a file (the unpacker reads until the chunks end)."""
+    while size > 0 and (data := f.read(min(_CHUNK, size))):
+        size -= len(data)
+        yield data
 
 
 def _padded_digest(sha: "hashlib._Hash", wanted: set[str]) -> str:
@@ -96,8 +94,8 @@ def unpack_cached_layer(snapshotter: SociSnapshotter, layer_digest: str, data: P
     staging = snapshotter.new_staging_dir()
     try:
         with open(data, "rb") as f:
-            got = apply_layer_stream(cast(BinaryIO, _Prefix(f, size)), OCI_LAYER_TAR, staging / "fs")
-        diff_id = _padded_digest(got.sha, wanted) if got.sha is not None else got.diff_id
+            got = apply_layer_stream(_chunks(f, size), OCI_LAYER_TAR, staging / "fs")
+        diff_id = _padded_digest(got.sha, wanted)
         if got.size != size or diff_id not in wanted:
             raise IntegrityError(f"layer {layer_digest}: its cached tar ({got.size} of {size} bytes) "
                                  f"hashes to {diff_id}, with or without zero padding; the image "

@@ -48,7 +48,7 @@ class UnpackedLayer:
     size: int           # bytes of the uncompressed tar (SIZE in `images`)
     # the sha256 state after the last byte, for a caller that knows what the stream left out
     # (snapshot/cached_unpack.py: the zero padding after a cached tar's end blocks)
-    sha: "hashlib._Hash | None" = field(default=None, compare=False, repr=False)
+    sha: "hashlib._Hash" = field(compare=False, repr=False)
 
 
 def _split(name: str, what: str) -> list[str]:
