@@ -94,15 +94,17 @@ class Proxy:
 
 
 def start_proxy(upstream: str, rate_mbs: float, latency_ms: float, workdir: Path,
-                max_seconds: float = 6 * 3600, request_log: Path | None = None) -> Proxy:
-    """bench/throttle_proxy.py in front of `upstream` (`request_log`: one JSON line per request)."""
+                max_seconds: float = 6 * 3600, request_log: Path | None = None, nagle: bool = False) -> Proxy:
+    """bench/throttle_proxy.py in front of `upstream` (`request_log`: one JSON line per request;
+    `nagle`: its sockets without TCP_NODELAY, as it was before)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / f"proxy-{os.getpid()}-{time.monotonic_ns()}.port"
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "throttle_proxy.py"), "--upstream", upstream,
          "--rate-mbs", str(rate_mbs), "--latency-ms", str(latency_ms),
          "--port-file", str(port_file), "--max-seconds", str(max_seconds),
-         *(["--request-log", str(request_log)] if request_log else [])],
+         *(["--request-log", str(request_log)] if request_log else []),
+         *(["--nagle"] if nagle else [])],
         stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while not port_file.exists():
