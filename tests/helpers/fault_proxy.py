@@ -203,6 +203,7 @@ class _QuietServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     owner: FaultProxy
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True    # TCP_NODELAY, as Go's net/http: no delayed-ACK wait per request
 
     def log_message(self, format: str, *args: object) -> None:   # keep test output clean
         pass

@@ -142,6 +142,7 @@ class TokenServer:
 class _TokenHandler(BaseHTTPRequestHandler):
     server_owner: TokenServer
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True    # TCP_NODELAY, as Go's net/http: no delayed-ACK wait per request
 
     def log_message(self, format: str, *args: object) -> None:
         pass
