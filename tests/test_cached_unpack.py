@@ -1,7 +1,7 @@
 """Complete lazy layers unpacked from the span cache, through the real service, registry and
 kernel: new snapshots stack the unpacked directories, which hold what umoci unpacks; a cached
-tar that does not hash to the image's diff ID is never kept; the directories go with the
-snapshots."""
+tar that does not hash to the image's diff ID is never kept; the files are on disk before a
+snapshot points at them; the directories go with the snapshots."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from lazyoci.config import load_config
 from lazyoci.errors import IntegrityError, LazyociError, StoreError
 from lazyoci.images.service import ImageService
 from lazyoci.service.client import ServiceClient
+from lazyoci.libc import syncfs as real_syncfs
+from lazyoci.snapshot import cached_unpack
 from lazyoci.snapshot.cached_unpack import unpack_cached_layer
 from lazyoci.snapshot.soci import SociSnapshotter
 from lazyoci.store.layout import DataRoot
@@ -95,7 +97,7 @@ def test_complete_layers_are_unpacked_and_new_snapshots_stack_them(registry, dat
         client.stop()
 
 
-def test_a_cached_tar_that_is_not_the_layer_is_never_kept(registry, data_root, tmp_path):
+def test_a_cached_tar_that_is_not_the_layer_is_never_kept(registry, data_root, tmp_path, monkeypatch):
     config = write_config(tmp_path / "c.yaml")       # no background fetch: nothing completes by itself
     tricky, images, snap, image = _pull(registry, tmp_path, data_root, "unpack/wrong", config)
     client = ServiceClient(DataRoot(data_root), config)
@@ -126,7 +128,25 @@ def test_a_cached_tar_that_is_not_the_layer_is_never_kept(registry, data_root, t
         with pytest.raises(StoreError, match="not unpacked"):      # it would take the last of the disk
             unpack_cached_layer(snap, layer.digest, right, len(raw), min_free=free)
         assert snap.unpacked_dir(layer.diff_id) is None and not any((snap.dir / "tmp").iterdir())
+
+        # the files reach the disk before anything points at them; a flush that fails keeps nothing
+        def failing_flush(path: str) -> None:
+            raise OSError(5, "Input/output error", path)
+
+        monkeypatch.setattr(cached_unpack.libc, "syncfs", failing_flush)
+        with pytest.raises(OSError):
+            unpack_cached_layer(snap, layer.digest, right, len(raw))
+        assert snap.unpacked_dir(layer.diff_id) is None and not any((snap.dir / "tmp").iterdir())
+        flushed: list[tuple[list[str], Path | None]] = []
+
+        def flush(path: str) -> None:
+            flushed.append((sorted(p.name for p in (Path(path) / "fs").iterdir()), snap.unpacked_dir(layer.diff_id)))
+            real_syncfs(path)
+
+        monkeypatch.setattr(cached_unpack.libc, "syncfs", flush)
         assert unpack_cached_layer(snap, layer.digest, right, len(raw)) == layer.diff_id
+        assert len(flushed) == 1 and flushed[0][0] and flushed[0][1] is None, flushed
+        assert sorted(p.name for p in snap.unpacked_dir(layer.diff_id).iterdir()) == flushed[0][0]
         assert unpack_cached_layer(snap, layer.digest, right, len(raw)) is None    # no snapshot waits now
         lowers = _lowers(snap, top)
         assert lowers[-1] == str(snap.unpacked_dir(layer.diff_id))     # the bottom layer, unpacked

@@ -1,8 +1,9 @@
 """The C library through ctypes, loaded once for every module that needs a call Python lacks.
 
-mount(2) and umount2(2) for snapshots, fallocate(2) for the span cache's holes,
-malloc_trim(3) and mallopt(3) for the service's memory. Each wrapper raises
-OSError with the call's errno, so callers handle failures as they do for `os`.
+mount(2) and umount2(2) for snapshots, fallocate(2) for the span cache's holes, syncfs(2)
+for layers unpacked in the background, malloc_trim(3) and mallopt(3) for the service's
+memory. Each wrapper raises OSError with the call's errno, so callers handle failures as
+they do for `os`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def umount2(target: str, flags: int) -> None:
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with a mode (os.posix_fallocate has none); OSError on failure."""
     _check(_libc().fallocate(fd, mode, offset, length), f"fd {fd}")
+
+
+def syncfs(path: str) -> None:
+    """syncfs(2) of the filesystem holding `path` (os.sync flushes every filesystem); OSError on failure."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _check(_libc().syncfs(fd), path)
+    finally:
+        os.close(fd)
 
 
 def malloc_trim() -> None:
