@@ -20,8 +20,7 @@ blocks; a layer with anything else after its end fails the check and is not unpa
 The layer's files are flushed to disk (syncfs) before any snapshot points at them, as the span
 cache syncs a span before marking it present: after a crash, a snapshot never stacks a
 directory of files the disk never got (zero-length or zero-filled, with the right names).
-Nobody waits for this unpack, so the flush costs no start its time; it also keeps the
-writeback of a gigabyte of fresh files off the first containers that use them.
+Nobody waits for this unpack, so the flush costs no start its time.
 
 The service runs this in a child process at the lowest CPU priority (`python -m
 lazyoci.snapshot.cached_unpack`), so that a workload reading other layers keeps the CPU and
