@@ -40,17 +40,18 @@ def with_config(tmp_path: Path, text: str | bytes) -> subprocess.CompletedProces
 def test_every_documented_key_is_accepted(tmp_path):
     """The README's and the module's example configs load, so the checks below reject only what is wrong."""
     config = tmp_path / "config.yaml"
-    config.write_text("snapshotters:\n  - soci\nruntime: runc\ninsecure_registries: []\n"
+    config.write_text("snapshotters:\n  - soci\nruntime: runc\ninsecure_registries: []\nunpack_sync_fs: true\n"
                       "registry_mirrors:\n  docker.io: [\"http://127.0.0.1:5001\"]\n"
                       "soci:\n  cache_dir: /var/lib/lazyoci/soci/cache\n  cache_max_bytes: 0\n"
                       "  background_fetch: true\n  background_quiet_seconds: 30\n"
                       "  background_interval_ms: 500\n")
     cfg = load_config(config)
     assert cfg.snapshotters == ("soci",) and cfg.registry_mirrors == {"docker.io": ("http://127.0.0.1:5001",)}
+    assert cfg.unpack_sync_fs is True
     assert cfg.soci.background_quiet_seconds == 30 and cfg.soci.cache_dir == Path("/var/lib/lazyoci/soci/cache")
     empty = tmp_path / "empty.yaml"
     empty.write_text("soci:\nregistry_mirrors:\n")        # keys without values mean the defaults
-    assert load_config(empty).soci == SociConfig()
+    assert load_config(empty).soci == SociConfig() and load_config(empty).unpack_sync_fs is False
 
 
 def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
@@ -100,6 +101,7 @@ def test_unknown_keys_are_errors_naming_the_key_and_the_file(tmp_path, text, lin
     ("snapshotters: soci\n", 1, "snapshotters must be a list"),
     ("insecure_registries: myreg:5000\n", 1, "insecure_registries must be a list"),
     ("runtime: [runc]\n", 1, "unknown runtime"),
+    ("unpack_sync_fs: \"yes\"\n", 1, "unpack_sync_fs must be true or false"),
     ("soci: on\n", 1, "soci must be a mapping"),
     ("soci:\n  background_fetch: \"no\"\n", 2, "soci.background_fetch has the wrong type"),
     ("soci:\n  background_quiet_seconds: true\n", 2, "soci.background_quiet_seconds has the wrong type"),

@@ -141,6 +141,54 @@ def test_wrong_diff_id_in_config_is_an_integrity_error(registry, tmp_path, no_mo
     assert list(snap.walk()) == []
 
 
+def test_with_unpack_sync_fs_layers_reach_the_disk_before_their_snapshots(registry, tmp_path, no_mounts_left,
+                                                                        monkeypatch):
+    """`unpack_sync_fs: true`: every layer a pull unpacks is flushed (syncfs) while it is still a
+    staging directory, and an active snapshot committed as a layer while it is still active;
+    without the setting nothing is flushed."""
+    from lazyoci.snapshot import layered
+
+    base = make_layer([Entry("bin", "dir"), Entry("bin/base", data=b"base" * 1000)])
+    top = make_layer([Entry("top", data=b"top")], "zstd")
+    push_image(registry.host, "snap/sync", [base, top], image_config([base, top], cmd=["/x"]), tmp_path)
+    ref = f"{registry.host}/snap/sync:latest"
+    flushed: list[tuple[Path, list[str], str | None]] = []
+    real = layered.libc.syncfs
+
+    def flush(path: str) -> None:
+        where = Path(path)
+        tree = where / "fs" if (where / "fs").is_dir() else where
+        active = snap.stat("work").kind if any(s.key == "work" for s in snap.walk()) else None
+        flushed.append((where.parent, sorted(os.listdir(tree)), active))
+        real(path)
+
+    monkeypatch.setattr(layered.libc, "syncfs", flush)
+    for sync_fs, root in ((False, DataRoot(no_mounts_left)), (True, DataRoot(tmp_path / "synced"))):
+        images = ImageService(root)
+        snap = get_snapshotter("overlayfs", root, Config(unpack_sync_fs=sync_fs))
+        try:
+            image = images.pull(ref, layer_consumer=snap.layer_consumer)
+            top_key = snap.unpack_image(images, image)
+            assert top_key is not None
+            if not sync_fs:
+                assert flushed == []              # off by default, as in containerd
+                continue
+            assert sorted(flushed) == [(snap.dir / "tmp", ["bin"], None), (snap.dir / "tmp", ["top"], None)]
+            flushed.clear()
+            target = tmp_path / "m"
+            target.mkdir()
+            mount_all(snap.prepare("work", top_key), target)
+            try:
+                (target / "hello").write_text("world")
+            finally:
+                unmount(target)
+            snap.commit("layer", "work")
+            assert [(names, active) for _, names, active in flushed] == [(["hello"], KIND_ACTIVE)]
+            snap.remove("layer")
+        finally:
+            images.close()
+
+
 def test_commit_an_active_snapshot_as_a_layer(tmp_path, no_mounts_left):
     root = DataRoot(no_mounts_left)
     snap = OverlaySnapshotter(root)

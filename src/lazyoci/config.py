@@ -4,6 +4,7 @@
       - soci
     runtime: runc          # or crun
     insecure_registries: [myreg.local:5000]
+    unpack_sync_fs: false  # flush each unpacked layer to disk before its snapshot is committed
     registry_mirrors:      # containerd hosts.toml ideas: mirrors tried in order, then upstream
       docker.io: ["http://127.0.0.1:5001"]
     soci:
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
 
 SNAPSHOTTERS = ("overlayfs", "soci", "stargz")   # stargz: nerdctl's name; the layers' own indexes only
 RUNTIMES = ("runc", "crun")
-TOP_LEVEL_KEYS = ("snapshotters", "runtime", "insecure_registries", "registry_mirrors", "soci", "containerd")
+TOP_LEVEL_KEYS = ("snapshotters", "runtime", "insecure_registries", "unpack_sync_fs", "registry_mirrors", "soci",
+                  "containerd")
 PULL_POLICIES = ("missing", "always", "never")   # `run --pull`
 
 
@@ -80,6 +82,10 @@ class Config:
     runtime: str = "runc"
     insecure_registries: tuple[str, ...] = ()
     registry_mirrors: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # syncfs after each layer a pull unpacks, before its snapshot is committed: a power loss then
+    # never leaves a committed layer of empty files (containerd's image_pull_with_sync_fs, also
+    # off by default: it costs the pull the disk's write time)
+    unpack_sync_fs: bool = False
     soci: SociConfig = SociConfig()
     containerd: ContainerdConfig = ContainerdConfig()     # what the service offers containerd
 
@@ -182,6 +188,9 @@ def load_config(path: Path | None = None) -> Config:
     insecure = _default_if_unset(doc, "insecure_registries", [])
     if not isinstance(insecure, list) or not all(isinstance(x, str) for x in insecure):
         raise ConfigError(f"{where('insecure_registries')}: insecure_registries must be a list of hosts")
+    sync_fs = _default_if_unset(doc, "unpack_sync_fs", False)
+    if not isinstance(sync_fs, bool):
+        raise ConfigError(f"{where('unpack_sync_fs')}: unpack_sync_fs must be true or false")
     mirrors_doc = _default_if_unset(doc, "registry_mirrors", {})
     if not isinstance(mirrors_doc, dict):
         raise ConfigError(f"{where('registry_mirrors')}: registry_mirrors must map a registry to a list of URLs")
@@ -202,6 +211,7 @@ def load_config(path: Path | None = None) -> Config:
         runtime=runtime,
         insecure_registries=tuple(insecure),
         registry_mirrors=mirrors,
+        unpack_sync_fs=sync_fs,
         soci=soci,
         containerd=containerd,
     )

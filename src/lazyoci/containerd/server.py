@@ -68,7 +68,7 @@ class SnapshotterServer:
         for name, kind in self.config.containerd.snapshotters.items():
             if kind not in made:
                 made[kind] = (ContainerdSoci(self.root, self.config, self.layers, db) if kind == "soci"
-                              else ContainerdOverlay(self.root, db))
+                              else ContainerdOverlay(self.root, db, sync_fs=self.config.unpack_sync_fs))
             backends[name] = SnapshotBackend(made[kind], remote)
         soci = made.get("soci")
         self._soci = soci if isinstance(soci, ContainerdSoci) else None

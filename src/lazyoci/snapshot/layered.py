@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lazyoci import libc
 from lazyoci.errors import IntegrityError, StoreError
 from lazyoci.oci.manifest import Descriptor, chain_ids
 from lazyoci.snapshot.base import (KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, LABEL_DIFF_ID,
@@ -93,8 +94,12 @@ class LayeredSnapshotter:
     extra_snapshot_columns: str = ""   # DDL of columns a subclass adds to <p>_snapshots
     extra_ddl: str = ""                # DDL of tables a subclass adds
 
-    def __init__(self, root: DataRoot, db: Database | None = None, blobs: BlobStore | None = None) -> None:
+    def __init__(self, root: DataRoot, db: Database | None = None, blobs: BlobStore | None = None,
+                 sync_fs: bool = False) -> None:
+        """`sync_fs`: flush each unpacked layer to disk before it is published (the config's
+        `unpack_sync_fs`)."""
         self.root = root
+        self.sync_fs = sync_fs
         self.dir = root.snapshots / self.dir_name
         self.db = db or Database(root.db_path)
         self.blobs = blobs or BlobStore(root)     # where the layers of images are read from
@@ -204,7 +209,13 @@ class LayeredSnapshotter:
         return [Mount("overlay", "overlay", (f"lowerdir={':'.join(lowers)}",))]
 
     def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> None:
-        """Turn an active snapshot into the committed snapshot `name` (its upper dir becomes the layer)."""
+        """Turn an active snapshot into the committed snapshot `name` (its upper dir becomes the layer;
+        with `sync_fs`, flushed to disk first)."""
+        if self.sync_fs:
+            with self.db.reading() as conn:
+                dir_id = self._row(conn, key)["dir_id"]
+            if dir_id is not None:
+                libc.syncfs(str(self._fs(dir_id)))
         with self.db.transaction() as conn:
             row = self._row(conn, key)
             if row["kind"] != KIND_ACTIVE:
@@ -260,8 +271,12 @@ class LayeredSnapshotter:
         return staging
 
     def adopt_layer(self, staging: Path, diff_id: str, layer_digest: str | None = None) -> None:
-        """Publish an unpacked layer under its diff ID; if another unpack won the race, drop ours."""
+        """Publish an unpacked layer under its diff ID; if another unpack won the race, drop ours.
+        With `sync_fs`, its files reach the disk first: the database, which syncs, then never
+        names a directory whose files a power loss emptied."""
         try:
+            if self.sync_fs:
+                libc.syncfs(str(staging))
             with self.db.transaction() as conn:
                 if layer_digest:
                     conn.execute(f"INSERT OR REPLACE INTO {self._digests} VALUES (?, ?)", (layer_digest, diff_id))

@@ -28,7 +28,7 @@ def get_snapshotter(name: str, root: DataRoot, config: Config,
     if name == "overlayfs":
         from lazyoci.snapshot.overlay import OverlaySnapshotter
 
-        return OverlaySnapshotter(root)
+        return OverlaySnapshotter(root, sync_fs=config.unpack_sync_fs)
     if name == "soci":
         try:
             from lazyoci.snapshot.soci import SociSnapshotter

@@ -102,7 +102,7 @@ class SociSnapshotter(LayeredSnapshotter):
             server = ServiceClient(root, config.path)
         self.service: LayerServer = server
         self.client = client
-        super().__init__(root, db, blobs)
+        super().__init__(root, db, blobs, sync_fs=config.unpack_sync_fs)
         self.records = records or LazyLayerRecords(self.db)
 
     # ---- where a lazy layer's lower comes from ---------------------------------
