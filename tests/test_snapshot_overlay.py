@@ -15,7 +15,7 @@ from helpers.tricky_image import push_tricky_image
 from lazyoci.config import Config
 from lazyoci.errors import IntegrityError, StoreError
 from lazyoci.images.service import ImageService
-from lazyoci.snapshot.base import KIND_ACTIVE, KIND_COMMITTED
+from lazyoci.snapshot.base import KIND_ACTIVE, KIND_COMMITTED, Snapshotter
 from lazyoci.snapshot.mount_syscall import is_mountpoint, mount_all, unmount
 from lazyoci.snapshot.overlay import OverlaySnapshotter
 from lazyoci.snapshot.snapshotters import get_snapshotter
@@ -45,6 +45,18 @@ def no_mounts_left(data_root):
     for m in reversed(left):
         unmount(Path(m))
     assert not left, f"mounts left behind: {left}"
+
+
+def _write_hello(snap: Snapshotter, key: str, parent: str | None, target: Path) -> Path:
+    """Prepare the active snapshot `key` on `parent`, write /hello in it through its mount; returns
+    the (unmounted) mount point."""
+    target.mkdir()
+    mount_all(snap.prepare(key, parent), target)
+    try:
+        (target / "hello").write_text("world")
+    finally:
+        unmount(target)
+    return target
 
 
 def test_image_mount_of_the_tricky_image_equals_umoci_unpack(registry, tmp_path, no_mounts_left):
@@ -175,13 +187,7 @@ def test_with_unpack_sync_fs_layers_reach_the_disk_before_their_snapshots(regist
                 continue
             assert sorted(flushed) == [(snap.dir / "tmp", ["bin"], None), (snap.dir / "tmp", ["top"], None)]
             flushed.clear()
-            target = tmp_path / "m"
-            target.mkdir()
-            mount_all(snap.prepare("work", top_key), target)
-            try:
-                (target / "hello").write_text("world")
-            finally:
-                unmount(target)
+            _write_hello(snap, "work", top_key, tmp_path / "m")
             snap.commit("layer", "work")
             assert [(names, active) for _, names, active in flushed] == [(["hello"], KIND_ACTIVE)]
             snap.remove("layer")
@@ -192,13 +198,7 @@ def test_with_unpack_sync_fs_layers_reach_the_disk_before_their_snapshots(regist
 def test_commit_an_active_snapshot_as_a_layer(tmp_path, no_mounts_left):
     root = DataRoot(no_mounts_left)
     snap = OverlaySnapshotter(root)
-    target = tmp_path / "m"
-    target.mkdir()
-    mount_all(snap.prepare("work", None), target)
-    try:
-        (target / "hello").write_text("world")
-    finally:
-        unmount(target)
+    target = _write_hello(snap, "work", None, tmp_path / "m")
     assert snap.stat("work").kind == KIND_ACTIVE
     snap.commit("layer1", "work")
     assert snap.stat("layer1").kind == KIND_COMMITTED
