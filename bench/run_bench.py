@@ -52,6 +52,7 @@ MODE_LABEL = {"overlayfs": "overlayfs (full pull)",
               "zstd-chunked": "zstd:chunked lazy (--snapshotter soci, no SOCI index)"}
 SNAPSHOTTER = {"overlayfs": "overlayfs", "overlayfs-sync": "overlayfs", "estargz": "stargz"}   # others: soci
 WORK = HERE / "work"
+FRESH_FS_BYTES = 16 << 30       # --fresh-fs: each run's filesystem (sparse: only what the run writes)
 RESULTS = HERE / "results"      # --out changes it
 
 
@@ -210,13 +211,50 @@ def cli_startup_s(root: Path, cfg: Path) -> float:
     return time.monotonic() - t0
 
 
+def mount_fresh_filesystem(run_dir: Path) -> tuple[Path, str]:
+    """A new ext4 filesystem (a sparse image on a loop device) mounted at `run_dir`; returns the
+    image. ext4 skips inodes deleted in the last minutes when it allocates new ones, and each run
+    deletes tens of thousands: on the shared data disk, a full pull (which creates every file of
+    the image) slows down after the first run of a session, and lazy runs, which create few
+    files, much less (bench/README.md). Returns the image and its loop device."""
+    image = run_dir.with_name(run_dir.name + ".ext4")
+    image.unlink(missing_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(FRESH_FS_BYTES)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
+                   check=True, capture_output=True)
+    run_dir.mkdir(parents=True)
+    # direct I/O: the loop device writes to the disk, not into the page cache a second time, so a
+    # flush (syncfs) in the run reaches the disk as it would on a disk of its own
+    device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["mount", device, str(run_dir)], check=True, capture_output=True)
+    except subprocess.CalledProcessError:
+        subprocess.run(["losetup", "--detach", device], check=False)
+        raise
+    return image, device
+
+
+def unmount_fresh_filesystem(run_dir: Path, fresh: tuple[Path, str]) -> None:
+    """Unmount the run's filesystem, detach its loop device and delete its image."""
+    image, device = fresh
+    if subprocess.run(["umount", str(run_dir)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(run_dir)], check=False)
+    subprocess.run(["losetup", "--detach", device], check=False)
+    image.unlink(missing_ok=True)
+    run_dir.rmdir()
+
+
 def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: dict | None = None,
-            service_log: Path | None = None) -> dict:
+            service_log: Path | None = None, fresh_fs: bool = False) -> dict:
     """One measured pull + run on a fresh data root; always cleans up. The estargz and
     zstd-chunked modes run the image's converted copy (`layer_formats.repo_of`). With
-    `service_log`, the service runs at DEBUG (one line per Range request) and its log is kept there."""
+    `service_log`, the service runs at DEBUG (one line per Range request) and its log is kept there.
+    With `fresh_fs`, the run's directory is a new filesystem of its own (`mount_fresh_filesystem`)."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
+    fresh = mount_fresh_filesystem(run_dir) if fresh_fs else None
     root = run_dir / "root"
     root.mkdir(parents=True)
     # the run before may have left gigabytes to write back (an unpack, a span cache): not on this clock
@@ -299,7 +337,10 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: 
             subprocess.run(["umount", "-l", m], check=False)
         if left:
             result["leftover_mounts"] = left
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if fresh is not None:
+            unmount_fresh_filesystem(run_dir, fresh)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
 
@@ -530,6 +571,9 @@ def main() -> None:
     ap.add_argument("--span-size", type=int, default=None, help="span size of the SOCI indexes (default 4 MiB)")
     ap.add_argument("--service-logs", type=Path, default=None,
                     help="run the service at DEBUG and keep its log of every lazy run in this directory")
+    ap.add_argument("--fresh-fs", action="store_true",
+                    help="each run on a new ext4 filesystem of its own (a loop device), so that no run "
+                         "pays for the inodes the runs before it deleted")
     ap.add_argument("--nagle-proxy", action="store_true",
                     help="the throttling proxy without TCP_NODELAY, as before 2026-12-02 (about 40 ms more "
                          "per request on a kept-alive connection): to compare with figures measured then")
@@ -578,7 +622,8 @@ def main() -> None:
                         try:
                             slog = args.service_logs and \
                                 args.service_logs.resolve() / f"{name}-{profile}-{mode}-{i + 1}.log"
-                            rec.update(one_run(ref, mode, proxy, WORK / "run", facts[name], slog or None))
+                            rec.update(one_run(ref, mode, proxy, WORK / "run", facts[name], slog or None,
+                                               fresh_fs=args.fresh_fs))
                             log(f"{name} {profile} {mode} #{i + 1}: pull {rec['pull_s']:.2f}s, "
                                 f"ready {rec['ready_s']:.2f}s, {rec['bytes'] / 1e6:.1f} MB in "
                                 f"{rec['requests']} requests, reads waited {rec.get('read_wait_s')} s, "
