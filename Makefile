@@ -66,7 +66,7 @@ demo: deps
 bench: deps
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m compileall -q src
-	$(PY) bench/run_bench.py
+	$(PY) bench/run_bench.py --fresh-fs
 
 clean:
 	rm -rf $(VENV) .stamp-apt build src/*.egg-info
