@@ -20,8 +20,7 @@ from lazyoci.config import load_config
 from lazyoci.errors import IntegrityError, LazyociError, StoreError
 from lazyoci.images.service import ImageService
 from lazyoci.service.client import ServiceClient
-from lazyoci.libc import syncfs as real_syncfs
-from lazyoci.snapshot import cached_unpack
+from lazyoci import libc
 from lazyoci.snapshot.cached_unpack import unpack_cached_layer
 from lazyoci.snapshot.soci import SociSnapshotter
 from lazyoci.store.layout import DataRoot
@@ -130,10 +129,12 @@ def test_a_cached_tar_that_is_not_the_layer_is_never_kept(registry, data_root, t
         assert snap.unpacked_dir(layer.diff_id) is None and not any((snap.dir / "tmp").iterdir())
 
         # the files reach the disk before anything points at them; a flush that fails keeps nothing
+        real_syncfs = libc.syncfs
+
         def failing_flush(path: str) -> None:
             raise OSError(5, "Input/output error", path)
 
-        monkeypatch.setattr(cached_unpack.libc, "syncfs", failing_flush)
+        monkeypatch.setattr(libc, "syncfs", failing_flush)
         with pytest.raises(OSError):
             unpack_cached_layer(snap, layer.digest, right, len(raw))
         assert snap.unpacked_dir(layer.diff_id) is None and not any((snap.dir / "tmp").iterdir())
@@ -143,7 +144,7 @@ def test_a_cached_tar_that_is_not_the_layer_is_never_kept(registry, data_root, t
             flushed.append((sorted(p.name for p in (Path(path) / "fs").iterdir()), snap.unpacked_dir(layer.diff_id)))
             real_syncfs(path)
 
-        monkeypatch.setattr(cached_unpack.libc, "syncfs", flush)
+        monkeypatch.setattr(libc, "syncfs", flush)
         assert unpack_cached_layer(snap, layer.digest, right, len(raw)) == layer.diff_id
         assert len(flushed) == 1 and flushed[0][0] and flushed[0][1] is None, flushed
         assert sorted(p.name for p in snap.unpacked_dir(layer.diff_id).iterdir()) == flushed[0][0]

@@ -36,7 +36,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from lazyoci import libc
 from lazyoci.errors import IntegrityError, LazyociError, StoreError
 from lazyoci.oci.mediatypes import OCI_LAYER_TAR
 from lazyoci.snapshot.soci import SociSnapshotter
@@ -107,11 +106,10 @@ def unpack_cached_layer(snapshotter: SociSnapshotter, layer_digest: str, data: P
                                  f"hashes to {diff_id}, with or without zero padding; the image "
                                  f"config says {' or '.join(sorted(wanted))}",
                                  expected=sorted(wanted)[0], actual=diff_id)
-        libc.syncfs(str(staging))
     except BaseException:
         remove_tree(staging)
         raise
-    snapshotter.adopt_layer(staging, diff_id, layer_digest)
+    snapshotter.adopt_layer(staging, diff_id, layer_digest, flush=True)
     snapshotter.attach_unpacked(layer_digest, diff_id)
     return diff_id
 

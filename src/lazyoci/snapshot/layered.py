@@ -270,12 +270,13 @@ class LayeredSnapshotter:
         os.chmod(staging / "fs", 0o755)     # a layer's "/" when its tar does not say: not our umask's
         return staging
 
-    def adopt_layer(self, staging: Path, diff_id: str, layer_digest: str | None = None) -> None:
+    def adopt_layer(self, staging: Path, diff_id: str, layer_digest: str | None = None,
+                    flush: bool | None = None) -> None:
         """Publish an unpacked layer under its diff ID; if another unpack won the race, drop ours.
-        With `sync_fs`, its files reach the disk first: the database, which syncs, then never
-        names a directory whose files a power loss emptied."""
+        With `flush` (default: `sync_fs`), its files reach the disk first: the database, which
+        syncs, then never names a directory whose files a power loss emptied."""
         try:
-            if self.sync_fs:
+            if self.sync_fs if flush is None else flush:
                 libc.syncfs(str(staging))
             with self.db.transaction() as conn:
                 if layer_digest:
