@@ -97,7 +97,9 @@ def test_complete_layers_are_unpacked_and_new_snapshots_stack_them(registry, dat
 
 
 def test_a_cached_tar_that_is_not_the_layer_is_never_kept(registry, data_root, tmp_path, monkeypatch):
-    config = write_config(tmp_path / "c.yaml")       # no background fetch: nothing completes by itself
+    # no background fetch, and no unpack by the service: a layer of one span is complete once its
+    # mount fetches its first span, and the service's own unpack of it would race this test's
+    config = write_config(tmp_path / "c.yaml", extra="  unpack_complete_layers: false\n")
     tricky, images, snap, image = _pull(registry, tmp_path, data_root, "unpack/wrong", config)
     client = ServiceClient(DataRoot(data_root), config)
     try:
