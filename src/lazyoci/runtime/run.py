@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import threading
@@ -51,6 +52,7 @@ ANONYMOUS_VOLUMES = "anonymous-volumes.json"    # in the container directory: re
 
 
 RESTART_POLICY = "restart-policy"     # in a container's directory: its --restart, if not "no"
+STARTED_WAIT = 70.0    # seconds a detached --rm container's monitor waits for `run` to see it start
 
 
 def parse_restart(policy: str) -> int | None:
@@ -171,11 +173,36 @@ class ContainerManager:
         spec = MonitorSpec(rec.id, cdir, runtime, opts.detach, opts.interactive, opts.process.tty,
                            cdir / "container.log", cdir / "pid", cdir / "exit.json",
                            restart_max=parse_restart(saved))
-        on_exit = ((lambda code: self.cleanup(rec, remove_volumes=True)) if (opts.detach and opts.auto_remove)
-                   else (lambda code: None))
-        monitor_pid, child = spawn_monitor(spec, self.store, on_exit)
-        if opts.detach:
+        if not opts.detach:
+            monitor_pid, child = spawn_monitor(spec, self.store, lambda code: None)
+        elif not opts.auto_remove:
+            monitor_pid, _ = spawn_monitor(spec, self.store, lambda code: None)
             self._wait_started(rec, spec, monitor_pid)
+            return None
+        else:
+            # A detached --rm container removes itself when it exits, which may be before this
+            # process has seen it start: its monitor waits for a word (or the end of this pipe)
+            # from here before it cleans up, so `run -d --rm` of a quick command never reads
+            # "failed to start".
+            seen_r, seen_w = os.pipe()
+
+            def on_exit(code: int) -> None:
+                os.close(seen_w)                     # the monitor's copy: the pipe ends with ours
+                _wait_readable(seen_r, STARTED_WAIT)
+                self.cleanup(rec, remove_volumes=True)
+
+            try:
+                monitor_pid, _ = spawn_monitor(spec, self.store, on_exit)
+            finally:
+                os.close(seen_r)
+            try:
+                self._wait_started(rec, spec, monitor_pid)
+            finally:
+                try:
+                    os.write(seen_w, b"1")
+                except OSError:
+                    pass
+                os.close(seen_w)
             return None
         if child is None:   # spawn_monitor gives the process to wait for unless detached
             raise ContainerError(f"container {rec.short_id}: the monitor gave no process to wait for")
@@ -333,3 +360,11 @@ class ContainerManager:
                 if reader.caught_up:
                     break
             out.flush()
+
+
+def _wait_readable(fd: int, timeout: float) -> None:
+    """Wait until `fd` has a byte or its end (or `timeout` passes), then close it."""
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
