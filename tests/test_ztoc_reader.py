@@ -147,6 +147,25 @@ def test_read_range_rejects_tampered_span(layer) -> None:
         read_range(z, CountingFetch(bytes(bad)), us, ue)
 
 
+def test_inflate_span_fills_a_bytes_object_of_its_own(layer) -> None:
+    """inflate_span writes into a new bytes object it allocates unfilled: every length, the
+    1-byte one included, gives the stream's bytes, and no two calls share an object."""
+    from lazyoci.ztoc.zinfo import inflate_span
+    raw, blob, data = layer
+    z = Ztoc.parse(data)
+    assert z.checkpoints is not None
+    for i in range(z.num_spans):
+        cs, ce = z.span_compressed_range(i)
+        us, ue = z.span_uncompressed_range(i)
+        for length in {1, 2, 4097, ue - us}:
+            if length > ue - us:
+                continue
+            a = inflate_span(z.checkpoints, i, blob[cs:ce], length)
+            b = inflate_span(z.checkpoints, i, blob[cs:ce], length)
+            assert type(a) is bytes and a == raw[us:us + length] and a == b
+            assert a is not b or length == 1      # CPython may share 1-byte objects, never longer
+
+
 def test_ztoc_holds_no_object_per_entry(layer) -> None:
     """The view keeps the bytes and compact arrays only: size ~ len(data)."""
     z = Ztoc.parse(layer[2])

@@ -266,6 +266,21 @@ def _address(data: bytes) -> int:
     return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
 
 
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+
+
+def _unfilled_bytes(length: int) -> bytes:
+    """A new bytes object of `length` (> 1) whose contents are not set yet, for inflate to write
+    into before anyone else holds it. A zeroed ctypes buffer and its copy out as bytes cost a
+    quarter of inflating a span (bench/README.md); CPython's own zlib module fills its output
+    the same way. Sizes 0 and 1 may be shared singletons, so they are refused."""
+    if length < 2:
+        raise ValueError("an unfilled bytes object needs a length of at least 2")
+    return _new_bytes(None, length)
+
+
 def inflate_span(points: GzipCheckpoints, i: int, compressed: bytes, length: int) -> bytes:
     """`length` uncompressed bytes from checkpoint i; `compressed` starts at its compressed start.
 
@@ -284,11 +299,13 @@ def inflate_span(points: GzipCheckpoints, i: int, compressed: bytes, length: int
             inf.prime(bits, data[0] >> (8 - bits))
             pos = 1
         inf.set_dictionary(bytes(points.window(i)))
-        out = ctypes.create_string_buffer(length)
+        # a new bytes object no one else holds until it is returned, filled (a 1-byte span
+        # is inflated into 2 bytes' room and cut)
+        out = _unfilled_bytes(max(length, 2))
         base = _address(data)
         s.next_in = base + pos
         s.avail_in = len(data) - pos
-        s.next_out = ctypes.addressof(out)
+        s.next_out = _address(out)
         s.avail_out = length
         raw = True
         while s.avail_out:
@@ -309,6 +326,6 @@ def inflate_span(points: GzipCheckpoints, i: int, compressed: bytes, length: int
                 break
         if s.avail_out:
             raise FormatError(f"span {i}: compressed bytes end {s.avail_out} bytes before the span does")
-        return out.raw
+        return out if len(out) == length else out[:length]
     finally:
         inf.close()
