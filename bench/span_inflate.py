@@ -8,9 +8,10 @@ beside the FUSE requests of the workload, on the same cores. This takes the larg
 of a bench image (built once by bench/images/build.py), builds its zTOC with lazyoci's
 default layout, holds every span's compressed bytes in memory and inflates them all, span
 by span. The reference in the same run is zlib-ng inflating the whole layer as one stream,
-1 MiB of gzip at a time (what a full pull's inflate does for the same bytes). With `--baseline-src` the spans are inflated by another
-tree's src/ too (a child process each round, the trees alternating). Printed per round:
-CPU seconds and page faults; then medians, and MB/s of uncompressed output.
+1 MiB of gzip at a time (what a full pull's inflate does for the same bytes). With
+`--baseline-src` the spans are inflated by another tree's src/ too (a child process each
+round, the trees alternating). Printed per round: CPU seconds and page faults; then medians,
+and MB/s of uncompressed output.
 """
 
 from __future__ import annotations

@@ -273,8 +273,8 @@ _new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
 
 def _unfilled_bytes(length: int) -> bytes:
     """A new bytes object of `length` (> 1) whose contents are not set yet, for inflate to write
-    into before anyone else holds it. A zeroed ctypes buffer and its copy out as bytes cost a
-    quarter of inflating a span (bench/README.md); CPython's own zlib module fills its output
+    into before anyone else holds it. A zeroed ctypes buffer and its copy out as bytes took a
+    fifth of a span's inflate time (bench/README.md); CPython's own zlib module fills its output
     the same way. Sizes 0 and 1 may be shared singletons, so they are refused."""
     if length < 2:
         raise ValueError("an unfilled bytes object needs a length of at least 2")
