@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE / "images"))
 
 import layer_formats  # noqa: E402
 import localreg  # noqa: E402
-from build import BUILDERS, ensure, image_dir  # noqa: E402
+from build import BUILDERS, ensure, image_dir, manifest_of  # noqa: E402
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 PROFILES = {"100MBps-20ms": (100.0, 20.0), "20MBps-50ms": (20.0, 50.0)}
@@ -400,8 +400,7 @@ def prepare_image(name: str, reg: localreg.Registry, setup: Path, modes: list[st
         if opt.returncode != 0 or not found:
             raise RuntimeError(f"soci optimize exited {opt.returncode}: {opt.stderr[-600:]}")
         optimized = found[0]
-    manifest_digest = json.loads((image_dir(name) / "index.json").read_text())["manifests"][0]["digest"]
-    manifest = json.loads((image_dir(name) / "blobs/sha256" / manifest_digest.split(":")[1]).read_text())
+    manifest = manifest_of(name)
     facts = {**meta, "layers": len(manifest["layers"]),
              "compressed_bytes": sum(l["size"] for l in manifest["layers"]),
              "ztocs": ztocs, "setup_s": round(time.monotonic() - t0, 1), "optimized_index": optimized,

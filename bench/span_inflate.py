@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "images"))
 
-from build import ensure, image_dir  # noqa: E402
+from build import ensure, image_dir, manifest_of  # noqa: E402
 
 # Run in a child with the tree's src/ first on sys.path: inflate every span, print JSON.
 _CHILD = r"""
@@ -67,14 +67,10 @@ print(json.dumps({"cpu_s": time.process_time() - cpu, "bytes": out,
 
 
 def largest_layer(image: str) -> Path:
-    layout = image_dir(image)
-    index = json.loads((layout / "index.json").read_text())
-    manifest_digest = index["manifests"][0]["digest"]
-    manifest = json.loads((layout / "blobs" / Path(*manifest_digest.split(":"))).read_text())
-    layer = max(manifest["layers"], key=lambda d: d["size"])
+    layer = max(manifest_of(image)["layers"], key=lambda d: d["size"])
     if not layer["mediaType"].endswith("gzip"):
         raise SystemExit(f"{image}: its largest layer is {layer['mediaType']}, not gzip")
-    return layout / "blobs" / Path(*layer["digest"].split(":"))
+    return image_dir(image) / "blobs" / Path(*layer["digest"].split(":"))
 
 
 def child(src: Path, code: str, *args: str) -> dict:

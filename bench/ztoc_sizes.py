@@ -13,7 +13,6 @@ every zTOC whole, so these are bytes every lazy start of the image pays.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,16 +21,16 @@ from pathlib import Path
 from lazyoci.ztoc import Ztoc, build_ztoc
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "images"))
+
+from build import manifest_of  # noqa: E402
 MiB = 1 << 20
 LAYOUTS = ((4 * MiB, 0, "4 MiB everywhere"), (4 * MiB, 16 * MiB, "4 MiB, 16 MiB in large files"),
            (2 * MiB, 16 * MiB, "2 MiB, 16 MiB in large files"))
 
 
-def layers(image: Path) -> list[dict]:
-    index = json.loads((image / "index.json").read_text())
-    digest = index["manifests"][0]["digest"].split(":")[1]
-    manifest = json.loads((image / "blobs/sha256" / digest).read_text())
-    return [l for l in manifest["layers"] if l["size"] >= 10 * MiB]
+def layers(name: str) -> list[dict]:
+    return [l for l in manifest_of(name)["layers"] if l["size"] >= 10 * MiB]
 
 
 def main() -> None:
@@ -48,7 +47,7 @@ def main() -> None:
             print(f"| {name} | not built (bench/images/build.py {name}) |")
             continue
         totals = [[0, 0] for _ in LAYOUTS]
-        for layer in layers(image):
+        for layer in layers(name):
             cells = []
             for k, (span, large, _) in enumerate(LAYOUTS):
                 with open(image / "blobs/sha256" / layer["digest"].split(":")[1], "rb") as f:

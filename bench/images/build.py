@@ -33,6 +33,13 @@ def image_dir(name: str) -> Path:
     return CACHE / name
 
 
+def manifest_of(name: str) -> dict:
+    """The image manifest of a cached build (the layout's one manifest)."""
+    layout = image_dir(name)
+    digest = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+    return json.loads((layout / "blobs" / Path(*digest.split(":"))).read_text())
+
+
 def load_meta(name: str) -> dict | None:
     meta = image_dir(name) / "bench.json"
     return json.loads(meta.read_text()) if meta.exists() else None
