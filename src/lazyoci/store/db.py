@@ -25,6 +25,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +53,23 @@ def _keep_open(path: Path) -> None:
         _anchors[key] = anchor
         while len(_anchors) > MAX_ANCHORS:
             _anchors.pop(next(iter(_anchors))).close()
+
+
+def _set_wal(conn: sqlite3.Connection) -> None:
+    """Put the database in WAL mode. Of every statement here only this one moves from a read lock
+    to an exclusive one outside BEGIN IMMEDIATE: when processes open a new database at once, one
+    may find another waiting for the exclusive lock, and SQLite then answers "database is locked"
+    at once instead of waiting (the busy timeout would deadlock them). It lets go of its read lock
+    with the error, so asking again, until the busy timeout has passed, gets the mode or finds it set."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def close_anchors() -> None:
@@ -120,7 +138,7 @@ class Database:
             conn.execute("PRAGMA foreign_keys=ON")
             if not self._wal_done:
                 # journal_mode is persistent in the file; set it once per process.
-                conn.execute("PRAGMA journal_mode=WAL")
+                _set_wal(conn)
                 self._wal_done = True
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.row_factory = sqlite3.Row
