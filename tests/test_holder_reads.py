@@ -1,5 +1,6 @@
 """READs answered by the FUSE session holder from the span cache, through the real service, holder,
-kernel and registry: only for complete, checked layers, byte for byte, taken back before eviction
+kernel and registry: every READ of a complete, checked layer, and of a layer still being fetched
+those of files and spans the service has read before; byte for byte, taken back before eviction
 and handed over again after a restart."""
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def _read_cold(path: Path) -> bytes:
         os.close(fd)
 
 
+def _service_reads(client) -> int:
+    """READs the holder relayed to the service."""
+    return _status(client)["opcodes"].get("15", [0, 0])[0]
+
+
 def test_the_holder_answers_reads_of_a_complete_checked_layer_byte_for_byte(registry, data_root, tmp_path):
     files = _files()
     layer, ztoc_bytes = _image(registry, tmp_path, "holder/reads", files)
@@ -72,8 +78,9 @@ def test_the_holder_answers_reads_of_a_complete_checked_layer_byte_for_byte(regi
     config = write_config(tmp_path / "c.yaml", background=True, quiet=0.2, interval_ms=5)
     with running_service(data_root, config) as client:
         d = client.mount_layer(f"{registry.host}/holder/reads:latest", layer.digest, zdigest)
-        assert _status(client)["served_layers"] == 0          # nothing is complete yet
         _wait("the holder to take the layer", lambda: _status(client).get("served_layers") == 1)
+        _wait("the holder to read every file", lambda: "the FUSE session holder reads every file of layer "
+              f"{layer.digest}" in client.paths.log_file.read_text())
         before = _status(client)["reads_answered"]
         for name, data in files.items():
             assert _read_cold(d / name) == data, name
@@ -84,6 +91,41 @@ def test_the_holder_answers_reads_of_a_complete_checked_layer_byte_for_byte(regi
         after = _status(client)
         assert after["reads_answered"] - before >= len([d for d in files.values() if d])
         assert after["opcodes"]["15"][0] == 0, "no READ of the served layer went to the service"
+
+
+def test_a_layer_still_fetched_has_reads_answered_by_the_holder_once_the_service_saw_them(
+        registry, data_root, tmp_path):
+    """No background fetch: the layer stays incomplete. The first READs of a span go to the
+    service (the read-ahead, the read order); once a READ of each span of a file reached the
+    service, reading the file again needs the service no more."""
+    files = _files()
+    layer, ztoc_bytes = _image(registry, tmp_path, "holder/partial", files)
+    zdigest = store_ztoc(data_root, ztoc_bytes)
+    config = write_config(tmp_path / "c.yaml")
+    with running_service(data_root, config) as client:
+        d = client.mount_layer(f"{registry.host}/holder/partial:latest", layer.digest, zdigest)
+        _wait("the holder to take the layer", lambda: _status(client).get("served_layers") == 1)
+        before = _service_reads(client)
+        assert _read_cold(d / "big.bin") == files["big.bin"]
+        assert _service_reads(client) > before, "the first reads of a file go to the service"
+        # Spans read while they arrived still owe their read-ahead a first read from the cache, and
+        # one still on its way to the disk when the service read it waits for the next: a few reads
+        # of the file, and then its every READ is the holder's.
+        for _ in range(5):
+            answered, before = _status(client)["reads_answered"], _service_reads(client)
+            assert _read_cold(d / "big.bin") == files["big.bin"]
+            if _service_reads(client) == before:
+                break
+        assert _service_reads(client) == before, "every span of the file was read before"
+        assert _status(client)["reads_answered"] > answered
+        assert _percent(client, layer.digest) < 100.0
+        before = _service_reads(client)
+        assert _read_cold(d / "odd.bin") == files["odd.bin"]
+        assert _service_reads(client) > before, "spans no read touched before"
+        order = client.request("read_order")["views"][0][2]
+        ztoc = Ztoc.parse(ztoc_bytes)
+        big = next(ztoc.entry(i) for i in range(len(ztoc)) if ztoc.entry(i).name == "big.bin")
+        assert set(ztoc.spans_for(big.offset, big.offset + big.size)) <= set(order)
 
 
 def test_eviction_takes_the_layer_back_first_and_a_restart_hands_it_over_again(registry, data_root, tmp_path):
@@ -97,7 +139,8 @@ def test_eviction_takes_the_layer_back_first_and_a_restart_hands_it_over_again(r
                           extra=f"  cache_max_bytes: {size + (1 << 20)}\n")
     with running_service(data_root, config) as client:
         d1 = client.mount_layer(f"{registry.host}/holder/evicted:latest", first.digest, z1)
-        _wait("the holder to take the layer", lambda: _status(client).get("served_layers") == 1)
+        _wait("the holder to read every file", lambda: "the FUSE session holder reads every file of layer "
+              f"{first.digest}" in client.paths.log_file.read_text())
         assert _read_cold(d1 / "big.bin") == files["big.bin"]
         # the second layer needs room: the first one's spans go, and the holder lets it go first
         d2 = client.mount_layer(f"{registry.host}/holder/evicting:latest", second.digest, z2)
@@ -110,7 +153,8 @@ def test_eviction_takes_the_layer_back_first_and_a_restart_hands_it_over_again(r
 
     config = write_config(tmp_path / "c.yaml", background=True, quiet=0.2, interval_ms=5)
     with running_service(data_root, config) as client:     # no limit now: both complete again
-        _wait("both layers handed over", lambda: _status(client).get("served_layers") == 2, timeout=60)
+        _wait("both layers complete", lambda: client.paths.log_file.read_text().count(
+            "the FUSE session holder reads every file of layer") == 2, timeout=60)
         client.restart()
         _wait("both layers handed over after a restart", lambda: _status(client).get("served_layers") == 2)
         d1 = client.paths.mountpoint / d1.name

@@ -253,3 +253,30 @@ def test_a_files_first_read_of_the_span_its_header_check_fetched_reads_ahead_ins
     assert all(ztoc.span_uncompressed_range(i)[0] < end for i in ahead), "never past the file's end"
     spans = fetch.spans()
     assert len(spans) == len(set(spans)), f"spans fetched twice: {sorted(spans)}"
+
+
+def test_the_span_cache_tells_other_readers_which_spans_reads_have_touched(tmp_path, layer):
+    # the FUSE session holder answers READs of spans in state SPAN_READ only: cached, read by
+    # file data here, and no read-ahead waiting for their first read (service/holder_reads.py)
+    import mmap
+    from lazyoci.service.holder_reads import SPAN_CACHED, SPAN_READ
+
+    lay, ztoc = layer
+    fetch = Ranges(lay.blob, ztoc)
+    f = _fetcher(tmp_path, lay, ztoc, fetch)
+    states = mmap.mmap(f.cache.states_fd, ztoc.num_spans, prot=mmap.PROT_READ)
+    assert f.read(10, 4106) == gzip.decompress(lay.blob)[10:4106]
+    _wait_idle(f, fetch)
+    ahead = sorted(set(fetch.spans()) - {0})
+    assert ahead
+    assert states[0] == SPAN_READ, "read by file data and cached"
+    assert all(states[i] == SPAN_CACHED for i in ahead), "read ahead: its first read is still to come"
+    s0, _ = ztoc.span_uncompressed_range(ahead[0])
+    f.read_cached(s0, s0 + 10)
+    assert states[ahead[0]] == SPAN_READ
+    f.read(ztoc.span_uncompressed_range(ahead[1])[0], ztoc.span_uncompressed_range(ahead[1])[0] + 10, header=True)
+    assert states[ahead[1]] == SPAN_CACHED, "a tar header check is no file data read"
+    f.cache.evict(1 << 30)
+    assert not any(states[:ztoc.num_spans]), "evicted"
+    states.close()
+    f.cache.close()

@@ -128,6 +128,15 @@ def test_a_whiteout_dropped_at_the_end_breaks_the_layer_once_it_is_cached(regist
             assert time.monotonic() < deadline, "the whole-layer check did not run"
             time.sleep(0.05)
         _eio(d / "etc/passwd", read=True)
+        # a file read before: nor does the FUSE session holder answer its READs any more
+        with pytest.raises(OSError) as exc:
+            fd = os.open(d / "data/big1", os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.pread(fd, 1 << 20, 0)
+            finally:
+                os.close(fd)
+        assert exc.value.errno == errno.EIO
         assert "the tar has an entry the zTOC lacks: '.wh.last'" in client.paths.log_file.read_text()
 
 

@@ -126,6 +126,7 @@ class LayerVerifier:
         self.layer_ok = False                 # the whole-layer check passed (now or in an earlier run)
         self._layer_check_started = False
         self.on_layer_ok: Callable[[], None] | None = None    # runs when the whole-layer check passes
+        self.on_broken: Callable[[], None] | None = None      # runs once when the layer is found broken
         self._last: tuple[int, IndexEntry] | None = None          # the entry decoded last (checks go in order)
         self._region_start: array | None = None
         self._lock = threading.Lock()
@@ -312,6 +313,8 @@ class LayerVerifier:
         if self.broken is None:
             self.broken = why
             log.error("layer %s is broken: %s; nothing of it is served", self.layer, why)
+            if self.on_broken is not None:
+                self.on_broken()
         raise IntegrityError(f"layer {self.layer} is broken: {why}")
 
 

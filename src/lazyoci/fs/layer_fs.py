@@ -27,7 +27,9 @@ the disk cache are served on the event loop (a pread; a thread hop would cost
 more than the read); the others run
 the span manager in worker threads (`trio.to_thread.run_sync`) so many reads
 proceed at once; every lazyoci error (a digest mismatch above all) becomes EIO
-and is logged.
+and is logged. A file that passed its header check has where its bytes lie written
+into the layer's read map: READs of its cached spans that reads touched before, the
+FUSE session holder answers itself (service/holder_reads.py).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from lazyoci.fs.sibling_headers import SiblingHeaders
 from lazyoci.fs.span_fetcher import SpanFetcher
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.whiteout import OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, is_overlay_xattr
-from lazyoci.service.holder_reads import SLOT_SHIFT     # the node ID layout the session holder reads too
+from lazyoci.service.holder_reads import SLOT_SHIFT, ReadMap     # the node ID layout the session holder reads too
 from lazyoci.service.paths import layer_view_name as view_name
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,8 @@ class LazyLayer:
     mounted_at: float
     verifier: LayerVerifier
     xattrs_disabled: bool = False    # the index marks it `disable-xattrs`: no xattr is looked up
+    # where the FUSE session holder learns which files it may read itself (service/holder_reads.py)
+    read_map: ReadMap | None = None
     # What the kernel asks again and again, decoded once: a node that passed its header check
     # (never unchecked again: only a broken layer, tested on every request, takes that back), and
     # bounded memos of attributes and file extents (the index decodes an entry's every field).
@@ -166,7 +170,7 @@ class LayerFS(pyfuse3.Operations):
             todo = v.unchecked(layer.tree.entries_behind(n))
             if todo and not v.check_cached(todo):
                 await trio.to_thread.run_sync(self._header_check, layer, n, todo)
-            layer.checked[n] = 1
+            self._mark_checked(layer, n)
         except LazyociError:
             raise pyfuse3.FUSEError(errno.EIO) from None     # logged by the verifier, once
         except Exception:
@@ -206,8 +210,22 @@ class LayerFS(pyfuse3.Operations):
                 return False
         except LazyociError:
             return False
-        layer.checked[n] = 1
+        self._mark_checked(layer, n)
         return True
+
+    def _mark_checked(self, layer: LazyLayer, n: int) -> None:
+        """Node n passed its header check: never checked again, and the FUSE session holder may
+        answer READs of what is cached of it, if it is a file (a hardlink's name: once its target
+        is checked, which the READs name)."""
+        layer.checked[n] = 1
+        t = layer.tree
+        if layer.read_map is not None and t.kind[n] == T.REG and t.target[n] == n and t.entry[n] >= 0:
+            self._publish(layer, n)
+
+    def _publish(self, layer: LazyLayer, n: int) -> None:
+        read_map = layer.read_map
+        if read_map is not None and not read_map.published(n):
+            read_map.publish(n, *self._extent(layer, n))
 
     async def _checked_node(self, inode: int) -> tuple[LazyLayer, int]:
         layer, n = self._resolve(inode)
@@ -470,6 +488,8 @@ class LayerFS(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         layer, n = await self._checked_node(fh)
         offset, file_size = self._extent(layer, n)
+        if layer.read_map is not None and layer.tree.kind[layer.tree.target[n]] == T.REG:
+            self._publish(layer, n)      # checked (a hardlink's target reached through its name)
         if off >= file_size or size <= 0:
             return b""
         start = offset + off

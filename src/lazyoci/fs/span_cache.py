@@ -17,16 +17,19 @@ the cache is root-only, a present span is served without re-hashing.
 The size limit (`soci.cache_max_bytes`, 0 = none) is enforced by evicting spans
 of the least recently used layers (then the far end of the current layer).
 
-Another process may read a complete layer's `data` (the FUSE session holder answers READs
-from it: service/holder_reads.py). Whoever lets it sets `changing`: every eviction and purge
-of a layer runs inside `changing(layer directory)`, which takes the layer back from such readers
-first; one that cannot be taken back is left as it is.
+Another process may read a layer's `data` (the FUSE session holder answers READs from it:
+service/holder_reads.py). It learns which spans it may read from the layer's span states, kept
+in shared memory (`states_fd`): 0 not cached, SPAN_CACHED, SPAN_READ (cached, and the span
+fetcher has seen its first read: `mark_read`). Whoever lets it read sets `changing`: every
+eviction and purge of a layer runs inside `changing(layer directory)`, which takes the layer
+back from such readers first; one that cannot be taken back is left as it is.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import shutil
 import threading
@@ -37,6 +40,7 @@ from typing import Callable
 
 from lazyoci import libc
 from lazyoci.errors import LazyociError
+from lazyoci.service.holder_reads import SPAN_CACHED, SPAN_READ
 from lazyoci.service.paths import layer_view_name as _key
 
 log = logging.getLogger(__name__)
@@ -83,7 +87,11 @@ class LayerCache:
             os.ftruncate(self._data_fd, self.total_bytes)
         self._present_fd = os.open(directory / "present", os.O_RDWR | os.O_CREAT, 0o600)
         present = os.pread(self._present_fd, len(spans), 0)
-        self._present = bytearray(present.ljust(len(spans), b"\0"))
+        # the span states, in shared memory another process may map (the module docstring)
+        self.states_fd = os.memfd_create("lazyoci-span-states", os.MFD_CLOEXEC)
+        os.ftruncate(self.states_fd, max(len(spans), 1))
+        self._present = memoryview(mmap.mmap(self.states_fd, max(len(spans), 1)))[:len(spans)]
+        self._present[:] = bytes(SPAN_CACHED if p else 0 for p in present.ljust(len(spans), b"\0"))
         self.cached_bytes = sum(e - s for (s, e), p in zip(spans, self._present) if p)
 
     # -- queries -------------------------------------------------------------
@@ -102,7 +110,13 @@ class LayerCache:
         return self._data_fd < 0
 
     def has(self, span: int) -> bool:
-        return self._present[span] == 1
+        return self._present[span] != 0
+
+    def mark_read(self, span: int) -> None:
+        """The span fetcher has seen the first read of `span` (cached): see the module docstring."""
+        with self._lock:
+            if self._present[span]:
+                self._present[span] = SPAN_READ
 
     def missing(self) -> list[int]:
         return [i for i, p in enumerate(self._present) if not p]
@@ -141,7 +155,7 @@ class LayerCache:
             os.fdatasync(self._data_fd)
             with self._lock:
                 os.pwrite(self._present_fd, b"\1", span)
-                self._present[span] = 1
+                self._present[span] = SPAN_CACHED
                 self.cached_bytes += end - start
                 self.last_used = time.monotonic()
         if self._owner is not None:
@@ -168,12 +182,12 @@ class LayerCache:
 
     def close(self) -> None:
         with self._write_lock, self._lock:
-            for fd in (self._data_fd, self._present_fd):
+            for fd in (self._data_fd, self._present_fd, self.states_fd):
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-            self._data_fd = self._present_fd = -1
+            self._data_fd = self._present_fd = self.states_fd = -1
 
 
 class SpanCache:

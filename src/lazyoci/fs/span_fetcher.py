@@ -281,7 +281,17 @@ class SpanFetcher:
             (self._read_header if header else self._read_data).update(spans)
             self._order.update(dict.fromkeys(spans))
             self.stats.read_bytes += nbytes
+            if not header:
+                for i in spans:
+                    self._mark_read(i)
         return after_header
+
+    def _mark_read(self, i: int) -> None:
+        """Tell the span cache's other readers (the FUSE session holder) that reads of span i need
+        nothing more from here: file data read it, and no read-ahead waits for its first read
+        (lock held)."""
+        if i in self._read_data and i not in self._ahead:
+            self.cache.mark_read(i)
 
     def _plan_read_ahead(self, spans: range | list[int], until: int | None = None,
                          touched: bool = False) -> list[int]:
@@ -294,6 +304,7 @@ class SpanFetcher:
                 for i in spans:
                     if i in self._ahead and i not in self._inflight:
                         self._ahead.discard(i)
+                        self._mark_read(i)
                         touched = True
         if not touched and all(self.cache.has(i) for i in spans):
             return []
@@ -508,6 +519,7 @@ class SpanFetcher:
                 fut = self._inflight.get(i)
                 if fut is not None and fut.done() and fut.exception() is None:
                     del self._inflight[i]
+                self._mark_read(i)
 
     def _refuse_recent_failures(self, spans: range | list[int]) -> None:
         """LazyociError if a span not on its way failed to fetch moments ago (lock held)."""

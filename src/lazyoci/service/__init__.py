@@ -1,6 +1,6 @@
 """The lazyoci service: a daemon that hosts the FUSE mount of lazy layers (daemon, layers),
-the session holder that keeps that mount across service processes and reads complete layers itself
-(session_holder, holder_link, holder_reads, holder_offers),
+the session holder that keeps that mount across service processes and answers READs of cached
+spans itself (session_holder, holder_link, holder_reads, holder_offers),
 and the client the CLI and the soci snapshotter use to start, stop and ask it (client).
 
 The names below are loaded on first use: every process of the service (the holder, the daemon)

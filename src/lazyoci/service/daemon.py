@@ -163,7 +163,7 @@ class Service:
         launch_holder(self.holder)       # (none started by prepare, or it is gone since: start one)
         self.attachment = attach(self.holder, self.relaunch)
         if layers.holder_offers is not None:
-            layers.holder_offers.attached()     # complete views: the holder answers their READs
+            layers.holder_offers.attached()     # mounted views: the holder answers what READs it can
         # The holder mounted (ro, no allow_other: root alone, service/paths.py); libfuse serves its channel.
         options = set(pyfuse3.default_options) | {"fsname=lazyoci", "subtype=lazyoci", "ro"}
         pyfuse3.init(self.fs, f"/dev/fd/{self.attachment.fd}", options)

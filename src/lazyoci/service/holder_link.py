@@ -140,12 +140,14 @@ def holder_status(paths: HolderPaths) -> dict[str, Any] | None:
         return None
 
 
-def serve_reads(paths: HolderPaths, slot: int, data_fd: int, extents_fd: int) -> None:
+def serve_reads(paths: HolderPaths, slot: int, data_fd: int, states_fd: int, map_fd: int) -> None:
     """Hand the holder the READs of the layer in `slot` (service/holder_reads.py): its span cache
-    data file and its extents. Only the attached service may; ServiceError if refused."""
+    data file and span states, and its read map. Only the attached service may; ServiceError if
+    refused."""
     with _connect(paths) as sock:
         try:
-            socket.send_fds(sock, [json.dumps({"op": "serve", "slot": slot}).encode()], [data_fd, extents_fd])
+            socket.send_fds(sock, [json.dumps({"op": "serve", "slot": slot}).encode()],
+                            [data_fd, states_fd, map_fd])
         except OSError as e:
             raise ServiceError(f"cannot hand READs to the FUSE session holder: {e}") from None
         try:

@@ -1,15 +1,20 @@
 """The service's side of READs answered by the FUSE session holder (service/holder_reads.py).
 
-A view is handed to the holder once nothing about serving its files can change: every span
-is in the disk cache and every tar header matched its index (or its format's index needs no
-such check). Before that, and for whatever the holder is not given, READs go to the service
-as before. Everything the service does to a handed-over layer's cached bytes (eviction, purge)
-or to the view (unmount) takes it back first, and waits for the holder to say so: the offer
-and the taking back hold one lock, so no offer slips in between a take-back and the change.
+Every view the service mounts is handed to the holder: its span cache data file, the cache's
+span states and the view's read map. The holder then answers the READs that need nothing of
+the service (files that passed their header check, spans read before); the others come to the
+service as before. Once a view is complete and checked (every span cached, every tar
+header matched its index, or its format's index needs no such check), every file's place is
+written into its read map and the map is marked COMPLETE: the holder answers every READ of it.
 
-Offers are made by one worker thread (the file extents of a big layer take a fifth of a
-second to decode) and only while this service is attached to the holder: offers asked for
-before that wait, since the holder drops everything when the service before detaches.
+Everything the service does to a handed-over view's cached bytes (eviction, purge) or to the
+view (unmount) takes it back first, and waits for the holder to say so: the hand-over and the
+taking back hold one lock, so none slips in between a take-back and the change. After an
+eviction the view is handed over again, no longer COMPLETE.
+
+Hand-overs are made by one worker thread (the places of a big layer's files take a fifth of a
+second to write) and only while this service is attached to the holder: those asked for before
+that wait, since the holder drops everything when the service before detaches.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import logging
 import os
 import queue
 import threading
-from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,118 +32,150 @@ from lazyoci.errors import LazyociError
 from lazyoci.fs import tree as T
 from lazyoci.fs.layer_fs import LazyLayer
 from lazyoci.service.holder_link import HolderPaths, serve_reads, withdraw_reads
-from lazyoci.service.holder_reads import EXTENT_TYPECODE
+from lazyoci.service.holder_reads import COMPLETE
 
-__all__ = ["HolderOffers", "file_extents"]
+__all__ = ["HolderOffers", "publish_every_file"]
 
 log = logging.getLogger(__name__)
 
 
-def file_extents(layer: LazyLayer) -> array:
-    """Two integers per node of the layer's tree: where a regular file's data lies in the tar
-    stream and its size; size -1 for every other node (the holder leaves those to the service).
-    A hardlink's name gets -1 too: the kernel knows it by its target's node ID."""
+def publish_every_file(layer: LazyLayer) -> int:
+    """Write the place of every regular file of the layer into its read map (a hardlink's name
+    is left out: the kernel knows it by its target's node ID); returns how many."""
+    read_map = layer.read_map
+    assert read_map is not None
     t = layer.tree
-    out = array(EXTENT_TYPECODE, [0, -1]) * len(t)
     index = t.index
+    files = 0
     for n in range(len(t)):
         if t.kind[n] == T.REG and t.target[n] == n and t.entry[n] >= 0:
-            out[2 * n], out[2 * n + 1] = index.entry_extent(t.entry[n])
-    return out
+            if not read_map.published(n):
+                read_map.publish(n, *index.entry_extent(t.entry[n]))
+            files += 1
+    return files
 
 
 class HolderOffers:
-    """Hands complete, checked views to the holder and takes them back."""
+    """Hands mounted views to the holder, marks them COMPLETE when they are, and takes them back."""
 
     def __init__(self, paths: HolderPaths, slot_of: Callable[[LazyLayer], int | None]) -> None:
         self._paths = paths
         self._slot_of = slot_of
-        self._lock = threading.Lock()          # offers and take-backs, one at a time
+        self._lock = threading.Lock()          # hand-overs, take-backs and COMPLETE, one at a time
         self._attached = False
-        self._waiting: dict[Path, LazyLayer] = {}        # asked for before this service attached
-        self._served: dict[Path, int] = {}                # cache directory -> slot the holder serves
-        self._queue: queue.SimpleQueue[LazyLayer | None] = queue.SimpleQueue()
+        self._layers: dict[Path, LazyLayer] = {}       # cache directory -> view offered (mounted)
+        self._served: dict[Path, int] = {}              # cache directory -> slot the holder serves
+        self._queue: queue.SimpleQueue[tuple[str, LazyLayer] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     # -- asking ------------------------------------------------------------------
 
     def offer(self, layer: LazyLayer) -> None:
-        """Hand the view over if it is complete and checked (soon, in the worker thread)."""
-        if not _ready(layer):
+        """Hand the view over (soon, in the worker thread, once this service is attached)."""
+        if layer.read_map is None:
             return
         with self._lock:
-            if layer.fetcher.cache.directory in self._served:
-                return
+            self._layers[layer.fetcher.cache.directory] = layer
             if not self._attached:
-                self._waiting[layer.fetcher.cache.directory] = layer
                 return
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="holder-offers", daemon=True)
-                self._thread.start()
-        self._queue.put(layer)
+        self._put("serve", layer)
+
+    def complete(self, layer: LazyLayer) -> None:
+        """Mark the view COMPLETE if it is complete and checked (soon, in the worker thread)."""
+        if layer.read_map is not None and not layer.read_map.flags & COMPLETE and _ready(layer):
+            self._put("complete", layer)
 
     def attached(self) -> None:
-        """This service now serves the holder's session: make the offers that waited for it."""
+        """This service now serves the holder's session: make the hand-overs that waited for it."""
         with self._lock:
             self._attached = True
-            waiting = list(self._waiting.values())
-            self._waiting.clear()
+            waiting = list(self._layers.values())
         for layer in waiting:
-            self.offer(layer)
+            self._put("serve", layer)
 
     def withdraw(self, layer: LazyLayer) -> None:
-        """Take the view back (before it is unmounted); ServiceError if the holder cannot be told."""
-        with self.changing(layer.fetcher.cache.directory):
-            pass
+        """Take the view back for good (before it is unmounted); ServiceError if the holder cannot
+        be told."""
+        directory = layer.fetcher.cache.directory
+        with self._lock:
+            self._take_back(directory)
+            self._layers.pop(directory, None)
 
     @contextmanager
     def changing(self, directory: Path) -> Iterator[None]:
-        """While the cached bytes under `directory` change: the holder reads none of them."""
+        """While the cached bytes under `directory` change: the holder reads none of them. Then the
+        view, if still mounted, is handed over again (no longer COMPLETE if it is not)."""
         with self._lock:
-            self._waiting.pop(directory, None)
-            slot = self._served.get(directory)
-            if slot is not None:
-                withdraw_reads(self._paths, slot)      # raises if not taken back: nothing changes then
-                del self._served[directory]
-                log.info("the FUSE session holder no longer reads layer %s", directory.name)
+            self._take_back(directory)
             yield
+            layer = self._layers.get(directory)
+            if layer is not None and layer.read_map is not None and not _ready(layer):
+                layer.read_map.set_flag(COMPLETE, False)
+        if layer is not None and not layer.fetcher.cache.closed:
+            self._put("serve", layer)
 
     def close(self) -> None:
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout=5)
 
+    def _take_back(self, directory: Path) -> None:
+        """(lock held) ServiceError if the holder cannot be told: nothing changes then."""
+        slot = self._served.get(directory)
+        if slot is not None:
+            withdraw_reads(self._paths, slot)
+            del self._served[directory]
+            layer = self._layers.get(directory)
+            complete = layer is not None and layer.read_map is not None and layer.read_map.flags & COMPLETE
+            log.log(logging.INFO if complete else logging.DEBUG,
+                    "the FUSE session holder no longer reads layer %s", directory.name)
+
+    def _put(self, what: str, layer: LazyLayer) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="holder-offers", daemon=True)
+                self._thread.start()
+        self._queue.put((what, layer))
+
     # -- the worker ----------------------------------------------------------------
 
     def _run(self) -> None:
-        while (layer := self._queue.get()) is not None:
+        while (job := self._queue.get()) is not None:
+            what, layer = job
             try:
-                self._hand_over(layer)
+                self._hand_over(layer) if what == "serve" else self._mark_complete(layer)
             except (LazyociError, OSError) as e:
                 log.warning("layer %s: READs stay with the service: %s", layer.digest, e)
             except Exception:
                 log.exception("layer %s: handing READs to the FUSE session holder failed", layer.digest)
 
     def _hand_over(self, layer: LazyLayer) -> None:
-        cache = layer.fetcher.cache
-        extents = file_extents(layer)
+        cache, read_map = layer.fetcher.cache, layer.read_map
+        assert read_map is not None
         with self._lock:
             slot = self._slot_of(layer)
-            if slot is None or cache.directory in self._served or not _ready(layer):
-                return       # unmounted, given already, or no longer complete (evicted meanwhile)
+            if slot is None or cache.directory in self._served or \
+                    self._layers.get(cache.directory) is not layer or cache.closed:
+                return       # unmounted, or handed over already
             data_fd = os.open(cache.directory / "data", os.O_RDONLY | os.O_CLOEXEC)
-            extents_fd = os.memfd_create("lazyoci-extents", os.MFD_CLOEXEC)
             try:
-                raw = memoryview(extents.tobytes())
-                while raw:
-                    raw = raw[os.write(extents_fd, raw):]
-                serve_reads(self._paths, slot, data_fd, extents_fd)
+                serve_reads(self._paths, slot, data_fd, cache.states_fd, read_map.fd)
             finally:
                 os.close(data_fd)
-                os.close(extents_fd)
             self._served[cache.directory] = slot
-        log.info("the FUSE session holder reads layer %s itself (%d files)", layer.digest,
-                 sum(1 for s in extents[1::2] if s >= 0))
+        log.debug("the FUSE session holder reads layer %s (slot %d) where it can", layer.digest, slot)
+
+    def _mark_complete(self, layer: LazyLayer) -> None:
+        read_map = layer.read_map
+        assert read_map is not None
+        if read_map.flags & COMPLETE:
+            return
+        files = publish_every_file(layer)
+        with self._lock:
+            if not _ready(layer) or self._layers.get(layer.fetcher.cache.directory) is not layer:
+                return       # evicted meanwhile, or unmounted
+            read_map.set_flag(COMPLETE)
+        log.info("the FUSE session holder reads every file of layer %s itself (%d files)", layer.digest, files)
 
 
 def _ready(layer: LazyLayer) -> bool:

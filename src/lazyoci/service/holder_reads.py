@@ -1,34 +1,45 @@
-"""READs the FUSE session holder answers itself, from the span cache, for layers the service hands it.
+"""READs the FUSE session holder answers itself, from the span cache, without the service.
 
-A warm `run` is mostly READs of files whose every span is in the disk cache, and each one
-went kernel → holder → service → holder → kernel, its data copied four times. Once a layer
-is complete in the span cache and every tar header of it matched its index, nothing about
-serving its files can change any more: the service then gives the holder the layer's cache
-data file and where each file's bytes lie in it (service/holder_offers.py), and the holder
-answers READs of that layer's nodes with one `pread` and one write to `/dev/fuse`.
+A `run` from a lazy layer is mostly READs of files whose spans are in the disk cache already,
+and each one went kernel → holder → service → holder → kernel, its data copied four times. The
+service hands every layer it mounts to the holder (service/holder_offers.py): the span cache's
+data file, the cache's map of span states and the layer's read map (both shared memory). The
+holder answers a READ with one `pread` and one write to `/dev/fuse` when nothing is left for the
+service to do for it:
 
-What keeps it exact: the service takes a layer back (`withdraw`) before it changes a byte of
-its data file (eviction punches holes, a purge deletes it) or stops serving the view, and it
-waits for the holder's answer; the holder drops every layer when the service that handed it
-over detaches, and the next service hands over what it finds complete. Nodes the holder has
-no extent for (directories, symlinks, hardlink names, another slot) still go to the service.
+- the file passed its tar header check in the service (its LOOKUP did that), and the service
+  has written where the file's bytes lie (the read map);
+- every span the READ covers is in the cache and a READ of it reached the service already, with
+  no read-ahead planned from it still to start (span state READ): the service's bookkeeping (the
+  read-ahead window, the read order `soci optimize` records) sees every span's first read;
+- if the file goes on past those spans, the next span is cached (the service would fetch it now).
 
-The extents are one array of 64-bit integers, two per node of the layer's tree (the tar offset
-of the file's data and its size, size -1 for a node that is not a regular file the kernel can
-read), handed over in a memfd: node n of the layer in slot s is the kernel's node ID
-(s << 32) | (n + 1) (fs/layer_fs.py). This module imports only the standard library: the holder
-is kept small.
+Once a layer is complete in the span cache and every tar header matched its index, the service
+writes every file's place and marks the map COMPLETE: the holder then answers every READ of it.
+A layer found broken is marked STOPPED: the holder answers none of it from then on.
+
+What keeps it exact: the service takes a layer back (`withdraw`) before it changes a byte of its
+data file (eviction punches holes, a purge deletes it) or stops serving the view, and it waits for
+the holder's answer; the holder drops every layer when the service that handed it over detaches,
+and the next service hands over what it mounts. A span state is set only after the span's bytes
+were verified and written, and the service writes a file's place before its size.
+
+The read map, 64-bit integers: FLAGS, NODES (n), SPANS (s), a spare; then s+1 span bounds (the
+uncompressed offset of each span's start, and the layer's size); then two per node of the layer's
+tree: the tar offset of the file's data and its size plus one (0: not answered here). Node n of
+the layer in slot S is the kernel's node ID (S << 32) | (n + 1) (fs/layer_fs.py). This module
+imports only the standard library: the holder is kept small.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
-from array import array
+from bisect import bisect_right
 
-__all__ = ["ServedReads", "EXTENT_TYPECODE", "SLOT_SHIFT"]
+__all__ = ["COMPLETE", "ReadMap", "STOPPED", "ServedReads", "SLOT_SHIFT", "SPAN_CACHED", "SPAN_READ"]
 
-EXTENT_TYPECODE = "q"                  # two per node: offset in the tar stream, size (-1: not served)
 _IN_HEADER_SIZE = 40                   # struct fuse_in_header
 _READ_IN = struct.Struct("<QQI")       # struct fuse_read_in: fh, offset, size, ...
 _OUT_HEADER = struct.Struct("<IiQ")    # struct fuse_out_header: len, error, unique
@@ -37,39 +48,130 @@ _OUT_HEADER = struct.Struct("<IiQ")    # struct fuse_out_header: len, error, uni
 SLOT_SHIFT = 32
 _NODE_MASK = (1 << SLOT_SHIFT) - 1
 
+# Span states in the span cache's shared map (fs/span_cache.py): 0 not cached.
+SPAN_CACHED = 1                        # verified and in the data file
+SPAN_READ = 2                          # ... and the service has seen its first read
+
+_FLAGS, _NODES, _SPANS, _HEADER_WORDS = 0, 1, 2, 4
+COMPLETE, STOPPED = 1, 2               # FLAGS: answer every file; answer none
+
+
+class ReadMap:
+    """One layer's read map in shared memory: written by the service, read by the holder."""
+
+    def __init__(self, fd: int, writable: bool) -> None:
+        """Map the read map in `fd` (the caller keeps the descriptor)."""
+        self.fd = -1                   # the map's own descriptor, in the service (`create`)
+        size = os.fstat(fd).st_size
+        self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED,
+                               mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+        self.words = memoryview(self._mmap).cast("q")
+        self.nodes, self.spans = self.words[_NODES], self.words[_SPANS]
+        if len(self.words) < _HEADER_WORDS + self.spans + 1 + 2 * self.nodes or \
+                min(self.nodes, self.spans) < 0:
+            self.close()
+            raise OSError(f"a read map of {size} bytes for {self.nodes} nodes and {self.spans} spans")
+        self.bounds = self.words[_HEADER_WORDS:_HEADER_WORDS + self.spans + 1]
+        self.files = self.words[_HEADER_WORDS + self.spans + 1:]
+
+    @classmethod
+    def create(cls, nodes: int, bounds: list[int]) -> "ReadMap":
+        """A new read map in a memfd of its own (`fd`), nothing answered yet, for `nodes` nodes
+        and spans starting at `bounds` (the last one: the layer's size)."""
+        fd = os.memfd_create("lazyoci-read-map", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, 8 * (_HEADER_WORDS + len(bounds) + 2 * nodes))
+            os.pwrite(fd, struct.pack(f"<4q{len(bounds)}q", 0, nodes, len(bounds) - 1, 0, *bounds), 0)
+            read_map = cls(fd, writable=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        read_map.fd = fd
+        return read_map
+
+    @property
+    def flags(self) -> int:
+        return self.words[_FLAGS]
+
+    def publish(self, node: int, offset: int, size: int) -> None:
+        """The holder may answer READs of `node`, a file whose data lies at `offset` in the tar."""
+        self.files[2 * node] = offset
+        self.files[2 * node + 1] = size + 1      # last: the holder reads the place only after it
+
+    def published(self, node: int) -> bool:
+        return self.files[2 * node + 1] != 0
+
+    def set_flag(self, flag: int, on: bool = True) -> None:
+        self.words[_FLAGS] = self.words[_FLAGS] | flag if on else self.words[_FLAGS] & ~flag
+
+    def close_descriptor(self) -> None:
+        """Close the map's own descriptor; the mapping stays for whoever still holds the map."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        self.close_descriptor()
+        for view in ("bounds", "files", "words"):
+            v = self.__dict__.pop(view, None)
+            if v is not None:
+                v.release()
+        self._mmap.close()
+
+
+class _Layer:
+    """What the holder keeps of one served layer."""
+
+    __slots__ = ("data_fd", "map", "states", "_states_mmap")
+
+    def __init__(self, data_fd: int, states_fd: int, map_fd: int) -> None:
+        self.map = ReadMap(map_fd, writable=False)
+        try:
+            size = os.fstat(states_fd).st_size
+            if size < self.map.spans:
+                raise OSError(f"{size} span states for {self.map.spans} spans")
+            self._states_mmap = mmap.mmap(states_fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except BaseException:
+            self.map.close()
+            raise
+        self.states = memoryview(self._states_mmap)
+        self.data_fd = data_fd
+
+    def close(self) -> None:
+        os.close(self.data_fd)
+        self.states.release()
+        self._states_mmap.close()
+        self.map.close()
+
 
 class ServedReads:
-    """The layers whose READs the holder answers: slot -> (cache data file, extents)."""
+    """The layers whose READs the holder may answer: slot -> data file, span states, read map."""
 
     def __init__(self) -> None:
-        self._layers: dict[int, tuple[int, array]] = {}
+        self._layers: dict[int, _Layer] = {}
         self.answered = 0                  # READs answered here
         self.bytes = 0                     # and the bytes they returned
 
     def __len__(self) -> int:
         return len(self._layers)
 
-    def serve(self, slot: int, data_fd: int, extents_fd: int) -> None:
-        """Answer READs of the layer in `slot` from `data_fd`; takes both descriptors (the extents
-        one is read and closed here; both are closed if it cannot be read: OSError)."""
+    def serve(self, slot: int, data_fd: int, states_fd: int, map_fd: int) -> None:
+        """Answer what READs of the layer in `slot` it can; takes the data descriptor (closed if
+        the maps cannot be read: OSError) and maps the other two (the caller closes them)."""
         try:
-            raw = _read_all(extents_fd)
-        except OSError:
+            layer = _Layer(data_fd, states_fd, map_fd)
+        except (OSError, ValueError) as e:
             os.close(data_fd)
-            raise
-        finally:
-            os.close(extents_fd)
-        extents = array(EXTENT_TYPECODE)
-        extents.frombytes(raw[:len(raw) - len(raw) % (2 * extents.itemsize)])
+            raise OSError(f"cannot map the layer's read map: {e}") from None
         self.withdraw(slot)
-        self._layers[slot] = (data_fd, extents)
+        self._layers[slot] = layer
 
     def withdraw(self, slot: int) -> bool:
         """Stop answering READs of the layer in `slot`; False if it was not served."""
         served = self._layers.pop(slot, None)
         if served is None:
             return False
-        os.close(served[0])
+        served.close()
         return True
 
     def clear(self) -> None:
@@ -82,15 +184,22 @@ class ServedReads:
         served = self._layers.get(nodeid >> SLOT_SHIFT)
         if served is None:
             return False
-        data_fd, extents = served
+        m = served.map
         n = (nodeid & _NODE_MASK) - 1
-        if not 0 <= 2 * n < len(extents) or extents[2 * n + 1] < 0:
+        flags = m.words[_FLAGS]
+        if flags & STOPPED or not 0 <= n < m.nodes:
             return False
-        start, size = extents[2 * n], extents[2 * n + 1]
+        size = m.files[2 * n + 1] - 1
+        if size < 0:
+            return False
+        base = m.files[2 * n]
         _, offset, want = _READ_IN.unpack_from(message, _IN_HEADER_SIZE)
         count = max(0, min(want, size - offset))
+        if count and not flags & COMPLETE and not _spans_ready(m.bounds, served.states, base + offset,
+                                                               base + offset + count, base + size):
+            return False
         try:
-            data = os.pread(data_fd, count, start + offset) if count else b""
+            data = os.pread(served.data_fd, count, base + offset) if count else b""
         except OSError:
             return False                   # the disk failed us: the service answers (and says why)
         if len(data) != count:
@@ -107,12 +216,14 @@ class ServedReads:
         return True
 
 
-def _read_all(fd: int) -> bytes:
-    parts: list[bytes] = []
-    offset = 0
-    while True:
-        chunk = os.pread(fd, 1 << 20, offset)
-        if not chunk:
-            return b"".join(parts)
-        parts.append(chunk)
-        offset += len(chunk)
+def _spans_ready(bounds: memoryview, states: memoryview, start: int, end: int, file_end: int) -> bool:
+    """Every span of [start, end) read before, and the next one cached if the file goes on."""
+    spans = len(bounds) - 1
+    first = bisect_right(bounds, start, 0, spans) - 1
+    last = bisect_right(bounds, end - 1, first, spans) - 1
+    if first < 0:
+        return False
+    for i in range(first, last + 1):
+        if states[i] != SPAN_READ:
+            return False
+    return file_end <= bounds[last + 1] or (last + 1 < spans and states[last + 1] != 0)

@@ -44,6 +44,7 @@ from lazyoci.oci.reference import Reference
 from lazyoci.service import view_records as views
 from lazyoci.service.holder_link import HolderPaths
 from lazyoci.service.holder_offers import HolderOffers
+from lazyoci.service.holder_reads import STOPPED, ReadMap
 from lazyoci.service.paths import layer_view_name
 from lazyoci.service.prefetch import prefetch_files
 from lazyoci.service.unpack_queue import UnpackQueue
@@ -108,7 +109,7 @@ class LayerManager:
 
     def __init__(self, root: DataRoot, config: Config, fs: LayerFS, holder: HolderPaths | None = None,
                  unpack_complete: bool = False) -> None:
-        """`holder`: the session holder to hand complete layers' READs to; `unpack_complete`:
+        """`holder`: the session holder to hand the layers' READs to; `unpack_complete`:
         unpack complete layers from the span cache for the soci snapshotter's new containers."""
         from lazyoci.registry import RegistryClient, RegistryOptions
         from lazyoci.registry.options import TransferLimits
@@ -124,7 +125,7 @@ class LayerManager:
         if not cache_dir.is_absolute():     # relative to the config file, not to the daemon's cwd (/)
             cache_dir = (config.path.parent if config.path else root.path) / cache_dir
         self.cache = SpanCache(cache_dir, config.soci.cache_max_bytes)
-        # complete, checked views whose READs the FUSE session holder answers (none without a holder)
+        # the views whose READs the FUSE session holder answers where it can (none without a holder)
         self.holder_offers = HolderOffers(holder, fs.slot_of) if holder is not None else None
         if self.holder_offers is not None:
             self.cache.changing = self.holder_offers.changing
@@ -252,7 +253,12 @@ class LayerManager:
             self._meta[view] = (str(reference), time.monotonic())
             self._labels[view] = fmt.label
         slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
+        if self.holder_offers is not None:       # what the session holder may read of it
+            read_map = layer.read_map = ReadMap.create(len(tree), [s for s, _ in spans] + [cache.total_bytes])
+            verifier.on_broken = functools.partial(read_map.set_flag, STOPPED)
         self.fs.add_layer(layer, slot)
+        if self.holder_offers is not None:
+            self.holder_offers.offer(layer)
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         if checked:
             self._complete(layer)      # if complete already: the holder reads it and it is unpacked now
@@ -267,18 +273,18 @@ class LayerManager:
             views.record_view(self.db, layer_digest, ztoc_digest, time.time())
 
     def _complete(self, layer: LazyLayer) -> None:
-        """The view may be complete (and checked): hand its READs to the session holder
-        (service/holder_offers.py) and unpack it for new containers (service/unpack_queue.py).
+        """The view may be complete (and checked): the session holder answers all its READs
+        (service/holder_offers.py) and it is unpacked for new containers (service/unpack_queue.py).
         Both look for themselves whether it is ready."""
         if self.holder_offers is not None:
-            self.holder_offers.offer(layer)
+            self.holder_offers.complete(layer)
         if self.unpacks is not None:
             self.unpacks.want(layer)
 
     def _watch_completion(self, layer: LazyLayer, checked: bool) -> None:
         """What happens as the layer's spans come in: once every one is cached, the whole-layer tar
-        check (unless it `checked` already, or a TOC vouches for the headers), the hand-over of its
-        READs to the session holder and the unpack for new containers (`_complete`)."""
+        check (unless it `checked` already, or a TOC vouches for the headers), the session holder
+        answering its every READ and the unpack for new containers (`_complete`)."""
         cache, verifier = layer.fetcher.cache, layer.verifier
         if checked:
             verifier.passed_before()
@@ -340,6 +346,8 @@ class LayerManager:
             except LazyociError as e:       # its bytes stay as they are; a later change asks again
                 log.warning("layer %s: the FUSE session holder may still read it: %s", layer_digest, e)
         layer = self.fs.remove_layer(layer_digest, ztoc_digest)
+        if layer is not None and layer.read_map is not None:
+            layer.read_map.close_descriptor()
         if self.unpacks is not None:
             self.unpacks.forget(layer_digest, ztoc_digest)
         with self._lock:

@@ -19,8 +19,9 @@ round trip through the service:
 
 - GETXATTR of overlayfs' own xattrs other than the opaque marker, which no node of the mount
   has (overlay_xattr_reply);
-- READ of a file in a layer the service handed over once it was complete in the span cache
-  and checked: read from the cache's data file here (service/holder_reads.py);
+- READ of a file whose first READ the service answered, of spans in the span cache that reads
+  touched before, in a layer the service handed over (every file of a layer complete in the span
+  cache and checked): read from the cache's data file here (service/holder_reads.py);
 - OPEN and OPENDIR, with ENOSYS, when the kernel's INIT says it takes that as "opens need no
   message" (zero-message opens, OpenSkipper): from then on it sends no OPEN, OPENDIR, RELEASE or
   RELEASEDIR at all, keeps the page cache of files across opens and caches directory listings.
@@ -44,14 +45,15 @@ itself dies, the kernel aborts the connection: readers get an error at once
 (ENOTCONN), never a hang.
 
 It imports little (the standard library, `lazyoci.libc` and its table of served layers), holds
-nothing but descriptors, the unanswered requests and the served layers' file extents, and asks
+nothing but descriptors, the unanswered requests and the served layers' maps, and asks
 the kernel never to pick it when memory runs out. Control requests (one JSON packet in, one out)
 on `<root>/service/holder.sock`:
     {"op": "attach", "relaunch": [argv]} -> {"ok": true, "resumed": bool, ...}; the socket is then
                                             the FUSE channel; argv starts a service after a crash
     {"op": "leaving", "pid": N} -> {"ok": true}; service N is about to detach on purpose
-    {"op": "serve", "slot": S} + descriptors of the layer's cache data file and its extents (SCM_RIGHTS)
-                      -> {"ok": true}; from the attached service only: READs of slot S are answered here
+    {"op": "serve", "slot": S} + descriptors of the layer's cache data file, span states and read
+                      map (SCM_RIGHTS) -> {"ok": true}; from the attached service only: READs of slot S
+                      are answered here where they can be
     {"op": "withdraw", "slot": S} -> {"ok": true, "served": bool}; from then on READs of S go to the service
     {"op": "status"}  -> {"ok": true, "pid", "rss_bytes", "attached", "waiting", "relayed", "service_pid", ...}
     {"op": "stop"}    -> {"ok": true}; then detaches the mount and exits
@@ -285,7 +287,7 @@ class Holder:
         conn.settimeout(_CONTROL_TIMEOUT)
         fds: list[int] = []
         try:
-            raw, fds, _, _ = socket.recv_fds(conn, 4096, 2)
+            raw, fds, _, _ = socket.recv_fds(conn, 4096, 3)
             request = json.loads(raw or b"{}")
             op = request.get("op")
         except (OSError, ValueError, AttributeError):
@@ -337,16 +339,19 @@ class Holder:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid = struct.unpack("3i", creds)[0]
         slot = request.get("slot")
-        if self.service is None or pid != self.service_pid or len(fds) != 2 or not isinstance(slot, int):
+        if self.service is None or pid != self.service_pid or len(fds) != 3 or not isinstance(slot, int):
             for fd in fds:
                 os.close(fd)
-            reply = {"ok": False, "error": "only the attached service hands READs over, with two descriptors"}
+            reply = {"ok": False, "error": "only the attached service hands READs over, with three descriptors"}
         else:
             try:
-                self.reads.serve(slot, fds[0], fds[1])
+                self.reads.serve(slot, fds[0], fds[1], fds[2])
                 reply = {"ok": True}
             except OSError as e:
-                reply = {"ok": False, "error": f"cannot read the extents: {e}"}
+                reply = {"ok": False, "error": str(e)}
+            finally:
+                os.close(fds[1])
+                os.close(fds[2])
         try:
             conn.send(json.dumps(reply).encode())
         except OSError:
