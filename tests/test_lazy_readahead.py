@@ -255,6 +255,27 @@ def test_a_files_first_read_of_the_span_its_header_check_fetched_reads_ahead_ins
     assert len(spans) == len(set(spans)), f"spans fetched twice: {sorted(spans)}"
 
 
+def test_a_read_on_the_recorded_path_reads_ahead_only_what_the_recording_names(tmp_path, layer):
+    # a view with a recorded prefetch: a miss among recorded spans brings in nothing the
+    # recording does not name (the workload did not read it); off that path read-ahead is as usual
+    lay, ztoc = layer
+    tar = gzip.decompress(lay.blob)
+    fetch = Ranges(lay.blob, ztoc)
+    f = _fetcher(tmp_path, lay, ztoc, fetch)
+    f.recorded = frozenset({0, 1, 3})
+    assert f.read(10, 4106) == tar[10:4106]
+    _wait_idle(f, fetch)
+    assert set(fetch.spans()) <= {0, 1, 3}, f"read ahead off the recording: {sorted(fetch.spans())}"
+    assert 3 in fetch.spans(), "what the recording names is read ahead"
+    f.prefetch(4)                  # the file goes on past span 3: the recording says it is not read
+    _wait_idle(f, fetch)
+    assert 4 not in fetch.spans()
+    s0, _ = ztoc.span_uncompressed_range(8)
+    assert f.read(s0, s0 + 10) == tar[s0:s0 + 10]          # off the recorded path
+    _wait_idle(f, fetch)
+    assert 9 in fetch.spans(), "a read off the recorded path reads ahead as usual"
+
+
 def test_the_span_cache_tells_other_readers_which_spans_reads_have_touched(tmp_path, layer):
     # the FUSE session holder answers READs of spans in state SPAN_READ only: cached, read by
     # file data here, and no read-ahead waiting for their first read (service/holder_reads.py)

@@ -33,6 +33,8 @@ network, for about 13% more bytes). It starts once HEADER_SCAN spans of the laye
 for header checks: a few misses are a small start's own path (the python3 image's start misses
 nine, and reading ahead beside them moved a third more bytes for a quarter second), many are
 a workload scanning a tree. A layer of a few large files reads nothing ahead for lookups.
+A view with a recorded prefetch (`recorded`) knows what its workload reads: a read of spans
+the recording names reads ahead only spans it names too; a read off that path as usual.
 
 Write-behind: a span is handed to the reader (and to every waiter) as soon as it
 is verified and inflated; one writer thread stores it in the disk cache. Until the
@@ -134,6 +136,7 @@ class SpanFetcher:
         self._read_header: set[int] = set()       # spans tar header checks touched
         self._header_missed: set[int] = set()     # spans a tar header check found neither cached nor on their way
         self._order: dict[int, None] = {}         # every span reads touched, in the order of first touch
+        self.recorded: frozenset[int] = frozenset()   # the spans the view's recorded prefetch names
         self.last_demand = 0.0                    # monotonic time of the last on-demand fetch
         self.first_read_at: float | None = None   # wall time of the first read (a lazy start's phases)
 
@@ -212,10 +215,22 @@ class SpanFetcher:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def prefetch(self, span: int) -> None:
-        """Fetch `span` in the background (read-ahead for a file that goes on past a read)."""
+        """Fetch `span` in the background (read-ahead for a file that goes on past a read), unless
+        a recorded prefetch says the workload reads the span before and not this one."""
         if 0 <= span < self.ztoc.num_spans and not self.cache.has(span) and \
-                self._inflated(span) <= READ_AHEAD_INFLATED:
+                self._inflated(span) <= READ_AHEAD_INFLATED and self._off_record([span - 1], [span]):
             self._submit_read_ahead(self._claim_ahead([span]))
+
+    def _off_record(self, read: range | list[int], ahead: list[int]) -> list[int]:
+        """Of the spans `ahead` of a read of `read`, those to read ahead: all of them, unless the
+        view has a recorded prefetch naming every span read (the workload is on its recorded
+        path): then only those the recording names too (the prefetch brings them anyway, read-ahead
+        may bring them sooner). Read-ahead past what a recorded workload reads is bytes fetched and
+        never read; a read off the recorded path reads ahead as usual."""
+        recorded = self.recorded
+        if not recorded or not all(i in recorded for i in read):
+            return ahead
+        return [j for j in ahead if j in recorded]
 
     def fetch_ahead(self, spans: list[int], min_headers: int = 0, most_bytes: int = 0) -> int:
         """Fetch `spans` on the read-ahead threads, in the order given (adjacent ones together):
@@ -319,7 +334,7 @@ class SpanFetcher:
             if inflated < 0 or budget < 0 and want:
                 break
             want.append(j)
-        return self._claim_ahead(want)
+        return self._claim_ahead(self._off_record(spans, want))
 
     def _plan_header_read_ahead(self, spans: range) -> list[int]:
         """The spans to fetch beside a tar header check that misses the cache: of the next
@@ -335,7 +350,7 @@ class SpanFetcher:
                 return []
         want = [j for j in range(spans[-1] + 1, min(spans[-1] + 1 + HEADER_READ_AHEAD, self.ztoc.num_spans))
                 if self._inflated(j) <= READ_AHEAD_INFLATED and self._entries_in(j) >= HEADER_DENSE]
-        return self._claim_ahead(want)
+        return self._claim_ahead(self._off_record(spans, want))
 
     def _entries_in(self, i: int) -> int:
         """How many entries have their data (so their header) start in span i: two binary searches

@@ -325,6 +325,7 @@ class LayerManager:
         except LazyociError as e:
             log.error("%s: %s; no prefetch", what, e)
             return False
+        fetcher.recorded = frozenset(artifact.spans())      # its reads read ahead no further
         spans = [i for i in artifact.spans() if not fetcher.cache.has(i)]
         prefetch = SpanPrefetch(fetcher, spans)
         with self._lock:
