@@ -193,15 +193,21 @@ def leftover_mounts(root: Path) -> list[str]:
 def service_figures(root: Path) -> dict:
     """What the service says of its lazy layers after a run: compressed bytes fetched, of which
     spans no read used, spans fetched, of which spans only tar header checks read, when the last
-    layer was mounted and when the first read came (wall times; absent when it does not say)."""
+    layer was mounted and when the first read came (wall times; absent when it does not say);
+    and the FUSE session holder: READs it answered itself and READs it relayed to the service."""
     from lazyoci.service.client import ServiceClient
+    from lazyoci.service.holder_link import HolderPaths, holder_status
     from lazyoci.store.layout import DataRoot
     client = ServiceClient(DataRoot(root))
     if not client.is_running():
         return {}
     layers = client.status()["layers"]
     reads = [l["first_read_at"] for l in layers if l.get("first_read_at")]
-    return {"lazy_network_bytes": sum(l["network_bytes"] for l in layers),
+    holder = holder_status(HolderPaths(client.paths.dir)) or {}
+    return {"holder_opcodes": holder.get("opcodes"),
+            "holder_reads": holder.get("opcodes", {}).get("15", [None, None])[1],
+            "service_reads": holder.get("opcodes", {}).get("15", [None, None])[0],
+            "lazy_network_bytes": sum(l["network_bytes"] for l in layers),
             "unread_bytes": sum(l.get("unread_bytes", 0) for l in layers),
             "fetched_spans": sum(l.get("fetched_spans", 0) for l in layers),
             "header_only_spans": sum(l.get("header_only_spans", 0) for l in layers),
