@@ -28,7 +28,7 @@ def _read_message(node: int, offset: int, size: int, unique: int = 7) -> bytearr
 class _Layer:
     def __init__(self, tmp_path: Path) -> None:
         (tmp_path / "data").write_bytes(LAYER)
-        self.read_map = ReadMap.create(4, BOUNDS)
+        self.read_map = ReadMap.create(4, BOUNDS, 3600)
         self.states_fd = os.memfd_create("states")
         os.ftruncate(self.states_fd, len(BOUNDS) - 1)
         self.states = mmap.mmap(self.states_fd, len(BOUNDS) - 1)
@@ -123,3 +123,39 @@ def test_a_map_too_small_for_what_it_claims_is_refused(tmp_path):
             os.fstat(data_fd)          # the data descriptor was closed with the refusal
     finally:
         os.close(fd)
+
+
+def _lookup_message(node: int, name: bytes, unique: int = 9) -> bytearray:
+    body = name + b"\0"
+    header = struct.pack("<IIQQIIII", 40 + len(body), 1, unique, (SLOT << SLOT_SHIFT) | (node + 1), 0, 0, 0, 0)
+    return bytearray(header + body)
+
+
+def _ask_lookup(layer, node: int, name: bytes) -> bytes | None:
+    message = _lookup_message(node, name)
+    nodeid = (SLOT << SLOT_SHIFT) | (node + 1)
+    if not layer.reads.answer_lookup(layer.w, message, len(message), nodeid, 9):
+        return None
+    reply = os.read(layer.r, 4096)
+    length, error, unique = struct.unpack_from("<IiQ", reply)
+    assert (length, error, unique) == (len(reply), 0, 9)
+    return reply[16:]
+
+
+def test_a_listed_directory_answers_its_absent_names_and_leaves_the_others_to_the_service(layer):
+    names = [b"a", b"bb", b"lib7.so"]
+    assert _ask_lookup(layer, 0, b"nope") is None, "not listed yet"
+    layer.read_map.list_directory(0, names)
+    assert layer.read_map.listed(0) and not layer.read_map.listed(1)
+    entry = _ask_lookup(layer, 0, b"nope")
+    assert entry is not None and len(entry) == 128
+    nodeid, generation, entry_valid = struct.unpack_from("<QQQ", entry)
+    assert (nodeid, generation, entry_valid) == (0, 0, 3600), "no node, remembered as the service says"
+    for name in names + [b".", b".."]:
+        assert _ask_lookup(layer, 0, name) is None, name
+    assert _ask_lookup(layer, 1, b"nope") is None, "a directory not listed"
+    assert _ask_lookup(layer, 0, b"f1000") is not None and layer.reads.lookups == 2
+    layer.read_map.list_directory(1, [b"n%d" % i for i in range(1000)])     # more than the layer's nodes
+    assert not layer.read_map.listed(1) and _ask_lookup(layer, 1, b"nope") is None
+    layer.read_map.set_flag(STOPPED)
+    assert _ask_lookup(layer, 0, b"nope") is None

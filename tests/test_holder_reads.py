@@ -128,6 +128,31 @@ def test_a_layer_still_fetched_has_reads_answered_by_the_holder_once_the_service
         assert set(ztoc.spans_for(big.offset, big.offset + big.size)) <= set(order)
 
 
+def test_the_holder_answers_lookups_of_names_a_directory_does_not_have(registry, data_root, tmp_path):
+    files = _files()
+    layer, ztoc_bytes = _image(registry, tmp_path, "holder/absent", files)
+    zdigest = store_ztoc(data_root, ztoc_bytes)
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        d = client.mount_layer(f"{registry.host}/holder/absent:latest", layer.digest, zdigest)
+        _wait("the holder to take the layer", lambda: _status(client).get("served_layers") == 1)
+
+        def lookups() -> list[int]:
+            return _status(client)["opcodes"].get("1", [0, 0])
+
+        assert not (d / "dir/first-absent").exists()      # the service answers, and lists dir's names
+        before = lookups()
+        for i in range(5):
+            assert not (d / f"dir/absent-{i}").exists()
+        assert (d / "dir/inner.bin").read_bytes() == files["dir/inner.bin"]     # present: the service
+        after = lookups()
+        assert after[1] - before[1] == 5, "the absent names were answered by the holder"
+        assert after[0] - before[0] >= 1, "a name the directory has goes to the service"
+        # (each path walk also looks the layer's view up in the mount root: the service answers
+        # those, never remembered, so that an unmounted layer is gone at once)
+        assert not (d / "dir/absent-0").exists()      # remembered by the kernel: not asked again
+        assert lookups()[1] == after[1]
+
+
 def test_eviction_takes_the_layer_back_first_and_a_restart_hands_it_over_again(registry, data_root, tmp_path):
     files = _files()
     first, first_ztoc = _image(registry, tmp_path / "a", "holder/evicted", files)

@@ -333,6 +333,9 @@ class LayerFS(pyfuse3.Operations):
             return self._attrs(parent_inode)
         if name == b"..":
             return self._attrs(pyfuse3.ROOT_INODE if d == 0 else self._ino(layer, t.parent[d]))
+        if layer.read_map is not None and not layer.read_map.listed(d) and t.kind[d] == T.DIR:
+            # the session holder answers the directory's absent names from now on
+            layer.read_map.list_directory(d, (t.name(c) for _, c in t.list(d)))
         n = t.lookup(d, name)
         if n is None:
             # a layer's tree never changes: the kernel may remember that the name is absent

@@ -24,19 +24,30 @@ the holder's answer; the holder drops every layer when the service that handed i
 and the next service hands over what it mounts. A span state is set only after the span's bytes
 were verified and written, and the service writes a file's place before its size.
 
-The read map, 64-bit integers: FLAGS, NODES (n), SPANS (s), a spare; then s+1 span bounds (the
-uncompressed offset of each span's start, and the layer's size); then two per node of the layer's
-tree: the tar offset of the file's data and its size plus one (0: not answered here). Node n of
-the layer in slot S is the kernel's node ID (S << 32) | (n + 1) (fs/layer_fs.py). This module
-imports only the standard library: the holder is kept small.
+It also answers a LOOKUP of a name a directory does not have, once the service has listed that
+directory's names in the read map (at the directory's first LOOKUP it answered): an entry with no
+node, which the kernel remembers for as long as the service's own answer would say. Python's
+imports and overlayfs (which looks a name up in every layer above the one that has it) ask for
+many names no layer has.
+
+The read map, 64-bit integers: FLAGS, NODES (n), SPANS (s), the seconds a name's absence may be
+remembered; then s+1 span bounds (the uncompressed offset of each span's start, and the layer's
+size); then two per node of the layer's tree: the tar offset of the file's data and its size plus
+one (0: not answered here; -1 in the second: a directory whose names are listed); then a hash set
+of the listed names (open addressing, `_name_slots(n)` slots, 0 empty). Node n of the layer in
+slot S is the kernel's node ID (S << 32) | (n + 1) (fs/layer_fs.py). This module imports only the
+standard library: the holder is kept small.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import struct
+import threading
 from bisect import bisect_right
+from collections.abc import Iterable
 
 __all__ = ["COMPLETE", "ReadMap", "STOPPED", "ServedReads", "SLOT_SHIFT", "SPAN_CACHED", "SPAN_READ"]
 
@@ -52,8 +63,23 @@ _NODE_MASK = (1 << SLOT_SHIFT) - 1
 SPAN_CACHED = 1                        # verified and in the data file
 SPAN_READ = 2                          # ... and the service has seen its first read
 
-_FLAGS, _NODES, _SPANS, _HEADER_WORDS = 0, 1, 2, 4
+_FLAGS, _NODES, _SPANS, _ABSENT_SECONDS, _HEADER_WORDS = 0, 1, 2, 3, 4
 COMPLETE, STOPPED = 1, 2               # FLAGS: answer every file; answer none
+_LISTED = -1                           # a directory's second word: its names are in the hash set
+# struct fuse_entry_out with no node: nodeid, generation, entry_valid, attr_valid, their nsec, then a
+# zeroed struct fuse_attr (88 bytes)
+_ABSENT_ENTRY = struct.Struct("<QQQQII88x")
+
+
+def _name_slots(nodes: int) -> int:
+    """Slots of the name hash set: a power of two, at most half of them full (a name per node)."""
+    return 1 << max(4, (2 * nodes).bit_length())
+
+
+def _name_hash(directory: int, name: bytes) -> int:
+    """Never 0 (an empty slot)."""
+    h = hashlib.blake2b(directory.to_bytes(4, "little") + name, digest_size=8).digest()
+    return int.from_bytes(h, "little", signed=True) | 1
 
 
 class ReadMap:
@@ -67,21 +93,27 @@ class ReadMap:
                                mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
         self.words = memoryview(self._mmap).cast("q")
         self.nodes, self.spans = self.words[_NODES], self.words[_SPANS]
-        if len(self.words) < _HEADER_WORDS + self.spans + 1 + 2 * self.nodes or \
-                min(self.nodes, self.spans) < 0:
+        if min(self.nodes, self.spans) < 0 or len(self.words) < _map_words(self.nodes, self.spans + 1):
             self.close()
             raise OSError(f"a read map of {size} bytes for {self.nodes} nodes and {self.spans} spans")
-        self.bounds = self.words[_HEADER_WORDS:_HEADER_WORDS + self.spans + 1]
-        self.files = self.words[_HEADER_WORDS + self.spans + 1:]
+        files = _HEADER_WORDS + self.spans + 1
+        self.bounds = self.words[_HEADER_WORDS:files]
+        self.files = self.words[files:files + 2 * self.nodes]
+        self.names = self.words[files + 2 * self.nodes:_map_words(self.nodes, self.spans + 1)]
+        self._mask = len(self.names) - 1
+        self._listing = threading.Lock()
+        self._named = 0                        # names listed so far (service side)
 
     @classmethod
-    def create(cls, nodes: int, bounds: list[int]) -> "ReadMap":
+    def create(cls, nodes: int, bounds: list[int], absent_seconds: int) -> "ReadMap":
         """A new read map in a memfd of its own (`fd`), nothing answered yet, for `nodes` nodes
-        and spans starting at `bounds` (the last one: the layer's size)."""
+        and spans starting at `bounds` (the last one: the layer's size); the kernel may remember
+        that a name is absent for `absent_seconds`."""
         fd = os.memfd_create("lazyoci-read-map", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, 8 * (_HEADER_WORDS + len(bounds) + 2 * nodes))
-            os.pwrite(fd, struct.pack(f"<4q{len(bounds)}q", 0, nodes, len(bounds) - 1, 0, *bounds), 0)
+            os.ftruncate(fd, 8 * _map_words(nodes, len(bounds)))
+            os.pwrite(fd, struct.pack(f"<4q{len(bounds)}q", 0, nodes, len(bounds) - 1, absent_seconds,
+                                      *bounds), 0)
             read_map = cls(fd, writable=True)
         except BaseException:
             os.close(fd)
@@ -101,6 +133,35 @@ class ReadMap:
     def published(self, node: int) -> bool:
         return self.files[2 * node + 1] != 0
 
+    def list_directory(self, node: int, names: Iterable[bytes]) -> None:
+        """The holder may answer LOOKUPs in directory `node` of names not among `names` (all of its
+        names) itself."""
+        names = list(names)
+        with self._listing:
+            if self.files[2 * node + 1] == _LISTED or 2 * (self._named + len(names)) > len(self.names):
+                return       # listed already, or more names than the layer has nodes: not answered here
+            self._named += len(names)
+            for name in names:
+                i = _name_hash(node, name) & self._mask
+                while self.names[i]:
+                    i = (i + 1) & self._mask
+                self.names[i] = _name_hash(node, name)
+            self.files[2 * node + 1] = _LISTED       # last: the holder probes only after it
+
+    def listed(self, node: int) -> bool:
+        return self.files[2 * node + 1] == _LISTED
+
+    def may_have(self, node: int, name: bytes) -> bool:
+        """False only if listed directory `node` has no such name (a hash shared by two names
+        says True: the service then answers)."""
+        h = _name_hash(node, name)
+        i = h & self._mask
+        while (slot := self.names[i]) != 0:
+            if slot == h:
+                return True
+            i = (i + 1) & self._mask
+        return False
+
     def set_flag(self, flag: int, on: bool = True) -> None:
         self.words[_FLAGS] = self.words[_FLAGS] | flag if on else self.words[_FLAGS] & ~flag
 
@@ -112,11 +173,15 @@ class ReadMap:
 
     def close(self) -> None:
         self.close_descriptor()
-        for view in ("bounds", "files", "words"):
+        for view in ("bounds", "files", "names", "words"):
             v = self.__dict__.pop(view, None)
             if v is not None:
                 v.release()
         self._mmap.close()
+
+
+def _map_words(nodes: int, bounds: int) -> int:
+    return _HEADER_WORDS + bounds + 2 * nodes + _name_slots(nodes)
 
 
 class _Layer:
@@ -151,6 +216,7 @@ class ServedReads:
         self._layers: dict[int, _Layer] = {}
         self.answered = 0                  # READs answered here
         self.bytes = 0                     # and the bytes they returned
+        self.lookups = 0                   # LOOKUPs of absent names answered here
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -177,6 +243,29 @@ class ServedReads:
     def clear(self) -> None:
         for slot in list(self._layers):
             self.withdraw(slot)
+
+    def answer_lookup(self, fuse_fd: int, message: bytearray, length: int, nodeid: int, unique: int) -> bool:
+        """Answer a LOOKUP (`message[:length]`) of a name a listed directory does not have: an
+        entry with no node; False to leave it to the service."""
+        served = self._layers.get(nodeid >> SLOT_SHIFT)
+        if served is None:
+            return False
+        m = served.map
+        d = (nodeid & _NODE_MASK) - 1
+        if m.words[_FLAGS] & STOPPED or not 0 <= d < m.nodes or m.files[2 * d + 1] != _LISTED:
+            return False
+        name = bytes(message[_IN_HEADER_SIZE:length]).split(b"\0", 1)[0]
+        if name in (b".", b"..") or m.may_have(d, name):
+            return False
+        try:
+            os.write(fuse_fd, _OUT_HEADER.pack(_OUT_HEADER.size + _ABSENT_ENTRY.size, 0, unique) +
+                     _ABSENT_ENTRY.pack(0, 0, m.words[_ABSENT_SECONDS], 0, 0, 0))
+        except FileNotFoundError:
+            pass                           # the kernel gave the request up (interrupted)
+        except OSError:
+            return False
+        self.lookups += 1
+        return True
 
     def answer(self, fuse_fd: int, message: bytearray, nodeid: int, unique: int) -> bool:
         """Answer a READ (`message`, its header included) of a served node on `fuse_fd`; False to

@@ -33,7 +33,7 @@ from lazyoci.config import Config
 from lazyoci.errors import FormatError, LazyociError, RegistryError, StoreError
 from lazyoci.fs.background import BackgroundFetcher, read_as_fetched
 from lazyoci.fs.header_check import LayerVerifier
-from lazyoci.fs.layer_fs import LayerFS, LazyLayer
+from lazyoci.fs.layer_fs import TIMEOUT as ENTRY_TIMEOUT, LayerFS, LazyLayer
 from lazyoci.fs.sibling_headers import fetch_first_headers
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
@@ -254,7 +254,8 @@ class LayerManager:
             self._labels[view] = fmt.label
         slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
         if self.holder_offers is not None:       # what the session holder may read of it
-            read_map = layer.read_map = ReadMap.create(len(tree), [s for s, _ in spans] + [cache.total_bytes])
+            read_map = layer.read_map = ReadMap.create(len(tree), [s for s, _ in spans] + [cache.total_bytes],
+                                                       int(ENTRY_TIMEOUT))
             verifier.on_broken = functools.partial(read_map.set_flag, STOPPED)
         self.fs.add_layer(layer, slot)
         if self.holder_offers is not None:

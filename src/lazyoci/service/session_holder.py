@@ -19,9 +19,11 @@ round trip through the service:
 
 - GETXATTR of overlayfs' own xattrs other than the opaque marker, which no node of the mount
   has (overlay_xattr_reply);
-- READ of a file whose first READ the service answered, of spans in the span cache that reads
-  touched before, in a layer the service handed over (every file of a layer complete in the span
-  cache and checked): read from the cache's data file here (service/holder_reads.py);
+- READ of a file that passed its header check, of spans in the span cache that reads touched
+  before, in a layer the service handed over (every file of a layer complete in the span cache
+  and checked): read from the cache's data file here (service/holder_reads.py);
+- LOOKUP of a name a directory does not have, once the service listed the directory's names
+  (service/holder_reads.py);
 - OPEN and OPENDIR, with ENOSYS, when the kernel's INIT says it takes that as "opens need no
   message" (zero-message opens, OpenSkipper): from then on it sends no OPEN, OPENDIR, RELEASE or
   RELEASEDIR at all, keeps the page cache of files across opens and caches directory listings.
@@ -91,7 +93,7 @@ _IN_HEADER = struct.Struct("<IIQQ")
 _OUT_HEADER = struct.Struct("<IiQ")
 _IN_HEADER_SIZE = 40                  # the whole struct fuse_in_header
 _FUSE_FORGET, _FUSE_INIT, _FUSE_INTERRUPT, _FUSE_NOTIFY_REPLY, _FUSE_BATCH_FORGET = 2, 26, 36, 41, 42
-_FUSE_GETXATTR = 22
+_FUSE_LOOKUP, _FUSE_GETXATTR = 1, 22
 _FUSE_OPEN, _FUSE_READ, _FUSE_OPENDIR, _FUSE_READDIR, _FUSE_READDIRPLUS = 14, 15, 27, 28, 44
 # struct fuse_init_in / fuse_init_out after their headers: major, minor, max_readahead, flags
 _INIT_FLAGS = struct.Struct("<IIII")
@@ -466,7 +468,9 @@ class Holder:
                 return False
             raise
         _, opcode, unique, nodeid = _IN_HEADER.unpack_from(self._in)
-        if opcode == _FUSE_READ and self.reads and self.reads.answer(self.fuse_fd, self._in, nodeid, unique):
+        if self.reads and (
+                (opcode == _FUSE_READ and self.reads.answer(self.fuse_fd, self._in, nodeid, unique)) or
+                (opcode == _FUSE_LOOKUP and self.reads.answer_lookup(self.fuse_fd, self._in, n, nodeid, unique))):
             self.answered += 1
             self.opcodes.setdefault(opcode, [0, 0])[1] += 1
             return True
