@@ -114,9 +114,10 @@ class LayerCache:
 
     def mark_read(self, span: int) -> None:
         """The span fetcher has seen the first read of `span` (cached): see the module docstring."""
-        with self._lock:
-            if self._present[span]:
-                self._present[span] = SPAN_READ
+        if self._present[span] == SPAN_CACHED:      # (every later read of the span: nothing to do)
+            with self._lock:
+                if self._present[span]:
+                    self._present[span] = SPAN_READ
 
     def missing(self) -> list[int]:
         return [i for i, p in enumerate(self._present) if not p]

@@ -154,9 +154,9 @@ class HolderOffers:
         assert read_map is not None
         with self._lock:
             slot = self._slot_of(layer)
-            if slot is None or cache.directory in self._served or \
+            if not self._attached or slot is None or cache.directory in self._served or \
                     self._layers.get(cache.directory) is not layer or cache.closed:
-                return       # unmounted, or handed over already
+                return       # not attached yet (`attached` hands it over), unmounted, or handed over already
             data_fd = os.open(cache.directory / "data", os.O_RDONLY | os.O_CLOEXEC)
             try:
                 serve_reads(self._paths, slot, data_fd, cache.states_fd, read_map.fd)

@@ -142,10 +142,11 @@ class ReadMap:
                 return       # listed already, or more names than the layer has nodes: not answered here
             self._named += len(names)
             for name in names:
-                i = _name_hash(node, name) & self._mask
+                h = _name_hash(node, name)
+                i = h & self._mask
                 while self.names[i]:
                     i = (i + 1) & self._mask
-                self.names[i] = _name_hash(node, name)
+                self.names[i] = h
             self.files[2 * node + 1] = _LISTED       # last: the holder probes only after it
 
     def listed(self, node: int) -> bool:
