@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lazyoci.service.holder_reads import COMPLETE, SLOT_SHIFT, SPAN_CACHED, SPAN_READ, STOPPED, ReadMap, ServedReads
+from lazyoci.service.holder_reads import (COMPLETE, NO_XATTRS, OPAQUE, SLOT_SHIFT, SPAN_CACHED, SPAN_READ, STOPPED,
+                                          ReadMap, ServedReads, entry_out)
 
 SPAN = 1000
 LAYER = bytes(range(256)) * 20          # 5120 bytes: six spans of 1000, the last one 120
@@ -145,7 +146,7 @@ def _ask_lookup(layer, node: int, name: bytes) -> bytes | None:
 def test_a_listed_directory_answers_its_absent_names_and_leaves_the_others_to_the_service(layer):
     names = [b"a", b"bb", b"lib7.so"]
     assert _ask_lookup(layer, 0, b"nope") is None, "not listed yet"
-    layer.read_map.list_directory(0, names)
+    layer.read_map.list_directory(0, [(name, i + 1) for i, name in enumerate(names)])
     assert layer.read_map.listed(0) and not layer.read_map.listed(1)
     entry = _ask_lookup(layer, 0, b"nope")
     assert entry is not None and len(entry) == 128
@@ -155,7 +156,99 @@ def test_a_listed_directory_answers_its_absent_names_and_leaves_the_others_to_th
         assert _ask_lookup(layer, 0, name) is None, name
     assert _ask_lookup(layer, 1, b"nope") is None, "a directory not listed"
     assert _ask_lookup(layer, 0, b"f1000") is not None and layer.reads.lookups == 2
-    layer.read_map.list_directory(1, [b"n%d" % i for i in range(1000)])     # more than the layer's nodes
+    layer.read_map.list_directory(1, [(b"n%d" % i, 2) for i in range(1000)])     # more than the layer's nodes
     assert not layer.read_map.listed(1) and _ask_lookup(layer, 1, b"nope") is None
     layer.read_map.set_flag(STOPPED)
     assert _ask_lookup(layer, 0, b"nope") is None
+
+
+class _Attrs:
+    """Attributes named as pyfuse3's EntryAttributes names them."""
+
+    def __init__(self, **fields) -> None:
+        defaults = dict(st_ino=(SLOT << SLOT_SHIFT) | 2, generation=0, entry_timeout=86400.0, attr_timeout=86400.0,
+                        st_size=5, st_blocks=1, st_atime_ns=1_700_000_000_123_456_789,
+                        st_mtime_ns=1_700_000_000_123_456_789, st_ctime_ns=1_700_000_000_123_456_789,
+                        st_mode=0o100644, st_nlink=1, st_uid=1000, st_gid=1000, st_rdev=0, st_blksize=4096)
+        self.__dict__.update(defaults, **fields)
+
+
+def test_an_entry_is_struct_fuse_entry_out_field_for_field():
+    entry = entry_out(_Attrs(entry_timeout=1.5, st_rdev=(1 << 40) | 7))
+    assert entry is not None and len(entry) == 128
+    nodeid, generation, entry_valid, attr_valid, entry_nsec, attr_nsec = struct.unpack_from("<QQQQII", entry)
+    assert (nodeid, generation, entry_valid, attr_valid, entry_nsec, attr_nsec) == \
+        ((SLOT << SLOT_SHIFT) | 2, 0, 1, 86400, 500_000_000, 0)
+    fields = struct.unpack_from("<QQQQQQIIIIIIIIII", entry, 40)
+    assert fields == ((SLOT << SLOT_SHIFT) | 2, 5, 1, 1_700_000_000, 1_700_000_000, 1_700_000_000,
+                      123_456_789, 123_456_789, 123_456_789, 0o100644, 1, 1000, 1000, 7, 4096, 0)
+    assert entry_out(_Attrs(st_mtime_ns=-1)) is None, "a time before 1970 is the service's to answer"
+
+
+def test_a_listed_directory_answers_the_names_whose_entries_are_written(layer):
+    m = layer.read_map
+    m.list_directory(0, [(b"a", 1), (b"b", 2)])
+    assert _ask_lookup(layer, 0, b"a") is None, "not checked yet: the service checks it first"
+    entry = entry_out(_Attrs())
+    m.publish_entry(1, entry, 0)
+    assert m.entry_published(1) and not m.entry_published(2)
+    assert _ask_lookup(layer, 0, b"a") == entry
+    assert _ask_lookup(layer, 0, b"b") is None
+    m.publish_entry(1, entry_out(_Attrs(st_size=9)), 0)
+    assert _ask_lookup(layer, 0, b"a") == entry, "written once: a node's attributes never change"
+    m.set_flag(STOPPED)
+    assert _ask_lookup(layer, 0, b"a") is None
+
+
+def test_names_that_share_a_hash_are_left_to_the_service(layer, monkeypatch):
+    from lazyoci.service import holder_reads
+    monkeypatch.setattr(holder_reads, "_name_hash", lambda key, d, name: 12345)
+    m = layer.read_map
+    m.list_directory(0, [(b"a", 1), (b"b", 2)])
+    m.publish_entry(1, entry_out(_Attrs()), 0)
+    m.publish_entry(2, entry_out(_Attrs()), 0)
+    assert _ask_lookup(layer, 0, b"a") is None and _ask_lookup(layer, 0, b"b") is None
+    assert _ask_lookup(layer, 0, b"c") is None, "a hash that names a listed name: the service says"
+
+
+def test_each_map_hashes_names_with_a_key_of_its_own():
+    one, two = ReadMap.create(4, BOUNDS, 60), ReadMap.create(4, BOUNDS, 60)
+    try:
+        assert len(one.key) == 16 and one.key != two.key
+    finally:
+        one.close()
+        two.close()
+
+
+def _getxattr_message(node: int, name: bytes, size: int, unique: int = 11) -> bytearray:
+    body = struct.pack("<II", size, 0) + name + b"\0"
+    header = struct.pack("<IIQQIIII", 40 + len(body), 22, unique, (SLOT << SLOT_SHIFT) | (node + 1), 0, 0, 0, 0)
+    return bytearray(header + body)
+
+
+def _ask_getxattr(layer, node: int, name: bytes, size: int) -> tuple[int, bytes] | None:
+    message = _getxattr_message(node, name, size)
+    if not layer.reads.answer_getxattr(layer.w, message, len(message), (SLOT << SLOT_SHIFT) | (node + 1), 11):
+        return None
+    reply = os.read(layer.r, 4096)
+    length, error, unique = struct.unpack_from("<IiQ", reply)
+    assert (length, unique) == (len(reply), 11)
+    return error, reply[16:]
+
+
+def test_the_opaque_marker_is_answered_for_nodes_whose_entries_are_written(layer):
+    m = layer.read_map
+    opaque = b"trusted.overlay.opaque"
+    assert _ask_getxattr(layer, 1, opaque, 0) is None, "not checked yet"
+    m.publish_entry(1, entry_out(_Attrs()), OPAQUE)
+    m.publish_entry(2, entry_out(_Attrs()), 0)
+    assert _ask_getxattr(layer, 1, opaque, 0) == (0, struct.pack("<II", 1, 0)), "the size first"
+    assert _ask_getxattr(layer, 1, opaque, 64) == (0, b"y")
+    assert _ask_getxattr(layer, 2, opaque, 64) == (-61, b""), "ENODATA"
+    assert _ask_getxattr(layer, 1, b"security.capability", 64) is None, "other names: the service"
+    assert _ask_getxattr(layer, 3, opaque, 64) is None
+    m.set_flag(NO_XATTRS)
+    assert _ask_getxattr(layer, 3, opaque, 64) == (-61, b""), "a layer without xattrs has none to check"
+    assert _ask_getxattr(layer, 1, opaque, 64) == (-61, b"")
+    m.set_flag(STOPPED)
+    assert _ask_getxattr(layer, 2, opaque, 64) is None

@@ -155,6 +155,74 @@ def test_the_holder_answers_lookups_of_names_a_directory_does_not_have(registry,
         assert lookups()[1] == after[1]
 
 
+def test_the_holder_answers_lookups_and_the_opaque_marker_of_checked_nodes_with_the_service_s_attributes(
+        registry, data_root, tmp_path):
+    """Once a second name is looked up in a directory, the service checks its children whose
+    headers are cached and writes their entries: the holder answers their LOOKUPs, and GETXATTRs of
+    overlayfs' opaque marker, with what the tar says."""
+    files = {f"pkg/m{i}.py": os.urandom(100 + i) for i in range(12)}
+    entries = [Entry("pkg/", kind="dir", mode=0o750, uid=7, gid=8, mtime=1_600_000_000),
+               Entry("pkg/opq/", kind="dir"), Entry("pkg/opq/.wh..wh..opq"), Entry("pkg/sub/", kind="dir")]
+    entries += [Entry(name, data=data, mode=0o600 + i, uid=1000 + i, gid=2000 + i, mtime=1_700_000_000 + i)
+                for i, (name, data) in enumerate(files.items())]
+    entries += [Entry("pkg/run", kind="file", data=b"#!/bin/sh\n", mode=0o4755),
+                Entry("pkg/ln", kind="symlink", linkname="m3.py", mtime=1_650_000_000),
+                Entry("pkg/hard", kind="hardlink", linkname="pkg/m5.py"),
+                Entry("pkg/null", kind="char", devmajor=1, devminor=3, mode=0o666)]
+    layer = make_layer(entries, "gzip")
+    push_image(registry.host, "holder/entries", [layer], image_config([layer]), tmp_path)
+    zdigest = store_ztoc(data_root, ztoc_for(layer, span_size=64 << 10))
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        d = client.mount_layer(f"{registry.host}/holder/entries:latest", layer.digest, zdigest)
+        _wait("the holder to take the layer", lambda: _status(client).get("served_layers") == 1)
+
+        def counts(opcode: int) -> list[int]:
+            return _status(client)["opcodes"].get(str(opcode), [0, 0])
+
+        # the first name looked up in pkg lists its names, the second checks its cached children;
+        # names are looked up from pkg's descriptor (a path walk also looks the view up in the mount
+        # root, which the service answers each time: never remembered)
+        pkg = os.open(d / "pkg", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            def stat(name: str) -> os.stat_result:
+                return os.stat(name, dir_fd=pkg, follow_symlinks=False)
+
+            def opaque(name: str) -> bytes:
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=pkg)
+                try:
+                    return os.getxattr(fd, "trusted.overlay.opaque")
+                finally:
+                    os.close(fd)
+
+            assert stat("m0.py").st_size == 100
+            _wait("the layer's one span on disk", lambda: _percent(client, layer.digest) == 100.0)
+            assert stat("m1.py").st_size == 101
+            lookups, xattrs = counts(1), counts(22)
+            for i, (name, data) in enumerate(files.items()):
+                st = stat(name.removeprefix("pkg/"))
+                assert (st.st_mode, st.st_size, st.st_uid, st.st_gid, st.st_nlink, st.st_mtime_ns) == \
+                    (0o100600 + i, len(data), 1000 + i, 2000 + i, 2 if i == 5 else 1, (1_700_000_000 + i) * 10**9), name
+            run, ln, hard, null = (stat(n) for n in ("run", "ln", "hard", "null"))
+            assert run.st_mode == 0o104755 and run.st_size == 10
+            assert ln.st_mode == 0o120777 and ln.st_size == len("m3.py") and ln.st_mtime_ns == 1_650_000_000 * 10**9
+            assert hard.st_ino == stat("m5.py").st_ino and hard.st_nlink == 2
+            assert null.st_mode == 0o020666 and os.major(null.st_rdev) == 1 and os.minor(null.st_rdev) == 3
+            assert opaque("opq") == b"y"
+            with pytest.raises(OSError) as e:
+                opaque("sub")
+            assert e.value.errno == 61                # ENODATA
+            assert os.readlink("ln", dir_fd=pkg) == "m3.py"
+            after_lookups, after_xattrs = counts(1), counts(22)
+        finally:
+            os.close(pkg)
+        assert after_lookups[0] == lookups[0], "every LOOKUP in pkg after the second was the holder's"
+        assert after_lookups[1] - lookups[1] == len(files) - 2 + 6
+        assert after_xattrs[0] == xattrs[0] and after_xattrs[1] - xattrs[1] == 2
+        assert (d / "pkg/hard").read_bytes() == files["pkg/m5.py"]
+        top = os.lstat(d / "pkg")
+        assert (top.st_mode, top.st_uid, top.st_gid, top.st_mtime_ns) == (0o040750, 7, 8, 1_600_000_000 * 10**9)
+
+
 def test_eviction_takes_the_layer_back_first_and_a_restart_hands_it_over_again(registry, data_root, tmp_path):
     files = _files()
     first, first_ztoc = _image(registry, tmp_path / "a", "holder/evicted", files)

@@ -27,9 +27,12 @@ the disk cache are served on the event loop (a pread; a thread hop would cost
 more than the read); the others run
 the span manager in worker threads (`trio.to_thread.run_sync`) so many reads
 proceed at once; every lazyoci error (a digest mismatch above all) becomes EIO
-and is logged. A file that passed its header check has where its bytes lie written
-into the layer's read map: READs of its cached spans that reads touched before, the
-FUSE session holder answers itself (service/holder_reads.py).
+and is logged. A node that passed its header check has its LOOKUP answer written into
+the layer's read map, and a file where its bytes lie: its LOOKUPs, the GETXATTRs of its
+opaque marker and the READs of its cached spans that reads touched before, the FUSE
+session holder answers itself (service/holder_reads.py). So that it answers most
+LOOKUPs of a directory, the second name looked up in it has the service check every
+child whose header is cached (`_sweep`).
 """
 
 from __future__ import annotations
@@ -47,17 +50,20 @@ import trio
 
 from lazyoci.errors import LazyociError
 from lazyoci.fs import tree as T
-from lazyoci.fs.header_check import LayerVerifier
+from lazyoci.fs.header_check import UNCHECKED, LayerVerifier
 from lazyoci.fs.sibling_headers import SiblingHeaders
 from lazyoci.fs.span_fetcher import SpanFetcher
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.whiteout import OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, is_overlay_xattr
-from lazyoci.service.holder_reads import SLOT_SHIFT, ReadMap     # the node ID layout the session holder reads too
+# the node ID layout and the read map the session holder reads too
+from lazyoci.service.holder_reads import OPAQUE, SLOT_SHIFT, ReadMap, entry_out
 from lazyoci.service.paths import layer_view_name as view_name
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = 24 * 3600.0            # immutable content: cache entries and attributes for long
+SWEEP_CHILDREN = 4096            # a directory with more children is not swept (`_sweep`)
+SWEEPS = 4                       # times a directory is swept at most
 MEMO_NODES = 1 << 16             # per layer: nodes whose attributes or file extent are kept decoded
 _TYPE_BITS = {T.DIR: stat.S_IFDIR, T.REG: stat.S_IFREG, T.SYMLINK: stat.S_IFLNK,
               T.CHAR: stat.S_IFCHR, T.BLOCK: stat.S_IFBLK, T.FIFO: stat.S_IFIFO,
@@ -84,6 +90,8 @@ class LazyLayer:
     checked: bytearray = field(init=False, repr=False)
     attrs: dict[int, pyfuse3.EntryAttributes] = field(init=False, repr=False, default_factory=dict)
     extents: dict[int, tuple[int, int]] = field(init=False, repr=False, default_factory=dict)
+    # directory -> (sweeps left, cached bytes at the last) of its children (`LayerFS._sweep`)
+    swept: dict[int, tuple[int, int]] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.checked = bytearray(len(self.tree))
@@ -197,9 +205,37 @@ class LayerFS(pyfuse3.Operations):
             entries.extend(x for x in (t.entry[c], t.entry[t.target[c]]) if x >= 0)
             entries.extend(t.opaque.get(c, ()))
         try:
-            v.check_cached(sorted(set(v.unchecked(entries))))
+            todo = sorted(set(v.unchecked(entries)))
         except LazyociError:
-            pass       # a bad child stays unchecked in the listing; its lookup is EIO
+            todo = [i for i in sorted(set(entries)) if v.state[i] == UNCHECKED]
+        try:
+            if v.check_cached(todo):
+                return
+        except LazyociError:
+            pass
+        for i in todo:       # some are not cached, or bad: check the others one by one
+            try:
+                v.check_cached([i])
+            except LazyociError:
+                pass       # a bad child stays unchecked in the listing; its lookup is EIO
+
+    def _sweep(self, layer: LazyLayer, d: int) -> None:
+        """Check the children of d whose headers are cached and write their entries for the
+        session holder, which then answers their LOOKUPs: when a second name is looked up in the
+        directory (Python's imports look up many names of one directory), and again, a few times
+        at most, when a name reaches the service after the cache has grown, if children were left
+        unchecked (their headers not cached yet)."""
+        t = layer.tree
+        cached = layer.fetcher.cache.cached_bytes
+        left, before = layer.swept.get(d, (SWEEPS, -1))
+        if left <= 0 or cached == before:
+            return
+        if t.child_count[d] > SWEEP_CHILDREN:
+            layer.swept[d] = (0, cached)
+            return
+        self._check_children_cached(layer, d, 0)
+        unchecked = [c for _, c in t.list(d) if not self._checked(layer, c)]
+        layer.swept[d] = (left - 1 if unchecked else 0, cached)
 
     def _checked(self, layer: LazyLayer, n: int) -> bool:
         """True if node n was checked already (no I/O)."""
@@ -218,9 +254,15 @@ class LayerFS(pyfuse3.Operations):
         answer READs of what is cached of it, if it is a file (a hardlink's name: once its target
         is checked, which the READs name)."""
         layer.checked[n] = 1
+        read_map = layer.read_map
+        if read_map is None:
+            return
         t = layer.tree
-        if layer.read_map is not None and t.kind[n] == T.REG and t.target[n] == n and t.entry[n] >= 0:
+        if t.kind[n] == T.REG and t.target[n] == n and t.entry[n] >= 0:
             self._publish(layer, n)
+        m = t.target[n]
+        if n and not read_map.entry_published(n):
+            read_map.publish_entry(n, entry_out(self._attrs(self._ino(layer, m))), OPAQUE if m in t.opaque else 0)
 
     def _publish(self, layer: LazyLayer, n: int) -> None:
         read_map = layer.read_map
@@ -333,9 +375,14 @@ class LayerFS(pyfuse3.Operations):
             return self._attrs(parent_inode)
         if name == b"..":
             return self._attrs(pyfuse3.ROOT_INODE if d == 0 else self._ino(layer, t.parent[d]))
-        if layer.read_map is not None and not layer.read_map.listed(d) and t.kind[d] == T.DIR:
-            # the session holder answers the directory's absent names from now on
-            layer.read_map.list_directory(d, (t.name(c) for _, c in t.list(d)))
+        read_map = layer.read_map
+        if read_map is not None and t.kind[d] == T.DIR:
+            if not read_map.listed(d):
+                # the session holder answers the directory's absent names from now on, and the
+                # names whose entries are written
+                read_map.list_directory(d, ((t.name(c), c) for _, c in t.list(d)))
+            else:
+                self._sweep(layer, d)
         n = t.lookup(d, name)
         if n is None:
             # a layer's tree never changes: the kernel may remember that the name is absent

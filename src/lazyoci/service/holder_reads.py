@@ -24,23 +24,32 @@ the holder's answer; the holder drops every layer when the service that handed i
 and the next service hands over what it mounts. A span state is set only after the span's bytes
 were verified and written, and the service writes a file's place before its size.
 
-It also answers a LOOKUP of a name a directory does not have, once the service has listed that
-directory's names in the read map (at the directory's first LOOKUP it answered): an entry with no
-node, which the kernel remembers for as long as the service's own answer would say. Python's
-imports and overlayfs (which looks a name up in every layer above the one that has it) ask for
-many names no layer has.
+It also answers LOOKUPs in a directory once the service has listed that directory's names in the
+read map (at the directory's first LOOKUP it answered): a name the directory does not have gets an
+entry with no node, which the kernel remembers for as long as the service's own answer would say;
+a name it has gets the entry the service wrote for that node once it passed its header check
+(every node it checks: the service checks a directory's children whose headers are cached once a
+second name is looked up in it). Python's imports look up many names of one directory, and
+overlayfs looks a name up in every layer above the one that has it. Then GETXATTR of overlayfs'
+opaque marker, which overlayfs asks of every directory it looks up: answered for every node whose
+entry is written (the service writes whether it is opaque with it).
 
 The read map, 64-bit integers: FLAGS, NODES (n), SPANS (s), the seconds a name's absence may be
-remembered; then s+1 span bounds (the uncompressed offset of each span's start, and the layer's
-size); then two per node of the layer's tree: the tar offset of the file's data and its size plus
-one (0: not answered here; -1 in the second: a directory whose names are listed); then a hash set
-of the listed names (open addressing, `_name_slots(n)` slots, 0 empty). Node n of the layer in
-slot S is the kernel's node ID (S << 32) | (n + 1) (fs/layer_fs.py). This module imports only the
-standard library: the holder is kept small.
+remembered, two words of the key of the name hash; then s+1 span bounds (the uncompressed offset
+of each span's start, and the layer's size); then two per node of the layer's tree: the tar offset
+of the file's data and its size plus one (0: not answered here; -1 in the second: a directory
+whose names are listed); then ENTRY_WORDS per node: the node's struct fuse_entry_out as the
+service answers its LOOKUP (node ID 0: not written yet) and its marks (OPAQUE); then a hash set of
+the listed names (open addressing, `_name_slots(n)` slots, 0 empty) and beside it the node each
+slot's name is (plus one; 0: two listed names share the hash, the service answers). The hash is
+keyed with a random key each map gets, so no image can choose names that share one. Node n of the
+layer in slot S is the kernel's node ID (S << 32) | (n + 1) (fs/layer_fs.py). This module imports
+only the standard library: the holder is kept small.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -48,10 +57,15 @@ import struct
 import threading
 from bisect import bisect_right
 from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["COMPLETE", "ReadMap", "STOPPED", "ServedReads", "SLOT_SHIFT", "SPAN_CACHED", "SPAN_READ"]
+__all__ = ["COMPLETE", "NO_XATTRS", "OPAQUE", "ReadMap", "STOPPED", "ServedReads", "SLOT_SHIFT", "SPAN_CACHED",
+           "SPAN_READ", "entry_out"]
 
 _IN_HEADER_SIZE = 40                   # struct fuse_in_header
+_GETXATTR_IN = struct.Struct("<I4x")   # struct fuse_getxattr_in: size, padding; the name follows
+_GETXATTR_OUT = struct.Struct("<I4x")  # struct fuse_getxattr_out: size, padding
+_OPAQUE_NAME = b"trusted.overlay.opaque"
 _READ_IN = struct.Struct("<QQI")       # struct fuse_read_in: fh, offset, size, ...
 _OUT_HEADER = struct.Struct("<IiQ")    # struct fuse_out_header: len, error, unique
 # Node IDs of the lazy mount: (slot << SLOT_SHIFT) | (node + 1). fs/layer_fs.py makes them from this
@@ -63,12 +77,22 @@ _NODE_MASK = (1 << SLOT_SHIFT) - 1
 SPAN_CACHED = 1                        # verified and in the data file
 SPAN_READ = 2                          # ... and the service has seen its first read
 
-_FLAGS, _NODES, _SPANS, _ABSENT_SECONDS, _HEADER_WORDS = 0, 1, 2, 3, 4
-COMPLETE, STOPPED = 1, 2               # FLAGS: answer every file; answer none
+_FLAGS, _NODES, _SPANS, _ABSENT_SECONDS, _KEY, _HEADER_WORDS = 0, 1, 2, 3, 4, 6
+_KEY_BYTES = 16
+# FLAGS: answer every file; answer nothing; the layer has no xattrs (its index says so: the service
+# looks none up)
+COMPLETE, STOPPED, NO_XATTRS = 1, 2, 4
 _LISTED = -1                           # a directory's second word: its names are in the hash set
-# struct fuse_entry_out with no node: nodeid, generation, entry_valid, attr_valid, their nsec, then a
-# zeroed struct fuse_attr (88 bytes)
+# struct fuse_entry_out: nodeid, generation, entry_valid, attr_valid, their nsec; then struct
+# fuse_attr: ino, size, blocks, atime, mtime, ctime, their nsec, mode, nlink, uid, gid, rdev, blksize,
+# flags (128 bytes, 16 words). With no node: the attributes zeroed.
+_ENTRY_OUT = struct.Struct("<QQQQII")
+_ATTR = struct.Struct("<QQQqqqIIIIIIIIII")
 _ABSENT_ENTRY = struct.Struct("<QQQQII88x")
+_ENTRY_OUT_WORDS = 16
+ENTRY_WORDS = _ENTRY_OUT_WORDS + 1     # and the node's marks
+OPAQUE = 1                             # a mark: the node has overlayfs' opaque marker
+_U32, _U64 = (1 << 32) - 1, (1 << 64) - 1
 
 
 def _name_slots(nodes: int) -> int:
@@ -76,10 +100,31 @@ def _name_slots(nodes: int) -> int:
     return 1 << max(4, (2 * nodes).bit_length())
 
 
-def _name_hash(directory: int, name: bytes) -> int:
+def _name_hash(key: bytes, directory: int, name: bytes) -> int:
     """Never 0 (an empty slot)."""
-    h = hashlib.blake2b(directory.to_bytes(4, "little") + name, digest_size=8).digest()
+    h = hashlib.blake2b(directory.to_bytes(4, "little") + name, digest_size=8, key=key).digest()
     return int.from_bytes(h, "little", signed=True) | 1
+
+
+def _timeout(seconds: float) -> tuple[int, int]:
+    """A timeout as the kernel takes it, whole seconds and nanoseconds (as libfuse converts it)."""
+    whole = min(max(int(seconds), 0), _U64)
+    return whole, min(max(int((seconds - whole) * 1e9), 0), 999_999_999)
+
+
+def entry_out(a: Any) -> bytes | None:
+    """struct fuse_entry_out of attributes named as pyfuse3's EntryAttributes names them, field for
+    field what libfuse makes of them for a LOOKUP reply (integers cut to the field's width); None
+    for a time before 1970, which the service alone answers (C divides such times otherwise)."""
+    if min(a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns) < 0:
+        return None
+    entry_valid, entry_nsec = _timeout(a.entry_timeout)
+    attr_valid, attr_nsec = _timeout(a.attr_timeout)
+    times = [divmod(ns, 1_000_000_000) for ns in (a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns)]
+    return _ENTRY_OUT.pack(a.st_ino & _U64, a.generation & _U64, entry_valid, attr_valid, entry_nsec, attr_nsec) + \
+        _ATTR.pack(a.st_ino & _U64, a.st_size & _U64, a.st_blocks & _U64, times[0][0], times[1][0], times[2][0],
+                   times[0][1], times[1][1], times[2][1], a.st_mode & _U32, a.st_nlink & _U32, a.st_uid & _U32,
+                   a.st_gid & _U32, a.st_rdev & _U32, a.st_blksize & _U32, 0)
 
 
 class ReadMap:
@@ -97,23 +142,29 @@ class ReadMap:
             self.close()
             raise OSError(f"a read map of {size} bytes for {self.nodes} nodes and {self.spans} spans")
         files = _HEADER_WORDS + self.spans + 1
+        entries = files + 2 * self.nodes
+        names = entries + ENTRY_WORDS * self.nodes
+        slots = _name_slots(self.nodes)
+        self.key = bytes(self.words[_KEY:_KEY + 2])
         self.bounds = self.words[_HEADER_WORDS:files]
-        self.files = self.words[files:files + 2 * self.nodes]
-        self.names = self.words[files + 2 * self.nodes:_map_words(self.nodes, self.spans + 1)]
-        self._mask = len(self.names) - 1
+        self.files = self.words[files:entries]
+        self.entries = self.words[entries:names]
+        self.names = self.words[names:names + slots]
+        self.name_nodes = self.words[names + slots:names + 2 * slots]
+        self._mask = slots - 1
         self._listing = threading.Lock()
         self._named = 0                        # names listed so far (service side)
 
     @classmethod
-    def create(cls, nodes: int, bounds: list[int], absent_seconds: int) -> "ReadMap":
+    def create(cls, nodes: int, bounds: list[int], absent_seconds: int, flags: int = 0) -> "ReadMap":
         """A new read map in a memfd of its own (`fd`), nothing answered yet, for `nodes` nodes
         and spans starting at `bounds` (the last one: the layer's size); the kernel may remember
-        that a name is absent for `absent_seconds`."""
+        that a name is absent for `absent_seconds`; `flags` to start with (NO_XATTRS)."""
         fd = os.memfd_create("lazyoci-read-map", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, 8 * _map_words(nodes, len(bounds)))
-            os.pwrite(fd, struct.pack(f"<4q{len(bounds)}q", 0, nodes, len(bounds) - 1, absent_seconds,
-                                      *bounds), 0)
+            os.pwrite(fd, struct.pack("<4q", flags, nodes, len(bounds) - 1, absent_seconds) +
+                      os.urandom(_KEY_BYTES) + struct.pack(f"<{len(bounds)}q", *bounds), 0)
             read_map = cls(fd, writable=True)
         except BaseException:
             os.close(fd)
@@ -133,35 +184,52 @@ class ReadMap:
     def published(self, node: int) -> bool:
         return self.files[2 * node + 1] != 0
 
-    def list_directory(self, node: int, names: Iterable[bytes]) -> None:
-        """The holder may answer LOOKUPs in directory `node` of names not among `names` (all of its
-        names) itself."""
-        names = list(names)
+    def publish_entry(self, node: int, entry: bytes | None, marks: int) -> None:
+        """The holder may answer a LOOKUP of `node`'s name with `entry` (its struct fuse_entry_out,
+        written once: a node's attributes never change) and GETXATTRs of it from `marks`."""
+        e = ENTRY_WORDS * node
+        if entry is None or self.entries[e] != 0 or len(entry) != 8 * _ENTRY_OUT_WORDS:
+            return
+        self.entries[e + _ENTRY_OUT_WORDS] = marks
+        self.entries[e + 1:e + _ENTRY_OUT_WORDS] = memoryview(entry[8:]).cast("q")
+        self.entries[e] = int.from_bytes(entry[:8], "little", signed=True)   # last: the holder reads it first
+
+    def entry_published(self, node: int) -> bool:
+        return self.entries[ENTRY_WORDS * node] != 0
+
+    def list_directory(self, node: int, children: Iterable[tuple[bytes, int]]) -> None:
+        """The holder may answer LOOKUPs in directory `node` itself: `children` are all of its
+        names, each with its node."""
+        children = list(children)
         with self._listing:
-            if self.files[2 * node + 1] == _LISTED or 2 * (self._named + len(names)) > len(self.names):
+            if self.files[2 * node + 1] == _LISTED or 2 * (self._named + len(children)) > len(self.names):
                 return       # listed already, or more names than the layer has nodes: not answered here
-            self._named += len(names)
-            for name in names:
-                h = _name_hash(node, name)
+            self._named += len(children)
+            for name, child in children:
+                h = _name_hash(self.key, node, name)
                 i = h & self._mask
-                while self.names[i]:
+                while (slot := self.names[i]) != 0 and slot != h:
                     i = (i + 1) & self._mask
-                self.names[i] = h
+                if slot == h:
+                    self.name_nodes[i] = 0           # two names, one hash: the service answers both
+                else:
+                    self.name_nodes[i] = child + 1
+                    self.names[i] = h
             self.files[2 * node + 1] = _LISTED       # last: the holder probes only after it
 
     def listed(self, node: int) -> bool:
         return self.files[2 * node + 1] == _LISTED
 
-    def may_have(self, node: int, name: bytes) -> bool:
-        """False only if listed directory `node` has no such name (a hash shared by two names
-        says True: the service then answers)."""
-        h = _name_hash(node, name)
+    def find(self, node: int, name: bytes) -> int | None:
+        """In listed directory `node`: None if it has no such name, else the name's node (-1 if
+        the service must say: two names share its hash)."""
+        h = _name_hash(self.key, node, name)
         i = h & self._mask
         while (slot := self.names[i]) != 0:
             if slot == h:
-                return True
+                return self.name_nodes[i] - 1
             i = (i + 1) & self._mask
-        return False
+        return None
 
     def set_flag(self, flag: int, on: bool = True) -> None:
         self.words[_FLAGS] = self.words[_FLAGS] | flag if on else self.words[_FLAGS] & ~flag
@@ -174,7 +242,7 @@ class ReadMap:
 
     def close(self) -> None:
         self.close_descriptor()
-        for view in ("bounds", "files", "names", "words"):
+        for view in ("bounds", "files", "entries", "names", "name_nodes", "words"):
             v = self.__dict__.pop(view, None)
             if v is not None:
                 v.release()
@@ -182,7 +250,7 @@ class ReadMap:
 
 
 def _map_words(nodes: int, bounds: int) -> int:
-    return _HEADER_WORDS + bounds + 2 * nodes + _name_slots(nodes)
+    return _HEADER_WORDS + bounds + (2 + ENTRY_WORDS) * nodes + 2 * _name_slots(nodes)
 
 
 class _Layer:
@@ -217,7 +285,8 @@ class ServedReads:
         self._layers: dict[int, _Layer] = {}
         self.answered = 0                  # READs answered here
         self.bytes = 0                     # and the bytes they returned
-        self.lookups = 0                   # LOOKUPs of absent names answered here
+        self.lookups = 0                   # LOOKUPs answered here
+        self.xattrs = 0                    # and GETXATTRs
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -246,8 +315,9 @@ class ServedReads:
             self.withdraw(slot)
 
     def answer_lookup(self, fuse_fd: int, message: bytearray, length: int, nodeid: int, unique: int) -> bool:
-        """Answer a LOOKUP (`message[:length]`) of a name a listed directory does not have: an
-        entry with no node; False to leave it to the service."""
+        """Answer a LOOKUP (`message[:length]`) in a listed directory: an entry with no node for a
+        name it does not have, the service's entry for one whose node it wrote; False to leave it
+        to the service."""
         served = self._layers.get(nodeid >> SLOT_SHIFT)
         if served is None:
             return False
@@ -256,16 +326,57 @@ class ServedReads:
         if m.words[_FLAGS] & STOPPED or not 0 <= d < m.nodes or m.files[2 * d + 1] != _LISTED:
             return False
         name = bytes(message[_IN_HEADER_SIZE:length]).split(b"\0", 1)[0]
-        if name in (b".", b"..") or m.may_have(d, name):
+        if name in (b".", b".."):
             return False
-        try:
-            os.write(fuse_fd, _OUT_HEADER.pack(_OUT_HEADER.size + _ABSENT_ENTRY.size, 0, unique) +
-                     _ABSENT_ENTRY.pack(0, 0, m.words[_ABSENT_SECONDS], 0, 0, 0))
-        except FileNotFoundError:
-            pass                           # the kernel gave the request up (interrupted)
-        except OSError:
+        child = m.find(d, name)
+        if child is None:
+            reply = _OUT_HEADER.pack(_OUT_HEADER.size + _ABSENT_ENTRY.size, 0, unique) + \
+                _ABSENT_ENTRY.pack(0, 0, m.words[_ABSENT_SECONDS], 0, 0, 0)
+        else:
+            e = ENTRY_WORDS * child
+            if not 0 <= child < m.nodes or m.entries[e] == 0:
+                return False               # the service must say (shared hash), or check it first
+            reply = _OUT_HEADER.pack(_OUT_HEADER.size + 8 * _ENTRY_OUT_WORDS, 0, unique) + \
+                m.entries[e:e + _ENTRY_OUT_WORDS].tobytes()
+        if not _write(fuse_fd, reply):
             return False
         self.lookups += 1
+        return True
+
+    def answer_getxattr(self, fuse_fd: int, message: bytearray, length: int, nodeid: int, unique: int) -> bool:
+        """Answer a GETXATTR (`message[:length]`) of overlayfs' opaque marker of a node whose entry
+        the service wrote (or of any node of a layer without xattrs); False to leave it to the
+        service."""
+        served = self._layers.get(nodeid >> SLOT_SHIFT)
+        if served is None:
+            return False
+        m = served.map
+        n = (nodeid & _NODE_MASK) - 1
+        flags = m.words[_FLAGS]
+        if flags & STOPPED or not 0 <= n < m.nodes:
+            return False
+        start = _IN_HEADER_SIZE + _GETXATTR_IN.size
+        if bytes(message[start:length]).split(b"\0", 1)[0] != _OPAQUE_NAME:
+            return False
+        e = ENTRY_WORDS * n
+        if flags & NO_XATTRS:
+            value = None
+        elif m.entries[e] == 0:
+            return False                   # not checked yet: the service checks it first
+        else:
+            value = b"y" if m.entries[e + _ENTRY_OUT_WORDS] & OPAQUE else None
+        (size,) = _GETXATTR_IN.unpack_from(message, _IN_HEADER_SIZE)
+        if value is None:
+            reply = _OUT_HEADER.pack(_OUT_HEADER.size, -errno.ENODATA, unique)
+        elif size == 0:
+            reply = _OUT_HEADER.pack(_OUT_HEADER.size + _GETXATTR_OUT.size, 0, unique) + _GETXATTR_OUT.pack(len(value))
+        elif size < len(value):
+            reply = _OUT_HEADER.pack(_OUT_HEADER.size, -errno.ERANGE, unique)
+        else:
+            reply = _OUT_HEADER.pack(_OUT_HEADER.size + len(value), 0, unique) + value
+        if not _write(fuse_fd, reply):
+            return False
+        self.xattrs += 1
         return True
 
     def answer(self, fuse_fd: int, message: bytearray, nodeid: int, unique: int) -> bool:
@@ -304,6 +415,17 @@ class ServedReads:
         self.answered += 1
         self.bytes += count
         return True
+
+
+def _write(fuse_fd: int, reply: bytes) -> bool:
+    """False if nothing reached the kernel (the service answers instead)."""
+    try:
+        os.write(fuse_fd, reply)
+    except FileNotFoundError:
+        pass                               # the kernel gave the request up (interrupted)
+    except OSError:
+        return False
+    return True
 
 
 def _spans_ready(bounds: memoryview, states: memoryview, start: int, end: int, file_end: int) -> bool:

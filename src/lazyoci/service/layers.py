@@ -44,7 +44,7 @@ from lazyoci.oci.reference import Reference
 from lazyoci.service import view_records as views
 from lazyoci.service.holder_link import HolderPaths
 from lazyoci.service.holder_offers import HolderOffers
-from lazyoci.service.holder_reads import STOPPED, ReadMap
+from lazyoci.service.holder_reads import NO_XATTRS, STOPPED, ReadMap
 from lazyoci.service.paths import layer_view_name
 from lazyoci.service.prefetch import prefetch_files
 from lazyoci.service.unpack_queue import UnpackQueue
@@ -255,7 +255,7 @@ class LayerManager:
         slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
         if self.holder_offers is not None:       # what the session holder may read of it
             read_map = layer.read_map = ReadMap.create(len(tree), [s for s, _ in spans] + [cache.total_bytes],
-                                                       int(ENTRY_TIMEOUT))
+                                                       int(ENTRY_TIMEOUT), NO_XATTRS if layer.xattrs_disabled else 0)
             verifier.on_broken = functools.partial(read_map.set_flag, STOPPED)
         self.fs.add_layer(layer, slot)
         if self.holder_offers is not None:

@@ -22,8 +22,9 @@ round trip through the service:
 - READ of a file that passed its header check, of spans in the span cache that reads touched
   before, in a layer the service handed over (every file of a layer complete in the span cache
   and checked): read from the cache's data file here (service/holder_reads.py);
-- LOOKUP of a name a directory does not have, once the service listed the directory's names
-  (service/holder_reads.py);
+- LOOKUP in a directory whose names the service listed: of a name it does not have, and of a
+  node that passed its header check (the service wrote its entry); GETXATTR of the opaque marker
+  of such a node (service/holder_reads.py);
 - OPEN and OPENDIR, with ENOSYS, when the kernel's INIT says it takes that as "opens need no
   message" (zero-message opens, OpenSkipper): from then on it sends no OPEN, OPENDIR, RELEASE or
   RELEASEDIR at all, keeps the page cache of files across opens and caches directory listings.
@@ -468,14 +469,15 @@ class Holder:
                 return False
             raise
         _, opcode, unique, nodeid = _IN_HEADER.unpack_from(self._in)
-        if self.reads and (
+        reply = overlay_xattr_reply(self._in[:n]) if opcode == _FUSE_GETXATTR else \
+            self.opens.reply(opcode, unique)
+        if reply is None and self.reads and (
                 (opcode == _FUSE_READ and self.reads.answer(self.fuse_fd, self._in, nodeid, unique)) or
-                (opcode == _FUSE_LOOKUP and self.reads.answer_lookup(self.fuse_fd, self._in, n, nodeid, unique))):
+                (opcode == _FUSE_LOOKUP and self.reads.answer_lookup(self.fuse_fd, self._in, n, nodeid, unique)) or
+                (opcode == _FUSE_GETXATTR and self.reads.answer_getxattr(self.fuse_fd, self._in, n, nodeid, unique))):
             self.answered += 1
             self.opcodes.setdefault(opcode, [0, 0])[1] += 1
             return True
-        reply = overlay_xattr_reply(self._in[:n]) if opcode == _FUSE_GETXATTR else \
-            self.opens.reply(opcode, unique)
         counts = self.opcodes.get(opcode)
         if counts is None:
             counts = self.opcodes[opcode] = [0, 0]
