@@ -314,6 +314,18 @@ class ServedReads:
         for slot in list(self._layers):
             self.withdraw(slot)
 
+    def _node(self, nodeid: int) -> tuple[_Layer, int, int] | None:
+        """The served layer of a node ID, the node's number in it and the map's flags; None if
+        the holder answers nothing of it (not served, stopped, out of range)."""
+        served = self._layers.get(nodeid >> SLOT_SHIFT)
+        if served is None:
+            return None
+        n = (nodeid & _NODE_MASK) - 1
+        flags = served.map.words[_FLAGS]
+        if flags & STOPPED or not 0 <= n < served.map.nodes:
+            return None
+        return served, n, flags
+
     def answer_lookup(self, fuse_fd: int, message: bytearray, length: int, nodeid: int, unique: int) -> bool:
         """Answer a LOOKUP (`message[:length]`) in a listed directory: an entry with no node for a
         name it does not have, the service's entry for one whose node it wrote; False to leave it
@@ -347,14 +359,11 @@ class ServedReads:
         """Answer a GETXATTR (`message[:length]`) of overlayfs' opaque marker of a node whose entry
         the service wrote (or of any node of a layer without xattrs); False to leave it to the
         service."""
-        served = self._layers.get(nodeid >> SLOT_SHIFT)
-        if served is None:
+        found = self._node(nodeid)
+        if found is None:
             return False
+        served, n, flags = found
         m = served.map
-        n = (nodeid & _NODE_MASK) - 1
-        flags = m.words[_FLAGS]
-        if flags & STOPPED or not 0 <= n < m.nodes:
-            return False
         start = _IN_HEADER_SIZE + _GETXATTR_IN.size
         if bytes(message[start:length]).split(b"\0", 1)[0] != _OPAQUE_NAME:
             return False
@@ -382,14 +391,11 @@ class ServedReads:
     def answer(self, fuse_fd: int, message: bytearray, nodeid: int, unique: int) -> bool:
         """Answer a READ (`message`, its header included) of a served node on `fuse_fd`; False to
         leave it to the service."""
-        served = self._layers.get(nodeid >> SLOT_SHIFT)
-        if served is None:
+        found = self._node(nodeid)
+        if found is None:
             return False
+        served, n, flags = found
         m = served.map
-        n = (nodeid & _NODE_MASK) - 1
-        flags = m.words[_FLAGS]
-        if flags & STOPPED or not 0 <= n < m.nodes:
-            return False
         size = m.files[2 * n + 1] - 1
         if size < 0:
             return False
