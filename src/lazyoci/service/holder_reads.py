@@ -330,12 +330,12 @@ class ServedReads:
         """Answer a LOOKUP (`message[:length]`) in a listed directory: an entry with no node for a
         name it does not have, the service's entry for one whose node it wrote; False to leave it
         to the service."""
-        served = self._layers.get(nodeid >> SLOT_SHIFT)
-        if served is None:
+        found = self._node(nodeid)
+        if found is None:
             return False
+        served, d, _ = found
         m = served.map
-        d = (nodeid & _NODE_MASK) - 1
-        if m.words[_FLAGS] & STOPPED or not 0 <= d < m.nodes or m.files[2 * d + 1] != _LISTED:
+        if m.files[2 * d + 1] != _LISTED:
             return False
         name = bytes(message[_IN_HEADER_SIZE:length]).split(b"\0", 1)[0]
         if name in (b".", b".."):
