@@ -294,3 +294,40 @@ def test_a_listing_hands_the_kernel_no_unchecked_attributes(registry, layer, dat
         assert exc.value.errno == errno.EIO
         for name in os.listdir(d / "etc"):                       # checked in the listing: served
             assert os.lstat(d / "etc" / name).st_uid in (0, 1000)
+
+
+def test_a_predecessor_stretched_over_the_pax_header_after_it_passes_nothing():
+    """A zTOC may stretch entry `a`'s data over the PAX header of entry `b` after it, so that
+    `b`'s header region holds only its ustar header: `b` must not pass with that header's
+    fields (uid 0) when its PAX record (uid 1000) is what the tar means."""
+    import gzip
+
+    from lazyoci.errors import IntegrityError
+    from lazyoci.fs.header_check import GOOD, LayerVerifier
+    from lazyoci.ztoc import Ztoc
+
+    from helpers.hostile_ztoc import ztoc_parts
+
+    lay = make_layer([Entry("a", data=b"x" * 100),
+                      Entry("b", data=b"#!/bin/sh\nid\n", mode=0o4755, uid=0, pax={"uid": "1000"}),
+                      Entry("c", data=b"after\n")])
+    raw = gzip.decompress(lay.blob)
+    read = lambda start, end: raw[start:end]
+    parts = ztoc_parts(lay.blob, SPAN)
+    entries = list(parts.entries)
+    a, b, c = (_find(entries, n) for n in (b"a", b"b", b"c"))
+    assert entries[b].uid == 1000
+    honest = LayerVerifier(Ztoc.parse(parts.encode()), read, read, lay.digest)
+    honest.check([a, b, c])
+    assert all(s == GOOD for s in honest.state)
+
+    ustar_header = entries[b].offset - 512
+    entries[a] = entries[a]._replace(size=ustar_header - entries[a].offset)
+    entries[b] = entries[b]._replace(uid=0)
+    v = LayerVerifier(Ztoc.parse(parts.encode(entries)), read, read, lay.digest)
+    with pytest.raises(IntegrityError):
+        v.check([b])
+    with pytest.raises(IntegrityError):
+        v.check([a])
+    v.check([c])             # its region follows b's honest size: served
+    assert v.state[c] == GOOD

@@ -75,10 +75,11 @@ class Layer:
         return set(self.fetches())
 
     def behind_spans(self, path: str) -> set[int]:
-        """The spans of the headers a lookup of `path` checks (its own and its directories')."""
+        """The spans of the headers a lookup of `path` checks: its own and its directories', and
+        those of the entries before them (whose ends are where their header regions start)."""
         z = self.ztoc
-        return {s for i in self.tree.entries_behind(self.node(path))
-                for s in z.spans_for(z.entry(i).offset - 512, z.entry(i).offset)}
+        return {s for i in self.tree.entries_behind(self.node(path)) for j in (i - 1, i) if j >= 0
+                for s in z.spans_for(z.entry(j).offset - 512, z.entry(j).offset)}
 
     def header_spans(self, prefix: str) -> set[int]:
         z = self.ztoc

@@ -22,13 +22,18 @@ end-of-archive. A layer that fails it is broken: every request fails from then o
 Limits. Fail closed: a header region over MAX_HEADER_REGION bytes is not
 parsed, and attributes that come from a global PAX header (`g`) in an earlier
 region do not match the entry's own region, so such entries are refused.
-Not closed until the whole-layer check: an entry's region starts where the
-zTOC says its predecessor's data ends, and that predecessor is not checked
-first (that would need every header before it, i.e. most of the layer). So a
-zTOC that hides a file whose content is itself a tar archive, and lists
-entries inside that content, gets those entries past the per-entry check
-(the first of them fails, the ones after it pass); their bytes are real bytes
-of the layer, in the wrong place. The whole-layer check finds it.
+An entry's region starts where its predecessor's data ends as the
+predecessor's own tar header says: its header is read first for its type and
+size. Else a zTOC could stretch the predecessor over the entry's PAX or GNU
+records and leave the entry's main header alone in its region, with the
+fields those records override (a uid, a long name). Not closed until the
+whole-layer check: the predecessor's own region starts where the zTOC says
+the entry before it ends, unconfirmed (confirming it would need every header
+before it, i.e. most of the layer). So a zTOC that hides a file whose content
+is itself a tar archive, and lists entries inside that content, gets those
+entries past the per-entry check (the first of them fails, the ones after it
+pass); their bytes are real bytes of the layer, in the wrong place. The
+whole-layer check finds it.
 
 zstd:chunked layers are not checked here: their index (zstdchunked/toc.py) serves a stream
 of file contents without tar headers, and their TOC's digest is in the image manifest's
@@ -41,7 +46,7 @@ import io
 import logging
 import threading
 from array import array
-from typing import Callable, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 from lazyoci.errors import FormatError, IntegrityError, LazyociError
 from lazyoci.fs.layer_index import IndexEntry, LayerIndex
@@ -53,6 +58,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 512
 MAX_HEADER_REGION = 1 << 20      # PAX records and long names larger than this are not parsed
+DECODED_ENTRIES = 1024           # entries kept decoded between a check and the attributes served
 UNCHECKED, GOOD, BAD = 0, 1, 2
 _TAR_TYPES = {"reg": ("reg", "contiguous"), "hardlink": ("hardlink",), "symlink": ("symlink",),
               "char": ("char",), "block": ("block",), "dir": ("dir",), "fifo": ("fifo",)}
@@ -94,15 +100,21 @@ def mismatch(entry: IndexEntry, m: TarHeader) -> str | None:
     return None
 
 
-def check_region(entry: IndexEntry, region: bytes) -> str | None:
-    """Compare an entry with the header region in front of its data; the differing field or None."""
+def one_header(region: bytes) -> TarHeader | str:
+    """The entry of a header region that holds exactly one entry's headers, or why not."""
     try:
         member = next(iter_headers(ForwardFile(io.BytesIO(region))), None)
     except FormatError as e:
         return f"tar header ({e})"
     if member is None or member.offset != len(region):
         return "tar header (not exactly one header before the data)"
-    return mismatch(entry, member)
+    return member
+
+
+def check_region(entry: IndexEntry, region: bytes) -> str | None:
+    """Compare an entry with the header region in front of its data; the differing field or None."""
+    member = one_header(region)
+    return member if isinstance(member, str) else mismatch(entry, member)
 
 
 class LayerVerifier:
@@ -127,40 +139,59 @@ class LayerVerifier:
         self._layer_check_started = False
         self.on_layer_ok: Callable[[], None] | None = None    # runs when the whole-layer check passes
         self.on_broken: Callable[[], None] | None = None      # runs once when the layer is found broken
-        self._last: tuple[int, IndexEntry] | None = None          # the entry decoded last (checks go in order)
-        self._region_start: array | None = None
+        self._end_ok = bytearray(len(ztoc))    # the entry's data end is confirmed (`_end_confirmed`)
+        self._decoded: dict[int, IndexEntry] = {}     # entries decoded by checks (`entry`)
+        self._preds: array | None = None
         self._lock = threading.Lock()
 
-    def _quick_region(self, i: int, entry: IndexEntry) -> int | None:
-        """Where entry i's header region starts, if the zTOC lists entries in stream order (as
-        writers do): after entry i-1. Were another entry between them, its header would sit in
-        the region and the check fail, never pass; a failed check is redone with `_starts`."""
-        if self._region_start is not None:
-            return self._region_start[i]
-        if i == 0:
-            return 0
-        last = self._last
-        prev = last[1] if last is not None and last[0] == i - 1 else self.ztoc.entry(i - 1)
-        return _data_end(prev) if prev.offset < entry.offset else None
+    def entry(self, i: int) -> IndexEntry:
+        """Index entry i, decoded once for its check and for the attributes served after it (a
+        directory's children are checked together, then answered one by one); bounded."""
+        entry = self._decoded.get(i)
+        if entry is None:
+            if len(self._decoded) >= DECODED_ENTRIES:
+                self._decoded.clear()
+            entry = self._decoded[i] = self.ztoc.entry(i)
+        return entry
 
-    def _starts(self) -> array:
-        """Region start of every entry, for zTOCs not in stream order (built once)."""
-        starts = self._region_start
-        if starts is None:
+    def _regions(self, i: int, entry: IndexEntry) -> Iterator[tuple[int, int]]:
+        """Where entry i's header region may start, with the entry whose data ends there (-1: the
+        stream's start): after entry i-1 if the zTOC lists entries in stream order (as writers
+        do), then after its predecessor in offset order (`_preds`, built once on the first miss).
+        Were another entry between, its header would sit in the region and the check fail."""
+        preds = self._preds
+        if preds is not None:
+            pred = preds[i]
+            yield pred, self._end(pred)
+            return
+        quick = i - 1
+        if quick < 0 or self.ztoc.entry_extent(quick)[0] < entry.offset:
+            yield quick, self._end(quick)
+        pred = self._preds_by_offset()[i]
+        if pred != quick:
+            yield pred, self._end(pred)
+
+    def _end(self, i: int) -> int:
+        """Where entry i's data ends, as its zTOC entry says (-1: the stream's start, 0)."""
+        return 0 if i < 0 else _data_end(self.entry(i))
+
+    def _preds_by_offset(self) -> array:
+        """The entry before each entry in the tar stream by data offset (-1 for the first), for
+        zTOCs not in stream order (built once)."""
+        preds = self._preds
+        if preds is None:
             with self._lock:
-                starts = self._region_start
-                if starts is None:
+                preds = self._preds
+                if preds is None:
                     ztoc = self.ztoc
-                    n = len(ztoc)
-                    ends = [(ztoc.entry(i).offset, i) for i in range(n)]
-                    ends.sort()
-                    starts = array("q", [0]) * n
-                    prev = 0
-                    for _, i in ends:
-                        starts[i] = prev
-                        prev = _data_end(ztoc.entry(i))
-                    self._region_start = starts
-        return starts
+                    order = sorted(range(len(ztoc)), key=lambda i: ztoc.entry_extent(i)[0])
+                    preds = array("i", [0]) * len(ztoc)
+                    prev = -1
+                    for i in order:
+                        preds[i] = prev
+                        prev = i
+                    self._preds = preds
+        return preds
 
     def unchecked(self, entries: list[int]) -> list[int]:
         """The entries not yet known good; IntegrityError if one is known bad or the layer is broken."""
@@ -177,22 +208,25 @@ class LayerVerifier:
         return todo
 
     def header_spans(self, entries: list[int]) -> list[int]:
-        """The spans holding the header regions of those of `entries` not checked yet, sorted
-        (what checking them would read; for fetching them ahead)."""
-        ztoc = self.ztoc
+        """The spans holding the header regions of those of `entries` not checked yet, and of the
+        entries before them whose ends are not confirmed, sorted (what checking them would read;
+        for fetching them ahead)."""
         spans: set[int] = set()
         for i in entries:
             if self.state[i] != UNCHECKED:
                 continue
-            entry = ztoc.entry(i)
-            prev = ztoc.entry(i - 1) if i > 0 and self._region_start is None else None
-            if prev is not None and prev.offset < entry.offset:
-                start = _data_end(prev)
-            else:
-                start = self._starts()[i] if i > 0 else 0
-            if 0 <= entry.offset - start <= MAX_HEADER_REGION:
-                spans.update(ztoc.spans_for(start, entry.offset))
+            pred = self._add_region(i, spans)
+            if pred >= 0 and self.state[pred] != GOOD and not self._end_ok[pred]:
+                self._add_region(pred, spans)
         return sorted(spans)
+
+    def _add_region(self, i: int, spans: set[int]) -> int:
+        """Add the spans of entry i's first candidate header region; the entry before it."""
+        entry = self.entry(i)
+        pred, start = next(self._regions(i, entry))
+        if 0 <= entry.offset - start <= MAX_HEADER_REGION:
+            spans.update(self.ztoc.spans_for(start, entry.offset))
+        return pred
 
     def check_cached(self, entries: list[int]) -> bool:
         """Check entries whose header regions are in the disk cache; False if some need the network."""
@@ -204,31 +238,54 @@ class LayerVerifier:
 
     def _check(self, entries: list[int], cached: bool) -> bool:
         for i in self.unchecked(entries):
-            entry = self.ztoc.entry(i)
-            self._last = (i, entry)
-            exact = self._region_start is not None
-            start = self._quick_region(i, entry)
-            field = None if start is None else self._compare(entry, start, cached)
-            if field is _NOT_CACHED:
-                return False
-            if start is None or (field is not None and not exact):
-                field = self._compare(entry, self._starts()[i], cached)    # the exact predecessor
+            entry = self.entry(i)
+            field: str | None = "no header region"
+            for pred, start in self._regions(i, entry):
+                field = self._end_confirmed(pred, cached)
+                if field is None:
+                    field = self._compare(entry, start, cached)
                 if field is _NOT_CACHED:
                     return False
+                if field is None:
+                    break
             if field is not None:
                 self._bad(i, entry.name, field)
             self.state[i] = GOOD
         return True
 
-    def _compare(self, entry: IndexEntry, start: int, cached: bool) -> str | None:
-        """check_region over [start, entry offset); _NOT_CACHED if `cached` and it is not."""
+    def _end_confirmed(self, i: int, cached: bool) -> str | None:
+        """None once entry i's data end, where the next header region starts, is what i's own
+        tar header says (its type and size); else why not, or _NOT_CACHED. Entry i's other fields
+        are not checked here, and its own region starts where the entry before it claims to end:
+        one level is what keeps a zTOC from stretching i over the next entry's PAX or GNU
+        records, which would leave that entry's main header alone in its region."""
+        if i < 0 or self.state[i] == GOOD or self._end_ok[i]:
+            return None
+        entry = self.entry(i)
+        for _, start in self._regions(i, entry):
+            region = self._region(entry, start, cached)
+            if region is _NOT_CACHED:
+                return _NOT_CACHED
+            member = region if isinstance(region, str) else one_header(region)
+            if not isinstance(member, str) and member.data_length == _data_end(entry) - entry.offset:
+                self._end_ok[i] = 1
+                return None
+        return f"the entry before it, {entry.name!r}, does not end where its tar header says"
+
+    def _region(self, entry: IndexEntry, start: int, cached: bool) -> bytes | str:
+        """The bytes [start, entry offset), why they are not read, or _NOT_CACHED if `cached`."""
         size = entry.offset - start
         if size > MAX_HEADER_REGION:
             return f"tar header region of {size} bytes is too large"
+        if size < BLOCK:
+            return "no room for a tar header before the data"
         region = self.read_cached(start, entry.offset) if cached else self.read(start, entry.offset)
-        if region is None:
-            return _NOT_CACHED
-        return check_region(entry, region)
+        return _NOT_CACHED if region is None else region
+
+    def _compare(self, entry: IndexEntry, start: int, cached: bool) -> str | None:
+        """check_region over [start, entry offset); _NOT_CACHED if `cached` and it is not."""
+        region = self._region(entry, start, cached)
+        return region if isinstance(region, str) else check_region(entry, region)
 
     def _bad(self, i: int, name: str, field: str) -> None:
         first = self.state[i] != BAD

@@ -321,7 +321,7 @@ class LayerFS(pyfuse3.Operations):
             a.st_size = 4096
             a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = 0
             return a
-        e = layer.tree.index.entry(e_idx)
+        e = layer.verifier.entry(e_idx)     # as its header check decoded it, most often
         if kind == T.WHITEOUT:
             perms = 0
         elif kind == T.SYMLINK:
@@ -529,10 +529,9 @@ class LayerFS(pyfuse3.Operations):
         extent = layer.extents.get(n)
         if extent is None:
             t = layer.tree
-            e = t.index.entry(t.entry[t.target[n]])
             if len(layer.extents) >= MEMO_NODES:
                 layer.extents.clear()
-            extent = layer.extents[n] = (e.offset, e.size)
+            extent = layer.extents[n] = t.index.entry_extent(t.entry[t.target[n]])
         return extent
 
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -116,5 +116,5 @@ def fetch_first_headers(fetcher: SpanFetcher) -> int:
 
 def _header_end(tree: LayerTree, i: int) -> tuple[int, int]:
     """The last byte of entry i's header (just before its data) as a range of the tar stream."""
-    offset = tree.index.entry(i).offset
+    offset, _ = tree.index.entry_extent(i)
     return max(offset - 1, 0), max(offset, 1)
