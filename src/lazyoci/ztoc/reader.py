@@ -249,6 +249,9 @@ class Ztoc:
         prev_end, ordered = 0, True
         names: list[bytes] = []    # names and link targets since entry `first`, checked in batches
         first = 0
+        # PAX records are decoded only if one may be an xattr: most zTOCs have none, while some
+        # writers give every entry a record (Python's tarfile an `mtime` with a fraction)
+        xattrs_anywhere = XATTR_PREFIX.encode() in self._data
         for i in range(self._count):
             f = self._fields(i)
             typ, off, size = f[C.FM_TYPE], f[C.FM_OFFSET], f[C.FM_SIZE]
@@ -267,7 +270,7 @@ class Ztoc:
             if off < BLOCK or size < 0 or off + data_len > usize:
                 raise FormatError(f"zTOC entry {i} (offset {off}, size {size}) lies outside the "
                                   f"{usize}-byte archive")
-            if f[C.FM_XATTRS]:
+            if xattrs_anywhere and f[C.FM_XATTRS]:
                 self._check_xattrs(i, self._pax(f[C.FM_XATTRS]))
             if off < prev_end + BLOCK:
                 ordered = False
