@@ -296,10 +296,30 @@ def test_a_listing_hands_the_kernel_no_unchecked_attributes(registry, layer, dat
             assert os.lstat(d / "etc" / name).st_uid in (0, 1000)
 
 
-def test_a_predecessor_stretched_over_the_pax_header_after_it_passes_nothing():
-    """A zTOC may stretch entry `a`'s data over the PAX header of entry `b` after it, so that
-    `b`'s header region holds only its ustar header: `b` must not pass with that header's
-    fields (uid 0) when its PAX record (uid 1000) is what the tar means."""
+LONG = "d/" + "n" * 120      # over the 100 bytes of a tar header's name field
+
+
+def _stretched_layer(records: str):
+    """Layer a, b, c where b's PAX records say uid 1000 (its ustar field 0), or b's GNU long-name
+    header carries its name (its main header a truncated one); and how a lying zTOC names b."""
+    import tarfile
+
+    from helpers.images import tar_bytes
+
+    if records == "pax":
+        b = Entry("b", data=b"#!/bin/sh\nid\n", mode=0o4755, uid=0, pax={"uid": "1000"})
+        return make_layer([Entry("a", data=b"x" * 100), b, Entry("c", data=b"after\n")]), b"b"
+    entries = [Entry("a", data=b"x" * 100), Entry(LONG, data=b"#!/bin/sh\nid\n", mode=0o4755),
+               Entry("c", data=b"after\n")]
+    return make_layer(tar_bytes(entries, format=tarfile.GNU_FORMAT)), LONG.encode()
+
+
+@pytest.mark.parametrize("records", ["pax", "gnu"])
+def test_a_predecessor_stretched_over_the_records_after_it_passes_nothing(records):
+    """A zTOC may stretch entry `a`'s data over the PAX or GNU long-name header of entry `b`
+    after it, so that `b`'s header region holds only its main header: `b` must not pass with
+    that header's fields (uid 0, a truncated name) when its records (uid 1000, the whole name)
+    are what the tar means."""
     import gzip
 
     from lazyoci.errors import IntegrityError
@@ -308,22 +328,25 @@ def test_a_predecessor_stretched_over_the_pax_header_after_it_passes_nothing():
 
     from helpers.hostile_ztoc import ztoc_parts
 
-    lay = make_layer([Entry("a", data=b"x" * 100),
-                      Entry("b", data=b"#!/bin/sh\nid\n", mode=0o4755, uid=0, pax={"uid": "1000"}),
-                      Entry("c", data=b"after\n")])
+    lay, b_name = _stretched_layer(records)
     raw = gzip.decompress(lay.blob)
     read = lambda start, end: raw[start:end]
     parts = ztoc_parts(lay.blob, SPAN)
     entries = list(parts.entries)
-    a, b, c = (_find(entries, n) for n in (b"a", b"b", b"c"))
-    assert entries[b].uid == 1000
+    a, b, c = (_find(entries, n) for n in (b"a", b_name, b"c"))
     honest = LayerVerifier(Ztoc.parse(parts.encode()), read, read, lay.digest)
     honest.check([a, b, c])
     assert all(s == GOOD for s in honest.state)
 
-    ustar_header = entries[b].offset - 512
-    entries[a] = entries[a]._replace(size=ustar_header - entries[a].offset)
-    entries[b] = entries[b]._replace(uid=0)
+    main_header = entries[b].offset - 512
+    entries[a] = entries[a]._replace(size=main_header - entries[a].offset)
+    if records == "pax":
+        assert entries[b].uid == 1000
+        entries[b] = entries[b]._replace(uid=0)
+    else:
+        truncated = raw[main_header:main_header + 100].rstrip(b"\0")
+        assert truncated != b_name and b_name.startswith(truncated)
+        entries[b] = entries[b]._replace(name=truncated)
     v = LayerVerifier(Ztoc.parse(parts.encode(entries)), read, read, lay.digest)
     with pytest.raises(IntegrityError):
         v.check([b])
