@@ -154,19 +154,22 @@ class LayerVerifier:
             entry = self._decoded[i] = self.ztoc.entry(i)
         return entry
 
-    def _regions(self, i: int, entry: IndexEntry) -> Iterator[tuple[int, int]]:
+    def _regions(self, i: int, entry: IndexEntry, guess: bool = False) -> Iterator[tuple[int, int]]:
         """Where entry i's header region may start, with the entry whose data ends there (-1: the
         stream's start): after entry i-1 if the zTOC lists entries in stream order (as writers
         do), then after its predecessor in offset order (`_preds`, built once on the first miss).
-        Were another entry between, its header would sit in the region and the check fail."""
+        Were another entry between, its header would sit in the region and the check fail.
+        `guess`: entry i-1's end from its extent, not decoded (types but reg carry no data and
+        say size 0): for a region whose start is not confirmed anyway (`_end_confirmed`)."""
         preds = self._preds
         if preds is not None:
             pred = preds[i]
             yield pred, self._end(pred)
             return
         quick = i - 1
-        if quick < 0 or self.ztoc.entry_extent(quick)[0] < entry.offset:
-            yield quick, self._end(quick)
+        offset, size = self.ztoc.entry_extent(quick) if quick >= 0 else (0, 0)
+        if quick < 0 or offset < entry.offset:
+            yield quick, (offset + -(-size // BLOCK) * BLOCK if guess and quick >= 0 else self._end(quick))
         pred = self._preds_by_offset()[i]
         if pred != quick:
             yield pred, self._end(pred)
@@ -262,7 +265,7 @@ class LayerVerifier:
         if i < 0 or self.state[i] == GOOD or self._end_ok[i]:
             return None
         entry = self.entry(i)
-        for _, start in self._regions(i, entry):
+        for _, start in self._regions(i, entry, guess=True):
             region = self._region(entry, start, cached)
             if region is _NOT_CACHED:
                 return _NOT_CACHED
