@@ -9,6 +9,7 @@ be EIO or absent, never served with the wrong bytes or attributes.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import random
 import stat
@@ -354,3 +355,38 @@ def test_a_predecessor_stretched_over_the_records_after_it_passes_nothing(record
         v.check([a])
     v.check([c])             # its region follows b's honest size: served
     assert v.state[c] == GOOD
+
+
+def test_a_hardlink_header_with_a_size_does_not_move_the_next_region():
+    """Header-only types carry no data whatever their size field says (Go's rule, which the
+    unpacker follows): a hardlink header with a size before two files must not make the check
+    of the second (its predecessor's region read first) look for a header past it."""
+    import gzip
+    import tarfile
+
+    from lazyoci.fs.header_check import GOOD, LayerVerifier
+    from lazyoci.ztoc import Ztoc
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in (("a", b"x" * 100),):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        link = tarfile.TarInfo("h")
+        link.type, link.linkname, link.size = tarfile.LNKTYPE, "a", 100    # no data follows
+        tf.addfile(link)
+        for name, data in (("b", b"y" * 700), ("c", b"z" * 10)):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    lay = make_layer(buf.getvalue())
+    raw = gzip.decompress(lay.blob)
+    read = lambda start, end: raw[start:end]
+    ztoc = Ztoc.parse(_ztoc(lay.blob))
+    h = next(i for i in range(len(ztoc)) if ztoc.entry(i).name == "h")
+    assert ztoc.entry(h).size == 100
+    v = LayerVerifier(ztoc, read, read, lay.digest)
+    v.check([len(ztoc) - 1])          # c first: b's end is read from b's header, after h's
+    v.check(list(range(len(ztoc))))
+    assert all(s == GOOD for s in v.state)

@@ -169,7 +169,11 @@ class LayerVerifier:
         quick = i - 1
         offset, size = self.ztoc.entry_extent(quick) if quick >= 0 else (0, 0)
         if quick < 0 or offset < entry.offset:
-            yield quick, (offset + -(-size // BLOCK) * BLOCK if guess and quick >= 0 else self._end(quick))
+            guessed = offset + -(-size // BLOCK) * BLOCK if guess and quick >= 0 else None
+            if guessed is not None:
+                yield quick, guessed
+            if guessed is None or self._end(quick) != guessed:     # a header-only type with a size
+                yield quick, self._end(quick)
         pred = self._preds_by_offset()[i]
         if pred != quick:
             yield pred, self._end(pred)
