@@ -168,7 +168,7 @@ def test_chunked_upload_of_large_blob(registry, tmp_path, monkeypatch):
         # A chunk that fails (the first, then the second) is resumed from the upload status.
         for n in (1, 2):
             other = ref.with_tag(f"again{n}")
-            moved = bytes([n]) + data[1:]
+            moved = bytes([data[0] ^ n]) + data[1:]   # never equal to data (a blob that exists)
             proxy.reset_counters()
             if n == 2:   # the first PATCH passes (a zero delay is the first matching fault)
                 proxy.add(Fault("delay", method="PATCH", match="/blobs/uploads/", times=1))
