@@ -16,7 +16,10 @@ import os
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
-    lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    try:
+        lib = ctypes.CDLL("libc.so.6", use_errno=True)   # glibc's name: no `ldconfig -p` child to find it
+    except OSError:
+        lib = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
     lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
     lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
