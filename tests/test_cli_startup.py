@@ -161,3 +161,32 @@ def test_run_of_a_pulled_image_does_not_load_the_registry_client(registry, tmp_p
     modules, out = imported_modules(root, "run", "--rm", ref, "/bin/echo", "ran")
     assert out == "ran\n"
     assert {"httpx", "httpcore"} & heavy_in(modules) == set(), sorted(heavy_in(modules))
+
+
+def _entry(tmp_path: Path, before: str, *args: str) -> subprocess.CompletedProcess:
+    """The console script's `entry` in a fresh interpreter, after the Python code `before`."""
+    code = (f"import sys\n{before}\nsys.argv = ['lazyoci', *{list(args)!r}]\n"
+            "from lazyoci.cli.main import entry\nentry()\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**without_config(tmp_path), "LAZYOCI_ROOT": str(tmp_path / "root")})
+
+
+def test_the_console_script_ends_with_atexit_callbacks_and_its_output_flushed(tmp_path):
+    """The quick end (no interpreter teardown) still runs atexit callbacks and flushes stdout."""
+    marker = tmp_path / "atexit-ran"
+    p = _entry(tmp_path, f"import atexit, pathlib\natexit.register(pathlib.Path({str(marker)!r}).touch)\n"
+                         "sys.stdout.write('unflushed ')", "--version")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("unflushed lazyoci, version ")
+    assert marker.exists()
+    p = _entry(tmp_path, "", "rmi", "no-such-image")
+    assert p.returncode == 1 and p.stderr == "lazyoci: error: no such image: no-such-image\n"
+
+
+def test_the_console_script_waits_for_a_thread_that_still_runs(tmp_path):
+    """A thread that is not a daemon and still works when the command ends is waited for."""
+    marker = tmp_path / "thread-done"
+    p = _entry(tmp_path, f"import threading, time, pathlib\nthreading.Thread(target=lambda: (time.sleep(0.3), "
+                         f"pathlib.Path({str(marker)!r}).touch())).start()", "--version")
+    assert p.returncode == 0, p.stderr
+    assert marker.exists()

@@ -6,8 +6,12 @@ are thin: they parse flags, call the library, and print.
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -78,3 +82,29 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         sys.exit(141)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def entry() -> NoReturn:
+    """The console script: `main`, then the process ends without tearing the interpreter down.
+
+    Freeing a few hundred modules one object at a time took 10-20 ms after every command had
+    already answered (a lazy start pays it for `pull`). What the normal exit does that matters
+    still happens: the atexit callbacks (log handlers flushed, temporary files removed) and the
+    flush of stdout and stderr. While a thread that is not a daemon still runs, the normal exit
+    waits for it, as Python's own exit does."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        if not isinstance(e.code, int) and e.code is not None:
+            raise                      # a message to print: Python's own exit does that
+        code = e.code or 0
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        code = code or 141
+    os._exit(code)
