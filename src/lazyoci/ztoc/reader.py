@@ -61,6 +61,16 @@ class _Plan(NamedTuple):
     link_at: int
 
 
+def _string(buf: bytes, t: int, at: int) -> bytes:
+    """The string field at offset `at` of the table at `t` (b"" when absent); its bounds were
+    checked when the zTOC was parsed."""
+    if not at:
+        return b""
+    p = t + at
+    p += _U32(buf, p)[0]
+    return buf[p + 4:p + 4 + _U32(buf, p)[0]]
+
+
 def _text(raw: bytes) -> str:
     """Names are bytes in tar; surrogateescape keeps non-UTF-8 names round-trippable (os.fsencode)."""
     return raw.decode("utf-8", "surrogateescape")
@@ -252,15 +262,30 @@ class Ztoc:
         # PAX records are decoded only if one may be an xattr: most zTOCs have none, while some
         # writers give every entry a record (Python's tarfile an `mtime` with a fraction)
         xattrs_anywhere = XATTR_PREFIX.encode() in self._data
+        buf, n, plans = self._data, len(self._data), self._plans
+        ep = self._entries_start
         for i in range(self._count):
-            f = self._fields(i)
-            typ, off, size = f[C.FM_TYPE], f[C.FM_OFFSET], f[C.FM_SIZE]
+            # what `_fields(i)` checks, with only the three strings this loop needs cut out
+            t = ep + _U32(buf, ep)[0]
+            ep += 4
+            if t > n - 4:
+                raise r.bad(f"entry {i} points outside the buffer")
+            vt = t - _I32(buf, t)[0]
+            plan = plans.get(vt) or self._plan(vt)
+            if t + plan.objlen > n:
+                raise r.bad(f"entry {i} runs past the end of the buffer")
+            f = plan.arrange(plan.unpack(buf, t) + _DEFAULTS)
+            for slot, at in plan.refs:
+                v = f[slot] + t + at
+                if v > n - 4 or v + 4 + _U32(buf, v)[0] > n:
+                    raise r.bad(f"field {slot} of entry {i} runs past the end of the buffer")
+            typ, off, size = _string(buf, t, plan.type_at), f[C.FM_OFFSET], f[C.FM_SIZE]
             if typ not in _TYPE_BYTES:
                 raise FormatError(f"zTOC entry {i} has type {typ.decode(errors='replace')!r} "
                                   f"(want one of {', '.join(sorted(ENTRY_TYPES))})")
-            names.append(f[0])          # FM_NAME, then FM_LINKNAME: this loop runs once per file
-            if f[4]:
-                names.append(f[4])
+            names.append(_string(buf, t, plan.name_at))
+            if plan.link_at:
+                names.append(_string(buf, t, plan.link_at))
             if len(names) >= _NAME_BATCH:
                 self._check_names(first, i + 1, names)
                 first = i + 1
@@ -270,8 +295,10 @@ class Ztoc:
             if off < BLOCK or size < 0 or off + data_len > usize:
                 raise FormatError(f"zTOC entry {i} (offset {off}, size {size}) lies outside the "
                                   f"{usize}-byte archive")
-            if xattrs_anywhere and f[C.FM_XATTRS]:
-                self._check_xattrs(i, self._pax(f[C.FM_XATTRS]))
+            if xattrs_anywhere:
+                xvec = self._fields(i)[C.FM_XATTRS]
+                if xvec:
+                    self._check_xattrs(i, self._pax(xvec))
             if off < prev_end + BLOCK:
                 ordered = False
             # the next header starts at this entry's data end rounded up to a block
@@ -353,21 +380,13 @@ class Ztoc:
         """(name, type, link target) of every entry in order, the target only for hardlinks:
         what building a directory tree needs, ~10x faster than decoding whole entries."""
         buf, plans, types = self._data, self._plans, _TYPE_NAMES
-
-        def string(t: int, at: int) -> bytes:
-            if not at:
-                return b""
-            p = t + at
-            p += _U32(buf, p)[0]
-            return buf[p + 4:p + 4 + _U32(buf, p)[0]]
-
         ep = self._entries_start
         for _ in range(self._count):
             t = ep + _U32(buf, ep)[0]
             ep += 4
             plan = plans[t - _I32(buf, t)[0]]
-            typ = types[string(t, plan.type_at)]
-            yield string(t, plan.name_at), typ, string(t, plan.link_at) if typ == "hardlink" else b""
+            typ = types[_string(buf, t, plan.type_at)]
+            yield _string(buf, t, plan.name_at), typ, _string(buf, t, plan.link_at) if typ == "hardlink" else b""
 
     def entry_extent(self, i: int) -> tuple[int, int]:
         """Entry i's data offset and size, as `entry(i)` has them, without decoding the entry."""
