@@ -190,3 +190,12 @@ def test_the_console_script_waits_for_a_thread_that_still_runs(tmp_path):
                          f"pathlib.Path({str(marker)!r}).touch())).start()", "--version")
     assert p.returncode == 0, p.stderr
     assert marker.exists()
+
+
+def test_output_to_a_full_device_is_one_error_line_not_a_traceback(tmp_path):
+    """stdout on a full disk (here /dev/full): the command fails with one line on stderr."""
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([LAZYOCI, "--version"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+                           env={**without_config(tmp_path), "LAZYOCI_ROOT": str(tmp_path / "root")})
+    assert p.returncode == 1
+    assert p.stderr == "lazyoci: error: No space left on device\n"

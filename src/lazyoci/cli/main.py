@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(141)
+    except OSError as e:       # the output itself failed (a full disk under a redirect): one line
+        if debug:
+            raise
+        click.echo(f"lazyoci: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
+        sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
@@ -107,4 +112,6 @@ def entry() -> NoReturn:
         sys.stderr.flush()
     except BrokenPipeError:
         code = code or 141
+    except OSError:
+        code = code or 1
     os._exit(code)
