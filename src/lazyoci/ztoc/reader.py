@@ -232,22 +232,31 @@ class Ztoc:
                                            offs[C.FM_NAME], offs[C.FM_TYPE], offs[C.FM_LINKNAME])
         return plan
 
-    def _fields(self, i: int) -> list:
-        """The 14 FileMetadata values of entry i (strings as raw bytes), bounds-checked."""
+    def _table(self, i: int) -> tuple[int, _Plan, tuple]:
+        """Entry i's FileMetadata table: where it is, its plan and its 14 values in slot order
+        (strings and vectors as the offsets that point to them), every reference bounds-checked."""
         buf, n = self._data, len(self._data)
         ep = self._entries_start + 4 * i
         t = ep + _U32(buf, ep)[0]
         if t > n - 4:
             raise self._r.bad(f"entry {i} points outside the buffer")
-        plan = self._plan(t - _I32(buf, t)[0])
+        vt = t - _I32(buf, t)[0]
+        plan = self._plans.get(vt) or self._plan(vt)
         if t + plan.objlen > n:
             raise self._r.bad(f"entry {i} runs past the end of the buffer")
-        vals = list(plan.arrange(plan.unpack(buf, t) + _DEFAULTS))
-        for slot, off in plan.refs:   # references: resolve strings now, keep the vector position
+        vals = plan.arrange(plan.unpack(buf, t) + _DEFAULTS)
+        for slot, off in plan.refs:
             v = vals[slot] + t + off
             if v > n - 4 or v + 4 + _U32(buf, v)[0] > n:
                 raise self._r.bad(f"field {slot} of entry {i} runs past the end of the buffer")
-            vals[slot] = v if slot == C.FM_XATTRS else buf[v + 4:v + 4 + _U32(buf, v)[0]]
+        return t, plan, vals
+
+    def _fields(self, i: int) -> list:
+        """The 14 FileMetadata values of entry i (strings as raw bytes), bounds-checked."""
+        t, plan, raw = self._table(i)
+        vals = list(raw)
+        for slot, off in plan.refs:   # references: resolve strings now, keep the vector position
+            vals[slot] = t + off + raw[slot] if slot == C.FM_XATTRS else _string(self._data, t, off)
         return vals
 
     def _validate_entries(self, r: C.FlatReader) -> None:
@@ -262,23 +271,9 @@ class Ztoc:
         # PAX records are decoded only if one may be an xattr: most zTOCs have none, while some
         # writers give every entry a record (Python's tarfile an `mtime` with a fraction)
         xattrs_anywhere = XATTR_PREFIX.encode() in self._data
-        buf, n, plans = self._data, len(self._data), self._plans
-        ep = self._entries_start
+        buf = self._data
         for i in range(self._count):
-            # what `_fields(i)` checks, with only the three strings this loop needs cut out
-            t = ep + _U32(buf, ep)[0]
-            ep += 4
-            if t > n - 4:
-                raise r.bad(f"entry {i} points outside the buffer")
-            vt = t - _I32(buf, t)[0]
-            plan = plans.get(vt) or self._plan(vt)
-            if t + plan.objlen > n:
-                raise r.bad(f"entry {i} runs past the end of the buffer")
-            f = plan.arrange(plan.unpack(buf, t) + _DEFAULTS)
-            for slot, at in plan.refs:
-                v = f[slot] + t + at
-                if v > n - 4 or v + 4 + _U32(buf, v)[0] > n:
-                    raise r.bad(f"field {slot} of entry {i} runs past the end of the buffer")
+            t, plan, f = self._table(i)      # the strings this loop needs are cut out, no others
             typ, off, size = _string(buf, t, plan.type_at), f[C.FM_OFFSET], f[C.FM_SIZE]
             if typ not in _TYPE_BYTES:
                 raise FormatError(f"zTOC entry {i} has type {typ.decode(errors='replace')!r} "
