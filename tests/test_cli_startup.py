@@ -80,6 +80,16 @@ def test_local_commands_import_no_heavy_library(root_with_image, args):
     assert heavy_in(modules) == set(), f"lazyoci {' '.join(args)} imported {sorted(heavy_in(modules))}"
 
 
+@pytest.mark.needs_root("the pull unpacks layers owned by root")
+def test_ps_loads_neither_openssl_nor_the_image_model(root_with_image):
+    """`ps` (and its `ancestor=` filter) reads container records: no hashing, no manifests."""
+    modules, out = imported_modules(root_with_image, "ps", "-a", "--filter", "ancestor=busybox")
+    assert out.startswith("CONTAINER ID")
+    assert "lazyoci.oci.reference" in modules             # the filter's parse was loaded
+    loaded = modules & {"_hashlib", "hashlib", "lazyoci.oci.manifest", "lazyoci.store.blobs"}
+    assert loaded == set(), sorted(loaded)
+
+
 def test_help_lists_every_command_without_importing_them(tmp_path):
     modules, out = imported_modules(tmp_path, "--help")
     listed = out.split("Commands:\n", 1)[1].split()

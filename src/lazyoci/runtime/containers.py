@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
-import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -106,7 +106,7 @@ def _generated_name(taken: set[str]) -> str:
         name = f"{random.choice(_ADJECTIVES)}_{random.choice(_NAMES)}"
         if name not in taken:
             return name
-    return f"container_{secrets.token_hex(4)}"
+    return f"container_{os.urandom(4).hex()}"
 
 
 def _name_in_use(name: str, holder: str) -> str:
@@ -153,7 +153,7 @@ class ContainerStore:
                 raise ContainerError(_name_in_use(name, taken[name]))
         else:
             name = _generated_name(set(taken))
-        return secrets.token_hex(32), name
+        return os.urandom(32).hex(), name
 
     def create(self, rec: ContainerRecord, name_given: bool) -> ContainerRecord:
         """Record a new container, under the name it came with unless another container took that

@@ -18,10 +18,13 @@ import uuid
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from lazyoci.oci.platform import Platform
-from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
+
+if TYPE_CHECKING:   # annotations only: `ps` and `rm` reach this module and need neither
+    from lazyoci.oci.platform import Platform
+    from lazyoci.store.blobs import BlobStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS image_names (
