@@ -157,9 +157,9 @@ def test_the_holder_answers_lookups_of_names_a_directory_does_not_have(registry,
 
 def test_the_holder_answers_lookups_and_the_opaque_marker_of_checked_nodes_with_the_service_s_attributes(
         registry, data_root, tmp_path):
-    """Once a second name is looked up in a directory, the service checks its children whose
-    headers are cached and writes their entries: the holder answers their LOOKUPs, and GETXATTRs of
-    overlayfs' opaque marker, with what the tar says."""
+    """When a name is looked up in a directory, the service checks its children whose headers are
+    cached and writes their entries: the holder answers their LOOKUPs, and GETXATTRs of overlayfs'
+    opaque marker, with what the tar says."""
     files = {f"pkg/m{i}.py": os.urandom(100 + i) for i in range(12)}
     entries = [Entry("pkg/", kind="dir", mode=0o750, uid=7, gid=8, mtime=1_600_000_000),
                Entry("pkg/opq/", kind="dir"), Entry("pkg/opq/.wh..wh..opq"), Entry("pkg/sub/", kind="dir")]
@@ -179,8 +179,9 @@ def test_the_holder_answers_lookups_and_the_opaque_marker_of_checked_nodes_with_
         def counts(opcode: int) -> list[int]:
             return _status(client)["opcodes"].get(str(opcode), [0, 0])
 
-        # the first name looked up in pkg lists its names, the second checks its cached children;
-        # names are looked up from pkg's descriptor (a path walk also looks the view up in the mount
+        # the first name looked up in pkg lists its names and checks its cached children (none
+        # yet: the layer's one span comes with m0.py's own check), the second checks them again,
+        # the cache having grown; names are looked up from pkg's descriptor (a path walk also looks the view up in the mount
         # root, which the service answers each time: never remembered)
         pkg = os.open(d / "pkg", os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -221,6 +222,74 @@ def test_the_holder_answers_lookups_and_the_opaque_marker_of_checked_nodes_with_
         assert (d / "pkg/hard").read_bytes() == files["pkg/m5.py"]
         top = os.lstat(d / "pkg")
         assert (top.st_mode, top.st_uid, top.st_gid, top.st_mtime_ns) == (0o040750, 7, 8, 1_600_000_000 * 10**9)
+
+
+def test_the_holder_ends_the_listing_of_a_listed_directory_and_the_service_gives_its_entries(
+        registry, data_root, tmp_path):
+    """The kernel reads a directory until a READDIR gives nothing: for a directory whose names the
+    service listed (a name was looked up in it), the holder answers that last READDIR itself.
+    Listings stay whole, over many READDIRs and for an empty directory, and a directory not
+    listed yet has every READDIR go to the service."""
+    many = {f"many/{'n' * 40}-{i:03d}": b"x" for i in range(200)}
+    entries = [Entry("many/", kind="dir"), Entry("empty/", kind="dir"), Entry("unlisted/", kind="dir")]
+    entries += [Entry(name, data=data) for name, data in many.items()]
+    entries += [Entry(f"unlisted/f{i}", data=b"y") for i in range(3)]
+    layer = make_layer(entries, "gzip")
+    push_image(registry.host, "holder/listings", [layer], image_config([layer]), tmp_path)
+    zdigest = store_ztoc(data_root, ztoc_for(layer, span_size=64 << 10))
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        d = client.mount_layer(f"{registry.host}/holder/listings:latest", layer.digest, zdigest)
+        _wait("the holder to take the layer", lambda: _status(client).get("served_layers") == 1)
+
+        def listings() -> list[int]:
+            """READDIRs and READDIRPLUSes: [relayed to the service, answered by the holder]."""
+            ops = _status(client)["opcodes"]
+            return [sum(ops.get(op, [0, 0])[i] for op in ("28", "44")) for i in (0, 1)]
+
+        before = listings()       # the path walk looks "unlisted" up in the layer's root, nothing inside
+        assert sorted(os.listdir(d / "unlisted")) == ["f0", "f1", "f2"]
+        after = listings()
+        assert after[1] == before[1], "no name was looked up inside: the service lists it all"
+        assert after[0] - before[0] >= 2
+
+        for directory, names in (("many", sorted(n.removeprefix("many/") for n in many)), ("empty", [])):
+            assert not (d / directory / "absent").exists()      # lists the directory's names
+            before = listings()
+            assert sorted(os.listdir(d / directory)) == names, directory
+            after = listings()
+            assert after[1] - before[1] == 1, f"{directory}: the holder ended the listing"
+            assert after[0] - before[0] >= (2 if names else 1), f"{directory}: the entries came from the service"
+
+
+def test_the_first_name_looked_up_in_a_directory_has_its_cached_children_checked(registry, data_root, tmp_path):
+    """With the layer's span in the cache already, the first LOOKUP in a directory that reaches
+    the service checks every child whose header is cached: the holder answers the next names."""
+    entries = [Entry("other/", kind="dir"), Entry("other/warm", data=b"w"), Entry("pkg/", kind="dir")]
+    entries += [Entry(f"pkg/m{i}.py", data=b"%d" % i) for i in range(6)]
+    layer = make_layer(entries, "gzip")
+    push_image(registry.host, "holder/swept", [layer], image_config([layer]), tmp_path)
+    zdigest = store_ztoc(data_root, ztoc_for(layer, span_size=64 << 10))
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        d = client.mount_layer(f"{registry.host}/holder/swept:latest", layer.digest, zdigest)
+        _wait("the holder to take the layer", lambda: _status(client).get("served_layers") == 1)
+        assert (d / "other/warm").read_bytes() == b"w"
+        _wait("the layer's one span on disk", lambda: _percent(client, layer.digest) == 100.0)
+
+        def lookups() -> list[int]:
+            return _status(client)["opcodes"].get("1", [0, 0])
+
+        pkg = os.open(d / "pkg", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            before = lookups()
+            assert os.stat("m0.py", dir_fd=pkg).st_size == 1
+            first = lookups()
+            sizes = [os.stat(f"m{i}.py", dir_fd=pkg).st_size for i in range(1, 6)]
+            after = lookups()
+        finally:
+            os.close(pkg)
+        assert sizes == [1] * 5
+        assert first[0] - before[0] == 1, "the first name goes to the service"
+        assert after[0] == first[0] and after[1] - first[1] == 5, "the holder answers the others"
 
 
 def test_eviction_takes_the_layer_back_first_and_a_restart_hands_it_over_again(registry, data_root, tmp_path):

@@ -31,8 +31,8 @@ and is logged. A node that passed its header check has its LOOKUP answer written
 the layer's read map, and a file where its bytes lie: its LOOKUPs, the GETXATTRs of its
 opaque marker and the READs of its cached spans that reads touched before, the FUSE
 session holder answers itself (service/holder_reads.py). So that it answers most
-LOOKUPs of a directory, the second name looked up in it has the service check every
-child whose header is cached (`_sweep`).
+LOOKUPs of a directory, the first name looked up in it has the service check every
+child whose header is cached (`_sweep`), and a later one again if the cache has grown since.
 """
 
 from __future__ import annotations
@@ -221,10 +221,11 @@ class LayerFS(pyfuse3.Operations):
 
     def _sweep(self, layer: LazyLayer, d: int) -> None:
         """Check the children of d whose headers are cached and write their entries for the
-        session holder, which then answers their LOOKUPs: when a second name is looked up in the
-        directory (Python's imports look up many names of one directory), and again, a few times
-        at most, when a name reaches the service after the cache has grown, if children were left
-        unchecked (their headers not cached yet)."""
+        session holder, which then answers their LOOKUPs: when the first name is looked up in the
+        directory (Python's imports look up many names of one directory; of python-ml's start,
+        three directories in four had a second name looked up, and the others have few children),
+        and again, a few times at most, when a name reaches the service after the cache has grown,
+        if children were left unchecked (their headers not cached yet)."""
         t = layer.tree
         cached = layer.fetcher.cache.cached_bytes
         left, before = layer.swept.get(d, (SWEEPS, -1))
@@ -381,8 +382,7 @@ class LayerFS(pyfuse3.Operations):
                 # the session holder answers the directory's absent names from now on, and the
                 # names whose entries are written
                 read_map.list_directory(d, ((t.name(c), c) for _, c in t.list(d)))
-            else:
-                self._sweep(layer, d)
+            self._sweep(layer, d)
         n = t.lookup(d, name)
         if n is None:
             # a layer's tree never changes: the kernel may remember that the name is absent
@@ -478,7 +478,8 @@ class LayerFS(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token) -> None:
         """Entries "." and ".." first (what `ls -a` and overlay's plain lower dirs show), then children.
 
-        Offsets: 1 after ".", 2 after "..", 3 + i after the i-th child."""
+        Offsets: 1 after ".", 2 after "..", 3 + i after the i-th child (the session holder ends
+        a listed directory's listing itself from these: service/holder_reads.py)."""
         if fh == pyfuse3.ROOT_INODE:
             parent = pyfuse3.ROOT_INODE
         else:       # fh is the node ID (opendir's, or the holder's for an open without a message)

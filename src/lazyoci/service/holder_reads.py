@@ -28,17 +28,19 @@ It also answers LOOKUPs in a directory once the service has listed that director
 read map (at the directory's first LOOKUP it answered): a name the directory does not have gets an
 entry with no node, which the kernel remembers for as long as the service's own answer would say;
 a name it has gets the entry the service wrote for that node once it passed its header check
-(every node it checks: the service checks a directory's children whose headers are cached once a
-second name is looked up in it). Python's imports look up many names of one directory, and
+(every node it checks: the service checks a directory's children whose headers are cached when
+the first name is looked up in it). Python's imports look up many names of one directory, and
 overlayfs looks a name up in every layer above the one that has it. Then GETXATTR of overlayfs'
 opaque marker, which overlayfs asks of every directory it looks up: answered for every node whose
-entry is written (the service writes whether it is opaque with it).
+entry is written (the service writes whether it is opaque with it). And the READDIR that follows
+a listed directory's last entry (the kernel asks until it gets none; a listing is cached by the
+kernel, so a start lists each directory once and half its READDIRs were these): no entries.
 
 The read map, 64-bit integers: FLAGS, NODES (n), SPANS (s), the seconds a name's absence may be
 remembered, two words of the key of the name hash; then s+1 span bounds (the uncompressed offset
 of each span's start, and the layer's size); then two per node of the layer's tree: the tar offset
 of the file's data and its size plus one (0: not answered here; -1 in the second: a directory
-whose names are listed); then ENTRY_WORDS per node: the node's struct fuse_entry_out as the
+whose names are listed, and then the first is how many it has); then ENTRY_WORDS per node: the node's struct fuse_entry_out as the
 service answers its LOOKUP (node ID 0: not written yet) and its marks (OPAQUE); then a hash set of
 the listed names (open addressing, `_name_slots(n)` slots, 0 empty) and beside it the node each
 slot's name is (plus one; 0: two listed names share the hash, the service answers). The hash is
@@ -83,6 +85,9 @@ _KEY_BYTES = 16
 # looks none up)
 COMPLETE, STOPPED, NO_XATTRS = 1, 2, 4
 _LISTED = -1                           # a directory's second word: its names are in the hash set
+# The service's READDIR offsets (fs/layer_fs.py): 1 after ".", 2 after "..", 3 + i after child i;
+# so a READDIR from offset children + _AFTER_DOTS on has nothing left to give.
+_AFTER_DOTS = 2
 # struct fuse_entry_out: nodeid, generation, entry_valid, attr_valid, their nsec; then struct
 # fuse_attr: ino, size, blocks, atime, mtime, ctime, their nsec, mode, nlink, uid, gid, rdev, blksize,
 # flags (128 bytes, 16 words). With no node: the attributes zeroed.
@@ -215,6 +220,7 @@ class ReadMap:
                 else:
                     self.name_nodes[i] = child + 1
                     self.names[i] = h
+            self.files[2 * node] = len(children)
             self.files[2 * node + 1] = _LISTED       # last: the holder probes only after it
 
     def listed(self, node: int) -> bool:
@@ -287,6 +293,7 @@ class ServedReads:
         self.bytes = 0                     # and the bytes they returned
         self.lookups = 0                   # LOOKUPs answered here
         self.xattrs = 0                    # and GETXATTRs
+        self.listings_ended = 0            # and READDIRs past a directory's last entry
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -353,6 +360,22 @@ class ServedReads:
         if not _write(fuse_fd, reply):
             return False
         self.lookups += 1
+        return True
+
+    def answer_readdir_end(self, fuse_fd: int, message: bytearray, nodeid: int, unique: int) -> bool:
+        """Answer a READDIR or READDIRPLUS (`message`) of a listed directory from past its last
+        entry: no entries, the end of the listing; False to leave it to the service."""
+        found = self._node(nodeid)
+        if found is None:
+            return False
+        served, d, _ = found
+        m = served.map
+        if m.files[2 * d + 1] != _LISTED:
+            return False
+        _, offset, _ = _READ_IN.unpack_from(message, _IN_HEADER_SIZE)
+        if offset < m.files[2 * d] + _AFTER_DOTS or not _write(fuse_fd, _OUT_HEADER.pack(_OUT_HEADER.size, 0, unique)):
+            return False
+        self.listings_ended += 1
         return True
 
     def answer_getxattr(self, fuse_fd: int, message: bytearray, length: int, nodeid: int, unique: int) -> bool:

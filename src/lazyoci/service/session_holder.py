@@ -24,7 +24,7 @@ round trip through the service:
   and checked): read from the cache's data file here (service/holder_reads.py);
 - LOOKUP in a directory whose names the service listed: of a name it does not have, and of a
   node that passed its header check (the service wrote its entry); GETXATTR of the opaque marker
-  of such a node (service/holder_reads.py);
+  of such a node; READDIR of such a directory past its last entry (service/holder_reads.py);
 - OPEN and OPENDIR, with ENOSYS, when the kernel's INIT says it takes that as "opens need no
   message" (zero-message opens, OpenSkipper): from then on it sends no OPEN, OPENDIR, RELEASE or
   RELEASEDIR at all, keeps the page cache of files across opens and caches directory listings.
@@ -103,6 +103,7 @@ _ADDED_FLAGS = _PARALLEL_DIROPS | _CACHE_SYMLINKS
 _FH = struct.Struct("<Q")             # the file handle that starts struct fuse_read_in (READ, READDIR*)
 _GETXATTR_IN_SIZE = 8                 # struct fuse_getxattr_in: size, padding; the name follows
 _OVERLAY_PREFIX, _OVERLAY_OPAQUE = b"trusted.overlay.", b"trusted.overlay.opaque"
+_LISTINGS = frozenset({_FUSE_READDIR, _FUSE_READDIRPLUS})
 _NO_REPLY = frozenset({_FUSE_FORGET, _FUSE_INTERRUPT, _FUSE_NOTIFY_REPLY, _FUSE_BATCH_FORGET})
 
 # The largest message either way: a READ reply of FUSE's 256-page maximum plus headers.
@@ -474,7 +475,8 @@ class Holder:
         if reply is None and self.reads and (
                 (opcode == _FUSE_READ and self.reads.answer(self.fuse_fd, self._in, nodeid, unique)) or
                 (opcode == _FUSE_LOOKUP and self.reads.answer_lookup(self.fuse_fd, self._in, n, nodeid, unique)) or
-                (opcode == _FUSE_GETXATTR and self.reads.answer_getxattr(self.fuse_fd, self._in, n, nodeid, unique))):
+                (opcode == _FUSE_GETXATTR and self.reads.answer_getxattr(self.fuse_fd, self._in, n, nodeid, unique)) or
+                (opcode in _LISTINGS and self.reads.answer_readdir_end(self.fuse_fd, self._in, nodeid, unique))):
             self.answered += 1
             self.opcodes.setdefault(opcode, [0, 0])[1] += 1
             return True
