@@ -32,8 +32,7 @@ the layer's read map, and a file where its bytes lie: its LOOKUPs, the GETXATTRs
 opaque marker and the READs of its cached spans that reads touched before, the FUSE
 session holder answers itself (service/holder_reads.py). So that it answers most
 LOOKUPs of a directory, the first name looked up in it has the service check every
-child whose header is cached once it has answered (`_sweep_soon`), and a later one again
-if the cache has grown since.
+child whose header is cached (`_sweep`), and a later one again if the cache has grown since.
 """
 
 from __future__ import annotations
@@ -65,7 +64,6 @@ log = logging.getLogger(__name__)
 TIMEOUT = 24 * 3600.0            # immutable content: cache entries and attributes for long
 SWEEP_CHILDREN = 4096            # a directory with more children is not swept (`_sweep`)
 SWEEPS = 4                       # times a directory is swept at most
-SWEEP_SLICE = 8                  # children a sweep checks before it lets other requests in
 MEMO_NODES = 1 << 16             # per layer: nodes whose attributes or file extent are kept decoded
 _TYPE_BITS = {T.DIR: stat.S_IFDIR, T.REG: stat.S_IFREG, T.SYMLINK: stat.S_IFLNK,
               T.CHAR: stat.S_IFCHR, T.BLOCK: stat.S_IFBLK, T.FIFO: stat.S_IFIFO,
@@ -94,7 +92,6 @@ class LazyLayer:
     extents: dict[int, tuple[int, int]] = field(init=False, repr=False, default_factory=dict)
     # directory -> (sweeps left, cached bytes at the last) of its children (`LayerFS._sweep`)
     swept: dict[int, tuple[int, int]] = field(init=False, repr=False, default_factory=dict)
-    sweeping: set[int] = field(init=False, repr=False, default_factory=set)   # sweeps under way
 
     def __post_init__(self) -> None:
         self.checked = bytearray(len(self.tree))
@@ -200,13 +197,9 @@ class LayerFS(pyfuse3.Operations):
     def _check_children_cached(self, layer: LazyLayer, d: int, first: int) -> None:
         """Check the children of d whose headers are in the disk cache (no network), so that a
         listing hands the kernel checked attributes and `ls -l`/`find` need no LOOKUP each."""
-        self._check_cached(layer, [c for _, c in layer.tree.list(d, first)])
-
-    def _check_cached(self, layer: LazyLayer, nodes: list[int]) -> None:
-        """Check those of `nodes` whose headers are in the disk cache (no network)."""
         t, v = layer.tree, layer.verifier
         entries: list[int] = []
-        for c in nodes:
+        for _, c in t.list(d, first):
             if layer.checked[c]:
                 continue
             entries.extend(x for x in (t.entry[c], t.entry[t.target[c]]) if x >= 0)
@@ -226,46 +219,24 @@ class LayerFS(pyfuse3.Operations):
             except LazyociError:
                 pass       # a bad child stays unchecked in the listing; its lookup is EIO
 
-    def _sweep_soon(self, layer: LazyLayer, d: int) -> None:
+    def _sweep(self, layer: LazyLayer, d: int) -> None:
         """Check the children of d whose headers are cached and write their entries for the
         session holder, which then answers their LOOKUPs: when the first name is looked up in the
         directory (Python's imports look up many names of one directory; of python-ml's start,
         three directories in four had a second name looked up, and the others have few children),
         and again, a few times at most, when a name reaches the service after the cache has grown,
-        if children were left unchecked (their headers not cached yet).
-
-        The sweep runs after the LOOKUP is answered, SWEEP_SLICE children at a time with the
-        other requests let in between: the workload goes on meanwhile (on python-ml's start the
-        sweeps were 95% of the service's LOOKUP time, 0.4 s, all of it in front of the workload).
-        A name it has not reached yet is checked by its own LOOKUP, as before."""
+        if children were left unchecked (their headers not cached yet)."""
+        t = layer.tree
         cached = layer.fetcher.cache.cached_bytes
         left, before = layer.swept.get(d, (SWEEPS, -1))
-        if left <= 0 or d in layer.sweeping or cached == before:
+        if left <= 0 or cached == before:
             return
-        if layer.tree.child_count[d] > SWEEP_CHILDREN:
+        if t.child_count[d] > SWEEP_CHILDREN:
             layer.swept[d] = (0, cached)
             return
-        layer.sweeping.add(d)
-        trio.lowlevel.spawn_system_task(self._sweep, layer, d, left)
-
-    async def _sweep(self, layer: LazyLayer, d: int, left: int) -> None:
-        try:
-            cached = layer.fetcher.cache.cached_bytes
-            children = [c for _, c in layer.tree.list(d)]
-            unchecked = False
-            for at in range(0, len(children), SWEEP_SLICE):
-                await trio.sleep(0)          # the LOOKUP's answer first, then any request waiting
-                if self.slot_of(layer) is None:
-                    return                   # unmounted meanwhile
-                part = children[at:at + SWEEP_SLICE]
-                self._check_cached(layer, part)
-                left_out = [c for c in part if not self._checked(layer, c)]   # marks the checked ones
-                unchecked = unchecked or bool(left_out)
-            layer.swept[d] = (left - 1 if unchecked else 0, cached)
-        except Exception:        # only a guess at what comes next: never a request's failure
-            log.exception("layer %s: checking the children of a directory ahead failed", layer.digest)
-        finally:
-            layer.sweeping.discard(d)
+        self._check_children_cached(layer, d, 0)
+        unchecked = [c for _, c in t.list(d) if not self._checked(layer, c)]
+        layer.swept[d] = (left - 1 if unchecked else 0, cached)
 
     def _checked(self, layer: LazyLayer, n: int) -> bool:
         """True if node n was checked already (no I/O)."""
@@ -411,7 +382,7 @@ class LayerFS(pyfuse3.Operations):
                 # the session holder answers the directory's absent names from now on, and the
                 # names whose entries are written
                 read_map.list_directory(d, ((t.name(c), c) for _, c in t.list(d)))
-            self._sweep_soon(layer, d)
+            self._sweep(layer, d)
         n = t.lookup(d, name)
         if n is None:
             # a layer's tree never changes: the kernel may remember that the name is absent

@@ -95,7 +95,6 @@ class LayerStatus:
     format: str = "soci"      # how the layer is indexed (layer_formats.py's label)
     read_wait_seconds: float = 0.0   # how long reads (file data, tar header checks) waited for the network
     unpack: str = ""          # unpacked from the span cache for new containers (service/unpack_queue.py)
-    sweeps: int = 0           # directories whose children are being checked ahead of their LOOKUPs
 
     @property
     def percent(self) -> float:
@@ -427,8 +426,7 @@ class LayerManager:
                 mounted_at=layer.mounted_at, first_read_at=f.first_read_at,
                 format=labels.get((layer.digest, layer.ztoc_digest), "soci"),
                 read_wait_seconds=round(f.stats.read_wait, 3),
-                unpack=self.unpacks.state(layer.digest, layer.ztoc_digest) if self.unpacks else "",
-                sweeps=len(layer.sweeping)))
+                unpack=self.unpacks.state(layer.digest, layer.ztoc_digest) if self.unpacks else ""))
         return sorted(out, key=lambda s: s.layer_digest)
 
     def read_order(self) -> list[tuple[str, str, list[int]]]:
