@@ -5,6 +5,7 @@ and handed over again after a restart."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -36,6 +37,19 @@ def _image(registry, tmp_path: Path, repo: str, files: dict[str, bytes]):
     layer = make_layer(entries, "gzip")
     push_image(registry.host, repo, [layer], image_config([layer]), tmp_path)
     return layer, ztoc_for(layer, span_size=64 << 10)
+
+
+@contextlib.contextmanager
+def _served_layer(registry, data_root, tmp_path: Path, repo: str, entries: list[Entry]):
+    """One gzip layer of `entries` pushed as `repo`, mounted by a service of its own, handed to the
+    holder: (client, the layer's directory, the layer)."""
+    layer = make_layer(entries, "gzip")
+    push_image(registry.host, repo, [layer], image_config([layer]), tmp_path)
+    zdigest = store_ztoc(data_root, ztoc_for(layer, span_size=64 << 10))
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        d = client.mount_layer(f"{registry.host}/{repo}:latest", layer.digest, zdigest)
+        _wait("the holder to take the layer", lambda: _status(client).get("served_layers") == 1)
+        yield client, d, layer
 
 
 def _status(client) -> dict:
@@ -169,12 +183,7 @@ def test_the_holder_answers_lookups_and_the_opaque_marker_of_checked_nodes_with_
                 Entry("pkg/ln", kind="symlink", linkname="m3.py", mtime=1_650_000_000),
                 Entry("pkg/hard", kind="hardlink", linkname="pkg/m5.py"),
                 Entry("pkg/null", kind="char", devmajor=1, devminor=3, mode=0o666)]
-    layer = make_layer(entries, "gzip")
-    push_image(registry.host, "holder/entries", [layer], image_config([layer]), tmp_path)
-    zdigest = store_ztoc(data_root, ztoc_for(layer, span_size=64 << 10))
-    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
-        d = client.mount_layer(f"{registry.host}/holder/entries:latest", layer.digest, zdigest)
-        _wait("the holder to take the layer", lambda: _status(client).get("served_layers") == 1)
+    with _served_layer(registry, data_root, tmp_path, "holder/entries", entries) as (client, d, layer):
 
         def counts(opcode: int) -> list[int]:
             return _status(client)["opcodes"].get(str(opcode), [0, 0])
@@ -234,12 +243,7 @@ def test_the_holder_ends_the_listing_of_a_listed_directory_and_the_service_gives
     entries = [Entry("many/", kind="dir"), Entry("empty/", kind="dir"), Entry("unlisted/", kind="dir")]
     entries += [Entry(name, data=data) for name, data in many.items()]
     entries += [Entry(f"unlisted/f{i}", data=b"y") for i in range(3)]
-    layer = make_layer(entries, "gzip")
-    push_image(registry.host, "holder/listings", [layer], image_config([layer]), tmp_path)
-    zdigest = store_ztoc(data_root, ztoc_for(layer, span_size=64 << 10))
-    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
-        d = client.mount_layer(f"{registry.host}/holder/listings:latest", layer.digest, zdigest)
-        _wait("the holder to take the layer", lambda: _status(client).get("served_layers") == 1)
+    with _served_layer(registry, data_root, tmp_path, "holder/listings", entries) as (client, d, _):
 
         def listings() -> list[int]:
             """READDIRs and READDIRPLUSes: [relayed to the service, answered by the holder]."""
@@ -266,12 +270,7 @@ def test_the_first_name_looked_up_in_a_directory_has_its_cached_children_checked
     the service checks every child whose header is cached: the holder answers the next names."""
     entries = [Entry("other/", kind="dir"), Entry("other/warm", data=b"w"), Entry("pkg/", kind="dir")]
     entries += [Entry(f"pkg/m{i}.py", data=b"%d" % i) for i in range(6)]
-    layer = make_layer(entries, "gzip")
-    push_image(registry.host, "holder/swept", [layer], image_config([layer]), tmp_path)
-    zdigest = store_ztoc(data_root, ztoc_for(layer, span_size=64 << 10))
-    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
-        d = client.mount_layer(f"{registry.host}/holder/swept:latest", layer.digest, zdigest)
-        _wait("the holder to take the layer", lambda: _status(client).get("served_layers") == 1)
+    with _served_layer(registry, data_root, tmp_path, "holder/swept", entries) as (client, d, layer):
         assert (d / "other/warm").read_bytes() == b"w"
         _wait("the layer's one span on disk", lambda: _percent(client, layer.digest) == 100.0)
 

@@ -333,17 +333,23 @@ class ServedReads:
             return None
         return served, n, flags
 
+    def _listed(self, nodeid: int) -> tuple[ReadMap, int] | None:
+        """The read map and node of a directory whose names the service listed; None if the
+        holder answers nothing in it."""
+        found = self._node(nodeid)
+        if found is None:
+            return None
+        served, d, _ = found
+        return (served.map, d) if served.map.files[2 * d + 1] == _LISTED else None
+
     def answer_lookup(self, fuse_fd: int, message: bytearray, length: int, nodeid: int, unique: int) -> bool:
         """Answer a LOOKUP (`message[:length]`) in a listed directory: an entry with no node for a
         name it does not have, the service's entry for one whose node it wrote; False to leave it
         to the service."""
-        found = self._node(nodeid)
-        if found is None:
+        listed = self._listed(nodeid)
+        if listed is None:
             return False
-        served, d, _ = found
-        m = served.map
-        if m.files[2 * d + 1] != _LISTED:
-            return False
+        m, d = listed
         name = bytes(message[_IN_HEADER_SIZE:length]).split(b"\0", 1)[0]
         if name in (b".", b".."):
             return False
@@ -365,13 +371,10 @@ class ServedReads:
     def answer_readdir_end(self, fuse_fd: int, message: bytearray, nodeid: int, unique: int) -> bool:
         """Answer a READDIR or READDIRPLUS (`message`) of a listed directory from past its last
         entry: no entries, the end of the listing; False to leave it to the service."""
-        found = self._node(nodeid)
-        if found is None:
+        listed = self._listed(nodeid)
+        if listed is None:
             return False
-        served, d, _ = found
-        m = served.map
-        if m.files[2 * d + 1] != _LISTED:
-            return False
+        m, d = listed
         _, offset, _ = _READ_IN.unpack_from(message, _IN_HEADER_SIZE)
         if offset < m.files[2 * d] + _AFTER_DOTS or not _write(fuse_fd, _OUT_HEADER.pack(_OUT_HEADER.size, 0, unique)):
             return False
