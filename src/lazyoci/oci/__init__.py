@@ -1,26 +1,23 @@
 """The OCI model: references, media types, digests, descriptors, manifests, platforms.
 
-The names below load their module on first use, so a command that needs only a
-reference (`ps --filter ancestor=...`) imports neither manifests nor OpenSSL's hashing.
+The names below are imported on first use, so that a command that needs only a reference
+(`ps --filter ancestor=...`) imports neither manifests nor OpenSSL's hashing.
 """
 
-from __future__ import annotations
+from typing import TYPE_CHECKING
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from lazyoci.lazy_names import lazy_names
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:   # what the names are, for type checkers; at run time __getattr__ imports them
     from lazyoci.oci.digest import Digest, DigestVerifier, sha256_digest, verify_bytes
     from lazyoci.oci.manifest import Descriptor, ImageConfig, Index, Manifest, chain_ids, parse_any
     from lazyoci.oci.platform import Platform
     from lazyoci.oci.reference import Reference
 
-_MODULE_OF = {
+_WHERE = {
     "Digest": "digest", "DigestVerifier": "digest", "sha256_digest": "digest", "verify_bytes": "digest",
     "Descriptor": "manifest", "ImageConfig": "manifest", "Index": "manifest", "Manifest": "manifest",
-    "chain_ids": "manifest", "parse_any": "manifest",
-    "Platform": "platform",
-    "Reference": "reference",
+    "chain_ids": "manifest", "parse_any": "manifest", "Platform": "platform", "Reference": "reference",
 }
 
 __all__ = [
@@ -29,10 +26,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

@@ -40,13 +40,14 @@ The read map, 64-bit integers: FLAGS, NODES (n), SPANS (s), the seconds a name's
 remembered, two words of the key of the name hash; then s+1 span bounds (the uncompressed offset
 of each span's start, and the layer's size); then two per node of the layer's tree: the tar offset
 of the file's data and its size plus one (0: not answered here; -1 in the second: a directory
-whose names are listed, and then the first is how many it has); then ENTRY_WORDS per node: the node's struct fuse_entry_out as the
-service answers its LOOKUP (node ID 0: not written yet) and its marks (OPAQUE); then a hash set of
-the listed names (open addressing, `_name_slots(n)` slots, 0 empty) and beside it the node each
-slot's name is (plus one; 0: two listed names share the hash, the service answers). The hash is
-keyed with a random key each map gets, so no image can choose names that share one. Node n of the
-layer in slot S is the kernel's node ID (S << 32) | (n + 1) (fs/layer_fs.py). This module imports
-only the standard library: the holder is kept small.
+whose names are listed, and then the first is how many it has); then ENTRY_WORDS per node: the
+node's struct fuse_entry_out as the service answers its LOOKUP (node ID 0: not written yet) and
+its marks (OPAQUE); then a hash set of the listed names (open addressing, `_name_slots(n)` slots,
+0 empty) and beside it the node each slot's name is (plus one; 0: two listed names share the
+hash, the service answers). The hash is keyed with a random key each map gets, so no image can
+choose names that share one. Node n of the layer in slot S is the kernel's node ID
+(S << 32) | (n + 1) (fs/layer_fs.py). This module imports only the standard library: the holder
+is kept small.
 """
 
 from __future__ import annotations
@@ -293,7 +294,6 @@ class ServedReads:
         self.bytes = 0                     # and the bytes they returned
         self.lookups = 0                   # LOOKUPs answered here
         self.xattrs = 0                    # and GETXATTRs
-        self.listings_ended = 0            # and READDIRs past a directory's last entry
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -376,10 +376,9 @@ class ServedReads:
             return False
         m, d = listed
         _, offset, _ = _READ_IN.unpack_from(message, _IN_HEADER_SIZE)
-        if offset < m.files[2 * d] + _AFTER_DOTS or not _write(fuse_fd, _OUT_HEADER.pack(_OUT_HEADER.size, 0, unique)):
+        if offset < m.files[2 * d] + _AFTER_DOTS:
             return False
-        self.listings_ended += 1
-        return True
+        return _write(fuse_fd, _OUT_HEADER.pack(_OUT_HEADER.size, 0, unique))
 
     def answer_getxattr(self, fuse_fd: int, message: bytearray, length: int, nodeid: int, unique: int) -> bool:
         """Answer a GETXATTR (`message[:length]`) of overlayfs' opaque marker of a node whose entry
