@@ -194,7 +194,8 @@ def service_figures(root: Path) -> dict:
     """What the service says of its lazy layers after a run: compressed bytes fetched, of which
     spans no read used, spans fetched, of which spans only tar header checks read, when the last
     layer was mounted and when the first read came (wall times; absent when it does not say);
-    and the FUSE session holder: READs it answered itself and READs it relayed to the service."""
+    and the FUSE session holder: the requests it answered itself and those it relayed to the
+    service, by opcode, and how long the relayed ones waited for the service's replies."""
     from lazyoci.service.client import ServiceClient
     from lazyoci.service.holder_link import HolderPaths, holder_status
     from lazyoci.store.layout import DataRoot
@@ -205,6 +206,9 @@ def service_figures(root: Path) -> dict:
     reads = [l["first_read_at"] for l in layers if l.get("first_read_at")]
     holder = holder_status(HolderPaths(client.paths.dir)) or {}
     return {"holder_opcodes": holder.get("opcodes"),
+            "holder_service_seconds": holder.get("service_seconds"),
+            "service_requests": sum(v[0] for v in holder["opcodes"].values()) if "opcodes" in holder else None,
+            "service_wait_s": sum(holder["service_seconds"].values()) if "service_seconds" in holder else None,
             "holder_reads": holder.get("opcodes", {}).get("15", [None, None])[1],
             "service_reads": holder.get("opcodes", {}).get("15", [None, None])[0],
             "lazy_network_bytes": sum(l["network_bytes"] for l in layers),
@@ -447,7 +451,8 @@ def summarize(runs: list[dict]) -> list[dict]:
         row = {"image": image, "profile": profile, "mode": mode, "runs": len(ok), "failed": len(rs) - len(ok)}
         for k in ("pull_s", "ready_s", "total_s", "background_s", "unpacked_s", "bytes", "requests",
                   "run_bytes", "service_peak_rss_mib", "service_cpu_s", "read_wait_s", "unread_bytes", "cli_s", "service_start_s", "phase_mounted_s",
-                  "phase_pull_rest_s", "phase_first_read_s", "phase_workload_s"):
+                  "phase_pull_rest_s", "phase_first_read_s", "phase_workload_s", "service_requests",
+                  "service_wait_s"):
             row[k] = median([r.get(k) for r in ok])
         if len(ok) < len(rs):
             row["error"] = next(r["error"] for r in rs if "error" in r)
@@ -515,17 +520,21 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
         out += ["", "## Phases of a lazy start (medians)", "",
                 "| image | profile | mode | service start (before the clock) s | CLI start-up s | "
                 "pull: until its layers are mounted s | "
-                "pull: the rest s | run: until the first lazy read s | first read → ready s |",
-                "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+                "pull: the rest s | run: until the first lazy read s | first read → ready s | "
+                "FUSE requests the service answered | their wait s |",
+                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(phased, key=lambda r: (r["image"], r["profile"], MODES.index(r["mode"]))):
             out.append(f"| {r['image']} | {r['profile']} | {r['mode']} | {fmt(r.get('service_start_s'))} | "
                        f"{fmt(r['cli_s'])} | "
                        f"{fmt(r['phase_mounted_s'])} | {fmt(r['phase_pull_rest_s'])} | "
-                       f"{fmt(r['phase_first_read_s'])} | {fmt(r['phase_workload_s'])} |")
+                       f"{fmt(r['phase_first_read_s'])} | {fmt(r['phase_workload_s'])} | "
+                       f"{fmt(r.get('service_requests'), '.0f')} | {fmt(r.get('service_wait_s'))} |")
         out += ["", "CLI start-up is `lazyoci --version` alone (each `pull` and `run` pays it once); "
                 "the pull mounts lazy layers while it downloads the others, so *the rest* is what "
                 "it does after the last mount (small layers, records); *until the first lazy read* "
-                "holds `run`'s own start-up, the overlay and runc."]
+                "holds `run`'s own start-up, the overlay and runc. The FUSE requests the session "
+                "holder relayed to the service, and the seconds they waited for its replies in all, "
+                "are the holder's count (the others it answers itself)."]
     out += ["", "## Lazy vs full", "",
             "| image | profile | full pull+ready s | lazy pull+ready s | lazy/full | floor s | "
             "lazy MB / full MB |", "|---|---|---:|---:|---:|---:|---:|"]

@@ -263,6 +263,8 @@ def test_the_holder_ends_the_listing_of_a_listed_directory_and_the_service_gives
             after = listings()
             assert after[1] - before[1] == 1, f"{directory}: the holder ended the listing"
             assert after[0] - before[0] >= (2 if names else 1), f"{directory}: the entries came from the service"
+        waited = _status(client)["service_seconds"]       # what the relayed requests waited for
+        assert waited["44" if "44" in waited else "28"] > 0 and waited["1"] > 0
 
 
 def test_the_first_name_looked_up_in_a_directory_has_its_cached_children_checked(registry, data_root, tmp_path):

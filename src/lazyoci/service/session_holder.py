@@ -58,7 +58,9 @@ on `<root>/service/holder.sock`:
                       map (SCM_RIGHTS) -> {"ok": true}; from the attached service only: READs of slot S
                       are answered here where they can be
     {"op": "withdraw", "slot": S} -> {"ok": true, "served": bool}; from then on READs of S go to the service
-    {"op": "status"}  -> {"ok": true, "pid", "rss_bytes", "attached", "waiting", "relayed", "service_pid", ...}
+    {"op": "status"}  -> {"ok": true, "pid", "rss_bytes", "attached", "waiting", "relayed", "service_pid",
+                          "opcodes": {opcode: [relayed, answered here]}, "service_seconds": {opcode: the
+                          seconds its relayed requests waited for the service's replies, summed}, ...}
     {"op": "stop"}    -> {"ok": true}; then detaches the mount and exits
 
 Run as `python -m lazyoci.service.session_holder --root R`: it mounts, listens, then
@@ -265,6 +267,8 @@ class Holder:
         self.init_request: bytes | None = None     # the kernel's INIT, replayed to every new service
         self.init_reply: bytes | None = None       # the first service's answer (what the kernel knows)
         self.pending: dict[int, bytes] = {}        # unique -> request relayed and not answered yet
+        self.sent_at: dict[int, float] = {}        # unique -> when it was first relayed (monotonic)
+        self.service_seconds: dict[int, float] = {}   # opcode -> seconds its requests waited for replies
         self.service: socket.socket | None = None
         self.service_pid = 0
         self.outbox: deque[bytes] = deque()        # requests for the service its socket had no room for
@@ -317,6 +321,7 @@ class Holder:
                          "served_layers": len(self.reads), "reads_answered": self.reads.answered,
                          "read_bytes_answered": self.reads.bytes,
                          "opcodes": {str(k): v for k, v in sorted(self.opcodes.items())},
+                         "service_seconds": {str(k): round(v, 6) for k, v in sorted(self.service_seconds.items())},
                          "mountpoint": self.mountpoint}
             elif op == "stop":
                 reply = {"ok": True}
@@ -496,6 +501,7 @@ class Holder:
             self.opens.negotiated(message)
         if opcode not in _NO_REPLY:
             self.pending[unique] = message
+            self.sent_at[unique] = time.monotonic()
         self.outbox.append(message)
         self._flush()
         return True
@@ -520,6 +526,11 @@ class Holder:
                 log.warning("the new service negotiated other FUSE parameters; the kernel keeps the first")
             return True
         request = self.pending.pop(unique, None) if unique else None
+        sent = self.sent_at.pop(unique, None) if request is not None else None
+        if sent is not None:
+            assert request is not None
+            op = _IN_HEADER.unpack_from(request)[1]
+            self.service_seconds[op] = self.service_seconds.get(op, 0.0) + time.monotonic() - sent
         first_init = request is not None and self.init_reply is None and \
             _IN_HEADER.unpack_from(request)[1] == _FUSE_INIT
         if first_init:
