@@ -526,13 +526,11 @@ class Holder:
                 log.warning("the new service negotiated other FUSE parameters; the kernel keeps the first")
             return True
         request = self.pending.pop(unique, None) if unique else None
-        sent = self.sent_at.pop(unique, None) if request is not None else None
-        if sent is not None:
-            assert request is not None
-            op = _IN_HEADER.unpack_from(request)[1]
+        op = _IN_HEADER.unpack_from(request)[1] if request is not None else None
+        sent = self.sent_at.pop(unique, None)
+        if op is not None and sent is not None:
             self.service_seconds[op] = self.service_seconds.get(op, 0.0) + time.monotonic() - sent
-        first_init = request is not None and self.init_reply is None and \
-            _IN_HEADER.unpack_from(request)[1] == _FUSE_INIT
+        first_init = op == _FUSE_INIT and self.init_reply is None
         if first_init:
             assert request is not None
             self.init_reply = init_reply_for_kernel(request, view)
