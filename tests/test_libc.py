@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 import lazyoci
 from lazyoci import libc
+from lazyoci.fs.workers import WriteBehind
 
 SRC = Path(lazyoci.__file__).parent
 
@@ -39,3 +41,33 @@ def test_a_failed_call_is_an_oserror_with_its_errno(tmp_path):
     with pytest.raises(OSError) as e:
         libc.umount2(str(tmp_path / "not-there"), 0)
     assert e.value.errno in (errno.ENOENT, errno.EPERM)
+
+
+def _comm(native_id: int) -> str:
+    return Path(f"/proc/self/task/{native_id}/comm").read_text().rstrip("\n")
+
+
+def test_a_thread_shows_the_system_its_python_name():
+    seen = {}
+
+    def named() -> None:
+        libc.name_this_thread()
+        seen["named"] = _comm(threading.get_native_id())
+
+    def unnamed() -> None:
+        seen["unnamed"] = _comm(threading.get_native_id())
+
+    for target, name in ((named, "lazyoci-cache-writer-of-layers"), (unnamed, "lazyoci-other")):
+        t = threading.Thread(target=target, name=name)
+        t.start()
+        t.join(10)
+    # the prefix dropped, cut to the kernel's 15 bytes; a thread not named inherits its creator's name
+    assert seen == {"named": "cache-writer-of", "unnamed": _comm(threading.get_native_id())}
+
+
+def test_the_span_cache_writer_shows_its_name():
+    writer = WriteBehind(100)
+    ids = []
+    writer.submit(lambda: ids.append(threading.get_native_id()), 1)
+    writer.flush()
+    assert _comm(ids[0]) == "cache-writer"

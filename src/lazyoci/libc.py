@@ -2,7 +2,7 @@
 
 mount(2) and umount2(2) for snapshots, fallocate(2) for the span cache's holes, syncfs(2)
 for layers unpacked in the background, malloc_trim(3) and mallopt(3) for the service's
-memory. Each wrapper raises OSError with the call's errno, so callers handle failures as
+memory, prctl(2) for the names its threads show the system. Each wrapper raises OSError with the call's errno, so callers handle failures as
 they do for `os`.
 """
 
@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import threading
 
 
 @functools.cache
@@ -23,6 +24,7 @@ def _libc() -> ctypes.CDLL:
     lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
     lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
     lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    lib.prctl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     return lib
 
 
@@ -69,5 +71,20 @@ def mallopt(param: int, value: int) -> None:
     """Set a glibc allocator parameter (elsewhere nothing happens)."""
     try:
         _libc().mallopt(param, value)
+    except AttributeError:
+        pass
+
+
+_PR_SET_NAME = 15
+
+
+def name_this_thread() -> None:
+    """Give the calling thread its Python name (without the `lazyoci-` prefix, cut to the kernel's
+    15 bytes) where `top -H`, `ps -L`, perf and /proc/PID/task/TID/comm show it. Python 3.11
+    names only its own Thread object, and a thread shows the name of the one that started it:
+    in the service, trio's worker thread renamed after the request it ran ("mount from ...")."""
+    name = threading.current_thread().name.removeprefix("lazyoci-").encode()[:15]
+    try:
+        _libc().prctl(_PR_SET_NAME, name, 0, 0, 0)
     except AttributeError:
         pass

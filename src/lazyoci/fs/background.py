@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 
 from lazyoci.errors import LazyociError
 from lazyoci.fs.span_fetcher import SpanFetcher
+from lazyoci.libc import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class BackgroundFetcher:
                 self._failed[(fetcher.layer_digest, i)] = failed_at
 
     def _run(self) -> None:
+        name_this_thread()
         while not self._stop.is_set():
             busy = self.step()
             self._stop.wait(self.interval * self._last_run if busy else max(self.interval, 1.0))

@@ -50,6 +50,7 @@ from typing import Callable, Iterator, NoReturn
 
 from lazyoci.errors import FormatError, IntegrityError, LazyociError
 from lazyoci.fs.layer_index import IndexEntry, LayerIndex
+from lazyoci.libc import name_this_thread
 from lazyoci.oci.whiteout import normalise
 from lazyoci.snapshot.inflating_reader import ForwardFile
 from lazyoci.tar.headers import TarHeader, iter_headers
@@ -314,6 +315,7 @@ class LayerVerifier:
             self._layer_check_started = True
 
         def run() -> None:
+            name_this_thread()
             try:
                 self.check_layer(read)
                 log.info("layer %s: every tar header matches its zTOC", self.layer)

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from lazyoci.fs.span_fetcher import SpanFetcher
+from lazyoci.libc import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class PrefetchScheduler:
                 self._cond.wait()
 
     def _work(self) -> None:
+        name_this_thread()
         while True:
             prefetch, job = self._next()
             prefetch.run(job)

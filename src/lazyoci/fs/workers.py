@@ -12,6 +12,8 @@ import threading
 from collections import deque
 from typing import Callable
 
+from lazyoci.libc import name_this_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +39,7 @@ class ReadAheadPool:
             return False
 
     def _run(self) -> None:
+        name_this_thread()
         while True:
             job = self._jobs.get()
             try:
@@ -85,6 +88,7 @@ class WriteBehind:
                 self._cond.wait()
 
     def _run(self) -> None:
+        name_this_thread()
         while True:
             with self._cond:
                 while not self._jobs:

@@ -31,6 +31,7 @@ from typing import Callable
 from lazyoci.errors import LazyociError
 from lazyoci.fs import tree as T
 from lazyoci.fs.layer_fs import LazyLayer
+from lazyoci.libc import name_this_thread
 from lazyoci.service.holder_link import HolderPaths, serve_reads, withdraw_reads
 from lazyoci.service.holder_reads import COMPLETE
 
@@ -140,6 +141,7 @@ class HolderOffers:
     # -- the worker ----------------------------------------------------------------
 
     def _run(self) -> None:
+        name_this_thread()
         while (job := self._queue.get()) is not None:
             what, layer = job
             try:

@@ -18,6 +18,7 @@ import threading
 from lazyoci.errors import LazyociError
 from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.span_fetcher import SpanFetcher
+from lazyoci.libc import name_this_thread
 
 __all__ = ["prefetch_files"]
 
@@ -33,6 +34,7 @@ def prefetch_files(index: LayerIndex, fetcher: SpanFetcher, layer_digest: str) -
         return None
 
     def run() -> None:
+        name_this_thread()
         try:
             fetcher.ensure(spans, background=True, longest=len(spans))
             log.info("layer %s: prefetched %d spans (%d bytes of files before the prefetch landmark)",

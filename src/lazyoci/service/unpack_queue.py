@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from lazyoci.fs.layer_fs import LazyLayer
+from lazyoci.libc import name_this_thread
 from lazyoci.snapshot.soci import SociSnapshotter
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
@@ -90,6 +91,7 @@ class UnpackQueue:
             return self._state.get((layer_digest, ztoc_digest), "")
 
     def _run(self) -> None:
+        name_this_thread()
         while True:
             try:
                 item = self._queue.get(timeout=RECHECK_SECONDS)
