@@ -221,6 +221,41 @@ def service_figures(root: Path) -> dict:
             "first_read_at": min(reads) if reads else None}
 
 
+THREAD_GROUPS = ("main", "trio workers", "readahead", "prefetch", "cache-writer", "layer-check")
+
+
+def service_threads_cpu(pid: int | None) -> dict[str, list[float]] | None:
+    """User and system CPU seconds of the service's threads alive now, by the name the system
+    shows (lazyoci names its own: libc.name_this_thread), numbered ones together (readahead-0..3
+    as `readahead`), trio's worker threads (pulls, mounts, checks) as `trio workers`, the
+    process's first thread (the FUSE loop) as `main`. A thread that ended is not counted."""
+    if pid is None:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[str, list[float]] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        if task.name == str(pid):
+            name = "main"
+        elif name.startswith("Trio thread") or " from " in name:
+            name = "trio workers"
+        else:
+            name = name.rstrip("0123456789").rstrip("-") or name
+        cpu = out.setdefault(name, [0.0, 0.0])
+        cpu[0] += int(fields[11]) / hz
+        cpu[1] += int(fields[12]) / hz
+    return {k: [round(u, 2), round(s_, 2)] for k, (u, s_) in out.items()}
+
+
 def process_cpu_s(pid: int | None) -> float | None:
     """User + system CPU seconds a process has used so far (steadier than wall time on a shared machine)."""
     if pid is None:
@@ -358,7 +393,9 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: 
     finally:
         peak = rss.finish()
         result["service_peak_rss_mib"] = round(peak / 1024, 1) if peak else None
-        result["service_cpu_s"] = process_cpu_s(service_pid(root))     # its start, the pull and the run
+        pid = service_pid(root)
+        result["service_cpu_s"] = process_cpu_s(pid)     # its start, the pull and the run
+        result["service_threads_cpu"] = service_threads_cpu(pid)
         lazyoci(root, cfg, "service", "stop", check=False, timeout=120, log_file=cli_log)
         if service_log is not None and (root / "service/lazyoci.log").exists():
             service_log.parent.mkdir(parents=True, exist_ok=True)
@@ -454,6 +491,11 @@ def summarize(runs: list[dict]) -> list[dict]:
                   "phase_pull_rest_s", "phase_first_read_s", "phase_workload_s", "service_requests",
                   "service_wait_s"):
             row[k] = median([r.get(k) for r in ok])
+        threads = [r["service_threads_cpu"] for r in ok if r.get("service_threads_cpu")]
+        if threads:
+            row["service_threads_cpu"] = {
+                name: [median([t.get(name, [0.0, 0.0])[k] for t in threads]) for k in (0, 1)]
+                for name in sorted({n for t in threads for n in t})}
         if len(ok) < len(rs):
             row["error"] = next(r["error"] for r in rs if "error" in r)
         rows.append(row)
@@ -535,6 +577,26 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
                 "holds `run`'s own start-up, the overlay and runc. The FUSE requests the session "
                 "holder relayed to the service, and the seconds they waited for its replies in all, "
                 "are the holder's count (the others it answers itself)."]
+    threaded = [r for r in rows if r.get("service_threads_cpu")]
+    if threaded:
+        out += ["", "## The service's CPU by thread (medians, user + system s)", "",
+                "| image | profile | mode | " + " | ".join(THREAD_GROUPS) + " | others | ended s |",
+                "|---|---|---|" + "---:|" * (len(THREAD_GROUPS) + 2)]
+        for r in sorted(threaded, key=lambda r: (r["image"], r["profile"], MODES.index(r["mode"]))):
+            cpu = r["service_threads_cpu"]
+            rest = [sum(v[k] for n, v in cpu.items() if n not in THREAD_GROUPS) for k in (0, 1)]
+            cells = [cpu.get(n) for n in THREAD_GROUPS] + [rest]
+            alive = sum(u + s_ for u, s_ in cpu.values())
+            ended = r["service_cpu_s"] - alive if r.get("service_cpu_s") is not None else None
+            out.append(f"| {r['image']} | {r['profile']} | {r['mode']} | " + " | ".join(
+                "—" if c is None else f"{c[0]:.2f} + {c[1]:.2f}" for c in cells) + f" | {fmt(ended)} |")
+        out += ["", "From /proc when the run ended, the service's start included. *main* is the FUSE "
+                "loop (the requests the session holder relays), *trio workers* the pulls, mounts "
+                "and checks run off it while they live, *readahead* the threads that fetch, verify "
+                "and inflate spans for reads and read-ahead, *prefetch* those of a recorded "
+                "prefetch, *cache-writer* the one that writes spans to the span cache; *ended* is "
+                "the CPU of threads gone by then (the process's total less the threads alive: "
+                "mostly trio's idle workers, which end after a while)."]
     out += ["", "## Lazy vs full", "",
             "| image | profile | full pull+ready s | lazy pull+ready s | lazy/full | floor s | "
             "lazy MB / full MB |", "|---|---|---:|---:|---:|---:|---:|"]
