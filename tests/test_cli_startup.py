@@ -209,3 +209,14 @@ def test_output_to_a_full_device_is_one_error_line_not_a_traceback(tmp_path):
                            env={**without_config(tmp_path), "LAZYOCI_ROOT": str(tmp_path / "root")})
     assert p.returncode == 1
     assert p.stderr == "lazyoci: error: No space left on device\n"
+
+
+def test_run_loads_neither_the_socket_module_nor_the_unpacker():
+    """`run` of a pulled image stacks unpacked layers and writes a bundle: the unpacker (and its
+    tar reader) is loaded only to unpack, and the host's name comes from uname."""
+    code = ("import sys, lazyoci.runtime.run, lazyoci.runtime.bundle, lazyoci.snapshot.overlay; "
+            "print(sorted(m for m in ('socket', 'lazyoci.snapshot.unpack', 'lazyoci.tar.headers') "
+            "if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"

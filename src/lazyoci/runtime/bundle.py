@@ -20,7 +20,6 @@ import json
 import os
 import re
 import resource
-import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,12 +319,18 @@ def resolve_user(rootfs: Path, spec: str) -> ResolvedUser:
 GENERATED_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 
 
+def _host_name() -> str:
+    """The host's name as gethostname(2) gives it on Linux (uname's nodename), without loading
+    the socket module on `run`'s way to runc."""
+    return os.uname().nodename
+
+
 def write_etc_files(dest: Path, hostname: str | None = None) -> dict[str, Path]:
     """The generated /etc files of a container (host network: the host's resolver; its name by default).
 
     They are 0644 whatever our umask: the container's own user, maybe not root, reads them."""
     dest.mkdir(parents=True, exist_ok=True)
-    hostname = hostname or socket.gethostname()
+    hostname = hostname or _host_name()
     files = {
         "/etc/hostname": hostname + "\n",
         "/etc/hosts": ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -357,7 +362,7 @@ def build_spec(config: ImageConfig, rootfs: Path, etc_dir: Path, opts: ProcessOp
         raise ConfigError(f"the working directory must be absolute, not {cwd!r}")
     check_host_options(host)
     caps = capability_set(host)
-    hostname = host.hostname or socket.gethostname()
+    hostname = host.hostname or _host_name()
     mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",

@@ -37,7 +37,6 @@ from lazyoci.errors import IntegrityError, StoreError
 from lazyoci.oci.manifest import Descriptor, chain_ids
 from lazyoci.snapshot.base import (KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, LABEL_DIFF_ID,
                                    LABEL_LAYER_DIGEST, Mount, SnapshotInfo)
-from lazyoci.snapshot.unpack import apply_layer_stream, remove_tree
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
 from lazyoci.store.layout import DataRoot
@@ -116,7 +115,7 @@ class LayeredSnapshotter:
         for p in (self.dir / "tmp").iterdir():
             pid = p.name.split(".", 1)[0]
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                remove_tree(p)
+                shutil.rmtree(p, ignore_errors=True)
 
     # ---- paths and rows -------------------------------------------------
     def _fs(self, dir_id: int) -> Path:
@@ -282,22 +281,24 @@ class LayeredSnapshotter:
                 if layer_digest:
                     conn.execute(f"INSERT OR REPLACE INTO {self._digests} VALUES (?, ?)", (layer_digest, diff_id))
                 if conn.execute(f"SELECT 1 FROM {self._dirs} WHERE diff_id=?", (diff_id,)).fetchone():
-                    remove_tree(staging)
+                    shutil.rmtree(staging, ignore_errors=True)
                     return
                 dir_id = self._new_dir(conn, diff_id)
                 os.rename(staging, self.dir / str(dir_id))
         except BaseException:
-            remove_tree(staging)
+            shutil.rmtree(staging, ignore_errors=True)
             raise
 
     def unpack_blob(self, desc: Descriptor) -> str:
         """Unpack a layer from the blob store (when it was not unpacked during the pull)."""
+        from lazyoci.snapshot.unpack import apply_layer_stream     # not on `run`'s way to runc
+
         staging = self.new_staging_dir()
         try:
             with self.blobs.open(desc.digest) as f:
                 diff_id = apply_layer_stream(f, desc.media_type, staging / "fs").diff_id
         except BaseException:
-            remove_tree(staging)
+            shutil.rmtree(staging, ignore_errors=True)
             raise
         self.adopt_layer(staging, diff_id, desc.digest)
         return diff_id
