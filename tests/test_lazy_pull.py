@@ -72,6 +72,33 @@ def test_lazy_pull_run_and_status(registry, data_root, tmp_path, soci_config):
         ServiceClient(root, soci_config).stop()
 
 
+def test_large_ztocs_come_one_at_a_time_the_largest_first(registry, data_root, tmp_path, soci_config,
+                                                          monkeypatch):
+    """The layer whose zTOC is largest is mounted first (its recorded prefetch starts first), and
+    each large zTOC is downloaded alone, so the next one's mount waits for the one before it."""
+    import os
+
+    from lazyoci.snapshot import soci_pull
+
+    layers = [make_layer([Entry(f"d{i}.bin", data=os.urandom(n << 10))]) for i, n in enumerate((640, 1920, 1280))]
+    push_image(registry.host, "lazy/order", layers, image_config(layers), tmp_path)
+    push_soci_index(registry.host, "lazy/order", tmp_path)      # 64 KiB spans: 10, 30 and 20
+    monkeypatch.setattr(soci_pull, "ZTOC_ALONE_BYTES", 1)        # every zTOC of this image is "large"
+    root = DataRoot(data_root)
+    images = ImageService(root)
+    snap = SociSnapshotter(root, load_config(soci_config), client=images.client)
+    client = ServiceClient(root, soci_config)
+    try:
+        snap.pull(images, f"{registry.host}/lazy/order:latest")
+        sizes = {l.digest: images.blobs.size(snap.lazy_layer(l.digest).ztoc_digest) for l in layers}
+        mounted = [s["layer_digest"] for s in sorted(client.status()["layers"], key=lambda s: s["mounted_at"])]
+        assert mounted == sorted(sizes, key=lambda d: -sizes[d])
+        assert [l.digest for l in layers[1:]] + [layers[0].digest] == mounted
+    finally:
+        images.close()
+        client.stop()
+
+
 def test_image_without_index_falls_back_with_one_info_line(registry, data_root, tmp_path, soci_config):
     layer = make_layer([Entry("hello.txt", data=b"hello from a full pull\n")])
     push_image(registry.host, "lazy/noindex", [layer], image_config([layer]), tmp_path)
