@@ -2,8 +2,8 @@
 
 mount(2) and umount2(2) for snapshots, fallocate(2) for the span cache's holes, syncfs(2)
 for layers unpacked in the background, malloc_trim(3) and mallopt(3) for the service's
-memory, prctl(2) for the names its threads show the system. Each wrapper raises OSError with the call's errno, so callers handle failures as
-they do for `os`.
+memory, prctl(2) for the names its threads show the system. Each wrapper of a call that can
+fail raises OSError with the call's errno, so callers handle failures as they do for `os`.
 """
 
 from __future__ import annotations

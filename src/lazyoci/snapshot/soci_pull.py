@@ -218,9 +218,10 @@ class LazyPull:
             return rec
 
         try:
-            order = sorted(layers, key=lambda d: -found.ztocs[d].size)
-            taken = {d: take(d) for d in order if found.ztocs[d].size >= ZTOC_ALONE_BYTES}
-            small = [d for d in layers if d not in taken]      # in the image's order, as before
+            large = sorted((d for d in layers if found.ztocs[d].size >= ZTOC_ALONE_BYTES),
+                           key=lambda d: -found.ztocs[d].size)
+            taken = {d: take(d) for d in large}
+            small = [d for d in layers if d not in taken]      # in the image's order
             if len(small) <= 1:
                 taken.update((d, take(d)) for d in small)
             else:
