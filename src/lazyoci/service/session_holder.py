@@ -266,8 +266,8 @@ class Holder:
         self.mountpoint = mountpoint
         self.init_request: bytes | None = None     # the kernel's INIT, replayed to every new service
         self.init_reply: bytes | None = None       # the first service's answer (what the kernel knows)
-        self.pending: dict[int, bytes] = {}        # unique -> request relayed and not answered yet
-        self.sent_at: dict[int, float] = {}        # unique -> when it was first relayed (monotonic)
+        # unique -> a request relayed and not answered yet, and when it was first relayed (monotonic)
+        self.pending: dict[int, tuple[bytes, float]] = {}
         self.service_seconds: dict[int, float] = {}   # opcode -> seconds its requests waited for replies
         self.service: socket.socket | None = None
         self.service_pid = 0
@@ -388,7 +388,7 @@ class Holder:
             assert self.init_request is not None
             self.swallow = _IN_HEADER.unpack_from(self.init_request)[2]
             self.outbox.append(self.init_request)
-        self.outbox.extend(self.pending[u] for u in sorted(self.pending))
+        self.outbox.extend(self.pending[u][0] for u in sorted(self.pending))
         log.info("service pid %d attached (%s, %d request(s) handed over)", pid,
                  "resumed" if resumed else "new session", len(self.pending))
         self._poll.register(conn, select.POLLIN)
@@ -500,8 +500,7 @@ class Holder:
             self.init_request = message
             self.opens.negotiated(message)
         if opcode not in _NO_REPLY:
-            self.pending[unique] = message
-            self.sent_at[unique] = time.monotonic()
+            self.pending[unique] = (message, time.monotonic())
         self.outbox.append(message)
         self._flush()
         return True
@@ -525,10 +524,9 @@ class Holder:
                     init_reply_for_kernel(self.init_request, view)[8:] != self.init_reply[8:]:
                 log.warning("the new service negotiated other FUSE parameters; the kernel keeps the first")
             return True
-        request = self.pending.pop(unique, None) if unique else None
+        request, sent = self.pending.pop(unique, (None, 0.0)) if unique else (None, 0.0)
         op = _IN_HEADER.unpack_from(request)[1] if request is not None else None
-        sent = self.sent_at.pop(unique, None)
-        if op is not None and sent is not None:
+        if op is not None:
             self.service_seconds[op] = self.service_seconds.get(op, 0.0) + time.monotonic() - sent
         first_init = op == _FUSE_INIT and self.init_reply is None
         if first_init:
