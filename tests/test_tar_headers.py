@@ -13,7 +13,8 @@ import pytest
 
 from lazyoci.errors import FormatError
 from lazyoci.snapshot.unpack import apply_layer_stream
-from lazyoci.tar import HeaderFeed, iter_headers
+from lazyoci.snapshot.inflating_reader import ForwardFile
+from lazyoci.tar import HeaderFeed, first_entry, iter_headers
 from lazyoci.ztoc import Ztoc, build_ztoc
 
 TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -218,3 +219,23 @@ def test_v7_headers_have_no_owner_names_and_the_two_drivers_agree():
         feed.feed(bytes(raw[i:i + 1]))
     assert feed.finish() == pulled
     assert [(h.name, h.type, h.uname) for h in pulled] == [(b"f", "reg", b""), (b"d/", "dir", b"")]
+
+
+@pytest.mark.parametrize("data", [
+    b"", END, member(b"f", b"data") + END, pax(record("path", "long/" * 40)) + member(b"f", b"x"),
+    header(b"././@LongLink", 300, b"L") + padded(b"n" * 300) + member(b"f"),
+    pax(record("uname", "g"), b"g") + member(b"f", b"1"), bytes(512) + member(b"f"),
+    member(b"f")[:700], pax(record("mtime", "1.5"))[:600], header(b"f", checksum_delta=1),
+    pax(record("uid", "x")) + member(b"f"), b"\xff" * 512,
+], ids=["empty", "end", "one", "pax-path", "gnu-long-name", "global-pax", "zero-block-first",
+        "truncated-header", "truncated-pax", "bad-checksum", "bad-pax", "garbage"])
+def test_first_entry_reads_bytes_as_iter_headers_reads_a_file(data):
+    """The header checks parse each region in memory (`first_entry`): the same entry as the pull
+    driver's first, or the same refusal."""
+    def first(read):
+        try:
+            return read()
+        except FormatError as e:
+            return f"refused: {e}"
+    from_file = first(lambda: next(iter_headers(ForwardFile(io.BytesIO(data))), None))
+    assert first(lambda: first_entry(data)) == from_file

@@ -23,7 +23,7 @@ from lazyoci.oci.manifest import ImageConfig, Index, Manifest, parse_any
 from lazyoci.oci.reference import Reference
 from lazyoci.snapshot.inflating_reader import ForwardFile
 from lazyoci.soci.index import SociIndex
-from lazyoci.tar import iter_headers
+from lazyoci.tar import first_entry, iter_headers
 from lazyoci.ztoc.reader import Ztoc
 from lazyoci.ztoc.toc import TocBuilder
 from lazyoci.ztoc.zinfo import GzipCheckpoints
@@ -33,9 +33,21 @@ _ENTRY_WALK = 2000        # entries and spans walked per input: enough for cover
 
 
 def tar_stream(data: bytes) -> None:
-    """tar/headers.py through its pull driver: the header reader of full unpacks and header checks."""
-    for member in iter_headers(ForwardFile(io.BytesIO(data))):
-        member.path, member.link, member.data_length, member.xattrs()
+    """tar/headers.py through its pull driver (full unpacks, the whole-layer check) and its
+    in-memory one (the per-entry header checks), which must give the same first entry."""
+    first: object = None
+    try:
+        for member in iter_headers(ForwardFile(io.BytesIO(data))):
+            member.path, member.link, member.data_length, member.xattrs()
+            first = member if first is None else first
+    except LazyociError as e:
+        first = first or type(e)
+    try:
+        in_memory: object = first_entry(data)
+    except LazyociError as e:
+        in_memory = type(e)
+    if in_memory != first:
+        raise AssertionError(f"first_entry gave {in_memory!r}, iter_headers {first!r}")
 
 
 def toc_builder(data: bytes) -> None:

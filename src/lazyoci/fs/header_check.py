@@ -42,7 +42,6 @@ annotations, so it is the image author's word, as the tar is (see that module).
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from array import array
@@ -52,8 +51,7 @@ from lazyoci.errors import FormatError, IntegrityError, LazyociError
 from lazyoci.fs.layer_index import IndexEntry, LayerIndex
 from lazyoci.libc import name_this_thread
 from lazyoci.oci.whiteout import normalise
-from lazyoci.snapshot.inflating_reader import ForwardFile
-from lazyoci.tar.headers import TarHeader, iter_headers
+from lazyoci.tar import TarHeader, first_entry, iter_headers
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +102,7 @@ def mismatch(entry: IndexEntry, m: TarHeader) -> str | None:
 def one_header(region: bytes) -> TarHeader | str:
     """The entry of a header region that holds exactly one entry's headers, or why not."""
     try:
-        member = next(iter_headers(ForwardFile(io.BytesIO(region))), None)
+        member = first_entry(region)
     except FormatError as e:
         return f"tar header ({e})"
     if member is None or member.offset != len(region):

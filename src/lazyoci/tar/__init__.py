@@ -9,8 +9,9 @@ from lazyoci.tar.headers import (
     HeaderFeed,
     HeaderReader,
     TarHeader,
+    first_entry,
     iter_headers,
     parse_pax_time,
 )
 
-__all__ = ["BLOCK", "HeaderFeed", "HeaderReader", "TarHeader", "iter_headers", "parse_pax_time"]
+__all__ = ["BLOCK", "HeaderFeed", "HeaderReader", "TarHeader", "first_entry", "iter_headers", "parse_pax_time"]

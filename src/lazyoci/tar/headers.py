@@ -1,10 +1,11 @@
 """The one tar header reader: the unpacker, the zTOC builder and the header checks all read with it.
 
 `HeaderReader` decodes header blocks in stream order and knows nothing of where the
-bytes come from; two drivers move them: `iter_headers` pulls from a forward-only
-file (the unpacker, the header checks), `HeaderFeed` is pushed chunks of any size
-(the zTOC builder, straight from the inflater). Only headers are decoded; file
-data is skipped by arithmetic, so the cost is per entry, not per byte.
+bytes come from; drivers move them: `iter_headers` pulls from a forward-only file (the
+unpacker, the whole-layer check), `first_entry` reads bytes in memory (the per-entry
+header checks), `HeaderFeed` is pushed chunks of any size (the zTOC builder, straight
+from the inflater). Only headers are decoded; file data is skipped by arithmetic, so
+the cost is per entry, not per byte.
 
 Semantics are Go's archive/tar, which the reference SOCI tools and containerd read
 layers with, so that lazyoci sees the entries, offsets and attributes they see
@@ -349,6 +350,30 @@ def iter_headers(f: ForwardReader) -> Iterator[TarHeader]:
         length = header.data_length
         if length and f.seek(header.offset + length) < header.offset + header.size:
             raise FormatError(f"invalid layer tar: truncated data of {header.path!r}")
+
+
+
+def first_entry(data: bytes) -> TarHeader | None:
+    """The first entry of tar bytes held in memory: what `iter_headers` yields first over a file
+    of `data`, without the file. For the header checks, which parse one short region (an entry's
+    header records) at a time, thousands of them while a workload starts."""
+    reader = HeaderReader()
+    pos, end = 0, len(data)
+    while not reader.ended and pos < end:
+        block = data[pos:pos + BLOCK]
+        if len(block) != BLOCK:
+            raise FormatError(f"invalid layer tar: truncated header at offset {pos}")
+        pos += BLOCK
+        header = reader.header(block, pos)
+        if header is not None:
+            return header
+        if reader.pending:
+            payload = data[pos:pos + reader.pending]
+            if len(payload) != reader.pending:
+                raise FormatError("invalid layer tar: truncated extended header")
+            pos += reader.pending
+            reader.extended(payload)
+    return None
 
 
 class HeaderFeed:
