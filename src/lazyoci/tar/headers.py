@@ -352,7 +352,6 @@ def iter_headers(f: ForwardReader) -> Iterator[TarHeader]:
             raise FormatError(f"invalid layer tar: truncated data of {header.path!r}")
 
 
-
 def first_entry(data: bytes) -> TarHeader | None:
     """The first entry of tar bytes held in memory: what `iter_headers` yields first over a file
     of `data`, without the file. For the header checks, which parse one short region (an entry's
