@@ -11,6 +11,7 @@ import pytest
 
 from lazyoci.errors import FormatError, IntegrityError
 from lazyoci.ztoc import UnsupportedCompressionError, Ztoc, build_ztoc, decompress_span, verify_span
+from lazyoci.ztoc import codec as C
 from lazyoci.ztoc.codec import GZIP, encode_ztoc
 from lazyoci.ztoc.toc import TocBuilder
 from lazyoci.ztoc.zinfo import CHECKPOINT_SIZE, GzipIndexer, encode_checkpoints
@@ -259,3 +260,51 @@ def test_huge_numeric_fields_are_rejected() -> None:
             continue
         with pytest.raises(FormatError, match="out of range"):
             build(bytes(raw), "none")
+
+
+
+def _pax_through_the_generic_reader(data: bytes, vec: int) -> list[tuple[bytes, bytes]]:
+    """The PAX records of the vector at `vec` read with the bounds-checked FlatReader alone,
+    field by field: what the zTOC reader's decode (one cached plan per vtable) must agree with."""
+    r = C.FlatReader(data, "zTOC")
+    xs, xn = r.vector(vec, 4)
+    out = []
+    for k in range(xn):
+        x = r.table(r.deref(xs + 4 * k))
+        out.append((r.bytes_field(x, 0), r.bytes_field(x, 1)))
+    return out
+
+
+def test_pax_records_under_hostile_words() -> None:
+    """Every 4-byte word of a zTOC with PAX records overwritten with a large or a small value: the
+    zTOC is refused, or each entry's PAX records decode to what the generic FlatBuffer reader
+    finds, or raise FormatError where it refuses them too. (No xattrs: the parse then leaves the
+    records to be checked when an entry is decoded.)"""
+    data = build(tar_bytes([Entry("a", data=b"x", pax={"LAZYOCI.k": "v", "LAZYOCI.other": "w" * 40}),
+                            Entry("b", data=b"y", pax={"mtime": "1700000000.5"})]), "none")
+    z = Ztoc.parse(data)
+    assert sum(1 for i in range(len(z)) if z.entry(i).pax) >= 2
+    compared = refused = 0
+    for pos in range(0, len(data) - 3, 4):
+        for word in (b"\xf0\xff\xff\x7f", b"\x10\x00\x00\x00"):
+            bad = data[:pos] + word + data[pos + 4:]
+            try:
+                z = Ztoc.parse(bad)
+            except FormatError:
+                continue
+            for i in range(len(z)):
+                vec = z._fields(i)[C.FM_XATTRS]
+                if not vec:
+                    continue
+                try:
+                    want: object = _pax_through_the_generic_reader(bad, vec)
+                except FormatError:
+                    with pytest.raises(FormatError):
+                        z._pax(vec)
+                    with pytest.raises(FormatError):
+                        z.entry(i)
+                    refused += 1
+                    continue
+                assert z._pax(vec) == want, (pos, word, i)
+                compared += 1
+    assert compared and refused

@@ -76,7 +76,7 @@ def _data_end(entry: IndexEntry) -> int:
 def mismatch(entry: IndexEntry, m: TarHeader) -> str | None:
     """The first field in which a zTOC entry differs from its tar header, or None."""
     e = entry
-    if normalise(e.name) != normalise(m.path):
+    if e.name != m.path and normalise(e.name) != normalise(m.path):    # equal as stored, mostly
         return "name"
     if m.type not in _TAR_TYPES.get(e.type, ()):
         return "type"

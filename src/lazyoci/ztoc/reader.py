@@ -117,6 +117,7 @@ class Ztoc:
     _count: int
     _digests_start: int
     _plans: dict[int, _Plan]
+    _pax_plans: dict[int, tuple[int, int, int]]
 
     @classmethod
     def parse(cls, data: bytes, digest: str | None = None) -> "Ztoc":
@@ -255,8 +256,10 @@ class Ztoc:
         """The 14 FileMetadata values of entry i (strings as raw bytes), bounds-checked."""
         t, plan, raw = self._table(i)
         vals = list(raw)
+        buf = self._data
         for slot, off in plan.refs:   # references: resolve strings now, keep the vector position
-            vals[slot] = t + off + raw[slot] if slot == C.FM_XATTRS else _string(self._data, t, off)
+            s = t + off + raw[slot]   # where the string or vector starts (checked by _table)
+            vals[slot] = s if slot == C.FM_XATTRS else buf[s + 4:s + 4 + _U32(buf, s)[0]]
         return vals
 
     def _validate_entries(self, r: C.FlatReader) -> None:
@@ -264,6 +267,7 @@ class Ztoc:
         usize = self.uncompressed_size
         limits.MAX_ENTRIES.check(self._count, "the zTOC's entry count")
         self._plans = {}
+        self._pax_plans = {}
         extents = self._extents = array("q")    # offset and size of every entry, for entry_extent
         prev_end, ordered = 0, True
         names: list[bytes] = []    # names and link targets since entry `first`, checked in batches
@@ -322,13 +326,52 @@ class Ztoc:
                 limits.MAX_XATTR_VALUE_BYTES.check(len(value), f"zTOC entry {i} xattr {key[len(prefix):][:64]!r}")
 
     def _pax(self, vec: int) -> list[tuple[bytes, bytes]]:
-        r = self._r
+        """Raw (key, value) of the PAX records in the vector at `vec`, every reference checked. Each
+        record is a table of two strings; writers give them all one vtable (`_pax_plan`)."""
+        buf, n, r = self._data, len(self._data), self._r
         xs, xn = r.vector(vec, 4)
+        plans = self._pax_plans
         out = []
-        for k in range(xn):
-            x = r.table(r.deref(xs + 4 * k))
-            out.append((r.bytes_field(x, 0), r.bytes_field(x, 1)))
+        for ep in range(xs, xs + 4 * xn, 4):
+            t = ep + _U32(buf, ep)[0]
+            if t > n - 4:
+                raise r.bad(f"reference at {ep} points outside the buffer")
+            vt = t - _I32(buf, t)[0]
+            objlen, key_at, value_at = plans.get(vt) or self._pax_plan(vt)
+            if t + objlen > n:
+                raise r.bad(f"malformed vtable at {vt}")
+            out.append((self._checked_string(t, key_at), self._checked_string(t, value_at)))
         return out
+
+    def _pax_plan(self, vt: int) -> tuple[int, int, int]:
+        """(table length, key field offset, value field offset; 0: absent) of the PAX record tables
+        that use the vtable at `vt`: checked once, cached."""
+        buf, n, r = self._data, len(self._data), self._r
+        if not 0 <= vt <= n - 4:
+            raise r.bad(f"vtable offset {vt} outside the buffer")
+        vtlen, objlen = _U16(buf, vt)[0], _U16(buf, vt + 2)[0]
+        if vtlen < 4 or vtlen & 1 or vt + vtlen > n or objlen < 4:
+            raise r.bad(f"malformed vtable at {vt}")
+        key_at, value_at = (_U16(buf, vt + 4 + 2 * k)[0] if 4 + 2 * k < vtlen else 0 for k in range(2))
+        for slot, off in enumerate((key_at, value_at)):
+            if off and off + 4 > objlen:
+                raise r.bad(f"field {slot} of the table with vtable {vt} lies outside it")
+        plan = self._pax_plans[vt] = (objlen, key_at, value_at)
+        return plan
+
+    def _checked_string(self, t: int, at: int) -> bytes:
+        """The string field at offset `at` of the table at `t` (b"" when absent), bounds-checked."""
+        if not at:
+            return b""
+        buf, n = self._data, len(self._data)
+        p = t + at
+        s = p + _U32(buf, p)[0]
+        if s > n - 4:
+            raise self._r.bad(f"reference at {p} points outside the buffer")
+        end = s + 4 + _U32(buf, s)[0]
+        if end > n:
+            raise self._r.bad(f"vector at {s} runs past the end")
+        return buf[s + 4:end]
 
     def _check_overlaps(self, r: C.FlatReader) -> None:
         spans = []
