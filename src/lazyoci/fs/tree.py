@@ -72,7 +72,7 @@ class LayerTree:
                 self.kind.append(kind)
                 self.target.append(n)
                 self.nlink.append(2 if kind == DIR else 1)
-                names.append(os.fsencode(base))
+                names.append(base.encode("utf-8", "surrogateescape"))
             else:
                 self.entry[n] = entry
                 self.kind[n] = kind
@@ -111,7 +111,18 @@ class LayerTree:
                 base = hidden
                 path = f"{dirpath}/{base}" if dirpath else base
                 kind = WHITEOUT
-            n = node(path, base, kind, i)
+            parent = paths.get(dirpath)
+            if parent is None or path in paths or self.kind[parent] != DIR:
+                n = node(path, base, kind, i)     # an implied parent, or a path named again
+            else:                                 # the usual entry: new, in a directory listed before it
+                n = len(self.entry)
+                paths[path] = n
+                self.entry.append(i)
+                self.parent.append(parent)
+                self.kind.append(kind)
+                self.target.append(n)
+                self.nlink.append(2 if kind == DIR else 1)
+                names.append(base.encode("utf-8", "surrogateescape"))
             self.implied_names.pop(n, None)
             if kind == HARDLINK:
                 hardlinks.append((n, link.decode("utf-8", "surrogateescape")))

@@ -423,8 +423,16 @@ class Ztoc:
             t = ep + _U32(buf, ep)[0]
             ep += 4
             plan = plans[t - _I32(buf, t)[0]]
-            typ = types[_string(buf, t, plan.type_at)]
-            yield _string(buf, t, plan.name_at), typ, _string(buf, t, plan.link_at) if typ == "hardlink" else b""
+            p = t + plan.type_at      # present: `parse` found a known type in every entry
+            p += _U32(buf, p)[0]
+            typ = types[buf[p + 4:p + 4 + _U32(buf, p)[0]]]
+            p = t + plan.name_at
+            if plan.name_at:
+                p += _U32(buf, p)[0]
+                name = buf[p + 4:p + 4 + _U32(buf, p)[0]]
+            else:
+                name = b""
+            yield name, typ, _string(buf, t, plan.link_at) if typ == "hardlink" else b""
 
     def entry_extent(self, i: int) -> tuple[int, int]:
         """Entry i's data offset and size, as `entry(i)` has them, without decoding the entry."""
