@@ -61,10 +61,13 @@ class LayerTree:
         names: list[bytes] = [b""]
         hardlinks: list[tuple[int, str]] = []
 
-        def node(path: str, base: str, kind: int, entry: int) -> int:
+        def node(path: str, base: str, kind: int, entry: int, parent: int = -1) -> int:
+            """The node of `path`, added or replaced; `parent`: its directory's node if the caller
+            knows it (else found, or implied, here)."""
             n = paths.get(path)
             if n is None:
-                parent = dir_of(path.rpartition("/")[0])   # may add implied parents first
+                if parent < 0:
+                    parent = dir_of(path.rpartition("/")[0])   # may add implied parents first
                 n = len(self.entry)
                 paths[path] = n
                 self.entry.append(entry)
@@ -111,18 +114,8 @@ class LayerTree:
                 base = hidden
                 path = f"{dirpath}/{base}" if dirpath else base
                 kind = WHITEOUT
-            parent = paths.get(dirpath)
-            if parent is None or path in paths or self.kind[parent] != DIR:
-                n = node(path, base, kind, i)     # an implied parent, or a path named again
-            else:                                 # the usual entry: new, in a directory listed before it
-                n = len(self.entry)
-                paths[path] = n
-                self.entry.append(i)
-                self.parent.append(parent)
-                self.kind.append(kind)
-                self.target.append(n)
-                self.nlink.append(2 if kind == DIR else 1)
-                names.append(base.encode("utf-8", "surrogateescape"))
+            parent = paths.get(dirpath, -1)      # the usual entry: in a directory listed before it
+            n = node(path, base, kind, i, parent if parent >= 0 and self.kind[parent] == DIR else -1)
             self.implied_names.pop(n, None)
             if kind == HARDLINK:
                 hardlinks.append((n, link.decode("utf-8", "surrogateescape")))
