@@ -211,13 +211,7 @@ class Ztoc:
         Writers share vtables, so a zTOC has a handful of these however many files it lists."""
         plan = self._plans.get(vt)
         if plan is None:
-            buf, n = self._data, len(self._data)
-            if not 0 <= vt <= n - 4:
-                raise self._r.bad(f"vtable offset {vt} outside the buffer")
-            vtlen, objlen = _U16(buf, vt)[0], _U16(buf, vt + 2)[0]
-            if vtlen < 4 or vtlen & 1 or vt + vtlen > n:
-                raise self._r.bad(f"malformed vtable at {vt}")
-            offs = [_U16(buf, vt + 4 + 2 * k)[0] if 4 + 2 * k < vtlen else 0 for k in range(14)]
+            objlen, offs = self._vtable(vt, 14)
             fmt, order, at = "<4x", [], 4   # the table starts with its vtable offset
             for off, slot in sorted((off, slot) for slot, off in enumerate(offs) if off):
                 size = _FIELD_SIZE[slot]
@@ -346,18 +340,25 @@ class Ztoc:
     def _pax_plan(self, vt: int) -> tuple[int, int, int]:
         """(table length, key field offset, value field offset; 0: absent) of the PAX record tables
         that use the vtable at `vt`: checked once, cached."""
-        buf, n, r = self._data, len(self._data), self._r
-        if not 0 <= vt <= n - 4:
-            raise r.bad(f"vtable offset {vt} outside the buffer")
-        vtlen, objlen = _U16(buf, vt)[0], _U16(buf, vt + 2)[0]
-        if vtlen < 4 or vtlen & 1 or vt + vtlen > n or objlen < 4:
-            raise r.bad(f"malformed vtable at {vt}")
-        key_at, value_at = (_U16(buf, vt + 4 + 2 * k)[0] if 4 + 2 * k < vtlen else 0 for k in range(2))
+        objlen, (key_at, value_at) = self._vtable(vt, 2)
+        if objlen < 4:
+            raise self._r.bad(f"malformed vtable at {vt}")
         for slot, off in enumerate((key_at, value_at)):
             if off and off + 4 > objlen:
-                raise r.bad(f"field {slot} of the table with vtable {vt} lies outside it")
+                raise self._r.bad(f"field {slot} of the table with vtable {vt} lies outside it")
         plan = self._pax_plans[vt] = (objlen, key_at, value_at)
         return plan
+
+    def _vtable(self, vt: int, fields: int) -> tuple[int, list[int]]:
+        """The table length and the offsets of the first `fields` fields (0: absent) that the
+        vtable at `vt` gives, its own bounds checked."""
+        buf, n = self._data, len(self._data)
+        if not 0 <= vt <= n - 4:
+            raise self._r.bad(f"vtable offset {vt} outside the buffer")
+        vtlen, objlen = _U16(buf, vt)[0], _U16(buf, vt + 2)[0]
+        if vtlen < 4 or vtlen & 1 or vt + vtlen > n:
+            raise self._r.bad(f"malformed vtable at {vt}")
+        return objlen, [_U16(buf, vt + 4 + 2 * k)[0] if 4 + 2 * k < vtlen else 0 for k in range(fields)]
 
     def _checked_string(self, t: int, at: int) -> bytes:
         """The string field at offset `at` of the table at `t` (b"" when absent), bounds-checked."""
@@ -426,13 +427,7 @@ class Ztoc:
             p = t + plan.type_at      # present: `parse` found a known type in every entry
             p += _U32(buf, p)[0]
             typ = types[buf[p + 4:p + 4 + _U32(buf, p)[0]]]
-            p = t + plan.name_at
-            if plan.name_at:
-                p += _U32(buf, p)[0]
-                name = buf[p + 4:p + 4 + _U32(buf, p)[0]]
-            else:
-                name = b""
-            yield name, typ, _string(buf, t, plan.link_at) if typ == "hardlink" else b""
+            yield _string(buf, t, plan.name_at), typ, _string(buf, t, plan.link_at) if typ == "hardlink" else b""
 
     def entry_extent(self, i: int) -> tuple[int, int]:
         """Entry i's data offset and size, as `entry(i)` has them, without decoding the entry."""
