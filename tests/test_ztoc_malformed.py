@@ -262,7 +262,6 @@ def test_huge_numeric_fields_are_rejected() -> None:
             build(bytes(raw), "none")
 
 
-
 def _pax_through_the_generic_reader(data: bytes, vec: int) -> list[tuple[bytes, bytes]]:
     """The PAX records of the vector at `vec` read with the bounds-checked FlatReader alone,
     field by field: what the zTOC reader's decode (one cached plan per vtable) must agree with."""
@@ -297,7 +296,7 @@ def test_pax_records_under_hostile_words() -> None:
                 if not vec:
                     continue
                 try:
-                    want: object = _pax_through_the_generic_reader(bad, vec)
+                    want = _pax_through_the_generic_reader(bad, vec)
                 except FormatError:
                     with pytest.raises(FormatError):
                         z._pax(vec)

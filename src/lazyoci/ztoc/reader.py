@@ -333,7 +333,7 @@ class Ztoc:
             vt = t - _I32(buf, t)[0]
             objlen, key_at, value_at = plans.get(vt) or self._pax_plan(vt)
             if t + objlen > n:
-                raise r.bad(f"malformed vtable at {vt}")
+                raise r.bad(f"PAX record table at {t} runs past the end of the buffer")
             out.append((self._checked_string(t, key_at), self._checked_string(t, value_at)))
         return out
 
