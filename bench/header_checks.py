@@ -9,7 +9,9 @@ layer's zTOC once (kept under bench/work/header-checks/), then times, best of --
 the zTOC (`Ztoc.parse`, every entry validated), building the lazy tree (`LayerTree`), and
 checking every entry against its tar header (`LayerVerifier.check_cached`, one entry a call, the
 uncompressed tar in memory), in zTOC order and in a shuffled order (lookups in no order: each
-check reads its predecessor's header too). `--src` times another tree's `src/` (e.g.
+check reads its predecessor's header too), and checking every node of the tree as a LOOKUP
+that reaches the service does (the entries behind the node, `LayerTree.entries_behind`, in the
+tree's order). `--src` times another tree's `src/` (e.g.
 `git archive COMMIT src`), for a before/after on the same machine: run both, alternating.
 `--cpu` times the thread's CPU instead of the wall clock: steadier on a shared machine.
 """
@@ -70,8 +72,9 @@ def main() -> None:
     print(f"    command: python bench/header_checks.py --image {args.image} --repeat {args.repeat}"
           f"{' --src ' + str(args.src) if '--src' in sys.argv else ''}{' --cpu' if args.cpu else ''}   (load average "
           f"{os.getloadavg()[0]:.1f})\n")
-    print("| layer | entries | zTOC parse s | tree build s | checks in order µs/entry | checks shuffled µs/entry |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| layer | entries | zTOC parse s | tree build s | checks in order µs/entry | checks shuffled µs/entry "
+          "| nodes | lookups' checks µs/node |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     WORK.mkdir(parents=True, exist_ok=True)
     for blob in gzip_layers(args.image):
         ztoc_file = WORK / blob.name
@@ -94,9 +97,21 @@ def main() -> None:
             for i in order:
                 v.check_cached([i])
 
+        built = LayerTree(ztoc)
+        nodes = [node for _, node in built.walk()]
+
+        def lookups() -> None:
+            v = LayerVerifier(ztoc, read, read, blob.name)
+            for node in nodes:
+                todo = v.unchecked(built.entries_behind(node))
+                if todo:
+                    v.check_cached(todo)
+
         ordered = best(lambda: checks(in_order), args.repeat) / n * 1e6
         mixed = best(lambda: checks(shuffled), args.repeat) / n * 1e6
-        print(f"| {blob.name[:12]} | {n} | {parse:.3f} | {tree:.3f} | {ordered:.1f} | {mixed:.1f} |")
+        looked = best(lookups, args.repeat) / len(nodes) * 1e6
+        print(f"| {blob.name[:12]} | {n} | {parse:.3f} | {tree:.3f} | {ordered:.1f} | {mixed:.1f} "
+              f"| {len(nodes)} | {looked:.1f} |")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,28 @@ def test_the_tree_is_built_from_the_index_alone(ztocs):
     assert not any(b".wh." in p for p in nodes)
 
 
+def test_the_entries_behind_a_node_name_each_entry_once(ztocs):
+    """What a node's header check checks: its own entry, its hardlink target's, its opaque
+    markers' and its directories', none twice (each named is checked)."""
+    hardlinks = 0
+    for _, z in ztocs:
+        tree = LayerTree(z)
+        for _, n in tree.walk():
+            behind = tree.entries_behind(n)
+            assert len(behind) == len(set(behind)), (n, behind)
+            want: set[int] = set()
+            m = n
+            while True:
+                want.update(e for e in (tree.entry[m], tree.entry[tree.target[m]]) if e >= 0)
+                want.update(tree.opaque.get(m, ()))
+                if m <= 0:
+                    break
+                m = tree.parent[m]
+            assert set(behind) == want, n
+            hardlinks += tree.target[n] != n
+    assert hardlinks, "the tricky image has hardlinks"
+
+
 def test_fs_knows_no_ztoc_format():
     """fs/ reads layer indexes through fs/layer_index.py only: no module of it imports the zTOC's
     reader, codec or spans (a new lazy format then touches no file of fs/)."""

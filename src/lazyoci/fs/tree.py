@@ -191,12 +191,15 @@ class LayerTree:
 
     def entries_behind(self, n: int) -> builtins.list[int]:
         """The index entries whose tar headers decide what node n shows: its own, its hardlink
-        target's, its opaque markers', and those of every directory above it."""
+        target's, its opaque markers', and those of every directory above it; each once (a
+        check of the list checks each entry it names)."""
         out: builtins.list[int] = []
         while True:
-            for m in (n, self.target[n]):
-                if self.entry[m] >= 0:
-                    out.append(self.entry[m])
+            if self.entry[n] >= 0:
+                out.append(self.entry[n])
+            m = self.target[n]
+            if m != n and self.entry[m] >= 0:
+                out.append(self.entry[m])
             out.extend(self.opaque.get(n, ()))
             if n <= 0:      # the layer root (or a hidden hardlink, which has no parent)
                 return out
