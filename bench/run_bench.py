@@ -209,6 +209,8 @@ def service_figures(root: Path) -> dict:
             "holder_service_seconds": holder.get("service_seconds"),
             "service_requests": sum(v[0] for v in holder["opcodes"].values()) if "opcodes" in holder else None,
             "service_wait_s": sum(holder["service_seconds"].values()) if "service_seconds" in holder else None,
+            "service_lookups": holder.get("opcodes", {}).get("1", [None, None])[0],
+            "service_lookup_wait_s": holder.get("service_seconds", {}).get("1"),
             "holder_reads": holder.get("opcodes", {}).get("15", [None, None])[1],
             "service_reads": holder.get("opcodes", {}).get("15", [None, None])[0],
             "lazy_network_bytes": sum(l["network_bytes"] for l in layers),
@@ -489,7 +491,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         for k in ("pull_s", "ready_s", "total_s", "background_s", "unpacked_s", "bytes", "requests",
                   "run_bytes", "service_peak_rss_mib", "service_cpu_s", "read_wait_s", "unread_bytes", "cli_s", "service_start_s", "phase_mounted_s",
                   "phase_pull_rest_s", "phase_first_read_s", "phase_workload_s", "service_requests",
-                  "service_wait_s"):
+                  "service_wait_s", "service_lookups", "service_lookup_wait_s"):
             row[k] = median([r.get(k) for r in ok])
         threads = [r["service_threads_cpu"] for r in ok if r.get("service_threads_cpu")]
         if threads:
@@ -563,20 +565,22 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
                 "| image | profile | mode | service start (before the clock) s | CLI start-up s | "
                 "pull: until its layers are mounted s | "
                 "pull: the rest s | run: until the first lazy read s | first read → ready s | "
-                "FUSE requests the service answered | their wait s |",
-                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "FUSE requests the service answered | their wait s | LOOKUPs among them | their wait s |",
+                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(phased, key=lambda r: (r["image"], r["profile"], MODES.index(r["mode"]))):
             out.append(f"| {r['image']} | {r['profile']} | {r['mode']} | {fmt(r.get('service_start_s'))} | "
                        f"{fmt(r['cli_s'])} | "
                        f"{fmt(r['phase_mounted_s'])} | {fmt(r['phase_pull_rest_s'])} | "
                        f"{fmt(r['phase_first_read_s'])} | {fmt(r['phase_workload_s'])} | "
-                       f"{fmt(r.get('service_requests'), '.0f')} | {fmt(r.get('service_wait_s'))} |")
+                       f"{fmt(r.get('service_requests'), '.0f')} | {fmt(r.get('service_wait_s'))} | "
+                       f"{fmt(r.get('service_lookups'), '.0f')} | {fmt(r.get('service_lookup_wait_s'))} |")
         out += ["", "CLI start-up is `lazyoci --version` alone (each `pull` and `run` pays it once); "
                 "the pull mounts lazy layers while it downloads the others, so *the rest* is what "
                 "it does after the last mount (small layers, records); *until the first lazy read* "
                 "holds `run`'s own start-up, the overlay and runc. The FUSE requests the session "
                 "holder relayed to the service, and the seconds they waited for its replies in all, "
-                "are the holder's count (the others it answers itself)."]
+                "are the holder's count (the others it answers itself); the LOOKUPs among them are "
+                "mostly the first name looked up in a directory (bench/README.md)."]
     threaded = [r for r in rows if r.get("service_threads_cpu")]
     if threaded:
         out += ["", "## The service's CPU by thread (medians, user + system s)", "",
