@@ -579,8 +579,8 @@ def write_report(command: str, mach: dict, facts: dict, rows: list[dict], starte
                 "it does after the last mount (small layers, records); *until the first lazy read* "
                 "holds `run`'s own start-up, the overlay and runc. The FUSE requests the session "
                 "holder relayed to the service, and the seconds they waited for its replies in all, "
-                "are the holder's count (the others it answers itself); the LOOKUPs among them are "
-                "mostly the first name looked up in a directory (bench/README.md)."]
+                "are the holder's count (the others it answers itself); in python-ml's optimized starts "
+                "most of the LOOKUPs among them were the first name looked up in a directory (bench/README.md)."]
     threaded = [r for r in rows if r.get("service_threads_cpu")]
     if threaded:
         out += ["", "## The service's CPU by thread (medians, user + system s)", "",
