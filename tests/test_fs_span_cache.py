@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -68,3 +69,25 @@ def test_a_cache_directory_of_an_earlier_version_is_kept_for_its_ztoc(tmp_path):
     cache = SpanCache(tmp_path / "cache")
     assert cache.layer(layer, ztoc, SPANS).has(0)
     assert not cache.layer("sha256:" + "a" * 64, "sha256:" + "2" * 64, SPANS).has(0)   # another zTOC: its own
+
+
+
+def _fincore(path) -> int:
+    """Bytes of the file in the page cache (util-linux fincore: mincore over a mapping)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip() or 0)
+
+
+def test_a_stored_span_leaves_the_page_cache_and_still_reads_back(tmp_path):
+    fs_type = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout
+    if fs_type.strip() == "tmpfs":
+        pytest.skip("tmpfs keeps a file's pages: they are its data")
+    mib = 1 << 20
+    spans = [(0, 4 * mib), (4 * mib, 8 * mib)]
+    c = LayerCache(tmp_path / "l", "sha256:" + "1" * 64, spans)
+    data = os.urandom(4 * mib)
+    c.put(1, data)
+    assert _fincore(tmp_path / "l" / "data") == 0              # written, synced, given back
+    assert c.read_span_range(1, 4 * mib, 8 * mib) == data      # and read back from the disk
+    c.close()

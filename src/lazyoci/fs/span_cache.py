@@ -8,6 +8,14 @@ view (`<layer hex>-<16 hex of the zTOC digest>`), so two indexes never share spa
     meta      the zTOC digest and span count the bitmap belongs to
     headers-checked   present once the whole-layer check of the tar against the zTOC passed
 
+Memory: once a span's bytes are on disk, their page cache pages are dropped. A workload's
+reads land in the FUSE file's own page cache, so the span cache's copy would hold every byte a
+second time, and a lazy start writes hundreds of MB: new memory that, on a virtual machine whose
+balloon takes free memory back from the guest, costs a fault into the host for each page
+(bench/README.md: 1.3-2.8 s of the cache writer's system CPU in a python-ml start, 0.2-0.5 s
+with the pages dropped, since each span's write reuses the pages the last one gave back). Later
+reads of the span (the session holder's, header checks, complete-layer unpacks) come from disk.
+
 Crash safety: a span's bytes are written and fdatasync'ed BEFORE its byte in
 `present` is set, and eviction clears the byte BEFORE punching the hole, so a
 crash can lose a cached span but never mark unwritten (zero) bytes as present.
@@ -55,6 +63,15 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
         libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
     except OSError as e:
         log.warning("cannot punch hole in span cache: %s", e.strerror)
+
+
+def _drop_pages(fd: int, offset: int, length: int) -> None:
+    """Give the page cache pages of [offset, offset+length) back, written and synced (the module
+    docstring: Memory); where the filesystem keeps them anyway, they stay."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError as e:
+        log.debug("span cache: cannot drop written pages: %s", e.strerror)
 
 
 HEADERS_CHECKED = "headers-checked"    # marker: every tar header matched the zTOC (fs/header_check.py)
@@ -154,6 +171,7 @@ class LayerCache:
             while off < len(view):
                 off += os.pwrite(self._data_fd, view[off:], start + off)
             os.fdatasync(self._data_fd)
+            _drop_pages(self._data_fd, start, end - start)
             with self._lock:
                 os.pwrite(self._present_fd, b"\1", span)
                 self._present[span] = SPAN_CACHED
