@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from lazyoci.fs import span_cache
 from lazyoci.fs.span_cache import LayerCache, SpanCache
 
 SPANS = [(0, 100), (100, 200), (200, 250)]
@@ -79,15 +80,19 @@ def _fincore(path) -> int:
     return int(out.strip() or 0)
 
 
-def test_a_stored_span_leaves_the_page_cache_and_still_reads_back(tmp_path):
+def test_written_spans_leave_the_page_cache_once_newer_ones_fill_the_window(tmp_path, monkeypatch):
     fs_type = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout
     if fs_type.strip() == "tmpfs":
         pytest.skip("tmpfs keeps a file's pages: they are its data")
     mib = 1 << 20
+    monkeypatch.setattr(span_cache._WRITTEN, "keep", 4 * mib)
     spans = [(0, 4 * mib), (4 * mib, 8 * mib)]
     c = LayerCache(tmp_path / "l", "sha256:" + "1" * 64, spans)
-    data = os.urandom(4 * mib)
-    c.put(1, data)
-    assert _fincore(tmp_path / "l" / "data") == 0              # written, synced, given back
-    assert c.read_span_range(1, 4 * mib, 8 * mib) == data      # and read back from the disk
+    data = [os.urandom(4 * mib), os.urandom(4 * mib)]
+    c.put(0, data[0])
+    assert _fincore(tmp_path / "l" / "data") == 4 * mib        # the newest span stays
+    c.put(1, data[1])
+    assert _fincore(tmp_path / "l" / "data") == 4 * mib        # span 0 written, synced, given back
+    assert c.read_span_range(0, 0, 4 * mib) == data[0]         # and read back from the disk
+    assert c.read_span_range(1, 4 * mib, 8 * mib) == data[1]
     c.close()

@@ -8,13 +8,15 @@ view (`<layer hex>-<16 hex of the zTOC digest>`), so two indexes never share spa
     meta      the zTOC digest and span count the bitmap belongs to
     headers-checked   present once the whole-layer check of the tar against the zTOC passed
 
-Memory: once a span's bytes are on disk, their page cache pages are dropped. A workload's
-reads land in the FUSE file's own page cache, so the span cache's copy would hold every byte a
-second time, and a lazy start writes hundreds of MB: new memory that, on a virtual machine whose
+Memory: a span's bytes leave the page cache once they are on disk and PAGES_KEPT_BYTES of
+newer spans have been written after them (the reads of a span mostly follow its arrival
+closely: a read waiting for it, a prefetch a little ahead of the workload). A workload's reads
+land in the FUSE file's own page cache, so the span cache's copy would hold every byte a second
+time, and a large lazy start writes hundreds of MB: new memory that, on a virtual machine whose
 balloon takes free memory back from the guest, costs a fault into the host for each page
 (bench/README.md: 1.3-2.8 s of the cache writer's system CPU in a python-ml start, 0.2-0.5 s
-with the pages dropped, since each span's write reuses the pages the last one gave back). Later
-reads of the span (the session holder's, header checks, complete-layer unpacks) come from disk.
+with the pages dropped, as each write reuses pages an older span gave back). Later reads of a
+dropped span (the session holder's, header checks, complete-layer unpacks) come from disk.
 
 Crash safety: a span's bytes are written and fdatasync'ed BEFORE its byte in
 `present` is set, and eviction clears the byte BEFORE punching the hole, so a
@@ -42,6 +44,7 @@ import os
 import shutil
 import threading
 import time
+from collections import deque
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable
@@ -65,13 +68,32 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
         log.warning("cannot punch hole in span cache: %s", e.strerror)
 
 
-def _drop_pages(fd: int, offset: int, length: int) -> None:
-    """Give the page cache pages of [offset, offset+length) back, written and synced (the module
-    docstring: Memory); where the filesystem keeps them anyway, they stay."""
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    except OSError as e:
-        log.debug("span cache: cannot drop written pages: %s", e.strerror)
+PAGES_KEPT_BYTES = 64 << 20     # the newest spans written stay in the page cache (the module docstring)
+
+
+class _WrittenPages:
+    """The spans written last, in order, kept in the page cache up to `keep` bytes in all."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._spans: deque[tuple[LayerCache, int, int]] = deque()
+        self._bytes = 0
+
+    def written(self, cache: LayerCache, offset: int, length: int) -> None:
+        """A span was written and synced: drop the pages of those now past the window."""
+        with self._lock:
+            self._spans.append((cache, offset, length))
+            self._bytes += length
+            older = []
+            while self._bytes > self.keep:
+                older.append(self._spans.popleft())
+                self._bytes -= older[-1][2]
+        for old, off, n in older:       # no lock held here: each takes its own cache's
+            old.drop_pages(off, n)
+
+
+_WRITTEN = _WrittenPages(PAGES_KEPT_BYTES)
 
 
 HEADERS_CHECKED = "headers-checked"    # marker: every tar header matched the zTOC (fs/header_check.py)
@@ -171,14 +193,25 @@ class LayerCache:
             while off < len(view):
                 off += os.pwrite(self._data_fd, view[off:], start + off)
             os.fdatasync(self._data_fd)
-            _drop_pages(self._data_fd, start, end - start)
             with self._lock:
                 os.pwrite(self._present_fd, b"\1", span)
                 self._present[span] = SPAN_CACHED
                 self.cached_bytes += end - start
                 self.last_used = time.monotonic()
+        _WRITTEN.written(self, start, end - start)
         if self._owner is not None:
             self._owner.grew(end - start)
+
+    def drop_pages(self, offset: int, length: int) -> None:
+        """Give the page cache pages of [offset, offset+length) of `data` back (written and synced
+        before: the module docstring, Memory); where the filesystem keeps them anyway, they stay."""
+        with self._lock:
+            if self._data_fd < 0:
+                return
+            try:
+                os.posix_fadvise(self._data_fd, offset, length, os.POSIX_FADV_DONTNEED)
+            except OSError as e:
+                log.debug("span cache: cannot drop written pages: %s", e.strerror)
 
     def evict(self, want: int, from_end: bool = True) -> int:
         """Drop cached spans until `want` bytes are freed; returns what was freed."""
