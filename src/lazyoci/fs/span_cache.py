@@ -14,7 +14,7 @@ closely: a read waiting for it, a prefetch a little ahead of the workload). A wo
 land in the FUSE file's own page cache, so the span cache's copy would hold every byte a second
 time, and a large lazy start writes hundreds of MB: new memory that, on a virtual machine whose
 balloon takes free memory back from the guest, costs a fault into the host for each page
-(bench/README.md: 1.3-2.8 s of the cache writer's system CPU in a python-ml start, 0.2-0.5 s
+(bench/README.md: 0.7-2.9 s of the cache writer's system CPU in a python-ml start, 0.2-0.5 s
 with the pages dropped, as each write reuses pages an older span gave back). Later reads of a
 dropped span (the session holder's, header checks, complete-layer unpacks) come from disk.
 
