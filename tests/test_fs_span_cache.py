@@ -72,7 +72,6 @@ def test_a_cache_directory_of_an_earlier_version_is_kept_for_its_ztoc(tmp_path):
     assert not cache.layer("sha256:" + "a" * 64, "sha256:" + "2" * 64, SPANS).has(0)   # another zTOC: its own
 
 
-
 def _fincore(path) -> int:
     """Bytes of the file in the page cache (util-linux fincore: mincore over a mapping)."""
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
