@@ -155,11 +155,11 @@ def test_one_altered_byte_inside_a_chunk_is_eio(fresh_registry, pulled, tmp_path
     assert "digest mismatch" in log or "does not decode" in log
 
 
-def _retagged(layout: Path, edit) -> Path:
-    """The layout with its manifest's first layer annotations changed by `edit` (a new manifest)."""
+def _retagged(layout: Path, edit, layer: int = 0) -> Path:
+    """The layout with the annotations of its manifest's `layer` changed by `edit` (a new manifest)."""
     index = json.loads((layout / "index.json").read_text())
     manifest = layout_manifest(layout)
-    edit(manifest["layers"][0]["annotations"], manifest["layers"][0]["size"])
+    edit(manifest["layers"][layer]["annotations"], manifest["layers"][layer]["size"])
     raw = json.dumps(manifest).encode()
     import hashlib
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -234,6 +234,36 @@ def test_a_refused_toc_beside_a_lazy_layer_is_one_line_for_that_layer(registry, 
     assert "downloading that layer" in info[0] and "no lazy loading" not in info[0], pulled.lines
     assert image.snapshotter == "soci"
     assert pulled.images.blobs.has(refused.digest) and not pulled.images.blobs.has(lazy.digest)
+
+
+def test_a_refused_toc_above_a_lazy_layer_is_downloaded_and_runs(registry, data_root, soci_config, tmp_path):
+    """The top layer's TOC is refused, the base's is used: `pull` downloads the top layer alone
+    and unpacks it above the lazy base, and `run` sees both."""
+    from helpers.tricky_image import APPLETS, BUSYBOX
+
+    base = go_layer([Entry("bin/", "dir"), Entry("bin/busybox", data=BUSYBOX.read_bytes(), mode=0o755),
+                     *[Entry(f"bin/{a}", "symlink", linkname="busybox") for a in APPLETS], nonce()])
+    top_bytes = os.urandom(100_000)
+    top = go_layer([Entry("data/", "dir"), Entry("data/one", data=top_bytes), nonce("top")])
+    src = tmp_path / "src"
+    write_oci_layout(src, [base, top], image_config([base, top], cmd=["/bin/sh"]))
+    out = chunked_layout(src, tmp_path / "chunked")
+
+    def edit(annotations: dict, size: int) -> None:
+        annotations[_key(annotations, "checksum")] = "sha256:" + "0" * 64
+
+    _retagged(out, edit, layer=1)
+    ref = f"{registry.host}/zc/top-refused:latest"
+    subprocess.run(["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
+                    f"oci:{out}:latest", f"docker://{ref}"], check=True, capture_output=True)
+    try:
+        r = _lz(data_root, soci_config, "pull", "--snapshotter", "soci", ref)
+        assert r.returncode == 0 and "downloading that layer" in r.stderr, r.stderr
+        r = subprocess.run([LAZYOCI, "--root", str(data_root), "--config", str(soci_config), "run", "--rm",
+                            "--snapshotter", "soci", ref, "cat", "/data/one"], capture_output=True, timeout=300)
+        assert r.returncode == 0 and r.stdout == top_bytes, r.stderr
+    finally:
+        ServiceClient(DataRoot(data_root), soci_config).stop()
 
 
 def _overlapping_toc(layout: Path) -> None:
