@@ -4,6 +4,11 @@ A layer is made the way a Dockerfile step makes one: snapshot the root
 filesystem's metadata, run the step, snapshot again, and tar what changed
 (with `.wh.` whiteouts for what disappeared). Layers are gzip-compressed with
 pigz (both cores) and written into an OCI image layout that skopeo can push.
+
+A layer's tar ends right after its two end-of-archive blocks, as Go's archive/tar ends it (docker,
+BuildKit, containerd, buildah), not padded to Python's 10 KiB records: skopeo's zstd:chunked
+conversion keeps the image config's diff IDs but ends its stream there, so a padded layer no longer
+decodes to its diff ID, and a runtime that downloads it whole refuses it.
 """
 
 from __future__ import annotations
@@ -64,22 +69,25 @@ class LayerBlob:
 
 
 class _HashingWriter(io.RawIOBase):
-    """Hash and count the tar stream on its way to pigz."""
+    """Hash and count the tar stream on its way to pigz; once `end` is set, what comes past it (the
+    record padding Python's tarfile writes at its close) is dropped."""
 
     def __init__(self, sink) -> None:
         self.sink = sink
         self.h = hashlib.sha256()
         self.n = 0
+        self.end: int | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
-        b = bytes(b)
+        size = len(b)
+        b = bytes(b) if self.end is None else bytes(b)[:max(self.end - self.n, 0)]
         self.h.update(b)
         self.n += len(b)
         self.sink.write(b)
-        return len(b)
+        return size
 
 
 @dataclass
@@ -108,6 +116,7 @@ class Layout:
             with tarfile.open(fileobj=hw, mode="w|", format=tarfile.PAX_FORMAT,
                               bufsize=1 << 20) as tf:
                 write_tar(tf)
+                hw.end = tf.offset + 2 * tarfile.BLOCKSIZE      # the end-of-archive blocks, no padding
             pigz.stdin.close()
             if pigz.wait() != 0:
                 raise RuntimeError("pigz failed")
