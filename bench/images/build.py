@@ -3,9 +3,9 @@
 
     python3 bench/images/build.py [--force] [python-ml big-file many-files]
 
-An image already built is kept (bench/cache/<name>/bench.json says it is complete);
---force rebuilds it. Each image's bench.json records the build time, the bytes its
-workload really needs (for the floor) and the manifest digest.
+An image already built is kept (bench/cache/<name>/bench.json says it is complete) unless an
+older builder made it (LAYOUT_VERSION); --force rebuilds it. Each image's bench.json records the
+build time, the bytes its workload really needs (for the floor) and the manifest digest.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import python_ml  # noqa: E402
 
 BUILDERS = {"python-ml": python_ml, "big-file": big_file, "many-files": many_files, "python3": python3_small}
 CACHE = HERE.parent / "cache"
+# raised when the builders make other bytes: 2, layers end after their end-of-archive blocks
+LAYOUT_VERSION = 2
 
 
 def image_dir(name: str) -> Path:
@@ -48,7 +50,7 @@ def load_meta(name: str) -> dict | None:
 def ensure(name: str, force: bool = False) -> dict:
     """Build `name` unless a complete build is cached; returns its bench.json."""
     meta = load_meta(name)
-    if meta and not force:
+    if meta and not force and meta.get("layout_version", 1) == LAYOUT_VERSION:
         return meta
     out = image_dir(name)
     if out.exists():
@@ -59,6 +61,7 @@ def ensure(name: str, force: bool = False) -> dict:
     info["build_seconds"] = round(time.monotonic() - t0, 1)
     info["image"] = name
     info["workload"] = BUILDERS[name].CMD
+    info["layout_version"] = LAYOUT_VERSION
     shutil.rmtree(work, ignore_errors=True)
     (out / "bench.json").write_text(json.dumps(info, indent=2))
     print(f"{name}: built in {info['build_seconds']}s", flush=True)
