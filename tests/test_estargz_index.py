@@ -215,3 +215,70 @@ def test_a_chunk_digest_that_lies_is_an_integrity_error_not_wrong_bytes(esgz):
     i = index.spans_for(hello.offset, hello.offset + 1)[0]
     with pytest.raises(IntegrityError):
         index.decompress_span(i, blob[slice(*index.span_compressed_range(i))])
+
+
+@pytest.fixture(scope="module")
+def small_files_esgz(registry, tmp_path_factory):
+    """(index, blob) of an eStargz layer of 120 small files: a chunk (a span) each."""
+    work = tmp_path_factory.mktemp("estargz-small")
+    layer = make_layer([Entry("pkg", "dir")] +
+                       [Entry(f"pkg/m{i:03}.py", data=os.urandom(3000)) for i in range(120)])
+    with converter() as cd:
+        push_estargz(cd, registry.host, "esgz/small-files", [layer], work)
+    desc = Descriptor.from_json(fetch_manifest(registry.host, "esgz/small-files")["layers"][0])
+    blob = fetch_blob(registry.host, "esgz/small-files", desc.digest)
+    return _index(blob), blob
+
+
+def test_a_small_files_miss_reads_its_neighbours_ahead_in_few_requests(small_files_esgz, tmp_path):
+    # a file's chunk is its own span: without the neighbours, a start reading one small file after
+    # another would make a request (a round trip) for each
+    from helpers.lazy import wait_fetches_settle
+    from lazyoci.fs import span_fetcher
+    from lazyoci.fs.span_cache import SpanCache
+    from lazyoci.fs.span_fetcher import SpanFetcher
+
+    index, blob = small_files_esgz
+    requests: list[tuple[int, int]] = []
+
+    def fetch(start: int, end: int) -> bytes:
+        requests.append((start, end))
+        return blob[start:end]
+
+    spans = [index.span_uncompressed_range(i) for i in range(index.num_spans)]
+    cache = SpanCache(tmp_path / "cache").layer("sha256:" + "2" * 64, index.digest, spans)
+    f = SpanFetcher(index, fetch, cache, "sha256:" + "2" * 64)
+    files = {e.name: e for e in (index.entry(i) for i in range(len(index))) if e.type == "reg"}
+    first = files["pkg/m010.py"]
+    own = index.spans_for(first.offset, first.offset + first.size)
+    assert len(own) == 1
+    assert f.read(first.offset, first.offset + first.size, ahead_until=first.offset + first.size) == \
+        blob_file(blob, index, first)
+    wait_fetches_settle(requests)
+    fetched = sorted({i for lo, hi in requests for i in range(index.num_spans)
+                      if lo <= index.span_compressed_range(i)[0] < hi})
+    ahead = [i for i in fetched if i > own[0]]
+    assert ahead and ahead == list(range(own[0] + 1, own[0] + 1 + len(ahead))), "the next files' chunks"
+    past = sum(index.span_compressed_range(i)[1] - index.span_compressed_range(i)[0] for i in ahead)
+    assert past <= span_fetcher.NEIGHBOR_BYTES
+    assert len(requests) < 1 + len(ahead) / 2, "neighbours travel several to a request"
+    # the next files are read from the cache, and reading them moves the window on
+    waited = f.stats.read_wait
+    for k in range(11, 11 + len(ahead)):
+        e = files[f"pkg/m{k:03}.py"]
+        assert f.read(e.offset, e.offset + e.size, ahead_until=e.offset + e.size) == blob_file(blob, index, e)
+    assert f.stats.read_wait == waited, "no read of the neighbours waited for the network"
+    wait_fetches_settle(requests)
+    assert f.span_use().unread > 0, "the window went on past what was read"
+    assert all(f.cache.has(i) for i in range(own[0], own[0] + 1 + len(ahead)))
+
+
+def blob_file(blob: bytes, index: EStargzIndex, e) -> bytes:
+    """A file's bytes decoded from its chunks (what the span manager must return)."""
+    out = b""
+    for i in index.spans_for(e.offset, e.offset + e.size):
+        c0, c1 = index.span_compressed_range(i)
+        u0, _ = index.span_uncompressed_range(i)
+        data = index.decompress_span(i, blob[c0:c1])
+        out += data[max(e.offset - u0, 0):e.offset + e.size - u0]
+    return out

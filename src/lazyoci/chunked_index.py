@@ -39,6 +39,7 @@ class ChunkedIndex(Generic[E, S]):
     """Entries and spans in stream order; `what` names the index in errors ("the eStargz TOC")."""
 
     headers_in_stream = False     # the stream is file data alone: fs/header_check.py cannot apply
+    spans_within_files = True     # a span is a chunk of one file: read-ahead goes on into the next files
 
     def __init__(self, digest: str, entries: list[E], spans: list[S], what: str) -> None:
         self._digest = digest

@@ -29,6 +29,8 @@ every entry it serves with the entry's own tar header):
 An index whose stream holds no tar headers says so with `headers_in_stream = False`
 (zstd:chunked's and eStargz's, whose streams are their files' contents alone, and whose
 TOCs are vouched for by the image manifest's annotations): the service then skips fs/header_check.py for it.
+An index whose every span is a chunk of one file says so with `spans_within_files = True` (the
+same two): read-ahead then goes on past a file's end into its neighbours (fs/span_fetcher.py).
 """
 
 from __future__ import annotations
