@@ -284,6 +284,23 @@ def test_optimize_records_the_spans_a_run_reads_and_a_lazy_pull_prefetches_them(
     assert untouched and not untouched & set(named), "only what the run read is recorded"
     assert named.index(min(_spans_of(ztoc, "opt/tail.bin", False))) < \
         named.index(min(_spans_of(ztoc, "opt/app.bin", False))), "in the order the run read them"
+    # the layer was indexed again, its spans laid out around the reads: the unread files' bytes
+    # lie in spans of their own, longer than the index's span size
+    old_index = json.loads(_registry_json(registry.host, f"prefetch/optimize/manifests/{old}"))
+    [old_z] = [l for l in old_index["layers"] if l["mediaType"] == mt.SOCI_LAYER and
+               l["annotations"][ANN_LAYER] == big.digest]
+    assert zdesc["digest"] != old_z["digest"] and "laid out around" in r.stderr
+    assert zdesc["annotations"] == old_z["annotations"]
+    skip = next(ztoc.entry(i) for i in range(len(ztoc)) if ztoc.entry(i).name == "opt/skip.bin")
+    assert any(ztoc.span_uncompressed_range(i)[1] - ztoc.span_uncompressed_range(i)[0] > SPAN
+               for i in ztoc.spans_for(skip.offset + 200_000, skip.offset + 400_000))
 
     _lazy_pull_prefetches(registry, data_root, tmp_path, "prefetch/optimize", big, ztoc, set(named),
                           {"opt/app.bin": 200_000, "opt/tail.bin": 300_000}, new.group(1))
+    # --keep-spans records the same way and keeps the index's zTOC
+    r = _lz(data_root, config, "soci", "optimize", "--keep-spans", "--soci-index-digest", old, ref,
+            "--", "sh", "-c", "cat /opt/tail.bin >/dev/null")
+    kept = re.search(r"soci index: (sha256:[0-9a-f]{64})", r.stdout)
+    index = json.loads(_registry_json(registry.host, f"prefetch/optimize/manifests/{kept.group(1)}"))
+    assert [l["digest"] for l in index["layers"] if l["mediaType"] == mt.SOCI_LAYER] == \
+        [l["digest"] for l in old_index["layers"] if l["mediaType"] == mt.SOCI_LAYER]

@@ -174,3 +174,40 @@ def test_the_library_shortcut_builds_what_soci_create_builds() -> None:
     uniform = soci.build_ztoc(io.BytesIO(blob), large_span_size=0)
     assert uniform == build_ztoc(io.BytesIO(blob), "gzip", 4 << 20)
     assert Ztoc.parse(default).num_spans < Ztoc.parse(uniform).num_spans == 10
+
+
+def test_spans_laid_out_around_recorded_reads_cover_them_closely(layer) -> None:
+    """A recorded run's layout (`soci optimize`): the spans its reads touch hold little more than
+    those reads, the stretches between are long spans, and every byte still reads back."""
+    from lazyoci.soci.recorded_spans import spans_in_read_order
+    from lazyoci.ztoc.span_layout import RECORDED_MARGIN, recorded_span_end
+
+    raw, blob = layer
+    uniform = Ztoc.parse(build_ztoc(io.BytesIO(blob), "gzip", SPAN))
+    big = {e.name: e for e in (uniform.entry(i) for i in range(len(uniform)))}["big/text.log"]
+    reads = [(big.offset + LARGE, big.offset + LARGE + 8192), (big.offset - 512, big.offset),
+             (big.offset + 3 * LARGE, big.offset + 3 * LARGE + 4096)]
+    z = Ztoc.parse(build_ztoc(io.BytesIO(blob), "gzip", SPAN,
+                              span_end=recorded_span_end(reads, SPAN, 4 * SPAN)))
+    check_toc(z, raw)
+    check_spans(z, blob, raw)
+    assert read_range(z, lambda a, b: blob[a:b], 0, z.uncompressed_size) == raw[:z.uncompressed_size]
+    block = 128 << 10          # as in _check_layout
+    touched = spans_in_read_order(z, reads)
+    assert [touched.index(min(z.spans_for(a, b))) for a, b in reads] == sorted(
+        touched.index(min(z.spans_for(a, b))) for a, b in reads), "in the order read"
+    held = sum(z.span_uncompressed_range(i)[1] - z.span_uncompressed_range(i)[0] for i in touched)
+    before = sum(uniform.span_uncompressed_range(i)[1] - uniform.span_uncompressed_range(i)[0]
+                 for i in spans_in_read_order(uniform, reads))
+    assert held <= len(reads) * (8192 + 2 * RECORDED_MARGIN + 2 * block) and held < before
+    longest = max(t - s for s, t in _spans(z))
+    assert 2 * SPAN < longest <= 4 * SPAN + block
+    assert z.num_spans < uniform.num_spans
+
+
+def test_no_recorded_read_leaves_spans_of_the_unread_size() -> None:
+    from lazyoci.ztoc.span_layout import recorded_span_end
+    end = recorded_span_end([], SPAN, 4 * SPAN)
+    assert end(0) == 4 * SPAN and end(12345) == 12345 + 4 * SPAN
+    end = recorded_span_end([(10 * SPAN, 10 * SPAN + 10)], SPAN, 4 * SPAN)
+    assert end(0) < 10 * SPAN and end(10 * SPAN) <= 10 * SPAN + (128 << 10) and end(10 * SPAN) > 10 * SPAN

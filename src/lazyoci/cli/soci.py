@@ -121,11 +121,14 @@ def convert_cmd(span_size, min_layer_size, platform, all_platforms, force, optim
 
 @soci_group.command("optimize", context_settings={"allow_interspersed_args": False})
 @click.option("--soci-index-digest", default=None, help="Record with this SOCI index instead of discovering one.")
+@click.option("--keep-spans", is_flag=True,
+              help="Keep the index's zTOCs instead of laying their spans out around the recorded reads.")
 @click.argument("ref")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def optimize_cmd(soci_index_digest, ref, command) -> None:
-    """Run REF lazily (with COMMAND, or its own), record the spans it reads, and push its SOCI
-    index again with them as prefetch artifacts (the image is not changed)."""
+def optimize_cmd(soci_index_digest, keep_spans, ref, command) -> None:
+    """Run REF lazily (with COMMAND, or its own), record what it reads, and push its SOCI index
+    again with the spans it read as prefetch artifacts, each gzip layer's spans laid out around
+    those reads (the image is not changed)."""
     from lazyoci.cli.context import app
     from lazyoci.cli.shared import registry_options
     from lazyoci.images.service import ImageService
@@ -136,7 +139,8 @@ def optimize_cmd(soci_index_digest, ref, command) -> None:
         command = command[1:]
     ctx = app()
     result = optimize(DataRoot(ctx.root), ctx.config, lambda root: ImageService(root, registry_options(ctx)),
-                      ref, tuple(command), soci_index_digest, lambda line: click.echo(line, err=True))
+                      ref, tuple(command), soci_index_digest, lambda line: click.echo(line, err=True),
+                      keep_spans)
     if result.exit_code:
         click.echo(f"the workload exited {result.exit_code}; its reads up to then were recorded", err=True)
     click.echo(f"soci index: {result.index.digest} (replaces {result.replaced} for lazy pulls that name it "

@@ -150,6 +150,8 @@ class SpanFetcher:
         self._header_missed: set[int] = set()     # spans a tar header check found neither cached nor on their way
         self._order: dict[int, None] = {}         # every span reads touched, in the order of first touch
         self.recorded: frozenset[int] = frozenset()   # the spans the view's recorded prefetch names
+        # a recording service's (`soci optimize`): the byte ranges reads asked for, in order
+        self.ranges: list[tuple[int, int]] | None = None
         self.last_demand = 0.0                    # monotonic time of the last on-demand fetch
         self.first_read_at: float | None = None   # wall time of the first read (a lazy start's phases)
         # spans are chunks of single files: read-ahead goes on into the next files (module docstring)
@@ -173,7 +175,7 @@ class SpanFetcher:
                 self._header_missed.update(i for i in self.ztoc.spans_for(start, end)
                                            if not self.cache.has(i) and i not in self._inflight)
         after_header = False if background else \
-            self._note_read(self.ztoc.spans_for(start, end), end - start, header)
+            self._note_read(self.ztoc.spans_for(start, end), end - start, header, start)
         if background or not read_ahead:
             ahead = []
         elif header:
@@ -213,7 +215,7 @@ class SpanFetcher:
         spans = self.ztoc.spans_for(start, end)
         if not spans or not all(self.cache.has(i) for i in spans):
             return None
-        after_header = self._note_read(spans, end - start, header)
+        after_header = self._note_read(spans, end - start, header, start)
         if not header:
             # a first touch of read-ahead moves the window on, as does a file's first read of a span
             # its tar header's check fetched (that check took the miss the read would have taken)
@@ -299,7 +301,13 @@ class SpanFetcher:
         with self._lock:
             return list(self._order)
 
-    def _note_read(self, spans: range, nbytes: int, header: bool) -> bool:
+    def read_ranges(self) -> list[tuple[int, int]]:
+        """The uncompressed ranges reads asked for since the mount, in their order, if `ranges`
+        records them (a recording service), else none: what `soci optimize` lays spans out by."""
+        with self._lock:
+            return list(self.ranges or ())
+
+    def _note_read(self, spans: range, nbytes: int, header: bool, start: int = 0) -> bool:
         """Count a read; True if it is file data's first read of a span that a tar header check
         missed and fetched (the file's own first miss, taken early by its lookup). A span the
         recorded prefetch or read-ahead brought in is no miss: its first read plans nothing."""
@@ -310,6 +318,8 @@ class SpanFetcher:
                 i in self._header_missed and i not in self._read_data for i in spans)
             (self._read_header if header else self._read_data).update(spans)
             self._order.update(dict.fromkeys(spans))
+            if self.ranges is not None:
+                self.ranges.append((start, start + nbytes))
             self.stats.read_bytes += nbytes
             if not header:
                 for i in spans:

@@ -19,7 +19,8 @@ Control protocol: one JSON object per line in, one JSON object per line out.
     {"op": "unmount_layer", "layer_digest", "ztoc_digest"} -> {"ok": true, "unmounted": bool}
     {"op": "status"}                                 -> {"ok": true, "layers": [...], "rss_bytes": N,
                                                          "containerd_socket": path or null, "session": ...}
-    {"op": "read_order"}                             -> {"ok": true, "views": [[layer, ztoc, [span, ...]], ...]}
+    {"op": "read_order"}                             -> {"ok": true, "views": [[layer, ztoc, [span, ...],
+                                                                    [[start, end], ...]], ...]}
     {"op": "pull", "ref", ...}                       -> a conversation: progress lines, then the end
                                                         (`lazyoci pull` run here: service/pull_requests.py)
     {"op": "shutdown"}                               -> {"ok": true}; then answers what it has and exits
@@ -129,7 +130,8 @@ class Service:
         # layer for containers: either would take reads away from the record
         records = self.paths.records_reads.exists()
         self.layers = LayerManager(self.root, self.config, self.fs, None if records else self.holder,
-                                   unpack_complete=self.config.soci.unpack_complete_layers and not records)
+                                   unpack_complete=self.config.soci.unpack_complete_layers and not records,
+                                   record_reads=records)
         if containerd:
             self.start_containerd()
         self.layers.remount_known()
@@ -330,7 +332,8 @@ class Service:
                     "containerd_socket": os.fspath(self.containerd.socket) if self.containerd else None,
                     "layers": [s.to_json() for s in layers.status()]}
         if op == "read_order":       # the spans reads touched, for `lazyoci soci optimize`
-            return {"ok": True, "views": [list(v) for v in self.running_layers.read_order()]}
+            return {"ok": True, "views": [[l, z, spans, [list(r) for r in ranges]]
+                                          for l, z, spans, ranges in self.running_layers.read_order()]}
         if op in ("shutdown", "hand_over"):
             return {"ok": True}
         raise LazyociError(f"unknown request {op!r}")

@@ -108,15 +108,17 @@ class LayerManager:
     """Mounts and unmounts lazy layers in one LayerFS; thread-safe."""
 
     def __init__(self, root: DataRoot, config: Config, fs: LayerFS, holder: HolderPaths | None = None,
-                 unpack_complete: bool = False) -> None:
+                 unpack_complete: bool = False, record_reads: bool = False) -> None:
         """`holder`: the session holder to hand the layers' READs to; `unpack_complete`:
-        unpack complete layers from the span cache for the soci snapshotter's new containers."""
+        unpack complete layers from the span cache for the soci snapshotter's new containers;
+        `record_reads`: keep every read's byte range (`read_order`, for `soci optimize`)."""
         from lazyoci.registry import RegistryClient, RegistryOptions
         from lazyoci.registry.options import TransferLimits
 
         self.root = root
         self.config = config
         self.fs = fs
+        self.record_reads = record_reads
         self.db = Database(root.db_path)
         views.migrate_view_records(self.db)
         self.lazy_records = LazyLayerRecords(self.db)     # each view's reference and SOCI index
@@ -242,6 +244,8 @@ class LayerManager:
         self._prefer(view, [reference])
         self._prefer(view, refs)
         fetcher = SpanFetcher(ztoc, self._fetcher(view), cache, layer_digest)
+        if self.record_reads:
+            fetcher.ranges = []
         verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, header=True),
                                  functools.partial(fetcher.read_cached, header=True), layer_digest,
                                  read_layer=functools.partial(fetcher.read, background=True))
@@ -429,9 +433,11 @@ class LayerManager:
                 unpack=self.unpacks.state(layer.digest, layer.ztoc_digest) if self.unpacks else ""))
         return sorted(out, key=lambda s: s.layer_digest)
 
-    def read_order(self) -> list[tuple[str, str, list[int]]]:
-        """(layer, zTOC, spans in the order reads first touched them) of every mounted view."""
-        return [(l.digest, l.ztoc_digest, l.fetcher.read_order()) for l in self.fs.layers()]
+    def read_order(self) -> list[tuple[str, str, list[int], list[tuple[int, int]]]]:
+        """(layer, zTOC, spans in the order reads first touched them, the byte ranges reads asked
+        for if recorded) of every mounted view."""
+        return [(l.digest, l.ztoc_digest, l.fetcher.read_order(), l.fetcher.read_ranges())
+                for l in self.fs.layers()]
 
     def start_background(self) -> None:
         if self.background is not None:

@@ -4,9 +4,13 @@ The image runs once, lazily, in a data root of its own (under the main root's tm
 service and FUSE mount, so no span cache and no kernel page cache hides a read from the record.
 The service notes every span reads touch, in the order they first do (file data and the tar
 headers it checks); it hands no READ to the session holder and unpacks no layer for the
-container, even one it finds complete (a `soci.cache_dir` shared with the main root). Those spans become one prefetch artifact per lazy layer, in that order
-(soci/prefetch.py), and a new SOCI index, the image's zTOCs plus those artifacts, is pushed
-beside the image. The image itself is not changed (eStargz's optimizer converts the image).
+container, even one it finds complete (a `soci.cache_dir` shared with the main root). It also keeps the byte ranges those reads asked for, and each gzip
+layer is indexed again with its spans laid out around them (soci/recorded_spans.py; its bytes
+from the main root's store, or streamed from the registry, checked against its digest); with
+`keep_spans`, or for an uncompressed layer, the image's zTOC stays. The spans the reads touch
+become one prefetch artifact per lazy layer, in the order first read (soci/prefetch.py), and a
+new SOCI index, those zTOCs plus the artifacts, is pushed beside the image. The image itself is
+not changed (eStargz's optimizer converts the image).
 A v2 index is named by the image's manifest, so a new one would change the image: refused.
 """
 
@@ -16,13 +20,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from lazyoci.errors import ConfigError, FormatError, StoreError
 
 if TYPE_CHECKING:
     from lazyoci.config import Config
     from lazyoci.images.service import ImageService
+    from lazyoci.oci.manifest import Descriptor
     from lazyoci.registry.client import RegistryClient
     from lazyoci.soci.index import SociIndex
     from lazyoci.store.blobs import BlobStore
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
     from lazyoci.store.layout import DataRoot
 
 Log = Callable[[str], None]
+View = tuple[str, str, list[int], list[tuple[int, int]]]    # layer, zTOC, spans read in order, byte ranges
+OpenLayer = Callable[["Descriptor"], "BinaryIO | object"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class OptimizeResult:
 
 def optimize(main_root: "DataRoot", config: "Config", open_images: Callable[["DataRoot"], "ImageService"],
              ref: str, command: tuple[str, ...] = (), index_digest: str | None = None,
-             log: Log = lambda line: None) -> OptimizeResult:
+             log: Log = lambda line: None, keep_spans: bool = False) -> OptimizeResult:
     """Run `ref` (with `command`, or its own) lazily, record its reads, push the optimized index."""
     from lazyoci.service.paths import ServicePaths
     from lazyoci.store.layout import DataRoot
@@ -56,7 +63,8 @@ def optimize(main_root: "DataRoot", config: "Config", open_images: Callable[["Da
         images = open_images(private)
         try:
             code, views = _record(private, config, images, ref, command, index_digest, log)
-            return _push_optimized(images.blobs, images.records, images.client, ref, views, code, log)
+            layers = None if keep_spans else _layer_source(main_root, images.client, ref)
+            return _push_optimized(images.blobs, images.records, images.client, ref, views, code, log, layers)
         finally:
             images.close()
     finally:
@@ -64,8 +72,9 @@ def optimize(main_root: "DataRoot", config: "Config", open_images: Callable[["Da
 
 
 def _record(root: "DataRoot", config: "Config", images: "ImageService", ref: str, command: tuple[str, ...],
-            index_digest: str | None, log: Log) -> tuple[int, list[tuple[str, str, list[int]]]]:
-    """Run the workload in `root`; its exit code and, per lazy view, the spans it read in order."""
+            index_digest: str | None, log: Log) -> tuple[int, list[View]]:
+    """Run the workload in `root`; its exit code and, per lazy view, the spans it read in order
+    and the byte ranges it asked for."""
     from lazyoci.runtime.bundle import ProcessOptions
     from lazyoci.runtime.run import ContainerManager, RunOptions
     from lazyoci.service.client import ServiceClient
@@ -79,7 +88,8 @@ def _record(root: "DataRoot", config: "Config", images: "ImageService", ref: str
         try:
             log(f"recording the reads of {ref} ({' '.join(rec.command)})")
             code = manager.start(rec, runtime, opts) or 0
-            views = [(v[0], v[1], [int(i) for i in v[2]]) for v in service.request("read_order")["views"]]
+            views = [(v[0], v[1], [int(i) for i in v[2]], [(int(a), int(b)) for a, b in v[3]])
+                     for v in service.request("read_order")["views"]]
         finally:
             manager.remove(rec.id, force=True)
     finally:
@@ -88,13 +98,31 @@ def _record(root: "DataRoot", config: "Config", images: "ImageService", ref: str
     return code, views
 
 
+def _layer_source(main_root: "DataRoot", client: "RegistryClient", ref: str) -> OpenLayer:
+    """A layer's bytes: from the main root's store if it has them, else streamed from `ref`'s registry."""
+    from lazyoci.oci.reference import Reference
+    from lazyoci.store.blobs import BlobStore
+
+    store = BlobStore(main_root)
+
+    def open_layer(layer: "Descriptor") -> "BinaryIO | object":
+        if store.has(layer.digest):
+            return store.open(layer.digest)
+        return client.iter_blob(Reference.parse(ref), layer.digest, layer.size)
+    return open_layer
+
+
 def _push_optimized(blobs: "BlobStore", image_records: "ImageRecords", client: "RegistryClient", ref: str,
-                    views: list[tuple[str, str, list[int]]], code: int, log: Log) -> OptimizeResult:
-    """The index the run used, with an artifact of each recorded layer instead of its old ones; pushed."""
+                    views: list[View], code: int, log: Log, layers: OpenLayer | None = None) -> OptimizeResult:
+    """The index the run used, with an artifact of each recorded layer instead of its old ones,
+    and (with `layers`) each recorded gzip layer's zTOC laid out around the reads; pushed."""
+    from lazyoci.oci import mediatypes as mt
+    from lazyoci.oci.manifest import Manifest
     from lazyoci.oci.reference import Reference
     from lazyoci.soci.index import SociIndex, make_index
     from lazyoci.soci.prefetch import artifact_descriptor, artifact_for_spans
     from lazyoci.soci.push import push_index
+    from lazyoci.soci.recorded_spans import rebuild_for_reads
 
     owners = image_records.owners_of_kind("soci")
     if len(owners) != 1:
@@ -105,12 +133,28 @@ def _push_optimized(blobs: "BlobStore", image_records: "ImageRecords", client: "
         raise ConfigError(f"the SOCI index {old.digest} of {ref} is a v2 index, named by the image itself: "
                           "an optimized one would change the image (use a v1 index: `lazyoci soci create`)")
     mine = {d.digest: d for d in old.ztocs}
+    image_layers = {d.digest: d for d in Manifest.parse(blobs.read(old.subject.digest)).layers}
     artifacts = []
+    rebuilt: dict[str, Descriptor] = {}
     spans: dict[str, int] = {}
-    for layer, ztoc, order in views:
+    for layer, ztoc, order, ranges in views:
         zdesc = mine.get(ztoc)
         if zdesc is None or not order:
             continue
+        ldesc = image_layers.get(layer)
+        if layers is not None and ranges and ldesc is not None and \
+                mt.layer_compression(ldesc.media_type) == "gzip" and ztoc not in rebuilt:
+            source = layers(ldesc)
+            try:
+                new = rebuild_for_reads(source, ldesc, zdesc, ranges, blobs)
+            finally:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    close()
+            rebuilt[ztoc] = new.ztoc
+            log(f"layer {layer}: zTOC {new.ztoc.digest} with {new.span_count} spans laid out around "
+                f"{len(ranges)} reads (was {ztoc})")
+            order = new.spans
         desc, raw = artifact_descriptor(artifact_for_spans(order), layer)
         blobs.put_bytes(raw, desc.digest)
         artifacts.append(desc)
@@ -118,7 +162,8 @@ def _push_optimized(blobs: "BlobStore", image_records: "ImageRecords", client: "
         log(f"layer {layer}: {len(order)} spans read, prefetch artifact {desc.digest}")
     if not artifacts:
         raise FormatError(f"the workload read nothing of the lazy layers of {ref}: no prefetch to record")
-    index = make_index("v1", list(old.ztocs) + artifacts, old.subject, old.build_tool or "lazyoci")
+    index = make_index("v1", [rebuilt.get(d.digest, d) for d in old.ztocs] + artifacts, old.subject,
+                       old.build_tool or "lazyoci")
     blobs.put_bytes(index.raw, index.digest)
     push_index(client, Reference.parse(ref), blobs, index, log, "allow")
     return OptimizeResult(index, old.digest, code, spans)

@@ -16,6 +16,7 @@ layer is kept beyond a few chunks and the 32 KiB windows of the checkpoints
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import BinaryIO
 
 from lazyoci.errors import FormatError, UnsupportedCompressionError
@@ -31,10 +32,12 @@ _READ = 1 << 20
 
 
 def build_ztoc(fileobj: BinaryIO, compression: str, span_size: int = DEFAULT_SPAN_SIZE,
-               build_tool: str = BUILD_TOOL, large_span_size: int = 0) -> bytes:
+               build_tool: str = BUILD_TOOL, large_span_size: int = 0,
+               span_end: Callable[[int], int] | None = None) -> bytes:
     """The zTOC of the layer blob read from `fileobj` ("gzip" or "none"). With `large_span_size`
     above `span_size`, a gzip layer's spans inside files of at least that many bytes run up to it
-    (ztoc/span_layout.py); 0 keeps every span at `span_size`."""
+    (ztoc/span_layout.py); 0 keeps every span at `span_size`. `span_end` (a gzip layer's only)
+    lays the spans out instead, as `span_layout.recorded_span_end` does for a recorded run."""
     if compression == "zstd":
         raise UnsupportedCompressionError("zstd layers cannot have a zTOC (SOCI indexes gzip and uncompressed tar layers)")
     if compression not in ("gzip", "none"):
@@ -45,7 +48,8 @@ def build_ztoc(fileobj: BinaryIO, compression: str, span_size: int = DEFAULT_SPA
     MAX_SPAN_SIZE.check(large_span_size, "the span size inside large files")
     toc = TocBuilder()
     if compression == "gzip":
-        span_end = large_file_span_end(toc, span_size, large_span_size) if large_span_size > span_size else None
+        if span_end is None and large_span_size > span_size:
+            span_end = large_file_span_end(toc, span_size, large_span_size)
         idx = GzipIndexer(span_size, toc.feed, span_end)
         try:
             while chunk := fileobj.read(_READ):
