@@ -282,3 +282,27 @@ def blob_file(blob: bytes, index: EStargzIndex, e) -> bytes:
         data = index.decompress_span(i, blob[c0:c1])
         out += data[max(e.offset - u0, 0):e.offset + e.size - u0]
     return out
+
+
+def test_a_recording_fetcher_keeps_read_ranges_joined_in_order(small_files_esgz, tmp_path, monkeypatch):
+    # what `soci optimize` lays a layer's spans out by: a file read in order is one range, the
+    # order of first reads is kept, and past the cap nothing (the spans stay recorded)
+    from lazyoci.fs import span_fetcher
+    from lazyoci.fs.span_cache import SpanCache
+    from lazyoci.fs.span_fetcher import SpanFetcher
+
+    index, blob = small_files_esgz
+    spans = [index.span_uncompressed_range(i) for i in range(index.num_spans)]
+    cache = SpanCache(tmp_path / "cache").layer("sha256:" + "4" * 64, index.digest, spans)
+    f = SpanFetcher(index, lambda a, b: blob[a:b], cache, "sha256:" + "4" * 64)
+    f.ranges = []
+    files = {e.name: e for e in (index.entry(i) for i in range(len(index))) if e.type == "reg"}
+    a, b = files["pkg/m050.py"], files["pkg/m003.py"]
+    f.read(a.offset, a.offset + 1000, read_ahead=False)
+    f.read(a.offset + 1000, a.offset + a.size, read_ahead=False)
+    f.read(b.offset, b.offset + b.size, read_ahead=False)
+    assert f.read_ranges() == [(a.offset, a.offset + a.size), (b.offset, b.offset + b.size)]
+    monkeypatch.setattr(span_fetcher, "MAX_RECORDED_RANGES", 2)
+    c = files["pkg/m090.py"]
+    f.read(c.offset, c.offset + c.size, read_ahead=False)
+    assert f.read_ranges() == [] and f.read_order()

@@ -95,6 +95,7 @@ NEIGHBOR_SPANS = 64                          # ... in at most this many spans ..
 NEIGHBOR_SPAN_BYTES = 256 << 10              # ... each at most this large (indexes of file chunks)
 READ_AHEAD_QUEUE = 64                        # queued read-aheads; more are skipped, not queued
 WRITE_BEHIND_BYTES = 64 << 20                # verified spans waiting for the disk (16 x 4 MiB)
+MAX_RECORDED_RANGES = 1 << 20                # read ranges a recording keeps per layer (~100 MB at most)
 
 _POOL = ReadAheadPool(READ_AHEAD_WORKERS, READ_AHEAD_QUEUE)
 _WRITER = WriteBehind(WRITE_BEHIND_BYTES)
@@ -303,9 +304,26 @@ class SpanFetcher:
 
     def read_ranges(self) -> list[tuple[int, int]]:
         """The uncompressed ranges reads asked for since the mount, in their order, if `ranges`
-        records them (a recording service), else none: what `soci optimize` lays spans out by."""
+        records them (a recording service), else none: what `soci optimize` lays spans out by.
+        None either once more than MAX_RECORDED_RANGES were asked for (the spans stay recorded)."""
         with self._lock:
             return list(self.ranges or ())
+
+    def _record_range(self, start: int, end: int) -> None:
+        """Keep a read's range, joined to the last one if it follows on (a file read in order is
+        one range); past MAX_RECORDED_RANGES none is kept (lock held)."""
+        ranges = self.ranges
+        if ranges is None:
+            return
+        if ranges and ranges[-1][0] <= start <= ranges[-1][1]:
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
+        elif len(ranges) < MAX_RECORDED_RANGES:
+            ranges.append((start, end))
+        else:
+            log.warning("layer %s: over %d read ranges recorded: its spans are recorded, not its ranges",
+                        self.layer_digest, MAX_RECORDED_RANGES)
+            ranges.clear()
+            self.ranges = None
 
     def _note_read(self, spans: range, nbytes: int, header: bool, start: int = 0) -> bool:
         """Count a read; True if it is file data's first read of a span that a tar header check
@@ -319,7 +337,7 @@ class SpanFetcher:
             (self._read_header if header else self._read_data).update(spans)
             self._order.update(dict.fromkeys(spans))
             if self.ranges is not None:
-                self.ranges.append((start, start + nbytes))
+                self._record_range(start, start + nbytes)
             self.stats.read_bytes += nbytes
             if not header:
                 for i in spans:
