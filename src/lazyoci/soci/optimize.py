@@ -4,10 +4,11 @@ The image runs once, lazily, in a data root of its own (under the main root's tm
 service and FUSE mount, so no span cache and no kernel page cache hides a read from the record.
 The service notes every span reads touch, in the order they first do (file data and the tar
 headers it checks); it hands no READ to the session holder and unpacks no layer for the
-container, even one it finds complete (a `soci.cache_dir` shared with the main root). It also keeps the byte ranges those reads asked for, and each gzip
-layer is indexed again with its spans laid out around them (soci/recorded_spans.py; its bytes
-from the main root's store, or streamed from the registry, checked against its digest); with
-`keep_spans`, or for an uncompressed layer, the image's zTOC stays. The spans the reads touch
+container, even one it finds complete (a `soci.cache_dir` shared with the main root). It also
+keeps the byte ranges those reads asked for, and each gzip layer is indexed again with its spans
+laid out around them (soci/recorded_spans.py; its bytes from the main root's store, or streamed
+from the registry, checked against its digest); with `keep_spans`, for an uncompressed layer, or
+past the ranges a recording keeps, the image's zTOC stays. The spans the reads touch
 become one prefetch artifact per lazy layer, in the order first read (soci/prefetch.py), and a
 new SOCI index, those zTOCs plus the artifacts, is pushed beside the image. The image itself is
 not changed (eStargz's optimizer converts the image).
