@@ -159,20 +159,31 @@ def _disable_xattrs(ztoc: "Ztoc", options: SociBuildOptions) -> bool:
     return True
 
 
-def build_layer_ztoc(source: BinaryIO | object, layer: Descriptor, compression: str,
-                     options: SociBuildOptions, blobs: "BlobStore", records: SociRecords,
-                     lease: "Lease | None" = None) -> Descriptor:
-    """Build one zTOC from the layer's bytes (a file or an iterator of chunks), verifying the
-    layer digest, then store and record it (under `lease`, so gc leaves it). Returns the index entry."""
-    from lazyoci.ztoc import Ztoc, build_ztoc
+def verified_ztoc(source: BinaryIO | object, layer: Descriptor,
+                  build: Callable[[BinaryIO], bytes]) -> tuple[bytes, "Ztoc"]:
+    """`build` run over the layer's bytes (a file or an iterator of chunks) as they are checked
+    against the layer digest; the zTOC it made, parsed, and refused unless it covers the layer."""
+    from lazyoci.ztoc import Ztoc
 
     reader = VerifyingReader(source, layer.digest, layer.size)   # type: ignore[arg-type]
-    data = build_ztoc(buffered(reader), compression, options.span_size, options.tool, options.large_span_size)
+    data = build(buffered(reader))
     reader.finish()
     z = Ztoc.parse(data)
     if z.compressed_size != layer.size:
         raise FormatError(f"zTOC of layer {layer.digest} covers {z.compressed_size} bytes, "
                           f"the layer has {layer.size}")
+    return data, z
+
+
+def build_layer_ztoc(source: BinaryIO | object, layer: Descriptor, compression: str,
+                     options: SociBuildOptions, blobs: "BlobStore", records: SociRecords,
+                     lease: "Lease | None" = None) -> Descriptor:
+    """Build one zTOC from the layer's bytes (a file or an iterator of chunks), verifying the
+    layer digest, then store and record it (under `lease`, so gc leaves it). Returns the index entry."""
+    from lazyoci.ztoc import build_ztoc
+
+    data, z = verified_ztoc(source, layer, lambda f: build_ztoc(f, compression, options.span_size, options.tool,
+                                                               options.large_span_size))
     digest = sha256_digest(data)
     if lease is not None:
         lease.add([digest])

@@ -20,10 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Sequence
 
-from lazyoci.errors import FormatError
 from lazyoci.oci.digest import sha256_digest
 from lazyoci.soci.index import ANN_DISABLE_XATTRS, ANN_SPAN_SIZE, ztoc_descriptor
-from lazyoci.soci.verifying_readers import VerifyingReader, buffered
 
 if TYPE_CHECKING:
     from lazyoci.fs.layer_index import LayerIndex
@@ -54,7 +52,8 @@ def rebuild_for_reads(source: "BinaryIO | object", layer: "Descriptor", old: "De
                       reads: Sequence[tuple[int, int]], blobs: "BlobStore") -> RecordedZtoc:
     """Index the gzip `layer` (its bytes from `source`) with spans laid out around `reads`, with the
     span size and xattr marking of its old zTOC entry `old`; store the zTOC in `blobs`."""
-    from lazyoci.ztoc import Ztoc, build_ztoc
+    from lazyoci.soci.build import verified_ztoc
+    from lazyoci.ztoc import build_ztoc
     from lazyoci.ztoc.limits import MAX_SPAN_SIZE
     from lazyoci.ztoc.span_layout import recorded_span_end
 
@@ -64,14 +63,8 @@ def rebuild_for_reads(source: "BinaryIO | object", layer: "Descriptor", old: "De
         span_size = DEFAULT_SPAN_SIZE
     span_size = min(max(span_size, 1 << 16), MAX_SPAN_SIZE.value)
     unread = min(span_size * UNREAD_SPAN_FACTOR, MAX_SPAN_SIZE.value)
-    reader = VerifyingReader(source, layer.digest, layer.size)    # type: ignore[arg-type]
-    data = build_ztoc(buffered(reader), "gzip", span_size,
-                      span_end=recorded_span_end(reads, span_size, unread))
-    reader.finish()
-    z = Ztoc.parse(data)
-    if z.compressed_size != layer.size:
-        raise FormatError(f"zTOC of layer {layer.digest} covers {z.compressed_size} bytes, "
-                          f"the layer has {layer.size}")
+    data, z = verified_ztoc(source, layer, lambda f: build_ztoc(
+        f, "gzip", span_size, span_end=recorded_span_end(reads, span_size, unread)))
     digest = sha256_digest(data)
     blobs.put_bytes(data, digest)
     desc = ztoc_descriptor(digest, len(data), layer, span_size,
