@@ -207,3 +207,19 @@ def test_a_directory_whose_check_fetches_has_its_own_entries_fetched_ahead(tmp_p
     assert lay.header_spans("b/") <= lay.fetched_spans()
     assert not lay.header_spans("a/m05") & lay.fetched_spans(), "the siblings' contents are not"
     assert len(lay.fetches()) == len(lay.fetched_spans()), "no span fetched twice"
+
+
+def test_on_a_recorded_path_only_the_recorded_spans_come_ahead(tmp_path, two_packages):
+    # a view with a recorded prefetch whose workload got ahead of it: siblings' headers in spans
+    # the recording does not name were never looked up in the recorded run
+    lay = Layer(tmp_path, *two_packages)
+    a_spans = sorted(lay.header_spans("a/"))
+    own = lay.behind_spans("a/m000.py") | lay.behind_spans("b/m199.py") | lay.behind_spans("a/m100.py")
+    recorded = set(a_spans[::2]) | own
+    lay.fetcher.recorded = frozenset(recorded)
+    sh = SiblingHeaders(scan_misses=3)
+    for path in ("a/m000.py", "b/m199.py", "a/m100.py"):
+        lay.look_up(path, sh)
+    lay.wait_idle()
+    assert lay.fetched_spans() == (own | set(a_spans)) & recorded
+    assert set(a_spans) - recorded, "some of a/'s header spans were left out"

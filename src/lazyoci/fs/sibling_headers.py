@@ -18,6 +18,11 @@ been checked, so they never share the link with it, and through the span manager
 verified and fetched once, and a lookup that needs one still in flight waits for it rather
 than fetching it again.
 
+In a view with a recorded prefetch, a miss on the recorded path (the workload got ahead of the
+prefetch) fetches ahead only headers in spans the recording names: the others are of siblings the
+recorded run never looked up, and in a layout around recorded reads (soci/recorded_spans.py)
+they sit in long spans of data no read wants.
+
 Only a scan pays for this: on the python3 image's small start (its checks fetch eight spans,
 for one directory of the standard library) it would move 10 MB more to save about 0.4 s
 (a replay of the start's trace). Speculation starts
@@ -91,7 +96,7 @@ class SiblingHeaders:
                     entries.append(tree.entry[c])
         spans = verifier.header_spans(entries)
         spans.sort(key=lambda s: (s < near, abs(s - near)))      # onwards first, then back
-        queued = fetcher.fetch_ahead(spans, MIN_HEADERS, MAX_AHEAD_BYTES)
+        queued = fetcher.fetch_ahead(spans, MIN_HEADERS, MAX_AHEAD_BYTES, after=near)
         log.debug("layer %s: %d spans of the headers in %s fetched ahead (%d header checks fetched lately)",
                   fetcher.layer_digest[7:19], queued,
                   ", ".join(tree.name(d).decode(errors="replace") or "/" for d in dirs), len(misses))

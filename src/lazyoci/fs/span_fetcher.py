@@ -250,12 +250,16 @@ class SpanFetcher:
             return ahead
         return [j for j in ahead if j in recorded]
 
-    def fetch_ahead(self, spans: list[int], min_headers: int = 0, most_bytes: int = 0) -> int:
+    def fetch_ahead(self, spans: list[int], min_headers: int = 0, most_bytes: int = 0,
+                    after: int | None = None) -> int:
         """Fetch `spans` on the read-ahead threads, in the order given (adjacent ones together):
         a caller's guess of what reads need next (fs/sibling_headers.py). Skipped: spans cached,
         on their way, too large to read ahead, holding fewer than `min_headers` entries'
-        headers, and (with `most_bytes`) those past that many compressed bytes. Returns how
-        many were queued."""
+        headers, (with `most_bytes`) those past that many compressed bytes, and (with `after`, the
+        span whose read the guess follows) those a recorded prefetch leaves out while that read is
+        on its recorded path (`_off_record`). Returns how many were queued."""
+        if after is not None:
+            spans = self._off_record([after], spans)
         want: list[int] = []
         budget = most_bytes
         for j in spans:
