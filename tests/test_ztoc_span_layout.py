@@ -211,3 +211,22 @@ def test_no_recorded_read_leaves_spans_of_the_unread_size() -> None:
     assert end(0) == 4 * SPAN and end(12345) == 12345 + 4 * SPAN
     end = recorded_span_end([(10 * SPAN, 10 * SPAN + 10)], SPAN, 4 * SPAN)
     assert end(0) < 10 * SPAN and end(10 * SPAN) <= 10 * SPAN + (128 << 10) and end(10 * SPAN) > 10 * SPAN
+
+
+@pytest.mark.parametrize("said", ["abc", "0", "-4194304", str(128 << 20)])
+def test_a_recorded_rebuild_refuses_an_index_span_size_that_is_no_size(layer, tmp_path, said) -> None:
+    from lazyoci.oci import mediatypes as mt
+    from lazyoci.oci.digest import sha256_digest
+    from lazyoci.oci.manifest import Descriptor
+    from lazyoci.soci.index import ANN_SPAN_SIZE
+    from lazyoci.soci.recorded_spans import rebuild_for_reads
+    from lazyoci.store.blobs import BlobStore
+    from lazyoci.store.layout import DataRoot
+
+    _raw, blob = layer
+    desc = Descriptor(mt.OCI_LAYER_GZIP, sha256_digest(blob), len(blob))
+    old = Descriptor(mt.SOCI_LAYER, "sha256:" + "5" * 64, 1, annotations={ANN_SPAN_SIZE: said})
+    store = BlobStore(DataRoot(tmp_path / "root"))
+    with pytest.raises(FormatError, match="span size"):
+        rebuild_for_reads(io.BytesIO(blob), desc, old, [(0, 4096)], store)
+    assert not list((tmp_path / "root").rglob("sha256/*")), "nothing stored"

@@ -176,7 +176,7 @@ class SpanFetcher:
                 self._header_missed.update(i for i in self.ztoc.spans_for(start, end)
                                            if not self.cache.has(i) and i not in self._inflight)
         after_header = False if background else \
-            self._note_read(self.ztoc.spans_for(start, end), end - start, header, start)
+            self._note_read(self.ztoc.spans_for(start, end), start, end, header)
         if background or not read_ahead:
             ahead = []
         elif header:
@@ -216,7 +216,7 @@ class SpanFetcher:
         spans = self.ztoc.spans_for(start, end)
         if not spans or not all(self.cache.has(i) for i in spans):
             return None
-        after_header = self._note_read(spans, end - start, header, start)
+        after_header = self._note_read(spans, start, end, header)
         if not header:
             # a first touch of read-ahead moves the window on, as does a file's first read of a span
             # its tar header's check fetched (that check took the miss the read would have taken)
@@ -309,7 +309,7 @@ class SpanFetcher:
     def read_ranges(self) -> list[tuple[int, int]]:
         """The uncompressed ranges reads asked for since the mount, in their order, if `ranges`
         records them (a recording service), else none: what `soci optimize` lays spans out by.
-        None either once more than MAX_RECORDED_RANGES were asked for (the spans stay recorded)."""
+        None either once more than MAX_RECORDED_RANGES were kept (the spans stay recorded)."""
         with self._lock:
             return list(self.ranges or ())
 
@@ -329,7 +329,7 @@ class SpanFetcher:
             ranges.clear()
             self.ranges = None
 
-    def _note_read(self, spans: range, nbytes: int, header: bool, start: int = 0) -> bool:
+    def _note_read(self, spans: range, start: int, end: int, header: bool) -> bool:
         """Count a read; True if it is file data's first read of a span that a tar header check
         missed and fetched (the file's own first miss, taken early by its lookup). A span the
         recorded prefetch or read-ahead brought in is no miss: its first read plans nothing."""
@@ -341,8 +341,8 @@ class SpanFetcher:
             (self._read_header if header else self._read_data).update(spans)
             self._order.update(dict.fromkeys(spans))
             if self.ranges is not None:
-                self._record_range(start, start + nbytes)
-            self.stats.read_bytes += nbytes
+                self._record_range(start, end)
+            self.stats.read_bytes += end - start
             if not header:
                 for i in spans:
                     self._mark_read(i)

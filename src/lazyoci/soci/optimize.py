@@ -136,7 +136,7 @@ def _push_optimized(blobs: "BlobStore", image_records: "ImageRecords", client: "
     mine = {d.digest: d for d in old.ztocs}
     image_layers = {d.digest: d for d in Manifest.parse(blobs.read(old.subject.digest)).layers}
     artifacts = []
-    rebuilt: dict[str, Descriptor] = {}
+    rebuilt: dict[str, Descriptor] = {}      # old zTOC digest -> the new zTOC's entry
     spans: dict[str, int] = {}
     for layer, ztoc, order, ranges in views:
         zdesc = mine.get(ztoc)
@@ -144,7 +144,7 @@ def _push_optimized(blobs: "BlobStore", image_records: "ImageRecords", client: "
             continue
         ldesc = image_layers.get(layer)
         if layers is not None and ranges and ldesc is not None and \
-                mt.layer_compression(ldesc.media_type) == "gzip" and ztoc not in rebuilt:
+                mt.layer_compression(ldesc.media_type) == "gzip":
             source = layers(ldesc)
             try:
                 new = rebuild_for_reads(source, ldesc, zdesc, ranges, blobs)

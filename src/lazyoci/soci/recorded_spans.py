@@ -3,7 +3,7 @@
 `lazyoci soci optimize` records the byte ranges a workload reads from each lazy layer. With
 the zTOC the image was indexed with, its prefetch would name every span those reads touch, and
 a span is fetched, checked and inflated whole: on python-ml, whose start pages large libraries in
-at scattered offsets, 170 MB of spans (526 MiB inflated) for 179 MiB of reads. Here a gzip
+at scattered offsets, 170 MB of spans (526 MiB inflated) for 183 MiB of reads. Here a gzip
 layer is indexed again with `span_layout.recorded_span_end`: spans cover the runs of recorded
 reads, at most the index's span size each, and the stretches no read touched are spans of up to
 UNREAD_SPAN_FACTOR times it, which the prefetch never names. The same reads then touch about half
@@ -20,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Sequence
 
+from lazyoci.errors import FormatError
 from lazyoci.oci.digest import sha256_digest
+from lazyoci.soci.build import DEFAULT_SPAN_SIZE, verified_ztoc
 from lazyoci.soci.index import ANN_DISABLE_XATTRS, ANN_SPAN_SIZE, ztoc_descriptor
 
 if TYPE_CHECKING:
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
     from lazyoci.store.blobs import BlobStore
 
 UNREAD_SPAN_FACTOR = 4      # an unread stretch's spans: up to 4 times the span size (16 MiB at 4 MiB)
-DEFAULT_SPAN_SIZE = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,17 @@ def spans_in_read_order(index: "LayerIndex", reads: Sequence[tuple[int, int]]) -
 def rebuild_for_reads(source: "BinaryIO | object", layer: "Descriptor", old: "Descriptor",
                       reads: Sequence[tuple[int, int]], blobs: "BlobStore") -> RecordedZtoc:
     """Index the gzip `layer` (its bytes from `source`) with spans laid out around `reads`, with the
-    span size and xattr marking of its old zTOC entry `old`; store the zTOC in `blobs`."""
-    from lazyoci.soci.build import verified_ztoc
+    span size and xattr marking of its old zTOC entry `old` (FormatError if that span size is no
+    size); store the zTOC in `blobs`."""
     from lazyoci.ztoc import build_ztoc
     from lazyoci.ztoc.limits import MAX_SPAN_SIZE
     from lazyoci.ztoc.span_layout import recorded_span_end
 
-    try:
-        span_size = int(old.annotations.get(ANN_SPAN_SIZE, DEFAULT_SPAN_SIZE))
-    except ValueError:
-        span_size = DEFAULT_SPAN_SIZE
-    span_size = min(max(span_size, 1 << 16), MAX_SPAN_SIZE.value)
+    said = old.annotations.get(ANN_SPAN_SIZE, str(DEFAULT_SPAN_SIZE))
+    if not said.isdigit() or not 0 < int(said) <= MAX_SPAN_SIZE.value:
+        raise FormatError(f"the SOCI index gives layer {layer.digest} the span size {said!r}, "
+                          f"not a size from 1 to {MAX_SPAN_SIZE.value} bytes")
+    span_size = int(said)
     unread = min(span_size * UNREAD_SPAN_FACTOR, MAX_SPAN_SIZE.value)
     data, z = verified_ztoc(source, layer, lambda f: build_ztoc(
         f, "gzip", span_size, span_end=recorded_span_end(reads, span_size, unread)))

@@ -19,7 +19,7 @@ that builds the zTOC.
 A recorded run (`lazyoci soci optimize`) knows better still which bytes a workload reads:
 `recorded_span_end` lays the spans out around them. A 4 MiB span that a read touches is inflated
 and cached whole, and a start that pages a large library in at scattered offsets touches most
-of them for a few pages each (python-ml: 526 MiB of spans inflated for 133 MiB of pages read in
+of them for a few pages each (python-ml: 306 MiB of spans inflated for 133 MiB of pages read in
 its largest layer's 862 MiB). There a span covers a run of recorded reads (runs closer than
 RECORDED_GAP joined, widened by RECORDED_MARGIN for the deflate block that ends a span past its
 mark), at most `span_size` long, and the stretches no read touched are spans of up to
