@@ -123,3 +123,24 @@ def test_parser_survives_fuzzing(target, tmp_path, monkeypatch):
         detail += f"\nreproducer {crash.name}: {crash.read_bytes()[:400]!r}"
     assert r.returncode == 0 and not crashes, f"{target}: the fuzzer found a crash\n{detail}"
     assert "stat::number_of_executed_units" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+@needs_atheris
+def test_the_memory_limit_counts_from_the_fuzzer_not_from_the_process_that_started_it(tmp_path):
+    """Linux carries a process's peak RSS over exec: a runner started by a process that once held
+    more than the limit must still fuzz (a test run that grew past a gigabyte stopped the fuzzer at
+    its first input, and the test failed for memory the parser never used)."""
+    corpus = write_corpus("reference", tmp_path / "corpus")
+    big_then_exec = (
+        "import os, sys\n"
+        "b = bytearray(600 << 20)\n"
+        "for i in range(0, len(b), 4096): b[i] = 1\n"
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
+    r = subprocess.run(
+        [sys.executable, "-c", big_then_exec, str(RUNNER), "reference", str(corpus),
+         "-seed=1", "-max_total_time=3", "-rss_limit_mb=512",     # the limit is checked once a second f"-artifact_prefix={tmp_path}/",
+         "-print_final_stats=1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stat::number_of_executed_units" in r.stderr, r.stderr[-2000:]

@@ -7,10 +7,27 @@ A crash is an exception other than LazyociError, a hang past -timeout, or memory
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import sys
 from pathlib import Path
 
-import atheris
+
+def _start_the_peak_rss_afresh() -> None:
+    """libFuzzer's -rss_limit_mb reads the process's peak RSS, which Linux carries over exec from
+    the parent: started from a test process that once held a gigabyte, the fuzzer would stop at its
+    first input. A forked child counts from its own (small) size; the parent passes on its status."""
+    pid = os.fork()
+    if pid:
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        os._exit(code if code >= 0 else 128 - code)            # killed by a signal: 128 + signal
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)                 # PR_SET_PDEATHSIG: a killed runner stops the fuzzer
+
+
+_start_the_peak_rss_afresh()
+
+import atheris  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
