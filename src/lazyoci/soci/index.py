@@ -164,17 +164,25 @@ class SociIndex:
             Digest.parse(layer)
             if seen.setdefault(layer, d.digest) != d.digest:
                 raise FormatError(f"SOCI index has two different zTOCs for layer {layer}")
-            span = d.annotations.get(ANN_SPAN_SIZE)
-            if span is not None and not (span.isdigit() and int(span) > 0):
-                raise FormatError(f"SOCI index entry {d.digest} has an invalid span size {span!r}")
             # refused here, before anything is downloaded: a reader would refuse the zTOC anyway
-            if span is not None:
-                MAX_SPAN_SIZE.check(int(span), f"the span size of SOCI index entry {d.digest}")
+            annotated_span_size(d)
             MAX_ZTOC_BYTES.check(d.size, f"the zTOC {d.digest} of layer {layer} in the SOCI index")
             ztocs.append(d)
         if version == "v1" and m.subject is None:
             raise FormatError("a v1 SOCI index must have a subject")
         return cls(raw, version, tuple(ztocs), tuple(prefetch), m.subject, dict(m.annotations))
+
+
+def annotated_span_size(d: Descriptor) -> int | None:
+    """The span size a zTOC's index entry gives (None if it gives none); FormatError unless it is
+    a size in ASCII digits from 1 to MAX_SPAN_SIZE (`isdigit` alone takes "²", which `int` refuses)."""
+    span = d.annotations.get(ANN_SPAN_SIZE)
+    if span is None:
+        return None
+    if not (span.isascii() and span.isdigit() and int(span) > 0):
+        raise FormatError(f"SOCI index entry {d.digest} has an invalid span size {span!r}")
+    MAX_SPAN_SIZE.check(int(span), f"the span size of SOCI index entry {d.digest}")
+    return int(span)
 
 
 def make_index(version: str, ztocs: list[Descriptor], subject: Descriptor | None,

@@ -20,10 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Sequence
 
-from lazyoci.errors import FormatError
 from lazyoci.oci.digest import sha256_digest
 from lazyoci.soci.build import DEFAULT_SPAN_SIZE, verified_ztoc
-from lazyoci.soci.index import ANN_DISABLE_XATTRS, ANN_SPAN_SIZE, ztoc_descriptor
+from lazyoci.soci.index import ANN_DISABLE_XATTRS, annotated_span_size, ztoc_descriptor
 
 if TYPE_CHECKING:
     from lazyoci.fs.layer_index import LayerIndex
@@ -53,16 +52,12 @@ def rebuild_for_reads(source: "BinaryIO | object", layer: "Descriptor", old: "De
                       reads: Sequence[tuple[int, int]], blobs: "BlobStore") -> RecordedZtoc:
     """Index the gzip `layer` (its bytes from `source`) with spans laid out around `reads`, with the
     span size and xattr marking of its old zTOC entry `old` (FormatError if that span size is no
-    size); store the zTOC in `blobs`."""
+    size, as `SociIndex.parse` refuses it); store the zTOC in `blobs`."""
     from lazyoci.ztoc import build_ztoc
     from lazyoci.ztoc.limits import MAX_SPAN_SIZE
     from lazyoci.ztoc.span_layout import recorded_span_end
 
-    said = old.annotations.get(ANN_SPAN_SIZE, str(DEFAULT_SPAN_SIZE))
-    if not said.isdigit() or not 0 < int(said) <= MAX_SPAN_SIZE.value:
-        raise FormatError(f"the SOCI index gives layer {layer.digest} the span size {said!r}, "
-                          f"not a size from 1 to {MAX_SPAN_SIZE.value} bytes")
-    span_size = int(said)
+    span_size = annotated_span_size(old) or DEFAULT_SPAN_SIZE
     unread = min(span_size * UNREAD_SPAN_FACTOR, MAX_SPAN_SIZE.value)
     data, z = verified_ztoc(source, layer, lambda f: build_ztoc(
         f, "gzip", span_size, span_end=recorded_span_end(reads, span_size, unread)))
