@@ -18,11 +18,14 @@ def _start_the_peak_rss_afresh() -> None:
     """libFuzzer's -rss_limit_mb reads the process's peak RSS, which Linux carries over exec from
     the parent: started from a test process that once held a gigabyte, the fuzzer would stop at its
     first input. A forked child counts from its own (small) size; the parent passes on its status."""
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         os._exit(code if code >= 0 else 128 - code)            # killed by a signal: 128 + signal
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)                 # PR_SET_PDEATHSIG: a killed runner stops the fuzzer
+    if os.getppid() != parent:                                 # ... killed before that was set
+        os._exit(1)
 
 
 _start_the_peak_rss_afresh()

@@ -309,16 +309,15 @@ class SpanFetcher:
     def read_ranges(self) -> list[tuple[int, int]]:
         """The uncompressed ranges reads asked for since the mount, in their order, if `ranges`
         records them (a recording service), else none: what `soci optimize` lays spans out by.
-        None either once more than MAX_RECORDED_RANGES were kept (the spans stay recorded)."""
+        No ranges either once more than MAX_RECORDED_RANGES were asked for (the spans stay recorded)."""
         with self._lock:
             return list(self.ranges or ())
 
     def _record_range(self, start: int, end: int) -> None:
         """Keep a read's range, joined to the last one if it follows on (a file read in order is
-        one range); past MAX_RECORDED_RANGES none is kept (lock held)."""
+        one range); past MAX_RECORDED_RANGES none is kept (lock held, `ranges` recording)."""
         ranges = self.ranges
-        if ranges is None:
-            return
+        assert ranges is not None
         if ranges and ranges[-1][0] <= start <= ranges[-1][1]:
             ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
         elif len(ranges) < MAX_RECORDED_RANGES:
