@@ -199,3 +199,51 @@ def test_opens_and_closes_never_reach_the_service(registry, tricky, data_root, t
         assert sorted(os.listdir(mnt)) == sorted([lazy_dir.name, later.name])
         assert client.unmount_layer(first.digest, store_ztoc(data_root, ztoc_for(first, span_size=64 << 10)))
         assert os.listdir(mnt) == [later.name]
+
+
+def test_layers_without_xattrs_are_served_where_the_kernel_asks_for_none(registry, data_root, tmp_path):
+    """A layer with no xattr and no opaque directory is shown in the plain mount too, and overlays
+    stack it from there (`lower_dir`): the kernel asks that mount for no xattr after the holder's
+    first ENOSYS, so a getxattr there is EOPNOTSUPP (the reference's answer for a layer marked
+    `disable-xattrs`) and a listxattr lists none. A layer with an xattr, or an opaque directory,
+    is served in the mount alone, with both; the overlay of the three is what they unpack to, and
+    a layer unmounted leaves both mounts' roots at once."""
+    from helpers.images import Entry
+
+    below = make_layer([Entry("plain", "dir"), Entry("plain/file", data=b"p" * 5000),
+                        Entry("o", "dir"), Entry("o/hidden", data=b"h")])
+    with_xattr = make_layer([Entry("x", "dir"), Entry("x/file", data=b"x" * 5000,
+                                                        pax={"SCHILY.xattr.user.k": "v"})])
+    opaque = make_layer([Entry("o", "dir"), Entry("o/.wh..wh..opq"), Entry("o/file", data=b"o")])
+    layers = [below, with_xattr, opaque]
+    push_image(registry.host, "lazy/plain", layers, image_config(layers), tmp_path)
+    ref = f"{registry.host}/lazy/plain:latest"
+    with running_service(data_root, write_config(tmp_path / "c.yaml")) as client:
+        zdigests = [store_ztoc(data_root, ztoc_for(l, span_size=64 << 10)) for l in layers]
+        views = [client.mount_layer(ref, l.digest, z) for l, z in zip(layers, zdigests)]
+        plain_mnt = client.paths.plain_mountpoint
+        assert os.listdir(plain_mnt) == [views[0].name]
+        lowers = [client.lower_dir(l.digest, z) for l, z in zip(layers, zdigests)]
+        assert lowers == [plain_mnt / views[0].name, views[1], views[2]]
+
+        assert (lowers[0] / "plain" / "file").read_bytes() == b"p" * 5000
+        before = holder_status(client.holder)["opcodes"].get("22", [0, 0])
+        for _ in range(10):
+            with pytest.raises(OSError) as exc:
+                os.getxattr(lowers[0] / "plain" / "file", "trusted.overlay.metacopy")
+            assert exc.value.errno == errno.EOPNOTSUPP
+        after = holder_status(client.holder)["opcodes"].get("22", [0, 0])
+        assert (after[0] - before[0], after[1] - before[1]) in ((0, 0), (0, 1))   # one ENOSYS at most
+        assert os.listxattr(lowers[0] / "plain" / "file") == []
+
+        with overlay(list(reversed(lowers)), tmp_path / "merged") as merged:
+            assert sorted(os.listdir(merged / "o")) == ["file"]      # the opaque directory hides o/hidden
+            assert os.getxattr(merged / "x" / "file", "user.k") == b"v"
+            assert (merged / "plain" / "file").read_bytes() == b"p" * 5000
+            with pytest.raises(OSError) as exc:
+                os.getxattr(merged / "plain" / "file", "user.k")
+            assert exc.value.errno == errno.EOPNOTSUPP
+
+        assert client.unmount_layer(layers[0].digest, zdigests[0])
+        assert os.listdir(plain_mnt) == [] and views[0].name not in os.listdir(views[0].parent)
+        assert client.lower_dir(layers[0].digest, zdigests[0]) == views[0]

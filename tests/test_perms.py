@@ -150,10 +150,12 @@ def _probes(root: Path, cdir: Path) -> dict[str, tuple[str, Path]]:
         "list tmp": ("list", root / "tmp"),
         "list span cache": ("list", root / "soci"),
         "list lazy mount": ("list", root / "service/mnt"),
+        "list plain lazy mount": ("list", root / "service/mnt-plain"),
         "read service log": ("read", root / "service/lazyoci.log"),
     }
     for layer in (root / "soci").iterdir():     # the lazy layers, by the span cache's names
         ops[f"list layer {layer.name[:12]}"] = ("list", root / "service/mnt" / layer.name)
+        ops[f"list plain layer {layer.name[:12]}"] = ("list", root / "service/mnt-plain" / layer.name)
         ops[f"list cache {layer.name[:12]}"] = ("list", layer)
     return ops
 

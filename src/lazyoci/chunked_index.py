@@ -8,6 +8,7 @@ It implements part of fs/layer_index.py's `LayerIndex` by shape, as the formats 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Mapping
 from typing import Generic, Protocol, TypeVar
 
 from lazyoci.errors import FormatError, IntegrityError
@@ -24,14 +25,16 @@ class SpanRanges(Protocol):
     def uend(self) -> int: ...
 
 
-class HasExtent(Protocol):
+class StreamEntry(Protocol):
     @property
     def offset(self) -> int: ...      # where the entry's data starts in the stream
     @property
     def size(self) -> int: ...
+    @property
+    def xattrs(self) -> Mapping[str, bytes]: ...
 
 
-E = TypeVar("E", bound=HasExtent)
+E = TypeVar("E", bound=StreamEntry)
 S = TypeVar("S", bound=SpanRanges)
 
 
@@ -47,6 +50,7 @@ class ChunkedIndex(Generic[E, S]):
         self._spans = spans
         self._ustarts = [s.ustart for s in spans]
         self._what = what
+        self._xattrs_anywhere = any(e.xattrs for e in entries)
 
     @property
     def digest(self) -> str:
@@ -62,6 +66,10 @@ class ChunkedIndex(Generic[E, S]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def may_have_xattrs(self) -> bool:
+        return self._xattrs_anywhere
 
     def entry(self, i: int) -> E:
         return self._entries[i]

@@ -65,11 +65,12 @@ def running_service(root: Path, config: Path | None) -> Iterator[ServiceClient]:
         yield client
     finally:
         client.stop()
-        mnt = DataRoot(root).service / "mnt"
-        still = [l for l in Path("/proc/self/mountinfo").read_text().splitlines() if f" {mnt} " in l]
-        if still:   # never leave a mount behind, even when the service misbehaved
+        mnts = (DataRoot(root).service / "mnt", DataRoot(root).service / "mnt-plain")
+        still = [l for l in Path("/proc/self/mountinfo").read_text().splitlines()
+                 if any(f" {mnt} " in l for mnt in mnts)]
+        for mnt in mnts if still else ():   # never leave a mount behind, even when the service misbehaved
             subprocess.run(["umount", "-l", str(mnt)], check=False)
-        assert not still, f"the service left its mount behind: {still}"
+        assert not still, f"the service left its mounts behind: {still}"
 
 
 @contextmanager

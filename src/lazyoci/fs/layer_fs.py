@@ -1,9 +1,13 @@
-"""The lazy layer filesystem: ONE FUSE mount, each lazy layer a top-level directory.
+"""The lazy layer filesystem: ONE FUSE session, each lazy layer a top-level directory.
 
-pyfuse3 allows one FUSE session per process, so the service mounts a single
+pyfuse3 allows one FUSE session per process, so the service serves a single
 filesystem at <root>/service/mnt and shows every lazy layer as the directory
 `<layer digest hex>-<first 16 hex of its zTOC digest>`: two indexes of one layer
-never share a view. Overlay lowerdirs point at those directories.
+never share a view. Overlay lowerdirs point at those directories. The same session
+also answers for the plain mount (<root>/service/mnt-plain), whose root (node ID
+PLAIN_ROOT here) shows only the layers with no xattr and no opaque directory: the
+kernel asks that mount no xattr at all (service/session_holder.py), where overlayfs
+asks the other for four on every file and directory it looks up.
 
 Nothing of the layer's index (a zTOC) is served before it is checked against the
 tar header it describes (fs/header_check.py): the kernel reaches a node only through LOOKUP
@@ -56,7 +60,7 @@ from lazyoci.fs.span_fetcher import SpanFetcher
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.whiteout import OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, is_overlay_xattr
 # the node ID layout and the read map the session holder reads too
-from lazyoci.service.holder_reads import OPAQUE, SLOT_SHIFT, ReadMap, entry_out
+from lazyoci.service.holder_reads import OPAQUE, PLAIN_ROOT, SLOT_SHIFT, ReadMap, entry_out
 from lazyoci.service.paths import layer_view_name as view_name
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,7 @@ _TYPE_BITS = {T.DIR: stat.S_IFDIR, T.REG: stat.S_IFREG, T.SYMLINK: stat.S_IFLNK,
               T.CHAR: stat.S_IFCHR, T.BLOCK: stat.S_IFBLK, T.FIFO: stat.S_IFIFO,
               T.WHITEOUT: stat.S_IFCHR}
 _OPAQUE_XATTR = OPAQUE_XATTR.encode()
+_ROOTS = (pyfuse3.ROOT_INODE, PLAIN_ROOT)      # the mount's root and the plain mount's
 _OVERLAY_XATTR_PREFIX = OVERLAY_XATTR_PREFIX.encode()
 
 
@@ -82,6 +87,9 @@ class LazyLayer:
     mounted_at: float
     verifier: LayerVerifier
     xattrs_disabled: bool = False    # the index marks it `disable-xattrs`: no xattr is looked up
+    # shown in the plain mount too: the layer has no xattrs and no opaque directory, so nothing it
+    # would answer to an xattr request is lost where the kernel asks none (service/session_holder.py)
+    plain: bool = False
     # where the FUSE session holder learns which files it may read itself (service/holder_reads.py)
     read_map: ReadMap | None = None
     # What the kernel asks again and again, decoded once: a node that passed its header check
@@ -287,7 +295,7 @@ class LayerFS(pyfuse3.Operations):
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         """The node's attributes with long timeouts, decoded once: callers never change them (a
         reply with other timeouts takes `_fresh_attrs`)."""
-        if inode == pyfuse3.ROOT_INODE:
+        if inode in _ROOTS:
             return self._fresh_attrs(inode)
         layer, n = self._resolve(inode)
         a = layer.attrs.get(n)
@@ -302,10 +310,10 @@ class LayerFS(pyfuse3.Operations):
         a.entry_timeout = TIMEOUT
         a.attr_timeout = TIMEOUT
         a.st_blksize = 4096
-        if inode == pyfuse3.ROOT_INODE:
+        if inode in _ROOTS:
             a.st_ino = inode
             a.st_mode = stat.S_IFDIR | 0o755
-            a.st_nlink = 2 + len(self._slots)
+            a.st_nlink = 2 + len(self._root_layers(inode))
             a.st_size = 4096
             a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._mounted_at
             a.entry_timeout = a.attr_timeout = 0.0     # layers come and go at the root
@@ -358,14 +366,20 @@ class LayerFS(pyfuse3.Operations):
 
     # -- lookups and attributes ------------------------------------------------------
 
+    def _root_layers(self, root: int) -> list[tuple[int, LazyLayer]]:
+        """The (slot, layer) pairs a root shows, by slot: the plain mount's shows plain layers only."""
+        with self._lock:
+            return sorted(((s, l) for s, l in self._slots.items() if root != PLAIN_ROOT or l.plain),
+                          key=lambda pair: pair[0])
+
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
-        if parent_inode == pyfuse3.ROOT_INODE:
+        if parent_inode in _ROOTS:
             if name in (b".", b".."):
-                return self._attrs(pyfuse3.ROOT_INODE)
+                return self._attrs(parent_inode)
             slot = self._by_name.get(name)
-            if slot is None:
+            layer = None if slot is None else self._slots.get(slot)
+            if slot is None or layer is None or (parent_inode == PLAIN_ROOT and not layer.plain):
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            layer = self._slots[slot]
             await self._check(layer, 0)
             a = self._fresh_attrs((slot << SLOT_SHIFT) | 1)
             a.entry_timeout = 0.0            # unmount_layer must be visible at once
@@ -392,7 +406,7 @@ class LayerFS(pyfuse3.Operations):
         return self._attrs(self._ino(layer, t.target[n]))
 
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
-        if inode != pyfuse3.ROOT_INODE:
+        if inode not in _ROOTS:
             await self._checked_node(inode)
         return self._attrs(inode)
 
@@ -416,7 +430,7 @@ class LayerFS(pyfuse3.Operations):
     # -- xattrs ----------------------------------------------------------------------
 
     def _xattrs(self, inode: int) -> dict[bytes, bytes]:
-        if inode == pyfuse3.ROOT_INODE:
+        if inode in _ROOTS:
             return {}
         layer, n = self._resolve(inode)
         t = layer.tree
@@ -435,12 +449,12 @@ class LayerFS(pyfuse3.Operations):
     def _no_xattrs(self, inode: int) -> bool:
         """The inode's layer is marked `disable-xattrs`: it has none, and nothing is fetched to say so
         (the reference's snapshotter turns xattrs off for such a layer's mount)."""
-        return inode != pyfuse3.ROOT_INODE and self._resolve(inode)[0].xattrs_disabled
+        return inode not in _ROOTS and self._resolve(inode)[0].xattrs_disabled
 
     async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
         if self._no_xattrs(inode):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        if inode != pyfuse3.ROOT_INODE:
+        if inode not in _ROOTS:
             layer, n = await self._checked_node(inode)
             if name.startswith(_OVERLAY_XATTR_PREFIX):
                 # overlayfs asks every lower file and directory it looks up for its own xattrs; a
@@ -456,7 +470,7 @@ class LayerFS(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
         if self._no_xattrs(inode):
             return []
-        if inode != pyfuse3.ROOT_INODE:
+        if inode not in _ROOTS:
             await self._checked_node(inode)
         return list(self._xattrs(inode))
 
@@ -469,7 +483,7 @@ class LayerFS(pyfuse3.Operations):
     # -- directories -----------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx=None) -> int:
-        if inode != pyfuse3.ROOT_INODE:
+        if inode not in _ROOTS:
             layer, n = await self._checked_node(inode)
             if layer.tree.kind[layer.tree.target[n]] != T.DIR:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -480,8 +494,8 @@ class LayerFS(pyfuse3.Operations):
 
         Offsets: 1 after ".", 2 after "..", 3 + i after the i-th child (the session holder ends
         a listed directory's listing itself from these: service/holder_reads.py)."""
-        if fh == pyfuse3.ROOT_INODE:
-            parent = pyfuse3.ROOT_INODE
+        if fh in _ROOTS:
+            parent = fh
         else:       # fh is the node ID (opendir's, or the holder's for an open without a message)
             layer, d = await self._checked_node(fh)
             parent = pyfuse3.ROOT_INODE if d == 0 else self._ino(layer, layer.tree.parent[d])
@@ -489,10 +503,8 @@ class LayerFS(pyfuse3.Operations):
             if start_id <= pos and not pyfuse3.readdir_reply(token, name, self._attrs(ino), pos + 1):
                 return
         first = max(start_id - 2, 0)
-        if fh == pyfuse3.ROOT_INODE:
-            with self._lock:
-                slots = sorted(self._slots.items())
-            for i, (slot, layer) in enumerate(slots):
+        if fh in _ROOTS:
+            for i, (slot, layer) in enumerate(self._root_layers(fh)):
                 if i < first:
                     continue
                 attrs = self._fresh_attrs((slot << SLOT_SHIFT) | 1)

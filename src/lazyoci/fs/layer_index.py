@@ -80,6 +80,8 @@ class LayerIndex(Protocol):
     def uncompressed_size(self) -> int: ...
     @property
     def num_spans(self) -> int: ...
+    @property
+    def may_have_xattrs(self) -> bool: ...   # False only if no entry has one (a cheap, safe answer)
 
     def __len__(self) -> int:
         """The number of entries."""

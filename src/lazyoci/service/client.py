@@ -140,13 +140,13 @@ class ServiceClient:
 
     def users(self) -> list[str]:
         """Mount points of overlays stacked on the service's layers (running containers, image mounts)."""
-        mnt = os.fspath(self.paths.mountpoint) + "/"
+        mnts = [os.fspath(m) + "/" for m in self.paths.mountpoints]
         out = []
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
-                if fields[sep + 1] == "overlay" and mnt in fields[-1]:
+                if fields[sep + 1] == "overlay" and any(m in fields[-1] for m in mnts):
                     out.append(fields[4])
         return out
 
@@ -165,19 +165,19 @@ class ServiceClient:
         return out
 
     def stale_mount(self) -> Path | None:
-        """The service's FUSE mountpoint if it is still mounted while neither the daemon nor the
-        session holder lives (killed, or an older lazyoci's).
+        """One of the service's FUSE mountpoints if it is still mounted while neither the daemon
+        nor the session holder lives (killed, or an older lazyoci's).
 
         Such a mount answers "transport endpoint is not connected"; `start` detaches it."""
         if self._daemon_alive() or holder_alive(self.holder):
             return None
-        target = os.fspath(self.paths.mountpoint)
+        targets = {os.fspath(m): m for m in self.paths.mountpoints}
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
-                if fields[4] == target and fields[sep + 1].startswith("fuse"):
-                    return self.paths.mountpoint
+                if fields[4] in targets and fields[sep + 1].startswith("fuse"):
+                    return targets[fields[4]]
         return None
 
     def stop(self, force: bool = False, hand_over: bool = False) -> bool:
@@ -268,6 +268,10 @@ class ServiceClient:
     def view_dir(self, layer_digest: str, index_digest: str) -> Path:
         """Where the layer's view through that index appears in the FUSE mount (served or not)."""
         return self.paths.view_dir(layer_digest, index_digest)
+
+    def lower_dir(self, layer_digest: str, index_digest: str) -> Path:
+        """The view's directory for an overlay: in the plain mount where it is served there."""
+        return self.paths.lower_dir(layer_digest, index_digest)
 
     def recorded_views(self) -> list[tuple[str, str]]:
         """The (layer, index) views the service serves, or mounts again when it starts."""

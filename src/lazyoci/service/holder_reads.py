@@ -62,8 +62,8 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["COMPLETE", "NO_XATTRS", "OPAQUE", "ReadMap", "STOPPED", "ServedReads", "SLOT_SHIFT", "SPAN_CACHED",
-           "SPAN_READ", "entry_out"]
+__all__ = ["COMPLETE", "NO_XATTRS", "OPAQUE", "PLAIN_ROOT", "ReadMap", "STOPPED", "ServedReads", "SLOT_SHIFT",
+           "SPAN_CACHED", "SPAN_READ", "entry_out"]
 
 _IN_HEADER_SIZE = 40                   # struct fuse_in_header
 _GETXATTR_IN = struct.Struct("<I4x")   # struct fuse_getxattr_in: size, padding; the name follows
@@ -75,6 +75,10 @@ _OUT_HEADER = struct.Struct("<IiQ")    # struct fuse_out_header: len, error, uni
 # constant, so the holder can never read one layout while the service answers another.
 SLOT_SHIFT = 32
 _NODE_MASK = (1 << SLOT_SHIFT) - 1
+# The root of the plain mount (service/session_holder.py) as the service sees it: the holder gives
+# the service this node ID for that mount's root (1, as every FUSE mount's), which no layer's node
+# has (slots start at 1), so the service tells the two roots apart.
+PLAIN_ROOT = 2
 
 # Span states in the span cache's shared map (fs/span_cache.py): 0 not cached.
 SPAN_CACHED = 1                        # verified and in the data file

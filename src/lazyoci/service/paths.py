@@ -3,7 +3,9 @@
     <root>/service/lazyoci.sock   control socket (0600, directory 0700: root only)
     <root>/service/lazyoci.pid    pid of the running daemon (0600)
     <root>/service/lazyoci.log    the daemon's log (0600)
-    <root>/service/mnt            the one FUSE mount (a directory per lazy layer and zTOC)
+    <root>/service/mnt            the FUSE mount (a directory per lazy layer and zTOC)
+    <root>/service/mnt-plain      the same session's plain mount: the layers with no xattr and no
+                                  opaque directory, where the kernel asks no xattr at all
 
 Only root reaches the FUSE mount: the directory above it is closed, and the mount
 itself admits its owner alone (no allow_other; the overlays over it read their
@@ -61,17 +63,33 @@ class ServicePaths:
         no layer for containers, which would read it without a FUSE request."""
         return self.dir / "records-reads"
 
+    @property
+    def plain_mountpoint(self) -> Path:
+        return self.dir / "mnt-plain"
+
+    @property
+    def mountpoints(self) -> tuple[Path, Path]:
+        return self.mountpoint, self.plain_mountpoint
+
     def view_dir(self, layer_digest: str, index_digest: str) -> Path:
-        """The FUSE directory of a lazy layer seen through an index (what overlay lowerdirs point at)."""
+        """The FUSE directory of a lazy layer seen through an index, served or not (every served
+        view is there)."""
         return self.mountpoint / layer_view_name(layer_digest, index_digest)
+
+    def lower_dir(self, layer_digest: str, index_digest: str) -> Path:
+        """What an overlay's lowerdir for the view is: its directory in the plain mount if the view
+        is served there, else `view_dir`. A stat in the mount: never from the thread that serves it."""
+        plain = self.plain_mountpoint / layer_view_name(layer_digest, index_digest)
+        return plain if plain.is_dir() else self.view_dir(layer_digest, index_digest)
 
     def ensure(self) -> None:
         self.root.ensure()
         private_dir(self.dir)
-        try:
-            os.mkdir(self.mountpoint, PRIVATE_DIR_MODE)
-        except FileExistsError:
-            pass     # also a dead FUSE mount of a killed service, which the daemon detaches
+        for mountpoint in self.mountpoints:
+            try:
+                os.mkdir(mountpoint, PRIVATE_DIR_MODE)
+            except FileExistsError:
+                pass     # also a dead FUSE mount of a killed service, which the holder detaches
 
 
 def socket_address(path: Path) -> tuple[str, int | None]:

@@ -72,6 +72,9 @@ class ServiceLayers:
     def view_dir(self, layer_digest: str, index_digest: str) -> Path:
         return self.paths.view_dir(layer_digest, index_digest)
 
+    def lower_dir(self, layer_digest: str, index_digest: str) -> Path:
+        return self.paths.lower_dir(layer_digest, index_digest)
+
     def recorded_views(self) -> list[tuple[str, str]]:
         from lazyoci.service.view_records import recorded_views
         from lazyoci.store.db import Database

@@ -33,6 +33,17 @@ round trip through the service:
   and READDIR. Those then carry the file handle 0; the holder puts the node ID in its place,
   the handle the service's open and opendir would have given.
 
+It holds a second connection, the plain mount (`<root>/service/mnt-plain`), and relays it to the
+same service session: the service shows there only the layers with no xattr and no opaque
+directory (fs/layer_fs.py), so the holder answers the first GETXATTR of that connection with
+ENOSYS, and the kernel asks it for none again (overlayfs asks every lower file and directory it
+looks up for up to four xattrs, and FUSE caches none: most of a container start's requests). A
+getxattr there fails with EOPNOTSUPP instead of ENODATA, as on the reference's mounts of layers
+marked `disable-xattrs`; a listxattr still reaches the service, which lists none. The service sees
+that mount's requests with PLAIN_TAG set in their unique and its root as node PLAIN_ROOT; the
+holder answers its INIT with the first connection's reply, and its DESTROY itself (the service's
+session must not end with it), and sends the service's notifications to both.
+
 It adds to the service's INIT reply what libfuse, as pyfuse3 drives it, does not ask for:
 READLINK answers kept in the page cache (FUSE_CACHE_SYMLINKS) and lookups in one directory
 that need not wait for one another (FUSE_PARALLEL_DIROPS); and it sets the mount's read-ahead
@@ -85,7 +96,7 @@ from collections import deque
 from pathlib import Path
 
 from lazyoci import libc
-from lazyoci.service.holder_reads import ServedReads
+from lazyoci.service.holder_reads import PLAIN_ROOT, ServedReads
 from lazyoci.service.process import daemonize, rss_bytes
 
 log = logging.getLogger("lazyoci.holder")
@@ -96,13 +107,19 @@ _IN_HEADER = struct.Struct("<IIQQ")
 _OUT_HEADER = struct.Struct("<IiQ")
 _IN_HEADER_SIZE = 40                  # the whole struct fuse_in_header
 _FUSE_FORGET, _FUSE_INIT, _FUSE_INTERRUPT, _FUSE_NOTIFY_REPLY, _FUSE_BATCH_FORGET = 2, 26, 36, 41, 42
-_FUSE_LOOKUP, _FUSE_GETXATTR = 1, 22
+_FUSE_LOOKUP, _FUSE_GETXATTR, _FUSE_DESTROY = 1, 22, 38
+_ROOT_ID = 1                          # FUSE_ROOT_ID: every mount's root
+# Set in the unique of a plain mount's request as the service sees it (the kernel's uniques are
+# counters far below it), and taken off its reply.
+PLAIN_TAG = 1 << 63
+_UNIQUE_AT, _NODEID_AT = 8, 16        # in struct fuse_in_header; struct fuse_interrupt_in's unique at 40
 _FUSE_OPEN, _FUSE_READ, _FUSE_OPENDIR, _FUSE_READDIR, _FUSE_READDIRPLUS = 14, 15, 27, 28, 44
 # struct fuse_init_in / fuse_init_out after their headers: major, minor, max_readahead, flags
 _INIT_FLAGS = struct.Struct("<IIII")
 _NO_OPEN_SUPPORT, _PARALLEL_DIROPS, _CACHE_SYMLINKS, _NO_OPENDIR_SUPPORT = 1 << 17, 1 << 18, 1 << 23, 1 << 24
 _ADDED_FLAGS = _PARALLEL_DIROPS | _CACHE_SYMLINKS
-_FH = struct.Struct("<Q")             # the file handle that starts struct fuse_read_in (READ, READDIR*)
+_Q = struct.Struct("<Q")              # a 64-bit field: a unique, a node ID
+_FH = _Q                              # the file handle that starts struct fuse_read_in (READ, READDIR*)
 _GETXATTR_IN_SIZE = 8                 # struct fuse_getxattr_in: size, padding; the name follows
 _OVERLAY_PREFIX, _OVERLAY_OPAQUE = b"trusted.overlay.", b"trusted.overlay.opaque"
 _LISTINGS = frozenset({_FUSE_READDIR, _FUSE_READDIRPLUS})
@@ -204,6 +221,17 @@ def overlay_xattr_reply(message: bytes | bytearray) -> bytes | None:
     return _OUT_HEADER.pack(_OUT_HEADER.size, -errno.ENODATA, unique)
 
 
+def plain_reply(opcode: int, unique: int) -> bytes | None:
+    """The holder's own answer to a request of the plain mount, or None to relay it: ENOSYS to
+    GETXATTR (the kernel then asks that connection for none: none of its layers has an xattr), and
+    DESTROY, which the service's one session must not take for its own end."""
+    if opcode == _FUSE_GETXATTR:
+        return _OUT_HEADER.pack(_OUT_HEADER.size, -errno.ENOSYS, unique)
+    if opcode == _FUSE_DESTROY:
+        return _OUT_HEADER.pack(_OUT_HEADER.size, 0, unique)
+    return None
+
+
 def init_flags(message: bytes | memoryview, header_size: int) -> int:
     """The flags of an INIT request (header_size 40) or reply (16)."""
     return _INIT_FLAGS.unpack_from(message, header_size)[3]
@@ -256,14 +284,20 @@ class OpenSkipper:
 
 
 class Holder:
-    """One FUSE connection relayed to whichever service process is attached."""
+    """The FUSE connections of the mount and the plain mount, relayed to whichever service process
+    is attached."""
 
-    def __init__(self, fuse_fd: int, listener: socket.socket, mountpoint: str, service_pid_file: Path) -> None:
+    def __init__(self, fuse_fd: int, listener: socket.socket, mountpoint: str, service_pid_file: Path,
+                 plain_fd: int, plain_mountpoint: str) -> None:
         self.fuse_fd = fuse_fd
+        self.plain_fd = plain_fd                   # the plain mount's connection (no xattrs asked)
         self.service_pid_file = service_pid_file    # a service that stops removes it, a killed one cannot
-        os.set_blocking(fuse_fd, False)            # read until EAGAIN, then poll again
+        for fd in (fuse_fd, plain_fd):
+            os.set_blocking(fd, False)             # read until EAGAIN, then poll again
         self.listener = listener
         self.mountpoint = mountpoint
+        self.plain_mountpoint = plain_mountpoint
+        self.plain_init: bytes | None = None       # the plain mount's INIT, until the first is answered
         self.init_request: bytes | None = None     # the kernel's INIT, replayed to every new service
         self.init_reply: bytes | None = None       # the first service's answer (what the kernel knows)
         # unique -> a request relayed and not answered yet, and when it was first relayed (monotonic)
@@ -322,7 +356,7 @@ class Holder:
                          "read_bytes_answered": self.reads.bytes,
                          "opcodes": {str(k): v for k, v in sorted(self.opcodes.items())},
                          "service_seconds": {str(k): round(v, 6) for k, v in sorted(self.service_seconds.items())},
-                         "mountpoint": self.mountpoint}
+                         "mountpoint": self.mountpoint, "plain_mountpoint": self.plain_mountpoint}
             elif op == "stop":
                 reply = {"ok": True}
                 self._running = False
@@ -405,7 +439,8 @@ class Holder:
         self.reads.clear()            # the next service hands over what it finds complete
         self.outbox.clear()
         self.swallow = None
-        self._poll.modify(self.fuse_fd, 0)      # requests now wait in the kernel's queue
+        for fd in (self.fuse_fd, self.plain_fd):
+            self._poll.modify(fd, 0)            # requests now wait in the kernel's queue
         if not on_purpose:
             self._start_service()
 
@@ -448,12 +483,14 @@ class Holder:
                 return
             self.outbox.popleft()
         self._poll.modify(self.service, select.POLLIN | (select.POLLOUT if self.outbox else 0))
-        self._poll.modify(self.fuse_fd, 0 if self.outbox else select.POLLIN)
+        for fd in (self.fuse_fd, self.plain_fd):
+            self._poll.modify(fd, 0 if self.outbox else select.POLLIN)
 
-    def _from_kernel(self) -> None:
-        """Relay what the kernel has queued, a batch at most (one poll per batch, not per message)."""
+    def _from_kernel(self, fd: int) -> None:
+        """Relay what the kernel has queued on one connection, a batch at most (one poll per batch,
+        not per message)."""
         for _ in range(_BATCH):
-            if self.service is None or self.outbox or not self._running or not self._one_from_kernel():
+            if self.service is None or self.outbox or not self._running or not self._one_from_kernel(fd):
                 return
 
     def _from_service(self) -> None:
@@ -461,9 +498,9 @@ class Holder:
             if self.service is None or not self._one_from_service():
                 return
 
-    def _one_from_kernel(self) -> bool:
+    def _one_from_kernel(self, fd: int) -> bool:
         try:
-            n = os.readv(self.fuse_fd, [self._in])
+            n = os.readv(fd, [self._in])
         except OSError as e:
             if e.errno in (errno.EINTR, errno.ENOENT):
                 return True
@@ -475,13 +512,25 @@ class Holder:
                 return False
             raise
         _, opcode, unique, nodeid = _IN_HEADER.unpack_from(self._in)
-        reply = overlay_xattr_reply(self._in[:n]) if opcode == _FUSE_GETXATTR else \
-            self.opens.reply(opcode, unique)
+        plain = fd == self.plain_fd
+        if plain:
+            if opcode == _FUSE_INIT:
+                self.plain_init = bytes(memoryview(self._in)[:n])
+                self._answer_plain_init()
+                return True
+            if nodeid == _ROOT_ID:        # the service tells the plain mount's root by its own ID
+                nodeid = PLAIN_ROOT
+                _Q.pack_into(self._in, _NODEID_AT, nodeid)
+            reply = plain_reply(opcode, unique)
+        else:
+            reply = overlay_xattr_reply(self._in[:n]) if opcode == _FUSE_GETXATTR else None
+        if reply is None:
+            reply = self.opens.reply(opcode, unique)
         if reply is None and self.reads and (
-                (opcode == _FUSE_READ and self.reads.answer(self.fuse_fd, self._in, nodeid, unique)) or
-                (opcode == _FUSE_LOOKUP and self.reads.answer_lookup(self.fuse_fd, self._in, n, nodeid, unique)) or
-                (opcode == _FUSE_GETXATTR and self.reads.answer_getxattr(self.fuse_fd, self._in, n, nodeid, unique)) or
-                (opcode in _LISTINGS and self.reads.answer_readdir_end(self.fuse_fd, self._in, nodeid, unique))):
+                (opcode == _FUSE_READ and self.reads.answer(fd, self._in, nodeid, unique)) or
+                (opcode == _FUSE_LOOKUP and self.reads.answer_lookup(fd, self._in, n, nodeid, unique)) or
+                (opcode == _FUSE_GETXATTR and self.reads.answer_getxattr(fd, self._in, n, nodeid, unique)) or
+                (opcode in _LISTINGS and self.reads.answer_readdir_end(fd, self._in, nodeid, unique))):
             self.answered += 1
             self.opcodes.setdefault(opcode, [0, 0])[1] += 1
             return True
@@ -491,10 +540,15 @@ class Holder:
         if reply is not None:
             self.answered += 1
             counts[1] += 1
-            self._to_kernel(reply)
+            self._to_kernel(reply, fd)
             return True
         counts[0] += 1
         self.opens.fill_handle(self._in, opcode, nodeid)
+        if plain:
+            unique |= PLAIN_TAG
+            _Q.pack_into(self._in, _UNIQUE_AT, unique)
+            if opcode == _FUSE_INTERRUPT and n >= _IN_HEADER_SIZE + 8:   # the request it interrupts
+                _Q.pack_into(self._in, _IN_HEADER_SIZE, _Q.unpack_from(self._in, _IN_HEADER_SIZE)[0] | PLAIN_TAG)
         message = bytes(memoryview(self._in)[:n])
         if opcode == _FUSE_INIT and self.init_request is None:
             self.init_request = message
@@ -524,7 +578,12 @@ class Holder:
                     init_reply_for_kernel(self.init_request, view)[8:] != self.init_reply[8:]:
                 log.warning("the new service negotiated other FUSE parameters; the kernel keeps the first")
             return True
-        request, sent = self.pending.pop(unique, (None, 0.0)) if unique else (None, 0.0)
+        if not unique:          # a notification (an entry to forget): the same node IDs in both mounts
+            self.relayed += 1
+            self._to_kernel(view)
+            self._to_kernel(view, self.plain_fd)
+            return True
+        request, sent = self.pending.pop(unique, (None, 0.0))
         op = _IN_HEADER.unpack_from(request)[1] if request is not None else None
         if op is not None:
             self.service_seconds[op] = self.service_seconds.get(op, 0.0) + time.monotonic() - sent
@@ -540,14 +599,30 @@ class Holder:
                      if len(self.init_reply) >= _OUT_HEADER.size + 20 else "?")
             view = memoryview(self.init_reply)
         self.relayed += 1
-        self._to_kernel(view)
+        if unique & PLAIN_TAG:
+            _Q.pack_into(self._out, _UNIQUE_AT, unique & ~PLAIN_TAG)
+            self._to_kernel(view, self.plain_fd)
+        else:
+            self._to_kernel(view)
         if first_init:
             set_read_ahead(self.mountpoint, READ_AHEAD_KIB)
+            self._answer_plain_init()
         return True
 
-    def _to_kernel(self, reply: bytes | memoryview) -> None:
+    def _answer_plain_init(self) -> None:
+        """Answer the plain mount's INIT with the first connection's reply, once there is one (the
+        kernel offers both connections the same)."""
+        if self.plain_init is None or self.init_reply is None:
+            return
+        reply = bytearray(self.init_reply)
+        _Q.pack_into(reply, _UNIQUE_AT, _IN_HEADER.unpack_from(self.plain_init)[2])
+        self.plain_init = None
+        self._to_kernel(reply, self.plain_fd)
+        set_read_ahead(self.plain_mountpoint, READ_AHEAD_KIB)
+
+    def _to_kernel(self, reply: bytes | bytearray | memoryview, fd: int | None = None) -> None:
         try:
-            os.write(self.fuse_fd, reply)
+            os.write(self.fuse_fd if fd is None else fd, reply)
         except OSError as e:
             # ENOENT: the kernel gave the request up (interrupted), or a notification it had
             # nothing to do for; either way nothing is owed to anyone.
@@ -556,19 +631,20 @@ class Holder:
 
     def run(self) -> None:
         self._poll.register(self.listener, select.POLLIN)
-        self._poll.register(self.fuse_fd, 0)      # POLLERR alone: the mount went away
+        for fd in (self.fuse_fd, self.plain_fd):
+            self._poll.register(fd, 0)           # POLLERR alone: the mount went away
         while self._running:
             if self._launcher is not None and self._launcher.poll() is not None:
                 self._launcher = None
             for fd, events in self._poll.poll(None if self._launcher is None else 100):
                 if fd == self.listener.fileno():
                     self._accept()
-                elif fd == self.fuse_fd:
+                elif fd in (self.fuse_fd, self.plain_fd):
                     if events & (select.POLLERR | select.POLLHUP) and not events & select.POLLIN:
-                        log.info("the FUSE connection ended; the holder ends")
+                        log.info("a FUSE connection ended; the holder ends")
                         self._running = False
                     elif self.service is not None and not self.outbox:
-                        self._from_kernel()
+                        self._from_kernel(fd)
                 elif self.service is not None and fd == self.service.fileno():
                     if events & select.POLLIN:
                         self._from_service()
@@ -588,12 +664,13 @@ class Holder:
         self.relaunch = []
         if self.service is not None:
             self._detach()
-        try:
-            libc.umount2(self.mountpoint, _MNT_DETACH)
-        except OSError as e:
-            if e.errno != errno.EINVAL:     # not mounted any more
-                log.warning("detaching %s failed: %s", self.mountpoint, e)
-        os.close(self.fuse_fd)
+        for mountpoint, fd in ((self.plain_mountpoint, self.plain_fd), (self.mountpoint, self.fuse_fd)):
+            try:
+                libc.umount2(mountpoint, _MNT_DETACH)
+            except OSError as e:
+                if e.errno != errno.EINVAL:     # not mounted any more
+                    log.warning("detaching %s failed: %s", mountpoint, e)
+            os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -610,6 +687,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(filename=None if args.foreground else os.fspath(service_dir / "holder.log"),
                         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mountpoint = os.fspath(service_dir / "mnt")
+    plain_mountpoint = os.fspath(service_dir / "mnt-plain")
+    try:
+        os.mkdir(plain_mountpoint, 0o700)
+    except FileExistsError:
+        pass
     sock_path = service_dir / "holder.sock"
     sock_path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -622,6 +704,12 @@ def main(argv: list[str] | None = None) -> None:
         os.close(dfd)
     listener.listen(16)
     fuse_fd = mount_fuse(mountpoint)
+    try:
+        plain_fd = mount_fuse(plain_mountpoint)
+    except BaseException:
+        libc.umount2(mountpoint, _MNT_DETACH)
+        os.close(fuse_fd)
+        raise
     (service_dir / "holder.lost").unlink(missing_ok=True)
     if not args.foreground:
         daemonize(service_dir / "holder.log")
@@ -629,7 +717,7 @@ def main(argv: list[str] | None = None) -> None:
     os.ftruncate(pid_fd, 0)
     os.write(pid_fd, f"{os.getpid()}\n".encode())
     log.info("holder ready (pid %d), mount %s", os.getpid(), mountpoint)
-    holder = Holder(fuse_fd, listener, mountpoint, service_dir / "lazyoci.pid")
+    holder = Holder(fuse_fd, listener, mountpoint, service_dir / "lazyoci.pid", plain_fd, plain_mountpoint)
     try:
         holder.run()
     except Exception:

@@ -29,7 +29,11 @@ class LayerServer(Protocol):
         """Serve the layer's view through `index_digest`, fetching spans from `ref`; its directory."""
 
     def view_dir(self, layer_digest: str, index_digest: str) -> Path:
-        """Where the view appears once served (an overlay lowerdir), served or not."""
+        """Where the view appears once served, served or not."""
+
+    def lower_dir(self, layer_digest: str, index_digest: str) -> Path:
+        """The served view's directory to stack overlays on: where it costs the kernel the fewest
+        requests (a layer without xattrs is served where the kernel asks for none)."""
 
     def release_views(self, views: list[tuple[str, str]]) -> None:
         """Stop serving these (layer, index) views, and forget them if the server is down."""

@@ -2,8 +2,8 @@
 
 A committed snapshot of a lazy layer has no directory of its own: its lower is
 the layer's view through the snapshot's zTOC (label com.amazon.soci.ztoc-digest)
-in the service's FUSE mount (<root>/service/mnt/<layer hex>-<16 hex of the zTOC>),
-mounted on demand (`mounts()` starts the service and asks it to mount the layer
+in the service's FUSE mount (<root>/service/mnt/<layer hex>-<16 hex of the zTOC>, or
+mnt-plain/ for a layer with no xattrs: the server's `lower_dir`), mounted on demand (`mounts()` starts the service and asks it to mount the layer
 if it is not there, e.g. after a reboot). Once the service has every span of a
 layer, it unpacks the layer from its span cache (snapshot/cached_unpack.py: the tar
 must hash to the diff ID the image config gives) and the snapshot gets that
@@ -110,7 +110,7 @@ class SociSnapshotter(LayeredSnapshotter):
         """A lazy layer's view in the FUSE mount, until the layer has been unpacked from the span
         cache (`attach_unpacked`): then its directory, as for any unpacked layer."""
         if row["lazy_layer"] and row["dir_id"] is None:
-            return os.fspath(self.service.view_dir(row["lazy_layer"], _ztoc_of(row)))
+            return os.fspath(self.service.lower_dir(row["lazy_layer"], _ztoc_of(row)))
         return super()._lower(row)
 
     def _make_available(self, chain: list[sqlite3.Row]) -> None:

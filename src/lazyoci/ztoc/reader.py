@@ -118,6 +118,7 @@ class Ztoc:
     _digests_start: int
     _plans: dict[int, _Plan]
     _pax_plans: dict[int, tuple[int, int, int]]
+    _xattrs_anywhere: bool
 
     @classmethod
     def parse(cls, data: bytes, digest: str | None = None) -> "Ztoc":
@@ -268,7 +269,7 @@ class Ztoc:
         first = 0
         # PAX records are decoded only if one may be an xattr: most zTOCs have none, while some
         # writers give every entry a record (Python's tarfile an `mtime` with a fraction)
-        xattrs_anywhere = XATTR_PREFIX.encode() in self._data
+        xattrs_anywhere = self._xattrs_anywhere = XATTR_PREFIX.encode() in self._data
         buf = self._data
         for i in range(self._count):
             t, plan, f = self._table(i)      # the strings this loop needs are cut out, no others
@@ -399,6 +400,11 @@ class Ztoc:
 
     def __len__(self) -> int:
         return self._count
+
+    @property
+    def may_have_xattrs(self) -> bool:
+        """False only if no entry has an xattr: no PAX record of one appears anywhere in the zTOC."""
+        return self._xattrs_anywhere
 
     def entry_name(self, i: int) -> bytes:
         """Entry i's name as stored, without decoding the rest of the entry (for lookups).
