@@ -6,8 +6,8 @@ filesystem at <root>/service/mnt and shows every lazy layer as the directory
 never share a view. Overlay lowerdirs point at those directories. The same session
 also answers for the plain mount (<root>/service/mnt-plain), whose root (node ID
 PLAIN_ROOT here) shows only the layers with no xattr and no opaque directory: the
-kernel asks that mount no xattr at all (service/session_holder.py), where overlayfs
-asks the other for four on every file and directory it looks up.
+kernel asks that mount for no xattr at all (service/session_holder.py), where overlayfs
+asks the other for up to four on every file and directory it looks up.
 
 Nothing of the layer's index (a zTOC) is served before it is checked against the
 tar header it describes (fs/header_check.py): the kernel reaches a node only through LOOKUP
