@@ -97,6 +97,7 @@ def test_parse_reference_written_index():
     (lambda o: o["layers"][0].update(mediaType="application/x-foo"), "unexpected media type"),
     (lambda o: o["layers"][0]["annotations"].update({ANN_SPAN_SIZE: "-1"}), "span size"),
     (lambda o: o["layers"][0]["annotations"].update({ANN_SPAN_SIZE: "4\u00b2"}), "span size"),   # a digit to isdigit, not to int
+    (lambda o: o["layers"][0]["annotations"].update({ANN_SPAN_SIZE: "9" * 5000}), "span size"),  # over int's 4,300 digits
     (lambda o: o["layers"][0]["annotations"].update({ANN_SPAN_SIZE: str(128 << 20)}), "span size"),
     (lambda o: o["layers"][0]["annotations"].update({ANN_LAYER_DIGEST: "sha256:zz"}), "invalid digest"),
     (lambda o: o.pop("subject"), "subject"),

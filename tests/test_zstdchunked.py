@@ -158,6 +158,9 @@ def test_both_annotation_prefixes_are_read():
 @pytest.mark.parametrize("annotations, why", [
     ({OLD + "manifest-checksum": "sha256:" + "a" * 64}, "missing"),
     ({OLD + "manifest-checksum": "sha256:" + "a" * 64, OLD + "manifest-position": "1:2:3"}, "offset:length"),
+    ({OLD + "manifest-checksum": "sha256:" + "a" * 64, OLD + "manifest-position": "100:5\u00b2:200:1"}, "offset:length"),
+    ({OLD + "manifest-checksum": "sha256:" + "a" * 64, OLD + "manifest-position": "9" * 5000 + ":50:200:1"},
+     "offset:length"),
     ({OLD + "manifest-checksum": "sha256:" + "a" * 64, OLD + "manifest-position": "100:50:200:2"}, "type 2"),
     ({OLD + "manifest-checksum": "sha256:" + "a" * 64, OLD + "manifest-position": "990:50:200:1"}, "outside"),
     ({OLD + "manifest-checksum": "sha512:" + "a" * 128, OLD + "manifest-position": "100:50:200:1"}, "sha256"),

@@ -175,11 +175,12 @@ class SociIndex:
 
 def annotated_span_size(d: Descriptor) -> int | None:
     """The span size a zTOC's index entry gives (None if it gives none); FormatError unless it is
-    a size in ASCII digits from 1 to MAX_SPAN_SIZE (`isdigit` alone takes "²", which `int` refuses)."""
+    a size in ASCII digits from 1 to MAX_SPAN_SIZE (`isdigit` alone takes "²", and `int` refuses
+    both that and more than 4,300 digits with a ValueError)."""
     span = d.annotations.get(ANN_SPAN_SIZE)
     if span is None:
         return None
-    if not (span.isascii() and span.isdigit() and int(span) > 0):
+    if not (span.isascii() and span.isdigit() and len(span) <= 20 and int(span) > 0):
         raise FormatError(f"SOCI index entry {d.digest} has an invalid span size {span!r}")
     MAX_SPAN_SIZE.check(int(span), f"the span size of SOCI index entry {d.digest}")
     return int(span)

@@ -56,7 +56,8 @@ def toc_location(annotations: Mapping[str, str], blob_size: int) -> TocLocation 
         if digest.algorithm != "sha256":
             raise FormatError(f"zstd:chunked manifest checksum {checksum!r} is not a sha256 digest")
         parts = position.split(":")
-        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        # ASCII digits of at most 20 (a 64-bit number): `int` refuses "²" and 4,300 digits with a ValueError
+        if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 20 for p in parts):
             raise FormatError(f"zstd:chunked manifest position {position!r} is not offset:length:size:type")
         offset, length, size, kind = (int(p) for p in parts)
         if kind != MANIFEST_TYPE_CRFS:
