@@ -87,9 +87,6 @@ class LazyLayer:
     mounted_at: float
     verifier: LayerVerifier
     xattrs_disabled: bool = False    # the index marks it `disable-xattrs`: no xattr is looked up
-    # shown in the plain mount too: the layer has no xattrs and no opaque directory, so nothing it
-    # would answer to an xattr request is lost where the kernel asks none (service/session_holder.py)
-    plain: bool = False
     # where the FUSE session holder learns which files it may read itself (service/holder_reads.py)
     read_map: ReadMap | None = None
     # What the kernel asks again and again, decoded once: a node that passed its header check
@@ -112,6 +109,13 @@ class LazyLayer:
     @property
     def name(self) -> bytes:
         return view_name(self.digest, self.ztoc_digest).encode()
+
+    @property
+    def plain(self) -> bool:
+        """Shown in the plain mount too: the layer answers no xattr request with anything (none in
+        its index, no opaque directory, or marked so), so nothing is lost where the kernel asks none
+        (service/session_holder.py)."""
+        return self.xattrs_disabled or not (self.tree.opaque or self.tree.index.may_have_xattrs)
 
 
 class LayerFS(pyfuse3.Operations):

@@ -250,9 +250,8 @@ class LayerManager:
                                  functools.partial(fetcher.read_cached, header=True), layer_digest,
                                  read_layer=functools.partial(fetcher.read, background=True))
         checked = cache.headers_checked or not getattr(ztoc, "headers_in_stream", True)   # or a TOC vouches for them
-        xattrs_disabled = self._xattrs_disabled(layer_digest, ztoc_digest)
-        layer = LazyLayer(layer_digest, tree, fetcher, time.time(), verifier, xattrs_disabled,
-                          plain=xattrs_disabled or not (tree.opaque or ztoc.may_have_xattrs))
+        layer = LazyLayer(layer_digest, tree, fetcher, time.time(), verifier,
+                          self._xattrs_disabled(layer_digest, ztoc_digest))
         self._watch_completion(layer, checked)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())

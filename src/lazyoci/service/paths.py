@@ -85,11 +85,10 @@ class ServicePaths:
     def ensure(self) -> None:
         self.root.ensure()
         private_dir(self.dir)
-        for mountpoint in self.mountpoints:
-            try:
-                os.mkdir(mountpoint, PRIVATE_DIR_MODE)
-            except FileExistsError:
-                pass     # also a dead FUSE mount of a killed service, which the holder detaches
+        try:
+            os.mkdir(self.mountpoint, PRIVATE_DIR_MODE)
+        except FileExistsError:
+            pass     # also a dead FUSE mount of a killed service, which the daemon detaches
 
 
 def socket_address(path: Path) -> tuple[str, int | None]:

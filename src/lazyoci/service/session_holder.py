@@ -688,10 +688,10 @@ def main(argv: list[str] | None = None) -> None:
                         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mountpoint = os.fspath(service_dir / "mnt")
     plain_mountpoint = os.fspath(service_dir / "mnt-plain")
-    try:
+    try:       # the holder's own: `mnt` is the service's (service/paths.py), made before it starts the holder
         os.mkdir(plain_mountpoint, 0o700)
     except FileExistsError:
-        pass
+        pass   # also a dead mount of a killed holder, which mount_fuse detaches
     sock_path = service_dir / "holder.sock"
     sock_path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
