@@ -215,6 +215,43 @@ def test_a_header_check_that_misses_among_small_files_reads_the_next_spans_ahead
     assert f.stats.read_wait == waited, "a read the cache serves waited for nothing"
 
 
+def test_header_read_ahead_stops_while_reads_leave_what_it_brings(tmp_path, monkeypatch):
+    # a workload that takes a few packages of a directory of many looks its next name up far away:
+    # the spans after each miss would be of packages no read wants, so past its first
+    # HEADER_AHEAD_GRACE spans, read-ahead for header checks needs reads to have used some
+    monkeypatch.setattr(span_fetcher, "HEADER_SCAN", 1)
+    assert (span_fetcher.HEADER_AHEAD_GRACE, span_fetcher.HEADER_AHEAD_USE, HEADER_READ_AHEAD) == (4, 4, 2)
+    entries = [Entry(f"nm/p{i:04}.js", data=os.urandom(2 << 10)) for i in range(1000)]
+    lay = make_layer(entries, "gzip")
+    ztoc = Ztoc.parse(ztoc_for(lay, span_size=SPAN))
+    tar = gzip.decompress(lay.blob)
+    fetch = Ranges(lay.blob, ztoc)
+    f = _fetcher(tmp_path, lay, ztoc, fetch)
+
+    def check(name: str) -> list[int]:
+        """A lookup's header check of `name`; its header's spans."""
+        e = _file(ztoc, name)
+        assert f.read(e.offset - 512, e.offset, header=True) == tar[e.offset - 512:e.offset]
+        _wait_idle(f, fetch)
+        return list(ztoc.spans_for(e.offset - 512, e.offset))
+
+    brought: list[int] = []
+    for name in ("p0000.js", "p0200.js", "p0400.js"):      # far apart: nothing each brings is read
+        own = check(name)
+        brought += range(own[-1] + 1, own[-1] + 1 + HEADER_READ_AHEAD)
+    assert set(brought) <= set(_whole_spans(fetch, ztoc)), "the first three misses read ahead"
+    before = set(_whole_spans(fetch, ztoc))
+    own = check("p0600.js")
+    assert set(_whole_spans(fetch, ztoc)) == before | set(own), "6 spans brought, none read: no more"
+    assert f.span_use().unread == 6
+    # a lookup whose header one of them holds (a read used it): read-ahead goes on
+    near = next(ztoc.entry(i).name for i in range(len(ztoc))
+                if ztoc.spans_for(ztoc.entry(i).offset - 512, ztoc.entry(i).offset)[0] == brought[-1])
+    check(near)
+    own = check("p0800.js")
+    assert set(range(own[-1] + 1, own[-1] + 1 + HEADER_READ_AHEAD)) <= set(_whole_spans(fetch, ztoc))
+
+
 def test_a_span_the_prefetch_brought_in_is_no_miss_its_first_read_plans_nothing(tmp_path, layer):
     # only a header check's own miss stands for the file's first miss; spans a recorded prefetch
     # fetched hold what the recording read, and reading ahead of them brings in what it did not

@@ -201,7 +201,7 @@ def test_at_mount_the_first_span_comes_ahead_in_a_layer_of_many_entries_only(tmp
 def test_a_directory_whose_check_fetches_has_its_own_entries_fetched_ahead(tmp_path, two_packages):
     # a directory is looked up to look inside it: its entries' headers come ahead too
     lay = Layer(tmp_path, *two_packages)
-    sh = SiblingHeaders(scan_misses=1)
+    sh = SiblingHeaders(scan_misses=1, ahead_per_miss=64)
     assert lay.look_up("b", sh) > 0
     lay.wait_idle()
     assert lay.header_spans("b/") <= lay.fetched_spans()
@@ -223,3 +223,29 @@ def test_on_a_recorded_path_only_the_recorded_spans_come_ahead(tmp_path, two_pac
     lay.wait_idle()
     assert lay.fetched_spans() == (own | set(a_spans)) & recorded
     assert set(a_spans) - recorded, "some of a/'s header spans were left out"
+
+
+def test_a_directory_of_packages_brings_no_more_than_the_scan_has_fetched(tmp_path):
+    # node_modules-like: a workload wants a few packages of many, so guessing all their headers
+    # would bring most of the layer for a handful of lookups
+    entries = [e for p in range(80) for e in [Entry(f"nm/p{p:02}/", kind="dir"), *(
+        Entry(f"nm/p{p:02}/f{i}.js", data=os.urandom(2 << 10)) for i in range(10))]]
+    layer = make_layer(entries, "gzip")
+    ztoc = Ztoc.parse(ztoc_for(layer, span_size=SPAN))
+    lay = Layer(tmp_path, layer, ztoc)
+    sh = SiblingHeaders(scan_misses=2)
+    assert lay.look_up("nm/p00", sh) == 0
+    queued = lay.look_up("nm/p40", sh)     # a scan: 2 spans missed, so at most 4 come ahead
+    lay.wait_idle()
+    own = lay.behind_spans("nm/p00") | lay.behind_spans("nm/p40")
+    assert queued == 4
+    ahead = lay.fetched_spans() - own
+    assert len(ahead) == 4 and len(lay.header_spans("nm/p")) > 20
+    near = max(lay.behind_spans("nm/p40"))
+    assert ahead == set(range(near + 1, near + 5)), "the spans right after the miss, onwards first"
+    # the same scan with the bound lifted brings most of the layer
+    wide = Layer(tmp_path / "wide", layer, ztoc)
+    sh = SiblingHeaders(scan_misses=2, ahead_per_miss=1000)
+    wide.look_up("nm/p00", sh)
+    assert wide.look_up("nm/p40", sh) > 20
+    wide.wait_idle()

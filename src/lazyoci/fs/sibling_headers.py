@@ -13,7 +13,10 @@ entry's own, if it is a directory: it is looked up to look inside it) are queued
 manager's read-ahead threads (SpanFetcher.fetch_ahead), nearest the missed span first, once
 per directory and layer. Among large files a header costs a span of file data, so spans
 holding fewer than MIN_HEADERS entries' headers are left to the lookups that need them, and
-one directory brings at most MAX_AHEAD_BYTES. They go after the missed span has arrived and
+one directory brings at most MAX_AHEAD_BYTES, and at most AHEAD_PER_MISS spans for each span the
+scan's own checks had to fetch lately: a guess never costs much more than the evidence for it.
+A package's directory is mostly looked up whole, but a directory of packages (node_modules, a
+few of a thousand wanted) would bring most of the layer for a handful of lookups. They go after the missed span has arrived and
 been checked, so they never share the link with it, and through the span manager, so each is
 verified and fetched once, and a lookup that needs one still in flight waits for it rather
 than fetching it again.
@@ -50,16 +53,18 @@ SCAN_WINDOW = 10.0         # ... within this many seconds: a workload scanning a
 MAX_SIBLINGS = 4096        # entries of one directory looked at (the rest are not fetched ahead)
 FIRST_HEADERS = 16         # the first span is fetched at mount if it holds this many entries' headers
 MIN_HEADERS = 4            # a span holding fewer entries' headers is not fetched ahead ...
-MAX_AHEAD_BYTES = 64 << 20  # ... nor more than this many compressed bytes for one directory
+MAX_AHEAD_BYTES = 64 << 20  # ... nor more than this many compressed bytes for one directory,
+AHEAD_PER_MISS = 2         # ... nor more spans than this many per span the scan's checks fetched
 
 
 class SiblingHeaders:
     """The scan gate and the directories already fetched ahead, for every layer of a service."""
 
     def __init__(self, scan_misses: int = SCAN_MISSES, window: float = SCAN_WINDOW,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, ahead_per_miss: int = AHEAD_PER_MISS) -> None:
         self.scan_misses = scan_misses
         self.window = window
+        self.ahead_per_miss = ahead_per_miss
         self._clock = clock
         # (index digest, span) -> when a check last had to fetch it
         self._misses: dict[tuple[str, int], float] = {}
@@ -87,6 +92,7 @@ class SiblingHeaders:
             if not dirs:
                 return 0
             self._done.update((tree.index.digest, d) for d in dirs)
+            most_spans = self.ahead_per_miss * len(misses)
         entries: list[int] = []
         for d in dirs:
             for _, c in tree.list(d):
@@ -96,7 +102,7 @@ class SiblingHeaders:
                     entries.append(tree.entry[c])
         spans = verifier.header_spans(entries)
         spans.sort(key=lambda s: (s < near, abs(s - near)))      # onwards first, then back
-        queued = fetcher.fetch_ahead(spans, MIN_HEADERS, MAX_AHEAD_BYTES, after=near)
+        queued = fetcher.fetch_ahead(spans, MIN_HEADERS, MAX_AHEAD_BYTES, after=near, most_spans=most_spans)
         log.debug("layer %s: %d spans of the headers in %s fetched ahead (%d header checks fetched lately)",
                   fetcher.layer_digest[7:19], queued,
                   ", ".join(tree.name(d).decode(errors="replace") or "/" for d in dirs), len(misses))

@@ -32,7 +32,9 @@ the one after (bench/README.md: on the python-ml image a third less time waiting
 network, for about 13% more bytes). It starts once HEADER_SCAN spans of the layer have missed
 for header checks: a few misses are a small start's own path (the python3 image's start misses
 nine, and reading ahead beside them moved a third more bytes for a quarter second), many are
-a workload scanning a tree. A layer of a few large files reads nothing ahead for lookups.
+a workload scanning a tree; and it goes on only while reads use some of what it brought (a
+workload taking a few packages of node_modules looks its next name up far away). A layer of a
+few large files reads nothing ahead for lookups.
 A view with a recorded prefetch (`recorded`) knows what its workload reads: a read of spans
 the recording names reads ahead only spans it names too; a read off that path as usual.
 
@@ -87,7 +89,9 @@ READ_AHEAD_INFLATED = 32 << 20               # ... and inflated bytes (a larger 
 READ_AHEAD_WORKERS = 4                       # Range requests in flight for read-ahead
 HEADER_READ_AHEAD = 2                        # spans fetched beside a tar header check's miss ...
 HEADER_DENSE = 16                            # ... each holding at least this many entries' headers,
-HEADER_SCAN = 10                             # ... once the layer's header checks have missed this many spans
+HEADER_SCAN = 10                             # ... once the layer's header checks have missed this many spans,
+HEADER_AHEAD_GRACE = 4                       # ... and, past the first this many spans it brought,
+HEADER_AHEAD_USE = 4                         # ... while reads touch one in this many of them
 READ_AHEAD_RUN = 2                           # spans per read-ahead request ...
 RUN_BYTES = 256 << 10                        # ... or more, while they hold fewer compressed bytes
 NEIGHBOR_BYTES = 1 << 20                     # compressed bytes read ahead past a file's end ...
@@ -149,6 +153,9 @@ class SpanFetcher:
         self._read_data: set[int] = set()         # spans file data reads touched
         self._read_header: set[int] = set()       # spans tar header checks touched
         self._header_missed: set[int] = set()     # spans a tar header check found neither cached nor on their way
+        self._header_ahead: set[int] = set()      # spans header read-ahead brought in, no read touched yet
+        self._header_ahead_sent = 0               # spans header read-ahead has brought in ...
+        self._header_ahead_used = 0               # ... and, of those, reads touched
         self._order: dict[int, None] = {}         # every span reads touched, in the order of first touch
         self.recorded: frozenset[int] = frozenset()   # the spans the view's recorded prefetch names
         # a recording service's (`soci optimize`): the byte ranges reads asked for, in order
@@ -251,11 +258,12 @@ class SpanFetcher:
         return [j for j in ahead if j in recorded]
 
     def fetch_ahead(self, spans: list[int], min_headers: int = 0, most_bytes: int = 0,
-                    after: int | None = None) -> int:
+                    after: int | None = None, most_spans: int = 0) -> int:
         """Fetch `spans` on the read-ahead threads, in the order given (adjacent ones together):
         a caller's guess of what reads need next (fs/sibling_headers.py). Skipped: spans cached,
         on their way, too large to read ahead, holding fewer than `min_headers` entries'
-        headers, (with `most_bytes`) those past that many compressed bytes, and (with `after`, the
+        headers, (with `most_bytes` or `most_spans`) those past that many compressed bytes or
+        spans, and (with `after`, the
         span whose read the guess follows) those a recorded prefetch leaves out while that read is
         on its recorded path (`_off_record`). Returns how many were queued."""
         if after is not None:
@@ -264,14 +272,17 @@ class SpanFetcher:
         budget = most_bytes
         for j in spans:
             if not 0 <= j < self.ztoc.num_spans or self._inflated(j) > READ_AHEAD_INFLATED or \
-                    self.cache.has(j) or (min_headers and self._entries_in(j) < min_headers):
-                continue
+                    self.cache.has(j) or j in self._inflight or j in self._ahead or \
+                    (min_headers and self._entries_in(j) < min_headers):
+                continue     # (on their way: a glance without the lock; _claim_ahead decides)
             if most_bytes:
                 c0, c1 = self.ztoc.span_compressed_range(j)
                 budget -= c1 - c0
                 if budget < 0:
                     break
             want.append(j)
+            if len(want) == most_spans:
+                break
         claimed = self._claim_ahead(want)
         rank = {j: k for k, j in enumerate(claimed)}
         runs = sorted(_runs(claimed, READ_AHEAD_RUN), key=lambda run: min(rank[j] for j in run))
@@ -339,6 +350,11 @@ class SpanFetcher:
                 i in self._header_missed and i not in self._read_data for i in spans)
             (self._read_header if header else self._read_data).update(spans)
             self._order.update(dict.fromkeys(spans))
+            if self._header_ahead:
+                for i in spans:
+                    if i in self._header_ahead:
+                        self._header_ahead.discard(i)
+                        self._header_ahead_used += 1
             if self.ranges is not None:
                 self._record_range(start, end)
             self.stats.read_bytes += end - start
@@ -392,15 +408,23 @@ class SpanFetcher:
         entries, which the next lookups are likely to need (a tar keeps a directory's entries
         together), once the layer's header checks have missed HEADER_SCAN spans. A span inside
         one large file, or of a few large ones, holds no header a lookup could want: it is never
-        fetched for one."""
+        fetched for one. It goes on only while reads use what it brings: past its first
+        HEADER_AHEAD_GRACE spans, at least one in HEADER_AHEAD_USE of them touched. A workload
+        that takes a few packages of a directory of many (node_modules) looks its next name up
+        far away, and the next spans would be of packages no read wants."""
         if not spans or not HEADER_READ_AHEAD or all(self.cache.has(i) for i in spans):
             return []
         with self._lock:
-            if len(self._header_missed) < HEADER_SCAN:
+            if len(self._header_missed) < HEADER_SCAN or \
+                    self._header_ahead_sent - HEADER_AHEAD_GRACE > HEADER_AHEAD_USE * self._header_ahead_used:
                 return []
         want = [j for j in range(spans[-1] + 1, min(spans[-1] + 1 + HEADER_READ_AHEAD, self.ztoc.num_spans))
                 if self._inflated(j) <= READ_AHEAD_INFLATED and self._entries_in(j) >= HEADER_DENSE]
-        return self._claim_ahead(self._off_record(spans, want))
+        claimed = self._claim_ahead(self._off_record(spans, want))
+        with self._lock:
+            self._header_ahead.update(claimed)
+            self._header_ahead_sent += len(claimed)
+        return claimed
 
     def _entries_in(self, i: int) -> int:
         """How many entries have their data (so their header) start in span i: two binary searches
@@ -414,7 +438,7 @@ class SpanFetcher:
         lo, hi = 0, len(self.ztoc)
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.ztoc.entry(mid).offset < pos:
+            if self.ztoc.entry_extent(mid)[0] < pos:
                 lo = mid + 1
             else:
                 hi = mid
