@@ -18,7 +18,7 @@ from helpers.lazy import wait_fetches_settle, ztoc_for
 from lazyoci.errors import IntegrityError
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs import span_fetcher
-from lazyoci.fs.span_fetcher import HEADER_READ_AHEAD, SpanFetcher
+from lazyoci.fs.span_fetcher import HEADER_READ_AHEAD, READ_AHEAD_FIRST, READ_AHEAD_SPANS, SpanFetcher
 from lazyoci.ztoc import Ztoc
 
 SPAN = 64 << 10
@@ -96,6 +96,34 @@ def test_a_miss_reads_ahead_a_sequential_reader_keeps_going_and_no_span_is_fetch
     assert len(spans) == len(set(spans)), f"spans fetched twice: {sorted(spans)}"
     assert max(spans) > 12, "read-ahead runs in front of a sequential reader"
     assert len(spans) < ztoc.num_spans, "read-ahead stops: the whole layer is not fetched"
+
+
+def test_read_ahead_starts_small_and_grows_while_the_reader_goes_on(tmp_path, layer):
+    # a random reader (a library's pages faulted in at scattered offsets) pays a small window per
+    # miss; a sequential one doubles it with each first read of a span it brought, up to the whole
+    lay, ztoc = layer
+    tar = gzip.decompress(lay.blob)
+    fetch = Ranges(lay.blob, ztoc)
+    f = _fetcher(tmp_path, lay, ztoc, fetch)
+    assert (READ_AHEAD_SPANS, READ_AHEAD_FIRST) == (8, 4)
+
+    def read_span(i: int) -> None:
+        s0, _ = ztoc.span_uncompressed_range(i)
+        assert f.read(s0, s0 + 100) == tar[s0:s0 + 100]
+        _wait_idle(f, fetch)
+
+    read_span(2)
+    assert sorted(fetch.spans()) == [2, 3, 4], "a miss: two spans ahead, not eight"
+    read_span(3)                  # brought in a window of 2: the next is 4 spans (4-7)
+    assert max(fetch.spans()) == 7
+    read_span(4)                  # brought in that first window too: 4 spans from 5
+    assert max(fetch.spans()) == 8
+    read_span(5)                  # brought in a window of 4: the whole window, 8 spans
+    assert max(fetch.spans()) == 5 + READ_AHEAD_SPANS
+    spans = fetch.spans()
+    assert len(spans) == len(set(spans)), f"spans fetched twice: {sorted(spans)}"
+    read_span(20)                 # a miss elsewhere starts small again
+    assert max(fetch.spans()) == 22
 
 
 def test_read_ahead_of_a_corrupt_span_is_never_served_or_cached(tmp_path, layer):

@@ -23,7 +23,10 @@ small pool of daemon threads as soon as the missed span's own bytes have arrived
 so they never share the link with it, and travel while it is inflated and the
 reader moves on. The first read of a span that read-ahead brought in moves the
 window on: a sequential reader keeps a pipeline full, a random one stops after
-one window. A file's first data read of a span that only its lookup's tar header check
+one window. That window starts at a quarter of the bounds above (READ_AHEAD_FIRST) and each
+first read of a span it brought doubles it, up to the whole: a sequential reader reaches a full
+pipeline within a few spans, while a random one (the pages of a large library faulted in at
+scattered offsets) pays a small window per miss, not 16 MiB. A file's first data read of a span that only its lookup's tar header check
 fetched plans as a miss would: that check took the miss early. A header check that misses
 also reads ahead the next HEADER_READ_AHEAD spans if they hold many entries' headers: a tar
 keeps a directory's entries together, and an interpreter's imports look up one small file after
@@ -87,6 +90,8 @@ READ_AHEAD_SPANS = 8                         # spans queued past a missed read
 READ_AHEAD_BYTES = 16 << 20                  # ... and at most this many compressed bytes
 READ_AHEAD_INFLATED = 32 << 20               # ... and inflated bytes (a larger span: no read-ahead)
 READ_AHEAD_WORKERS = 4                       # Range requests in flight for read-ahead
+READ_AHEAD_FIRST = 4                         # a miss reads ahead 1/this of the above (span counts and
+                                             # bytes); each first read of a span it brought doubles it
 HEADER_READ_AHEAD = 2                        # spans fetched beside a tar header check's miss ...
 HEADER_DENSE = 16                            # ... each holding at least this many entries' headers,
 HEADER_SCAN = 10                             # ... once the layer's header checks have missed this many spans,
@@ -148,6 +153,7 @@ class SpanFetcher:
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
         self._ahead: set[int] = set()             # spans queued or brought in by read-ahead, not read yet
+        self._ahead_share: dict[int, int] = {}    # such a span -> n: it came in a window of 1/n of the whole
         self._failed: dict[int, tuple[float, str]] = {}   # span -> (monotonic time its fetch failed, why)
         self._fetched: set[int] = set()           # spans this run fetched and verified
         self._read_data: set[int] = set()         # spans file data reads touched
@@ -376,6 +382,7 @@ class SpanFetcher:
         span (or `touched`: a span a header check fetched), none starting at or past `until`."""
         if not spans:
             return []
+        share = READ_AHEAD_FIRST          # a miss: the first window is small; a reader that goes on grows it
         if self._ahead:
             with self._lock:
                 for i in spans:
@@ -383,10 +390,14 @@ class SpanFetcher:
                         self._ahead.discard(i)
                         self._mark_read(i)
                         touched = True
+                        share = min(share, max(self._ahead_share.pop(i, 2 * READ_AHEAD_FIRST) // 2, 1))
         if not touched and all(self.cache.has(i) for i in spans):
             return []
-        budget, inflated, past_file = READ_AHEAD_BYTES, READ_AHEAD_INFLATED, NEIGHBOR_BYTES
-        most = NEIGHBOR_SPANS if self._neighbors else READ_AHEAD_SPANS
+        if self.recorded and all(i in self.recorded for i in spans):
+            share = 1                     # on a recorded path the recording says what comes (_off_record)
+        budget, inflated = READ_AHEAD_BYTES // share, READ_AHEAD_INFLATED // share
+        past_file = NEIGHBOR_BYTES
+        most = NEIGHBOR_SPANS if self._neighbors else max(READ_AHEAD_SPANS // share, 1)
         want: list[int] = []
         for j in range(spans[-1] + 1, min(spans[-1] + 1 + most, self.ztoc.num_spans)):
             c0, c1 = self.ztoc.span_compressed_range(j)
@@ -400,7 +411,11 @@ class SpanFetcher:
             if inflated < 0 or budget < 0 and want:
                 break
             want.append(j)
-        return self._claim_ahead(self._off_record(spans, want))
+        claimed = self._claim_ahead(self._off_record(spans, want))
+        if claimed:
+            with self._lock:
+                self._ahead_share.update(dict.fromkeys(claimed, share))
+        return claimed
 
     def _plan_header_read_ahead(self, spans: range) -> list[int]:
         """The spans to fetch beside a tar header check that misses the cache: of the next
