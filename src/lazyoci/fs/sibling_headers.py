@@ -13,10 +13,11 @@ entry's own, if it is a directory: it is looked up to look inside it) are queued
 manager's read-ahead threads (SpanFetcher.fetch_ahead), nearest the missed span first, once
 per directory and layer. Among large files a header costs a span of file data, so spans
 holding fewer than MIN_HEADERS entries' headers are left to the lookups that need them, and
-one directory brings at most MAX_AHEAD_BYTES, and at most AHEAD_PER_MISS spans for each span the
-scan's own checks had to fetch lately: a guess never costs much more than the evidence for it.
-A package's directory is mostly looked up whole, but a directory of packages (node_modules, a
-few of a thousand wanted) would bring most of the layer for a handful of lookups. They go after the missed span has arrived and
+one directory brings at most MAX_AHEAD_BYTES, and at most AHEAD_PER_MISS spans for each span
+the scan's own checks had to fetch lately: a guess never costs much more than the evidence for
+it. A package's directory is mostly looked up whole, but a directory of packages (node_modules,
+a few of a thousand wanted) would bring most of the layer for a handful of lookups. They go
+after the missed span has arrived and
 been checked, so they never share the link with it, and through the span manager, so each is
 verified and fetched once, and a lookup that needs one still in flight waits for it rather
 than fetching it again.

@@ -26,8 +26,9 @@ window on: a sequential reader keeps a pipeline full, a random one stops after
 one window. That window starts at a quarter of the bounds above (READ_AHEAD_FIRST) and each
 first read of a span it brought doubles it, up to the whole: a sequential reader reaches a full
 pipeline within a few spans, while a random one (the pages of a large library faulted in at
-scattered offsets) pays a small window per miss, not 16 MiB. A file's first data read of a span that only its lookup's tar header check
-fetched plans as a miss would: that check took the miss early. A header check that misses
+scattered offsets) pays a small window per miss, not 16 MiB. A file's first data read of a
+span that only its lookup's tar header check fetched plans as a miss would: that check took the
+miss early. A header check that misses
 also reads ahead the next HEADER_READ_AHEAD spans if they hold many entries' headers: a tar
 keeps a directory's entries together, and an interpreter's imports look up one small file after
 another, each waiting for the last, so the next lookup's header is often in the next span or
