@@ -17,10 +17,9 @@ one directory brings at most MAX_AHEAD_BYTES, and at most AHEAD_PER_MISS spans f
 the scan's own checks had to fetch lately: a guess never costs much more than the evidence for
 it. A package's directory is mostly looked up whole, but a directory of packages (node_modules,
 a few of a thousand wanted) would bring most of the layer for a handful of lookups. They go
-after the missed span has arrived and
-been checked, so they never share the link with it, and through the span manager, so each is
-verified and fetched once, and a lookup that needs one still in flight waits for it rather
-than fetching it again.
+after the missed span has arrived and been checked, so they never share the link with it, and
+through the span manager, so each is verified and fetched once, and a lookup that needs one
+still in flight waits for it rather than fetching it again.
 
 In a view with a recorded prefetch, a miss on the recorded path (the workload got ahead of the
 prefetch) fetches ahead only headers in spans the recording names: the others are of siblings the

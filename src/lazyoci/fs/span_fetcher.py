@@ -153,16 +153,16 @@ class SpanFetcher:
         self.stats = FetchStats()
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
-        self._ahead: set[int] = set()             # spans queued or brought in by read-ahead, not read yet
-        self._ahead_share: dict[int, int] = {}    # such a span -> n: it came in a window of 1/n of the whole
+        # spans queued or brought in by read-ahead, not read yet -> n: the window their first read
+        # opens is 1/n of the whole (READ_AHEAD_FIRST unless they came in a read-ahead window)
+        self._ahead: dict[int, int] = {}
         self._failed: dict[int, tuple[float, str]] = {}   # span -> (monotonic time its fetch failed, why)
         self._fetched: set[int] = set()           # spans this run fetched and verified
         self._read_data: set[int] = set()         # spans file data reads touched
         self._read_header: set[int] = set()       # spans tar header checks touched
         self._header_missed: set[int] = set()     # spans a tar header check found neither cached nor on their way
         self._header_ahead: set[int] = set()      # spans header read-ahead brought in, no read touched yet
-        self._header_ahead_sent = 0               # spans header read-ahead has brought in ...
-        self._header_ahead_used = 0               # ... and, of those, reads touched
+        self._header_ahead_sent = 0               # spans header read-ahead has brought in (the others: touched)
         self._order: dict[int, None] = {}         # every span reads touched, in the order of first touch
         self.recorded: frozenset[int] = frozenset()   # the spans the view's recorded prefetch names
         # a recording service's (`soci optimize`): the byte ranges reads asked for, in order
@@ -295,13 +295,14 @@ class SpanFetcher:
         runs = sorted(_runs(claimed, READ_AHEAD_RUN), key=lambda run: min(rank[j] for j in run))
         return self._submit_runs(runs)
 
-    def _claim_ahead(self, spans: list[int]) -> list[int]:
-        """Mark the spans that are neither cached nor on their way as read-ahead; returns them."""
+    def _claim_ahead(self, spans: list[int], share: int = READ_AHEAD_FIRST) -> list[int]:
+        """Mark the spans that are neither cached nor on their way as read-ahead whose first read
+        opens a window of 1/`share` of the whole; returns them."""
         out = []
         with self._lock:
             for j in spans:
                 if j not in self._inflight and j not in self._ahead and not self.cache.has(j):
-                    self._ahead.add(j)
+                    self._ahead[j] = share
                     out.append(j)
         return out
 
@@ -358,10 +359,7 @@ class SpanFetcher:
             (self._read_header if header else self._read_data).update(spans)
             self._order.update(dict.fromkeys(spans))
             if self._header_ahead:
-                for i in spans:
-                    if i in self._header_ahead:
-                        self._header_ahead.discard(i)
-                        self._header_ahead_used += 1
+                self._header_ahead.difference_update(spans)
             if self.ranges is not None:
                 self._record_range(start, end)
             self.stats.read_bytes += end - start
@@ -388,10 +386,9 @@ class SpanFetcher:
             with self._lock:
                 for i in spans:
                     if i in self._ahead and i not in self._inflight:
-                        self._ahead.discard(i)
+                        share = min(share, self._ahead.pop(i))
                         self._mark_read(i)
                         touched = True
-                        share = min(share, max(self._ahead_share.pop(i, 2 * READ_AHEAD_FIRST) // 2, 1))
         if not touched and all(self.cache.has(i) for i in spans):
             return []
         if self.recorded and all(i in self.recorded for i in spans):
@@ -412,11 +409,7 @@ class SpanFetcher:
             if inflated < 0 or budget < 0 and want:
                 break
             want.append(j)
-        claimed = self._claim_ahead(self._off_record(spans, want))
-        if claimed:
-            with self._lock:
-                self._ahead_share.update(dict.fromkeys(claimed, share))
-        return claimed
+        return self._claim_ahead(self._off_record(spans, want), max(share // 2, 1))
 
     def _plan_header_read_ahead(self, spans: range) -> list[int]:
         """The spans to fetch beside a tar header check that misses the cache: of the next
@@ -431,15 +424,17 @@ class SpanFetcher:
         if not spans or not HEADER_READ_AHEAD or all(self.cache.has(i) for i in spans):
             return []
         with self._lock:
+            used = self._header_ahead_sent - len(self._header_ahead)
             if len(self._header_missed) < HEADER_SCAN or \
-                    self._header_ahead_sent - HEADER_AHEAD_GRACE > HEADER_AHEAD_USE * self._header_ahead_used:
+                    self._header_ahead_sent - HEADER_AHEAD_GRACE > HEADER_AHEAD_USE * used:
                 return []
         want = [j for j in range(spans[-1] + 1, min(spans[-1] + 1 + HEADER_READ_AHEAD, self.ztoc.num_spans))
                 if self._inflated(j) <= READ_AHEAD_INFLATED and self._entries_in(j) >= HEADER_DENSE]
         claimed = self._claim_ahead(self._off_record(spans, want))
         with self._lock:
-            self._header_ahead.update(claimed)
-            self._header_ahead_sent += len(claimed)
+            fresh = [j for j in claimed if j not in self._header_ahead]    # (one claimed again after a failure)
+            self._header_ahead.update(fresh)
+            self._header_ahead_sent += len(fresh)
         return claimed
 
     def _entries_in(self, i: int) -> int:
@@ -489,13 +484,15 @@ class SpanFetcher:
                 except Exception as e:   # only a read-ahead: the read that needs it will report it
                     log.warning("layer %s: read-ahead of spans %s failed: %s", self.layer_digest, run, e)
                     with self._lock:
-                        self._ahead.difference_update(run)
+                        for j in run:
+                            self._ahead.pop(j, None)
 
             if _POOL.submit(job):
                 queued += len(run)
             else:
                 with self._lock:
-                    self._ahead.difference_update(run)
+                    for j in run:
+                        self._ahead.pop(j, None)
         return queued
 
     def ensure(self, spans: range | list[int], background: bool = False,
