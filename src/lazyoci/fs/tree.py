@@ -21,6 +21,7 @@ import builtins
 import logging
 import os
 from array import array
+from bisect import bisect_left
 from typing import Iterator
 
 from lazyoci.fs.layer_index import LayerIndex
@@ -60,26 +61,28 @@ class LayerTree:
         paths: dict[str, int] = {"": 0}          # dropped when the build is done
         names: list[bytes] = [b""]
         hardlinks: list[tuple[int, str]] = []
+        entries, parents, kinds, targets, nlinks = self.entry, self.parent, self.kind, self.target, self.nlink
 
-        def node(path: str, base: str, kind: int, entry: int, parent: int = -1) -> int:
-            """The node of `path`, added or replaced; `parent`: its directory's node if the caller
-            knows it (else found, or implied, here)."""
+        def add(path: str, base: str, kind: int, entry: int, parent: int) -> int:
+            """A new node for `path` in directory `parent`."""
+            n = len(entries)
+            paths[path] = n
+            entries.append(entry)
+            parents.append(parent)
+            kinds.append(kind)
+            targets.append(n)
+            nlinks.append(2 if kind == DIR else 1)
+            names.append(base.encode("utf-8", "surrogateescape"))
+            return n
+
+        def node(path: str, base: str, kind: int, entry: int) -> int:
+            """The node of `path`, added (after any implied directories above it) or replaced."""
             n = paths.get(path)
             if n is None:
-                if parent < 0:
-                    parent = dir_of(path.rpartition("/")[0])   # may add implied parents first
-                n = len(self.entry)
-                paths[path] = n
-                self.entry.append(entry)
-                self.parent.append(parent)
-                self.kind.append(kind)
-                self.target.append(n)
-                self.nlink.append(2 if kind == DIR else 1)
-                names.append(base.encode("utf-8", "surrogateescape"))
-            else:
-                self.entry[n] = entry
-                self.kind[n] = kind
-                self.nlink[n] = 2 if kind == DIR else 1
+                return add(path, base, kind, entry, dir_of(path.rpartition("/")[0]))
+            entries[n] = entry
+            kinds[n] = kind
+            nlinks[n] = 2 if kind == DIR else 1
             return n
 
         def dir_of(path: str) -> int:
@@ -106,17 +109,21 @@ class LayerTree:
                     self.entry[0] = i
                 continue
             dirpath, _, base = path.rpartition("/")
-            if is_opaque_marker(base):
-                self.opaque.setdefault(dir_of(dirpath), []).append(i)
-                continue
-            hidden = whiteout_target(base)
-            if hidden is not None:
-                base = hidden
-                path = f"{dirpath}/{base}" if dirpath else base
-                kind = WHITEOUT
-            parent = paths.get(dirpath, -1)      # the usual entry: in a directory listed before it
-            n = node(path, base, kind, i, parent if parent >= 0 and self.kind[parent] == DIR else -1)
-            self.implied_names.pop(n, None)
+            if base.startswith(WHITEOUT_PREFIX):      # (both kinds of special names start so)
+                if is_opaque_marker(base):
+                    self.opaque.setdefault(dir_of(dirpath), []).append(i)
+                    continue
+                hidden = whiteout_target(base)
+                if hidden is not None:
+                    base = hidden
+                    path = f"{dirpath}/{base}" if dirpath else base
+                    kind = WHITEOUT
+            parent = paths.get(dirpath, -1)
+            if parent >= 0 and kinds[parent] == DIR and path not in paths:
+                n = add(path, base, kind, i, parent)   # the usual entry: new, in a directory listed before it
+            else:
+                n = node(path, base, kind, i)
+                self.implied_names.pop(n, None)
             if kind == HARDLINK:
                 hardlinks.append((n, link.decode("utf-8", "surrogateescape")))
 
@@ -135,9 +142,10 @@ class LayerTree:
 
         # children of every directory, sorted by name bytes (for binary search)
         count = len(self.entry)
-        order = sorted((n for n in range(1, count) if self.parent[n] >= 0),
-                       key=lambda n: (self.parent[n], names[n]))
-        del names
+        keys = list(zip(self.parent, names))      # (directory, name) of every node
+        order = sorted(range(1, count), key=keys.__getitem__)
+        del names, keys
+        order = order[bisect_left(order, 0, key=self.parent.__getitem__):]   # hidden: no directory
         self.child_start = array("i", [0]) * count
         self.child_count = array("i", [0]) * count
         self.children = array("i", order)

@@ -1,7 +1,8 @@
 """Ztoc: a validated, zero-copy view over zTOC bytes (written by lazyoci or by the reference).
 
 The lazy-loading service keeps zTOCs of 100,000+ files in memory, so a Ztoc
-holds only the bytes plus a few compact arrays (span offsets); entries are
+holds only the bytes plus a few compact arrays (span offsets; 21 bytes per entry
+for its extent, type and where its name starts, which lookups read); entries are
 decoded when asked for. `parse` checks everything a hostile zTOC could use to
 make a reader misbehave: FlatBuffer bounds, entry offsets beyond the archive,
 overlapping entries, span counts that disagree with the checkpoints, and a
@@ -34,8 +35,8 @@ ENTRY_TYPES = frozenset({"hardlink", "symlink", "dir", "reg", "char", "block", "
 SUPPORTED_VERSIONS = frozenset({"0.9"})
 XATTR_PREFIX = "SCHILY.xattr."
 _DIGEST = re.compile(rb"sha256:[0-9a-f]{64}")
-_TYPE_NAMES = {t.encode(): t for t in ENTRY_TYPES}    # type bytes as stored -> the type's name
-_TYPE_BYTES = frozenset(_TYPE_NAMES)
+_TYPE_ORDER = tuple(sorted(ENTRY_TYPES))
+_TYPE_CODES = {t.encode(): code for code, t in enumerate(_TYPE_ORDER)}   # type as stored -> its code
 _FIELD_SIZE = (4, 4, 8, 8, 4, 8, 4, 4, 4, 4, 4, 8, 8, 4)   # bytes of each FileMetadata slot
 _FIELD_FMT = ("I", "I", "q", "q", "I", "q", "I", "I", "I", "I", "I", "q", "q", "I")
 _REF_SLOTS = frozenset((C.FM_NAME, C.FM_TYPE, C.FM_LINKNAME, C.FM_UNAME, C.FM_GNAME, C.FM_MODTIME, C.FM_XATTRS))
@@ -59,6 +60,12 @@ class _Plan(NamedTuple):
     name_at: int       # field offsets of the name, type and link target (0: absent), for the tree
     type_at: int
     link_at: int
+    # for `_validate_entries`, which reads the unpacked values as they come (no `arrange`):
+    checks: tuple[tuple[int, int], ...]   # (position among them, field offset) of every reference
+    strings: Callable[..., tuple]    # [b"", the references' strings...] -> (name, type, link target)
+    name_k: int        # positions of the name, the data offset and size among them (-1: absent)
+    offset_k: int
+    size_k: int
 
 
 def _string(buf: bytes, t: int, at: int) -> bytes:
@@ -117,6 +124,8 @@ class Ztoc:
     _count: int
     _digests_start: int
     _plans: dict[int, _Plan]
+    _types: bytearray          # every entry's type, as its position in _TYPE_ORDER
+    _names: array              # where every entry's name string starts (0: it has none)
     _pax_plans: dict[int, tuple[int, int, int]]
     _xattrs_anywhere: bool
 
@@ -224,8 +233,14 @@ class Ztoc:
             # unpacked values + the defaults, picked into slot order by one itemgetter call
             picks = [order.index(slot) if offs[slot] else len(order) + slot for slot in range(14)]
             refs = tuple((slot, offs[slot]) for slot in sorted(_REF_SLOTS) if offs[slot])
+            checks = tuple((order.index(slot), off) for slot, off in refs)
+            cut = [slot for slot, _ in refs]     # the strings a check cuts out follow a b""
+            strings = itemgetter(*(cut.index(slot) + 1 if offs[slot] else 0
+                                   for slot in (C.FM_NAME, C.FM_TYPE, C.FM_LINKNAME)))
             plan = self._plans[vt] = _Plan(objlen, struct.Struct(fmt).unpack_from, itemgetter(*picks), refs,
-                                           offs[C.FM_NAME], offs[C.FM_TYPE], offs[C.FM_LINKNAME])
+                                           offs[C.FM_NAME], offs[C.FM_TYPE], offs[C.FM_LINKNAME], checks,
+                                           strings, *(order.index(slot) if offs[slot] else -1
+                                                      for slot in (C.FM_NAME, C.FM_OFFSET, C.FM_SIZE)))
         return plan
 
     def _table(self, i: int) -> tuple[int, _Plan, tuple]:
@@ -258,7 +273,10 @@ class Ztoc:
         return vals
 
     def _validate_entries(self, r: C.FlatReader) -> None:
-        """Every entry is well-formed and they tile the archive without overlapping."""
+        """Every entry is well-formed and they tile the archive without overlapping.
+
+        The loop that makes a mount wait for a big layer: each entry is one unpack of its table
+        (`_Plan`) and one length read per reference, which cuts out the strings checked here."""
         usize = self.uncompressed_size
         limits.MAX_ENTRIES.check(self._count, "the zTOC's entry count")
         self._plans = {}
@@ -270,16 +288,38 @@ class Ztoc:
         # PAX records are decoded only if one may be an xattr: most zTOCs have none, while some
         # writers give every entry a record (Python's tarfile an `mtime` with a fraction)
         xattrs_anywhere = self._xattrs_anywhere = XATTR_PREFIX.encode() in self._data
-        buf = self._data
-        for i in range(self._count):
-            t, plan, f = self._table(i)      # the strings this loop needs are cut out, no others
-            typ, off, size = _string(buf, t, plan.type_at), f[C.FM_OFFSET], f[C.FM_SIZE]
-            if typ not in _TYPE_BYTES:
+        buf, n, plans, ep = self._data, len(self._data), self._plans, self._entries_start
+        types = self._types = bytearray()
+        type_codes = _TYPE_CODES
+        name_starts = self._names = array("I")   # (a zTOC is under 4 GiB: ztoc/limits.py)
+        # the vector's bounds were checked when its position was read
+        for i, u in enumerate(struct.unpack_from(f"<{self._count}I", buf, ep)):
+            t = ep + 4 * i + u
+            if t > n - 4:
+                raise r.bad(f"entry {i} points outside the buffer")
+            plan = plans.get(t - _I32(buf, t)[0]) or self._plan(t - _I32(buf, t)[0])
+            if t + plan.objlen > n:
+                raise r.bad(f"entry {i} runs past the end of the buffer")
+            v = plan.unpack(buf, t)
+            cut = [b""]
+            for k, at in plan.checks:
+                s = t + at + v[k]
+                e = s + 4 + _U32(buf, s)[0] if s <= n - 4 else n + 1
+                if e > n:
+                    raise r.bad(f"a field of entry {i} runs past the end of the buffer")
+                cut.append(buf[s + 4:e])
+            name, typ, link = plan.strings(cut)
+            off = v[plan.offset_k] if plan.offset_k >= 0 else 0
+            size = v[plan.size_k] if plan.size_k >= 0 else 0
+            code = type_codes.get(typ)
+            if code is None:
                 raise FormatError(f"zTOC entry {i} has type {typ.decode(errors='replace')!r} "
-                                  f"(want one of {', '.join(sorted(ENTRY_TYPES))})")
-            names.append(_string(buf, t, plan.name_at))
+                                  f"(want one of {', '.join(_TYPE_ORDER)})")
+            types.append(code)
+            name_starts.append(t + plan.name_at + v[plan.name_k] if plan.name_at else 0)
+            names.append(name)
             if plan.link_at:
-                names.append(_string(buf, t, plan.link_at))
+                names.append(link)
             if len(names) >= _NAME_BATCH:
                 self._check_names(first, i + 1, names)
                 first = i + 1
@@ -407,33 +447,28 @@ class Ztoc:
         return self._xattrs_anywhere
 
     def entry_name(self, i: int) -> bytes:
-        """Entry i's name as stored, without decoding the rest of the entry (for lookups).
-        Offsets were checked by `parse`, so this reads without further checks."""
+        """Entry i's name as stored, without decoding the rest of the entry (for lookups):
+        `parse` noted where it starts, having checked its bounds."""
         if not 0 <= i < self._count:
             raise IndexError(f"zTOC entry {i} out of range (0..{self._count - 1})")
-        buf = self._data
-        ep = self._entries_start + 4 * i
-        t = ep + _U32(buf, ep)[0]
-        at = self._plans[t - _I32(buf, t)[0]].name_at
-        if not at:
+        p = self._names[i]
+        if not p:
             return b""
-        p = t + at
-        p += _U32(buf, p)[0]
-        return buf[p + 4:p + 4 + _U32(buf, p)[0]]
+        return self._data[p + 4:p + 4 + _U32(self._data, p)[0]]
 
     def tree_entries(self) -> Iterator[tuple[bytes, str, bytes]]:
         """(name, type, link target) of every entry in order, the target only for hardlinks:
         what building a directory tree needs, ~10x faster than decoding whole entries."""
-        buf, plans, types = self._data, self._plans, _TYPE_NAMES
-        ep = self._entries_start
-        for _ in range(self._count):
-            t = ep + _U32(buf, ep)[0]
-            ep += 4
-            plan = plans[t - _I32(buf, t)[0]]
-            p = t + plan.type_at      # present: `parse` found a known type in every entry
-            p += _U32(buf, p)[0]
-            typ = types[buf[p + 4:p + 4 + _U32(buf, p)[0]]]
-            yield _string(buf, t, plan.name_at), typ, _string(buf, t, plan.link_at) if typ == "hardlink" else b""
+        buf, plans, types, type_order = self._data, self._plans, self._types, _TYPE_ORDER
+        hardlink = _TYPE_CODES[b"hardlink"]
+        for i, p in enumerate(self._names):
+            code = types[i]
+            link = b""
+            if code == hardlink:
+                ep = self._entries_start + 4 * i
+                t = ep + _U32(buf, ep)[0]
+                link = _string(buf, t, plans[t - _I32(buf, t)[0]].link_at)
+            yield buf[p + 4:p + 4 + _U32(buf, p)[0]] if p else b"", type_order[code], link
 
     def entry_extent(self, i: int) -> tuple[int, int]:
         """Entry i's data offset and size, as `entry(i)` has them, without decoding the entry."""
