@@ -23,8 +23,11 @@ def start_dripping_pull(root: Path, ref: str, proxy: FaultProxy, layer_digest: s
     p = subprocess.Popen([LAZYOCI, "--root", str(root), "pull", ref],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if ctrl_c else None)
+    # the layer's own: the manifest's and the config's come and go before it (store/blobs.py
+    # names a temporary file after the first 16 hex digits of the digest it is written for)
+    label = layer_digest.split(":")[1][:16] + "."
     deadline = time.monotonic() + 20
-    while not (root / "tmp").is_dir() or not list((root / "tmp").iterdir()):
+    while not (root / "tmp").is_dir() or not any(f.name.startswith(label) for f in (root / "tmp").iterdir()):
         assert time.monotonic() < deadline and p.poll() is None, p.communicate()
         time.sleep(0.02)
     return p
