@@ -95,3 +95,28 @@ def test_written_spans_leave_the_page_cache_once_newer_ones_fill_the_window(tmp_
     assert c.read_span_range(0, 0, 4 * mib) == data[0]         # and read back from the disk
     assert c.read_span_range(1, 4 * mib, 8 * mib) == data[1]
     c.close()
+
+
+def test_header_reads_go_through_chunks_read_once_and_dropped_with_their_span(tmp_path, monkeypatch):
+    monkeypatch.setattr(span_cache, "HEADER_CHUNK", 64)
+    monkeypatch.setattr(span_cache, "HEADER_CHUNKS", 2)
+    c = LayerCache(tmp_path / "l", "sha256:" + "1" * 64, SPANS)
+    data = bytes(range(100)) + bytes(range(100, 200))
+    c.put(0, data[:100])
+    c.put(1, data[100:200])
+    reads: list[tuple[int, int]] = []
+    real = os.pread
+    monkeypatch.setattr(span_cache.os, "pread", lambda fd, n, off: reads.append((off, n)) or real(fd, n, off))
+    assert c.read_header_range(1, 130, 140) == data[130:140]       # chunk [128, 192) of span 1
+    assert c.read_header_range(1, 150, 190) == data[150:190]
+    assert reads == [(128, 64)], "the second read of the chunk came from memory"
+    assert c.read_header_range(1, 120, 195) == data[120:195]       # across chunks, cut to the span
+    assert reads[1:] == [(100, 28), (192, 8)]
+    assert c.read_header_range(0, 10, 20) == data[10:20]           # a third chunk: the oldest goes
+    assert c.read_header_range(1, 100, 110) == data[100:110] and len(reads) == 5   # (100, 28) was dropped
+    assert c.read_header_range(2, 200, 210) is None                 # not cached: nothing kept
+    assert c.read_header_range(1, 130, 140) == data[130:140] and len(reads) == 6
+    assert c.evict(100, from_end=True) == 100 and not c.has(1)
+    assert c.read_header_range(1, 130, 140) is None, "evicted: no kept chunk serves it"
+    assert c.read_header_range(0, 10, 20) == data[10:20]
+    c.close()

@@ -238,9 +238,10 @@ class SpanFetcher:
             if ahead:
                 self._submit_read_ahead(ahead)
         parts = []
+        read = self.cache.read_header_range if header else self.cache.read_span_range
         for i in spans:
             s0, s1 = self.ztoc.span_uncompressed_range(i)
-            piece = self.cache.read_span_range(i, max(start, s0), min(end, s1))
+            piece = read(i, max(start, s0), min(end, s1))
             if piece is None:
                 return None
             parts.append(piece)
