@@ -243,32 +243,16 @@ class Ztoc:
                                                       for slot in (C.FM_NAME, C.FM_OFFSET, C.FM_SIZE)))
         return plan
 
-    def _table(self, i: int) -> tuple[int, _Plan, tuple]:
-        """Entry i's FileMetadata table: where it is, its plan and its 14 values in slot order
-        (strings and vectors as the offsets that point to them), every reference bounds-checked."""
-        buf, n = self._data, len(self._data)
+    def _fields(self, i: int) -> list:
+        """The 14 FileMetadata values of entry i (strings as raw bytes). Nothing here is checked
+        again: `_validate_entries` checked every reference of an entry before anything asks."""
+        buf = self._data
         ep = self._entries_start + 4 * i
         t = ep + _U32(buf, ep)[0]
-        if t > n - 4:
-            raise self._r.bad(f"entry {i} points outside the buffer")
-        vt = t - _I32(buf, t)[0]
-        plan = self._plans.get(vt) or self._plan(vt)
-        if t + plan.objlen > n:
-            raise self._r.bad(f"entry {i} runs past the end of the buffer")
-        vals = plan.arrange(plan.unpack(buf, t) + _DEFAULTS)
-        for slot, off in plan.refs:
-            v = vals[slot] + t + off
-            if v > n - 4 or v + 4 + _U32(buf, v)[0] > n:
-                raise self._r.bad(f"field {slot} of entry {i} runs past the end of the buffer")
-        return t, plan, vals
-
-    def _fields(self, i: int) -> list:
-        """The 14 FileMetadata values of entry i (strings as raw bytes), bounds-checked."""
-        t, plan, raw = self._table(i)
-        vals = list(raw)
-        buf = self._data
+        plan = self._plans[t - _I32(buf, t)[0]]
+        vals = list(plan.arrange(plan.unpack(buf, t) + _DEFAULTS))
         for slot, off in plan.refs:   # references: resolve strings now, keep the vector position
-            s = t + off + raw[slot]   # where the string or vector starts (checked by _table)
+            s = t + off + vals[slot]  # where the string or vector starts
             vals[slot] = s if slot == C.FM_XATTRS else buf[s + 4:s + 4 + _U32(buf, s)[0]]
         return vals
 
