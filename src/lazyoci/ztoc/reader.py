@@ -57,8 +57,7 @@ class _Plan(NamedTuple):
     unpack: Callable[..., tuple]   # one struct unpack_from of all present fields, in offset order
     arrange: Callable[..., tuple]  # (unpacked + _DEFAULTS) -> the 14 values in slot order
     refs: tuple[tuple[int, int], ...]   # (slot, field offset) of the references present
-    name_at: int       # field offsets of the name, type and link target (0: absent), for the tree
-    type_at: int
+    name_at: int       # field offsets of the name and the link target (0: absent)
     link_at: int
     # for `_validate_entries`, which reads the unpacked values as they come (no `arrange`):
     checks: tuple[tuple[int, int], ...]   # (position among them, field offset) of every reference
@@ -238,7 +237,7 @@ class Ztoc:
             strings = itemgetter(*(cut.index(slot) + 1 if offs[slot] else 0
                                    for slot in (C.FM_NAME, C.FM_TYPE, C.FM_LINKNAME)))
             plan = self._plans[vt] = _Plan(objlen, struct.Struct(fmt).unpack_from, itemgetter(*picks), refs,
-                                           offs[C.FM_NAME], offs[C.FM_TYPE], offs[C.FM_LINKNAME], checks,
+                                           offs[C.FM_NAME], offs[C.FM_LINKNAME], checks,
                                            strings, *(order.index(slot) if offs[slot] else -1
                                                       for slot in (C.FM_NAME, C.FM_OFFSET, C.FM_SIZE)))
         return plan
@@ -281,7 +280,8 @@ class Ztoc:
             t = ep + 4 * i + u
             if t > n - 4:
                 raise r.bad(f"entry {i} points outside the buffer")
-            plan = plans.get(t - _I32(buf, t)[0]) or self._plan(t - _I32(buf, t)[0])
+            vt = t - _I32(buf, t)[0]
+            plan = plans.get(vt) or self._plan(vt)
             if t + plan.objlen > n:
                 raise r.bad(f"entry {i} runs past the end of the buffer")
             v = plan.unpack(buf, t)
