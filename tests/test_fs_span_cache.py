@@ -84,16 +84,24 @@ def test_written_spans_leave_the_page_cache_once_newer_ones_fill_the_window(tmp_
     if fs_type.strip() == "tmpfs":
         pytest.skip("tmpfs keeps a file's pages: they are its data")
     mib = 1 << 20
-    monkeypatch.setattr(span_cache._WRITTEN, "keep", 4 * mib)
-    spans = [(0, 4 * mib), (4 * mib, 8 * mib)]
+    monkeypatch.setattr(span_cache, "_WRITTEN", span_cache._WrittenPages(keep=4 * mib, unread=8 * mib))
+    spans = [(i * 4 * mib, (i + 1) * 4 * mib) for i in range(5)]
     c = LayerCache(tmp_path / "l", "sha256:" + "1" * 64, spans)
-    data = [os.urandom(4 * mib), os.urandom(4 * mib)]
+    data = [os.urandom(4 * mib) for _ in spans]
     c.put(0, data[0])
+    c.mark_read(0)
     assert _fincore(tmp_path / "l" / "data") == 4 * mib        # the newest span stays
     c.put(1, data[1])
-    assert _fincore(tmp_path / "l" / "data") == 4 * mib        # span 0 written, synced, given back
+    assert _fincore(tmp_path / "l" / "data") == 4 * mib        # span 0, read, written, synced, given back
     assert c.read_span_range(0, 0, 4 * mib) == data[0]         # and read back from the disk
-    assert c.read_span_range(1, 4 * mib, 8 * mib) == data[1]
+    c.put(2, data[2])
+    c.put(3, data[3])
+    assert _fincore(tmp_path / "l" / "data") >= 3 * 4 * mib + 4 * mib, "spans 1 and 2, unread, stay"
+    c.put(4, data[4])                                          # past the unread bound: span 1 goes
+    pages = _fincore(tmp_path / "l" / "data")
+    assert 3 * 4 * mib <= pages < 4 * 4 * mib + 4 * mib, pages
+    for i in range(5):
+        assert c.read_span_range(i, *spans[i]) == data[i]
     c.close()
 
 

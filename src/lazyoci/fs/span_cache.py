@@ -8,19 +8,25 @@ view (`<layer hex>-<16 hex of the zTOC digest>`), so two indexes never share spa
     meta      the zTOC digest and span count the bitmap belongs to
     headers-checked   present once the whole-layer check of the tar against the zTOC passed
 
-Memory: a span's bytes leave the page cache once they are on disk and PAGES_KEPT_BYTES of
-newer spans have been written after them (the reads of a span mostly follow its arrival
-closely: a read waiting for it, a prefetch a little ahead of the workload). A workload's reads
-land in the FUSE file's own page cache, so the span cache's copy would hold every byte a second
-time, and a large lazy start writes hundreds of MB: new memory that, on a virtual machine whose
-balloon takes free memory back from the guest, costs a fault into the host for each page
+Memory: a span's bytes leave the page cache once they are on disk and PAGES_KEPT_BYTES of newer
+spans have been written after them, if a read has touched the span by then (SPAN_READ); a span
+no read has touched then stays until PAGES_UNREAD_BYTES of such spans have followed it. A workload's
+reads land in the FUSE file's own page cache, so the span cache's copy would hold every byte a
+second time, and a large lazy start writes hundreds of MB: new memory that, on a virtual machine
+whose balloon takes free memory back from the guest, costs a fault into the host for each page
 (bench/README.md: 0.7-2.9 s of the cache writer's system CPU in a python-ml start, 0.2-0.5 s
-with the pages dropped, as each write reuses pages an older span gave back). Later reads of a
-dropped span (the session holder's, header checks, complete-layer unpacks) come from disk.
-Header checks read a little around what they ask for (HEADER_CHUNK, aligned), and the last
-HEADER_CHUNKS such chunks of all layers are kept: a directory's entries lie together in the
-tar, so the checks of its children, which a first LOOKUP in it makes at once, find most of their
-headers in a chunk already read instead of reading the disk once each (bench/README.md).
+with the pages dropped, as each write reuses pages an older span gave back). But a span dropped
+before its first read costs that memory all the same, and the disk besides: the read brings
+its pages back. A recorded prefetch runs far ahead of the workload (python-ml's optimized start
+writes 250 MB of spans, nearly all of which it reads within seconds), so its spans wait for their
+reads; read-ahead that no read touches goes once the unread spans pass their bound. Later reads
+of a dropped span (the session holder's, complete-layer unpacks) come from disk. Header checks
+read first the header bytes the span fetcher kept in memory when it stored the span
+(fs/header_regions.py). Else they read a little around what they ask for (HEADER_CHUNK,
+aligned), and the last HEADER_CHUNKS such chunks of all layers are kept: a directory's entries
+lie together in the tar, so the checks of its children, which a first LOOKUP in it makes at
+once, find most of their headers in a chunk already read instead of reading the disk once each
+(bench/README.md).
 
 Crash safety: a span's bytes are written and fdatasync'ed BEFORE its byte in
 `present` is set, and eviction clears the byte BEFORE punching the hole, so a
@@ -55,6 +61,7 @@ from typing import Callable
 
 from lazyoci import libc
 from lazyoci.errors import LazyociError
+from lazyoci.fs.header_regions import HEADER_REGIONS, Pieces
 from lazyoci.service.holder_reads import SPAN_CACHED, SPAN_READ
 from lazyoci.service.paths import layer_view_name as _key
 
@@ -72,34 +79,50 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
         log.warning("cannot punch hole in span cache: %s", e.strerror)
 
 
-PAGES_KEPT_BYTES = 64 << 20     # the newest spans written stay in the page cache (the module docstring)
+PAGES_KEPT_BYTES = 64 << 20     # the newest spans written stay in the page cache ...
+PAGES_UNREAD_BYTES = 256 << 20  # ... and, past them, up to this many no read had touched (the module docstring)
 HEADER_CHUNK = 64 << 10         # what a header check's read brings in at once ...
 HEADER_CHUNKS = 32              # ... and how many of those are kept, of all layers (the module docstring)
 
 
 class _WrittenPages:
-    """The spans written last, in order, kept in the page cache up to `keep` bytes in all."""
+    """The spans whose pages are kept (the module docstring): a window of the last `keep` bytes
+    written, and past it, oldest first, the spans no read had touched when they left it, `unread`
+    bytes at most (one read since does not keep them longer: the bound is what matters)."""
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, unread: int) -> None:
         self.keep = keep
+        self.unread = unread
         self._lock = threading.Lock()
-        self._spans: deque[tuple[LayerCache, int, int]] = deque()
-        self._bytes = 0
+        self._window: deque[tuple[LayerCache, int]] = deque()     # (cache, span), oldest first
+        self._window_bytes = 0
+        self._unread: deque[tuple[LayerCache, int]] = deque()
+        self._unread_bytes = 0
 
-    def written(self, cache: LayerCache, offset: int, length: int) -> None:
-        """A span was written and synced: drop the pages of those now past the window."""
+    def written(self, cache: LayerCache, span: int) -> None:
+        """A span was written and synced: drop the pages of those it pushes out."""
+        older = []
         with self._lock:
-            self._spans.append((cache, offset, length))
-            self._bytes += length
-            older = []
-            while self._bytes > self.keep:
-                older.append(self._spans.popleft())
-                self._bytes -= older[-1][2]
-        for old, off, n in older:       # no lock held here: each takes its own cache's
-            old.drop_pages(off, n)
+            self._window.append((cache, span))
+            self._window_bytes += cache.span_length(span)
+            while self._window_bytes > self.keep:
+                item = self._window.popleft()
+                length = item[0].span_length(item[1])
+                self._window_bytes -= length
+                if item[0].was_read(item[1]):
+                    older.append(item)
+                else:
+                    self._unread.append(item)
+                    self._unread_bytes += length
+            while self._unread_bytes > self.unread:
+                item = self._unread.popleft()
+                self._unread_bytes -= item[0].span_length(item[1])
+                older.append(item)
+        for old, i in older:            # no lock held here: each takes its own cache's
+            old.drop_pages(i)
 
 
-_WRITTEN = _WrittenPages(PAGES_KEPT_BYTES)
+_WRITTEN = _WrittenPages(PAGES_KEPT_BYTES, PAGES_UNREAD_BYTES)
 
 
 class _HeaderChunks:
@@ -191,6 +214,14 @@ class LayerCache:
                 if self._present[span]:
                     self._present[span] = SPAN_READ
 
+    def was_read(self, span: int) -> bool:
+        """A read has touched the cached span (`mark_read`)."""
+        return self._present[span] == SPAN_READ
+
+    def span_length(self, span: int) -> int:
+        start, end = self.spans[span]
+        return end - start
+
     def missing(self) -> list[int]:
         return [i for i, p in enumerate(self._present) if not p]
 
@@ -206,8 +237,13 @@ class LayerCache:
         return data
 
     def read_header_range(self, span: int, start: int, end: int) -> bytes | None:
-        """`read_span_range` for a tar header check, through the chunks kept (the module
-        docstring): the same bytes, read from the disk at most once per chunk while it is kept."""
+        """`read_span_range` for a tar header check, from the header bytes kept or through the
+        chunks kept (the module docstring): the same bytes, read from the disk at most once per
+        chunk while it is kept."""
+        if self._present[span]:
+            kept = HEADER_REGIONS.find(self, span, start, end)
+            if kept is not None:
+                return kept
         s0, s1 = self.spans[span]
         pieces = []
         chunk = start - start % HEADER_CHUNK
@@ -249,18 +285,24 @@ class LayerCache:
                 self._present[span] = SPAN_CACHED
                 self.cached_bytes += end - start
                 self.last_used = time.monotonic()
-        _WRITTEN.written(self, start, end - start)
+        _WRITTEN.written(self, span)
         if self._owner is not None:
             self._owner.grew(end - start)
 
-    def drop_pages(self, offset: int, length: int) -> None:
-        """Give the page cache pages of [offset, offset+length) of `data` back (written and synced
-        before: the module docstring, Memory); where the filesystem keeps them anyway, they stay."""
+    def keep_headers(self, span: int, pieces: Pieces) -> None:
+        """Keep the header bytes the span fetcher cut out of a span it stored (the module docstring)."""
+        if self._present[span]:
+            HEADER_REGIONS.keep(self, span, pieces)
+
+    def drop_pages(self, span: int) -> None:
+        """Give the page cache pages of a span of `data` back (written and synced before: the
+        module docstring, Memory); where the filesystem keeps them anyway, they stay."""
+        start, end = self.spans[span]
         with self._lock:
             if self._data_fd < 0:
                 return
             try:
-                os.posix_fadvise(self._data_fd, offset, length, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(self._data_fd, start, end - start, os.POSIX_FADV_DONTNEED)
             except OSError as e:
                 log.debug("span cache: cannot drop written pages: %s", e.strerror)
 
@@ -279,6 +321,7 @@ class LayerCache:
                 os.fsync(self._present_fd)
                 self._present[i] = 0
                 _HEADER_CHUNKS.forget(self)
+                HEADER_REGIONS.forget(self)
                 _punch_hole(self._data_fd, start, end - start)
                 self.cached_bytes -= end - start
                 freed += end - start
@@ -286,6 +329,7 @@ class LayerCache:
 
     def close(self) -> None:
         _HEADER_CHUNKS.forget(self)
+        HEADER_REGIONS.forget(self)
         with self._write_lock, self._lock:
             for fd in (self._data_fd, self._present_fd, self.states_fd):
                 try:

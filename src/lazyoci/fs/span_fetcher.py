@@ -73,6 +73,7 @@ from functools import partial
 from typing import Callable
 
 from lazyoci.errors import IntegrityError, LazyociError
+from lazyoci.fs import header_regions
 from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.span_cache import LayerCache
 from lazyoci.fs.workers import ReadAheadPool, WriteBehind
@@ -171,6 +172,9 @@ class SpanFetcher:
         self.first_read_at: float | None = None   # wall time of the first read (a lazy start's phases)
         # spans are chunks of single files: read-ahead goes on into the next files (module docstring)
         self._neighbors = bool(getattr(ztoc, "spans_within_files", False))
+        # header checks may still read the stream's tar headers: `_store` keeps those of each span
+        # in memory (fs/header_regions.py); off once the layer's every header is known good
+        self.keep_headers = bool(getattr(ztoc, "headers_in_stream", True))
 
     # -- public --------------------------------------------------------------
 
@@ -626,6 +630,8 @@ class SpanFetcher:
         """The writer's job: put a verified span in the disk cache, then drop its claim."""
         try:
             self.cache.put(i, data)
+            if self.keep_headers:
+                self._keep_headers(i, data)
             if self.on_stored is not None:
                 self.on_stored()
         except OSError as e:    # disk full or the like: the verified bytes still served the reads
@@ -636,6 +642,13 @@ class SpanFetcher:
                 if fut is not None and fut.done() and fut.exception() is None:
                     del self._inflight[i]
                 self._mark_read(i)
+
+    def _keep_headers(self, i: int, data: bytes) -> None:
+        """Keep in memory the header regions of the entries whose data starts in span i, and of
+        the next entry, whose headers may begin in it (fs/header_regions.py)."""
+        s0, s1 = self.ztoc.span_uncompressed_range(i)
+        entries = range(self._first_entry_from(s0 + 1), min(self._first_entry_from(s1 + 1) + 1, len(self.ztoc)))
+        self.cache.keep_headers(i, header_regions.cut(self.ztoc, i, data, entries))
 
     def _refuse_recent_failures(self, spans: range | list[int]) -> None:
         """LazyociError if a span not on its way failed to fetch moments ago (lock held)."""

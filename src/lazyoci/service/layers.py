@@ -293,11 +293,13 @@ class LayerManager:
         cache, verifier = layer.fetcher.cache, layer.verifier
         if checked:
             verifier.passed_before()
+            layer.fetcher.keep_headers = False
             layer.fetcher.on_stored = lambda: self._complete(layer)
             return
 
         def layer_ok() -> None:
             cache.mark_headers_checked()
+            layer.fetcher.keep_headers = False
             self._complete(layer)
 
         def stored() -> None:
