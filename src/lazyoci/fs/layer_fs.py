@@ -48,6 +48,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import pyfuse3
 import trio
@@ -106,8 +107,9 @@ class LazyLayer:
         """The digest of the index the layer is seen through (a view per layer and index)."""
         return self.tree.index.digest
 
-    @property
+    @cached_property
     def name(self) -> bytes:
+        """Its view's name: the directory it shows as at the mount's root (asked for every node ID)."""
         return view_name(self.digest, self.ztoc_digest).encode()
 
     @property
@@ -247,15 +249,18 @@ class LayerFS(pyfuse3.Operations):
             layer.swept[d] = (0, cached)
             return
         self._check_children_cached(layer, d, 0)
-        unchecked = [c for _, c in t.list(d) if not self._checked(layer, c)]
+        d_checked = self._checked(layer, d)        # (a name is looked up in d: it was checked)
+        unchecked = [c for _, c in t.list(d) if not self._checked(layer, c, d_checked)]
         layer.swept[d] = (left - 1 if unchecked else 0, cached)
 
-    def _checked(self, layer: LazyLayer, n: int) -> bool:
-        """True if node n was checked already (no I/O)."""
+    def _checked(self, layer: LazyLayer, n: int, parent_checked: bool = False) -> bool:
+        """True if node n was checked already (no I/O); `parent_checked`: its directory is, so
+        only n's own entries are left to look at, not those of every directory above it."""
         if layer.checked[n] and layer.verifier.broken is None:
             return True
+        t = layer.tree
         try:
-            if layer.verifier.unchecked(layer.tree.entries_behind(n)):
+            if layer.verifier.unchecked(t.own_entries(n) if parent_checked else t.entries_behind(n)):
                 return False
         except LazyociError:
             return False
@@ -275,7 +280,7 @@ class LayerFS(pyfuse3.Operations):
             self._publish(layer, n)
         m = t.target[n]
         if n and not read_map.entry_published(n):
-            read_map.publish_entry(n, entry_out(self._attrs(self._ino(layer, m))), OPAQUE if m in t.opaque else 0)
+            read_map.publish_entry(n, entry_out(self._node_attrs(layer, m)), OPAQUE if m in t.opaque else 0)
 
     def _publish(self, layer: LazyLayer, n: int) -> None:
         read_map = layer.read_map
@@ -301,28 +306,39 @@ class LayerFS(pyfuse3.Operations):
         reply with other timeouts takes `_fresh_attrs`)."""
         if inode in _ROOTS:
             return self._fresh_attrs(inode)
-        layer, n = self._resolve(inode)
+        return self._node_attrs(*self._resolve(inode))
+
+    def _node_attrs(self, layer: LazyLayer, n: int) -> pyfuse3.EntryAttributes:
+        """`_attrs` of node n of a layer."""
         a = layer.attrs.get(n)
         if a is None:
             if len(layer.attrs) >= MEMO_NODES:
                 layer.attrs.clear()
-            a = layer.attrs[n] = self._fresh_attrs(inode)
+            a = layer.attrs[n] = self._layer_attrs(layer, n)
         return a
 
     def _fresh_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        if inode not in _ROOTS:
+            return self._layer_attrs(*self._resolve(inode))
+        a = self._new_attrs()
+        a.st_ino = inode
+        a.st_mode = stat.S_IFDIR | 0o755
+        a.st_nlink = 2 + len(self._root_layers(inode))
+        a.st_size = 4096
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._mounted_at
+        a.entry_timeout = a.attr_timeout = 0.0     # layers come and go at the root
+        return a
+
+    @staticmethod
+    def _new_attrs() -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.entry_timeout = TIMEOUT
         a.attr_timeout = TIMEOUT
         a.st_blksize = 4096
-        if inode in _ROOTS:
-            a.st_ino = inode
-            a.st_mode = stat.S_IFDIR | 0o755
-            a.st_nlink = 2 + len(self._root_layers(inode))
-            a.st_size = 4096
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._mounted_at
-            a.entry_timeout = a.attr_timeout = 0.0     # layers come and go at the root
-            return a
-        layer, n = self._resolve(inode)
+        return a
+
+    def _layer_attrs(self, layer: LazyLayer, n: int) -> pyfuse3.EntryAttributes:
+        a = self._new_attrs()
         t = layer.tree
         n = t.target[n]
         kind = t.kind[n]

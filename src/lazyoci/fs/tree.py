@@ -198,20 +198,26 @@ class LayerTree:
             yield pos, self.children[first + pos]
 
     def entries_behind(self, n: int) -> builtins.list[int]:
-        """The index entries whose tar headers decide what node n shows: its own, its hardlink
-        target's, its opaque markers', and those of every directory above it; each once (a
-        check of the list checks each entry it names)."""
+        """The index entries whose tar headers decide what node n shows: its own (`own_entries`)
+        and those of every directory above it; each once (a check of the list checks each entry
+        it names)."""
         out: builtins.list[int] = []
         while True:
-            if self.entry[n] >= 0:
-                out.append(self.entry[n])
-            m = self.target[n]
-            if m != n and self.entry[m] >= 0:
-                out.append(self.entry[m])
-            out.extend(self.opaque.get(n, ()))
+            out += self.own_entries(n)
             if n <= 0:      # the layer root (or a hidden hardlink, which has no parent)
                 return out
             n = self.parent[n]
+
+    def own_entries(self, n: int) -> builtins.list[int]:
+        """Node n's own entry, its hardlink target's and its opaque markers'."""
+        out = [self.entry[n]] if self.entry[n] >= 0 else []
+        m = self.target[n]
+        if m != n and self.entry[m] >= 0:
+            out.append(self.entry[m])
+        opaque = self.opaque.get(n)
+        if opaque:
+            out += opaque
+        return out
 
     def walk(self, d: int = 0, prefix: bytes = b"") -> Iterator[tuple[bytes, int]]:
         """(relative path, node) of every node below d, depth first (for tests and status)."""
