@@ -82,8 +82,7 @@ def test_kept_headers_go_with_their_layer_and_within_the_budget(layer, stored, m
     start = max(start, s0)
     assert store.find(cache, span, start, end) == tar[start:end]
     store.budget = store.kept_bytes - 1          # the next span stored pushes the oldest out
-    cache.keep_headers(span, header_regions.cut(ztoc, span, tar[s0:ztoc.span_uncompressed_range(span)[1]],
-                                                range(len(ztoc))))
+    fetcher._keep_headers(span, tar[s0:ztoc.span_uncompressed_range(span)[1]])
     assert store.kept_bytes <= store.budget and store.find(cache, span, start, end) == tar[start:end]
     assert store.find(cache, 0, 0, 512) is None, "the oldest span's pieces went"
     assert cache.read_header_range(0, 0, 512) == tar[:512], "and its headers come from the disk"
@@ -91,11 +90,16 @@ def test_kept_headers_go_with_their_layer_and_within_the_budget(layer, stored, m
     assert store.kept_bytes == 0 and cache.read_header_range(span, start, end) is None
 
 
-def test_an_index_out_of_stream_order_keeps_only_the_spans_own_bytes_and_no_more_than_it(layer):
+def test_an_index_out_of_stream_order_keeps_only_the_spans_own_bytes_and_no_more_than_it(layer, monkeypatch):
     ztoc, tar = layer[1], layer[2]
+    looked_at: list[int] = []
+    extent = ztoc.entry_extent
+    monkeypatch.setattr(ztoc, "entry_extent", lambda i: looked_at.append(i) or extent(i))
     for span in range(ztoc.num_spans):
         s0, s1 = ztoc.span_uncompressed_range(span)
         for entries in (range(len(ztoc) - 1, -1, -1), range(len(ztoc))):
+            looked_at.clear()
             pieces = cut(ztoc, span, tar[s0:s1], entries)
             assert all(s0 <= lo and lo + len(b) <= s1 and b == tar[lo:lo + len(b)] for lo, b in pieces)
             assert sum(len(b) for _, b in pieces) <= (s1 - s0) + header_regions.REGION_KEPT
+            assert len(looked_at) <= (s1 - s0) // 512 + 3, "no more entries than the span has blocks"

@@ -33,7 +33,10 @@ Pieces = list[tuple[int, bytes]]
 def cut(index: LayerIndex, span: int, data: bytes, entries: range) -> Pieces:
     """The header regions in span `span` (its bytes `data`): for each of `entries` (those whose data
     starts in the span, then the next, whose headers may begin in it), the bytes from where the
-    entry before it ends, as the index says, up to its data, within the span; sorted."""
+    entry before it ends, as the index says, up to its data, within the span; sorted. At most as
+    many entries as the span has blocks, and the next, are looked at: each entry's data follows a
+    header block of its own, so an index out of stream order, whose `entries` may be most of
+    them, costs no more per span than one in order."""
     s0, s1 = index.span_uncompressed_range(span)
     pieces: Pieces = []
     kept = 0
@@ -41,7 +44,7 @@ def cut(index: LayerIndex, span: int, data: bytes, entries: range) -> Pieces:
     if entries.start > 0:
         offset, size = index.entry_extent(entries.start - 1)
         end = offset + -(-size // BLOCK) * BLOCK
-    for j in entries:
+    for j in entries[:(s1 - s0) // BLOCK + 2]:
         offset, size = index.entry_extent(j)
         lo, hi = max(end, s0, offset - REGION_KEPT), min(offset, s1)
         if lo < hi:
@@ -64,6 +67,8 @@ class HeaderRegions:
         self._bytes = 0
 
     def keep(self, layer: Hashable, span: int, pieces: Pieces) -> None:
+        if not pieces:
+            return
         starts = array("q", (start for start, _ in pieces))
         blobs = [blob for _, blob in pieces]
         size = sum(map(len, blobs))

@@ -216,8 +216,7 @@ class LayerFS(pyfuse3.Operations):
         for _, c in t.list(d, first):
             if layer.checked[c]:
                 continue
-            entries.extend(x for x in (t.entry[c], t.entry[t.target[c]]) if x >= 0)
-            entries.extend(t.opaque.get(c, ()))
+            entries += t.own_entries(c)
         try:
             todo = sorted(set(v.unchecked(entries)))
         except LazyociError:
