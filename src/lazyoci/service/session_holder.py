@@ -44,6 +44,11 @@ that mount's requests with PLAIN_TAG set in their unique and its root as node PL
 holder answers its INIT with the first connection's reply, and its DESTROY itself (the service's
 session must not end with it), and sends the service's notifications to both.
 
+It writes the service's notifications to the kernel from a thread of its own (Notifier): the
+kernel takes an entry-invalidate notification only once it holds the directory's lock, which a
+reader of that directory keeps while it waits for a READDIR reply that only this relay can
+deliver; written from the relay loop, the two would wait for each other for ever.
+
 It adds to the service's INIT reply what libfuse, as pyfuse3 drives it, does not ask for:
 READLINK answers kept in the page cache (FUSE_CACHE_SYMLINKS) and lookups in one directory
 that need not wait for one another (FUSE_PARALLEL_DIROPS); and it sets the mount's read-ahead
@@ -70,6 +75,7 @@ on `<root>/service/holder.sock`:
                       are answered here where they can be
     {"op": "withdraw", "slot": S} -> {"ok": true, "served": bool}; from then on READs of S go to the service
     {"op": "status"}  -> {"ok": true, "pid", "rss_bytes", "attached", "waiting", "relayed", "service_pid",
+                          "notifications_waiting": notifications the kernel has not taken yet,
                           "opcodes": {opcode: [relayed, answered here]}, "service_seconds": {opcode: the
                           seconds its relayed requests waited for the service's replies, summed}, ...}
     {"op": "stop"}    -> {"ok": true}; then detaches the mount and exits
@@ -91,6 +97,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -283,6 +290,46 @@ class OpenSkipper:
             _FH.pack_into(message, _IN_HEADER_SIZE, nodeid)
 
 
+class Notifier:
+    """Writes notifications to the kernel in the order they came, from a thread of its own, so that
+    a notification the kernel makes wait (for a directory's lock) never holds up the relay."""
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[bytes, tuple[int, ...]]] = deque()
+        self._ready = threading.Condition()
+        threading.Thread(target=self._run, name="notifier", daemon=True).start()
+
+    def send(self, message: bytes, fds: tuple[int, ...]) -> None:
+        with self._ready:
+            self._queue.append((message, fds))
+            self._ready.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                message, fds = self._queue[0]
+            for fd in fds:
+                write_to_kernel(fd, message)
+            with self._ready:
+                self._queue.popleft()
+
+
+def write_to_kernel(fd: int, message: bytes | bytearray | memoryview) -> None:
+    try:
+        os.write(fd, message)
+    except OSError as e:
+        # ENOENT: the kernel gave the request up (interrupted), or a notification it had
+        # nothing to do for; either way nothing is owed to anyone.
+        if e.errno != errno.ENOENT:
+            log.warning("writing a reply to the kernel failed: %s", e)
+
+
 class Holder:
     """The FUSE connections of the mount and the plain mount, relayed to whichever service process
     is attached."""
@@ -312,6 +359,7 @@ class Holder:
         self.opcodes: dict[int, list[int]] = {}    # opcode -> [relayed to the service, answered here]
         self.opens = OpenSkipper()
         self.reads = ServedReads()                 # layers whose READs are answered here
+        self.notifier = Notifier()                 # the service's notifications, on their way to the kernel
         self._in = bytearray(MAX_MESSAGE)
         self._out = bytearray(MAX_MESSAGE)
         self._poll = select.poll()
@@ -352,6 +400,7 @@ class Holder:
                 reply = {"ok": True, "pid": os.getpid(), "rss_bytes": rss_bytes(),
                          "attached": self.service is not None, "service_pid": self.service_pid,
                          "waiting": len(self.pending), "relayed": self.relayed, "answered": self.answered,
+                         "notifications_waiting": self.notifier.waiting,
                          "served_layers": len(self.reads), "reads_answered": self.reads.answered,
                          "read_bytes_answered": self.reads.bytes,
                          "opcodes": {str(k): v for k, v in sorted(self.opcodes.items())},
@@ -580,8 +629,7 @@ class Holder:
             return True
         if not unique:          # a notification (an entry to forget): the same node IDs in both mounts
             self.relayed += 1
-            self._to_kernel(view)
-            self._to_kernel(view, self.plain_fd)
+            self.notifier.send(bytes(view), (self.fuse_fd, self.plain_fd))
             return True
         request, sent = self.pending.pop(unique, (None, 0.0))
         op = _IN_HEADER.unpack_from(request)[1] if request is not None else None
@@ -621,13 +669,7 @@ class Holder:
         set_read_ahead(self.plain_mountpoint, READ_AHEAD_KIB)
 
     def _to_kernel(self, reply: bytes | bytearray | memoryview, fd: int | None = None) -> None:
-        try:
-            os.write(self.fuse_fd if fd is None else fd, reply)
-        except OSError as e:
-            # ENOENT: the kernel gave the request up (interrupted), or a notification it had
-            # nothing to do for; either way nothing is owed to anyone.
-            if e.errno != errno.ENOENT:
-                log.warning("writing a reply to the kernel failed: %s", e)
+        write_to_kernel(self.fuse_fd if fd is None else fd, reply)
 
     def run(self) -> None:
         self._poll.register(self.listener, select.POLLIN)
