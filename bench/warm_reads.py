@@ -61,7 +61,7 @@ def pid_of(path: Path) -> int | None:
 
 OPCODES = {1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 5: "READLINK", 14: "OPEN", 15: "READ", 17: "STATFS",
            18: "RELEASE", 22: "GETXATTR", 23: "LISTXATTR", 25: "FLUSH", 26: "INIT", 27: "OPENDIR",
-           28: "READDIR", 29: "RELEASEDIR", 34: "ACCESS", 36: "INTERRUPT", 42: "BATCH_FORGET",
+           28: "READDIR", 29: "RELEASEDIR", 34: "ACCESS", 36: "INTERRUPT", 39: "IOCTL", 42: "BATCH_FORGET",
            44: "READDIRPLUS"}
 
 
@@ -82,6 +82,11 @@ def holder_opcodes(root: Path) -> dict[str, list[int]]:
     """Per opcode name: [requests relayed to the service, answered by the holder] so far (empty
     from a holder that does not count them)."""
     return {OPCODES.get(int(k), k): v for k, v in holder_status(root).get("opcodes", {}).items()}
+
+
+def holder_service_seconds(root: Path) -> dict[str, float]:
+    """Per opcode name: the seconds its relayed requests have waited for the service so far."""
+    return {OPCODES.get(int(k), k): v for k, v in holder_status(root).get("service_seconds", {}).items()}
 
 
 def holder_counts(root: Path) -> tuple[int, int] | None:
@@ -121,6 +126,7 @@ def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: d
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)        # attached before the clock
     c0, h0, r0, o0 = cpu_seconds(svc), cpu_seconds(holder), holder_counts(root), holder_opcodes(root)
+    w0 = holder_service_seconds(root)
     load = os.getloadavg()[0]
     t0 = time.monotonic()
     p = subprocess.Popen([rb.LAZYOCI, "--root", str(root), "--config", str(cfg), "run", "--rm",
@@ -134,7 +140,8 @@ def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: d
     rc = p.wait(timeout=900)
     if rc != 0 or ready is None:
         raise RuntimeError(f"run exited {rc}: {log_file.read_text(errors='replace')[-600:]}")
-    r1, o1 = holder_counts(root), holder_opcodes(root)
+    r1, o1, w1 = holder_counts(root), holder_opcodes(root), holder_service_seconds(root)
+    waited = {k: round(v - w0.get(k, 0.0), 4) for k, v in w1.items() if v - w0.get(k, 0.0) > 0}
     opcodes = {k: [v[0] - o0.get(k, [0, 0])[0], v[1] - o0.get(k, [0, 0])[1]] for k, v in o1.items()}
     for spy in spies:
         spy.send_signal(2)
@@ -143,6 +150,7 @@ def timed_run(root: Path, cfg: Path, snap: str, ref: str, log_file: Path, env: d
             "fuse_messages": (r1[0] - r0[0]) if r0 is not None and r1 is not None else None,
             "holder_answered": (r1[1] - r0[1]) if r0 is not None and r1 is not None else None,
             "opcodes": {k: v for k, v in opcodes.items() if v != [0, 0]},
+            "service_seconds": waited,
             "loadavg": round(load, 2)}
 
 
@@ -278,9 +286,10 @@ def report(command: str, commit: str, runs: list[dict], out: Path | None, needed
     if last is not None:
         print(f"\nFUSE requests of the last lazy run ({last['state']}), relayed to the service / answered by "
               "the holder:\n")
-        print("| opcode | relayed | holder |\n|---|---:|---:|")
+        print("| opcode | relayed | holder | relayed ones waited for the service, s |\n|---|---:|---:|---:|")
+        waited = last.get("service_seconds", {})
         for name, (relayed, answered) in sorted(last["opcodes"].items(), key=lambda kv: -sum(kv[1])):
-            print(f"| {name} | {relayed} | {answered} |")
+            print(f"| {name} | {relayed} | {answered} | {waited.get(name, 0.0):.3f} |")
     full, lazy = med("full", "ready_s"), med("lazy", "ready_s")
     if full and lazy:
         print(f"\nlazy / full (medians of every round): {lazy / full:.2f}")

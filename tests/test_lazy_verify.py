@@ -390,3 +390,50 @@ def test_a_hardlink_header_with_a_size_does_not_move_the_next_region():
     v.check([len(ztoc) - 1])          # c first: b's end is read from b's header, after h's
     v.check(list(range(len(ztoc))))
     assert all(s == GOOD for s in v.state)
+
+
+def test_check_results_kept_in_the_span_cache_outlive_the_verifier(layer, tmp_path):
+    """A new service process (a restart, another image with the layer) reads the results of the
+    checks before it from the span cache and checks no good entry again; an entry found bad is
+    checked again, so that its failure is logged and refused by the new process too."""
+    import gzip
+
+    from lazyoci.errors import IntegrityError
+    from lazyoci.fs.header_check import BAD, GOOD, UNCHECKED, LayerVerifier
+    from lazyoci.fs.span_cache import LayerCache
+    from lazyoci.ztoc import Ztoc
+
+    ztoc = Ztoc.parse(_ztoc(layer.blob, _set(b"etc/owned", uid=0, gid=0)))
+    raw = gzip.decompress(layer.blob)
+    spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
+    asked: list[tuple[int, int]] = []
+
+    def read(start: int, end: int) -> bytes:
+        asked.append((start, end))
+        return raw[start:end]
+
+    def open_cache() -> LayerCache:
+        return LayerCache(tmp_path / "cache", "sha256:" + "1" * 64, spans)
+
+    owned = next(i for i in range(len(ztoc)) if ztoc.entry(i).name.rstrip("/") == "etc/owned")
+    cache = open_cache()
+    first = LayerVerifier(ztoc, read, read, layer.digest, state=cache.entry_states(len(ztoc)))
+    with pytest.raises(IntegrityError):
+        first.check([owned])
+    good = [i for i in range(len(ztoc)) if i != owned]
+    first.check(good)
+    assert first.state[owned] == BAD and all(first.state[i] == GOOD for i in good)
+    cache.close()
+
+    cache, asked[:] = open_cache(), []
+    again = LayerVerifier(ztoc, read, read, layer.digest, state=cache.entry_states(len(ztoc)))
+    assert again.unchecked(good) == [] and again.state[owned] == UNCHECKED
+    again.check(good)
+    assert asked == []                    # nothing read: every good entry was known good
+    with pytest.raises(IntegrityError):
+        again.check([owned])
+    cache.close()
+
+    other = LayerCache(tmp_path / "cache", "sha256:" + "2" * 64, spans)     # another zTOC: no results
+    assert set(other.entry_states(len(ztoc))) == {UNCHECKED}
+    other.close()

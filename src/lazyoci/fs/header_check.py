@@ -123,16 +123,27 @@ class LayerVerifier:
     `read_cached` the same from the disk cache only, or None; `read_layer` (default `read`)
     serves the whole-layer check, which is no workload's read and is not counted as one.
     Thread-safe: a race checks an entry twice, never serves it unchecked.
+
+    `state`: where to keep each entry's state (one byte per entry; a fresh array if None), e.g.
+    the span cache's (LayerCache.entry_states), in which the results of earlier processes stay:
+    a check's result depends on nothing but the layer's bytes and the zTOC. Entries found bad
+    there are checked again, so that their failure is logged by this process too.
     """
 
     def __init__(self, ztoc: LayerIndex, read: ReadRange, read_cached: ReadCached, layer: str,
-                 read_layer: ReadRange | None = None) -> None:
+                 read_layer: ReadRange | None = None, state: bytearray | memoryview | None = None) -> None:
         self.ztoc = ztoc
         self.read = read
         self.read_layer = read_layer or read
         self.read_cached = read_cached
         self.layer = layer
-        self.state = bytearray(len(ztoc))
+        if state is None:
+            state = bytearray(len(ztoc))
+        elif len(state) != len(ztoc):
+            raise ValueError(f"{len(state)} entry states for {len(ztoc)} zTOC entries")
+        elif BAD in state:
+            state[:] = bytes(state).replace(bytes([BAD]), bytes([UNCHECKED]))
+        self.state = state
         self.broken: str | None = None        # why the whole-layer check failed
         self.layer_ok = False                 # the whole-layer check passed (now or in an earlier run)
         self._layer_check_started = False

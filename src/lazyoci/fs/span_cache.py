@@ -7,6 +7,9 @@ view (`<layer hex>-<16 hex of the zTOC digest>`), so two indexes never share spa
     present   one byte per span (1 = that span's bytes in `data` were verified)
     meta      the zTOC digest and span count the bitmap belongs to
     headers-checked   present once the whole-layer check of the tar against the zTOC passed
+    entries-checked   one byte per zTOC entry: what its header check found (fs/header_check.py),
+              so a new service process (a restart, a second image with the layer) checks no
+              entry again; a check's result is fixed by the layer and zTOC digests, as the tar is
 
 Memory: a span's bytes leave the page cache once they are on disk and PAGES_KEPT_BYTES of newer
 spans have been written after them, if a read has touched the span by then (SPAN_READ); a span
@@ -153,6 +156,7 @@ _HEADER_CHUNKS = _HeaderChunks()
 
 
 HEADERS_CHECKED = "headers-checked"    # marker: every tar header matched the zTOC (fs/header_check.py)
+ENTRIES_CHECKED = "entries-checked"    # each zTOC entry's header check state (LayerCache.entry_states)
 
 
 class LayerCache:
@@ -172,7 +176,7 @@ class LayerCache:
         meta_path = directory / "meta"
         if not meta_path.exists() or meta_path.read_text() != meta:
             # Unknown or different span layout: the old bitmap means nothing now.
-            for name in ("present", "data", HEADERS_CHECKED):
+            for name in ("present", "data", HEADERS_CHECKED, ENTRIES_CHECKED):
                 (directory / name).unlink(missing_ok=True)
             tmp = directory / "meta.tmp"
             tmp.write_text(meta)
@@ -199,6 +203,20 @@ class LayerCache:
 
     def mark_headers_checked(self) -> None:
         (self.directory / HEADERS_CHECKED).touch(mode=0o600)
+
+    def entry_states(self, count: int) -> memoryview:
+        """One byte per zTOC entry for the header checks to keep their results in, mapped from
+        `entries-checked` (shared: every process serving the layer sees and adds to the same
+        results, and they outlive it). Dirty pages reach the disk when the kernel writes them back:
+        a crash may lose results, and any byte that does reach the disk is one a check wrote."""
+        fd = os.open(self.directory / ENTRIES_CHECKED, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size != max(count, 1):
+                os.ftruncate(fd, 0)           # another entry count: start afresh
+                os.ftruncate(fd, max(count, 1))
+            return memoryview(mmap.mmap(fd, max(count, 1)))[:count]
+        finally:
+            os.close(fd)
 
     @property
     def closed(self) -> bool:

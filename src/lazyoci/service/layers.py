@@ -246,10 +246,11 @@ class LayerManager:
         fetcher = SpanFetcher(ztoc, self._fetcher(view), cache, layer_digest)
         if self.record_reads:
             fetcher.ranges = []
+        checked = cache.headers_checked or not getattr(ztoc, "headers_in_stream", True)   # or a TOC vouches for them
         verifier = LayerVerifier(ztoc, functools.partial(fetcher.read, header=True),
                                  functools.partial(fetcher.read_cached, header=True), layer_digest,
-                                 read_layer=functools.partial(fetcher.read, background=True))
-        checked = cache.headers_checked or not getattr(ztoc, "headers_in_stream", True)   # or a TOC vouches for them
+                                 read_layer=functools.partial(fetcher.read, background=True),
+                                 state=None if checked else cache.entry_states(len(ztoc)))
         layer = LazyLayer(layer_digest, tree, fetcher, time.time(), verifier,
                           self._xattrs_disabled(layer_digest, ztoc_digest))
         self._watch_completion(layer, checked)
