@@ -215,6 +215,8 @@ def service_figures(root: Path) -> dict:
             "service_reads": holder.get("opcodes", {}).get("15", [None, None])[0],
             "lazy_network_bytes": sum(l["network_bytes"] for l in layers),
             "unread_bytes": sum(l.get("unread_bytes", 0) for l in layers),
+            "neighbor_spans": sum(l.get("neighbor_spans", 0) for l in layers),
+            "neighbor_unread_bytes": sum(l.get("neighbor_unread_bytes", 0) for l in layers),
             "fetched_spans": sum(l.get("fetched_spans", 0) for l in layers),
             "header_only_spans": sum(l.get("header_only_spans", 0) for l in layers),
             "read_wait_s": sum(l["read_wait_seconds"] for l in layers)       # a service that counts it

@@ -262,6 +262,8 @@ def test_a_small_files_miss_reads_its_neighbours_ahead_in_few_requests(small_fil
     past = sum(index.span_compressed_range(i)[1] - index.span_compressed_range(i)[0] for i in ahead)
     assert past <= span_fetcher.NEIGHBOR_BYTES
     assert len(requests) < 1 + len(ahead) / 2, "neighbours travel several to a request"
+    use = f.span_use()          # counted as neighbours (`service status`), none read yet
+    assert use.neighbors == len(ahead) and use.neighbors_unread_bytes == past == use.unread_bytes
     # the next files are read from the cache, and reading them moves the window on
     waited = f.stats.read_wait
     for k in range(11, 11 + len(ahead)):
@@ -269,7 +271,9 @@ def test_a_small_files_miss_reads_its_neighbours_ahead_in_few_requests(small_fil
         assert f.read(e.offset, e.offset + e.size, ahead_until=e.offset + e.size) == blob_file(blob, index, e)
     assert f.stats.read_wait == waited, "no read of the neighbours waited for the network"
     wait_fetches_settle(requests)
-    assert f.span_use().unread > 0, "the window went on past what was read"
+    use = f.span_use()
+    assert use.unread > 0, "the window went on past what was read"
+    assert use.neighbors > len(ahead) and 0 < use.neighbors_unread_bytes <= use.unread_bytes
     assert all(f.cache.has(i) for i in range(own[0], own[0] + 1 + len(ahead)))
 
 
@@ -306,3 +310,4 @@ def test_a_recording_fetcher_keeps_read_ranges_joined_in_order(small_files_esgz,
     c = files["pkg/m090.py"]
     f.read(c.offset, c.offset + c.size, read_ahead=False)
     assert f.read_ranges() == [] and f.read_order()
+

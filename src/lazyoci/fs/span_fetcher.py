@@ -139,6 +139,8 @@ class SpanUse:
     unread: int                    # spans fetched that no read has touched
     unread_bytes: int              # their compressed bytes
     header_only: int               # spans only tar header checks read (no file data)
+    neighbors: int = 0             # spans read ahead past the end of the file read (`spans_within_files`)
+    neighbors_unread_bytes: int = 0   # the compressed bytes of those no read has touched
 
 
 class SpanFetcher:
@@ -159,6 +161,7 @@ class SpanFetcher:
         self._ahead: dict[int, int] = {}
         self._failed: dict[int, tuple[float, str]] = {}   # span -> (monotonic time its fetch failed, why)
         self._fetched: set[int] = set()           # spans this run fetched and verified
+        self._neighbor_spans: set[int] = set()    # spans read ahead past the end of the file read
         self._read_data: set[int] = set()         # spans file data reads touched
         self._read_header: set[int] = set()       # spans tar header checks touched
         self._header_missed: set[int] = set()     # spans a tar header check found neither cached nor on their way
@@ -316,10 +319,12 @@ class SpanFetcher:
         with self._lock:
             fetched = set(self._fetched)
             data, header = set(self._read_data), set(self._read_header)
+            neighbors = fetched & self._neighbor_spans
         unread = fetched - data - header
         return SpanUse(fetched=len(fetched), fetched_bytes=self._compressed(fetched),
                        unread=len(unread), unread_bytes=self._compressed(unread),
-                       header_only=len(fetched & header - data))
+                       header_only=len(fetched & header - data), neighbors=len(neighbors),
+                       neighbors_unread_bytes=self._compressed(neighbors & unread))
 
     def _compressed(self, spans: set[int]) -> int:
         return sum(c1 - c0 for c0, c1 in map(self.ztoc.span_compressed_range, spans))
@@ -402,6 +407,7 @@ class SpanFetcher:
         past_file = NEIGHBOR_BYTES
         most = NEIGHBOR_SPANS if self._neighbors else max(READ_AHEAD_SPANS // share, 1)
         want: list[int] = []
+        neighbors = -1                    # where the next files' spans start in `want` (-1: none)
         for j in range(spans[-1] + 1, min(spans[-1] + 1 + most, self.ztoc.num_spans)):
             c0, c1 = self.ztoc.span_compressed_range(j)
             if until is not None and self.ztoc.span_uncompressed_range(j)[0] >= until:
@@ -409,12 +415,19 @@ class SpanFetcher:
                 past_file -= c1 - c0
                 if not self._neighbors or c1 - c0 > NEIGHBOR_SPAN_BYTES or past_file < 0:
                     break
+                if neighbors < 0:
+                    neighbors = len(want)
             budget -= c1 - c0
             inflated -= self._inflated(j)
             if inflated < 0 or budget < 0 and want:
                 break
             want.append(j)
-        return self._claim_ahead(self._off_record(spans, want), max(share // 2, 1))
+        claimed = self._claim_ahead(self._off_record(spans, want), max(share // 2, 1))
+        if neighbors >= 0:
+            past = set(want[neighbors:])
+            with self._lock:
+                self._neighbor_spans.update(j for j in claimed if j in past)
+        return claimed
 
     def _plan_header_read_ahead(self, spans: range) -> list[int]:
         """The spans to fetch beside a tar header check that misses the cache: of the next
