@@ -128,3 +128,20 @@ def test_header_reads_go_through_chunks_read_once_and_dropped_with_their_span(tm
     assert c.read_header_range(1, 130, 140) is None, "evicted: no kept chunk serves it"
     assert c.read_header_range(0, 10, 20) == data[10:20]
     c.close()
+
+
+def test_entry_states_outlive_their_object_and_a_file_that_cannot_be_kept_costs_nothing(tmp_path):
+    """Header check states are written through to `entries-checked`; a new object reads them, one
+    for another entry count starts afresh, and one whose file cannot be made still holds states."""
+    c = LayerCache(tmp_path / "l", "sha256:" + "1" * 64, SPANS)
+    states = c.entry_states(5)
+    states[3] = 1
+    states[-1] = 2
+    assert bytes(c.entry_states(5)) == bytes([0, 0, 0, 1, 2])
+    states[:] = bytes([1]) * 5
+    assert bytes(c.entry_states(5)) == bytes([1]) * 5
+    assert bytes(c.entry_states(4)) == bytes(4)          # another zTOC entry count: nothing kept
+    c.close()
+    lost = span_cache.EntryStates(tmp_path / "no such directory" / "entries-checked", 3)
+    lost[1] = 1
+    assert bytes(lost) == bytes([0, 1, 0])

@@ -131,7 +131,7 @@ class LayerVerifier:
     """
 
     def __init__(self, ztoc: LayerIndex, read: ReadRange, read_cached: ReadCached, layer: str,
-                 read_layer: ReadRange | None = None, state: bytearray | memoryview | None = None) -> None:
+                 read_layer: ReadRange | None = None, state: bytearray | None = None) -> None:
         self.ztoc = ztoc
         self.read = read
         self.read_layer = read_layer or read

@@ -10,6 +10,7 @@ view (`<layer hex>-<16 hex of the zTOC digest>`), so two indexes never share spa
     entries-checked   one byte per zTOC entry: what its header check found (fs/header_check.py),
               so a new service process (a restart, a second image with the layer) checks no
               entry again; a check's result is fixed by the layer and zTOC digests, as the tar is
+              (EntryStates)
 
 Memory: a span's bytes leave the page cache once they are on disk and PAGES_KEPT_BYTES of newer
 spans have been written after them, if a read has touched the span by then (SPAN_READ); a span
@@ -57,10 +58,11 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from collections import deque
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from lazyoci import libc
 from lazyoci.errors import LazyociError
@@ -159,6 +161,51 @@ HEADERS_CHECKED = "headers-checked"    # marker: every tar header matched the zT
 ENTRIES_CHECKED = "entries-checked"    # each zTOC entry's header check state (LayerCache.entry_states)
 
 
+class EntryStates(bytearray):
+    """Header check states, one byte per zTOC entry, read from a file when made and written through
+    to it on every change, so that they outlive the process (another process serving the layer
+    sees what it found when it starts). Reading is a bytearray's; each change costs a `pwrite`, as
+    a check costs a header parse. Written with system calls, not mapped: a write into a mapped page
+    of a full disk (or of a copy-on-write filesystem) kills the process with SIGBUS, where a failed
+    `pwrite` only stops the keeping (results only save time). A crash may lose results; any byte
+    that reaches the disk is one a check wrote. The file's descriptor is closed with the object."""
+
+    def __init__(self, path: Path, count: int) -> None:
+        super().__init__(count)
+        self._fd = -1
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            log.warning("header check results of %s are not kept: %s", path.parent.name, e.strerror)
+            return
+        weakref.finalize(self, os.close, fd)
+        self._fd = fd
+        try:
+            if os.fstat(fd).st_size == count:
+                super().__setitem__(slice(None), os.pread(fd, count, 0).ljust(count, b"\0"))
+            else:                                   # another entry count: start afresh
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, count)
+        except OSError as e:
+            self._stop(e)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        if self._fd < 0:
+            return
+        try:
+            if isinstance(key, int):
+                os.pwrite(self._fd, bytes((value,)), key % len(self))
+            else:
+                os.pwrite(self._fd, self, 0)
+        except OSError as e:
+            self._stop(e)
+
+    def _stop(self, e: OSError) -> None:
+        log.warning("header check results are no longer kept: %s", e.strerror)
+        self._fd = -1
+
+
 class LayerCache:
     """The cached spans of one layer. Thread-safe; callers pass span boundaries from the zTOC."""
 
@@ -204,19 +251,10 @@ class LayerCache:
     def mark_headers_checked(self) -> None:
         (self.directory / HEADERS_CHECKED).touch(mode=0o600)
 
-    def entry_states(self, count: int) -> memoryview:
-        """One byte per zTOC entry for the header checks to keep their results in, mapped from
-        `entries-checked` (shared: every process serving the layer sees and adds to the same
-        results, and they outlive it). Dirty pages reach the disk when the kernel writes them back:
-        a crash may lose results, and any byte that does reach the disk is one a check wrote."""
-        fd = os.open(self.directory / ENTRIES_CHECKED, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size != max(count, 1):
-                os.ftruncate(fd, 0)           # another entry count: start afresh
-                os.ftruncate(fd, max(count, 1))
-            return memoryview(mmap.mmap(fd, max(count, 1)))[:count]
-        finally:
-            os.close(fd)
+    def entry_states(self, count: int) -> "EntryStates":
+        """One byte per zTOC entry for the header checks to keep their results in, kept in
+        `entries-checked` (EntryStates)."""
+        return EntryStates(self.directory / ENTRIES_CHECKED, count)
 
     @property
     def closed(self) -> bool:

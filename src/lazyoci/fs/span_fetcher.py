@@ -407,7 +407,7 @@ class SpanFetcher:
         past_file = NEIGHBOR_BYTES
         most = NEIGHBOR_SPANS if self._neighbors else max(READ_AHEAD_SPANS // share, 1)
         want: list[int] = []
-        neighbors = -1                    # where the next files' spans start in `want` (-1: none)
+        first_neighbor = None             # the first span past the file read (the next files')
         for j in range(spans[-1] + 1, min(spans[-1] + 1 + most, self.ztoc.num_spans)):
             c0, c1 = self.ztoc.span_compressed_range(j)
             if until is not None and self.ztoc.span_uncompressed_range(j)[0] >= until:
@@ -415,18 +415,17 @@ class SpanFetcher:
                 past_file -= c1 - c0
                 if not self._neighbors or c1 - c0 > NEIGHBOR_SPAN_BYTES or past_file < 0:
                     break
-                if neighbors < 0:
-                    neighbors = len(want)
+                if first_neighbor is None:
+                    first_neighbor = j
             budget -= c1 - c0
             inflated -= self._inflated(j)
             if inflated < 0 or budget < 0 and want:
                 break
             want.append(j)
         claimed = self._claim_ahead(self._off_record(spans, want), max(share // 2, 1))
-        if neighbors >= 0:
-            past = set(want[neighbors:])
+        if first_neighbor is not None:
             with self._lock:
-                self._neighbor_spans.update(j for j in claimed if j in past)
+                self._neighbor_spans.update(j for j in claimed if j >= first_neighbor)
         return claimed
 
     def _plan_header_read_ahead(self, spans: range) -> list[int]:
