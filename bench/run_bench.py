@@ -217,6 +217,7 @@ def service_figures(root: Path) -> dict:
             "unread_bytes": sum(l.get("unread_bytes", 0) for l in layers),
             "neighbor_spans": sum(l.get("neighbor_spans", 0) for l in layers),
             "neighbor_unread_bytes": sum(l.get("neighbor_unread_bytes", 0) for l in layers),
+            "neighbor_bytes": sum(l.get("neighbor_bytes", 0) for l in layers),
             "fetched_spans": sum(l.get("fetched_spans", 0) for l in layers),
             "header_only_spans": sum(l.get("header_only_spans", 0) for l in layers),
             "read_wait_s": sum(l["read_wait_seconds"] for l in layers)       # a service that counts it

@@ -263,7 +263,7 @@ def test_a_small_files_miss_reads_its_neighbours_ahead_in_few_requests(small_fil
     assert past <= span_fetcher.NEIGHBOR_BYTES
     assert len(requests) < 1 + len(ahead) / 2, "neighbours travel several to a request"
     use = f.span_use()          # counted as neighbours (`service status`), none read yet
-    assert use.neighbors == len(ahead) and use.neighbors_unread_bytes == past == use.unread_bytes
+    assert use.neighbors == len(ahead) and use.neighbors_unread_bytes == past == use.unread_bytes == use.neighbors_bytes
     # the next files are read from the cache, and reading them moves the window on
     waited = f.stats.read_wait
     for k in range(11, 11 + len(ahead)):
@@ -274,6 +274,7 @@ def test_a_small_files_miss_reads_its_neighbours_ahead_in_few_requests(small_fil
     use = f.span_use()
     assert use.unread > 0, "the window went on past what was read"
     assert use.neighbors > len(ahead) and 0 < use.neighbors_unread_bytes <= use.unread_bytes
+    assert use.neighbors_bytes >= past + use.neighbors_unread_bytes, "the neighbours read count too"
     assert all(f.cache.has(i) for i in range(own[0], own[0] + 1 + len(ahead)))
 
 

@@ -141,6 +141,7 @@ class SpanUse:
     header_only: int               # spans only tar header checks read (no file data)
     neighbors: int = 0             # spans read ahead past the end of the file read (`spans_within_files`)
     neighbors_unread_bytes: int = 0   # the compressed bytes of those no read has touched
+    neighbors_bytes: int = 0       # the compressed bytes of them all
 
 
 class SpanFetcher:
@@ -324,7 +325,8 @@ class SpanFetcher:
         return SpanUse(fetched=len(fetched), fetched_bytes=self._compressed(fetched),
                        unread=len(unread), unread_bytes=self._compressed(unread),
                        header_only=len(fetched & header - data), neighbors=len(neighbors),
-                       neighbors_unread_bytes=self._compressed(neighbors & unread))
+                       neighbors_unread_bytes=self._compressed(neighbors & unread),
+                       neighbors_bytes=self._compressed(neighbors))
 
     def _compressed(self, spans: set[int]) -> int:
         return sum(c1 - c0 for c0, c1 in map(self.ztoc.span_compressed_range, spans))

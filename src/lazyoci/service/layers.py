@@ -97,6 +97,7 @@ class LayerStatus:
     unpack: str = ""          # unpacked from the span cache for new containers (service/unpack_queue.py)
     neighbor_spans: int = 0   # spans fetched past the end of the file read (indexes of file chunks)
     neighbor_unread_bytes: int = 0   # the compressed bytes of those no read touched
+    neighbor_bytes: int = 0   # the compressed bytes of them all
 
     @property
     def percent(self) -> float:
@@ -432,6 +433,7 @@ class LayerManager:
                 network_bytes=f.stats.bytes, read_bytes=f.stats.read_bytes, fetched_spans=use.fetched,
                 unread_spans=use.unread, unread_bytes=use.unread_bytes, header_only_spans=use.header_only,
                 neighbor_spans=use.neighbors, neighbor_unread_bytes=use.neighbors_unread_bytes,
+                neighbor_bytes=use.neighbors_bytes,
                 prefetch_spans=progress.spans if progress else 0, prefetch_done=progress.done if progress else 0,
                 mounted_at=layer.mounted_at, first_read_at=f.first_read_at,
                 format=labels.get((layer.digest, layer.ztoc_digest), "soci"),
