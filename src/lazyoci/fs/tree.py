@@ -38,8 +38,30 @@ _KINDS = {"dir": DIR, "reg": REG, "symlink": SYMLINK, "char": CHAR, "block": BLO
 class LayerTree:
     """The nodes of one layer; see the module docstring."""
 
-    def __init__(self, index: LayerIndex) -> None:
+    _COLUMNS = ("entry", "parent", "kind", "target", "nlink", "child_start", "child_count", "children",
+                "opaque", "implied_names")
+    entry: array
+    parent: array
+    kind: bytearray
+    target: array
+    nlink: array
+    child_start: array
+    child_count: array
+    children: array
+    opaque: dict[int, list[int]]
+    implied_names: dict[int, bytes]
+
+    def __init__(self, index: LayerIndex, columns: dict | None = None) -> None:
+        """Build the tree from the index; or take `columns`, what `columns()` gave of a tree built
+        from the same index elsewhere (a helper process: service/index_parsing.py)."""
         self.index = index
+        if columns is not None:
+            for name in self._COLUMNS:
+                setattr(self, name, columns[name])
+            if not len(self.parent) == len(self.kind) == len(self.target) == len(self.nlink) == \
+                    len(self.child_start) == len(self.child_count) == len(self.entry):
+                raise ValueError("the tree's columns handed over differ in length")
+            return
         self.entry = array("i", [-1])        # index entry number, -1 = implied directory
         self.parent = array("i", [0])
         self.kind = bytearray([DIR])
@@ -54,6 +76,10 @@ class LayerTree:
 
     def __len__(self) -> int:
         return len(self.entry)
+
+    def columns(self) -> dict:
+        """Everything the tree holds but its index (to hand it to another process)."""
+        return {name: getattr(self, name) for name in self._COLUMNS}
 
     # -- building --------------------------------------------------------------
 

@@ -131,7 +131,7 @@ class Service:
         records = self.paths.records_reads.exists()
         self.layers = LayerManager(self.root, self.config, self.fs, None if records else self.holder,
                                    unpack_complete=self.config.soci.unpack_complete_layers and not records,
-                                   record_reads=records)
+                                   record_reads=records, parse_helper=True)
         if containerd:
             self.start_containerd()
         self.layers.remount_known()

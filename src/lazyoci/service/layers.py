@@ -38,6 +38,7 @@ from lazyoci.fs.sibling_headers import fetch_first_headers
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
 from lazyoci.fs.span_prefetch import SpanPrefetch
+from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference
@@ -45,6 +46,7 @@ from lazyoci.service import view_records as views
 from lazyoci.service.holder_link import HolderPaths
 from lazyoci.service.holder_offers import HolderOffers
 from lazyoci.service.holder_reads import NO_XATTRS, STOPPED, ReadMap
+from lazyoci.service.index_parsing import IndexParser
 from lazyoci.service.paths import layer_view_name
 from lazyoci.service.prefetch import prefetch_files
 from lazyoci.service.unpack_queue import UnpackQueue
@@ -111,10 +113,11 @@ class LayerManager:
     """Mounts and unmounts lazy layers in one LayerFS; thread-safe."""
 
     def __init__(self, root: DataRoot, config: Config, fs: LayerFS, holder: HolderPaths | None = None,
-                 unpack_complete: bool = False, record_reads: bool = False) -> None:
+                 unpack_complete: bool = False, record_reads: bool = False, parse_helper: bool = False) -> None:
         """`holder`: the session holder to hand the layers' READs to; `unpack_complete`:
         unpack complete layers from the span cache for the soci snapshotter's new containers;
-        `record_reads`: keep every read's byte range (`read_order`, for `soci optimize`)."""
+        `record_reads`: keep every read's byte range (`read_order`, for `soci optimize`);
+        `parse_helper`: parse large zTOCs in a helper process (service/index_parsing.py)."""
         from lazyoci.registry import RegistryClient, RegistryOptions
         from lazyoci.registry.options import TransferLimits
 
@@ -146,6 +149,10 @@ class LayerManager:
         self._labels: dict[tuple[str, str], str] = {}                # view -> its format's label
         self._prefetch: dict[tuple[str, str], SpanPrefetch] = {}     # view -> its recorded prefetch
         self._lock = threading.Lock()
+        self.index_parser: IndexParser | None = None
+        if parse_helper:
+            self.index_parser = IndexParser()
+            self.index_parser.start()
         self.background: BackgroundFetcher | None = None
         if config.soci.background_fetch:
             self.background = BackgroundFetcher(self._background_layers,
@@ -230,9 +237,15 @@ class LayerManager:
             data = f.read()
         verify_bytes(data, ztoc_digest, f"{what} of layer {layer_digest}")
         started = time.monotonic()
-        ztoc = fmt.open(data, ztoc_digest)       # the format the pull recorded (a zTOC without a record)
-        tree = LayerTree(ztoc)
-        _release_freed_memory(len(tree))     # the build's temporary path table is garbage now
+        parsed = self.index_parser.parse(str(self.blobs.path(ztoc_digest)), ztoc_digest, data) \
+            if self.index_parser is not None and fmt.name == "ztoc" else None
+        ztoc: LayerIndex
+        if parsed is not None:
+            ztoc, tree = parsed
+        else:
+            ztoc = fmt.open(data, ztoc_digest)       # the format the pull recorded (a zTOC without a record)
+            tree = LayerTree(ztoc)
+            _release_freed_memory(len(tree))     # the build's temporary path table is garbage now
         spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
         if spans and spans[-1][1] != ztoc.uncompressed_size:
             raise FormatError(f"zTOC {ztoc_digest}: spans end at {spans[-1][1]}, "
@@ -271,9 +284,10 @@ class LayerManager:
         verifier.check_layer_once(cache.cached_bytes >= cache.total_bytes)    # a layer cached whole: check its tiling now
         if checked:
             self._complete(layer)      # if complete already: the holder reads it and it is unpacked now
-        log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs",
+        log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs%s",
                  layer_digest, fmt.name, len(tree), len(spans),
-                 100.0 * cache.cached_bytes / max(cache.total_bytes, 1), time.monotonic() - started)
+                 100.0 * cache.cached_bytes / max(cache.total_bytes, 1), time.monotonic() - started,
+                 ", parsed by the helper" if parsed is not None else "")
         if not self._start_prefetch(view, ztoc.num_spans, fetcher) and not checked:
             fetch_first_headers(fetcher)       # the headers every lookup into the layer checks first
         prefetch_files(ztoc, fetcher, layer_digest)
@@ -452,6 +466,8 @@ class LayerManager:
             self.background.start()
 
     def close(self) -> None:
+        if self.index_parser is not None:
+            self.index_parser.close()
         if self.unpacks is not None:
             self.unpacks.close()
         if self.background is not None:

@@ -50,6 +50,18 @@ _I32 = struct.Struct("<i").unpack_from
 _I64 = struct.Struct("<q").unpack_from
 
 
+class EntryColumns(NamedTuple):
+    """What checking a zTOC's entries derives from them (`Ztoc._validate_entries`): a parse in a
+    helper process hands these back with the bytes' digest (service/index_parsing.py), so that
+    the service's own parse of the same verified bytes skips the loop over every entry."""
+
+    types: bytearray           # every entry's type, as its position in _TYPE_ORDER
+    names: array               # where every entry's name string starts (0: it has none)
+    extents: array             # offset and size of every entry
+    xattrs_anywhere: bool
+    vtables: tuple[int, ...]   # where the entries' vtables are (a few: their plans are made again)
+
+
 class _Plan(NamedTuple):
     """How to read every FileMetadata table that uses one vtable."""
 
@@ -129,9 +141,10 @@ class Ztoc:
     _xattrs_anywhere: bool
 
     @classmethod
-    def parse(cls, data: bytes, digest: str | None = None) -> "Ztoc":
+    def parse(cls, data: bytes, digest: str | None = None, columns: EntryColumns | None = None) -> "Ztoc":
         """Parse and check zTOC bytes; `digest` is theirs if the caller verified it already
-        (otherwise it is computed when first asked for)."""
+        (otherwise it is computed when first asked for). `columns`: what a parse of the same
+        verified bytes derived from their entries (`entry_columns`); their check is not repeated."""
         limits.MAX_ZTOC_BYTES.check(len(data), "the zTOC")
         self = cls.__new__(cls)
         self._data = bytes(data)
@@ -139,12 +152,26 @@ class Ztoc:
         self._times = {}   # mod_time text -> ns; layers repeat a few times a lot
         self._r = r = C.FlatReader(self._data, "zTOC")
         try:
-            self._parse(r)
+            self._parse(r, columns)
         except (struct.error, IndexError, OverflowError) as exc:   # a read ran off the buffer
             raise r.bad(str(exc)) from None
         return self
 
-    def _parse(self, r: C.FlatReader) -> None:
+    def entry_columns(self) -> EntryColumns:
+        return EntryColumns(self._types, self._names, self._extents, self._xattrs_anywhere, tuple(self._plans))
+
+    def _take_columns(self, columns: EntryColumns) -> None:
+        count = self._count
+        if len(columns.types) != count or len(columns.names) != count or len(columns.extents) != 2 * count:
+            raise FormatError(f"the entry columns handed over do not fit the zTOC's {count} entries")
+        self._plans = {}
+        self._pax_plans = {}
+        for vt in columns.vtables:
+            self._plan(vt)
+        self._types, self._names, self._extents = columns.types, columns.names, columns.extents
+        self._xattrs_anywhere = columns.xattrs_anywhere
+
+    def _parse(self, r: C.FlatReader, columns: EntryColumns | None = None) -> None:
         root = r.root()
         self.version = _text(r.bytes_field(root, C.ZTOC_VERSION_F))
         if self.version not in SUPPORTED_VERSIONS:
@@ -160,7 +187,10 @@ class Ztoc:
             raise FormatError("zTOC lacks its TOC or its compression info")
         self._spans(r, r.table(r.deref(cinfo_pos)))
         self._entries_start, self._count = r.vector_field(r.table(r.deref(toc_pos)), 0, 4)
-        self._validate_entries(r)
+        if columns is None:
+            self._validate_entries(r)
+        else:
+            self._take_columns(columns)
 
     def _spans(self, r: C.FlatReader, ci: int) -> None:
         algo = r.int_field(ci, C.CI_ALGO, "b", C.GZIP)
