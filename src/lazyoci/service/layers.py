@@ -33,12 +33,12 @@ from lazyoci.config import Config
 from lazyoci.errors import FormatError, LazyociError, RegistryError, StoreError
 from lazyoci.fs.background import BackgroundFetcher, read_as_fetched
 from lazyoci.fs.header_check import LayerVerifier
+from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.layer_fs import TIMEOUT as ENTRY_TIMEOUT, LayerFS, LazyLayer
 from lazyoci.fs.sibling_headers import fetch_first_headers
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
 from lazyoci.fs.span_prefetch import SpanPrefetch
-from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference

@@ -58,7 +58,6 @@ class EntryColumns(NamedTuple):
     types: bytearray           # every entry's type, as its position in _TYPE_ORDER
     names: array               # where every entry's name string starts (0: it has none)
     extents: array             # offset and size of every entry
-    xattrs_anywhere: bool
     vtables: tuple[int, ...]   # where the entries' vtables are (a few: their plans are made again)
 
 
@@ -158,7 +157,7 @@ class Ztoc:
         return self
 
     def entry_columns(self) -> EntryColumns:
-        return EntryColumns(self._types, self._names, self._extents, self._xattrs_anywhere, tuple(self._plans))
+        return EntryColumns(self._types, self._names, self._extents, tuple(self._plans))
 
     def _take_columns(self, columns: EntryColumns) -> None:
         count = self._count
@@ -169,7 +168,6 @@ class Ztoc:
         for vt in columns.vtables:
             self._plan(vt)
         self._types, self._names, self._extents = columns.types, columns.names, columns.extents
-        self._xattrs_anywhere = columns.xattrs_anywhere
 
     def _parse(self, r: C.FlatReader, columns: EntryColumns | None = None) -> None:
         root = r.root()
@@ -187,6 +185,9 @@ class Ztoc:
             raise FormatError("zTOC lacks its TOC or its compression info")
         self._spans(r, r.table(r.deref(cinfo_pos)))
         self._entries_start, self._count = r.vector_field(r.table(r.deref(toc_pos)), 0, 4)
+        # PAX records are decoded only if one may be an xattr: most zTOCs have none, while some
+        # writers give every entry a record (Python's tarfile an `mtime` with a fraction)
+        self._xattrs_anywhere = XATTR_PREFIX.encode() in self._data
         if columns is None:
             self._validate_entries(r)
         else:
@@ -298,9 +299,7 @@ class Ztoc:
         prev_end, ordered = 0, True
         names: list[bytes] = []    # names and link targets since entry `first`, checked in batches
         first = 0
-        # PAX records are decoded only if one may be an xattr: most zTOCs have none, while some
-        # writers give every entry a record (Python's tarfile an `mtime` with a fraction)
-        xattrs_anywhere = self._xattrs_anywhere = XATTR_PREFIX.encode() in self._data
+        xattrs_anywhere = self._xattrs_anywhere
         buf, n, plans, ep = self._data, len(self._data), self._plans, self._entries_start
         types = self._types = bytearray()
         type_codes = _TYPE_CODES
