@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -417,6 +418,22 @@ def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: 
     return result
 
 
+def recorded_layers(optimize_log: str) -> dict[str, dict[str, int]]:
+    """What `soci optimize` said it recorded, per layer (its digest's first 19 characters): the spans
+    the workload read, and for a layer indexed again around the reads, its new span count and the
+    read ranges it was laid out around. Each invocation records anew, so a recording that differs
+    from the others (and the optimized runs that follow it) shows here."""
+    out: dict[str, dict[str, int]] = {}
+    for line in optimize_log.splitlines():
+        m = re.match(r"layer (sha256:[0-9a-f]{12})[0-9a-f]*: zTOC \S+ with (\d+) spans laid out around (\d+) reads", line)
+        if m:
+            out.setdefault(m[1], {}).update(spans=int(m[2]), reads=int(m[3]))
+        m = re.match(r"layer (sha256:[0-9a-f]{12})[0-9a-f]*: (\d+) spans read, prefetch artifact", line)
+        if m:
+            out.setdefault(m[1], {})["spans_read"] = int(m[2])
+    return out
+
+
 def prepare_image(name: str, reg: localreg.Registry, setup: Path, modes: list[str],
                   span_size: int | None = None) -> tuple[str, dict]:
     """Build (or reuse) the image, push it with skopeo, then give it a SOCI index with
@@ -442,7 +459,7 @@ def prepare_image(name: str, reg: localreg.Registry, setup: Path, modes: list[st
     listed = subprocess.run([LAZYOCI, "--root", str(root), "--config", str(cfg), "soci", "ztoc", "list"],
                             capture_output=True, text=True, check=True).stdout.splitlines()[1:]
     ztoc_bytes = sum(int(line.split()[1]) for line in listed)
-    optimized = None
+    optimized, recorded = None, {}
     if optimize:      # record the workload's reads into a second index (`lazyoci soci optimize`)
         opt = subprocess.run([LAZYOCI, "--root", str(root), "--config", str(cfg), "soci", "optimize",
                               f"{reg.host}/{repo}"], capture_output=True, text=True, timeout=3600)
@@ -452,10 +469,12 @@ def prepare_image(name: str, reg: localreg.Registry, setup: Path, modes: list[st
         if opt.returncode != 0 or not found:
             raise RuntimeError(f"soci optimize exited {opt.returncode}: {opt.stderr[-600:]}")
         optimized = found[0]
+        recorded = recorded_layers(opt.stderr)
     manifest = manifest_of(name)
     facts = {**meta, "layers": len(manifest["layers"]),
              "compressed_bytes": sum(l["size"] for l in manifest["layers"]),
              "ztocs": ztocs, "setup_s": round(time.monotonic() - t0, 1), "optimized_index": optimized,
+             "optimized_layers": recorded,
              "index": plain[-1] if plain else None,
              "ztoc_bytes": ztoc_bytes, "span_size": span_size or 4 << 20}
     log(f"{name}: pushed with a SOCI index ({ztocs} zTOCs) in {facts['setup_s']}s")
