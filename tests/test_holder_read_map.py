@@ -252,3 +252,13 @@ def test_the_opaque_marker_is_answered_for_nodes_whose_entries_are_written(layer
     assert _ask_getxattr(layer, 1, opaque, 64) == (-61, b"")
     m.set_flag(STOPPED)
     assert _ask_getxattr(layer, 2, opaque, 64) is None
+
+
+def test_an_entry_keeps_three_different_times_apart():
+    """A sweep's entries have one time for all three, which is divided once; others each their own."""
+    entry = entry_out(_Attrs(st_atime_ns=1_000_000_000_000_000_001, st_mtime_ns=2_000_000_000_000_000_002,
+                             st_ctime_ns=3, attr_timeout=0.25))
+    assert entry is not None
+    assert struct.unpack_from("<QQQQII", entry)[2:] == (86400, 0, 0, 250_000_000)
+    assert struct.unpack_from("<QQQIII", entry, 64) == (1_000_000_000, 2_000_000_000, 0, 1, 2, 3)
+    assert entry_out(_Attrs(st_ctime_ns=-5)) is None and entry_out(_Attrs(st_atime_ns=-1)) is None

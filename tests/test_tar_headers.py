@@ -239,3 +239,18 @@ def test_first_entry_reads_bytes_as_iter_headers_reads_a_file(data):
             return f"refused: {e}"
     from_file = first(lambda: next(iter_headers(ForwardFile(io.BytesIO(data))), None))
     assert first(lambda: first_entry(data)) == from_file
+
+
+def test_pax_record_lengths_and_times_with_a_sign_follow_go():
+    """Digits alone take the short way; a sign or other text still goes through Go's rules."""
+    from lazyoci.tar.headers import parse_pax, parse_pax_time
+    assert parse_pax_time(b"-1.5", 0) == -1_500_000_000
+    assert parse_pax_time(b"+2", 0) == 2_000_000_000
+    assert parse_pax_time(b"12.000000001", 0) == 12_000_000_001
+    for bad in (b"", b"1.x", b"1_0", b"\xd9\xa1", b"9223372036854775808"):
+        with pytest.raises(FormatError):
+            parse_pax_time(bad, 0)
+    assert parse_pax(b"+13 path=abc\n", 0) == [(b"path", b"abc")]
+    for bad in (b"1_2 path=abcd\n", b"12path=abcde\n", b" 12 path=abc\n"):
+        with pytest.raises(FormatError):
+            parse_pax(bad, 0)

@@ -223,3 +223,27 @@ def test_spans_for_boundaries(layer) -> None:
         us, ue = z.span_uncompressed_range(i)
         assert z.spans_for(us, ue) == range(i, i + 1)
         assert z.spans_for(ue - 1, ue + 1) == (range(i, i + 2) if i + 1 < n else range(i, i + 1))
+
+
+def test_rfc3339_times_sharing_their_seconds_parse_alike() -> None:
+    """The seconds of a time are memoised by their text (a layer's files share a few): the same
+    second with another fraction, zone or a time that is no date must each parse on their own."""
+    import datetime as dt
+    from lazyoci.errors import FormatError
+    from lazyoci.ztoc.toc import format_rfc3339_nano, parse_rfc3339_nano
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        ns = rng.randrange(-10**18, 4 * 10**18)
+        assert parse_rfc3339_nano(format_rfc3339_nano(ns)) == ns
+    base = "2026-12-06T11:02:51"
+    assert parse_rfc3339_nano(base + "Z") == 1_796_554_971 * 10**9
+    assert parse_rfc3339_nano(base + ".5Z") == 1_796_554_971 * 10**9 + 500_000_000
+    assert parse_rfc3339_nano(base + ".000000001Z") == 1_796_554_971 * 10**9 + 1
+    assert parse_rfc3339_nano(base + ".5+02:00") == (1_796_554_971 - 7200) * 10**9 + 500_000_000
+    assert parse_rfc3339_nano(base + "-01:30") == (1_796_554_971 + 5400) * 10**9
+    local = dt.datetime(2026, 12, 6, 11, 2, 51, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert parse_rfc3339_nano(base + "+02:00") == int(local.timestamp()) * 10**9
+    for bad in ("2026-02-30T11:02:51Z", "2026-02-30T11:02:51.1Z", base, base + ".Z", base + ".1234567890Z"):
+        with pytest.raises(FormatError):
+            parse_rfc3339_nano(bad)

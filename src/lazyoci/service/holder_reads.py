@@ -116,24 +116,38 @@ def _name_hash(key: bytes, directory: int, name: bytes) -> int:
     return int.from_bytes(h, "little", signed=True) | 1
 
 
+_TIMEOUTS: dict[float, tuple[int, int]] = {}    # a service answers with a handful of timeouts
+
+
 def _timeout(seconds: float) -> tuple[int, int]:
     """A timeout as the kernel takes it, whole seconds and nanoseconds (as libfuse converts it)."""
-    whole = min(max(int(seconds), 0), _U64)
-    return whole, min(max(int((seconds - whole) * 1e9), 0), 999_999_999)
+    out = _TIMEOUTS.get(seconds)
+    if out is None:
+        whole = min(max(int(seconds), 0), _U64)
+        out = (whole, min(max(int((seconds - whole) * 1e9), 0), 999_999_999))
+        if len(_TIMEOUTS) < 64:
+            _TIMEOUTS[seconds] = out
+    return out
 
 
 def entry_out(a: Any) -> bytes | None:
     """struct fuse_entry_out of attributes named as pyfuse3's EntryAttributes names them, field for
     field what libfuse makes of them for a LOOKUP reply (integers cut to the field's width); None
-    for a time before 1970, which the service alone answers (C divides such times otherwise)."""
-    if min(a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns) < 0:
+    for a time before 1970, which the service alone answers (C divides such times otherwise).
+    Written for every child a directory's sweep checks, so the common case (one time for all
+    three) divides once."""
+    atime, mtime, ctime = a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns
+    if atime < 0 or mtime < 0 or ctime < 0:
         return None
     entry_valid, entry_nsec = _timeout(a.entry_timeout)
     attr_valid, attr_nsec = _timeout(a.attr_timeout)
-    times = [divmod(ns, 1_000_000_000) for ns in (a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns)]
-    return _ENTRY_OUT.pack(a.st_ino & _U64, a.generation & _U64, entry_valid, attr_valid, entry_nsec, attr_nsec) + \
-        _ATTR.pack(a.st_ino & _U64, a.st_size & _U64, a.st_blocks & _U64, times[0][0], times[1][0], times[2][0],
-                   times[0][1], times[1][1], times[2][1], a.st_mode & _U32, a.st_nlink & _U32, a.st_uid & _U32,
+    a_s, a_ns = divmod(atime, 1_000_000_000)
+    m_s, m_ns = (a_s, a_ns) if mtime == atime else divmod(mtime, 1_000_000_000)
+    c_s, c_ns = (a_s, a_ns) if ctime == atime else divmod(ctime, 1_000_000_000)
+    ino = a.st_ino & _U64
+    return _ENTRY_OUT.pack(ino, a.generation & _U64, entry_valid, attr_valid, entry_nsec, attr_nsec) + \
+        _ATTR.pack(ino, a.st_size & _U64, a.st_blocks & _U64, a_s, m_s, c_s,
+                   a_ns, m_ns, c_ns, a.st_mode & _U32, a.st_nlink & _U32, a.st_uid & _U32,
                    a.st_gid & _U32, a.st_rdev & _U32, a.st_blksize & _U32, 0)
 
 

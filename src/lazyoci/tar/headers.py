@@ -153,7 +153,7 @@ def parse_pax(data: bytes, at: int) -> list[tuple[bytes, bytes]]:
     while pos < end:
         sp = data.find(b" ", pos)
         digits = data[pos:sp] if sp > pos else b""
-        length = int(digits) if _SIGNED.fullmatch(digits) else -1
+        length = int(digits) if digits.isdigit() or _SIGNED.fullmatch(digits) else -1
         rec = data[sp + 1:pos + length] if length >= 5 and pos + length <= end else b""
         key, eq, value = rec[:-1].partition(b"=")
         if not rec.endswith(b"\n") or not eq or not key or b"\0" in key \
@@ -185,10 +185,13 @@ def _id(value: int, what: str, at: int) -> int:
 def parse_pax_time(value: bytes, at: int) -> int:
     """A PAX time "[sign]sec[.frac]" in nanoseconds (fraction truncated to 9 digits, as Go does)."""
     sec, dot, frac = value.partition(b".")
-    if not _SIGNED.fullmatch(sec) or (frac and not frac.isdigit()) or not -_MAX_INT64 <= int(sec) < _MAX_INT64:
+    if not (sec.isdigit() or _SIGNED.fullmatch(sec)) or (frac and not frac.isdigit()):
+        raise FormatError(f"not a tar archive: bad PAX time {value!r} in the header at offset {at}")
+    whole = int(sec)
+    if not -_MAX_INT64 <= whole < _MAX_INT64:
         raise FormatError(f"not a tar archive: bad PAX time {value!r} in the header at offset {at}")
     ns = int((frac + b"000000000")[:9])
-    return int(sec) * 1_000_000_000 + (-ns if sec.startswith(b"-") else ns)
+    return whole * 1_000_000_000 + (-ns if sec.startswith(b"-") else ns)
 
 
 class HeaderReader:

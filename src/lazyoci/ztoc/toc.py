@@ -41,23 +41,35 @@ def format_rfc3339_nano(mtime_ns: int) -> str:
 _RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
 
 
+_SECONDS: dict[str, int] = {}   # "YYYY-MM-DDTHH:MM:SS" + zone -> seconds since the epoch
+
+
 def parse_rfc3339_nano(text: str) -> int:
-    """Nanoseconds since the epoch of an RFC 3339 time (any offset); FormatError if malformed."""
+    """Nanoseconds since the epoch of an RFC 3339 time (any offset); FormatError if malformed.
+    The seconds are memoised by their text: a layer's files are written within a few seconds
+    of each other, and only the fraction differs (python-ml's largest layer: 19,833 times, 29
+    seconds), while the calendar arithmetic is most of a parse."""
     m = _RFC3339.fullmatch(text)
     if not m:
         raise FormatError(f"bad mod_time {text!r} in zTOC (want RFC 3339)")
-    y, mo, d, h, mi, s = (int(g) for g in m.groups()[:6])
     tz = m.group(8)
-    if tz == "Z":
-        offset = 0
-    else:
-        offset = (int(tz[1:3]) * 60 + int(tz[4:6])) * 60 * (1 if tz[0] == "+" else -1)
-    try:
-        t = _dt.datetime(y, mo, d, h, mi, s, tzinfo=_dt.timezone.utc)
-    except ValueError:
-        raise FormatError(f"bad mod_time {text!r} in zTOC") from None
-    sec = int((t - _EPOCH).total_seconds()) - offset
-    return sec * 1_000_000_000 + int(((m.group(7) or "") + "000000000")[:9])
+    key = text[:19] + tz      # the regex's first six groups are 19 characters wide
+    sec = _SECONDS.get(key)
+    if sec is None:
+        y, mo, d, h, mi, s = (int(g) for g in m.groups()[:6])
+        if tz == "Z":
+            offset = 0
+        else:
+            offset = (int(tz[1:3]) * 60 + int(tz[4:6])) * 60 * (1 if tz[0] == "+" else -1)
+        try:
+            t = _dt.datetime(y, mo, d, h, mi, s, tzinfo=_dt.timezone.utc)
+        except ValueError:
+            raise FormatError(f"bad mod_time {text!r} in zTOC") from None
+        sec = int((t - _EPOCH).total_seconds()) - offset
+        if len(_SECONDS) < 4096:
+            _SECONDS[key] = sec
+    frac = m.group(7)
+    return sec * 1_000_000_000 + (int((frac + "00000000")[:9]) if frac else 0)
 
 
 class TocBuilder(HeaderFeed):
