@@ -78,7 +78,7 @@ def main() -> None:
         nonlocal checks
         tree = LayerTree(ztoc)
         verifier = LayerVerifier(ztoc, lambda s, e: tar[s:e], lambda s, e: tar[s:e], blob.name)
-        fetcher = types.SimpleNamespace(cache=types.SimpleNamespace(cached_bytes=1))   # what _sweep asks
+        fetcher = types.SimpleNamespace(cache=types.SimpleNamespace(cached_bytes=1, has=lambda span: True))   # what _sweep asks
         layer = layer_fs.LazyLayer("sha256:" + blob.name, tree, fetcher, 0.0, verifier)
         bounds = [ztoc.span_uncompressed_range(i)[0] for i in range(ztoc.num_spans)] + [ztoc.uncompressed_size]
         layer.read_map = ReadMap.create(len(tree), bounds, 3600)

@@ -221,6 +221,10 @@ class LayerFS(pyfuse3.Operations):
             todo = sorted(set(v.unchecked(entries)))
         except LazyociError:
             todo = [i for i in sorted(set(entries)) if v.state[i] == UNCHECKED]
+        # A child whose main tar header (the block before its data) is not in the cache cannot be
+        # checked yet: left out before its entry is decoded and a read of its region tried, which
+        # every sweep of its directory would do again while the cache fills.
+        todo = [i for i in todo if self._header_cached(layer, i)]
         try:
             if v.check_cached(todo):
                 return
@@ -231,6 +235,14 @@ class LayerFS(pyfuse3.Operations):
                 v.check_cached([i])
             except LazyociError:
                 pass       # a bad child stays unchecked in the listing; its lookup is EIO
+
+    @staticmethod
+    def _header_cached(layer: LazyLayer, i: int) -> bool:
+        """The block in front of entry i's data, its main tar header, is in the disk cache."""
+        index = layer.tree.index
+        offset = index.entry_extent(i)[0]
+        spans = index.spans_for(offset - 1, offset)
+        return not spans or layer.fetcher.cache.has(spans[0])
 
     def _sweep(self, layer: LazyLayer, d: int) -> None:
         """Check the children of d whose headers are cached and write their entries for the
