@@ -145,3 +145,30 @@ def test_entry_states_outlive_their_object_and_a_file_that_cannot_be_kept_costs_
     lost = span_cache.EntryStates(tmp_path / "no such directory" / "entries-checked", 3)
     lost[1] = 1
     assert bytes(lost) == bytes([0, 1, 0])
+
+
+def test_entry_states_changed_while_held_reach_the_file_together_when_the_last_hold_ends(tmp_path, monkeypatch):
+    """A sweep checks many entries at once: their states are written in one `pwrite` when the
+    outermost `held()` block ends (also when it ends by an exception), not one each."""
+    c = LayerCache(tmp_path / "l", "sha256:" + "1" * 64, SPANS)
+    states = c.entry_states(8)
+    writes: list[tuple[int, int]] = []
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(span_cache.os, "pwrite", lambda fd, data, at: writes.append((at, len(data))) or
+                        real_pwrite(fd, data, at))
+    with states.held():
+        states[2] = 1
+        with states.held():
+            states[6] = 1
+        states[4] = 2
+        assert writes == [] and bytes(c.entry_states(8)) == bytes(8), "nothing written while held"
+    assert writes == [(2, 5)]
+    assert bytes(c.entry_states(8)) == bytes([0, 0, 1, 0, 2, 0, 1, 0])
+    with pytest.raises(RuntimeError):
+        with states.held():
+            states[7] = 1
+            raise RuntimeError("a check that failed")
+    assert writes[-1] == (7, 1) and c.entry_states(8)[7] == 1
+    states[0] = 1                                  # outside a hold: written at once
+    assert writes[-1] == (0, 1)
+    c.close()

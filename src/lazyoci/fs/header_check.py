@@ -45,10 +45,12 @@ from __future__ import annotations
 import logging
 import threading
 from array import array
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable, Iterator, NoReturn
 
 from lazyoci.errors import FormatError, IntegrityError, LazyociError
 from lazyoci.fs.layer_index import IndexEntry, LayerIndex
+from lazyoci.fs.span_cache import EntryStates
 from lazyoci.libc import name_this_thread
 from lazyoci.oci.whiteout import normalise
 from lazyoci.tar import TarHeader, first_entry, iter_headers
@@ -144,6 +146,9 @@ class LayerVerifier:
         elif BAD in state:
             state[:] = bytes(state).replace(bytes([BAD]), bytes([UNCHECKED]))
         self.state = state
+        # a check of many entries writes their results to the span cache's file once (EntryStates)
+        self._hold: Callable[[], AbstractContextManager[None]] = \
+            state.held if isinstance(state, EntryStates) else nullcontext
         self.broken: str | None = None        # why the whole-layer check failed
         self.layer_ok = False                 # the whole-layer check passed (now or in an earlier run)
         self._layer_check_started = False
@@ -254,6 +259,10 @@ class LayerVerifier:
         self._check(entries, cached=False)
 
     def _check(self, entries: list[int], cached: bool) -> bool:
+        with self._hold():
+            return self._check_held(entries, cached)
+
+    def _check_held(self, entries: list[int], cached: bool) -> bool:
         for i in self.unchecked(entries):
             entry = self.entry(i)
             field: str | None = "no header region"
@@ -353,11 +362,12 @@ class LayerVerifier:
         ztoc = self.ztoc
         read = read or self.read_layer
         try:
-            # writers list entries in stream order: try that first, each entry decoded once; the
-            # first entry not at the next header's offset sends the check to offset order
-            if not self._check_tiling(range(len(ztoc)), read, in_order=True):
-                self._check_tiling(sorted(range(len(ztoc)), key=lambda i: ztoc.entry(i).offset), read,
-                                   in_order=False)
+            with self._hold():
+                # writers list entries in stream order: try that first, each entry decoded once; the
+                # first entry not at the next header's offset sends the check to offset order
+                if not self._check_tiling(range(len(ztoc)), read, in_order=True):
+                    self._check_tiling(sorted(range(len(ztoc)), key=lambda i: ztoc.entry(i).offset), read,
+                                       in_order=False)
         except FormatError as e:
             self._broken(f"the layer's tar cannot be read: {e}")
         self.layer_ok = True

@@ -60,9 +60,9 @@ import threading
 import time
 import weakref
 from collections import deque
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lazyoci import libc
 from lazyoci.errors import LazyociError
@@ -164,8 +164,9 @@ ENTRIES_CHECKED = "entries-checked"    # each zTOC entry's header check state (L
 class EntryStates(bytearray):
     """Header check states, one byte per zTOC entry, read from a file when made and written through
     to it on every change, so that they outlive the process (another process serving the layer
-    sees what it found when it starts). Reading is a bytearray's; each change costs a `pwrite`, as
-    a check costs a header parse. Written with system calls, not mapped: a write into a mapped page
+    sees what it found when it starts). Reading is a bytearray's; each change costs a `pwrite`,
+    or inside `held()` one `pwrite` for all the changes made in it (a directory's sweep checks
+    dozens of entries at once). Written with system calls, not mapped: a write into a mapped page
     of a full disk (or of a copy-on-write filesystem) kills the process with SIGBUS, where a failed
     `pwrite` only stops the keeping (results only save time). A crash may lose results; any byte
     that reaches the disk is one a check wrote. The file's descriptor is closed with the object."""
@@ -173,6 +174,9 @@ class EntryStates(bytearray):
     def __init__(self, path: Path, count: int) -> None:
         super().__init__(count)
         self._fd = -1
+        self._lock = threading.Lock()
+        self._holds = 0                  # `held()` blocks open, in any thread
+        self._lo, self._hi = count, 0    # the entries changed inside them, not written yet
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
@@ -193,11 +197,37 @@ class EntryStates(bytearray):
         super().__setitem__(key, value)
         if self._fd < 0:
             return
+        if isinstance(key, int):
+            k = key % len(self)
+            if self._holds:
+                with self._lock:
+                    if self._holds:
+                        self._lo, self._hi = min(self._lo, k), max(self._hi, k + 1)
+                        return
+            self._write(bytes((value,)), k)
+        else:
+            self._write(self, 0)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Changes made inside are written when the last open block ends, together."""
+        with self._lock:
+            self._holds += 1
         try:
-            if isinstance(key, int):
-                os.pwrite(self._fd, bytes((value,)), key % len(self))
-            else:
-                os.pwrite(self._fd, self, 0)
+            yield
+        finally:
+            with self._lock:
+                self._holds -= 1
+                lo, hi = (self._lo, self._hi) if not self._holds else (0, 0)
+                if lo < hi:
+                    self._lo, self._hi = len(self), 0
+                    data = bytes(self[lo:hi])
+            if lo < hi and self._fd >= 0:
+                self._write(data, lo)
+
+    def _write(self, data: bytes | bytearray, offset: int) -> None:
+        try:
+            os.pwrite(self._fd, data, offset)
         except OSError as e:
             self._stop(e)
 
