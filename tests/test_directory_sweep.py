@@ -21,7 +21,8 @@ SPAN = 64 << 10
 
 
 def _swept_layer():
-    """A layer of one directory whose files fill several spans; (fs, layer, tar, cached spans)."""
+    """A layer of one directory whose files fill several spans, span 0 alone cached; (fs, layer,
+    zTOC, the cached spans, which the test may add to)."""
     noise = random.Random(3)
     entries = [Entry("d", "dir")] + [Entry(f"d/f{k:02d}", data=noise.randbytes(20 << 10)) for k in range(24)]
     tar = tar_bytes(entries)

@@ -185,13 +185,11 @@ def _id(value: int, what: str, at: int) -> int:
 def parse_pax_time(value: bytes, at: int) -> int:
     """A PAX time "[sign]sec[.frac]" in nanoseconds (fraction truncated to 9 digits, as Go does)."""
     sec, dot, frac = value.partition(b".")
-    if not (sec.isdigit() or _SIGNED.fullmatch(sec)) or (frac and not frac.isdigit()):
-        raise FormatError(f"not a tar archive: bad PAX time {value!r} in the header at offset {at}")
-    whole = int(sec)
-    if not -_MAX_INT64 <= whole < _MAX_INT64:
+    if not (sec.isdigit() or _SIGNED.fullmatch(sec)) or (frac and not frac.isdigit()) \
+            or not -_MAX_INT64 <= int(sec) < _MAX_INT64:
         raise FormatError(f"not a tar archive: bad PAX time {value!r} in the header at offset {at}")
     ns = int((frac + b"000000000")[:9])
-    return whole * 1_000_000_000 + (-ns if sec.startswith(b"-") else ns)
+    return int(sec) * 1_000_000_000 + (-ns if sec.startswith(b"-") else ns)
 
 
 class HeaderReader:

@@ -498,22 +498,18 @@ class Ztoc:
         xattrs: dict[str, bytes] = {}
         if xvec:
             for key, value in self._pax(xvec):
-                k = key.decode("utf-8", "surrogateescape")
-                pax[k] = value.decode("utf-8", "surrogateescape")
+                k = _text(key)
+                pax[k] = _text(value)
                 if k.startswith(XATTR_PREFIX):
                     xattrs[k[len(XATTR_PREFIX):]] = value
-        mod_time = mod_time.decode("utf-8", "surrogateescape")
+        mod_time = _text(mod_time)
         mtime_ns = self._times.get(mod_time)
         if mtime_ns is None:
             mtime_ns = parse_rfc3339_nano(mod_time) if mod_time else 0
             if len(self._times) < 4096:   # bounded: a Ztoc must stay ~ the size of its bytes
                 self._times[mod_time] = mtime_ns
-        # (`_text`, spelt out: an entry is decoded for every header check)
-        return TocEntry(name.decode("utf-8", "surrogateescape"), typ.decode(), off, size,
-                        linkname.decode("utf-8", "surrogateescape") if linkname else "", mode, uid, gid,
-                        uname.decode("utf-8", "surrogateescape") if uname else "",
-                        gname.decode("utf-8", "surrogateescape") if gname else "",
-                        mod_time, mtime_ns, devmajor, devminor, pax, xattrs)
+        return TocEntry(_text(name), typ.decode(), off, size, _text(linkname), mode, uid, gid, _text(uname),
+                        _text(gname), mod_time, mtime_ns, devmajor, devminor, pax, xattrs)
 
     def span_digest(self, i: int) -> str:
         self._check_span(i)
