@@ -151,6 +151,35 @@ def test_range_ignored_is_reported(proxy, client):
         client.fetch_range(ref, sha(BLOB), 100, 200)
 
 
+def test_several_ranges_come_in_one_request_in_the_order_asked(proxy, client):
+    """The registry answers multipart/byteranges; each range's bytes come out of their part."""
+    ranges = [(1_500_000, 1_600_000), (7, 5000), (2 * 1024 * 1024, len(BLOB)), (900_000, 900_001)]
+    got = client.fetch_ranges(ref_via(proxy), sha(BLOB), ranges)
+    assert got == [BLOB[s:e] for s, e in ranges]
+    gets = [r for r in proxy.log if r.method == "GET" and "/blobs/" in r.path]
+    assert len(gets) == 1 and gets[0].range == "bytes=1500000-1599999,7-4999,2097152-2097168,900000-900000"
+
+
+@pytest.mark.parametrize("kind", ["ignore_range", "first_range"])
+def test_a_registry_serving_one_range_per_request_is_asked_so_from_then_on(proxy, client, kind):
+    """The whole blob (200) or one part (206 of the first range): None, the body left unread, and
+    the client asks that registry for one range per request from then on (no more tries)."""
+    ref = ref_via(proxy)
+    proxy.add(Fault(kind, match="/blobs/", times=None))
+    assert client.fetch_ranges(ref, sha(BLOB), [(0, 100), (5000, 6000)]) is None
+    assert proxy.count("GET", "/blobs/") == 1
+    assert client.fetch_ranges(ref, sha(BLOB), [(0, 100), (5000, 6000)]) is None
+    assert proxy.count("GET", "/blobs/") == 1
+    proxy.clear()
+    assert client.fetch_range(ref, sha(BLOB), 5000, 6000) == BLOB[5000:6000]
+
+
+def test_a_truncated_multipart_answer_is_an_error_never_short_bytes(proxy, client):
+    proxy.add(Fault("truncate", match="/blobs/", method="GET", times=None, at=150_000))
+    with pytest.raises(RegistryError, match="truncated or malformed"):
+        client.fetch_ranges(ref_via(proxy), sha(BLOB), [(0, 100_000), (200_000, 300_000)])
+
+
 def test_range_read_retried_after_reset(proxy, client):
     proxy.add(Fault("reset", match="/blobs/", method="GET", at=10))
     assert client.fetch_range(ref_via(proxy), sha(BLOB), 5000, 105_000) == BLOB[5000:105_000]

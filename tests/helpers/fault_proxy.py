@@ -24,6 +24,8 @@ Fault kinds (a fault applies to the next `times` matching requests; times=None: 
                   a RST makes the receiver drop unread data)
 - "close":        like "reset" but a clean close (FIN) mid-body
 - "ignore_range": forward without the Range header, so the registry answers 200 with the whole blob
+- "first_range":  forward with only the first range of a Range header of several (storage that
+                  serves one range per request: the registry answers a single 206 part)
 - "redirect":     answer 307 with `location` (a URL) instead of contacting the registry
 - "delay":        sleep `seconds` before forwarding (slow registries, timeouts)
 - "drip":         forward, send the headers at once, then the body at `rate` bytes per second
@@ -256,6 +258,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         if fault and fault.kind == "ignore_range":
             headers = {k: v for k, v in headers.items() if k.lower() not in ("range", "if-range")}
+        if fault and fault.kind == "first_range":
+            headers = {k: (v.split(",")[0] if k.lower() == "range" else v) for k, v in headers.items()}
         if body or method in ("POST", "PUT", "PATCH"):
             headers["Content-Length"] = str(len(body))
         conn = http.client.HTTPConnection(self.owner.upstream, timeout=60)
@@ -359,13 +363,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def spans_requested(ztoc, records: list[RequestRecord]) -> list[int]:
-    """The spans of `ztoc` each Range request in `records` covered (a request = a run of adjacent
-    spans), in request order: a span twice in the list was fetched twice."""
+    """The spans of `ztoc` each Range request in `records` covered (a range = a run of adjacent
+    spans; a request may ask for several), in request order: a span twice in the list was
+    fetched twice."""
     out = []
     for r in records:
-        m = re.match(r"bytes=(\d+)-(\d+)", r.range or "")
-        assert m, f"a blob GET without Range: {r}"
-        lo, hi = int(m.group(1)), int(m.group(2)) + 1
-        out += [i for i in range(ztoc.num_spans)
-                if ztoc.span_compressed_range(i)[0] >= lo and ztoc.span_compressed_range(i)[1] <= hi]
+        spec = r.range or ""
+        assert spec.startswith("bytes="), f"a blob GET without Range: {r}"
+        for part in spec[len("bytes="):].split(","):
+            m = re.fullmatch(r"\s*(\d+)-(\d+)\s*", part)
+            assert m, f"a blob GET with a Range this helper does not read: {r}"
+            lo, hi = int(m.group(1)), int(m.group(2)) + 1
+            out += [i for i in range(ztoc.num_spans)
+                    if ztoc.span_compressed_range(i)[0] >= lo and ztoc.span_compressed_range(i)[1] <= hi]
     return out

@@ -51,6 +51,12 @@ most NEIGHBOR_BYTES compressed of small spans (each at most NEIGHBOR_SPAN_BYTES)
 of up to RUN_BYTES. What it brings in and no read uses counts as never read. A zTOC's span
 already holds a file's neighbours: its read-ahead stays inside the file.
 
+Several ranges in one request: with `fetch_ranges`, the runs of adjacent spans one call needs
+(the recorded prefetch asks for the next spans of its list, rarely adjacent) go in one request
+of up to MAX_RANGES_PER_REQUEST ranges, within the same bytes held; each span is verified as
+ever, and one that fails is fetched again alone. A registry that answers such a request with
+the whole blob or one range is asked one run per request from then on (`multi_range`).
+
 Write-behind: a span is handed to the reader (and to every waiter) as soon as it
 is verified and inflated; one writer thread stores it in the disk cache. Until the
 cache has it, its resolved Future stays in `_inflight`, so no read fetches it again.
@@ -81,8 +87,11 @@ from lazyoci.fs.workers import ReadAheadPool, WriteBehind
 log = logging.getLogger(__name__)
 
 FetchRange = Callable[[int, int], bytes]     # compressed blob bytes [start, end)
+# several ranges' bytes in one request, or None where the registry serves one range per request
+FetchRanges = Callable[[list[tuple[int, int]]], "list[bytes] | None"]
 MAX_SPANS_PER_REQUEST = 16                   # spans per Range request ...
 MAX_REQUEST_BYTES = 128 << 20                # ... and their compressed + inflated bytes (16 x 2 x 4 MiB)
+MAX_RANGES_PER_REQUEST = 16                  # runs of spans asked for in one request (several ranges)
 ATTEMPTS = 3
 # A span whose fetch just failed (a stalled registry, after its retries) fails again at once for
 # this long: the kernel asks again for the page of a failed read-ahead straight away, and that
@@ -148,9 +157,11 @@ class SpanFetcher:
     """Serves uncompressed byte ranges of one lazy layer."""
 
     def __init__(self, ztoc: LayerIndex, fetch_range: FetchRange, cache: LayerCache,
-                 layer_digest: str) -> None:
+                 layer_digest: str, fetch_ranges: FetchRanges | None = None) -> None:
         self.ztoc = ztoc
         self.fetch_range = fetch_range
+        # several runs of spans in one request; None once the registry has served one range only
+        self.fetch_ranges = fetch_ranges
         self.cache = cache
         self.layer_digest = layer_digest
         self.on_stored: Callable[[], None] | None = None   # runs after each span reaches the disk cache
@@ -520,7 +531,9 @@ class SpanFetcher:
         """Make `spans` cached; returns the bytes of those this call (or a waited-on fetch) produced.
 
         `on_transfer` runs once the bytes this call fetches have arrived (at once if it fetches none).
-        Adjacent spans go in one request, at most `longest` of them and MAX_REQUEST_BYTES held."""
+        Adjacent spans go in one range, at most `longest` of them and MAX_REQUEST_BYTES held; with
+        `fetch_ranges`, up to MAX_RANGES_PER_REQUEST such ranges go in one request, within the same
+        bytes held (`multi_range`)."""
         claimed: dict[int, Future] = {}
         waiting: dict[int, Future] = {}
         with self._lock:
@@ -542,8 +555,8 @@ class SpanFetcher:
             on_transfer = None
         results: dict[int, bytes] = {}
         try:
-            for run in _runs(claimed, longest, self._held, MAX_REQUEST_BYTES):
-                results.update(self._fetch_run(run, on_transfer))
+            for batch in self._batches(_runs(claimed, longest, self._held, MAX_REQUEST_BYTES)):
+                results.update(self._fetch_batch(batch, on_transfer))
                 on_transfer = None
         finally:
             # Whatever happened, release every claim so waiters never hang. A resolved claim stays
@@ -569,14 +582,56 @@ class SpanFetcher:
         c0, c1 = self.ztoc.span_compressed_range(i)
         return c1 - c0 + self._inflated(i)
 
-    def _fetch_run(self, run: list[int], on_transfer: Callable[[], object] | None = None) -> dict[int, bytes]:
-        """Fetch consecutive spans in one Range request, verify, decompress, cache.
+    @property
+    def multi_range(self) -> bool:
+        """Several runs of spans can go in one request (until the registry refuses that)."""
+        return self.fetch_ranges is not None
 
-        Spans that fail verification are fetched again on their own, up to
-        ATTEMPTS requests each, then the read fails with IntegrityError.
-        """
+    def _batches(self, runs: list[list[int]]) -> list[list[list[int]]]:
+        """The runs grouped into requests: one each, or with `fetch_ranges` up to
+        MAX_RANGES_PER_REQUEST runs and MAX_REQUEST_BYTES held in each."""
+        if self.fetch_ranges is None or len(runs) < 2:
+            return [[run] for run in runs]
+        batches: list[list[list[int]]] = []
+        held = 0
+        for run in runs:
+            n = sum(map(self._held, run))
+            if batches and len(batches[-1]) < MAX_RANGES_PER_REQUEST and held + n <= MAX_REQUEST_BYTES:
+                batches[-1].append(run)
+                held += n
+            else:
+                batches.append([run])
+                held = n
+        return batches
+
+    def _fetch_batch(self, batch: list[list[int]],
+                     on_transfer: Callable[[], object] | None = None) -> dict[int, bytes]:
+        """Fetch runs of spans in one request of several ranges, or one request per run where
+        the registry does not serve that (then this fetcher asks one range at a time from now)."""
+        fetch_ranges = self.fetch_ranges
+        if len(batch) == 1 or fetch_ranges is None:
+            out: dict[int, bytes] = {}
+            for run in batch:
+                out.update(self._fetch_run(run, on_transfer))
+                on_transfer = None
+            return out
+        out = {}
+        bad = self._fetch_groups(fetch_ranges, batch, out, on_transfer)
+        if bad is None:
+            self.fetch_ranges = None
+            return self._fetch_batch(batch, on_transfer)
+        self._fetch_again(bad, out)
+        return out
+
+    def _fetch_run(self, run: list[int], on_transfer: Callable[[], object] | None = None) -> dict[int, bytes]:
+        """Fetch consecutive spans in one Range request, verify, decompress, cache."""
         out: dict[int, bytes] = {}
-        bad = self._fetch_group(run, 1, out, on_transfer)
+        self._fetch_again(self._fetch_group(run, 1, out, on_transfer), out)
+        return out
+
+    def _fetch_again(self, bad: list[int], out: dict[int, bytes]) -> None:
+        """Spans that failed verification are fetched again on their own, up to ATTEMPTS
+        requests each, then the read fails with IntegrityError."""
         for i in bad:
             for attempt in range(2, ATTEMPTS + 1):
                 if not self._fetch_group([i], attempt, out):
@@ -588,7 +643,6 @@ class SpanFetcher:
                 log.error("%s", err)
                 self._fail(bad, err)
                 raise err
-        return out
 
     def _fetch_group(self, group: list[int], attempt: int, out: dict[int, bytes],
                      on_transfer: Callable[[], object] | None = None) -> list[int]:
@@ -599,18 +653,62 @@ class SpanFetcher:
         try:
             blob = self.fetch_range(lo, hi)
         except LazyociError as e:
-            log.error("layer %s: fetching spans %d-%d failed: %s", self.layer_digest, group[0], group[-1], e)
-            with self._lock:
-                self._failed.update((i, (time.monotonic(), str(e))) for i in group)
-            self._fail(group, e)
+            self._fetch_failed(group, e)
             raise
         arrived = time.monotonic()
         if on_transfer is not None:
             on_transfer()
+        self._count_request(len(blob))
+        bad = self._take(group, lo, blob, attempt, out)
+        if log.isEnabledFor(logging.DEBUG):   # one line per request: where a lazy start's time goes
+            log.debug("layer %s: spans %d-%d (%d bytes) in %s: %.0f ms to arrive, %.0f ms to check and inflate",
+                      self.layer_digest[7:19], group[0], group[-1], hi - lo, threading.current_thread().name,
+                      1000 * (arrived - asked), 1000 * (time.monotonic() - arrived))
+        return bad
+
+    def _fetch_groups(self, fetch_ranges: FetchRanges, groups: list[list[int]], out: dict[int, bytes],
+                      on_transfer: Callable[[], object] | None = None) -> list[int] | None:
+        """One request of several ranges, a run of spans each; returns the spans that failed
+        verification, or None if the registry served no such request (nothing was taken)."""
+        ranges = [(self.ztoc.span_compressed_range(g[0])[0], self.ztoc.span_compressed_range(g[-1])[1])
+                  for g in groups]
+        asked = time.monotonic()
+        try:
+            blobs = fetch_ranges(ranges)
+        except LazyociError as e:
+            self._fetch_failed([i for g in groups for i in g], e)
+            raise
+        if blobs is None:
+            return None
+        arrived = time.monotonic()
+        if on_transfer is not None:
+            on_transfer()
+        self._count_request(sum(map(len, blobs)))
+        bad: list[int] = []
+        for group, (lo, _), blob in zip(groups, ranges, blobs):
+            bad += self._take(group, lo, blob, 1, out)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("layer %s: spans %s (%d bytes, %d ranges) in %s: %.0f ms to arrive, %.0f ms to check "
+                      "and inflate", self.layer_digest[7:19], ",".join(f"{g[0]}-{g[-1]}" for g in groups),
+                      sum(hi - lo for lo, hi in ranges), len(ranges), threading.current_thread().name,
+                      1000 * (arrived - asked), 1000 * (time.monotonic() - arrived))
+        return bad
+
+    def _fetch_failed(self, spans: list[int], e: LazyociError) -> None:
+        log.error("layer %s: fetching spans %d-%d failed: %s", self.layer_digest, spans[0], spans[-1], e)
+        with self._lock:
+            self._failed.update((i, (time.monotonic(), str(e))) for i in spans)
+        self._fail(spans, e)
+
+    def _count_request(self, received: int) -> None:
         with self._lock:
             self.stats.requests += 1
-            self.stats.bytes += len(blob)
+            self.stats.bytes += received
             self.stats.last_fetch = time.monotonic()
+
+    def _take(self, group: list[int], lo: int, blob: bytes, attempt: int, out: dict[int, bytes]) -> list[int]:
+        """Verify and inflate the spans of `group` out of `blob` (compressed bytes from `lo`), hand
+        each to its waiters and the cache writer; returns the spans that failed verification."""
         bad: list[int] = []
         for i in group:
             c0, c1 = self.ztoc.span_compressed_range(i)
@@ -634,10 +732,6 @@ class SpanFetcher:
             out[i] = data
             self._resolve(i, data)
             _WRITER.submit(partial(self._store, i, data), len(data))
-        if log.isEnabledFor(logging.DEBUG):   # one line per request: where a lazy start's time goes
-            log.debug("layer %s: spans %d-%d (%d bytes) in %s: %.0f ms to arrive, %.0f ms to check and inflate",
-                      self.layer_digest[7:19], group[0], group[-1], hi - lo, threading.current_thread().name,
-                      1000 * (arrived - asked), 1000 * (time.monotonic() - arrived))
         return bad
 
     def _store(self, i: int, data: bytes) -> None:

@@ -1,7 +1,12 @@
 """Recorded prefetch: fetch a layer's listed spans at mount, in parallel, coalesced, bounded.
 
-The spans come from the layer's prefetch artifact (soci/prefetch.py), in its order. Each run of
-consecutive spans (at most PREFETCH_RUN) is one Range request. One set of PREFETCH_REQUESTS
+The spans come from the layer's prefetch artifact (soci/prefetch.py), in its order. Where the
+registry serves several ranges in one request, each request takes the next spans of the list up
+to PREFETCH_REQUEST_BYTES compressed, adjacent ones in one range (an artifact laid out around
+the recorded reads has an unread span between most two it names, so runs are short: one request
+per run made python-ml's 164 spans 156 requests, and a request costs a round trip and the
+registry's work); else each run of consecutive spans (at most PREFETCH_RUN) is one Range
+request. One set of PREFETCH_REQUESTS
 threads serves the prefetches of every mounted layer, a request from each layer in turn: an
 image mounts several layers at once, and a bound per layer multiplied the requests in flight
 with the layers, which took the link from the pull still fetching the next layers' indexes
@@ -25,7 +30,9 @@ from lazyoci.libc import name_this_thread
 log = logging.getLogger(__name__)
 
 PREFETCH_REQUESTS = 4         # Range requests in flight for the prefetches of all layers together
-PREFETCH_RUN = 4              # spans per request at most (the span manager also bounds its bytes)
+PREFETCH_RUN = 4              # spans per request at most (the span manager also bounds its bytes) ...
+PREFETCH_REQUEST_BYTES = 2 << 20   # ... or, several ranges in a request, compressed bytes (a span more
+                                   # at most; never fewer than one span)
 
 
 @dataclass(frozen=True)
@@ -42,33 +49,48 @@ class SpanPrefetch:
     """One layer's prefetch; its requests are made by the threads all prefetches share."""
 
     def __init__(self, fetcher: SpanFetcher, spans: list[int], run: int = PREFETCH_RUN,
-                 scheduler: "PrefetchScheduler | None" = None) -> None:
+                 scheduler: "PrefetchScheduler | None" = None,
+                 request_bytes: int = PREFETCH_REQUEST_BYTES) -> None:
         self.fetcher = fetcher
         self.spans = spans
-        self._jobs = _runs_in_order(spans, run)
+        self._run = run
+        self._request_bytes = request_bytes
         self._scheduler = scheduler or _SCHEDULER
         self._lock = threading.Lock()
-        self._next = 0
-        self._ended = 0           # requests made (or failed) so far
+        self._next = 0            # spans of the list taken into requests so far
+        self._running = 0         # requests taken and not ended
         self._done = 0
         self._failed = 0
 
     def start(self) -> None:
-        if self._jobs:
+        if self.spans:
             self._scheduler.add(self)
 
     def progress(self) -> PrefetchProgress:
         with self._lock:
-            return PrefetchProgress(len(self.spans), self._done, self._failed, self._ended == len(self._jobs))
+            return PrefetchProgress(len(self.spans), self._done, self._failed,
+                                    self._next >= len(self.spans) and not self._running)
 
     def take(self) -> list[int] | None:
-        """The next request to make, or None once every one has been taken."""
+        """The spans of the next request to make, or None once every one has been taken: the
+        next spans of the list up to `request_bytes` where the fetcher sends several ranges in a
+        request, else the next run of consecutive spans."""
         with self._lock:
-            if self._next >= len(self._jobs):
+            spans, start = self.spans, self._next
+            if start >= len(spans):
                 return None
-            job = self._jobs[self._next]
-            self._next += 1
-            return job
+            end = start + 1
+            if self.fetcher.multi_range:
+                budget = self._request_bytes - _compressed(self.fetcher, spans[start])
+                while end < len(spans) and budget > 0:
+                    budget -= _compressed(self.fetcher, spans[end])
+                    end += 1
+            else:
+                while end < len(spans) and end - start < self._run and spans[end] == spans[end - 1] + 1:
+                    end += 1
+            self._next = end
+            self._running += 1
+            return spans[start:end]
 
     def run(self, job: list[int]) -> None:
         """Make one request (through the span manager) and count what it did."""
@@ -76,15 +98,20 @@ class SpanPrefetch:
             self.fetcher.ensure(job, background=True)
             ok = True
         except Exception as e:      # only a prefetch: the read that needs the span reports it
-            log.warning("layer %s: prefetch of spans %d-%d failed: %s", self.fetcher.layer_digest,
-                        job[0], job[-1], e)
+            log.warning("layer %s: prefetch of spans %s failed: %s", self.fetcher.layer_digest,
+                        ",".join(map(str, job)), e)
             ok = False
         with self._lock:
-            self._ended += 1
+            self._running -= 1
             if ok:
                 self._done += len(job)
             else:
                 self._failed += len(job)
+
+
+def _compressed(fetcher: SpanFetcher, span: int) -> int:
+    c0, c1 = fetcher.ztoc.span_compressed_range(span)
+    return c1 - c0
 
 
 class PrefetchScheduler:
@@ -125,14 +152,3 @@ class PrefetchScheduler:
 
 
 _SCHEDULER = PrefetchScheduler()
-
-
-def _runs_in_order(spans: list[int], longest: int) -> list[list[int]]:
-    """Runs of consecutive spans (at most `longest` each), in the order the list gives them."""
-    runs: list[list[int]] = []
-    for i in spans:
-        if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < longest:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs

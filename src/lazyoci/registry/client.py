@@ -7,8 +7,10 @@ registry says it stored.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import BinaryIO, Callable, Iterator
 
 import httpx
@@ -23,6 +25,8 @@ from lazyoci.registry.auth import basic_header, pull_scope, push_scope
 from lazyoci.registry.credentials import Credentials, DockerConfig, registry_host
 from lazyoci.registry.options import RegistryOptions
 from lazyoci.registry.transport import Transport, raise_for_status
+
+log = logging.getLogger(__name__)
 
 # Manifests are small; a bigger answer is refused rather than read into memory.
 MAX_MANIFEST_SIZE = 8 * 1024 * 1024
@@ -48,6 +52,7 @@ class RegistryClient:
         self._lock = threading.Lock()
         self._creds: dict[str, tuple[Credentials | None, float]] = {}
         self._acknowledged: set[tuple[str, str, str]] = set()   # (registry, repository, manifest digest)
+        self._single_range: set[str] = set()     # registries that refused several ranges in one request
 
     def _credentials(self, registry: str) -> Credentials | None:
         """Stored credentials, cached briefly: a credential helper is a process per call, and a
@@ -192,6 +197,20 @@ class RegistryClient:
 
     def fetch_range(self, ref: Reference, digest: str, start: int, end: int) -> bytes:
         return download.fetch_range(self.transport, ref, digest, start, end)
+
+    def fetch_ranges(self, ref: Reference, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
+        """Several ranges of a blob in one request (`download.fetch_ranges`), or None where the
+        registry does not serve them so: once it has refused, this client asks it no more."""
+        with self._lock:
+            if ref.registry in self._single_range:
+                return None
+        got = download.fetch_ranges(self.transport, ref, digest, ranges)
+        if got is None:
+            log.info("registry %s does not serve several ranges in one answer: one request per range",
+                     ref.registry)
+            with self._lock:
+                self._single_range.add(ref.registry)
+        return got
 
     def blob_exists(self, ref: Reference, digest: str) -> bool:
         return download.blob_exists(self.transport, ref, digest, (pull_scope(ref.repository),))

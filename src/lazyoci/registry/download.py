@@ -1,4 +1,5 @@
-"""Blob downloads: verified streams that resume after resets, and Range reads for lazy loading.
+"""Blob downloads: verified streams that resume after resets, and Range reads for lazy loading
+(one range, or several in one request where the registry serves them).
 
 Both run under a `TransferGuard` (registry/transfer.py): whole blobs with the
 options' `blob_limits` (a minimum rate, no deadline), Range reads with its
@@ -8,7 +9,7 @@ options' `blob_limits` (a minimum rate, no deadline), Range reads with its
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from collections.abc import Iterator, Sequence
 
 import httpx
 
@@ -86,14 +87,8 @@ def iter_blob(transport: Transport, ref: Reference, digest: str, size: int | Non
 def _check_content_range(resp: httpx.Response, start: int, digest: str) -> tuple[int, int, int | None]:
     """Parse `Content-Range: bytes S-E/TOTAL`; RegistryError unless it starts where we asked."""
     value = resp.headers.get("content-range", "")
-    try:
-        unit, _, rest = value.partition(" ")
-        span, _, total = rest.partition("/")
-        s, _, e = span.partition("-")
-        got = (int(s), int(e), None if total in ("*", "") else int(total))
-    except ValueError:
-        raise RegistryError(f"blob {digest}: invalid Content-Range {value!r} in a 206 answer") from None
-    if unit != "bytes" or got[0] != start:
+    got = _content_range(value, digest)
+    if got[0] != start:
         raise RegistryError(f"blob {digest}: asked for bytes from {start}, the registry sent {value!r}")
     return got
 
@@ -144,6 +139,150 @@ def fetch_range(transport: Transport, ref: Reference, digest: str, start: int, e
                 raise IntegrityError(f"blob {digest}: range {start}-{end - 1} returned {len(data)} bytes, "
                                      f"expected {end - start}", expected=digest)
             return data
+
+
+def fetch_ranges(transport: Transport, ref: Reference, digest: str,
+                 ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
+    """Bytes of several ranges [start, end) of a blob in ONE request (`Range: bytes=a-b,c-d`,
+    answered as multipart/byteranges), in the order given; like `fetch_range`, not verified here.
+
+    None when the registry does not serve several ranges in one answer: it sent the whole blob
+    (200), or one part that does not hold every range asked for (some storage behind registries
+    keeps only the first range). Such a body is not read, so a refusal costs a round trip and no
+    bytes; the caller asks for the ranges one by one. RegistryError for an answer that claims
+    to hold the ranges and does not, or when the options' `range_limits` end the read."""
+    if not ranges or any(s < 0 or e <= s for s, e in ranges):
+        raise ValueError(f"invalid byte ranges {list(ranges)}")
+    if any(b[0] < a[1] for a, b in zip(sorted(ranges), sorted(ranges)[1:])):
+        raise ValueError(f"overlapping byte ranges {list(ranges)}")
+    path = blob_path(ref, digest)
+    scopes = (pull_scope(ref.repository),)
+    headers = {**_IDENTITY, "Range": "bytes=" + ",".join(f"{s}-{e - 1}" for s, e in ranges)}
+    what = f"blob {digest} of {ref.name}, {len(ranges)} ranges"
+    wanted = sum(e - s for s, e in ranges)
+    # the parts' own headers and boundaries around the data: a few hundred bytes each
+    most = wanted + _PART_OVERHEAD * (len(ranges) + 1)
+    with transport.transfer(transport.options.range_limits, what) as guard:
+        attempt = 0
+        use_mirrors = True
+        while True:
+            ep, resp = transport.send(ref.registry, "GET", path, scopes=scopes, headers=headers,
+                                      stream=True, mirrors=use_mirrors, guard=guard)
+            try:
+                raise_for_status(resp, what)
+                kind = resp.headers.get("content-type", "")
+                one_part = resp.status_code == 206 and not kind.lower().startswith("multipart/byteranges")
+                if one_part:
+                    first, last, _ = _content_range(resp.headers.get("content-range", ""), digest)
+                if resp.status_code != 206 or one_part and (
+                        first > min(s for s, _ in ranges) or last < max(e for _, e in ranges) - 1
+                        or last + 1 - first > most):
+                    if ep.mirror:            # a mirror that does not: ask the upstream
+                        use_mirrors = False
+                        continue
+                    return None              # the whole blob, one range (or a joined one too large)
+                if one_part:
+                    body = _read_at_most(transport, resp, guard, last + 1 - first, what)
+                    if len(body) != last + 1 - first:
+                        raise IntegrityError(f"{what}: {len(body)} bytes for the range {first}-{last}",
+                                             expected=digest)
+                    return [bytes(body[s - first:e - first]) for s, e in ranges]
+                boundary = _boundary(kind, what)
+                body = _read_at_most(transport, resp, guard, most, what)
+            except httpx.TransportError as e:
+                why = guard.explain(e) or describe(e)
+                if attempt >= transport.options.max_retries:
+                    raise RegistryError(f"{what}: range read failed {attempt + 1} times: {why}") from None
+                log.debug("%s: %s; retry %d", what, why, attempt + 1)
+                guard.pause(backoff(attempt), why)
+                attempt += 1
+                continue
+            finally:
+                resp.close()
+            return _take_parts(_parts(body, boundary, digest, what), ranges, what)
+
+
+_PART_OVERHEAD = 512
+
+
+def _content_range(value: str, digest: str) -> tuple[int, int, int | None]:
+    """`bytes S-E/TOTAL` as (S, E, TOTAL or None); RegistryError if it is not that."""
+    try:
+        unit, _, rest = value.strip().partition(" ")
+        span, _, total = rest.partition("/")
+        s, _, e = span.partition("-")
+        first, last = int(s), int(e)
+        got = (first, last, None if total in ("*", "") else int(total))
+    except ValueError:
+        raise RegistryError(f"blob {digest}: invalid Content-Range {value!r} in a 206 answer") from None
+    if unit != "bytes" or first < 0 or last < first:
+        raise RegistryError(f"blob {digest}: invalid Content-Range {value!r} in a 206 answer")
+    return got
+
+
+def _boundary(content_type: str, what: str) -> bytes:
+    """The boundary parameter of a multipart Content-Type (quoted or not)."""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary" and value.strip('"'):
+            return value.strip('"').encode("latin-1")
+    raise RegistryError(f"{what}: multipart answer without a boundary ({content_type!r})")
+
+
+def _read_at_most(transport: Transport, resp: httpx.Response, guard: TransferGuard, most: int,
+                  what: str) -> bytearray:
+    """The whole body, RegistryError past `most` bytes (a server sending more than was asked)."""
+    body = bytearray()
+    for chunk in _guarded(transport, resp, guard, resp.iter_raw()):
+        body += chunk
+        if len(body) > most:
+            raise RegistryError(f"{what}: the answer runs past the {most} bytes asked for")
+    return body
+
+
+def _parts(body: bytearray, boundary: bytes, digest: str, what: str) -> list[tuple[int, memoryview]]:
+    """The (first offset, bytes) of each part of a multipart/byteranges body (views of it, not
+    copies). Each part's length is its Content-Range's, so data that happens to hold the boundary
+    cannot cut a part short."""
+    parts: list[tuple[int, memoryview]] = []
+    view = memoryview(body)
+    delimiter = b"--" + boundary
+    pos = body.find(delimiter)
+    while pos >= 0:
+        pos += len(delimiter)
+        if body.startswith(b"--", pos):
+            return parts                          # the closing delimiter
+        head_end = body.find(b"\r\n\r\n", pos)
+        if head_end < 0:
+            break
+        content_range = None
+        for line in body[pos:head_end].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-range":
+                content_range = value.decode("latin-1")
+        if content_range is None:
+            raise RegistryError(f"{what}: a part of the answer has no Content-Range")
+        first, last, _ = _content_range(content_range, digest)
+        start = head_end + 4
+        data = view[start:start + last + 1 - first]
+        if len(data) != last + 1 - first:
+            break
+        parts.append((first, data))
+        pos = body.find(delimiter, start + len(data))
+    raise RegistryError(f"{what}: the multipart answer is truncated or malformed")
+
+
+def _take_parts(parts: list[tuple[int, memoryview]], ranges: Sequence[tuple[int, int]], what: str) -> list[bytes]:
+    """Each range's bytes out of the part that holds it (a server may join ranges into one part)."""
+    out = []
+    for s, e in ranges:
+        for first, data in parts:
+            if first <= s and e <= first + len(data):
+                out.append(bytes(data[s - first:e - first]))
+                break
+        else:
+            raise RegistryError(f"{what}: the answer has no part holding bytes {s}-{e - 1}")
+    return out
 
 
 def _guarded(transport: Transport, resp: httpx.Response, guard: TransferGuard,

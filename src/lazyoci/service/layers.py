@@ -25,8 +25,8 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from lazyoci import libc
 from lazyoci.config import Config
@@ -37,7 +37,7 @@ from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.layer_fs import TIMEOUT as ENTRY_TIMEOUT, LayerFS, LazyLayer
 from lazyoci.fs.sibling_headers import fetch_first_headers
 from lazyoci.fs.span_cache import SpanCache
-from lazyoci.fs.span_fetcher import SpanFetcher, flush_cache_writes
+from lazyoci.fs.span_fetcher import FetchRange, FetchRanges, SpanFetcher, flush_cache_writes
 from lazyoci.fs.span_prefetch import SpanPrefetch
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
@@ -57,6 +57,7 @@ from lazyoci.store.layout import DataRoot
 from lazyoci.store.lazy_layer_records import LazyLayerRecords
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # A tree build leaves about 20 bytes of garbage per entry: below this many entries a full
@@ -187,19 +188,20 @@ class LayerManager:
                 known.insert(0, r)
             return known
 
-    def _fetcher(self, view: tuple[str, str]):
-        """Fetch compressed bytes of the layer through its references in order; the first that
+    def _fetchers(self, view: tuple[str, str]) -> tuple[FetchRange, FetchRanges]:
+        """Fetch compressed bytes of the layer (one range; several in one request, or None where
+        the registry does not serve that) through its references in order; the first that
         answers goes to the front. A layer is content-addressed (and every span is checked
         against the zTOC), so which repository serves it does not matter."""
         client, layer_digest = self.client, view[0]
 
-        def fetch(start: int, end: int) -> bytes:
+        def through_refs(call: Callable[[Reference], T]) -> T:
             with self._lock:
                 refs = list(self._refs.get(view, ()))
             error: RegistryError | None = None
             for r in refs:
                 try:
-                    data = client.fetch_range(r, layer_digest, start, end)
+                    data = call(r)
                 except RegistryError as e:
                     log.warning("layer %s: fetching from %s failed: %s", layer_digest, r, e)
                     error = e
@@ -209,7 +211,13 @@ class LayerManager:
                 return data
             raise error or RegistryError(f"layer {layer_digest}: no repository to fetch it from")
 
-        return fetch
+        def fetch(start: int, end: int) -> bytes:
+            return through_refs(lambda r: client.fetch_range(r, layer_digest, start, end))
+
+        def fetch_many(ranges: list[tuple[int, int]]) -> list[bytes] | None:
+            return through_refs(lambda r: client.fetch_ranges(r, layer_digest, ranges))
+
+        return fetch, fetch_many
 
     def mount(self, ref: str, layer_digest: str, ztoc_digest: str, persist: bool = True,
               fallback_refs: Sequence[str] = ()) -> None:
@@ -259,7 +267,8 @@ class LayerManager:
                 continue
         self._prefer(view, [reference])
         self._prefer(view, refs)
-        fetcher = SpanFetcher(ztoc, self._fetcher(view), cache, layer_digest)
+        fetch, fetch_many = self._fetchers(view)
+        fetcher = SpanFetcher(ztoc, fetch, cache, layer_digest, fetch_ranges=fetch_many)
         if self.record_reads:
             fetcher.ranges = []
         checked = cache.headers_checked or not getattr(ztoc, "headers_in_stream", True)   # or a TOC vouches for them
