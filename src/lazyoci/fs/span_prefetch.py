@@ -6,15 +6,14 @@ to PREFETCH_REQUEST_BYTES compressed, adjacent ones in one range (an artifact la
 the recorded reads has an unread span between most two it names, so runs are short: one request
 per run made python-ml's 164 spans 156 requests, and a request costs a round trip and the
 registry's work); else each run of consecutive spans (at most PREFETCH_RUN) is one Range
-request. One set of PREFETCH_REQUESTS
-threads serves the prefetches of every mounted layer, a request from each layer in turn: an
-image mounts several layers at once, and a bound per layer multiplied the requests in flight
-with the layers, which took the link from the pull still fetching the next layers' indexes
-and held that many spans in memory. Everything goes through the span manager, so a span a
-read already fetches is waited on rather than fetched again, and every span is verified before
-anything uses it; a read of a span that is still queued here fetches it itself (then this finds
-it cached). A failed request is logged and counted: prefetch only speeds reads up, the reads
-report their errors.
+request. One set of PREFETCH_REQUESTS threads serves the prefetches of every mounted layer, a
+request from each layer in turn: an image mounts several layers at once, and a bound per layer
+multiplied the requests in flight with the layers, which took the link from the pull still
+fetching the next layers' indexes and held that many spans in memory. Everything goes through
+the span manager, so a span a read already fetches is waited on rather than fetched again, and
+every span is verified before anything uses it; a read of a span that is still queued here
+fetches it itself (then this finds it cached). A failed request is logged and counted: prefetch
+only speeds reads up, the reads report their errors.
 """
 
 from __future__ import annotations
