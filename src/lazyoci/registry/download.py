@@ -126,12 +126,7 @@ def fetch_range(transport: Transport, ref: Reference, digest: str, start: int, e
                 # As received (no fixed-size pieces), so the guard sees the deadline pass on a slow link.
                 data = b"".join(_guarded(transport, resp, guard, resp.iter_raw()))
             except httpx.TransportError as e:
-                why = guard.explain(e) or describe(e)
-                if attempt >= transport.options.max_retries:
-                    raise RegistryError(f"{what}: range read failed {attempt + 1} times: {why}") from None
-                log.debug("%s: %s; retry %d", what, why, attempt + 1)
-                guard.pause(backoff(attempt), why)
-                attempt += 1
+                attempt = _next_attempt(transport, guard, what, e, attempt)
                 continue
             finally:
                 resp.close()
@@ -190,12 +185,7 @@ def fetch_ranges(transport: Transport, ref: Reference, digest: str,
                 boundary = _boundary(kind, what)
                 body = _read_at_most(transport, resp, guard, most, what)
             except httpx.TransportError as e:
-                why = guard.explain(e) or describe(e)
-                if attempt >= transport.options.max_retries:
-                    raise RegistryError(f"{what}: range read failed {attempt + 1} times: {why}") from None
-                log.debug("%s: %s; retry %d", what, why, attempt + 1)
-                guard.pause(backoff(attempt), why)
-                attempt += 1
+                attempt = _next_attempt(transport, guard, what, e, attempt)
                 continue
             finally:
                 resp.close()
@@ -283,6 +273,18 @@ def _take_parts(parts: list[tuple[int, memoryview]], ranges: Sequence[tuple[int,
         else:
             raise RegistryError(f"{what}: the answer has no part holding bytes {s}-{e - 1}")
     return out
+
+
+def _next_attempt(transport: Transport, guard: TransferGuard, what: str, e: httpx.TransportError,
+                  attempt: int) -> int:
+    """After a range read failed: RegistryError once the options' retries are spent, else pause
+    (backoff, within the guard's deadline) and return the next attempt's number."""
+    why = guard.explain(e) or describe(e)
+    if attempt >= transport.options.max_retries:
+        raise RegistryError(f"{what}: range read failed {attempt + 1} times: {why}") from None
+    log.debug("%s: %s; retry %d", what, why, attempt + 1)
+    guard.pause(backoff(attempt), why)
+    return attempt + 1
 
 
 def _guarded(transport: Transport, resp: httpx.Response, guard: TransferGuard,
