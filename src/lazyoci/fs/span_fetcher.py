@@ -55,7 +55,8 @@ Several ranges in one request: with `fetch_ranges`, the runs of adjacent spans o
 (the recorded prefetch asks for the next spans of its list, rarely adjacent) go in one request
 of up to MAX_RANGES_PER_REQUEST ranges, within the same bytes held; each span is verified as
 ever, and one that fails is fetched again alone. A registry that answers such a request with
-the whole blob or one range is asked one run per request from then on (`multi_range`).
+the whole blob, one range or a mangled multipart answer (`fetch_ranges` gives None) is asked
+one run per request from then on (`multi_range`).
 
 Write-behind: a span is handed to the reader (and to every waiter) as soon as it
 is verified and inflated; one writer thread stores it in the disk cache. Until the

@@ -87,7 +87,9 @@ def iter_blob(transport: Transport, ref: Reference, digest: str, size: int | Non
 def _check_content_range(resp: httpx.Response, start: int, digest: str) -> tuple[int, int, int | None]:
     """Parse `Content-Range: bytes S-E/TOTAL`; RegistryError unless it starts where we asked."""
     value = resp.headers.get("content-range", "")
-    got = _content_range(value, digest)
+    got = _parse_content_range(value)
+    if got is None:
+        raise RegistryError(f"blob {digest}: invalid Content-Range {value!r} in a 206 answer")
     if got[0] != start:
         raise RegistryError(f"blob {digest}: asked for bytes from {start}, the registry sent {value!r}")
     return got
@@ -142,21 +144,22 @@ def fetch_ranges(transport: Transport, ref: Reference, digest: str,
     answered as multipart/byteranges), in the order given; like `fetch_range`, not verified here.
 
     None when the registry does not serve several ranges in one answer: it sent the whole blob
-    (200), or one part that does not hold every range asked for (some storage behind registries
-    keeps only the first range). Such a body is not read, so a refusal costs a round trip and no
-    bytes; the caller asks for the ranges one by one. RegistryError for an answer that claims
-    to hold the ranges and does not, or when the options' `range_limits` end the read."""
+    (200), one part that does not hold every range asked for (some storage behind registries
+    keeps only the first range), or a multipart answer that is malformed, truncated, longer than
+    asked or missing a range (logged). A body past its headers is not read further, and nothing
+    of it is returned; the caller asks for the ranges one by one, which a registry that mangles
+    several ranges still serves. RegistryError when the options' `range_limits` end the read."""
     if not ranges or any(s < 0 or e <= s for s, e in ranges):
         raise ValueError(f"invalid byte ranges {list(ranges)}")
-    if any(b[0] < a[1] for a, b in zip(sorted(ranges), sorted(ranges)[1:])):
+    ordered = sorted(ranges)
+    if any(b[0] < a[1] for a, b in zip(ordered, ordered[1:])):
         raise ValueError(f"overlapping byte ranges {list(ranges)}")
     path = blob_path(ref, digest)
     scopes = (pull_scope(ref.repository),)
     headers = {**_IDENTITY, "Range": "bytes=" + ",".join(f"{s}-{e - 1}" for s, e in ranges)}
     what = f"blob {digest} of {ref.name}, {len(ranges)} ranges"
-    wanted = sum(e - s for s, e in ranges)
     # the parts' own headers and boundaries around the data: a few hundred bytes each
-    most = wanted + _PART_OVERHEAD * (len(ranges) + 1)
+    most = sum(e - s for s, e in ranges) + _PART_OVERHEAD * (len(ranges) + 1)
     with transport.transfer(transport.options.range_limits, what) as guard:
         attempt = 0
         use_mirrors = True
@@ -165,75 +168,89 @@ def fetch_ranges(transport: Transport, ref: Reference, digest: str,
                                       stream=True, mirrors=use_mirrors, guard=guard)
             try:
                 raise_for_status(resp, what)
-                kind = resp.headers.get("content-type", "")
-                one_part = resp.status_code == 206 and not kind.lower().startswith("multipart/byteranges")
-                if one_part:
-                    first, last, _ = _content_range(resp.headers.get("content-range", ""), digest)
-                if resp.status_code != 206 or one_part and (
-                        first > min(s for s, _ in ranges) or last < max(e for _, e in ranges) - 1
-                        or last + 1 - first > most):
-                    if ep.mirror:            # a mirror that does not: ask the upstream
-                        use_mirrors = False
-                        continue
-                    return None              # the whole blob, one range (or a joined one too large)
-                if one_part:
-                    body = _read_at_most(transport, resp, guard, last + 1 - first, what)
-                    if len(body) != last + 1 - first:
-                        raise IntegrityError(f"{what}: {len(body)} bytes for the range {first}-{last}",
-                                             expected=digest)
-                    return [bytes(body[s - first:e - first]) for s, e in ranges]
-                boundary = _boundary(kind, what)
-                body = _read_at_most(transport, resp, guard, most, what)
+                got = _several_ranges(transport, resp, guard, ranges, most)
             except httpx.TransportError as e:
                 attempt = _next_attempt(transport, guard, what, e, attempt)
                 continue
             finally:
                 resp.close()
-            return _take_parts(_parts(body, boundary, digest, what), ranges, what)
+            if isinstance(got, list):
+                return got
+            if ep.mirror:                  # a mirror that does not: ask the upstream
+                use_mirrors = False
+                continue
+            if got:
+                log.warning("%s: %s; asking for one range per request", what, got)
+            return None
 
 
 _PART_OVERHEAD = 512
 
 
-def _content_range(value: str, digest: str) -> tuple[int, int, int | None]:
-    """`bytes S-E/TOTAL` as (S, E, TOTAL or None); RegistryError if it is not that."""
+def _several_ranges(transport: Transport, resp: httpx.Response, guard: TransferGuard,
+                    ranges: Sequence[tuple[int, int]], most: int) -> list[bytes] | str:
+    """The ranges' bytes out of an answer, or why it does not hold them ("" when the registry
+    simply serves one range per request: the whole blob, or one part)."""
+    if resp.status_code != 206:
+        return ""
+    kind = resp.headers.get("content-type", "")
+    if kind.lower().startswith("multipart/byteranges"):
+        boundary = _boundary(kind)
+        if boundary is None:
+            return f"a multipart answer without a boundary ({kind!r})"
+        body = _read_at_most(transport, resp, guard, most)
+        if body is None:
+            return f"the answer runs past the {most} bytes asked for"
+        parts = _parts(body, boundary)
+        return parts if isinstance(parts, str) else _take_parts(parts, ranges)
+    one = _parse_content_range(resp.headers.get("content-range", ""))
+    if one is None:
+        return f"invalid Content-Range {resp.headers.get('content-range', '')!r}"
+    first, last, _ = one
+    if first > min(s for s, _ in ranges) or last < max(e for _, e in ranges) - 1 or last + 1 - first > most:
+        return ""                          # one range (or ranges joined into one too large to take)
+    body = _read_at_most(transport, resp, guard, last + 1 - first)
+    if body is None or len(body) != last + 1 - first:
+        return f"{'more' if body is None else len(body)} bytes for the range {first}-{last}"
+    return [bytes(body[s - first:e - first]) for s, e in ranges]
+
+
+def _parse_content_range(value: str) -> tuple[int, int, int | None] | None:
+    """`bytes S-E/TOTAL` as (S, E, TOTAL or None for `*`), or None if it is not that."""
+    unit, _, rest = value.strip().partition(" ")
+    span, _, total = rest.partition("/")
+    s, _, e = span.partition("-")
     try:
-        unit, _, rest = value.strip().partition(" ")
-        span, _, total = rest.partition("/")
-        s, _, e = span.partition("-")
-        first, last = int(s), int(e)
-        got = (first, last, None if total in ("*", "") else int(total))
+        got = (int(s), int(e), None if total in ("*", "") else int(total))
     except ValueError:
-        raise RegistryError(f"blob {digest}: invalid Content-Range {value!r} in a 206 answer") from None
-    if unit != "bytes" or first < 0 or last < first:
-        raise RegistryError(f"blob {digest}: invalid Content-Range {value!r} in a 206 answer")
-    return got
+        return None
+    return got if unit == "bytes" and 0 <= got[0] <= got[1] else None
 
 
-def _boundary(content_type: str, what: str) -> bytes:
+def _boundary(content_type: str) -> bytes | None:
     """The boundary parameter of a multipart Content-Type (quoted or not)."""
     for param in content_type.split(";")[1:]:
         key, _, value = param.strip().partition("=")
         if key.lower() == "boundary" and value.strip('"'):
             return value.strip('"').encode("latin-1")
-    raise RegistryError(f"{what}: multipart answer without a boundary ({content_type!r})")
+    return None
 
 
-def _read_at_most(transport: Transport, resp: httpx.Response, guard: TransferGuard, most: int,
-                  what: str) -> bytearray:
-    """The whole body, RegistryError past `most` bytes (a server sending more than was asked)."""
+def _read_at_most(transport: Transport, resp: httpx.Response, guard: TransferGuard,
+                  most: int) -> bytearray | None:
+    """The whole body, or None once it runs past `most` bytes (the rest is not read)."""
     body = bytearray()
     for chunk in _guarded(transport, resp, guard, resp.iter_raw()):
         body += chunk
         if len(body) > most:
-            raise RegistryError(f"{what}: the answer runs past the {most} bytes asked for")
+            return None
     return body
 
 
-def _parts(body: bytearray, boundary: bytes, digest: str, what: str) -> list[tuple[int, memoryview]]:
+def _parts(body: bytearray, boundary: bytes) -> list[tuple[int, memoryview]] | str:
     """The (first offset, bytes) of each part of a multipart/byteranges body (views of it, not
-    copies). Each part's length is its Content-Range's, so data that happens to hold the boundary
-    cannot cut a part short."""
+    copies), or what is wrong with it. Each part's length is its Content-Range's, so data that
+    happens to hold the boundary cannot cut a part short."""
     parts: list[tuple[int, memoryview]] = []
     view = memoryview(body)
     delimiter = b"--" + boundary
@@ -245,24 +262,25 @@ def _parts(body: bytearray, boundary: bytes, digest: str, what: str) -> list[tup
         head_end = body.find(b"\r\n\r\n", pos)
         if head_end < 0:
             break
-        content_range = None
+        value = None
         for line in body[pos:head_end].split(b"\r\n"):
-            name, _, value = line.partition(b":")
+            name, _, rest = line.partition(b":")
             if name.strip().lower() == b"content-range":
-                content_range = value.decode("latin-1")
-        if content_range is None:
-            raise RegistryError(f"{what}: a part of the answer has no Content-Range")
-        first, last, _ = _content_range(content_range, digest)
+                value = rest.decode("latin-1")
+        one = _parse_content_range(value) if value is not None else None
+        if one is None:
+            return f"a part of the answer without a valid Content-Range ({value!r})"
+        first, last, _ = one
         start = head_end + 4
         data = view[start:start + last + 1 - first]
         if len(data) != last + 1 - first:
             break
         parts.append((first, data))
         pos = body.find(delimiter, start + len(data))
-    raise RegistryError(f"{what}: the multipart answer is truncated or malformed")
+    return "the multipart answer is truncated or malformed"
 
 
-def _take_parts(parts: list[tuple[int, memoryview]], ranges: Sequence[tuple[int, int]], what: str) -> list[bytes]:
+def _take_parts(parts: list[tuple[int, memoryview]], ranges: Sequence[tuple[int, int]]) -> list[bytes] | str:
     """Each range's bytes out of the part that holds it (a server may join ranges into one part)."""
     out = []
     for s, e in ranges:
@@ -271,7 +289,7 @@ def _take_parts(parts: list[tuple[int, memoryview]], ranges: Sequence[tuple[int,
                 out.append(bytes(data[s - first:e - first]))
                 break
         else:
-            raise RegistryError(f"{what}: the answer has no part holding bytes {s}-{e - 1}")
+            return f"the answer has no part holding bytes {s}-{e - 1}"
     return out
 
 
