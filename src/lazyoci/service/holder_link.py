@@ -22,7 +22,6 @@ from typing import Any
 
 from lazyoci.errors import ServiceError
 from lazyoci.service.paths import pid_file_locked, socket_address
-from lazyoci.service.session_holder import set_channel_buffers
 
 STOP_TIMEOUT = 10.0
 
@@ -117,6 +116,10 @@ def attach(paths: HolderPaths, relaunch: list[str]) -> Attachment:
 
     `relaunch` is the command line that starts this service: the holder runs it if the
     service is lost without saying `leaving` first."""
+    # only the service attaches: the CLI, which reaches the holder through this module too, does
+    # not import the holder's own module (13 ms of a `pull` or `run` start)
+    from lazyoci.service.session_holder import set_channel_buffers
+
     sock = _connect(paths)
     try:
         set_channel_buffers(sock)
