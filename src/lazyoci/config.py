@@ -136,29 +136,26 @@ def _strip(obj: Any) -> Any:
     return obj
 
 
-def load_config(path: Path | None = None) -> Config:
+def load_config(path: Path | None = None, kept: Path | None = None) -> Config:
     """Read the config file; a missing default file gives the defaults.
 
     An unknown or repeated key, a value of the wrong type, bytes that are not UTF-8
     or YAML that does not parse is one ConfigError naming the file and line. A file
-    named explicitly (`--config`, LAZYOCI_CONFIG) must exist."""
+    named explicitly (`--config`, LAZYOCI_CONFIG) must exist. `kept`: where the parsed
+    document is kept for the next command (lazyoci/config_documents.py), None: parse."""
     explicit = path is not None or bool(os.environ.get("LAZYOCI_CONFIG"))
     path = path or default_config_path()
     if not path.exists():
         if explicit:
             raise ConfigError(f"{path}: no such config file")
         return Config(path=None)
-    import yaml
-
     try:
         text = path.read_bytes().decode("utf-8")
-        doc = yaml.load(text, Loader=_line_loader())
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}:{_yaml_error_line(e)}: invalid YAML: {_yaml_problem(e)}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    doc = _document(path, text, kept)
     if doc is None:
         return Config(path=path)
     if not isinstance(doc, dict):
@@ -215,6 +212,28 @@ def load_config(path: Path | None = None) -> Config:
         soci=soci,
         containerd=containerd,
     )
+
+
+def _document(path: Path, text: str, kept: Path | None) -> Any:
+    """The YAML document of the config file's `text`: the kept one for this very text, else parsed
+    (and kept for the next command)."""
+    if kept is not None:
+        from lazyoci.config_documents import kept_document
+
+        doc = kept_document(kept, text)
+        if doc is not None:
+            return doc
+    import yaml
+
+    try:
+        doc = yaml.load(text, Loader=_line_loader())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}:{_yaml_error_line(e)}: invalid YAML: {_yaml_problem(e)}") from None
+    if kept is not None and isinstance(doc, dict):
+        from lazyoci.config_documents import keep_document
+
+        keep_document(kept, text, doc)
+    return doc
 
 
 def _default_if_unset(doc: dict, key: str, default: Any) -> Any:

@@ -36,9 +36,10 @@ from lazyoci.store.layout import DataRoot
 def cli(ctx: click.Context, root: Path | None, config_path: Path | None, debug: bool,
         insecure_registry: tuple[str, ...]) -> None:
     """lazyoci: containers that start before their images finish downloading."""
-    config = load_config(config_path)
+    data_root = _data_root(root or default_root())
+    config = load_config(config_path, kept=DataRoot(data_root).config_document)
     ctx.obj = AppContext(
-        root=_data_root(root or default_root()),
+        root=data_root,
         config=config,
         debug=debug,
         insecure_registries=tuple(insecure_registry) + config.insecure_registries,

@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     root = DataRoot(args.root.absolute()).ensure()
     paths = ServicePaths(root)
     paths.ensure()
-    config = load_config(args.config) if args.config else Config()
+    config = load_config(args.config, kept=root.config_document) if args.config else Config()
     # One service per data root: the pid file is locked BEFORE detaching (the lock belongs to the
     # open file, which the daemon inherits), so when the launcher returns a daemon holds it; a
     # second launcher (two commands starting the service at once) leaves without touching anything.

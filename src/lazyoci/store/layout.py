@@ -13,6 +13,8 @@ from lazyoci.store.modes import ROOT_DIR_MODE, private_dir, tighten_file
 DB_NAME = "lazyoci.db"
 DB_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal")
 PRIVATE_DIRS = ("blobs", "tmp", "snapshots", "containers", "runtime", "soci", "service", "build")
+CONFIG_DOCUMENT = "config-document.json"
+OWN_ENTRIES = frozenset(DB_FILES + PRIVATE_DIRS + (CONFIG_DOCUMENT,))    # what lazyoci makes in the root
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class DataRoot:
     def service(self) -> Path:
         return self.path / "service"
 
+    @property
+    def config_document(self) -> Path:
+        """The config file's parsed document, kept for the next command (lazyoci/config_documents.py)."""
+        return self.path / CONFIG_DOCUMENT
+
     def ensure(self) -> "DataRoot":
         """Create the data root and its directories, or close those of an existing one (idempotent).
 
@@ -75,7 +82,7 @@ class DataRoot:
                 if not self.path.is_dir():
                     raise StoreError(f"data root {self.path} is not a directory") from None
                 mode = stat.S_IMODE(os.stat(self.path).st_mode)     # a symlinked root: its target
-                if mode & ~ROOT_DIR_MODE and set(os.listdir(self.path)) <= set(DB_FILES + PRIVATE_DIRS):
+                if mode & ~ROOT_DIR_MODE and set(os.listdir(self.path)) <= OWN_ENTRIES:
                     os.chmod(self.path, mode & ROOT_DIR_MODE)
         except OSError as e:
             raise StoreError(f"cannot create data root {self.path}: {e.strerror or e}") from None
