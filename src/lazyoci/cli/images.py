@@ -60,8 +60,6 @@ def _pull_in_service(ref: str, platform: str | None, snapshotter: str, display: 
 def pull_cmd(platform: str | None, all_platforms: bool, quiet: bool, snapshotter: str | None,
              soci_index_digest: str | None, ref: str) -> None:
     """Download an image from a registry."""
-    from lazyoci.snapshot.snapshotters import pull_image
-
     ctx = app()
     wanted = _platform(platform)
     name = snapshotter or ctx.config.default_snapshotter
@@ -69,6 +67,8 @@ def pull_cmd(platform: str | None, all_platforms: bool, quiet: bool, snapshotter
     with display or contextlib.nullcontext():
         digest = _pull_in_service(ref, platform, name, display, all_platforms, soci_index_digest)
         if digest is None:
+            from lazyoci.snapshot.snapshotters import pull_image
+
             svc = image_service(ctx)
             try:
                 digest = pull_image(svc, ref, wanted, name, ctx.config, display, all_platforms=all_platforms,

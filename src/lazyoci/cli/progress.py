@@ -9,7 +9,6 @@ the container's stdout stays clean.
 from __future__ import annotations
 
 import re
-import shutil
 import sys
 import threading
 import time
@@ -144,6 +143,8 @@ class ProgressDisplay:
     def _draw(self) -> None:
         # A line that wraps would break the cursor arithmetic: on a narrow terminal digests are
         # shortened to 12 hex digits, and what still does not fit is cut.
+        import shutil     # here: a quiet pull never draws (shutil imports the compressors, 4 ms)
+
         cols = shutil.get_terminal_size((1000, 24)).columns - 1
         short = self._width() + 15 + BAR_WIDTH + 22 > cols
         width = self._last_width = self._width(short)

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 from lazyoci.config import SNAPSHOTTERS, Config
 from lazyoci.errors import ConfigError
-from lazyoci.snapshot.base import Snapshotter
 from lazyoci.store.layout import DataRoot
 
 if TYPE_CHECKING:
@@ -16,6 +15,7 @@ if TYPE_CHECKING:
     from lazyoci.images.service import ImageService, LocalImage
     from lazyoci.oci.platform import Platform
     from lazyoci.registry.client import RegistryClient
+    from lazyoci.snapshot.base import Snapshotter
     from lazyoci.snapshot.layer_server import LayerServer
 
 
