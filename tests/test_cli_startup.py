@@ -140,8 +140,9 @@ def test_cli_modules_do_not_import_each_other():
             assert "lazyoci.cli.main" not in _cli_imports(path), f"{name} imports lazyoci.cli.main"
 
 
-def test_yaml_is_loaded_only_for_a_config_file(tmp_path):
-    """Without a config file PyYAML stays out; with one, errors still name the file and line."""
+def test_yaml_is_loaded_only_for_a_config_file_not_parsed_before(tmp_path):
+    """Without a config file PyYAML stays out; with one, errors still name the file and line; a
+    command whose config has the text the last one parsed takes its kept document, without PyYAML."""
     modules, _ = imported_modules(tmp_path, "ps")
     assert "yaml" not in modules
 
@@ -153,6 +154,11 @@ def test_yaml_is_loaded_only_for_a_config_file(tmp_path):
     assert p.stderr.strip() == f"lazyoci: error: {config}:3: unknown snapshotter 'bogus' (supported: overlayfs, soci, stargz)"
 
     config.write_text("snapshotters:\n  - soci\n")
+    modules, out = imported_modules(tmp_path, "ps", config=config)
+    assert "yaml" in modules and out.startswith("CONTAINER ID")
+    modules, out = imported_modules(tmp_path, "ps", config=config)
+    assert "yaml" not in modules and out.startswith("CONTAINER ID")
+    config.write_text("snapshotters:\n  - overlayfs\n")
     modules, out = imported_modules(tmp_path, "ps", config=config)
     assert "yaml" in modules and out.startswith("CONTAINER ID")
 
@@ -171,6 +177,14 @@ def test_run_of_a_pulled_image_does_not_load_the_registry_client(registry, tmp_p
     modules, out = imported_modules(root, "run", "--rm", ref, "/bin/echo", "ran")
     assert out == "ran\n"
     assert {"httpx", "httpcore"} & heavy_in(modules) == set(), sorted(heavy_in(modules))
+
+
+def test_the_service_client_does_not_load_the_session_holder():
+    """The CLI reaches the service (pull, run of a lazy image) through its client, which reaches
+    the FUSE session holder through holder_link: the holder's own module is the service's."""
+    code = "import sys, lazyoci.service.client; print('lazyoci.service.session_holder' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert p.stdout == "False\n"
 
 
 def _entry(tmp_path: Path, before: str, *args: str) -> subprocess.CompletedProcess:
