@@ -7,11 +7,12 @@ as it must, and takes the kept document only if that text is the same, byte for 
 settings are then checked from it exactly as from a fresh parse (lazyoci/config.py), so a kept
 document changes no answer and no error message.
 
-One document is kept per data root (`DataRoot.config_document`), the last one parsed. Nothing depends on it: a document that
-is missing, unreadable, of another text or not of the shape written here is not used, and the
-file is parsed again; one that cannot be written is not kept. Values JSON cannot hold as they are
-(a mapping's non-string keys, the line tables' tuple keys) are written tagged; a document with a
-value PyYAML makes that is none of these (a date, bytes, a set) is not kept.
+One document is kept per data root (`DataRoot.config_document`), the last one parsed. Nothing
+depends on it: a document that is missing, unreadable, of another text or not of the shape
+written here is not used, and the file is parsed again; one that cannot be written is not kept.
+Values JSON cannot hold as they are (a mapping's non-string keys, the line tables' tuple keys)
+are written tagged; a document with a value PyYAML makes that is none of these (a date, bytes, a
+set) is not kept.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lazyoci.errors import StoreError
 from lazyoci.store.modes import write_file
 
 __all__ = ["keep_document", "kept_document"]
+
 
 class _NotKept(Exception):
     """A value the kept form does not hold."""
