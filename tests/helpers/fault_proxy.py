@@ -82,7 +82,7 @@ class RequestRecord:
     path: str
     status: int
     range: str | None
-    bytes_sent: int
+    bytes_sent: int          # 0 when the client hung up before the body was written
     fault: str | None
 
 
@@ -298,8 +298,11 @@ class _Handler(BaseHTTPRequestHandler):
             if kind == "drip":
                 sent = self._drip(payload, fault.rate)
             else:
-                self.wfile.write(payload)
-                sent = len(payload)
+                try:
+                    self.wfile.write(payload)
+                    sent = len(payload)
+                except OSError:     # the client hung up mid-answer (a 200 it does not read): still a request
+                    self.close_connection = True
         self.owner.record(RequestRecord(method, path, status, self.headers.get("Range"), sent, kind))
         if cut is not None and fault.kind == "reset":
             self._reset_connection()
