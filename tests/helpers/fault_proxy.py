@@ -82,7 +82,7 @@ class RequestRecord:
     path: str
     status: int
     range: str | None
-    bytes_sent: int          # 0 when the client hung up before the body was written
+    bytes_sent: int          # 0 when the client hung up before the whole body was written
     fault: str | None
 
 
@@ -301,7 +301,7 @@ class _Handler(BaseHTTPRequestHandler):
                 try:
                     self.wfile.write(payload)
                     sent = len(payload)
-                except OSError:     # the client hung up mid-answer (a 200 it does not read): still a request
+                except OSError:     # the client hung up mid-answer (a 200 it leaves unread): still recorded
                     self.close_connection = True
         self.owner.record(RequestRecord(method, path, status, self.headers.get("Range"), sent, kind))
         if cut is not None and fault.kind == "reset":

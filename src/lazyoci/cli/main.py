@@ -37,16 +37,16 @@ def cli(ctx: click.Context, root: Path | None, config_path: Path | None, debug: 
         insecure_registry: tuple[str, ...]) -> None:
     """lazyoci: containers that start before their images finish downloading."""
     data_root = _data_root(root or default_root())
-    config = load_config(config_path, kept=DataRoot(data_root).config_document)
+    config = load_config(config_path, kept=data_root.config_document)
     ctx.obj = AppContext(
-        root=data_root,
+        root=data_root.path,
         config=config,
         debug=debug,
         insecure_registries=tuple(insecure_registry) + config.insecure_registries,
     )
 
 
-def _data_root(path: Path) -> Path:
+def _data_root(path: Path) -> DataRoot:
     """The data root, absolute and created; one clear error if it cannot be a directory."""
     root = DataRoot(path.absolute())
     try:
@@ -55,7 +55,7 @@ def _data_root(path: Path) -> Path:
         raise ConfigError(f"data root {root.path} is not a directory") from None
     except OSError as e:
         raise ConfigError(f"cannot create data root {root.path}: {e.strerror or e}") from None
-    return root.path
+    return root
 
 
 def main(argv: list[str] | None = None) -> None:
