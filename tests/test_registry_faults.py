@@ -193,6 +193,32 @@ def test_range_read_retried_after_reset(proxy, client):
     assert client.fetch_range(ref_via(proxy), sha(BLOB), 5000, 105_000) == BLOB[5000:105_000]
 
 
+def test_a_streamed_range_starts_its_sink_over_after_a_reset_and_a_sink_error_ends_it(proxy, client):
+    proxy.add(Fault("reset", match="/blobs/", method="GET", at=60_000))
+    sinks: list[list[bytes]] = []
+
+    def begin():
+        sinks.append([])
+        return sinks[-1].append
+
+    client.stream_range(ref_via(proxy), sha(BLOB), 5000, 305_000, begin)
+    assert len(sinks) == 2, "the reset attempt and the one after it"
+    assert 0 < sum(map(len, sinks[0])) < 300_000
+    assert b"".join(sinks[1]) == BLOB[5000:305_000]
+
+    class Refused(IntegrityError):
+        pass
+
+    def refusing(chunk: bytes) -> None:
+        raise Refused("not these bytes")
+
+    proxy.clear()
+    proxy.reset_counters()
+    with pytest.raises(Refused):
+        client.stream_range(ref_via(proxy), sha(BLOB), 5000, 305_000, lambda: refusing)
+    assert proxy.count("GET", "/blobs/") == 1, "a sink's error is not retried"
+
+
 def test_push_retried_after_500(registry, client):
     with FaultProxy(registry.host) as proxy:
         ref = Reference.parse(f"{proxy.host}/faults/push:v1")

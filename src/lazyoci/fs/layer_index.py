@@ -31,6 +31,10 @@ An index whose stream holds no tar headers says so with `headers_in_stream = Fal
 TOCs are vouched for by the image manifest's annotations): the service then skips fs/header_check.py for it.
 An index whose every span is a chunk of one file says so with `spans_within_files = True` (the
 same two): read-ahead then goes on past a file's end into its neighbours (fs/span_fetcher.py).
+An index may also offer `span_receiver(i)`, a `SpanReceiver` that takes span i's compressed
+bytes in pieces as they arrive and whose `finish()` is `verify_span` then `decompress_span`
+(a zTOC's inflates each piece as it comes): the span fetcher then streams a request's bytes
+into it, and a span is decoded while the next ones are still on their way.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Protocol, runtime_checkable
 
-__all__ = ["IndexEntry", "LayerIndex"]
+__all__ = ["IndexEntry", "LayerIndex", "SpanReceiver"]
 
 
 class IndexEntry(Protocol):
@@ -128,4 +132,21 @@ class LayerIndex(Protocol):
         """Span i's uncompressed bytes from its verified compressed bytes (FormatError if they
         do not decode: then the index itself is wrong; IntegrityError if the index's digest is
         of the decoded bytes and they do not match it)."""
+        ...
+
+
+class SpanReceiver(Protocol):
+    """One span's compressed bytes, taken in pieces as they arrive (`span_receiver`)."""
+
+    def feed(self, piece: bytes) -> None:
+        """The next compressed bytes of the span, in order."""
+        ...
+
+    def finish(self) -> bytes:
+        """The span's bytes: IntegrityError if what was fed is not exactly the span's bytes
+        (also when it did not decode either), FormatError if it is and does not decode."""
+        ...
+
+    def close(self) -> None:
+        """Drop what it holds without a result (a request that failed)."""
         ...

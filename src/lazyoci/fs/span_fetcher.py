@@ -58,6 +58,13 @@ ever, and one that fails is fetched again alone. A registry that answers such a 
 the whole blob, one range or a mangled multipart answer (`fetch_ranges` gives None) is asked
 one run per request from then on (`multi_range`).
 
+Streamed requests: where the index offers span receivers (a zTOC's) and the layer server a
+`stream_range`, a request's bytes go into the receivers of its spans as they arrive, each hashed
+and inflated piece by piece (zlib and hashlib release the GIL while the socket fills); a span is
+checked against its digest, then handed over, once its last byte is in, while the request's
+later spans still travel. A read that misses then waits for its bytes and the inflate of their
+last piece, not for the bytes and then the inflate of the whole span (8-15 ms a 4 MiB span).
+
 Write-behind: a span is handed to the reader (and to every waiter) as soon as it
 is verified and inflated; one writer thread stores it in the disk cache. Until the
 cache has it, its resolved Future stays in `_inflight`, so no read fetches it again.
@@ -81,7 +88,7 @@ from typing import Callable
 
 from lazyoci.errors import IntegrityError, LazyociError
 from lazyoci.fs import header_regions
-from lazyoci.fs.layer_index import LayerIndex
+from lazyoci.fs.layer_index import LayerIndex, SpanReceiver
 from lazyoci.fs.span_cache import LayerCache
 from lazyoci.fs.workers import ReadAheadPool, WriteBehind
 
@@ -90,6 +97,9 @@ log = logging.getLogger(__name__)
 FetchRange = Callable[[int, int], bytes]     # compressed blob bytes [start, end)
 # several ranges' bytes in one request, or None where the registry serves one range per request
 FetchRanges = Callable[[list[tuple[int, int]]], "list[bytes] | None"]
+# one range's bytes into a sink as they arrive: each attempt takes a new sink from the callable
+RangeSink = Callable[[bytes], object]
+StreamRange = Callable[[int, int, Callable[[], RangeSink]], None]
 MAX_SPANS_PER_REQUEST = 16                   # spans per Range request ...
 MAX_REQUEST_BYTES = 128 << 20                # ... and their compressed + inflated bytes (16 x 2 x 4 MiB)
 MAX_RANGES_PER_REQUEST = 16                  # runs of spans asked for in one request (several ranges)
@@ -158,9 +168,12 @@ class SpanFetcher:
     """Serves uncompressed byte ranges of one lazy layer."""
 
     def __init__(self, ztoc: LayerIndex, fetch_range: FetchRange, cache: LayerCache,
-                 layer_digest: str, fetch_ranges: FetchRanges | None = None) -> None:
+                 layer_digest: str, fetch_ranges: FetchRanges | None = None,
+                 stream_range: StreamRange | None = None) -> None:
         self.ztoc = ztoc
         self.fetch_range = fetch_range
+        # a run of spans streamed into the index's span receivers, where both offer it
+        self.stream_range = stream_range if hasattr(ztoc, "span_receiver") else None
         # several runs of spans in one request; None once the registry has served one range only
         self.fetch_ranges = fetch_ranges
         self.cache = cache
@@ -651,6 +664,13 @@ class SpanFetcher:
         lo = self.ztoc.span_compressed_range(group[0])[0]
         hi = self.ztoc.span_compressed_range(group[-1])[1]
         asked = time.monotonic()
+        if self.stream_range is not None:
+            bad = self._stream_group(group, lo, hi, attempt, out, on_transfer)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("layer %s: spans %d-%d (%d bytes) in %s: %.0f ms to arrive, checked and inflated "
+                          "as they came", self.layer_digest[7:19], group[0], group[-1], hi - lo,
+                          threading.current_thread().name, 1000 * (time.monotonic() - asked))
+            return bad
         try:
             blob = self.fetch_range(lo, hi)
         except LazyociError as e:
@@ -727,13 +747,38 @@ class SpanFetcher:
             except LazyociError as e:   # verified but does not inflate: the zTOC itself is wrong
                 self._fail(group, e)
                 raise
-            with self._lock:
-                self.stats.spans += 1
-                self._fetched.add(i)
-            out[i] = data
-            self._resolve(i, data)
-            _WRITER.submit(partial(self._store, i, data), len(data))
+            self._accept(i, data, out)
         return bad
+
+    def _stream_group(self, group: list[int], lo: int, hi: int, attempt: int, out: dict[int, bytes],
+                      on_transfer: Callable[[], object] | None) -> list[int]:
+        """One Range request for `group`, its bytes streamed into the spans' receivers: each span
+        is verified, inflated and handed over once its last byte is in. Returns the spans that
+        failed verification."""
+        assert self.stream_range is not None
+        taker = _StreamedSpans(self, group, lo, attempt, out)
+        try:
+            self.stream_range(lo, hi, taker.begin)
+        except LazyociError as e:
+            taker.close()
+            self._fetch_failed([i for i in group if i not in taker.taken], e)
+            raise
+        if on_transfer is not None:
+            on_transfer()
+        self._count_request(taker.received)
+        if taker.error is not None:     # verified but does not inflate: the zTOC itself is wrong
+            self._fail(group, taker.error)
+            raise taker.error
+        return taker.end()
+
+    def _accept(self, i: int, data: bytes, out: dict[int, bytes]) -> None:
+        """Span i verified and inflated: count it, hand it to its waiters and the cache writer."""
+        with self._lock:
+            self.stats.spans += 1
+            self._fetched.add(i)
+        out[i] = data
+        self._resolve(i, data)
+        _WRITER.submit(partial(self._store, i, data), len(data))
 
     def _store(self, i: int, data: bytes) -> None:
         """The writer's job: put a verified span in the disk cache, then drop its claim."""
@@ -783,6 +828,88 @@ class SpanFetcher:
         for fut in futs:
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
+
+
+class _StreamedSpans:
+    """The spans of one streamed request, taken as its bytes arrive (`SpanFetcher._stream_group`).
+
+    Each attempt of the request (`begin`) feeds the spans from the range's first byte: a span
+    taken in an earlier attempt is skipped, one that failed its digest is judged again. Spans
+    are in stream order and their compressed ranges go forward (a zTOC's may share one byte
+    with the span before), so a span is complete once the bytes reach its end."""
+
+    def __init__(self, fetcher: SpanFetcher, group: list[int], lo: int, attempt: int,
+                 out: dict[int, bytes]) -> None:
+        self._fetcher = fetcher
+        self._group = group
+        self._bounds = [fetcher.ztoc.span_compressed_range(i) for i in group]
+        self._lo = lo
+        self._attempt = attempt
+        self._out = out
+        self._receivers: dict[int, SpanReceiver] = {}
+        self._next = 0              # the first span of the group not complete in this attempt
+        self._pos = lo              # where the next byte of this attempt lies in the blob
+        self.taken: set[int] = set()
+        self.bad: list[int] = []
+        self.error: LazyociError | None = None
+        self.received = 0           # bytes of the last attempt
+
+    def begin(self) -> RangeSink:
+        self.close()
+        self._next, self._pos, self.received = 0, self._lo, 0
+        self.bad = []
+        return self.feed
+
+    def feed(self, piece: bytes) -> None:
+        p = self._pos
+        q = p + len(piece)
+        self._pos = q
+        self.received += len(piece)
+        k = self._next
+        while k < len(self._group):
+            c0, c1 = self._bounds[k]
+            if c0 >= q:
+                break
+            i = self._group[k]
+            a, b = max(c0, p), min(c1, q)
+            if a < b and i not in self.taken and self.error is None:
+                receiver = self._receivers.get(i)
+                if receiver is None:
+                    receiver = self._receivers[i] = self._fetcher.ztoc.span_receiver(i)   # type: ignore[attr-defined]
+                receiver.feed(piece if b - a == len(piece) else piece[a - p:b - p])
+            if c1 > q:
+                break
+            self._complete(i)
+            k += 1
+            self._next = k
+
+    def _complete(self, i: int) -> None:
+        receiver = self._receivers.pop(i, None)
+        if receiver is None:
+            return
+        try:
+            data = receiver.finish()
+        except IntegrityError as e:
+            self.bad.append(i)
+            log.error("layer %s span %d failed verification (attempt %d of %d): %s",
+                      self._fetcher.layer_digest, i, self._attempt, ATTEMPTS, e)
+            return
+        except LazyociError as e:
+            self.error = e
+            return
+        self.taken.add(i)
+        self._fetcher._accept(i, data, self._out)
+
+    def end(self) -> list[int]:
+        """After the request's last byte: the spans that failed verification (with any the bytes
+        never completed, which the request's own length check should have refused)."""
+        self.close()
+        return self.bad + [i for i in self._group if i not in self.taken and i not in self.bad]
+
+    def close(self) -> None:
+        for receiver in self._receivers.values():
+            receiver.close()
+        self._receivers.clear()
 
 
 def _runs(spans: Iterable[int], longest: int, size: Callable[[int], int] | None = None,

@@ -198,6 +198,11 @@ class RegistryClient:
     def fetch_range(self, ref: Reference, digest: str, start: int, end: int) -> bytes:
         return download.fetch_range(self.transport, ref, digest, start, end)
 
+    def stream_range(self, ref: Reference, digest: str, start: int, end: int,
+                     begin: Callable[[], download.RangeSink]) -> None:
+        """A range's bytes into a sink as they arrive (`download.stream_range`)."""
+        download.stream_range(self.transport, ref, digest, start, end, begin)
+
     def fetch_ranges(self, ref: Reference, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
         """Several ranges of a blob in one request (`download.fetch_ranges`), or None where the
         registry does not serve them so: once it has refused, this client asks it no more."""

@@ -9,7 +9,7 @@ options' `blob_limits` (a minimum rate, no deadline), Range reads with its
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import httpx
 
@@ -21,6 +21,8 @@ from lazyoci.registry.transfer import TransferGuard
 from lazyoci.registry.transport import Transport, backoff, describe, raise_for_status
 
 log = logging.getLogger(__name__)
+
+RangeSink = Callable[[bytes], object]   # takes a range's bytes as they arrive (stream_range)
 
 # Blobs are sent as stored; asking for identity keeps byte offsets (Range) meaningful.
 _IDENTITY = {"Accept-Encoding": "identity"}
@@ -99,6 +101,23 @@ def fetch_range(transport: Transport, ref: Reference, digest: str, start: int, e
     """Bytes [start, end) of a blob. Not digest-verified here (a range cannot be): callers verify
     what they assemble (zTOC span digests). RangeNotSupportedError if the server sends it all;
     RegistryError when the options' `range_limits` end it (stalled every attempt, deadline)."""
+    parts: list[bytes] = []
+
+    def begin() -> RangeSink:
+        parts.clear()
+        return parts.append
+
+    stream_range(transport, ref, digest, start, end, begin)
+    return b"".join(parts)
+
+
+def stream_range(transport: Transport, ref: Reference, digest: str, start: int, end: int,
+                 begin: Callable[[], RangeSink]) -> None:
+    """Bytes [start, end) of a blob handed to a sink as they arrive, as `fetch_range` reads them:
+    each attempt takes its sink from `begin()` and gives it the range from its first byte, so a
+    retry's sink starts over (what the sink did with a failed attempt's bytes is its own to undo).
+    The sink may be given bytes past `end` before the count is found wrong (IntegrityError); an
+    error the sink raises ends the read."""
     if start < 0 or end <= start:
         raise ValueError(f"invalid byte range [{start}, {end})")
     path = blob_path(ref, digest)
@@ -126,16 +145,20 @@ def fetch_range(transport: Transport, ref: Reference, digest: str, start: int, e
                     raise RegistryError(f"blob {digest}: asked for bytes {start}-{end - 1}, got {start}-{last}"
                                         + (f" (the blob has {total} bytes)" if total is not None else ""))
                 # As received (no fixed-size pieces), so the guard sees the deadline pass on a slow link.
-                data = b"".join(_guarded(transport, resp, guard, resp.iter_raw()))
+                sink = begin()
+                received = 0
+                for chunk in _guarded(transport, resp, guard, resp.iter_raw()):
+                    received += len(chunk)
+                    sink(chunk)
             except httpx.TransportError as e:
                 attempt = _next_attempt(transport, guard, what, e, attempt)
                 continue
             finally:
                 resp.close()
-            if len(data) != end - start:
-                raise IntegrityError(f"blob {digest}: range {start}-{end - 1} returned {len(data)} bytes, "
+            if received != end - start:
+                raise IntegrityError(f"blob {digest}: range {start}-{end - 1} returned {received} bytes, "
                                      f"expected {end - start}", expected=digest)
-            return data
+            return
 
 
 def fetch_ranges(transport: Transport, ref: Reference, digest: str,

@@ -37,7 +37,7 @@ from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.layer_fs import TIMEOUT as ENTRY_TIMEOUT, LayerFS, LazyLayer
 from lazyoci.fs.sibling_headers import fetch_first_headers
 from lazyoci.fs.span_cache import SpanCache
-from lazyoci.fs.span_fetcher import FetchRange, FetchRanges, SpanFetcher, flush_cache_writes
+from lazyoci.fs.span_fetcher import FetchRange, FetchRanges, RangeSink, SpanFetcher, StreamRange, flush_cache_writes
 from lazyoci.fs.span_prefetch import SpanPrefetch
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
@@ -188,9 +188,10 @@ class LayerManager:
                 known.insert(0, r)
             return known
 
-    def _fetchers(self, view: tuple[str, str]) -> tuple[FetchRange, FetchRanges]:
+    def _fetchers(self, view: tuple[str, str]) -> tuple[FetchRange, FetchRanges, StreamRange]:
         """Fetch compressed bytes of the layer (one range; several in one request, or None where
-        the registry does not serve that) through its references in order; the first that
+        the registry does not serve that; one range into a sink as it arrives) through its
+        references in order; the first that
         answers goes to the front. A layer is content-addressed (and every span is checked
         against the zTOC), so which repository serves it does not matter."""
         client, layer_digest = self.client, view[0]
@@ -217,7 +218,10 @@ class LayerManager:
         def fetch_many(ranges: list[tuple[int, int]]) -> list[bytes] | None:
             return through_refs(lambda r: client.fetch_ranges(r, layer_digest, ranges))
 
-        return fetch, fetch_many
+        def stream(start: int, end: int, begin: Callable[[], RangeSink]) -> None:
+            through_refs(lambda r: client.stream_range(r, layer_digest, start, end, begin))
+
+        return fetch, fetch_many, stream
 
     def mount(self, ref: str, layer_digest: str, ztoc_digest: str, persist: bool = True,
               fallback_refs: Sequence[str] = ()) -> None:
@@ -267,8 +271,8 @@ class LayerManager:
                 continue
         self._prefer(view, [reference])
         self._prefer(view, refs)
-        fetch, fetch_many = self._fetchers(view)
-        fetcher = SpanFetcher(ztoc, fetch, cache, layer_digest, fetch_ranges=fetch_many)
+        fetch, fetch_many, stream = self._fetchers(view)
+        fetcher = SpanFetcher(ztoc, fetch, cache, layer_digest, fetch_ranges=fetch_many, stream_range=stream)
         if self.record_reads:
             fetcher.ranges = []
         checked = cache.headers_checked or not getattr(ztoc, "headers_in_stream", True)   # or a TOC vouches for them

@@ -28,6 +28,7 @@ from lazyoci.errors import FormatError
 from lazyoci.ztoc import codec as C
 from lazyoci.ztoc import limits
 from lazyoci.ztoc import spans as _spans
+from lazyoci.ztoc.spans import SpanReceiver
 from lazyoci.ztoc.toc import BLOCK, parse_rfc3339_nano
 from lazyoci.ztoc.zinfo import GzipCheckpoints
 
@@ -522,6 +523,11 @@ class Ztoc:
     def decompress_span(self, i: int, compressed: bytes) -> bytes:
         """Span i's uncompressed bytes from its verified compressed bytes."""
         return _spans.decompress_span(self, i, compressed)
+
+    def span_receiver(self, i: int) -> SpanReceiver:
+        """Takes span i's compressed bytes as they arrive; its finish() is verify_span then
+        decompress_span."""
+        return _spans.SpanReceiver(self, i)
 
     def span_compressed_range(self, i: int) -> tuple[int, int]:
         self._check_span(i)

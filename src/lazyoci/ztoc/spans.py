@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lazyoci.errors import FormatError, IntegrityError
-from lazyoci.ztoc.zinfo import inflate_span
+from lazyoci.ztoc.zinfo import SpanInflater, inflate_span
 
 if TYPE_CHECKING:     # the reader calls these for its own spans
     from lazyoci.ztoc.reader import Ztoc
@@ -37,6 +37,68 @@ def decompress_span(ztoc: Ztoc, i: int, compressed: bytes) -> bytes:
     if ztoc.checkpoints is None:      # zero padding after the archive's end is not served
         return bytes(compressed[:uend - ustart])
     return inflate_span(ztoc.checkpoints, i, compressed, uend - ustart)
+
+
+class SpanReceiver:
+    """Span i's compressed bytes taken as they arrive: hashed, and inflated as they come.
+
+    finish() checks the digest first, so a span whose bytes do not match is an IntegrityError
+    (fetched again) even where they did not inflate either; only verified bytes that do not
+    inflate are a FormatError, an error of the zTOC itself, as with verify_span then
+    decompress_span."""
+
+    def __init__(self, ztoc: Ztoc, i: int) -> None:
+        self._ztoc = ztoc
+        self._i = i
+        cstart, cend = ztoc.span_compressed_range(i)
+        ustart, uend = ztoc.span_uncompressed_range(i)
+        self._want = cend - cstart
+        self._length = uend - ustart
+        self._got = 0
+        self._hash = hashlib.sha256()
+        points = ztoc.checkpoints
+        # an uncompressed layer's span is its bytes (padding after the archive's end cut off)
+        self._plain = points is None
+        self._inflater = SpanInflater(points, i, self._length) if points is not None and self._length > 0 else None
+        self._kept: list[bytes] = []
+        self._error: FormatError | None = None
+
+    def feed(self, piece: bytes) -> None:
+        self._got += len(piece)
+        self._hash.update(piece)
+        if self._plain:
+            self._kept.append(piece)
+        elif self._inflater is not None and self._error is None:
+            try:
+                self._inflater.feed(piece)
+            except FormatError as e:      # judged once the digest says whose error it is
+                self._error = e
+
+    def finish(self) -> bytes:
+        """The span's verified bytes: IntegrityError if they are not its bytes, FormatError if
+        they are and do not inflate into it."""
+        try:
+            if self._got != self._want:
+                raise IntegrityError(f"short read ({self._got} of {self._want} bytes)")
+            expected = self._ztoc.span_digest(self._i)
+            actual = "sha256:" + self._hash.hexdigest()
+            if actual != expected:
+                raise IntegrityError(f"span {self._i} digest mismatch: expected {expected}, got {actual}",
+                                     expected=expected, actual=actual)
+            if self._error is not None:
+                raise self._error
+            if self._plain:
+                return b"".join(self._kept)[:self._length]
+            if self._inflater is None:
+                return b""
+            return self._inflater.finish()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._inflater is not None:
+            self._inflater.close()
+        self._kept = []
 
 
 def read_range(ztoc: Ztoc, fetch: Callable[[int, int], bytes], start: int, end: int) -> bytes:

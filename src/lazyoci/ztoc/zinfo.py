@@ -287,45 +287,97 @@ def inflate_span(points: GzipCheckpoints, i: int, compressed: bytes, length: int
     Crosses gzip member ends (skipping the trailer, then parsing the next header)."""
     if length <= 0:
         return b""
-    data = bytes(compressed)
-    bits = points.bits[i]
-    inf = libz.Inflater(libz.RAW)
+    inf = SpanInflater(points, i, length)
     try:
-        s = inf.s
-        pos = 0
-        if bits:
-            if not data:
-                raise FormatError(f"span {i}: no compressed bytes")
-            inf.prime(bits, data[0] >> (8 - bits))
-            pos = 1
-        inf.set_dictionary(bytes(points.window(i)))
-        # a new bytes object no one else holds until it is returned, filled (a 1-byte span
-        # is inflated into 2 bytes' room and cut)
-        out = _unfilled_bytes(max(length, 2))
-        base = _address(data)
-        s.next_in = base + pos
-        s.avail_in = len(data) - pos
-        s.next_out = _address(out)
-        s.avail_out = length
-        raw = True
-        while s.avail_out:
-            before_in, before_out = s.avail_in, s.avail_out
-            rc = inf.inflate(libz.Z_NO_FLUSH)
-            if rc == libz.Z_STREAM_END:
-                if raw:   # a raw inflater leaves the 8-byte gzip trailer unread
-                    if s.avail_in < 8:
-                        break
-                    s.next_in += 8
-                    s.avail_in -= 8
-                    raw = False
-                if not s.avail_in:
-                    break
-                inf.reset(libz.GZIP_ONLY)
-                continue
-            if s.avail_in == before_in and s.avail_out == before_out:
-                break
-        if s.avail_out:
-            raise FormatError(f"span {i}: compressed bytes end {s.avail_out} bytes before the span does")
-        return out if len(out) == length else out[:length]
+        inf.feed(compressed)
+        return inf.finish()
     finally:
         inf.close()
+
+
+class SpanInflater:
+    """Inflates span i from its compressed bytes in pieces, as they arrive from the registry.
+
+    A span's bytes come in over tens of milliseconds; inflating each piece as it comes, instead
+    of the whole span after its last byte, takes the inflate off the wait of the read that asked
+    for it. Its bytes are not verified yet: the caller checks the span's digest before anything
+    inflated is used (`ztoc/spans.py`'s `SpanReceiver`). Output stops at `length` bytes, so no
+    input makes it write more; bytes past that are ignored, as `inflate_span` ignores them."""
+
+    def __init__(self, points: GzipCheckpoints, i: int, length: int) -> None:
+        if length <= 0:
+            raise ValueError("a span inflater needs a length of at least 1")
+        self._i = i
+        self._length = length
+        self._bits = points.bits[i]
+        self._window = bytes(points.window(i))
+        self._inf = libz.Inflater(libz.RAW)
+        # a new bytes object no one else holds until finish() returns it, filled (a 1-byte span
+        # is inflated into 2 bytes' room and cut)
+        self._out = _unfilled_bytes(max(length, 2))
+        s = self._inf.s
+        s.next_out = _address(self._out)
+        s.avail_out = length
+        self._started = False
+        self._raw = True          # the first member is raw deflate: its 8-byte trailer is skipped by hand
+        self._skip = 0            # trailer bytes still to skip before the next member's header
+        self._next_member = False  # a member ended with its input: the next piece starts the next one
+        self._stuck = False       # inflate made no progress (the bytes end the stream early)
+
+    def feed(self, piece: bytes) -> None:
+        """Inflate the next compressed bytes; FormatError for bytes that are not deflate data."""
+        s = self._inf.s
+        if not s.avail_out or self._stuck or not piece:
+            return
+        data = piece if type(piece) is bytes else bytes(piece)
+        pos = 0
+        if not self._started:
+            if self._bits:
+                self._inf.prime(self._bits, data[0] >> (8 - self._bits))
+                pos = 1
+            self._inf.set_dictionary(self._window)
+            self._started = True
+        s.next_in = _address(data) + pos
+        s.avail_in = len(data) - pos
+        while s.avail_out and s.avail_in:
+            if self._skip:
+                n = min(self._skip, s.avail_in)
+                s.next_in += n
+                s.avail_in -= n
+                self._skip -= n
+                if self._skip or not s.avail_in:
+                    self._next_member = not self._skip
+                    break
+                self._inf.reset(libz.GZIP_ONLY)
+                continue
+            if self._next_member:
+                self._inf.reset(libz.GZIP_ONLY)
+                self._next_member = False
+            before_in, before_out = s.avail_in, s.avail_out
+            rc = self._inf.inflate(libz.Z_NO_FLUSH)
+            if rc == libz.Z_STREAM_END:
+                if self._raw:   # a raw inflater leaves the 8-byte gzip trailer unread
+                    self._raw = False
+                    self._skip = 8
+                elif not s.avail_in:
+                    self._next_member = True
+                else:
+                    self._inf.reset(libz.GZIP_ONLY)
+                continue
+            if s.avail_in == before_in and s.avail_out == before_out:
+                self._stuck = True
+                break
+        s.next_in = None
+        s.avail_in = 0
+
+    def finish(self) -> bytes:
+        """The span's bytes; FormatError if the compressed bytes fed ended before it does."""
+        avail = self._inf.s.avail_out
+        self.close()
+        if avail:
+            raise FormatError(f"span {self._i}: compressed bytes end {avail} bytes before the span does")
+        out = self._out
+        return out if len(out) == self._length else out[:self._length]
+
+    def close(self) -> None:
+        self._inf.close()
