@@ -207,3 +207,21 @@ def test_a_requests_first_span_is_served_before_its_last_bytes_arrive(tmp_path, 
     whole.join(30)
     assert got["whole"] == tar[s0:e4]
     assert len(streams.requests) == 1
+
+
+def test_verified_bytes_that_do_not_inflate_fail_the_read_without_a_retry(tmp_path, one_member, monkeypatch):
+    # the zTOC vouches for bytes that are not deflate data: an error of the index, not of the fetch
+    layer, ztoc = one_member
+    c0, c1 = ztoc.span_compressed_range(3)
+    blob = bytearray(layer.blob)
+    blob[c0:c1] = b"\xff" * (c1 - c0)
+    garbage = hashlib.sha256(bytes(blob[c0:c1])).hexdigest()
+    real = Ztoc.span_digest
+    monkeypatch.setattr(Ztoc, "span_digest", lambda self, i: "sha256:" + garbage if i == 3 else real(self, i))
+    streams = Streams(bytes(blob), ztoc)
+    f = _fetcher(tmp_path, layer, ztoc, streams)
+    s0, s1 = ztoc.span_uncompressed_range(3)
+    with pytest.raises(FormatError):
+        f.read(s0, s1, read_ahead=False)
+    assert len(streams.requests) == 1
+    assert not f.cache.has(3)

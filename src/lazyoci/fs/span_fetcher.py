@@ -767,6 +767,7 @@ class SpanFetcher:
             on_transfer()
         self._count_request(taker.received)
         if taker.error is not None:     # verified but does not inflate: the zTOC itself is wrong
+            taker.close()
             self._fail(group, taker.error)
             raise taker.error
         return taker.end()
