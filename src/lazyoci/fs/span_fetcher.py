@@ -88,8 +88,9 @@ from typing import Callable
 
 from lazyoci.errors import IntegrityError, LazyociError
 from lazyoci.fs import header_regions
-from lazyoci.fs.layer_index import LayerIndex, SpanReceiver
+from lazyoci.fs.layer_index import LayerIndex
 from lazyoci.fs.span_cache import LayerCache
+from lazyoci.fs.streamed_spans import RangeSink, StreamedSpans
 from lazyoci.fs.workers import ReadAheadPool, WriteBehind
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,6 @@ FetchRange = Callable[[int, int], bytes]     # compressed blob bytes [start, end
 # several ranges' bytes in one request, or None where the registry serves one range per request
 FetchRanges = Callable[[list[tuple[int, int]]], "list[bytes] | None"]
 # one range's bytes into a sink as they arrive: each attempt takes a new sink from the callable
-RangeSink = Callable[[bytes], object]
 StreamRange = Callable[[int, int, Callable[[], RangeSink]], None]
 MAX_SPANS_PER_REQUEST = 16                   # spans per Range request ...
 MAX_REQUEST_BYTES = 128 << 20                # ... and their compressed + inflated bytes (16 x 2 x 4 MiB)
@@ -756,7 +756,8 @@ class SpanFetcher:
         is verified, inflated and handed over once its last byte is in. Returns the spans that
         failed verification."""
         assert self.stream_range is not None
-        taker = _StreamedSpans(self, group, lo, attempt, out)
+        taker = StreamedSpans(self.ztoc, group, lo, self.layer_digest, (attempt, ATTEMPTS),
+                              lambda i, data: self._accept(i, data, out))
         try:
             self.stream_range(lo, hi, taker.begin)
         except LazyociError as e:
@@ -829,88 +830,6 @@ class SpanFetcher:
         for fut in futs:
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
-
-
-class _StreamedSpans:
-    """The spans of one streamed request, taken as its bytes arrive (`SpanFetcher._stream_group`).
-
-    Each attempt of the request (`begin`) feeds the spans from the range's first byte: a span
-    taken in an earlier attempt is skipped, one that failed its digest is judged again. Spans
-    are in stream order and their compressed ranges go forward (a zTOC's may share one byte
-    with the span before), so a span is complete once the bytes reach its end."""
-
-    def __init__(self, fetcher: SpanFetcher, group: list[int], lo: int, attempt: int,
-                 out: dict[int, bytes]) -> None:
-        self._fetcher = fetcher
-        self._group = group
-        self._bounds = [fetcher.ztoc.span_compressed_range(i) for i in group]
-        self._lo = lo
-        self._attempt = attempt
-        self._out = out
-        self._receivers: dict[int, SpanReceiver] = {}
-        self._next = 0              # the first span of the group not complete in this attempt
-        self._pos = lo              # where the next byte of this attempt lies in the blob
-        self.taken: set[int] = set()
-        self.bad: list[int] = []
-        self.error: LazyociError | None = None
-        self.received = 0           # bytes of the last attempt
-
-    def begin(self) -> RangeSink:
-        self.close()
-        self._next, self._pos, self.received = 0, self._lo, 0
-        self.bad = []
-        return self.feed
-
-    def feed(self, piece: bytes) -> None:
-        p = self._pos
-        q = p + len(piece)
-        self._pos = q
-        self.received += len(piece)
-        k = self._next
-        while k < len(self._group):
-            c0, c1 = self._bounds[k]
-            if c0 >= q:
-                break
-            i = self._group[k]
-            a, b = max(c0, p), min(c1, q)
-            if a < b and i not in self.taken and self.error is None:
-                receiver = self._receivers.get(i)
-                if receiver is None:
-                    receiver = self._receivers[i] = self._fetcher.ztoc.span_receiver(i)   # type: ignore[attr-defined]
-                receiver.feed(piece if b - a == len(piece) else piece[a - p:b - p])
-            if c1 > q:
-                break
-            self._complete(i)
-            k += 1
-            self._next = k
-
-    def _complete(self, i: int) -> None:
-        receiver = self._receivers.pop(i, None)
-        if receiver is None:
-            return
-        try:
-            data = receiver.finish()
-        except IntegrityError as e:
-            self.bad.append(i)
-            log.error("layer %s span %d failed verification (attempt %d of %d): %s",
-                      self._fetcher.layer_digest, i, self._attempt, ATTEMPTS, e)
-            return
-        except LazyociError as e:
-            self.error = e
-            return
-        self.taken.add(i)
-        self._fetcher._accept(i, data, self._out)
-
-    def end(self) -> list[int]:
-        """After the request's last byte: the spans that failed verification (with any the bytes
-        never completed, which the request's own length check should have refused)."""
-        self.close()
-        return self.bad + [i for i in self._group if i not in self.taken and i not in self.bad]
-
-    def close(self) -> None:
-        for receiver in self._receivers.values():
-            receiver.close()
-        self._receivers.clear()
 
 
 def _runs(spans: Iterable[int], longest: int, size: Callable[[int], int] | None = None,
