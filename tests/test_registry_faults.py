@@ -203,7 +203,7 @@ def test_a_streamed_range_starts_its_sink_over_after_a_reset_and_a_sink_error_en
 
     client.stream_range(ref_via(proxy), sha(BLOB), 5000, 305_000, begin)
     assert len(sinks) == 2, "the reset attempt and the one after it"
-    assert 0 < sum(map(len, sinks[0])) < 300_000
+    assert sum(map(len, sinks[0])) < 300_000, "the first attempt ended early (what reached us before the reset varies)"
     assert b"".join(sinks[1]) == BLOB[5000:305_000]
 
     class Refused(IntegrityError):
@@ -212,11 +212,18 @@ def test_a_streamed_range_starts_its_sink_over_after_a_reset_and_a_sink_error_en
     def refusing(chunk: bytes) -> None:
         raise Refused("not these bytes")
 
+    # counted by the sinks asked for, not by the proxy, whose record of the reset request above
+    # may land after a reset of its counters
+    begun: list[int] = []
+
+    def begin_refusing():
+        begun.append(1)
+        return refusing
+
     proxy.clear()
-    proxy.reset_counters()
     with pytest.raises(Refused):
-        client.stream_range(ref_via(proxy), sha(BLOB), 5000, 305_000, lambda: refusing)
-    assert proxy.count("GET", "/blobs/") == 1, "a sink's error is not retried"
+        client.stream_range(ref_via(proxy), sha(BLOB), 5000, 305_000, begin_refusing)
+    assert len(begun) == 1, "a sink's error is not retried"
 
 
 def test_push_retried_after_500(registry, client):
