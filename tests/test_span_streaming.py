@@ -117,9 +117,9 @@ class Streams:
     first attempt of each request halfway (the transport then starts over with a new sink)."""
 
     def __init__(self, blob: bytes, ztoc: Ztoc, corrupt: set[int] = frozenset(), corrupt_times: int = 1,
-                 drop_once: bool = False, piece: int = 4093) -> None:
+                 drop_once: bool = False, piece: int = 4093, extra: int = 0) -> None:
         self.blob, self.ztoc, self.corrupt, self.corrupt_times = blob, ztoc, corrupt, corrupt_times
-        self.drop_once, self.piece = drop_once, piece
+        self.drop_once, self.piece, self.extra = drop_once, piece, extra
         self.requests: list[tuple[int, int]] = []
         self.served: dict[int, int] = {}
         self.pause_after: tuple[int, threading.Event] | None = None   # (blob offset, resume)
@@ -147,6 +147,9 @@ class Streams:
                 assert self.pause_after[1].wait(20), "the request's first span was not handed over mid-request"
                 self.pause_after = None
             sink(bytes(data[k:k + self.piece]))
+        if self.extra:    # a registry sending more than the range: the transport's count refuses it
+            sink(b"\0" * self.extra)
+            raise IntegrityError(f"range returned {end - start + self.extra} bytes, expected {end - start}")
 
 
 def _fetcher(tmp_path: Path, layer: Layer, ztoc: Ztoc, streams: Streams) -> SpanFetcher:
@@ -168,6 +171,20 @@ def test_streamed_reads_serve_the_layer_byte_for_byte(request, tmp_path, which):
     wait_fetches_settle(streams.requests)
     assert f.stats.spans == len({i for lo, hi in streams.requests for i in range(ztoc.num_spans)
                                  if lo <= ztoc.span_compressed_range(i)[0] and ztoc.span_compressed_range(i)[1] <= hi})
+
+
+def test_a_request_answered_with_more_bytes_than_asked_is_an_integrity_error(tmp_path, one_member):
+    # every span of it verified before the surplus showed, and is kept; the read still fails clearly
+    layer, ztoc = one_member
+    tar = gzip.decompress(layer.blob)
+    streams = Streams(layer.blob, ztoc, extra=100)
+    f = _fetcher(tmp_path, layer, ztoc, streams)
+    s0, _ = ztoc.span_uncompressed_range(2)
+    _, e3 = ztoc.span_uncompressed_range(3)
+    with pytest.raises(IntegrityError, match="returned"):
+        f.read(s0, e3, read_ahead=False)
+    streams.extra = 0
+    assert f.read(s0, e3, read_ahead=False) == tar[s0:e3]
 
 
 def test_a_corrupted_span_is_fetched_again_and_one_corrupted_every_time_is_an_integrity_error(tmp_path, one_member):

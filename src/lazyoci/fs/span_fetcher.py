@@ -762,7 +762,11 @@ class SpanFetcher:
             self.stream_range(lo, hi, taker.begin)
         except LazyociError as e:
             taker.close()
-            self._fetch_failed([i for i in group if i not in taker.taken], e)
+            missing = [i for i in group if i not in taker.taken]
+            if missing:
+                self._fetch_failed(missing, e)
+            else:       # each span was verified before the answer proved too long: they stay served
+                log.error("layer %s: spans %d-%d: %s", self.layer_digest, group[0], group[-1], e)
             raise
         if on_transfer is not None:
             on_transfer()

@@ -38,8 +38,8 @@ from lazyoci.fs.layer_fs import TIMEOUT as ENTRY_TIMEOUT, LayerFS, LazyLayer
 from lazyoci.fs.sibling_headers import fetch_first_headers
 from lazyoci.fs.span_cache import SpanCache
 from lazyoci.fs.span_fetcher import FetchRange, FetchRanges, SpanFetcher, StreamRange, flush_cache_writes
-from lazyoci.fs.streamed_spans import RangeSink
 from lazyoci.fs.span_prefetch import SpanPrefetch
+from lazyoci.fs.streamed_spans import RangeSink
 from lazyoci.fs.tree import LayerTree
 from lazyoci.oci.digest import Digest, verify_bytes
 from lazyoci.oci.reference import Reference

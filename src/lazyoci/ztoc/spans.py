@@ -19,8 +19,12 @@ if TYPE_CHECKING:     # the reader calls these for its own spans
 
 def verify_span(ztoc: Ztoc, i: int, compressed: bytes) -> None:
     """IntegrityError unless `compressed` is exactly span i's bytes (by its digest)."""
+    _check_digest(ztoc, i, hashlib.sha256(compressed))
+
+
+def _check_digest(ztoc: Ztoc, i: int, hashed: "hashlib._Hash") -> None:
     expected = ztoc.span_digest(i)
-    actual = "sha256:" + hashlib.sha256(compressed).hexdigest()
+    actual = "sha256:" + hashed.hexdigest()
     if actual != expected:
         raise IntegrityError(f"span {i} digest mismatch: expected {expected}, got {actual}",
                              expected=expected, actual=actual)
@@ -80,11 +84,7 @@ class SpanReceiver:
         try:
             if self._got != self._want:
                 raise IntegrityError(f"short read ({self._got} of {self._want} bytes)")
-            expected = self._ztoc.span_digest(self._i)
-            actual = "sha256:" + self._hash.hexdigest()
-            if actual != expected:
-                raise IntegrityError(f"span {self._i} digest mismatch: expected {expected}, got {actual}",
-                                     expected=expected, actual=actual)
+            _check_digest(self._ztoc, self._i, self._hash)
             if self._error is not None:
                 raise self._error
             if self._plain:
