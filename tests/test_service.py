@@ -40,6 +40,28 @@ def test_start_after_a_killed_service_and_socket_permissions(data_root, tmp_path
     assert not client.stop()                                 # stopping twice: "not running"
 
 
+def test_stop_while_the_service_gets_ready_stops_it(data_root, tmp_path):
+    """`service stop` just after the daemon detached, before it answers (it holds the pid file's
+    lock while it starts the session holder and its mounts): it is asked to stop once it answers.
+    It was not asked at all: the stop waited for it to end and failed after 30 s, the service
+    running."""
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path / "c.yaml")
+    client = ServiceClient(DataRoot(data_root), config)
+    try:
+        # the daemon's own launcher returns once the daemon has detached with the lock held
+        subprocess.run([sys.executable, "-m", "lazyoci.service.daemon", "--root", str(data_root),
+                        "--config", str(config)], check=True, stdin=subprocess.DEVNULL, timeout=60)
+        assert client._daemon_alive()
+        assert client.stop()
+        assert not client._daemon_alive() and client.ping() is None
+    finally:
+        client.stop(force=True)
+    assert not _mounted(client.paths.mountpoint)
+
+
 def test_a_changed_config_takes_effect_after_stop_and_start(data_root, tmp_path):
     config = write_config(tmp_path / "c.yaml", background=False,
                           extra="  cache_dir: span-cache\n  cache_max_bytes: 1048576\n")

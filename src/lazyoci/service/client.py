@@ -239,18 +239,40 @@ class ServiceClient:
         return info
 
     def _stop_daemon(self, op: str) -> bool:
+        if not self._ask_to_stop(op):
+            return False
         pid = self._pid()
-        try:
-            self.request(op)
-        except ServiceError:
-            if not self._daemon_alive():
-                return False
         deadline = time.monotonic() + STOP_TIMEOUT
         while self._daemon_alive():   # its lock goes with the process
             if time.monotonic() > deadline:
                 raise ServiceError(f"the lazyoci service (pid {pid}) did not stop within {STOP_TIMEOUT:.0f}s")
             time.sleep(0.01)
         return True
+
+    def _ask_to_stop(self, op: str) -> bool:
+        """Send `op` (shutdown, hand_over) to the daemon; False if none runs.
+
+        A daemon that holds the pid file's lock but does not answer yet is still getting ready
+        (starting the session holder, mounting the recorded layers): it is asked once it answers.
+        Asked nothing, it went on starting while `stop` waited for it to end, and `stop` failed
+        after STOP_TIMEOUT with the service running."""
+        deadline = time.monotonic() + START_TIMEOUT
+        seen = False
+        while True:
+            try:
+                self.request(op)
+                return True
+            except ServiceError:
+                if not self._daemon_alive():
+                    return seen            # never there, or gone while it was being asked
+                seen = True
+                if self.ping() is not None:    # it answers now (or refused the request): once more,
+                    self.request(op)           # its error if it refuses again
+                    return True
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"the lazyoci service (pid {self._pid()}) did not get ready to "
+                                       f"stop within {START_TIMEOUT:.0f}s") from None
+            time.sleep(0.02)
 
     # -- requests -------------------------------------------------------------------
 
