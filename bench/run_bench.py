@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -316,12 +317,29 @@ def unmount_fresh_filesystem(run_dir: Path, fresh: tuple[Path, str]) -> None:
     run_dir.rmdir()
 
 
+def clear_leftover_run(run_dir: Path) -> None:
+    """What a bench killed outright (SIGKILL) left of its last run: its service stopped, its mounts
+    and its filesystem's loop device gone, so that this run does not fail on a busy directory."""
+    root, cfg = run_dir / "root", run_dir / "config.yaml"
+    if (root / "service/lazyoci.pid").exists():
+        subprocess.run([LAZYOCI, "--root", str(root), *(["--config", str(cfg)] if cfg.exists() else []),
+                        "service", "stop"], check=False, capture_output=True, timeout=120)
+    for m in sorted(leftover_mounts(run_dir), key=len, reverse=True):
+        subprocess.run(["umount", "-l", m], check=False)
+    image = run_dir.with_name(run_dir.name + ".ext4")
+    if image.exists():
+        attached = subprocess.run(["losetup", "--associated", str(image)], capture_output=True, text=True)
+        for line in attached.stdout.splitlines():
+            subprocess.run(["losetup", "--detach", line.split(":")[0]], check=False)
+
+
 def one_run(ref: str, mode: str, proxy: localreg.Proxy, run_dir: Path, indexes: dict | None = None,
             service_log: Path | None = None, fresh_fs: bool = False) -> dict:
     """One measured pull + run on a fresh data root; always cleans up. The estargz and
     zstd-chunked modes run the image's converted copy (`layer_formats.repo_of`). With
     `service_log`, the service runs at DEBUG (one line per Range request) and its log is kept there.
     With `fresh_fs`, the run's directory is a new filesystem of its own (`mount_fresh_filesystem`)."""
+    clear_leftover_run(run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     fresh = mount_fresh_filesystem(run_dir) if fresh_fs else None
@@ -682,8 +700,17 @@ def write_chart(rows: list[dict], facts: dict, profiles: list[str]) -> Path | No
     return path
 
 
+def _stopped(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
 def main() -> None:
     global RESULTS
+    # TERM, or INT (which a shell ignores in a job it starts in the background), ends the bench
+    # through the `finally`s that stop the run's service, its mounts and loop device, the proxies
+    # and the registry: killed outright, it left them all behind
+    signal.signal(signal.SIGTERM, _stopped)
+    signal.signal(signal.SIGINT, _stopped)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", default=",".join(BUILDERS))
     ap.add_argument("--profiles", default=",".join(PROFILES))
@@ -773,4 +800,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        sys.exit(f"run_bench.py: {str(e) or 'interrupted'}; what it measured so far is in {RESULTS}")
