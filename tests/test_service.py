@@ -62,6 +62,35 @@ def test_stop_while_the_service_gets_ready_stops_it(data_root, tmp_path):
     assert not _mounted(client.paths.mountpoint)
 
 
+def test_a_stop_during_a_restart_waits_for_it_and_leaves_nothing_running(data_root, tmp_path):
+    """`service stop` while a `service restart` has its new process getting ready beside the old
+    one: the stop waits for the restart, then stops the service it made. Interleaved, the stop
+    shut the old process down, the new one took the service over and ran on, and the stop said
+    it had stopped it (or waited 30 s for it and failed)."""
+    import threading
+
+    from lazyoci.service.holder_link import read_takeover
+
+    config = write_config(tmp_path / "c.yaml")
+    client = ServiceClient(DataRoot(data_root), config)
+    restarted: list[dict] = []
+    try:
+        first = client.start()
+        restart = threading.Thread(target=lambda: restarted.append(ServiceClient(DataRoot(data_root), config).restart()))
+        restart.start()
+        deadline = time.monotonic() + 60
+        while read_takeover(client.holder) is None and restart.is_alive():   # the new process is getting ready
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert client.stop()
+        restart.join()
+        assert restarted and restarted[0]["pid"] != first["pid"]
+        assert client.ping() is None and not client._daemon_alive()
+        assert not _mounted(client.paths.mountpoint)
+    finally:
+        client.stop(force=True)
+
+
 def test_a_changed_config_takes_effect_after_stop_and_start(data_root, tmp_path):
     config = write_config(tmp_path / "c.yaml", background=False,
                           extra="  cache_dir: span-cache\n  cache_max_bytes: 1048576\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +190,10 @@ class ServiceClient:
         service is left running while any exist. `hand_over` stops the service alone: the
         session holder keeps the mount, their reads wait until the next `start` takes over.
         """
+        with self._one_at_a_time():
+            return self._stop(force, hand_over)
+
+    def _stop(self, force: bool, hand_over: bool) -> bool:
         users = self.users()
         if users and not (force or hand_over):
             names = self.user_names(users)
@@ -206,6 +213,10 @@ class ServiceClient:
         then does the running one hand over, so containers reading lazy layers pause for the
         hand-over alone: what the old process had not answered, the new one answers. A new
         process that cannot get ready (a bad config file) leaves the running one serving."""
+        with self._one_at_a_time():
+            return self._restart()
+
+    def _restart(self) -> dict[str, Any]:
         old = self.ping()
         if old is None:
             return self.start()
@@ -319,6 +330,32 @@ class ServiceClient:
         return self.request("status")
 
     # -- helpers ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _one_at_a_time(self) -> Iterator[None]:
+        """Hold the lifecycle lock: a `stop` and a `restart` run one after the other, whichever
+        processes asked. Interleaved, a restart's new process waiting to take over got the service
+        from a stop's shutdown and ran on, and the stop either said it had stopped the service or
+        waited 30 s for it to end and failed."""
+        try:
+            fd = os.open(self.paths.lifecycle_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:   # no service directory: no service ever ran here, nothing to wait for
+            yield
+            return
+        try:
+            deadline = time.monotonic() + START_TIMEOUT + STOP_TIMEOUT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ServiceError("another `service stop` or `service restart` of this data root "
+                                           "is still under way") from None
+                    time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)            # the lock goes with it
 
     def _daemon_alive(self) -> bool:
         """True while a daemon holds the pid file's lock."""

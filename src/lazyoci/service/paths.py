@@ -3,6 +3,7 @@
     <root>/service/lazyoci.sock   control socket (0600, directory 0700: root only)
     <root>/service/lazyoci.pid    pid of the running daemon (0600)
     <root>/service/lazyoci.log    the daemon's log (0600)
+    <root>/service/lifecycle.lock locked by a `service stop` or `service restart` under way (0600)
     <root>/service/mnt            the FUSE mount (a directory per lazy layer and zTOC)
     <root>/service/mnt-plain      the same session's plain mount: the layers with no xattr and no
                                   opaque directory, where the kernel asks no xattr at all
@@ -51,6 +52,10 @@ class ServicePaths:
     @property
     def log_file(self) -> Path:
         return self.dir / "lazyoci.log"
+
+    @property
+    def lifecycle_lock(self) -> Path:
+        return self.dir / "lifecycle.lock"
 
     @property
     def mountpoint(self) -> Path:
