@@ -199,6 +199,33 @@ def test_gc_drops_leases_of_dead_processes(tmp_path):
         assert c.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
 
 
+def test_recover_drops_the_lease_of_a_process_that_ended_unreaped(tmp_path):
+    """A process that ended but that its parent has not reaped yet (a zombie: an init that reaps
+    late, a service that handed over to its successor mid-pull) holds no lease: the next pull's
+    recovery drops it."""
+    root = DataRoot(tmp_path / "root")
+    blobs = BlobStore(root)
+    records = ImageRecords(Database(root.db_path), blobs)
+    d = blobs.put_bytes(b"from a pull cut short")
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{pid}/stat", "rb").read().rpartition(b")")[2].split()[0] != b"Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with records.db.transaction() as c:
+            c.execute("INSERT INTO leases VALUES ('ended', ?, ?)", (pid, time.time()))
+            c.execute("INSERT INTO blob_refs VALUES ('lease:ended', ?)", (d,))
+        records.recover()
+        with records.db.reading() as c:
+            assert c.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
+        assert not blobs.has(d)
+    finally:
+        os.waitpid(pid, 0)
+
+
 def test_writer_verified_upstream_still_checks_size(store):
     data = b"x" * 1000
     with pytest.raises(IntegrityError, match="more than"):

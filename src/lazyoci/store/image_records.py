@@ -158,13 +158,21 @@ def blobs_held_by_kind(c: sqlite3.Connection, kind: str) -> set[str]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs. A zombie does not: it has ended, and its parent has not
+    reaped it yet, which an init that reaps late (a container's) leaves for a while; a service
+    that handed over to its successor mid-pull is one when the successor's pull recovers."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[:1]
+    except OSError:
+        return True             # no /proc: kill's answer stands
+    return state not in ([b"Z"], [b"X"])
 
 
 class ImageRecords:
