@@ -250,6 +250,32 @@ def test_stopping_the_service_cancels_its_pull(tmp_path, registry):
     assert_store_consistent(root)
 
 
+def test_a_pull_in_the_service_goes_on_through_a_service_restart(tmp_path, registry):
+    """`service restart` while the service runs a pull: the old process hands over at once and
+    the pull dies with it, so the CLI asks the new process for the same pull, which goes on from
+    what is stored. The CLI failed with "lost the lazyoci service during the pull"."""
+    from helpers.fault_proxy import FaultProxy
+    from helpers.interrupt import start_dripping_pull
+    layers = [make_layer([Entry("big", data=os.urandom(1_000_000))])]
+    push_image(registry.host, "svcpull/restarted", layers, image_config(layers), tmp_path)
+    root = tmp_path / "root"
+    service = Service(root)
+    try:
+        with FaultProxy(registry.host) as proxy:
+            ref = f"{proxy.host}/svcpull/restarted:latest"
+            p = start_dripping_pull(root, ref, proxy, layers[0].digest, ctrl_c=False)
+            assert "running" in lz(root, "service", "restart").stdout
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0 and err == "", err
+            assert pulls_served(root) == [ref, ref]
+        assert ref.rsplit(":", 1)[0] in lz(root, "images").stdout
+        blob = root / "blobs/sha256" / layers[0].digest.split(":")[1]
+        assert blob.read_bytes() == layers[0].blob
+    finally:
+        service.stop()
+    assert_store_consistent(root)
+
+
 def test_the_cli_imports_no_registry_client_when_the_service_pulls(tmp_path, registry):
     layer = make_layer([Entry("f", data=b"light")])
     push_image(registry.host, "svcpull/light", [layer], image_config([layer]), tmp_path)

@@ -26,6 +26,12 @@ its proxies and CA bundle from the environment: the request carries the CLI's, a
 whose own differ leaves the pull to the CLI (`elsewhere`). So does a service too old to know
 the request. Closing the connection (the CLI killed) cancels the pull too.
 
+A service that goes while it pulls (`service restart` hands over at once, and after a crash the
+session holder starts the next one) takes the pull with it, not the CLI: the CLI asks the next
+service for the same pull, which goes on from what the store holds (up to RESUMES times, waiting
+up to RESUME_SECONDS for a service to answer). A stopped service cancels its pulls instead: their
+CLIs get the error.
+
 This module is what the CLI imports: the standard library and the error tree only; the
 service's side is service/pull_runner.py.
 """
@@ -35,13 +41,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lazyoci.errors import LazyociError, ServiceError
 from lazyoci.service.error_wire import error_from_reply, error_reply
-from lazyoci.service.paths import ServicePaths, connect
+from lazyoci.service.paths import ServicePaths, connect, pid_file_locked
 
 if TYPE_CHECKING:
     from lazyoci.images.progress import ProgressSink
@@ -50,6 +57,8 @@ if TYPE_CHECKING:
 __all__ = ["PullRequest", "registry_environment", "request_pull"]
 
 CONNECT_TIMEOUT = 10.0
+RESUMES = 2               # times a pull is asked of the next service after its service went
+RESUME_SECONDS = 30.0     # ... waiting this long for one to answer
 # Variables of the environment the registry client reads (httpx, through urllib's proxy rules and
 # the CA bundle) and how layers are inflated: a service that sees other values is not asked.
 _ENVIRONMENT = ("SSL_CERT_FILE", "SSL_CERT_DIR", "LAZYOCI_INFLATE")
@@ -116,12 +125,17 @@ class _Conversation:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buf = b""
+        self.lost = False         # the service went without ending the pull
+
+    def _lost(self, why: str = "") -> ServiceError:
+        self.lost = True
+        return ServiceError("lost the lazyoci service during the pull" + (f": {why}" if why else ""))
 
     def send(self, doc: dict[str, Any]) -> None:
         try:
             self.sock.sendall(json.dumps(doc).encode() + b"\n")
         except OSError as e:
-            raise ServiceError(f"lost the lazyoci service during the pull: {e.strerror or e}") from None
+            raise self._lost(str(e.strerror or e)) from None
 
     def next(self) -> dict[str, Any] | None:
         """The service's next message; None once it has closed the connection."""
@@ -148,9 +162,9 @@ class _Conversation:
             try:
                 msg = self.next()
             except OSError as e:
-                raise ServiceError(f"lost the lazyoci service during the pull: {e.strerror or e}") from None
+                raise self._lost(str(e.strerror or e)) from None
             if msg is None:
-                raise ServiceError("lost the lazyoci service during the pull")
+                raise self._lost()
             if "progress" in msg:
                 if progress is not None:
                     try:
@@ -202,16 +216,45 @@ def request_pull(root: "DataRoot", request: PullRequest, progress: "ProgressSink
         sock = connect(paths.socket, CONNECT_TIMEOUT)
     except OSError:
         return None          # not running (or not ours to reach): the caller pulls, as without a service
-    with sock:
-        sock.settimeout(None)
-        talk = _Conversation(sock)
+    resumes = 0
+    while True:
+        with sock:
+            sock.settimeout(None)
+            talk = _Conversation(sock)
+            try:
+                talk.send(request.to_json())
+                return talk.follow(progress, log)
+            except LazyociError as e:
+                # the pull's own end, or the connection's: nothing left to cancel; a service that
+                # went without ending the pull is asked again below, through the next one
+                if not talk.lost or resumes == RESUMES:
+                    raise
+                lost = e
+            except BaseException:
+                # Ctrl-C, or drawing failed (stdout closed): the pull stops, as the CLI's own would,
+                # and rolls back before this process goes on
+                talk.cancel()
+                raise
+        resumes += 1
+        following = _next_service(paths)
+        if following is None:
+            raise lost
+        sock = following
+
+
+def _next_service(paths: ServicePaths) -> socket.socket | None:
+    """A connection to the service that follows one that went; None if none answers in time, or
+    none is coming: no service process holds its pid file's lock (one getting ready does) and no
+    session holder lives (it starts the next one after a crash)."""
+    from lazyoci.service.holder_link import HolderPaths, holder_alive
+
+    deadline = time.monotonic() + RESUME_SECONDS
+    while True:
         try:
-            talk.send(request.to_json())
-            return talk.follow(progress, log)
-        except LazyociError:
-            raise            # the pull's own end, or the connection's: nothing left to cancel
-        except BaseException:
-            # Ctrl-C, or drawing failed (stdout closed): the pull stops, as the CLI's own would,
-            # and rolls back before this process goes on
-            talk.cancel()
-            raise
+            return connect(paths.socket, CONNECT_TIMEOUT)
+        except OSError:
+            if time.monotonic() > deadline:
+                return None
+            if not pid_file_locked(paths.pid_file) and not holder_alive(HolderPaths(paths.dir)):
+                return None
+        time.sleep(0.05)
