@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazyoci.errors import ContainerError
+from lazyoci.proc_stat import stat_fields
 from lazyoci.store.db import Database
 from lazyoci.store.image_records import add_blob_owner, drop_blob_owner
 from lazyoci.store.layout import DataRoot
@@ -90,12 +91,8 @@ def boot_id() -> str:
 
 def process_start(pid: int) -> str | None:
     """'<boot id>:<start time in ticks>' of a live process, None if it does not exist."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = data.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":
+    fields = stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
         return None
     return f"{boot_id()}:{fields[19]}"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lazyoci.errors import ServiceError
+from lazyoci.proc_stat import running
 from lazyoci.service.error_wire import error_from_reply
 from lazyoci.service.holder_link import HolderPaths, holder_alive, read_takeover, stop_holder
 from lazyoci.service.paths import ServicePaths, connect, pid_file_locked
@@ -229,8 +230,8 @@ class ServiceClient:
             if pid is None and (info := self.ping()) is not None and info["pid"] != old["pid"]:
                 return info            # the old one was gone already: the new one simply started
             late = time.monotonic() - started > (START_TIMEOUT if pid is not None else 10.0)
-            if late or (pid is not None and not _alive(int(pid))):
-                if pid is not None and _alive(int(pid)):
+            if late or (pid is not None and not running(int(pid))):
+                if pid is not None and running(int(pid)):
                     os.kill(int(pid), signal.SIGTERM)     # ours, still getting ready: the old one serves on
                 raise ServiceError(f"the new lazyoci service did not get ready (pid {old['pid']} still serves); "
                                    f"its log says: {self._log_tail(log_start)}")
@@ -244,7 +245,7 @@ class ServiceClient:
             if time.monotonic() > deadline:
                 raise ServiceError(f"the new lazyoci service (pid {note['pid']}) did not take over within "
                                    f"{START_TIMEOUT:.0f}s; its log says: {self._log_tail(log_start)}")
-            if not _alive(int(note["pid"])):
+            if not running(int(note["pid"])):
                 return self.start()    # the new one died: start one the ordinary way
             time.sleep(0.005)
         return info
@@ -375,12 +376,3 @@ class ServiceClient:
         except OSError:
             return "(no log)"
         return " | ".join(lines[-3:]) if lines else "(nothing)"
-
-
-def _alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lazyoci.proc_stat import running
 from lazyoci.store.db import Database
 
 if TYPE_CHECKING:   # annotations only: `ps` and `rm` reach this module and need neither
@@ -155,24 +156,6 @@ def blobs_held_by_kind(c: sqlite3.Connection, kind: str) -> set[str]:
     prefix = kind + ":"
     return {r[0] for r in c.execute("SELECT DISTINCT digest FROM blob_refs WHERE substr(owner, 1, ?) = ?",
                                     (len(prefix), prefix))}
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process `pid` still runs. A zombie does not: it has ended, and its parent has not
-    reaped it yet, which an init that reaps late (a container's) leaves for a while; a service
-    that handed over to its successor mid-pull is one when the successor's pull recovers."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[:1]
-    except OSError:
-        return True             # no /proc: kill's answer stands
-    return state not in ([b"Z"], [b"X"])
 
 
 class ImageRecords:
@@ -348,7 +331,7 @@ class ImageRecords:
         alone: list[str] = []
         now = time.time()
         for lid, pid, created in c.execute("SELECT id, pid, created FROM leases").fetchall():
-            if _pid_alive(pid) and now - created <= LEASE_MAX_AGE:
+            if running(pid) and now - created <= LEASE_MAX_AGE:
                 continue
             owner = f"lease:{lid}"
             alone += [r[0] for r in c.execute(
