@@ -61,11 +61,9 @@ fuzz: deps
 demo: deps
 	$(PY) demo/demo.py
 
-# Bytecode compiled first, as an installed package has it (a shell with PYTHONDONTWRITEBYTECODE
-# would otherwise make every lazyoci process compile its modules inside the clock).
+# (bench/run_bench.py compiles the package's bytecode before it times anything: bench/precompile.py)
 bench: deps
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) -m compileall -q src
 	$(PY) bench/run_bench.py --fresh-fs
 
 clean:

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from precompile import compile_lazyoci
+
 HERE = Path(__file__).resolve().parent
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 COMMANDS = [["--version"], ["--help"], ["ps"], ["images"], ["pull", "--help"]]
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--src", type=Path, default=None, help="import lazyoci from this src/ directory")
     args = parser.parse_args()
+    compile_lazyoci(args.src)
     with tempfile.TemporaryDirectory(prefix="lazyoci-startup-") as tmp:
         work = Path(tmp)
         # no config file: none named, and a HOME without ~/.lazyoci

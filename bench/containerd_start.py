@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import localreg  # noqa: E402
+from precompile import compile_lazyoci  # noqa: E402
 from helpers.containerd_daemon import start_containerd  # noqa: E402
 from helpers.images import LAYER_GZIP, Entry, Layer, image_config, make_layer, push_image, sha, tar_bytes  # noqa: E402
 from helpers.lazy import push_soci_index, running_service, write_config  # noqa: E402
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
+    compile_lazyoci()
     work = Path(tempfile.mkdtemp(prefix="lzbench-work.", dir="/tmp"))
     reg = localreg.start_registry(work / "registry")
     proxy = None

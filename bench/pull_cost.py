@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE / "images"))
 
 from cli_startup import timed  # noqa: E402
 import localreg  # noqa: E402
+from precompile import compile_lazyoci  # noqa: E402
 from process_cpu import cpu_seconds  # noqa: E402
 import run_bench  # noqa: E402
 
@@ -121,6 +122,9 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("pull_cost.py needs root (FUSE)")
+    compile_lazyoci()
+    if args.baseline_src:
+        compile_lazyoci(args.baseline_src)
     command = " ".join([os.path.relpath(sys.executable), *sys.argv])
     commit = run_bench.machine()["commit"]
     load_start = os.getloadavg()[0]

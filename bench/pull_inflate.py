@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE / "images"))
 
 import localreg  # noqa: E402
 from build import ensure, image_dir  # noqa: E402
+from precompile import compile_lazyoci  # noqa: E402
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     trees = {"baseline": args.baseline_src.resolve(), "this tree": (HERE.parent / "src").resolve()}
+    compile_lazyoci(*trees.values())
     ensure(args.image)
     work = Path(tempfile.mkdtemp(prefix="pull-inflate-"))
     reg = localreg.start_registry(work / "registry")

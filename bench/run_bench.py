@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE / "images"))
 import layer_formats  # noqa: E402
 import localreg  # noqa: E402
 from build import BUILDERS, ensure, image_dir, manifest_of  # noqa: E402
+from precompile import compile_lazyoci  # noqa: E402
 
 LAZYOCI = str(Path(sys.executable).parent / "lazyoci")
 PROFILES = {"100MBps-20ms": (100.0, 20.0), "20MBps-50ms": (20.0, 50.0)}
@@ -738,6 +739,7 @@ def main() -> None:
             ap.error(f"unknown {what} {bad[0]!r} (choose from {', '.join(known)})")
     if os.geteuid() != 0:
         sys.exit("run_bench.py needs root (overlayfs, FUSE, runc, mmdebstrap)")
+    compile_lazyoci()
     command = "python bench/run_bench.py " + " ".join(sys.argv[1:])
     started = time.monotonic()
     WORK.mkdir(exist_ok=True)

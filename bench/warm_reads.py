@@ -44,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import localreg  # noqa: E402
+from precompile import compile_lazyoci  # noqa: E402
 from process_cpu import cpu_seconds  # noqa: E402
 import run_bench as rb  # noqa: E402
 
@@ -182,6 +183,7 @@ def main() -> None:
     if args.src:
         env["PYTHONPATH"] = str(args.src.resolve())
         os.environ["PYTHONPATH"] = env["PYTHONPATH"]      # rb.lazyoci's children inherit it
+    compile_lazyoci(args.src)
     command = "python bench/warm_reads.py " + " ".join(sys.argv[1:])
     commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
