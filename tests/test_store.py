@@ -81,6 +81,28 @@ def test_stale_temp_files_are_cleaned_but_live_ones_kept(store):
     assert store.read(sha(b"live")) == b"live"
 
 
+def test_a_fresh_temp_file_goes_once_its_writer_has_ended_even_unreaped(store):
+    """A temporary file younger than `min_age` is left to its writer while that process runs, and
+    removed once it has ended, also while it waits as a zombie for its parent to reap it."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":   # ended, not reaped
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        ended = store.root.tmp / f"{'0' * 16}.{child.pid}.abc.part"
+        alive = store.root.tmp / f"{'1' * 16}.{os.getpid()}.abc.part"
+        for f in (ended, alive):
+            f.write_bytes(b"half")
+        assert store.clean_tmp() == 1
+        assert not ended.exists() and alive.exists()
+    finally:
+        child.wait()
+
+
 def test_invalid_digest_is_refused(store):
     with pytest.raises(Exception, match="invalid digest"):
         store.path("sha256:xyz")

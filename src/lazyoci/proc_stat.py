@@ -1,7 +1,7 @@
 """What /proc/<pid>/stat says of a process, read in one place.
 
-Liveness checks of other processes (a lease's pull, a service getting ready, a container's
-monitor) must not take a zombie for a running process: it has ended, and its parent has not
+Liveness checks of other processes (a lease's pull, a service getting ready, a temporary
+blob's writer, a container's monitor) must not take a zombie for a running process: it has ended, and its parent has not
 reaped it yet, which an init that reaps late (a container's) leaves for a while.
 """
 

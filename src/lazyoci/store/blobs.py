@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from lazyoci.errors import IntegrityError, StoreError
 from lazyoci.oci.digest import Digest, DigestVerifier, verify_bytes
+from lazyoci.proc_stat import running
 from lazyoci.store.layout import DataRoot
 
 if TYPE_CHECKING:
@@ -255,8 +256,4 @@ def _writer_exited(name: str) -> bool:
     parts = name.split(".")
     if len(parts) != 4 or not parts[1].isascii() or not parts[1].isdigit():
         return False
-    try:
-        with open(f"/proc/{int(parts[1])}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+    return not running(int(parts[1]))
