@@ -244,8 +244,8 @@ def test_a_service_stop_cancels_its_pull_and_a_restart_goes_on_with_it(tmp_path,
         with FaultProxy(registry.host) as proxy:
             ref = f"{proxy.host}/svcpull/{command}:latest"
             p = start_dripping_pull(root, ref, proxy, layers[0].digest, ctrl_c=False)
-            lz(root, "service", command)
-            out, err = p.communicate(timeout=60)
+            assert {"stop": "stopped", "restart": "running"}[command] in lz(root, "service", command).stdout
+            out, err = p.communicate(timeout=30 if command == "stop" else 60)
             if command == "stop":
                 assert p.returncode == 1 and len(err.strip().splitlines()) == 1, err
                 assert err.startswith("lazyoci: error: ") and "cancelled" in err and "Traceback" not in err
