@@ -50,7 +50,8 @@ def test_the_helpers_parse_is_the_services_own(parser, tmp_path):
         path, digest = _stored(tmp_path, data)
         got = parser.parse(path, digest, data)
         assert got is not None
-        ztoc, tree = got
+        ztoc, tree = got.ztoc, got.tree()
+        assert tree is not None
         own = Ztoc.parse(data, digest=digest)
         own_tree = LayerTree(own)
         assert ztoc.digest == digest and len(ztoc) == len(own) and ztoc.num_spans == own.num_spans
@@ -72,8 +73,41 @@ def test_what_the_helpers_build_logs_is_in_the_services_log(parser, tmp_path, ca
     data = build_ztoc(io.BytesIO(buf.getvalue()), "none", 64 << 10)
     path, digest = _stored(tmp_path, data)
     with caplog.at_level(logging.WARNING):
-        assert parser.parse(path, digest, data) is not None
+        got = parser.parse(path, digest, data)
+        assert got is not None and got.tree() is not None
     assert any("has no target in the layer" in r.getMessage() for r in caplog.records)
+
+
+def test_the_helper_takes_the_next_ztoc_once_its_tree_is_taken(parser, tmp_path):
+    """The first answer comes before the tree; the helper is busy until the tree's answer is read
+    (by a thread of the parser's own, whatever the caller does), and free again after it."""
+    data = build_ztoc(io.BytesIO(tricky_layers()[0].blob), "gzip", 64 << 10)
+    path, digest = _stored(tmp_path, data)
+    first = parser.parse(path, digest, data)
+    assert first is not None
+    second = parser.parse(path, digest, data)         # busy or free again: never a mixed-up reply
+    tree = first.tree()
+    assert tree is not None and tree.columns() == LayerTree(Ztoc.parse(data, digest=digest)).columns()
+    if second is not None:
+        assert second.tree() is not None
+    again = parser.parse(path, digest, data)
+    assert again is not None and again.tree() is not None     # the tree taken: free for the next
+
+
+def test_a_tree_that_follows_its_ztoc_at_once_is_taken(parser, tmp_path, monkeypatch):
+    """A small layer's tree reply comes right behind the zTOC's: read into a buffer with the first,
+    it would be hidden from the wait for the second until that timed out (a pull's 60 s)."""
+    monkeypatch.setattr(index_parsing, "HELPER_SECONDS", 5.0)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        f = tarfile.TarInfo("file")
+        f.size = 3
+        tar.addfile(f, io.BytesIO(b"abc"))
+    data = build_ztoc(io.BytesIO(buf.getvalue()), "none", 64 << 10)
+    path, digest = _stored(tmp_path, data)
+    for _ in range(10):
+        got = parser.parse(path, digest, data)
+        assert got is not None and got.tree() is not None
 
 
 def test_a_ztoc_the_helper_refuses_is_the_services_to_refuse(parser, tmp_path):
@@ -177,8 +211,11 @@ def test_the_service_mounts_through_its_helper_and_ends_it(registry, data_root, 
 def _children_of(pid: int) -> list[int]:
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(c) for c in f.read().split()]
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:      # a thread that ended meanwhile (the parser's tree readers)
+            continue
     return out
 
 

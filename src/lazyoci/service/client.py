@@ -294,6 +294,10 @@ class ServiceClient:
         reply = self.request("mount_layer", ref=ref, layer_digest=layer_digest, ztoc_digest=index_digest)
         return Path(reply["path"])
 
+    def begin_mount(self, ref: str, layer_digest: str, index_digest: str) -> None:
+        """`mount_layer`: the service answers once the view is served."""
+        self.mount_layer(ref, layer_digest, index_digest)
+
     def unmount_layer(self, layer_digest: str, index_digest: str) -> bool:
         """Stop serving the layer's view through that index (its other indexes' views stay)."""
         reply = self.request("unmount_layer", layer_digest=layer_digest, ztoc_digest=index_digest)

@@ -47,10 +47,11 @@ from lazyoci.service import view_records as views
 from lazyoci.service.holder_link import HolderPaths
 from lazyoci.service.holder_offers import HolderOffers
 from lazyoci.service.holder_reads import NO_XATTRS, STOPPED, ReadMap
-from lazyoci.service.index_parsing import IndexParser
+from lazyoci.service.index_parsing import HelperParse, IndexParser
 from lazyoci.service.paths import layer_view_name
 from lazyoci.service.prefetch import prefetch_files
 from lazyoci.service.unpack_queue import UnpackQueue
+from lazyoci.service.view_locks import ViewLocks
 from lazyoci.service.view_slots import view_slot
 from lazyoci.store.blobs import BlobStore
 from lazyoci.store.db import Database
@@ -64,6 +65,7 @@ T = TypeVar("T")
 # A tree build leaves about 20 bytes of garbage per entry: below this many entries a full
 # collection (7-20 ms of the service's CPU on every mount) frees less than a MiB.
 RELEASE_AFTER_ENTRIES = 50_000
+SETTLE_SECONDS = 10.0     # `status` and `close` wait this long at most for each view being attached
 
 
 def _release_freed_memory(entries: int) -> None:
@@ -111,6 +113,18 @@ class LayerStatus:
         return {**self.__dict__, "percent": round(self.percent, 1)}
 
 
+@dataclass(frozen=True)
+class _CheckedIndex:
+    """A view's index, checked and parsed: the first half of a mount (`LayerManager.mount`)."""
+
+    ztoc: LayerIndex
+    spans: list[tuple[int, int]]     # each span's uncompressed range
+    format: str                      # the index format's name ...
+    label: str                       # ... and the label `service status` shows
+    started: float                   # monotonic time the parse started
+    parsed: HelperParse | None       # the helper's parse, whose tree follows; None: parsed here
+
+
 class LayerManager:
     """Mounts and unmounts lazy layers in one LayerFS; thread-safe."""
 
@@ -151,6 +165,7 @@ class LayerManager:
         self._labels: dict[tuple[str, str], str] = {}                # view -> its format's label
         self._prefetch: dict[tuple[str, str], SpanPrefetch] = {}     # view -> its recorded prefetch
         self._lock = threading.Lock()
+        self._view_locks = ViewLocks()     # one mount or unmount of a view at a time
         self.index_parser: IndexParser | None = None
         if parse_helper:
             self.index_parser = IndexParser()
@@ -225,22 +240,56 @@ class LayerManager:
         return fetch, fetch_many, stream
 
     def mount(self, ref: str, layer_digest: str, ztoc_digest: str, persist: bool = True,
-              fallback_refs: Sequence[str] = ()) -> None:
+              fallback_refs: Sequence[str] = (), attach_later: bool = False) -> None:
         """Make the layer's view through this zTOC appear in the FUSE mount (idempotent).
 
         Mounting a mounted view again with another reference makes that reference the
-        first to fetch from (the image was pulled again, maybe from elsewhere)."""
-        from lazyoci.layer_formats import format_named
+        first to fetch from (the image was pulled again, maybe from elsewhere).
 
+        `attach_later` (a pull): return once the index is checked and parsed, so a zTOC that
+        cannot be served is refused now, as ever; a thread of its own builds the tree and attaches
+        the view while the pull goes on. A mount or unmount of the view meanwhile waits for that
+        thread (service/view_locks.py); if the attach fails, it is logged and the next mount of the
+        view tries again and raises the error."""
         layer_digest = str(Digest.parse(layer_digest))
         ztoc_digest = str(Digest.parse(ztoc_digest))
         reference = Reference.parse(ref)
         view = (layer_digest, ztoc_digest)
-        if self.fs.has_layer(layer_digest, ztoc_digest):
-            if persist:
-                self._prefer(view, [reference])
-                self.lazy_records.record_served_ref(layer_digest, ztoc_digest, str(reference))
-            return
+        self._view_locks.acquire(view)
+        handed_on = False
+        try:
+            if self.fs.has_layer(layer_digest, ztoc_digest):
+                if persist:
+                    self._prefer(view, [reference])
+                    self.lazy_records.record_served_ref(layer_digest, ztoc_digest, str(reference))
+                return
+            index = self._checked_index(layer_digest, ztoc_digest)
+            attach = functools.partial(self._attach, view, reference, index, persist, fallback_refs)
+            if attach_later:
+                self._view_locks.hand_on(view)
+                threading.Thread(target=self._attach_then_release, args=(view, attach),
+                                 name="attach-view", daemon=True).start()
+                handed_on = True
+            else:
+                attach()
+        finally:
+            if not handed_on:
+                self._view_locks.release(view)
+
+    def _attach_then_release(self, view: tuple[str, str], attach: Callable[[], None]) -> None:
+        try:
+            attach()
+        except Exception as e:     # the next mount of the view tries again and says why
+            log.error("layer %s: its view through %s could not be attached: %s", view[0], view[1], e,
+                      exc_info=not isinstance(e, LazyociError))
+        finally:
+            self._view_locks.release(view)
+
+    def _checked_index(self, layer_digest: str, ztoc_digest: str) -> "_CheckedIndex":
+        """The view's index from the blob store, checked against its digest and parsed (a
+        FormatError if it cannot be served); its tree comes with it or follows (`tree()`)."""
+        from lazyoci.layer_formats import format_named
+
         rec = self.lazy_records.layer(layer_digest, ztoc_digest)
         fmt = format_named(rec.format if rec is not None else "ztoc")
         what = "zTOC" if fmt.name == "ztoc" else f"{fmt.name} index"
@@ -252,17 +301,24 @@ class LayerManager:
         started = time.monotonic()
         parsed = self.index_parser.parse(str(self.blobs.path(ztoc_digest)), ztoc_digest, data) \
             if self.index_parser is not None and fmt.name == "ztoc" else None
-        ztoc: LayerIndex
-        if parsed is not None:
-            ztoc, tree = parsed
-        else:
-            ztoc = fmt.open(data, ztoc_digest)       # the format the pull recorded (a zTOC without a record)
-            tree = LayerTree(ztoc)
-            _release_freed_memory(len(tree))     # the build's temporary path table is garbage now
+        # the format the pull recorded (a zTOC without a record)
+        ztoc: LayerIndex = parsed.ztoc if parsed is not None else fmt.open(data, ztoc_digest)
         spans = [ztoc.span_uncompressed_range(i) for i in range(ztoc.num_spans)]
         if spans and spans[-1][1] != ztoc.uncompressed_size:
             raise FormatError(f"zTOC {ztoc_digest}: spans end at {spans[-1][1]}, "
                               f"the layer is {ztoc.uncompressed_size} bytes")
+        return _CheckedIndex(ztoc, spans, fmt.name, fmt.label, started, parsed)
+
+    def _attach(self, view: tuple[str, str], reference: Reference, index: "_CheckedIndex", persist: bool,
+                fallback_refs: Sequence[str]) -> None:
+        """Serve a view whose index is checked: its tree, span cache, fetcher and header checks,
+        in the FUSE mount and handed to the session holder; its recorded prefetch started."""
+        layer_digest, ztoc_digest = view
+        ztoc, spans = index.ztoc, index.spans
+        tree = index.parsed.tree() if index.parsed is not None else None
+        if tree is None:
+            tree = LayerTree(ztoc)
+            _release_freed_memory(len(tree))     # the build's temporary path table is garbage now
         cache = self.cache.layer(layer_digest, ztoc_digest, spans)
         refs = []
         for r in fallback_refs:
@@ -286,7 +342,7 @@ class LayerManager:
         self._watch_completion(layer, checked)
         with self._lock:
             self._meta[view] = (str(reference), time.monotonic())
-            self._labels[view] = fmt.label
+            self._labels[view] = index.label
         slot = view_slot(self.db, layer_view_name(layer_digest, ztoc_digest))
         if self.holder_offers is not None:       # what the session holder may read of it
             read_map = layer.read_map = ReadMap.create(len(tree), [s for s, _ in spans] + [cache.total_bytes],
@@ -299,9 +355,9 @@ class LayerManager:
         if checked:
             self._complete(layer)      # if complete already: the holder reads it and it is unpacked now
         log.info("mounted layer %s through its %s index (%d entries, %d spans, %.1f%% cached) in %.2fs%s",
-                 layer_digest, fmt.name, len(tree), len(spans),
-                 100.0 * cache.cached_bytes / max(cache.total_bytes, 1), time.monotonic() - started,
-                 ", parsed by the helper" if parsed is not None else "")
+                 layer_digest, index.format, len(tree), len(spans),
+                 100.0 * cache.cached_bytes / max(cache.total_bytes, 1), time.monotonic() - index.started,
+                 ", parsed by the helper" if index.parsed is not None else "")
         if not self._start_prefetch(view, ztoc.num_spans, fetcher) and not checked:
             fetch_first_headers(fetcher)       # the headers every lookup into the layer checks first
         prefetch_files(ztoc, fetcher, layer_digest)
@@ -379,6 +435,14 @@ class LayerManager:
         layer_digest = str(Digest.parse(layer_digest))
         ztoc_digest = str(Digest.parse(ztoc_digest))
         view = (layer_digest, ztoc_digest)
+        self._view_locks.acquire(view)      # after an attach under way (a pull's rollback)
+        try:
+            return self._unmount(view)
+        finally:
+            self._view_locks.release(view)
+
+    def _unmount(self, view: tuple[str, str]) -> bool:
+        layer_digest, ztoc_digest = view
         served = self.fs.layer(layer_digest, ztoc_digest)
         if served is not None and self.holder_offers is not None:
             try:
@@ -443,6 +507,7 @@ class LayerManager:
             return []
 
     def status(self) -> list[LayerStatus]:
+        self._view_locks.settle(SETTLE_SECONDS)     # a view a pull just checked shows once attached
         with self._lock:
             meta = dict(self._meta)
             labels = dict(self._labels)
@@ -480,6 +545,7 @@ class LayerManager:
             self.background.start()
 
     def close(self) -> None:
+        self._view_locks.settle(SETTLE_SECONDS)
         if self.index_parser is not None:
             self.index_parser.close()
         if self.unpacks is not None:

@@ -66,6 +66,10 @@ class ServiceLayers:
         self.layers.mount(ref, layer_digest, index_digest)
         return self.paths.view_dir(layer_digest, index_digest)
 
+    def begin_mount(self, ref: str, layer_digest: str, index_digest: str) -> None:
+        """The pull goes on while the view's tree is built and the view attached."""
+        self.layers.mount(ref, layer_digest, index_digest, attach_later=True)
+
     def unmount_layer(self, layer_digest: str, index_digest: str) -> bool:
         return self._unmount(layer_digest, index_digest)
 

@@ -28,6 +28,11 @@ class LayerServer(Protocol):
     def mount_layer(self, ref: str, layer_digest: str, index_digest: str) -> Path:
         """Serve the layer's view through `index_digest`, fetching spans from `ref`; its directory."""
 
+    def begin_mount(self, ref: str, layer_digest: str, index_digest: str) -> None:
+        """Have the layer's view served, returning once its index is checked (an index that cannot
+        be served raises FormatError here, as in `mount_layer`): the view may appear a moment
+        later, and `mount_layer` or `unmount_layer` of it waits for that (a lazy pull's mounts)."""
+
     def view_dir(self, layer_digest: str, index_digest: str) -> Path:
         """Where the view appears once served, served or not."""
 

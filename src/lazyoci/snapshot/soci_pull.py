@@ -91,7 +91,9 @@ class _EarlyMounter:
     """Mounts lazy layers in a worker thread while the pull goes on.
 
     The service parses each zTOC (CPU, in its own process) while this process downloads
-    the next zTOC and the unindexed layers, instead of after them. Mounts run one at a
+    the next zTOC and the unindexed layers, instead of after them. A mount ends once the
+    zTOC is checked (`LayerServer.begin_mount`): the service builds the tree and attaches the
+    view while the pull goes on. Mounts run one at a
     time, in order; a zTOC the service refuses (FormatError) is kept in `refused` for the
     pull to download that layer instead; any other error stops the rest and is raised by
     finish(). rollback() unmounts what this pull mounted (not layers that were already
@@ -131,7 +133,7 @@ class _EarlyMounter:
                 if not self._running:           # once: a ping per layer is a round trip for nothing
                     server.ensure_running()
                     self._running = True
-                server.mount_layer(rec.ref, rec.layer_digest, rec.ztoc_digest)
+                server.begin_mount(rec.ref, rec.layer_digest, rec.ztoc_digest)
                 if not served:
                     self._mounted.append((rec.layer_digest, rec.ztoc_digest))
             except FormatError as e:     # the zTOC cannot be served: the pull downloads the layer
