@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 HELPER_MIN_BYTES = 256 << 10    # a smaller zTOC parses in a few ms: not worth the hand-over
 HELPER_SECONDS = 60.0           # a helper that takes longer is given up on (the service parses)
+TREE_WAIT_SECONDS = 5.0         # a parse waits this long at most for another mount's tree (the
+                                # shorter part: 0.1-0.2 s for 30,000 entries; a stuck helper does not
+                                # hold every next mount for HELPER_SECONDS)
 _LENGTH = struct.Struct("<Q")   # before each pickled message either way
 
 
@@ -241,7 +244,7 @@ class IndexParser:
             return None                # small: not worth the hand-over
         with self._state:              # busy with another mount's tree: soon free (a pull's next layer)
             tree_only = self._tree_under_way
-        if not self._lock.acquire(timeout=HELPER_SECONDS if tree_only else 0):
+        if not self._lock.acquire(timeout=TREE_WAIT_SECONDS if tree_only else 0):
             return None                # busy with another mount's zTOC
         tree_follows = False
         try:
